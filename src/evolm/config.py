@@ -1,0 +1,283 @@
+"""ModelConfig: every architectural knob of the lineage, as plain data.
+
+A model in evolm is a `ModelConfig` turned into one `Transformer`. Each innovation of the
+GPT-2 -> DeepSeek-V3 lineage is switched on by one field here; presets (``evolm.presets``) are
+just instances of this dataclass. A field a preset does not set keeps its GPT-2/Llama default,
+and an invalid combination fails at construction with a message naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """An invalid model configuration; the message names the offending field."""
+
+
+NORMS = ("layernorm", "rmsnorm")
+NORM_PLACEMENTS = ("pre", "post", "sandwich", "olmo2", "parallel")
+POSITIONS = ("learned", "rope", "none")
+ATTENTIONS = ("mha", "mla")
+QK_NORMS = (None, "head", "full")
+MLP_TYPES = ("mlp", "glu")
+ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu")
+ROUTERS = ("softmax", "sigmoid")
+ROPE_SCALINGS = ("linear", "llama3", "yarn")
+
+
+@dataclass
+class ModelConfig:
+    """All architectural choices of a decoder-only transformer.
+
+    Sizes use the field's usual names: ``d_model`` (hidden size), ``n_heads`` query heads,
+    ``n_kv_heads`` key/value heads (GQA when fewer than ``n_heads``, MQA when 1), ``d_ff``
+    the MLP's inner width.
+    """
+
+    name: str = "custom"
+    # --- sizes -------------------------------------------------------------------------
+    vocab_size: int = 50257
+    d_model: int = 768
+    n_layers: int = 12
+    n_heads: int = 12
+    n_kv_heads: int | None = None  # None -> n_heads (MHA)
+    head_dim: int | None = None  # None -> d_model // n_heads
+    d_ff: int | None = None  # None -> 4 * d_model
+    max_seq_len: int = 1024
+    # --- normalization (nn/norm.py, nn/block.py) ----------------------------------------
+    norm: str = "layernorm"  # "layernorm" | "rmsnorm"
+    norm_eps: float = 1e-5
+    norm_bias: bool = True  # LayerNorm with an additive bias (GPT-2) or without (OLMo-1)
+    norm_unit_offset: bool = False  # Gemma: RMSNorm scales by (1 + w), w initialised at 0
+    norm_placement: str = "pre"  # "pre" | "post" | "sandwich" | "olmo2" | "parallel"
+    final_norm: bool = True  # norm before the LM head (absent in post-norm GPT-1/BERT)
+    # --- positions (nn/rope.py) ---------------------------------------------------------
+    pos_emb: str = "learned"  # "learned" | "rope" | "none"
+    rope_theta: float = 10000.0
+    rope_local_theta: float | None = None  # Gemma 3: separate base for sliding-window layers
+    rotary_pct: float = 1.0  # partial rotary (GPT-NeoX, Phi): fraction of head_dim rotated
+    rope_interleave: bool = False  # rotate (x0,x1),(x2,x3).. pairs (GPT-J, DeepSeek) vs halves
+    rope_scaling: dict[str, Any] | None = None  # {"type": "linear"|"llama3"|"yarn", ...}
+    rope_local_scaling: dict[str, Any] | None = None  # scaling for local layers (None: unscaled)
+    nope_layers: tuple[int, ...] = ()  # layers that use no position at all (NoPE)
+    # --- attention (nn/attention.py, nn/mla.py) -----------------------------------------
+    attention: str = "mha"  # "mha" (covers MHA/GQA/MQA via n_kv_heads) | "mla"
+    qkv_bias: bool = False
+    o_bias: bool = False
+    qk_norm: str | None = None  # None | "head" (Qwen3, Gemma 3) | "full" (OLMo 2)
+    attn_softcap: float | None = None  # Gemma 2: tanh soft-capping of attention logits
+    query_pre_attn_scalar: float | None = None  # scale = this ** -0.5 (Gemma); None: head_dim
+    sliding_window: int | None = None  # tokens a local layer can see (incl. itself)
+    sliding_window_pattern: int = 1  # every N-th layer is global; 1 with a window: all local
+    attn_dropout: float = 0.0
+    # multi-head latent attention (DeepSeek-V2/V3)
+    q_lora_rank: int | None = None  # None -> a direct q projection
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    # --- MLP (nn/mlp.py) ----------------------------------------------------------------
+    mlp: str = "mlp"  # "mlp" (up -> act -> down) | "glu" (act(gate) * up -> down)
+    activation: str = "gelu_tanh"  # GELU tanh (GPT-2); "silu" + glu = SwiGLU; "gelu_tanh" + glu = GeGLU
+    mlp_bias: bool = True
+    # --- mixture of experts (nn/moe.py) -------------------------------------------------
+    n_experts: int = 0  # 0 -> dense MLP everywhere
+    n_experts_per_tok: int = 2
+    moe_d_ff: int | None = None  # inner width of one routed expert (None -> d_ff)
+    n_shared_experts: int = 0  # always-active experts (DeepSeekMoE), width n * moe_d_ff
+    first_k_dense: int = 0  # the first k layers keep a dense MLP (DeepSeek)
+    router: str = "softmax"  # "softmax" | "sigmoid" (DeepSeek-V3)
+    router_bias: bool = False  # per-expert selection bias (DeepSeek-V3 aux-loss-free balancing)
+    norm_topk_prob: bool = True  # renormalize the top-k weights to sum to 1
+    routed_scaling_factor: float = 1.0
+    n_expert_groups: int = 1  # group-limited routing (DeepSeek-V3: 8 groups)
+    topk_groups: int = 1  # groups a token may route to
+    moe_aux_loss_coef: float = 0.0  # Switch/GShard load-balancing loss
+    moe_z_loss_coef: float = 0.0  # ST-MoE router z-loss
+    # --- embeddings and head (model.py) -------------------------------------------------
+    tie_embeddings: bool = True
+    embed_scale: bool = False  # Gemma: multiply embeddings by sqrt(d_model)
+    final_softcap: float | None = None  # Gemma 2: tanh soft-capping of the output logits
+    lm_head_bias: bool = False
+    embd_dropout: float = 0.0
+    resid_dropout: float = 0.0
+    init_std: float = 0.02
+    # free-form facts about a published model (not architecture): citation, HF id
+    meta: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    # ------------------------------------------------------------------------------------
+    def __post_init__(self) -> None:
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.head_dim is None and isinstance(self.n_heads, int) and self.n_heads > 0:
+            if self.d_model % self.n_heads != 0:
+                raise ConfigError(
+                    f"ModelConfig '{self.name}': field 'n_heads' ({self.n_heads}) must divide "
+                    f"d_model ({self.d_model}), or set head_dim explicitly")
+            self.head_dim = self.d_model // self.n_heads
+        if self.d_ff is None:
+            self.d_ff = 4 * self.d_model
+        if self.moe_d_ff is None:
+            self.moe_d_ff = self.d_ff
+        self.nope_layers = tuple(self.nope_layers)
+        self.validate()
+
+    # ------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        def need(cond: bool, fieldname: str, msg: str) -> None:
+            if not cond:
+                raise ConfigError(f"ModelConfig '{self.name}': field '{fieldname}' {msg}")
+
+        def choice(fieldname: str, options: tuple) -> None:
+            value = getattr(self, fieldname)
+            need(value in options, fieldname, f"is {value!r}; expected one of {list(options)}")
+
+        for f in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
+            v = getattr(self, f)
+            need(isinstance(v, int) and v > 0, f, f"must be a positive integer, got {v!r}")
+        choice("norm", NORMS)
+        choice("norm_placement", NORM_PLACEMENTS)
+        choice("pos_emb", POSITIONS)
+        choice("attention", ATTENTIONS)
+        choice("qk_norm", QK_NORMS)
+        choice("mlp", MLP_TYPES)
+        choice("activation", ACTIVATIONS)
+        choice("router", ROUTERS)
+        need(self.norm_eps > 0, "norm_eps", f"must be > 0, got {self.norm_eps}")
+        need(not (self.norm_unit_offset and self.norm != "rmsnorm"), "norm_unit_offset",
+             "(Gemma's (1 + w) scale) needs norm='rmsnorm'")
+        need(self.n_kv_heads > 0, "n_kv_heads", f"must be positive, got {self.n_kv_heads}")
+        need(self.n_heads % self.n_kv_heads == 0, "n_kv_heads",
+             f"({self.n_kv_heads}) must divide n_heads ({self.n_heads}) for grouped-query attention")
+        need(self.head_dim is not None and self.head_dim > 0, "head_dim",
+             f"must be positive; with head_dim unset, n_heads ({self.n_heads}) must divide "
+             f"d_model ({self.d_model})")
+        need(self.d_ff > 0, "d_ff", f"must be positive, got {self.d_ff}")
+        need(0.0 < self.rotary_pct <= 1.0, "rotary_pct", f"must be in (0, 1], got {self.rotary_pct}")
+        if self.pos_emb == "rope" and self.attention == "mha":
+            rot = self.rotary_dim
+            need(rot % 2 == 0 and rot > 0, "rotary_pct",
+                 f"gives {rot} rotary dims of head_dim {self.head_dim}; must be a positive even number")
+        need(self.rope_theta > 0, "rope_theta", f"must be > 0, got {self.rope_theta}")
+        for fname in ("rope_scaling", "rope_local_scaling"):
+            sc = getattr(self, fname)
+            if sc is not None:
+                need(isinstance(sc, dict) and sc.get("type") in ROPE_SCALINGS, fname,
+                     f"must be a dict with 'type' in {list(ROPE_SCALINGS)}, got {sc!r}")
+                need(float(sc.get("factor", 1.0)) >= 1.0 or sc["type"] == "linear", fname,
+                     f"factor must be >= 1, got {sc.get('factor')}")
+                if sc["type"] in ("llama3", "yarn"):
+                    need("original_max_seq_len" in sc, fname,
+                         f"of type {sc['type']!r} needs 'original_max_seq_len'")
+        need(self.pos_emb == "rope" or (self.rope_scaling is None and self.rope_local_theta is None),
+             "rope_scaling", f"is set but pos_emb is {self.pos_emb!r}, not 'rope'")
+        for i in self.nope_layers:
+            need(0 <= i < self.n_layers, "nope_layers", f"has layer {i}; model has {self.n_layers} layers")
+        if self.sliding_window is not None:
+            need(self.sliding_window > 0, "sliding_window", f"must be positive, got {self.sliding_window}")
+        need(self.sliding_window_pattern >= 1, "sliding_window_pattern",
+             f"must be >= 1, got {self.sliding_window_pattern}")
+        need(self.sliding_window_pattern == 1 or self.sliding_window is not None, "sliding_window",
+             f"is unset but sliding_window_pattern={self.sliding_window_pattern} asks for local layers")
+        need(self.rope_local_theta is None or self.sliding_window is not None, "rope_local_theta",
+             "is set but there are no local (sliding_window) layers to use it")
+        if self.attn_softcap is not None:
+            need(self.attn_softcap > 0, "attn_softcap", f"must be > 0, got {self.attn_softcap}")
+        if self.final_softcap is not None:
+            need(self.final_softcap > 0, "final_softcap", f"must be > 0, got {self.final_softcap}")
+        need(0.0 <= self.attn_dropout < 1.0, "attn_dropout", "must be in [0, 1)")
+        if self.attention == "mla":
+            need(self.kv_lora_rank > 0, "kv_lora_rank", "must be positive for attention='mla'")
+            need(self.qk_rope_head_dim > 0 and self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim",
+                 f"must be a positive even number for attention='mla', got {self.qk_rope_head_dim}")
+            need(self.v_head_dim > 0, "v_head_dim", "must be positive for attention='mla'")
+            need(self.qk_nope_head_dim >= 0, "qk_nope_head_dim", "must be >= 0")
+            need(self.pos_emb == "rope", "pos_emb", "must be 'rope' for attention='mla' (decoupled RoPE)")
+            need(self.qk_norm is None, "qk_norm", "is not supported with attention='mla'")
+            if self.q_lora_rank is not None:
+                need(self.q_lora_rank > 0, "q_lora_rank", "must be positive or None")
+        if self.n_experts:
+            need(self.n_experts > 0, "n_experts", f"must be >= 0, got {self.n_experts}")
+            need(1 <= self.n_experts_per_tok <= self.n_experts, "n_experts_per_tok",
+                 f"({self.n_experts_per_tok}) must be between 1 and n_experts ({self.n_experts})")
+            need(self.n_experts % self.n_expert_groups == 0, "n_expert_groups",
+                 f"({self.n_expert_groups}) must divide n_experts ({self.n_experts})")
+            need(1 <= self.topk_groups <= self.n_expert_groups, "topk_groups",
+                 f"({self.topk_groups}) must be between 1 and n_expert_groups ({self.n_expert_groups})")
+            need(self.n_experts_per_tok <= self.topk_groups * (self.n_experts // self.n_expert_groups),
+                 "n_experts_per_tok", "exceeds the experts reachable in topk_groups groups")
+            need(0 <= self.first_k_dense <= self.n_layers, "first_k_dense",
+                 f"must be between 0 and n_layers ({self.n_layers})")
+            need(self.moe_d_ff > 0, "moe_d_ff", "must be positive")
+        else:
+            need(self.n_shared_experts == 0, "n_shared_experts", "needs n_experts > 0")
+            need(not self.router_bias, "router_bias", "needs n_experts > 0")
+
+    # --- derived quantities ---------------------------------------------------------------
+    @property
+    def rotary_dim(self) -> int:
+        """Number of head dimensions that RoPE rotates (partial rotary keeps the rest)."""
+        if self.attention == "mla":
+            return self.qk_rope_head_dim
+        return int(self.head_dim * self.rotary_pct) // 2 * 2
+
+    def layer_is_local(self, i: int) -> bool:
+        """True if layer i uses the sliding window (Gemma 2: every other, Gemma 3: 5 of 6)."""
+        if self.sliding_window is None:
+            return False
+        return (i + 1) % self.sliding_window_pattern != 0 or self.sliding_window_pattern == 1
+
+    def layer_window(self, i: int) -> int | None:
+        return self.sliding_window if self.layer_is_local(i) else None
+
+    def layer_is_moe(self, i: int) -> bool:
+        return self.n_experts > 0 and i >= self.first_k_dense
+
+    def layer_uses_rope(self, i: int) -> bool:
+        return self.pos_emb == "rope" and i not in self.nope_layers
+
+    # --- (de)serialisation ----------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["nope_layers"] = list(self.nope_layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "config") -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = [k for k in d if k not in known]
+        if unknown:
+            k = unknown[0]
+            close = difflib.get_close_matches(k, known, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"{source}: unknown ModelConfig field '{k}'{hint}")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, path: str) -> "ModelConfig":
+        with open(path) as f:
+            try:
+                d = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_dict(d, source=path)
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def diff(self, other: "ModelConfig") -> dict[str, tuple[Any, Any]]:
+        """Fields whose values differ: the lineage as diffs."""
+        a, b = self.to_dict(), other.to_dict()
+        return {k: (a[k], b[k]) for k in a if k not in ("name", "meta") and a[k] != b[k]}
+
+
+__all__ = ["ModelConfig", "ConfigError"]

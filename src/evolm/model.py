@@ -1,0 +1,160 @@
+"""The Transformer: token embeddings -> N blocks -> final norm -> LM head.
+
+One class for every architecture of the lineage; a ``ModelConfig`` decides which parts each
+block holds (see ``evolm/nn``). The forward pass is the same code for training, prefill and
+cached decoding: a ``KVCache`` is passed in, never hidden in module state.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from evolm.config import ModelConfig
+from evolm.nn.attention import attention_mask as build_mask
+from evolm.nn.block import Block
+from evolm.nn.moe import MoE, Experts, Router
+from evolm.nn.norm import make_norm
+from evolm.nn.rope import RotaryEmbedding
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = c = config
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.d_model)
+        self.pos_embed = nn.Embedding(c.max_seq_len, c.d_model) if c.pos_emb == "learned" else None
+        self.layers = nn.ModuleList(Block(c, i) for i in range(c.n_layers))
+        self.norm = make_norm(c) if c.final_norm else None
+        self.lm_head = None if c.tie_embeddings else nn.Linear(c.d_model, c.vocab_size, bias=c.lm_head_bias)
+        if c.pos_emb == "rope":
+            self.rotary = RotaryEmbedding(c.rotary_dim, c.rope_theta, c.rope_scaling, c.rope_interleave)
+            local = c.rope_local_theta is not None or c.rope_local_scaling is not None
+            self.rotary_local = RotaryEmbedding(c.rotary_dim, c.rope_local_theta or c.rope_theta,
+                                                c.rope_local_scaling, c.rope_interleave) if local else None
+        if not any(p.is_meta for p in self.parameters()):
+            self.reset_parameters()
+
+    # ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """GPT-2 initialisation: N(0, 0.02), residual output projections scaled by 1/sqrt(2L)."""
+        std = self.config.init_std
+        resid_std = std / math.sqrt(2 * self.config.n_layers)
+        for name, m in self.named_modules():
+            if isinstance(m, nn.Linear):
+                is_out = name.endswith(("o_proj", "down_proj"))
+                nn.init.normal_(m.weight, 0.0, resid_std if is_out else std)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, 0.0, std)
+            elif isinstance(m, Router):
+                nn.init.normal_(m.weight, 0.0, std)
+            elif isinstance(m, Experts):
+                nn.init.normal_(m.gate_up_proj, 0.0, std)
+                nn.init.normal_(m.down_proj, 0.0, resid_std)
+            elif hasattr(m, "weight") and isinstance(getattr(m, "weight", None), nn.Parameter) \
+                    and m.weight.ndim == 1:  # norms
+                if getattr(m, "unit_offset", False):
+                    nn.init.zeros_(m.weight)
+                else:
+                    nn.init.ones_(m.weight)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+
+    # ------------------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T, vocab).
+
+        ``attention_mask`` (B, T): 1 for real tokens, 0 for padding. ``position_ids`` (B, T)
+        default to the cache slots (0..T-1 without a cache). ``cache``: a ``KVCache``.
+        """
+        c = self.config
+        B, T = input_ids.shape
+        start = cache.length if cache is not None else 0
+        key_valid = attention_mask.bool() if attention_mask is not None else None
+        if cache is not None:
+            key_valid = cache.reserve(T, attention_mask)
+        elif start + T > c.max_seq_len and self.pos_embed is not None:
+            raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len={c.max_seq_len} "
+                             f"of learned position embeddings")
+        if position_ids is None:
+            position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
+
+        x = self.embed_tokens(input_ids)
+        if c.embed_scale:  # Gemma: sqrt(d), rounded to the activation dtype as the reference does
+            x = x * torch.tensor(c.d_model ** 0.5, dtype=x.dtype)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(position_ids)
+        if c.embd_dropout:
+            x = F.dropout(x, c.embd_dropout, self.training)
+
+        rope_global = rope_local = None
+        if c.pos_emb == "rope":
+            rope_global = self.rotary(position_ids, x.dtype)
+            rope_local = self.rotary_local(position_ids, x.dtype) if self.rotary_local is not None else rope_global
+
+        # one mask per distinct window; none at all when the kernel's causal flag suffices
+        q_slots = torch.arange(start, start + T, device=input_ids.device)
+        masks: dict = {}
+        for i, layer in enumerate(self.layers):
+            window = c.layer_window(i)
+            if window is not None and start + T <= window:
+                window = None  # the window reaches further back than the sequence: plain causal
+            if window not in masks:
+                if key_valid is None and window is None and (start == 0 or T == 1):
+                    masks[window] = (None, start == 0 and T > 1)
+                else:
+                    masks[window] = (build_mask(q_slots, key_valid, start + T, window), False)
+            mask, is_causal = masks[window]
+            rope = None
+            if c.layer_uses_rope(i):
+                rope = rope_local if c.layer_is_local(i) else rope_global
+            x = layer(x, rope, mask, is_causal, cache)
+
+        if cache is not None:
+            cache.advance(T)
+        if self.norm is not None:
+            x = self.norm(x)
+        logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.embed_tokens.weight)
+        if c.final_softcap is not None:
+            logits = c.final_softcap * torch.tanh(logits / c.final_softcap)
+        return logits
+
+    # ------------------------------------------------------------------------------------
+    def aux_loss(self) -> torch.Tensor | None:
+        """Sum of the MoE auxiliary losses recorded by the last training forward pass."""
+        losses = [m.aux_loss for m in self.modules() if isinstance(m, MoE) and m.aux_loss is not None]
+        return sum(losses) if losses else None
+
+    def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+        """Next-token cross-entropy (targets already shifted) plus any MoE auxiliary loss."""
+        logits = self(input_ids)
+        loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1),
+                               ignore_index=ignore_index)
+        aux = self.aux_loss()
+        return loss + aux if aux is not None else loss
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.embed_tokens.weight.numel()
+            if self.pos_embed is not None:
+                n -= self.pos_embed.weight.numel()
+        return n
+
+
+def build(config: ModelConfig | str, device: str | torch.device | None = None,
+          dtype: torch.dtype | None = None) -> Transformer:
+    """Build a model from a config or preset name; ``device='meta'`` allocates nothing."""
+    if isinstance(config, str):
+        from evolm.presets import get_preset
+        config = get_preset(config)
+    with torch.device(device or "cpu"):
+        model = Transformer(config)
+    return model.to(dtype) if dtype is not None else model

@@ -1,0 +1,114 @@
+"""Causal self-attention: MHA, GQA and MQA, with the lineage's options.
+
+- Multi-head attention (Vaswani et al. 2017, arXiv:1706.03762) as in GPT-2.
+- Grouped-query attention (Ainslie et al. 2023, arXiv:2305.13245): ``n_kv_heads`` < ``n_heads``
+  key/value heads shared by groups of query heads; MQA (Shazeer 2019, arXiv:1911.02150) is
+  ``n_kv_heads = 1``. The KV cache shrinks by ``n_heads / n_kv_heads``.
+- QK-norm (Dehghani et al. 2023, arXiv:2302.05442): RMSNorm on queries and keys, per head
+  (Qwen3, Gemma 3) or over the whole projection (OLMo 2), for training stability.
+- Attention logit soft-capping (Gemma 2): ``cap * tanh(scores / cap)``.
+- Sliding-window attention (Beltagy et al. 2020, arXiv:2004.05150; Mistral, Gemma 2/3): a
+  local layer sees only the last ``sliding_window`` tokens; ``sliding_window_pattern`` interleaves
+  local and global layers (Gemma 3: 5 local to 1 global).
+
+The score computation is ``torch.nn.functional.scaled_dot_product_attention`` (fused kernels,
+``is_causal`` so no mask is built) unless soft-capping needs the scores themselves.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from evolm.nn.norm import make_norm
+from evolm.nn.rope import apply_rope
+
+
+def attention_mask(q_slots: torch.Tensor, k_valid: torch.Tensor | None, n_keys: int,
+                   window: int | None) -> torch.Tensor:
+    """Boolean mask (B or 1, 1, Tq, Tk): True where query may attend key.
+
+    ``q_slots`` (Tq,) are the cache slots of the queries; keys occupy slots 0..n_keys-1.
+    ``k_valid`` (B, n_keys) marks real (non-padding) keys. Causality and the window are counted
+    in slots, as the references do. A padding query that would see nothing sees itself, so no
+    row is all-masked (its output is never used).
+    """
+    k_slots = torch.arange(n_keys, device=q_slots.device)
+    diff = q_slots[:, None] - k_slots[None, :]
+    mask = diff >= 0
+    if window is not None:
+        mask = mask & (diff < window)
+    mask = mask[None, None]
+    if k_valid is not None:
+        mask = mask & k_valid[:, None, None, :]
+        mask = mask | (diff == 0)[None, None]
+    return mask
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+           is_causal: bool, scale: float, softcap: float | None = None, dropout: float = 0.0) -> torch.Tensor:
+    """Scaled dot-product attention over (B, H, T, D) tensors; k/v may have fewer heads (GQA)."""
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                              is_causal=is_causal, scale=scale,
+                                              enable_gqa=k.shape[1] != q.shape[1])
+    if k.shape[1] != q.shape[1]:
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    scores = softcap * torch.tanh(scores / softcap)
+    if is_causal:
+        tq, tk = scores.shape[-2:]
+        mask = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(tk - tq)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    if dropout:
+        probs = F.dropout(probs, dropout, training=True)
+    return torch.matmul(probs, v)
+
+
+class Attention(nn.Module):
+    """Causal self-attention with MHA/GQA/MQA, QK-norm, soft-capping and sliding windows."""
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        c = config
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads, self.head_dim = c.n_heads, c.n_kv_heads, c.head_dim
+        self.q_proj = nn.Linear(c.d_model, c.n_heads * c.head_dim, bias=c.qkv_bias)
+        self.k_proj = nn.Linear(c.d_model, c.n_kv_heads * c.head_dim, bias=c.qkv_bias)
+        self.v_proj = nn.Linear(c.d_model, c.n_kv_heads * c.head_dim, bias=c.qkv_bias)
+        self.o_proj = nn.Linear(c.n_heads * c.head_dim, c.d_model, bias=c.o_bias)
+        self.qk_norm = c.qk_norm
+        if c.qk_norm == "head":
+            self.q_norm, self.k_norm = make_norm(c, c.head_dim), make_norm(c, c.head_dim)
+        elif c.qk_norm == "full":
+            self.q_norm = make_norm(c, c.n_heads * c.head_dim)
+            self.k_norm = make_norm(c, c.n_kv_heads * c.head_dim)
+        self.scale = (c.query_pre_attn_scalar or c.head_dim) ** -0.5
+        self.softcap = c.attn_softcap
+        self.window = c.layer_window(layer_idx)
+        self.interleave = c.rope_interleave
+        self.dropout = c.attn_dropout
+
+    def forward(self, x: torch.Tensor, rope, mask: torch.Tensor | None, is_causal: bool,
+                cache=None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin, self.interleave), apply_rope(k, cos, sin, self.interleave)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+        y = attend(q, k, v, mask, is_causal, self.scale, self.softcap,
+                   self.dropout if self.training else 0.0)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))

@@ -1,0 +1,65 @@
+"""The residual block and where its norms sit: the norm-placement lineage.
+
+- ``post`` (original Transformer, GPT-1, BERT): ``x = norm(x + f(x))``. Needs careful warm-up;
+  gradients near the output are large at initialisation (Xiong et al. 2020, arXiv:2002.04745).
+- ``pre`` (GPT-2, Llama, Mistral, Qwen, DeepSeek): ``x = x + f(norm(x))``. Stable gradients,
+  trains without delicate warm-up; needs a final norm before the head.
+- ``sandwich`` (Gemma 2/3): ``x = x + norm_out(f(norm_in(x)))``: norms before and after each
+  sub-layer bound the size of what enters the residual stream.
+- ``olmo2`` (OLMo 2, arXiv:2501.00656): ``x = x + norm(f(x))``, a post-norm variant inside the
+  residual branch, which OLMo 2 found more stable than pre-norm.
+- ``parallel`` (GPT-J, PaLM, Falcon): ``x = x + attn(norm(x)) + mlp(norm(x))``: one shared norm,
+  both sub-layers read the same input, so they can run concurrently.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from evolm.nn.attention import Attention
+from evolm.nn.mla import MultiHeadLatentAttention
+from evolm.nn.mlp import MLP
+from evolm.nn.moe import MoE
+from evolm.nn.norm import make_norm
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        c = config
+        self.placement = c.norm_placement
+        self.self_attn = (MultiHeadLatentAttention if c.attention == "mla" else Attention)(c, layer_idx)
+        self.mlp = MoE(c) if c.layer_is_moe(layer_idx) else MLP(c)
+        p = self.placement
+        if p in ("pre", "post", "sandwich", "parallel"):
+            self.attn_norm = make_norm(c)
+        if p in ("pre", "post", "sandwich"):
+            self.mlp_norm = make_norm(c)
+        if p in ("sandwich", "olmo2"):
+            self.attn_out_norm = make_norm(c)
+            self.mlp_out_norm = make_norm(c)
+        self.resid_dropout = c.resid_dropout
+
+    def _drop(self, x: torch.Tensor) -> torch.Tensor:
+        return F.dropout(x, self.resid_dropout, self.training) if self.resid_dropout else x
+
+    def forward(self, x: torch.Tensor, rope, mask, is_causal: bool, cache=None) -> torch.Tensor:
+        attn = lambda h: self._drop(self.self_attn(h, rope, mask, is_causal, cache))  # noqa: E731
+        mlp = lambda h: self._drop(self.mlp(h))  # noqa: E731
+        p = self.placement
+        if p == "pre":
+            x = x + attn(self.attn_norm(x))
+            return x + mlp(self.mlp_norm(x))
+        if p == "post":
+            x = self.attn_norm(x + attn(x))
+            return self.mlp_norm(x + mlp(x))
+        if p == "sandwich":
+            x = x + self.attn_out_norm(attn(self.attn_norm(x)))
+            return x + self.mlp_out_norm(mlp(self.mlp_norm(x)))
+        if p == "olmo2":
+            x = x + self.attn_out_norm(attn(x))
+            return x + self.mlp_out_norm(mlp(x))
+        h = self.attn_norm(x)  # parallel
+        return x + attn(h) + mlp(h)

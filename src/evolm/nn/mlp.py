@@ -1,0 +1,43 @@
+"""Feed-forward layers: the GELU MLP and gated linear units (SwiGLU, GeGLU).
+
+- GPT-2's MLP: ``down(gelu(up(x)))`` with a 4x inner width (GELU: Hendrycks & Gimpel 2016,
+  arXiv:1606.08415; GPT-2 uses the tanh approximation).
+- Gated linear units (Shazeer 2020, "GLU Variants Improve Transformer", arXiv:2002.05202):
+  ``down(act(gate(x)) * up(x))``. SwiGLU (act = SiLU) is Llama's, Mistral's, Qwen's, OLMo's and
+  DeepSeek's; GeGLU (act = tanh-GELU) is Gemma's. A third matrix, so the inner width is usually
+  ~8/3 d instead of 4 d at equal parameters.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def activation_fn(name: str):
+    return {
+        "gelu": F.gelu,
+        "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+        "silu": F.silu,
+        "relu": F.relu,
+    }[name]
+
+
+class MLP(nn.Module):
+    """Dense feed-forward: plain (``mlp='mlp'``) or gated (``mlp='glu'``)."""
+
+    def __init__(self, config, d_ff: int | None = None):
+        super().__init__()
+        c = config
+        d_ff = c.d_ff if d_ff is None else d_ff
+        self.gated = c.mlp == "glu"
+        if self.gated:
+            self.gate_proj = nn.Linear(c.d_model, d_ff, bias=c.mlp_bias)
+        self.up_proj = nn.Linear(c.d_model, d_ff, bias=c.mlp_bias)
+        self.down_proj = nn.Linear(d_ff, c.d_model, bias=c.mlp_bias)
+        self.act = activation_fn(c.activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.gate_proj(x)) * self.up_proj(x) if self.gated else self.act(self.up_proj(x))
+        return self.down_proj(h)

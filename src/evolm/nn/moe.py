@@ -1,0 +1,137 @@
+"""Mixture of experts: a router picks k of E expert MLPs per token.
+
+- Sparse MoE layers (Shazeer et al. 2017, arXiv:1701.06538; Switch, Fedus et al. 2021,
+  arXiv:2101.03961) multiply parameters without multiplying per-token compute: Mixtral 8x7B has
+  46.7B parameters but 12.9B active.
+- Router: softmax over expert logits, top-k, optional renormalisation of the k weights
+  (Mixtral, Qwen3-MoE); or sigmoid scores with a per-expert selection bias that balances load
+  without an auxiliary loss (DeepSeek-V3, arXiv:2412.19437), group-limited routing
+  (``n_expert_groups`` / ``topk_groups``) and a ``routed_scaling_factor``.
+- Shared experts (DeepSeekMoE, arXiv:2401.06066): always-active experts that hold common
+  knowledge so routed experts can specialise.
+- Optional losses: the Switch load-balancing loss and the ST-MoE router z-loss
+  (Zoph et al. 2022, arXiv:2202.08906).
+
+Dispatch is vectorised: token-expert assignments are sorted by expert once, each expert runs
+one matmul on its contiguous slice, and results are scattered back with ``index_add_``. Expert
+weights are stored as 3-D tensors ``gate_up_proj`` (E, 2F, D) and ``down_proj`` (E, D, F).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from evolm.nn.mlp import MLP, activation_fn
+
+
+class Router(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        c = config
+        self.n_experts, self.top_k = c.n_experts, c.n_experts_per_tok
+        self.kind = c.router
+        self.norm_topk_prob = c.norm_topk_prob
+        self.scaling = c.routed_scaling_factor
+        self.n_groups, self.topk_groups = c.n_expert_groups, c.topk_groups
+        self.weight = nn.Parameter(torch.empty(c.n_experts, c.d_model))
+        if c.router_bias:  # not trained by gradient: nudged towards balanced load (update_bias)
+            self.register_buffer("e_score_correction_bias", torch.zeros(c.n_experts))
+        else:
+            self.e_score_correction_bias = None
+
+    def forward(self, x: torch.Tensor):
+        """x (N, D) -> logits (N, E), weights (N, k), expert indices (N, k)."""
+        logits = F.linear(x.float(), self.weight.float())
+        scores = torch.sigmoid(logits) if self.kind == "sigmoid" else torch.softmax(logits, dim=-1)
+        choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
+        if self.n_groups > 1:
+            g = choice.view(-1, self.n_groups, self.n_experts // self.n_groups)
+            # DeepSeek-V3 ranks groups by the sum of their two best experts; V2 by the best one
+            group_score = g.topk(2, dim=-1)[0].sum(-1) if self.kind == "sigmoid" and g.shape[-1] > 1 else g.amax(-1)
+            keep = torch.zeros_like(group_score).scatter_(1, group_score.topk(self.topk_groups, dim=-1)[1], 1.0)
+            keep = keep.unsqueeze(-1).expand_as(g).reshape(-1, self.n_experts)
+            choice = choice.masked_fill(keep == 0, float("-inf"))
+        idx = torch.topk(choice, self.top_k, dim=-1)[1]
+        w = scores.gather(1, idx)
+        if self.norm_topk_prob:
+            w = w / (w.sum(-1, keepdim=True) + (1e-20 if self.kind == "sigmoid" else 0.0))
+        return logits, w * self.scaling, idx
+
+    @torch.no_grad()
+    def update_bias(self, expert_counts: torch.Tensor, rate: float = 1e-3) -> None:
+        """DeepSeek-V3's aux-loss-free balancing: raise the bias of under-loaded experts."""
+        if self.e_score_correction_bias is not None:
+            load = expert_counts.float()
+            self.e_score_correction_bias += rate * torch.sign(load.mean() - load)
+
+
+class Experts(nn.Module):
+    """E expert MLPs stored as stacked weights."""
+
+    def __init__(self, config):
+        super().__init__()
+        c = config
+        self.gated = c.mlp == "glu"
+        self.d_ff = c.moe_d_ff
+        self.gate_up_proj = nn.Parameter(torch.empty(c.n_experts, (2 if self.gated else 1) * c.moe_d_ff, c.d_model))
+        self.down_proj = nn.Parameter(torch.empty(c.n_experts, c.d_model, c.moe_d_ff))
+        self.act = activation_fn(c.activation)
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        N, k = idx.shape
+        flat = idx.reshape(-1)
+        order = flat.argsort(stable=True)
+        token = order // k
+        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).tolist()
+        xs = x[token]
+        ws = weights.reshape(-1)[order].unsqueeze(-1)
+        outs = []
+        for e, chunk in enumerate(xs.split(counts)):
+            if chunk.shape[0] == 0:
+                continue
+            h = F.linear(chunk, self.gate_up_proj[e])
+            if self.gated:
+                gate, up = h.chunk(2, dim=-1)
+                h = self.act(gate) * up
+            else:
+                h = self.act(h)
+            outs.append(F.linear(h, self.down_proj[e]))
+        ys = torch.cat(outs) * ws.to(x.dtype)
+        return torch.zeros_like(x).index_add_(0, token, ys)
+
+
+class MoE(nn.Module):
+    """Routed experts plus optional shared experts; records its auxiliary losses."""
+
+    def __init__(self, config):
+        super().__init__()
+        c = config
+        self.gate = Router(c)
+        self.experts = Experts(c)
+        self.shared_experts = MLP(c, d_ff=c.moe_d_ff * c.n_shared_experts) if c.n_shared_experts else None
+        self.aux_coef, self.z_coef = c.moe_aux_loss_coef, c.moe_z_loss_coef
+        self.aux_loss: torch.Tensor | None = None
+        self.expert_counts: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        xf = x.reshape(-1, shape[-1])
+        logits, w, idx = self.gate(xf)
+        y = self.experts(xf, w, idx)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(xf)
+        with torch.no_grad():
+            self.expert_counts = torch.bincount(idx.reshape(-1), minlength=logits.shape[-1])
+        if self.training and (self.aux_coef or self.z_coef):
+            loss = logits.new_zeros(())
+            if self.aux_coef:  # Switch: E * sum_i (fraction routed to i) * (mean prob of i)
+                frac = self.expert_counts.float() / idx.numel()
+                loss = loss + self.aux_coef * logits.shape[-1] * (frac * torch.softmax(logits, -1).mean(0)).sum()
+            if self.z_coef:
+                loss = loss + self.z_coef * torch.logsumexp(logits, -1).pow(2).mean()
+            self.aux_loss = loss
+        else:
+            self.aux_loss = None
+        return y.reshape(shape)
