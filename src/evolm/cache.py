@@ -1,9 +1,16 @@
 """KV caches: keys and values of past tokens, preallocated, passed into the forward pass.
 
 The model's forward is one code path for training, prefill and decode: with a cache, each
-attention layer writes its new keys/values into the cache and attends over everything stored.
-Multi-head latent attention stores its compressed latent and shared rotary key instead of
-per-head keys and values (that is the point of MLA), through the same ``update`` call.
+attention layer writes its new keys/values into the cache and attends over what is stored.
+
+- Global layers keep every token: a preallocated (B, H, max_len, D) buffer per layer.
+- Sliding-window layers (Mistral, Gemma 2/3) never look further back than their window, so they
+  keep a ring buffer of ``window`` slots: memory stays flat however long the generation runs.
+  Each ring entry remembers the absolute slot it holds, and the attention mask is built from
+  those slots, so order inside the ring does not matter (attention is permutation-invariant
+  over keys).
+- Multi-head latent attention stores its compressed latent and shared rotary key instead of
+  per-head keys and values (the point of MLA), through the same ``update`` call.
 """
 
 from __future__ import annotations
@@ -12,20 +19,39 @@ import torch
 
 
 class KVCache:
-    """A preallocated cache for ``batch`` sequences of up to ``max_len`` tokens.
+    """A cache for ``batch`` sequences of up to ``max_len`` tokens.
 
-    Per-layer buffers are allocated on first use with the shapes the layer hands in, so the same
-    class serves MHA/GQA (k, v) and MLA (latent, rotary key).
+    ``windows[i]`` is layer i's sliding window (None for global layers); pass it (or use
+    ``KVCache.for_model``) to get ring buffers for local layers. Per-layer buffers are allocated
+    on first use with the shapes the layer hands in, so one class serves MHA/GQA (k, v) and MLA
+    (latent, rotary key).
     """
 
-    def __init__(self, batch: int, max_len: int, dtype: torch.dtype | None = None,
+    def __init__(self, batch: int, max_len: int, windows: list[int | None] | None = None,
                  device: torch.device | str | None = None):
         self.batch, self.max_len = batch, max_len
-        self.dtype, self.device = dtype, device
+        self.windows = list(windows) if windows is not None else None
+        self.device = device
         self.length = 0  # slots filled by earlier forward calls
         self.key_valid: torch.Tensor | None = None  # (B, max_len) False on padding slots
         self._k: dict[int, torch.Tensor] = {}
         self._v: dict[int, torch.Tensor] = {}
+        self._ring_slots: dict[int, torch.Tensor] = {}  # window -> (window,) absolute slot held, -1 empty
+
+    @classmethod
+    def for_model(cls, model, batch: int, max_len: int | None = None) -> "KVCache":
+        c = model.config
+        max_len = max_len or c.max_seq_len
+        dev = next(model.parameters()).device
+        return cls(batch, max_len, [c.layer_window(i) for i in range(c.n_layers)], device=dev)
+
+    # --- bookkeeping shared by all layers of one forward call ------------------------------
+    def window(self, layer: int) -> int | None:
+        """The ring size of a layer, or None if it keeps every token."""
+        if self.windows is None:
+            return None
+        w = self.windows[layer]
+        return w if w is not None and w < self.max_len else None
 
     def reserve(self, n_new: int, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
         """Called by the model before its layers: checks room, records padding; returns key validity."""
@@ -40,20 +66,62 @@ class KVCache:
             self.key_valid[:, self.length:self.length + n_new] = attention_mask.bool()
         return self.key_valid[:, :self.length + n_new]
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, H, T, D) at the next slots; return all stored keys and values."""
-        if layer not in self._k:
-            B, H, _, _ = k.shape
-            dtype = self.dtype or k.dtype
-            self._k[layer] = k.new_zeros(B, H, self.max_len, k.shape[-1], dtype=dtype)
-            self._v[layer] = v.new_zeros(B, v.shape[1], self.max_len, v.shape[-1], dtype=dtype)
-        end = self.length + k.shape[2]
-        self._k[layer][:, :, self.length:end] = k
-        self._v[layer][:, :, self.length:end] = v
-        return self._k[layer][:, :, :end], self._v[layer][:, :, :end]
+    def key_slots(self, window: int | None, n_new: int, device) -> torch.Tensor | None:
+        """Absolute slots of the keys a layer with this ring ``window`` will attend over (-1: empty).
+
+        None means the plain layout: slots 0 .. length + n_new - 1.
+        """
+        if window is None or self.length == 0:
+            return None
+        ring = self._ring(window, device)
+        new = torch.arange(self.length, self.length + n_new, device=device)
+        if n_new == 1:
+            ring = ring.clone()
+            ring[self.length % window] = self.length
+            return ring
+        return torch.cat((ring, new))
+
+    def _ring(self, window: int, device) -> torch.Tensor:
+        if window not in self._ring_slots:
+            self._ring_slots[window] = torch.full((window,), -1, dtype=torch.long, device=device)
+        return self._ring_slots[window]
 
     def advance(self, n: int) -> None:
+        """Called by the model after its layers: the new tokens now occupy their slots."""
+        for window, ring in self._ring_slots.items():
+            keep = min(n, window)
+            slots = torch.arange(self.length + n - keep, self.length + n, device=ring.device)
+            ring[slots % window] = slots
         self.length += n
+
+    # --- per layer ---------------------------------------------------------------------------
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, H, T, D) of the new tokens; return the keys/values to attend over."""
+        window = self.window(layer)
+        if layer not in self._k:
+            size = window if window is not None else self.max_len
+            self._k[layer] = k.new_zeros(k.shape[0], k.shape[1], size, k.shape[-1])
+            self._v[layer] = v.new_zeros(v.shape[0], v.shape[1], size, v.shape[-1])
+            if window is not None:
+                self._ring(window, k.device)
+        K, V = self._k[layer], self._v[layer]
+        T, start = k.shape[2], self.length
+        if window is None:
+            K[:, :, start:start + T] = k
+            V[:, :, start:start + T] = v
+            return K[:, :, :start + T], V[:, :, :start + T]
+        if T == 1 and start > 0:  # decode: overwrite the oldest entry, attend over the ring
+            K[:, :, start % window] = k[:, :, 0]
+            V[:, :, start % window] = v[:, :, 0]
+            return K, V
+        # prefill / chunk: attend over (ring before, new tokens), then keep the newest in the ring
+        keys = k if start == 0 else torch.cat((K, k), dim=2)
+        vals = v if start == 0 else torch.cat((V, v), dim=2)
+        keep = min(T, window)
+        slots = torch.arange(start + T - keep, start + T, device=k.device) % window
+        K[:, :, slots] = k[:, :, T - keep:]
+        V[:, :, slots] = v[:, :, T - keep:]
+        return keys, vals
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self._k.values(), *self._v.values()))

@@ -30,13 +30,22 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(c, i) for i in range(c.n_layers))
         self.norm = make_norm(c) if c.final_norm else None
         self.lm_head = None if c.tie_embeddings else nn.Linear(c.d_model, c.vocab_size, bias=c.lm_head_bias)
-        if c.pos_emb == "rope":
+        self.reset_buffers()
+        if not any(p.is_meta for p in self.parameters()):
+            self.reset_parameters()
+
+    def reset_buffers(self) -> None:
+        """(Re)compute the RoPE tables; they are derived from the config, never stored in files."""
+        c = self.config
+        if c.pos_emb != "rope":
+            return
+        device = self.embed_tokens.weight.device
+        device = None if device.type == "meta" and not torch.get_default_device().type == "meta" else device
+        with torch.device(device or "cpu"):
             self.rotary = RotaryEmbedding(c.rotary_dim, c.rope_theta, c.rope_scaling, c.rope_interleave)
             local = c.rope_local_theta is not None or c.rope_local_scaling is not None
             self.rotary_local = RotaryEmbedding(c.rotary_dim, c.rope_local_theta or c.rope_theta,
                                                 c.rope_local_scaling, c.rope_interleave) if local else None
-        if not any(p.is_meta for p in self.parameters()):
-            self.reset_parameters()
 
     # ------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -68,8 +77,8 @@ class Transformer(nn.Module):
 
     # ------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, cache=None) -> torch.Tensor:
-        """input_ids (B, T) -> logits (B, T, vocab).
+                attention_mask: torch.Tensor | None = None, cache=None, last_only: bool = False) -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T, vocab), or (B, 1, vocab) with ``last_only``.
 
         ``attention_mask`` (B, T): 1 for real tokens, 0 for padding. ``position_ids`` (B, T)
         default to the cache slots (0..T-1 without a cache). ``cache``: a ``KVCache``.
@@ -100,18 +109,23 @@ class Transformer(nn.Module):
             rope_local = self.rotary_local(position_ids, x.dtype) if self.rotary_local is not None else rope_global
 
         # one mask per distinct window; none at all when the kernel's causal flag suffices
-        q_slots = torch.arange(start, start + T, device=input_ids.device)
+        dev = input_ids.device
+        q_slots = torch.arange(start, start + T, device=dev)
         masks: dict = {}
         for i, layer in enumerate(self.layers):
             window = c.layer_window(i)
-            if window is not None and start + T <= window:
+            ring = cache.window(i) if cache is not None else None
+            if window is not None and ring is None and start + T <= window:
                 window = None  # the window reaches further back than the sequence: plain causal
-            if window not in masks:
-                if key_valid is None and window is None and (start == 0 or T == 1):
-                    masks[window] = (None, start == 0 and T > 1)
+            if (window, ring) not in masks:
+                k_slots = cache.key_slots(ring, T, dev) if cache is not None else None
+                if k_slots is None and key_valid is None and window is None and (start == 0 or T == 1):
+                    masks[window, ring] = (None, start == 0 and T > 1)
                 else:
-                    masks[window] = (build_mask(q_slots, key_valid, start + T, window), False)
-            mask, is_causal = masks[window]
+                    if k_slots is None:
+                        k_slots = torch.arange(start + T, device=dev)
+                    masks[window, ring] = (build_mask(q_slots, k_slots, key_valid, window), False)
+            mask, is_causal = masks[window, ring]
             rope = None
             if c.layer_uses_rope(i):
                 rope = rope_local if c.layer_is_local(i) else rope_global
@@ -119,6 +133,8 @@ class Transformer(nn.Module):
 
         if cache is not None:
             cache.advance(T)
+        if last_only:  # prefill for generation needs only the next-token distribution
+            x = x[:, -1:]
         if self.norm is not None:
             x = self.norm(x)
         logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.embed_tokens.weight)

@@ -25,23 +25,22 @@ from evolm.nn.norm import make_norm
 from evolm.nn.rope import apply_rope
 
 
-def attention_mask(q_slots: torch.Tensor, k_valid: torch.Tensor | None, n_keys: int,
+def attention_mask(q_slots: torch.Tensor, k_slots: torch.Tensor, key_valid: torch.Tensor | None,
                    window: int | None) -> torch.Tensor:
-    """Boolean mask (B or 1, 1, Tq, Tk): True where query may attend key.
+    """Boolean mask (B or 1, 1, Tq, Tk): True where a query may attend a key.
 
-    ``q_slots`` (Tq,) are the cache slots of the queries; keys occupy slots 0..n_keys-1.
-    ``k_valid`` (B, n_keys) marks real (non-padding) keys. Causality and the window are counted
-    in slots, as the references do. A padding query that would see nothing sees itself, so no
-    row is all-masked (its output is never used).
+    ``q_slots`` (Tq,) and ``k_slots`` (Tk,) are absolute cache slots (-1 marks an empty ring
+    entry). ``key_valid`` (B, n_slots) marks real (non-padding) tokens by slot. Causality and the
+    window are counted in slots, as the references do. A padding query that would see nothing
+    sees itself, so no row is all-masked (its output is never used).
     """
-    k_slots = torch.arange(n_keys, device=q_slots.device)
     diff = q_slots[:, None] - k_slots[None, :]
-    mask = diff >= 0
+    mask = (diff >= 0) & (k_slots >= 0)[None, :]
     if window is not None:
         mask = mask & (diff < window)
     mask = mask[None, None]
-    if k_valid is not None:
-        mask = mask & k_valid[:, None, None, :]
+    if key_valid is not None:
+        mask = mask & key_valid[:, k_slots.clamp(min=0)][:, None, None, :]
         mask = mask | (diff == 0)[None, None]
     return mask
 

@@ -1,0 +1,305 @@
+"""The cost card: what a configuration costs in parameters, KV-cache memory and FLOPs.
+
+Everything here is computed analytically from a ``ModelConfig`` (no model is built), so a card
+for a 671B model is instant; the tests cross-check every count against the model built on the
+meta device. Definitions, so that numbers from different models compare:
+
+Parameters
+    ``params_total``: every trainable parameter, a tied embedding/head matrix counted once
+    (buffers such as DeepSeek-V3's router bias are not parameters).
+    ``params_active``: the parameters one token passes through: embeddings, attention, dense
+    MLPs, norms, the LM head, every router and shared expert, and only ``n_experts_per_tok``
+    of the routed experts per MoE layer. This is the convention of the Mixtral paper (46.7B
+    total, 12.9B active).
+    ``params_non_embedding``: total minus the token and position embeddings and an untied LM
+    head (the Gemma 3 and Qwen3 reports' "non-embedding" figure).
+    ``params_by_part``: embeddings (token + learned positions), attention (projections and their
+    biases), mlp (dense MLPs), experts (all routed experts), shared_experts, router, norms
+    (every norm weight, including QK-norms and MLA's latent norms), lm_head (0 when tied). The
+    parts sum to ``params_total``.
+
+KV cache (``bytes_per_value`` = 2 for bf16)
+    Per layer and token a GQA/MHA layer stores keys and values, ``2 * n_kv_heads * head_dim``
+    numbers; an MLA layer stores its latent and shared rotary key, ``kv_lora_rank +
+    qk_rope_head_dim`` numbers (DeepSeek-V2, arXiv:2405.04434). A sliding-window layer never needs
+    more than ``sliding_window`` tokens (a ring buffer), so at a context of T tokens it holds
+    ``min(T, window)`` of them.
+    ``kv_cache_bytes_per_token_uncapped``: bytes per token summed over all layers, as if every
+    layer kept every token (also the marginal cost of a token while T <= window).
+    ``kv_cache_bytes_at_context``: total bytes for ``context_len`` tokens of one sequence,
+    local layers capped at their window.
+    ``kv_cache_bytes_per_token``: ``kv_cache_bytes_at_context / context_len``, the average cost
+    per token of context: local layers contribute only their ``window / context_len`` share.
+    Without sliding-window layers it equals the uncapped figure.
+
+FLOPs per token (multiply-add = 2 FLOPs)
+    Weights: a token does 2 FLOPs per active weight going forward, 4 more going backward,
+    so 6N for training (Kaplan et al. 2020, arXiv:2001.08361, Sec. 2.1). Here N is the active
+    parameter count without the input embeddings (a lookup, not a matmul) but with the LM head
+    matmul even when it is tied to the embedding (Chinchilla, Hoffmann et al. 2022,
+    arXiv:2203.15556, Appendix F, counts the final logits too).
+    Attention: per layer, the scores ``q.k`` and the weighted sum ``p.v`` cost
+    ``2 * T * n_heads * (d_qk + d_v)`` FLOPs forward per token at context T (no causal
+    halving), i.e. ``4 * T * n_heads * head_dim`` for MHA/GQA: the PaLM convention
+    (Chowdhery et al. 2022, arXiv:2204.02311, Appendix B), whose training total is
+    ``6N + 12 * n_layers * n_heads * head_dim * T``. Local layers use ``min(T, window)``.
+    ``forward_flops_per_token`` = 2N + attention forward; ``flops_per_token`` (training) = 3x that.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from evolm.config import ModelConfig
+
+
+# --- parameter counts ---------------------------------------------------------------------
+def _norm_size(c: ModelConfig, dim: int) -> int:
+    """Parameters of one ``make_norm(c, dim)``: RMSNorm has a scale, LayerNorm maybe a bias too."""
+    return dim * (2 if c.norm == "layernorm" and c.norm_bias else 1)
+
+
+def _mlp_size(c: ModelConfig, d_ff: int) -> int:
+    n_in = 2 if c.mlp == "glu" else 1  # gate + up, or up only
+    weights = (n_in + 1) * c.d_model * d_ff
+    biases = (n_in * d_ff + c.d_model) if c.mlp_bias else 0
+    return weights + biases
+
+
+def _attention_size(c: ModelConfig) -> tuple[int, int]:
+    """(projection parameters, norm parameters) of one attention layer."""
+    d, H = c.d_model, c.n_heads
+    if c.attention == "mla":
+        qk = c.qk_nope_head_dim + c.qk_rope_head_dim
+        b = 1 if c.qkv_bias else 0
+        if c.q_lora_rank is None:
+            q, norms = d * H * qk, 0
+        else:
+            q = d * c.q_lora_rank + b * c.q_lora_rank + c.q_lora_rank * H * qk
+            norms = c.q_lora_rank  # q_a_layernorm (an RMSNorm whatever c.norm is)
+        kv_a = (d + b) * (c.kv_lora_rank + c.qk_rope_head_dim)
+        kv_b = c.kv_lora_rank * H * (c.qk_nope_head_dim + c.v_head_dim)
+        o = H * c.v_head_dim * d + (d if c.o_bias else 0)
+        return q + kv_a + kv_b + o, norms + c.kv_lora_rank
+    q_dim, kv_dim = H * c.head_dim, c.n_kv_heads * c.head_dim
+    proj = d * (q_dim + 2 * kv_dim) + q_dim * d
+    if c.qkv_bias:
+        proj += q_dim + 2 * kv_dim
+    if c.o_bias:
+        proj += d
+    norms = 0
+    if c.qk_norm == "head":
+        norms = 2 * _norm_size(c, c.head_dim)
+    elif c.qk_norm == "full":
+        norms = _norm_size(c, q_dim) + _norm_size(c, kv_dim)
+    return proj, norms
+
+
+_BLOCK_NORMS = {"pre": 2, "post": 2, "sandwich": 4, "olmo2": 2, "parallel": 1}
+
+
+def param_counts(c: ModelConfig) -> dict[str, int]:
+    """Parameters by part (see the module docstring); the values sum to the model's numel."""
+    d = c.d_model
+    parts = dict.fromkeys(("embeddings", "attention", "mlp", "experts", "shared_experts", "router",
+                           "norms", "lm_head"), 0)
+    parts["embeddings"] = c.vocab_size * d + (c.max_seq_len * d if c.pos_emb == "learned" else 0)
+    attn, attn_norms = _attention_size(c)
+    expert = (3 if c.mlp == "glu" else 2) * d * c.moe_d_ff  # one routed expert (no biases)
+    for i in range(c.n_layers):
+        parts["attention"] += attn
+        parts["norms"] += attn_norms + _BLOCK_NORMS[c.norm_placement] * _norm_size(c, d)
+        if c.layer_is_moe(i):
+            parts["router"] += c.n_experts * d
+            parts["experts"] += c.n_experts * expert
+            if c.n_shared_experts:
+                parts["shared_experts"] += _mlp_size(c, c.moe_d_ff * c.n_shared_experts)
+        else:
+            parts["mlp"] += _mlp_size(c, c.d_ff)
+    if c.final_norm:
+        parts["norms"] += _norm_size(c, d)
+    if not c.tie_embeddings:
+        parts["lm_head"] = c.vocab_size * d + (c.vocab_size if c.lm_head_bias else 0)
+    return parts
+
+
+def _active_experts(c: ModelConfig) -> int:
+    n_moe = sum(c.layer_is_moe(i) for i in range(c.n_layers))
+    return n_moe * c.n_experts_per_tok * (3 if c.mlp == "glu" else 2) * c.d_model * c.moe_d_ff
+
+
+# --- KV cache -------------------------------------------------------------------------------
+def kv_values_per_token(c: ModelConfig) -> int:
+    """Numbers one layer caches per token: keys + values, or MLA's latent + rotary key."""
+    if c.attention == "mla":
+        return c.kv_lora_rank + c.qk_rope_head_dim
+    return 2 * c.n_kv_heads * c.head_dim
+
+
+def kv_cache_bytes(c: ModelConfig, context_len: int, bytes_per_value: int = 2, batch: int = 1) -> int:
+    """Bytes a full KV cache holds for ``batch`` sequences of ``context_len`` tokens."""
+    per_layer = kv_values_per_token(c) * bytes_per_value
+    tokens = 0
+    for i in range(c.n_layers):
+        window = c.layer_window(i)
+        tokens += context_len if window is None else min(context_len, window)
+    return batch * per_layer * tokens
+
+
+# --- FLOPs ----------------------------------------------------------------------------------
+def attention_forward_flops(c: ModelConfig, context_len: int) -> int:
+    """Forward FLOPs per token of the score and weighted-sum matmuls, over all layers."""
+    if c.attention == "mla":
+        d_qk, d_v = c.qk_nope_head_dim + c.qk_rope_head_dim, c.v_head_dim
+    else:
+        d_qk = d_v = c.head_dim
+    total = 0
+    for i in range(c.n_layers):
+        window = c.layer_window(i)
+        t = context_len if window is None else min(context_len, window)
+        total += 2 * t * c.n_heads * (d_qk + d_v)
+    return total
+
+
+# --- the card -------------------------------------------------------------------------------
+def cost_card(config: ModelConfig | str, context_len: int | None = None,
+              bytes_per_value: int = 2) -> dict[str, Any]:
+    """Parameters, KV-cache bytes and FLOPs of a config (or preset name); see the module docstring.
+
+    ``context_len`` defaults to ``config.max_seq_len``; ``bytes_per_value`` is 2 for a bf16 cache.
+    All values are plain ints/floats/strs (the dict is JSON-serialisable).
+    """
+    c = _as_config(config)
+    T = c.max_seq_len if context_len is None else int(context_len)
+    if T <= 0:
+        raise ValueError(f"cost_card: context_len must be a positive number of tokens, got {context_len}")
+    parts = param_counts(c)
+    total = sum(parts.values())
+    active = total - parts["experts"] + _active_experts(c)
+    non_embedding = total - parts["embeddings"] - parts["lm_head"]
+    # weights a token multiplies: active minus the embedding lookup, plus a tied head's matmul
+    n_compute = active - parts["embeddings"] + (c.vocab_size * c.d_model if c.tie_embeddings else 0)
+    attn_fwd = attention_forward_flops(c, T)
+    kv_at = kv_cache_bytes(c, T, bytes_per_value)
+    return {
+        "name": c.name,
+        "context_len": T,
+        "params_total": total,
+        "params_active": active,
+        "params_non_embedding": non_embedding,
+        "params_by_part": parts,
+        "kv_cache_bytes_per_token": kv_at / T,
+        "kv_cache_bytes_per_token_uncapped": kv_values_per_token(c) * bytes_per_value * c.n_layers,
+        "kv_cache_bytes_at_context": kv_at,
+        "kv_bytes_per_value": bytes_per_value,
+        "flops_per_token": 6 * n_compute + 3 * attn_fwd,
+        "forward_flops_per_token": 2 * n_compute + attn_fwd,
+        "attention_flops_per_token": 3 * attn_fwd,
+        "flops_params": n_compute,
+    }
+
+
+def _as_config(config: ModelConfig | str) -> ModelConfig:
+    if isinstance(config, ModelConfig):
+        return config
+    if isinstance(config, str):
+        from evolm.presets import get_preset
+        return get_preset(config)
+    raise TypeError(f"expected a ModelConfig or a preset name, got {type(config).__name__}")
+
+
+# --- human units ----------------------------------------------------------------------------
+def _sig3(x: float) -> str:
+    """Three significant digits, keeping trailing zeros: 27.0, 8.03, 124."""
+    if x == 0:
+        return "0"
+    a = abs(x)
+    if a >= 999.5:
+        return f"{x:.0f}"
+    return f"{x:.{0 if a >= 99.95 else 1 if a >= 9.995 else 2}f}"
+
+
+def _scaled(n: float, units: tuple, sep: str, base_unit: str) -> str:
+    for unit, scale in units:
+        if abs(n) >= scale * 0.9995:
+            return f"{_sig3(n / scale)}{sep}{unit}"
+    return f"{_sig3(n) if n != int(n) else int(n)}{sep if base_unit else ''}{base_unit}"
+
+
+def human_count(n: float) -> str:
+    """124439808 -> '124M', 8.03e9 -> '8.03B', 27.0e9 -> '27.0B' (3 significant digits)."""
+    return _scaled(n, (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)), "", "")
+
+
+human = human_count  # short alias (the CLI's `arch list` uses it)
+
+
+def human_bytes(n: float) -> str:
+    """131072 -> '128 KiB' (binary units, 3 significant digits)."""
+    return _scaled(n, (("TiB", 2 ** 40), ("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)), " ", "B")
+
+
+def human_flops(n: float) -> str:
+    """1.5e9 -> '1.50 GFLOP'."""
+    return _scaled(n, (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6), ("KFLOP", 1e3)),
+                   " ", "FLOP")
+
+
+_ROWS = (  # (label, getter, formatter)
+    ("params total", lambda k: k["params_total"], human_count),
+    ("params active / token", lambda k: k["params_active"], human_count),
+    ("params non-embedding", lambda k: k["params_non_embedding"], human_count),
+    ("  embeddings", lambda k: k["params_by_part"]["embeddings"], human_count),
+    ("  attention", lambda k: k["params_by_part"]["attention"], human_count),
+    ("  mlp (dense)", lambda k: k["params_by_part"]["mlp"], human_count),
+    ("  experts (routed)", lambda k: k["params_by_part"]["experts"], human_count),
+    ("  shared experts", lambda k: k["params_by_part"]["shared_experts"], human_count),
+    ("  router", lambda k: k["params_by_part"]["router"], human_count),
+    ("  norms", lambda k: k["params_by_part"]["norms"], human_count),
+    ("  lm_head", lambda k: k["params_by_part"]["lm_head"], human_count),
+    ("context length", lambda k: k["context_len"], lambda v: f"{v:,}"),
+    ("KV cache / token (uncapped)", lambda k: k["kv_cache_bytes_per_token_uncapped"], human_bytes),
+    ("KV cache / token (at context)", lambda k: k["kv_cache_bytes_per_token"], human_bytes),
+    ("KV cache at context (batch 1)", lambda k: k["kv_cache_bytes_at_context"], human_bytes),
+    ("train FLOPs / token", lambda k: k["flops_per_token"], human_flops),
+    ("  of which attention", lambda k: k["attention_flops_per_token"], human_flops),
+    ("forward FLOPs / token", lambda k: k["forward_flops_per_token"], human_flops),
+)
+
+
+def format_card(card: dict[str, Any]) -> str:
+    """A readable plain-text block (also valid rich markup-free text)."""
+    width = max(len(label) for label, _, _ in _ROWS)
+    bpv = card.get("kv_bytes_per_value", 2)
+    lines = [f"{card['name']}  (KV cache at {bpv} bytes/value, FLOPs at context {card['context_len']:,})"]
+    for label, get, fmt in _ROWS:
+        lines.append(f"  {label:<{width}}  {fmt(get(card))}")
+    return "\n".join(lines)
+
+
+def compare_table(cards: list[dict[str, Any]]) -> str:
+    """Metrics as rows, models as columns, in human units."""
+    if not cards:
+        return ""
+    header = ["metric"] + [k["name"] for k in cards]
+    rows = [header] + [[label] + [fmt(get(k)) for k in cards] for label, get, fmt in _ROWS]
+    widths = [max(len(r[j]) for r in rows) for j in range(len(header))]
+    out = []
+    for n, r in enumerate(rows):
+        out.append("  ".join([r[0].ljust(widths[0])] + [cell.rjust(w) for cell, w in zip(r[1:], widths[1:])]))
+        if n == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def diff_configs(a: ModelConfig | str, b: ModelConfig | str) -> list[tuple[str, Any, Any]]:
+    """Config fields that differ between two models, in field order: the lineage as diffs."""
+    ca, cb = _as_config(a), _as_config(b)
+    # moe_d_ff defaults to d_ff, so between two dense models it only echoes the d_ff difference
+    dense = ca.n_experts == 0 and cb.n_experts == 0
+    return [(k, va, vb) for k, (va, vb) in ca.diff(cb).items() if not (dense and k == "moe_d_ff")]
+
+
+__all__ = ["cost_card", "format_card", "compare_table", "diff_configs", "param_counts",
+           "kv_cache_bytes", "kv_values_per_token", "attention_forward_flops",
+           "human_count", "human", "human_bytes", "human_flops"]

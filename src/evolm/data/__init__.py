@@ -1,0 +1,1 @@
+"""Data: built-in corpora, user sources, quality filters, dedup, token shards, mixtures."""

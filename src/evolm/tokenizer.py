@@ -1,0 +1,521 @@
+"""Tokenizers: a thin wrapper over Hugging Face ``tokenizers`` (Rust), never a hand-written BPE.
+
+One ``Tokenizer`` class serves every model, whatever its vocabulary came from:
+
+- ``from_file`` / ``from_hf_dir``: a ``tokenizer.json`` (+ ``tokenizer_config.json`` for the
+  special tokens, BOS/EOS handling and the chat template, + ``generation_config.json`` for the
+  stop tokens), as Hugging Face checkpoints ship them.
+- ``from_gguf``: the vocabulary that a GGUF file keeps in its metadata (llama.cpp has no
+  tokenizer.json). Two families exist there:
+  * ``tokenizer.ggml.model == "gpt2"``: byte-level BPE (Radford et al. 2019, GPT-2) with an
+    explicit merge list; tokens are spelled in GPT-2's printable byte alphabet.
+  * ``"llama"``: a SentencePiece vocabulary (Kudo & Richardson 2018, arXiv:1808.06226) with
+    per-token scores, ``▁`` for spaces and ``<0xNN>`` byte-fallback tokens. Gemma's files carry no
+    merges, so they are rebuilt from the vocabulary.
+  The rebuilt tokenizer reproduces what ``transformers`` builds from the same file (its GGUF
+  loader is the reference our tests compare to, id for id).
+- ``train_bpe``: train a byte-level BPE on your own text.
+
+Chat templates are Jinja2 programs shipped with a model. They are rendered here in the same
+environment transformers uses (sandboxed, ``trim_blocks``/``lstrip_blocks``, ``loopcontrols``,
+``raise_exception``, ``strftime_now``, a non-escaping ``tojson``, the special tokens as
+variables), so a prompt is byte-identical to the one the model was tuned on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer as _Backend
+
+# tokens that end a turn in the chat formats of the lineage; present ones join ``eos_ids``
+END_OF_TURN_TOKENS = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>", "<|endoftext|>",
+                      "<|end_of_text|>", "<|eom_id|>", "</s>", "<eos>", "<|return|>")
+
+# GGUF token types (llama.cpp's llama_token_type)
+_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
+
+# Pre-tokenizer split patterns named by GGUF's ``tokenizer.ggml.pre``: the regex each vocabulary's
+# merges were learned after. Names not listed keep GPT-2's own pattern (ByteLevel's default).
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_GPT4O_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+                r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+                r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_TEKKEN_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+                 r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+                 r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+GGUF_PRE_SPLITS = {
+    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "dbrx",
+                     "smaug-bpe", "lfm2", "midm-2.0"), _LLAMA3_SPLIT),
+    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "megrez", "kormo"), _QWEN2_SPLIT),
+    **dict.fromkeys(("gpt-4o", "llama4", "minimax-m2"), _GPT4O_SPLIT),
+    "tekken": _TEKKEN_SPLIT,
+}
+
+
+class TokenizerError(ValueError):
+    """A tokenizer file or argument that cannot be used; the message names it."""
+
+
+@lru_cache(maxsize=1)
+def byte_alphabet() -> dict[int, str]:
+    """GPT-2's map from the 256 byte values to printable characters.
+
+    Byte-level BPE spells every token as bytes, but merges and vocab files are text: bytes that
+    are printable Latin-1 stand for themselves, the others (control chars, space, ...) are shifted
+    to code points 256 and up, so ' ' (0x20) is written 'Ġ' and '\\n' is 'Ċ'.
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, shift = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + shift)
+            shift += 1
+    return table
+
+
+def _token_str(tok: Any) -> str | None:
+    """A special token as tokenizer_config.json spells it: a string or an AddedToken dict."""
+    if tok is None or isinstance(tok, str):
+        return tok
+    if isinstance(tok, dict):
+        return tok.get("content")
+    return str(tok)
+
+
+# ----------------------------------------------------------------------------------------------
+class Tokenizer:
+    """Text <-> token ids, special tokens, and the model's chat template.
+
+    ``backend`` is the ``tokenizers.Tokenizer`` doing the work; its post-processor adds BOS/EOS
+    when ``encode(..., add_special_tokens=True)`` and the model expects them.
+    """
+
+    def __init__(self, backend: _Backend, *, bos_token: str | None = None, eos_token: str | None = None,
+                 unk_token: str | None = None, pad_token: str | None = None,
+                 add_bos: bool | None = None, add_eos: bool | None = None,
+                 chat_template: str | None = None, eos_token_ids: Sequence[int] = (),
+                 name: str = "tokenizer"):
+        self.backend = backend
+        self.name = name
+        self.bos_token, self.eos_token = bos_token, eos_token
+        self.unk_token, self.pad_token = unk_token, pad_token
+        for role, tok in (("bos_token", bos_token), ("eos_token", eos_token), ("pad_token", pad_token)):
+            if tok is not None and backend.token_to_id(tok) is None:
+                raise TokenizerError(f"{name}: {role} {tok!r} is not in the vocabulary")
+        self.chat_template = chat_template
+        self._extra_eos = [int(i) for i in eos_token_ids]
+        if add_bos is not None or add_eos is not None:
+            self.set_special_tokens_template(bool(add_bos), bool(add_eos))
+        else:
+            self.add_bos, self.add_eos = self._infer_template_flags()
+
+    # --- special tokens ---------------------------------------------------------------------
+    def set_special_tokens_template(self, add_bos: bool, add_eos: bool) -> None:
+        """Make ``encode(add_special_tokens=True)`` add BOS and/or EOS, as transformers does."""
+        add_bos = add_bos and self.bos_token is not None
+        add_eos = add_eos and self.eos_token is not None
+        self.add_bos, self.add_eos = add_bos, add_eos
+        bos, eos = self.bos_token, self.eos_token
+        single = f"{bos + ':0 ' if add_bos else ''}$A:0{' ' + eos + ':0' if add_eos else ''}"
+        pair = f"{single}{' ' + bos + ':1' if add_bos else ''} $B:1{' ' + eos + ':1' if add_eos else ''}"
+        special = ([(bos, self.bos_id)] if add_bos else []) + ([(eos, self.eos_id)] if add_eos else [])
+        self.backend.post_processor = processors.TemplateProcessing(single=single, pair=pair,
+                                                                    special_tokens=special)
+
+    def _infer_template_flags(self) -> tuple[bool, bool]:
+        probe = self.backend.encode("a", add_special_tokens=True).ids
+        plain = self.backend.encode("a", add_special_tokens=False).ids
+        add_bos = self.bos_id is not None and len(probe) > len(plain) and probe[0] == self.bos_id
+        add_eos = self.eos_id is not None and len(probe) > len(plain) and probe[-1] == self.eos_id
+        return add_bos, add_eos
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+    def id_to_token(self, i: int) -> str | None:
+        return self.backend.id_to_token(i)
+
+    @property
+    def bos_id(self) -> int | None:
+        return None if self.bos_token is None else self.backend.token_to_id(self.bos_token)
+
+    @property
+    def eos_id(self) -> int | None:
+        return None if self.eos_token is None else self.backend.token_to_id(self.eos_token)
+
+    @property
+    def pad_id(self) -> int | None:
+        return None if self.pad_token is None else self.backend.token_to_id(self.pad_token)
+
+    @property
+    def eos_ids(self) -> list[int]:
+        """Every token that ends generation: EOS, the config's stop ids, and end-of-turn tokens."""
+        ids = ([self.eos_id] if self.eos_id is not None else []) + self._extra_eos
+        special = {t.content for t in self.backend.get_added_tokens_decoder().values() if t.special}
+        for tok in END_OF_TURN_TOKENS:
+            i = self.backend.token_to_id(tok)
+            if i is not None and tok in special:
+                ids.append(i)
+        return list(dict.fromkeys(ids))
+
+    @property
+    def special_ids(self) -> set[int]:
+        return {i for i, t in self.backend.get_added_tokens_decoder().items() if t.special}
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    # --- text <-> ids -----------------------------------------------------------------------
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[int]]:
+        return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.encode(text, add_special_tokens)
+
+    # --- chat -------------------------------------------------------------------------------
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            tokenize: bool = False, **kwargs: Any) -> str | list[int]:
+        """Render a conversation with the model's template (as transformers renders it).
+
+        ``tokenize=True`` returns ids, encoded without adding BOS again (the template writes it).
+        Extra keyword arguments become template variables (e.g. ``tools``, ``enable_thinking``).
+        """
+        if not self.chat_template:
+            raise TokenizerError(f"{self.name}: this tokenizer has no chat template (a base model?); "
+                                 f"pass plain text prompts, or set Tokenizer.chat_template")
+        for m in messages:
+            if not isinstance(m, dict) or "role" not in m:
+                raise TokenizerError(f"chat messages must be dicts with 'role' and 'content', got {m!r}")
+        variables = {k: v for k, v in (("bos_token", self.bos_token), ("eos_token", self.eos_token),
+                                       ("unk_token", self.unk_token), ("pad_token", self.pad_token)) if v is not None}
+        variables.update(kwargs)
+        variables.setdefault("tools", None)
+        variables.setdefault("documents", None)
+        text = _compile_template(self.chat_template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt, **variables)
+        return self.encode(text, add_special_tokens=False) if tokenize else text
+
+    # --- constructors -----------------------------------------------------------------------
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, **kwargs: Any) -> "Tokenizer":
+        """A ``tokenizer.json``; special tokens and template come from ``kwargs``."""
+        path = Path(path)
+        if not path.is_file():
+            raise TokenizerError(f"{path}: no such tokenizer.json file")
+        try:
+            backend = _Backend.from_file(str(path))
+        except Exception as e:  # the Rust error names the bad field
+            raise TokenizerError(f"{path}: not a valid tokenizers JSON file ({e})") from None
+        kwargs.setdefault("name", str(path))
+        return cls(backend, **kwargs)
+
+    @classmethod
+    def from_hf_dir(cls, path: str | os.PathLike) -> "Tokenizer":
+        """A Hugging Face model folder: tokenizer.json + tokenizer_config.json (+ chat template)."""
+        d = Path(path)
+        if not (d / "tokenizer.json").is_file():
+            raise TokenizerError(f"{d}: no tokenizer.json (only fast-tokenizer folders are supported)")
+        cfg = _read_json(d / "tokenizer_config.json") if (d / "tokenizer_config.json").is_file() else {}
+        special_map = _read_json(d / "special_tokens_map.json") if (d / "special_tokens_map.json").is_file() else {}
+        tok = lambda key: _token_str(cfg.get(key, special_map.get(key)))  # noqa: E731
+        template = cfg.get("chat_template")
+        if isinstance(template, list):  # named templates: use "default"
+            named = {t.get("name"): t.get("template") for t in template}
+            template = named.get("default") or next(iter(named.values()), None)
+        if (d / "chat_template.jinja").is_file():
+            template = (d / "chat_template.jinja").read_text(encoding="utf-8")
+        elif (d / "chat_template.json").is_file():
+            template = _read_json(d / "chat_template.json").get("chat_template", template)
+        stop: list[int] = []
+        if (d / "generation_config.json").is_file():
+            eos = _read_json(d / "generation_config.json").get("eos_token_id")
+            stop = [eos] if isinstance(eos, int) else list(eos or [])
+        has_flags = "add_bos_token" in cfg or "add_eos_token" in cfg
+        backend = _Backend.from_file(str(d / "tokenizer.json"))
+        return cls(backend, bos_token=tok("bos_token"), eos_token=tok("eos_token"), unk_token=tok("unk_token"),
+                   pad_token=tok("pad_token"),
+                   add_bos=cfg.get("add_bos_token", False) if has_flags else None,
+                   add_eos=cfg.get("add_eos_token", False) if has_flags else None,
+                   chat_template=template, eos_token_ids=stop, name=str(d))
+
+    @classmethod
+    def from_gguf(cls, path_or_reader: Any) -> "Tokenizer":
+        """The tokenizer a GGUF file describes in its ``tokenizer.*`` metadata."""
+        from evolm.interop.gguf import read_metadata  # lazy: the gguf package is optional
+
+        meta = read_metadata(path_or_reader, tokenizer=True)
+        return tokenizer_from_gguf_metadata(meta, name=str(getattr(path_or_reader, "path", path_or_reader)))
+
+    # --- saving -----------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write tokenizer.json + tokenizer_config.json (with the chat template), loadable by
+        ``transformers.AutoTokenizer.from_pretrained(path)`` and by ``Tokenizer.from_hf_dir``."""
+        d = Path(path)
+        d.mkdir(parents=True, exist_ok=True)
+        self.backend.save(str(d / "tokenizer.json"))
+        cfg: dict[str, Any] = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": self.bos_token, "eos_token": self.eos_token,
+            "unk_token": self.unk_token, "pad_token": self.pad_token,
+            "add_bos_token": self.add_bos, "add_eos_token": self.add_eos,
+            "clean_up_tokenization_spaces": False,
+            "model_max_length": 1_000_000_000,
+        }
+        if self.chat_template:
+            cfg["chat_template"] = self.chat_template
+        (d / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n",
+                                                 encoding="utf-8")
+        return d
+
+    def __repr__(self) -> str:
+        return (f"Tokenizer({self.name!r}, vocab_size={self.vocab_size}, bos={self.bos_token!r}, "
+                f"eos={self.eos_token!r}, add_bos={self.add_bos}, chat_template={self.chat_template is not None})")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise TokenizerError(f"{path}: not valid JSON ({e})") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# chat templates
+# ----------------------------------------------------------------------------------------------
+@lru_cache(maxsize=16)
+def _compile_template(source: str):
+    """Compile a chat template in the environment transformers renders templates in."""
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        # Jinja's own tojson escapes HTML characters; chat templates expect plain JSON
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    def strftime_now(fmt: str) -> str:
+        return datetime.now().strftime(fmt)
+
+    class _Generation(jinja2.ext.Extension):
+        """``{% generation %}...{% endgeneration %}`` marks assistant text; rendering keeps the body."""
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[_Generation, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateSyntaxError as e:
+        raise TokenizerError(f"chat template does not parse: {e} (line {e.lineno})") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# GGUF vocabularies
+# ----------------------------------------------------------------------------------------------
+def tokenizer_from_gguf_metadata(meta: dict[str, Any], name: str = "gguf") -> Tokenizer:
+    """Build the tokenizer from GGUF ``tokenizer.*`` metadata (a dict of plain Python values)."""
+    kind = meta.get("tokenizer.ggml.model")
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if kind is None or tokens is None:
+        raise TokenizerError(f"{name}: GGUF file has no tokenizer (tokenizer.ggml.model / .tokens missing)")
+    types = meta.get("tokenizer.ggml.token_type") or [_NORMAL] * len(tokens)
+    arch = meta.get("general.architecture", "")
+
+    if kind == "gpt2":
+        backend, control_ok = _gguf_byte_level_bpe(meta, tokens)
+    elif kind == "llama":
+        backend, control_ok = _gguf_sentencepiece_bpe(meta, tokens, gemma=arch.startswith("gemma")), None
+    else:
+        raise TokenizerError(f"{name}: GGUF tokenizer.ggml.model={kind!r} is not supported "
+                             f"(supported: 'gpt2' byte-level BPE, 'llama' SentencePiece BPE)")
+
+    # control tokens (<|im_start|>, <bos>, ...) stay whole and are special; user-defined ones
+    # (llama.cpp matches them whole too) stay whole but are ordinary text
+    control = [AddedToken(t, normalized=False, special=True) for t, ty in zip(tokens, types)
+               if ty == _CONTROL and (control_ok is None or control_ok(t))]
+    if control:
+        backend.add_special_tokens(control)
+    vocab = backend.get_vocab(with_added_tokens=True)
+    user = [AddedToken(t, normalized=False, special=False) for t, ty in zip(tokens, types)
+            if ty == _USER_DEFINED and t in vocab]
+    if user:
+        backend.add_tokens(user)
+
+    def special(key: str) -> str | None:
+        i = meta.get(f"tokenizer.ggml.{key}")
+        return tokens[i] if i is not None and 0 <= i < len(tokens) else None
+
+    add_bos = meta.get("tokenizer.ggml.add_bos_token")
+    if add_bos is None:  # llama.cpp adds BOS to a SentencePiece vocabulary that does not say
+        add_bos = kind == "llama"
+    stop = [meta[k] for k in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id") if k in meta]
+    return Tokenizer(backend, bos_token=special("bos_token_id"), eos_token=special("eos_token_id"),
+                     unk_token=special("unknown_token_id"), pad_token=special("padding_token_id"),
+                     add_bos=bool(add_bos), add_eos=bool(meta.get("tokenizer.ggml.add_eos_token", False)),
+                     chat_template=meta.get("tokenizer.chat_template"), eos_token_ids=stop, name=name)
+
+
+def _gguf_byte_level_bpe(meta: dict, tokens: list[str]):
+    """GPT-2-style byte-level BPE with the file's merges.
+
+    Tokens are stored in the byte alphabet; a token using any other character (a mislabelled
+    special token) is re-spelled from its UTF-8 bytes, and is not made a special token, so the
+    vocabulary keeps the size the model expects.
+    """
+    alphabet = byte_alphabet()
+    chars = set(alphabet.values())
+    in_alphabet = lambda t: set(t) <= chars  # noqa: E731
+    vocab = {}
+    for i, t in enumerate(tokens):
+        vocab[t if in_alphabet(t) else "".join(alphabet[b] for b in t.encode("utf-8"))] = i
+    merges = [tuple(m.split(" ")) for m in meta.get("tokenizer.ggml.merges") or []]
+    bpe = models.BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
+                     end_of_word_suffix="", fuse_unk=False)
+    backend = _Backend(bpe)
+    split = GGUF_PRE_SPLITS.get(meta.get("tokenizer.ggml.pre"))
+    if split is None:  # GPT-2's pattern, built into ByteLevel
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    else:
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(split), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    backend.decoder = decoders.ByteLevel()
+    return backend, in_alphabet
+
+
+def _gguf_sentencepiece_bpe(meta: dict, tokens: list[str], gemma: bool) -> _Backend:
+    """A SentencePiece BPE vocabulary as a ``tokenizers`` BPE with byte fallback.
+
+    ``tokenizers`` needs merges; SentencePiece BPE has only scored pieces, so merges are derived:
+    every way to cut a piece into two pieces of the vocabulary is a merge, ranked by the piece's
+    score (Llama), or, for Gemma, by the piece's position in the file (its scores do not follow
+    the merge order). Gemma stores runs of 2+ spaces as real spaces; they are spelled with ``▁``
+    like every other space so the derived merges line up.
+    """
+    if gemma:
+        tokens = ["▁" * len(t) if " " in t and not t.strip() else t for t in tokens]
+        rank = {t: -i for i, t in enumerate(tokens)}
+    else:
+        scores = meta.get("tokenizer.ggml.scores")
+        if scores is None:
+            raise TokenizerError("GGUF SentencePiece vocabulary has no tokenizer.ggml.scores")
+        rank = dict(zip(tokens, scores))
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = meta.get("tokenizer.ggml.merges")
+    if merges:
+        merges = [tuple(m.split(" ")) for m in merges]
+    else:
+        merges = _merges_from_ranked_vocab(vocab, rank)
+    unk_id = meta.get("tokenizer.ggml.unknown_token_id")
+    unk = tokens[unk_id] if unk_id is not None else "<unk>"
+    backend = _Backend(models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True,
+                                  byte_fallback=True, dropout=None))
+    if gemma:  # spaces become ▁, split after each (Gemma's own tokenizer.json)
+        backend.normalizer = normalizers.Replace(" ", "▁")
+        backend.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
+        backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    else:  # Llama/Mistral SentencePiece: a prefix ▁ on the first word, spaces -> ▁
+        prepend = meta.get("tokenizer.ggml.add_space_prefix", True)
+        backend.normalizer = None
+        backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁",
+                                                         prepend_scheme="first" if prepend else "never",
+                                                         split=False)
+        steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+        if prepend:
+            steps.append(decoders.Strip(content=" ", left=1, right=0))
+        backend.decoder = decoders.Sequence(steps)
+    return backend
+
+
+def _merges_from_ranked_vocab(vocab: dict[str, int], rank: dict[str, float]) -> list[tuple[str, str]]:
+    """Merges implied by a vocabulary: each split of a piece into two pieces of the vocabulary.
+
+    Ordered best first by (piece rank, length of the left part, length of the right part); ties
+    keep the order of the pieces in ``rank`` and, within a piece, the vocabulary ids of its parts
+    (the order transformers derives, so ids match it exactly).
+    """
+    found = []
+    for piece, score in rank.items():
+        local = []
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in vocab and right in vocab:
+                local.append((left, right))
+        if len(local) > 1:
+            local.sort(key=lambda lr: (vocab[lr[0]], vocab[lr[1]]))
+        for left, right in local:
+            found.append((score, len(left), len(right), left, right))
+    found.sort(key=lambda m: (m[0], m[1], m[2]), reverse=True)  # stable: ties keep their order
+    return [(l, r) for _, _, _, l, r in found]
+
+
+# ----------------------------------------------------------------------------------------------
+# training
+# ----------------------------------------------------------------------------------------------
+def train_bpe(files_or_iterator: str | os.PathLike | Iterable[str], vocab_size: int,
+              special_tokens: Sequence[str] = ("<|endoftext|>",), min_frequency: int = 2,
+              chat_template: str | None = None) -> Tokenizer:
+    """Train a GPT-2-style byte-level BPE (Sennrich et al. 2016, arXiv:1508.07909; GPT-2's byte
+    alphabet so any text encodes without <unk>).
+
+    ``files_or_iterator``: a path, a list of paths, or an iterable of text strings. The first
+    special token serves as BOS and EOS (GPT-2's ``<|endoftext|>`` convention).
+    """
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    if vocab_size < len(alphabet) + len(special_tokens):
+        raise TokenizerError(f"train_bpe: vocab_size={vocab_size} is smaller than the 256-symbol byte "
+                             f"alphabet plus {len(special_tokens)} special tokens")
+    backend = _Backend(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                  special_tokens=list(special_tokens), initial_alphabet=alphabet,
+                                  show_progress=False)
+    if isinstance(files_or_iterator, (str, os.PathLike)):
+        files_or_iterator = [files_or_iterator]
+    items = list(files_or_iterator) if isinstance(files_or_iterator, (list, tuple)) else files_or_iterator
+    if isinstance(items, list) and items and all(isinstance(p, (str, os.PathLike)) and Path(p).is_file()
+                                                 for p in items):
+        backend.train([str(p) for p in items], trainer)
+    else:
+        backend.train_from_iterator(items, trainer)
+    first = special_tokens[0] if special_tokens else None
+    return Tokenizer(backend, bos_token=first, eos_token=first, add_bos=False, add_eos=False,
+                     chat_template=chat_template, name="bpe")
+
+
+__all__ = ["Tokenizer", "TokenizerError", "train_bpe", "byte_alphabet", "tokenizer_from_gguf_metadata"]

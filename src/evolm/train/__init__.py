@@ -1,0 +1,1 @@
+"""Training: optimizer and schedules, the pretraining loop and its stages, post-training."""

@@ -1,0 +1,65 @@
+"""The optimizer recipe of modern pretraining and its learning-rate schedules.
+
+AdamW (Loshchilov & Hutter 2019, arXiv:1711.05101) with beta = (0.9, 0.95), weight decay 0.1 and
+gradient clipping at 1.0 is the recipe of GPT-3, Llama, OLMo and DeepSeek. Decay applies only to
+matrices: norms, biases and embeddings are excluded (decaying a norm's gain or an embedding
+towards zero fights the architecture, and OLMo 2 found excluding embeddings more stable).
+
+Schedules (all with linear warm-up):
+- cosine to ``min_lr_ratio * lr`` (GPT-3, Llama);
+- linear decay;
+- warmup-stable-decay, WSD (Hu et al. 2024, MiniCPM, arXiv:2404.06395): constant LR, then a short
+  decay at the end — so a run can be extended or annealed from any stable checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups: 2-D+ weights of linear layers/experts decay; norms, biases, embeddings don't."""
+    decay, no_decay = [], []
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or id(p) in embeddings:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: torch.nn.Module, lr: float = 3e-4, betas=(0.9, 0.95), weight_decay: float = 0.1,
+                   eps: float = 1e-8, fused: bool | None = None) -> torch.optim.AdamW:
+    kwargs = {}
+    if fused is not None:
+        kwargs["fused"] = fused
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps, **kwargs)
+
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, schedule: str = "cosine",
+          min_lr_ratio: float = 0.1, decay_fraction: float = 0.2) -> float:
+    """Multiplier of the peak LR at ``step`` (0-based) of a ``total_steps`` run."""
+    if schedule not in ("cosine", "linear", "wsd", "constant"):
+        raise ValueError(f"unknown LR schedule {schedule!r}; expected cosine, linear, wsd or constant")
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    total_steps = max(total_steps, warmup_steps + 1)
+    if schedule == "wsd":
+        decay_steps = max(1, int(round(decay_fraction * total_steps)))
+        start = total_steps - decay_steps
+        if step < start:
+            return 1.0
+        frac = min(1.0, (step - start + 1) / decay_steps)
+        return 1.0 - (1.0 - min_lr_ratio) * frac
+    frac = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps - 1))
+    if schedule == "linear":
+        return 1.0 - (1.0 - min_lr_ratio) * frac
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * frac))

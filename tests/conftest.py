@@ -1,0 +1,43 @@
+"""Shared fixtures: deterministic seeds, and the padded-batch helpers the parity tests share."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+def padded_batch(vocab: int, lengths: list[int], left: bool = True, seed: int = 0):
+    """Random token ids for sequences of different ``lengths``, padded to the longest.
+
+    Returns ids (B, T), attention mask (B, T) and position ids counted over real tokens only
+    (cumsum(mask) - 1, as transformers' ``generate`` does; padding slots get 1).
+    """
+    g = torch.Generator().manual_seed(seed)
+    T = max(lengths)
+    ids = torch.zeros(len(lengths), T, dtype=torch.long)
+    mask = torch.zeros(len(lengths), T, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        sl = slice(T - n, T) if left else slice(0, n)
+        ids[b, sl] = torch.randint(1, vocab, (n,), generator=g)
+        mask[b, sl] = 1
+    pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    return ids, mask, pos
+
+
+def max_real_diff(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:
+    """max |a - b| over the real (unpadded) positions of (B, T, V) logits."""
+    keep = mask.bool()
+    return (a[keep] - b[keep]).abs().max().item()
+
+
+@pytest.fixture
+def batch_tools():
+    return types.SimpleNamespace(padded_batch=padded_batch, max_real_diff=max_real_diff)
