@@ -25,20 +25,22 @@ from evolm.config import ConfigError  # noqa: E402
 from evolm.interop.hf import (HF_DEFAULTS, build_from_state_dict, config_from_hf, load_hf_folder,  # noqa: E402
                               state_dict_from_hf)
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 V = 128
 LLAMA = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.05)
+             num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.1)
 MLA = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
            num_key_value_heads=4,
            kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8,
            num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=1,
-           max_position_embeddings=128, initializer_range=0.05)
+           max_position_embeddings=128, initializer_range=0.1)
 YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32,
         "beta_fast": 32, "beta_slow": 1, "mscale": 0.9, "mscale_all_dim": 1.1}
 
 CASES: dict[str, dict] = {
     "gpt2": dict(model_type="gpt2", vocab_size=V, n_embd=64, n_layer=2, n_head=4, n_positions=64,
-                 initializer_range=0.05),
+                 initializer_range=0.1),
     "llama": dict(model_type="llama", **LLAMA, attention_bias=True, mlp_bias=True),
     "llama3-rope": dict(model_type="llama", **LLAMA, rope_parameters={
         "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
@@ -139,47 +141,54 @@ def _new_cache(model, batch: int, max_len: int):
     return KVCache(batch, max_len)
 
 
-def our_greedy(model, ids, mask, n_new: int, cached: bool = True) -> torch.Tensor:
-    """Greedy continuation of a left-padded batch: (B, n_new) token ids."""
+def our_greedy(model, ids, mask, n_new: int, cached: bool = True):
+    """Greedy continuation of a left-padded batch: tokens (B, n_new) and each step's logits (B, n_new, V)."""
     pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-    out = []
+    toks, steps = [], []
     with torch.no_grad():
         if cached:
             cache = _new_cache(model, ids.shape[0], ids.shape[1] + n_new)
-            logits = model(ids, position_ids=pos, attention_mask=mask, cache=cache)
+            logits = model(ids, position_ids=pos, attention_mask=mask, cache=cache)[:, -1]
             for _ in range(n_new):
-                tok = logits[:, -1].argmax(-1, keepdim=True)
-                out.append(tok)
+                tok = logits.argmax(-1, keepdim=True)
+                toks.append(tok)
+                steps.append(logits)
                 pos = pos[:, -1:] + 1
-                logits = model(tok, position_ids=pos, attention_mask=torch.ones_like(tok), cache=cache)
+                logits = model(tok, position_ids=pos, attention_mask=torch.ones_like(tok), cache=cache)[:, -1]
         else:
             for _ in range(n_new):
-                tok = model(ids, position_ids=pos, attention_mask=mask)[:, -1].argmax(-1, keepdim=True)
-                out.append(tok)
+                logits = model(ids, position_ids=pos, attention_mask=mask)[:, -1]
+                tok = logits.argmax(-1, keepdim=True)
+                toks.append(tok)
+                steps.append(logits)
                 ids, mask = torch.cat((ids, tok), 1), torch.cat((mask, torch.ones_like(tok)), 1)
                 pos = torch.cat((pos, pos[:, -1:] + 1), 1)
-    return torch.cat(out, 1)
+    return torch.cat(toks, 1), torch.stack(steps, 1)
 
 
-def hf_greedy(hf, ids, mask, n_new: int) -> torch.Tensor:
+def hf_greedy(hf, ids, mask, n_new: int):
     hf.generation_config.eos_token_id = None
     hf.generation_config.pad_token_id = 0
     with torch.no_grad():
         out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n_new, min_new_tokens=n_new,
-                          do_sample=False, eos_token_id=None, pad_token_id=0)
-    return out[:, ids.shape[1]:]
+                          do_sample=False, eos_token_id=None, pad_token_id=0, output_logits=True,
+                          return_dict_in_generate=True)
+    return out.sequences[:, ids.shape[1]:], torch.stack(out.logits, 1)
 
 
 @pytest.mark.parametrize("family", list(CASES))
 def test_greedy_decoding_matches(family, pair, batch_tools):
+    """Cached decoding (sliding windows wrap: prompt + 12 tokens > window) equals transformers' generate."""
     hf, ours = pair(family)
     n_new = 12
     for lengths in ([6], [9, 4]):  # batch 1, and a left-padded batch of 2
         ids, mask, _ = batch_tools.padded_batch(V, lengths, left=True, seed=1)
-        want = hf_greedy(hf, ids, mask, n_new)
-        got = our_greedy(ours, ids, mask, n_new, cached=True)
+        want, want_logits = hf_greedy(hf, ids, mask, n_new)
+        got, got_logits = our_greedy(ours, ids, mask, n_new, cached=True)
         assert torch.equal(got, want), f"{family} {lengths}: cached greedy {got.tolist()} != transformers {want.tolist()}"
-        uncached = our_greedy(ours, ids, mask, n_new, cached=False)
+        diff = (got_logits - want_logits).abs().max().item()
+        assert diff <= 1e-4, f"{family} {lengths}: per-step logits differ by {diff:.2e}"
+        uncached, _ = our_greedy(ours, ids, mask, n_new, cached=False)
         assert torch.equal(uncached, want), f"{family} {lengths}: uncached greedy differs"
 
 
@@ -236,9 +245,9 @@ def test_config_errors():
         config_from_hf({"model_type": "bert"})
     with pytest.raises(ConfigError, match="rope type 'dynamic' is not supported"):
         config_from_hf({"model_type": "llama", **LLAMA, "rope_parameters": {"rope_type": "dynamic", "factor": 2.0}})
-    with pytest.raises(ConfigError, match="layer_types"):
-        config_from_hf({"model_type": "gemma2", **LLAMA, "layer_types": [
-            "sliding_attention", "full_attention", "full_attention", "sliding_attention"][:2]})
+    with pytest.raises(ConfigError, match="layer_types lists 3 layers but num_hidden_layers is 4"):
+        config_from_hf({"model_type": "gemma2", **{**LLAMA, "num_hidden_layers": 4}, "layer_types": [
+            "sliding_attention", "full_attention", "sliding_attention"]})
     with pytest.raises(ConfigError, match="layer_types"):
         config_from_hf({"model_type": "gemma2", **{**LLAMA, "num_hidden_layers": 4}, "layer_types": [
             "full_attention", "sliding_attention", "sliding_attention", "full_attention"]})

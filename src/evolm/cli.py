@@ -84,6 +84,138 @@ def cmd_convert(args) -> None:
     print(f"wrote {args.to} model to {args.out}")
 
 
+# --- generate / chat -------------------------------------------------------------------------
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _load_for_generation(args):
+    import torch
+
+    from evolm.loading import load
+
+    model, tok = load(args.model, dtype=getattr(torch, args.dtype))
+    if tok is None:
+        _fail(f"{args.model}: no tokenizer found (expected tokenizer.json, or GGUF tokenizer metadata)")
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    return model.eval(), tok
+
+
+def _sampling(args, **extra):
+    from evolm.generate import SamplingParams
+
+    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                          seed=args.seed, stop=tuple(args.stop or ()), **extra)
+
+
+def cmd_generate(args) -> None:
+    from evolm.generate import chat_prompt_ids, stream
+
+    model, tok = _load_for_generation(args)
+    if args.chat:
+        if not getattr(tok, "chat_template", None):
+            _fail(f"{args.model}: the tokenizer has no chat template; drop --chat")
+        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        ids = chat_prompt_ids(tok, messages + [{"role": "user", "content": args.prompt}])
+    else:
+        ids = tok.encode(args.prompt)
+    for piece in stream(model, tok, ids, _sampling(args)):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def cmd_chat(args) -> None:
+    from evolm.generate import chat_prompt_ids, stream
+
+    model, tok = _load_for_generation(args)
+    if not getattr(tok, "chat_template", None):
+        _fail(f"{args.model}: the tokenizer has no chat template; use `evolm generate` instead")
+    history = [{"role": "system", "content": args.system}] if args.system else []
+    print("evolm chat: empty line or /exit to quit, /reset to clear the history", file=sys.stderr)
+    while True:
+        try:
+            user = input("you> ").strip()
+        except EOFError:
+            break
+        if user in ("", "/exit", "/quit"):
+            break
+        if user == "/reset":
+            history = history[:1] if args.system else []
+            continue
+        history.append({"role": "user", "content": user})
+        sys.stdout.write("assistant> ")
+        reply = []
+        for piece in stream(model, tok, chat_prompt_ids(tok, history), _sampling(args)):
+            reply.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        history.append({"role": "assistant", "content": "".join(reply)})
+
+
+# --- pretrain / data / tokenizer ---------------------------------------------------------------
+def cmd_pretrain(args) -> None:
+    from evolm.train.pretrain import pretrain
+    from evolm.train.recipe import load_recipe
+
+    recipe = load_recipe(args.config)
+    summary = pretrain(recipe, out_dir=args.out, resume=args.resume, data_dir=args.data_dir,
+                       stop_after_steps=args.stop_after)
+    if args.json:
+        print(json.dumps({k: v for k, v in summary.items() if k != "losses"}, indent=2))
+
+
+def cmd_data(args) -> None:
+    if args.data_cmd == "install":
+        from evolm.data.corpora import install_all
+
+        install_all(args.data_dir, names=args.names or None, force=args.force)
+        return
+    from evolm.data.prepare import prepare
+    from evolm.tokenizer import Tokenizer
+
+    tok_path = args.tokenizer
+    tok = Tokenizer.from_hf_dir(tok_path) if os.path.isdir(tok_path) else (
+        Tokenizer.from_gguf(tok_path) if tok_path.endswith(".gguf") else Tokenizer.from_file(tok_path))
+    spec = args.spec if len(args.spec) != 1 else args.spec[0]
+    manifest = prepare(spec, tok, args.out, data_dir=args.data_dir, workers=args.workers, reuse=not args.force)
+    if args.json:
+        print(json.dumps(manifest, indent=2))
+
+
+def cmd_tokenizer(args) -> None:
+    from evolm.data.prepare import load_spec
+    from evolm.data.sources import iter_documents
+    from evolm.tokenizer import train_bpe
+
+    sources, _ = load_spec(args.sources if len(args.sources) != 1 else args.sources[0])
+
+    def texts():
+        for s in sources:
+            for doc in iter_documents(s, args.data_dir):
+                yield doc.text
+
+    tok = train_bpe(texts(), vocab_size=args.vocab_size, special_tokens=args.special or ["<|endoftext|>"])
+    path = tok.save(args.out)
+    print(f"trained byte-level BPE with {tok.vocab_size} tokens -> {path}")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="HF folder, GGUF file or evolm checkpoint")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--system", default=None, help="system prompt (chat template)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.add_argument("--threads", type=int, default=None)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="evolm", description=__doc__.split("\n")[0] if __doc__ else None)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -111,6 +243,51 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True)
     c.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     c.set_defaults(func=cmd_convert)
+
+    g = sub.add_parser("generate", help="stream a continuation of a prompt")
+    _add_sampling_args(g)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt as a user message (chat template)")
+    g.set_defaults(func=cmd_generate)
+
+    ch = sub.add_parser("chat", help="interactive multi-turn chat in the terminal")
+    _add_sampling_args(ch)
+    ch.set_defaults(func=cmd_chat)
+
+    pt = sub.add_parser("pretrain", help="pretrain a model from a recipe (stages, mixtures, checkpoints)")
+    pt.add_argument("--config", required=True, help="recipe YAML (see recipes/)")
+    pt.add_argument("--out", default=None, help="run folder (default: runs/NAME)")
+    pt.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    pt.add_argument("--data-dir", default=None, help="where the built-in corpora are installed")
+    pt.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
+    pt.add_argument("--json", action="store_true", help="print the summary as JSON")
+    pt.set_defaults(func=cmd_pretrain)
+
+    d = sub.add_parser("data", help="install corpora, prepare token shards")
+    dsub = d.add_subparsers(dest="data_cmd", required=True)
+    di = dsub.add_parser("install", help="install the built-in corpora")
+    di.add_argument("names", nargs="*")
+    di.add_argument("--data-dir", default=None)
+    di.add_argument("--force", action="store_true")
+    dp = dsub.add_parser("prepare", help="filter, dedup, split and tokenize sources into shards")
+    dp.add_argument("spec", nargs="+", help="built-in corpus names, paths, or a JSON/YAML spec file")
+    dp.add_argument("--tokenizer", required=True, help="tokenizer.json, HF folder or GGUF file")
+    dp.add_argument("--out", required=True)
+    dp.add_argument("--data-dir", default=None)
+    dp.add_argument("--workers", type=int, default=None)
+    dp.add_argument("--force", action="store_true", help="redo even if up to date")
+    dp.add_argument("--json", action="store_true")
+    d.set_defaults(func=cmd_data)
+
+    t = sub.add_parser("tokenizer", help="train a tokenizer")
+    tsub = t.add_subparsers(dest="tok_cmd", required=True)
+    tt = tsub.add_parser("train", help="train a byte-level BPE on a corpus")
+    tt.add_argument("sources", nargs="+", help="built-in corpus names, paths, or a spec file")
+    tt.add_argument("--vocab-size", type=int, default=8192)
+    tt.add_argument("--special", action="append", help="special token (repeatable)")
+    tt.add_argument("--out", required=True, help="folder for tokenizer.json")
+    tt.add_argument("--data-dir", default=None)
+    t.set_defaults(func=cmd_tokenizer)
     return p
 
 
@@ -120,7 +297,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, FileNotFoundError, ValueError, KeyboardInterrupt) as e:
+        if isinstance(e, KeyboardInterrupt):
+            _fail("interrupted (the last checkpoint is intact; continue with --resume)")
         _fail(str(e))
     except BrokenPipeError:
         pass

@@ -427,9 +427,9 @@ def stream(model, tokenizer: TokenizerLike, prompt_ids, params: SamplingParams |
         yield piece
 
 
-def _chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
-    """The prompt as a user turn of the tokenizer's chat template, ready for the reply."""
-    rendered = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """A conversation rendered with the tokenizer's chat template, the assistant turn opened."""
+    rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     if isinstance(rendered, dict) or hasattr(rendered, "input_ids"):
         rendered = rendered["input_ids"]
     if isinstance(rendered, str):  # the template already holds any BOS it wants: add none
@@ -447,10 +447,10 @@ def generate_text(model, tokenizer: TokenizerLike, prompt: str, params: Sampling
     ``chat=True`` wraps the prompt as a user message with the tokenizer's chat template (with the
     assistant turn opened) and stops at the template's end token (the tokenizer's ``eos_ids``).
     """
-    ids = _chat_prompt_ids(tokenizer, prompt) if chat else list(tokenizer.encode(prompt))
+    ids = chat_prompt_ids(tokenizer, [{"role": "user", "content": prompt}]) if chat else list(tokenizer.encode(prompt))
     return "".join(stream(model, tokenizer, ids, params))
 
 
-__all__ = ["SamplingParams", "generate", "stream", "generate_text", "process_logits", "sample",
+__all__ = ["SamplingParams", "generate", "stream", "generate_text", "chat_prompt_ids", "process_logits", "sample",
            "apply_repetition_penalty", "apply_top_k", "apply_top_p", "apply_min_p",
            "IncrementalDecoder", "StopStrings"]

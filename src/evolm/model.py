@@ -77,14 +77,18 @@ class Transformer(nn.Module):
 
     # ------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, cache=None, last_only: bool = False) -> torch.Tensor:
+                attention_mask: torch.Tensor | None = None, cache=None, last_only: bool = False,
+                doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, vocab), or (B, 1, vocab) with ``last_only``.
 
         ``attention_mask`` (B, T): 1 for real tokens, 0 for padding. ``position_ids`` (B, T)
         default to the cache slots (0..T-1 without a cache). ``cache``: a ``KVCache``.
+        ``doc_ids`` (B, T): packed-document ids; attention stays inside each document.
         """
         c = self.config
         B, T = input_ids.shape
+        if doc_ids is not None and cache is not None:
+            raise ValueError("doc_ids (document-masked packing) is for training; it cannot be used with a cache")
         start = cache.length if cache is not None else 0
         key_valid = attention_mask.bool() if attention_mask is not None else None
         if cache is not None:
@@ -119,12 +123,13 @@ class Transformer(nn.Module):
                 window = None  # the window reaches further back than the sequence: plain causal
             if (window, ring) not in masks:
                 k_slots = cache.key_slots(ring, T, dev) if cache is not None else None
-                if k_slots is None and key_valid is None and window is None and (start == 0 or T == 1):
+                if k_slots is None and key_valid is None and doc_ids is None and window is None \
+                        and (start == 0 or T == 1):
                     masks[window, ring] = (None, start == 0 and T > 1)
                 else:
                     if k_slots is None:
                         k_slots = torch.arange(start + T, device=dev)
-                    masks[window, ring] = (build_mask(q_slots, k_slots, key_valid, window), False)
+                    masks[window, ring] = (build_mask(q_slots, k_slots, key_valid, window, doc_ids), False)
             mask, is_causal = masks[window, ring]
             rope = None
             if c.layer_uses_rope(i):
@@ -148,9 +153,10 @@ class Transformer(nn.Module):
         losses = [m.aux_loss for m in self.modules() if isinstance(m, MoE) and m.aux_loss is not None]
         return sum(losses) if losses else None
 
-    def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+             doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Next-token cross-entropy (targets already shifted) plus any MoE auxiliary loss."""
-        logits = self(input_ids)
+        logits = self(input_ids, doc_ids=doc_ids)
         loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1),
                                ignore_index=ignore_index)
         aux = self.aux_loss()

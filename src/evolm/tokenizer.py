@@ -356,9 +356,10 @@ def tokenizer_from_gguf_metadata(meta: dict[str, Any], name: str = "gguf") -> To
     arch = meta.get("general.architecture", "")
 
     if kind == "gpt2":
-        backend, control_ok = _gguf_byte_level_bpe(meta, tokens)
+        backend, vocab, control_ok = _gguf_byte_level_bpe(meta, tokens)
     elif kind == "llama":
-        backend, control_ok = _gguf_sentencepiece_bpe(meta, tokens, gemma=arch.startswith("gemma")), None
+        backend, vocab = _gguf_sentencepiece_bpe(meta, tokens, gemma=arch.startswith("gemma"))
+        control_ok = None
     else:
         raise TokenizerError(f"{name}: GGUF tokenizer.ggml.model={kind!r} is not supported "
                              f"(supported: 'gpt2' byte-level BPE, 'llama' SentencePiece BPE)")
@@ -369,7 +370,6 @@ def tokenizer_from_gguf_metadata(meta: dict[str, Any], name: str = "gguf") -> To
                if ty == _CONTROL and (control_ok is None or control_ok(t))]
     if control:
         backend.add_special_tokens(control)
-    vocab = backend.get_vocab(with_added_tokens=True)
     user = [AddedToken(t, normalized=False, special=False) for t, ty in zip(tokens, types)
             if ty == _USER_DEFINED and t in vocab]
     if user:
@@ -414,10 +414,10 @@ def _gguf_byte_level_bpe(meta: dict, tokens: list[str]):
             pre_tokenizers.Split(Regex(split), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     backend.decoder = decoders.ByteLevel()
-    return backend, in_alphabet
+    return backend, vocab, in_alphabet
 
 
-def _gguf_sentencepiece_bpe(meta: dict, tokens: list[str], gemma: bool) -> _Backend:
+def _gguf_sentencepiece_bpe(meta: dict, tokens: list[str], gemma: bool) -> tuple[_Backend, dict[str, int]]:
     """A SentencePiece BPE vocabulary as a ``tokenizers`` BPE with byte fallback.
 
     ``tokenizers`` needs merges; SentencePiece BPE has only scored pieces, so merges are derived:
@@ -458,7 +458,7 @@ def _gguf_sentencepiece_bpe(meta: dict, tokens: list[str], gemma: bool) -> _Back
         if prepend:
             steps.append(decoders.Strip(content=" ", left=1, right=0))
         backend.decoder = decoders.Sequence(steps)
-    return backend
+    return backend, vocab
 
 
 def _merges_from_ranked_vocab(vocab: dict[str, int], rank: dict[str, float]) -> list[tuple[str, str]]:

@@ -63,6 +63,33 @@ def normalize_weights(weights: dict[str, float], known: list[str], what: str = "
     return {k: float(v) / total for k, v in weights.items() if v > 0}
 
 
+def tier_mixture(manifest: dict, tier: str = "high") -> dict[str, float]:
+    """The prepared sources of one quality tier, weighted as in the manifest's mixture
+    (for an annealing stage on the highest-quality data)."""
+    names = [n for n, info in manifest["sources"].items() if info.get("tier") == tier]
+    if not names:
+        tiers = sorted({info.get("tier") for info in manifest["sources"].values()})
+        raise DataError(f"no prepared source has tier {tier!r} (tiers present: {tiers})")
+    mix = manifest.get("mixture", {})
+    return normalize_weights({n: mix.get(n, 1.0) or 1.0 for n in names}, names, f"tier {tier!r}")
+
+
+def check_tokenizer(manifest: dict, tokenizer: Any = None, vocab_size: int | None = None) -> None:
+    """Fail clearly when data were tokenized by another tokenizer, or hold ids the model's
+    embedding table (``vocab_size``) cannot look up."""
+    info = manifest["tokenizer"]
+    if tokenizer is not None:
+        from evolm.data.shards import tokenizer_fingerprint
+
+        h = tokenizer_fingerprint(tokenizer)
+        if h != info["hash"]:
+            raise DataError(f"tokenizer mismatch: the data were prepared with tokenizer {info['hash'][:12]} "
+                            f"(vocab {info['vocab_size']}), this one is {h[:12]}; re-run `evolm data prepare`")
+    if vocab_size is not None and info["max_token_id"] >= vocab_size:
+        raise DataError(f"vocab size mismatch: the data hold token id {info['max_token_id']} "
+                        f"(tokenizer vocab {info['vocab_size']}), the model's vocab_size is {vocab_size}")
+
+
 class SourceTokens:
     """The concatenated token stream of one source and split, across its shards."""
 

@@ -73,8 +73,8 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
             v = v()
         if isinstance(v, str) and v:
             return v
-    for obj in (tokenizer, getattr(tokenizer, "tokenizer", None), getattr(tokenizer, "_tokenizer", None),
-                getattr(tokenizer, "_tok", None)):
+    inner = (getattr(tokenizer, a, None) for a in ("tokenizer", "_tokenizer", "_tok", "tk", "hf", "backend"))
+    for obj in (tokenizer, *inner):
         if obj is not None and callable(getattr(obj, "to_str", None)):
             return hashlib.sha256(obj.to_str().encode("utf-8")).hexdigest()
     probe = "The quick brown fox jumps over the lazy dog. 0123456789 def f(x):\n\treturn x ** 2 # é ü 中文"

@@ -42,24 +42,31 @@ def make_optimizer(model: torch.nn.Module, lr: float = 3e-4, betas=(0.9, 0.95), 
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps, **kwargs)
 
 
-def lr_at(step: int, total_steps: int, warmup_steps: int, schedule: str = "cosine",
-          min_lr_ratio: float = 0.1, decay_fraction: float = 0.2) -> float:
-    """Multiplier of the peak LR at ``step`` (0-based) of a ``total_steps`` run."""
-    if schedule not in ("cosine", "linear", "wsd", "constant"):
-        raise ValueError(f"unknown LR schedule {schedule!r}; expected cosine, linear, wsd or constant")
+def lr_at(step: int, total_steps: int, warmup_steps: int = 0, schedule: str = "cosine",
+          min_lr_ratio: float = 0.1, decay_fraction: float = 0.2, start: float = 1.0) -> float:
+    """Multiplier of the peak LR at ``step`` (0-based) of a ``total_steps`` phase.
+
+    The phase warms up linearly to ``start`` then moves to ``min_lr_ratio`` by the shape of
+    ``schedule``; WSD stays at ``start`` and decays over the last ``decay_fraction`` of steps.
+    Multi-stage recipes chain phases (e.g. constant, constant, linear to 0 = WSD over stages).
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown LR schedule {schedule!r}; expected one of {list(SCHEDULES)}")
     if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
+        return start * (step + 1) / warmup_steps
     if schedule == "constant":
-        return 1.0
-    total_steps = max(total_steps, warmup_steps + 1)
+        return start
+    end = min_lr_ratio
     if schedule == "wsd":
         decay_steps = max(1, int(round(decay_fraction * total_steps)))
-        start = total_steps - decay_steps
-        if step < start:
-            return 1.0
-        frac = min(1.0, (step - start + 1) / decay_steps)
-        return 1.0 - (1.0 - min_lr_ratio) * frac
+        first = total_steps - decay_steps
+        if step < first:
+            return start
+        return start + (end - start) * min(1.0, (step - first + 1) / decay_steps)
     frac = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps - 1))
     if schedule == "linear":
-        return 1.0 - (1.0 - min_lr_ratio) * frac
-    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * frac))
+        return start + (end - start) * frac
+    return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
+SCHEDULES = ("cosine", "linear", "wsd", "constant")

@@ -1,0 +1,109 @@
+"""Apply distribution, activation checkpointing and compilation to a model from the outside.
+
+As in torchtitan, the model file knows nothing about parallelism: this module takes a plain
+``Transformer`` and wraps it. Checkpoint keys stay those of the plain model.
+
+- DDP (``torch.nn.parallel.DistributedDataParallel``): every rank holds the whole model and
+  gradients are all-reduced.
+- FSDP2 (``torch.distributed.fsdp.fully_shard``, Zhao et al. 2023, arXiv:2304.11277): each block's
+  parameters are sharded across ranks and gathered just in time for its forward/backward.
+- Activation checkpointing (Chen et al. 2016, arXiv:1604.06174): blocks recompute their
+  activations in the backward pass instead of storing them.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch.utils.checkpoint import checkpoint
+
+
+def init_distributed(mode: str) -> tuple[int, int, torch.device]:
+    """(rank, world_size, device); starts the process group under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if mode == "none" or world == 1:
+        if mode != "none" and world == 1:
+            pass  # a single process: distributed wrappers are skipped
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    rank = dist.get_rank()
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return rank, dist.get_world_size(), torch.device("cuda", local)
+    return rank, dist.get_world_size(), torch.device("cpu")
+
+
+def apply_activation_checkpointing(model) -> None:
+    """Recompute each block in the backward pass (keys and modules unchanged)."""
+    for block in model.layers:
+        inner = block.forward
+
+        def forward(*args, _inner=inner, **kwargs):
+            if not torch.is_grad_enabled():
+                return _inner(*args, **kwargs)
+            return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+
+        block.forward = forward
+
+
+def parallelize(model, mode: str, world_size: int, device: torch.device, compile: bool = False,
+                activation_checkpointing: bool = False):
+    """Return the module to train: the model itself, or a DDP / FSDP2-wrapped view of it."""
+    if activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if compile:
+        for block in model.layers:  # per-block compilation: short compile times, same keys
+            block.compile()
+    if world_size == 1 or mode == "none":
+        return model
+    if mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if mode == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.layers:
+            fully_shard(block)
+        fully_shard(model)
+        return model
+    raise ValueError(f"unknown distributed mode {mode!r}; expected none, ddp or fsdp")
+
+
+def full_state_dicts(model, optimizer, mode: str) -> tuple[dict, dict]:
+    """Unsharded model and optimizer state (on every rank; rank 0 writes them)."""
+    if mode != "fsdp" or not dist.is_initialized():
+        return model.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, optimizer, options=opts)
+
+
+def load_optimizer_state(model, optimizer, optim_sd: dict, mode: str) -> None:
+    """Load a full (unsharded) optimizer state saved by ``full_state_dicts``."""
+    if mode != "fsdp" or not dist.is_initialized():
+        optimizer.load_state_dict(optim_sd)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, optim_sd, options=StateDictOptions(full_state_dict=True))
+
+
+def all_reduce_mean(x: float, world_size: int) -> float:
+    if world_size == 1 or not dist.is_initialized():
+        return x
+    t = torch.tensor([x], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t.item()) / world_size
+
+
+def barrier(world_size: int) -> None:
+    if world_size > 1 and dist.is_initialized():
+        dist.barrier()

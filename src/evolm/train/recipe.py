@@ -1,0 +1,181 @@
+"""Pretraining recipes: a model, a tokenizer, data and one or more stages, as a YAML file.
+
+Modern pretraining runs in stages (Llama 3, OLMo 2, DeepSeek-V3): regular pretraining on the
+broad mixture, long-context pretraining (longer sequences, a larger RoPE base or a RoPE scaling),
+and annealing on the highest-quality data with the learning rate decayed to zero. A recipe lists
+those stages; each one sets its mixture, sequence length, token budget and LR phase.
+
+Every section is a dataclass; an unknown key fails with the closest valid one suggested.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from evolm.train.optim import SCHEDULES
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run; the message names the file, section and key."""
+
+
+@dataclass
+class ModelSpec:
+    preset: str | None = None  # a preset name (evolm arch list)
+    config: str | None = None  # or a ModelConfig JSON / HF config.json
+    init: str | None = None  # or start from a checkpoint / HF folder / GGUF
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TokenizerSpec:
+    path: str | None = None  # tokenizer.json, an HF folder, or a GGUF file
+    train: dict[str, Any] | None = None  # {vocab_size, sources (default: data sources), special_tokens}
+
+
+@dataclass
+class OptimSpec:
+    lr: float = 3e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.1
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainSpec:
+    micro_batch: int = 8  # sequences per forward/backward on one process
+    tokens_per_step: int | None = None  # gradient accumulation reaches this (None: one micro batch)
+    dtype: str = "float32"  # float32 | bfloat16 (autocast)
+    compile: bool = False
+    activation_checkpointing: bool = False
+    doc_masking: bool = False  # attention stays inside each packed document
+    distributed: str = "none"  # none | ddp | fsdp (launch with torchrun)
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 8
+    sample_every: int = 0  # 0: only at the end
+    sample_prompts: list[str] = field(default_factory=lambda: ["The "])
+    sample_tokens: int = 48
+    ckpt_every: int = 200
+    keep_checkpoints: int = 2
+    peak_tflops: float | None = None  # for MFU; None: a stated estimate for the device
+    threads: int | None = None
+
+
+@dataclass
+class StageSpec:
+    name: str = "pretrain"
+    tokens: int = 1_000_000
+    seq_len: int = 256
+    mixture: dict[str, float] | None = None  # source -> weight (None: the data's weights)
+    schedule: str = "cosine"  # LR shape within the stage
+    warmup_steps: int = 0
+    lr_start: float = 1.0  # multipliers of optim.lr
+    lr_end: float = 0.1
+    decay_fraction: float = 0.2  # for wsd
+    rope_theta: float | None = None  # long-context extension
+    rope_scaling: dict[str, Any] | None = None
+
+
+@dataclass
+class Recipe:
+    name: str = "run"
+    seed: int = 1337
+    out: str | None = None
+    model: ModelSpec = field(default_factory=ModelSpec)
+    tokenizer: TokenizerSpec = field(default_factory=TokenizerSpec)
+    data: dict[str, Any] = field(default_factory=dict)  # evolm.data.prepare spec (sources + options)
+    optim: OptimSpec = field(default_factory=OptimSpec)
+    train: TrainSpec = field(default_factory=TrainSpec)
+    stages: list[StageSpec] = field(default_factory=lambda: [StageSpec()])
+    source: str = "<dict>"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("source")
+        return d
+
+
+def _build(cls, d: Any, where: str):
+    if d is None:
+        return cls()
+    if not isinstance(d, dict):
+        raise RecipeError(f"{where}: expected a mapping, got {type(d).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)} - {"source"}
+    for key in d:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), sorted(known), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise RecipeError(f"{where}: unknown key '{key}'{hint} (valid: {', '.join(sorted(known))})")
+    try:
+        return cls(**d)
+    except TypeError as e:
+        raise RecipeError(f"{where}: {e}") from None
+
+
+def recipe_from_dict(d: dict[str, Any], source: str = "<dict>") -> Recipe:
+    if not isinstance(d, dict):
+        raise RecipeError(f"{source}: a recipe is a mapping of sections, got {type(d).__name__}")
+    top = {k: v for k, v in d.items() if k not in ("model", "tokenizer", "optim", "train", "stages")}
+    r = _build(Recipe, top, source)
+    r.source = source
+    if isinstance(d.get("model"), str):
+        r.model = ModelSpec(preset=d["model"])
+    else:
+        r.model = _build(ModelSpec, d.get("model"), f"{source}: model")
+    r.tokenizer = _build(TokenizerSpec, d.get("tokenizer"), f"{source}: tokenizer")
+    r.optim = _build(OptimSpec, d.get("optim"), f"{source}: optim")
+    r.train = _build(TrainSpec, d.get("train"), f"{source}: train")
+    stages = d.get("stages", [{}])
+    if not isinstance(stages, list) or not stages:
+        raise RecipeError(f"{source}: stages must be a non-empty list")
+    r.stages = [_build(StageSpec, s, f"{source}: stages[{i}]") for i, s in enumerate(stages)]
+    validate(r)
+    return r
+
+
+def load_recipe(path: str) -> Recipe:
+    if not os.path.isfile(path):
+        raise RecipeError(f"recipe file not found: {path}")
+    with open(path) as f:
+        try:
+            d = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise RecipeError(f"{path}: not valid YAML ({e})") from None
+    return recipe_from_dict(d or {}, source=path)
+
+
+def validate(r: Recipe) -> None:
+    src = r.source
+    m = r.model
+    if sum(x is not None for x in (m.preset, m.config, m.init)) != 1:
+        raise RecipeError(f"{src}: model: set exactly one of 'preset', 'config' or 'init'")
+    t = r.train
+    if t.dtype not in ("float32", "bfloat16"):
+        raise RecipeError(f"{src}: train: dtype must be float32 or bfloat16, got {t.dtype!r}")
+    if t.distributed not in ("none", "ddp", "fsdp"):
+        raise RecipeError(f"{src}: train: distributed must be none, ddp or fsdp, got {t.distributed!r}")
+    if t.micro_batch < 1:
+        raise RecipeError(f"{src}: train: micro_batch must be >= 1")
+    if r.tokenizer.path is None and r.tokenizer.train is None and m.init is None:
+        raise RecipeError(f"{src}: tokenizer: set 'path' or 'train' (or start the model from 'init')")
+    if not r.data.get("sources"):
+        raise RecipeError(f"{src}: data: needs 'sources' (built-in corpus names, paths or source dicts)")
+    names = [s.name for s in r.stages]
+    if len(set(names)) != len(names):
+        raise RecipeError(f"{src}: stages: names must be unique, got {names}")
+    for i, s in enumerate(r.stages):
+        where = f"{src}: stages[{i}] ({s.name})"
+        if s.schedule not in SCHEDULES:
+            raise RecipeError(f"{where}: schedule must be one of {list(SCHEDULES)}, got {s.schedule!r}")
+        if s.tokens <= 0 or s.seq_len <= 0:
+            raise RecipeError(f"{where}: tokens and seq_len must be positive")
+        if s.mixture is not None and (not isinstance(s.mixture, dict) or not s.mixture):
+            raise RecipeError(f"{where}: mixture must be a mapping of source name -> weight")
