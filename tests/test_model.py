@@ -285,8 +285,6 @@ def test_learned_positions_beyond_max_seq_len_raise():
             model(_ids(T=9))
 
 
-@pytest.mark.xfail(reason="bug in evolm/model.py: the max_seq_len check is skipped when a cache is passed "
-                          "(`elif`), so pos_embed raises a bare IndexError", raises=IndexError)
 def test_learned_positions_beyond_max_seq_len_raise_with_cache():
     model = _model(dict(DENSE, pos_emb="learned", max_seq_len=8)).eval()
     cache = KVCache(batch=2, max_len=16)

@@ -98,13 +98,22 @@ def _compare_models(ours, ref, tok: Tokenizer, text: str, prompts: list[str], st
     assert err <= 1e-3, f"logits differ by {err}"
     assert torch.equal(got.argmax(-1), want.argmax(-1))
 
-    for prompt in prompts:
-        p = tok.encode(prompt)
-        with torch.no_grad():
-            out = ref.generate(torch.tensor([p]), max_new_tokens=64, do_sample=False, eos_token_id=stop_ids,
-                               pad_token_id=stop_ids[0])
-        want_new = out[0, len(p):].tolist()
-        got_new = generate(ours, [p], SamplingParams(max_new_tokens=64, temperature=0, stop_token_ids=stop_ids))[0]
+    # one left-padded batch per side (both generate with the padding masked out)
+    rows = [tok.encode(p) for p in prompts]
+    T = max(map(len, rows))
+    pad = stop_ids[0]
+    ids = torch.tensor([[pad] * (T - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows])
+    t = time.time()
+    with torch.no_grad():
+        out = ref.generate(ids, attention_mask=mask, max_new_tokens=64, do_sample=False, eos_token_id=stop_ids,
+                           pad_token_id=pad)
+    t_ref, t = time.time() - t, time.time()
+    got = generate(ours, rows, SamplingParams(max_new_tokens=64, temperature=0, stop_token_ids=stop_ids))
+    print(f"greedy 64 tokens x {len(rows)} prompts: transformers {t_ref:.1f}s, evolm {time.time() - t:.1f}s")
+    for prompt, new, got_new in zip(prompts, out[:, T:].tolist(), got):
+        stop = next((i for i, x in enumerate(new) if x in stop_ids), None)
+        want_new = new if stop is None else new[:stop + 1]
         assert got_new == want_new, (f"greedy continuation of {prompt!r} differs:\n"
                                      f"ours: {tok.decode(got_new)!r}\nref:  {tok.decode(want_new)!r}")
         print(f"{prompt!r} -> {tok.decode(got_new)!r}")
@@ -121,7 +130,7 @@ CHATS = [
 ]
 
 
-def test_smollm2_tokenizer_and_chat_template_match_transformers():
+def test_smollm2_tokenizer_and_chat_template_match_transformers(tmp_path):
     path = _asset("smollm2")
     ours = Tokenizer.from_gguf(path)
     ref = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
@@ -135,6 +144,12 @@ def test_smollm2_tokenizer_and_chat_template_match_transformers():
             assert ours.apply_chat_template(chat, add_generation_prompt=gen) == want
         want_ids = ref.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=False)
         assert ours.apply_chat_template(chat, tokenize=True) == list(want_ids)
+    # what we save, transformers loads back to the same tokenizer and template
+    ours.save(tmp_path)
+    saved = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    _compare_tokenizers(ours, saved, _sample_texts(["<|im_start|>", "<|im_end|>"])[:8])
+    assert saved.apply_chat_template(CHATS[2], tokenize=False, add_generation_prompt=True) == \
+        ours.apply_chat_template(CHATS[2])
 
 
 def test_smollm2_logits_and_greedy_match_transformers():

@@ -272,3 +272,16 @@ def test_model_without_local_theta_shares_one_table():
     assert model.rotary_local is None
     seen = _capture_rope(model, torch.randint(0, 64, (1, 5)))
     assert torch.equal(seen[0][0], seen[1][0])
+
+
+def test_frequencies_stay_float32_in_a_bf16_model():
+    """bf16 inv_freq (8-bit mantissa) would put position 4000 hundreds of radians off."""
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, pos_emb="rope", rope_theta=5e5,
+                      rope_local_theta=1e4, sliding_window=8, max_seq_len=8192)
+    model = Transformer(cfg).to(torch.bfloat16)
+    for emb, theta in ((model.rotary, 5e5), (model.rotary_local, 1e4)):
+        assert emb.inv_freq.dtype == torch.float32
+        torch.testing.assert_close(emb.inv_freq, rope_frequencies(16, theta)[0], rtol=0, atol=0)
+    cos, _ = model.rotary(torch.tensor([[4000]]), torch.bfloat16)
+    ref = (4000 * rope_frequencies(16, 5e5)[0].double()).cos()
+    torch.testing.assert_close(cos[0, 0, 0].double(), ref, rtol=0, atol=8e-3)  # bf16 output rounding only

@@ -28,6 +28,7 @@ MLP_TYPES = ("mlp", "glu")
 ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu")
 ROUTERS = ("softmax", "sigmoid")
 ROPE_SCALINGS = ("linear", "llama3", "yarn")
+DERIVED = ("n_kv_heads", "head_dim", "d_ff", "moe_d_ff")
 
 
 @dataclass
@@ -112,6 +113,8 @@ class ModelConfig:
 
     # ------------------------------------------------------------------------------------
     def __post_init__(self) -> None:
+        # fields left unset are derived; replace() derives them again from the new values
+        object.__setattr__(self, "_derived", {f for f in DERIVED if getattr(self, f) is None})
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.head_dim is None and isinstance(self.n_heads, int) and self.n_heads > 0:
@@ -271,8 +274,21 @@ class ModelConfig:
         return cls.from_dict(d, source=path)
 
     def replace(self, **changes: Any) -> "ModelConfig":
-        """A copy with some fields changed (validated again)."""
-        return dataclasses.replace(self, **changes)
+        """A copy with some fields changed (validated again); derived sizes follow the change.
+
+        A field the original config derived (head_dim, d_ff, n_kv_heads, moe_d_ff) is derived
+        again unless ``changes`` sets it.
+        """
+        unknown = [k for k in changes if k not in {f.name for f in dataclasses.fields(self)}]
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], [f.name for f in dataclasses.fields(self)], n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"ModelConfig '{self.name}': unknown field '{unknown[0]}'{hint}")
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for f in getattr(self, "_derived", ()):
+            d[f] = None
+        d.update(changes)
+        return ModelConfig(**d)
 
     def diff(self, other: "ModelConfig") -> dict[str, tuple[Any, Any]]:
         """Fields whose values differ: the lineage as diffs."""

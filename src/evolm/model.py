@@ -93,7 +93,7 @@ class Transformer(nn.Module):
         key_valid = attention_mask.bool() if attention_mask is not None else None
         if cache is not None:
             key_valid = cache.reserve(T, attention_mask)
-        elif start + T > c.max_seq_len and self.pos_embed is not None:
+        if self.pos_embed is not None and start + T > c.max_seq_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len={c.max_seq_len} "
                              f"of learned position embeddings")
         if position_ids is None:

@@ -486,6 +486,15 @@ def _merges_from_ranked_vocab(vocab: dict[str, int], rank: dict[str, float]) -> 
 # ----------------------------------------------------------------------------------------------
 # training
 # ----------------------------------------------------------------------------------------------
+def _is_file(p: Any) -> bool:
+    if not isinstance(p, (str, os.PathLike)) or (isinstance(p, str) and ("\n" in p or len(p) > 4096)):
+        return False
+    try:
+        return Path(p).is_file()
+    except OSError:  # a text too long to be a path
+        return False
+
+
 def train_bpe(files_or_iterator: str | os.PathLike | Iterable[str], vocab_size: int,
               special_tokens: Sequence[str] = ("<|endoftext|>",), min_frequency: int = 2,
               chat_template: str | None = None) -> Tokenizer:
@@ -508,8 +517,7 @@ def train_bpe(files_or_iterator: str | os.PathLike | Iterable[str], vocab_size: 
     if isinstance(files_or_iterator, (str, os.PathLike)):
         files_or_iterator = [files_or_iterator]
     items = list(files_or_iterator) if isinstance(files_or_iterator, (list, tuple)) else files_or_iterator
-    if isinstance(items, list) and items and all(isinstance(p, (str, os.PathLike)) and Path(p).is_file()
-                                                 for p in items):
+    if isinstance(items, list) and items and all(_is_file(p) for p in items):
         backend.train([str(p) for p in items], trainer)
     else:
         backend.train_from_iterator(items, trainer)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import sysconfig
@@ -161,7 +160,18 @@ def parse_kjv_dump(dump: str) -> list[tuple[str, str]]:
 def build_kjv(tmp: Path) -> Iterator[tuple[str, str]]:
     _apt_download(["bible-kjv", "bible-kjv-text"], tmp)
     root = tmp / "root"
-    dump = _run([str(root / "usr/bin/bible"), "-p", str(root / "usr/lib"), "gen1:1-rev22:21"]).stdout
+    cmd = [str(root / "usr/bin/bible"), "-p", str(root / "usr/lib"), "gen1:1-rev22:21"]
+    try:
+        dump = _run(cmd).stdout
+    except DataError as e:
+        if "shared libraries" not in str(e):
+            raise
+        # a minimal system without GNU readline: unpack it beside the program, no root install
+        (tmp / "libs").mkdir()
+        _apt_download(["libreadline8"], tmp / "libs")
+        libs = ":".join(str(p.parent) for p in (tmp / "libs/root").rglob("libreadline.so*"))
+        env = dict(os.environ, LD_LIBRARY_PATH=libs)
+        dump = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     for name, text in parse_kjv_dump(dump):
         yield name, text
 
@@ -296,7 +306,3 @@ def install_all(data_dir: str | os.PathLike | None = None, names: list[str] | No
         state = "present" if meta.get("skipped") else f"built in {meta['seconds']:.1f}s"
         log(f"  {name:14s} {meta['docs']:6d} docs {meta['bytes'] / 1e6:8.2f} MB  ({state})")
     return report
-
-
-def remove(data_dir: str | os.PathLike) -> None:  # pragma: no cover - convenience
-    shutil.rmtree(data_dir, ignore_errors=True)

@@ -187,10 +187,12 @@ def prepare(spec: Any, tokenizer: Any, out_dir: str | os.PathLike, *, data_dir: 
             preset = s.filters or (BUILTIN[s.name].filters if s.kind == "builtin" else "gopher")
             qf = QualityFilter(preset, s.filter_overrides, workers)
             docs = list(qf(iter_documents(s, data_dir)))  # each stage drains its pool before the next
+            t1 = time.perf_counter()
             if exact is not None:
                 docs = list(exact(docs))
             if near is not None:
                 docs = list(near(docs))
+            t2 = time.perf_counter()
             exact_rm = exact.removed.get(s.name, {"docs": 0, "chars": 0}) if exact else {"docs": 0, "chars": 0}
             near_rm = near.removed.get(s.name, {"docs": 0, "chars": 0}) if near else {"docs": 0, "chars": 0}
             if not docs:
@@ -213,6 +215,8 @@ def prepare(spec: Any, tokenizer: Any, out_dir: str | os.PathLike, *, data_dir: 
                 "filters": qf.report, "exact_duplicates": exact_rm, "near_duplicates": near_rm,
                 "docs": len(docs), "chars": sum(len(d.text) for d in docs), "splits": splits,
                 "seconds": round(time.perf_counter() - t0, 2),
+                "phase_seconds": {"read_filter": round(t1 - t0, 2), "dedup": round(t2 - t1, 2),
+                                  "tokenize": round(time.perf_counter() - t2, 2)},
             }
             r = qf.report
             log(f"  {s.name:14s} {r['docs_in']:6d} docs -> {r['docs_out']} after filters ({preset}) -> "

@@ -93,7 +93,7 @@ def _tok_batch(texts: list[str]) -> list[np.ndarray]:
     out = []
     for t in texts:
         ids = encode_ids(tok, t)
-        if eos is not None:
+        if eos is not None and (len(ids) == 0 or ids[-1] != eos):  # some tokenizers append EOS themselves
             ids = list(ids) + [eos]
         arr = np.asarray(ids, dtype=np.int64)
         if len(arr) and (arr.min() < 0 or arr.max() >= st["vocab_size"]):

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -211,8 +212,10 @@ def dequantize(raw: np.ndarray, ggml_type: int, shape: tuple[int, ...], name: st
     import gguf
 
     T = gguf.GGMLQuantizationType
-    buf = torch.frombuffer(memoryview(np.ascontiguousarray(raw).reshape(-1)), dtype=torch.uint8) \
-        if raw.size else torch.empty(0, dtype=torch.uint8)
+    with warnings.catch_warnings():  # a read-only view of the mapped file: we never write to it
+        warnings.simplefilter("ignore", UserWarning)
+        buf = torch.frombuffer(memoryview(np.ascontiguousarray(raw).reshape(-1)), dtype=torch.uint8) \
+            if raw.size else torch.empty(0, dtype=torch.uint8)
     if ggml_type == T.F32:
         return buf.view(torch.float32).reshape(shape).clone()
     if ggml_type == T.F16:
@@ -290,6 +293,10 @@ def config_from_metadata(meta: dict[str, Any], tensor_shapes: dict[str, tuple[in
     key_len = get("attention.key_length", None)
     if key_len is not None and arch != "deepseek2":
         c["head_dim"] = key_len
+    rope_dim = get("rope.dimension_count", None)
+    head_dim = c.get("head_dim") or c["d_model"] // n_heads
+    if rope_dim and arch != "deepseek2" and rope_dim != head_dim:  # partial rotary
+        c["rotary_pct"] = rope_dim / head_dim
     if c["d_ff"] is None:  # an all-MoE model states only the expert width
         c["d_ff"] = get("expert_feed_forward_length")
     scaling = _rope_scaling(meta, arch, names)
@@ -320,8 +327,8 @@ def config_from_metadata(meta: dict[str, Any], tensor_shapes: dict[str, tuple[in
                      final_softcap=get("final_logit_softcapping", 30.0) or None,
                      sliding_window=window or 4096, sliding_window_pattern=2)
         else:
-            pattern = get("attention.sliding_window_pattern", 6)
-            if isinstance(pattern, list):  # per-layer flags: True = local
+            pattern = meta.get("gemma3.attention.sliding_window_pattern", 6)
+            if isinstance(pattern, list):  # per-layer flags (True = local): the first global layer sets the period
                 pattern = pattern.index(False) + 1 if False in pattern else 1
             c.update(qk_norm="head", sliding_window=window or 512, sliding_window_pattern=int(pattern),
                      rope_local_theta=10000.0)  # llama.cpp hard-codes Gemma 3's local base
@@ -429,9 +436,11 @@ def state_dict_from_gguf(f: GGUFFile, config: ModelConfig, dtype: torch.dtype = 
     rope_freqs = None
 
     for name in f.tensors:
-        w = f.tensor(name)  # float32; converted to dtype at the end
+        w = f.tensor(name)  # float32
         if gemma and name.endswith("norm.weight"):
-            w = w - 1.0  # stored as (1 + w)
+            w = w - 1.0  # stored as (1 + w); subtracted in float32, as transformers does
+        if name != "rope_freqs.weight":
+            w = w.to(dtype)  # one tensor at a time: peak memory stays near the final model's
         parts = name.split(".")
         if name == "token_embd.weight":
             sd["embed_tokens.weight"] = w
@@ -482,7 +491,7 @@ def state_dict_from_gguf(f: GGUFFile, config: ModelConfig, dtype: torch.dtype = 
         sd[f"layers.{i}.self_attn.kv_b_proj.weight"] = kv.reshape(-1, kv.shape[-1])
     if rope_freqs is not None:
         sd["__rope_freqs__"] = rope_freqs
-    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+    return sd
 
 
 # ----------------------------------------------------------------------------------------------
@@ -530,8 +539,9 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     if missing or unexpected:
         raise GGUFError(f"{f.path}: tensors do not match the {f.architecture!r} model built from its metadata: "
                         f"missing {missing[:6]}, unexpected {unexpected[:6]}")
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
     for k, v in sd.items():
-        want = model.state_dict()[k].shape
+        want = shapes[k]
         if tuple(v.shape) != tuple(want):
             raise GGUFError(f"{f.path}: tensor for {k!r} has shape {tuple(v.shape)}, the config expects {tuple(want)}")
     model.load_state_dict(sd, strict=True, assign=True)

@@ -82,13 +82,15 @@ HF_DEFAULTS: dict[str, dict[str, Any]] = {
                                     num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=16,
                                     head_dim=256, hidden_act="gelu_pytorch_tanh", max_position_embeddings=8192,
                                     tie_word_embeddings=True)},
-    "gemma2": {**_LLAMA_LIKE, "attention_bias": False, **dict(vocab_size=256000, hidden_size=2304, intermediate_size=9216,
+    "gemma2": {**_LLAMA_LIKE, "attention_bias": False, **dict(vocab_size=256000, hidden_size=2304,
+                                                              intermediate_size=9216,
                                      num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4,
                                      head_dim=256, hidden_activation="gelu_pytorch_tanh",
                                      max_position_embeddings=8192, tie_word_embeddings=True,
                                      query_pre_attn_scalar=256, sliding_window=4096, layer_types=None,
                                      final_logit_softcapping=30.0, attn_logit_softcapping=50.0)},
-    "gemma3_text": {**_LLAMA_LIKE, "attention_bias": False, **dict(vocab_size=262208, hidden_size=2304, intermediate_size=9216,
+    "gemma3_text": {**_LLAMA_LIKE, "attention_bias": False, **dict(vocab_size=262208, hidden_size=2304,
+                                                                   intermediate_size=9216,
                                           num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4,
                                           head_dim=256, hidden_activation="gelu_pytorch_tanh",
                                           max_position_embeddings=131072, tie_word_embeddings=True,
@@ -240,6 +242,11 @@ def config_from_hf(hf_config: dict) -> ModelConfig:
         h, mt = text, "gemma3_text"
     if mt not in HF_DEFAULTS:
         raise _err(f"model_type {mt!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    quant = hf_config.get("quantization_config")
+    if quant:
+        method = quant.get("quant_method", "?") if isinstance(quant, dict) else "?"
+        raise _err(f"quantization_config (quant_method={method!r}): quantized Hugging Face checkpoints are not "
+                   "supported; use the bf16/fp32 weights (or a GGUF file)")
     for alias, key in _ALIASES.get(mt, {}).items():
         if alias in h and key not in h:
             h[key] = h.pop(alias)
@@ -256,7 +263,7 @@ def config_from_hf(hf_config: dict) -> ModelConfig:
         name=f"hf-{mt}", vocab_size=h["vocab_size"], d_model=d, n_layers=n_layers, n_heads=nh,
         n_kv_heads=h.get("num_key_value_heads") or nh, head_dim=h.get("head_dim") or d // nh,
         d_ff=h["intermediate_size"], max_seq_len=h["max_position_embeddings"],
-        norm="rmsnorm", norm_eps=float(h["rms_norm_eps"]), norm_bias=False, norm_placement="pre",
+        norm="rmsnorm", norm_eps=float(h["rms_norm_eps"]), norm_placement="pre",
         pos_emb="rope", mlp="glu", mlp_bias=False, activation=_activation(h.get("hidden_act", "silu"), mt),
         tie_embeddings=bool(h["tie_word_embeddings"]), attn_dropout=float(h.get("attention_dropout") or 0.0),
         init_std=float(h.get("initializer_range", 0.02)), meta=meta)
@@ -347,11 +354,12 @@ def _gpt2_from_hf(h: dict, meta: dict) -> ModelConfig:
 
 def _deepseek_from_hf(h: dict, mt: str, kw: dict) -> None:
     """Multi-head latent attention and DeepSeekMoE (V2: softmax router; V3: sigmoid + bias)."""
-    n_layers = h["num_hidden_layers"]
+    n_layers, d, nh = h["num_hidden_layers"], h["hidden_size"], h["num_attention_heads"]
     kw.update(attention="mla", q_lora_rank=h.get("q_lora_rank"), kv_lora_rank=h["kv_lora_rank"],
               qk_nope_head_dim=h["qk_nope_head_dim"], qk_rope_head_dim=h["qk_rope_head_dim"],
-              v_head_dim=h["v_head_dim"], head_dim=h["qk_nope_head_dim"] + h["qk_rope_head_dim"],
-              n_kv_heads=h["num_attention_heads"],
+              v_head_dim=h["v_head_dim"], n_kv_heads=h["num_attention_heads"],
+              # head_dim is unused by MLA: keep the d_model // n_heads default the presets have
+              head_dim=d // nh if d % nh == 0 else h["qk_nope_head_dim"] + h["qk_rope_head_dim"],
               # V2 rotates interleaved pairs as complex numbers; V3 has a switch
               rope_interleave=True if mt == "deepseek_v2" else bool(h.get("rope_interleave", True)))
     if mt == "deepseek_v2":
@@ -475,7 +483,7 @@ def _blockers(c: ModelConfig, mt: str) -> list[str]:
 
 
 _EXPORT_ORDER = ("gpt2", "deepseek_v3", "deepseek_v2", "mixtral", "qwen3_moe", "gemma3_text", "gemma2", "gemma",
-                 "olmo2", "qwen3", "qwen2", "mistral", "llama")
+                 "olmo2", "qwen3", "qwen2", "llama", "mistral")
 
 
 def hf_family(config: ModelConfig) -> str:
@@ -699,7 +707,8 @@ def state_dict_from_hf(sd: dict[str, torch.Tensor], config: ModelConfig, model_t
         def stack(n: str) -> torch.Tensor:
             got = experts.get((i, n), {})
             if sorted(got) != list(range(config.n_experts)):
-                raise KeyError(f"layer {i}: expected {config.n_experts} '{n}' expert weights, found experts {sorted(got)}")
+                raise KeyError(f"layer {i}: expected {config.n_experts} '{n}' expert weights, "
+                               f"found experts {sorted(got)}")
             return torch.stack([got[e] for e in range(config.n_experts)])
         out[f"layers.{i}.mlp.experts.gate_up_proj"] = torch.cat((stack(gate_name), stack(up_name)), dim=1)
         out[f"layers.{i}.mlp.experts.down_proj"] = stack(down_name)
@@ -831,7 +840,6 @@ def build_from_state_dict(config: ModelConfig, sd: dict[str, torch.Tensor], dtyp
                           device: str | torch.device | None = None, source: str = "checkpoint"):
     """A ``Transformer`` holding ``sd`` (our names), built without allocating random weights first."""
     from evolm.model import Transformer
-    from evolm.nn.rope import RotaryEmbedding
 
     with torch.device("meta"):
         model = Transformer(config)
@@ -848,13 +856,7 @@ def build_from_state_dict(config: ModelConfig, sd: dict[str, torch.Tensor], dtyp
         model.load_state_dict(sd, strict=True, assign=True)
     except RuntimeError as e:
         raise ValueError(f"{source}: weights do not fit the config: {e}") from None
-    # non-persistent buffers (RoPE frequencies) are not in any checkpoint: compute them, in float32
-    c = config
-    if c.pos_emb == "rope":
-        model.rotary = RotaryEmbedding(c.rotary_dim, c.rope_theta, c.rope_scaling, c.rope_interleave)
-        if model.rotary_local is not None:
-            model.rotary_local = RotaryEmbedding(c.rotary_dim, c.rope_local_theta or c.rope_theta,
-                                                 c.rope_local_scaling, c.rope_interleave)
+    model.reset_buffers()  # RoPE tables are derived from the config, never stored: float32, on the weights' device
     left = [n for n, b in model.named_buffers() if b.is_meta] + [n for n, p in model.named_parameters() if p.is_meta]
     if left:
         raise RuntimeError(f"{source}: internal error, tensors left unmaterialised: {left[:5]}")
@@ -876,6 +878,7 @@ def load_hf_folder(path: str | os.PathLike, dtype: torch.dtype | None = None,
         config = config_from_hf(hf)
     except ConfigError as e:
         raise ConfigError(f"{folder / 'config.json'}: {str(e).removeprefix('config.json: ')}") from None
+    config.name = folder.name or config.name
     gen = folder / "generation_config.json"
     if gen.is_file():
         try:

@@ -59,6 +59,15 @@ class Router(nn.Module):
             w = w / (w.sum(-1, keepdim=True) + (1e-20 if self.kind == "sigmoid" else 0.0))
         return logits, w * self.scaling, idx
 
+    def _apply(self, fn, recurse=True):
+        """Keep the balancing bias in float32 when the model is cast (bf16 would swallow its updates)."""
+        keep = self.e_score_correction_bias
+        super()._apply(fn, recurse)
+        new = self.e_score_correction_bias
+        if keep is not None and new.dtype != torch.float32:
+            self.e_score_correction_bias = new.float() if keep.is_meta or new.is_meta else keep.to(new.device)
+        return self
+
     @torch.no_grad()
     def update_bias(self, expert_counts: torch.Tensor, rate: float = 1e-3) -> None:
         """DeepSeek-V3's aux-loss-free balancing: raise the bias of under-loaded experts."""
@@ -126,8 +135,8 @@ class MoE(nn.Module):
             self.expert_counts = torch.bincount(idx.reshape(-1), minlength=logits.shape[-1])
         if self.training and (self.aux_coef or self.z_coef):
             loss = logits.new_zeros(())
-            if self.aux_coef:  # Switch: E * sum_i (fraction routed to i) * (mean prob of i)
-                frac = self.expert_counts.float() / idx.numel()
+            if self.aux_coef:  # Switch: E * sum_i (tokens routed to i / tokens) * (mean prob of i)
+                frac = self.expert_counts.float() / idx.shape[0]
                 loss = loss + self.aux_coef * logits.shape[-1] * (frac * torch.softmax(logits, -1).mean(0)).sum()
             if self.z_coef:
                 loss = loss + self.z_coef * torch.logsumexp(logits, -1).pow(2).mean()

@@ -96,6 +96,15 @@ class RotaryEmbedding(nn.Module):
         self.interleave = interleave
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
+    def _apply(self, fn, recurse=True):
+        # model.to(torch.bfloat16) would round the frequencies to 8 bits and scramble positions in
+        # the thousands; like transformers, keep them float32 and let only the device follow
+        inv = self.inv_freq
+        super()._apply(fn, recurse)
+        if self.inv_freq.dtype != inv.dtype and not inv.is_meta:
+            self.inv_freq = inv.to(self.inv_freq.device)
+        return self
+
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """positions: (B, T) integer tensor -> cos, sin of shape (B, 1, T, dim // 2)."""
         freqs = positions[..., None].float() * self.inv_freq.float().to(positions.device)

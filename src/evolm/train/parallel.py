@@ -104,6 +104,14 @@ def all_reduce_mean(x: float, world_size: int) -> float:
     return float(t.item()) / world_size
 
 
+def all_reduce_sum(values: list[float], world_size: int) -> list[float]:
+    if world_size == 1 or not dist.is_initialized():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
 def barrier(world_size: int) -> None:
     if world_size > 1 and dist.is_initialized():
         dist.barrier()

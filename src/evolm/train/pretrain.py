@@ -130,8 +130,15 @@ def build_model(recipe: Recipe, tokenizer) -> tuple[Any, ModelConfig]:
     overrides = dict(m.overrides)
     if overrides.get("vocab_size") == "tokenizer":
         overrides["vocab_size"] = tokenizer.vocab_size
-    config = ModelConfig.from_dict({**config.to_dict(), **overrides, "name": recipe.name},
-                                   source=f"{recipe.source}: model.overrides")
+    known = set(config.to_dict())
+    for k in overrides:
+        if k not in known:
+            import difflib
+
+            close = difflib.get_close_matches(k, sorted(known), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise RecipeError(f"{recipe.source}: model.overrides: unknown ModelConfig field '{k}'{hint}")
+    config = config.replace(**overrides, name=recipe.name)
     if tokenizer.vocab_size > config.vocab_size:
         raise RecipeError(f"{recipe.source}: tokenizer has {tokenizer.vocab_size} tokens but the model's "
                           f"vocab_size is {config.vocab_size}; set model.overrides.vocab_size to at least "
@@ -342,22 +349,27 @@ def pretrain(recipe: Recipe, out_dir: str | None = None, resume: bool = False,
     raw = model  # the plain module: sampling and checkpoints use it
 
     def evaluate(seq_len: int) -> dict[str, float]:
+        """Held-out loss per source; batches are shared out across ranks and the sums reduced,
+        so the figure is the same for any number of processes."""
         was = train_model.training
         train_model.eval()
         sums: dict[str, list[float]] = {}
+        batches = iter_eval_batches(data_out, seq_len, recipe.train.micro_batch,
+                                    max_windows_per_source=recipe.train.eval_batches * recipe.train.micro_batch)
         with torch.no_grad(), autocast:
-            for source, x, y in iter_eval_batches(data_out, seq_len, recipe.train.micro_batch,
-                                                  max_windows_per_source=recipe.train.eval_batches
-                                                  * recipe.train.micro_batch):
-                logits = train_model(x.to(device))
-                loss = F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), reduction="sum")
+            for i, (source, x, y) in enumerate(batches):
                 acc = sums.setdefault(source, [0.0, 0.0])
-                acc[0] += float(loss)
+                if i % world != rank:
+                    continue
+                logits = raw(x.to(device)) if recipe.train.distributed != "fsdp" else train_model(x.to(device))
+                acc[0] += float(F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(),
+                                                reduction="sum"))
                 acc[1] += y.numel()
         train_model.train(was)
-        res = {f"val_loss_{s}": par.all_reduce_mean(v[0] / v[1], world) for s, v in sums.items()}
-        tot = sum(v[0] for v in sums.values()) / max(1.0, sum(v[1] for v in sums.values()))
-        res["val_loss"] = par.all_reduce_mean(tot, world)
+        names = sorted(sums)
+        totals = par.all_reduce_sum([v for n in names for v in sums[n]], world)
+        res = {f"val_loss_{n}": totals[2 * i] / max(1.0, totals[2 * i + 1]) for i, n in enumerate(names)}
+        res["val_loss"] = sum(totals[0::2]) / max(1.0, sum(totals[1::2]))
         res["val_ppl"] = math.exp(min(res["val_loss"], 50.0))
         return res
 
@@ -496,11 +508,12 @@ def pretrain(recipe: Recipe, out_dir: str | None = None, resume: bool = False,
                **last_eval, "tokens_per_s": float(np.median(throughput)) if throughput else 0.0,
                "wall_s": time.time() - t_start, "stopped_early": stopped_early,
                "losses": [r["loss"] for r in metrics.rows]}
+    if not stopped_early:  # gathering the full state is a collective: every rank takes part
+        msd, _ = par.full_state_dicts(train_model, optimizer, recipe.train.distributed)
     if main and not stopped_early:
         sample_text = samples()
         for p, text in sample_text:
             say(f"  sample | {p}{text!r}")
-        msd, _ = par.full_state_dicts(train_model, optimizer, recipe.train.distributed)
         _save_weights(raw, msd, out / "final", None, tokenizer)
         _promote_final(out)
         _plot(metrics.rows, out / "loss.png", plans)
