@@ -11,7 +11,6 @@ setup: $(STAMP)
 # torch is pinned to the CPU wheel on local disk; everything else installs around it
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[dev]" torch==2.13.0
 	touch $@

@@ -285,6 +285,10 @@ def test_load_saves_and_reads_tokenizer(tmp_path):
     assert tok2 is not None and tok2.encode("hello world", add_special_tokens=False) == [1, 2]
     ev = save(model, tmp_path / "ev-tok", tokenizer=tok2)
     assert load(ev)[1].encode("world hello", add_special_tokens=False) == [2, 1]
+    hf_dir = save(load(ev)[0], tmp_path / "hf-tok", tokenizer=tok2, fmt="hf")  # what `evolm convert --to hf` does
+    hf_tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    assert hf_tok("hello world", add_special_tokens=False)["input_ids"] == [1, 2]
+    assert detect_format(hf_dir) == "hf"
 
 
 def test_detect_format_errors(tmp_path):

@@ -10,7 +10,7 @@
 
 It returns ``(model, tokenizer)``: the tokenizer is read from the folder's ``tokenizer.json`` (or
 the GGUF metadata) with ``evolm.tokenizer``, and is None when the source carries none.
-``save`` writes an evolm checkpoint folder, tokenizer included.
+``save`` writes either kind of folder, tokenizer included.
 """
 
 from __future__ import annotations
@@ -91,11 +91,18 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None,
     return model.eval(), _tokenizer_from_dir(p)
 
 
-def save(model, path: str | os.PathLike, tokenizer=None) -> Path:
-    """Write ``model`` (and its tokenizer) as an evolm checkpoint folder that ``load`` reads back exactly.
+def save(model, path: str | os.PathLike, tokenizer=None, fmt: str = "evolm") -> Path:
+    """Write ``model`` (and its tokenizer) to a folder ``load`` reads back exactly.
 
-    Atomic: an existing folder at ``path`` is replaced only once the new one is complete.
+    ``fmt="evolm"``: an evolm checkpoint folder (any config); ``fmt="hf"``: a Hugging Face folder
+    that transformers loads (``evolm.interop.hf.save_hf_folder``; a ConfigError names the field
+    when no transformers family can express the config). Both are written atomically: an existing
+    folder at ``path`` is replaced only once the new one is complete.
     """
+    if fmt == "hf":
+        return _hf.save_hf_folder(model, path, tokenizer=tokenizer)
+    if fmt != "evolm":
+        raise ValueError(f"unknown save format {fmt!r}; expected 'evolm' or 'hf'")
     extra: dict[str, str] = {}
     if tokenizer is not None:
         with tempfile.TemporaryDirectory() as tmp:

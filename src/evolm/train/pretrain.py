@@ -311,6 +311,9 @@ def pretrain(recipe: Recipe, out_dir: str | None = None, resume: bool = False,
 
     _seed_all(recipe.seed)  # the same initial weights whatever the tokenizer/data steps consumed
     model, config = build_model(recipe, tokenizer)
+    from evolm.data.mixture import check_tokenizer, tier_mixture
+
+    check_tokenizer(manifest, tokenizer, config.vocab_size)
     model.to(device)
     plans = plan_stages(recipe, world)
     say(f"model {config.name}: {sum(p.numel() for p in model.parameters()):,} parameters; "
@@ -412,7 +415,8 @@ def pretrain(recipe: Recipe, out_dir: str | None = None, resume: bool = False,
         spec = plan.spec
         if si != stage_idx or trainer_state is None:
             apply_stage_to_model(model, spec)
-        loader = MixtureLoader(data_out, spec.seq_len, recipe.train.micro_batch, weights=spec.mixture,
+        weights = tier_mixture(manifest, spec.mixture) if isinstance(spec.mixture, str) else spec.mixture
+        loader = MixtureLoader(data_out, spec.seq_len, recipe.train.micro_batch, weights=weights,
                                seed=recipe.seed + si, rank=rank, world_size=world,
                                return_segments=recipe.train.doc_masking)
         first = stage_step if si == stage_idx else 0

@@ -74,7 +74,7 @@ class StageSpec:
     name: str = "pretrain"
     tokens: int = 1_000_000
     seq_len: int = 256
-    mixture: dict[str, float] | None = None  # source -> weight (None: the data's weights)
+    mixture: dict[str, float] | str | None = None  # source -> weight, a quality tier ("high"), or None: data's
     schedule: str = "cosine"  # LR shape within the stage
     warmup_steps: int = 0
     lr_start: float = 1.0  # multipliers of optim.lr
@@ -177,5 +177,9 @@ def validate(r: Recipe) -> None:
             raise RecipeError(f"{where}: schedule must be one of {list(SCHEDULES)}, got {s.schedule!r}")
         if s.tokens <= 0 or s.seq_len <= 0:
             raise RecipeError(f"{where}: tokens and seq_len must be positive")
-        if s.mixture is not None and (not isinstance(s.mixture, dict) or not s.mixture):
-            raise RecipeError(f"{where}: mixture must be a mapping of source name -> weight")
+        if isinstance(s.mixture, str):
+            if s.mixture not in ("high", "medium", "low"):
+                raise RecipeError(f"{where}: mixture as a string names a quality tier (high, medium, low), "
+                                  f"got {s.mixture!r}")
+        elif s.mixture is not None and (not isinstance(s.mixture, dict) or not s.mixture):
+            raise RecipeError(f"{where}: mixture must be a mapping of source name -> weight, or a tier name")
