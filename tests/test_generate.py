@@ -359,14 +359,14 @@ class ScriptedModel(nn.Module):
         self.dummy = nn.Parameter(torch.zeros(1))
         self.script, self.step, self.prompts = list(script), 0, []
 
-    def forward(self, input_ids, position_ids=None, attention_mask=None, cache=None):
+    def forward(self, input_ids, position_ids=None, attention_mask=None, cache=None, last_only=False):
         if self.step == 0:
             self.prompts.append(input_ids.tolist())
         B, T = input_ids.shape
         logits = torch.zeros(B, T, self.config.vocab_size)
         logits[:, -1, self.script[min(self.step, len(self.script) - 1)]] = 10.0
         self.step += 1
-        return logits
+        return logits[:, -1:] if last_only else logits
 
 
 def run_stream(tok, script, **params):

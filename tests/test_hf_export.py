@@ -325,3 +325,25 @@ def test_presets_round_trip_through_hf_configs():
         assert config_from_hf(json.loads(json.dumps(config_to_hf(c)))).diff(c) == {}, name
         checked += 1
     assert checked >= 30
+
+
+@pytest.mark.slow
+def test_real_gguf_converts_to_a_transformers_folder(tmp_path):
+    """`evolm convert --to hf` on a real checkpoint: SmolLM2-135M-Instruct from its GGUF file."""
+    gguf = pytest.importorskip("evolm.interop.gguf")
+    try:
+        path = gguf.find_asset("smollm2")
+    except FileNotFoundError as e:
+        pytest.skip(f"real GGUF not installed ({e})")
+    model, tok = load(path)
+    out = save(model, tmp_path / "smollm2-hf", tokenizer=tok, fmt="hf")
+    hf = hf_from_folder(out)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    text = "The capital of France is Paris.\nfor i in range(10):\n    print(i)  # 🤖"
+    ids = tok.encode(text)
+    assert hf_tok(text)["input_ids"] == ids
+    assert hf_tok.chat_template == tok.chat_template
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        assert (hf(x).logits - model(x)).abs().max().item() <= 1e-4
+    assert transformers.GenerationConfig.from_pretrained(out).eos_token_id in (tok.eos_id, tok.eos_ids)

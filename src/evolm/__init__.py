@@ -2,7 +2,8 @@
 
 from evolm.cache import KVCache
 from evolm.config import ConfigError, ModelConfig
+from evolm.loading import load
 from evolm.model import Transformer, build
 
 __version__ = "0.1.0"
-__all__ = ["ModelConfig", "ConfigError", "Transformer", "KVCache", "build", "__version__"]
+__all__ = ["ModelConfig", "ConfigError", "Transformer", "KVCache", "build", "load", "__version__"]

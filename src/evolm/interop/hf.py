@@ -966,11 +966,20 @@ def save_hf_folder(model, path: str | os.PathLike, tokenizer=None, max_shard_siz
     dtype = next((t.dtype for t in sd.values() if t.is_floating_point()), torch.float32)
     hf = config_to_hf(c, dtype=dtype, model_type=mt)
     hf_sd = state_dict_to_hf(sd, c, mt)
-    hf_meta = c.meta.get("hf", {}) if isinstance(c.meta, dict) else {}
-    gen = dict(c.meta.get("generation_config") or {}) if isinstance(c.meta, dict) else {}
-    for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        if hf_meta.get(k) is not None:
-            gen.setdefault(k, hf_meta[k])
+    meta = c.meta if isinstance(c.meta, dict) else {}
+    ids = {k: v for k, v in (meta.get("hf") or {}).items() if k.endswith("_token_id") and v is not None}
+    gen = dict(meta.get("generation_config") or {})
+    if tokenizer is not None:  # e.g. a model read from GGUF: its special tokens live in the tokenizer
+        for key, attr in (("bos_token_id", "bos_id"), ("eos_token_id", "eos_id"), ("pad_token_id", "pad_id")):
+            v = getattr(tokenizer, attr, None)
+            if isinstance(v, int):
+                ids.setdefault(key, v)
+        stops = getattr(tokenizer, "eos_ids", None)
+        if isinstance(stops, list) and len(stops) > 1:  # end-of-turn tokens stop generation too
+            gen.setdefault("eos_token_id", stops)
+    for k, v in ids.items():
+        hf.setdefault(k, v)
+        gen.setdefault(k, v)
 
     def fill(tmp: Path) -> None:
         (tmp / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True))
