@@ -1,0 +1,115 @@
+"""The `evolm` command, run as a user runs it (a subprocess), against real files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from evolm import build, load
+from evolm.presets import get_preset, list_presets
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def evolm(*args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "evolm.cli", *args], capture_output=True, text=True,
+                       env=env, input=input, timeout=300)
+    if check:
+        assert p.returncode == 0, p.stderr
+    return p
+
+
+def test_arch_list_shows_every_preset():
+    out = evolm("arch", "list").stdout
+    for name in list_presets():
+        assert f"\n{name} " in "\n" + out
+    assert "671B" in out and "37.6B" in out  # DeepSeek-V3 total and active
+
+
+def test_arch_show_json_has_the_cost_card_keys():
+    card = json.loads(evolm("arch", "show", "llama-3-8b", "--json", "--context", "4096").stdout)
+    for key in ("params_total", "params_active", "kv_cache_bytes_per_token", "flops_per_token"):
+        assert key in card
+    assert card["params_total"] == sum(p.numel() for p in build("llama-3-8b", device="meta").parameters())
+    assert card["kv_cache_bytes_per_token"] == 2 * 8 * 128 * 32 * 2  # k+v, 8 KV heads, 128 dims, 32 layers, bf16
+    assert card["context_len"] == 4096
+
+
+def test_arch_compare_shows_why_gqa_and_mla_matter():
+    out = evolm("arch", "compare", "llama-2-7b", "llama-3-8b", "deepseek-v3", "--context", "8192").stdout
+    assert "KV cache / token" in out
+    assert "512 KiB" in out  # Llama 2 7B: MHA, 32 heads x 128 x 2 x 32 layers x 2 bytes
+    assert "128 KiB" in out  # Llama 3 8B: GQA with 8 KV heads
+    assert "68.6 KiB" in out  # DeepSeek-V3: MLA latent (512 + 64) x 61 layers x 2 bytes
+
+
+def test_arch_diff_lists_the_lineage_as_config_changes():
+    out = evolm("arch", "diff", "gpt2", "llama-3.2-1b").stdout
+    for field in ("norm", "pos_emb", "mlp", "activation", "n_kv_heads", "rope_theta"):
+        assert f"\n{field} " in "\n" + out
+    rows = json.loads(evolm("arch", "diff", "llama-3-8b", "qwen3-8b", "--json").stdout)
+    assert rows["qk_norm"] == [None, "head"]
+
+
+def test_arch_reads_config_files(tmp_path):
+    cfg = get_preset("tiny-gemma3")
+    (tmp_path / "evolm.json").write_text(cfg.to_json())
+    card = json.loads(evolm("arch", "show", str(tmp_path / "evolm.json"), "--json").stdout)
+    assert card["params_total"] == sum(p.numel() for p in build(cfg).parameters())
+
+
+def test_bad_input_gives_one_clear_line():
+    p = evolm("arch", "show", "lama-3-8b", check=False)
+    assert p.returncode == 2 and "unknown preset 'lama-3-8b'" in p.stderr and "llama-3-8b" in p.stderr
+    assert "Traceback" not in p.stderr
+    p = evolm("convert", "--model", "/nonexistent/folder", "--to", "hf", "--out", "/tmp/x", check=False)
+    assert p.returncode == 2 and "/nonexistent/folder" in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny_hf_model(tmp_path_factory):
+    """A tiny Llama saved as a Hugging Face folder with a trained byte-level BPE tokenizer."""
+    from evolm.loading import save
+    from evolm.tokenizer import train_bpe
+
+    tmp = tmp_path_factory.mktemp("hf")
+    text = [(ROOT / "README.md").read_text(), (ROOT / "src/evolm/model.py").read_text()]
+    tok = train_bpe(text, vocab_size=300, special_tokens=["<|endoftext|>"])
+    torch.manual_seed(0)
+    model = build(get_preset("tiny-llama").replace(vocab_size=300))
+    save(model, str(tmp / "model"), tokenizer=tok, fmt="hf")
+    return tmp / "model", model
+
+
+def test_convert_hf_to_evolm_and_back_keeps_logits(tiny_hf_model, tmp_path):
+    src, model = tiny_hf_model
+    evolm("convert", "--model", str(src), "--to", "evolm", "--out", str(tmp_path / "ev"))
+    evolm("convert", "--model", str(tmp_path / "ev"), "--to", "hf", "--out", str(tmp_path / "hf"))
+    x = torch.randint(0, 300, (2, 11))
+    want = model.eval()(x)
+    for path in (tmp_path / "ev", tmp_path / "hf"):
+        got, tok = load(str(path))
+        torch.testing.assert_close(got.eval()(x), want, rtol=0, atol=1e-6)
+        assert tok is not None and tok.vocab_size == 300
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    torch.testing.assert_close(hf(x).logits, want, rtol=0, atol=1e-4)
+
+
+def test_generate_streams_the_greedy_continuation(tiny_hf_model):
+    src, model = tiny_hf_model
+    from evolm.generate import SamplingParams, generate_text
+
+    _, tok = load(str(src))
+    want = generate_text(model.eval(), tok, "def forward", SamplingParams(max_new_tokens=12, temperature=0))
+    out = evolm("generate", "--model", str(src), "--prompt", "def forward", "--max-new-tokens", "12",
+                "--temperature", "0").stdout
+    assert out == want + "\n"
