@@ -29,6 +29,17 @@ pytest.importorskip("gguf")
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture(autouse=True)
+def _one_thread_per_worker():
+    """Under pytest-xdist, give each worker its share of the cores: two workers running two
+    OpenMP threads each on a 2-core machine spin against each other and run several times slower."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    yield
+    torch.set_num_threads(before)
+
+
 def _asset(name: str):
     try:
         return find_asset(name)
