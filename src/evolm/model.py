@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from evolm.config import ModelConfig
 from evolm.nn.attention import attention_mask as build_mask
 from evolm.nn.block import Block
+from evolm.nn.loss import fused_linear_cross_entropy
 from evolm.nn.moe import MoE, Experts, Router
 from evolm.nn.norm import make_norm
 from evolm.nn.rope import RotaryEmbedding
@@ -78,8 +79,11 @@ class Transformer(nn.Module):
     # ------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, cache=None, last_only: bool = False,
-                doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+                doc_ids: torch.Tensor | None = None, targets: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, vocab), or (B, 1, vocab) with ``last_only``.
+
+        With ``targets`` (B, T; -100 = ignore) it returns the mean next-token cross-entropy (plus any
+        MoE auxiliary loss) instead, fused with the head so the full logits never exist.
 
         ``attention_mask`` (B, T): 1 for real tokens, 0 for padding. ``position_ids`` (B, T)
         default to the cache slots (0..T-1 without a cache). ``cache``: a ``KVCache``.
@@ -142,6 +146,12 @@ class Transformer(nn.Module):
             x = x[:, -1:]
         if self.norm is not None:
             x = self.norm(x)
+        if targets is not None:
+            head = self.lm_head
+            loss = fused_linear_cross_entropy(x, head.weight if head is not None else self.embed_tokens.weight,
+                                              targets, head.bias if head is not None else None, c.final_softcap)
+            aux = self.aux_loss()
+            return loss + aux if aux is not None else loss
         logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.embed_tokens.weight)
         if c.final_softcap is not None:
             logits = c.final_softcap * torch.tanh(logits / c.final_softcap)
@@ -153,14 +163,9 @@ class Transformer(nn.Module):
         losses = [m.aux_loss for m in self.modules() if isinstance(m, MoE) and m.aux_loss is not None]
         return sum(losses) if losses else None
 
-    def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
-             doc_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Next-token cross-entropy (targets already shifted) plus any MoE auxiliary loss."""
-        logits = self(input_ids, doc_ids=doc_ids)
-        loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1),
-                               ignore_index=ignore_index)
-        aux = self.aux_loss()
-        return loss + aux if aux is not None else loss
+    def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Next-token cross-entropy (targets already shifted, -100 ignored) plus any MoE auxiliary loss."""
+        return self(input_ids, doc_ids=doc_ids, targets=targets)
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

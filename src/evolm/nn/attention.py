@@ -51,6 +51,8 @@ def attention_mask(q_slots: torch.Tensor, k_slots: torch.Tensor, key_valid: torc
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
            is_causal: bool, scale: float, softcap: float | None = None, dropout: float = 0.0) -> torch.Tensor:
     """Scaled dot-product attention over (B, H, T, D) tensors; k/v may have fewer heads (GQA)."""
+    if q.shape[2] <= 4 and not dropout:
+        return _attend_few_queries(q, k, v, mask, is_causal, scale, softcap)
     if softcap is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
                                               is_causal=is_causal, scale=scale,
@@ -69,6 +71,28 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     if dropout:
         probs = F.dropout(probs, dropout, training=True)
     return torch.matmul(probs, v)
+
+
+def _attend_few_queries(q, k, v, mask, is_causal, scale, softcap):
+    """Decode-time attention (a handful of queries): two small matmuls beat the fused kernels.
+
+    Query heads that share a KV head are stacked as rows of one matmul, so GQA needs no copy of
+    the keys and values.
+    """
+    B, H, Tq, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    G = H // Hkv
+    scores = torch.matmul(q.reshape(B, Hkv, G * Tq, D), k.transpose(-1, -2)).float() * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    if is_causal and Tq > 1:
+        mask = torch.ones(Tq, S, dtype=torch.bool, device=q.device).tril(S - Tq)[None, None]
+    if mask is not None:
+        m = mask.expand(mask.shape[0], 1, Tq, S) if mask.shape[1] == 1 else mask
+        m = m[:, :, None].expand(m.shape[0], 1, G, Tq, S).reshape(m.shape[0], 1, G * Tq, S)
+        scores = scores.masked_fill(~m, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    return torch.matmul(probs, v).view(B, H, Tq, v.shape[-1])
 
 
 class Attention(nn.Module):

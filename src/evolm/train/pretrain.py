@@ -364,9 +364,8 @@ def pretrain(recipe: Recipe, out_dir: str | None = None, resume: bool = False,
                 acc = sums.setdefault(source, [0.0, 0.0])
                 if i % world != rank:
                     continue
-                logits = raw(x.to(device)) if recipe.train.distributed != "fsdp" else train_model(x.to(device))
-                acc[0] += float(F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(),
-                                                reduction="sum"))
+                net = raw if recipe.train.distributed != "fsdp" else train_model
+                acc[0] += float(net(x.to(device), targets=y.to(device))) * y.numel()
                 acc[1] += y.numel()
         train_model.train(was)
         names = sorted(sums)
@@ -446,11 +445,8 @@ def pretrain(recipe: Recipe, out_dir: str | None = None, resume: bool = False,
                 ctx = contextlib.nullcontext() if sync else train_model.no_sync()
                 with ctx:
                     with autocast:
-                        logits = train_model(x, **kwargs)
-                        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-                        aux = raw.aux_loss()
-                        total = loss + aux if aux is not None else loss
-                    (total / plan.accum).backward()
+                        loss = train_model(x, targets=y, **kwargs)  # CE (+ MoE aux), fused with the head
+                    (loss / plan.accum).backward()
                 loss_sum += float(loss.detach())
             grad_norm = float(torch.nn.utils.clip_grad_norm_(train_model.parameters(), o.grad_clip)) \
                 if o.grad_clip else float("nan")

@@ -1,0 +1,84 @@
+"""Next-token cross-entropy fused with the LM head, computed in chunks.
+
+With a 50k-256k vocabulary the logits of a training batch dominate memory and memory traffic:
+8 x 256 tokens x 50,304 entries are 412 MB in fp32, written by the head, read by the softmax,
+written again as their gradient and read twice by the backward matmuls. Computing the head, the
+loss and the loss's gradient chunk by chunk (as Liger-Kernel's fused linear cross-entropy and
+Apple's "Cut Your Losses", arXiv:2411.09009, do) keeps only ``chunk x vocab`` logits alive and
+turns the backward into two matmuls per chunk. The result equals
+``F.cross_entropy(h @ W.T, targets)`` (with Gemma 2's final soft-capping when set).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    dev = t.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else t.dtype
+
+
+def _chunk_logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, softcap: float | None):
+    logits = F.linear(h, w, b).float()
+    if softcap is None:
+        return logits, None
+    z = torch.tanh(logits / softcap)
+    return softcap * z, z
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, w, b, targets, chunk, softcap, ignore_index):
+        dtype = _compute_dtype(h)
+        with torch.autocast(h.device.type, enabled=False):
+            hc_all, wc = h.to(dtype), w.to(dtype)
+            bc = b.to(dtype) if b is not None else None
+            valid_all = targets != ignore_index
+            n_valid = valid_all.sum().clamp(min=1).float()
+            grad_h = torch.empty_like(h)
+            grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+            grad_b = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device) if b is not None else None
+            total = torch.zeros((), dtype=torch.float32, device=h.device)
+            for s in range(0, h.shape[0], chunk):
+                hc, tc, valid = hc_all[s:s + chunk], targets[s:s + chunk], valid_all[s:s + chunk]
+                logits, z = _chunk_logits(hc, wc, bc, softcap)
+                lse = torch.logsumexp(logits, dim=-1)
+                safe_t = tc.clamp(min=0)
+                total += ((lse - logits.gather(1, safe_t[:, None])[:, 0]) * valid).sum()
+                g = torch.exp(logits - lse[:, None])  # softmax
+                g.scatter_add_(1, safe_t[:, None], -valid[:, None].float())
+                g *= (valid.float() / n_valid)[:, None]
+                if z is not None:
+                    g *= 1 - z * z  # d(cap * tanh(x / cap)) / dx
+                g = g.to(dtype)
+                grad_h[s:s + chunk] = (g @ wc).to(h.dtype)
+                grad_w += (g.t() @ hc).float()
+                if grad_b is not None:
+                    grad_b += g.float().sum(0)
+        ctx.save_for_backward(grad_h, grad_w, grad_b if grad_b is not None else torch.empty(0))
+        ctx.has_bias = b is not None
+        ctx.w_dtype = w.dtype
+        return total / n_valid
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        gb = (grad_b * grad_out).to(ctx.w_dtype) if ctx.has_bias else None
+        return grad_h * grad_out.to(grad_h.dtype), (grad_w * grad_out).to(ctx.w_dtype), gb, None, None, None, None
+
+
+def fused_linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                               bias: torch.Tensor | None = None, softcap: float | None = None,
+                               ignore_index: int = -100, chunk: int = 1024) -> torch.Tensor:
+    """Mean cross-entropy of ``h @ weight.T (+ bias)`` against ``targets``; h (N, D), targets (N,)."""
+    h = h.reshape(-1, h.shape[-1])
+    targets = targets.reshape(-1)
+    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+        return _FusedLinearCrossEntropy.apply(h, weight, bias, targets, chunk, softcap, ignore_index)
+    total, n = h.new_zeros((), dtype=torch.float32), (targets != ignore_index).sum().clamp(min=1)
+    for s in range(0, h.shape[0], chunk):
+        logits, _ = _chunk_logits(h[s:s + chunk], weight, bias, softcap)
+        total += F.cross_entropy(logits, targets[s:s + chunk], ignore_index=ignore_index, reduction="sum")
+    return total / n

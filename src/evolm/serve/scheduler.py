@@ -1,0 +1,579 @@
+"""Continuous batching: one decode step serves every running request, and requests come and go
+between steps.
+
+A server that decodes one request at a time leaves the hardware idle: a decode step reads every
+weight to produce one token, so on a memory-bound device 8 rows cost barely more than 1.
+*Iteration-level scheduling* (Orca, Yu et al. 2022, OSDI) batches at the granularity of single
+steps: a request that arrives is prefilled and joins the running batch at the next step; one that
+finishes leaves it at once, instead of waiting for the slowest member of a static batch. vLLM
+(Kwon et al. 2023, arXiv:2309.06180) adds paged KV memory on top; we keep a plain preallocated
+cache, which is enough at the scales evolm serves.
+
+The design, in the terms of our ``KVCache``/``Transformer.forward`` contract:
+
+- ``max_batch`` *slots*, one row each of a :class:`SlotCache`. Running requests occupy rows
+  ``0..n-1``; a finished request's row is filled by moving the last row into it, so the running
+  batch is always a prefix (a view, no copy, in the decode step).
+- Rows are *left-aligned*: a request's token i sits in cache slot i, whatever else is running.
+  A decode step writes each row's new token at its own slot ``len_r`` and attends over slots
+  ``0..max_r len_r``; the attention mask (``key_valid``, the same mechanism ``generate`` uses for
+  left padding) hides each row's unused tail, and positions are passed per row.
+- A new request is prefilled alone (batch 1, its whole prompt in one forward pass) straight into
+  its row, then samples its first token -- time to first token does not wait for a batch.
+- Sampling reuses ``evolm.generate``: ``process_logits``/``sample`` per row with the row's own
+  ``SamplingParams`` and ``torch.Generator``; text comes out through ``IncrementalDecoder`` and
+  ``StopStrings``, so a stream never splits a UTF-8 character nor shows part of a stop string.
+
+Greedy output does not depend on the company a request keeps: its prefill is always alone, and
+its decode rows see the same keys, only with masked tails of other lengths. One detail makes this
+exact rather than approximate on CPUs: BLAS libraries use a different kernel (a different
+summation order) for 1-3 row matrix products than for larger ones, so a decode step is padded to
+at least ``min_decode_rows`` rows (copies of a running row, whose output is dropped); a request
+alone then runs the very kernels it would run in a crowd. ``tests/test_serve.py`` checks the equality.
+
+Sliding-window layers (Mistral, Gemma) need one more thing: ``Transformer.forward`` builds window
+masks from one query slot shared by the batch, which is right only for rows of the same length.
+For such models a decode step runs one forward per group of equal-length rows (still batched when
+requests arrive together). See docs/serving.md for the model.py change that would lift this.
+
+A failure stays with its request: prefill and sampling run per request under ``try``, and an
+error is delivered to that request alone; if a batched forward itself fails, the rows of that
+step get the error and the loop carries on with the next requests.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from evolm.generate import IncrementalDecoder, SamplingParams, StopStrings, process_logits, sample
+
+log = logging.getLogger("evolm.serve")
+
+
+# ------------------------------------------------------------------------------------------
+# the KV cache of the running batch
+# ------------------------------------------------------------------------------------------
+class SlotCache:
+    """KV storage for ``rows`` slots of up to ``max_len`` tokens each, grown on demand.
+
+    Every attention layer gets a ``(rows, heads, capacity, dim)`` buffer for its keys and one for
+    its values (for MLA: the latent and the rotary key), allocated on first use with the shapes
+    the layer hands in, like ``KVCache``. ``capacity`` starts small and doubles up to ``max_len``,
+    so memory follows the longest running sequence, not the model's context length.
+    """
+
+    def __init__(self, rows: int, max_len: int, initial: int = 256):
+        self.rows, self.max_len = rows, max_len
+        self.capacity = min(initial, max_len)
+        self.initial = self.capacity
+        self._k: dict[int, torch.Tensor] = {}
+        self._v: dict[int, torch.Tensor] = {}
+
+    def ensure(self, n_slots: int) -> None:
+        """Make room for ``n_slots`` tokens per row (doubling, capped at ``max_len``)."""
+        if n_slots > self.max_len:
+            raise ValueError(f"SlotCache: {n_slots} tokens exceed max_len={self.max_len}")
+        if n_slots <= self.capacity:
+            return
+        cap = self.capacity
+        while cap < n_slots:
+            cap = min(2 * cap, self.max_len)
+        for store in (self._k, self._v):
+            for layer, old in store.items():
+                new = old.new_zeros(*old.shape[:2], cap, old.shape[-1])
+                new[:, :, :old.shape[2]] = old
+                store[layer] = new
+        self.capacity = cap
+
+    def reset(self) -> None:
+        """Give the memory back (called when no request is running)."""
+        self._k.clear()
+        self._v.clear()
+        self.capacity = self.initial
+
+    def buffers(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer not in self._k:
+            self._k[layer] = k.new_zeros(self.rows, k.shape[1], self.capacity, k.shape[-1])
+            self._v[layer] = v.new_zeros(self.rows, v.shape[1], self.capacity, v.shape[-1])
+        return self._k[layer], self._v[layer]
+
+    def move(self, src: int, dst: int, n_slots: int) -> None:
+        """Copy row ``src``'s first ``n_slots`` entries into row ``dst`` (compaction)."""
+        for store in (self._k, self._v):
+            for buf in store.values():
+                buf[dst, :, :n_slots] = buf[src, :, :n_slots]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self._k.values(), *self._v.values()))
+
+
+class _PrefillView:
+    """The cache protocol ``Transformer.forward`` expects, for prefilling one row from slot 0.
+
+    The forward pass sees an empty cache (plain causal attention, the fast path), and each
+    layer's keys/values are also written into the row.
+    """
+
+    length = 0
+    key_valid = None
+
+    def __init__(self, cache: SlotCache, row: int):
+        self.cache, self.row = cache, row
+
+    def window(self, layer: int) -> None:
+        return None
+
+    def key_slots(self, window, n_new: int, device) -> None:
+        return None
+
+    def reserve(self, n_new: int, attention_mask) -> None:
+        self.cache.ensure(n_new)
+        return None
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        K, V = self.cache.buffers(layer, k, v)
+        T = k.shape[2]
+        K[self.row, :, :T] = k[0]
+        V[self.row, :, :T] = v[0]
+        return k, v
+
+    def advance(self, n: int) -> None:
+        pass
+
+
+class _DecodeView:
+    """The cache protocol for one decode step over ``rows`` whose lengths are ``lens``.
+
+    Row r's new token goes to slot ``lens[r]`` and the row attends over slots ``0..lens[r]``;
+    the keys handed to attention span slots ``0..max(lens)`` and ``key_valid`` hides each row's
+    unused tail.
+
+    One wrinkle: ``attention_mask`` (nn/attention.py) always lets a query see the key in its own
+    slot (so a padding query is never fully masked), and the model puts the query at slot
+    ``length``. A shorter row's query would then see the stale key at slot ``max(lens)``. So we
+    place the query one slot *past* the keys (``length = max(lens) + 1``) and name the key slots
+    ourselves (``key_slots``, which the model asks for whenever ``window(i)`` is not None): no key
+    shares the query's slot, causality admits every key, and ``key_valid`` alone decides.
+    That needs rows of one length when a layer has a sliding window (its mask counts slots back
+    from the query); the engine groups such models' rows by length and uses ``same_length``:
+    the query then sits in the row's own slot, exactly as in ``KVCache``.
+    """
+
+    def __init__(self, cache: SlotCache, rows: list[int], lens: list[int], device, same_length: bool = False):
+        self.cache = cache
+        last = max(lens)
+        if same_length and min(lens) != last:
+            raise ValueError("_DecodeView(same_length=True) needs rows of one length")
+        self.same_length = same_length
+        self.n_keys = last + 1
+        self.length = last if same_length else last + 1
+        cache.ensure(self.n_keys)
+        self.contiguous = rows == list(range(len(rows)))
+        self.rows = torch.tensor(rows, dtype=torch.long, device=device)
+        self.lens = torch.tensor(lens, dtype=torch.long, device=device)
+        self.key_valid = torch.arange(self.n_keys, device=device)[None, :] <= self.lens[:, None]
+        self._slots = torch.arange(self.n_keys, device=device)
+
+    def window(self, layer: int) -> int | None:
+        return None if self.same_length else self.n_keys
+
+    def key_slots(self, window, n_new: int, device) -> torch.Tensor | None:
+        return None if self.same_length else self._slots
+
+    def reserve(self, n_new: int, attention_mask) -> torch.Tensor:
+        if n_new != 1:
+            raise ValueError(f"decode step feeds one token per row, got {n_new}")
+        return self.key_valid
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        K, V = self.cache.buffers(layer, k, v)
+        K[self.rows, :, self.lens] = k[:, :, 0]
+        V[self.rows, :, self.lens] = v[:, :, 0]
+        if self.contiguous:
+            n = len(self.lens)
+            return K[:n, :, :self.n_keys], V[:n, :, :self.n_keys]
+        return K[self.rows, :, :self.n_keys], V[self.rows, :, :self.n_keys]
+
+    def advance(self, n: int) -> None:
+        pass
+
+
+# ------------------------------------------------------------------------------------------
+# requests and what they hear back
+# ------------------------------------------------------------------------------------------
+@dataclass
+class TokenEvent:
+    """One generated token: its id, the text it completes (may be empty: held back), logprobs."""
+
+    index: int
+    token_id: int
+    text: str
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+
+
+@dataclass
+class DoneEvent:
+    """A sequence ended: ``finish_reason`` is 'stop' (EOS / stop string) or 'length'."""
+
+    index: int
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    text: str = ""  # text released by the end itself (held-back bytes or stop-string prefixes)
+
+
+@dataclass
+class ErrorEvent:
+    index: int
+    message: str
+
+
+Event = TokenEvent | DoneEvent | ErrorEvent
+
+
+@dataclass
+class GenRequest:
+    """One sequence to generate (a request with ``n`` choices submits ``n`` of these).
+
+    ``deliver`` is called from the scheduler thread with each event; it must be thread-safe and
+    quick (the web layer hands the event to its asyncio loop). ``logprobs``: None for none, else
+    how many top alternatives to report with each token's own log-probability.
+    ``presence_penalty``/``frequency_penalty``/``logit_bias`` follow OpenAI's definitions.
+    """
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    deliver: Callable[[Event], None]
+    index: int = 0
+    logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] | None = None
+    cancelled: bool = False
+    submitted: float = field(default_factory=time.monotonic)
+
+    def cancel(self) -> None:
+        """Stop generating (client gone): the slot is freed before the next decode step."""
+        self.cancelled = True
+
+
+class _Seq:
+    """Scheduler-side state of a running request (its row is its position in ``active``)."""
+
+    def __init__(self, req: GenRequest, tokenizer, stop_ids: set[int], vocab: int, device):
+        self.req, self.params = req, req.params
+        self.len = len(req.prompt_ids)  # tokens in the cache
+        self.last = -1  # the token sampled last, fed by the next decode step
+        self.n_out = 0
+        self.stop_ids = stop_ids
+        self.decoder, self.stopper = IncrementalDecoder(tokenizer), StopStrings(req.params.stop)
+        self.generator = None
+        if req.params.seed is not None and not req.params.greedy:
+            self.generator = torch.Generator(device=device).manual_seed(req.params.seed)
+        self.seen = None  # repetition penalty: tokens of prompt and output
+        if req.params.repetition_penalty != 1.0:
+            self.seen = torch.zeros(1, vocab, dtype=torch.bool, device=device)
+            self.seen[0, torch.tensor(req.prompt_ids, device=device)] = True
+        self.counts = None  # presence / frequency penalties: counts of generated tokens
+        if req.presence_penalty or req.frequency_penalty:
+            self.counts = torch.zeros(1, vocab, device=device)
+        self.bias = None
+        if req.logit_bias:
+            self.bias = torch.zeros(1, vocab, device=device)
+            for t, b in req.logit_bias.items():
+                self.bias[0, t] = b
+        self.done = False
+
+    @property
+    def plain_greedy(self) -> bool:
+        p = self.params
+        return p.greedy and p.repetition_penalty == 1.0 and self.counts is None and self.bias is None
+
+
+# ------------------------------------------------------------------------------------------
+# the engine
+# ------------------------------------------------------------------------------------------
+class Engine:
+    """Runs ``model`` for many concurrent requests on one background thread.
+
+    ``submit`` a :class:`GenRequest`; events arrive through its ``deliver`` callback. At most
+    ``max_batch`` requests run at once, the others wait in arrival order. ``max_len`` bounds
+    prompt + generated tokens per request (the model's context length by default).
+    ``prefill_budget`` bounds the prompt tokens prefilled between two decode steps, so a burst
+    of long prompts does not stall the running streams for long.
+    """
+
+    def __init__(self, model, tokenizer, max_batch: int = 8, max_len: int | None = None,
+                 prefill_budget: int = 2048, min_decode_rows: int = 4, max_waiting: int = 1024):
+        if max_batch < 1:
+            raise ValueError(f"Engine: max_batch must be >= 1, got {max_batch}")
+        self.model, self.tokenizer = model.eval(), tokenizer
+        c = model.config
+        self.max_len = min(max_len or c.max_seq_len, c.max_seq_len)
+        self.max_batch, self.prefill_budget, self.max_waiting = max_batch, prefill_budget, max_waiting
+        self.min_decode_rows = max(1, min_decode_rows)
+        self.device = next(model.parameters()).device
+        self.vocab = c.vocab_size
+        self.windowed = any(c.layer_window(i) is not None for i in range(c.n_layers))
+        self.cache = SlotCache(max_batch, self.max_len)
+        self.active: list[_Seq] = []
+        self.waiting: deque[GenRequest] = deque()
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._running = False
+        self.stats = {"requests": 0, "finished": 0, "errors": 0, "cancelled": 0, "steps": 0,
+                      "tokens": 0, "peak_active": 0}
+        self.error: str | None = None  # set if the loop itself died
+
+    # --- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> "Engine":
+        if self._thread is None or not self._thread.is_alive():
+            self._running = True
+            self._thread = threading.Thread(target=self._loop, name="evolm-scheduler", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cv:
+            self._running = False
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self.error is None
+
+    def snapshot(self) -> dict:
+        with self._cv:
+            return {**self.stats, "active": len(self.active), "waiting": len(self.waiting),
+                    "max_batch": self.max_batch, "max_len": self.max_len,
+                    "kv_cache_bytes": self.cache.nbytes()}
+
+    # --- requests ----------------------------------------------------------------------------
+    def check(self, prompt_ids: Sequence[int], max_new_tokens: int) -> None:
+        """Raise ValueError if a request cannot run (empty, bad ids, beyond the context)."""
+        if not (isinstance(max_new_tokens, int) and max_new_tokens >= 1):
+            raise ValueError(f"max_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        if not prompt_ids:
+            raise ValueError("the prompt is empty (it must hold at least one token)")
+        bad = [t for t in prompt_ids if not (isinstance(t, int) and 0 <= t < self.vocab)]
+        if bad:
+            raise ValueError(f"prompt token ids must be integers in [0, {self.vocab}), got {bad[:5]}")
+        if len(prompt_ids) + max_new_tokens > self.max_len:
+            raise ValueError(f"prompt of {len(prompt_ids)} tokens + max_tokens={max_new_tokens} exceeds "
+                             f"the context length of {self.max_len} tokens")
+
+    def submit(self, req: GenRequest) -> GenRequest:
+        self.check(req.prompt_ids, req.params.max_new_tokens)
+        with self._cv:
+            if not self.alive:
+                raise RuntimeError(f"the scheduler is not running ({self.error or 'stopped'})")
+            if len(self.waiting) >= self.max_waiting:
+                raise OverflowError(f"too many waiting requests ({self.max_waiting}); retry later")
+            self.waiting.append(req)
+            self.stats["requests"] += 1
+            self._cv.notify()
+        return req
+
+    # --- the loop ----------------------------------------------------------------------------
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self._cv:
+                    while self._running and not self.waiting and not self.active:
+                        self._cv.wait()
+                    if not self._running:
+                        break
+                try:
+                    with torch.inference_mode():
+                        self._step()
+                except Exception as e:  # never let one bad step end the server
+                    log.error("scheduler step failed:\n%s", traceback.format_exc())
+                    for s in self.active:
+                        self._fail(s.req, e)
+                        s.done = True
+                    self._drop_finished()
+        except BaseException as e:  # a bug in the loop itself: tell everyone, keep the message
+            self.error = f"{type(e).__name__}: {e}"
+            log.error("scheduler loop died:\n%s", traceback.format_exc())
+        finally:
+            with self._cv:
+                seqs = [s.req for s in self.active] + list(self.waiting)
+                self.active, self.waiting = [], deque()
+            for r in seqs:
+                self._send(r, ErrorEvent(r.index, self.error or "server shutting down"))
+
+    def _step(self) -> None:
+        self._drop_finished()
+        self._admit()
+        self._drop_finished()
+        if not self.active:
+            if self.cache.capacity > self.cache.initial:
+                self.cache.reset()
+            return
+        self._decode()
+        self._drop_finished()
+
+    def _send(self, req: GenRequest, ev: Event) -> None:
+        try:
+            req.deliver(ev)
+        except Exception:  # a consumer that is gone must not hurt the loop
+            req.cancelled = True
+
+    def _drop_finished(self) -> None:
+        """Free the rows of finished or cancelled requests, keeping the running rows a prefix."""
+        i = 0
+        while i < len(self.active):
+            s = self.active[i]
+            if s.done or s.req.cancelled:
+                if not s.done:
+                    self.stats["cancelled"] += 1
+                last = len(self.active) - 1
+                if i != last:
+                    self.cache.move(last, i, self.active[last].len)
+                    self.active[i] = self.active[last]
+                with self._cv:
+                    self.active.pop()
+            else:
+                i += 1
+
+    def _admit(self) -> None:
+        budget = self.prefill_budget
+        while len(self.active) < self.max_batch:
+            with self._cv:
+                if not self.waiting:
+                    return
+                req = self.waiting[0]
+                if req.cancelled:
+                    self.waiting.popleft()
+                    self.stats["cancelled"] += 1
+                    continue
+                if budget <= 0:
+                    return
+                self.waiting.popleft()
+            budget -= len(req.prompt_ids)
+            self._prefill(req)
+
+    def _prefill(self, req: GenRequest) -> None:
+        row = len(self.active)
+        try:
+            stop_ids = set(req.params.stop_token_ids)
+            if not req.params.ignore_eos:
+                stop_ids |= set(self.tokenizer.eos_ids)
+            seq = _Seq(req, self.tokenizer, stop_ids, self.vocab, self.device)
+            ids = torch.tensor([req.prompt_ids], dtype=torch.long, device=self.device)
+            pos = torch.arange(ids.shape[1], device=self.device)[None]
+            logits = self.model(ids, position_ids=pos, cache=_PrefillView(self.cache, row), last_only=True)[:, -1]
+        except Exception as e:
+            self._fail(req, e)
+            return
+        with self._cv:
+            self.active.append(seq)
+            self.stats["peak_active"] = max(self.stats["peak_active"], len(self.active))
+        self._emit([seq], logits)
+
+    def _decode(self) -> None:
+        seqs = list(self.active)
+        groups = [list(range(len(seqs)))]
+        if self.windowed:  # rows of equal length share the window mask's query slot
+            by_len: dict[int, list[int]] = {}
+            for r, s in enumerate(seqs):
+                by_len.setdefault(s.len, []).append(r)
+            groups = list(by_len.values())
+        logits: list[torch.Tensor | None] = [None] * len(seqs)
+        try:
+            for g in groups:
+                g = g + [g[0]] * (self.min_decode_rows - len(g))  # pad with copies of a row (see top)
+                ids = torch.tensor([[seqs[r].last] for r in g], dtype=torch.long, device=self.device)
+                pos = torch.tensor([[seqs[r].len] for r in g], dtype=torch.long, device=self.device)
+                view = _DecodeView(self.cache, g, [seqs[r].len for r in g], self.device, self.windowed)
+                out = self.model(ids, position_ids=pos, attention_mask=torch.ones_like(ids), cache=view,
+                                 last_only=True)[:, -1]
+                for j, r in enumerate(g):
+                    logits[r] = out[j]
+        except Exception as e:
+            for s in seqs:
+                self._fail(s.req, e)
+                s.done = True
+            return
+        self.stats["steps"] += 1
+        for s in seqs:
+            s.len += 1
+        self._emit(seqs, torch.stack(logits))
+
+    # --- choosing tokens ---------------------------------------------------------------------
+    def _emit(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
+        """Pick each row's next token from its logits (n, V), and tell its request."""
+        logits = logits.float()
+        greedy = [i for i, s in enumerate(seqs) if s.plain_greedy]
+        picks: dict[int, int] = {}
+        if greedy:
+            for i, t in zip(greedy, logits[greedy].argmax(-1).tolist()):
+                picks[i] = t
+        want_lp = [i for i, s in enumerate(seqs) if s.req.logprobs is not None]
+        logp = torch.log_softmax(logits[want_lp], dim=-1) if want_lp else None
+        for i, s in enumerate(seqs):
+            try:
+                tok = picks[i] if i in picks else self._choose(s, logits[i:i + 1])
+                lp = top = None
+                if logp is not None and i in want_lp:
+                    row = logp[want_lp.index(i)]
+                    lp = float(row[tok])
+                    if s.req.logprobs:
+                        v, ix = row.topk(s.req.logprobs)
+                        top = list(zip(ix.tolist(), v.tolist()))
+                self._advance(s, tok, lp, top)
+            except Exception as e:
+                self._fail(s.req, e)
+                s.done = True
+
+    def _choose(self, s: _Seq, logits: torch.Tensor) -> int:
+        if s.bias is not None:
+            logits = logits + s.bias
+        if s.counts is not None:  # OpenAI: mu - c * alpha_frequency - (c > 0) * alpha_presence
+            logits = logits - s.counts * s.req.frequency_penalty - (s.counts > 0).float() * s.req.presence_penalty
+        scores = process_logits(logits, s.params, s.seen)
+        return int(sample(scores, s.params, s.generator)[0])
+
+    def _advance(self, s: _Seq, tok: int, lp, top) -> None:
+        """Record a sampled token: stream its text, end the sequence on a stop condition."""
+        s.n_out += 1
+        s.last = tok
+        self.stats["tokens"] += 1
+        if s.seen is not None:
+            s.seen[0, tok] = True
+        if s.counts is not None:
+            s.counts[0, tok] += 1
+        req = s.req
+        if tok in s.stop_ids:
+            self._finish(s, "stop", s.stopper.push(s.decoder.flush()) + s.stopper.flush())
+            return
+        piece = s.stopper.push(s.decoder.push(tok))
+        self._send(req, TokenEvent(req.index, tok, piece, lp, top))
+        if s.stopper.stopped:
+            self._finish(s, "stop", "")
+        elif s.n_out >= s.params.max_new_tokens:
+            self._finish(s, "length", s.stopper.push(s.decoder.flush()) + s.stopper.flush())
+
+    def _finish(self, s: _Seq, reason: str, text: str) -> None:
+        s.done = True
+        self.stats["finished"] += 1
+        self._send(s.req, DoneEvent(s.req.index, reason, len(s.req.prompt_ids), s.n_out, text))
+
+    def _fail(self, req: GenRequest, e: BaseException) -> None:
+        self.stats["errors"] += 1
+        log.error("request failed: %s\n%s", e, traceback.format_exc())
+        self._send(req, ErrorEvent(req.index, f"{type(e).__name__}: {e}"))
+
+
+__all__ = ["Engine", "GenRequest", "SlotCache", "TokenEvent", "DoneEvent", "ErrorEvent"]
