@@ -152,41 +152,42 @@ class _PrefillView:
 class _DecodeView:
     """The cache protocol for one decode step over ``rows`` whose lengths are ``lens``.
 
-    Row r's new token goes to slot ``lens[r]`` and the row attends over slots ``0..lens[r]``;
-    the keys handed to attention span slots ``0..max(lens)`` and ``key_valid`` hides each row's
-    unused tail.
+    Row r's new token goes to slot ``lens[r]`` and the row attends over slots ``0..lens[r]``.
+    The keys handed to attention span ``n_keys`` slots -- ``max(lens) + 1`` rounded up to a
+    multiple of ``align`` -- and ``key_valid`` hides each row's unused tail. The rounding is for
+    exactness: a CPU matmul computes its last, partial block of columns with another kernel, so a
+    key's score would depend on how many keys follow it; with whole blocks it does not.
 
-    One wrinkle: ``attention_mask`` (nn/attention.py) always lets a query see the key in its own
-    slot (so a padding query is never fully masked), and the model puts the query at slot
-    ``length``. A shorter row's query would then see the stale key at slot ``max(lens)``. So we
-    place the query one slot *past* the keys (``length = max(lens) + 1``) and name the key slots
-    ourselves (``key_slots``, which the model asks for whenever ``window(i)`` is not None): no key
-    shares the query's slot, causality admits every key, and ``key_valid`` alone decides.
-    That needs rows of one length when a layer has a sliding window (its mask counts slots back
-    from the query); the engine groups such models' rows by length and uses ``same_length``:
-    the query then sits in the row's own slot, exactly as in ``KVCache``.
+    We name the key slots ourselves (``key_slots``; the model asks for them whenever
+    ``window(i)`` is not None) and place the query *past* them (``length = n_keys``): no key then
+    shares the query's slot -- ``attention_mask`` (nn/attention.py) always lets a query see that
+    slot, which would expose a shorter row to a stale key -- causality admits every key, and
+    ``key_valid`` alone decides. A sliding-window mask counts slots back from the query, so for
+    such models the engine groups rows by length and passes ``same_length``: the query then sits
+    in the rows' own slot, as in ``KVCache``.
     """
 
-    def __init__(self, cache: SlotCache, rows: list[int], lens: list[int], device, same_length: bool = False):
+    def __init__(self, cache: SlotCache, rows: list[int], lens: list[int], device,
+                 same_length: bool = False, max_keys: int | None = None, align: int = 16):
         self.cache = cache
         last = max(lens)
         if same_length and min(lens) != last:
             raise ValueError("_DecodeView(same_length=True) needs rows of one length")
-        self.same_length = same_length
-        self.n_keys = last + 1
-        self.length = last if same_length else last + 1
+        limit = min(cache.max_len, max_keys or cache.max_len)
+        self.n_keys = max(last + 1, min(-(-(last + 1) // align) * align, limit))
+        self.length = last if same_length else self.n_keys
         cache.ensure(self.n_keys)
         self.contiguous = rows == list(range(len(rows)))
         self.rows = torch.tensor(rows, dtype=torch.long, device=device)
         self.lens = torch.tensor(lens, dtype=torch.long, device=device)
-        self.key_valid = torch.arange(self.n_keys, device=device)[None, :] <= self.lens[:, None]
         self._slots = torch.arange(self.n_keys, device=device)
+        self.key_valid = self._slots[None, :] <= self.lens[:, None]
 
-    def window(self, layer: int) -> int | None:
-        return None if self.same_length else self.n_keys
+    def window(self, layer: int) -> int:
+        return self.n_keys  # any value but None: makes the model take our key_slots
 
-    def key_slots(self, window, n_new: int, device) -> torch.Tensor | None:
-        return None if self.same_length else self._slots
+    def key_slots(self, window, n_new: int, device) -> torch.Tensor:
+        return self._slots
 
     def reserve(self, n_new: int, attention_mask) -> torch.Tensor:
         if n_new != 1:
@@ -324,6 +325,8 @@ class Engine:
         self.device = next(model.parameters()).device
         self.vocab = c.vocab_size
         self.windowed = any(c.layer_window(i) is not None for i in range(c.n_layers))
+        # learned positions: the model checks query slot + 1 <= max_seq_len (see _DecodeView)
+        self.max_keys = c.max_seq_len - 1 if c.pos_emb == "learned" else None
         self.cache = SlotCache(max_batch, self.max_len)
         self.active: list[_Seq] = []
         self.waiting: deque[GenRequest] = deque()
@@ -496,7 +499,8 @@ class Engine:
                 g = g + [g[0]] * (self.min_decode_rows - len(g))  # pad with copies of a row (see top)
                 ids = torch.tensor([[seqs[r].last] for r in g], dtype=torch.long, device=self.device)
                 pos = torch.tensor([[seqs[r].len] for r in g], dtype=torch.long, device=self.device)
-                view = _DecodeView(self.cache, g, [seqs[r].len for r in g], self.device, self.windowed)
+                view = _DecodeView(self.cache, g, [seqs[r].len for r in g], self.device, self.windowed,
+                                   self.max_keys)
                 out = self.model(ids, position_ids=pos, attention_mask=torch.ones_like(ids), cache=view,
                                  last_only=True)[:, -1]
                 for j, r in enumerate(g):
