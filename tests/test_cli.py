@@ -113,3 +113,28 @@ def test_generate_streams_the_greedy_continuation(tiny_hf_model):
     out = evolm("generate", "--model", str(src), "--prompt", "def forward", "--max-new-tokens", "12",
                 "--temperature", "0").stdout
     assert out == want + "\n"
+
+
+def test_chat_keeps_history_and_stops_at_the_end_of_turn():
+    """`evolm chat` on the real SmolLM2-135M-Instruct: two turns, greedy, each reply equal to the
+    library's generation for the same conversation."""
+    from evolm.generate import SamplingParams, chat_prompt_ids, stream
+    from evolm.interop.gguf import find_asset
+
+    try:
+        path = find_asset("smollm2")
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    p = evolm("chat", "--model", path, "--max-new-tokens", "24",
+              input="What is the capital of France?\nAnd of Italy?\n/exit\n")
+    replies = [line.split("assistant> ", 1)[1] for line in p.stdout.splitlines() if "assistant> " in line]
+    assert len(replies) == 2
+    model, tok = load(path)
+    params = SamplingParams(max_new_tokens=24, temperature=0)
+    history = []
+    for question, reply in zip(["What is the capital of France?", "And of Italy?"], replies):
+        history.append({"role": "user", "content": question})
+        want = "".join(stream(model.eval(), tok, chat_prompt_ids(tok, history), params))
+        assert reply == want.split("\n")[0] or reply == want
+        history.append({"role": "assistant", "content": want})
+    assert "Paris" in replies[0]
