@@ -29,36 +29,34 @@ def _prompt(vocab: int, batch: int, length: int) -> torch.Tensor:
     return torch.randint(100, min(vocab, 30000), (batch, length), generator=g)
 
 
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
 def bench_evolm(model, ids: torch.Tensor, new: int) -> tuple[float, float]:
-    params = SamplingParams(max_new_tokens=new, temperature=0, ignore_eos=True)
+    """(prefill tok/s, decode tok/s); decode = extra tokens / extra time beyond the first token."""
+    run = lambda n: generate(model, ids, SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True))  # noqa
     with torch.inference_mode():
-        model(ids[:, :8])  # warm-up
-        t = time.perf_counter()
-        model(ids, last_only=True)
-        prefill = ids.numel() / (time.perf_counter() - t)
-        generate(model, ids[:, :16], SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True))
-        t = time.perf_counter()
-        generate(model, ids, params)
-        total = time.perf_counter() - t
-    decode = ids.shape[0] * new / max(1e-9, total - ids.numel() / prefill)
-    return prefill, decode
+        run(2)  # warm-up (and compilation, for compiled paths)
+        run(2)
+        prefill = min(_timed(lambda: model(ids, last_only=True)) for _ in range(2))
+        one = min(_timed(lambda: run(1)) for _ in range(2))
+        full = _timed(lambda: run(new))
+    return ids.numel() / prefill, ids.shape[0] * (new - 1) / (full - one)
 
 
 def bench_hf(model, ids: torch.Tensor, new: int) -> tuple[float, float]:
     mask = torch.ones_like(ids)
+    run = lambda n: model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,  # noqa
+                                   do_sample=False, pad_token_id=0)
     with torch.inference_mode():
-        model(ids[:, :8])
-        t = time.perf_counter()
-        model(ids, logits_to_keep=1)
-        prefill = ids.numel() / (time.perf_counter() - t)
-        model.generate(ids[:, :16], attention_mask=mask[:, :16], max_new_tokens=4, min_new_tokens=4,
-                       do_sample=False, pad_token_id=0)
-        t = time.perf_counter()
-        model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                       pad_token_id=0)
-        total = time.perf_counter() - t
-    decode = ids.shape[0] * new / max(1e-9, total - ids.numel() / prefill)
-    return prefill, decode
+        run(2)
+        prefill = min(_timed(lambda: model(ids, logits_to_keep=1)) for _ in range(2))
+        one = min(_timed(lambda: run(1)) for _ in range(2))
+        full = _timed(lambda: run(new))
+    return ids.numel() / prefill, ids.shape[0] * (new - 1) / (full - one)
 
 
 def bench_llamacpp(path: str, ids: torch.Tensor, new: int) -> tuple[float, float] | None:
@@ -88,7 +86,10 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=256)
     ap.add_argument("--no-hf", action="store_true", help="skip transformers")
     ap.add_argument("--int8", action="store_true", help="also run evolm with int8 weight-only linears")
+    ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     path = args.model if args.model.endswith(".gguf") else find_asset(args.model)
     print(f"model {os.path.basename(path)}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     rows = []

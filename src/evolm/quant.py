@@ -7,8 +7,10 @@ arXiv:2208.07339, and gpt-fast's int8 path) reads a quarter of the bytes of fp32
 runs up to ~4x faster, at a typical cost of ~1e-3 relative error on the logits.
 
 ``quantize_int8(model)`` swaps every ``nn.Linear`` (and a tied LM head) for ``Int8Linear``, in
-place, for inference. The matmul is PyTorch's fused ``_weight_int8pack_mm`` kernel when present,
-else a dequantize-then-matmul fallback.
+place, for inference. One decoding row (the bandwidth-bound case) runs a ``torch.compile``-d
+multiply-reduce that streams the int8 weights once (measured ~10 G weights/s on one core here,
+5x an fp32 GEMV); several rows use PyTorch's ``_weight_int8pack_mm`` kernel with bf16
+activations; elsewhere a dequantize-then-matmul fallback.
 """
 
 from __future__ import annotations
@@ -18,6 +20,23 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 _HAS_KERNEL = hasattr(torch.ops.aten, "_weight_int8pack_mm")
+
+
+def _gemv_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return (x[:, None, :] * q.to(x.dtype)[None]).sum(-1) * scale
+
+
+_compiled_gemv = None
+
+
+def _gemv(x, q, scale):
+    global _compiled_gemv
+    if _compiled_gemv is None:
+        try:
+            _compiled_gemv = torch.compile(_gemv_int8, dynamic=False)
+        except Exception:  # pragma: no cover - no compiler available
+            _compiled_gemv = _gemv_int8
+    return _compiled_gemv(x, q, scale)
 
 
 class Int8Linear(nn.Module):
@@ -35,8 +54,11 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if _HAS_KERNEL and x.device.type == "cpu":
-            y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scale.to(x.dtype))
+        if x.device.type == "cpu" and x2.shape[0] == 1 and not torch.is_grad_enabled():
+            y = _gemv(x2.float(), self.weight, self.scale.float()).to(x.dtype)
+        elif _HAS_KERNEL and x.device.type == "cpu":
+            y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.weight,
+                                                   self.scale.to(torch.bfloat16)).to(x.dtype)
         else:
             y = F.linear(x2, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
         if self.bias is not None:
