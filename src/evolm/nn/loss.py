@@ -44,10 +44,15 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             for s in range(0, h.shape[0], chunk):
                 hc, tc, valid = hc_all[s:s + chunk], targets[s:s + chunk], valid_all[s:s + chunk]
                 logits, z = _chunk_logits(hc, wc, bc, softcap)
-                lse = torch.logsumexp(logits, dim=-1)
                 safe_t = tc.clamp(min=0)
-                total += ((lse - logits.gather(1, safe_t[:, None])[:, 0]) * valid).sum()
-                g = torch.exp(logits - lse[:, None])  # softmax
+                target_logit = logits.gather(1, safe_t[:, None])[:, 0]
+                # one pass of exp, in place: the softmax is both the loss's normaliser and its gradient
+                top = logits.amax(dim=-1, keepdim=True)
+                g = logits.sub_(top).exp_()
+                denom = g.sum(dim=-1, keepdim=True)
+                lse = (top + denom.log())[:, 0]
+                total += ((lse - target_logit) * valid).sum()
+                g.div_(denom)  # softmax
                 g.scatter_add_(1, safe_t[:, None], -valid[:, None].float())
                 g *= (valid.float() / n_valid)[:, None]
                 if z is not None:
