@@ -304,15 +304,9 @@ def test_repetition_penalty_discourages_repeats():
 # ------------------------------------------------------------------------------------------
 def _bytes_to_chars() -> dict[int, str]:
     """GPT-2's byte -> printable-character table used by byte-level BPE."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
-    table, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
+    from evolm.tokenizer import byte_alphabet
+
+    return byte_alphabet()
 
 
 CORPUS = ["héllo wörld, naïve café", "日本語のテキスト", "emoji 😀🎉 and ünïcödé", "Hello world! STOP here"] * 20
