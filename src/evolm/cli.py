@@ -279,6 +279,12 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--json", action="store_true")
     d.set_defaults(func=cmd_data)
 
+    from evolm.eval.harness import add_eval_args, main_cli
+
+    ev = sub.add_parser("eval", help="evaluate on benchmarks, scored as lm-evaluation-harness scores them")
+    add_eval_args(ev)
+    ev.set_defaults(func=main_cli)
+
     t = sub.add_parser("tokenizer", help="train a tokenizer")
     tsub = t.add_subparsers(dest="tok_cmd", required=True)
     tt = tsub.add_parser("train", help="train a byte-level BPE on a corpus")

