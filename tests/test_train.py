@@ -164,6 +164,7 @@ def test_run_folder_has_metrics_plot_report_and_a_loadable_model(full_run):
     assert (out / "loss.png").stat().st_size > 1000
     report = (out / "report.md").read_text()
     assert "## Stages" in report and "final val loss" in report
+    assert "| prose | 0 |" not in report and "| code | 0 |" not in report  # token counts filled in
     # the run folder is a model: weights + config + tokenizer
     from evolm.checkpoint import load_checkpoint
 

@@ -595,7 +595,8 @@ def _report(recipe, config, manifest, plans, summary, samples, peak_note, path: 
              f"{config.n_heads} heads / {config.n_kv_heads} KV heads, vocab {config.vocab_size}.", "",
              "## Data", "", "| source | train tokens | val tokens | documents |", "|---|---|---|---|"]
     for name, info in manifest.get("sources", {}).items():
-        tr, va = info.get("train", {}), info.get("val", {})
+        splits = info.get("splits", {})
+        tr, va = splits.get("train", {}), splits.get("val", {})
         lines.append(f"| {name} | {tr.get('tokens', 0):,} | {va.get('tokens', 0):,} | "
                      f"{tr.get('docs', 0) + va.get('docs', 0):,} |")
     lines += ["", "## Stages", "", "| stage | steps | tokens/step | seq_len | LR | mixture |", "|---|---|---|---|---|---|"]
