@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup models data eval-data demo test clean
+.PHONY: setup models data eval-data browser demo test clean
 
 setup: $(STAMP)
 
@@ -27,11 +27,16 @@ data: setup
 eval-data: setup
 	$(BIN)/python scripts/install_eval_data.py
 
+# Debian's chromium for tests/test_serve_browser.py (Playwright drives it; never `playwright install`)
+browser:
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
+		|| echo "warning: could not install chromium; tests/test_serve_browser.py will skip"
+
 # the main job: train the ~10M-parameter demo model on the built-in corpus for a few minutes
 demo: setup data
 	$(BIN)/evolm pretrain --config recipes/demo.yaml --out runs/demo
 
-test: setup models data eval-data
+test: setup models data eval-data browser
 	$(BIN)/python -m pytest -n 2 tests
 
 clean:

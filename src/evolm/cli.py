@@ -154,6 +154,12 @@ def cmd_chat(args) -> None:
         history.append({"role": "assistant", "content": "".join(reply)})
 
 
+def cmd_serve(args) -> None:
+    from evolm.serve import run_from_args
+
+    run_from_args(args)
+
+
 # --- pretrain / data / tokenizer ---------------------------------------------------------------
 def cmd_pretrain(args) -> None:
     from evolm.train.pretrain import pretrain
@@ -278,6 +284,12 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--force", action="store_true", help="redo even if up to date")
     dp.add_argument("--json", action="store_true")
     d.set_defaults(func=cmd_data)
+
+    from evolm.serve import add_arguments as add_serve_arguments
+
+    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching) + web chat page")
+    add_serve_arguments(sv)
+    sv.set_defaults(func=cmd_serve)
 
     from evolm.eval.harness import add_eval_args, main_cli
 

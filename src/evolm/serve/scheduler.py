@@ -24,12 +24,14 @@ The design, in the terms of our ``KVCache``/``Transformer.forward`` contract:
   ``SamplingParams`` and ``torch.Generator``; text comes out through ``IncrementalDecoder`` and
   ``StopStrings``, so a stream never splits a UTF-8 character nor shows part of a stop string.
 
-Greedy output does not depend on the company a request keeps: its prefill is always alone, and
-its decode rows see the same keys, only with masked tails of other lengths. One detail makes this
-exact rather than approximate on CPUs: BLAS libraries use a different kernel (a different
-summation order) for 1-3 row matrix products than for larger ones, so a decode step is padded to
-at least ``min_decode_rows`` rows (copies of a running row, whose output is dropped); a request
-alone then runs the very kernels it would run in a crowd. ``tests/test_serve.py`` checks the equality.
+Greedy output does not depend on the company a request keeps -- bit for bit, not just nearly:
+its prefill is always alone, and its decode row sees the same keys, only followed by masked slots
+of other rows' lengths. Two details of CPU matrix kernels need care for that. BLAS uses another
+kernel (another summation order) for 1-3 row products than for larger ones, so a decode step is
+padded to at least ``min_decode_rows`` rows (copies of a running row, output dropped): a request
+alone runs the very kernels it would run in a crowd. And a matmul computes its last, partial block
+of columns with another kernel, so the keys handed to attention are rounded up to a multiple of
+16 (see ``_DecodeView``). ``tests/test_serve.py`` checks the equality.
 
 Sliding-window layers (Mistral, Gemma) need one more thing: ``Transformer.forward`` builds window
 masks from one query slot shared by the batch, which is right only for rows of the same length.
@@ -45,10 +47,9 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 import traceback
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -62,47 +63,50 @@ log = logging.getLogger("evolm.serve")
 # the KV cache of the running batch
 # ------------------------------------------------------------------------------------------
 class SlotCache:
-    """KV storage for ``rows`` slots of up to ``max_len`` tokens each, grown on demand.
+    """KV storage for up to ``rows`` slots of up to ``max_len`` tokens each, grown on demand.
 
     Every attention layer gets a ``(rows, heads, capacity, dim)`` buffer for its keys and one for
     its values (for MLA: the latent and the rotary key), allocated on first use with the shapes
-    the layer hands in, like ``KVCache``. ``capacity`` starts small and doubles up to ``max_len``,
-    so memory follows the longest running sequence, not the model's context length.
+    the layer hands in, like ``KVCache``. Both the rows and the capacity start small and double
+    when needed (up to ``rows`` and ``max_len``), so memory follows the running requests -- one
+    long conversation does not reserve its length for every slot -- and ``reset`` gives it back.
     """
 
     def __init__(self, rows: int, max_len: int, initial: int = 256):
         self.rows, self.max_len = rows, max_len
-        self.capacity = min(initial, max_len)
-        self.initial = self.capacity
+        self.initial = (min(4, rows), min(initial, max_len))
+        self.n_rows, self.capacity = self.initial
         self._k: dict[int, torch.Tensor] = {}
         self._v: dict[int, torch.Tensor] = {}
 
-    def ensure(self, n_slots: int) -> None:
-        """Make room for ``n_slots`` tokens per row (doubling, capped at ``max_len``)."""
-        if n_slots > self.max_len:
-            raise ValueError(f"SlotCache: {n_slots} tokens exceed max_len={self.max_len}")
-        if n_slots <= self.capacity:
+    def ensure(self, n_slots: int, n_rows: int = 1) -> None:
+        """Make room for ``n_rows`` rows of ``n_slots`` tokens (doubling, within the limits)."""
+        if n_slots > self.max_len or n_rows > self.rows:
+            raise ValueError(f"SlotCache: {n_rows} rows x {n_slots} tokens exceed {self.rows} x {self.max_len}")
+        if n_slots <= self.capacity and n_rows <= self.n_rows:
             return
-        cap = self.capacity
+        cap, rows = self.capacity, self.n_rows
         while cap < n_slots:
             cap = min(2 * cap, self.max_len)
+        while rows < n_rows:
+            rows = min(2 * rows, self.rows)
         for store in (self._k, self._v):
             for layer, old in store.items():
-                new = old.new_zeros(*old.shape[:2], cap, old.shape[-1])
-                new[:, :, :old.shape[2]] = old
+                new = old.new_zeros(rows, old.shape[1], cap, old.shape[-1])
+                new[:old.shape[0], :, :old.shape[2]] = old
                 store[layer] = new
-        self.capacity = cap
+        self.n_rows, self.capacity = rows, cap
 
     def reset(self) -> None:
         """Give the memory back (called when no request is running)."""
         self._k.clear()
         self._v.clear()
-        self.capacity = self.initial
+        self.n_rows, self.capacity = self.initial
 
     def buffers(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if layer not in self._k:
-            self._k[layer] = k.new_zeros(self.rows, k.shape[1], self.capacity, k.shape[-1])
-            self._v[layer] = v.new_zeros(self.rows, v.shape[1], self.capacity, v.shape[-1])
+            self._k[layer] = k.new_zeros(self.n_rows, k.shape[1], self.capacity, k.shape[-1])
+            self._v[layer] = v.new_zeros(self.n_rows, v.shape[1], self.capacity, v.shape[-1])
         return self._k[layer], self._v[layer]
 
     def move(self, src: int, dst: int, n_slots: int) -> None:
@@ -135,7 +139,7 @@ class _PrefillView:
         return None
 
     def reserve(self, n_new: int, attention_mask) -> None:
-        self.cache.ensure(n_new)
+        self.cache.ensure(n_new, self.row + 1)
         return None
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
@@ -176,7 +180,7 @@ class _DecodeView:
         limit = min(cache.max_len, max_keys or cache.max_len)
         self.n_keys = max(last + 1, min(-(-(last + 1) // align) * align, limit))
         self.length = last if same_length else self.n_keys
-        cache.ensure(self.n_keys)
+        cache.ensure(self.n_keys, max(rows) + 1)
         self.contiguous = rows == list(range(len(rows)))
         self.rows = torch.tensor(rows, dtype=torch.long, device=device)
         self.lens = torch.tensor(lens, dtype=torch.long, device=device)
@@ -260,7 +264,6 @@ class GenRequest:
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] | None = None
     cancelled: bool = False
-    submitted: float = field(default_factory=time.monotonic)
 
     def cancel(self) -> None:
         """Stop generating (client gone): the slot is freed before the next decode step."""
@@ -321,7 +324,8 @@ class Engine:
         c = model.config
         self.max_len = min(max_len or c.max_seq_len, c.max_seq_len)
         self.max_batch, self.prefill_budget, self.max_waiting = max_batch, prefill_budget, max_waiting
-        self.min_decode_rows = max(1, min_decode_rows)
+        # padding buys batch-independence; a server of one slot has no batch to be independent of
+        self.min_decode_rows = 1 if max_batch == 1 else max(1, min_decode_rows)
         self.device = next(model.parameters()).device
         self.vocab = c.vocab_size
         self.windowed = any(c.layer_window(i) is not None for i in range(c.n_layers))
@@ -421,11 +425,12 @@ class Engine:
         self._admit()
         self._drop_finished()
         if not self.active:
-            if self.cache.capacity > self.cache.initial:
-                self.cache.reset()
+            self.cache.reset()
             return
         self._decode()
         self._drop_finished()
+        if not self.active:
+            self.cache.reset()
 
     def _send(self, req: GenRequest, ev: Event) -> None:
         try:

@@ -1,0 +1,227 @@
+"""Load test for ``evolm serve``: N concurrent streaming clients against a localhost server.
+
+For each concurrency N (default 1, 8, 32) N clients each send streaming chat requests back to
+back until ``--requests`` requests are done or ``--seconds`` have passed (both bounded), and we
+report requests/s, generated tokens/s, p50/p95 time to first token and request latency, and the
+error count (target: 0). Requests are greedy with ``ignore_eos`` so each one generates exactly
+``--max-tokens`` tokens and the levels are comparable.
+
+By default the script starts its own server (SmolLM2-135M-Instruct, ``--max-batch 32``) on a free
+127.0.0.1 port; ``--url`` points it at a running one instead, which must be on this machine
+(loopback only: this is a load generator, it refuses other hosts). ``--sequential`` also runs the
+N=8 level against a second server with ``--max-batch 1`` -- the same requests served one at a
+time -- to show what continuous batching buys.
+
+    python benchmarks/serve_load.py [--model PATH] [--levels 1,8,32] [--requests R] [--seconds 120]
+                                    [--max-tokens 64] [--max-batch 32] [--sequential] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+PROMPTS = ["Explain how a rainbow forms.", "Write a short story about a robot learning to paint.",
+           "What are the benefits of regular exercise?", "Describe the water cycle.",
+           "Give me three tips for learning a new language.", "Why is the sky blue?",
+           "Summarize the plot of Romeo and Juliet.", "How does a refrigerator work?",
+           "Write a poem about autumn leaves.", "What is machine learning?",
+           "Plan a one-day trip to Paris.", "Explain photosynthesis to a child.",
+           "What makes a good team leader?", "Describe your ideal weekend.",
+           "How do airplanes stay in the air?", "List some healthy breakfast ideas."]
+
+
+def _loopback(url: str) -> bool:
+    host = urlparse(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))]
+
+
+class Server:
+    """``run_server`` in a child process on a free loopback port."""
+
+    def __init__(self, model: str, max_batch: int, log: Path, min_decode_rows: int = 4):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        code = (f"from evolm.serve import run_server; run_server({model!r}, port={self.port}, "
+                f"max_batch={max_batch}, min_decode_rows={min_decode_rows}, log_level='warning')")
+        self.log = open(log, "w")
+        self.proc = subprocess.Popen([sys.executable, "-c", code], stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: see {log}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        self.stop()
+        raise TimeoutError(f"server not ready: see {log}")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int,
+                      key: str | None) -> dict:
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+            "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    t0 = time.perf_counter()
+    ttft, tokens, error = None, 0, None
+    try:
+        async with client.stream("POST", url + "/v1/chat/completions", json=body, headers=headers) as r:
+            if r.status_code != 200:
+                return {"error": f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"}
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    error = chunk["error"]["message"]
+                    break
+                if ttft is None and any(c.get("delta", {}).get("content") for c in chunk.get("choices", [])):
+                    ttft = time.perf_counter() - t0
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+    except httpx.HTTPError as e:
+        error = f"{type(e).__name__}: {e}"
+    if error is None and tokens != max_tokens:
+        error = f"expected {max_tokens} tokens, got {tokens}"
+    return {"error": error, "ttft": ttft, "latency": time.perf_counter() - t0, "tokens": tokens}
+
+
+async def level(url: str, model: str, n: int, total: int, seconds: float, max_tokens: int, key: str | None) -> dict:
+    """N clients, back-to-back requests, until ``total`` are done or ``seconds`` have passed."""
+    results: list[dict] = []
+    counter = iter(range(total))
+    deadline = time.perf_counter() + seconds
+    limits = httpx.Limits(max_connections=n + 4, max_keepalive_connections=n + 4)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(seconds + 60), limits=limits) as client:
+        async def worker() -> None:
+            for i in counter:
+                if time.perf_counter() > deadline:
+                    return
+                results.append(await one_request(client, url, model, PROMPTS[i % len(PROMPTS)], max_tokens, key))
+
+        t0 = time.perf_counter()
+        await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(n))), seconds + 120)
+        wall = time.perf_counter() - t0
+    ok = [r for r in results if not r["error"]]
+    errors = [r["error"] for r in results if r["error"]]
+    ttft = [r["ttft"] for r in ok if r["ttft"] is not None]
+    lat = [r["latency"] for r in ok]
+    return {"concurrency": n, "requests": len(results), "errors": len(errors), "wall_s": wall,
+            "requests_per_s": len(ok) / wall, "tokens_per_s": sum(r["tokens"] for r in ok) / wall,
+            "ttft_p50_s": _pct(ttft, 0.5), "ttft_p95_s": _pct(ttft, 0.95),
+            "latency_p50_s": _pct(lat, 0.5), "latency_p95_s": _pct(lat, 0.95),
+            "first_errors": errors[:3]}
+
+
+def _row(r: dict, label: str = "") -> str:
+    return (f"{label:>11} {r['concurrency']:>4} {r['requests']:>5} {r['errors']:>4} {r['requests_per_s']:>7.2f} "
+            f"{r['tokens_per_s']:>8.1f} {r['ttft_p50_s']:>7.2f} {r['ttft_p95_s']:>7.2f} "
+            f"{r['latency_p50_s']:>7.2f} {r['latency_p95_s']:>7.2f}")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="model path (default: the SmolLM2-135M-Instruct GGUF asset)")
+    ap.add_argument("--url", default=None, help="a running server on this machine (default: start one)")
+    ap.add_argument("--api-key", default=None)
+    ap.add_argument("--levels", default="1,8,32")
+    ap.add_argument("--requests", type=int, default=None,
+                    help="requests per level (default: 2N, at least 8; never fewer than N)")
+    ap.add_argument("--seconds", type=float, default=120, help="time limit per level")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--max-batch", type=int, default=32, help="slots of the server this script starts")
+    ap.add_argument("--min-decode-rows", type=int, default=4, help="of the server this script starts")
+    ap.add_argument("--sequential", action="store_true", help="also run N=8 against a --max-batch 1 server")
+    ap.add_argument("--json", default=None, help="write the results here")
+    args = ap.parse_args(argv)
+    levels = [int(x) for x in args.levels.split(",")]
+    if args.url and not _loopback(args.url):
+        ap.error(f"--url {args.url}: only loopback servers (127.0.0.1, ::1, localhost) may be load-tested")
+    model = args.model
+    if model is None and args.url is None:
+        from evolm.interop.gguf import find_asset
+
+        model = str(find_asset("smollm2"))
+    servers = []
+    try:
+        if args.url:
+            url = args.url.rstrip("/")
+        else:
+            servers.append(Server(model, args.max_batch, Path("/tmp") / f"serve_load_{os.getpid()}.log",
+                                  args.min_decode_rows))
+            url = servers[0].url
+        headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+        model_id = httpx.get(url + "/v1/models", headers=headers, timeout=10).json()["data"][0]["id"]
+        print(f"server {url}  model {model_id}  max_tokens {args.max_tokens}  "
+              f"(greedy, ignore_eos)  torch threads on this machine: {os.cpu_count()} cpus")
+        print(f"{'':>11} {'N':>4} {'reqs':>5} {'err':>4} {'req/s':>7} {'tok/s':>8} {'ttft50':>7} {'ttft95':>7} "
+              f"{'lat50':>7} {'lat95':>7}")
+        asyncio.run(level(url, model_id, 1, 1, 60, 4, args.api_key))  # warm-up
+        results = []
+        for n in levels:
+            count = max(args.requests or max(8, 2 * n), n)
+            r = level(url, model_id, n, count, args.seconds, args.max_tokens, args.api_key)
+            r = asyncio.run(r)
+            r["server"] = "batched"
+            results.append(r)
+            print(_row(r, "batched"), flush=True)
+        if args.sequential and not args.url:
+            servers.append(Server(model, 1, Path("/tmp") / f"serve_load_seq_{os.getpid()}.log"))
+            seq_url = servers[-1].url
+            asyncio.run(level(seq_url, model_id, 1, 1, 60, 4, None))
+            count = max(args.requests or 16, 8)
+            r = asyncio.run(level(seq_url, model_id, 8, count, args.seconds, args.max_tokens, None))
+            r["server"] = "max_batch=1"
+            results.append(r)
+            print(_row(r, "max_batch=1"), flush=True)
+        for r in results:
+            if r["first_errors"]:
+                print(f"errors at N={r['concurrency']}: {r['first_errors']}")
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2))
+    finally:
+        for s in servers:
+            s.stop()
+
+
+if __name__ == "__main__":
+    main()

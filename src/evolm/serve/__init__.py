@@ -1,0 +1,113 @@
+"""Serving: an OpenAI-compatible HTTP server with continuous batching and a web chat page.
+
+``evolm serve --model PATH`` (or :func:`run_server`) loads any model ``evolm.load`` reads -- a
+Hugging Face folder, a GGUF file, an evolm checkpoint -- and serves it on 127.0.0.1:8000:
+
+- ``evolm.serve.scheduler``: the :class:`Engine`, which batches the decode steps of concurrent
+  requests (continuous batching) over a slot KV cache;
+- ``evolm.serve.app``: the FastAPI app (``/v1/models``, ``/v1/completions``,
+  ``/v1/chat/completions``, ``/health``) and OpenAI-style errors;
+- ``static/index.html``: the chat page served at ``/`` (plain HTML and JavaScript, no build step).
+
+This module imports nothing heavy, so the CLI can build its parser without FastAPI installed;
+the ``serve`` extra (``pip install 'evolm[serve]'``) brings fastapi and uvicorn.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def model_id(model_path: str | os.PathLike) -> str:
+    """The name clients use for the model: the file's stem or the folder's name."""
+    p = Path(model_path)
+    return p.stem if p.is_file() else (p.resolve().name or str(p))
+
+
+def build_app(model_path: str | os.PathLike, api_key: str | None = None, dtype: str = "float32",
+              max_batch: int = 8, max_model_len: int | None = None, served_model_name: str | None = None,
+              min_decode_rows: int = 4):
+    """Load the model and return ``(app, engine)``; the app starts the engine when it starts."""
+    try:
+        import torch
+
+        from evolm.loading import load
+        from evolm.serve.app import create_app
+        from evolm.serve.scheduler import Engine
+    except ImportError as e:
+        raise ImportError(f"evolm serve needs fastapi and uvicorn: pip install 'evolm[serve]' ({e})") from None
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    model, tokenizer = load(model_path, dtype=getattr(torch, dtype))
+    if tokenizer is None:
+        raise ValueError(f"{model_path}: no tokenizer found (a tokenizer.json or GGUF vocabulary is needed "
+                         f"to serve text)")
+    engine = Engine(model, tokenizer, max_batch=max_batch, max_len=max_model_len, min_decode_rows=min_decode_rows)
+    app = create_app(engine, served_model_name or model_id(model_path), api_key=api_key)
+    return app, engine
+
+
+def run_server(model_path: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000,
+               api_key: str | None = None, dtype: str = "float32", max_batch: int = 8,
+               max_model_len: int | None = None, served_model_name: str | None = None,
+               min_decode_rows: int = 4, log_level: str = "info", threads: int | None = None) -> None:
+    """Serve ``model_path`` until interrupted (what ``evolm serve`` runs).
+
+    Binds ``host`` (loopback by default: pass ``0.0.0.0`` to expose it, ideally with an
+    ``api_key``). ``max_batch`` requests decode together; more wait in line. ``max_model_len``
+    caps prompt + completion tokens (the model's context length by default); the KV cache grows
+    to at most ``max_batch * max_model_len`` tokens.
+    """
+    import torch
+    import uvicorn
+
+    if threads:
+        torch.set_num_threads(threads)
+    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    log = logging.getLogger("evolm.serve")
+    if api_key is None:
+        api_key = os.environ.get("EVOLM_API_KEY") or None
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        log.warning("binding %s without --api-key: anyone who can reach this port can use the model", host)
+    app, engine = build_app(model_path, api_key=api_key, dtype=dtype, max_batch=max_batch,
+                            max_model_len=max_model_len, served_model_name=served_model_name,
+                            min_decode_rows=min_decode_rows)
+    c = engine.model.config
+    log.info("serving %s (%s, %d layers, context %d) on http://%s:%d with max_batch=%d",
+             served_model_name or model_id(model_path), dtype, c.n_layers, engine.max_len, host, port, max_batch)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=log_level == "debug")
+
+
+def add_arguments(parser) -> None:
+    """The ``evolm serve`` options (argparse), kept here next to what they configure."""
+    parser.add_argument("--model", required=True, help="HF folder, .gguf file or evolm checkpoint")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api-key", default=None,
+                        help="require 'Authorization: Bearer KEY' on /v1 (default: $EVOLM_API_KEY, else none)")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32")
+    parser.add_argument("--max-batch", type=int, default=8, help="requests decoded together (slots)")
+    parser.add_argument("--max-model-len", type=int, default=None,
+                        help="cap on prompt + completion tokens (default: the model's context length)")
+    parser.add_argument("--served-model-name", default=None, help="model id clients send (default: file/folder name)")
+    parser.add_argument("--min-decode-rows", type=int, default=4,
+                        help="pad decode steps to this many rows so greedy output is the same alone or "
+                             "batched (1: faster single streams, exactness not guaranteed)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def run_from_args(args) -> None:
+    """Entry point for the CLI: ``run_server`` with the parsed ``add_arguments`` options."""
+    run_server(args.model, host=args.host, port=args.port, api_key=args.api_key, dtype=args.dtype,
+               max_batch=args.max_batch, max_model_len=args.max_model_len,
+               served_model_name=args.served_model_name, min_decode_rows=args.min_decode_rows,
+               log_level=args.log_level, threads=args.threads)
+
+
+__all__ = ["run_server", "build_app", "add_arguments", "run_from_args", "model_id"]
