@@ -23,9 +23,7 @@ from torch.utils.checkpoint import checkpoint
 def init_distributed(mode: str) -> tuple[int, int, torch.device]:
     """(rank, world_size, device); starts the process group under torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if mode == "none" or world == 1:
-        if mode != "none" and world == 1:
-            pass  # a single process: distributed wrappers are skipped
+    if mode == "none" or world == 1:  # one process: no process group, no wrappers
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"

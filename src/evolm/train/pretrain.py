@@ -403,8 +403,10 @@ def pretrain(recipe: Recipe, out_dir: str | None = None, resume: bool = False,
 
     progress = _Progress(sum(p.steps for p in plans), global_step, enabled=main and sys.stdout.isatty())
     last_train_loss, last_eval, sample_text = float("nan"), {}, []
-    steps_this_call, tokens_seen = 0, sum(p.tokens_per_step * p.steps for p in plans[:stage_idx]) \
-        + stage_step * plans[stage_idx].tokens_per_step if stage_idx < len(plans) else 0
+    steps_this_call = 0
+    tokens_seen = sum(p.tokens_per_step * p.steps for p in plans[:stage_idx])  # tokens before this call
+    if stage_idx < len(plans):
+        tokens_seen += stage_step * plans[stage_idx].tokens_per_step
     throughput: list[float] = []
     stopped_early = False
     train_model.train()
