@@ -6,33 +6,19 @@ import argparse
 import json
 import os
 import sys
+from typing import NoReturn
 
 
-def _fail(msg: str) -> "NoReturn":  # noqa: F821
+def _fail(msg: str) -> NoReturn:
     print(f"evolm: error: {msg}", file=sys.stderr)
     raise SystemExit(2)
 
 
 def resolve_config(spec: str):
     """A preset name, an evolm config JSON, or a Hugging Face config.json / model folder."""
-    from evolm.config import ConfigError, ModelConfig
-    from evolm.presets import get_preset
+    from evolm.loading import load_config
 
-    path = os.path.join(spec, "config.json") if os.path.isdir(spec) else spec
-    if os.path.isfile(path):
-        with open(path) as f:
-            try:
-                d = json.load(f)
-            except json.JSONDecodeError as e:
-                _fail(f"{path}: not valid JSON ({e})")
-        if "model_type" in d:
-            from evolm.interop.hf import config_from_hf
-            return config_from_hf(d)
-        return ModelConfig.from_dict(d.get("model", d), source=path)
-    try:
-        return get_preset(spec)
-    except ConfigError as e:
-        _fail(str(e))
+    return load_config(spec)
 
 
 # --- arch ------------------------------------------------------------------------------------

@@ -37,6 +37,30 @@ def _tokenizer_from_dir(folder: Path):
     return from_dir(str(folder)) if callable(from_dir) else None
 
 
+def load_config(spec: str | os.PathLike):
+    """The ModelConfig named by ``spec``: a preset name, an evolm config JSON (or checkpoint
+    folder), or a Hugging Face config.json / model folder."""
+    import json
+
+    from evolm.config import ConfigError, ModelConfig
+    from evolm.presets import get_preset
+
+    spec = str(spec)
+    path = os.path.join(spec, "config.json") if os.path.isdir(spec) else spec
+    if not os.path.isfile(path):
+        if os.sep in spec or spec.endswith(".json"):
+            raise FileNotFoundError(f"{path}: no such config file")
+        return get_preset(spec)
+    with open(path) as f:
+        try:
+            d = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if "model_type" in d:
+        return _hf.config_from_hf(d)
+    return ModelConfig.from_dict(d.get("model", d), source=path)
+
+
 def detect_format(path: str | os.PathLike) -> str:
     """'evolm', 'hf' or 'gguf' for a path; raises naming what was expected otherwise."""
     p = Path(path)

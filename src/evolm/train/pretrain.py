@@ -27,7 +27,6 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from evolm.checkpoint import load_trainer_state, save_checkpoint
 from evolm.config import ModelConfig
@@ -112,21 +111,12 @@ def build_model(recipe: Recipe, tokenizer) -> tuple[Any, ModelConfig]:
 
         model, _ = load(m.init)
         return model, model.config
-    if m.preset is not None:
-        from evolm.presets import get_preset
+    from evolm.loading import load_config
 
-        config = get_preset(m.preset)
-    else:
-        if not os.path.isfile(m.config):
-            raise RecipeError(f"{recipe.source}: model.config: file not found: {m.config}")
-        with open(m.config) as f:
-            d = json.load(f)
-        if "model_type" in d:
-            from evolm.interop.hf import config_from_hf
-
-            config = config_from_hf(d)
-        else:
-            config = ModelConfig.from_dict(d.get("model", d), source=m.config)
+    spec = m.preset if m.preset is not None else m.config
+    if m.config is not None and not os.path.isfile(m.config):
+        raise RecipeError(f"{recipe.source}: model.config: file not found: {m.config}")
+    config = load_config(spec)
     overrides = dict(m.overrides)
     if overrides.get("vocab_size") == "tokenizer":
         overrides["vocab_size"] = tokenizer.vocab_size
