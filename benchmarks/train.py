@@ -5,7 +5,12 @@ weights copied into evolm), a full step each: forward + backward + AdamW. Config
 issue: a GPT-2-style model (6 layers, 384 wide, LayerNorm, learned positions, GELU) and a
 Llama-style one (RMSNorm, SwiGLU, RoPE, GQA), context 256, vocabulary 50,304, batch 8.
 
-    python benchmarks/train.py [--dtypes float32,bfloat16] [--steps 5] [--warmup 2] [--compile]
+    python benchmarks/train.py [--dtypes float32,bfloat16] [--steps 5] [--warmup 2] [--compile] [--nanogpt]
+
+``--compile`` adds evolm with per-block ``torch.compile`` and the inductor-fused loss kernel (what
+``train.compile: true`` does). ``--nanogpt`` adds, for the GPT-2-style config, a minimal GPT written
+here in nanoGPT's structure (fused c_attn, SDPA causal attention, tied head, ``F.cross_entropy`` on
+the full logits) compiled whole with ``torch.compile``: the issue's nanoGPT reference point.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 from evolm.interop.hf import config_from_hf, state_dict_from_hf  # noqa: E402
 from evolm.model import build  # noqa: E402
+from evolm.nn.loss import use_compiled_kernel  # noqa: E402
 from evolm.train.optim import make_optimizer  # noqa: E402
 
 V, T, B = 50304, 256, 8
@@ -37,6 +43,36 @@ def hf_models():
                         num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=T,
                         tie_word_embeddings=True)
     return [("gpt2-style", GPT2LMHeadModel, gpt2), ("llama-style", LlamaForCausalLM, llama)]
+
+
+class NanoGPTStyle(torch.nn.Module):
+    """GPT-2 in nanoGPT's shape (our own few lines, not nanoGPT's code): the baseline to beat."""
+
+    def __init__(self, n_layer=6, n_embd=384, n_head=6):
+        super().__init__()
+        nn = torch.nn
+        self.n_head = n_head
+        self.wte, self.wpe = nn.Embedding(V, n_embd), nn.Embedding(T, n_embd)
+        self.blocks = nn.ModuleList()
+        for _ in range(n_layer):
+            self.blocks.append(nn.ModuleDict(dict(
+                ln_1=nn.LayerNorm(n_embd), c_attn=nn.Linear(n_embd, 3 * n_embd), c_proj=nn.Linear(n_embd, n_embd),
+                ln_2=nn.LayerNorm(n_embd), c_fc=nn.Linear(n_embd, 4 * n_embd), mlp_proj=nn.Linear(4 * n_embd, n_embd))))
+        self.ln_f = nn.LayerNorm(n_embd)
+        self.lm_head = nn.Linear(n_embd, V, bias=False)
+        self.lm_head.weight = self.wte.weight
+
+    def forward(self, idx, targets):
+        b, t = idx.shape
+        x = self.wte(idx) + self.wpe(torch.arange(t, device=idx.device))
+        for blk in self.blocks:
+            q, k, v = blk["c_attn"](blk["ln_1"](x)).split(x.shape[-1], dim=2)
+            q, k, v = (z.view(b, t, self.n_head, -1).transpose(1, 2) for z in (q, k, v))
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            x = x + blk["c_proj"](y.transpose(1, 2).reshape(b, t, -1))
+            x = x + blk["mlp_proj"](F.gelu(blk["c_fc"](blk["ln_2"](x)), approximate="tanh"))
+        logits = self.lm_head(self.ln_f(x))
+        return F.cross_entropy(logits.float().view(-1, V), targets.reshape(-1))
 
 
 def time_steps(step, warmup: int, steps: int) -> float:
@@ -54,12 +90,16 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--compile", action="store_true", help="also run evolm with per-block torch.compile")
+    ap.add_argument("--nanogpt", action="store_true", help="also run a nanoGPT-style GPT compiled whole")
+    ap.add_argument("--models", default="gpt2-style,llama-style")
     args = ap.parse_args()
     print(f"{torch.get_num_threads()} threads, torch {torch.__version__}; batch {B} x context {T}, vocab {V}")
     x = torch.randint(0, V, (B, T + 1), generator=torch.Generator().manual_seed(0))
     inp, tgt = x[:, :-1], x[:, 1:]
     rows = []
     for name, cls, hf_cfg in hf_models():
+        if name not in args.models.split(","):
+            continue
         torch.manual_seed(0)
         hf = cls(hf_cfg)
         cfg = config_from_hf(hf_cfg.to_dict())
@@ -83,6 +123,7 @@ def main() -> None:
                 if compiled:
                     for block in ours.layers:
                         block.compile()
+                use_compiled_kernel(compiled)
 
                 def our_step(model=ours, opt=make_optimizer(ours, 1e-4)):
                     with amp:
@@ -93,6 +134,21 @@ def main() -> None:
 
                 tps = time_steps(our_step, args.warmup + (2 if compiled else 0), args.steps)
                 rows.append((name, dtype, label, tps, tps / ref))
+            use_compiled_kernel(False)
+            if args.nanogpt and name == "gpt2-style":
+                torch.manual_seed(0)
+                nano = NanoGPTStyle()
+                nano_c = torch.compile(nano)
+
+                def nano_step(model=nano_c, opt=make_optimizer(nano, 1e-4)):
+                    with amp:
+                        loss = model(inp, tgt)
+                    loss.backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+
+                tps = time_steps(nano_step, args.warmup + 2, args.steps)
+                rows.append((name, dtype, "nanoGPT-style compiled", tps, tps / ref))
     print("\n| model | dtype | engine | train tokens/s | vs transformers |")
     print("|---|---|---|---|---|")
     for name, dtype, engine, tps, ratio in rows:

@@ -28,6 +28,77 @@ def _chunk_logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, soft
     return softcap * z, z
 
 
+def _xent_grad_eager(logits: torch.Tensor, tc: torch.Tensor, valid: torch.Tensor, n_valid: torch.Tensor,
+                     softcap: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed loss of a chunk and d(mean loss)/d(logits), computed in fp32 with in-place passes
+    (one live fp32 copy of the chunk's logits)."""
+    logits = logits.float()
+    z = None
+    if softcap is not None:
+        z = torch.tanh(logits / softcap)
+        logits = softcap * z
+    safe_t = tc.clamp(min=0)
+    target_logit = logits.gather(1, safe_t[:, None])[:, 0]
+    # one pass of exp, in place: the softmax is both the loss's normaliser and its gradient
+    top = logits.amax(dim=-1, keepdim=True)
+    g = logits.sub_(top).exp_()
+    denom = g.sum(dim=-1, keepdim=True)
+    lse = (top + denom.log())[:, 0]
+    total = ((lse - target_logit) * valid).sum()
+    g.div_(denom)  # softmax
+    g.scatter_add_(1, safe_t[:, None], -valid[:, None].float())
+    g *= (valid.float() / n_valid)[:, None]
+    if z is not None:
+        g *= 1 - z * z  # d(cap * tanh(x / cap)) / dx
+    return g, total
+
+
+def _xent_grad_fusable(logits: torch.Tensor, tc: torch.Tensor, valid: torch.Tensor, n_valid: torch.Tensor,
+                       softcap: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same quantities written out of place, so that inductor fuses them into a few loops
+    over the chunk: the fp32 upcast, max, exp-sum, softmax, one-hot and the cast back never
+    materialise (about 3x faster than the eager passes on CPU)."""
+    x = logits.float()
+    z = None
+    if softcap is not None:
+        z = torch.tanh(x / softcap)
+        x = softcap * z
+    safe_t = tc.clamp(min=0)
+    onehot = torch.arange(x.shape[1], device=x.device)[None, :] == safe_t[:, None]
+    target_logit = torch.where(onehot, x, 0.0).sum(-1)
+    top = x.amax(dim=-1, keepdim=True)
+    e = torch.exp(x - top)
+    denom = e.sum(dim=-1, keepdim=True)
+    lse = (top + denom.log())[:, 0]
+    w = valid.float()
+    g = (e / denom - onehot.float() * w[:, None]) * (w / n_valid)[:, None]
+    if z is not None:
+        g = g * (1 - z * z)
+    return g.to(logits.dtype), ((lse - target_logit) * w).sum()
+
+
+_compiled_kernel = None
+_use_compiled = False
+
+
+def use_compiled_kernel(enabled: bool = True) -> None:
+    """Route the loss's per-chunk softmax/gradient through ``torch.compile`` (inductor).
+
+    Off by default: compiling costs ~10 s once per process. The trainer turns it on together
+    with ``train.compile``; results equal the eager path to float rounding (tests/test_loss.py).
+    """
+    global _use_compiled, _compiled_kernel
+    _use_compiled = enabled
+    if enabled and _compiled_kernel is None:
+        _compiled_kernel = torch.compile(_xent_grad_fusable, dynamic=False)
+
+
+def _xent_grad(logits, tc, valid, n_valid, softcap):
+    if _use_compiled:
+        return _compiled_kernel(logits, tc, valid, n_valid, softcap)
+    return _xent_grad_eager(logits, tc, valid, n_valid, softcap)
+
+
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, w, b, targets, chunk, softcap, ignore_index):
@@ -43,23 +114,14 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             total = torch.zeros((), dtype=torch.float32, device=h.device)
             for s in range(0, h.shape[0], chunk):
                 hc, tc, valid = hc_all[s:s + chunk], targets[s:s + chunk], valid_all[s:s + chunk]
-                logits, z = _chunk_logits(hc, wc, bc, softcap)
-                safe_t = tc.clamp(min=0)
-                target_logit = logits.gather(1, safe_t[:, None])[:, 0]
-                # one pass of exp, in place: the softmax is both the loss's normaliser and its gradient
-                top = logits.amax(dim=-1, keepdim=True)
-                g = logits.sub_(top).exp_()
-                denom = g.sum(dim=-1, keepdim=True)
-                lse = (top + denom.log())[:, 0]
-                total += ((lse - target_logit) * valid).sum()
-                g.div_(denom)  # softmax
-                g.scatter_add_(1, safe_t[:, None], -valid[:, None].float())
-                g *= (valid.float() / n_valid)[:, None]
-                if z is not None:
-                    g *= 1 - z * z  # d(cap * tanh(x / cap)) / dx
+                g, chunk_total = _xent_grad(F.linear(hc, wc, bc), tc, valid, n_valid, softcap)
+                total += chunk_total
                 g = g.to(dtype)
                 grad_h[s:s + chunk] = (g @ wc).to(h.dtype)
-                grad_w += (g.t() @ hc).float()
+                if dtype == torch.float32:
+                    grad_w.addmm_(g.t(), hc)
+                else:
+                    grad_w += (g.t() @ hc).float()
                 if grad_b is not None:
                     grad_b += g.float().sum(0)
         ctx.save_for_backward(grad_h, grad_w, grad_b if grad_b is not None else torch.empty(0))
