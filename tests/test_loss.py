@@ -84,3 +84,18 @@ def test_compiled_chunk_kernel_equals_eager_and_reference(dtype):
     torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-5)
     for a, b in zip(g0, g1):
         torch.testing.assert_close(a, b, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-5)
+
+
+def test_frozen_head_gets_no_gradient_and_the_same_input_gradient():
+    """With the head frozen (LoRA on a tied embedding) no V x D gradient is built; dL/dh is unchanged."""
+    torch.manual_seed(0)
+    h = torch.randn(37, 16, requires_grad=True)
+    w = torch.randn(50, 16)
+    b = torch.randn(50)
+    t = torch.randint(0, 50, (37,))
+    got = fused_linear_cross_entropy(h, w, t, b, chunk=8)
+    (gh,) = torch.autograd.grad(got, [h])
+    want = F.cross_entropy(F.linear(h, w, b), t)
+    (rh,) = torch.autograd.grad(want, [h])
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gh, rh, rtol=1e-5, atol=1e-6)

@@ -283,6 +283,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_args(ev)
     ev.set_defaults(func=main_cli)
 
+    # post-training: each trainer module owns its arguments
+    from evolm.post.lora import add_merge_args, run_merge
+
+    mg = sub.add_parser("merge", help="fold a LoRA adapter (PEFT folder) into its base model")
+    add_merge_args(mg)
+    mg.set_defaults(func=run_merge)
+
     t = sub.add_parser("tokenizer", help="train a tokenizer")
     tsub = t.add_subparsers(dest="tok_cmd", required=True)
     tt = tsub.add_parser("train", help="train a byte-level BPE on a corpus")

@@ -108,9 +108,12 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             bc = b.to(dtype) if b is not None else None
             valid_all = targets != ignore_index
             n_valid = valid_all.sum().clamp(min=1).float()
+            # a frozen head (LoRA / QLoRA on a tied embedding) needs no V x D gradient: skip it
+            need_w = ctx.needs_input_grad[1]
+            need_b = b is not None and ctx.needs_input_grad[2]
             grad_h = torch.empty_like(h)
-            grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
-            grad_b = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device) if b is not None else None
+            grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
+            grad_b = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device) if need_b else None
             total = torch.zeros((), dtype=torch.float32, device=h.device)
             for s in range(0, h.shape[0], chunk):
                 hc, tc, valid = hc_all[s:s + chunk], targets[s:s + chunk], valid_all[s:s + chunk]
@@ -118,22 +121,24 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 total += chunk_total
                 g = g.to(dtype)
                 grad_h[s:s + chunk] = (g @ wc).to(h.dtype)
-                if dtype == torch.float32:
+                if grad_w is not None and dtype == torch.float32:
                     grad_w.addmm_(g.t(), hc)
-                else:
+                elif grad_w is not None:
                     grad_w += (g.t() @ hc).float()
                 if grad_b is not None:
                     grad_b += g.float().sum(0)
-        ctx.save_for_backward(grad_h, grad_w, grad_b if grad_b is not None else torch.empty(0))
-        ctx.has_bias = b is not None
+        empty = torch.empty(0)
+        ctx.save_for_backward(grad_h, grad_w if need_w else empty, grad_b if need_b else empty)
+        ctx.need_w, ctx.need_b = need_w, need_b
         ctx.w_dtype = w.dtype
         return total / n_valid
 
     @staticmethod
     def backward(ctx, grad_out):
         grad_h, grad_w, grad_b = ctx.saved_tensors
-        gb = (grad_b * grad_out).to(ctx.w_dtype) if ctx.has_bias else None
-        return grad_h * grad_out.to(grad_h.dtype), (grad_w * grad_out).to(ctx.w_dtype), gb, None, None, None, None
+        gw = (grad_w * grad_out).to(ctx.w_dtype) if ctx.need_w else None
+        gb = (grad_b * grad_out).to(ctx.w_dtype) if ctx.need_b else None
+        return grad_h * grad_out.to(grad_h.dtype), gw, gb, None, None, None, None
 
 
 def fused_linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
