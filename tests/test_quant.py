@@ -32,3 +32,77 @@ def test_quantized_model_keeps_its_predictions():
     assert isinstance(model.layers[0].self_attn.q_proj, Int8Linear)
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
     assert ((got - want).norm() / want.norm()) < 2e-2
+
+
+# ------------------------------------------------------------------------------------------
+# int4 (group-wise, asymmetric): reference = the dequantization formula w = q * scale + min
+# ------------------------------------------------------------------------------------------
+from evolm.quant import Int4Linear, int4_supported, quantize_int4  # noqa: E402
+
+
+def _q4_1_weight(n: int, k: int, group: int = 32, seed: int = 0) -> torch.Tensor:
+    """A weight already of llama.cpp's Q4_1 form: per block of 32, w = q * d + m, q in 0..15 (both ends used)."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (n, k // group, group), generator=g).float()
+    q[..., 0], q[..., 1] = 0, 15
+    d = 0.01 + 0.02 * torch.rand(n, k // group, 1, generator=g)
+    m = -8 * d + 0.01 * torch.randn(n, k // group, 1, generator=g)
+    return (q * d + m).reshape(n, k)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 7])
+def test_int4_linear_computes_its_dequantized_weight(dtype, rows):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(128, 48).to(dtype)
+    q = Int4Linear(lin.weight, lin.bias, group_size=32)
+    w = q.dequantize().float()
+    # formula check: every group of 32 inputs of a row holds at most 16 distinct values on an even grid
+    grp = w.reshape(48, 4, 32)
+    lo, hi = grp.amin(-1, keepdim=True), grp.amax(-1, keepdim=True)
+    steps = (grp - lo) / ((hi - lo) / 15)
+    assert (steps - steps.round()).abs().max() < 0.1  # bf16 scales and minima round the grid a little
+    assert (w - lin.weight.float()).abs().max() <= ((hi - lo) / 15).max() / 2 + 1e-2
+    x = torch.randn(rows, 128).to(dtype)
+    with torch.no_grad():
+        got = q(x).float()
+    want = x.float() @ w.t() + lin.bias.float()
+    assert ((got - want).norm() / want.norm()) < 1e-2  # the kernel runs on bf16 activations
+    assert q.weight.dtype == torch.uint8 and q.weight.numel() == 48 * 128 // 2
+
+
+def test_int4_requantizes_a_q4_1_weight_exactly():
+    """On weights of Q4_1 form (what load_gguf gives for a Q4_1 file) group-32 int4 keeps every code;
+    only the bf16 rounding of scale and minimum remains (|error| <= 2^-8 of the block's magnitude)."""
+    w = _q4_1_weight(32, 96)
+    q = Int4Linear(w, None, group_size=32)
+    err = (q.dequantize().float() - w).abs().reshape(32, 3, 32)
+    step = (w.reshape(32, 3, 32).amax(-1) - w.reshape(32, 3, 32).amin(-1)) / 15
+    assert (err.amax(-1) < 0.1 * step).all()  # far below half a quantization step: no code changed
+
+
+def test_int4_shape_rules_and_fallback():
+    assert int4_supported(48, 64, 32) and not int4_supported(40, 64, 32) and not int4_supported(48, 48, 32)
+    with pytest.raises(ValueError, match="out_features % 16"):
+        Int4Linear(torch.randn(40, 64), None)
+    torch.manual_seed(0)
+    model = build(get_preset("tiny-llama")).eval()
+    quantize_int4(model, group_size=32, head="int8")
+    assert isinstance(model.layers[0].mlp.up_proj, Int4Linear)
+    assert isinstance(model.lm_head, Int8Linear)
+    with pytest.raises(ValueError, match="head must be"):
+        quantize_int4(model, head="int3")
+
+
+def test_int4_model_keeps_its_predictions():
+    torch.manual_seed(0)
+    model = build(get_preset("tiny-llama")).eval()
+    x = torch.randint(0, model.config.vocab_size, (2, 16))
+    with torch.no_grad():
+        want = model(x)
+        quantize_int4(model, group_size=32, head="int4")
+        got = model(x)
+    assert isinstance(model.lm_head, Int4Linear)
+    # random N(0, 0.02) weights are the hard case for 4 bits (no outliers, no structure): ~7% error
+    assert ((got - want).norm() / want.norm()) < 0.12
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.7

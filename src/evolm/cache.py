@@ -27,6 +27,8 @@ class KVCache:
     (latent, rotary key).
     """
 
+    static = False  # see StaticKVCache
+
     def __init__(self, batch: int, max_len: int, windows: list[int | None] | None = None,
                  device: torch.device | str | None = None):
         self.batch, self.max_len = batch, max_len
@@ -125,3 +127,82 @@ class KVCache:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self._k.values(), *self._v.values()))
+
+
+class StaticKVCache(KVCache):
+    """A cache with fixed shapes, for a ``torch.compile``-d decode step (gpt-fast's static cache).
+
+    A compiled graph is specialised on every shape and Python number it sees; the plain cache's
+    growing ``length`` and ``K[:, :, :length]`` slices would recompile it at every token. Here:
+
+    - every layer keeps a full ``(B, H, max_len, D)`` buffer (sliding-window layers too: their
+      window becomes part of the mask rather than a ring buffer, so memory is not flat, but
+      shapes are);
+    - the prompt is prefilled through the ordinary path (``KVCache``'s Python-int bookkeeping,
+      exact and fast for long inputs); then :meth:`start_static` switches to *static mode*, where
+      the write position is a tensor ``pos``, new keys go in with ``index_copy_`` at ``pos`` and
+      attention runs over all ``max_len`` slots with a mask ``slot <= pos`` (and the window and
+      padding). Nothing is recompiled as the sequence grows;
+    - the slot dimension of the buffers is marked dynamic for ``torch.compile``, so one graph
+      also serves every ``max_len``: prompts of any length, without padding the cache to buckets.
+
+    The price is attention over ``max_len`` slots instead of the filled ones (on average half the
+    new tokens too many), which is small next to reading the weights at short contexts. In static
+    mode ``length`` stops counting (``pos`` holds the position) and writes past ``max_len`` are not
+    checked (that would read the tensor back every step): size the cache for prompt + new tokens,
+    as ``generate(..., compile=True)`` does.
+    """
+
+    def __init__(self, batch: int, max_len: int, device: torch.device | str | None = None):
+        super().__init__(batch, max_len, None, device)
+        self.static = False  # True once start_static() was called
+        self.pos: torch.Tensor | None = None  # (1,) slot the next token is written to
+
+    @classmethod
+    def for_model(cls, model, batch: int, max_len: int | None = None) -> "StaticKVCache":
+        dev = next(model.parameters()).device
+        return cls(batch, max_len or model.config.max_seq_len, device=dev)
+
+    def start_static(self) -> None:
+        """Switch from prefill bookkeeping (Python ints) to static mode (tensor position)."""
+        if self.static:
+            return
+        dev = next(iter(self._k.values())).device if self._k else self.device
+        self.pos = torch.tensor([self.length], dtype=torch.long, device=dev)
+        if self.key_valid is None:
+            self.key_valid = torch.ones(self.batch, self.max_len, dtype=torch.bool, device=dev)
+        self._slots = torch.arange(self.max_len, device=dev)
+        for t in (*self._k.values(), *self._v.values()):
+            torch._dynamo.maybe_mark_dynamic(t, 2)
+        torch._dynamo.maybe_mark_dynamic(self.key_valid, 1)
+        torch._dynamo.maybe_mark_dynamic(self._slots, 0)
+        self.static = True
+
+    # --- static mode: called by the model instead of key_slots/attention_mask ----------------
+    def mask(self, window: int | None, n_new: int) -> torch.Tensor:
+        """(B, 1, T, max_len) bool: query ``pos + t`` may see a slot that is filled, causal, in window."""
+        q = self.pos + torch.arange(n_new, device=self.pos.device)
+        diff = q[:, None] - self._slots[None, :]
+        m = diff >= 0
+        if window is not None:
+            m = m & (diff < window)
+        return m[None, None] & self.key_valid[:, None, None, :]
+
+    def reserve(self, n_new: int, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+        if not self.static:
+            return super().reserve(n_new, attention_mask)
+        return None  # padding was recorded at prefill; generated tokens are all real
+
+    def advance(self, n: int) -> None:
+        if not self.static:
+            return super().advance(n)
+        self.pos += n
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.static:
+            return super().update(layer, k, v)
+        K, V = self._k[layer], self._v[layer]
+        slots = self.pos + torch.arange(k.shape[2], device=k.device) if k.shape[2] > 1 else self.pos
+        K.index_copy_(2, slots, k)
+        V.index_copy_(2, slots, v)
+        return K, V

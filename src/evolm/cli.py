@@ -304,6 +304,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_sft_args(sf)
     sf.set_defaults(func=run_sft)
 
+    from evolm.post.dpo import add_dpo_args, run_dpo
+
+    dp_ = sub.add_parser("dpo", help="preference optimisation (DPO / cDPO / IPO / SimPO) on preference pairs")
+    add_dpo_args(dp_)
+    dp_.set_defaults(func=run_dpo)
+
+    from evolm.post.grpo import add_grpo_args, run_grpo
+
+    gr = sub.add_parser("grpo", help="GRPO: reinforcement learning from verifiable rewards on sampled groups")
+    add_grpo_args(gr)
+    gr.set_defaults(func=run_grpo)
+
     t = sub.add_parser("tokenizer", help="train a tokenizer")
     tsub = t.add_subparsers(dest="tok_cmd", required=True)
     tt = tsub.add_parser("train", help="train a byte-level BPE on a corpus")

@@ -27,8 +27,10 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Protocol, Sequence
 
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
-from evolm.cache import KVCache
+from evolm.cache import KVCache, StaticKVCache
 
 
 # ------------------------------------------------------------------------------------------
@@ -206,6 +208,60 @@ def _as_batch(input_ids, attention_mask, device) -> tuple[torch.Tensor, torch.Te
     return ids, (None if bool(mask.all()) else mask)
 
 
+# ------------------------------------------------------------------------------------------
+# the compiled decode step (gpt-fast style): static cache, one graph per (model, batch, dtype)
+# ------------------------------------------------------------------------------------------
+
+
+class _RowGemv(TorchFunctionMode):
+    """Inside the compiled CPU step: a one-row ``F.linear`` becomes a multiply-reduce.
+
+    At batch 1 every linear layer is a matrix-vector product, bound by how fast the weights stream
+    from memory. The BLAS GEMV that ``F.linear`` reaches streams them at about half the rate of the
+    plain vectorised loop inductor writes for ``(x * W).sum(-1)`` (fp32 accumulation; measured
+    2-3x on SmolLM2's tied 49152 x 576 head, see docs/performance.md). Several rows keep
+    ``F.linear`` (a real matrix product, where the BLAS kernel wins).
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            x, w = args[0], args[1]
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            if x.numel() == x.shape[-1] and x.device.type == "cpu":
+                y = (x.reshape(1, -1).float() * w.float()).sum(-1).to(x.dtype)
+                y = y.reshape(*x.shape[:-1], w.shape[0])
+                return y if bias is None else y + bias
+        return func(*args, **kwargs)
+
+
+def _step(model, tok: torch.Tensor, pos: torch.Tensor, cache) -> torch.Tensor:
+    with _RowGemv():
+        return model(tok, position_ids=pos, cache=cache, last_only=True)[:, -1]
+
+
+_compiled_step = None
+
+
+def compiled_step():
+    """``torch.compile`` of one decode step over a ``StaticKVCache`` in static mode.
+
+    Decoding a small model on a CPU spends much of each step in Python and in launching a
+    thousand small kernels (30 layers x ~40 ops); compiling the whole step into one graph runs
+    the element-wise work as fused C++ loops and calls the matmuls directly. Positions live in
+    tensors, the cache length is a dynamic dimension and every other shape is fixed, so the
+    graph is built once per (model structure, batch, dtype) and reused at every step and every
+    later call, whatever the prompt length (check with ``torch._dynamo.utils.counters``).
+    Parameters are graph inputs, so two models of the same configuration share the graph.
+    """
+    global _compiled_step
+    if _compiled_step is None:
+        # each (structure, batch, dtype) is one more entry on the same code object: allow many
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        _compiled_step = torch.compile(_step, dynamic=False)
+    return _compiled_step
+
+
 def _new_cache(model, batch: int, max_len: int) -> KVCache:
     """The KV cache for one generate call: ring buffers for sliding-window layers when available."""
     if hasattr(KVCache, "for_model"):
@@ -223,11 +279,12 @@ def _stop_set(params: SamplingParams, tokenizer=None) -> list[int]:
 
 
 def _decode_steps(model, ids: torch.Tensor, mask: torch.Tensor | None, params: SamplingParams,
-                  stop_ids: Sequence[int]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                  stop_ids: Sequence[int], compile: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (next tokens (B,), row-still-running (B,) bool) once per generated position.
 
     Rows that produced a stop token are finished; they keep being fed (their output is ignored)
-    until every row is finished or ``max_new_tokens`` is reached.
+    until every row is finished or ``max_new_tokens`` is reached. ``compile``: prefill as usual
+    into a ``StaticKVCache``, then decode with :func:`compiled_step`.
     """
     c = model.config
     B, T = ids.shape
@@ -256,10 +313,17 @@ def _decode_steps(model, ids: torch.Tensor, mask: torch.Tensor | None, params: S
 
     # positions count real tokens only: a left-padded row starts at 0 on its first real token
     pos = (real.cumsum(-1) - 1).clamp(min=0)
-    cache = _new_cache(model, B, T + n_new)
+    if compile:
+        cache = StaticKVCache(B, T + n_new, device=device)
+    else:
+        cache = _new_cache(model, B, T + n_new)
     logits = model(ids, position_ids=pos, attention_mask=mask, cache=cache, last_only=True)[:, -1]
     next_pos = pos[:, -1:] + 1
     step_mask = torch.ones(B, 1, dtype=torch.long, device=device) if mask is not None else None
+    step_fn = None
+    if compile:
+        cache.start_static()
+        step_fn, step_mask = compiled_step(), None
     for step in range(n_new):
         tok = sample(process_logits(logits, params, seen), params, generator)
         yield tok, running
@@ -269,7 +333,11 @@ def _decode_steps(model, ids: torch.Tensor, mask: torch.Tensor | None, params: S
             running = running & ~torch.isin(tok, stops)
         if step == n_new - 1 or (len(stops) and not bool(running.any())):
             return
-        logits = model(tok[:, None], position_ids=next_pos, attention_mask=step_mask, cache=cache, last_only=True)[:, -1]
+        if step_fn is not None:
+            logits = step_fn(model, tok[:, None], next_pos, cache)
+        else:
+            logits = model(tok[:, None], position_ids=next_pos, attention_mask=step_mask, cache=cache,
+                           last_only=True)[:, -1]
         next_pos = next_pos + 1
 
 
@@ -289,12 +357,14 @@ class _EvalMode:
 
 @torch.inference_mode()
 def generate(model, input_ids, params: SamplingParams | None = None,
-             attention_mask: torch.Tensor | None = None) -> list[list[int]]:
+             attention_mask: torch.Tensor | None = None, compile: bool = False) -> list[list[int]]:
     """New token ids per prompt (a stop token, when hit, is the last id of its row).
 
     ``input_ids``: a list of prompts (lists of ids, any lengths: we left-pad), one list of ids,
     or a (B, T) tensor that is left-padded with ``attention_mask`` (1 token / 0 padding).
     Stop strings need a tokenizer: use :func:`stream` or :func:`generate_text`.
+    ``compile=True`` decodes with a ``torch.compile``-d step over a static cache (the first call
+    for a new batch size / dtype pays the compilation; see :func:`compiled_step`).
     """
     params = params or SamplingParams()
     if params.stop:
@@ -305,7 +375,7 @@ def generate(model, input_ids, params: SamplingParams | None = None,
     out: list[list[int]] = [[] for _ in range(ids.shape[0])]
     steps: list[tuple[torch.Tensor, torch.Tensor]] = []
     with _EvalMode(model):
-        for tok, running in _decode_steps(model, ids, mask, params, _stop_set(params)):
+        for tok, running in _decode_steps(model, ids, mask, params, _stop_set(params), compile):
             steps.append((tok, running))
     if steps:
         toks = torch.stack([t for t, _ in steps], 1).tolist()
@@ -392,7 +462,8 @@ class StopStrings:
 
 
 @torch.inference_mode()
-def stream(model, tokenizer: TokenizerLike, prompt_ids, params: SamplingParams | None = None) -> Iterator[str]:
+def stream(model, tokenizer: TokenizerLike, prompt_ids, params: SamplingParams | None = None,
+           compile: bool = False) -> Iterator[str]:
     """Yield the continuation of one prompt as text pieces, as the tokens arrive.
 
     No piece splits a UTF-8 character; generation stops at ``params.stop_token_ids``, the
@@ -412,7 +483,7 @@ def stream(model, tokenizer: TokenizerLike, prompt_ids, params: SamplingParams |
     stop_ids = _stop_set(params, tokenizer)
     decoder, stopper = IncrementalDecoder(tokenizer), StopStrings(params.stop)
     with _EvalMode(model):
-        for tok, _ in _decode_steps(model, ids, mask, params, stop_ids):
+        for tok, _ in _decode_steps(model, ids, mask, params, stop_ids, compile):
             t = int(tok[0])
             if t in stop_ids:
                 break
@@ -441,16 +512,17 @@ def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
 
 
 def generate_text(model, tokenizer: TokenizerLike, prompt: str, params: SamplingParams | None = None,
-                  chat: bool = False) -> str:
+                  chat: bool = False, compile: bool = False) -> str:
     """The continuation of ``prompt`` as a string (only the new text).
 
     ``chat=True`` wraps the prompt as a user message with the tokenizer's chat template (with the
     assistant turn opened) and stops at the template's end token (the tokenizer's ``eos_ids``).
     """
     ids = chat_prompt_ids(tokenizer, [{"role": "user", "content": prompt}]) if chat else list(tokenizer.encode(prompt))
-    return "".join(stream(model, tokenizer, ids, params))
+    return "".join(stream(model, tokenizer, ids, params, compile))
 
 
-__all__ = ["SamplingParams", "generate", "stream", "generate_text", "chat_prompt_ids", "process_logits", "sample",
+__all__ = ["SamplingParams", "generate", "stream", "compiled_step", "generate_text", "chat_prompt_ids",
+           "process_logits", "sample",
            "apply_repetition_penalty", "apply_top_k", "apply_top_p", "apply_min_p",
            "IncrementalDecoder", "StopStrings"]

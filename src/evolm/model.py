@@ -93,11 +93,16 @@ class Transformer(nn.Module):
         B, T = input_ids.shape
         if doc_ids is not None and cache is not None:
             raise ValueError("doc_ids (document-masked packing) is for training; it cannot be used with a cache")
-        start = cache.length if cache is not None else 0
+        # a StaticKVCache in static mode keeps its position in a tensor, so that a compiled decode
+        # step reads no Python number that changes from token to token (see evolm/cache.py)
+        static = cache is not None and getattr(cache, "static", False)
+        start = cache.length if cache is not None and not static else 0
         key_valid = attention_mask.bool() if attention_mask is not None else None
         if cache is not None:
             key_valid = cache.reserve(T, attention_mask)
-        if self.pos_embed is not None and start + T > c.max_seq_len:
+        if static and position_ids is None:
+            raise ValueError("a StaticKVCache in static mode needs explicit position_ids")
+        if self.pos_embed is not None and not static and start + T > c.max_seq_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len={c.max_seq_len} "
                              f"of learned position embeddings")
         if position_ids is None:
@@ -123,9 +128,11 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.layers):
             window = c.layer_window(i)
             ring = cache.window(i) if cache is not None else None
-            if window is not None and ring is None and start + T <= window:
+            if window is not None and ring is None and not static and start + T <= window:
                 window = None  # the window reaches further back than the sequence: plain causal
-            if (window, ring) not in masks:
+            if static and (window, ring) not in masks:
+                masks[window, ring] = (cache.mask(window, T), False)
+            elif (window, ring) not in masks:
                 k_slots = cache.key_slots(ring, T, dev) if cache is not None else None
                 if k_slots is None and key_valid is None and doc_ids is None and window is None \
                         and (start == 0 or T == 1):
@@ -158,6 +165,24 @@ class Transformer(nn.Module):
         return logits
 
     # ------------------------------------------------------------------------------------
+    def fuse_for_inference(self) -> "Transformer":
+        """Fuse q/k/v and gate/up projections into single matmuls, for decoding; returns self.
+
+        Same outputs up to float summation order; fewer, larger kernels per token (at batch 1 the
+        three attention projections are three small matrix-vector products). Inference only: the
+        parameter names change (``qkv_proj``, ``gate_up_proj``), so load, train and save before
+        fusing. MLA layers and MoE experts are left as they are.
+        """
+        from evolm.nn.attention import Attention
+        from evolm.nn.mlp import MLP
+
+        for m in self.modules():
+            if isinstance(m, Attention):
+                m.fuse_qkv()
+            elif isinstance(m, MLP):
+                m.fuse_gate_up()
+        return self
+
     def aux_loss(self) -> torch.Tensor | None:
         """Sum of the MoE auxiliary losses recorded by the last training forward pass."""
         losses = [m.aux_loss for m in self.modules() if isinstance(m, MoE) and m.aux_loss is not None]

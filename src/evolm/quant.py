@@ -1,4 +1,4 @@
-"""Weight-only int8 quantization for fast decoding.
+"""Weight-only int8 and int4 quantization for fast decoding.
 
 Decoding one token reads every weight once and does two FLOPs per weight: it is bound by memory
 bandwidth, not arithmetic. Storing linear weights as int8 with one scale per output row
@@ -11,6 +11,15 @@ place, for inference. One decoding row (the bandwidth-bound case) runs a ``torch
 multiply-reduce that streams the int8 weights once (measured ~10 G weights/s on one core here,
 5x an fp32 GEMV); several rows use PyTorch's ``_weight_int8pack_mm`` kernel with bf16
 activations; elsewhere a dequantize-then-matmul fallback.
+
+``quantize_int4(model, group_size=32)`` goes to 4 bits: asymmetric, one (scale, minimum) pair per
+group of ``group_size`` input weights, ``w = q * scale + min`` with q in 0..15 -- the scheme of
+llama.cpp's Q4_1 and of the group-wise 4-bit GPTQ/AWQ layouts (Frantar et al. 2022,
+arXiv:2210.17323; Lin et al. 2023, arXiv:2306.00978), here quantized by round-to-nearest. It reads
+an eighth of fp32's bytes. The matmul is PyTorch's ``_weight_int4pack_mm_for_cpu``, which unpacks
+and dequantizes in registers. A model loaded from a Q4_1 GGUF file is requantized *exactly* with
+``group_size=32`` (every block of the file is already of that form), so on such a model the int4
+path changes the weights only by the bf16 rounding of the scales and minima.
 """
 
 from __future__ import annotations
@@ -48,6 +57,9 @@ class Int8Linear(nn.Module):
         scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
         self.register_buffer("weight", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
         self.register_buffer("scale", scale.to(weight.dtype))
+        # the kernel's scale, kept as a buffer: inductor's lowering of _weight_int8pack_mm needs a
+        # stored tensor there, not one computed in the graph
+        self.register_buffer("scale_bf16", scale.to(torch.bfloat16))
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.in_features, self.out_features = w.shape[1], w.shape[0]
 
@@ -57,8 +69,7 @@ class Int8Linear(nn.Module):
         if x.device.type == "cpu" and x2.shape[0] == 1 and not torch.is_grad_enabled():
             y = _gemv(x2.float(), self.weight, self.scale.float()).to(x.dtype)
         elif _HAS_KERNEL and x.device.type == "cpu":
-            y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.weight,
-                                                   self.scale.to(torch.bfloat16)).to(x.dtype)
+            y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.weight, self.scale_bf16).to(x.dtype)
         else:
             y = F.linear(x2, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
         if self.bias is not None:
@@ -67,6 +78,93 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, int8 per-channel"
+
+
+_HAS_INT4 = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+
+
+def int4_supported(out_features: int, in_features: int, group_size: int) -> bool:
+    """Whether PyTorch's CPU int4 kernel takes this shape (N a multiple of 16, K of the group)."""
+    return _HAS_INT4 and out_features % 16 == 0 and in_features % group_size == 0
+
+
+class Int4Linear(nn.Module):
+    """y = x @ W^T + b with W stored as 4-bit codes, one (scale, min) per ``group_size`` inputs.
+
+    Buffers: ``weight`` packed by ``_convert_weight_to_int4pack_for_cpu`` (N, K/2) uint8, and
+    ``scales_and_zeros`` (K/group, N, 2) in bfloat16. The kernel computes
+    ``(q - 8) * scale + zero``, so we store ``zero = min + 8 * scale``. It always runs with bf16
+    activations (fp32 activations take a scalar reference path, measured ~25x slower here); the
+    output is cast back to the input's dtype.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group_size: int = 32):
+        super().__init__()
+        N, K = weight.shape
+        if not int4_supported(N, K, group_size):
+            raise ValueError(f"Int4Linear: weight {N}x{K} needs out_features % 16 == 0 and in_features % "
+                             f"group_size ({group_size}) == 0 for torch's int4 CPU kernel")
+        w = weight.detach().float().reshape(N, K // group_size, group_size)
+        lo, hi = w.amin(-1), w.amax(-1)
+        scale = ((hi - lo) / 15).clamp(min=1e-12)
+        q = torch.round((w - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32).reshape(N, K)
+        self.register_buffer("weight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.cpu(), 8).to(weight.device))
+        sz = torch.stack((scale, lo + 8 * scale), -1).transpose(0, 1).contiguous()  # (K/group, N, 2)
+        self.register_buffer("scales_and_zeros", sz.to(torch.bfloat16))
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.in_features, self.out_features, self.group_size = K, N, group_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        sz = self.scales_and_zeros
+        x2 = x.reshape(-1, shape[-1]).to(sz.dtype)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight, self.group_size, sz).to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def dequantize(self) -> torch.Tensor:
+        """The float weight (N, K) this layer multiplies by (for tests and error reports)."""
+        eye = torch.eye(self.in_features, dtype=self.scales_and_zeros.dtype, device=self.weight.device)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.weight, self.group_size,
+                                                          self.scales_and_zeros).t()
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, int4 group={self.group_size}"
+
+
+@torch.no_grad()
+def quantize_int4(model: nn.Module, group_size: int = 32, head: str = "int8",
+                  skip: tuple[str, ...] = ()) -> nn.Module:
+    """Replace linear layers by 4-bit group-wise weight-only ones (in place, CPU); returns the model.
+
+    ``head`` chooses the tied/untied LM head's format: ``"int8"`` (default: per-row int8, about
+    llama.cpp's choice of Q8_0 for SmolLM2's tied embedding), ``"int4"``, or ``"float"``. Layers
+    whose shape the kernel does not take (see :func:`int4_supported`) become int8 instead; MoE
+    experts stored as 3-D tensors and routers stay in float.
+    """
+    if head not in ("int8", "int4", "float"):
+        raise ValueError(f"quantize_int4: head must be 'int8', 'int4' or 'float', got {head!r}")
+    if next(model.parameters()).device.type != "cpu":
+        raise ValueError("quantize_int4: torch's int4 kernel used here runs on CPU; move the model to CPU first")
+
+    def convert(lin_weight, bias, fmt):
+        if fmt == "float":
+            return None
+        if fmt == "int4" and int4_supported(lin_weight.shape[0], lin_weight.shape[1], group_size):
+            return Int4Linear(lin_weight, bias, group_size)
+        return Int8Linear(lin_weight, bias)
+
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            if isinstance(child, nn.Linear) and not any(s in full for s in skip):
+                new = convert(child.weight, child.bias, head if full == "lm_head" else "int4")
+                if new is not None:
+                    setattr(module, child_name, new)
+    if getattr(model, "lm_head", "absent") is None and hasattr(model, "embed_tokens") and head != "float":
+        model.lm_head = convert(model.embed_tokens.weight, None, head)  # a quantized copy of the tied head
+    return model
 
 
 @torch.no_grad()

@@ -119,10 +119,31 @@ class Attention(nn.Module):
         self.interleave = c.rope_interleave
         self.dropout = c.attn_dropout
 
+    @torch.no_grad()
+    def fuse_qkv(self) -> None:
+        """Inference only: one ``qkv_proj`` matmul instead of three (fewer, larger kernels per step).
+
+        Replaces q_proj/k_proj/v_proj (so the state_dict changes); see ``Transformer.fuse_for_inference``.
+        """
+        if hasattr(self, "qkv_proj"):
+            return
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        fused = nn.Linear(projs[0].in_features, sum(p.out_features for p in projs), bias=projs[0].bias is not None,
+                          device=projs[0].weight.device, dtype=projs[0].weight.dtype)
+        fused.weight.copy_(torch.cat([p.weight for p in projs]))
+        if fused.bias is not None:
+            fused.bias.copy_(torch.cat([p.bias for p in projs]))
+        self.qkv_proj = fused.requires_grad_(False)
+        self.qkv_sizes = [p.out_features for p in projs]
+        del self.q_proj, self.k_proj, self.v_proj
+
     def forward(self, x: torch.Tensor, rope, mask: torch.Tensor | None, is_causal: bool,
                 cache=None) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if hasattr(self, "qkv_proj"):
+            q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)

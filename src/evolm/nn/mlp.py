@@ -38,6 +38,26 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(d_ff, c.d_model, bias=c.mlp_bias)
         self.act = activation_fn(c.activation)
 
+    @torch.no_grad()
+    def fuse_gate_up(self) -> None:
+        """Inference only: one ``gate_up_proj`` matmul (gate rows, then up rows) instead of two.
+
+        Replaces gate_proj/up_proj (so the state_dict changes); see ``Transformer.fuse_for_inference``.
+        """
+        if not self.gated or hasattr(self, "gate_up_proj"):
+            return
+        g, u = self.gate_proj, self.up_proj
+        fused = nn.Linear(g.in_features, 2 * g.out_features, bias=g.bias is not None, device=g.weight.device,
+                          dtype=g.weight.dtype)
+        fused.weight.copy_(torch.cat((g.weight, u.weight)))
+        if fused.bias is not None:
+            fused.bias.copy_(torch.cat((g.bias, u.bias)))
+        self.gate_up_proj = fused.requires_grad_(False)
+        del self.gate_proj, self.up_proj
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "gate_up_proj"):
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(self.act(gate) * up)
         h = self.act(self.gate_proj(x)) * self.up_proj(x) if self.gated else self.act(self.up_proj(x))
         return self.down_proj(h)

@@ -370,7 +370,7 @@ def run_sft(args, log=print) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m evolm.post.sft ...`` (the same as ``evolm sft`` once the CLI wires it)."""
+    """``python -m evolm.post.sft ...`` (the same as ``evolm sft``)."""
     p = argparse.ArgumentParser(prog="evolm sft", description="supervised fine-tuning on chat data")
     add_sft_args(p)
     args = p.parse_args(argv)
