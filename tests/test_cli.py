@@ -115,6 +115,22 @@ def test_generate_streams_the_greedy_continuation(tiny_hf_model):
     assert out == want + "\n"
 
 
+def test_generate_fast_paths_from_the_command_line(tiny_hf_model):
+    """--fuse / --quantize int8 give the library's output for the same fused / quantized model."""
+    src, _ = tiny_hf_model
+    from evolm.generate import SamplingParams, generate_text
+    from evolm.quant import quantize_int8
+
+    model, tok = load(str(src))
+    want = generate_text(quantize_int8(model.eval().fuse_for_inference()), tok, "def forward",
+                         SamplingParams(max_new_tokens=12, temperature=0))
+    out = evolm("generate", "--model", str(src), "--prompt", "def forward", "--max-new-tokens", "12",
+                "--fuse", "--quantize", "int8").stdout
+    assert out == want + "\n"
+    bad = evolm("generate", "--model", str(src), "--prompt", "x", "--quantize", "int3", check=False)
+    assert bad.returncode != 0 and "int3" in bad.stderr
+
+
 def test_chat_keeps_history_and_stops_at_the_end_of_turn():
     """`evolm chat` on the real SmolLM2-135M-Instruct: two turns, greedy, each reply equal to the
     library's generation for the same conversation."""

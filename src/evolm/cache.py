@@ -125,6 +125,21 @@ class KVCache:
         V[:, :, slots] = v[:, :, T - keep:]
         return keys, vals
 
+    def select_rows(self, index: torch.Tensor) -> None:
+        """Keep, reorder or repeat batch rows: row ``r`` becomes old row ``index[r]``.
+
+        One cached context can so be continued by several rows (scoring the choices of a
+        multiple-choice question after reading the question once; beams in beam search). Ring
+        bookkeeping is shared by all rows and stays as it is.
+        """
+        index = index.to(torch.long)
+        for store in (self._k, self._v):
+            for layer, t in store.items():
+                store[layer] = t.index_select(0, index.to(t.device))
+        if self.key_valid is not None:
+            self.key_valid = self.key_valid.index_select(0, index.to(self.key_valid.device))
+        self.batch = int(index.numel())
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self._k.values(), *self._v.values()))
 

@@ -83,7 +83,17 @@ def _load_for_generation(args):
     if tok is None:
         _fail(f"{args.model}: no tokenizer found (expected tokenizer.json, or GGUF tokenizer metadata)")
     torch.set_num_threads(args.threads or torch.get_num_threads())
-    return model.eval(), tok
+    model.eval()
+    if getattr(args, "fuse", False):
+        model.fuse_for_inference()
+    q = getattr(args, "quantize", None)
+    if q:
+        from evolm.quant import quantize_int4, quantize_int8
+
+        if next(model.parameters()).device.type != "cpu":
+            _fail(f"--quantize {q} is a CPU path (weight-only kernels); drop it on {next(model.parameters()).device}")
+        model = quantize_int8(model) if q == "int8" else quantize_int4(model, group_size=32)
+    return model, tok
 
 
 def _sampling(args, **extra):
@@ -105,7 +115,7 @@ def cmd_generate(args) -> None:
         ids = chat_prompt_ids(tok, messages + [{"role": "user", "content": args.prompt}])
     else:
         ids = tok.encode(args.prompt)
-    for piece in stream(model, tok, ids, _sampling(args)):
+    for piece in stream(model, tok, ids, _sampling(args), compile=args.compile):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -132,7 +142,7 @@ def cmd_chat(args) -> None:
         history.append({"role": "user", "content": user})
         sys.stdout.write("assistant> ")
         reply = []
-        for piece in stream(model, tok, chat_prompt_ids(tok, history), _sampling(args)):
+        for piece in stream(model, tok, chat_prompt_ids(tok, history), _sampling(args), compile=args.compile):
             reply.append(piece)
             sys.stdout.write(piece)
             sys.stdout.flush()
@@ -211,6 +221,11 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system", default=None, help="system prompt (chat template)")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                   help="weight-only quantized linears for faster CPU decoding (int4: group 32, int8 head)")
+    p.add_argument("--fuse", action="store_true", help="one qkv and one gate_up matmul per layer")
+    p.add_argument("--compile", action="store_true",
+                   help="decode with a torch.compile-d step over a static KV cache (first call compiles)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -61,7 +61,7 @@ def bootstrap_perplexity_stderr(lls, iters: int = 100_000) -> float:
 
 
 def score_task(task: Task, docs: list[dict], lls: list[list[tuple[float, bool]]],
-               bootstrap_iters: int = 100_000) -> dict:
+               bootstrap_iters: int = 100_000, share_context: bool = True) -> dict:
     """lm-eval's ``process_results`` + aggregation for one task, from per-doc request results."""
     out: dict[str, float] = {}
     if task.output_type == "loglikelihood":
@@ -120,14 +120,15 @@ def evaluate(model, tokenizer, tasks, limit: int | None = None, shots: int | Non
 
     ``shots=None`` uses each task's default (0 for multiple choice, 8 for gsm8k_cot, 5 for gsm8k,
     3 for mbpp, as lm-eval); ``samples``/``temperature``: code tasks draw that many samples per
-    problem (pass@k); ``max_length``: the context window (default the model's ``max_seq_len``).
+    problem (pass@k); ``max_length``: the context window (default the model's ``max_seq_len``);
+    ``share_context=False``: one row per request, lm-eval's way (see ``evolm.eval.loglik``).
     """
     if isinstance(tasks, str):
         tasks = [t for t in tasks.split(",") if t]
     groups = {(t if isinstance(t, str) else t.name): _resolve(t, data_dir, samples, temperature) for t in tasks}
     cache_path = Path(str(out) + ".cache.jsonl") if (out and cache) else None
     scorer = LoglikScorer(model, tokenizer, batch_size=batch_size, cache_path=cache_path, max_length=max_length,
-                          model_id=model_id, progress=progress)
+                          model_id=model_id, progress=progress, share_context=share_context)
     t0 = time.time()
     results, n_samples, group_results, notes, fewshot = {}, {}, {}, {}, {}
 

@@ -430,7 +430,7 @@ def summary_text(summary: dict) -> str:
 # `evolm dpo`
 # ---------------------------------------------------------------------------------------------
 def add_dpo_args(p) -> None:
-    """Flags of ``evolm dpo`` (the lead wires: ``add_dpo_args(sub.add_parser('dpo')); set_defaults(func=run_dpo)``)."""
+    """Flags of ``evolm dpo`` (wired in evolm/cli.py)."""
     add_loop_args(p, lr=1e-6)
     p.add_argument("--data", required=True,
                    help="preference JSONL ({prompt, chosen, rejected}) or a built-in set: hhh (= hhh_alignment)")

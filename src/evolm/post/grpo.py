@@ -410,7 +410,7 @@ class GRPOTask:
 # `evolm grpo`
 # ---------------------------------------------------------------------------------------------
 def add_grpo_args(p) -> None:
-    """Flags of ``evolm grpo`` (the lead wires: ``add_grpo_args(sub.add_parser('grpo')); set_defaults(func=run_grpo)``)."""
+    """Flags of ``evolm grpo`` (wired in evolm/cli.py)."""
     from evolm.post.dpo import add_loop_args
 
     add_loop_args(p, lr=1e-6, steps=50)

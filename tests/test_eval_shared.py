@@ -1,0 +1,75 @@
+"""Shared-context scoring (read a question once, score every choice from its KV cache) gives the
+same log-likelihoods as one row per request, lm-eval's way (itself tested against transformers
+and lm-eval in test_eval.py).
+
+Reference: ``LoglikScorer(share_context=False)``, the plain right-padded batch, and below that the
+full forward of each request alone.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from evolm.eval.loglik import LoglikScorer
+
+from test_generate import FAMILIES, tiny
+
+V = 96  # below every tiny family's vocabulary
+
+
+def _mc_items(seed: int = 0) -> list[tuple[list[int], int]]:
+    """Multiple-choice-shaped requests: contexts of 1..20 tokens (past the tiny 5/6-token windows),
+    2-5 continuations of 1-6 tokens each, and one request twice."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(7):
+        ctx = [rng.randrange(V) for _ in range(rng.randint(1, 20))]
+        for _ in range(rng.randint(2, 5)):
+            cont = [rng.randrange(V) for _ in range(rng.randint(1, 6))]
+            out.append((ctx + cont, len(cont)))
+    out.append(([3, 4, 5, 6], 2))
+    out.append(([3, 4, 5, 6], 2))  # the same request twice
+    return out
+
+
+@torch.no_grad()
+def _alone(model, ids: list[int], n: int) -> tuple[float, bool]:
+    lp = F.log_softmax(model(torch.tensor([ids[:-1]]))[0, -n:].float(), -1)
+    t = torch.tensor(ids[-n:])
+    return lp.gather(-1, t[:, None]).sum().item(), bool((lp.argmax(-1) == t).all())
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("batch_size", [1, 3, 16])
+def test_shared_context_equals_one_row_per_request(family, batch_size, one_thread):
+    model = tiny(family).eval()
+    items = _mc_items()
+    shared = LoglikScorer(model, None, batch_size=batch_size, progress=False).score_tokens(items)
+    rows = LoglikScorer(model, None, batch_size=batch_size, progress=False, share_context=False).score_tokens(items)
+    for (a, ga), (b, gb), (ids, n) in zip(shared, rows, items):
+        want, gw = _alone(model, ids, n)
+        assert a == pytest.approx(want, abs=1e-4) and b == pytest.approx(want, abs=1e-4)
+        assert ga == gb == gw
+
+
+def test_truncated_requests_and_long_contexts_fall_back_to_rows(one_thread):
+    """A request longer than max_length + 1 keeps lm-eval's left truncation (its own context)."""
+    model = tiny("llama").eval()
+    rng = random.Random(1)
+    ctx = [rng.randrange(V) for _ in range(30)]
+    items = [(ctx + [7, 8], 2), (ctx + [9], 1), (ctx[:5] + [1, 2, 3], 3)]
+    got = LoglikScorer(model, None, batch_size=4, max_length=16, progress=False).score_tokens(items)
+    want = LoglikScorer(model, None, batch_size=4, max_length=16, progress=False,
+                        share_context=False).score_tokens(items)
+    for (a, ga), (b, gb) in zip(got, want):
+        assert a == pytest.approx(b, abs=1e-4) and ga == gb
+
+
+def test_a_request_without_context_is_refused():
+    model = tiny("llama").eval()
+    with pytest.raises(ValueError, match="at least one context token"):
+        LoglikScorer(model, None, progress=False).score_tokens([([5, 6], 2)])
