@@ -61,7 +61,7 @@ def bootstrap_perplexity_stderr(lls, iters: int = 100_000) -> float:
 
 
 def score_task(task: Task, docs: list[dict], lls: list[list[tuple[float, bool]]],
-               bootstrap_iters: int = 100_000, share_context: bool = True) -> dict:
+               bootstrap_iters: int = 100_000) -> dict:
     """lm-eval's ``process_results`` + aggregation for one task, from per-doc request results."""
     out: dict[str, float] = {}
     if task.output_type == "loglikelihood":
@@ -115,7 +115,7 @@ def evaluate(model, tokenizer, tasks, limit: int | None = None, shots: int | Non
              out: str | Path | None = None, seed: int = 1234, data_dir=None, cache: bool = True,
              model_id: str = "", progress: bool = True, samples: int | None = None,
              temperature: float | None = None, max_length: int | None = None, code_workers: int = 4,
-             bootstrap_iters: int = 100_000) -> dict:
+             bootstrap_iters: int = 100_000, share_context: bool = True) -> dict:
     """Run ``tasks`` (names or ``Task``; comma string allowed) and return lm-eval-shaped results.
 
     ``shots=None`` uses each task's default (0 for multiple choice, 8 for gsm8k_cot, 5 for gsm8k,
