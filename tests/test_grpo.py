@@ -366,3 +366,21 @@ def test_clear_errors(tmp_path, word_tokenizer):
         task = GRPOTask(model, word_tokenizer, [Prompt("hi", "1")], [], R.resolve_rewards("exact_numeric"),
                         GRPOConfig(beta=0.0))
         task.make_batch()
+
+
+def test_prompt_file_errors_name_the_line(tmp_path):
+    from evolm.post.grpo import read_prompts
+
+    with pytest.raises(FileNotFoundError, match="no such prompt file"):
+        read_prompts(tmp_path / "missing.jsonl")
+    f = tmp_path / "p.jsonl"
+    for text, msg in [('{"prompt": "2+2?", "answer": 4}\n{oops\n', r"p\.jsonl:2: not valid JSON"),
+                      ('{"answer": 4}\n', r"p\.jsonl:1: field 'prompt' must be"),
+                      ('{"prompt": "x", "answer": [1]}\n', r"p\.jsonl:1: field 'answer' must be"),
+                      ('\n\n', r"no prompts \(empty file\)")]:
+        f.write_text(text)
+        with pytest.raises(ValueError, match=msg):
+            read_prompts(f)
+    f.write_text('{"question": "1+1?", "answer": 2}\n\n{"prompt": [{"role": "user", "content": "3+4?"}], "answer": "7"}\n')
+    got = read_prompts(f)
+    assert [p.answer for p in got] == ["2", "7"]

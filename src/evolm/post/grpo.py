@@ -141,29 +141,19 @@ def read_prompts(path: str | Path) -> list[Prompt]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such prompt file (expected JSONL rows with 'prompt' and 'answer')")
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{i}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{where}: expected a JSON object with 'prompt' and 'answer'")
-            p = row.get("prompt", row.get("question"))
-            if isinstance(p, list):
-                from evolm.post.data import check_messages
+    from evolm.post.data import check_messages, iter_jsonl
 
-                p = check_messages(p, where, "prompt", need_assistant=False)
-            elif not isinstance(p, str) or not p.strip():
-                raise ValueError(f"{where}: field 'prompt' must be a non-empty string or a message list")
-            answer = row.get("answer", "")
-            if not isinstance(answer, (str, int, float)):
-                raise ValueError(f"{where}: field 'answer' must be a string or a number")
-            out.append(Prompt(p, str(answer)))
+    out = []
+    for where, row in iter_jsonl(path):
+        p = row.get("prompt", row.get("question"))
+        if isinstance(p, list):
+            p = check_messages(p, where, "prompt", need_assistant=False)
+        elif not isinstance(p, str) or not p.strip():
+            raise ValueError(f"{where}: field 'prompt' must be a non-empty string or a message list")
+        answer = row.get("answer", "")
+        if not isinstance(answer, (str, int, float)):
+            raise ValueError(f"{where}: field 'answer' must be a string or a number")
+        out.append(Prompt(p, str(answer)))
     if not out:
         raise ValueError(f"{path}: no prompts (empty file)")
     return out
