@@ -173,11 +173,12 @@ def test_gradients_reach_only_the_policy_through_completion_tokens():
         ref_lp = token_logprobs(ref, ids, mask)
     loss, _ = grpo_loss(logps, None, ref_lp, adv, mask, beta=0.1)
     loss.backward()
-    grad_logits = captured["logits"].grad  # (B, T, V): position t predicts token t + 1
+    grad_logits = captured["logits"].grad  # (B, k, V): the last k positions; position t predicts token t + 1
+    off = ids.shape[1] - grad_logits.shape[1]  # columns before it had no head at all (logits_to_keep)
     for b, (p, c) in enumerate(zip(prompts, comps)):
         scored = range(len(p) - 1, len(p) + len(c) - 1)  # positions whose next token is a completion token
         for t in range(ids.shape[1]):
-            norm = grad_logits[b, t].abs().sum().item()
+            norm = grad_logits[b, t - off].abs().sum().item() if t >= off else 0.0
             assert (norm > 0) == (t in scored), (b, t, norm)
     assert all(p.grad is None for p in ref.parameters())
 

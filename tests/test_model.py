@@ -277,6 +277,15 @@ def test_final_softcap():
     torch.testing.assert_close(c, 2.0 * torch.tanh(r / 2.0))
 
 
+def test_logits_to_keep_is_the_last_positions_of_the_full_logits():
+    model = _model(DENSE, final_softcap=3.0).eval()
+    ids = _ids()
+    with torch.no_grad():
+        full = model(ids)
+        for k in (1, 3, ids.shape[1]):
+            torch.testing.assert_close(model(ids, logits_to_keep=k), full[:, -k:], rtol=1e-5, atol=1e-6)
+
+
 def test_learned_positions_beyond_max_seq_len_raise():
     model = _model(dict(DENSE, pos_emb="learned", max_seq_len=8)).eval()
     with torch.no_grad():

@@ -79,8 +79,12 @@ class Transformer(nn.Module):
     # ------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, cache=None, last_only: bool = False,
-                doc_ids: torch.Tensor | None = None, targets: torch.Tensor | None = None) -> torch.Tensor:
+                doc_ids: torch.Tensor | None = None, targets: torch.Tensor | None = None,
+                logits_to_keep: int = 0) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, vocab), or (B, 1, vocab) with ``last_only``.
+
+        ``logits_to_keep=k > 0``: logits of the last k positions only, (B, k, vocab) (transformers'
+        argument of that name): scoring a completion needs no head over its prompt.
 
         With ``targets`` (B, T; -100 = ignore) it returns the mean next-token cross-entropy (plus any
         MoE auxiliary loss) instead, fused with the head so the full logits never exist.
@@ -151,6 +155,8 @@ class Transformer(nn.Module):
             cache.advance(T)
         if last_only:  # prefill for generation needs only the next-token distribution
             x = x[:, -1:]
+        elif logits_to_keep > 0:
+            x = x[:, -logits_to_keep:]
         if self.norm is not None:
             x = self.norm(x)
         if targets is not None:

@@ -76,7 +76,12 @@ def token_logprobs(model, input_ids: torch.Tensor, completion_mask: torch.Tensor
     if attention_mask is not None:
         am = attention_mask.to(input_ids.device).long()
         kwargs = {"attention_mask": am, "position_ids": (am.cumsum(-1) - 1).clamp(min=0)}
-    logits = model(input_ids, **kwargs)[:, start - 1:T - 1]
+    from evolm.model import Transformer
+
+    if isinstance(model, Transformer):  # no head over the prompt columns
+        logits = model(input_ids, logits_to_keep=T - start + 1, **kwargs)[:, :-1]
+    else:
+        logits = model(input_ids, **kwargs)[:, start - 1:T - 1]
     logits = logits.float()
     if temperature != 1.0:
         logits = logits / temperature
