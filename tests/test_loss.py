@@ -99,3 +99,50 @@ def test_frozen_head_gets_no_gradient_and_the_same_input_gradient():
     (rh,) = torch.autograd.grad(want, [h])
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(gh, rh, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------
+# fused per-token log-probabilities (DPO / GRPO): reference = log_softmax(...).gather(...)
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("softcap,temperature,bias", [(None, 1.0, False), (None, 0.7, True), (5.0, 1.3, False)])
+def test_fused_logprobs_equal_log_softmax_values_and_gradients(softcap, temperature, bias):
+    from evolm.nn.loss import fused_linear_logprobs
+
+    torch.manual_seed(0)
+    N, D, V = 37, 16, 101
+    h = torch.randn(2, N, D, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(V, D, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(V, dtype=torch.float64, requires_grad=True) if bias else None
+    t = torch.randint(0, V, (2, N))
+    up = torch.randn(2, N, dtype=torch.float64)  # per-token upstream weights (advantages, DPO sigmoid terms)
+
+    def ref():
+        x = F.linear(h, w, b)
+        if softcap is not None:
+            x = softcap * torch.tanh(x / softcap)
+        return torch.log_softmax(x / temperature, -1).gather(-1, t[..., None])[..., 0]
+
+    want = ref()
+    (want * up).sum().backward()
+    grads_want = [p.grad.clone() for p in (h, w, b) if p is not None]
+    for p in (h, w, b):
+        if p is not None:
+            p.grad = None
+    got = fused_linear_logprobs(h, w, t, b, softcap, temperature, chunk=16)  # chunks of 16 rows: 5 of them
+    assert got.shape == t.shape
+    (got * up).sum().backward()
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5)  # fp32 outputs
+    for g, gw in zip([p.grad for p in (h, w, b) if p is not None], grads_want):
+        torch.testing.assert_close(g, gw, rtol=1e-4, atol=1e-5)  # the saved log-sum-exp is fp32
+    with torch.no_grad():
+        torch.testing.assert_close(fused_linear_logprobs(h, w, t, b, softcap, temperature).double(), want,
+                                   rtol=0, atol=1e-5)
+
+
+def test_fused_logprobs_frozen_head_gets_no_gradient():
+    from evolm.nn.loss import fused_linear_logprobs
+
+    h = torch.randn(5, 8, requires_grad=True)
+    w = torch.randn(30, 8)  # frozen (a LoRA run's tied embedding)
+    fused_linear_logprobs(h, w, torch.randint(0, 30, (5,))).sum().backward()
+    assert h.grad is not None and w.grad is None

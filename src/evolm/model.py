@@ -80,11 +80,13 @@ class Transformer(nn.Module):
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, cache=None, last_only: bool = False,
                 doc_ids: torch.Tensor | None = None, targets: torch.Tensor | None = None,
-                logits_to_keep: int = 0) -> torch.Tensor:
+                logits_to_keep: int = 0, return_hidden: bool = False) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, vocab), or (B, 1, vocab) with ``last_only``.
 
         ``logits_to_keep=k > 0``: logits of the last k positions only, (B, k, vocab) (transformers'
         argument of that name): scoring a completion needs no head over its prompt.
+        ``return_hidden``: the final-normed hidden states instead of logits, for losses fused with
+        the head (``head_weight_bias()``; see ``nn/loss.py``).
 
         With ``targets`` (B, T; -100 = ignore) it returns the mean next-token cross-entropy (plus any
         MoE auxiliary loss) instead, fused with the head so the full logits never exist.
@@ -159,16 +161,24 @@ class Transformer(nn.Module):
             x = x[:, -logits_to_keep:]
         if self.norm is not None:
             x = self.norm(x)
+        if return_hidden:
+            return x
         if targets is not None:
-            head = self.lm_head
-            loss = fused_linear_cross_entropy(x, head.weight if head is not None else self.embed_tokens.weight,
-                                              targets, head.bias if head is not None else None, c.final_softcap)
+            w, b = self.head_weight_bias()
+            loss = fused_linear_cross_entropy(x, w, targets, b, c.final_softcap)
             aux = self.aux_loss()
             return loss + aux if aux is not None else loss
         logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.embed_tokens.weight)
         if c.final_softcap is not None:
             logits = c.final_softcap * torch.tanh(logits / c.final_softcap)
         return logits
+
+    def head_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The LM head's (weight, bias): the embedding matrix when tied."""
+        head = self.lm_head
+        if head is None:
+            return self.embed_tokens.weight, None
+        return head.weight, head.bias
 
     # ------------------------------------------------------------------------------------
     def fuse_for_inference(self) -> "Transformer":

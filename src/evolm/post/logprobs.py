@@ -59,8 +59,9 @@ def token_logprobs(model, input_ids: torch.Tensor, completion_mask: torch.Tensor
     ``temperature`` divides the logits first, so that GRPO scores completions under the very
     distribution it sampled them from (as TRL does). ``attention_mask`` is only needed for rows
     with padding *before* real tokens (left padding); positions then count real tokens only.
-    Only the logits from the first completion position on are normalised, in float32, with a
-    gather minus a log-sum-exp, so no second vocabulary-sized tensor is kept for the backward.
+    Only the positions from the first completion column on go through the head, and for an evolm
+    model the head and log-softmax are fused and chunked (``nn.loss.fused_linear_logprobs``): no
+    (B, T, vocab) logits exist in the forward or the backward.
     """
     if input_ids.shape != completion_mask.shape:
         raise ValueError(f"token_logprobs: input_ids {tuple(input_ids.shape)} and completion_mask "
@@ -77,16 +78,18 @@ def token_logprobs(model, input_ids: torch.Tensor, completion_mask: torch.Tensor
         am = attention_mask.to(input_ids.device).long()
         kwargs = {"attention_mask": am, "position_ids": (am.cumsum(-1) - 1).clamp(min=0)}
     from evolm.model import Transformer
+    from evolm.nn.loss import fused_linear_logprobs
 
-    if isinstance(model, Transformer):  # no head over the prompt columns
-        logits = model(input_ids, logits_to_keep=T - start + 1, **kwargs)[:, :-1]
-    else:
-        logits = model(input_ids, **kwargs)[:, start - 1:T - 1]
-    logits = logits.float()
-    if temperature != 1.0:
-        logits = logits / temperature
     target = input_ids[:, start:]
-    picked = logits.gather(-1, target[..., None])[..., 0] - torch.logsumexp(logits, dim=-1)
+    if isinstance(model, Transformer):  # no head over the prompt columns, never all the logits at once
+        h = model(input_ids, logits_to_keep=T - start + 1, return_hidden=True, **kwargs)[:, :-1]
+        w, b = model.head_weight_bias()
+        picked = fused_linear_logprobs(h, w, target, b, model.config.final_softcap, temperature)
+    else:
+        logits = model(input_ids, **kwargs)[:, start - 1:T - 1].float()
+        if temperature != 1.0:
+            logits = logits / temperature
+        picked = logits.gather(-1, target[..., None])[..., 0] - torch.logsumexp(logits, dim=-1)
     out = torch.cat([out[:, :start], picked], dim=1)
     return out * mask
 
