@@ -50,3 +50,16 @@ def max_real_diff(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float
 @pytest.fixture
 def batch_tools():
     return types.SimpleNamespace(padded_batch=padded_batch, max_real_diff=max_real_diff)
+
+
+def cli_args(add_args, **kw):
+    """Parse ``--key value`` flags (``key=True`` for a bare flag) with a command's ``add_*_args``."""
+    import argparse
+
+    p = argparse.ArgumentParser()
+    add_args(p)
+    argv = []
+    for k, v in kw.items():
+        flag = "--" + k.replace("_", "-")
+        argv += [flag] if v is True else [flag, str(v)]
+    return p.parse_args(argv)

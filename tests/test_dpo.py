@@ -30,6 +30,7 @@ from evolm.model import Transformer  # noqa: E402
 from evolm.post.dpo import (DPOConfig, DPOTask, add_dpo_args, collate_pairs, encode_pairs,  # noqa: E402
                             preference_loss, run_dpo)
 from evolm.post.logprobs import Reference, completion_batch, token_logprobs  # noqa: E402
+from conftest import cli_args
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -385,13 +386,7 @@ def _save_tiny(tmp_path, tok, seed=0):
 
 
 def _args(**kw) -> argparse.Namespace:
-    p = argparse.ArgumentParser()
-    add_dpo_args(p)
-    argv = []
-    for k, v in kw.items():
-        flag = "--" + k.replace("_", "-")
-        argv += [flag] if v is True else [flag, str(v)]
-    return p.parse_args(argv)
+    return cli_args(add_dpo_args, **kw)
 
 
 def test_chosen_equal_to_rejected_names_the_line(tmp_path, chat_tokenizer):

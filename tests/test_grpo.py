@@ -28,6 +28,7 @@ from evolm.post import rewards as R  # noqa: E402
 from evolm.post.grpo import (GRPOConfig, GRPOTask, Prompt, add_grpo_args, group_advantages, grpo_loss,  # noqa: E402
                              k3_kl, load_task, run_grpo)
 from evolm.post.logprobs import completion_batch, token_logprobs  # noqa: E402
+from conftest import cli_args
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -306,13 +307,7 @@ def _model_dir(tmp_path, tok):
 
 
 def _args(**kw) -> argparse.Namespace:
-    p = argparse.ArgumentParser()
-    add_grpo_args(p)
-    argv = []
-    for k, v in kw.items():
-        flag = "--" + k.replace("_", "-")
-        argv += [flag] if v is True else [flag, str(v)]
-    return p.parse_args(argv)
+    return cli_args(add_grpo_args, **kw)
 
 
 SEED = 0

@@ -20,6 +20,12 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else t.dtype
 
 
+def _cast(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None):
+    """(compute dtype, h, w, b in it): what autocast would give the head's matmul."""
+    dtype = _compute_dtype(h)
+    return dtype, h.to(dtype), w.to(dtype), (b.to(dtype) if b is not None else None)
+
+
 def _chunk_logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, softcap: float | None):
     logits = F.linear(h, w, b).float()
     if softcap is None:
@@ -102,10 +108,8 @@ def _xent_grad(logits, tc, valid, n_valid, softcap):
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, w, b, targets, chunk, softcap, ignore_index):
-        dtype = _compute_dtype(h)
+        dtype, hc_all, wc, bc = _cast(h, w, b)
         with torch.autocast(h.device.type, enabled=False):
-            hc_all, wc = h.to(dtype), w.to(dtype)
-            bc = b.to(dtype) if b is not None else None
             valid_all = targets != ignore_index
             n_valid = valid_all.sum().clamp(min=1).float()
             # a frozen head (LoRA / QLoRA on a tied embedding) needs no V x D gradient: skip it
@@ -178,10 +182,8 @@ class _FusedLinearLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, w, b, targets, chunk, softcap, temperature):
-        dtype = _compute_dtype(h)
+        dtype, hc_all, wc, bc = _cast(h, w, b)
         with torch.autocast(h.device.type, enabled=False):
-            hc_all, wc = h.to(dtype), w.to(dtype)
-            bc = b.to(dtype) if b is not None else None
             out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
             lse_all = torch.empty_like(out)
             for s in range(0, h.shape[0], chunk):
@@ -197,13 +199,13 @@ class _FusedLinearLogprobs(torch.autograd.Function):
     def backward(ctx, grad_out):
         h, w, b, targets, lse_all = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_b and ctx.needs_input_grad[2]
-        dtype, chunk = ctx.dtype, ctx.chunk
+        chunk = ctx.chunk
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
         grad_b = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device) if need_b else None
+        dtype = ctx.dtype
+        hc_all, wc, bc = h.to(dtype), w.to(dtype), (b.to(dtype) if ctx.has_b else None)
         with torch.autocast(h.device.type, enabled=False):
-            hc_all, wc = h.to(dtype), w.to(dtype)
-            bc = b.to(dtype) if ctx.has_b else None
             g_all = grad_out.float()
             for s in range(0, h.shape[0], chunk):
                 hc, g = hc_all[s:s + chunk], g_all[s:s + chunk]
@@ -241,8 +243,8 @@ def fused_linear_logprobs(h: torch.Tensor, weight: torch.Tensor, targets: torch.
     if torch.is_grad_enabled() and (h2.requires_grad or weight.requires_grad):
         return _FusedLinearLogprobs.apply(h2, weight, bias, t, chunk, softcap, temperature).view(shape)
     out = torch.empty(t.shape[0], dtype=torch.float32, device=h.device)
+    _, hc, wc, bc = _cast(h2, weight, bias)
     for s in range(0, t.shape[0], chunk):
-        x, _ = _scaled_logits(h2[s:s + chunk].to(_compute_dtype(h2)), weight.to(_compute_dtype(h2)),
-                              bias.to(_compute_dtype(h2)) if bias is not None else None, softcap, temperature)
+        x, _ = _scaled_logits(hc[s:s + chunk], wc, bc, softcap, temperature)
         out[s:s + chunk] = x.gather(1, t[s:s + chunk, None])[:, 0] - torch.logsumexp(x, dim=-1)
     return out.view(shape)
