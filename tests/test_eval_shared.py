@@ -73,3 +73,15 @@ def test_a_request_without_context_is_refused():
     model = tiny("llama").eval()
     with pytest.raises(ValueError, match="at least one context token"):
         LoglikScorer(model, None, progress=False).score_tokens([([5, 6], 2)])
+
+
+def test_a_batch_never_needs_more_slots_than_the_window(one_thread):
+    """A long context and a long continuation (each within max_length) never share one cache:
+    GPT-2's learned positions would refuse P + N slots beyond max_seq_len."""
+    model = tiny("gpt2").eval()  # max_seq_len 64
+    rng = random.Random(2)
+    items = [([rng.randrange(V) for _ in range(50)] + [1, 2, 3, 4, 5], 5),
+             ([7, 8] + [rng.randrange(V) for _ in range(40)], 40)]
+    got = LoglikScorer(model, None, batch_size=8, max_length=63, progress=False).score_tokens(items)
+    for (a, _), (ids, n) in zip(got, items):
+        assert a == pytest.approx(_alone(model, ids, n)[0], abs=1e-4)

@@ -227,16 +227,18 @@ class LoglikScorer:
         was_training = self.model.training
         self.model.eval()
         batch: list[tuple[tuple[int, ...], list[int]]] = []
-        rows = 0
+        rows = P = N = 0  # P: longest context prefix of the batch, N: longest continuation
         for ctx, members in order:
             for s in range(0, len(members), self.batch_size):
                 part = members[s:s + self.batch_size]
-                if batch and rows + len(part) > self.batch_size:
+                p, n = len(ctx) - 1, max(items[i][1] for i in part)
+                # the batch's cache holds P + N slots: keep it within the window (learned positions)
+                if batch and (rows + len(part) > self.batch_size or max(P, p) + max(N, n) > self.max_length):
                     self._shared_batch(items, batch, out)
                     bar.update(rows)
-                    batch, rows = [], 0
+                    batch, rows, P, N = [], 0, 0, 0
                 batch.append((ctx, part))
-                rows += len(part)
+                rows, P, N = rows + len(part), max(P, p), max(N, n)
         if batch:
             self._shared_batch(items, batch, out)
             bar.update(rows)
