@@ -306,30 +306,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_args(ev)
     ev.set_defaults(func=main_cli)
 
-    # post-training: each trainer module owns its arguments
-    from evolm.post.lora import add_merge_args, run_merge
+    # post-training: each trainer module owns its arguments (add_*_args) and its entry point (run_*)
+    import importlib
 
-    mg = sub.add_parser("merge", help="fold a LoRA adapter (PEFT folder) into its base model")
-    add_merge_args(mg)
-    mg.set_defaults(func=run_merge)
-
-    from evolm.post.sft import add_sft_args, run_sft
-
-    sf = sub.add_parser("sft", help="supervised fine-tuning on chat data (full, LoRA or QLoRA)")
-    add_sft_args(sf)
-    sf.set_defaults(func=run_sft)
-
-    from evolm.post.dpo import add_dpo_args, run_dpo
-
-    dp_ = sub.add_parser("dpo", help="preference optimisation (DPO / cDPO / IPO / SimPO) on preference pairs")
-    add_dpo_args(dp_)
-    dp_.set_defaults(func=run_dpo)
-
-    from evolm.post.grpo import add_grpo_args, run_grpo
-
-    gr = sub.add_parser("grpo", help="GRPO: reinforcement learning from verifiable rewards on sampled groups")
-    add_grpo_args(gr)
-    gr.set_defaults(func=run_grpo)
+    for name, module, help_text in (
+            ("merge", "lora", "fold a LoRA adapter (PEFT folder) into its base model"),
+            ("sft", "sft", "supervised fine-tuning on chat data (full, LoRA or QLoRA)"),
+            ("dpo", "dpo", "preference optimisation (DPO / cDPO / IPO / SimPO) on preference pairs"),
+            ("grpo", "grpo", "GRPO: reinforcement learning from verifiable rewards on sampled groups")):
+        mod = importlib.import_module(f"evolm.post.{module}")
+        sp = sub.add_parser(name, help=help_text)
+        getattr(mod, f"add_{name}_args")(sp)
+        sp.set_defaults(func=getattr(mod, f"run_{name}"))
 
     t = sub.add_parser("tokenizer", help="train a tokenizer")
     tsub = t.add_subparsers(dest="tok_cmd", required=True)

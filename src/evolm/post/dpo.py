@@ -529,13 +529,10 @@ def run_dpo(args) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m evolm.post.dpo ...`` (the same as ``evolm dpo``)."""
-    p = argparse.ArgumentParser(prog="evolm dpo", description="preference optimisation (DPO / IPO / SimPO) on preference pairs")
-    add_dpo_args(p)
-    args = p.parse_args(argv)
-    try:
-        run_dpo(args)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"evolm dpo: error: {e}") from None
+    from evolm.post import module_main
+
+    module_main("evolm dpo", "preference optimisation (DPO / IPO / SimPO) on preference pairs", add_dpo_args, run_dpo,
+                argv)
 
 
 __all__ = ["LOSSES", "PreferenceLoss", "preference_loss", "DPOConfig", "DPOTask", "encode_pairs", "collate_pairs",

@@ -35,7 +35,6 @@ Rewards are functions ``(prompt, completion, answer) -> float`` (``evolm.post.re
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 from dataclasses import dataclass
@@ -477,13 +476,9 @@ def run_grpo(args) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m evolm.post.grpo ...`` (the same as ``evolm grpo``)."""
-    p = argparse.ArgumentParser(prog="evolm grpo", description="GRPO: reinforcement learning from verifiable rewards")
-    add_grpo_args(p)
-    args = p.parse_args(argv)
-    try:
-        run_grpo(args)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"evolm grpo: error: {e}") from None
+    from evolm.post import module_main
+
+    module_main("evolm grpo", "GRPO: reinforcement learning from verifiable rewards", add_grpo_args, run_grpo, argv)
 
 
 __all__ = ["group_advantages", "k3_kl", "grpo_loss", "Prompt", "arithmetic_prompts", "gsm8k_prompts",

@@ -371,13 +371,9 @@ def run_sft(args, log=print) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m evolm.post.sft ...`` (the same as ``evolm sft``)."""
-    p = argparse.ArgumentParser(prog="evolm sft", description="supervised fine-tuning on chat data")
-    add_sft_args(p)
-    args = p.parse_args(argv)
-    try:
-        run_sft(args)
-    except DataError as e:
-        raise SystemExit(f"evolm sft: error: {e}") from None
+    from evolm.post import module_main
+
+    module_main("evolm sft", "supervised fine-tuning on chat data", add_sft_args, run_sft, argv, errors=(DataError,))
 
 
 if __name__ == "__main__":
