@@ -358,14 +358,21 @@ class LoglikScorer:
 
     def _run(self, todo: dict[str, tuple[list[int], int]]) -> None:
         """Score ``todo`` in chunks, persisting each chunk so an interruption loses little."""
-        items = list(todo.items())
-        items.sort(key=lambda kv: -len(kv[1][0]))
+        # requests sharing a context stay in one chunk (longest group first), or the shared-context
+        # path would see each choice of a question alone in a different chunk and read its context 4 times
+        groups: dict[tuple[int, ...], list[tuple[str, tuple[list[int], int]]]] = {}
+        for k, (ids, n) in todo.items():
+            groups.setdefault(tuple(ids[:len(ids) - n]), []).append((k, (ids, n)))
+        ordered = sorted(groups.values(), key=lambda g: -max(len(v[0]) for _, v in g))
         chunk = self.batch_size * 16
-        bar = _progress(len(items), self.progress and len(items) > self.batch_size)
-        for s in range(0, len(items), chunk):
-            part = items[s:s + chunk]
-            res = self.score_tokens([v for _, v in part], bar=bar)
-            self._store([(k, [ll, g]) for (k, _), (ll, g) in zip(part, res)])
+        bar = _progress(len(todo), self.progress and len(todo) > self.batch_size)
+        part: list[tuple[str, tuple[list[int], int]]] = []
+        for g in ordered + [[]]:
+            if part and (not g or len(part) + len(g) > chunk):
+                res = self.score_tokens([v for _, v in part], bar=bar)
+                self._store([(k, [ll, gr]) for (k, _), (ll, gr) in zip(part, res)])
+                part = []
+            part.extend(g)
         bar.close()
 
 
