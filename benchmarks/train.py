@@ -5,7 +5,7 @@ weights copied into evolm), a full step each: forward + backward + AdamW. Config
 issue: a GPT-2-style model (6 layers, 384 wide, LayerNorm, learned positions, GELU) and a
 Llama-style one (RMSNorm, SwiGLU, RoPE, GQA), context 256, vocabulary 50,304, batch 8.
 
-    python benchmarks/train.py [--dtypes float32,bfloat16] [--steps 5] [--warmup 2] [--compile] [--nanogpt]
+    python benchmarks/train.py [--dtypes float32,bfloat16] [--steps 5] [--warmup 2] [--repeat 3] [--compile] [--nanogpt]
 
 ``--compile`` adds evolm with per-block ``torch.compile`` and the inductor-fused loss kernel (what
 ``train.compile: true`` does). ``--nanogpt`` adds, for the GPT-2-style config, a minimal GPT written
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import statistics
 import sys
 import time
 
@@ -75,13 +76,28 @@ class NanoGPTStyle(torch.nn.Module):
         return F.cross_entropy(logits.float().view(-1, V), targets.reshape(-1))
 
 
-def time_steps(step, warmup: int, steps: int) -> float:
-    for _ in range(warmup):
-        step()
+def time_steps(step, steps: int) -> float:
     t = time.perf_counter()
     for _ in range(steps):
         step()
     return B * T * steps / (time.perf_counter() - t)
+
+
+def race(engines: dict, warmup: int, steps: int, repeat: int) -> dict[str, tuple[float, float]]:
+    """Warm every engine up, then time them ``repeat`` times, interleaved (so a slow minute of a
+    shared machine hits all of them): engine -> (median tokens/s, half the spread / median)."""
+    for step, extra in engines.values():
+        for _ in range(warmup + extra):
+            step()
+    runs: dict[str, list[float]] = {k: [] for k in engines}
+    for _ in range(repeat):
+        for k, (step, _) in engines.items():
+            runs[k].append(time_steps(step, steps))
+    out = {}
+    for k, v in runs.items():
+        med = statistics.median(v)
+        out[k] = (med, (max(v) - min(v)) / 2 / med)
+    return out
 
 
 def main() -> None:
@@ -92,6 +108,7 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="also run evolm with per-block torch.compile")
     ap.add_argument("--nanogpt", action="store_true", help="also run a nanoGPT-style GPT compiled whole")
     ap.add_argument("--models", default="gpt2-style,llama-style")
+    ap.add_argument("--repeat", type=int, default=3, help="timed runs per engine, interleaved; median reported")
     args = ap.parse_args()
     print(f"{torch.get_num_threads()} threads, torch {torch.__version__}; batch {B} x context {T}, vocab {V}")
     x = torch.randint(0, V, (B, T + 1), generator=torch.Generator().manual_seed(0))
@@ -114,8 +131,7 @@ def main() -> None:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
 
-            ref = time_steps(hf_step, args.warmup, args.steps)
-            rows.append((name, dtype, "transformers", ref, 1.0))
+            engines = {"transformers": (hf_step, 0)}
             variants = [("evolm", False)] + ([("evolm compiled", True)] if args.compile else [])
             for label, compiled in variants:
                 ours = build(cfg)
@@ -123,18 +139,16 @@ def main() -> None:
                 if compiled:
                     for block in ours.layers:
                         block.compile()
-                use_compiled_kernel(compiled)
 
-                def our_step(model=ours, opt=make_optimizer(ours, 1e-4)):
+                def our_step(model=ours, opt=make_optimizer(ours, 1e-4), compiled=compiled):
+                    use_compiled_kernel(compiled)
                     with amp:
                         loss = model(inp, targets=tgt)
                     loss.backward()
                     opt.step()
                     opt.zero_grad(set_to_none=True)
 
-                tps = time_steps(our_step, args.warmup + (2 if compiled else 0), args.steps)
-                rows.append((name, dtype, label, tps, tps / ref))
-            use_compiled_kernel(False)
+                engines[label] = (our_step, 2 if compiled else 0)
             if args.nanogpt and name == "gpt2-style":
                 torch.manual_seed(0)
                 nano = NanoGPTStyle()
@@ -147,12 +161,17 @@ def main() -> None:
                     opt.step()
                     opt.zero_grad(set_to_none=True)
 
-                tps = time_steps(nano_step, args.warmup + 2, args.steps)
-                rows.append((name, dtype, "nanoGPT-style compiled", tps, tps / ref))
-    print("\n| model | dtype | engine | train tokens/s | vs transformers |")
+                engines["nanoGPT-style compiled"] = (nano_step, 2)
+            res = race(engines, args.warmup, args.steps, args.repeat)
+            use_compiled_kernel(False)
+            ref = res["transformers"][0]
+            for label, (tps, spread) in res.items():
+                rows.append((name, dtype, label, tps, spread, tps / ref))
+    print(f"\n{args.repeat} interleaved runs of {args.steps} steps per engine: median tokens/s, +- half the spread")
+    print("| model | dtype | engine | train tokens/s | vs transformers |")
     print("|---|---|---|---|---|")
-    for name, dtype, engine, tps, ratio in rows:
-        print(f"| {name} | {dtype} | {engine} | {tps:,.0f} | {ratio:.2f}x |")
+    for name, dtype, engine, tps, spread, ratio in rows:
+        print(f"| {name} | {dtype} | {engine} | {tps:,.0f} +-{spread:.0%} | {ratio:.2f}x |")
 
 
 if __name__ == "__main__":

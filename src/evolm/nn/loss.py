@@ -119,9 +119,17 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
             grad_b = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device) if need_b else None
             total = torch.zeros((), dtype=torch.float32, device=h.device)
+            # one logits buffer for every chunk: a fresh chunk x vocab tensor each time is a fresh
+            # mmap on CPU, and its page faults cost ~20% of the head's matmul (benchmarks/train.py)
+            buf = torch.empty(min(chunk, h.shape[0]), w.shape[0], dtype=dtype, device=h.device)
             for s in range(0, h.shape[0], chunk):
                 hc, tc, valid = hc_all[s:s + chunk], targets[s:s + chunk], valid_all[s:s + chunk]
-                g, chunk_total = _xent_grad(F.linear(hc, wc, bc), tc, valid, n_valid, softcap)
+                logits = buf[:hc.shape[0]]
+                if bc is None:
+                    torch.mm(hc, wc.t(), out=logits)
+                else:
+                    torch.addmm(bc, hc, wc.t(), out=logits)
+                g, chunk_total = _xent_grad(logits, tc, valid, n_valid, softcap)
                 total += chunk_total
                 g = g.to(dtype)
                 grad_h[s:s + chunk] = (g @ wc).to(h.dtype)
