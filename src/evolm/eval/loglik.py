@@ -222,8 +222,8 @@ class LoglikScorer:
         if long_rows:
             for i, r in zip(long_rows, self._score_rows([items[i] for i in long_rows], bar)):
                 out[i] = r
-        # longest first; a batch holds whole groups (a group above batch_size is split) up to batch_size rows
-        order = sorted(groups.items(), key=lambda kv: -(len(kv[0]) + max(items[i][1] for i in kv[1])))
+        # a batch holds whole groups (a group above batch_size is split) up to batch_size rows
+        order = sorted(groups.items(), key=lambda kv: _group_order(kv[0], [items[i] for i in kv[1]]))
         was_training = self.model.training
         self.model.eval()
         batch: list[tuple[tuple[int, ...], list[int]]] = []
@@ -363,7 +363,8 @@ class LoglikScorer:
         groups: dict[tuple[int, ...], list[tuple[str, tuple[list[int], int]]]] = {}
         for k, (ids, n) in todo.items():
             groups.setdefault(tuple(ids[:len(ids) - n]), []).append((k, (ids, n)))
-        ordered = sorted(groups.values(), key=lambda g: -max(len(v[0]) for _, v in g))
+        ordered = sorted(groups.items(), key=lambda kv: _group_order(kv[0], [v for _, v in kv[1]]))
+        ordered = [g for _, g in ordered]
         chunk = self.batch_size * 16
         bar = _progress(len(todo), self.progress and len(todo) > self.batch_size)
         part: list[tuple[str, tuple[list[int], int]]] = []
@@ -374,6 +375,17 @@ class LoglikScorer:
                 part = []
             part.extend(g)
         bar.close()
+
+
+def _group_order(ctx: tuple[int, ...], members: list[tuple[list[int], int]]) -> tuple[int, int]:
+    """Sort key of a context's requests: longest continuation first, then longest context.
+
+    A shared-context batch runs ``rows x longest continuation`` positions (right-padded) after
+    ``contexts x longest context`` (left-padded, one row per context, so a quarter as many rows
+    for 4 choices): grouping questions by continuation length wastes the least padding. Longest
+    first shows an out-of-memory error at once.
+    """
+    return -max(n for _, n in members), -len(ctx)
 
 
 class _NoBar:
