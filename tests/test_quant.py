@@ -8,8 +8,14 @@ from evolm.presets import get_preset
 from evolm.quant import Int8Linear, quantize_int8
 
 
+@pytest.mark.parametrize("kernel", ["reduce", "int8pack"])
 @pytest.mark.parametrize("rows", [1, 5])
-def test_int8_linear_is_close_to_the_float_layer(rows):
+def test_int8_linear_is_close_to_the_float_layer(rows, kernel, monkeypatch):
+    """Both one-row kernels (the compiled multiply-reduce and int8pack with bf16 activations; which
+    one runs depends on the CPU, ``quant.ROW_KERNEL``) compute the dequantized layer."""
+    import evolm.quant
+
+    monkeypatch.setattr(evolm.quant, "ROW_KERNEL", kernel)
     torch.manual_seed(0)
     lin = torch.nn.Linear(64, 48)
     q = Int8Linear(lin.weight, lin.bias)

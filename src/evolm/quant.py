@@ -7,10 +7,11 @@ arXiv:2208.07339, and gpt-fast's int8 path) reads a quarter of the bytes of fp32
 runs up to ~4x faster, at a typical cost of ~1e-3 relative error on the logits.
 
 ``quantize_int8(model)`` swaps every ``nn.Linear`` (and a tied LM head) for ``Int8Linear``, in
-place, for inference. One decoding row (the bandwidth-bound case) runs a ``torch.compile``-d
-multiply-reduce that streams the int8 weights once (measured ~10 G weights/s on one core here,
-5x an fp32 GEMV); several rows use PyTorch's ``_weight_int8pack_mm`` kernel with bf16
-activations; elsewhere a dequantize-then-matmul fallback.
+place, for inference. One decoding row (the bandwidth-bound case) runs, on AVX-512 CPUs, a
+``torch.compile``-d multiply-reduce that streams the int8 weights once (measured ~10 G weights/s
+on one core, 5x an fp32 GEMV); several rows, and one row on AVX2-only CPUs (``ROW_KERNEL``), use
+PyTorch's ``_weight_int8pack_mm`` kernel with bf16 activations; elsewhere a dequantize-then-matmul
+fallback.
 
 ``quantize_int4(model, group_size=32)`` goes to 4 bits: asymmetric, one (scale, minimum) pair per
 group of ``group_size`` input weights, ``w = q * scale + min`` with q in 0..15 -- the scheme of
@@ -29,6 +30,21 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 _HAS_KERNEL = hasattr(torch.ops.aten, "_weight_int8pack_mm")
+
+
+def _default_row_kernel() -> str:
+    """The faster one-row int8 product on this CPU, as measured (docs/performance.md).
+
+    The compiled multiply-reduce streams ~10 G weights/s per core where inductor vectorises the
+    int8 -> float conversion (AVX-512 hosts), but only 0.6 on an AVX2-only host, where
+    ``_weight_int8pack_mm`` with bf16 activations streams 3.2 (fp32 weights: 1.9).
+    """
+    cap = torch.backends.cpu.get_cpu_capability()
+    return "reduce" if "AVX512" in cap or not _HAS_KERNEL else "int8pack"
+
+
+# "reduce" or "int8pack": set it to compare the two on a new machine
+ROW_KERNEL = _default_row_kernel()
 
 
 def _gemv_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -66,7 +82,7 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if x.device.type == "cpu" and x2.shape[0] == 1 and not torch.is_grad_enabled():
+        if x.device.type == "cpu" and x2.shape[0] == 1 and not torch.is_grad_enabled() and ROW_KERNEL == "reduce":
             y = _gemv(x2.float(), self.weight, self.scale.float()).to(x.dtype)
         elif _HAS_KERNEL and x.device.type == "cpu":
             y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.weight, self.scale_bf16).to(x.dtype)
