@@ -9,7 +9,7 @@ from evolm.quant import Int8Linear, quantize_int8
 
 
 @pytest.mark.parametrize("kernel", ["reduce", "int8pack"])
-@pytest.mark.parametrize("rows", [1, 5])
+@pytest.mark.parametrize("rows", [1, 5, 40])
 def test_int8_linear_is_close_to_the_float_layer(rows, kernel, monkeypatch):
     """Both one-row kernels (the compiled multiply-reduce and int8pack with bf16 activations; which
     one runs depends on the CPU, ``quant.ROW_KERNEL``) compute the dequantized layer."""

@@ -37,7 +37,9 @@ def _default_row_kernel() -> str:
 
     The compiled multiply-reduce streams ~10 G weights/s per core where inductor vectorises the
     int8 -> float conversion (AVX-512 hosts), but only 0.6 on an AVX2-only host, where
-    ``_weight_int8pack_mm`` with bf16 activations streams 3.2 (fp32 weights: 1.9).
+    ``_weight_int8pack_mm`` with bf16 activations streams 3.2 (fp32 weights: 1.9). There, bf16 is
+    emulated, so 32 rows and more (prefill) dequantize and use the fp32 matmul instead (1536 x 576,
+    one thread: 64 rows 29.6 ms vs 54.7 for int8pack, 256 rows 162 vs 235).
     """
     cap = torch.backends.cpu.get_cpu_capability()
     return "reduce" if "AVX512" in cap or not _HAS_KERNEL else "int8pack"
@@ -84,7 +86,7 @@ class Int8Linear(nn.Module):
         x2 = x.reshape(-1, shape[-1])
         if x.device.type == "cpu" and x2.shape[0] == 1 and not torch.is_grad_enabled() and ROW_KERNEL == "reduce":
             y = _gemv(x2.float(), self.weight, self.scale.float()).to(x.dtype)
-        elif _HAS_KERNEL and x.device.type == "cpu":
+        elif _HAS_KERNEL and x.device.type == "cpu" and (ROW_KERNEL == "reduce" or x2.shape[0] < 32):
             y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.weight, self.scale_bf16).to(x.dtype)
         else:
             y = F.linear(x2, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
