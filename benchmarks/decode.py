@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 from evolm.generate import SamplingParams, generate  # noqa: E402
 from evolm.interop.gguf import find_asset, load_gguf  # noqa: E402
+from stats import median_spread  # noqa: E402  (benchmarks/stats.py)
 
 
 def _prompt(vocab: int, batch: int, length: int) -> torch.Tensor:
@@ -125,13 +126,6 @@ QUALITY_PROMPTS = ["The capital of France is", "def quicksort(arr):", "Once upon
                    "Photosynthesis is the process by which"]
 
 
-def _stats(xs: list[float]) -> tuple[float, float]:
-    """Median and half the max-min spread, relative to the median."""
-    xs = sorted(xs)
-    med = xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
-    return med, (xs[-1] - xs[0]) / 2 / med if med else 0.0
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2")
@@ -207,14 +201,14 @@ def main() -> None:
             ref = None
             if "transformers" in times:
                 hf_runs = times["transformers"]
-                ref = (_stats([p for p, _ in hf_runs])[0], _stats([d for _, d in hf_runs])[0])
+                ref = (median_spread([p for p, _ in hf_runs])[0], median_spread([d for _, d in hf_runs])[0])
             for name, m, c in variants:  # the compiled step must decode the same tokens as the eager loop
                 if c and (id(m), False) in TOKENS:
                     same = TOKENS[id(m), True] == TOKENS[id(m), False]
                     notes.append(f"{dtype_name} batch {b} {name}: greedy tokens {'equal' if same else 'DIFFER from'} "
                                  f"the eager loop's")
             for name, runs in times.items():
-                p, d = _stats([x for x, _ in runs]), _stats([y for _, y in runs])
+                p, d = median_spread([x for x, _ in runs]), median_spread([y for _, y in runs])
                 rows.append((dtype_name, b, name, p, d, None if name == "transformers" else ref))
                 print(f"  {dtype_name} batch {b} {name}: prefill {p[0]:,.0f}, decode {d[0]:,.1f} tok/s", flush=True)
         del hf

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import statistics
 import sys
 import time
 
@@ -31,6 +30,7 @@ from evolm.interop.hf import config_from_hf, state_dict_from_hf  # noqa: E402
 from evolm.model import build  # noqa: E402
 from evolm.nn.loss import use_compiled_kernel  # noqa: E402
 from evolm.train.optim import make_optimizer  # noqa: E402
+from stats import median_spread  # noqa: E402  (benchmarks/stats.py)
 
 V, T, B = 50304, 256, 8
 
@@ -93,11 +93,7 @@ def race(engines: dict, warmup: int, steps: int, repeat: int) -> dict[str, tuple
     for _ in range(repeat):
         for k, (step, _) in engines.items():
             runs[k].append(time_steps(step, steps))
-    out = {}
-    for k, v in runs.items():
-        med = statistics.median(v)
-        out[k] = (med, (max(v) - min(v)) / 2 / med)
-    return out
+    return {k: median_spread(v) for k, v in runs.items()}
 
 
 def main() -> None:

@@ -45,8 +45,10 @@ def _default_row_kernel() -> str:
     return "reduce" if "AVX512" in cap or not _HAS_KERNEL else "int8pack"
 
 
-# "reduce" or "int8pack": set it to compare the two on a new machine
+# "reduce" or "int8pack": set it to compare the two on a new machine. With "int8pack" (AVX2-only
+# CPUs, bf16 emulated) products of DEQUANT_ROWS rows or more dequantize and use the fp32 matmul.
 ROW_KERNEL = _default_row_kernel()
+DEQUANT_ROWS = 32
 
 
 def _gemv_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -84,9 +86,10 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if x.device.type == "cpu" and x2.shape[0] == 1 and not torch.is_grad_enabled() and ROW_KERNEL == "reduce":
+        rows, cpu = x2.shape[0], x.device.type == "cpu"
+        if cpu and rows == 1 and not torch.is_grad_enabled() and ROW_KERNEL == "reduce":
             y = _gemv(x2.float(), self.weight, self.scale.float()).to(x.dtype)
-        elif _HAS_KERNEL and x.device.type == "cpu" and (ROW_KERNEL == "reduce" or x2.shape[0] < 32):
+        elif _HAS_KERNEL and cpu and (ROW_KERNEL == "reduce" or rows < DEQUANT_ROWS):
             y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.weight, self.scale_bf16).to(x.dtype)
         else:
             y = F.linear(x2, self.weight.to(x.dtype)) * self.scale.to(x.dtype)

@@ -363,17 +363,22 @@ class LoglikScorer:
         groups: dict[tuple[int, ...], list[tuple[str, tuple[list[int], int]]]] = {}
         for k, (ids, n) in todo.items():
             groups.setdefault(tuple(ids[:len(ids) - n]), []).append((k, (ids, n)))
-        ordered = sorted(groups.items(), key=lambda kv: _group_order(kv[0], [v for _, v in kv[1]]))
-        ordered = [g for _, g in ordered]
+        ordered = [g for _, g in sorted(groups.items(), key=lambda kv: _group_order(kv[0], [v for _, v in kv[1]]))]
         chunk = self.batch_size * 16
         bar = _progress(len(todo), self.progress and len(todo) > self.batch_size)
+
+        def score(part: list[tuple[str, tuple[list[int], int]]]) -> None:
+            res = self.score_tokens([v for _, v in part], bar=bar)
+            self._store([(k, [ll, greedy]) for (k, _), (ll, greedy) in zip(part, res)])
+
         part: list[tuple[str, tuple[list[int], int]]] = []
-        for g in ordered + [[]]:
-            if part and (not g or len(part) + len(g) > chunk):
-                res = self.score_tokens([v for _, v in part], bar=bar)
-                self._store([(k, [ll, gr]) for (k, _), (ll, gr) in zip(part, res)])
+        for g in ordered:
+            if part and len(part) + len(g) > chunk:
+                score(part)
                 part = []
             part.extend(g)
+        if part:
+            score(part)
         bar.close()
 
 
