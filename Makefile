@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup models data eval-data post-data browser demo test clean
+.PHONY: setup models data eval-data post-data browser bench-deps demo test clean
 
 setup: $(STAMP)
 
@@ -44,6 +44,11 @@ post-data: setup $(BIGBENCH)
 browser:
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
 		|| echo "warning: could not install chromium; tests/test_serve_browser.py will skip"
+
+# optional peers for benchmarks/decode.py: llama.cpp through llama-cpp-python (source-only on PyPI, so this
+# compiles llama.cpp for this CPU: several minutes of every core)
+bench-deps: setup
+	CMAKE_ARGS="-DGGML_NATIVE=ON" $(BIN)/pip install -q llama-cpp-python==0.3.36 torch==2.13.0
 
 # the main job: train the ~10M-parameter demo model on the built-in corpus for a few minutes
 demo: setup data

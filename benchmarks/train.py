@@ -163,6 +163,7 @@ def main() -> None:
             ref = res["transformers"][0]
             for label, (tps, spread) in res.items():
                 rows.append((name, dtype, label, tps, spread, tps / ref))
+                print(f"  {name} {dtype} {label}: {tps:,.0f} tok/s ({tps / ref:.2f}x)", flush=True)
     print(f"\n{args.repeat} interleaved runs of {args.steps} steps per engine: median tokens/s, +- half the spread")
     print("| model | dtype | engine | train tokens/s | vs transformers |")
     print("|---|---|---|---|---|")
