@@ -116,15 +116,30 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             need_w = ctx.needs_input_grad[1]
             need_b = b is not None and ctx.needs_input_grad[2]
             grad_h = torch.empty_like(h)
-            grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
+            if chunk is None:  # the same logits bytes per chunk in every dtype: 1024 fp32 rows, 2048 bf16
+                chunk = 4096 // torch.finfo(dtype).bits * 8
+            one_chunk = h.shape[0] <= chunk
+            low = dtype != torch.float32
+            # the V x D gradient: accumulated in fp32 over chunks; with a single low-precision chunk
+            # it is the one product itself, kept in its dtype until the backward casts it (each
+            # pass over a V x D tensor costs ~20 ms on 2 cores at V = 50k, D = 384)
+            grad_w = None
+            if need_w and not (one_chunk and low):
+                grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
             grad_b = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device) if need_b else None
             total = torch.zeros((), dtype=torch.float32, device=h.device)
             # one logits buffer for every chunk: a fresh chunk x vocab tensor each time is a fresh
             # mmap on CPU, and its page faults cost ~20% of the head's matmul (benchmarks/train.py)
-            buf = torch.empty(min(chunk, h.shape[0]), w.shape[0], dtype=dtype, device=h.device)
+            rows = min(chunk, h.shape[0])
+            buf = torch.empty(rows, w.shape[0], dtype=dtype, device=h.device)
+            # the same for the products of a low-precision step (bf16 under autocast): they land in
+            # reused buffers and are added into the fp32 gradients, instead of fresh tensors
+            gh_buf = torch.empty(rows, h.shape[1], dtype=dtype, device=h.device) if low else None
+            gw_buf = torch.empty(w.shape, dtype=dtype, device=w.device) if low and need_w else None
             for s in range(0, h.shape[0], chunk):
                 hc, tc, valid = hc_all[s:s + chunk], targets[s:s + chunk], valid_all[s:s + chunk]
-                logits = buf[:hc.shape[0]]
+                n = hc.shape[0]
+                logits = buf[:n]
                 if bc is None:
                     torch.mm(hc, wc.t(), out=logits)
                 else:
@@ -132,11 +147,16 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 g, chunk_total = _xent_grad(logits, tc, valid, n_valid, softcap)
                 total += chunk_total
                 g = g.to(dtype)
-                grad_h[s:s + chunk] = (g @ wc).to(h.dtype)
-                if grad_w is not None and dtype == torch.float32:
-                    grad_w.addmm_(g.t(), hc)
-                elif grad_w is not None:
-                    grad_w += (g.t() @ hc).float()
+                if not low:
+                    torch.mm(g, wc, out=grad_h[s:s + chunk]) if h.dtype == dtype else grad_h[s:s + chunk].copy_(g @ wc)
+                    if grad_w is not None:
+                        grad_w.addmm_(g.t(), hc)
+                else:
+                    grad_h[s:s + chunk] = torch.mm(g, wc, out=gh_buf[:n])
+                    if need_w and one_chunk:
+                        grad_w = torch.mm(g.t(), hc, out=gw_buf)
+                    elif need_w:
+                        grad_w += torch.mm(g.t(), hc, out=gw_buf)
                 if grad_b is not None:
                     grad_b += g.float().sum(0)
         empty = torch.empty(0)
@@ -148,20 +168,25 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         grad_h, grad_w, grad_b = ctx.saved_tensors
-        gw = (grad_w * grad_out).to(ctx.w_dtype) if ctx.need_w else None
+        gw = None
+        if ctx.need_w:  # one pass when the cast already makes a fresh tensor
+            gw = grad_w.to(ctx.w_dtype).mul_(grad_out) if grad_w.dtype != ctx.w_dtype else grad_w * grad_out
         gb = (grad_b * grad_out).to(ctx.w_dtype) if ctx.need_b else None
         return grad_h * grad_out.to(grad_h.dtype), gw, gb, None, None, None, None
 
 
 def fused_linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                                bias: torch.Tensor | None = None, softcap: float | None = None,
-                               ignore_index: int = -100, chunk: int = 1024) -> torch.Tensor:
-    """Mean cross-entropy of ``h @ weight.T (+ bias)`` against ``targets``; h (N, D), targets (N,)."""
+                               ignore_index: int = -100, chunk: int | None = None) -> torch.Tensor:
+    """Mean cross-entropy of ``h @ weight.T (+ bias)`` against ``targets``; h (N, D), targets (N,).
+
+    ``chunk`` rows of logits at a time; by default 1024 in fp32 and 2048 in bf16 (the same bytes)."""
     h = h.reshape(-1, h.shape[-1])
     targets = targets.reshape(-1)
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
         return _FusedLinearCrossEntropy.apply(h, weight, bias, targets, chunk, softcap, ignore_index)
     total, n = h.new_zeros((), dtype=torch.float32), (targets != ignore_index).sum().clamp(min=1)
+    chunk = chunk or 1024
     for s in range(0, h.shape[0], chunk):
         logits, _ = _chunk_logits(h[s:s + chunk], weight, bias, softcap)
         total += F.cross_entropy(logits, targets[s:s + chunk], ignore_index=ignore_index, reduction="sum")

@@ -34,12 +34,23 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             {"params": no_decay, "weight_decay": 0.0}]
 
 
+def _fused_supported(params: list[torch.Tensor]) -> bool:
+    """Whether torch's fused AdamW kernel takes these parameters: plain (not DTensor/FSDP-sharded)
+    floating-point tensors on CPU or CUDA."""
+    return bool(params) and all(type(p) is torch.nn.Parameter and p.is_floating_point()
+                                and p.device.type in ("cpu", "cuda") for p in params)
+
+
 def make_optimizer(model: torch.nn.Module, lr: float = 3e-4, betas=(0.9, 0.95), weight_decay: float = 0.1,
                    eps: float = 1e-8, fused: bool | None = None) -> torch.optim.AdamW:
-    kwargs = {}
-    if fused is not None:
-        kwargs["fused"] = fused
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps, **kwargs)
+    """AdamW over :func:`param_groups`. ``fused=None`` picks torch's fused kernel where it applies
+    (one pass over each tensor instead of ~10 ops per parameter: 15-20 ms against 126-131 for a
+    6-layer 384-wide model with a 50k vocabulary on 2 CPU cores, docs/performance.md); it is also
+    transformers' Trainer default (``adamw_torch_fused``) since torch 2.8."""
+    groups = param_groups(model, weight_decay)
+    if fused is None:
+        fused = _fused_supported([p for g in groups for p in g["params"]])
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused)
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int = 0, schedule: str = "cosine",
