@@ -8,14 +8,16 @@ from evolm.presets import get_preset
 from evolm.quant import Int8Linear, quantize_int8
 
 
-@pytest.mark.parametrize("kernel", ["reduce", "int8pack"])
+@pytest.mark.parametrize("kernel", ["reduce", "int8pack", "evolm"])
 @pytest.mark.parametrize("rows", [1, 5, 40])
 def test_int8_linear_is_close_to_the_float_layer(rows, kernel, monkeypatch):
-    """Both one-row kernels (the compiled multiply-reduce and int8pack with bf16 activations; which
-    one runs depends on the CPU, ``quant.ROW_KERNEL``) compute the dequantized layer."""
+    """Every few-row kernel (the compiled multiply-reduce and int8pack with bf16 activations, which
+    one runs depends on the CPU, ``quant.ROW_KERNEL``; evolm's int8-activation kernel where it
+    builds) computes the dequantized layer."""
     import evolm.quant
 
-    monkeypatch.setattr(evolm.quant, "ROW_KERNEL", kernel)
+    monkeypatch.setattr(evolm.quant, "ROW_KERNEL", "reduce" if kernel == "evolm" else kernel)
+    monkeypatch.setattr(evolm.quant, "USE_KERNELS", kernel == "evolm")
     torch.manual_seed(0)
     lin = torch.nn.Linear(64, 48)
     q = Int8Linear(lin.weight, lin.bias)
@@ -56,9 +58,13 @@ def _q4_1_weight(n: int, k: int, group: int = 32, seed: int = 0) -> torch.Tensor
     return (q * d + m).reshape(n, k)
 
 
+@pytest.mark.parametrize("use_kernels", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows", [1, 7])
-def test_int4_linear_computes_its_dequantized_weight(dtype, rows):
+@pytest.mark.parametrize("rows", [1, 7, 40])
+def test_int4_linear_computes_its_dequantized_weight(dtype, rows, use_kernels, monkeypatch):
+    import evolm.quant
+
+    monkeypatch.setattr(evolm.quant, "USE_KERNELS", use_kernels)
     torch.manual_seed(0)
     lin = torch.nn.Linear(128, 48).to(dtype)
     q = Int4Linear(lin.weight, lin.bias, group_size=32)
@@ -77,14 +83,21 @@ def test_int4_linear_computes_its_dequantized_weight(dtype, rows):
     assert q.weight.dtype == torch.uint8 and q.weight.numel() == 48 * 128 // 2
 
 
-def test_int4_requantizes_a_q4_1_weight_exactly():
+@pytest.mark.parametrize("use_kernels", [False, True])
+def test_int4_requantizes_a_q4_1_weight_exactly(use_kernels, monkeypatch):
     """On weights of Q4_1 form (what load_gguf gives for a Q4_1 file) group-32 int4 keeps every code;
-    only the bf16 rounding of scale and minimum remains (|error| <= 2^-8 of the block's magnitude)."""
+    int4pack adds only the bf16 rounding of scale and minimum (|error| <= 2^-8 of the block's
+    magnitude), evolm's layout (fp32 scale and minimum) only float32 rounding."""
+    import evolm.quant
+
+    monkeypatch.setattr(evolm.quant, "USE_KERNELS", use_kernels)
     w = _q4_1_weight(32, 96)
     q = Int4Linear(w, None, group_size=32)
     err = (q.dequantize().float() - w).abs().reshape(32, 3, 32)
     step = (w.reshape(32, 3, 32).amax(-1) - w.reshape(32, 3, 32).amin(-1)) / 15
     assert (err.amax(-1) < 0.1 * step).all()  # far below half a quantization step: no code changed
+    if q.layout == "q4":
+        assert err.max() < 1e-6
 
 
 def test_int4_shape_rules_and_fallback():

@@ -21,6 +21,13 @@ an eighth of fp32's bytes. The matmul is PyTorch's ``_weight_int4pack_mm_for_cpu
 and dequantizes in registers. A model loaded from a Q4_1 GGUF file is requantized *exactly* with
 ``group_size=32`` (every block of the file is already of that form), so on such a model the int4
 path changes the weights only by the bf16 rounding of the scales and minima.
+
+Where evolm's own CPU kernels build (``evolm/kernels``, x86-64 with a C++ compiler), products of
+up to ``KERNEL_ROWS`` rows (decoding) quantize the activations to int8 in blocks of 32 and take
+integer dot products with the int4 / int8 weights (llama.cpp's Q4_1 x Q8 scheme, AVX512-VNNI or
+AVX2); int4 weights are then stored in that kernel's layout with fp32 scales and minima (so a Q4_1
+file is kept exactly), and more rows (prefill) dequantize them and use the float matmul.
+``USE_KERNELS = False`` (before quantizing) keeps PyTorch's kernels.
 """
 
 from __future__ import annotations
@@ -28,6 +35,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from evolm import kernels
 
 _HAS_KERNEL = hasattr(torch.ops.aten, "_weight_int8pack_mm")
 
@@ -49,6 +58,14 @@ def _default_row_kernel() -> str:
 # CPUs, bf16 emulated) products of DEQUANT_ROWS rows or more dequantize and use the fp32 matmul.
 ROW_KERNEL = _default_row_kernel()
 DEQUANT_ROWS = 32
+
+# evolm's int8-activation kernels (evolm/kernels): used for products of at most KERNEL_ROWS rows
+USE_KERNELS = True
+KERNEL_ROWS = 8
+
+
+def _kernels_for(in_features: int, device: torch.device) -> bool:
+    return USE_KERNELS and device.type == "cpu" and in_features % 32 == 0 and kernels.available()
 
 
 def _gemv_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -82,12 +99,17 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale_bf16", scale.to(torch.bfloat16))
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.in_features, self.out_features = w.shape[1], w.shape[0]
+        self.kernel = _kernels_for(self.in_features, weight.device)
+        if self.kernel:
+            self.register_buffer("scale_f32", scale.float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         rows, cpu = x2.shape[0], x.device.type == "cpu"
-        if cpu and rows == 1 and not torch.is_grad_enabled() and ROW_KERNEL == "reduce":
+        if self.kernel and cpu and rows <= KERNEL_ROWS and not torch.is_grad_enabled():
+            y = torch.ops.evolm_q.q8a8_linear(x2, self.weight, self.scale_f32).to(x.dtype)
+        elif cpu and rows == 1 and not torch.is_grad_enabled() and ROW_KERNEL == "reduce":
             y = _gemv(x2.float(), self.weight, self.scale.float()).to(x.dtype)
         elif _HAS_KERNEL and cpu and (ROW_KERNEL == "reduce" or rows < DEQUANT_ROWS):
             y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.weight, self.scale_bf16).to(x.dtype)
@@ -112,11 +134,18 @@ def int4_supported(out_features: int, in_features: int, group_size: int) -> bool
 class Int4Linear(nn.Module):
     """y = x @ W^T + b with W stored as 4-bit codes, one (scale, min) per ``group_size`` inputs.
 
-    Buffers: ``weight`` packed by ``_convert_weight_to_int4pack_for_cpu`` (N, K/2) uint8, and
-    ``scales_and_zeros`` (K/group, N, 2) in bfloat16. The kernel computes
-    ``(q - 8) * scale + zero``, so we store ``zero = min + 8 * scale``. It always runs with bf16
-    activations (fp32 activations take a scalar reference path, measured ~25x slower here); the
-    output is cast back to the input's dtype.
+    Two storage layouts, chosen when the layer is built:
+
+    - ``"q4"`` (evolm's kernels available, ``group_size == 32``): ``weight`` (N, K/2) uint8 in the
+      kernel's nibble order (:func:`evolm.kernels.pack_q4`), ``d`` and ``m`` (N, K/32) float32
+      with ``w = q * d + m``. Up to ``KERNEL_ROWS`` rows run the int8-activation kernel; more rows
+      dequantize and use the float matmul.
+    - ``"int4pack"``: ``weight`` packed by ``_convert_weight_to_int4pack_for_cpu`` (N, K/2) uint8 and
+      ``scales_and_zeros`` (K/group, N, 2) bfloat16 for PyTorch's ``_weight_int4pack_mm_for_cpu``,
+      which computes ``(q - 8) * scale + zero`` (so ``zero = min + 8 * scale``). It always runs with
+      bf16 activations (fp32 activations take a scalar reference path, measured ~25x slower).
+
+    The output is cast back to the input's dtype.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group_size: int = 32):
@@ -129,29 +158,45 @@ class Int4Linear(nn.Module):
         lo, hi = w.amin(-1), w.amax(-1)
         scale = ((hi - lo) / 15).clamp(min=1e-12)
         q = torch.round((w - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32).reshape(N, K)
-        self.register_buffer("weight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.cpu(), 8).to(weight.device))
-        sz = torch.stack((scale, lo + 8 * scale), -1).transpose(0, 1).contiguous()  # (K/group, N, 2)
-        self.register_buffer("scales_and_zeros", sz.to(torch.bfloat16))
+        self.layout = "q4" if group_size == 32 and _kernels_for(K, weight.device) else "int4pack"
+        if self.layout == "q4":
+            self.register_buffer("weight", kernels.pack_q4(q))
+            self.register_buffer("d", scale.contiguous())
+            self.register_buffer("m", lo.contiguous())
+        else:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.cpu(), 8).to(weight.device)
+            self.register_buffer("weight", packed)
+            sz = torch.stack((scale, lo + 8 * scale), -1).transpose(0, 1).contiguous()  # (K/group, N, 2)
+            self.register_buffer("scales_and_zeros", sz.to(torch.bfloat16))
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.in_features, self.out_features, self.group_size = K, N, group_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        sz = self.scales_and_zeros
-        x2 = x.reshape(-1, shape[-1]).to(sz.dtype)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight, self.group_size, sz).to(x.dtype)
+        x2 = x.reshape(-1, shape[-1])
+        if self.layout == "q4":
+            if x2.shape[0] <= KERNEL_ROWS and not torch.is_grad_enabled():
+                y = torch.ops.evolm_q.q4a8_linear(x2, self.weight, self.d, self.m).to(x.dtype)
+            else:
+                y = F.linear(x2, self.dequantize().to(x.dtype))
+        else:
+            sz = self.scales_and_zeros
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(sz.dtype), self.weight, self.group_size, sz).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*shape[:-1], self.out_features)
 
     def dequantize(self) -> torch.Tensor:
-        """The float weight (N, K) this layer multiplies by (for tests and error reports)."""
+        """The float weight (N, K) this layer multiplies by (for tests, error reports and prefill)."""
+        if self.layout == "q4":
+            q = kernels.unpack_q4(self.weight).float().reshape(self.out_features, -1, 32)
+            return (q * self.d[..., None] + self.m[..., None]).reshape(self.out_features, self.in_features)
         eye = torch.eye(self.in_features, dtype=self.scales_and_zeros.dtype, device=self.weight.device)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.weight, self.group_size,
                                                           self.scales_and_zeros).t()
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, int4 group={self.group_size}"
+        return f"in={self.in_features}, out={self.out_features}, int4 group={self.group_size}, {self.layout}"
 
 
 @torch.no_grad()

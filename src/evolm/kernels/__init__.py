@@ -1,0 +1,101 @@
+"""evolm's own CPU kernels, compiled from C++ at first use (``torch.utils.cpp_extension``).
+
+``qgemv.cpp``: the quantized matrix-vector products of CPU decoding. PyTorch's CPU kernels
+dequantize the weights and multiply in floating point (``_weight_int4pack_mm_for_cpu``,
+``_weight_int8pack_mm``), i.e. one float FMA per weight. llama.cpp instead quantizes the
+activation vector too, to int8 in blocks of 32 with one scale each (its Q8 blocks), and takes
+integer dot products: 32 multiply-adds per AVX512-VNNI ``vpdpbusd`` (or two AVX2 instructions).
+Blocks of 32 keep SmolLM2's outlier features: one scale per tensor (FBGEMM's dynamic int8
+linear) does not (docs/performance.md). The ops:
+
+- ``torch.ops.evolm_q.q4a8_linear(x, qw, d, m)``: 4-bit weights, ``w = q * d + m`` per group of 32
+  (llama.cpp's Q4_1), times int8 activations;
+- ``torch.ops.evolm_q.q8a8_linear(x, qw, s)``: int8 weights with one scale per row.
+
+Both take x (M, K) float and return (M, N) float32. :func:`available` builds the extension once
+per machine (~30-60 s, cached under ``~/.cache/evolm/kernels``) with ``-march=native`` and says
+whether it works; without a C++ compiler it returns False and callers keep PyTorch's kernels.
+``EVOLM_KERNELS=0`` turns the extension off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import warnings
+from pathlib import Path
+
+import torch
+
+_SOURCE = Path(__file__).with_name("qgemv.cpp")
+_state: dict = {}
+
+
+def _build_dir() -> Path:
+    """One build per (source, torch, CPU): ``-march=native`` code must not move to another CPU."""
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln for ln in f if ln.startswith("flags")), "")
+    except OSError:
+        pass
+    key = hashlib.sha256(_SOURCE.read_bytes() + torch.__version__.encode() + platform.machine().encode()
+                         + cpu.encode()).hexdigest()[:12]
+    root = Path(os.environ.get("EVOLM_CACHE", Path.home() / ".cache" / "evolm")) / "kernels" / key
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def _fake_registrations() -> None:
+    """Shapes for torch.compile: both ops map (M, K) activations to (M, N) float32."""
+
+    @torch.library.register_fake("evolm_q::q4a8_linear")
+    def _(x, qw, d, m):
+        return x.new_empty((x.shape[0], qw.shape[0]), dtype=torch.float32)
+
+    @torch.library.register_fake("evolm_q::q8a8_linear")
+    def _(x, qw, s):
+        return x.new_empty((x.shape[0], qw.shape[0]), dtype=torch.float32)
+
+
+def available() -> bool:
+    """Build (once) and load the quantized-GEMV extension; False where it cannot be built."""
+    if "ok" in _state:
+        return _state["ok"]
+    _state["ok"], _state["isa"] = False, None
+    if os.environ.get("EVOLM_KERNELS", "1") == "0" or platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    try:
+        from torch.utils.cpp_extension import load
+
+        flags = ["-O3", "-march=native", "-fopenmp"] if os.name != "nt" else ["/O2"]
+        mod = load(name="evolm_qgemv", sources=[str(_SOURCE)], extra_cflags=flags,
+                   build_directory=str(_build_dir()), verbose=False)
+        _fake_registrations()
+        _state["isa"], _state["ok"] = mod.isa(), True
+    except Exception as e:  # no compiler, no headers, ...: PyTorch's kernels remain
+        warnings.warn(f"evolm: the quantized CPU kernels (evolm/kernels/qgemv.cpp) could not be built, "
+                      f"using PyTorch's instead: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    return _state["ok"]
+
+
+def isa() -> str | None:
+    """Which code path the built extension runs: 'avx512vnni', 'avx2' or 'scalar' (None: not built)."""
+    available()
+    return _state.get("isa")
+
+
+def pack_q4(q: torch.Tensor) -> torch.Tensor:
+    """4-bit codes (N, K) in 0..15 -> (N, K/2) uint8, in the kernel's layout: within each group of
+    32, byte j holds code j in its low nibble and code j + 16 in its high nibble (llama.cpp's)."""
+    N, K = q.shape
+    g = q.to(torch.uint8).reshape(N, K // 32, 2, 16)
+    return (g[:, :, 0] | (g[:, :, 1] << 4)).reshape(N, K // 2).contiguous()
+
+
+def unpack_q4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_q4`: (N, K/2) uint8 -> (N, K) codes as uint8."""
+    N = packed.shape[0]
+    b = packed.reshape(N, -1, 16)
+    return torch.stack((b & 0x0F, b >> 4), 2).reshape(N, -1)

@@ -1,0 +1,122 @@
+"""evolm's C++ quantized GEMV kernels against a float64 reference of the same arithmetic.
+
+Reference: the activations quantized to int8 per block of 32 (scale = max|x| / 127, round half to
+even), the weights dequantized (q4: q * d + m per block; q8: q * s per row), the product summed in
+float64. The kernels must match it to float32 rounding: any layout, nibble-order or sign mistake
+is an O(1) error.
+"""
+
+import platform
+import shutil
+
+import pytest
+import torch
+
+from evolm import kernels
+from evolm import build
+from evolm.presets import get_preset
+
+needs_kernels = pytest.mark.skipif(not kernels.available(), reason="evolm's C++ kernels are not built on this host")
+
+
+def test_kernels_build_where_a_compiler_exists():
+    if platform.machine() != "x86_64" or shutil.which("c++") is None:
+        pytest.skip("the kernels are built for x86-64 with a C++ compiler")
+    assert kernels.available(), "evolm/kernels/qgemv.cpp failed to build (see the warning)"
+    assert kernels.isa() in ("avx512vnni", "avx2", "scalar")
+
+
+def _quant_act(x: torch.Tensor):
+    """Codes computed as the kernel does, in float32 (x times the reciprocal scale, round half to
+    even), so that ties land the same way; the sums are then taken in float64."""
+    g = x.float().reshape(x.shape[0], -1, 32)
+    d = g.abs().amax(-1, keepdim=True) / 127
+    inv = torch.where(d > 0, 1 / torch.where(d > 0, d, 1), 0)
+    q = torch.round(g * inv).clamp(-127, 127)
+    return q.double(), d.double()
+
+
+def _ref_q4(x, codes, d, m):
+    qx, dx = _quant_act(x)  # (M, G, 32), (M, G, 1)
+    N, K = codes.shape
+    w = codes.double().reshape(N, K // 32, 32)
+    dot = torch.einsum("mgi,ngi->mng", qx, w)  # integer sums per block
+    sx = qx.sum(-1)  # (M, G)
+    return (dot * d.double()[None] * dx[..., 0][:, None] + m.double()[None] * (dx[..., 0] * sx)[:, None]).sum(-1)
+
+
+def _ref_q8(x, qw, s):
+    qx, dx = _quant_act(x)
+    N, K = qw.shape
+    dot = torch.einsum("mgi,ngi->mng", qx, qw.double().reshape(N, K // 32, 32))
+    return (dot * dx[..., 0][:, None]).sum(-1) * s.double()
+
+
+@needs_kernels
+@pytest.mark.parametrize("M,N,K", [(1, 16, 32), (3, 49, 576), (8, 192, 576), (11, 64, 1536)])
+def test_q4a8_equals_reference(M, N, K):
+    g = torch.Generator().manual_seed(M * N + K)
+    x = torch.randn(M, K, generator=g) * (1 + 10 * (torch.rand(K, generator=g) > 0.97))  # a few outlier features
+    codes = torch.randint(0, 16, (N, K), generator=g)
+    d = 0.01 + 0.02 * torch.rand(N, K // 32, generator=g)
+    m = -8 * d + 0.01 * torch.randn(N, K // 32, generator=g)
+    got = torch.ops.evolm_q.q4a8_linear(x, kernels.pack_q4(codes), d, m)
+    want = _ref_q4(x, codes, d, m)
+    assert got.dtype == torch.float32 and got.shape == (M, N)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+    # and bf16 activations are read as their float values
+    xb = x.bfloat16()
+    torch.testing.assert_close(torch.ops.evolm_q.q4a8_linear(xb, kernels.pack_q4(codes), d, m).double(),
+                               _ref_q4(xb.float(), codes, d, m), rtol=1e-5, atol=1e-4)
+
+
+@needs_kernels
+@pytest.mark.parametrize("M,N,K", [(1, 16, 32), (5, 33, 576), (9, 160, 1536)])
+def test_q8a8_equals_reference(M, N, K):
+    g = torch.Generator().manual_seed(M + N + K)
+    x = torch.randn(M, K, generator=g)
+    qw = torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8)
+    s = 0.001 + 0.01 * torch.rand(N, generator=g)
+    got = torch.ops.evolm_q.q8a8_linear(x, qw, s)
+    torch.testing.assert_close(got.double(), _ref_q8(x, qw, s), rtol=1e-5, atol=1e-4)
+
+
+@needs_kernels
+def test_zero_and_extreme_blocks():
+    """An all-zero activation block (scale 0) contributes nothing; +-127 codes do not saturate."""
+    K, N = 64, 16
+    x = torch.zeros(1, K)
+    x[0, 32:] = torch.linspace(-5, 5, 32)
+    qw = torch.full((N, K), -127, dtype=torch.int8)
+    s = torch.ones(N)
+    torch.testing.assert_close(torch.ops.evolm_q.q8a8_linear(x, qw, s).double(), _ref_q8(x, qw, s))
+    codes = torch.full((N, K), 15)
+    d, m = torch.ones(N, 2), torch.full((N, 2), -3.0)
+    torch.testing.assert_close(torch.ops.evolm_q.q4a8_linear(x, kernels.pack_q4(codes), d, m).double(),
+                               _ref_q4(x, codes, d, m))
+
+
+def test_pack_unpack_roundtrip():
+    codes = torch.randint(0, 16, (5, 96))
+    packed = kernels.pack_q4(codes)
+    assert packed.shape == (5, 48) and packed.dtype == torch.uint8
+    assert torch.equal(kernels.unpack_q4(packed).long(), codes)
+    # llama.cpp's order: byte j of a block = code j (low nibble) | code j + 16 (high nibble)
+    assert int(packed[0, 0]) == int(codes[0, 0]) | (int(codes[0, 16]) << 4)
+
+
+@needs_kernels
+def test_kernel_layers_compile_and_match_eager():
+    """The ops trace into torch.compile (fake shapes registered) and give the eager result."""
+    from evolm.quant import Int4Linear, quantize_int4
+
+    torch.manual_seed(0)
+    model = build(get_preset("tiny-llama")).eval()
+    quantize_int4(model, group_size=32, head="int8")
+    layer = model.layers[0].mlp.up_proj
+    assert isinstance(layer, Int4Linear) and layer.layout == "q4"
+    x = torch.randint(0, model.config.vocab_size, (1, 1))
+    with torch.no_grad():
+        want = model(x)
+        got = torch.compile(model, fullgraph=True)(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
