@@ -135,6 +135,32 @@ inline void q8_tile(const int8_t* w, const float* sc, const int8_t* qx, const fl
   for (int j = 0; j < NR; ++j)
     for (int r = 0; r < MR; ++r) out[r * N + j] = hsum(acc[j][r]) * sc[j];
 }
+
+// int8 weights, one activation row: each weight row read front to back (a single stream for the
+// hardware prefetcher; measured faster than the 4-row tile on SmolLM2's 28 MB head), four
+// accumulators along K so that no FMA waits on the previous one
+inline float q8_row1(const int8_t* w, const int8_t* qx, const float* dx, int64_t G) {
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  int64_t g = 0;
+  for (; g + 4 <= G; g += 4) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + (g + 16) * QK), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w + (g + 18) * QK), _MM_HINT_T0);
+    for (int u = 0; u < 4; ++u) {
+      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (g + u) * QK));
+      const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx + (g + u) * QK));
+      const __m256 s = _mm256_cvtepi32_ps(dot_u8s8(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(a, wv)));
+      acc[u] = _mm256_fmadd_ps(s, _mm256_set1_ps(dx[g + u]), acc[u]);
+    }
+  }
+  for (; g < G; ++g) {
+    const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + g * QK));
+    const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx + g * QK));
+    const __m256 s = _mm256_cvtepi32_ps(dot_u8s8(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(a, wv)));
+    acc[0] = _mm256_fmadd_ps(s, _mm256_set1_ps(dx[g]), acc[0]);
+  }
+  return hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+}
+
 #endif
 
 // rows n0..n1 of the output for all M activation rows
@@ -178,7 +204,10 @@ void q8_rows(const int8_t* qx, const float* dx, int64_t M, int64_t K, const int8
              float* out, int64_t N, int64_t n0, int64_t n1) {
   const int64_t G = K / QK;
 #if defined(__AVX2__)
-  (void)G;
+  if (M == 1) {
+    for (int64_t n = n0; n < n1; ++n) out[n] = q8_row1(qw + n * K, qx, dx, G) * sc[n];
+    return;
+  }
   int64_t n = n0;
   auto rows = [&](auto nr, int64_t n) {
     constexpr int NR = decltype(nr)::value;
