@@ -7,11 +7,13 @@ decode tokens/s for 128 new tokens at batch 1 and 8, and the ratio evolm / trans
 
     python benchmarks/decode.py [--model smollm2|gemma3|PATH.gguf] [--dtypes float32,bfloat16]
                                 [--batches 1,8] [--new 128] [--prompt-len 256] [--int8] [--int4]
-                                [--compile] [--repeat N] [--quality]
+                                [--compile] [--kernels-ab] [--repeat N] [--quality]
 
 Variants: ``evolm`` (eager decoding loop), ``int8`` / ``int4`` (weight-only quantized linears and
 head, see ``evolm/quant.py``) and, with ``--compile``, each of them again decoding with the
-``torch.compile``-d step over a static cache (``generate(..., compile=True)``). ``--repeat N``
+``torch.compile``-d step over a static cache (``generate(..., compile=True)``). ``--kernels-ab``
+builds every quantized variant both with evolm's C++ int8-activation kernels (``evolm/kernels``)
+and with PyTorch's, to compare them in one run. ``--repeat N``
 times every engine N times, interleaved, and prints the median and the spread (the machine may be
 shared). ``--quality`` prints, for each quantized variant, its logit error against the float model
 on a real text and how many of 64 greedy tokens it shares with it on real prompts.
@@ -139,6 +141,8 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="also run each evolm variant with the compiled step")
     ap.add_argument("--only-compiled", action="store_true", help="with --compile: skip the eager evolm variants")
     ap.add_argument("--fuse", action="store_true", help="fuse q/k/v and gate/up (fuse_for_inference) in evolm variants")
+    ap.add_argument("--kernels-ab", action="store_true",
+                    help="build each quantized variant twice: with evolm's int8-activation kernels and with torch's")
     ap.add_argument("--repeat", type=int, default=1, help="timed runs per engine (interleaved); median printed")
     ap.add_argument("--quality", action="store_true", help="print quantized variants' error vs the float model")
     ap.add_argument("--threads", type=int, default=None)
@@ -159,14 +163,17 @@ def main() -> None:
         fresh = lambda: load_gguf(path, dtype=dtype)[0].eval().fuse_for_inference() if args.fuse \
             else load_gguf(path, dtype=dtype)[0].eval()  # noqa: E731
         models = [("evolm", fresh() if args.fuse else ours)]
-        if args.int8:
-            from evolm.quant import quantize_int8
+        import evolm.quant as quant
 
-            models.append(("evolm int8", quantize_int8(fresh())))
-        if args.int4:
-            from evolm.quant import quantize_int4
-
-            models.append(("evolm int4", quantize_int4(fresh(), group_size=32)))
+        default_kernels = quant.USE_KERNELS
+        for use in ([default_kernels, not default_kernels] if args.kernels_ab else [default_kernels]):
+            quant.USE_KERNELS = use  # read when a layer is quantized
+            tag = (" (evolm kernels)" if use else " (torch kernels)") if args.kernels_ab else ""
+            if args.int8:
+                models.append(("evolm int8" + tag, quant.quantize_int8(fresh())))
+            if args.int4:
+                models.append(("evolm int4" + tag, quant.quantize_int4(fresh(), group_size=32)))
+        quant.USE_KERNELS = default_kernels
         variants = [] if args.compile and args.only_compiled else [(n, m, False) for n, m in models]
         if args.compile:
             variants += [(n + " compiled", m, True) for n, m in models]
