@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
+import evolm.quant as quant  # noqa: E402
 from evolm.generate import SamplingParams, generate  # noqa: E402
 from evolm.interop.gguf import find_asset, load_gguf  # noqa: E402
 from stats import median_spread  # noqa: E402  (benchmarks/stats.py)
@@ -163,8 +164,6 @@ def main() -> None:
         fresh = lambda: load_gguf(path, dtype=dtype)[0].eval().fuse_for_inference() if args.fuse \
             else load_gguf(path, dtype=dtype)[0].eval()  # noqa: E731
         models = [("evolm", fresh() if args.fuse else ours)]
-        import evolm.quant as quant
-
         default_kernels = quant.USE_KERNELS
         for use in ([default_kernels, not default_kernels] if args.kernels_ab else [default_kernels]):
             quant.USE_KERNELS = use  # read when a layer is quantized

@@ -15,7 +15,7 @@ linear) does not (docs/performance.md). The ops:
 Both take x (M, K) float and return (M, N) float32. :func:`available` builds the extension once
 per machine (~30-60 s, cached under ``~/.cache/evolm/kernels``) with ``-march=native`` and says
 whether it works; without a C++ compiler it returns False and callers keep PyTorch's kernels.
-``EVOLM_KERNELS=0`` turns the extension off.
+Whether quantized layers use them is ``evolm.quant.USE_KERNELS`` (``EVOLM_KERNELS=1|0``).
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def available() -> bool:
     if "ok" in _state:
         return _state["ok"]
     _state["ok"], _state["isa"] = False, None
-    if os.environ.get("EVOLM_KERNELS", "1") == "0" or platform.machine() not in ("x86_64", "AMD64"):
+    if platform.machine() not in ("x86_64", "AMD64"):
         return False
     try:
         from torch.utils.cpp_extension import load

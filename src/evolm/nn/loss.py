@@ -26,6 +26,11 @@ def _cast(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None):
     return dtype, h.to(dtype), w.to(dtype), (b.to(dtype) if b is not None else None)
 
 
+def _default_chunk(dtype: torch.dtype) -> int:
+    """Rows of logits per chunk: the same bytes in every dtype (1024 fp32 rows, 2048 bf16)."""
+    return 4096 // torch.finfo(dtype).bits * 8
+
+
 def _chunk_logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, softcap: float | None):
     logits = F.linear(h, w, b).float()
     if softcap is None:
@@ -116,8 +121,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             need_w = ctx.needs_input_grad[1]
             need_b = b is not None and ctx.needs_input_grad[2]
             grad_h = torch.empty_like(h)
-            if chunk is None:  # the same logits bytes per chunk in every dtype: 1024 fp32 rows, 2048 bf16
-                chunk = 4096 // torch.finfo(dtype).bits * 8
+            chunk = chunk or _default_chunk(dtype)
             one_chunk = h.shape[0] <= chunk
             low = dtype != torch.float32
             # the V x D gradient: accumulated in fp32 over chunks; with a single low-precision chunk
@@ -148,7 +152,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 total += chunk_total
                 g = g.to(dtype)
                 if not low:
-                    torch.mm(g, wc, out=grad_h[s:s + chunk]) if h.dtype == dtype else grad_h[s:s + chunk].copy_(g @ wc)
+                    torch.mm(g, wc, out=grad_h[s:s + chunk])
                     if grad_w is not None:
                         grad_w.addmm_(g.t(), hc)
                 else:
@@ -186,7 +190,7 @@ def fused_linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: t
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
         return _FusedLinearCrossEntropy.apply(h, weight, bias, targets, chunk, softcap, ignore_index)
     total, n = h.new_zeros((), dtype=torch.float32), (targets != ignore_index).sum().clamp(min=1)
-    chunk = chunk or 1024
+    chunk = chunk or _default_chunk(_compute_dtype(h))
     for s in range(0, h.shape[0], chunk):
         logits, _ = _chunk_logits(h[s:s + chunk], weight, bias, softcap)
         total += F.cross_entropy(logits, targets[s:s + chunk], ignore_index=ignore_index, reduction="sum")
