@@ -122,3 +122,48 @@ def test_kernel_layers_compile_and_match_eager(monkeypatch):
         want = model(x)
         got = torch.compile(model, fullgraph=True)(x)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+# --- float skinny products (skinny_gemm.cpp) ---------------------------------------------------
+
+
+@needs_kernels
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("M,N,K", [(1, 7, 16), (1, 49, 576), (3, 50, 37), (5, 64, 576), (8, 193, 1536),
+                                   (11, 64, 100), (16, 96, 576)])
+def test_skinny_linear_equals_float64(wdtype, M, N, K):
+    """Every tile shape (4- and 2-row weight tiles, 1..8-row passes, the one-row tail of N, a K that
+    is not a multiple of the SIMD width) against the float64 product of the same values."""
+    g = torch.Generator().manual_seed(M * 1000 + N + K)
+    x = torch.randn(M, K, generator=g)
+    w = torch.randn(N, K, generator=g).to(wdtype)
+    got = torch.ops.evolm_f.skinny_linear(x, w)
+    want = x.double() @ w.double().T
+    assert got.shape == (M, N) and got.dtype == torch.float32
+    # fp32 accumulation over K terms of size ~1: error ~ sqrt(K) * 2^-24 * |terms|
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=2e-5 * K ** 0.5)
+
+
+@needs_kernels
+def test_skinny_linear_bf16_activations_and_batch_invariance():
+    """A row's result does not depend on how many other rows share the call (the kernel's tiles
+    never mix rows), so batched greedy decoding equals one sequence at a time bit for bit; bf16
+    activations come back in bf16."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 576, generator=g)
+    w = torch.randn(300, 576, generator=g)
+    full = torch.ops.evolm_f.skinny_linear(x, w)
+    for m in (1, 2, 3, 5, 8, 13):
+        assert torch.equal(torch.ops.evolm_f.skinny_linear(x[:m], w), full[:m])
+    xb, wb = x.bfloat16(), w.bfloat16()
+    yb = torch.ops.evolm_f.skinny_linear(xb, wb)
+    assert yb.dtype == torch.bfloat16
+    torch.testing.assert_close(yb.float(), (xb.double() @ wb.double().T).float(), rtol=1e-2, atol=1e-1)
+
+
+@needs_kernels
+def test_skinny_linear_rejects_bad_shapes():
+    with pytest.raises(RuntimeError, match="x must be \\(M, K\\) and w \\(N, K\\)"):
+        torch.ops.evolm_f.skinny_linear(torch.randn(2, 8), torch.randn(3, 9))
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        torch.ops.evolm_f.skinny_linear(torch.randn(2, 8), torch.randn(3, 8).half())

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from evolm import kernels
 from evolm.cache import KVCache, StaticKVCache
 
 
@@ -213,30 +214,44 @@ def _as_batch(input_ids, attention_mask, device) -> tuple[torch.Tensor, torch.Te
 # ------------------------------------------------------------------------------------------
 
 
-class _RowGemv(TorchFunctionMode):
-    """Inside the compiled CPU step: a one-row ``F.linear`` becomes a multiply-reduce.
+class _DecodeLinear(TorchFunctionMode):
+    """Inside the compiled CPU step: ``F.linear`` over a few rows runs a kernel built for it.
 
-    At batch 1 every linear layer is a matrix-vector product, bound by how fast the weights stream
-    from memory. The BLAS GEMV that ``F.linear`` reaches streams them at about half the rate of the
-    plain vectorised loop inductor writes for ``(x * W).sum(-1)`` (fp32 accumulation; measured
-    2-3x on SmolLM2's tied 49152 x 576 head, see docs/performance.md). Several rows keep
-    ``F.linear`` (a real matrix product, where the BLAS kernel wins).
+    Decoding multiplies one row per sequence by every weight matrix, so a step is bound by how fast
+    the weights stream from memory. The BLAS kernels ``F.linear`` reaches are tuned for many rows:
+    at 1-16 rows they stream fp32 and bf16 weights at a third to a half of the read bandwidth. One
+    row becomes the multiply-reduce ``(x * W).sum(-1)``, which inductor turns into a vectorised loop
+    reading each thread's share of W as one sequential stream (2-3x the BLAS GEMV; end to end it
+    also beat evolm's kernel at one row, docs/performance.md). 2-16 rows go, where evolm's kernels
+    build, to ``evolm_f::skinny_linear`` (each weight vector loaded once and multiplied into every
+    row; evolm/kernels/skinny_gemm.cpp; 2-3x ``F.linear`` end to end at batch 8 in fp32), else
+    keep ``F.linear``.
     """
+
+    def __init__(self):
+        super().__init__()
+        self.skinny = kernels.skinny_enabled()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.linear:
             x, w = args[0], args[1]
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            if x.numel() == x.shape[-1] and x.device.type == "cpu":
-                y = (x.reshape(1, -1).float() * w.float()).sum(-1).to(x.dtype)
+            rows = x.numel() // max(x.shape[-1], 1)
+            if x.device.type == "cpu" and rows <= kernels.SKINNY_ROWS:
+                if rows == 1:
+                    y = (x.reshape(1, -1).float() * w.float()).sum(-1).to(x.dtype)
+                elif self.skinny and x.dtype == w.dtype and w.dtype in (torch.float32, torch.bfloat16):
+                    y = torch.ops.evolm_f.skinny_linear(x.reshape(rows, -1), w.contiguous())
+                else:
+                    return func(*args, **kwargs)
                 y = y.reshape(*x.shape[:-1], w.shape[0])
                 return y if bias is None else y + bias
         return func(*args, **kwargs)
 
 
 def _step(model, tok: torch.Tensor, pos: torch.Tensor, cache) -> torch.Tensor:
-    with _RowGemv():
+    with _DecodeLinear():
         return model(tok, position_ids=pos, cache=cache, last_only=True)[:, -1]
 
 

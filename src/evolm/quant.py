@@ -33,7 +33,6 @@ file is kept exactly), and more rows (prefill) dequantize them and use the float
 
 from __future__ import annotations
 
-import os
 
 import torch
 import torch.nn as nn
@@ -68,9 +67,9 @@ def _default_use_kernels() -> bool:
     against llama.cpp's 65). On AVX-512 hosts the compiled multiply-reduce and int4pack are as fast
     end to end (SmolLM2, 2 threads, interleaved: int8 90.6 vs 83.1 tok/s, int4 71.7 vs 73.9).
     ``EVOLM_KERNELS=1`` / ``0`` forces the choice."""
-    env = os.environ.get("EVOLM_KERNELS")
+    env = kernels.env_choice()
     if env is not None:
-        return env != "0"
+        return env
     return "AVX512" not in torch.backends.cpu.get_cpu_capability()
 
 

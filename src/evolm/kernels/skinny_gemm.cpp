@@ -1,0 +1,182 @@
+// Float "skinny" matrix products for CPU decoding: y (M, N) = x (M, K) @ w (N, K)^T for a few
+// activation rows (M <= 16) and fp32 or bf16 weights, reading every weight exactly once.
+//
+// Decoding one token per sequence multiplies a handful of activation rows by every weight matrix:
+// the work is bound by how fast the weights stream from memory, not by arithmetic. The BLAS
+// kernels F.linear reaches are built for large M; at M = 1..8 they stream fp32 weights at about a
+// third of the machine's read bandwidth (measured: 9.6 GB/s of 30 on 2 Zen 4 cores). Here a tile
+// of NR weight rows (8 for one activation row, 4 for up to 4, else 2) is loaded once per K-step and
+// multiplied into R activation rows held in registers (the next R rows find the tile in L1), with
+// fp32 accumulation; the next tile is prefetched while this one computes.
+// bf16 weights are widened to fp32 by a shift (exact), so bf16 products equal fp32 ones.
+// Built together with qgemv.cpp by evolm/kernels/__init__.py (-march=native): AVX-512, AVX2 and
+// plain C++ paths.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+namespace {
+
+inline float bf16_to_float(uint16_t b) {
+  const uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+template <class W>
+inline float to_float(W v) {
+  if constexpr (std::is_same_v<W, uint16_t>) return bf16_to_float(v);
+  else return v;
+}
+
+// one SIMD width: L lanes of fp32, loads of fp32 or bf16 (widened) weights
+#if defined(__AVX512F__)
+struct Vec {
+  static constexpr int L = 16, R4 = 4, R2 = 8;  // rows per pass with 4 / 2 weight rows per tile
+  using T = __m512;
+  static T zero() { return _mm512_setzero_ps(); }
+  static T load(const float* p) { return _mm512_loadu_ps(p); }
+  static T load(const uint16_t* p) {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+  static T fma(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
+  static float sum(T v) { return _mm512_reduce_add_ps(v); }
+};
+#elif defined(__AVX2__) && defined(__FMA__)
+struct Vec {
+  static constexpr int L = 8, R4 = 2, R2 = 4;
+  using T = __m256;
+  static T zero() { return _mm256_setzero_ps(); }
+  static T load(const float* p) { return _mm256_loadu_ps(p); }
+  static T load(const uint16_t* p) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+  static T fma(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
+  static float sum(T v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+};
+#endif
+
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+// NR weight rows (row stride K) x R activation rows (row stride K) -> out[r * ldo + j]: each weight
+// vector is loaded once and multiplied into all R rows, whose K-slice sits in registers
+template <int NR, int R, class W>
+inline void tile(const W* w, const float* x, int64_t K, float* out, int64_t ldo) {
+  typename Vec::T acc[NR][R];
+  for (int j = 0; j < NR; ++j)
+    for (int r = 0; r < R; ++r) acc[j][r] = Vec::zero();
+  const int64_t Kv = K - K % Vec::L;
+  for (int64_t k = 0; k < Kv; k += Vec::L) {
+    typename Vec::T xv[R];
+    for (int r = 0; r < R; ++r) xv[r] = Vec::load(x + r * K + k);
+    for (int j = 0; j < NR; ++j) {
+      // the next tile's rows at this column: they stream from memory while this tile computes
+      _mm_prefetch(reinterpret_cast<const char*>(w + (NR + j) * K + k), _MM_HINT_T0);
+      const typename Vec::T wv = Vec::load(w + j * K + k);
+      for (int r = 0; r < R; ++r) acc[j][r] = Vec::fma(wv, xv[r], acc[j][r]);
+    }
+  }
+  for (int j = 0; j < NR; ++j)
+    for (int r = 0; r < R; ++r) {
+      float s = Vec::sum(acc[j][r]);
+      for (int64_t k = Kv; k < K; ++k) s += to_float(w[j * K + k]) * x[r * K + k];
+      out[r * ldo + j] = s;
+    }
+}
+
+// one pass of R = 1..RMAX activation rows (R known at run time) over NR weight rows
+template <int NR, int RMAX, class W>
+inline void tile_r(int64_t R, const W* w, const float* x, int64_t K, float* out, int64_t ldo) {
+  switch (R) {
+    case 1: return tile<NR, 1>(w, x, K, out, ldo);
+    case 2: return tile<NR, 2>(w, x, K, out, ldo);
+    case 3: return tile<NR, (RMAX >= 3 ? 3 : 1)>(w, x, K, out, ldo);
+    case 4: return tile<NR, (RMAX >= 4 ? 4 : 1)>(w, x, K, out, ldo);
+    case 5: return tile<NR, (RMAX >= 5 ? 5 : 1)>(w, x, K, out, ldo);
+    case 6: return tile<NR, (RMAX >= 6 ? 6 : 1)>(w, x, K, out, ldo);
+    case 7: return tile<NR, (RMAX >= 7 ? 7 : 1)>(w, x, K, out, ldo);
+    default: return tile<NR, (RMAX >= 8 ? 8 : 1)>(w, x, K, out, ldo);
+  }
+}
+
+// all M rows, NR weight rows at a time, in passes of at most RMAX activation rows
+template <int NR, int RMAX, class W>
+void rows_nr(const W* w, const float* x, int64_t M, int64_t K, float* out, int64_t N, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  for (; n + NR <= n1; n += NR)
+    for (int64_t r = 0; r < M; r += RMAX)
+      tile_r<NR, RMAX>(std::min<int64_t>(RMAX, M - r), w + n * K, x + r * K, K, out + r * N + n, N);
+  for (; n < n1; ++n)  // the last weight rows of this task, one at a time
+    for (int64_t r = 0; r < M; r += RMAX)
+      tile_r<1, RMAX>(std::min<int64_t>(RMAX, M - r), w + n * K, x + r * K, K, out + r * N + n, N);
+}
+#endif
+
+// output columns n0..n1 for all M rows
+template <class W>
+void rows(const W* w, const float* x, int64_t M, int64_t K, float* out, int64_t N, int64_t n0, int64_t n1) {
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+  // registers: NR * R accumulators + NR weight vectors (32 zmm / 16 ymm); one row streams 8
+  // weight rows at a time (measured ~8% more GB/s than 4 on Zen 4)
+  if (M == 1) rows_nr<8, 1>(w, x, M, K, out, N, n0, n1);
+  else if (M <= Vec::R4) rows_nr<4, Vec::R4>(w, x, M, K, out, N, n0, n1);
+  else rows_nr<2, Vec::R2>(w, x, M, K, out, N, n0, n1);
+#else
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t r = 0; r < M; ++r) {
+      float s = 0.f;
+      for (int64_t k = 0; k < K; ++k) s += to_float(w[n * K + k]) * x[r * K + k];
+      out[r * N + n] = s;
+    }
+#endif
+}
+
+}  // namespace
+
+// x (M, K) fp32 or bf16, w (N, K) fp32 or bf16 -> (M, N) in x's dtype, fp32 accumulation
+at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& w) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1),
+              "evolm skinny_linear: x must be (M, K) and w (N, K), got ", x.sizes(), " and ", w.sizes());
+  TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16,
+              "evolm skinny_linear: weights must be float32 or bfloat16, got ", w.scalar_type());
+  TORCH_CHECK(w.is_contiguous(), "evolm skinny_linear: weights must be contiguous");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
+  const float* xp = xf.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  // a multiple of the 8-row tile, a few tasks per thread
+  const int64_t grain = std::max<int64_t>(16, (N / (4 * at::get_num_threads())) & ~int64_t(7));
+  if (w.scalar_type() == at::kFloat) {
+    const float* wp = w.data_ptr<float>();
+    at::parallel_for(0, N, grain, [&](int64_t a, int64_t b) { rows(wp, xp, M, K, o, N, a, b); });
+  } else {
+    const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+    at::parallel_for(0, N, grain, [&](int64_t a, int64_t b) { rows(wp, xp, M, K, o, N, a, b); });
+  }
+  return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
+}
+
+std::string skinny_isa() {
+#if defined(__AVX512F__)
+  return "avx512";
+#elif defined(__AVX2__) && defined(__FMA__)
+  return "avx2";
+#else
+  return "scalar";
+#endif
+}
+
+TORCH_LIBRARY(evolm_f, lib) { lib.def("skinny_linear(Tensor x, Tensor w) -> Tensor"); }
+
+TORCH_LIBRARY_IMPL(evolm_f, CPU, lib) { lib.impl("skinny_linear", &skinny_linear); }
