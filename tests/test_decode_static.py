@@ -62,7 +62,11 @@ def test_compiled_decode_equals_eager_without_recompiles(family, one_thread):
 
     model = tiny(family)
     params = SamplingParams(max_new_tokens=N_NEW, temperature=0)
+    breaks = sum(counters["graph_break"].values())
     assert generate(model, PROMPTS, params, compile=True) == generate(model, PROMPTS, params)
+    # one graph per step, no breaks (a break, e.g. building the kernels inside the trace, costs a
+    # Python frame and a guard check at every step)
+    assert sum(counters["graph_break"].values()) == breaks, dict(counters["graph_break"])
     frames = counters["stats"]["unique_graphs"]
     # another call with other prompt and cache lengths (same batch), and sampling
     prompts = [p[::-1] + [7] for p in PROMPTS]

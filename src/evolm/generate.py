@@ -228,10 +228,6 @@ class _DecodeLinear(TorchFunctionMode):
     keep ``F.linear``.
     """
 
-    def __init__(self):
-        super().__init__()
-        self.skinny = kernels.skinny_enabled()
-
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.linear:
@@ -241,7 +237,7 @@ class _DecodeLinear(TorchFunctionMode):
             if x.device.type == "cpu" and rows <= kernels.SKINNY_ROWS:
                 if rows == 1:
                     y = (x.reshape(1, -1).float() * w.float()).sum(-1).to(x.dtype)
-                elif self.skinny and x.dtype == w.dtype and w.dtype in (torch.float32, torch.bfloat16):
+                elif _skinny and x.dtype == w.dtype and w.dtype in (torch.float32, torch.bfloat16):
                     y = torch.ops.evolm_f.skinny_linear(x.reshape(rows, -1), w.contiguous())
                 else:
                     return func(*args, **kwargs)
@@ -256,6 +252,7 @@ def _step(model, tok: torch.Tensor, pos: torch.Tensor, cache) -> torch.Tensor:
 
 
 _compiled_step = None
+_skinny = False  # whether _DecodeLinear uses skinny_linear: set by compiled_step(), outside the trace
 
 
 def compiled_step():
@@ -269,7 +266,8 @@ def compiled_step():
     later call, whatever the prompt length (check with ``torch._dynamo.utils.counters``).
     Parameters are graph inputs, so two models of the same configuration share the graph.
     """
-    global _compiled_step
+    global _compiled_step, _skinny
+    _skinny = kernels.skinny_enabled()  # builds the kernels on first use: never inside the trace
     if _compiled_step is None:
         # each (structure, batch, dtype) is one more entry on the same code object: allow many
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
