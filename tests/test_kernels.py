@@ -162,8 +162,46 @@ def test_skinny_linear_bf16_activations_and_batch_invariance():
 
 
 @needs_kernels
+@pytest.mark.parametrize("M,N,K", [(1, 7, 16), (1, 49, 576), (3, 50, 37), (8, 193, 1536), (16, 96, 576)])
+def test_skinny_linear_int8_weights_equal_float64(M, N, K):
+    """Weight-only int8: y = (x . q) * scale per output row, against float64 on the same codes."""
+    g = torch.Generator().manual_seed(M * 1000 + N + K)
+    x = torch.randn(M, K, generator=g)
+    q = torch.randint(-127, 128, (N, K), generator=g).to(torch.int8)
+    scale = torch.rand(N, generator=g) / 100 + 1e-3
+    got = torch.ops.evolm_f.skinny_linear(x, q, scale)
+    want = (x.double() @ q.double().T) * scale.double()
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=2e-5 * K ** 0.5 * 127 * float(scale.max()))
+
+
+@needs_kernels
+def test_int8_linear_runs_the_skinny_kernel_at_few_rows():
+    """quant.Int8Linear takes the kernel for <= SKINNY_ROWS rows (inference) and matches its
+    dequantized float product; more rows and autograd keep PyTorch's paths."""
+    from evolm.quant import Int8Linear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(576, 200)
+    q = Int8Linear(lin.weight, lin.bias)
+    assert q.skinny == kernels.skinny_enabled()
+    w = q.weight.double() * q.scale.double()[:, None]
+    for rows in (1, 5, kernels.SKINNY_ROWS, 40):
+        x = torch.randn(rows, 576)
+        with torch.no_grad():
+            got = q(x)
+        want = x.double() @ w.T + lin.bias.double()
+        # the kernel is exact to fp32 rounding; 40 rows take PyTorch's int8 kernel (bf16 activations)
+        tol = 1e-4 if rows <= kernels.SKINNY_ROWS else 3e-2
+        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+
+
+@needs_kernels
 def test_skinny_linear_rejects_bad_shapes():
     with pytest.raises(RuntimeError, match="x must be \\(M, K\\) and w \\(N, K\\)"):
         torch.ops.evolm_f.skinny_linear(torch.randn(2, 8), torch.randn(3, 9))
-    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+    with pytest.raises(RuntimeError, match="float32, bfloat16 or int8"):
         torch.ops.evolm_f.skinny_linear(torch.randn(2, 8), torch.randn(3, 8).half())
+    with pytest.raises(RuntimeError, match="int8 weights need a float32 scale per row"):
+        torch.ops.evolm_f.skinny_linear(torch.randn(2, 8), torch.ones(3, 8, dtype=torch.int8))
+    with pytest.raises(RuntimeError, match="scale must be \\(N,\\)"):
+        torch.ops.evolm_f.skinny_linear(torch.randn(2, 8), torch.ones(3, 8, dtype=torch.int8), torch.ones(4))

@@ -116,6 +116,9 @@ class Int8Linear(nn.Module):
         self.kernel = _kernels_for(self.in_features, weight.device)
         if self.kernel:
             self.register_buffer("scale_f32", scale.float())
+        # a few rows (decoding) stream the int8 weights through evolm's skinny kernel, exact
+        # weight-only arithmetic (decided here: never build the kernels inside a trace)
+        self.skinny = weight.device.type == "cpu" and kernels.skinny_enabled()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -123,6 +126,8 @@ class Int8Linear(nn.Module):
         rows, cpu = x2.shape[0], x.device.type == "cpu"
         if self.kernel and cpu and rows <= KERNEL_ROWS and not torch.is_grad_enabled():
             y = torch.ops.evolm_q.q8a8_linear(x2, self.weight, self.scale_f32).to(x.dtype)
+        elif self.skinny and cpu and rows <= kernels.SKINNY_ROWS and not torch.is_grad_enabled():
+            y = torch.ops.evolm_f.skinny_linear(x2, self.weight, self.scale.float())
         elif cpu and rows == 1 and not torch.is_grad_enabled() and ROW_KERNEL == "reduce":
             y = _gemv(x2.float(), self.weight, self.scale.float()).to(x.dtype)
         elif _HAS_KERNEL and cpu and (ROW_KERNEL == "reduce" or rows < DEQUANT_ROWS):

@@ -14,12 +14,13 @@ linear) does not (docs/performance.md). The ops:
 
 Both take x (M, K) float and return (M, N) float32.
 
-``skinny_gemm.cpp``: float products of a few activation rows, the matmuls of decoding in fp32 and
-bf16. BLAS kernels are tuned for large M; at M = 1..16 MKL streams the weights at a third of the
-memory bandwidth. ``torch.ops.evolm_f.skinny_linear(x, w)`` (x (M, K), w (N, K), fp32 or bf16)
-loads each weight vector once into registers and multiplies it into every row (fp32
-accumulation, result in x's dtype); a row's result does not depend on the other rows.
-:func:`skinny_enabled` says whether the compiled decode step uses it.
+``skinny_gemm.cpp``: float products of a few activation rows, the matmuls of decoding in fp32,
+bf16 and weight-only int8. BLAS kernels are tuned for large M; at M = 1..16 MKL streams the
+weights at a third of the memory bandwidth. ``torch.ops.evolm_f.skinny_linear(x, w, scale=None)``
+(x (M, K), w (N, K) fp32, bf16, or int8 with a float32 scale per row) loads each weight vector
+once into registers and multiplies it into every row (fp32 accumulation, result in x's dtype);
+a row's result does not depend on the other rows. :func:`skinny_enabled` says whether the
+compiled decode step and ``quant.Int8Linear`` use it.
 
 :func:`available` builds the extension once
 per machine (~30-60 s, cached under ``~/.cache/evolm/kernels``) with ``-march=native`` and says
@@ -68,7 +69,7 @@ def _fake_registrations() -> None:
         return x.new_empty((x.shape[0], qw.shape[0]), dtype=torch.float32)
 
     @torch.library.register_fake("evolm_f::skinny_linear")
-    def _(x, w):
+    def _(x, w, scale=None):
         return x.new_empty((x.shape[0], w.shape[0]))
 
 

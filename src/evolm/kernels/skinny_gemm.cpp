@@ -1,5 +1,6 @@
 // Float "skinny" matrix products for CPU decoding: y (M, N) = x (M, K) @ w (N, K)^T for a few
-// activation rows (M <= 16) and fp32 or bf16 weights, reading every weight exactly once.
+// activation rows (M <= 16) and fp32, bf16 or int8 (per-row scale) weights, reading every weight
+// exactly once.
 //
 // Decoding one token per sequence multiplies a handful of activation rows by every weight matrix:
 // the work is bound by how fast the weights stream from memory, not by arithmetic. The BLAS
@@ -8,7 +9,8 @@
 // of NR weight rows (8 for one activation row, 4 for up to 4, else 2) is loaded once per K-step and
 // multiplied into R activation rows held in registers (the next R rows find the tile in L1), with
 // fp32 accumulation; the next tile is prefetched while this one computes.
-// bf16 weights are widened to fp32 by a shift (exact), so bf16 products equal fp32 ones.
+// bf16 weights are widened to fp32 by a shift and int8 ones by a convert (both exact), so their
+// products equal fp32 ones of the same values.
 // Built together with qgemv.cpp by evolm/kernels/__init__.py (-march=native): AVX-512, AVX2 and
 // plain C++ paths.
 #include <torch/extension.h>
@@ -30,7 +32,7 @@ inline float bf16_to_float(uint16_t b) {
 template <class W>
 inline float to_float(W v) {
   if constexpr (std::is_same_v<W, uint16_t>) return bf16_to_float(v);
-  else return v;
+  else return static_cast<float>(v);
 }
 
 // one SIMD width: L lanes of fp32, loads of fp32 or bf16 (widened) weights
@@ -44,6 +46,9 @@ struct Vec {
     const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
   }
+  static T load(const int8_t* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
   static T fma(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
   static float sum(T v) { return _mm512_reduce_add_ps(v); }
 };
@@ -56,6 +61,9 @@ struct Vec {
   static T load(const uint16_t* p) {
     const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+  static T load(const int8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
   }
   static T fma(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
   static float sum(T v) {
@@ -143,26 +151,44 @@ void rows(const W* w, const float* x, int64_t M, int64_t K, float* out, int64_t 
 
 }  // namespace
 
-// x (M, K) fp32 or bf16, w (N, K) fp32 or bf16 -> (M, N) in x's dtype, fp32 accumulation
-at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& w) {
+// x (M, K) fp32 or bf16, w (N, K) fp32, bf16 or int8 -> (M, N) in x's dtype, fp32 accumulation;
+// int8 weights take one scale per output row (y = (x . q) * scale, weight-only int8)
+at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& scale) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1),
               "evolm skinny_linear: x must be (M, K) and w (N, K), got ", x.sizes(), " and ", w.sizes());
-  TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16,
-              "evolm skinny_linear: weights must be float32 or bfloat16, got ", w.scalar_type());
+  const auto wt = w.scalar_type();
+  TORCH_CHECK(wt == at::kFloat || wt == at::kBFloat16 || wt == at::kChar,
+              "evolm skinny_linear: weights must be float32, bfloat16 or int8, got ", wt);
   TORCH_CHECK(w.is_contiguous(), "evolm skinny_linear: weights must be contiguous");
+  TORCH_CHECK((wt == at::kChar) == scale.has_value(),
+              "evolm skinny_linear: int8 weights need a float32 scale per row (and only they take one)");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  at::Tensor sc;
+  if (scale.has_value()) {
+    sc = scale->to(at::kFloat).contiguous();
+    TORCH_CHECK(sc.dim() == 1 && sc.size(0) == N, "evolm skinny_linear: scale must be (N,) = (", N,
+                ",), got ", scale->sizes());
+  }
   const at::Tensor xf = x.to(at::kFloat).contiguous();
   at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
   const float* xp = xf.data_ptr<float>();
   float* o = out.data_ptr<float>();
   // a multiple of the 8-row tile, a few tasks per thread
   const int64_t grain = std::max<int64_t>(16, (N / (4 * at::get_num_threads())) & ~int64_t(7));
-  if (w.scalar_type() == at::kFloat) {
+  if (wt == at::kFloat) {
     const float* wp = w.data_ptr<float>();
     at::parallel_for(0, N, grain, [&](int64_t a, int64_t b) { rows(wp, xp, M, K, o, N, a, b); });
-  } else {
+  } else if (wt == at::kBFloat16) {
     const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
     at::parallel_for(0, N, grain, [&](int64_t a, int64_t b) { rows(wp, xp, M, K, o, N, a, b); });
+  } else {
+    const int8_t* wp = w.data_ptr<int8_t>();
+    const float* sp = sc.data_ptr<float>();
+    at::parallel_for(0, N, grain, [&](int64_t a, int64_t b) {
+      rows(wp, xp, M, K, o, N, a, b);
+      for (int64_t r = 0; r < M; ++r)
+        for (int64_t n = a; n < b; ++n) o[r * N + n] *= sp[n];
+    });
   }
   return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
 }
@@ -177,6 +203,6 @@ std::string skinny_isa() {
 #endif
 }
 
-TORCH_LIBRARY(evolm_f, lib) { lib.def("skinny_linear(Tensor x, Tensor w) -> Tensor"); }
+TORCH_LIBRARY(evolm_f, lib) { lib.def("skinny_linear(Tensor x, Tensor w, Tensor? scale=None) -> Tensor"); }
 
 TORCH_LIBRARY_IMPL(evolm_f, CPU, lib) { lib.impl("skinny_linear", &skinny_linear); }
