@@ -104,8 +104,9 @@ SKINNY_ROWS = 16  # products of at most this many rows go to skinny_linear (meas
 
 
 def skinny_enabled() -> bool:
-    """Whether decoding uses ``skinny_linear`` for fp32/bf16 products of <= SKINNY_ROWS rows: wherever
-    it builds, unless ``EVOLM_KERNELS=0`` (measured 1.7-3.6x MKL's GB/s at M = 1..8, docs/performance.md)."""
+    """Whether decoding uses ``skinny_linear`` (fp32/bf16 products of 2..SKINNY_ROWS rows in the
+    compiled step, int8 layers up to SKINNY_ROWS rows): wherever it builds, unless
+    ``EVOLM_KERNELS=0`` (measured 1.2-3x the PyTorch paths it replaces, docs/performance.md)."""
     return env_choice() is not False and available()
 
 
