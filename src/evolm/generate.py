@@ -23,6 +23,7 @@ stop string is held back until the next token settles it.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, Iterator, Protocol, Sequence
 
@@ -251,11 +252,24 @@ def _step(model, tok: torch.Tensor, pos: torch.Tensor, cache) -> torch.Tensor:
         return model(tok, position_ids=pos, cache=cache, last_only=True)[:, -1]
 
 
-_compiled_step = None
+def _step_cpu(model, tok, pos, cache):
+    return _step(model, tok, pos, cache)
+
+
+def _step_other(model, tok, pos, cache):
+    return _step(model, tok, pos, cache)
+
+
+_compiled_steps: dict = {}  # device type -> the compiled step
 _skinny = False  # whether _DecodeLinear uses skinny_linear: set by compiled_step(), outside the trace
 
 
-def compiled_step():
+def _cpp_wrapper(device_type: str) -> bool:
+    """Whether the compiled CPU step calls its kernels from C++ (``EVOLM_CPP_WRAPPER=0``: no)."""
+    return device_type == "cpu" and os.environ.get("EVOLM_CPP_WRAPPER", "1") != "0"
+
+
+def compiled_step(device_type: str = "cpu"):
     """``torch.compile`` of one decode step over a ``StaticKVCache`` in static mode.
 
     Decoding a small model on a CPU spends much of each step in Python and in launching a
@@ -265,14 +279,22 @@ def compiled_step():
     graph is built once per (model structure, batch, dtype) and reused at every step and every
     later call, whatever the prompt length (check with ``torch._dynamo.utils.counters``).
     Parameters are graph inputs, so two models of the same configuration share the graph.
+
+    On CPU the graph's driver is C++ too (inductor's ``cpp_wrapper``): the Python wrapper that
+    calls the ~400 kernels of a SmolLM2 step one by one cost ~4 ms of a ~18 ms step (profiled,
+    int4 weights, 2 threads); in C++ the step decodes 10-18% more tokens per second
+    (docs/performance.md), for ~40 s more compilation the first time (inductor caches it).
     """
-    global _compiled_step, _skinny
+    global _skinny
     _skinny = kernels.skinny_enabled()  # builds the kernels on first use: never inside the trace
-    if _compiled_step is None:
+    if device_type not in _compiled_steps:
         # each (structure, batch, dtype) is one more entry on the same code object: allow many
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        _compiled_step = torch.compile(_step, dynamic=False)
-    return _compiled_step
+        opts = {"cpp_wrapper": True} if _cpp_wrapper(device_type) else None
+        # distinct code objects: dynamo keeps compiled code per code object, options per compile
+        step = _step_cpu if device_type == "cpu" else _step_other
+        _compiled_steps[device_type] = torch.compile(step, dynamic=False, options=opts)
+    return _compiled_steps[device_type]
 
 
 def _new_cache(model, batch: int, max_len: int) -> KVCache:
@@ -336,7 +358,7 @@ def _decode_steps(model, ids: torch.Tensor, mask: torch.Tensor | None, params: S
     step_fn = None
     if compile:
         cache.start_static()
-        step_fn, step_mask = compiled_step(), None
+        step_fn, step_mask = compiled_step(device.type), None
     for step in range(n_new):
         tok = sample(process_logits(logits, params, seen), params, generator)
         yield tok, running
