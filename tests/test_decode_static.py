@@ -105,3 +105,13 @@ def test_compiled_decode_of_quantized_models_equals_eager(one_thread):
         model = quantize(tiny("llama"))
         assert generate(model, PROMPTS, params, compile=True) == generate(model, PROMPTS, params)
         assert generate(model, PROMPTS[:1], params, compile=True) == generate(model, PROMPTS[:1], params)
+
+
+def test_cpp_wrapper_choice(monkeypatch):
+    """The compiled CPU step is driven from C++ unless EVOLM_CPP_WRAPPER=0; other devices never."""
+    from evolm.generate import _cpp_wrapper
+
+    monkeypatch.delenv("EVOLM_CPP_WRAPPER", raising=False)
+    assert _cpp_wrapper("cpu") and not _cpp_wrapper("cuda")
+    monkeypatch.setenv("EVOLM_CPP_WRAPPER", "0")
+    assert not _cpp_wrapper("cpu")
