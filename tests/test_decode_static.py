@@ -115,3 +115,16 @@ def test_cpp_wrapper_choice(monkeypatch):
     assert _cpp_wrapper("cpu") and not _cpp_wrapper("cuda")
     monkeypatch.setenv("EVOLM_CPP_WRAPPER", "0")
     assert not _cpp_wrapper("cpu")
+
+
+def test_row_kernel_choice(monkeypatch):
+    """One fp32 row: evolm's kernel on AVX2-only CPUs, inductor's loop on AVX-512; EVOLM_ROW1 overrides."""
+    from evolm.generate import _row_kernel
+
+    monkeypatch.setenv("EVOLM_ROW1", "reduce")
+    assert _row_kernel() == "reduce"
+    monkeypatch.setenv("EVOLM_ROW1", "skinny")
+    assert _row_kernel() == "skinny"
+    monkeypatch.delenv("EVOLM_ROW1")
+    avx512 = "AVX512" in torch.backends.cpu.get_cpu_capability()
+    assert _row_kernel() == ("reduce" if avx512 else "skinny")

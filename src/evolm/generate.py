@@ -223,7 +223,8 @@ class _DecodeLinear(TorchFunctionMode):
     at 1-16 rows they stream fp32 and bf16 weights at a third to a half of the read bandwidth. One
     row becomes the multiply-reduce ``(x * W).sum(-1)``, which inductor turns into a vectorised loop
     reading each thread's share of W as one sequential stream (2-3x the BLAS GEMV; end to end it
-    also beat evolm's kernel at one row, docs/performance.md). 2-16 rows go, where evolm's kernels
+    also beat evolm's kernel at one row on AVX-512 CPUs; on AVX2-only ones one fp32 row goes to the
+    kernel, see :func:`_row_kernel`, docs/performance.md). 2-16 rows go, where evolm's kernels
     build, to ``evolm_f::skinny_linear`` (each weight vector loaded once and multiplied into every
     row; evolm/kernels/skinny_gemm.cpp; 2-3x ``F.linear`` end to end at batch 8 in fp32), else
     keep ``F.linear``.
@@ -236,7 +237,7 @@ class _DecodeLinear(TorchFunctionMode):
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
             rows = x.numel() // max(x.shape[-1], 1)
             if x.device.type == "cpu" and rows <= kernels.SKINNY_ROWS:
-                if rows == 1:
+                if rows == 1 and not (_skinny_row and x.dtype == w.dtype == torch.float32):
                     y = (x.reshape(1, -1).float() * w.float()).sum(-1).to(x.dtype)
                 elif _skinny and x.dtype == w.dtype and w.dtype in (torch.float32, torch.bfloat16):
                     y = torch.ops.evolm_f.skinny_linear(x.reshape(rows, -1), w.contiguous())
@@ -261,12 +262,24 @@ def _step_other(model, tok, pos, cache):
 
 
 _compiled_steps: dict = {}  # device type -> the compiled step
+_skinny_row = False  # one fp32 row to skinny_linear too (see _row_kernel)
 _skinny = False  # whether _DecodeLinear uses skinny_linear: set by compiled_step(), outside the trace
 
 
 def _cpp_wrapper(device_type: str) -> bool:
     """Whether the compiled CPU step calls its kernels from C++ (``EVOLM_CPP_WRAPPER=0``: no)."""
     return device_type == "cpu" and os.environ.get("EVOLM_CPP_WRAPPER", "1") != "0"
+
+
+def _row_kernel() -> str:
+    """The one-row fp32 product of the compiled CPU step: ``"reduce"`` (inductor's multiply-reduce)
+    or ``"skinny"`` (evolm's kernel). Measured: skinny on AVX2-only CPUs (SmolLM2 fp32 fused, four
+    A/B rounds: 42-44 vs 38-41 tok/s), no gain on AVX-512 ones (50-52 vs 47-61).
+    ``EVOLM_ROW1=skinny|reduce`` overrides."""
+    env = os.environ.get("EVOLM_ROW1")
+    if env in ("skinny", "reduce"):
+        return env
+    return "reduce" if "AVX512" in torch.backends.cpu.get_cpu_capability() else "skinny"
 
 
 def compiled_step(device_type: str = "cpu"):
@@ -285,8 +298,9 @@ def compiled_step(device_type: str = "cpu"):
     int4 weights, 2 threads); in C++ the step decodes 10-18% more tokens per second
     (docs/performance.md), for ~40 s more compilation the first time (inductor caches it).
     """
-    global _skinny
+    global _skinny, _skinny_row
     _skinny = kernels.skinny_enabled()  # builds the kernels on first use: never inside the trace
+    _skinny_row = _skinny and _row_kernel() == "skinny"
     if device_type not in _compiled_steps:
         # each (structure, batch, dtype) is one more entry on the same code object: allow many
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
