@@ -237,10 +237,12 @@ class _DecodeLinear(TorchFunctionMode):
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
             rows = x.numel() // max(x.shape[-1], 1)
             if x.device.type == "cpu" and rows <= kernels.SKINNY_ROWS:
-                if rows == 1 and not (_skinny_row and x.dtype == w.dtype == torch.float32):
-                    y = (x.reshape(1, -1).float() * w.float()).sum(-1).to(x.dtype)
-                elif _skinny and x.dtype == w.dtype and w.dtype in (torch.float32, torch.bfloat16):
+                kernel = (_skinny and x.dtype == w.dtype and w.dtype in (torch.float32, torch.bfloat16)
+                          and (rows > 1 or (_skinny_row and w.dtype == torch.float32)))
+                if kernel:
                     y = torch.ops.evolm_f.skinny_linear(x.reshape(rows, -1), w.contiguous())
+                elif rows == 1:
+                    y = (x.reshape(1, -1).float() * w.float()).sum(-1).to(x.dtype)
                 else:
                     return func(*args, **kwargs)
                 y = y.reshape(*x.shape[:-1], w.shape[0])
@@ -279,7 +281,7 @@ def _row_kernel() -> str:
     env = os.environ.get("EVOLM_ROW1")
     if env in ("skinny", "reduce"):
         return env
-    return "reduce" if "AVX512" in torch.backends.cpu.get_cpu_capability() else "skinny"
+    return "reduce" if kernels.cpu_has_avx512() else "skinny"
 
 
 def compiled_step(device_type: str = "cpu"):

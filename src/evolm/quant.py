@@ -52,8 +52,7 @@ def _default_row_kernel() -> str:
     emulated, so 32 rows and more (prefill) dequantize and use the fp32 matmul instead (1536 x 576,
     one thread: 64 rows 29.6 ms vs 54.7 for int8pack, 256 rows 162 vs 235).
     """
-    cap = torch.backends.cpu.get_cpu_capability()
-    return "reduce" if "AVX512" in cap or not _HAS_KERNEL else "int8pack"
+    return "reduce" if kernels.cpu_has_avx512() or not _HAS_KERNEL else "int8pack"
 
 
 # "reduce" or "int8pack": set it to compare the two on a new machine. With "int8pack" (AVX2-only
@@ -70,7 +69,7 @@ def _default_use_kernels() -> bool:
     env = kernels.env_choice()
     if env is not None:
         return env
-    return "AVX512" not in torch.backends.cpu.get_cpu_capability()
+    return not kernels.cpu_has_avx512()
 
 
 # evolm's int8-activation kernels (evolm/kernels): used for products of at most KERNEL_ROWS rows
@@ -150,6 +149,17 @@ def int4_supported(out_features: int, in_features: int, group_size: int) -> bool
     return _HAS_INT4 and out_features % 16 == 0 and in_features % group_size == 0
 
 
+def quantize_groups(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round-to-nearest 4-bit codes of (N, K) ``weight``, one (scale, min) per ``group_size`` inputs:
+    q (N, K) int32 in 0..15, scale and min (N, K / group_size) float32, ``w ~ q * scale + min``."""
+    N, K = weight.shape
+    w = weight.detach().float().reshape(N, K // group_size, group_size)
+    lo, hi = w.amin(-1), w.amax(-1)
+    scale = ((hi - lo) / 15).clamp(min=1e-12)
+    q = torch.round((w - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32).reshape(N, K)
+    return q, scale, lo
+
+
 class Int4Linear(nn.Module):
     """y = x @ W^T + b with W stored as 4-bit codes, one (scale, min) per ``group_size`` inputs.
 
@@ -173,10 +183,7 @@ class Int4Linear(nn.Module):
         if not int4_supported(N, K, group_size):
             raise ValueError(f"Int4Linear: weight {N}x{K} needs out_features % 16 == 0 and in_features % "
                              f"group_size ({group_size}) == 0 for torch's int4 CPU kernel")
-        w = weight.detach().float().reshape(N, K // group_size, group_size)
-        lo, hi = w.amin(-1), w.amax(-1)
-        scale = ((hi - lo) / 15).clamp(min=1e-12)
-        q = torch.round((w - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32).reshape(N, K)
+        q, scale, lo = quantize_groups(weight, group_size)
         self.layout = "q4" if group_size == 32 and _kernels_for(K, weight.device) else "int4pack"
         if self.layout == "q4":
             self.register_buffer("weight", kernels.pack_q4(q))

@@ -100,6 +100,12 @@ def env_choice() -> bool | None:
     return None if env is None else env != "0"
 
 
+def cpu_has_avx512() -> bool:
+    """Whether PyTorch's CPU kernels run their AVX-512 code here: the measured kernel choices of
+    decoding differ between AVX-512 and AVX2-only CPUs (docs/performance.md)."""
+    return "AVX512" in torch.backends.cpu.get_cpu_capability()
+
+
 SKINNY_ROWS = 16  # products of at most this many rows go to skinny_linear (measured faster than MKL)
 
 
