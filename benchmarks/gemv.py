@@ -55,8 +55,8 @@ def candidates(rows: int):
         return q.weight, q.scale
 
     def q4(w):
-        q, d, lo = quant.quantize_groups(w, 32)
-        return kernels.pack_q4(q), d.contiguous(), lo.contiguous()
+        q, d, lo = quant.quantize_groups(w, 32, torch.float16)
+        return kernels.pack_q4(q), torch.stack((d, lo), -1).half().contiguous()
 
     def int4pack(w):
         q, d, lo = quant.quantize_groups(w, 32)

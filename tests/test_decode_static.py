@@ -107,6 +107,33 @@ def test_compiled_decode_of_quantized_models_equals_eager(one_thread):
         assert generate(model, PROMPTS[:1], params, compile=True) == generate(model, PROMPTS[:1], params)
 
 
+@pytest.mark.slow
+def test_steady_state_guards_tell_models_apart(one_thread):
+    """From the third step on the compiled step checks only the guards that separate its entries:
+    models of other structure, other weights and another batch, called in turn, each still get
+    their own graph and the eager tokens."""
+    from dataclasses import replace
+
+    from evolm.generate import _steady_state
+    from evolm.model import Transformer
+    from test_generate import FAMILIES, randomize
+
+    from torch._dynamo import eval_frame
+
+    for step, skips in ((1, False), (2, True)):
+        with _steady_state(step):
+            assert eval_frame._stance.skip_guard_eval_unsafe == skips
+    assert not eval_frame._stance.skip_guard_eval_unsafe
+    deeper = randomize(Transformer(replace(FAMILIES["llama"], n_layers=FAMILIES["llama"].n_layers + 1)), 5)
+    models = [tiny("llama"), tiny("llama", seed=1), deeper, tiny("llama")]
+    params = SamplingParams(max_new_tokens=10, temperature=0)
+    want = [generate(m, PROMPTS, params) for m in models]
+    for _ in range(2):
+        for m, w in zip(models, want):
+            assert generate(m, PROMPTS, params, compile=True) == w
+            assert generate(m, PROMPTS[:1], params, compile=True) == generate(m, PROMPTS[:1], params)
+
+
 def test_cpp_wrapper_choice(monkeypatch):
     """The compiled CPU step is driven from C++ unless EVOLM_CPP_WRAPPER=0; other devices never."""
     from evolm.generate import _cpp_wrapper

@@ -36,6 +36,12 @@ def _quant_act(x: torch.Tensor):
     return q.double(), d.double()
 
 
+def _dm(d, m):
+    """The kernel's (N, G, 2) float16 (scale, min) pairs, and the float values they hold."""
+    dm = torch.stack((d, m), -1).half().contiguous()
+    return dm, dm[..., 0].float(), dm[..., 1].float()
+
+
 def _ref_q4(x, codes, d, m):
     qx, dx = _quant_act(x)  # (M, G, 32), (M, G, 1)
     N, K = codes.shape
@@ -60,13 +66,14 @@ def test_q4a8_equals_reference(M, N, K):
     codes = torch.randint(0, 16, (N, K), generator=g)
     d = 0.01 + 0.02 * torch.rand(N, K // 32, generator=g)
     m = -8 * d + 0.01 * torch.randn(N, K // 32, generator=g)
-    got = torch.ops.evolm_q.q4a8_linear(x, kernels.pack_q4(codes), d, m)
+    dm, d, m = _dm(d, m)
+    got = torch.ops.evolm_q.q4a8_linear(x, kernels.pack_q4(codes), dm)
     want = _ref_q4(x, codes, d, m)
     assert got.dtype == torch.float32 and got.shape == (M, N)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
     # and bf16 activations are read as their float values
     xb = x.bfloat16()
-    torch.testing.assert_close(torch.ops.evolm_q.q4a8_linear(xb, kernels.pack_q4(codes), d, m).double(),
+    torch.testing.assert_close(torch.ops.evolm_q.q4a8_linear(xb, kernels.pack_q4(codes), dm).double(),
                                _ref_q4(xb.float(), codes, d, m), rtol=1e-5, atol=1e-4)
 
 
@@ -91,8 +98,8 @@ def test_zero_and_extreme_blocks():
     s = torch.ones(N)
     torch.testing.assert_close(torch.ops.evolm_q.q8a8_linear(x, qw, s).double(), _ref_q8(x, qw, s))
     codes = torch.full((N, K), 15)
-    d, m = torch.ones(N, 2), torch.full((N, 2), -3.0)
-    torch.testing.assert_close(torch.ops.evolm_q.q4a8_linear(x, kernels.pack_q4(codes), d, m).double(),
+    dm, d, m = _dm(torch.ones(N, 2), torch.full((N, 2), -3.0))
+    torch.testing.assert_close(torch.ops.evolm_q.q4a8_linear(x, kernels.pack_q4(codes), dm).double(),
                                _ref_q4(x, codes, d, m))
 
 
@@ -209,3 +216,11 @@ def test_skinny_linear_rejects_bad_shapes():
         torch.ops.evolm_f.skinny_linear(torch.randn(2, 8), torch.ones(3, 8, dtype=torch.int8))
     with pytest.raises(RuntimeError, match="scale must be \\(N,\\)"):
         torch.ops.evolm_f.skinny_linear(torch.randn(2, 8), torch.ones(3, 8, dtype=torch.int8), torch.ones(4))
+
+
+@needs_kernels
+def test_q4a8_names_a_wrong_scale_layout():
+    """float32 (d, m) (the layout before float16 pairs) is refused with the layout it expects."""
+    codes = torch.randint(0, 16, (16, 64))
+    with pytest.raises(RuntimeError, match=r"dm must be contiguous float16 \(N, K/32, 2\)"):
+        torch.ops.evolm_q.q4a8_linear(torch.randn(1, 64), kernels.pack_q4(codes), torch.ones(16, 2, 2))

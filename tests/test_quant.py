@@ -49,13 +49,14 @@ from evolm.quant import Int4Linear, int4_supported, quantize_int4  # noqa: E402
 
 
 def _q4_1_weight(n: int, k: int, group: int = 32, seed: int = 0) -> torch.Tensor:
-    """A weight already of llama.cpp's Q4_1 form: per block of 32, w = q * d + m, q in 0..15 (both ends used)."""
+    """A weight already of llama.cpp's Q4_1 form: per block of 32, w = q * d + m, q in 0..15 (both ends
+    used), d and m float16 values as the file stores them."""
     g = torch.Generator().manual_seed(seed)
     q = torch.randint(0, 16, (n, k // group, group), generator=g).float()
     q[..., 0], q[..., 1] = 0, 15
     d = 0.01 + 0.02 * torch.rand(n, k // group, 1, generator=g)
     m = -8 * d + 0.01 * torch.randn(n, k // group, 1, generator=g)
-    return (q * d + m).reshape(n, k)
+    return (q * d.half().float() + m.half().float()).reshape(n, k)
 
 
 @pytest.mark.parametrize("use_kernels", [False, True])
@@ -87,7 +88,7 @@ def test_int4_linear_computes_its_dequantized_weight(dtype, rows, use_kernels, m
 def test_int4_requantizes_a_q4_1_weight_exactly(use_kernels, monkeypatch):
     """On weights of Q4_1 form (what load_gguf gives for a Q4_1 file) group-32 int4 keeps every code;
     int4pack adds only the bf16 rounding of scale and minimum (|error| <= 2^-8 of the block's
-    magnitude), evolm's layout (fp32 scale and minimum) only float32 rounding."""
+    magnitude), evolm's layout (float16 scale and minimum, as the file) only float32 rounding."""
     import evolm.quant
 
     monkeypatch.setattr(evolm.quant, "USE_KERNELS", use_kernels)

@@ -25,8 +25,8 @@ path changes the weights only by the bf16 rounding of the scales and minima.
 Where evolm's own CPU kernels build (``evolm/kernels``, x86-64 with a C++ compiler), products of
 up to ``KERNEL_ROWS`` rows (decoding) quantize the activations to int8 in blocks of 32 and take
 integer dot products with the int4 / int8 weights (llama.cpp's Q4_1 x Q8 scheme, AVX512-VNNI or
-AVX2); int4 weights are then stored in that kernel's layout with fp32 scales and minima (so a Q4_1
-file is kept exactly), and more rows (prefill) dequantize them and use the float matmul.
+AVX2); int4 weights are then stored in that kernel's layout with float16 scales and minima, as
+in a Q4_1 file (whose blocks are kept exactly), and more rows (prefill) dequantize them and use the float matmul.
 ``USE_KERNELS`` (set before quantizing; by default on for CPUs without AVX-512, see
 ``_default_use_kernels``) chooses.
 """
@@ -149,14 +149,21 @@ def int4_supported(out_features: int, in_features: int, group_size: int) -> bool
     return _HAS_INT4 and out_features % 16 == 0 and in_features % group_size == 0
 
 
-def quantize_groups(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_groups(weight: torch.Tensor, group_size: int, stored: torch.dtype = torch.float32,
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Round-to-nearest 4-bit codes of (N, K) ``weight``, one (scale, min) per ``group_size`` inputs:
-    q (N, K) int32 in 0..15, scale and min (N, K / group_size) float32, ``w ~ q * scale + min``."""
+    q (N, K) int32 in 0..15, scale and min (N, K / group_size) float32, ``w ~ q * scale + min``.
+
+    ``stored``: the dtype scale and min are kept in. They are rounded to it first and the codes
+    chosen for the rounded values, so the rounding costs no more than one code step."""
     N, K = weight.shape
     w = weight.detach().float().reshape(N, K // group_size, group_size)
     lo, hi = w.amin(-1), w.amax(-1)
-    scale = ((hi - lo) / 15).clamp(min=1e-12)
-    q = torch.round((w - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32).reshape(N, K)
+    lo = lo.to(stored).float()
+    scale = ((hi - lo) / 15).to(stored).float()
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant group: codes 0
+    q = torch.round((w - lo[..., None]) / safe[..., None]).clamp(0, 15)
+    q = torch.where(scale[..., None] > 0, q, torch.zeros_like(q)).to(torch.int32).reshape(N, K)
     return q, scale, lo
 
 
@@ -166,8 +173,9 @@ class Int4Linear(nn.Module):
     Two storage layouts, chosen when the layer is built:
 
     - ``"q4"`` (evolm's kernels available, ``group_size == 32``): ``weight`` (N, K/2) uint8 in the
-      kernel's nibble order (:func:`evolm.kernels.pack_q4`), ``d`` and ``m`` (N, K/32) float32
-      with ``w = q * d + m``. Up to ``KERNEL_ROWS`` rows run the int8-activation kernel; more rows
+      kernel's nibble order (:func:`evolm.kernels.pack_q4`) and ``dm`` (N, K/32, 2) float16, the
+      scale and min of each group side by side, ``w = q * d + m``: llama.cpp's Q4_1, 5 bits per
+      weight (float32 scales were 6: decoding streams every weight, so bytes are time). Up to ``KERNEL_ROWS`` rows run the int8-activation kernel; more rows
       dequantize and use the float matmul.
     - ``"int4pack"``: ``weight`` packed by ``_convert_weight_to_int4pack_for_cpu`` (N, K/2) uint8 and
       ``scales_and_zeros`` (K/group, N, 2) bfloat16 for PyTorch's ``_weight_int4pack_mm_for_cpu``,
@@ -183,12 +191,12 @@ class Int4Linear(nn.Module):
         if not int4_supported(N, K, group_size):
             raise ValueError(f"Int4Linear: weight {N}x{K} needs out_features % 16 == 0 and in_features % "
                              f"group_size ({group_size}) == 0 for torch's int4 CPU kernel")
-        q, scale, lo = quantize_groups(weight, group_size)
-        self.layout = "q4" if group_size == 32 and _kernels_for(K, weight.device) else "int4pack"
+        fits_half = bool(weight.detach().abs().amax() < 6e4)  # (d, m) in float16
+        self.layout = "q4" if group_size == 32 and fits_half and _kernels_for(K, weight.device) else "int4pack"
+        q, scale, lo = quantize_groups(weight, group_size, torch.float16 if self.layout == "q4" else torch.float32)
         if self.layout == "q4":
             self.register_buffer("weight", kernels.pack_q4(q))
-            self.register_buffer("d", scale.contiguous())
-            self.register_buffer("m", lo.contiguous())
+            self.register_buffer("dm", torch.stack((scale, lo), -1).to(torch.float16).contiguous())
         else:
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.cpu(), 8).to(weight.device)
             self.register_buffer("weight", packed)
@@ -202,7 +210,7 @@ class Int4Linear(nn.Module):
         x2 = x.reshape(-1, shape[-1])
         if self.layout == "q4":
             if x2.shape[0] <= KERNEL_ROWS and not torch.is_grad_enabled():
-                y = torch.ops.evolm_q.q4a8_linear(x2, self.weight, self.d, self.m).to(x.dtype)
+                y = torch.ops.evolm_q.q4a8_linear(x2, self.weight, self.dm).to(x.dtype)
             else:
                 y = F.linear(x2, self.dequantize().to(x.dtype))
         else:
@@ -216,7 +224,8 @@ class Int4Linear(nn.Module):
         """The float weight (N, K) this layer multiplies by (for tests, error reports and prefill)."""
         if self.layout == "q4":
             q = kernels.unpack_q4(self.weight).float().reshape(self.out_features, -1, 32)
-            return (q * self.d[..., None] + self.m[..., None]).reshape(self.out_features, self.in_features)
+            d, m = self.dm.float().unbind(-1)
+            return (q * d[..., None] + m[..., None]).reshape(self.out_features, self.in_features)
         eye = torch.eye(self.in_features, dtype=self.scales_and_zeros.dtype, device=self.weight.device)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.weight, self.group_size,
                                                           self.scales_and_zeros).t()

@@ -8,8 +8,8 @@ integer dot products: 32 multiply-adds per AVX512-VNNI ``vpdpbusd`` (or two AVX2
 Blocks of 32 keep SmolLM2's outlier features: one scale per tensor (FBGEMM's dynamic int8
 linear) does not (docs/performance.md). The ops:
 
-- ``torch.ops.evolm_q.q4a8_linear(x, qw, d, m)``: 4-bit weights, ``w = q * d + m`` per group of 32
-  (llama.cpp's Q4_1), times int8 activations;
+- ``torch.ops.evolm_q.q4a8_linear(x, qw, dm)``: 4-bit weights, ``w = q * d + m`` per group of 32
+  with (d, m) in float16 (llama.cpp's Q4_1: 5 bits per weight), times int8 activations;
 - ``torch.ops.evolm_q.q8a8_linear(x, qw, s)``: int8 weights with one scale per row.
 
 Both take x (M, K) float and return (M, N) float32.
@@ -61,7 +61,7 @@ def _fake_registrations() -> None:
     """Shapes for torch.compile: both ops map (M, K) activations to (M, N) float32."""
 
     @torch.library.register_fake("evolm_q::q4a8_linear")
-    def _(x, qw, d, m):
+    def _(x, qw, dm):
         return x.new_empty((x.shape[0], qw.shape[0]), dtype=torch.float32)
 
     @torch.library.register_fake("evolm_q::q8a8_linear")

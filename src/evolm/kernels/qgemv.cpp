@@ -5,7 +5,8 @@
 //
 // Layouts (K = inputs, N = outputs, G = K / 32 groups):
 //   q4 weights (N, K/2) uint8: group g of row n is 16 bytes, byte j = q[32g + j] | q[32g + j + 16] << 4,
-//     q in 0..15, w = q * d[n, g] + m[n, g] with d, m (N, G) float32.
+//     q in 0..15, w = q * d[n, g] + m[n, g] with dm (N, G, 2) float16 holding (d, m) side by side:
+//     20 bytes per 32 weights, as llama.cpp's Q4_1 (decoding streams the weights: bytes are time).
 //   q8 weights (N, K) int8, w = q * s[n] with s (N,) float32.
 //   activations: per row and group, dx = max|x| / 127, qx = round(x / dx) in int8.
 #include <torch/extension.h>
@@ -13,6 +14,7 @@
 #include <immintrin.h>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 namespace {
@@ -75,8 +77,17 @@ void lane_sums(const int8_t* qx, const float* dx, int64_t M, int64_t K, float* s
 }
 
 // NR weight rows x MR activation rows: NR * MR independent accumulators (no FMA latency chain)
+// (d, m) of one group, two float16 side by side, as two broadcast float32 vectors
+inline void load_dm(const at::Half* dm, __m256& vd, __m256& vm) {
+  int32_t bits;
+  std::memcpy(&bits, dm, 4);
+  const __m128 f = _mm_cvtph_ps(_mm_cvtsi32_si128(bits));
+  vd = _mm256_broadcastss_ps(f);
+  vm = _mm256_broadcastss_ps(_mm_movehdup_ps(f));
+}
+
 template <int NR, int MR>
-inline void q4_tile(const uint8_t* w, const float* d, const float* m, const int8_t* qx, const float* dx,
+inline void q4_tile(const uint8_t* w, const at::Half* dm, const int8_t* qx, const float* dx,
                     const float* sxs, int64_t K, float* out, int64_t N) {
   const int64_t G = K / QK;
   __m256 acc[NR][MR];
@@ -95,7 +106,8 @@ inline void q4_tile(const uint8_t* w, const float* d, const float* m, const int8
       if ((g & 3) == 0) _mm_prefetch(reinterpret_cast<const char*>(w + (NR + j) * (K / 2) + g * 16), _MM_HINT_T0);
       const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + j * (K / 2) + g * 16));
       const __m256i wv = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), low4);
-      const __m256 vd = _mm256_set1_ps(d[j * G + g]), vm = _mm256_set1_ps(m[j * G + g]);
+      __m256 vd, vm;
+      load_dm(dm + (j * G + g) * 2, vd, vm);
       for (int r = 0; r < MR; ++r) {
         const __m256 s = _mm256_cvtepi32_ps(dot_u8s8(wv, a[r]));
         acc[j][r] = _mm256_fmadd_ps(s, _mm256_mul_ps(vd, vdx[r]), acc[j][r]);
@@ -165,7 +177,7 @@ inline float q8_row1(const int8_t* w, const int8_t* qx, const float* dx, int64_t
 
 // rows n0..n1 of the output for all M activation rows
 void q4_rows(const int8_t* qx, const float* dx, const float* dxs, const float* sxs, int64_t M, int64_t K,
-             const uint8_t* qw, const float* d, const float* m, float* out, int64_t N, int64_t n0, int64_t n1) {
+             const uint8_t* qw, const at::Half* dm, float* out, int64_t N, int64_t n0, int64_t n1) {
   const int64_t G = K / QK;
 #if defined(__AVX2__)
   (void)dxs;
@@ -175,8 +187,8 @@ void q4_rows(const int8_t* qx, const float* dx, const float* dxs, const float* s
     const uint8_t* w = qw + n * (K / 2);
     int64_t r = 0;
     for (; r + 2 <= M; r += 2)
-      q4_tile<NR, 2>(w, d + n * G, m + n * G, qx + r * K, dx + r * G, sxs + r * G * 8, K, out + r * N + n, N);
-    if (r < M) q4_tile<NR, 1>(w, d + n * G, m + n * G, qx + r * K, dx + r * G, sxs + r * G * 8, K, out + r * N + n, N);
+      q4_tile<NR, 2>(w, dm + n * G * 2, qx + r * K, dx + r * G, sxs + r * G * 8, K, out + r * N + n, N);
+    if (r < M) q4_tile<NR, 1>(w, dm + n * G * 2, qx + r * K, dx + r * G, sxs + r * G * 8, K, out + r * N + n, N);
   };
   for (; n + 4 <= n1; n += 4) rows(std::integral_constant<int, 4>{}, n);
   for (; n < n1; ++n) rows(std::integral_constant<int, 1>{}, n);
@@ -192,7 +204,8 @@ void q4_rows(const int8_t* qx, const float* dx, const float* dxs, const float* s
           const uint8_t byte = wrow[g * 16 + j];
           s += (byte & 0x0F) * qx[row * K + g * QK + j] + (byte >> 4) * qx[row * K + g * QK + j + 16];
         }
-        acc += d[n * G + g] * dx[row * G + g] * static_cast<float>(s) + m[n * G + g] * dxs[row * G + g];
+        const float d = static_cast<float>(dm[(n * G + g) * 2]), m = static_cast<float>(dm[(n * G + g) * 2 + 1]);
+        acc += d * dx[row * G + g] * static_cast<float>(s) + m * dxs[row * G + g];
       }
       out[row * N + n] = acc;
     }
@@ -259,12 +272,12 @@ int64_t grain(int64_t N) { return std::max<int64_t>(16, (N / (4 * at::get_num_th
 
 }  // namespace
 
-at::Tensor q4a8_linear(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& d, const at::Tensor& m) {
+at::Tensor q4a8_linear(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& dm) {
   const int64_t N = qw.size(0), K = qw.size(1) * 2;
   TORCH_CHECK(qw.scalar_type() == at::kByte && qw.is_contiguous(), "evolm q4a8_linear: qw must be contiguous uint8");
-  TORCH_CHECK(d.scalar_type() == at::kFloat && m.scalar_type() == at::kFloat && d.is_contiguous() && m.is_contiguous() &&
-              d.size(0) == N && d.size(1) == K / QK && m.sizes() == d.sizes(),
-              "evolm q4a8_linear: d and m must be contiguous float32 (N, K/32)");
+  TORCH_CHECK(dm.scalar_type() == at::kHalf && dm.is_contiguous() && dm.dim() == 3 && dm.size(0) == N &&
+              dm.size(1) == K / QK && dm.size(2) == 2,
+              "evolm q4a8_linear: dm must be contiguous float16 (N, K/32, 2), got ", dm.scalar_type(), " ", dm.sizes());
   QuantAct q = quantize_input(x, K);
   const int64_t M = x.size(0);
   at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
@@ -272,9 +285,9 @@ at::Tensor q4a8_linear(const at::Tensor& x, const at::Tensor& qw, const at::Tens
   const float *dx = q.dx.data_ptr<float>(), *dxs = q.dxs.data_ptr<float>();
   const float* sxs = q.sxs.defined() ? q.sxs.data_ptr<float>() : nullptr;
   const uint8_t* w = qw.data_ptr<uint8_t>();
-  const float *dp = d.data_ptr<float>(), *mp = m.data_ptr<float>();
+  const at::Half* dmp = dm.data_ptr<at::Half>();
   float* o = out.data_ptr<float>();
-  at::parallel_for(0, N, grain(N), [&](int64_t n0, int64_t n1) { q4_rows(qx, dx, dxs, sxs, M, K, w, dp, mp, o, N, n0, n1); });
+  at::parallel_for(0, N, grain(N), [&](int64_t n0, int64_t n1) { q4_rows(qx, dx, dxs, sxs, M, K, w, dmp, o, N, n0, n1); });
   return out;
 }
 
@@ -306,7 +319,7 @@ std::string isa() {
 }
 
 TORCH_LIBRARY(evolm_q, lib) {
-  lib.def("q4a8_linear(Tensor x, Tensor qw, Tensor d, Tensor m) -> Tensor");
+  lib.def("q4a8_linear(Tensor x, Tensor qw, Tensor dm) -> Tensor");
   lib.def("q8a8_linear(Tensor x, Tensor qw, Tensor s) -> Tensor");
 }
 

@@ -17,6 +17,8 @@ The score computation is ``torch.nn.functional.scaled_dot_product_attention`` (f
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -77,12 +79,19 @@ def _attend_few_queries(q, k, v, mask, is_causal, scale, softcap):
     """Decode-time attention (a handful of queries): two small matmuls beat the fused kernels.
 
     Query heads that share a KV head are stacked as rows of one matmul, so GQA needs no copy of
-    the keys and values.
+    the keys and values. Inside a compiled CPU graph the two products are written as
+    multiply-reduce loops instead (``_as_loops``): inductor fuses them with the scaling and the
+    softmax into a few vectorized loops, where each small BLAS call costs tens of microseconds.
     """
     B, H, Tq, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     G = H // Hkv
-    scores = torch.matmul(q.reshape(B, Hkv, G * Tq, D), k.transpose(-1, -2)).float() * scale
+    qg = q.reshape(B, Hkv, G * Tq, D)
+    loops = _as_loops(q)
+    if loops:
+        scores = (qg[..., None, :].float() * k[:, :, None].float()).sum(-1) * scale
+    else:
+        scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale
     if softcap is not None:
         scores = softcap * torch.tanh(scores / softcap)
     if is_causal and Tq > 1:
@@ -91,8 +100,21 @@ def _attend_few_queries(q, k, v, mask, is_causal, scale, softcap):
         m = mask.expand(mask.shape[0], 1, Tq, S) if mask.shape[1] == 1 else mask
         m = m[:, :, None].expand(m.shape[0], 1, G, Tq, S).reshape(m.shape[0], 1, G * Tq, S)
         scores = scores.masked_fill(~m, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(v.dtype)
-    return torch.matmul(probs, v).view(B, H, Tq, v.shape[-1])
+    probs = torch.softmax(scores, dim=-1)
+    if loops:
+        out = (probs[..., None] * v[:, :, None].float()).sum(-2).to(v.dtype)
+    else:
+        out = torch.matmul(probs.to(v.dtype), v)
+    return out.view(B, H, Tq, v.shape[-1])
+
+
+def _as_loops(q: torch.Tensor) -> bool:
+    """Whether decode attention is written as multiply-reduce loops: inside a compiled CPU graph
+    (``EVOLM_ATTN_LOOPS=0``: never)."""
+    return _ATTN_LOOPS and q.device.type == "cpu" and torch.compiler.is_compiling()
+
+
+_ATTN_LOOPS = os.environ.get("EVOLM_ATTN_LOOPS", "1") != "0"
 
 
 class Attention(nn.Module):
