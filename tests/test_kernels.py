@@ -224,3 +224,13 @@ def test_q4a8_names_a_wrong_scale_layout():
     codes = torch.randint(0, 16, (16, 64))
     with pytest.raises(RuntimeError, match=r"dm must be contiguous float16 \(N, K/32, 2\)"):
         torch.ops.evolm_q.q4a8_linear(torch.randn(1, 64), kernels.pack_q4(codes), torch.ones(16, 2, 2))
+
+
+@needs_kernels
+def test_q4_dequantize_equals_the_formula():
+    """The C++ dequantization (prefill) is q * d + m with the float16 pair's values, code by code."""
+    g = torch.Generator().manual_seed(7)
+    codes = torch.randint(0, 16, (48, 96), generator=g)
+    dm, d, m = _dm(0.01 + 0.02 * torch.rand(48, 3, generator=g), 0.1 * torch.randn(48, 3, generator=g))
+    want = (codes.float().reshape(48, 3, 32) * d[..., None] + m[..., None]).reshape(48, 96)
+    torch.testing.assert_close(torch.ops.evolm_q.q4_dequantize(kernels.pack_q4(codes), dm), want, rtol=1e-6, atol=1e-7)

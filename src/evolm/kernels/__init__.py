@@ -12,7 +12,8 @@ linear) does not (docs/performance.md). The ops:
   with (d, m) in float16 (llama.cpp's Q4_1: 5 bits per weight), times int8 activations;
 - ``torch.ops.evolm_q.q8a8_linear(x, qw, s)``: int8 weights with one scale per row.
 
-Both take x (M, K) float and return (M, N) float32.
+Both take x (M, K) float and return (M, N) float32. ``torch.ops.evolm_q.q4_dequantize(qw, dm)``
+gives the q4 layer's float32 (N, K) weight (prefill dequantizes, then multiplies).
 
 ``skinny_gemm.cpp``: float products of a few activation rows, the matmuls of decoding in fp32,
 bf16 and weight-only int8. BLAS kernels are tuned for large M; at M = 1..16 MKL streams the
@@ -63,6 +64,10 @@ def _fake_registrations() -> None:
     @torch.library.register_fake("evolm_q::q4a8_linear")
     def _(x, qw, dm):
         return x.new_empty((x.shape[0], qw.shape[0]), dtype=torch.float32)
+
+    @torch.library.register_fake("evolm_q::q4_dequantize")
+    def _(qw, dm):
+        return qw.new_empty((qw.shape[0], qw.shape[1] * 2), dtype=torch.float32)
 
     @torch.library.register_fake("evolm_q::q8a8_linear")
     def _(x, qw, s):

@@ -308,6 +308,33 @@ at::Tensor q8a8_linear(const at::Tensor& x, const at::Tensor& qw, const at::Tens
   return out;
 }
 
+// q4 weights back to float (N, K): prefill multiplies many rows, so the layer dequantizes once
+// per forward; one pass over the codes instead of PyTorch's unpack, stack, multiply and add
+at::Tensor q4_dequantize(const at::Tensor& qw, const at::Tensor& dm) {
+  const int64_t N = qw.size(0), K = qw.size(1) * 2, G = K / QK;
+  TORCH_CHECK(qw.scalar_type() == at::kByte && qw.is_contiguous(), "evolm q4_dequantize: qw must be contiguous uint8");
+  TORCH_CHECK(dm.scalar_type() == at::kHalf && dm.is_contiguous() && dm.dim() == 3 && dm.size(0) == N &&
+              dm.size(1) == G && dm.size(2) == 2,
+              "evolm q4_dequantize: dm must be contiguous float16 (N, K/32, 2), got ", dm.scalar_type(), " ", dm.sizes());
+  at::Tensor out = at::empty({N, K}, qw.options().dtype(at::kFloat));
+  const uint8_t* w = qw.data_ptr<uint8_t>();
+  const at::Half* p = dm.data_ptr<at::Half>();
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, N * G, 256, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const float d = static_cast<float>(p[2 * b]), m = static_cast<float>(p[2 * b + 1]);
+      const uint8_t* src = w + b * 16;
+      float* dst = o + b * QK;
+#pragma omp simd
+      for (int j = 0; j < 16; ++j) {
+        dst[j] = static_cast<float>(src[j] & 0x0F) * d + m;
+        dst[j + 16] = static_cast<float>(src[j] >> 4) * d + m;
+      }
+    }
+  });
+  return out;
+}
+
 std::string isa() {
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
   return "avx512vnni";
@@ -321,11 +348,13 @@ std::string isa() {
 TORCH_LIBRARY(evolm_q, lib) {
   lib.def("q4a8_linear(Tensor x, Tensor qw, Tensor dm) -> Tensor");
   lib.def("q8a8_linear(Tensor x, Tensor qw, Tensor s) -> Tensor");
+  lib.def("q4_dequantize(Tensor qw, Tensor dm) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(evolm_q, CPU, lib) {
   lib.impl("q4a8_linear", &q4a8_linear);
   lib.impl("q8a8_linear", &q8a8_linear);
+  lib.impl("q4_dequantize", &q4_dequantize);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) { mod.def("isa", &isa); }
