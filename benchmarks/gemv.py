@@ -56,7 +56,7 @@ def candidates(rows: int):
 
     def q4(w):
         q, d, lo = quant.quantize_groups(w, 32, torch.float16)
-        return kernels.pack_q4(q), torch.stack((d, lo), -1).half().contiguous()
+        return kernels.pack_q4(q), kernels.pack_q4_scales(d, lo)
 
     def int4pack(w):
         q, d, lo = quant.quantize_groups(w, 32)

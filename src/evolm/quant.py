@@ -26,7 +26,8 @@ Where evolm's own CPU kernels build (``evolm/kernels``, x86-64 with a C++ compil
 up to ``KERNEL_ROWS`` rows (decoding) quantize the activations to int8 in blocks of 32 and take
 integer dot products with the int4 / int8 weights (llama.cpp's Q4_1 x Q8 scheme, AVX512-VNNI or
 AVX2); int4 weights are then stored in that kernel's layout with float16 scales and minima, as
-in a Q4_1 file (whose blocks are kept exactly), and more rows (prefill) dequantize them and use the float matmul.
+in a Q4_1 file (whose blocks are kept exactly), and more rows (prefill) dequantize them and use
+the float matmul.
 ``USE_KERNELS`` (set before quantizing; by default on for CPUs without AVX-512, see
 ``_default_use_kernels``) chooses.
 """
@@ -161,9 +162,9 @@ def quantize_groups(weight: torch.Tensor, group_size: int, stored: torch.dtype =
     lo, hi = w.amin(-1), w.amax(-1)
     lo = lo.to(stored).float()
     scale = ((hi - lo) / 15).to(stored).float()
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant group: codes 0
-    q = torch.round((w - lo[..., None]) / safe[..., None]).clamp(0, 15)
-    q = torch.where(scale[..., None] > 0, q, torch.zeros_like(q)).to(torch.int32).reshape(N, K)
+    # a group whose scale rounds to 0 spans less than 1e-6: divided by 1 its offsets round to code 0
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round((w - lo[..., None]) / safe[..., None]).clamp(0, 15).to(torch.int32).reshape(N, K)
     return q, scale, lo
 
 
@@ -175,8 +176,9 @@ class Int4Linear(nn.Module):
     - ``"q4"`` (evolm's kernels available, ``group_size == 32``): ``weight`` (N, K/2) uint8 in the
       kernel's nibble order (:func:`evolm.kernels.pack_q4`) and ``dm`` (N, K/32, 2) float16, the
       scale and min of each group side by side, ``w = q * d + m``: llama.cpp's Q4_1, 5 bits per
-      weight (float32 scales were 6: decoding streams every weight, so bytes are time). Up to ``KERNEL_ROWS`` rows run the int8-activation kernel; more rows
-      dequantize and use the float matmul.
+      weight (float32 scales were 6: decoding streams every weight, so bytes are time). Up to
+      ``KERNEL_ROWS`` rows run the int8-activation kernel; more rows dequantize (in C++) and use
+      the float matmul.
     - ``"int4pack"``: ``weight`` packed by ``_convert_weight_to_int4pack_for_cpu`` (N, K/2) uint8 and
       ``scales_and_zeros`` (K/group, N, 2) bfloat16 for PyTorch's ``_weight_int4pack_mm_for_cpu``,
       which computes ``(q - 8) * scale + zero`` (so ``zero = min + 8 * scale``). It always runs with
@@ -196,7 +198,7 @@ class Int4Linear(nn.Module):
         q, scale, lo = quantize_groups(weight, group_size, torch.float16 if self.layout == "q4" else torch.float32)
         if self.layout == "q4":
             self.register_buffer("weight", kernels.pack_q4(q))
-            self.register_buffer("dm", torch.stack((scale, lo), -1).to(torch.float16).contiguous())
+            self.register_buffer("dm", kernels.pack_q4_scales(scale, lo))
         else:
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.cpu(), 8).to(weight.device)
             self.register_buffer("weight", packed)
@@ -223,11 +225,7 @@ class Int4Linear(nn.Module):
     def dequantize(self) -> torch.Tensor:
         """The float weight (N, K) this layer multiplies by (for tests, error reports and prefill)."""
         if self.layout == "q4":
-            if kernels.available():  # one pass in C++ (prefill's cost of the int4 layout)
-                return torch.ops.evolm_q.q4_dequantize(self.weight, self.dm)
-            q = kernels.unpack_q4(self.weight).float().reshape(self.out_features, -1, 32)
-            d, m = self.dm.float().unbind(-1)
-            return (q * d[..., None] + m[..., None]).reshape(self.out_features, self.in_features)
+            return torch.ops.evolm_q.q4_dequantize(self.weight, self.dm)  # the layout implies the kernels
         eye = torch.eye(self.in_features, dtype=self.scales_and_zeros.dtype, device=self.weight.device)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.weight, self.group_size,
                                                           self.scales_and_zeros).t()

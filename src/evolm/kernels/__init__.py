@@ -135,6 +135,11 @@ def pack_q4(q: torch.Tensor) -> torch.Tensor:
     return (g[:, :, 0] | (g[:, :, 1] << 4)).reshape(N, K // 2).contiguous()
 
 
+def pack_q4_scales(d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Scales and minima (N, K/32) -> the kernels' (N, K/32, 2) float16 (d, m) pairs."""
+    return torch.stack((d, m), -1).to(torch.float16).contiguous()
+
+
 def unpack_q4(packed: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`pack_q4`: (N, K/2) uint8 -> (N, K) codes as uint8."""
     N = packed.shape[0]

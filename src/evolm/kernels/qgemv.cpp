@@ -76,7 +76,6 @@ void lane_sums(const int8_t* qx, const float* dx, int64_t M, int64_t K, float* s
     }
 }
 
-// NR weight rows x MR activation rows: NR * MR independent accumulators (no FMA latency chain)
 // (d, m) of one group, two float16 side by side, as two broadcast float32 vectors
 inline void load_dm(const at::Half* dm, __m256& vd, __m256& vm) {
   int32_t bits;
@@ -86,6 +85,7 @@ inline void load_dm(const at::Half* dm, __m256& vd, __m256& vm) {
   vm = _mm256_broadcastss_ps(_mm_movehdup_ps(f));
 }
 
+// NR weight rows x MR activation rows: NR * MR independent accumulators (no FMA latency chain)
 template <int NR, int MR>
 inline void q4_tile(const uint8_t* w, const at::Half* dm, const int8_t* qx, const float* dx,
                     const float* sxs, int64_t K, float* out, int64_t N) {
@@ -267,17 +267,23 @@ QuantAct quantize_input(const at::Tensor& x, int64_t K) {
   return q;
 }
 
+// q4 codes (N, K/2) uint8 and their (N, K/32, 2) float16 (d, m) pairs; returns K
+int64_t check_q4(const at::Tensor& qw, const at::Tensor& dm, const char* op) {
+  const int64_t N = qw.size(0), K = qw.size(1) * 2;
+  TORCH_CHECK(qw.scalar_type() == at::kByte && qw.is_contiguous(), "evolm ", op, ": qw must be contiguous uint8");
+  TORCH_CHECK(dm.scalar_type() == at::kHalf && dm.is_contiguous() && dm.dim() == 3 && dm.size(0) == N &&
+              dm.size(1) == K / QK && dm.size(2) == 2,
+              "evolm ", op, ": dm must be contiguous float16 (N, K/32, 2), got ", dm.scalar_type(), " ", dm.sizes());
+  return K;
+}
+
 // output rows per task: a multiple of the 4-row tile, a few tasks per thread
 int64_t grain(int64_t N) { return std::max<int64_t>(16, (N / (4 * at::get_num_threads())) & ~int64_t(3)); }
 
 }  // namespace
 
 at::Tensor q4a8_linear(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& dm) {
-  const int64_t N = qw.size(0), K = qw.size(1) * 2;
-  TORCH_CHECK(qw.scalar_type() == at::kByte && qw.is_contiguous(), "evolm q4a8_linear: qw must be contiguous uint8");
-  TORCH_CHECK(dm.scalar_type() == at::kHalf && dm.is_contiguous() && dm.dim() == 3 && dm.size(0) == N &&
-              dm.size(1) == K / QK && dm.size(2) == 2,
-              "evolm q4a8_linear: dm must be contiguous float16 (N, K/32, 2), got ", dm.scalar_type(), " ", dm.sizes());
+  const int64_t N = qw.size(0), K = check_q4(qw, dm, "q4a8_linear");
   QuantAct q = quantize_input(x, K);
   const int64_t M = x.size(0);
   at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
@@ -311,11 +317,7 @@ at::Tensor q8a8_linear(const at::Tensor& x, const at::Tensor& qw, const at::Tens
 // q4 weights back to float (N, K): prefill multiplies many rows, so the layer dequantizes once
 // per forward; one pass over the codes instead of PyTorch's unpack, stack, multiply and add
 at::Tensor q4_dequantize(const at::Tensor& qw, const at::Tensor& dm) {
-  const int64_t N = qw.size(0), K = qw.size(1) * 2, G = K / QK;
-  TORCH_CHECK(qw.scalar_type() == at::kByte && qw.is_contiguous(), "evolm q4_dequantize: qw must be contiguous uint8");
-  TORCH_CHECK(dm.scalar_type() == at::kHalf && dm.is_contiguous() && dm.dim() == 3 && dm.size(0) == N &&
-              dm.size(1) == G && dm.size(2) == 2,
-              "evolm q4_dequantize: dm must be contiguous float16 (N, K/32, 2), got ", dm.scalar_type(), " ", dm.sizes());
+  const int64_t N = qw.size(0), K = check_q4(qw, dm, "q4_dequantize"), G = K / QK;
   at::Tensor out = at::empty({N, K}, qw.options().dtype(at::kFloat));
   const uint8_t* w = qw.data_ptr<uint8_t>();
   const at::Half* p = dm.data_ptr<at::Half>();
