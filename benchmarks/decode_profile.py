@@ -8,6 +8,7 @@ by ``--steps`` for its time per token; the profiler itself adds overhead to ever
 
     python benchmarks/decode_profile.py [--model smollm2|gemma3|PATH.gguf] [--quant int4|int8|none]
                                         [--no-fuse] [--steps 32] [--threads 2] [--rows 25]
+                                        [--kernels]
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import os
 import sys
 
 import torch
+import torch._inductor.config
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
@@ -35,7 +37,11 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rows", type=int, default=25)
+    ap.add_argument("--kernels", action="store_true",
+                    help="one row per inductor kernel of the graph (recompiles the step: minutes)")
     a = ap.parse_args()
+    if a.kernels:
+        torch._inductor.config.cpp.enable_kernel_profile = True
     torch.set_num_threads(a.threads)
     path = a.model if a.model.endswith(".gguf") else find_asset(a.model)
     model = load_gguf(path, tokenizer=False)[0].eval()

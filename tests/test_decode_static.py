@@ -108,22 +108,19 @@ def test_compiled_decode_of_quantized_models_equals_eager(one_thread):
 
 
 @pytest.mark.slow
-def test_steady_state_guards_tell_models_apart(one_thread):
-    """From the third step on the compiled step checks only the guards that separate its entries:
-    models of other structure, other weights and another batch, called in turn, each still get
-    their own graph and the eager tokens."""
+def test_direct_step_tells_models_apart(one_thread, monkeypatch):
+    """After its first step through dynamo, a generate call runs the compiled graph directly
+    (evolm.graph_call): models of other structure, other weights and another batch, called in
+    turn, each still get their own graph and the eager tokens, and the direct path does run."""
     from dataclasses import replace
 
-    from evolm.generate import _steady_state
+    from evolm import graph_call
     from evolm.model import Transformer
     from test_generate import FAMILIES, randomize
 
-    from torch._dynamo import eval_frame
-
-    for step, skips in ((1, False), (2, True)):
-        with _steady_state(step):
-            assert eval_frame._stance.skip_guard_eval_unsafe == skips
-    assert not eval_frame._stance.skip_guard_eval_unsafe
+    bound = []
+    real_bind = graph_call.bind
+    monkeypatch.setattr(graph_call, "bind", lambda **kw: bound.append(real_bind(**kw)) or bound[-1])
     deeper = randomize(Transformer(replace(FAMILIES["llama"], n_layers=FAMILIES["llama"].n_layers + 1)), 5)
     models = [tiny("llama"), tiny("llama", seed=1), deeper, tiny("llama")]
     params = SamplingParams(max_new_tokens=10, temperature=0)
@@ -132,6 +129,32 @@ def test_steady_state_guards_tell_models_apart(one_thread):
         for m, w in zip(models, want):
             assert generate(m, PROMPTS, params, compile=True) == w
             assert generate(m, PROMPTS[:1], params, compile=True) == generate(m, PROMPTS[:1], params)
+    assert len(bound) == 16 and all(b is not None for b in bound)  # one dynamo step per call, then direct
+
+
+def test_graph_with_side_effects_is_not_bound():
+    """A compiled function whose graph has more than its result as output (Python side effects
+    dynamo replays after the graph) is never called directly."""
+    from evolm import graph_call
+
+    class Box:
+        pass
+
+    def f(x, box):
+        box.seen = x * 2  # an attribute store: a second graph output
+        return x + 1
+
+    g = torch.compile(f, backend=graph_call.backend(None))
+    graph_call.reset()
+    assert torch.equal(g(torch.ones(3), Box()), torch.full((3,), 2.0))
+    assert graph_call.bind(x=torch.ones(3), box=Box()) is None
+
+    h = torch.compile(lambda x, y: x * y + 1, backend=graph_call.backend(None))
+    graph_call.reset()
+    h(torch.ones(3), torch.ones(3))
+    direct = graph_call.bind(x=torch.ones(3), y=torch.ones(3))
+    assert direct is not None and torch.equal(direct(x=torch.full((3,), 2.0), y=torch.full((3,), 3.0)),
+                                              torch.full((3,), 7.0))
 
 
 def test_cpp_wrapper_choice(monkeypatch):

@@ -234,3 +234,64 @@ def test_q4_dequantize_equals_the_formula():
     dm, d, m = _dm(0.01 + 0.02 * torch.rand(48, 3, generator=g), 0.1 * torch.randn(48, 3, generator=g))
     want = (codes.float().reshape(48, 3, 32) * d[..., None] + m[..., None]).reshape(48, 96)
     torch.testing.assert_close(torch.ops.evolm_q.q4_dequantize(kernels.pack_q4(codes), dm), want, rtol=1e-6, atol=1e-7)
+
+
+def _attention_float64(q, k, v, mask, scale, softcap):
+    """softmax(mask(cap(scale q.k))) v in float64, KV heads shared by H / Hkv query heads."""
+    G = q.shape[1] // k.shape[1]
+    k, v = k.double().repeat_interleave(G, 1), v.double().repeat_interleave(G, 1)
+    s = (q.double() @ k.transpose(-1, -2)) * scale
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    s = s.masked_fill(~mask, float("-inf"))
+    return torch.softmax(s, -1) @ v
+
+
+@needs_kernels
+@pytest.mark.parametrize("B,H,Hkv,S,D,softcap", [
+    (1, 9, 3, 300, 64, None),   # SmolLM2: GQA 3, a static cache's masked tail
+    (2, 4, 4, 33, 128, None),   # MHA, two sequences with their own masks
+    (3, 8, 1, 70, 256, 50.0),   # Gemma-style: MQA in blocks of 4 heads, head_dim 256, soft-cap
+    (1, 12, 2, 17, 40, None),   # G = 6 (two blocks), head_dim not a multiple of 8 (scalar tails)
+    (1, 2, 1, 1, 64, None),     # one slot
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_equals_float64(B, H, Hkv, S, D, softcap, dtype):
+    """evolm_f.decode_attention against float64 attention: GQA blocks, key splits between
+    threads, masked slots skipped, strided cache buffers; and against the eager decode path."""
+    from evolm.nn.attention import _attend_few_queries
+
+    g = torch.Generator().manual_seed(S)
+    q = torch.randn(B, H, 1, D, generator=g).to(dtype)
+    k = torch.randn(B, Hkv, S + 7, D, generator=g).to(dtype)[:, :, :S]  # a view of a longer buffer
+    v = torch.randn(B, Hkv, S, D, generator=g).to(dtype)
+    mask = torch.rand(B, 1, 1, S, generator=g) > 0.3
+    mask[..., 0] = True
+    want = _attention_float64(q, k, v, mask, D ** -0.5, softcap)
+    tol = dict(rtol=1e-5, atol=2e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            got = torch.ops.evolm_f.decode_attention(q, k, v, mask, D ** -0.5, softcap)
+            assert got.dtype == dtype and got.shape == (B, H, 1, D)
+            torch.testing.assert_close(got.double(), want, **tol)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(got, _attend_few_queries(q, k, v, mask, False, D ** -0.5, softcap), **tol)
+    with_mask_none = torch.ops.evolm_f.decode_attention(q, k, v, None, D ** -0.5, softcap)
+    torch.testing.assert_close(with_mask_none.double(), _attention_float64(q, k, v, torch.ones_like(mask), D ** -0.5,
+                                                                          softcap), **tol)
+
+
+@needs_kernels
+def test_decode_attention_rejects_bad_input():
+    q, k = torch.randn(1, 4, 1, 8), torch.randn(1, 2, 5, 8)
+    with pytest.raises(RuntimeError, match=r"q must be \(B, H, 1, D\)"):
+        torch.ops.evolm_f.decode_attention(torch.randn(1, 4, 2, 8), k, k, None, 1.0)
+    with pytest.raises(RuntimeError, match="shapes do not match"):
+        torch.ops.evolm_f.decode_attention(torch.randn(1, 3, 1, 8), k, k, None, 1.0)
+    with pytest.raises(RuntimeError, match="must all be float32 or all bfloat16"):
+        torch.ops.evolm_f.decode_attention(q, k.half(), k.half(), None, 1.0)
+    with pytest.raises(RuntimeError, match=r"mask must be bool \(B or 1, 1, 1, 5\)"):
+        torch.ops.evolm_f.decode_attention(q, k, k, torch.ones(1, 1, 1, 4, dtype=torch.bool), 1.0)

@@ -211,7 +211,7 @@ class StaticKVCache(KVCache):
     def advance(self, n: int) -> None:
         if not self.static:
             return super().advance(n)
-        self.pos += n
+        self.pos.add_(n)  # in place, no attribute store: the compiled step has no Python side effect
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.static:

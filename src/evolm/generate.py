@@ -22,18 +22,18 @@ stop string is held back until the next token settles it.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from evolm import kernels
+from evolm import graph_call, kernels
 from evolm.cache import KVCache, StaticKVCache
+from evolm.nn import attention
 
 
 # ------------------------------------------------------------------------------------------
@@ -304,46 +304,28 @@ def compiled_step(device_type: str = "cpu"):
     global _skinny, _skinny_row
     _skinny = kernels.skinny_enabled()  # builds the kernels on first use: never inside the trace
     _skinny_row = _skinny and _row_kernel() == "skinny"
+    attention.DECODE_KERNEL = _skinny and os.environ.get("EVOLM_DECODE_ATTN", "1") != "0"
     if device_type not in _compiled_steps:
         # each (structure, batch, dtype) is one more entry on the same code object: allow many
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         opts = {"cpp_wrapper": True} if _cpp_wrapper(device_type) else None
         # distinct code objects: dynamo keeps compiled code per code object, options per compile
         step = _step_cpu if device_type == "cpu" else _step_other
-        _compiled_steps[device_type] = torch.compile(step, dynamic=False, options=opts)
+        _compiled_steps[device_type] = torch.compile(step, dynamic=False, backend=graph_call.backend(opts))
     return _compiled_steps[device_type]
 
 
-_SKIP_GUARDS = os.environ.get("EVOLM_SKIP_GUARDS", "1") != "0"
+_DIRECT = os.environ.get("EVOLM_DIRECT_STEP", "1") != "0"
 
 
-def _steady_state(step: int):
-    """From the third compiled step of a generate call on, dynamo checks only the guards that tell
-    its compiled entries apart (``skip_guard_eval_unsafe``), not the full set.
-
-    The full guards of a SmolLM2 step (every module and buffer the graph reads) took ~1.7 ms of a
-    ~15 ms int4 step (profiled). Within one call the model, the cache and every shape are the
-    ones the first two steps were checked against (only tensor values change), which is the
-    steady state that stance exists for; each call's first steps still run every guard, so a new
-    model, batch or dtype is caught, and dynamo itself refuses to run a step whose differentiating
-    guards fail (:func:`_call_step` then reruns it with every guard). Measured +3-15% tokens/s on
-    SmolLM2 int4, four A/B rounds (docs/performance.md); ``EVOLM_SKIP_GUARDS=0`` keeps every guard.
-    """
-    if step < 2 or not _SKIP_GUARDS:
-        return contextlib.nullcontext()
-    return torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
-
-
-def _call_step(step_fn, step: int, *args) -> torch.Tensor:
-    """One compiled decode step under :func:`_steady_state`; if dynamo refuses it there (something
-    the graph depends on changed mid-call), the same step with every guard."""
-    try:
-        with _steady_state(step):
-            return step_fn(*args)
-    except RuntimeError as e:
-        if "skip_guard_eval_unsafe" not in str(e):
-            raise
-    return step_fn(*args)
+def _call_step(step_fn, model, tok, pos, cache) -> tuple[torch.Tensor, Callable | None]:
+    """One compiled decode step through dynamo (every guard checked), and the same graph bound for
+    the next steps of this call without dynamo (:mod:`evolm.graph_call`; None where it cannot be
+    bound or ``EVOLM_DIRECT_STEP=0``)."""
+    graph_call.reset()
+    logits = step_fn(model, tok, pos, cache)
+    direct = graph_call.bind(model=model, tok=tok, pos=pos, cache=cache) if _DIRECT else None
+    return logits, direct
 
 
 def _new_cache(model, batch: int, max_len: int) -> KVCache:
@@ -404,7 +386,7 @@ def _decode_steps(model, ids: torch.Tensor, mask: torch.Tensor | None, params: S
     logits = model(ids, position_ids=pos, attention_mask=mask, cache=cache, last_only=True)[:, -1]
     next_pos = pos[:, -1:] + 1
     step_mask = torch.ones(B, 1, dtype=torch.long, device=device) if mask is not None else None
-    step_fn = None
+    step_fn = direct = None
     if compile:
         cache.start_static()
         step_fn, step_mask = compiled_step(device.type), None
@@ -417,8 +399,10 @@ def _decode_steps(model, ids: torch.Tensor, mask: torch.Tensor | None, params: S
             running = running & ~torch.isin(tok, stops)
         if step == n_new - 1 or (len(stops) and not bool(running.any())):
             return
-        if step_fn is not None:
-            logits = _call_step(step_fn, step, model, tok[:, None], next_pos, cache)
+        if direct is not None:
+            logits = direct(model=model, tok=tok[:, None], pos=next_pos, cache=cache)
+        elif step_fn is not None:
+            logits, direct = _call_step(step_fn, model, tok[:, None], next_pos, cache)
         else:
             logits = model(tok[:, None], position_ids=next_pos, attention_mask=step_mask, cache=cache,
                            last_only=True)[:, -1]

@@ -23,6 +23,10 @@ once into registers and multiplies it into every row (fp32 accumulation, result 
 a row's result does not depend on the other rows. :func:`skinny_enabled` says whether the
 compiled decode step and ``quant.Int8Linear`` use it.
 
+``decode_attention.cpp``: ``torch.ops.evolm_f.decode_attention(q, k, v, mask, scale, softcap)``,
+one new token's attention over a KV cache (GQA, soft-cap, a boolean mask whose hidden slots
+it skips), what the compiled CPU decode step calls per layer instead of inductor's loops.
+
 :func:`available` builds the extension once
 per machine (~30-60 s, cached under ``~/.cache/evolm/kernels``) with ``-march=native`` and says
 whether it works; without a C++ compiler it returns False and callers keep PyTorch's kernels.
@@ -39,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-_SOURCES = [Path(__file__).with_name(n) for n in ("qgemv.cpp", "skinny_gemm.cpp")]
+_SOURCES = [Path(__file__).with_name(n) for n in ("qgemv.cpp", "skinny_gemm.cpp", "decode_attention.cpp")]
 _state: dict = {}
 
 
@@ -76,6 +80,10 @@ def _fake_registrations() -> None:
     @torch.library.register_fake("evolm_f::skinny_linear")
     def _(x, w, scale=None):
         return x.new_empty((x.shape[0], w.shape[0]))
+
+    @torch.library.register_fake("evolm_f::decode_attention")
+    def _(q, k, v, mask, scale, softcap=None):
+        return v.new_empty((q.shape[0], q.shape[1], 1, v.shape[3]))
 
 
 def available() -> bool:

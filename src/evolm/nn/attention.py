@@ -81,13 +81,18 @@ def _attend_few_queries(q, k, v, mask, is_causal, scale, softcap):
     Query heads that share a KV head are stacked as rows of one matmul, so GQA needs no copy of
     the keys and values. Inside a compiled CPU graph the two products are written as
     multiply-reduce loops instead (``_as_loops``): inductor fuses them with the scaling and the
-    softmax into a few vectorized loops, where each small BLAS call costs tens of microseconds.
+    softmax into a few vectorized loops, where each small BLAS call costs tens of microseconds;
+    with evolm's kernels built (``DECODE_KERNEL``), one query per sequence goes to
+    ``evolm_f::decode_attention`` instead (one pass over the keys, one over the values, masked
+    slots skipped: 72 us -> see docs/performance.md per SmolLM2 layer).
     """
     B, H, Tq, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     G = H // Hkv
-    qg = q.reshape(B, Hkv, G * Tq, D)
     loops = _as_loops(q)
+    if loops and DECODE_KERNEL and Tq == 1 and q.dtype == k.dtype == v.dtype and (mask is None or mask.shape[2] == 1):
+        return torch.ops.evolm_f.decode_attention(q, k, v, mask, scale, softcap)
+    qg = q.reshape(B, Hkv, G * Tq, D)
     if loops:
         scores = (qg[..., None, :].float() * k[:, :, None].float()).sum(-1) * scale
     else:
@@ -115,6 +120,9 @@ def _as_loops(q: torch.Tensor) -> bool:
 
 
 _ATTN_LOOPS = os.environ.get("EVOLM_ATTN_LOOPS", "1") != "0"
+# whether the compiled CPU step calls evolm_f::decode_attention (kernels/decode_attention.cpp) for
+# one query per sequence: set by generate.compiled_step() once the kernels are built, never while tracing
+DECODE_KERNEL = False
 
 
 class Attention(nn.Module):
