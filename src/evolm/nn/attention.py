@@ -83,8 +83,9 @@ def _attend_few_queries(q, k, v, mask, is_causal, scale, softcap):
     multiply-reduce loops instead (``_as_loops``): inductor fuses them with the scaling and the
     softmax into a few vectorized loops, where each small BLAS call costs tens of microseconds;
     with evolm's kernels built (``DECODE_KERNEL``), one query per sequence goes to
-    ``evolm_f::decode_attention`` instead (one pass over the keys, one over the values, masked
-    slots skipped: 72 us -> see docs/performance.md per SmolLM2 layer).
+    ``evolm_f::decode_attention`` instead (one pass over the keys, one over the values for all
+    heads of a KV head, masked slots skipped; profiled per SmolLM2 layer in the int4 step: 45 us
+    against inductor's 72 us for the loops with RoPE and cache writes fused in).
     """
     B, H, Tq, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
