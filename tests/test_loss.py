@@ -146,3 +146,73 @@ def test_fused_logprobs_frozen_head_gets_no_gradient():
     w = torch.randn(30, 8)  # frozen (a LoRA run's tied embedding)
     fused_linear_logprobs(h, w, torch.randint(0, 30, (5,))).sum().backward()
     assert h.grad is not None and w.grad is None
+
+
+# ------------------------------------------------------------------------------------------
+# buffers kept between steps (nn/loss.py::_Scratch) never change a result
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_bf16_loss_in_row_blocks_and_reused_buffers_equals_the_reference(monkeypatch, compiled):
+    """Under bf16 autocast the eager path upcasts a few rows at a time into one fp32 buffer (forced
+    here to 3 rows), and every step reuses the logits, head and gradient buffers of the last one;
+    loss and gradients stay those of F.cross_entropy on the bf16 logits, step after step."""
+    import evolm.nn.loss as L
+
+    monkeypatch.setattr(L, "_FP32_ROWS_BYTES", 3 * 4 * 50)
+    torch.manual_seed(0)
+    h = torch.randn(40, 16, requires_grad=True)
+    w = torch.randn(50, 16, requires_grad=True)
+    L.use_compiled_kernel(compiled)
+    try:
+        for step in range(3):  # step 2 and 3 run on the buffers step 1 left behind
+            t = torch.randint(0, 50, (40,))
+            t[step] = -100
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                got = fused_linear_cross_entropy(h, w, t, None, 30.0 if step == 1 else None, chunk=64)
+            grads = torch.autograd.grad(got, [h, w])
+            logits = F.linear(h.bfloat16(), w.bfloat16()).float()
+            if step == 1:
+                logits = 30.0 * torch.tanh(logits / 30.0)
+            want = F.cross_entropy(logits, t)
+            ref = torch.autograd.grad(want, [h, w])
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            for g, r in zip(grads, ref):
+                torch.testing.assert_close(g, r, rtol=2e-2, atol=2e-3)
+    finally:
+        L.use_compiled_kernel(False)
+    assert L._scratch.free  # kept for the next step ...
+    L.release_scratch()
+    assert not L._scratch.free  # ... until released
+
+
+def test_two_forwards_before_one_backward_keep_their_own_gradients():
+    """A buffer the forward saves for its backward (the bf16 head gradient) is handed out once:
+    a second loss computed before the first one's backward (DPO's chosen/rejected, accumulation)
+    gets its own, and both backward passes give their reference gradients."""
+    torch.manual_seed(0)
+    w = torch.randn(50, 16, requires_grad=True)
+    hs = [torch.randn(24, 16) for _ in range(2)]
+    ts = [torch.randint(0, 50, (24,)) for _ in range(2)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a whole step first: its buffers wait in the pool
+        fused_linear_cross_entropy(hs[0], w, ts[0]).backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = [fused_linear_cross_entropy(h, w, t) for h, t in zip(hs, ts)]
+    for h, t, loss in zip(hs, ts, losses):
+        (g,) = torch.autograd.grad(loss, [w])
+        (r,) = torch.autograd.grad(F.cross_entropy(F.linear(h.bfloat16(), w.bfloat16()).float(), t), [w])
+        torch.testing.assert_close(g, r, rtol=2e-2, atol=2e-3)
+
+
+def test_a_reused_buffer_is_never_read_stale_by_a_retained_graph():
+    """backward(retain_graph=True) hands its bf16 head gradient back; if another forward takes and
+    overwrites it, a second backward of the first graph fails loudly instead of reading it."""
+    torch.manual_seed(0)
+    w = torch.randn(50, 16, requires_grad=True)
+    h, t = torch.randn(24, 16), torch.randint(0, 50, (24,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        first = fused_linear_cross_entropy(h, w, t)
+    first.backward(retain_graph=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused_linear_cross_entropy(torch.randn(24, 16), w, t).backward()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        first.backward()

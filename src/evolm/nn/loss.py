@@ -31,6 +31,37 @@ def _default_chunk(dtype: torch.dtype) -> int:
     return 4096 // torch.finfo(dtype).bits * 8
 
 
+class _Scratch:
+    """Large buffers of the fused loss, kept from one training step to the next.
+
+    On CPU every tensor over glibc's mmap threshold (32 MB at most) is fresh memory from the
+    kernel, and touching it costs a page fault per 4 KB: a fresh 412 MB tensor took 302 ms to
+    fill with ``exp`` against 79 ms for the same pass into an existing one (this host, 2 threads).
+    The loss allocates a chunk of logits (206 MB at 2,048 x 50,304 bf16), the head weight in the
+    compute dtype and its gradient's product at every step, so they are taken from here and given
+    back when no longer needed. A buffer handed out is never handed out twice (two forwards before
+    one backward get two); ``release_scratch()`` frees what is kept.
+    """
+
+    def __init__(self):
+        self.free: dict[tuple, torch.Tensor] = {}
+
+    def take(self, tag: str, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        t = self.free.pop((tag, tuple(shape), dtype, device), None)
+        return t if t is not None else torch.empty(shape, dtype=dtype, device=device)
+
+    def give(self, tag: str, t: torch.Tensor) -> None:
+        self.free[tag, tuple(t.shape), t.dtype, t.device] = t
+
+
+_scratch = _Scratch()
+
+
+def release_scratch() -> None:
+    """Free the buffers the fused loss keeps between training steps (see ``_Scratch``)."""
+    _scratch.free.clear()
+
+
 def _chunk_logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, softcap: float | None):
     logits = F.linear(h, w, b).float()
     if softcap is None:
@@ -39,20 +70,18 @@ def _chunk_logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, soft
     return softcap * z, z
 
 
-def _xent_grad_eager(logits: torch.Tensor, tc: torch.Tensor, valid: torch.Tensor, n_valid: torch.Tensor,
-                     softcap: float | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed loss of a chunk and d(mean loss)/d(logits), computed in fp32 with in-place passes
-    (one live fp32 copy of the chunk's logits)."""
-    logits = logits.float()
-    z = None
+def _xent_rows_(x: torch.Tensor, tc: torch.Tensor, valid: torch.Tensor, n_valid: torch.Tensor,
+                softcap: float | None) -> torch.Tensor:
+    """Summed loss of fp32 logit rows ``x``; d(mean loss)/d(x) is left in ``x`` (in-place passes)."""
+    g, z = x, None
     if softcap is not None:
-        z = torch.tanh(logits / softcap)
-        logits = softcap * z
+        z = torch.tanh(x / softcap)
+        g = softcap * z
     safe_t = tc.clamp(min=0)
-    target_logit = logits.gather(1, safe_t[:, None])[:, 0]
+    target_logit = g.gather(1, safe_t[:, None])[:, 0]
     # one pass of exp, in place: the softmax is both the loss's normaliser and its gradient
-    top = logits.amax(dim=-1, keepdim=True)
-    g = logits.sub_(top).exp_()
+    top = g.amax(dim=-1, keepdim=True)
+    g = g.sub_(top).exp_()
     denom = g.sum(dim=-1, keepdim=True)
     lse = (top + denom.log())[:, 0]
     total = ((lse - target_logit) * valid).sum()
@@ -61,34 +90,66 @@ def _xent_grad_eager(logits: torch.Tensor, tc: torch.Tensor, valid: torch.Tensor
     g *= (valid.float() / n_valid)[:, None]
     if z is not None:
         g *= 1 - z * z  # d(cap * tanh(x / cap)) / dx
-    return g, total
+    if g is not x:
+        x.copy_(g)
+    return total
 
 
-def _xent_grad_fusable(logits: torch.Tensor, tc: torch.Tensor, valid: torch.Tensor, n_valid: torch.Tensor,
-                       softcap: float | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same quantities written out of place, so that inductor fuses them into a few loops
-    over the chunk: the fp32 upcast, max, exp-sum, softmax, one-hot and the cast back never
-    materialise (about 3x faster than the eager passes on CPU)."""
+_FP32_ROWS_BYTES = 64 << 20  # the fp32 upcast of low-precision logits, a block of rows at a time
+
+
+def _xent_grad_eager(logits: torch.Tensor, tc: torch.Tensor, valid: torch.Tensor, n_valid: torch.Tensor,
+                     softcap: float | None) -> torch.Tensor:
+    """Summed loss of a chunk, computed in fp32; d(mean loss)/d(logits) is written over ``logits``.
+
+    Low-precision logits are upcast a block of rows at a time into one reused fp32 buffer (a
+    fresh fp32 copy of a whole 2,048 x 50,304 chunk is 412 MB of new pages at every step)."""
+    if logits.dtype == torch.float32:
+        return _xent_rows_(logits, tc, valid, n_valid, softcap)
+    n, vocab = logits.shape
+    rows = max(1, min(n, _FP32_ROWS_BYTES // (4 * vocab)))
+    tmp = _scratch.take("logits_fp32", (rows, vocab), torch.float32, logits.device)
+    total = logits.new_zeros((), dtype=torch.float32)
+    for r in range(0, n, rows):
+        part = logits[r:r + rows]
+        x = tmp[:part.shape[0]].copy_(part)
+        total += _xent_rows_(x, tc[r:r + rows], valid[r:r + rows], n_valid, softcap)
+        part.copy_(x)
+    _scratch.give("logits_fp32", tmp)
+    return total
+
+
+def _xent_stats(logits: torch.Tensor, tc: torch.Tensor, valid: torch.Tensor, softcap: float | None):
+    """Each row's log-sum-exp and the chunk's summed loss: reductions only, fused by inductor into
+    loops over the chunk that never materialise the fp32 upcast."""
+    x = logits.float()
+    if softcap is not None:
+        x = softcap * torch.tanh(x / softcap)
+    target_logit = x.gather(1, tc.clamp(min=0)[:, None])[:, 0]
+    lse = torch.logsumexp(x, dim=-1)
+    return lse, ((lse - target_logit) * valid.float()).sum()
+
+
+def _xent_grad_inplace(logits: torch.Tensor, lse: torch.Tensor, tc: torch.Tensor, valid: torch.Tensor,
+                       n_valid: torch.Tensor, softcap: float | None) -> None:
+    """d(mean loss)/d(logits) written over ``logits`` (one pointwise pass): no second chunk x vocab
+    tensor is allocated, and a fresh one costs its page faults at every step (see ``_Scratch``).
+    Kept apart from the reductions: in one graph, inductor's CPU outer-loop fusion fails on the
+    in-place store (KeyError in ``try_outer_loop_fusion_with_local_buf``, torch 2.13)."""
     x = logits.float()
     z = None
     if softcap is not None:
         z = torch.tanh(x / softcap)
         x = softcap * z
-    safe_t = tc.clamp(min=0)
-    onehot = torch.arange(x.shape[1], device=x.device)[None, :] == safe_t[:, None]
-    target_logit = torch.where(onehot, x, 0.0).sum(-1)
-    top = x.amax(dim=-1, keepdim=True)
-    e = torch.exp(x - top)
-    denom = e.sum(dim=-1, keepdim=True)
-    lse = (top + denom.log())[:, 0]
     w = valid.float()
-    g = (e / denom - onehot.float() * w[:, None]) * (w / n_valid)[:, None]
+    onehot = torch.arange(x.shape[1], device=x.device)[None, :] == tc.clamp(min=0)[:, None]
+    g = (torch.exp(x - lse[:, None]) - onehot.float() * w[:, None]) * (w / n_valid)[:, None]
     if z is not None:
         g = g * (1 - z * z)
-    return g.to(logits.dtype), ((lse - target_logit) * w).sum()
+    logits.copy_(g.to(logits.dtype))
 
 
-_compiled_kernel = None
+_compiled_stats = _compiled_grad = None
 _use_compiled = False
 
 
@@ -98,23 +159,31 @@ def use_compiled_kernel(enabled: bool = True) -> None:
     Off by default: compiling costs ~10 s once per process. The trainer turns it on together
     with ``train.compile``; results equal the eager path to float rounding (tests/test_loss.py).
     """
-    global _use_compiled, _compiled_kernel
+    global _use_compiled, _compiled_stats, _compiled_grad
     _use_compiled = enabled
-    if enabled and _compiled_kernel is None:
-        _compiled_kernel = torch.compile(_xent_grad_fusable, dynamic=False)
+    if enabled and _compiled_stats is None:
+        _compiled_stats = torch.compile(_xent_stats, dynamic=False)
+        _compiled_grad = torch.compile(_xent_grad_inplace, dynamic=False)
 
 
-def _xent_grad(logits, tc, valid, n_valid, softcap):
+def _xent_grad_(logits, tc, valid, n_valid, softcap) -> torch.Tensor:
+    """Summed loss of a chunk; d(mean loss)/d(logits) is written over ``logits``."""
     if _use_compiled:
-        return _compiled_kernel(logits, tc, valid, n_valid, softcap)
+        lse, total = _compiled_stats(logits, tc, valid, softcap)
+        _compiled_grad(logits, lse, tc, valid, n_valid, softcap)
+        return total
     return _xent_grad_eager(logits, tc, valid, n_valid, softcap)
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, w, b, targets, chunk, softcap, ignore_index):
-        dtype, hc_all, wc, bc = _cast(h, w, b)
+        dtype = _compute_dtype(h)
         with torch.autocast(h.device.type, enabled=False):
+            hc_all, bc = h.to(dtype), (b.to(dtype) if b is not None else None)
+            wc = w
+            if w.dtype != dtype:  # the head in the compute dtype, what autocast would cast it to
+                wc = _scratch.take("w", w.shape, dtype, w.device).copy_(w)
             valid_all = targets != ignore_index
             n_valid = valid_all.sum().clamp(min=1).float()
             # a frozen head (LoRA / QLoRA on a tied embedding) needs no V x D gradient: skip it
@@ -132,25 +201,22 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
             grad_b = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device) if need_b else None
             total = torch.zeros((), dtype=torch.float32, device=h.device)
-            # one logits buffer for every chunk: a fresh chunk x vocab tensor each time is a fresh
-            # mmap on CPU, and its page faults cost ~20% of the head's matmul (benchmarks/train.py)
+            # one logits buffer for every chunk, and the same one from step to step (_Scratch)
             rows = min(chunk, h.shape[0])
-            buf = torch.empty(rows, w.shape[0], dtype=dtype, device=h.device)
-            # the same for the products of a low-precision step (bf16 under autocast): they land in
-            # reused buffers and are added into the fp32 gradients, instead of fresh tensors
+            buf = _scratch.take("logits", (rows, w.shape[0]), dtype, h.device)
+            # the products of a low-precision step (bf16 under autocast) land in reused buffers and
+            # are added into the fp32 gradients
             gh_buf = torch.empty(rows, h.shape[1], dtype=dtype, device=h.device) if low else None
-            gw_buf = torch.empty(w.shape, dtype=dtype, device=w.device) if low and need_w else None
+            gw_buf = _scratch.take("grad_w", w.shape, dtype, w.device) if low and need_w else None
             for s in range(0, h.shape[0], chunk):
                 hc, tc, valid = hc_all[s:s + chunk], targets[s:s + chunk], valid_all[s:s + chunk]
                 n = hc.shape[0]
-                logits = buf[:n]
+                g = buf[:n]  # the chunk's logits, then their gradient in the same memory
                 if bc is None:
-                    torch.mm(hc, wc.t(), out=logits)
+                    torch.mm(hc, wc.t(), out=g)
                 else:
-                    torch.addmm(bc, hc, wc.t(), out=logits)
-                g, chunk_total = _xent_grad(logits, tc, valid, n_valid, softcap)
-                total += chunk_total
-                g = g.to(dtype)
+                    torch.addmm(bc, hc, wc.t(), out=g)
+                total += _xent_grad_(g, tc, valid, n_valid, softcap)
                 if not low:
                     torch.mm(g, wc, out=grad_h[s:s + chunk])
                     if grad_w is not None:
@@ -163,10 +229,17 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                         grad_w += torch.mm(g.t(), hc, out=gw_buf)
                 if grad_b is not None:
                     grad_b += g.float().sum(0)
+            _scratch.give("logits", buf)
+            if wc is not w:
+                _scratch.give("w", wc)
+            if gw_buf is not None and grad_w is not gw_buf:
+                _scratch.give("grad_w", gw_buf)
         empty = torch.empty(0)
         ctx.save_for_backward(grad_h, grad_w if need_w else empty, grad_b if need_b else empty)
         ctx.need_w, ctx.need_b = need_w, need_b
         ctx.w_dtype = w.dtype
+        # the single chunk's bf16 product is a scratch buffer: handed back once the backward has read it
+        ctx.scratch_grad_w = need_w and grad_w is gw_buf
         return total / n_valid
 
     @staticmethod
@@ -175,6 +248,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         gw = None
         if ctx.need_w:  # one pass when the cast already makes a fresh tensor
             gw = grad_w.to(ctx.w_dtype).mul_(grad_out) if grad_w.dtype != ctx.w_dtype else grad_w * grad_out
+            if ctx.scratch_grad_w:
+                _scratch.give("grad_w", grad_w)
         gb = (grad_b * grad_out).to(ctx.w_dtype) if ctx.need_b else None
         return grad_h * grad_out.to(grad_h.dtype), gw, gb, None, None, None, None
 
