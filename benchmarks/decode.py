@@ -8,6 +8,7 @@ decode tokens/s for 128 new tokens at batch 1 and 8, and the ratio evolm / trans
     python benchmarks/decode.py [--model smollm2|gemma3|PATH.gguf] [--dtypes float32,bfloat16]
                                 [--batches 1,8] [--new 128] [--prompt-len 256] [--int8] [--int4]
                                 [--compile] [--kernels-ab] [--repeat N] [--quality]
+                                [--device cuda] [--random PRESET]
 
 Variants: ``evolm`` (eager decoding loop), ``int8`` / ``int4`` (weight-only quantized linears and
 head, see ``evolm/quant.py``) and, with ``--compile``, each of them again decoding with the
@@ -17,6 +18,13 @@ and with PyTorch's, to compare them in one run. ``--repeat N``
 times every engine N times, interleaved, and prints the median and the spread (the machine may be
 shared). ``--quality`` prints, for each quantized variant, its logit error against the float model
 on a real text and how many of 64 greedy tokens it shares with it on real prompts.
+
+``--device cuda`` runs every engine on the GPU (llama.cpp stays on the CPU build, so it is left
+out) and adds the memory bandwidth that decoding reaches: the bytes one step must read (every
+weight it multiplies, the KV cache at the average length) times steps per second, against the
+card's peak. ``--random PRESET`` builds evolm's preset (e.g. ``llama-3-8b``) with random weights
+and transformers' model from the same config and weights, for speed on machines without the
+model file (greedy tokens of random weights mean nothing; the speed is that of the real model).
 """
 
 from __future__ import annotations
@@ -41,9 +49,16 @@ def _prompt(vocab: int, batch: int, length: int) -> torch.Tensor:
     return torch.randint(100, min(vocab, 30000), (batch, length), generator=g)
 
 
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def _timed(fn) -> float:
+    _sync()
     t = time.perf_counter()
     fn()
+    _sync()
     return time.perf_counter() - t
 
 
@@ -57,9 +72,7 @@ def bench_evolm(model, ids: torch.Tensor, new: int, compile: bool = False, warm:
             run(2)
         prefill = min(_timed(lambda: model(ids, last_only=True)) for _ in range(2))
         one = min(_timed(lambda: run(1)) for _ in range(2))
-        t = time.perf_counter()
-        TOKENS[id(model), compile] = run(new)
-        full = time.perf_counter() - t
+        full = _timed(lambda: TOKENS.__setitem__((id(model), compile), run(new)))
     return ids.numel() / prefill, ids.shape[0] * (new - 1) / (full - one)
 
 
@@ -109,6 +122,44 @@ def bench_llamacpp(llm, ids: torch.Tensor, new: int) -> tuple[float, float]:
     return prefill, (new - 1) / (time.perf_counter() - t)
 
 
+def random_models(preset: str, dtype: torch.dtype, device: str, hf: bool):
+    """evolm's ``preset`` with random weights (normal(0, 0.02) as built) on ``device``, and
+    transformers' model of the same config holding the same weights (None without ``hf``)."""
+    from evolm.interop.hf import config_to_hf, state_dict_to_hf
+    from evolm.model import build
+
+    torch.manual_seed(0)
+    ours = build(preset, device=device, dtype=dtype).eval()
+    if not hf:
+        return ours, None
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    h = config_to_hf(ours.config, dtype=dtype)
+    with torch.device(device):
+        ref = AutoModelForCausalLM.from_config(AutoConfig.for_model(**h), dtype=dtype)
+    ref.load_state_dict(state_dict_to_hf(ours.state_dict(), ours.config), strict=False)
+    return ours, ref.eval()
+
+
+def weight_bytes_per_step(model, batch: int, cache_len: float, dtype: torch.dtype) -> float:
+    """Bytes one decode step reads: each weight it multiplies once (the embedding table only as
+    the tied head) and the KV cache of every sequence at ``cache_len`` positions."""
+    from evolm.analysis.cost import cost_card
+
+    c = model.config
+    seen, total = set(), 0
+    for name, p in model.named_parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel() * p.element_size()
+    for table in (model.embed_tokens, model.pos_embed):  # a lookup reads rows, not the table
+        if table is not None and not (table is model.embed_tokens and c.tie_embeddings):
+            total -= table.weight.numel() * table.weight.element_size()
+    kv = cost_card(c, max(1, int(cache_len)), bytes_per_value=torch.finfo(dtype).bits // 8)
+    return total + batch * kv["kv_cache_bytes_at_context"]
+
+
 def quality(ref, model, tok_ids: list[list[int]], text_ids: torch.Tensor, new: int = 64) -> str:
     """Logit error on a real text and greedy agreement over ``new`` tokens on real prompts, vs ``ref``."""
     with torch.inference_mode():
@@ -147,22 +198,40 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1, help="timed runs per engine (interleaved); median printed")
     ap.add_argument("--quality", action="store_true", help="print quantized variants' error vs the float model")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (llama.cpp only runs with cpu)")
+    ap.add_argument("--random", default=None, metavar="PRESET",
+                    help="random weights of this evolm preset instead of a GGUF file (speed only)")
+    ap.add_argument("--peak-gbs", type=float, default=4800.0,
+                    help="the device's peak memory bandwidth in GB/s for the utilisation column (cuda)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    path = args.model if args.model.endswith(".gguf") else find_asset(args.model)
+    if args.random:
+        path = args.random
+    else:
+        path = args.model if args.model.endswith(".gguf") else find_asset(args.model)
+    on_gpu = args.device != "cpu"
+    if on_gpu:
+        print(f"device {torch.cuda.get_device_name()}, bandwidth utilisation against {args.peak_gbs:,.0f} GB/s")
     print(f"model {os.path.basename(path)}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"{args.prompt_len}-token prompt, {args.new} new tokens, {args.repeat} timed run(s) per engine"
           + (", evolm variants fused (fuse_for_inference)" if args.fuse else ""))
-    cpp = llamacpp_model(path, args.prompt_len + args.new + 8)
+    cpp = None if on_gpu or args.random else llamacpp_model(path, args.prompt_len + args.new + 8)
     cpp_done = cpp is None
+    step_bytes = {}  # (dtype, batch, engine) -> bytes a decode step reads
     rows, notes = [], []
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
-        ours, tok = load_gguf(path, dtype=dtype)
-        ours.eval()
-        fresh = lambda: load_gguf(path, dtype=dtype)[0].eval().fuse_for_inference() if args.fuse \
-            else load_gguf(path, dtype=dtype)[0].eval()  # noqa: E731
+        if args.random:
+            ours, hf = random_models(args.random, dtype, args.device, not args.no_hf)
+            tok = None
+            fresh = lambda: (random_models(args.random, dtype, args.device, False)[0].fuse_for_inference()  # noqa
+                             if args.fuse else random_models(args.random, dtype, args.device, False)[0])
+        else:
+            ours, tok = load_gguf(path, dtype=dtype)
+            ours = ours.to(args.device).eval()
+            fresh = lambda: (load_gguf(path, dtype=dtype)[0].to(args.device).eval().fuse_for_inference()  # noqa
+                             if args.fuse else load_gguf(path, dtype=dtype)[0].to(args.device).eval())
         models = [("evolm", fresh() if args.fuse else ours)]
         default_kernels = quant.USE_KERNELS
         for use in ([default_kernels, not default_kernels] if args.kernels_ab else [default_kernels]):
@@ -181,14 +250,17 @@ def main() -> None:
             prompts = [tok.encode(p) for p in QUALITY_PROMPTS]
             for name, m in models[1 if not args.fuse else 0:]:
                 notes.append(f"{dtype_name} {name} vs {dtype_name} evolm: {quality(ours, m, prompts, text)}")
-        hf = None
-        if not args.no_hf:
+        if not args.random:
+            hf = None
+        if not args.no_hf and not args.random:
             from transformers import AutoModelForCausalLM
 
             hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                                      dtype=dtype).eval()
+                                                      dtype=dtype).to(args.device).eval()
         for b in map(int, args.batches.split(",")):
-            ids = _prompt(ours.config.vocab_size, b, args.prompt_len)
+            ids = _prompt(ours.config.vocab_size, b, args.prompt_len).to(args.device)
+            for name, m, _ in variants:
+                step_bytes[dtype_name, b, name] = weight_bytes_per_step(m, b, args.prompt_len + args.new / 2, dtype)
             engines = []
             if hf is not None:
                 engines.append(("transformers", lambda warm, hf=hf: bench_hf(hf, ids, args.new, warm)))
@@ -216,14 +288,22 @@ def main() -> None:
             for name, runs in times.items():
                 p, d = median_spread([x for x, _ in runs]), median_spread([y for _, y in runs])
                 rows.append((dtype_name, b, name, p, d, None if name == "transformers" else ref))
+                if name == "transformers":
+                    step_bytes[dtype_name, b, name] = weight_bytes_per_step(ours, b, args.prompt_len + args.new / 2,
+                                                                            dtype)
                 print(f"  {dtype_name} batch {b} {name}: prefill {p[0]:,.0f}, decode {d[0]:,.1f} tok/s", flush=True)
         del hf
-    print("\n| dtype | batch | engine | prefill tok/s | decode tok/s | vs transformers (prefill / decode) |")
-    print("|---|---|---|---|---|---|")
+    bw = " decode GB/s (% of peak) |" if on_gpu else ""
+    print("\n| dtype | batch | engine | prefill tok/s | decode tok/s | vs transformers (prefill / decode) |" + bw)
+    print("|---|---|---|---|---|---|" + ("---|" if on_gpu else ""))
     for dtype_name, b, name, p, d, ref in rows:
         ratio = f"{p[0] / ref[0]:.2f}x / {d[0] / ref[1]:.2f}x" if ref else ""
         spread = lambda x: f" ±{x[1]:.0%}" if args.repeat > 1 else ""  # noqa: E731
-        print(f"| {dtype_name} | {b} | {name} | {p[0]:,.0f}{spread(p)} | {d[0]:,.1f}{spread(d)} | {ratio} |")
+        extra = ""
+        if on_gpu and (dtype_name, b, name) in step_bytes:
+            gbs = step_bytes[dtype_name, b, name] * d[0] / b / 1e9  # steps/s = tokens/s / batch
+            extra = f" {gbs:,.0f} ({gbs / args.peak_gbs:.0%}) |"
+        print(f"| {dtype_name} | {b} | {name} | {p[0]:,.0f}{spread(p)} | {d[0]:,.1f}{spread(d)} | {ratio} |{extra}")
     for n in notes:
         print("\n" + n)
 

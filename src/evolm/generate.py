@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Protocol, Sequence
 
@@ -302,7 +303,8 @@ def compiled_step(device_type: str = "cpu"):
     (docs/performance.md), for ~40 s more compilation the first time (inductor caches it).
     """
     global _skinny, _skinny_row
-    _skinny = kernels.skinny_enabled()  # builds the kernels on first use: never inside the trace
+    # builds the CPU kernels on first use: never inside the trace, and never for a GPU step
+    _skinny = device_type == "cpu" and kernels.skinny_enabled()
     _skinny_row = _skinny and _row_kernel() == "skinny"
     attention.DECODE_KERNEL = _skinny and os.environ.get("EVOLM_DECODE_ATTN", "1") != "0"
     if device_type not in _compiled_steps:
@@ -316,6 +318,56 @@ def compiled_step(device_type: str = "cpu"):
 
 
 _DIRECT = os.environ.get("EVOLM_DIRECT_STEP", "1") != "0"
+_CUDA_GRAPH = os.environ.get("EVOLM_CUDA_GRAPH", "1") != "0"
+
+
+def _cuda_graphed(direct: Callable) -> Callable:
+    """The bound compiled step (``direct``) replayed as one CUDA graph.
+
+    On a GPU a decode step of a small model is a few hundred short kernels, and launching them
+    from the CPU (a few microseconds each) takes longer than running them: the GPU waits on
+    Python and the driver. A CUDA graph records the step's launches once and replays them with a
+    single call (what gpt-fast and inductor's "reduce-overhead" mode do). Every input of the step
+    is a fixed tensor here: the weights, the static cache (written in place at ``cache.pos``,
+    which the step itself advances), and the token and position, which are copied into two
+    buffers the graph reads. The first call runs the step for real on a side stream (lazy
+    initialisations must not happen during capture), the second captures and replays it, later
+    ones only replay. The logits returned live in the graph's memory and are overwritten by the
+    next replay, so they are used before it (as the decoding loop does). ``EVOLM_CUDA_GRAPH=0``
+    turns it off.
+    """
+    state: dict = {}
+
+    def call(model, tok, pos, cache):
+        if "graph" in state:
+            state["tok"].copy_(tok)
+            state["pos"].copy_(pos)
+            state["graph"].replay()
+            return state["out"]
+        if "tok" not in state:  # first call: a real step, on a side stream
+            state["tok"], state["pos"] = tok.clone(), pos.clone()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                out = direct(model=model, tok=state["tok"], pos=state["pos"], cache=cache)
+            torch.cuda.current_stream().wait_stream(side)
+            return out
+        if state.get("failed"):
+            return direct(model=model, tok=tok, pos=pos, cache=cache)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                state["out"] = direct(model=model, tok=state["tok"], pos=state["pos"], cache=cache)
+        except Exception as e:  # nothing ran during the capture: decode on without the graph
+            warnings.warn(f"evolm: the decode step could not be captured as a CUDA graph, running it "
+                          f"uncaptured ({type(e).__name__}: {e})")
+            state["failed"] = True
+            return call(model, tok, pos, cache)
+        state["graph"] = graph
+        return call(model, tok, pos, cache)
+
+    call.state = state  # for tests: "graph" in it once captured
+    return call
 
 
 def _call_step(step_fn, model, tok, pos, cache) -> tuple[torch.Tensor, Callable | None]:
@@ -325,6 +377,8 @@ def _call_step(step_fn, model, tok, pos, cache) -> tuple[torch.Tensor, Callable 
     graph_call.reset()
     logits = step_fn(model, tok, pos, cache)
     direct = graph_call.bind(model=model, tok=tok, pos=pos, cache=cache) if _DIRECT else None
+    if direct is not None and tok.device.type == "cuda" and _CUDA_GRAPH:
+        direct = _cuda_graphed(direct)
     return logits, direct
 
 
