@@ -254,6 +254,16 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         return grad_h * grad_out.to(grad_h.dtype), gw, gb, None, None, None, None
 
 
+@torch.compiler.disable
+def _fused_apply(*args) -> torch.Tensor:
+    """The fused loss as one call that ``torch.compile`` leaves out of its graph: its buffer pool
+    and the gradient it writes in place are side effects dynamo cannot trace (compiling a whole
+    model that computes its loss failed with "an intermediate tensor ... aliases an input"). A
+    whole-model compile breaks its graph here; the loss runs its own compiled kernels
+    (:func:`use_compiled_kernel`)."""
+    return _FusedLinearCrossEntropy.apply(*args)
+
+
 def fused_linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                                bias: torch.Tensor | None = None, softcap: float | None = None,
                                ignore_index: int = -100, chunk: int | None = None) -> torch.Tensor:
@@ -263,7 +273,7 @@ def fused_linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: t
     h = h.reshape(-1, h.shape[-1])
     targets = targets.reshape(-1)
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-        return _FusedLinearCrossEntropy.apply(h, weight, bias, targets, chunk, softcap, ignore_index)
+        return _fused_apply(h, weight, bias, targets, chunk, softcap, ignore_index)
     total, n = h.new_zeros((), dtype=torch.float32), (targets != ignore_index).sum().clamp(min=1)
     chunk = chunk or _default_chunk(_compute_dtype(h))
     for s in range(0, h.shape[0], chunk):
