@@ -28,7 +28,7 @@ integer dot products with the int4 / int8 weights (llama.cpp's Q4_1 x Q8 scheme,
 AVX2); int4 weights are then stored in that kernel's layout with float16 scales and minima, as
 in a Q4_1 file (whose blocks are kept exactly), and more rows (prefill) dequantize them and use
 the float matmul.
-``USE_KERNELS`` (set before quantizing; by default on for CPUs without AVX-512, see
+``USE_KERNELS`` (set before quantizing; by default on wherever evolm's kernels build, see
 ``_default_use_kernels``) chooses.
 """
 
@@ -62,15 +62,16 @@ ROW_KERNEL = _default_row_kernel()
 DEQUANT_ROWS = 32
 
 def _default_use_kernels() -> bool:
-    """evolm's int8-activation kernels by default only where PyTorch's int8 / int4 CPU paths are
-    measured slow: hosts without AVX-512 (bf16 emulated; int8 compiled decoding 28 tok/s there
-    against llama.cpp's 65). On AVX-512 hosts the compiled multiply-reduce and int4pack are as fast
-    end to end (SmolLM2, 2 threads, interleaved: int8 90.6 vs 83.1 tok/s, int4 71.7 vs 73.9).
-    ``EVOLM_KERNELS=1`` / ``0`` forces the choice."""
+    """evolm's int8-activation kernels by default wherever they build. Measured end to end
+    (SmolLM2 fused, compiled, 2 threads, `benchmarks/decode.py --kernels-ab`): on AVX2-only hosts
+    PyTorch's int8 / int4 CPU paths are slow (int8 compiled 28 tok/s against llama.cpp's 65); on
+    the AVX-512 host, two runs of the current kernels: int8 128.0 / 119.9 tok/s against PyTorch's
+    96.5 / 91.7, int4 111.7 / 123.8 against 117.0 / 117.1 (an earlier version of the kernels was
+    level with PyTorch's there). ``EVOLM_KERNELS=1`` / ``0`` forces the choice."""
     env = kernels.env_choice()
     if env is not None:
         return env
-    return not kernels.cpu_has_avx512()
+    return True
 
 
 # evolm's int8-activation kernels (evolm/kernels): used for products of at most KERNEL_ROWS rows
