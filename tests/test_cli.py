@@ -131,6 +131,20 @@ def test_generate_fast_paths_from_the_command_line(tiny_hf_model):
     assert bad.returncode != 0 and "int3" in bad.stderr
 
 
+def test_generate_device_choice(tiny_hf_model):
+    """--device cpu gives the default output; a device that is not there is a one-line error."""
+    import torch
+
+    src, _ = tiny_hf_model
+    args = ("generate", "--model", str(src), "--prompt", "def forward", "--max-new-tokens", "6", "--temperature", "0")
+    assert evolm(*args, "--device", "cpu").stdout == evolm(*args).stdout
+    for bad_device, why in [("cuda:7", "no such CUDA device"), ("tpu", "expected auto, cpu, cuda")]:
+        if bad_device == "cuda:7" and torch.cuda.device_count() > 7:
+            continue
+        bad = evolm(*args, "--device", bad_device, check=False)
+        assert bad.returncode != 0 and why in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+
+
 def test_chat_keeps_history_and_stops_at_the_end_of_turn():
     """`evolm chat` on the real SmolLM2-135M-Instruct: two turns, greedy, each reply equal to the
     library's generation for the same conversation."""

@@ -74,12 +74,32 @@ def cmd_convert(args) -> None:
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+def _device(name: str):
+    """``--device``: "auto" is the first CUDA GPU when there is one, else the CPU; a device that
+    is not there fails with a message, not a traceback from inside torch."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        _fail(f"--device {name}: expected auto, cpu, cuda or cuda:N")
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        _fail(f"--device {name}: no such CUDA device here ({torch.cuda.device_count()} visible); use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        _fail(f"--device {name}: expected auto, cpu, cuda or cuda:N")
+    return dev
+
+
 def _load_for_generation(args):
     import torch
 
     from evolm.loading import load
 
-    model, tok = load(args.model, dtype=getattr(torch, args.dtype))
+    name = getattr(args, "device", "auto")
+    device = _device("cpu" if name == "auto" and getattr(args, "quantize", None) else name)
+    model, tok = load(args.model, dtype=getattr(torch, args.dtype), device=device)
     if tok is None:
         _fail(f"{args.model}: no tokenizer found (expected tokenizer.json, or GGUF tokenizer metadata)")
     torch.set_num_threads(args.threads or torch.get_num_threads())
@@ -221,6 +241,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system", default=None, help="system prompt (chat template)")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="auto", help="auto (a CUDA GPU when present, else cpu), cpu, cuda, cuda:N")
     p.add_argument("--quantize", choices=["int8", "int4"], default=None,
                    help="weight-only quantized linears for faster CPU decoding (int4: group 32, int8 head)")
     p.add_argument("--fuse", action="store_true", help="one qkv and one gate_up matmul per layer")
