@@ -29,6 +29,30 @@ def test_int8_linear_is_close_to_the_float_layer(rows, kernel, monkeypatch):
     assert q.weight.dtype == torch.int8 and q.weight.numel() == lin.weight.numel()
 
 
+@pytest.mark.parametrize("dequant", [False, True])
+def test_int8_linear_many_bf16_rows_equal_the_bf16_product_of_its_weights(dequant, monkeypatch):
+    """A prompt (many rows) in a bf16 model: by default the int8 weights are dequantized with the
+    scale folded in (q * scale rounded once to bf16) and multiplied in bf16, which is then exactly
+    the bf16 layer of those weights; int8pack (``DEQUANT_LOW_PRECISION = False``) is close to it."""
+    import torch.nn.functional as F
+
+    import evolm.quant
+
+    monkeypatch.setattr(evolm.quant, "ROW_KERNEL", "reduce")
+    monkeypatch.setattr(evolm.quant, "DEQUANT_LOW_PRECISION", dequant)
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 48, bias=False).to(torch.bfloat16)
+    q = Int8Linear(lin.weight, None)
+    x = torch.randn(40, 64, dtype=torch.bfloat16)
+    w = (q.weight.float() * q.scale.float()[:, None]).to(torch.bfloat16)  # exact product, one rounding
+    with torch.no_grad():
+        got, want = q(x), F.linear(x, w)
+    if dequant or not evolm.quant._HAS_KERNEL:
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    else:
+        assert ((got.float() - want.float()).norm() / want.float().norm()) < 1e-2
+
+
 def test_quantized_model_keeps_its_predictions():
     torch.manual_seed(0)
     model = build(get_preset("tiny-llama")).eval()

@@ -60,6 +60,9 @@ def _default_row_kernel() -> str:
 # CPUs, bf16 emulated) products of DEQUANT_ROWS rows or more dequantize and use the fp32 matmul.
 ROW_KERNEL = _default_row_kernel()
 DEQUANT_ROWS = 32
+# Many rows (a prompt) of a bf16 / fp16 model: dequantize the int8 weights and use the model
+# dtype's matmul rather than _weight_int8pack_mm, whose many-row path runs at about the fp32 rate.
+DEQUANT_LOW_PRECISION = True
 
 def _default_use_kernels() -> bool:
     """evolm's int8-activation kernels by default wherever they build. Measured end to end
@@ -131,8 +134,13 @@ class Int8Linear(nn.Module):
             y = torch.ops.evolm_f.skinny_linear(x2, self.weight, self.scale.float())
         elif cpu and rows == 1 and not torch.is_grad_enabled() and ROW_KERNEL == "reduce":
             y = _gemv(x2.float(), self.weight, self.scale.float()).to(x.dtype)
-        elif _HAS_KERNEL and cpu and (ROW_KERNEL == "reduce" or rows < DEQUANT_ROWS):
+        elif _HAS_KERNEL and cpu and (rows < DEQUANT_ROWS or (ROW_KERNEL == "reduce" and not (
+                DEQUANT_LOW_PRECISION and x.dtype != torch.float32))):
             y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.weight, self.scale_bf16).to(x.dtype)
+        elif x.dtype != torch.float32:
+            # scale folded into the weights: one rounding of q * scale (exact before it), as the
+            # float model's weights have, instead of a second one of the output
+            y = F.linear(x2, self.weight.to(x.dtype) * self.scale.to(x.dtype)[:, None])
         else:
             y = F.linear(x2, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
         if self.bias is not None:
