@@ -344,19 +344,20 @@ def _cuda_graphed(direct: Callable) -> Callable:
             state["pos"].copy_(pos)
             state["graph"].replay()
             return state["out"]
-        if "tok" not in state:  # first call: a real step, on a side stream
+        if "tok" not in state:  # first call: a real step, on a side stream of the model's GPU
             state["tok"], state["pos"] = tok.clone(), pos.clone()
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                out = direct(model=model, tok=state["tok"], pos=state["pos"], cache=cache)
-            torch.cuda.current_stream().wait_stream(side)
+            with torch.cuda.device(tok.device):
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    out = direct(model=model, tok=state["tok"], pos=state["pos"], cache=cache)
+                torch.cuda.current_stream().wait_stream(side)
             return out
         if state.get("failed"):
             return direct(model=model, tok=tok, pos=pos, cache=cache)
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph):
+            with torch.cuda.device(tok.device), torch.cuda.graph(graph):
                 state["out"] = direct(model=model, tok=state["tok"], pos=state["pos"], cache=cache)
         except Exception as e:  # nothing ran during the capture: decode on without the graph
             warnings.warn(f"evolm: the decode step could not be captured as a CUDA graph, running it "
