@@ -41,7 +41,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 import evolm.quant as quant  # noqa: E402
 from evolm.generate import SamplingParams, generate  # noqa: E402
 from evolm.interop.gguf import find_asset, load_gguf  # noqa: E402
-from stats import median_spread  # noqa: E402  (benchmarks/stats.py)
+from stats import median_spread, sync  # noqa: E402  (benchmarks/stats.py)
 
 
 def _prompt(vocab: int, batch: int, length: int) -> torch.Tensor:
@@ -49,16 +49,11 @@ def _prompt(vocab: int, batch: int, length: int) -> torch.Tensor:
     return torch.randint(100, min(vocab, 30000), (batch, length), generator=g)
 
 
-def _sync() -> None:
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-
-
 def _timed(fn) -> float:
-    _sync()
+    sync()
     t = time.perf_counter()
     fn()
-    _sync()
+    sync()
     return time.perf_counter() - t
 
 
@@ -141,18 +136,16 @@ def random_models(preset: str, dtype: torch.dtype, device: str, hf: bool):
     return ours, ref.eval()
 
 
-def weight_bytes_per_step(model, batch: int, cache_len: float, dtype: torch.dtype) -> float:
-    """Bytes one decode step reads: each weight it multiplies once (the embedding table only as
-    the tied head) and the KV cache of every sequence at ``cache_len`` positions."""
+def weight_bytes_per_step(model, batch: int, cache_len: float, dtype: torch.dtype) -> float | None:
+    """Bytes one decode step of a float model reads: each weight it multiplies once (the embedding
+    table only as the tied head) and the KV cache of every sequence at ``cache_len`` positions.
+    None for a quantized model (its codes are buffers with their own layouts)."""
     from evolm.analysis.cost import cost_card
 
+    if any(b.dtype in (torch.int8, torch.uint8, torch.int32) for b in model.buffers()):
+        return None
     c = model.config
-    seen, total = set(), 0
-    for name, p in model.named_parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        total += p.numel() * p.element_size()
+    total = sum(p.numel() * p.element_size() for p in model.parameters())  # a tied weight once
     for table in (model.embed_tokens, model.pos_embed):  # a lookup reads rows, not the table
         if table is not None and not (table is model.embed_tokens and c.tie_embeddings):
             total -= table.weight.numel() * table.weight.element_size()
@@ -222,16 +215,22 @@ def main() -> None:
     rows, notes = [], []
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
+        hf = tok = None
         if args.random:
             ours, hf = random_models(args.random, dtype, args.device, not args.no_hf)
-            tok = None
-            fresh = lambda: (random_models(args.random, dtype, args.device, False)[0].fuse_for_inference()  # noqa
-                             if args.fuse else random_models(args.random, dtype, args.device, False)[0])
         else:
             ours, tok = load_gguf(path, dtype=dtype)
             ours = ours.to(args.device).eval()
-            fresh = lambda: (load_gguf(path, dtype=dtype)[0].to(args.device).eval().fuse_for_inference()  # noqa
-                             if args.fuse else load_gguf(path, dtype=dtype)[0].to(args.device).eval())
+            if not args.no_hf:
+                from transformers import AutoModelForCausalLM
+
+                hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                          dtype=dtype).to(args.device).eval()
+
+        def fresh():
+            m = (random_models(args.random, dtype, args.device, False)[0] if args.random
+                 else load_gguf(path, dtype=dtype)[0].to(args.device).eval())
+            return m.fuse_for_inference() if args.fuse else m
         models = [("evolm", fresh() if args.fuse else ours)]
         default_kernels = quant.USE_KERNELS
         for use in ([default_kernels, not default_kernels] if args.kernels_ab else [default_kernels]):
@@ -250,17 +249,12 @@ def main() -> None:
             prompts = [tok.encode(p) for p in QUALITY_PROMPTS]
             for name, m in models[1 if not args.fuse else 0:]:
                 notes.append(f"{dtype_name} {name} vs {dtype_name} evolm: {quality(ours, m, prompts, text)}")
-        if not args.random:
-            hf = None
-        if not args.no_hf and not args.random:
-            from transformers import AutoModelForCausalLM
-
-            hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                                      dtype=dtype).to(args.device).eval()
         for b in map(int, args.batches.split(",")):
             ids = _prompt(ours.config.vocab_size, b, args.prompt_len).to(args.device)
+            mean_len = args.prompt_len + args.new / 2
+            step_bytes[dtype_name, b, "transformers"] = weight_bytes_per_step(ours, b, mean_len, dtype)  # same weights
             for name, m, _ in variants:
-                step_bytes[dtype_name, b, name] = weight_bytes_per_step(m, b, args.prompt_len + args.new / 2, dtype)
+                step_bytes[dtype_name, b, name] = weight_bytes_per_step(m, b, mean_len, dtype)
             engines = []
             if hf is not None:
                 engines.append(("transformers", lambda warm, hf=hf: bench_hf(hf, ids, args.new, warm)))
@@ -288,9 +282,6 @@ def main() -> None:
             for name, runs in times.items():
                 p, d = median_spread([x for x, _ in runs]), median_spread([y for _, y in runs])
                 rows.append((dtype_name, b, name, p, d, None if name == "transformers" else ref))
-                if name == "transformers":
-                    step_bytes[dtype_name, b, name] = weight_bytes_per_step(ours, b, args.prompt_len + args.new / 2,
-                                                                            dtype)
                 print(f"  {dtype_name} batch {b} {name}: prefill {p[0]:,.0f}, decode {d[0]:,.1f} tok/s", flush=True)
         del hf
     bw = " decode GB/s (% of peak) |" if on_gpu else ""
@@ -300,7 +291,7 @@ def main() -> None:
         ratio = f"{p[0] / ref[0]:.2f}x / {d[0] / ref[1]:.2f}x" if ref else ""
         spread = lambda x: f" ±{x[1]:.0%}" if args.repeat > 1 else ""  # noqa: E731
         extra = ""
-        if on_gpu and (dtype_name, b, name) in step_bytes:
+        if on_gpu and step_bytes.get((dtype_name, b, name)):
             gbs = step_bytes[dtype_name, b, name] * d[0] / b / 1e9  # steps/s = tokens/s / batch
             extra = f" {gbs:,.0f} ({gbs / args.peak_gbs:.0%}) |"
         print(f"| {dtype_name} | {b} | {name} | {p[0]:,.0f}{spread(p)} | {d[0]:,.1f}{spread(d)} | {ratio} |{extra}")

@@ -38,7 +38,7 @@ from evolm.model import build  # noqa: E402
 from evolm.nn.loss import use_compiled_kernel  # noqa: E402
 from evolm.train.loop import peak_flops  # noqa: E402
 from evolm.train.optim import make_optimizer  # noqa: E402
-from stats import median_spread  # noqa: E402  (benchmarks/stats.py)
+from stats import median_spread, sync  # noqa: E402  (benchmarks/stats.py)
 
 V, T, B = 50304, 256, 8
 SIZES = {"small": dict(layers=6, width=384, heads=6, kv_heads=2, ff=1024),  # the configs
@@ -88,17 +88,12 @@ class NanoGPTStyle(torch.nn.Module):
         return F.cross_entropy(logits.float().view(-1, V), targets.reshape(-1))
 
 
-def _sync() -> None:
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-
-
 def time_steps(step, steps: int) -> float:
-    _sync()
+    sync()
     t = time.perf_counter()
     for _ in range(steps):
         step()
-    _sync()
+    sync()
     return B * T * steps / (time.perf_counter() - t)
 
 
@@ -202,7 +197,7 @@ def main() -> None:
     print("| model | dtype | engine | train tokens/s | vs transformers |" + (" MFU |" if on_gpu else ""))
     print("|---|---|---|---|---|" + ("---|" if on_gpu else ""))
     for name, dtype, engine, tps, spread, ratio, mfu in rows:
-        print(f"| {name} | {dtype} | {engine} | {tps:,.0f} +-{spread:.0%} | {ratio:.2f}x{mfu}" + (" |" if mfu else " |"))
+        print(f"| {name} | {dtype} | {engine} | {tps:,.0f} +-{spread:.0%} | {ratio:.2f}x{mfu} |")
 
 
 if __name__ == "__main__":

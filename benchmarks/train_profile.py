@@ -35,6 +35,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(__file__))
 
 import train as tb  # noqa: E402  (benchmarks/train.py: configs, engines, batch)
+from stats import sync  # noqa: E402
 import evolm.nn.loss as loss_mod  # noqa: E402
 from evolm.interop.hf import config_from_hf, state_dict_from_hf  # noqa: E402
 from evolm.model import build  # noqa: E402
@@ -117,10 +118,10 @@ def main() -> None:
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     times = []
     for _ in range(args.steps):
-        tb._sync()
+        sync()
         t = time.perf_counter()
         step()
-        tb._sync()
+        sync()
         times.append(time.perf_counter() - t)
     faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) // args.steps
     best = min(times)
@@ -134,7 +135,7 @@ def main() -> None:
         with profile(activities=acts) as prof:
             for _ in range(2):
                 step()
-            tb._sync()
+            sync()
         key = "self_device_time_total" if gpu else "self_cpu_time_total"
         events = sorted(prof.key_averages(), key=lambda e: -getattr(e, key))
         print(f"self {'GPU' if gpu else 'CPU'} time per step: {sum(getattr(e, key) for e in events) / 2e3:,.1f} ms")

@@ -71,10 +71,7 @@ def _default_use_kernels() -> bool:
     the AVX-512 host, two runs of the current kernels: int8 128.0 / 119.9 tok/s against PyTorch's
     96.5 / 91.7, int4 111.7 / 123.8 against 117.0 / 117.1 (an earlier version of the kernels was
     level with PyTorch's there). ``EVOLM_KERNELS=1`` / ``0`` forces the choice."""
-    env = kernels.env_choice()
-    if env is not None:
-        return env
-    return True
+    return kernels.env_choice() is not False
 
 
 # evolm's int8-activation kernels (evolm/kernels): used for products of at most KERNEL_ROWS rows
@@ -134,8 +131,7 @@ class Int8Linear(nn.Module):
             y = torch.ops.evolm_f.skinny_linear(x2, self.weight, self.scale.float())
         elif cpu and rows == 1 and not torch.is_grad_enabled() and ROW_KERNEL == "reduce":
             y = _gemv(x2.float(), self.weight, self.scale.float()).to(x.dtype)
-        elif _HAS_KERNEL and cpu and (rows < DEQUANT_ROWS or (ROW_KERNEL == "reduce" and not (
-                DEQUANT_LOW_PRECISION and x.dtype != torch.float32))):
+        elif _HAS_KERNEL and cpu and not self._dequantizes(rows, x.dtype):
             y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.weight, self.scale_bf16).to(x.dtype)
         elif x.dtype != torch.float32:
             # scale folded into the weights: one rounding of q * scale (exact before it), as the
@@ -146,6 +142,13 @@ class Int8Linear(nn.Module):
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*shape[:-1], self.out_features)
+
+    @staticmethod
+    def _dequantizes(rows: int, dtype: torch.dtype) -> bool:
+        """Whether many rows (a prompt) skip int8pack for the dequantized weights' matmul: with
+        ``ROW_KERNEL == "int8pack"`` always, else in a bf16 / fp16 model (DEQUANT_LOW_PRECISION)."""
+        low = DEQUANT_LOW_PRECISION and dtype != torch.float32
+        return rows >= DEQUANT_ROWS and (ROW_KERNEL != "reduce" or low)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, int8 per-channel"
