@@ -168,7 +168,8 @@ def test_cpp_wrapper_choice(monkeypatch):
 
 
 def test_row_kernel_choice(monkeypatch):
-    """One fp32 row: evolm's kernel on AVX2-only CPUs, inductor's loop on AVX-512; EVOLM_ROW1 overrides."""
+    """One fp32 row: evolm's kernel on AVX2-only CPUs, inductor's loop on AVX-512; one bf16 row:
+    evolm's kernel; EVOLM_ROW1 overrides."""
     from evolm.generate import _row_kernel
 
     monkeypatch.setenv("EVOLM_ROW1", "reduce")
@@ -178,3 +179,4 @@ def test_row_kernel_choice(monkeypatch):
     monkeypatch.delenv("EVOLM_ROW1")
     avx512 = "AVX512" in torch.backends.cpu.get_cpu_capability()
     assert _row_kernel() == ("reduce" if avx512 else "skinny")
+    assert _row_kernel(torch.bfloat16) == "skinny"

@@ -169,6 +169,26 @@ def test_skinny_linear_bf16_activations_and_batch_invariance():
 
 
 @needs_kernels
+@pytest.mark.parametrize("M,N,K", [(1, 7, 16), (1, 49, 576), (2, 9, 1536), (3, 50, 37), (4, 64, 100),
+                                   (5, 64, 576), (8, 193, 1536), (16, 96, 608)])
+def test_skinny_linear_bf16_pairs_equal_float64(M, N, K):
+    """bf16 activations times bf16 weights (the AVX512-BF16 ``vdpbf16ps`` path where the CPU has
+    it, ``kernels.skinny_isa() == 'avx512bf16'``; else widened to fp32): every product of two bf16
+    values is exact in fp32, so the only errors are fp32 accumulation and the final bf16 rounding.
+    Covers the in-order one-weight-row tiles (1-4 rows), the 2-row tiles, K tails that are not a
+    multiple of the 32-pair width, and batch invariance (each row alone gives the same bits)."""
+    g = torch.Generator().manual_seed(7 * M + N + K)
+    x = torch.randn(M, K, generator=g).bfloat16()
+    w = torch.randn(N, K, generator=g).bfloat16()
+    got = torch.ops.evolm_f.skinny_linear(x, w)
+    assert got.shape == (M, N) and got.dtype == torch.bfloat16
+    want = x.double() @ w.double().T
+    torch.testing.assert_close(got.double(), want, rtol=2 ** -8, atol=2e-5 * K ** 0.5)
+    for m in range(M):
+        assert torch.equal(torch.ops.evolm_f.skinny_linear(x[m:m + 1], w), got[m:m + 1])
+
+
+@needs_kernels
 @pytest.mark.parametrize("M,N,K", [(1, 7, 16), (1, 49, 576), (3, 50, 37), (8, 193, 1536), (16, 96, 576)])
 def test_skinny_linear_int8_weights_equal_float64(M, N, K):
     """Weight-only int8: y = (x . q) * scale per output row, against float64 on the same codes."""

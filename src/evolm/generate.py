@@ -223,10 +223,10 @@ class _DecodeLinear(TorchFunctionMode):
     Decoding multiplies one row per sequence by every weight matrix, so a step is bound by how fast
     the weights stream from memory. The BLAS kernels ``F.linear`` reaches are tuned for many rows:
     at 1-16 rows they stream fp32 and bf16 weights at a third to a half of the read bandwidth. One
-    row becomes the multiply-reduce ``(x * W).sum(-1)``, which inductor turns into a vectorised loop
-    reading each thread's share of W as one sequential stream (2-3x the BLAS GEMV; end to end it
-    also beat evolm's kernel at one row on AVX-512 CPUs; on AVX2-only ones one fp32 row goes to the
-    kernel, see :func:`_row_kernel`, docs/performance.md). 2-16 rows go, where evolm's kernels
+    fp32 row becomes, on AVX-512 CPUs, the multiply-reduce ``(x * W).sum(-1)``, which inductor
+    turns into a vectorised loop reading each thread's share of W as one sequential stream (2-3x the
+    BLAS GEMV; end to end level with evolm's kernel there); one bf16 row, and one fp32 row on
+    AVX2-only CPUs, go to the kernel (:func:`_row_kernel`, docs/performance.md). 2-16 rows go, where evolm's kernels
     build, to ``evolm_f::skinny_linear`` (each weight vector loaded once and multiplied into every
     row; evolm/kernels/skinny_gemm.cpp; 2-3x ``F.linear`` end to end at batch 8 in fp32), else
     keep ``F.linear``.
@@ -240,7 +240,7 @@ class _DecodeLinear(TorchFunctionMode):
             rows = x.numel() // max(x.shape[-1], 1)
             if x.device.type == "cpu" and rows <= kernels.SKINNY_ROWS:
                 kernel = (_skinny and x.dtype == w.dtype and w.dtype in (torch.float32, torch.bfloat16)
-                          and (rows > 1 or (_skinny_row and w.dtype == torch.float32)))
+                          and (rows > 1 or _skinny_row[w.dtype]))
                 if kernel:
                     y = torch.ops.evolm_f.skinny_linear(x.reshape(rows, -1), w.contiguous())
                 elif rows == 1:
@@ -266,7 +266,7 @@ def _step_other(model, tok, pos, cache):
 
 
 _compiled_steps: dict = {}  # device type -> the compiled step
-_skinny_row = False  # one fp32 row to skinny_linear too (see _row_kernel)
+_skinny_row: dict = {}  # dtype -> whether one row goes to skinny_linear too (see _row_kernel)
 _skinny = False  # whether _DecodeLinear uses skinny_linear: set by compiled_step(), outside the trace
 
 
@@ -275,15 +275,17 @@ def _cpp_wrapper(device_type: str) -> bool:
     return device_type == "cpu" and os.environ.get("EVOLM_CPP_WRAPPER", "1") != "0"
 
 
-def _row_kernel() -> str:
-    """The one-row fp32 product of the compiled CPU step: ``"reduce"`` (inductor's multiply-reduce)
-    or ``"skinny"`` (evolm's kernel). Measured: skinny on AVX2-only CPUs (SmolLM2 fp32 fused, four
-    A/B rounds: 42-44 vs 38-41 tok/s), no gain on AVX-512 ones (50-52 vs 47-61).
+def _row_kernel(dtype: torch.dtype = torch.float32) -> str:
+    """The one-row product of the compiled CPU step for ``dtype`` weights: ``"reduce"`` (inductor's
+    multiply-reduce) or ``"skinny"`` (evolm's kernel). Measured (docs/performance.md), SmolLM2
+    fused, batch 1: bf16 skinny everywhere (AVX-512 with BF16, two A/B rounds: 86.6 / 97.3 vs
+    69.4 / 73.8 tok/s); fp32 skinny on AVX2-only CPUs (four rounds: 42-44 vs 38-41), reduce on
+    AVX-512 ones (48 / 48 vs 52 / 56, both near the host's read bandwidth).
     ``EVOLM_ROW1=skinny|reduce`` overrides."""
     env = os.environ.get("EVOLM_ROW1")
     if env in ("skinny", "reduce"):
         return env
-    return "reduce" if kernels.cpu_has_avx512() else "skinny"
+    return "reduce" if dtype == torch.float32 and kernels.cpu_has_avx512() else "skinny"
 
 
 def compiled_step(device_type: str = "cpu"):
@@ -305,7 +307,7 @@ def compiled_step(device_type: str = "cpu"):
     global _skinny, _skinny_row
     # builds the CPU kernels on first use: never inside the trace, and never for a GPU step
     _skinny = device_type == "cpu" and kernels.skinny_enabled()
-    _skinny_row = _skinny and _row_kernel() == "skinny"
+    _skinny_row = {dt: _skinny and _row_kernel(dt) == "skinny" for dt in (torch.float32, torch.bfloat16)}
     attention.DECODE_KERNEL = _skinny and os.environ.get("EVOLM_DECODE_ATTN", "1") != "0"
     if device_type not in _compiled_steps:
         # each (structure, batch, dtype) is one more entry on the same code object: allow many

@@ -100,7 +100,7 @@ def available() -> bool:
         mod = load(name="evolm_qgemv", sources=[str(p) for p in _SOURCES], extra_cflags=flags,
                    build_directory=str(_build_dir()), verbose=False)
         _fake_registrations()
-        _state["isa"], _state["ok"] = mod.isa(), True
+        _state["isa"], _state["skinny_isa"], _state["ok"] = mod.isa(), mod.skinny_isa(), True
     except Exception as e:  # no compiler, no headers, ...: PyTorch's kernels remain
         warnings.warn(f"evolm: the quantized CPU kernels (evolm/kernels/qgemv.cpp) could not be built, "
                       f"using PyTorch's instead: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
@@ -133,6 +133,13 @@ def isa() -> str | None:
     """Which code path the built extension runs: 'avx512vnni', 'avx2' or 'scalar' (None: not built)."""
     available()
     return _state.get("isa")
+
+
+def skinny_isa() -> str | None:
+    """The float kernel's code path: 'avx512bf16' (bf16 x bf16 products in vdpbf16ps pairs),
+    'avx512', 'avx2' or 'scalar' (None: not built)."""
+    available()
+    return _state.get("skinny_isa")
 
 
 def pack_q4(q: torch.Tensor) -> torch.Tensor:

@@ -373,4 +373,9 @@ TORCH_LIBRARY_IMPL(evolm_q, CPU, lib) {
   lib.impl("q4_dequantize", &q4_dequantize);
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) { mod.def("isa", &isa); }
+std::string skinny_isa();  // skinny_gemm.cpp
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
+  mod.def("isa", &isa);
+  mod.def("skinny_isa", &skinny_isa);
+}

@@ -89,7 +89,8 @@ inline void tile(const W* w, const float* x, int64_t K, float* out, int64_t ldo)
     for (int r = 0; r < R; ++r) xv[r] = Vec::load(x + r * K + k);
     for (int j = 0; j < NR; ++j) {
       // the next tile's rows at this column: they stream from memory while this tile computes
-      _mm_prefetch(reinterpret_cast<const char*>(w + (NR + j) * K + k), _MM_HINT_T0);
+      // (one weight row at a time reads memory in order: the hardware prefetcher does better)
+      if constexpr (NR > 1) _mm_prefetch(reinterpret_cast<const char*>(w + (NR + j) * K + k), _MM_HINT_T0);
       const typename Vec::T wv = Vec::load(w + j * K + k);
       for (int r = 0; r < R; ++r) acc[j][r] = Vec::fma(wv, xv[r], acc[j][r]);
     }
@@ -102,9 +103,40 @@ inline void tile(const W* w, const float* x, int64_t K, float* out, int64_t ldo)
     }
 }
 
+#if defined(__AVX512BF16__)
+// bf16 weights times bf16 activations (AVX512-BF16): one vdpbf16ps multiplies 32 bf16 pairs and
+// adds each two neighbouring products into one of 16 fp32 lanes, so a whole cache line of weights
+// costs one load and one instruction, with no widening. The one-row bf16 product with widening
+// loads ran at ~16 GB/s here, compute-bound, against ~23 for fp32 weights (benchmarks/gemv.py).
+// Each bf16 x bf16 product is exact in fp32; the instruction treats subnormal inputs as zero and
+// rounds to nearest even, so results equal fp32 accumulation up to the order of the sum.
+template <int NR, int R>
+inline void tile(const uint16_t* w, const uint16_t* x, int64_t K, float* out, int64_t ldo) {
+  __m512 acc[NR][R];
+  for (int j = 0; j < NR; ++j)
+    for (int r = 0; r < R; ++r) acc[j][r] = _mm512_setzero_ps();
+  const int64_t Kv = K - K % 32;
+  for (int64_t k = 0; k < Kv; k += 32) {
+    __m512bh xv[R];
+    for (int r = 0; r < R; ++r) xv[r] = (__m512bh)_mm512_loadu_si512(x + r * K + k);
+    for (int j = 0; j < NR; ++j) {
+      if constexpr (NR > 1) _mm_prefetch(reinterpret_cast<const char*>(w + (NR + j) * K + k), _MM_HINT_T0);
+      const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + j * K + k);
+      for (int r = 0; r < R; ++r) acc[j][r] = _mm512_dpbf16_ps(acc[j][r], wv, xv[r]);
+    }
+  }
+  for (int j = 0; j < NR; ++j)
+    for (int r = 0; r < R; ++r) {
+      float s = _mm512_reduce_add_ps(acc[j][r]);
+      for (int64_t k = Kv; k < K; ++k) s += bf16_to_float(w[j * K + k]) * bf16_to_float(x[r * K + k]);
+      out[r * ldo + j] = s;
+    }
+}
+#endif
+
 // one pass of R = 1..RMAX activation rows (R known at run time) over NR weight rows
-template <int NR, int RMAX, class W>
-inline void tile_r(int64_t R, const W* w, const float* x, int64_t K, float* out, int64_t ldo) {
+template <int NR, int RMAX, class W, class X>
+inline void tile_r(int64_t R, const W* w, const X* x, int64_t K, float* out, int64_t ldo) {
   switch (R) {
     case 1: return tile<NR, 1>(w, x, K, out, ldo);
     case 2: return tile<NR, 2>(w, x, K, out, ldo);
@@ -118,8 +150,8 @@ inline void tile_r(int64_t R, const W* w, const float* x, int64_t K, float* out,
 }
 
 // all M rows, NR weight rows at a time, in passes of at most RMAX activation rows
-template <int NR, int RMAX, class W>
-void rows_nr(const W* w, const float* x, int64_t M, int64_t K, float* out, int64_t N, int64_t n0, int64_t n1) {
+template <int NR, int RMAX, class W, class X>
+void rows_nr(const W* w, const X* x, int64_t M, int64_t K, float* out, int64_t N, int64_t n0, int64_t n1) {
   int64_t n = n0;
   for (; n + NR <= n1; n += NR)
     for (int64_t r = 0; r < M; r += RMAX)
@@ -130,20 +162,25 @@ void rows_nr(const W* w, const float* x, int64_t M, int64_t K, float* out, int64
 }
 #endif
 
-// output columns n0..n1 for all M rows
-template <class W>
-void rows(const W* w, const float* x, int64_t M, int64_t K, float* out, int64_t N, int64_t n0, int64_t n1) {
+// output columns n0..n1 for all M rows (x: fp32 rows, or bf16 ones with bf16 weights on AVX512-BF16)
+template <class W, class X>
+void rows(const W* w, const X* x, int64_t M, int64_t K, float* out, int64_t N, int64_t n0, int64_t n1) {
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
-  // registers: NR * R accumulators + NR weight vectors (32 zmm / 16 ymm); one row streams 8
-  // weight rows at a time (measured ~8% more GB/s than 4 on Zen 4)
-  if (M == 1) rows_nr<8, 1>(w, x, M, K, out, N, n0, n1);
+  // registers: NR * R accumulators + NR weight vectors (32 zmm / 16 ymm). A few activation rows
+  // (up to 2, or 4 with bf16 pairs, which do twice the work per instruction) read one weight row
+  // after the other, i.e. memory in order, which the hardware prefetcher streams at the full
+  // read rate: tiles of 8 interleaved rows of SmolLM2's 576 columns reached ~70% of it (Zen 4,
+  // 2 threads, one row, bf16: 18 vs 24-38 GB/s, fp32: 27 vs 26-41, on a shared host). More rows
+  // are compute-bound and share each loaded weight vector among them.
+  constexpr int in_order = std::is_same_v<X, uint16_t> ? 4 : 2;
+  if (M <= in_order) rows_nr<1, 4>(w, x, M, K, out, N, n0, n1);
   else if (M <= Vec::R4) rows_nr<4, Vec::R4>(w, x, M, K, out, N, n0, n1);
   else rows_nr<2, Vec::R2>(w, x, M, K, out, N, n0, n1);
 #else
   for (int64_t n = n0; n < n1; ++n)
     for (int64_t r = 0; r < M; ++r) {
       float s = 0.f;
-      for (int64_t k = 0; k < K; ++k) s += to_float(w[n * K + k]) * x[r * K + k];
+      for (int64_t k = 0; k < K; ++k) s += to_float(w[n * K + k]) * to_float(x[r * K + k]);
       out[r * N + n] = s;
     }
 #endif
@@ -169,12 +206,21 @@ at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& w, const std::op
     TORCH_CHECK(sc.dim() == 1 && sc.size(0) == N, "evolm skinny_linear: scale must be (N,) = (", N,
                 ",), got ", scale->sizes());
   }
-  const at::Tensor xf = x.to(at::kFloat).contiguous();
   at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
-  const float* xp = xf.data_ptr<float>();
   float* o = out.data_ptr<float>();
   // a multiple of the 8-row tile, a few tasks per thread
   const int64_t grain = std::max<int64_t>(16, (N / (4 * at::get_num_threads())) & ~int64_t(7));
+#if defined(__AVX512BF16__)
+  if (wt == at::kBFloat16 && x.scalar_type() == at::kBFloat16) {  // bf16 pairs, no widening
+    const at::Tensor xc = x.contiguous();
+    const uint16_t* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
+    const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+    at::parallel_for(0, N, grain, [&](int64_t a, int64_t b) { rows(wp, xp, M, K, o, N, a, b); });
+    return out.to(at::kBFloat16);
+  }
+#endif
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  const float* xp = xf.data_ptr<float>();
   if (wt == at::kFloat) {
     const float* wp = w.data_ptr<float>();
     at::parallel_for(0, N, grain, [&](int64_t a, int64_t b) { rows(wp, xp, M, K, o, N, a, b); });
@@ -194,7 +240,9 @@ at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& w, const std::op
 }
 
 std::string skinny_isa() {
-#if defined(__AVX512F__)
+#if defined(__AVX512BF16__)
+  return "avx512bf16";
+#elif defined(__AVX512F__)
   return "avx512";
 #elif defined(__AVX2__) && defined(__FMA__)
   return "avx2";
