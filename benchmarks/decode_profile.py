@@ -7,7 +7,8 @@ operators by self CPU time (the quantized matmul kernels, the inductor graph's o
 by ``--steps`` for its time per token; the profiler itself adds overhead to every call.
 
     python benchmarks/decode_profile.py [--model smollm2|gemma3|PATH.gguf] [--quant int4|int8|none]
-                                        [--no-fuse] [--steps 32] [--threads 2] [--rows 25]
+                                        [--dtype float32|bfloat16] [--no-fuse] [--steps 32]
+                                        [--threads 2] [--rows 25]
                                         [--kernels]
 """
 
@@ -32,6 +33,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--quant", choices=("int4", "int8", "none"), default="int4")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     ap.add_argument("--no-fuse", action="store_true")
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--prompt-len", type=int, default=256)
@@ -44,7 +46,7 @@ def main() -> None:
         torch._inductor.config.cpp.enable_kernel_profile = True
     torch.set_num_threads(a.threads)
     path = a.model if a.model.endswith(".gguf") else find_asset(a.model)
-    model = load_gguf(path, tokenizer=False)[0].eval()
+    model = load_gguf(path, tokenizer=False, dtype=getattr(torch, a.dtype))[0].eval()
     if not a.no_fuse:
         model.fuse_for_inference()
     if a.quant != "none":
@@ -58,7 +60,7 @@ def main() -> None:
         run(4)
         with profile(activities=[ProfilerActivity.CPU]) as p:
             run(a.steps + 1)  # the prompt's prefill is in the profile too (aten::mm of the prompt)
-    print(f"{path}, {a.quant}, fused={not a.no_fuse}, {a.threads} threads, {a.steps} decode steps")
+    print(f"{path}, {a.dtype}, {a.quant}, fused={not a.no_fuse}, {a.threads} threads, {a.steps} decode steps")
     print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=a.rows))
 
 

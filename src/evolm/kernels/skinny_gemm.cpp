@@ -78,8 +78,8 @@ struct Vec {
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 // NR weight rows (row stride K) x R activation rows (row stride K) -> out[r * ldo + j]: each weight
 // vector is loaded once and multiplied into all R rows, whose K-slice sits in registers
-template <int NR, int R, class W>
-inline void tile(const W* w, const float* x, int64_t K, float* out, int64_t ldo) {
+template <int NR, int R, class W, class O>
+inline void tile(const W* w, const float* x, int64_t K, O* out, int64_t ldo) {
   typename Vec::T acc[NR][R];
   for (int j = 0; j < NR; ++j)
     for (int r = 0; r < R; ++r) acc[j][r] = Vec::zero();
@@ -99,7 +99,7 @@ inline void tile(const W* w, const float* x, int64_t K, float* out, int64_t ldo)
     for (int r = 0; r < R; ++r) {
       float s = Vec::sum(acc[j][r]);
       for (int64_t k = Kv; k < K; ++k) s += to_float(w[j * K + k]) * x[r * K + k];
-      out[r * ldo + j] = s;
+      out[r * ldo + j] = static_cast<O>(s);
     }
 }
 
@@ -110,8 +110,8 @@ inline void tile(const W* w, const float* x, int64_t K, float* out, int64_t ldo)
 // loads ran at ~16 GB/s here, compute-bound, against ~23 for fp32 weights (benchmarks/gemv.py).
 // Each bf16 x bf16 product is exact in fp32; the instruction treats subnormal inputs as zero and
 // rounds to nearest even, so results equal fp32 accumulation up to the order of the sum.
-template <int NR, int R>
-inline void tile(const uint16_t* w, const uint16_t* x, int64_t K, float* out, int64_t ldo) {
+template <int NR, int R, class O>
+inline void tile(const uint16_t* w, const uint16_t* x, int64_t K, O* out, int64_t ldo) {
   __m512 acc[NR][R];
   for (int j = 0; j < NR; ++j)
     for (int r = 0; r < R; ++r) acc[j][r] = _mm512_setzero_ps();
@@ -129,14 +129,14 @@ inline void tile(const uint16_t* w, const uint16_t* x, int64_t K, float* out, in
     for (int r = 0; r < R; ++r) {
       float s = _mm512_reduce_add_ps(acc[j][r]);
       for (int64_t k = Kv; k < K; ++k) s += bf16_to_float(w[j * K + k]) * bf16_to_float(x[r * K + k]);
-      out[r * ldo + j] = s;
+      out[r * ldo + j] = static_cast<O>(s);
     }
 }
 #endif
 
 // one pass of R = 1..RMAX activation rows (R known at run time) over NR weight rows
-template <int NR, int RMAX, class W, class X>
-inline void tile_r(int64_t R, const W* w, const X* x, int64_t K, float* out, int64_t ldo) {
+template <int NR, int RMAX, class W, class X, class O>
+inline void tile_r(int64_t R, const W* w, const X* x, int64_t K, O* out, int64_t ldo) {
   switch (R) {
     case 1: return tile<NR, 1>(w, x, K, out, ldo);
     case 2: return tile<NR, 2>(w, x, K, out, ldo);
@@ -150,8 +150,8 @@ inline void tile_r(int64_t R, const W* w, const X* x, int64_t K, float* out, int
 }
 
 // all M rows, NR weight rows at a time, in passes of at most RMAX activation rows
-template <int NR, int RMAX, class W, class X>
-void rows_nr(const W* w, const X* x, int64_t M, int64_t K, float* out, int64_t N, int64_t n0, int64_t n1) {
+template <int NR, int RMAX, class W, class X, class O>
+void rows_nr(const W* w, const X* x, int64_t M, int64_t K, O* out, int64_t N, int64_t n0, int64_t n1) {
   int64_t n = n0;
   for (; n + NR <= n1; n += NR)
     for (int64_t r = 0; r < M; r += RMAX)
@@ -163,8 +163,8 @@ void rows_nr(const W* w, const X* x, int64_t M, int64_t K, float* out, int64_t N
 #endif
 
 // output columns n0..n1 for all M rows (x: fp32 rows, or bf16 ones with bf16 weights on AVX512-BF16)
-template <class W, class X>
-void rows(const W* w, const X* x, int64_t M, int64_t K, float* out, int64_t N, int64_t n0, int64_t n1) {
+template <class W, class X, class O>
+void rows(const W* w, const X* x, int64_t M, int64_t K, O* out, int64_t N, int64_t n0, int64_t n1) {
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
   // registers: NR * R accumulators + NR weight vectors (32 zmm / 16 ymm). A few activation rows
   // (up to 2, or 4 with bf16 pairs, which do twice the work per instruction) read one weight row
@@ -181,7 +181,7 @@ void rows(const W* w, const X* x, int64_t M, int64_t K, float* out, int64_t N, i
     for (int64_t r = 0; r < M; ++r) {
       float s = 0.f;
       for (int64_t k = 0; k < K; ++k) s += to_float(w[n * K + k]) * to_float(x[r * K + k]);
-      out[r * N + n] = s;
+      out[r * N + n] = static_cast<O>(s);
     }
 #endif
 }
@@ -206,37 +206,46 @@ at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& w, const std::op
     TORCH_CHECK(sc.dim() == 1 && sc.size(0) == N, "evolm skinny_linear: scale must be (N,) = (", N,
                 ",), got ", scale->sizes());
   }
-  at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
-  float* o = out.data_ptr<float>();
+  // bf16 activations (fp32 or bf16 weights) get their result in bf16 straight from the kernel (one
+  // rounding, as .to(bf16) would do, without a second pass and tensor)
+  const bool bf16_out = x.scalar_type() == at::kBFloat16 && wt != at::kChar;
+  at::Tensor out = at::empty({M, N}, x.options().dtype(bf16_out ? at::kBFloat16 : at::kFloat));
   // a multiple of the 8-row tile, a few tasks per thread
   const int64_t grain = std::max<int64_t>(16, (N / (4 * at::get_num_threads())) & ~int64_t(7));
+  const auto product = [&](const auto* wp, const auto* xp) {
+    if (bf16_out) {
+      at::BFloat16* o = out.data_ptr<at::BFloat16>();
+      at::parallel_for(0, N, grain, [&](int64_t a, int64_t b) { rows(wp, xp, M, K, o, N, a, b); });
+    } else {
+      float* o = out.data_ptr<float>();
+      at::parallel_for(0, N, grain, [&](int64_t a, int64_t b) { rows(wp, xp, M, K, o, N, a, b); });
+    }
+  };
 #if defined(__AVX512BF16__)
   if (wt == at::kBFloat16 && x.scalar_type() == at::kBFloat16) {  // bf16 pairs, no widening
     const at::Tensor xc = x.contiguous();
-    const uint16_t* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
-    const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
-    at::parallel_for(0, N, grain, [&](int64_t a, int64_t b) { rows(wp, xp, M, K, o, N, a, b); });
-    return out.to(at::kBFloat16);
+    product(reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()),
+            reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()));
+    return out;
   }
 #endif
   const at::Tensor xf = x.to(at::kFloat).contiguous();
   const float* xp = xf.data_ptr<float>();
   if (wt == at::kFloat) {
-    const float* wp = w.data_ptr<float>();
-    at::parallel_for(0, N, grain, [&](int64_t a, int64_t b) { rows(wp, xp, M, K, o, N, a, b); });
+    product(w.data_ptr<float>(), xp);
   } else if (wt == at::kBFloat16) {
-    const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
-    at::parallel_for(0, N, grain, [&](int64_t a, int64_t b) { rows(wp, xp, M, K, o, N, a, b); });
+    product(reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()), xp);
   } else {
     const int8_t* wp = w.data_ptr<int8_t>();
     const float* sp = sc.data_ptr<float>();
+    float* o = out.data_ptr<float>();
     at::parallel_for(0, N, grain, [&](int64_t a, int64_t b) {
       rows(wp, xp, M, K, o, N, a, b);
       for (int64_t r = 0; r < M; ++r)
         for (int64_t n = a; n < b; ++n) o[r * N + n] *= sp[n];
     });
   }
-  return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
+  return out.scalar_type() == x.scalar_type() ? out : out.to(x.scalar_type());
 }
 
 std::string skinny_isa() {
