@@ -145,6 +145,26 @@ def test_generate_device_choice(tiny_hf_model):
         assert bad.returncode != 0 and why in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
 
 
+def test_serve_device_choice(tiny_hf_model):
+    """`evolm serve --device` takes the same values as generate; a device that is not there is a
+    one-line error before any model is loaded or port bound. ``auto`` is the GPU when one exists."""
+    import torch
+
+    from evolm.loading import resolve_device
+
+    src, _ = tiny_hf_model
+    for bad_device, why in [("cuda:7", "no such CUDA device"), ("tpu", "expected auto, cpu, cuda"),
+                            ("meta", "expected auto, cpu, cuda")]:
+        if bad_device == "cuda:7" and torch.cuda.device_count() > 7:
+            continue
+        bad = evolm("serve", "--model", str(src), "--device", bad_device, "--port", "1", check=False)
+        assert bad.returncode != 0 and why in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+        with pytest.raises(ValueError, match=why):
+            resolve_device(bad_device)
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
 def test_chat_keeps_history_and_stops_at_the_end_of_turn():
     """`evolm chat` on the real SmolLM2-135M-Instruct: two turns, greedy, each reply equal to the
     library's generation for the same conversation."""

@@ -75,21 +75,13 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _device(name: str):
-    """``--device``: "auto" is the first CUDA GPU when there is one, else the CPU; a device that
-    is not there fails with a message, not a traceback from inside torch."""
-    import torch
+    """``--device`` (:func:`evolm.loading.resolve_device`); a bad value is a one-line error."""
+    from evolm.loading import resolve_device
 
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        dev = torch.device(name)
-    except RuntimeError:
-        _fail(f"--device {name}: expected auto, cpu, cuda or cuda:N")
-    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
-        _fail(f"--device {name}: no such CUDA device here ({torch.cuda.device_count()} visible); use --device cpu")
-    if dev.type not in ("cpu", "cuda"):
-        _fail(f"--device {name}: expected auto, cpu, cuda or cuda:N")
-    return dev
+        return resolve_device(name)
+    except ValueError as e:
+        _fail(str(e))
 
 
 def _load_for_generation(args):
@@ -173,6 +165,7 @@ def cmd_chat(args) -> None:
 def cmd_serve(args) -> None:
     from evolm.serve import run_from_args
 
+    _device(args.device)  # a device that is not there: a one-line error before loading anything
     run_from_args(args)
 
 

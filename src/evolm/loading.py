@@ -88,6 +88,24 @@ def detect_format(path: str | os.PathLike) -> str:
     raise ValueError(f"{p}: no config.json{several}, found {found}; {expected}")
 
 
+def resolve_device(name: str) -> torch.device:
+    """A ``--device`` value as a torch device: ``"auto"`` is the first CUDA GPU when there is one,
+    else the CPU; ``cpu``, ``cuda`` and ``cuda:N`` must exist here. Anything else raises a
+    ValueError that names the value and what was expected (not a traceback from inside torch)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: expected auto, cpu, cuda or cuda:N")
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"--device {name}: no such CUDA device here ({torch.cuda.device_count()} visible); "
+                         f"use --device cpu")
+    return dev
+
+
 def load(path: str | os.PathLike, dtype: torch.dtype | None = None,
          device: str | torch.device | None = None):
     """Load ``(model, tokenizer_or_None)`` from an evolm folder, a Hugging Face folder or a GGUF file.

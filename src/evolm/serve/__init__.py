@@ -30,19 +30,20 @@ def model_id(model_path: str | os.PathLike) -> str:
 
 def build_app(model_path: str | os.PathLike, api_key: str | None = None, dtype: str = "float32",
               max_batch: int = 8, max_model_len: int | None = None, served_model_name: str | None = None,
-              min_decode_rows: int = 4):
-    """Load the model and return ``(app, engine)``; the app starts the engine when it starts."""
+              min_decode_rows: int = 4, device: str = "cpu"):
+    """Load the model and return ``(app, engine)``; the app starts the engine when it starts.
+    ``device``: cpu, cuda, cuda:N or auto (a CUDA GPU when present)."""
     try:
         import torch
 
-        from evolm.loading import load
+        from evolm.loading import load, resolve_device
         from evolm.serve.app import create_app
         from evolm.serve.scheduler import Engine
     except ImportError as e:
         raise ImportError(f"evolm serve needs fastapi and uvicorn: pip install 'evolm[serve]' ({e})") from None
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-    model, tokenizer = load(model_path, dtype=getattr(torch, dtype))
+    model, tokenizer = load(model_path, dtype=getattr(torch, dtype), device=resolve_device(device))
     if tokenizer is None:
         raise ValueError(f"{model_path}: no tokenizer found (a tokenizer.json or GGUF vocabulary is needed "
                          f"to serve text)")
@@ -54,7 +55,8 @@ def build_app(model_path: str | os.PathLike, api_key: str | None = None, dtype: 
 def run_server(model_path: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000,
                api_key: str | None = None, dtype: str = "float32", max_batch: int = 8,
                max_model_len: int | None = None, served_model_name: str | None = None,
-               min_decode_rows: int = 4, log_level: str = "info", threads: int | None = None) -> None:
+               min_decode_rows: int = 4, log_level: str = "info", threads: int | None = None,
+               device: str = "cpu") -> None:
     """Serve ``model_path`` until interrupted (what ``evolm serve`` runs).
 
     Binds ``host`` (loopback by default: pass ``0.0.0.0`` to expose it, ideally with an
@@ -76,10 +78,11 @@ def run_server(model_path: str | os.PathLike, host: str = "127.0.0.1", port: int
         log.warning("binding %s without --api-key: anyone who can reach this port can use the model", host)
     app, engine = build_app(model_path, api_key=api_key, dtype=dtype, max_batch=max_batch,
                             max_model_len=max_model_len, served_model_name=served_model_name,
-                            min_decode_rows=min_decode_rows)
+                            min_decode_rows=min_decode_rows, device=device)
     c = engine.model.config
-    log.info("serving %s (%s, %d layers, context %d) on http://%s:%d with max_batch=%d",
-             served_model_name or model_id(model_path), dtype, c.n_layers, engine.max_len, host, port, max_batch)
+    log.info("serving %s (%s on %s, %d layers, context %d) on http://%s:%d with max_batch=%d",
+             served_model_name or model_id(model_path), dtype, engine.device, c.n_layers, engine.max_len, host,
+             port, max_batch)
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=log_level == "debug")
 
 
@@ -99,6 +102,7 @@ def add_arguments(parser) -> None:
                         help="pad decode steps to this many rows so greedy output is the same alone or "
                              "batched (1: faster single streams, exactness not guaranteed)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--device", default="auto", help="auto (a CUDA GPU when present, else cpu), cpu, cuda, cuda:N")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -107,7 +111,7 @@ def run_from_args(args) -> None:
     run_server(args.model, host=args.host, port=args.port, api_key=args.api_key, dtype=args.dtype,
                max_batch=args.max_batch, max_model_len=args.max_model_len,
                served_model_name=args.served_model_name, min_decode_rows=args.min_decode_rows,
-               log_level=args.log_level, threads=args.threads)
+               log_level=args.log_level, threads=args.threads, device=args.device)
 
 
 __all__ = ["run_server", "build_app", "add_arguments", "run_from_args", "model_id"]
