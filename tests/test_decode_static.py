@@ -180,3 +180,67 @@ def test_row_kernel_choice(monkeypatch):
     avx512 = "AVX512" in torch.backends.cpu.get_cpu_capability()
     assert _row_kernel() == ("reduce" if avx512 else "skinny")
     assert _row_kernel(torch.bfloat16) == "skinny"
+
+
+def test_one_bf16_row_goes_to_the_kernel(monkeypatch):
+    """Inside the compiled CPU step (``_DecodeLinear``), a one-row bf16 product runs evolm's
+    skinny kernel where it builds (the AVX512-BF16 pairs on CPUs that have them) and equals the
+    bf16 product to bf16 precision."""
+    import torch.nn.functional as F
+
+    from evolm import generate as gen
+    from evolm import kernels
+
+    if not kernels.skinny_enabled():
+        pytest.skip("evolm's CPU kernels do not build here")
+    monkeypatch.setattr(gen, "_skinny", True)
+    monkeypatch.setattr(gen, "_skinny_row", {torch.float32: False, torch.bfloat16: True})
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 1, 576, generator=g).bfloat16()
+    w = torch.randn(300, 576, generator=g).bfloat16()
+    calls = []
+    real = torch.ops.evolm_f.skinny_linear
+
+    class Spy:
+        def __call__(self, *a):
+            calls.append(a[1].dtype)
+            return real(*a)
+
+    monkeypatch.setattr(torch.ops.evolm_f, "skinny_linear", Spy())
+    with gen._DecodeLinear():
+        y = F.linear(x, w)
+    assert calls == [torch.bfloat16] and y.shape == (1, 1, 300) and y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.double(), (x.double() @ w.double().T), rtol=2 ** -8, atol=1e-3)
+
+
+@pytest.mark.slow
+def test_compiled_bf16_step_is_as_exact_as_eager_bf16(one_thread):
+    """The compiled bf16 decode step at batch 1 (one-row products on evolm's kernel, in bf16
+    pairs where the CPU has AVX512-BF16) is as close to the fp32 model's step as the eager bf16
+    step is: both accumulate in fp32 and round to bf16, in different orders."""
+    from evolm.generate import compiled_step
+
+    for family in ("llama", "gemma3"):
+        ref_model = tiny(family)
+        model = tiny(family).to(torch.bfloat16)
+        ids = torch.tensor([PROMPTS[0]])
+        T = ids.shape[1]
+        steps = []
+        with torch.inference_mode():
+            for m, run in ((ref_model, None), (model, None), (model, compiled_step("cpu"))):
+                cache = StaticKVCache.for_model(m, 1, T + 4)
+                logits = m(ids, position_ids=torch.arange(T)[None], cache=cache, last_only=True)[:, -1]
+                cache.start_static()
+                tok, pos = logits.argmax(-1)[:, None], torch.tensor([[T]])
+                if steps:
+                    tok = first_tok  # every engine steps from the same token
+                first_tok = tok
+                if run is None:
+                    steps.append(m(tok, position_ids=pos, cache=cache, last_only=True)[:, -1].float())
+                else:
+                    steps.append(run(m, tok, pos, cache).float())
+        ref, eager, compiled = steps
+        assert compiled.dtype == torch.float32 and compiled.shape == ref.shape
+        err_eager, err_compiled = (eager - ref).abs().max(), (compiled - ref).abs().max()
+        assert err_compiled <= 1.5 * err_eager + 1e-2, (family, float(err_compiled), float(err_eager))
+        torch.testing.assert_close(compiled, eager, rtol=0.05, atol=4 * float(err_eager) + 1e-2)
