@@ -274,6 +274,8 @@ def _attention_float64(q, k, v, mask, scale, softcap):
     (3, 8, 1, 70, 256, 50.0),   # Gemma-style: MQA in blocks of 4 heads, head_dim 256, soft-cap
     (1, 12, 2, 17, 40, None),   # G = 6 (two blocks), head_dim not a multiple of 8 (scalar tails)
     (1, 2, 1, 1, 64, None),     # one slot
+    (1, 6, 2, 90, 80, None),    # head_dim 80: 64 outputs per AVX-512 pass, then a 16-wide tail
+    (2, 4, 2, 50, 48, 30.0),    # head_dim 48: AVX-512 keys, values on the 16-wide loop only
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_decode_attention_equals_float64(B, H, Hkv, S, D, softcap, dtype):
