@@ -74,6 +74,42 @@ inline __m512 load16(const at::BFloat16* p) {
   const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
+struct V16 {  // AVX-512: half the instructions per key (loads, widening, FMAs) of AVX2
+  static constexpr int L = 16;
+  using R = __m512;
+  static R zero() { return _mm512_setzero_ps(); }
+  template <class T> static R load(const T* p) { return load16(p); }
+  static R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
+  static float sum(R v) { return _mm512_reduce_add_ps(v); }
+};
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
+struct V8 {
+  static constexpr int L = 8;
+  using R = __m256;
+  static R zero() { return _mm256_setzero_ps(); }
+  template <class T> static R load(const T* p) { return load8(p); }
+  static R fma(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
+  static float sum(R v) { return hsum(v); }
+};
+
+// scores s[g * n + i] = q_g . k[live[i]] for keys i0..n of GB heads (D a multiple of V::L): each key
+// row is read once for all GB heads; returns n
+template <class V, int GB, class T>
+int64_t scores(const float* q, const T* k, int64_t ks, const int32_t* live, int64_t i0, int64_t n, int64_t D,
+               float* s) {
+  for (int64_t i = i0; i < n; ++i) {
+    const T* kr = k + live[i] * ks;
+    typename V::R a[GB];
+    for (int g = 0; g < GB; ++g) a[g] = V::zero();
+    for (int64_t d = 0; d < D; d += V::L) {
+      const typename V::R kv = V::load(kr + d);
+      for (int g = 0; g < GB; ++g) a[g] = V::fma(V::load(q + g * D + d), kv, a[g]);
+    }
+    for (int g = 0; g < GB; ++g) s[g * n + i] = V::sum(a[g]);
+  }
+  return n;
+}
 #endif
 
 // One block of GB query heads (fp32, already scaled, GB x D) against the keys live[0..n) of their
@@ -84,30 +120,10 @@ void block(const float* q, const T* k, const T* v, int64_t ks, int64_t vs, const
            int64_t D, int64_t Dv, float cap, float* s, float* m, float* l, float* acc) {
   int64_t i = 0;
 #if defined(__AVX512F__)
-  if (D % 16 == 0)  // AVX-512: half the instructions per key (loads, widening, FMAs) of the AVX2 loop
-    for (; i < n; ++i) {
-      const T* kr = k + live[i] * ks;
-      __m512 a[GB];
-      for (int g = 0; g < GB; ++g) a[g] = _mm512_setzero_ps();
-      for (int64_t d = 0; d < D; d += 16) {
-        const __m512 kv = load16(kr + d);
-        for (int g = 0; g < GB; ++g) a[g] = _mm512_fmadd_ps(_mm512_loadu_ps(q + g * D + d), kv, a[g]);
-      }
-      for (int g = 0; g < GB; ++g) s[g * n + i] = _mm512_reduce_add_ps(a[g]);
-    }
+  if (D % 16 == 0) i = scores<V16, GB>(q, k, ks, live, i, n, D, s);
 #endif
 #if defined(__AVX2__) && defined(__FMA__)
-  if (D % 8 == 0)
-    for (; i < n; ++i) {  // one key row read once for the GB heads
-      const T* kr = k + live[i] * ks;
-      __m256 a[GB];
-      for (int g = 0; g < GB; ++g) a[g] = _mm256_setzero_ps();
-      for (int64_t d = 0; d < D; d += 8) {
-        const __m256 kv = load8(kr + d);
-        for (int g = 0; g < GB; ++g) a[g] = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * D + d), kv, a[g]);
-      }
-      for (int g = 0; g < GB; ++g) s[g * n + i] = hsum(a[g]);
-    }
+  if (D % 8 == 0) i = scores<V8, GB>(q, k, ks, live, i, n, D, s);
 #endif
   for (; i < n; ++i) {
     const T* kr = k + live[i] * ks;
