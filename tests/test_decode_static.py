@@ -225,16 +225,14 @@ def test_compiled_bf16_step_is_as_exact_as_eager_bf16(one_thread):
         model = tiny(family).to(torch.bfloat16)
         ids = torch.tensor([PROMPTS[0]])
         T = ids.shape[1]
-        steps = []
+        steps, tok, pos = [], None, torch.tensor([[T]])
         with torch.inference_mode():
             for m, run in ((ref_model, None), (model, None), (model, compiled_step("cpu"))):
                 cache = StaticKVCache.for_model(m, 1, T + 4)
                 logits = m(ids, position_ids=torch.arange(T)[None], cache=cache, last_only=True)[:, -1]
                 cache.start_static()
-                tok, pos = logits.argmax(-1)[:, None], torch.tensor([[T]])
-                if steps:
-                    tok = first_tok  # every engine steps from the same token
-                first_tok = tok
+                if tok is None:  # every engine steps from the fp32 model's token
+                    tok = logits.argmax(-1)[:, None]
                 if run is None:
                     steps.append(m(tok, position_ids=pos, cache=cache, last_only=True)[:, -1].float())
                 else:

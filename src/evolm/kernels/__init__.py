@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 
 _SOURCES = [Path(__file__).with_name(n) for n in ("qgemv.cpp", "skinny_gemm.cpp", "decode_attention.cpp")]
+_HEADERS = [Path(__file__).with_name("simd.h")]  # the SIMD vector widths the three share
 _state: dict = {}
 
 
@@ -55,7 +56,7 @@ def _build_dir() -> Path:
             cpu = next((ln for ln in f if ln.startswith("flags")), "")
     except OSError:
         pass
-    key = hashlib.sha256(b"".join(p.read_bytes() for p in _SOURCES) + torch.__version__.encode() + platform.machine().encode()
+    key = hashlib.sha256(b"".join(p.read_bytes() for p in _SOURCES + _HEADERS) + torch.__version__.encode() + platform.machine().encode()
                          + cpu.encode()).hexdigest()[:12]
     root = Path(os.environ.get("EVOLM_CACHE", Path.home() / ".cache" / "evolm")) / "kernels" / key
     root.mkdir(parents=True, exist_ok=True)

@@ -29,6 +29,8 @@
 #include <limits>
 #include <vector>
 
+#include "simd.h"
+
 namespace {
 
 constexpr int GMAX = 4;  // query heads per block (GQA groups larger than this take several blocks)
@@ -37,17 +39,8 @@ inline float widen(float v) { return v; }
 inline float widen(at::BFloat16 v) { return static_cast<float>(v); }
 
 #if defined(__AVX2__) && defined(__FMA__)
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const at::BFloat16* p) {  // bf16 -> fp32 is a 16-bit shift (exact)
-  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
+using evolm_simd::V8;
+using evolm_simd::hsum;
 // e^x for x <= 0 (scores minus their maximum): x = n ln2 + r, e^r by Cephes' expf polynomial
 // (relative error ~1e-7), 2^n from the exponent bits; below -87 the result is ~1e-38, not 0
 inline __m256 exp8(__m256 x) {
@@ -69,30 +62,9 @@ inline __m256 exp8(__m256 x) {
 #endif
 
 #if defined(__AVX512F__)
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const at::BFloat16* p) {
-  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-struct V16 {  // AVX-512: half the instructions per key (loads, widening, FMAs) of AVX2
-  static constexpr int L = 16;
-  using R = __m512;
-  static R zero() { return _mm512_setzero_ps(); }
-  template <class T> static R load(const T* p) { return load16(p); }
-  static R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
-  static float sum(R v) { return _mm512_reduce_add_ps(v); }
-};
+using evolm_simd::V16;
 #endif
 #if defined(__AVX2__) && defined(__FMA__)
-struct V8 {
-  static constexpr int L = 8;
-  using R = __m256;
-  static R zero() { return _mm256_setzero_ps(); }
-  template <class T> static R load(const T* p) { return load8(p); }
-  static R fma(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
-  static float sum(R v) { return hsum(v); }
-};
-
 // scores s[g * n + i] = q_g . k[live[i]] for keys i0..n of GB heads (D a multiple of V::L): each key
 // row is read once for all GB heads; returns n
 template <class V, int GB, class T>
@@ -100,10 +72,10 @@ int64_t scores(const float* q, const T* k, int64_t ks, const int32_t* live, int6
                float* s) {
   for (int64_t i = i0; i < n; ++i) {
     const T* kr = k + live[i] * ks;
-    typename V::R a[GB];
+    typename V::Reg a[GB];
     for (int g = 0; g < GB; ++g) a[g] = V::zero();
     for (int64_t d = 0; d < D; d += V::L) {
-      const typename V::R kv = V::load(kr + d);
+      const typename V::Reg kv = V::load(kr + d);
       for (int g = 0; g < GB; ++g) a[g] = V::fma(V::load(q + g * D + d), kv, a[g]);
     }
     for (int g = 0; g < GB; ++g) s[g * n + i] = V::sum(a[g]);
@@ -168,7 +140,7 @@ void block(const float* q, const T* k, const T* v, int64_t ks, int64_t vs, const
       for (int u = 0; u < 4; ++u) a[g][u] = _mm512_setzero_ps();
     for (int64_t j = 0; j < n; ++j) {
       const T* vr = v + live[j] * vs + d0;
-      const __m512 v0 = load16(vr), v1 = load16(vr + 16), v2 = load16(vr + 32), v3 = load16(vr + 48);
+      const __m512 v0 = V16::load(vr), v1 = V16::load(vr + 16), v2 = V16::load(vr + 32), v3 = V16::load(vr + 48);
       for (int g = 0; g < GB; ++g) {
         const __m512 p = _mm512_set1_ps(s[g * n + j]);
         a[g][0] = _mm512_fmadd_ps(p, v0, a[g][0]);
@@ -187,7 +159,7 @@ void block(const float* q, const T* k, const T* v, int64_t ks, int64_t vs, const
     for (int g = 0; g < GB; ++g) a[g][0] = a[g][1] = _mm256_setzero_ps();
     for (int64_t j = 0; j < n; ++j) {
       const T* vr = v + live[j] * vs + d0;
-      const __m256 v0 = load8(vr), v1 = load8(vr + 8);
+      const __m256 v0 = V8::load(vr), v1 = V8::load(vr + 8);
       for (int g = 0; g < GB; ++g) {
         const __m256 p = _mm256_set1_ps(s[g * n + j]);
         a[g][0] = _mm256_fmadd_ps(p, v0, a[g][0]);

@@ -19,6 +19,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "simd.h"
+
 namespace {
 
 constexpr int64_t QK = 32;  // block length of weights and activations
@@ -50,12 +52,7 @@ void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* qx, float* dx, 
 }
 
 #if defined(__AVX2__)
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
+using evolm_simd::hsum;
 
 // 8 int32 partial sums of u8 a times s8 b over 32 bytes
 inline __m256i dot_u8s8(__m256i a, __m256i b) {

@@ -20,6 +20,8 @@
 #include <cstring>
 #include <type_traits>
 
+#include "simd.h"
+
 namespace {
 
 inline float bf16_to_float(uint16_t b) {
@@ -35,44 +37,12 @@ inline float to_float(W v) {
   else return static_cast<float>(v);
 }
 
-// one SIMD width: L lanes of fp32, loads of fp32 or bf16 (widened) weights
+// one SIMD width (evolm/kernels/simd.h) and how many activation rows a pass takes with 4 / 2
+// weight rows per tile (registers: 32 zmm / 16 ymm)
 #if defined(__AVX512F__)
-struct Vec {
-  static constexpr int L = 16, R4 = 4, R2 = 8;  // rows per pass with 4 / 2 weight rows per tile
-  using T = __m512;
-  static T zero() { return _mm512_setzero_ps(); }
-  static T load(const float* p) { return _mm512_loadu_ps(p); }
-  static T load(const uint16_t* p) {
-    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-  }
-  static T load(const int8_t* p) {
-    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-  }
-  static T fma(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
-  static float sum(T v) { return _mm512_reduce_add_ps(v); }
-};
+struct Vec : evolm_simd::V16 { static constexpr int R4 = 4, R2 = 8; };
 #elif defined(__AVX2__) && defined(__FMA__)
-struct Vec {
-  static constexpr int L = 8, R4 = 2, R2 = 4;
-  using T = __m256;
-  static T zero() { return _mm256_setzero_ps(); }
-  static T load(const float* p) { return _mm256_loadu_ps(p); }
-  static T load(const uint16_t* p) {
-    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-  }
-  static T load(const int8_t* p) {
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-  }
-  static T fma(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
-  static float sum(T v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-  }
-};
+struct Vec : evolm_simd::V8 { static constexpr int R4 = 2, R2 = 4; };
 #endif
 
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
@@ -80,18 +50,18 @@ struct Vec {
 // vector is loaded once and multiplied into all R rows, whose K-slice sits in registers
 template <int NR, int R, class W, class O>
 inline void tile(const W* w, const float* x, int64_t K, O* out, int64_t ldo) {
-  typename Vec::T acc[NR][R];
+  typename Vec::Reg acc[NR][R];
   for (int j = 0; j < NR; ++j)
     for (int r = 0; r < R; ++r) acc[j][r] = Vec::zero();
   const int64_t Kv = K - K % Vec::L;
   for (int64_t k = 0; k < Kv; k += Vec::L) {
-    typename Vec::T xv[R];
+    typename Vec::Reg xv[R];
     for (int r = 0; r < R; ++r) xv[r] = Vec::load(x + r * K + k);
     for (int j = 0; j < NR; ++j) {
       // the next tile's rows at this column: they stream from memory while this tile computes
       // (one weight row at a time reads memory in order: the hardware prefetcher does better)
       if constexpr (NR > 1) _mm_prefetch(reinterpret_cast<const char*>(w + (NR + j) * K + k), _MM_HINT_T0);
-      const typename Vec::T wv = Vec::load(w + j * K + k);
+      const typename Vec::Reg wv = Vec::load(w + j * K + k);
       for (int r = 0; r < R; ++r) acc[j][r] = Vec::fma(wv, xv[r], acc[j][r]);
     }
   }
