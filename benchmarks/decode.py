@@ -6,12 +6,13 @@ installed) runs the quantized file natively. Prints prefill tokens/s for a 256-t
 decode tokens/s for 128 new tokens at batch 1 and 8, and the ratio evolm / transformers.
 
     python benchmarks/decode.py [--model smollm2|gemma3|PATH.gguf] [--dtypes float32,bfloat16]
-                                [--batches 1,8] [--new 128] [--prompt-len 256] [--int8] [--int4]
+                                [--batches 1,8] [--new 128] [--prompt-len 256] [--int8] [--int4] [--blocks]
                                 [--compile] [--kernels-ab] [--repeat N] [--quality]
                                 [--device cuda] [--random PRESET]
 
 Variants: ``evolm`` (eager decoding loop), ``int8`` / ``int4`` (weight-only quantized linears and
-head, see ``evolm/quant.py``) and, with ``--compile``, each of them again decoding with the
+head, see ``evolm/quant.py``), ``blocks`` (the file's own blocks kept, fp32 arithmetic with the same
+weights as ``evolm``, see ``evolm/blocks.py``) and, with ``--compile``, each of them again decoding with the
 ``torch.compile``-d step over a static cache (``generate(..., compile=True)``). ``--kernels-ab``
 builds every quantized variant both with evolm's C++ int8-activation kernels (``evolm/kernels``)
 and with PyTorch's, to compare them in one run. ``--repeat N``
@@ -183,6 +184,8 @@ def main() -> None:
     ap.add_argument("--no-hf", action="store_true", help="skip transformers")
     ap.add_argument("--int8", action="store_true", help="also run evolm with int8 weight-only linears")
     ap.add_argument("--int4", action="store_true", help="also run evolm with int4 (group 32) linears, int8 head")
+    ap.add_argument("--blocks", action="store_true",
+                    help="also run evolm keeping the file's quantized blocks (fp32 arithmetic, exact weights)")
     ap.add_argument("--compile", action="store_true", help="also run each evolm variant with the compiled step")
     ap.add_argument("--only-compiled", action="store_true", help="with --compile: skip the eager evolm variants")
     ap.add_argument("--fuse", action="store_true", help="fuse q/k/v and gate/up (fuse_for_inference) in evolm variants")
@@ -227,11 +230,13 @@ def main() -> None:
                 hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
                                                           dtype=dtype).to(args.device).eval()
 
-        def fresh():
+        def fresh(blocks=False):
             m = (random_models(args.random, dtype, args.device, False)[0] if args.random
-                 else load_gguf(path, dtype=dtype)[0].to(args.device).eval())
+                 else load_gguf(path, dtype=dtype, blocks=blocks)[0].to(args.device).eval())
             return m.fuse_for_inference() if args.fuse else m
         models = [("evolm", fresh() if args.fuse else ours)]
+        if args.blocks and not args.random:
+            models.append(("evolm blocks", fresh(blocks=True)))
         default_kernels = quant.USE_KERNELS
         for use in ([default_kernels, not default_kernels] if args.kernels_ab else [default_kernels]):
             quant.USE_KERNELS = use  # read when a layer is quantized

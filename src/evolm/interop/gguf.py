@@ -35,6 +35,8 @@ import numpy as np
 import torch
 
 from evolm.config import ModelConfig
+from evolm.blocks import rebuilds
+from evolm.interop.gguf_blocks import blocks_from_raw
 from evolm.model import Transformer
 
 SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "qwen3moe", "gemma2", "gemma3", "olmo2", "deepseek2")
@@ -424,8 +426,14 @@ def unpermute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, half, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def state_dict_from_gguf(f: GGUFFile, config: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Every tensor of the file, dequantized, converted and renamed to our parameter names."""
+def state_dict_from_gguf(f: GGUFFile, config: ModelConfig, dtype: torch.dtype = torch.float32,
+                         blocks: dict | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of the file, dequantized, converted and renamed to our parameter names.
+
+    ``blocks``: a dict to fill with {parameter name: :class:`evolm.blocks.Blocks`} for the 2-D
+    block-quantized weights (embeddings, head, layer linears) whose blocks rebuild the float32
+    weight bit for bit, and {name: reason} under ``"__float__"`` for those that stay float.
+    """
     arch = f.architecture
     gemma = arch in ("gemma2", "gemma3")
     permute = arch in ("llama", "mistral")  # llama.cpp permutes only where it uses interleaved RoPE
@@ -435,8 +443,20 @@ def state_dict_from_gguf(f: GGUFFile, config: ModelConfig, dtype: torch.dtype = 
     split_kv: dict[tuple[int, str], torch.Tensor] = {}
     rope_freqs = None
 
+    def keep(key: str, w32: torch.Tensor, rows=None) -> None:  # the blocks of sd[key], if exact
+        if blocks is None or w32.dim() != 2:
+            return
+        b = blocks_from_raw(f.raw(name), f.tensors[name].ggml_type, f.tensors[name].shape)
+        if b is None:
+            return
+        b = b.map_rows(rows) if rows else b
+        if rebuilds(b, w32):
+            blocks[key] = b
+        else:
+            blocks.setdefault("__float__", {})[key] = f"its {b.source} blocks do not rebuild the float32 weight exactly"
+
     for name in f.tensors:
-        w = f.tensor(name)  # float32
+        w = w32 = f.tensor(name)  # float32
         if gemma and name.endswith("norm.weight"):
             w = w - 1.0  # stored as (1 + w); subtracted in float32, as transformers does
         if name != "rope_freqs.weight":
@@ -444,8 +464,10 @@ def state_dict_from_gguf(f: GGUFFile, config: ModelConfig, dtype: torch.dtype = 
         parts = name.split(".")
         if name == "token_embd.weight":
             sd["embed_tokens.weight"] = w
+            keep("embed_tokens.weight", w32)
         elif name == "output.weight":
             sd["lm_head.weight"] = w
+            keep("lm_head.weight", w32)
         elif parts[0] == "output_norm":
             sd[f"norm.{parts[1]}"] = w
         elif name == "rope_freqs.weight":
@@ -467,12 +489,17 @@ def state_dict_from_gguf(f: GGUFFile, config: ModelConfig, dtype: torch.dtype = 
                 continue
             if kind not in _LAYER_NAMES:
                 raise GGUFError(f"{f.path}: tensor {name!r} is not understood for architecture {arch!r}")
+            rows = None
             if permute and kind in ("attn_q", "attn_k"):
-                w = unpermute_rope_rows(w, config.n_heads if kind == "attn_q" else config.n_kv_heads)
+                heads = config.n_heads if kind == "attn_q" else config.n_kv_heads
+                rows = lambda t, heads=heads: unpermute_rope_rows(t, heads)  # noqa: E731
+                w, w32 = rows(w), rows(w32)
             if kind == "exp_probs_b":
                 sd[prefix + "mlp.gate.e_score_correction_bias"] = w
             else:
                 sd[prefix + _LAYER_NAMES[kind] + "." + suffix] = w
+                if suffix == "weight":
+                    keep(prefix + _LAYER_NAMES[kind] + ".weight", w32, rows)
         else:
             raise GGUFError(f"{f.path}: tensor {name!r} is not understood for architecture {arch!r}")
 
@@ -522,16 +549,22 @@ class _EmptyParameters:
 
 
 def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
-              device: str | torch.device | None = None, tokenizer: bool = True):
+              device: str | torch.device | None = None, tokenizer: bool = True, blocks: bool = False):
     """Load a GGUF file: returns ``(Transformer, Tokenizer)`` (tokenizer ``None`` if not asked).
 
     Weights are dequantized to ``dtype``. Architectures: ``SUPPORTED_ARCHS``.
+
+    ``blocks=True`` (inference on CPU): linear layers (and a tied head) whose tensors are in one of
+    ``gguf_blocks.KEPT_TYPES`` keep the file's blocks (:class:`evolm.blocks.BlockLinear`, fp32
+    arithmetic with bit-identical weights, 5-10 bits read per weight instead of 32);
+    ``model.blocks_report`` says, per parameter, what was kept and why anything stayed float.
     """
     f = GGUFFile(path, tokenizer=tokenizer)
     config = config_from_metadata(f.metadata, {n: t.shape for n, t in f.tensors.items()}, f.path)
     with _EmptyParameters():
         model = Transformer(config)
-    sd = state_dict_from_gguf(f, config, dtype)
+    found: dict | None = {} if blocks else None
+    sd = state_dict_from_gguf(f, config, dtype, blocks=found)
     rope_freqs = sd.pop("__rope_freqs__", None)
     expected = set(model.state_dict())
     missing = sorted(expected - set(sd))
@@ -549,6 +582,14 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
         model.rotary.inv_freq = model.rotary.inv_freq / rope_freqs.float()
     model.to(device=device or "cpu")
     model.eval()
+    if found is not None:
+        from evolm.blocks import keep_blocks
+
+        if next(model.parameters()).device.type != "cpu":
+            raise GGUFError(f"{f.path}: blocks=True (--keep-blocks) is a CPU path; load without it on "
+                            f"{next(model.parameters()).device}")
+        stayed = found.pop("__float__", {})
+        model.blocks_report = {**keep_blocks(model, found), **{k: f"float: {v}" for k, v in stayed.items()}}
     tok = None
     if tokenizer:
         from evolm.tokenizer import tokenizer_from_gguf_metadata

@@ -43,8 +43,8 @@ from pathlib import Path
 
 import torch
 
-_SOURCES = [Path(__file__).with_name(n) for n in ("qgemv.cpp", "skinny_gemm.cpp", "decode_attention.cpp")]
-_HEADERS = [Path(__file__).with_name("simd.h")]  # the SIMD vector widths the three share
+_SOURCES = [Path(__file__).with_name(n) for n in ("qgemv.cpp", "skinny_gemm.cpp", "decode_attention.cpp", "block_gemm.cpp")]
+_HEADERS = [Path(__file__).with_name("simd.h")]  # the SIMD vector widths the kernels share
 _state: dict = {}
 
 
@@ -81,6 +81,15 @@ def _fake_registrations() -> None:
     @torch.library.register_fake("evolm_f::skinny_linear")
     def _(x, w, scale=None):
         return x.new_empty((x.shape[0], w.shape[0]))
+
+    @torch.library.register_fake("evolm_f::blocks_linear")
+    def _(x, codes, scale, min, group):
+        return x.new_empty((x.shape[0], codes.shape[0]))
+
+    @torch.library.register_fake("evolm_f::blocks_dequantize")
+    def _(codes, scale, min, group):
+        k = codes.shape[1] * (2 if codes.dtype == torch.uint8 else 1)
+        return scale.new_empty((codes.shape[0], k))
 
     @torch.library.register_fake("evolm_f::decode_attention")
     def _(q, k, v, mask, scale, softcap=None):

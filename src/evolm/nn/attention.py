@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from evolm.nn.fuse import fuse_linears
 from evolm.nn.norm import make_norm
 from evolm.nn.rope import apply_rope
 
@@ -159,12 +160,10 @@ class Attention(nn.Module):
         if hasattr(self, "qkv_proj"):
             return
         projs = (self.q_proj, self.k_proj, self.v_proj)
-        fused = nn.Linear(projs[0].in_features, sum(p.out_features for p in projs), bias=projs[0].bias is not None,
-                          device=projs[0].weight.device, dtype=projs[0].weight.dtype)
-        fused.weight.copy_(torch.cat([p.weight for p in projs]))
-        if fused.bias is not None:
-            fused.bias.copy_(torch.cat([p.bias for p in projs]))
-        self.qkv_proj = fused.requires_grad_(False)
+        fused = fuse_linears(list(projs))
+        if fused is None:  # layers that cannot be stacked (e.g. different quantized layouts) stay apart
+            return
+        self.qkv_proj = fused
         self.qkv_sizes = [p.out_features for p in projs]
         del self.q_proj, self.k_proj, self.v_proj
 

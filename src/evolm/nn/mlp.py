@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from evolm.nn.fuse import fuse_linears
+
 
 def activation_fn(name: str):
     return {
@@ -46,13 +48,10 @@ class MLP(nn.Module):
         """
         if not self.gated or hasattr(self, "gate_up_proj"):
             return
-        g, u = self.gate_proj, self.up_proj
-        fused = nn.Linear(g.in_features, 2 * g.out_features, bias=g.bias is not None, device=g.weight.device,
-                          dtype=g.weight.dtype)
-        fused.weight.copy_(torch.cat((g.weight, u.weight)))
-        if fused.bias is not None:
-            fused.bias.copy_(torch.cat((g.bias, u.bias)))
-        self.gate_up_proj = fused.requires_grad_(False)
+        fused = fuse_linears([self.gate_proj, self.up_proj])
+        if fused is None:  # layers that cannot be stacked (e.g. different quantized layouts) stay apart
+            return
+        self.gate_up_proj = fused
         del self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

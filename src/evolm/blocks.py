@@ -1,0 +1,149 @@
+"""Linear layers that keep a quantized file's blocks and compute in fp32 with exactly its weights.
+
+A model loaded from a GGUF file is usually dequantized: a Q4_1 weight becomes a float32 number, so
+decoding reads 32 bits per weight for values the file holds in 5. ``BlockLinear`` keeps the codes,
+scales and minima instead (:class:`Blocks`, from ``evolm/interop/gguf_blocks.py``) and rebuilds
+every weight in registers as ``fma(code, scale, min)``, which is bit for bit the float32 value of the
+dequantized model (checked for every layer when it is built, see :func:`keep_blocks`). Activations
+and sums stay fp32: nothing is rounded that F.linear on the dequantized weights would not round, so
+the logits equal the float model's up to the order of fp32 sums (unlike llama.cpp's CPU path,
+which quantizes the activations to int8). What changes is the bytes a decoding step reads: for
+SmolLM2 (Q4_1, Q8_0 embeddings) 108 MB instead of 540, for Gemma 3 270M about 250 MB instead of 1070.
+
+Up to ``KERNEL_ROWS`` rows (decoding) run ``evolm_f::blocks_linear`` (evolm/kernels/block_gemm.cpp);
+more rows (a prompt) rebuild the float32 weight once per call and use the float matmul. Inference
+only; the layer returns its input's dtype but computes in fp32 (a bfloat16 model with blocks runs
+its linears in fp32 with the file's exact weights). ``load_gguf(path, blocks=True)``, or
+``--keep-blocks`` on the CLI, builds a model with them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from evolm import kernels
+
+KERNEL_ROWS = 8  # products of at most this many rows run the blocks kernel
+
+
+@dataclass
+class Blocks:
+    """A weight (N, K) as codes and one float32 scale (and minimum) per group of ``group`` inputs:
+    ``w[n, k] = fma(code[n, k], scale[n, k // group], min[n, k // group])`` (or ``code * scale``).
+
+    ``codes``: (N, K / 2) uint8, two 4-bit codes a byte (group 32; byte j of a group holds code j
+    and code j + 16, as :func:`evolm.kernels.pack_q4`), or (N, K) int8. ``source``: the file's format.
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    min: torch.Tensor | None
+    group: int
+    source: str = ""
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.codes.shape[0], self.scale.shape[1] * self.group
+
+    def map_rows(self, fn) -> "Blocks":
+        """The blocks of ``fn(w)`` for a row permutation ``fn`` (applied to codes, scales, minima)."""
+        return Blocks(fn(self.codes), fn(self.scale), None if self.min is None else fn(self.min), self.group, self.source)
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 weight (N, K): evolm's kernel where it builds (the code blocks_linear
+        multiplies with), else in float64 rounded once to float32 (an fma's result wherever the
+        product and the sum are exact in float64, i.e. all real scales)."""
+        if self.codes.device.type == "cpu" and kernels.available():
+            return torch.ops.evolm_f.blocks_dequantize(self.codes, self.scale, self.min, self.group)
+        q = kernels.unpack_q4(self.codes) if self.codes.dtype == torch.uint8 else self.codes
+        w = q.double() * self.scale.double().repeat_interleave(self.group, 1)
+        if self.min is not None:
+            w += self.min.double().repeat_interleave(self.group, 1)
+        return w.float()
+
+    def bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.min) if t is not None)
+
+
+def cat_blocks(parts: list[Blocks]) -> Blocks | None:
+    """Blocks of several weights stacked along the outputs (a fused projection), or None when their
+    layouts differ (code width, group, minima)."""
+    first = parts[0]
+    if any(p.codes.dtype != first.codes.dtype or p.group != first.group or (p.min is None) != (first.min is None)
+           or p.shape[1] != first.shape[1] for p in parts):
+        return None
+    cat = lambda ts: torch.cat(ts).contiguous()  # noqa: E731
+    return Blocks(cat([p.codes for p in parts]), cat([p.scale for p in parts]),
+                  None if first.min is None else cat([p.min for p in parts]), first.group,
+                  "+".join(sorted({p.source for p in parts})))
+
+
+class BlockLinear(nn.Module):
+    """y = x @ W^T + b with W kept as a file's :class:`Blocks`; fp32 arithmetic, output in x's dtype."""
+
+    def __init__(self, blocks: Blocks, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.register_buffer("codes", blocks.codes)
+        self.register_buffer("scale", blocks.scale)
+        self.register_buffer("min", blocks.min)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.out_features, self.in_features = blocks.shape
+        self.group, self.source = blocks.group, blocks.source
+        # decided here, never inside a trace: building the kernels there would break it
+        self.kernel = blocks.codes.device.type == "cpu" and kernels.available()
+
+    @property
+    def blocks(self) -> Blocks:
+        return Blocks(self.codes, self.scale, self.min, self.group, self.source)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if self.kernel and x2.shape[0] <= KERNEL_ROWS and x.device.type == "cpu" and not torch.is_grad_enabled():
+            y = torch.ops.evolm_f.blocks_linear(x2, self.codes, self.scale, self.min, self.group)
+        else:
+            y = F.linear(x2.float(), self.blocks.dequantize()).to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        bits = 4 if self.codes.dtype == torch.uint8 else 8
+        return (f"in={self.in_features}, out={self.out_features}, {self.source} blocks: {bits}-bit codes, "
+                f"group {self.group}{', min' if self.min is not None else ''}")
+
+
+def rebuilds(blocks: Blocks, weight: torch.Tensor) -> bool:
+    """Whether ``blocks`` rebuild ``weight`` (float32) bit for bit: the condition to keep them."""
+    return blocks.shape == tuple(weight.shape) and torch.equal(blocks.dequantize(), weight.float())
+
+
+def keep_blocks(model: nn.Module, blocks: dict[str, Blocks]) -> dict[str, str]:
+    """Replace the linear layers named in ``blocks`` ({``"layers.0.mlp.up_proj.weight"``: blocks that
+    :func:`rebuilds` its float32 weight}) by :class:`BlockLinear`, in place.
+
+    ``"embed_tokens.weight"`` of a model whose head is tied to the embedding becomes a separate
+    ``lm_head`` with the blocks (the embedding stays float: a lookup reads one row per token).
+    Returns {parameter name: what was done} ("kept Q4_1", or "float: " and why not).
+    """
+    report = {}
+    modules = dict(model.named_modules())
+    for name, b in blocks.items():
+        owner = name.rsplit(".", 1)[0]
+        if name == "embed_tokens.weight":
+            if getattr(model, "lm_head", "absent") is None:
+                model.lm_head = BlockLinear(b)
+                report[name] = f"kept {b.source} (as the tied head)"
+            continue
+        lin = modules.get(owner)
+        if not isinstance(lin, nn.Linear) or tuple(lin.weight.shape) != b.shape:
+            report[name] = f"float: not a linear layer of shape {b.shape}"
+            continue
+        parent, _, child = owner.rpartition(".")
+        setattr(modules[parent] if parent else model, child, BlockLinear(b, lin.bias))
+        report[name] = f"kept {b.source}"
+    return report
