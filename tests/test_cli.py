@@ -165,6 +165,30 @@ def test_serve_device_choice(tiny_hf_model):
     assert resolve_device("cpu") == torch.device("cpu")
 
 
+def test_generate_keep_blocks(tiny_hf_model):
+    """--keep-blocks on the real SmolLM2 GGUF streams the float model's greedy text; on a folder of
+    float weights, with --quantize, or on a GPU it is a one-line error."""
+    from evolm.generate import SamplingParams, generate_text
+    from evolm.interop.gguf import find_asset
+
+    try:
+        path = find_asset("smollm2")
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    model, tok = load(path)
+    want = generate_text(model, tok, "The capital of France is", SamplingParams(max_new_tokens=16, temperature=0))
+    out = evolm("generate", "--model", path, "--prompt", "The capital of France is", "--max-new-tokens", "16",
+                "--keep-blocks", "--fuse").stdout
+    assert out == want + "\n"
+    src, _ = tiny_hf_model
+    for args, why in [(("--model", str(src)), "needs a GGUF file"),
+                      (("--model", path, "--quantize", "int8"), "drop --quantize int8"),
+                      (("--model", path, "--device", "cuda"), "CPU path" if __import__("torch").cuda.is_available()
+                       else "no such CUDA device")]:
+        bad = evolm("generate", *args, "--prompt", "x", "--keep-blocks", check=False)
+        assert bad.returncode != 0 and why in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+
+
 def test_chat_keeps_history_and_stops_at_the_end_of_turn():
     """`evolm chat` on the real SmolLM2-135M-Instruct: two turns, greedy, each reply equal to the
     library's generation for the same conversation."""

@@ -53,11 +53,13 @@ class Blocks:
         """The blocks of ``fn(w)`` for a row permutation ``fn`` (applied to codes, scales, minima)."""
         return Blocks(fn(self.codes), fn(self.scale), None if self.min is None else fn(self.min), self.group, self.source)
 
-    def dequantize(self) -> torch.Tensor:
+    def dequantize(self, kernel: bool | None = None) -> torch.Tensor:
         """The float32 weight (N, K): evolm's kernel where it builds (the code blocks_linear
         multiplies with), else in float64 rounded once to float32 (an fma's result wherever the
-        product and the sum are exact in float64, i.e. all real scales)."""
-        if self.codes.device.type == "cpu" and kernels.available():
+        product and the sum are exact in float64, i.e. all real scales). ``kernel``: force one."""
+        if kernel is None:
+            kernel = self.codes.device.type == "cpu" and kernels.available()
+        if kernel:
             return torch.ops.evolm_f.blocks_dequantize(self.codes, self.scale, self.min, self.group)
         q = kernels.unpack_q4(self.codes) if self.codes.dtype == torch.uint8 else self.codes
         w = q.double() * self.scale.double().repeat_interleave(self.group, 1)

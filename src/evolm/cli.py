@@ -8,6 +8,8 @@ import os
 import sys
 from typing import NoReturn
 
+from evolm.serve import KEEP_BLOCKS_HELP
+
 
 def _fail(msg: str) -> NoReturn:
     print(f"evolm: error: {msg}", file=sys.stderr)
@@ -90,8 +92,16 @@ def _load_for_generation(args):
     from evolm.loading import load
 
     name = getattr(args, "device", "auto")
-    device = _device("cpu" if name == "auto" and getattr(args, "quantize", None) else name)
-    model, tok = load(args.model, dtype=getattr(torch, args.dtype), device=device)
+    blocks = getattr(args, "keep_blocks", False)
+    if blocks and getattr(args, "quantize", None):
+        _fail(f"--keep-blocks keeps the file's own quantization; drop --quantize {args.quantize}")
+    device = _device("cpu" if name == "auto" and (getattr(args, "quantize", None) or blocks) else name)
+    try:
+        model, tok = load(args.model, dtype=getattr(torch, args.dtype), device=device, blocks=blocks)
+    except ValueError as e:
+        if not blocks:
+            raise
+        _fail(str(e))
     if tok is None:
         _fail(f"{args.model}: no tokenizer found (expected tokenizer.json, or GGUF tokenizer metadata)")
     torch.set_num_threads(args.threads or torch.get_num_threads())
@@ -237,6 +247,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (a CUDA GPU when present, else cpu), cpu, cuda, cuda:N")
     p.add_argument("--quantize", choices=["int8", "int4"], default=None,
                    help="weight-only quantized linears for faster CPU decoding (int4: group 32, int8 head)")
+    p.add_argument("--keep-blocks", action="store_true", help=KEEP_BLOCKS_HELP)
     p.add_argument("--fuse", action="store_true", help="one qkv and one gate_up matmul per layer")
     p.add_argument("--compile", action="store_true",
                    help="decode with a torch.compile-d step over a static KV cache (first call compiles)")

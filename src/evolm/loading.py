@@ -107,14 +107,20 @@ def resolve_device(name: str) -> torch.device:
 
 
 def load(path: str | os.PathLike, dtype: torch.dtype | None = None,
-         device: str | torch.device | None = None):
+         device: str | torch.device | None = None, blocks: bool = False):
     """Load ``(model, tokenizer_or_None)`` from an evolm folder, a Hugging Face folder or a GGUF file.
 
     ``dtype=None`` keeps the stored dtype (for GGUF, whatever ``load_gguf`` dequantizes to). The
-    model is returned in eval mode.
+    model is returned in eval mode. ``blocks=True``: a GGUF file's quantized linear layers keep
+    their blocks (``evolm.blocks``; CPU inference, fp32 arithmetic with the file's exact weights).
     """
     p = Path(path)
     kind = detect_format(p)
+    if blocks and kind != "gguf":
+        raise ValueError(f"{p}: keeping quantized blocks (--keep-blocks) needs a GGUF file; this is a"
+                         f"{'n evolm' if kind == 'evolm' else ' Hugging Face'} folder with float weights")
+    if blocks and device is not None and torch.device(device).type != "cpu":
+        raise ValueError(f"{p}: keeping quantized blocks (--keep-blocks) is a CPU path; use --device cpu")
     if kind == "gguf":
         if p.is_dir():
             p = sorted(p.glob("*.gguf"))[0]
@@ -123,7 +129,7 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None,
         except ImportError as e:
             raise ImportError(f"{p}: reading GGUF files needs evolm.interop.gguf and the 'gguf' package "
                               f"({e})") from None
-        model, tokenizer = load_gguf(str(p), **({"dtype": dtype} if dtype is not None else {}))
+        model, tokenizer = load_gguf(str(p), blocks=blocks, **({"dtype": dtype} if dtype is not None else {}))
         if device is not None:
             model = model.to(device)
         return model.eval(), tokenizer

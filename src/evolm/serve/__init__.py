@@ -22,6 +22,10 @@ from pathlib import Path
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+# the --keep-blocks help of `evolm generate`, `chat` and `serve` (evolm/blocks.py)
+KEEP_BLOCKS_HELP = ("GGUF on CPU: keep the file's quantized blocks and compute in fp32 with exactly the weights they "
+                    "encode (reads 5-10 bits per weight instead of 32)")
+
 def model_id(model_path: str | os.PathLike) -> str:
     """The name clients use for the model: the file's stem or the folder's name."""
     p = Path(model_path)
@@ -30,9 +34,10 @@ def model_id(model_path: str | os.PathLike) -> str:
 
 def build_app(model_path: str | os.PathLike, api_key: str | None = None, dtype: str = "float32",
               max_batch: int = 8, max_model_len: int | None = None, served_model_name: str | None = None,
-              min_decode_rows: int = 4, device: str = "cpu"):
+              min_decode_rows: int = 4, device: str = "cpu", keep_blocks: bool = False):
     """Load the model and return ``(app, engine)``; the app starts the engine when it starts.
-    ``device``: cpu, cuda, cuda:N or auto (a CUDA GPU when present)."""
+    ``device``: cpu, cuda, cuda:N or auto (a CUDA GPU when present). ``keep_blocks``: a GGUF
+    file's quantized blocks stay as they are (``evolm.blocks``; CPU)."""
     try:
         import torch
 
@@ -43,7 +48,9 @@ def build_app(model_path: str | os.PathLike, api_key: str | None = None, dtype: 
         raise ImportError(f"evolm serve needs fastapi and uvicorn: pip install 'evolm[serve]' ({e})") from None
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-    model, tokenizer = load(model_path, dtype=getattr(torch, dtype), device=resolve_device(device))
+    if keep_blocks and device == "auto":
+        device = "cpu"
+    model, tokenizer = load(model_path, dtype=getattr(torch, dtype), device=resolve_device(device), blocks=keep_blocks)
     if tokenizer is None:
         raise ValueError(f"{model_path}: no tokenizer found (a tokenizer.json or GGUF vocabulary is needed "
                          f"to serve text)")
@@ -56,7 +63,7 @@ def run_server(model_path: str | os.PathLike, host: str = "127.0.0.1", port: int
                api_key: str | None = None, dtype: str = "float32", max_batch: int = 8,
                max_model_len: int | None = None, served_model_name: str | None = None,
                min_decode_rows: int = 4, log_level: str = "info", threads: int | None = None,
-               device: str = "cpu") -> None:
+               device: str = "cpu", keep_blocks: bool = False) -> None:
     """Serve ``model_path`` until interrupted (what ``evolm serve`` runs).
 
     Binds ``host`` (loopback by default: pass ``0.0.0.0`` to expose it, ideally with an
@@ -78,7 +85,7 @@ def run_server(model_path: str | os.PathLike, host: str = "127.0.0.1", port: int
         log.warning("binding %s without --api-key: anyone who can reach this port can use the model", host)
     app, engine = build_app(model_path, api_key=api_key, dtype=dtype, max_batch=max_batch,
                             max_model_len=max_model_len, served_model_name=served_model_name,
-                            min_decode_rows=min_decode_rows, device=device)
+                            min_decode_rows=min_decode_rows, device=device, keep_blocks=keep_blocks)
     c = engine.model.config
     log.info("serving %s (%s on %s, %d layers, context %d) on http://%s:%d with max_batch=%d",
              served_model_name or model_id(model_path), dtype, engine.device, c.n_layers, engine.max_len, host,
@@ -103,6 +110,7 @@ def add_arguments(parser) -> None:
                              "batched (1: faster single streams, exactness not guaranteed)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--device", default="auto", help="auto (a CUDA GPU when present, else cpu), cpu, cuda, cuda:N")
+    parser.add_argument("--keep-blocks", action="store_true", help=KEEP_BLOCKS_HELP)
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -111,7 +119,7 @@ def run_from_args(args) -> None:
     run_server(args.model, host=args.host, port=args.port, api_key=args.api_key, dtype=args.dtype,
                max_batch=args.max_batch, max_model_len=args.max_model_len,
                served_model_name=args.served_model_name, min_decode_rows=args.min_decode_rows,
-               log_level=args.log_level, threads=args.threads, device=args.device)
+               log_level=args.log_level, threads=args.threads, device=args.device, keep_blocks=args.keep_blocks)
 
 
 __all__ = ["run_server", "build_app", "add_arguments", "run_from_args", "model_id"]
