@@ -6,7 +6,7 @@ operators by self CPU time (the quantized matmul kernels, the inductor graph's o
 ``Call CompiledFxGraph ...``, dynamo's guard check as ``TorchDynamo Cache Lookup``). Divide a row
 by ``--steps`` for its time per token; the profiler itself adds overhead to every call.
 
-    python benchmarks/decode_profile.py [--model smollm2|gemma3|PATH.gguf] [--quant int4|int8|none]
+    python benchmarks/decode_profile.py [--model smollm2|gemma3|PATH.gguf] [--quant int4|int8|blocks|none]
                                         [--dtype float32|bfloat16] [--no-fuse] [--steps 32]
                                         [--threads 2] [--rows 25]
                                         [--kernels]
@@ -32,7 +32,8 @@ from evolm.interop.gguf import find_asset, load_gguf  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--quant", choices=("int4", "int8", "none"), default="int4")
+    ap.add_argument("--quant", choices=("int4", "int8", "blocks", "none"), default="int4",
+                    help="blocks: keep the file's quantized blocks (load_gguf(blocks=True), fp32 arithmetic)")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     ap.add_argument("--no-fuse", action="store_true")
     ap.add_argument("--steps", type=int, default=32)
@@ -46,10 +47,10 @@ def main() -> None:
         torch._inductor.config.cpp.enable_kernel_profile = True
     torch.set_num_threads(a.threads)
     path = a.model if a.model.endswith(".gguf") else find_asset(a.model)
-    model = load_gguf(path, tokenizer=False, dtype=getattr(torch, a.dtype))[0].eval()
+    model = load_gguf(path, tokenizer=False, dtype=getattr(torch, a.dtype), blocks=a.quant == "blocks")[0].eval()
     if not a.no_fuse:
         model.fuse_for_inference()
-    if a.quant != "none":
+    if a.quant in ("int4", "int8"):
         getattr(quant, f"quantize_{a.quant}")(model)
     ids = torch.randint(100, min(model.config.vocab_size, 30000), (1, a.prompt_len),
                         generator=torch.Generator().manual_seed(0))
