@@ -55,21 +55,8 @@ inline float weight_at(const Blocks& b, int64_t n, int64_t k) {
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #if defined(__AVX512F__)
 using Vec = evolm_simd::V16;
-// 16 codes -> 16 fp32 lanes
-inline __m512 nibbles(__m128i bytes) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes)); }
-inline __m512 int8s(const uint8_t* p) {
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-}
-inline __m512 bcast(float v) { return _mm512_set1_ps(v); }
-inline __m512 mul(__m512 a, __m512 b) { return _mm512_mul_ps(a, b); }
 #else
 using Vec = evolm_simd::V8;
-inline __m256 nibbles(__m128i bytes) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes)); }
-inline __m256 int8s(const uint8_t* p) {
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-}
-inline __m256 bcast(float v) { return _mm256_set1_ps(v); }
-inline __m256 mul(__m256 a, __m256 b) { return _mm256_mul_ps(a, b); }
 #endif
 using Reg = Vec::Reg;
 constexpr int L = Vec::L;
@@ -77,29 +64,29 @@ constexpr int L = Vec::L;
 // the G weights of group g of one row, in G / L registers: fma(code, scale, min) (or code * scale)
 template <int BITS, int G, bool MIN>
 inline void decode(const uint8_t* row, int64_t g, float s, float m, Reg* w) {
-  const Reg vs = bcast(s);
+  const Reg vs = Vec::set1(s);
   Reg q[G / L];
   if constexpr (BITS == 4) {
     const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + g * 16));
     const __m128i mask = _mm_set1_epi8(0x0F);
     const __m128i lo = _mm_and_si128(b, mask), hi = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
-#if defined(__AVX512F__)
-    q[0] = nibbles(lo);
-    q[1] = nibbles(hi);
-#else
-    q[0] = nibbles(lo);
-    q[1] = nibbles(_mm_srli_si128(lo, 8));
-    q[2] = nibbles(hi);
-    q[3] = nibbles(_mm_srli_si128(hi, 8));
-#endif
+    if constexpr (L == 16) {
+      q[0] = Vec::u8(lo);
+      q[1] = Vec::u8(hi);
+    } else {
+      q[0] = Vec::u8(lo);
+      q[1] = Vec::u8(_mm_srli_si128(lo, 8));
+      q[2] = Vec::u8(hi);
+      q[3] = Vec::u8(_mm_srli_si128(hi, 8));
+    }
   } else {
-    for (int v = 0; v < G / L; ++v) q[v] = int8s(row + g * G + v * L);
+    for (int v = 0; v < G / L; ++v) q[v] = Vec::load(reinterpret_cast<const int8_t*>(row) + g * G + v * L);
   }
   if constexpr (MIN) {
-    const Reg vm = bcast(m);
+    const Reg vm = Vec::set1(m);
     for (int v = 0; v < G / L; ++v) w[v] = Vec::fma(q[v], vs, vm);
   } else {
-    for (int v = 0; v < G / L; ++v) w[v] = mul(q[v], vs);
+    for (int v = 0; v < G / L; ++v) w[v] = Vec::mul(q[v], vs);
   }
 }
 

@@ -1,5 +1,5 @@
 // fp32 SIMD vectors shared by evolm's CPU kernels: one struct per width (V16: AVX-512, V8: AVX2 +
-// FMA) with loads that widen bf16 (a 16-bit shift, exact) and int8 (a convert, exact) to fp32,
+// FMA) with loads that widen bf16 (a 16-bit shift, exact) and int8 / uint8 (a convert, exact) to fp32,
 // the FMA and the horizontal sum. Kernels are templated on the struct, so each loop is written
 // once for every width the CPU has (-march=native decides which exist).
 #pragma once
@@ -35,8 +35,10 @@ struct V8 {
   static Reg load(const int8_t* p) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
   }
+  static Reg u8(__m128i b) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)); }  // the low 8 bytes
+  static Reg set1(float v) { return _mm256_set1_ps(v); }
+  static Reg mul(Reg a, Reg b) { return _mm256_mul_ps(a, b); }
   static Reg fma(Reg a, Reg b, Reg c) { return _mm256_fmadd_ps(a, b, c); }
-  static Reg add(Reg a, Reg b) { return _mm256_add_ps(a, b); }
   static float sum(Reg v) { return hsum(v); }
 };
 #endif
@@ -56,8 +58,10 @@ struct V16 {
   static Reg load(const int8_t* p) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
   }
+  static Reg u8(__m128i b) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b)); }  // 16 bytes
+  static Reg set1(float v) { return _mm512_set1_ps(v); }
+  static Reg mul(Reg a, Reg b) { return _mm512_mul_ps(a, b); }
   static Reg fma(Reg a, Reg b, Reg c) { return _mm512_fmadd_ps(a, b, c); }
-  static Reg add(Reg a, Reg b) { return _mm512_add_ps(a, b); }
   static float sum(Reg v) { return _mm512_reduce_add_ps(v); }
 };
 #endif
