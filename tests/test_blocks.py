@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from evolm import kernels
-from evolm.blocks import BlockLinear, Blocks, cat_blocks, rebuilds
+from evolm.blocks import KERNEL_ROWS, BlockLinear, Blocks, cat_blocks, rebuilds
 from evolm.interop.gguf import GGUFFile, find_asset, load_gguf
 from evolm.interop.gguf_blocks import KEPT_TYPES, blocks_from_raw
 from evolm.nn.fuse import fuse_linears
@@ -108,8 +108,16 @@ def test_blocks_linear_equals_float64_and_each_row_is_alone(bits, group, with_mi
         assert (y.double() - want).abs().max() < 1e-5 * want.abs().max()
         # a row's result does not depend on the other rows of the product (batch invariance)
         assert torch.equal(y[M - 1:], torch.ops.evolm_f.blocks_linear(x[M - 1:M], b.codes, b.scale, b.min, group))
-    yb = torch.ops.evolm_f.blocks_linear(x[:2].bfloat16(), b.codes, b.scale, b.min, group)
-    assert yb.dtype == torch.bfloat16
+    # bf16 activations: the weights rounded to bf16 as the bf16 model's are, products exact in fp32
+    xb = x.bfloat16()
+    wb = b.dequantize(kernel=False).bfloat16().double()
+    for M in (1, 3, 8):
+        yb = torch.ops.evolm_f.blocks_linear(xb[:M], b.codes, b.scale, b.min, group)
+        want = xb[:M].double() @ wb.T
+        assert yb.dtype == torch.bfloat16
+        assert ((yb.double() - want).abs() <= 2 ** -8 * want.abs() + 1e-6).all()  # one bf16 rounding
+        exact = torch.ops.evolm_f.blocks_linear(xb[:M].float(), b.codes, b.scale, b.min, group)
+        assert not torch.equal(yb.float(), exact.bfloat16().float())  # the weights were rounded
 
 
 @needs_kernels
@@ -175,3 +183,23 @@ def test_real_model_with_blocks_keeps_logits_and_greedy_tokens(asset, kinds):
     model.fuse_for_inference()
     assert generate(model, ids, p) == want
     assert generate(model, ids, p, compile=True) == want
+
+
+@pytest.mark.slow
+@needs_kernels
+def test_bf16_model_with_blocks_equals_the_bf16_model():
+    """In a bf16 model the blocks give the bf16 model's weights: the same prompt logits, bit for bit,
+    and the same greedy tokens."""
+    from evolm.generate import SamplingParams, generate
+
+    path = _real("smollm2")
+    ref, tok = load_gguf(path, dtype=torch.bfloat16)
+    model, _ = load_gguf(path, dtype=torch.bfloat16, blocks=True, tokenizer=False)
+    ids = torch.tensor([tok.encode("Photosynthesis is the process by which plants turn light, water and air into sugar")])
+    assert ids.shape[1] > KERNEL_ROWS  # a prompt: the rebuilt weights and the dense matmul
+    with torch.no_grad():
+        assert torch.equal(model(ids), ref(ids))
+        a, b = ref(ids[:, :4]).float(), model(ids[:, :4]).float()
+        assert (a - b).abs().max() < 0.05 * a.abs().max()  # bf16 outputs of fp32 sums in another order
+    p = SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True)
+    assert generate(model.fuse_for_inference(), ids, p, compile=True) == generate(ref, ids, p)

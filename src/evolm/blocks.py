@@ -11,10 +11,10 @@ which quantizes the activations to int8). What changes is the bytes a decoding s
 SmolLM2 (Q4_1, Q8_0 embeddings) 108 MB instead of 540, for Gemma 3 270M about 250 MB instead of 1070.
 
 Up to ``KERNEL_ROWS`` rows (decoding) run ``evolm_f::blocks_linear`` (evolm/kernels/block_gemm.cpp);
-more rows (a prompt) rebuild the float32 weight once per call and use the float matmul. Inference
-only; the layer returns its input's dtype but computes in fp32 (a bfloat16 model with blocks runs
-its linears in fp32 with the file's exact weights). ``load_gguf(path, blocks=True)``, or
-``--keep-blocks`` on the CLI, builds a model with them.
+more rows (a prompt) rebuild the float32 weight once per call and use the float matmul. In a
+bfloat16 model the kernel rounds each rebuilt weight to bf16 (to nearest even, as ``.to(bfloat16)``
+does), so the layer equals the dense bf16 model's too. Inference only.
+``load_gguf(path, blocks=True)``, or ``--keep-blocks`` on the CLI, builds a model with them.
 """
 
 from __future__ import annotations
@@ -85,7 +85,8 @@ def cat_blocks(parts: list[Blocks]) -> Blocks | None:
 
 
 class BlockLinear(nn.Module):
-    """y = x @ W^T + b with W kept as a file's :class:`Blocks`; fp32 arithmetic, output in x's dtype."""
+    """y = x @ W^T + b with W kept as a file's :class:`Blocks`: the dense model's product in x's dtype
+    (the float32 weights, or for bf16 inputs those weights rounded to bf16), fp32 accumulation."""
 
     def __init__(self, blocks: Blocks, bias: torch.Tensor | None = None):
         super().__init__()
@@ -105,10 +106,11 @@ class BlockLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if self.kernel and x2.shape[0] <= KERNEL_ROWS and x.device.type == "cpu" and not torch.is_grad_enabled():
+        if (self.kernel and x2.shape[0] <= KERNEL_ROWS and x.dtype in (torch.float32, torch.bfloat16)
+                and x.device.type == "cpu" and not torch.is_grad_enabled()):
             y = torch.ops.evolm_f.blocks_linear(x2, self.codes, self.scale, self.min, self.group)
-        else:
-            y = F.linear(x2.float(), self.blocks.dequantize()).to(x.dtype)
+        else:  # the dense model's product: its weights in x's dtype
+            y = F.linear(x2, self.blocks.dequantize().to(x.dtype))
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*shape[:-1], self.out_features)

@@ -2,8 +2,9 @@
 // as the file's blocks (codes, and one scale and minimum per group of inputs) and every weight is
 // rebuilt in registers as fma(code, scale, min), the same float32 value the file's dequantization
 // gives (evolm/interop/gguf_blocks.py chooses codes, scales and minima so that it does, and the
-// loader checks it). The arithmetic is fp32, as with the dequantized weights; only the bytes read
-// differ: 6 bits per weight for 4-bit codes, 9-10 for 8-bit ones, against 32.
+// loader checks it). The arithmetic is fp32, as with the dequantized weights (with bf16 activations
+// each weight is first rounded to bf16, as a bf16 model's is); only the bytes read differ: 6 bits
+// per weight for 4-bit codes, 9-10 for 8-bit ones, against 32 (or 16).
 //
 // Why: decoding reads every weight once per token and is bound by memory bandwidth. A model loaded
 // from a Q4_1 or Q4_K_M GGUF file and run in fp32 reads 5-6x more bytes than the file holds, for
@@ -34,6 +35,7 @@ struct Blocks {
   const float* scale;    // (N, ng)
   const float* min;      // (N, ng) or nullptr
   int64_t ng;            // groups per row
+  bool bf16;             // round each rebuilt weight to bf16 (a bf16 model's weights), products in fp32
 };
 
 // weight k of row n, scalar: the reference every vector path equals
@@ -49,7 +51,8 @@ inline float weight_at(const Blocks& b, int64_t n, int64_t k) {
     code = static_cast<float>(reinterpret_cast<const int8_t*>(p)[k]);
   }
   const float s = b.scale[n * b.ng + g];
-  return b.min ? std::fma(code, s, b.min[n * b.ng + g]) : code * s;
+  const float w = b.min ? std::fma(code, s, b.min[n * b.ng + g]) : code * s;
+  return b.bf16 ? static_cast<float>(c10::BFloat16(w)) : w;
 }
 
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
@@ -106,6 +109,8 @@ inline void tile(const Blocks& b, int64_t n, const float* x, int64_t K, float* o
       // tile computes (measured 1.6-2.2x on a 49152 x 576 head that does not fit in cache)
       _mm_prefetch(reinterpret_cast<const char*>(b.codes + (n + NR + j) * b.row_bytes + g * G * BITS / 8), _MM_HINT_T0);
       decode<BITS, G, MIN>(b.codes + (n + j) * b.row_bytes, g, b.scale[i], MIN ? b.min[i] : 0.f, w[j]);
+      if (b.bf16)
+        for (int v = 0; v < G / L; ++v) w[j][v] = Vec::round_bf16(w[j][v]);
     }
     for (int r = 0; r < R; ++r)
       for (int v = 0; v < G / L; ++v) {
@@ -149,6 +154,8 @@ void dequant_rows(const Blocks& b, float* out, int64_t K, int64_t n0, int64_t n1
       const int64_t i = n * b.ng + g;
       Reg w[G / L];
       decode<BITS, G, MIN>(b.codes + n * b.row_bytes, g, b.scale[i], MIN ? b.min[i] : 0.f, w);
+      if (b.bf16)
+        for (int v = 0; v < G / L; ++v) w[v] = Vec::round_bf16(w[v]);
       for (int v = 0; v < G / L; ++v) Vec::store(out + n * K + g * G + v * L, w[v]);
     }
 }
@@ -208,22 +215,26 @@ std::pair<int64_t, int> check(const at::Tensor& codes, const at::Tensor& scale, 
   return {K, bits};
 }
 
-Blocks blocks_of(const at::Tensor& codes, const at::Tensor& scale, const std::optional<at::Tensor>& min, int64_t group) {
+Blocks blocks_of(const at::Tensor& codes, const at::Tensor& scale, const std::optional<at::Tensor>& min, bool bf16) {
   return Blocks{reinterpret_cast<const uint8_t*>(codes.data_ptr()), codes.size(1), scale.data_ptr<float>(),
-                min.has_value() ? min->data_ptr<float>() : nullptr, scale.size(1)};
+                min.has_value() ? min->data_ptr<float>() : nullptr, scale.size(1), bf16};
 }
 
 }  // namespace
 
-// x (M, K) float -> (M, N) in x's dtype, fp32 arithmetic with the weights fma(code, scale, min)
+// x (M, K) fp32 or bf16 -> (M, N) in x's dtype: fp32 arithmetic with the weights fma(code, scale, min),
+// rounded to bf16 for bf16 activations (the weights of the bf16 model; bf16 x bf16 products are exact
+// in fp32), i.e. F.linear of the dequantized model in x's dtype up to the order of the fp32 sums
 at::Tensor blocks_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
                          const std::optional<at::Tensor>& min, int64_t group) {
   const auto [K, bits] = check(codes, scale, min, group, "blocks_linear");
   TORCH_CHECK(x.dim() == 2 && x.size(1) == K, "evolm blocks_linear: x must be (M, ", K, "), got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "evolm blocks_linear: x must be float32 or bfloat16, got ", x.scalar_type());
   const int64_t M = x.size(0), N = codes.size(0);
   const at::Tensor xf = x.to(at::kFloat).contiguous();
   at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
-  const Blocks b = blocks_of(codes, scale, min, group);
+  const Blocks b = blocks_of(codes, scale, min, x.scalar_type() == at::kBFloat16);
   const float* xp = xf.data_ptr<float>();
   float* o = out.data_ptr<float>();
   const int64_t grain = std::max<int64_t>(16, (N / (4 * at::get_num_threads())) & ~int64_t(3));
@@ -242,7 +253,7 @@ at::Tensor blocks_dequantize(const at::Tensor& codes, const at::Tensor& scale, c
   const auto [K, bits] = check(codes, scale, min, group, "blocks_dequantize");
   const int64_t N = codes.size(0);
   at::Tensor out = at::empty({N, K}, scale.options());
-  const Blocks b = blocks_of(codes, scale, min, group);
+  const Blocks b = blocks_of(codes, scale, min, false);
   float* o = out.data_ptr<float>();
   dispatch(bits, group, min.has_value(), [&](auto BITS, auto G, auto MIN) {
     at::parallel_for(0, N, 64, [&](int64_t a, int64_t c) {

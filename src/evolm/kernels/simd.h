@@ -38,6 +38,13 @@ struct V8 {
   static Reg u8(__m128i b) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)); }  // the low 8 bytes
   static Reg set1(float v) { return _mm256_set1_ps(v); }
   static Reg mul(Reg a, Reg b) { return _mm256_mul_ps(a, b); }
+  // each lane rounded to bf16 (to nearest even, as PyTorch's float -> bfloat16), kept as fp32
+  static Reg round_bf16(Reg v) {
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    const __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)));
+    return _mm256_castsi256_ps(_mm256_and_si256(r, _mm256_set1_epi32(int32_t(0xFFFF0000u))));
+  }
   static Reg fma(Reg a, Reg b, Reg c) { return _mm256_fmadd_ps(a, b, c); }
   static float sum(Reg v) { return hsum(v); }
 };
@@ -61,6 +68,13 @@ struct V16 {
   static Reg u8(__m128i b) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b)); }  // 16 bytes
   static Reg set1(float v) { return _mm512_set1_ps(v); }
   static Reg mul(Reg a, Reg b) { return _mm512_mul_ps(a, b); }
+  // each lane rounded to bf16 (to nearest even, as PyTorch's float -> bfloat16), kept as fp32
+  static Reg round_bf16(Reg v) {
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+    return _mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32(int32_t(0xFFFF0000u))));
+  }
   static Reg fma(Reg a, Reg b, Reg c) { return _mm512_fmadd_ps(a, b, c); }
   static float sum(Reg v) { return _mm512_reduce_add_ps(v); }
 };
