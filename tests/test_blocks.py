@@ -201,5 +201,9 @@ def test_bf16_model_with_blocks_equals_the_bf16_model():
         assert torch.equal(model(ids), ref(ids))
         a, b = ref(ids[:, :4]).float(), model(ids[:, :4]).float()
         assert (a - b).abs().max() < 0.05 * a.abs().max()  # bf16 outputs of fp32 sums in another order
+    # decoding: the compiled bf16 step of both multiplies bf16 pairs in the same order (vdpbf16ps
+    # where the CPU has it), so their greedy tokens agree; bf16's coarse rounding makes the eager
+    # loop (oneDNN's bf16 GEMV) a different, equally valid, sum order
     p = SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True)
-    assert generate(model.fuse_for_inference(), ids, p, compile=True) == generate(ref, ids, p)
+    ref.fuse_for_inference()
+    assert generate(model.fuse_for_inference(), ids, p, compile=True) == generate(ref, ids, p, compile=True)
