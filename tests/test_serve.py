@@ -480,3 +480,14 @@ def test_engine_matches_generate_for_every_attention_kind(preset, one_thread):
     assert engine.stats["peak_active"] == 3
     assert [col.tokens[i] for i in range(len(prompts))] == ref
     assert all(isinstance(e, DoneEvent) and e.finish_reason == "length" for e in col.end.values())
+
+
+def test_build_app_keeps_blocks():
+    """`evolm serve --keep-blocks`: the engine's model keeps the GGUF file's blocks, on the CPU
+    even with --device auto."""
+    from evolm.blocks import BlockLinear
+    from evolm.serve import build_app
+
+    _, engine = build_app(smollm2_path(), keep_blocks=True, device="auto")
+    assert engine.device.type == "cpu"
+    assert sum(isinstance(m, BlockLinear) for m in engine.model.modules()) == 30 * 7 + 1
