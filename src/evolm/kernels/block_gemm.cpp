@@ -96,8 +96,8 @@ inline void decode(const uint8_t* row, int64_t g, float s, float m, Reg* w) {
 // NR weight rows (n .. n + NR - 1) x R activation rows -> out[r * ldo + j]: each group of the NR
 // weight rows is rebuilt once, then each activation row's slice is loaded once and multiplied into
 // all of them (NR FMAs per load: loads, not FMAs, would bound it the other way round)
-template <int NR, int R, int BITS, int G, bool MIN>
-inline void tile(const Blocks& b, int64_t n, const float* x, int64_t K, float* out, int64_t ldo) {
+template <int NR, int R, int BITS, int G, bool MIN, class O>
+inline void tile(const Blocks& b, int64_t n, const float* x, int64_t K, O* out, int64_t ldo) {
   Reg acc[NR][R];
   for (int j = 0; j < NR; ++j)
     for (int r = 0; r < R; ++r) acc[j][r] = Vec::zero();
@@ -119,7 +119,7 @@ inline void tile(const Blocks& b, int64_t n, const float* x, int64_t K, float* o
       }
   }
   for (int j = 0; j < NR; ++j)
-    for (int r = 0; r < R; ++r) out[r * ldo + j] = Vec::sum(acc[j][r]);
+    for (int r = 0; r < R; ++r) out[r * ldo + j] = static_cast<O>(Vec::sum(acc[j][r]));
 }
 
 #if defined(__AVX512BF16__)
@@ -127,8 +127,8 @@ inline void tile(const Blocks& b, int64_t n, const float* x, int64_t K, float* o
 // vcvtne2ps2bf16 (to nearest even, as .to(bfloat16)) and multiplied by 32 activations in pairs by
 // one vdpbf16ps, the arithmetic of the dense bf16 model's kernel (skinny_gemm.cpp); rounding in
 // fp32 registers and FMAs instead ran at 80 against the dense model's 93 tok/s (SmolLM2)
-template <int NR, int R, int BITS, int G, bool MIN>
-inline void tile(const Blocks& b, int64_t n, const uint16_t* x, int64_t K, float* out, int64_t ldo) {
+template <int NR, int R, int BITS, int G, bool MIN, class O>
+inline void tile(const Blocks& b, int64_t n, const uint16_t* x, int64_t K, O* out, int64_t ldo) {
   constexpr int GP = 32 / G;  // groups per 32 weights
   __m512 acc[NR][R];
   for (int j = 0; j < NR; ++j)
@@ -151,33 +151,33 @@ inline void tile(const Blocks& b, int64_t n, const uint16_t* x, int64_t K, float
     }
   }
   for (int j = 0; j < NR; ++j)
-    for (int r = 0; r < R; ++r) out[r * ldo + j] = _mm512_reduce_add_ps(acc[j][r]);
+    for (int r = 0; r < R; ++r) out[r * ldo + j] = static_cast<O>(_mm512_reduce_add_ps(acc[j][r]));
 }
 #endif
 
-template <int NR, int BITS, int G, bool MIN, class X>
-inline void tile_r(int64_t R, const Blocks& b, int64_t n, const X* x, int64_t K, float* out, int64_t ldo) {
+template <int NR, int BITS, int G, bool MIN, class X, class O>
+inline void tile_r(int64_t R, const Blocks& b, int64_t n, const X* x, int64_t K, O* out, int64_t ldo) {
   switch (R) {
-    case 1: return tile<NR, 1, BITS, G, MIN>(b, n, x, K, out, ldo);
-    case 2: return tile<NR, 2, BITS, G, MIN>(b, n, x, K, out, ldo);
-    case 3: return tile<NR, 3, BITS, G, MIN>(b, n, x, K, out, ldo);
-    default: return tile<NR, 4, BITS, G, MIN>(b, n, x, K, out, ldo);
+    case 1: return tile<NR, 1, BITS, G, MIN, O>(b, n, x, K, out, ldo);
+    case 2: return tile<NR, 2, BITS, G, MIN, O>(b, n, x, K, out, ldo);
+    case 3: return tile<NR, 3, BITS, G, MIN, O>(b, n, x, K, out, ldo);
+    default: return tile<NR, 4, BITS, G, MIN, O>(b, n, x, K, out, ldo);
   }
 }
 
 // output columns n0..n1 for all M rows: NR weight rows at a time, activation rows in passes of 4
-template <int BITS, int G, bool MIN, class X>
-void rows(const Blocks& b, const X* x, int64_t M, int64_t K, float* out, int64_t N, int64_t n0, int64_t n1) {
+template <int BITS, int G, bool MIN, class X, class O>
+void rows(const Blocks& b, const X* x, int64_t M, int64_t K, O* out, int64_t N, int64_t n0, int64_t n1) {
   // one activation row: 4 weight rows interleaved keep 4 accumulator chains in flight; more rows
   // already have M chains per weight row
   constexpr int NR = 4;
   int64_t n = n0;
   for (; n + NR <= n1; n += NR)
     for (int64_t r = 0; r < M; r += 4)
-      tile_r<NR, BITS, G, MIN, X>(std::min<int64_t>(4, M - r), b, n, x + r * K, K, out + r * N + n, N);
+      tile_r<NR, BITS, G, MIN, X, O>(std::min<int64_t>(4, M - r), b, n, x + r * K, K, out + r * N + n, N);
   for (; n < n1; ++n)
     for (int64_t r = 0; r < M; r += 4)
-      tile_r<1, BITS, G, MIN, X>(std::min<int64_t>(4, M - r), b, n, x + r * K, K, out + r * N + n, N);
+      tile_r<1, BITS, G, MIN, X, O>(std::min<int64_t>(4, M - r), b, n, x + r * K, K, out + r * N + n, N);
 }
 
 template <int BITS, int G, bool MIN>
@@ -193,13 +193,13 @@ void dequant_rows(const Blocks& b, float* out, int64_t K, int64_t n0, int64_t n1
     }
 }
 #else
-template <int BITS, int G, bool MIN, class X>
-void rows(const Blocks& b, const X* x, int64_t M, int64_t K, float* out, int64_t N, int64_t n0, int64_t n1) {
+template <int BITS, int G, bool MIN, class X, class O>
+void rows(const Blocks& b, const X* x, int64_t M, int64_t K, O* out, int64_t N, int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; ++n)
     for (int64_t r = 0; r < M; ++r) {
       float s = 0.f;
       for (int64_t k = 0; k < K; ++k) s += weight_at<BITS, G>(b, n, k) * x[r * K + k];
-      out[r * N + n] = s;
+      out[r * N + n] = static_cast<O>(s);
     }
 }
 
@@ -266,14 +266,17 @@ at::Tensor blocks_linear(const at::Tensor& x, const at::Tensor& codes, const at:
               "evolm blocks_linear: x must be float32 or bfloat16, got ", x.scalar_type());
   const int64_t M = x.size(0), N = codes.size(0);
   const bool bf16 = x.scalar_type() == at::kBFloat16;
-  at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
+  // bf16 results are written by the kernel (one rounding, as .to(bfloat16), without a second pass)
+  at::Tensor out = at::empty({M, N}, x.options());
   const Blocks b = blocks_of(codes, scale, min, bf16);
-  float* o = out.data_ptr<float>();
   const int64_t grain = std::max<int64_t>(16, (N / (4 * at::get_num_threads())) & ~int64_t(3));
   const auto product = [&](const auto* xp) {
     dispatch(bits, group, min.has_value(), [&](auto BITS, auto G, auto MIN) {
       at::parallel_for(0, N, grain, [&](int64_t a, int64_t c) {
-        rows<decltype(BITS)::value, decltype(G)::value, decltype(MIN)::value>(b, xp, M, K, o, N, a, c);
+        constexpr int bits_ = decltype(BITS)::value, g_ = decltype(G)::value;
+        constexpr bool min_ = decltype(MIN)::value;
+        if (bf16) rows<bits_, g_, min_>(b, xp, M, K, out.data_ptr<at::BFloat16>(), N, a, c);
+        else rows<bits_, g_, min_>(b, xp, M, K, out.data_ptr<float>(), N, a, c);
       });
     });
   };
@@ -281,12 +284,12 @@ at::Tensor blocks_linear(const at::Tensor& x, const at::Tensor& codes, const at:
   if (bf16 && K % 32 == 0) {  // bf16 pairs (32 weights a step)
     const at::Tensor xc = x.contiguous();
     product(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()));
-    return out.to(x.scalar_type());
+    return out;
   }
 #endif
   const at::Tensor xf = x.to(at::kFloat).contiguous();
   product(xf.data_ptr<float>());
-  return out.scalar_type() == x.scalar_type() ? out : out.to(x.scalar_type());
+  return out;
 }
 
 // the (N, K) float32 weights the blocks hold (prefill multiplies many rows: it rebuilds them, then
