@@ -8,7 +8,7 @@ dequantized model (checked for every layer when it is built, see :func:`keep_blo
 and sums stay fp32: nothing is rounded that F.linear on the dequantized weights would not round, so
 the logits equal the float model's up to the order of fp32 sums (unlike llama.cpp's CPU path,
 which quantizes the activations to int8). What changes is the bytes a decoding step reads: for
-SmolLM2 (Q4_1, Q8_0 embeddings) 108 MB instead of 540, for Gemma 3 270M about 250 MB instead of 1070.
+SmolLM2 (Q4_1, Q8_0 embeddings) 111 MB instead of 540, for Gemma 3 270M 294 MB instead of 1070.
 
 Up to ``KERNEL_ROWS`` rows (decoding) run ``evolm_f::blocks_linear`` (evolm/kernels/block_gemm.cpp);
 more rows (a prompt) rebuild the float32 weight once per call and use the float matmul. In a
