@@ -76,12 +76,12 @@ def cmd_convert(args) -> None:
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-def _device(name: str):
+def _device(name: str, cpu_only: bool = False):
     """``--device`` (:func:`evolm.loading.resolve_device`); a bad value is a one-line error."""
     from evolm.loading import resolve_device
 
     try:
-        return resolve_device(name)
+        return resolve_device(name, cpu_only)
     except ValueError as e:
         _fail(str(e))
 
@@ -95,13 +95,8 @@ def _load_for_generation(args):
     blocks = getattr(args, "keep_blocks", False)
     if blocks and getattr(args, "quantize", None):
         _fail(f"--keep-blocks keeps the file's own quantization; drop --quantize {args.quantize}")
-    device = _device("cpu" if name == "auto" and (getattr(args, "quantize", None) or blocks) else name)
-    try:
-        model, tok = load(args.model, dtype=getattr(torch, args.dtype), device=device, blocks=blocks)
-    except ValueError as e:
-        if not blocks:
-            raise
-        _fail(str(e))
+    device = _device(name, cpu_only=bool(getattr(args, "quantize", None) or blocks))
+    model, tok = load(args.model, dtype=getattr(torch, args.dtype), device=device, blocks=blocks)
     if tok is None:
         _fail(f"{args.model}: no tokenizer found (expected tokenizer.json, or GGUF tokenizer metadata)")
     torch.set_num_threads(args.threads or torch.get_num_threads())

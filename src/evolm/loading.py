@@ -88,12 +88,13 @@ def detect_format(path: str | os.PathLike) -> str:
     raise ValueError(f"{p}: no config.json{several}, found {found}; {expected}")
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, cpu_only: bool = False) -> torch.device:
     """A ``--device`` value as a torch device: ``"auto"`` is the first CUDA GPU when there is one,
-    else the CPU; ``cpu``, ``cuda`` and ``cuda:N`` must exist here. Anything else raises a
+    else the CPU (always the CPU with ``cpu_only``: a CPU path such as ``--quantize`` or
+    ``--keep-blocks``); ``cpu``, ``cuda`` and ``cuda:N`` must exist here. Anything else raises a
     ValueError that names the value and what was expected (not a traceback from inside torch)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cuda" if torch.cuda.is_available() and not cpu_only else "cpu")
     try:
         dev = torch.device(name)
     except RuntimeError:
@@ -119,8 +120,6 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None,
     if blocks and kind != "gguf":
         raise ValueError(f"{p}: keeping quantized blocks (--keep-blocks) needs a GGUF file; this is a"
                          f"{'n evolm' if kind == 'evolm' else ' Hugging Face'} folder with float weights")
-    if blocks and device is not None and torch.device(device).type != "cpu":
-        raise ValueError(f"{p}: keeping quantized blocks (--keep-blocks) is a CPU path; use --device cpu")
     if kind == "gguf":
         if p.is_dir():
             p = sorted(p.glob("*.gguf"))[0]
@@ -129,9 +128,8 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None,
         except ImportError as e:
             raise ImportError(f"{p}: reading GGUF files needs evolm.interop.gguf and the 'gguf' package "
                               f"({e})") from None
-        model, tokenizer = load_gguf(str(p), blocks=blocks, **({"dtype": dtype} if dtype is not None else {}))
-        if device is not None:
-            model = model.to(device)
+        model, tokenizer = load_gguf(str(p), device=device, blocks=blocks,
+                                     **({"dtype": dtype} if dtype is not None else {}))
         return model.eval(), tokenizer
     if kind == "hf":
         return _hf.load_hf_folder(p, dtype=dtype, device=device), _tokenizer_from_dir(p)

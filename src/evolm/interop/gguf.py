@@ -559,6 +559,9 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     arithmetic with bit-identical weights, 5-10 bits read per weight instead of 32);
     ``model.blocks_report`` says, per parameter, what was kept and why anything stayed float.
     """
+    if blocks and torch.device(device or "cpu").type != "cpu":
+        raise GGUFError(f"{path}: keeping quantized blocks (blocks=True, --keep-blocks) is a CPU path; "
+                        f"use --device cpu")
     f = GGUFFile(path, tokenizer=tokenizer)
     config = config_from_metadata(f.metadata, {n: t.shape for n, t in f.tensors.items()}, f.path)
     with _EmptyParameters():
@@ -585,9 +588,6 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     if found is not None:
         from evolm.blocks import keep_blocks
 
-        if next(model.parameters()).device.type != "cpu":
-            raise GGUFError(f"{f.path}: blocks=True (--keep-blocks) is a CPU path; load without it on "
-                            f"{next(model.parameters()).device}")
         stayed = found.pop("__float__", {})
         model.blocks_report = {**keep_blocks(model, found), **{k: f"float: {v}" for k, v in stayed.items()}}
     tok = None

@@ -23,8 +23,9 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 # the --keep-blocks help of `evolm generate`, `chat` and `serve` (evolm/blocks.py)
-KEEP_BLOCKS_HELP = ("GGUF on CPU: keep the file's quantized blocks and compute in fp32 with exactly the weights they "
-                    "encode (reads 5-10 bits per weight instead of 32)")
+KEEP_BLOCKS_HELP = ("GGUF on CPU: keep the file's quantized blocks and compute with exactly the weights they encode "
+                    "(the dense model's numbers, reading 5-10 bits per weight instead of 32 or 16)")
+
 
 def model_id(model_path: str | os.PathLike) -> str:
     """The name clients use for the model: the file's stem or the folder's name."""
@@ -48,9 +49,8 @@ def build_app(model_path: str | os.PathLike, api_key: str | None = None, dtype: 
         raise ImportError(f"evolm serve needs fastapi and uvicorn: pip install 'evolm[serve]' ({e})") from None
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-    if keep_blocks and device == "auto":
-        device = "cpu"
-    model, tokenizer = load(model_path, dtype=getattr(torch, dtype), device=resolve_device(device), blocks=keep_blocks)
+    model, tokenizer = load(model_path, dtype=getattr(torch, dtype), device=resolve_device(device, keep_blocks),
+                            blocks=keep_blocks)
     if tokenizer is None:
         raise ValueError(f"{model_path}: no tokenizer found (a tokenizer.json or GGUF vocabulary is needed "
                          f"to serve text)")
