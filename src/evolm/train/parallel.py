@@ -13,6 +13,7 @@ As in torchtitan, the model file knows nothing about parallelism: this module ta
 
 from __future__ import annotations
 
+import atexit
 import os
 
 import torch
@@ -28,12 +29,22 @@ def init_distributed(mode: str) -> tuple[int, int, torch.device]:
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend)
+        # A process group left alive at interpreter exit tears down gloo's worker threads in an
+        # undefined order; under load one rank can abort ("terminate called without an active
+        # exception") after the run already finished. Shut it down explicitly instead.
+        atexit.register(shutdown_distributed)
     rank = dist.get_rank()
     if torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
         return rank, dist.get_world_size(), torch.device("cuda", local)
     return rank, dist.get_world_size(), torch.device("cpu")
+
+
+def shutdown_distributed() -> None:
+    """Destroy the process group (idempotent); registered at exit by ``init_distributed``."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def apply_activation_checkpointing(model) -> None:
