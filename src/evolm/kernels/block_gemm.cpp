@@ -93,33 +93,46 @@ inline void decode(const uint8_t* row, int64_t g, float s, float m, Reg* w) {
   }
 }
 
-// NR weight rows (n .. n + NR - 1) x R activation rows -> out[r * ldo + j]: each group of the NR
-// weight rows is rebuilt once, then each activation row's slice is loaded once and multiplied into
-// all of them (NR FMAs per load: loads, not FMAs, would bound it the other way round)
-template <int NR, int R, int BITS, int G, bool MIN, class O>
-inline void tile(const Blocks& b, int64_t n, const float* x, int64_t K, O* out, int64_t ldo) {
-  Reg acc[NR][R];
-  for (int j = 0; j < NR; ++j)
-    for (int r = 0; r < R; ++r) acc[j][r] = Vec::zero();
-  for (int64_t g = 0; g < b.ng; ++g) {
-    Reg w[NR][G / L];
-    for (int j = 0; j < NR; ++j) {
-      const int64_t i = (n + j) * b.ng + g;
-      // the next tile's codes (and scales) at this group: they stream from memory while this
-      // tile computes (measured 1.6-2.2x on a 49152 x 576 head that does not fit in cache)
-      _mm_prefetch(reinterpret_cast<const char*>(b.codes + (n + NR + j) * b.row_bytes + g * G * BITS / 8), _MM_HINT_T0);
-      decode<BITS, G, MIN>(b.codes + (n + j) * b.row_bytes, g, b.scale[i], MIN ? b.min[i] : 0.f, w[j]);
-      if (b.bf16)
-        for (int v = 0; v < G / L; ++v) w[j][v] = Vec::round_bf16(w[j][v]);
-    }
-    for (int r = 0; r < R; ++r)
-      for (int v = 0; v < G / L; ++v) {
-        const Reg xv = Vec::load(x + r * K + g * G + v * L);
-        for (int j = 0; j < NR; ++j) acc[j][r] = Vec::fma(w[j][v], xv, acc[j][r]);
+// R activation rows (R <= RMAX) times one weight row: the row's groups in order, each rebuilt once and
+// multiplied into the R rows, two accumulator chains per activation row, and the weight row PF
+// ahead prefetched. Interleaving 4 weight rows instead (one activation load for 4 of them) ran the
+// Gemma 3 head's Q8_0 blocks (262144 x 640) at 17-18 G weights/s on 2 Zen 4 cores at batch 1,
+// this order at 25-28: one row streamed at a time is what the hardware prefetcher follows best.
+// Every activation row's sum has the same order whatever R is, so a row's result does not depend
+// on the batch it decodes in.
+constexpr int PF = 4;
+
+template <int R, int BITS, int G, bool MIN, class O>
+inline void row_r(const Blocks& b, int64_t n, const float* x, int64_t K, O* out, int64_t ldo) {
+  constexpr int V = G / L;  // registers per group
+  const uint8_t* row = b.codes + n * b.row_bytes;
+  const float* s = b.scale + n * b.ng;
+  const float* m = MIN ? b.min + n * b.ng : nullptr;
+  Reg acc[2][R];
+  for (int c = 0; c < 2; ++c)
+    for (int r = 0; r < R; ++r) acc[c][r] = Vec::zero();
+  // group g into chains c, c ^ 1, ... (one chain per register of the group, alternating)
+  const auto group = [&](int64_t g, int c) {
+    _mm_prefetch(reinterpret_cast<const char*>(row + PF * b.row_bytes + g * G * BITS / 8), _MM_HINT_T0);
+    Reg w[V];
+    decode<BITS, G, MIN>(row, g, s[g], MIN ? m[g] : 0.f, w);
+    if (b.bf16)
+      for (int v = 0; v < V; ++v) w[v] = Vec::round_bf16(w[v]);
+    for (int v = 0; v < V; ++v)
+      for (int r = 0; r < R; ++r) {
+        Reg& a = acc[(c + v) % 2][r];
+        a = Vec::fma(w[v], Vec::load(x + r * K + g * G + v * L), a);
       }
+  };
+  int64_t g = 0;
+  if constexpr (V == 1) {  // one register per group: alternate the chains between groups
+    for (; g + 2 <= b.ng; g += 2) {
+      group(g, 0);
+      group(g + 1, 1);
+    }
   }
-  for (int j = 0; j < NR; ++j)
-    for (int r = 0; r < R; ++r) out[r * ldo + j] = static_cast<O>(Vec::sum(acc[j][r]));
+  for (; g < b.ng; ++g) group(g, 0);
+  for (int r = 0; r < R; ++r) out[r * ldo] = static_cast<O>(Vec::sum(Vec::add(acc[0][r], acc[1][r])));
 }
 
 #if defined(__AVX512BF16__)
@@ -127,57 +140,57 @@ inline void tile(const Blocks& b, int64_t n, const float* x, int64_t K, O* out, 
 // vcvtne2ps2bf16 (to nearest even, as .to(bfloat16)) and multiplied by 32 activations in pairs by
 // one vdpbf16ps, the arithmetic of the dense bf16 model's kernel (skinny_gemm.cpp); rounding in
 // fp32 registers and FMAs instead ran at 80 against the dense model's 93 tok/s (SmolLM2)
-template <int NR, int R, int BITS, int G, bool MIN, class O>
-inline void tile(const Blocks& b, int64_t n, const uint16_t* x, int64_t K, O* out, int64_t ldo) {
+template <int R, int BITS, int G, bool MIN, class O>
+inline void row_r(const Blocks& b, int64_t n, const uint16_t* x, int64_t K, O* out, int64_t ldo) {
   constexpr int GP = 32 / G;  // groups per 32 weights
-  __m512 acc[NR][R];
-  for (int j = 0; j < NR; ++j)
-    for (int r = 0; r < R; ++r) acc[j][r] = _mm512_setzero_ps();
-  for (int64_t g = 0; g < b.ng; g += GP) {
-    __m512bh w[NR];
-    for (int j = 0; j < NR; ++j) {
-      const uint8_t* row = b.codes + (n + j) * b.row_bytes;
-      _mm_prefetch(reinterpret_cast<const char*>(row + NR * b.row_bytes + g * G * BITS / 8), _MM_HINT_T0);
-      Reg f[2];
-      for (int p = 0; p < GP; ++p) {
-        const int64_t i = (n + j) * b.ng + g + p;
-        decode<BITS, G, MIN>(row, g + p, b.scale[i], MIN ? b.min[i] : 0.f, f + p);
-      }
-      w[j] = _mm512_cvtne2ps_pbh(f[1], f[0]);
-    }
-    for (int r = 0; r < R; ++r) {
-      const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + r * K + g * G);
-      for (int j = 0; j < NR; ++j) acc[j][r] = _mm512_dpbf16_ps(acc[j][r], w[j], xv);
-    }
+  const uint8_t* row = b.codes + n * b.row_bytes;
+  const float* s = b.scale + n * b.ng;
+  const float* m = MIN ? b.min + n * b.ng : nullptr;
+  __m512 acc[2][R];
+  for (int c = 0; c < 2; ++c)
+    for (int r = 0; r < R; ++r) acc[c][r] = _mm512_setzero_ps();
+  const auto step = [&](int64_t g, int c) {  // the 32 weights from group g on, into chain c
+    _mm_prefetch(reinterpret_cast<const char*>(row + PF * b.row_bytes + g * G * BITS / 8), _MM_HINT_T0);
+    Reg f[2];
+    for (int p = 0; p < GP; ++p) decode<BITS, G, MIN>(row, g + p, s[g + p], MIN ? m[g + p] : 0.f, f + p);
+    const __m512bh w = _mm512_cvtne2ps_pbh(f[1], f[0]);
+    for (int r = 0; r < R; ++r)
+      acc[c][r] = _mm512_dpbf16_ps(acc[c][r], w, (__m512bh)_mm512_loadu_si512(x + r * K + g * G));
+  };
+  int64_t g = 0;
+  for (; g + 2 * GP <= b.ng; g += 2 * GP) {
+    step(g, 0);
+    step(g + GP, 1);
   }
-  for (int j = 0; j < NR; ++j)
-    for (int r = 0; r < R; ++r) out[r * ldo + j] = static_cast<O>(_mm512_reduce_add_ps(acc[j][r]));
+  if (g < b.ng) step(g, 0);
+  for (int r = 0; r < R; ++r) out[r * ldo] = static_cast<O>(_mm512_reduce_add_ps(_mm512_add_ps(acc[0][r], acc[1][r])));
 }
 #endif
 
-template <int NR, int BITS, int G, bool MIN, class X, class O>
-inline void tile_r(int64_t R, const Blocks& b, int64_t n, const X* x, int64_t K, O* out, int64_t ldo) {
+// activation rows per pass: 2 chains x RMAX accumulators + the group's weights fit the registers
+// (32 zmm / 16 ymm)
+constexpr int RMAX = L == 16 ? 8 : 4;
+
+template <int BITS, int G, bool MIN, class X, class O>
+inline void row_any(int64_t R, const Blocks& b, int64_t n, const X* x, int64_t K, O* out, int64_t ldo) {
   switch (R) {
-    case 1: return tile<NR, 1, BITS, G, MIN, O>(b, n, x, K, out, ldo);
-    case 2: return tile<NR, 2, BITS, G, MIN, O>(b, n, x, K, out, ldo);
-    case 3: return tile<NR, 3, BITS, G, MIN, O>(b, n, x, K, out, ldo);
-    default: return tile<NR, 4, BITS, G, MIN, O>(b, n, x, K, out, ldo);
+    case 1: return row_r<1, BITS, G, MIN, O>(b, n, x, K, out, ldo);
+    case 2: return row_r<2, BITS, G, MIN, O>(b, n, x, K, out, ldo);
+    case 3: return row_r<3, BITS, G, MIN, O>(b, n, x, K, out, ldo);
+    case 4: return row_r<4, BITS, G, MIN, O>(b, n, x, K, out, ldo);
+    case 5: return row_r<RMAX >= 5 ? 5 : 1, BITS, G, MIN, O>(b, n, x, K, out, ldo);
+    case 6: return row_r<RMAX >= 6 ? 6 : 1, BITS, G, MIN, O>(b, n, x, K, out, ldo);
+    case 7: return row_r<RMAX >= 7 ? 7 : 1, BITS, G, MIN, O>(b, n, x, K, out, ldo);
+    default: return row_r<RMAX, BITS, G, MIN, O>(b, n, x, K, out, ldo);
   }
 }
 
-// output columns n0..n1 for all M rows: NR weight rows at a time, activation rows in passes of 4
+// output columns n0..n1 for all M rows: one weight row at a time, activation rows in passes of RMAX
 template <int BITS, int G, bool MIN, class X, class O>
 void rows(const Blocks& b, const X* x, int64_t M, int64_t K, O* out, int64_t N, int64_t n0, int64_t n1) {
-  // one activation row: 4 weight rows interleaved keep 4 accumulator chains in flight; more rows
-  // already have M chains per weight row
-  constexpr int NR = 4;
-  int64_t n = n0;
-  for (; n + NR <= n1; n += NR)
-    for (int64_t r = 0; r < M; r += 4)
-      tile_r<NR, BITS, G, MIN, X, O>(std::min<int64_t>(4, M - r), b, n, x + r * K, K, out + r * N + n, N);
-  for (; n < n1; ++n)
-    for (int64_t r = 0; r < M; r += 4)
-      tile_r<1, BITS, G, MIN, X, O>(std::min<int64_t>(4, M - r), b, n, x + r * K, K, out + r * N + n, N);
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t r = 0; r < M; r += RMAX)
+      row_any<BITS, G, MIN>(std::min<int64_t>(RMAX, M - r), b, n, x + r * K, K, out + r * N + n, N);
 }
 
 template <int BITS, int G, bool MIN>

@@ -38,6 +38,7 @@ struct V8 {
   static Reg u8(__m128i b) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)); }  // the low 8 bytes
   static Reg set1(float v) { return _mm256_set1_ps(v); }
   static Reg mul(Reg a, Reg b) { return _mm256_mul_ps(a, b); }
+  static Reg add(Reg a, Reg b) { return _mm256_add_ps(a, b); }
   // each lane rounded to bf16 (to nearest even, as PyTorch's float -> bfloat16), kept as fp32
   static Reg round_bf16(Reg v) {
     const __m256i u = _mm256_castps_si256(v);
@@ -68,6 +69,7 @@ struct V16 {
   static Reg u8(__m128i b) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b)); }  // 16 bytes
   static Reg set1(float v) { return _mm512_set1_ps(v); }
   static Reg mul(Reg a, Reg b) { return _mm512_mul_ps(a, b); }
+  static Reg add(Reg a, Reg b) { return _mm512_add_ps(a, b); }
   // each lane rounded to bf16 (to nearest even, as PyTorch's float -> bfloat16), kept as fp32
   static Reg round_bf16(Reg v) {
     const __m512i u = _mm512_castps_si512(v);
