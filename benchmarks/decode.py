@@ -13,7 +13,8 @@ decode tokens/s for 128 new tokens at batch 1 and 8, and the ratio evolm / trans
 Variants: ``evolm`` (eager decoding loop), ``int8`` / ``int4`` (weight-only quantized linears and
 head, see ``evolm/quant.py``), ``blocks`` (the file's own blocks kept, fp32 arithmetic with the same
 weights as ``evolm``, see ``evolm/blocks.py``) and, with ``--compile``, each of them again decoding with the
-``torch.compile``-d step over a static cache (``generate(..., compile=True)``). ``--kernels-ab``
+``torch.compile``-d step over a static cache (``generate(..., compile=True)``; their prefill is
+timed as generate runs it, through the compiled prefill graph). ``--kernels-ab``
 builds every quantized variant both with evolm's C++ int8-activation kernels (``evolm/kernels``)
 and with PyTorch's, to compare them in one run. ``--repeat N``
 times every engine N times, interleaved, and prints the median and the spread (the machine may be
@@ -40,7 +41,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 import evolm.quant as quant  # noqa: E402
-from evolm.generate import SamplingParams, generate  # noqa: E402
+from evolm.cache import KVCache, StaticKVCache  # noqa: E402
+from evolm.generate import SamplingParams, generate, prefill  # noqa: E402
 from evolm.interop.gguf import find_asset, load_gguf  # noqa: E402
 from stats import median_spread, sync  # noqa: E402  (benchmarks/stats.py)
 
@@ -66,10 +68,17 @@ def bench_evolm(model, ids: torch.Tensor, new: int, compile: bool = False, warm:
         if warm:
             run(2)  # warm-up (and compilation, for compiled paths)
             run(2)
-        prefill = min(_timed(lambda: model(ids, last_only=True)) for _ in range(2))
+        prefill = min(_timed(lambda: _prefill(model, ids, compile)) for _ in range(2))
         one = min(_timed(lambda: run(1)) for _ in range(2))
         full = _timed(lambda: TOKENS.__setitem__((id(model), compile), run(new)))
     return ids.numel() / prefill, ids.shape[0] * (new - 1) / (full - one)
+
+
+def _prefill(model, ids: torch.Tensor, compile: bool) -> torch.Tensor:
+    """The prompt's forward as generate() runs it: into a fresh cache, compiled with ``compile``."""
+    B, T = ids.shape
+    cache = StaticKVCache(B, T + 1, device=ids.device) if compile else KVCache.for_model(model, B, T + 1)
+    return prefill(model, ids, cache, compile=compile)
 
 
 TOKENS: dict = {}  # (model, compiled) -> the greedy tokens of the last timed run

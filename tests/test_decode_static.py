@@ -242,3 +242,39 @@ def test_compiled_bf16_step_is_as_exact_as_eager_bf16(one_thread):
         err_eager, err_compiled = (eager - ref).abs().max(), (compiled - ref).abs().max()
         assert err_compiled <= 1.5 * err_eager + 1e-2, (family, float(err_compiled), float(err_eager))
         torch.testing.assert_close(compiled, eager, rtol=0.05, atol=4 * float(err_eager) + 1e-2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["llama", "gemma3", "deepseek"])
+def test_compiled_prefill_stores_what_the_eager_prefill_stores(family, one_thread):
+    """generate(compile=True) prefills through one compiled graph (PrefillKV collects each layer's
+    keys/values, StaticKVCache.store_prefill stores them): the same logits and the same cache as
+    the eager prefill, with padding, sliding windows (gemma3: a prompt past the tiny window) and
+    MLA's latent and MoE layers (deepseek); prompts of another length reuse the graph (not with
+    MoE, whose routing has data-dependent shapes: its graph breaks there, and each piece becomes
+    dynamic on the second length, once)."""
+    from torch._dynamo.utils import counters
+
+    from evolm.generate import prefill
+
+    model = tiny(family)
+    graphs = None
+    for prompts in (PROMPTS, [p + p[:3] for p in PROMPTS]):
+        ids, mask = left_pad(prompts)
+        B, T = ids.shape
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        with torch.inference_mode():
+            eager, compiled = StaticKVCache(B, T + 4), StaticKVCache(B, T + 4)
+            want = prefill(model, ids, eager, pos, mask)
+            got = prefill(model, ids, compiled, pos, mask, compile=True)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert compiled.length == eager.length == T
+        assert torch.equal(compiled.key_valid, eager.key_valid)
+        assert sorted(compiled._k) == sorted(eager._k) == list(range(model.config.n_layers))
+        for store_c, store_e in ((compiled._k, eager._k), (compiled._v, eager._v)):
+            for layer in store_e:
+                torch.testing.assert_close(store_c[layer], store_e[layer], rtol=1e-5, atol=1e-5)
+        if graphs is None:
+            graphs = counters["stats"]["unique_graphs"]
+    if family != "deepseek":
+        assert counters["stats"]["unique_graphs"] == graphs, "a longer prompt recompiled the prefill"

@@ -203,6 +203,14 @@ class StaticKVCache(KVCache):
             m = m & (diff < window)
         return m[None, None] & self.key_valid[:, None, None, :]
 
+    def store_prefill(self, collected: "PrefillKV", n: int, attention_mask: torch.Tensor | None) -> None:
+        """Store a prompt's keys/values collected by :class:`PrefillKV` (a compiled prefill), as the
+        ordinary prefill through this cache would have."""
+        self.reserve(n, attention_mask)
+        for layer in sorted(collected.kv):
+            self.update(layer, *collected.kv[layer])
+        self.advance(n)
+
     def reserve(self, n_new: int, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
         if not self.static:
             return super().reserve(n_new, attention_mask)
@@ -221,3 +229,38 @@ class StaticKVCache(KVCache):
         K.index_copy_(2, slots, k)
         V.index_copy_(2, slots, v)
         return K, V
+
+
+class PrefillKV:
+    """Stands in for an empty cache during a compiled prefill: each layer's new keys/values are
+    collected, not stored.
+
+    Storing them in a :class:`KVCache` allocates each layer's buffer on first use and keeps Python
+    ints up to date, which breaks a ``torch.compile`` graph at every layer (and recompiles each
+    block). This object only records what each layer hands in and returns it unchanged (an empty
+    cache attends over the new tokens alone), so the whole prompt is one graph whose outputs
+    include the keys/values; :meth:`StaticKVCache.store_prefill` then stores them with the
+    ordinary code. Sliding windows are left to the mask, as in a ``StaticKVCache``.
+    """
+
+    static = False
+    length = 0
+
+    def __init__(self):
+        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def reserve(self, n_new: int, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+        return attention_mask.bool() if attention_mask is not None else None
+
+    def window(self, layer: int) -> None:
+        return None
+
+    def key_slots(self, window: int | None, n_new: int, device) -> None:
+        return None
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.kv[layer] = (k, v)
+        return k, v
+
+    def advance(self, n: int) -> None:
+        pass
