@@ -54,6 +54,8 @@ def test_blocks_rebuild_gguf_dequantization_bit_for_bit(qtype, kernel):
     b = blocks_from_raw(raw, int(qtype), (rows, cols))
     assert b.source == qtype.name and b.shape == (rows, cols)
     assert torch.equal(b.dequantize(kernel=kernel), want)
+    # a bf16 model's weights (the prompt path of BlockLinear), written directly by the kernel
+    assert torch.equal(b.dequantize(kernel=kernel, dtype=torch.bfloat16), want.bfloat16())
     assert b.bytes() <= want.numel() * 10 / 8  # at most 10 bits a weight
 
 

@@ -53,19 +53,22 @@ class Blocks:
         """The blocks of ``fn(w)`` for a row permutation ``fn`` (applied to codes, scales, minima)."""
         return Blocks(fn(self.codes), fn(self.scale), None if self.min is None else fn(self.min), self.group, self.source)
 
-    def dequantize(self, kernel: bool | None = None) -> torch.Tensor:
-        """The float32 weight (N, K): evolm's kernel where it builds (the code blocks_linear
-        multiplies with), else in float64 rounded once to float32 (an fma's result wherever the
-        product and the sum are exact in float64, i.e. all real scales). ``kernel``: force one."""
+    def dequantize(self, kernel: bool | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The float32 weight (N, K), or ``.to(dtype)`` of it: evolm's kernel where it builds (the code
+        blocks_linear multiplies with; bf16 written directly), else in float64 rounded once to
+        float32 (an fma's result wherever the product and the sum are exact in float64, i.e. all
+        real scales). ``kernel``: force one."""
         if kernel is None:
             kernel = self.codes.device.type == "cpu" and kernels.available()
         if kernel:
-            return torch.ops.evolm_f.blocks_dequantize(self.codes, self.scale, self.min, self.group)
+            bf16 = dtype == torch.bfloat16
+            w = torch.ops.evolm_f.blocks_dequantize(self.codes, self.scale, self.min, self.group, bf16)
+            return w if bf16 else w.to(dtype)
         q = kernels.unpack_q4(self.codes) if self.codes.dtype == torch.uint8 else self.codes
         w = q.double() * self.scale.double().repeat_interleave(self.group, 1)
         if self.min is not None:
             w += self.min.double().repeat_interleave(self.group, 1)
-        return w.float()
+        return w.float().to(dtype)
 
     def bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.min) if t is not None)
@@ -110,7 +113,7 @@ class BlockLinear(nn.Module):
                 and x.device.type == "cpu" and not torch.is_grad_enabled()):
             y = torch.ops.evolm_f.blocks_linear(x2, self.codes, self.scale, self.min, self.group)
         else:  # the dense model's product: its weights in x's dtype
-            y = F.linear(x2, self.blocks.dequantize().to(x.dtype))
+            y = F.linear(x2, self.blocks.dequantize(dtype=x.dtype))
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*shape[:-1], self.out_features)

@@ -87,9 +87,9 @@ def _fake_registrations() -> None:
         return x.new_empty((x.shape[0], codes.shape[0]))
 
     @torch.library.register_fake("evolm_f::blocks_dequantize")
-    def _(codes, scale, min, group):
+    def _(codes, scale, min, group, bf16=False):
         k = codes.shape[1] * (2 if codes.dtype == torch.uint8 else 1)
-        return scale.new_empty((codes.shape[0], k))
+        return scale.new_empty((codes.shape[0], k), dtype=torch.bfloat16 if bf16 else torch.float32)
 
     @torch.library.register_fake("evolm_f::decode_attention")
     def _(q, k, v, mask, scale, softcap=None):

@@ -24,6 +24,7 @@
 #include <immintrin.h>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "simd.h"
 
@@ -193,8 +194,10 @@ void rows(const Blocks& b, const X* x, int64_t M, int64_t K, O* out, int64_t N, 
       row_any<BITS, G, MIN>(std::min<int64_t>(RMAX, M - r), b, n, x + r * K, K, out + r * N + n, N);
 }
 
-template <int BITS, int G, bool MIN>
-void dequant_rows(const Blocks& b, float* out, int64_t K, int64_t n0, int64_t n1) {
+// rows n0..n1 of the weights into out (N, K): float32, or bf16 bits (b.bf16: each weight rounded
+// to nearest even, as .to(torch.bfloat16) rounds the float32 one)
+template <int BITS, int G, bool MIN, class O>
+void dequant_rows(const Blocks& b, O* out, int64_t K, int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; ++n)
     for (int64_t g = 0; g < b.ng; ++g) {
       const int64_t i = n * b.ng + g;
@@ -216,10 +219,14 @@ void rows(const Blocks& b, const X* x, int64_t M, int64_t K, O* out, int64_t N, 
     }
 }
 
-template <int BITS, int G, bool MIN>
-void dequant_rows(const Blocks& b, float* out, int64_t K, int64_t n0, int64_t n1) {
+template <int BITS, int G, bool MIN, class O>
+void dequant_rows(const Blocks& b, O* out, int64_t K, int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; ++n)
-    for (int64_t k = 0; k < K; ++k) out[n * K + k] = weight_at<BITS, G>(b, n, k);
+    for (int64_t k = 0; k < K; ++k) {
+      const float w = weight_at<BITS, G>(b, n, k);  // already rounded to bf16 for b.bf16
+      if constexpr (std::is_same_v<O, uint16_t>) out[n * K + k] = c10::BFloat16(w).x;
+      else out[n * K + k] = w;
+    }
 }
 #endif
 
@@ -305,18 +312,21 @@ at::Tensor blocks_linear(const at::Tensor& x, const at::Tensor& codes, const at:
   return out;
 }
 
-// the (N, K) float32 weights the blocks hold (prefill multiplies many rows: it rebuilds them, then
-// uses the float matmul), rebuilt by the same code as blocks_linear's
+// the (N, K) weights the blocks hold, float32 or (bf16) rounded to bfloat16 (prefill multiplies many
+// rows: it rebuilds them, then uses the float matmul), rebuilt by the same code as blocks_linear's;
+// bf16 directly, without a float32 tensor written and read again by .to(bfloat16)
 at::Tensor blocks_dequantize(const at::Tensor& codes, const at::Tensor& scale, const std::optional<at::Tensor>& min,
-                             int64_t group) {
+                             int64_t group, bool bf16) {
   const auto [K, bits] = check(codes, scale, min, group, "blocks_dequantize");
   const int64_t N = codes.size(0);
-  at::Tensor out = at::empty({N, K}, scale.options());
-  const Blocks b = blocks_of(codes, scale, min, false);
-  float* o = out.data_ptr<float>();
+  at::Tensor out = at::empty({N, K}, scale.options().dtype(bf16 ? at::kBFloat16 : at::kFloat));
+  const Blocks b = blocks_of(codes, scale, min, bf16);
   dispatch(bits, group, min.has_value(), [&](auto BITS, auto G, auto MIN) {
     at::parallel_for(0, N, 64, [&](int64_t a, int64_t c) {
-      dequant_rows<decltype(BITS)::value, decltype(G)::value, decltype(MIN)::value>(b, o, K, a, c);
+      constexpr int bits_ = decltype(BITS)::value, g_ = decltype(G)::value;
+      constexpr bool min_ = decltype(MIN)::value;
+      if (bf16) dequant_rows<bits_, g_, min_>(b, reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()), K, a, c);
+      else dequant_rows<bits_, g_, min_>(b, out.data_ptr<float>(), K, a, c);
     });
   });
   return out;
@@ -324,7 +334,7 @@ at::Tensor blocks_dequantize(const at::Tensor& codes, const at::Tensor& scale, c
 
 TORCH_LIBRARY_FRAGMENT(evolm_f, lib) {
   lib.def("blocks_linear(Tensor x, Tensor codes, Tensor scale, Tensor? min, int group) -> Tensor");
-  lib.def("blocks_dequantize(Tensor codes, Tensor scale, Tensor? min, int group) -> Tensor");
+  lib.def("blocks_dequantize(Tensor codes, Tensor scale, Tensor? min, int group, bool bf16=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(evolm_f, CPU, lib) {
