@@ -99,7 +99,7 @@ LAYOUTS = [(4, 32, True), (4, 32, False), (8, 32, False), (8, 32, True), (8, 16,
 @needs_kernels
 @pytest.mark.parametrize("bits,group,with_min", LAYOUTS)
 def test_blocks_linear_equals_float64_and_each_row_is_alone(bits, group, with_min):
-    N, K = 37, 96  # N not a multiple of the 4-row tile, K of 3 groups
+    N, K = 37, 96  # N odd (rows split unevenly between threads), K of 3 groups
     b = _random_blocks(N, K, bits, group, with_min)
     w = b.dequantize(kernel=False).double()
     x = torch.randn(8, K)
