@@ -68,13 +68,13 @@ def bench_evolm(model, ids: torch.Tensor, new: int, compile: bool = False, warm:
         if warm:
             run(2)  # warm-up (and compilation, for compiled paths)
             run(2)
-        prefill = min(_timed(lambda: _prefill(model, ids, compile)) for _ in range(2))
+        prefill = min(_timed(lambda: generate_prefill(model, ids, compile)) for _ in range(2))
         one = min(_timed(lambda: run(1)) for _ in range(2))
         full = _timed(lambda: TOKENS.__setitem__((id(model), compile), run(new)))
     return ids.numel() / prefill, ids.shape[0] * (new - 1) / (full - one)
 
 
-def _prefill(model, ids: torch.Tensor, compile: bool) -> torch.Tensor:
+def generate_prefill(model, ids: torch.Tensor, compile: bool) -> torch.Tensor:
     """The prompt's forward as generate() runs it: into a fresh cache, compiled with ``compile``."""
     B, T = ids.shape
     cache = StaticKVCache(B, T + 1, device=ids.device) if compile else KVCache.for_model(model, B, T + 1)

@@ -6,9 +6,9 @@ benchmark times the three interleaved, many times, in one process, and prints th
 their ratios to transformers:
 
 - ``transformers``: ``model(ids, logits_to_keep=1)`` (its cache filled, as generate does);
-- ``evolm eager``: ``evolm.generate.prefill`` into a fresh ``StaticKVCache`` (the eager forward);
-- ``evolm compiled``: the same with ``compile=True`` (``generate.compiled_prefill``: the prompt as
-  one ``torch.compile`` graph, as ``generate(..., compile=True)`` runs it).
+- ``evolm eager`` / ``evolm compiled``: the prompt as ``generate`` runs it without / with
+  ``compile=True`` (``benchmarks/decode.py: generate_prefill``: ``evolm.generate.prefill`` into a
+  fresh cache; compiled, ``generate.compiled_prefill`` makes the prompt one ``torch.compile`` graph).
 
     python benchmarks/prefill.py [--model smollm2|gemma3|PATH.gguf] [--dtypes float32,bfloat16]
                                  [--batches 1,8] [--prompt-len 256] [--repeat 8] [--threads 2] [--blocks]
@@ -25,8 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
-from evolm.cache import StaticKVCache  # noqa: E402
-from evolm.generate import prefill  # noqa: E402
+from decode import generate_prefill  # noqa: E402  (benchmarks/decode.py)
 from evolm.interop.gguf import find_asset, load_gguf  # noqa: E402
 from stats import median_spread  # noqa: E402  (benchmarks/stats.py)
 
@@ -58,10 +57,9 @@ def main() -> None:
         for b in map(int, args.batches.split(",")):
             g = torch.Generator().manual_seed(0)
             ids = torch.randint(100, min(ours.config.vocab_size, 30000), (b, args.prompt_len), generator=g)
-            T = args.prompt_len
             engines = {"transformers": lambda: hf(ids, logits_to_keep=1),
-                       "evolm eager": lambda: prefill(ours, ids, StaticKVCache(b, T + 1)),
-                       "evolm compiled": lambda: prefill(ours, ids, StaticKVCache(b, T + 1), compile=True)}
+                       "evolm eager": lambda: generate_prefill(ours, ids, False),
+                       "evolm compiled": lambda: generate_prefill(ours, ids, True)}
             times = {k: [] for k in engines}
             with torch.inference_mode():
                 for f in engines.values():  # warm-up, compilation

@@ -323,6 +323,14 @@ def _prefill(model, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | N
     return model(ids, position_ids=pos, attention_mask=mask, cache=kv, last_only=True)[:, -1]
 
 
+def _prefill_cpu(model, ids, pos, mask, kv):
+    return _prefill(model, ids, pos, mask, kv)
+
+
+def _prefill_other(model, ids, pos, mask, kv):
+    return _prefill(model, ids, pos, mask, kv)
+
+
 _compiled_prefills: dict = {}  # device type -> the compiled prefill
 _COMPILE_PREFILL = os.environ.get("EVOLM_COMPILE_PREFILL", "1") != "0"
 
@@ -339,7 +347,8 @@ def compiled_prefill(device_type: str = "cpu"):
     """
     if device_type not in _compiled_prefills:
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        fn = (lambda *a: _prefill(*a)) if device_type != "cpu" else _prefill  # one code object each
+        # distinct code objects per device type, as for the compiled step
+        fn = _prefill_cpu if device_type == "cpu" else _prefill_other
         _compiled_prefills[device_type] = torch.compile(fn, dynamic=None)
     return _compiled_prefills[device_type]
 
