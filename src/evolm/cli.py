@@ -245,7 +245,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-blocks", action="store_true", help=KEEP_BLOCKS_HELP)
     p.add_argument("--fuse", action="store_true", help="one qkv and one gate_up matmul per layer")
     p.add_argument("--compile", action="store_true",
-                   help="decode with a torch.compile-d step over a static KV cache (first call compiles)")
+                   help="prefill and decode through torch.compile-d graphs over a static KV cache (first call compiles)")
 
 
 def build_parser() -> argparse.ArgumentParser:
