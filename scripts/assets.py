@@ -4,6 +4,7 @@ Runs with the system Python (standard library only), before the virtual environm
 
     python3 scripts/assets.py check  [--group G ...] [--required]   # seconds: still served, unchanged?
     python3 scripts/assets.py fetch  [--group G ...] [--required]   # check, then download into the cache
+                                                                    # (and build the model files of the group)
     python3 scripts/assets.py model  NAME                           # build a model file (GGUF) from the cache
     python3 scripts/assets.py path   NAME                           # the cached file of an asset (fetched)
     python3 scripts/assets.py list                                  # the manifest as a table
@@ -60,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         if a.cmd == "model":
             print(assets.build_model(a.name, m))
             return 0
-        if a.cmd == "path":
-            print(assets.asset_file(a.name, m))
+        if a.cmd == "path":  # the path alone on stdout (for $(...) in the Makefile); progress on stderr
+            print(assets.asset_file(a.name, m, log=lambda s: print(s, file=sys.stderr)))
             return 0
         chosen = m.select(a.group, a.name, a.required)
         if a.cmd == "check":
@@ -72,7 +73,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"assets: {len(chosen)} checked, {len(problems)} unavailable ({len(bad)} required) "
                   f"[cache {assets.cache_dir()}]")
             return 1 if bad else 0
-        assets.ensure(chosen)
+        got = assets.ensure(chosen)
+        for model in m.models.values():  # model files whose archives were all just fetched
+            if all(name in got for name, _ in model.members):
+                assets.build_model(model.name, m)
         return 0
     except assets.AssetError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,11 +1,50 @@
-"""Shared fixtures: deterministic seeds, and the padded-batch helpers the parity tests share."""
+"""Shared fixtures: deterministic seeds, the padded-batch helpers the parity tests share, and the
+report of tests skipped for a missing asset.
+
+A test that needs an installed asset (weights, corpora, benchmark data, chromium) skips with a
+reason that starts ``missing asset`` and says ``required`` or ``optional`` (``evolm.assets.MissingAsset``).
+At the end of the run those skips are listed in one block. Under ``make test``
+(``EVOLM_REQUIRE_ASSETS=1``) a skip for a *required* asset is turned into a failure: CI must not go
+green because the setup silently lost a data set.
+"""
 
 from __future__ import annotations
 
+import os
 import types
 
 import pytest
 import torch
+
+
+def _skip_reason(report) -> str:
+    longrepr = report.longrepr
+    if isinstance(longrepr, tuple) and len(longrepr) == 3:
+        return str(longrepr[2]).removeprefix("Skipped: ")
+    return str(longrepr or "")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and os.environ.get("EVOLM_REQUIRE_ASSETS") == "1":
+        reason = _skip_reason(report)
+        if "missing asset" in reason and "(required" in reason:
+            report.outcome = "failed"
+            report.longrepr = f"a required asset is missing (EVOLM_REQUIRE_ASSETS=1): {reason}"
+
+
+def pytest_terminal_summary(terminalreporter):
+    missing = []
+    for report in terminalreporter.stats.get("skipped", []):
+        reason = _skip_reason(report)
+        if "missing asset" in reason:
+            missing.append((report.nodeid or report.fspath, reason))
+    if missing:
+        terminalreporter.section(f"skipped for a missing asset ({len(missing)})", sep="=")
+        for nodeid, reason in sorted(missing):
+            terminalreporter.line(f"{nodeid}: {reason}")
 
 
 @pytest.fixture(autouse=True)

@@ -555,7 +555,7 @@ def test_installed_builtin_corpora_when_present():
 
     d = default_data_dir()
     if not is_installed("kjv", d):
-        pytest.skip(f"built-in corpora not installed in {d} (python scripts/install_data.py)")
+        pytest.skip(f"missing asset built-in corpora (required; install: make data): not in {d}")
     books = list(read_corpus("kjv", d))
     assert len(books) == 66 and books[0].tier == "high"
     assert sum(b.text.count("\n") - b.text.count("\n\n") * 1 for b in books) > 0

@@ -16,7 +16,7 @@ from evolm.eval.loglik import LoglikScorer, encode_pair, rolling_windows
 from evolm.eval.tasks import TASKS, get_task
 
 needs_data = pytest.mark.skipif(not (D.default_data_dir() / ".done").is_file(),
-                                reason="benchmark data not installed (scripts/install_eval_data.py)")
+                                reason="missing asset benchmark data (required; install: make eval-data)")
 
 
 def _smollm2():

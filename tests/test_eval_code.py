@@ -17,7 +17,7 @@ from evolm.eval.generative import GEN_TASKS, humaneval_program, mbpp_program, pa
 from evolm.eval.sandbox import run_program, run_programs
 
 needs_data = pytest.mark.skipif(not (D.default_data_dir() / ".done").is_file(),
-                                reason="benchmark data not installed (scripts/install_eval_data.py)")
+                                reason="missing asset benchmark data (required; install: make eval-data)")
 
 
 def test_a_correct_program_passes_and_a_wrong_one_fails():

@@ -19,7 +19,7 @@ from evolm.eval.generative import FLEXIBLE, GEN_TASKS, GSM8K_COT_SHOTS, MBPP_SHO
 transformers = pytest.importorskip("transformers")
 
 needs_data = pytest.mark.skipif(not (D.default_data_dir() / ".done").is_file(),
-                                reason="benchmark data not installed (scripts/install_eval_data.py)")
+                                reason="missing asset benchmark data (required; install: make eval-data)")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

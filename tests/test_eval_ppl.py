@@ -21,7 +21,7 @@ from test_eval_generative import tiny_pair  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 needs_data = pytest.mark.skipif(not (D.default_data_dir() / ".done").is_file(),
-                                reason="benchmark data not installed (scripts/install_eval_data.py)")
+                                reason="missing asset benchmark data (required; install: make eval-data)")
 TEXT = ("There are 15 trees in the grove. Grove workers will plant trees in the grove today. After they are "
         "done, there will be 21 trees. How many trees did the grove workers plant today? Olivia has $23. She "
         "bought five bagels for $3 each. How much money does she have left? ") * 3
@@ -144,25 +144,65 @@ def test_lambada_perplexity_stderr_is_lm_evals_bootstrap(monkeypatch):
     assert res["perplexity_stderr"] == pytest.approx(want, rel=1e-9) and not math.isnan(res["perplexity_stderr"])
 
 
-def _truthfulqa_installed() -> bool:
-    return (D.default_data_dir() / "truthfulqa" / "validation.jsonl").is_file()
+# A FORMAT FIXTURE, not TruthfulQA: three items in the shape of the original data/mc_task.json
+# (no package registry serves TruthfulQA's multiple-choice data today), to check the conversion and
+# that our requests and MC1/MC2 scores equal lm-eval's on the same rows.
+MC_TASK_FIXTURE = [
+    {"question": "Fixture question one?",
+     "mc1_targets": {"Right one.": 1, "Wrong one a.": 0, "Wrong one b.": 0},
+     "mc2_targets": {"Right one.": 1, "Also right.": 1, "Wrong one a.": 0, "Wrong one b.": 0}},
+    {"question": "Fixture question two?",
+     "mc1_targets": {"Right two.": 1, "Wrong two.": 0},
+     "mc2_targets": {"Right two.": 1, "Wrong two.": 0, "Wrong two b.": 0}},
+    {"question": "Fixture question three?",
+     "mc1_targets": {"Right three.": 1, "Wrong three a.": 0, "Wrong three b.": 0, "Wrong three c.": 0},
+     "mc2_targets": {"Right three.": 1, "Right three too.": 1, "Wrong three a.": 0}},
+]
 
 
-@pytest.mark.skipif(not _truthfulqa_installed(), reason="TruthfulQA not installed (install_eval_data.py --truthfulqa)")
+def test_truthfulqa_mc_task_converts_to_the_hf_schema(tmp_path):
+    import json
+
+    src = tmp_path / "mc_task.json"
+    src.write_text(json.dumps(MC_TASK_FIXTURE))
+    out = D.install_truthfulqa(src, tmp_path)
+    rows = D.load("truthfulqa", "validation", tmp_path)
+    assert out.is_file() and len(rows) == 3
+    assert rows[0]["mc1_targets"] == {"choices": ["Right one.", "Wrong one a.", "Wrong one b."], "labels": [1, 0, 0]}
+    assert rows[2]["mc2_targets"]["labels"] == [1, 1, 0]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"question": "q", "mc1_targets": {"a": 1, "b": 1}, "mc2_targets": {"a": 1}}]))
+    with pytest.raises(ValueError, match="item 0: 'mc1_targets' must have exactly one correct answer"):
+        D.install_truthfulqa(bad, tmp_path / "x")
+
+
+def test_truthfulqa_missing_is_an_optional_asset(tmp_path):
+    from evolm.assets import MissingAsset
+
+    with pytest.raises(MissingAsset, match="missing asset TruthfulQA .optional"):
+        D.load("truthfulqa", "validation", tmp_path)
+
+
 @pytest.mark.slow  # lm-eval's TaskManager indexes every task YAML first
 def test_truthfulqa_requests_and_mc2_equal_lm_eval(tmp_path):
     pytest.importorskip("lm_eval")
+    import json
+
     from lm_eval.tasks import TaskManager, get_task_dict
     from lm_eval.tasks.truthfulqa.utils import process_results_mc2
 
     from evolm.eval.lm_eval_adapter import local_task_dir
 
-    names = local_task_dir(tmp_path, tasks=["truthfulqa_mc1", "truthfulqa_mc2"])
-    tdict = get_task_dict(names, TaskManager(include_path=str(tmp_path)))
+    (tmp_path / "mc_task.json").write_text(json.dumps(MC_TASK_FIXTURE))
+    data = tmp_path / "data"
+    D.install_truthfulqa(tmp_path / "mc_task.json", data)
+    names = local_task_dir(tmp_path / "tasks", data_dir=data, tasks=["truthfulqa_mc1", "truthfulqa_mc2"])
+    tdict = get_task_dict(names, TaskManager(include_path=str(tmp_path / "tasks")))
     rng = np.random.RandomState(0)
     for name, lname in zip(["truthfulqa_mc1", "truthfulqa_mc2"], names):
         lt, task = tdict[lname], TASKS[name]
-        docs = task.docs()[:10]
+        docs = task.docs(data)[:10]
+        assert len(docs) == len(list(lt.eval_docs)) == 3
         for d_ref, d in zip(list(lt.eval_docs)[:10], docs):
             reqs = lt.construct_requests(doc=d_ref, ctx=lt.fewshot_context(d_ref, 0), metadata=(lname, 0, 1))
             assert [tuple(r.args[:2]) for r in reqs] == task.requests(d, "")

@@ -280,7 +280,7 @@ def test_gsm8k_mini_reads_the_local_benchmark_copy():
     try:
         train, val = load_task("gsm8k-mini", 5, 3)
     except FileNotFoundError as e:
-        pytest.skip(f"GSM8K benchmark copy not installed ({e})")
+        pytest.skip(f"missing asset benchmark data (required; install: make eval-data): {e}")
     assert len(train) == 5 and len(val) == 3
     assert "#### <number>" in train[0].text and train[0].answer.strip().splitlines()[-1].startswith("####")
     ref = R.extract_answer(train[0].answer)

@@ -181,7 +181,7 @@ def test_real_benchmark_hook_in_a_run(tmp_path):
     from evolm.eval import data as eval_data
 
     if not (eval_data.default_data_dir() / "arc_easy").is_dir():
-        pytest.skip("benchmark data not installed (make eval-data)")
+        pytest.skip("missing asset benchmark data (required; install: make eval-data)")
     tok = train_bpe(["The quick brown fox jumps over the lazy dog. Science question answer."] * 20, vocab_size=300)
     cfg = dict(lr=1e-3, log_every=1, eval_every=2, ckpt_every=0)
 

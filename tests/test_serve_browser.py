@@ -24,7 +24,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 sync_api = pytest.importorskip("playwright.sync_api",
                                reason="the browser test needs playwright: pip install playwright")
 if not (Path(CHROMIUM).is_file() and os.access(CHROMIUM, os.X_OK)):
-    pytest.skip(f"no chromium at {CHROMIUM}: apt-get install -y chromium (or set EVOLM_CHROMIUM)",
+    pytest.skip(f"missing asset chromium (optional; install: make browser): none at {CHROMIUM} (or set EVOLM_CHROMIUM)",
                 allow_module_level=True)
 
 from test_serve import ServerProcess, smollm2_path  # noqa: E402

@@ -52,6 +52,19 @@ class AssetError(RuntimeError):
     """An asset problem, as one line a user can act on (which asset, what the registry said, who needs it)."""
 
 
+class MissingAsset(FileNotFoundError):
+    """A pinned asset, or what ``make`` builds from it, is not installed.
+
+    The message starts with ``missing asset`` and says ``required`` or ``optional`` and the make
+    target that installs it: the test suite lists such skips in one block, and under ``make test``
+    (``EVOLM_REQUIRE_ASSETS=1``) a required one fails the test instead of skipping it.
+    """
+
+    def __init__(self, what: str, target: str, required: bool, detail: str = ""):
+        need = "required" if required else "optional"
+        super().__init__(f"missing asset {what} ({need}; install: {target}){': ' + detail if detail else ''}")
+
+
 @dataclass(frozen=True)
 class Asset:
     """One pinned file from one registry (see ``assets.toml`` for the meaning of each field)."""

