@@ -1,4 +1,4 @@
-"""Peak memory of one DPO step (forward + backward) on the 4 longest hhh_alignment training pairs
+"""Peak memory of one DPO step (forward + backward) on the 4 longest dpo_en_demo training pairs
 (8 rows x 768 tokens, SmolLM2-135M-Instruct, fp32, one thread): completion log-probs through the
 fused, chunked head (``nn.loss.fused_linear_logprobs``, what evolm uses) vs all logits + log_softmax
 (what a plain implementation, TRL's included, keeps for the backward). Run each mode in its own
@@ -16,7 +16,7 @@ import evolm.post.logprobs as L
 mode = sys.argv[1]
 torch.set_num_threads(1)
 model, tok = load_gguf(find_asset("smollm2"), dtype=torch.float32)
-enc, _ = encode_pairs(tok, load_preferences("hhh_alignment", "train", None), 768)
+enc, _ = encode_pairs(tok, load_preferences("dpo_en_demo", "train", None), 768)
 rows = sorted(enc, key=lambda r: -max(len(r["chosen_ids"]), len(r["rejected_ids"])))[:4]
 b = collate_pairs(rows, 0)
 if mode == "plain":  # the previous path: all logits from the first completion column, log_softmax, gather

@@ -4,12 +4,14 @@ against transformers' ``return_assistant_tokens_mask`` on a template with genera
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
-from evolm.post.data import (CHATML, IGNORE, DataError, encode_examples, encode_pair, hhh_rows, load_preferences,
-                             load_sft, natural_instruction_rows, openai_evals_rows, render, resolve)
+from evolm.post.data import (CHATML, IGNORE, DataError, alpaca_rows, dpo_rows, encode_examples, encode_pair,
+                             install_llamafactory, install_post_data, load_preferences, load_sft, openai_evals_rows,
+                             render, resolve)
 from evolm.tokenizer import train_bpe
 
 # ChatML with {% generation %} around what the assistant must produce: content + <|im_end|>.
@@ -205,7 +207,7 @@ def test_unknown_data_name_and_uninstalled_builtin(tmp_path, monkeypatch):
         resolve("no_such_set")
     monkeypatch.setenv("EVOLM_POST_DATA", str(tmp_path))
     with pytest.raises(DataError, match="not installed.*install_post_data.py"):
-        resolve("hhh_alignment")
+        resolve("dpo_en_demo")
 
 
 def test_truncation_and_dropping(tok, tmp_path):
@@ -215,22 +217,170 @@ def test_truncation_and_dropping(tok, tmp_path):
     assert out.dropped == 1 and out.truncated == 1 and len(out) == 1
 
 
-# --- the BIG-bench converters (on rows shaped like the real task files) ---------------------------
-def test_bigbench_converters():
-    task = {"examples": [
-        {"input": "Can you help?", "target_scores": {"Sure.": 1, "No.": 0}},
-        {"input": "First question\n\nAssistant:  An answer.\n\nHuman:  A follow-up?",
-         "target_scores": {"Better": 1, "Worse": 0}},
-    ]}
-    rows = hhh_rows(task, "helpful")
-    assert rows[0] == {"prompt": "Can you help?", "chosen": "Sure.", "rejected": "No.", "subset": "helpful"}
-    assert rows[1]["prompt"] == [{"role": "user", "content": "First question"},
-                                 {"role": "assistant", "content": "An answer."},
-                                 {"role": "user", "content": "A follow-up?"}]
-    ni = natural_instruction_rows({"task_prefix": "Definition: add.", "examples": [
-        {"input": "1+1", "target": ["2", "two"]}, {"input": "x", "target": []}]}, "subtask999")
-    assert ni == [{"messages": [{"role": "user", "content": "Definition: add.\n\n1+1"},
-                                {"role": "assistant", "content": "2"}], "task": "subtask999"}]
+# --- the LLaMA-Factory demo converters (on rows shaped like the real data/*_demo.json) ---------------
+ALPACA = [
+    {"instruction": "Describe a process of making crepes.", "input": "", "output": "Making crepes is easy: mix."},
+    {"instruction": "Rewrite the sentence in passive voice.", "input": "The cat chased the mouse.",
+     "output": "The mouse was chased by the cat."},
+    {"instruction": "Describe a process of making crepes.", "input": "", "output": "Making crepes is easy: mix."},
+    {"instruction": "", "input": "", "output": "an answer to nothing"},
+    {"instruction": "Summarise.", "input": 3, "output": "x"},
+    {"instruction": "Say hi.", "input": "", "output": "   "},
+    {"text": "not an alpaca row"},
+    "a bare string",
+]
+
+
+def test_alpaca_converter_skips_and_counts_bad_rows():
+    c = alpaca_rows(ALPACA, "alpaca_en_demo.json")
+    assert [r["messages"] for r in c.rows] == [
+        [{"role": "user", "content": "Describe a process of making crepes."},
+         {"role": "assistant", "content": "Making crepes is easy: mix."}],
+        [{"role": "user", "content": "Rewrite the sentence in passive voice.\n\nThe cat chased the mouse."},
+         {"role": "assistant", "content": "The mouse was chased by the cat."}]]
+    assert [r["source_row"] for r in c.rows] == [0, 1]
+    assert c.duplicates == 1
+    assert len(c.skipped) == 5
+    for got, want in zip(c.skipped, [r"^alpaca_en_demo.json\[3\]: field 'instruction' is empty",
+                                     r"^alpaca_en_demo.json\[4\]: field 'input' must be a string",
+                                     r"^alpaca_en_demo.json\[5\]: field 'output' is empty",
+                                     r"^alpaca_en_demo.json\[6\]: not an Alpaca row .*\['text'\]",
+                                     r"^alpaca_en_demo.json\[7\]: not an Alpaca row .*str"]):
+        assert re.search(want, got), got
+    with pytest.raises(DataError, match="expected a JSON list of Alpaca rows, got dict"):
+        alpaca_rows({"instruction": "i"}, "alpaca_en_demo.json")
+
+
+def _turn(who, text):
+    return {"from": who, "value": text}
+
+
+DPO = [
+    {"conversations": [_turn("human", "Hi! Help me name a game.")],
+     "chosen": _turn("gpt", "Sure: 'Angela's Day'."), "rejected": _turn("gpt", "No.")},
+    {"conversations": [_turn("system", "You are a teacher."), _turn("human", "Tag the word {{ run }}.")],
+     "chosen": _turn("gpt", "VERB"), "rejected": _turn("gpt", "NOUN")},
+    {"conversations": [_turn("human", "2+2?"), _turn("gpt", "4"), _turn("human", "and times 3?")],
+     "chosen": _turn("gpt", "12"), "rejected": _turn("gpt", "7")},
+    {"conversations": [_turn("human", "Hi! Help me name a game.")],  # an exact repeat
+     "chosen": _turn("gpt", "Sure: 'Angela's Day'."), "rejected": _turn("gpt", "No.")},
+    {"conversations": [_turn("human", "Hi! Help me name a game.")],  # same prompt, another pair: kept
+     "chosen": _turn("gpt", "Sure: 'Angela's Day'."), "rejected": _turn("gpt", "Maybe later.")},
+    {"conversations": [_turn("human", "q")], "chosen": _turn("gpt", "same"), "rejected": _turn("gpt", "same")},
+    {"conversations": [_turn("human", "q"), _turn("gpt", "a")], "chosen": _turn("gpt", "x"), "rejected": _turn("gpt", "y")},
+    {"conversations": [_turn("bot", "q")], "chosen": _turn("gpt", "x"), "rejected": _turn("gpt", "y")},
+    {"conversations": [_turn("human", "q")], "chosen": _turn("human", "x"), "rejected": _turn("gpt", "y")},
+    {"conversations": [_turn("human", "q")], "chosen": _turn("gpt", ""), "rejected": _turn("gpt", "y")},
+    {"conversations": [], "chosen": _turn("gpt", "x"), "rejected": _turn("gpt", "y")},
+    {"prompt": "q", "chosen": "x", "rejected": "y"},
+]
+
+
+def test_dpo_converter_maps_sharegpt_roles_and_skips_bad_rows():
+    c = dpo_rows(DPO, "dpo_en_demo.json")
+    assert [r["source_row"] for r in c.rows] == [0, 1, 2, 4] and c.duplicates == 1
+    assert c.rows[0] == {"prompt": [{"role": "user", "content": "Hi! Help me name a game."}],
+                         "chosen": "Sure: 'Angela's Day'.", "rejected": "No.", "source_row": 0}
+    assert [m["role"] for m in c.rows[1]["prompt"]] == ["system", "user"]
+    assert [m["role"] for m in c.rows[2]["prompt"]] == ["user", "assistant", "user"]
+    assert len(c.skipped) == 7
+    for got, want in zip(c.skipped, [r"\[5\]: 'chosen' == 'rejected'",
+                                     r"\[6\]: the prompt ends with an assistant turn",
+                                     r"\[7\]: conversations\[0\]: unknown 'from' 'bot'",
+                                     r"\[8\]: field 'chosen' must be a \{'from': 'gpt'",
+                                     r"\[9\]: field 'chosen' is empty",
+                                     r"\[10\]: field 'conversations' must be a non-empty list",
+                                     r"\[11\]: not a preference row with 'conversations'"]):
+        assert re.search(r"^dpo_en_demo.json" + want, got), got
+
+
+def _sdist(path: Path, alpaca, dpo, top="llamafactory-0.9.5") -> Path:
+    """A tar.gz laid out like the LLaMA-Factory sdist (only what the installer reads, plus noise)."""
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w:gz") as tar:
+        for name, obj in (("data/alpaca_en_demo.json", alpaca), ("data/dpo_en_demo.json", dpo),
+                          ("data/dataset_info.json", {}), ("src/llamafactory/__init__.py", "")):
+            if obj is None:
+                continue
+            raw = (obj if isinstance(obj, str) else json.dumps(obj)).encode()
+            info = tarfile.TarInfo(f"{top}/{name}")
+            info.size = len(raw)
+            tar.addfile(info, io.BytesIO(raw))
+    return path
+
+
+def _many(n_alpaca=60, n_dpo=80):
+    alpaca = [{"instruction": f"Question number {i}?", "input": "" if i % 3 else f"context {i}",
+               "output": f"Answer {i}."} for i in range(n_alpaca)]
+    dpo = [{"conversations": [_turn("human", f"Prompt {i // 2}?")], "chosen": _turn("gpt", f"good {i}"),
+            "rejected": _turn("gpt", f"bad {i}")} for i in range(n_dpo)]  # two pairs per prompt
+    return alpaca, dpo
+
+
+def test_install_from_an_sdist_splits_by_prompt_and_loads(tmp_path):
+    alpaca, dpo = _many()
+    sdist = _sdist(tmp_path / "llamafactory-0.9.5.tar.gz", alpaca + ALPACA, dpo + DPO)
+    out, log = tmp_path / "post", []
+    counts = install_llamafactory(out, sdist, log=log.append)
+    a, d = counts["alpaca_en_demo"], counts["dpo_en_demo"]
+    assert a["train"] + a["val"] == 62 and a["skipped"] == 5 and a["duplicates"] == 1
+    assert d["train"] + d["val"] == 84 and d["skipped"] == 7 and d["duplicates"] == 1
+    assert a["val"] > 0 and d["val"] > 0 and sum("skipped" in line for line in log) == 12
+    sft = {s: load_sft(out / "alpaca_en_demo" / f"{s}.jsonl") for s in ("train", "val")}
+    prefs = {s: load_preferences(out / "dpo_en_demo" / f"{s}.jsonl") for s in ("train", "val")}
+    assert not ({json.dumps(e.messages[:-1]) for e in sft["train"]} & {json.dumps(e.messages[:-1]) for e in sft["val"]})
+    assert not ({json.dumps(p.prompt) for p in prefs["train"]} & {json.dumps(p.prompt) for p in prefs["val"]})
+    # the split depends on content, not on the order of the source file
+    again = install_llamafactory(tmp_path / "again", _sdist(tmp_path / "rev.tar.gz", alpaca[::-1], dpo[::-1]),
+                                 log=lambda *_: None)
+    val = [json.loads(x)["messages"][0]["content"] for x in open(tmp_path / "again" / "alpaca_en_demo" / "val.jsonl")]
+    assert sorted(val) == sorted(e.messages[0]["content"] for e in sft["val"] if e.messages[0]["content"] in
+                                 {r["instruction"] + (f"\n\n{r['input']}" if r["input"] else "") for r in alpaca})
+    assert again["dpo_en_demo"]["val"] == sum(1 for p in prefs["val"] if p.meta["source_row"] < 80)
+
+
+def test_install_is_idempotent_and_reinstalls_on_force(tmp_path, monkeypatch):
+    import evolm.post.data as D
+
+    sdist = _sdist(tmp_path / "llamafactory-0.9.5.tar.gz", *_many())
+    calls = []
+
+    def fake(data_dir, log=print):  # the real converter, on the local sdist instead of the asset cache
+        calls.append(data_dir)
+        return install_llamafactory(data_dir, sdist, log)
+
+    monkeypatch.setattr(D, "install_llamafactory", fake)
+    out = tmp_path / "post"
+    install_post_data(out, evals=False, log=lambda *_: None)
+    install_post_data(out, evals=False, log=lambda *_: None)
+    assert len(calls) == 1
+    stamp = json.loads((out / ".llamafactory.done").read_text())
+    assert stamp["version"] == D.INSTALL_VERSION and "llamafactory==0.9.5" in stamp["source"]
+    (out / "dpo_en_demo" / "val.jsonl").unlink()  # a split file gone: installed again
+    install_post_data(out, evals=False, log=lambda *_: None)
+    install_post_data(out, evals=False, force=True, log=lambda *_: None)
+    assert len(calls) == 3
+
+
+def test_sdist_without_the_demo_files_is_a_clear_error(tmp_path):
+    sdist = _sdist(tmp_path / "other.tar.gz", [], None)
+    with pytest.raises(DataError, match=r"other.tar.gz: no data/dpo_en_demo.json inside; is it llamafactory 0.9.5"):
+        install_llamafactory(tmp_path / "post", sdist)
+
+
+@pytest.mark.parametrize("old, new", [("natural_instructions", "alpaca_en_demo"), ("hhh_alignment", "dpo_en_demo"),
+                                      ("hhh", "dpo_en_demo")])
+def test_retired_bigbench_names_name_the_replacement(tmp_path, monkeypatch, old, new):
+    monkeypatch.setenv("EVOLM_POST_DATA", str(tmp_path))
+    (tmp_path / old).mkdir()  # even with an old install lying around
+    want = rf"'{old}' was built from bigbench 1.0.0, which PyPI no longer serves.*use '{new}' instead"
+    with pytest.raises(DataError, match=want):
+        resolve(old)
+    load = load_sft if new == "alpaca_en_demo" else load_preferences
+    with pytest.raises(DataError, match=want):
+        load(old, "val")
 
 
 def test_openai_evals_converter():
@@ -246,18 +396,40 @@ def test_openai_evals_converter():
         [{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris"}]]
 
 
-def test_installed_builtin_sets_are_valid():
-    """When data/post is installed: the real 221 hhh pairs and the natural_instructions subset load."""
+def _installed(*names):
     try:
-        tr, va = resolve("hhh_alignment", "train"), resolve("hhh_alignment", "val")
-        ni = resolve("natural_instructions", "val")
+        return {n: {s: resolve(n, s) for s in ("train", "val")} for n in names}
     except DataError as e:
-        pytest.skip(str(e))
-    pairs = load_preferences(tr) + load_preferences(va)
-    assert len(pairs) == 221
-    train_prompts = {json.dumps(p.prompt) for p in load_preferences(tr)}
-    assert not train_prompts & {json.dumps(p.prompt) for p in load_preferences(va)}  # split by prompt
-    assert len(load_sft(ni)) > 100
+        pytest.skip(f"missing asset: post-training data (required; install: make post-data): {e}")
+
+
+def _unique_valid_rows(kind: str, stamp_counts: dict) -> int:
+    """From the cached sdist when it is there (no network), else as the install stamp recorded it."""
+    from evolm.assets import is_present, load_manifest, local_path
+    from evolm.post.data import read_llamafactory_demo
+
+    a = load_manifest().assets["llamafactory"]
+    if is_present(a):
+        rows = read_llamafactory_demo(local_path(a))[kind]
+        return len((alpaca_rows if kind == "alpaca_en_demo" else dpo_rows)(rows, kind).rows)
+    c = stamp_counts[kind]
+    return c["source_rows"] - c["duplicates"] - c["skipped"]
+
+
+def test_installed_builtin_sets_are_valid():
+    """When data/post is installed: every alpaca_en_demo row and dpo_en_demo pair loads, split by prompt."""
+    files = _installed("alpaca_en_demo", "dpo_en_demo")
+    stamp = json.loads((files["dpo_en_demo"]["train"].parents[1] / ".llamafactory.done").read_text())["counts"]
+    sft = {s: load_sft(f) for s, f in files["alpaca_en_demo"].items()}
+    n = len(sft["train"]) + len(sft["val"])
+    assert n == _unique_valid_rows("alpaca_en_demo", stamp) and 900 <= n <= 999
+    assert 0.05 < len(sft["val"]) / n < 0.2
+    assert not ({json.dumps(e.messages[:-1]) for e in sft["train"]} & {json.dumps(e.messages[:-1]) for e in sft["val"]})
+    prefs = {s: load_preferences(f) for s, f in files["dpo_en_demo"].items()}
+    m = len(prefs["train"]) + len(prefs["val"])
+    assert m == _unique_valid_rows("dpo_en_demo", stamp) and 280 <= m <= 300
+    assert 0.1 < len(prefs["val"]) / m < 0.3
+    assert not ({json.dumps(p.prompt) for p in prefs["train"]} & {json.dumps(p.prompt) for p in prefs["val"]})
     try:
         assert len(load_sft(resolve("openai_evals", "val"))) > 100
     except DataError:

@@ -226,6 +226,15 @@ def cmd_tokenizer(args) -> None:
     print(f"trained byte-level BPE with {tok.vocab_size} tokens -> {path}")
 
 
+# --- doctor ----------------------------------------------------------------------------------
+def cmd_doctor(args) -> None:
+    from evolm.doctor import run_doctor
+
+    code = run_doctor(args)
+    if code:
+        raise SystemExit(code)
+
+
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="HF folder, GGUF file or evolm checkpoint")
     p.add_argument("--max-new-tokens", type=int, default=256)
@@ -302,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("--data-dir", default=None)
     di.add_argument("--force", action="store_true")
     di.add_argument("--post", action="store_true",
-                    help="install the post-training sets instead (BIG-bench natural_instructions + hhh_alignment, "
+                    help="install the post-training sets instead (LLaMA-Factory's alpaca_en_demo + dpo_en_demo, "
                          "OpenAI evals chat samples) into data/post")
     dp = dsub.add_parser("prepare", help="filter, dedup, split and tokenize sources into shards")
     dp.add_argument("spec", nargs="+", help="built-in corpus names, paths, or a JSON/YAML spec file")
@@ -348,6 +357,12 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--out", required=True, help="folder for tokenizer.json")
     tt.add_argument("--data-dir", default=None)
     t.set_defaults(func=cmd_tokenizer)
+
+    from evolm.doctor import add_doctor_args
+
+    dr = sub.add_parser("doctor", help="check this machine and the pinned assets; print the command that fixes each gap")
+    add_doctor_args(dr)
+    dr.set_defaults(func=cmd_doctor)
     return p
 
 

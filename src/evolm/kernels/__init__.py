@@ -58,7 +58,9 @@ def _build_dir() -> Path:
         pass
     key = hashlib.sha256(b"".join(p.read_bytes() for p in _SOURCES + _HEADERS) + torch.__version__.encode() + platform.machine().encode()
                          + cpu.encode()).hexdigest()[:12]
-    root = Path(os.environ.get("EVOLM_CACHE", Path.home() / ".cache" / "evolm")) / "kernels" / key
+    from evolm.assets import cache_dir
+
+    root = cache_dir() / "kernels" / key
     root.mkdir(parents=True, exist_ok=True)
     return root
 
