@@ -176,6 +176,17 @@ def test_truthfulqa_mc_task_converts_to_the_hf_schema(tmp_path):
         D.install_truthfulqa(bad, tmp_path / "x")
 
 
+def test_installed_truthfulqa_is_the_published_817_questions():
+    """Runs when the user converted TruthfulQA's mc_task.json; else listed as an optional missing asset."""
+    try:
+        rows = D.load("truthfulqa", "validation")
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    assert len(rows) == 817
+    assert all(r["mc1_targets"]["labels"].count(1) == 1 and r["mc1_targets"]["labels"][0] == 1 for r in rows)
+    assert sum(len(r["mc2_targets"]["choices"]) for r in rows) > 817 * 4
+
+
 def test_truthfulqa_missing_is_an_optional_asset(tmp_path):
     from evolm.assets import MissingAsset
 

@@ -599,7 +599,7 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
 
 
 # ----------------------------------------------------------------------------------------------
-# the real GGUF files that ship in PyPI packages (scripts/install_assets.py installs them)
+# the real GGUF files that ship in PyPI packages (`make models` builds them into the asset cache)
 # ----------------------------------------------------------------------------------------------
 def find_asset(name: str) -> Path:
     """Path of a packaged GGUF: ``"smollm2"`` (SmolLM2-135M-Instruct Q4_1) or ``"gemma3"``
