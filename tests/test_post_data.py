@@ -267,7 +267,8 @@ DPO = [
     {"conversations": [_turn("human", "Hi! Help me name a game.")],  # same prompt, another pair: kept
      "chosen": _turn("gpt", "Sure: 'Angela's Day'."), "rejected": _turn("gpt", "Maybe later.")},
     {"conversations": [_turn("human", "q")], "chosen": _turn("gpt", "same"), "rejected": _turn("gpt", "same")},
-    {"conversations": [_turn("human", "q"), _turn("gpt", "a")], "chosen": _turn("gpt", "x"), "rejected": _turn("gpt", "y")},
+    {"conversations": [_turn("human", "q"), _turn("gpt", "a")], "chosen": _turn("gpt", "x"),
+     "rejected": _turn("gpt", "y")},
     {"conversations": [_turn("bot", "q")], "chosen": _turn("gpt", "x"), "rejected": _turn("gpt", "y")},
     {"conversations": [_turn("human", "q")], "chosen": _turn("human", "x"), "rejected": _turn("gpt", "y")},
     {"conversations": [_turn("human", "q")], "chosen": _turn("gpt", ""), "rejected": _turn("gpt", "y")},
@@ -320,6 +321,7 @@ def _many(n_alpaca=60, n_dpo=80):
 
 
 def test_install_from_an_sdist_splits_by_prompt_and_loads(tmp_path):
+    """Bad source rows are skipped and counted, never written; no prompt lands in both splits."""
     alpaca, dpo = _many()
     sdist = _sdist(tmp_path / "llamafactory-0.9.5.tar.gz", alpaca + ALPACA, dpo + DPO)
     out, log = tmp_path / "post", []
@@ -335,7 +337,8 @@ def test_install_from_an_sdist_splits_by_prompt_and_loads(tmp_path):
     # the split depends on content, not on the order of the source file
     again = install_llamafactory(tmp_path / "again", _sdist(tmp_path / "rev.tar.gz", alpaca[::-1], dpo[::-1]),
                                  log=lambda *_: None)
-    val = [json.loads(x)["messages"][0]["content"] for x in open(tmp_path / "again" / "alpaca_en_demo" / "val.jsonl")]
+    lines = (tmp_path / "again" / "alpaca_en_demo" / "val.jsonl").read_text().splitlines()
+    val = [json.loads(x)["messages"][0]["content"] for x in lines]
     assert sorted(val) == sorted(e.messages[0]["content"] for e in sft["val"] if e.messages[0]["content"] in
                                  {r["instruction"] + (f"\n\n{r['input']}" if r["input"] else "") for r in alpaca})
     assert again["dpo_en_demo"]["val"] == sum(1 for p in prefs["val"] if p.meta["source_row"] < 80)

@@ -231,6 +231,11 @@ def _last_error(text: str) -> str:
 
 
 def _pip() -> list[str]:
+    import importlib.util
+
+    if importlib.util.find_spec("pip") is None:
+        raise AssetError(f"{sys.executable} has no pip, so PyPI cannot be asked: install python3-pip, "
+                         "or run with another Python (make PY=/path/to/python3 ...)")
     return [sys.executable, "-m", "pip"]
 
 
