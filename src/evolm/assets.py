@@ -33,11 +33,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
-
 MANIFEST = Path(__file__).with_name("assets.toml")
 REGISTRIES = ("pypi", "debian", "npm")
 # how the file is used: "download" (read from the cache), "pip" (pip-installed into the venv from the
@@ -135,6 +130,11 @@ def _field(row: dict, key: str, kind: type, where: str):
 
 def load_manifest(path: str | os.PathLike | None = None) -> Manifest:
     """Read and validate ``assets.toml``; a bad entry names the file, the entry and the field."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+
     path = Path(path or MANIFEST)
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))

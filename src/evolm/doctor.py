@@ -504,20 +504,11 @@ def manifest_rows(online: bool, manifest_path: str | os.PathLike | None, repo: P
     return rows, bytes_still_to_fetch(manifest, cache, assets)
 
 
-def default_cache_dir() -> Path:
-    """assets.cache_dir()'s rule, repeated so the disk check works even without the manifest reader."""
-    env = os.environ.get("EVOLM_CACHE")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "evolm"
-
-
 def run_checks(online: bool = True, manifest_path: str | os.PathLike | None = None) -> list[Row]:
     """Every check, in the order a fresh machine needs them fixed. ``online``: ask the registries
     whether each asset not yet in the cache is still served unchanged (seconds, no download)."""
     repo = repo_root()
-    cache = default_cache_dir()
+    cache = load_assets_module().cache_dir()
     cpu = read_cpuinfo()
     asset_part, to_fetch = manifest_rows(online, manifest_path, repo, cache)
     return [

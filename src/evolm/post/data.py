@@ -530,15 +530,8 @@ def sharegpt_messages(turns: Any, where: str, field_name: str = "conversations")
     """ShareGPT turns ``[{"from": "human"|"gpt"|"system", "value": str}]`` -> validated messages."""
     if not isinstance(turns, list) or not turns:
         raise DataError(f"{where}: field '{field_name}' must be a non-empty list of turns")
-    msgs = []
-    for j, t in enumerate(turns):
-        w = f"{where}: {field_name}[{j}]"
-        if not isinstance(t, dict):
-            raise DataError(f"{w}: a turn must be an object with 'from' and 'value'")
-        role = SHAREGPT_ROLES.get(t.get("from"))
-        if role is None:
-            raise DataError(f"{w}: unknown 'from' {t.get('from')!r} (expected one of {', '.join(SHAREGPT_ROLES)})")
-        msgs.append({"role": role, "content": t.get("value")})
+    msgs = [{"role": SHAREGPT_ROLES.get(t.get("from"), f"from={t.get('from')!r}"), "content": t.get("value")}
+            if isinstance(t, dict) else t for t in turns]  # check_messages names a bad turn and field
     return check_messages(msgs, where, field_name, need_assistant=False)
 
 
