@@ -287,7 +287,7 @@ def test_dpo_converter_maps_sharegpt_roles_and_skips_bad_rows():
     assert len(c.skipped) == 7
     for got, want in zip(c.skipped, [r"\[5\]: 'chosen' == 'rejected'",
                                      r"\[6\]: the prompt ends with an assistant turn",
-                                     r"\[7\]: conversations\[0\]: unknown role "from='bot'"",
+                                     r"\[7\]: conversations\[0\]: unknown role \"from='bot'\"",
                                      r"\[8\]: field 'chosen' must be a \{'from': 'gpt'",
                                      r"\[9\]: field 'chosen' is empty",
                                      r"\[10\]: field 'conversations' must be a non-empty list",
