@@ -490,6 +490,14 @@ class Converted:
     skipped: list[str] = field(default_factory=list)
     duplicates: int = 0
 
+    def keep(self, row: dict, key: str, seen: set[str]) -> None:
+        """Keep ``row`` unless its ``key`` was seen (then count it as a duplicate)."""
+        if key in seen:
+            self.duplicates += 1
+            return
+        seen.add(key)
+        self.rows.append(row)
+
 
 def _source_list(items: Any, where: str, what: str) -> list:
     if not isinstance(items, list):
@@ -517,12 +525,7 @@ def alpaca_rows(items: Any, where: str) -> Converted:
         except DataError as e:
             out.skipped.append(str(e))
             continue
-        k = _prompt_key(row)
-        if k in seen:
-            out.duplicates += 1
-            continue
-        seen.add(k)
-        out.rows.append(row)
+        out.keep(row, _prompt_key(row), seen)
     return out
 
 
@@ -566,12 +569,7 @@ def dpo_rows(items: Any, where: str) -> Converted:
         except DataError as e:
             out.skipped.append(str(e))
             continue
-        k = json.dumps([row["prompt"], row["chosen"], row["rejected"]], ensure_ascii=False)
-        if k in seen:
-            out.duplicates += 1
-            continue
-        seen.add(k)
-        out.rows.append(row)
+        out.keep(row, json.dumps([row["prompt"], row["chosen"], row["rejected"]], ensure_ascii=False), seen)
     return out
 
 
