@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from evolm import KVCache, ModelConfig, Transformer
-from evolm.nn.attention import Attention, attend, attention_mask
+from evolm.nn.attention import Attention, attend
+from evolm.nn.masks import attention_mask
 from evolm.nn.rope import RotaryEmbedding
 
 B, T = 2, 8

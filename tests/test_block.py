@@ -179,3 +179,18 @@ def test_sandwich_matches_gemma2_decoder_layer():
     _compare(block, Gemma2DecoderLayer(hf, 0).eval(),
              {"attn_norm": "input_layernorm", "attn_out_norm": "post_attention_layernorm",
               "mlp_norm": "pre_feedforward_layernorm", "mlp_out_norm": "post_feedforward_layernorm"}, cfg)
+
+
+def test_every_attention_choice_has_a_mixer_and_every_layer_gets_its_parts():
+    """config.attention picks the mixer from one registry; layer_is_moe picks the channel part."""
+    from evolm.config import ATTENTIONS
+    from evolm.nn.block import MIXERS, make_channel, make_mixer
+    from evolm.nn.mla import MultiHeadLatentAttention
+    from evolm.nn.moe import MoE
+
+    assert set(MIXERS) == set(ATTENTIONS)
+    c = ModelConfig(vocab_size=32, d_model=32, n_layers=2, n_heads=4, attention="mla", kv_lora_rank=16,
+                    qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, pos_emb="rope", n_experts=4,
+                    n_experts_per_tok=2, first_k_dense=1)
+    assert isinstance(make_mixer(c, 0), MultiHeadLatentAttention)
+    assert not isinstance(make_channel(c, 0), MoE) and isinstance(make_channel(c, 1), MoE)

@@ -23,6 +23,7 @@ NORMS = ("layernorm", "rmsnorm")
 NORM_PLACEMENTS = ("pre", "post", "sandwich", "olmo2", "parallel")
 POSITIONS = ("learned", "rope", "none")
 ATTENTIONS = ("mha", "mla")
+MASKS = ("causal", "bidirectional", "prefix")
 QK_NORMS = (None, "head", "full")
 MLP_TYPES = ("mlp", "glu")
 ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu")
@@ -76,6 +77,7 @@ class ModelConfig:
     sliding_window: int | None = None  # tokens a local layer can see (incl. itself)
     sliding_window_pattern: int = 1  # every N-th layer is global; 1 with a window: all local
     attn_dropout: float = 0.0
+    mask: str = "causal"  # nn/masks.py: "causal" (a decoder) | "bidirectional" (an encoder) | "prefix" (prefix-LM)
     # multi-head latent attention (DeepSeek-V2/V3)
     q_lora_rank: int | None = None  # None -> a direct q projection
     kv_lora_rank: int = 512
@@ -147,6 +149,7 @@ class ModelConfig:
         choice("norm_placement", NORM_PLACEMENTS)
         choice("pos_emb", POSITIONS)
         choice("attention", ATTENTIONS)
+        choice("mask", MASKS)
         choice("qk_norm", QK_NORMS)
         choice("mlp", MLP_TYPES)
         choice("activation", ACTIVATIONS)

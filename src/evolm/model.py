@@ -2,7 +2,9 @@
 
 One class for every architecture of the lineage; a ``ModelConfig`` decides which parts each
 block holds (see ``evolm/nn``). The forward pass is the same code for training, prefill and
-cached decoding: a ``KVCache`` is passed in, never hidden in module state.
+cached decoding: a cache (``evolm.cache.Cache``) is passed in, never hidden in module state.
+Which keys each query sees is planned outside the layers (``nn/masks.py``), so an encoder or a
+prefix-LM is a ``mask_kind``, not another model.
 """
 
 from __future__ import annotations
@@ -14,9 +16,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from evolm.config import ModelConfig
-from evolm.nn.attention import attention_mask as build_mask
 from evolm.nn.block import Block
 from evolm.nn.loss import fused_linear_cross_entropy
+from evolm.nn.masks import MaskInputs, MaskKind, plan_masks
 from evolm.nn.moe import MoE, Experts, Router
 from evolm.nn.norm import make_norm
 from evolm.nn.rope import RotaryEmbedding
@@ -80,7 +82,8 @@ class Transformer(nn.Module):
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, cache=None, last_only: bool = False,
                 doc_ids: torch.Tensor | None = None, targets: torch.Tensor | None = None,
-                logits_to_keep: int = 0, return_hidden: bool = False) -> torch.Tensor:
+                logits_to_keep: int = 0, return_hidden: bool = False,
+                mask_kind: MaskKind | None = None, prefix_len: int | torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, vocab), or (B, 1, vocab) with ``last_only``.
 
         ``logits_to_keep=k > 0``: logits of the last k positions only, (B, k, vocab) (transformers'
@@ -92,28 +95,46 @@ class Transformer(nn.Module):
         MoE auxiliary loss) instead, fused with the head so the full logits never exist.
 
         ``attention_mask`` (B, T): 1 for real tokens, 0 for padding. ``position_ids`` (B, T)
-        default to the cache slots (0..T-1 without a cache). ``cache``: a ``KVCache``.
+        default to the cache slots (0..T-1 without a cache). ``cache``: any ``evolm.cache.Cache``.
         ``doc_ids`` (B, T): packed-document ids; attention stays inside each document.
+        ``mask_kind``: ``causal`` (a decoder), ``bidirectional`` (an encoder) or ``prefix``
+        (prefix-LM, with ``prefix_len``); None: the config's ``mask``. See ``nn/masks.py``.
         """
-        c = self.config
         B, T = input_ids.shape
-        if doc_ids is not None and cache is not None:
-            raise ValueError("doc_ids (document-masked packing) is for training; it cannot be used with a cache")
-        # a StaticKVCache in static mode keeps its position in a tensor, so that a compiled decode
-        # step reads no Python number that changes from token to token (see evolm/cache.py)
-        static = cache is not None and getattr(cache, "static", False)
-        start = cache.length if cache is not None and not static else 0
-        key_valid = attention_mask.bool() if attention_mask is not None else None
-        if cache is not None:
-            key_valid = cache.reserve(T, attention_mask)
-        if static and position_ids is None:
-            raise ValueError("a StaticKVCache in static mode needs explicit position_ids")
-        if self.pos_embed is not None and not static and start + T > c.max_seq_len:
-            raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len={c.max_seq_len} "
-                             f"of learned position embeddings")
+        start, key_valid = self._reserve(cache, T, attention_mask, doc_ids, position_ids)
         if position_ids is None:
             position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
+        x = self.embed(input_ids, position_ids)
+        ropes = self.rope_tables(position_ids, x.dtype)
+        kind = mask_kind or self.config.mask
+        masks = plan_masks(self.config, cache, MaskInputs(start, T, key_valid, doc_ids, kind, prefix_len),
+                           input_ids.device)
+        for layer, rope, (mask, is_causal) in zip(self.layers, ropes, masks):
+            x = layer(x, rope, mask, is_causal, cache)
+        if cache is not None:
+            cache.advance(T)
+        return self.output(x, last_only, logits_to_keep, return_hidden, targets)
 
+    def _reserve(self, cache, T: int, attention_mask, doc_ids, position_ids) -> tuple[int, torch.Tensor | None]:
+        """The first new slot and the key validity by slot; checks what a cache cannot take."""
+        if doc_ids is not None and cache is not None:
+            raise ValueError("doc_ids (document-masked packing) is for training; it cannot be used with a cache")
+        # a cache in static mode keeps its position in a tensor, so that a compiled decode step
+        # reads no Python number that changes from token to token (see evolm/cache/kv.py)
+        static = cache is not None and cache.static
+        if static and position_ids is None:
+            raise ValueError("a StaticKVCache in static mode needs explicit position_ids")
+        start = cache.length if cache is not None and not static else 0
+        if self.pos_embed is not None and not static and start + T > self.config.max_seq_len:
+            raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len={self.config.max_seq_len} "
+                             f"of learned position embeddings")
+        if cache is not None:
+            return start, cache.reserve(T, attention_mask)
+        return start, attention_mask.bool() if attention_mask is not None else None
+
+    def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings (+ learned positions), scaled and dropped out as the config says."""
+        c = self.config
         x = self.embed_tokens(input_ids)
         if c.embed_scale:  # Gemma: sqrt(d), rounded to the activation dtype as the reference does
             x = x * torch.tensor(c.d_model ** 0.5, dtype=x.dtype)
@@ -121,40 +142,22 @@ class Transformer(nn.Module):
             x = x + self.pos_embed(position_ids)
         if c.embd_dropout:
             x = F.dropout(x, c.embd_dropout, self.training)
+        return x
 
-        rope_global = rope_local = None
-        if c.pos_emb == "rope":
-            rope_global = self.rotary(position_ids, x.dtype)
-            rope_local = self.rotary_local(position_ids, x.dtype) if self.rotary_local is not None else rope_global
+    def rope_tables(self, position_ids: torch.Tensor, dtype: torch.dtype) -> list:
+        """Each layer's (cos, sin), or None for a layer without RoPE; local layers may have their own base."""
+        c = self.config
+        if c.pos_emb != "rope":
+            return [None] * c.n_layers
+        rope_global = self.rotary(position_ids, dtype)
+        rope_local = self.rotary_local(position_ids, dtype) if self.rotary_local is not None else rope_global
+        return [None if not c.layer_uses_rope(i) else rope_local if c.layer_is_local(i) else rope_global
+                for i in range(c.n_layers)]
 
-        # one mask per distinct window; none at all when the kernel's causal flag suffices
-        dev = input_ids.device
-        q_slots = torch.arange(start, start + T, device=dev)
-        masks: dict = {}
-        for i, layer in enumerate(self.layers):
-            window = c.layer_window(i)
-            ring = cache.window(i) if cache is not None else None
-            if window is not None and ring is None and not static and start + T <= window:
-                window = None  # the window reaches further back than the sequence: plain causal
-            if static and (window, ring) not in masks:
-                masks[window, ring] = (cache.mask(window, T), False)
-            elif (window, ring) not in masks:
-                k_slots = cache.key_slots(ring, T, dev) if cache is not None else None
-                if k_slots is None and key_valid is None and doc_ids is None and window is None \
-                        and (start == 0 or T == 1):
-                    masks[window, ring] = (None, start == 0 and T > 1)
-                else:
-                    if k_slots is None:
-                        k_slots = torch.arange(start + T, device=dev)
-                    masks[window, ring] = (build_mask(q_slots, k_slots, key_valid, window, doc_ids), False)
-            mask, is_causal = masks[window, ring]
-            rope = None
-            if c.layer_uses_rope(i):
-                rope = rope_local if c.layer_is_local(i) else rope_global
-            x = layer(x, rope, mask, is_causal, cache)
-
-        if cache is not None:
-            cache.advance(T)
+    def output(self, x: torch.Tensor, last_only: bool = False, logits_to_keep: int = 0,
+               return_hidden: bool = False, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Final norm, then logits, the hidden states, or the loss against ``targets``."""
+        c = self.config
         if last_only:  # prefill for generation needs only the next-token distribution
             x = x[:, -1:]
         elif logits_to_keep > 0:

@@ -12,7 +12,9 @@
   local and global layers (Gemma 3: 5 local to 1 global).
 
 The score computation is ``torch.nn.functional.scaled_dot_product_attention`` (fused kernels,
-``is_causal`` so no mask is built) unless soft-capping needs the scores themselves.
+``is_causal`` so no mask is built) unless soft-capping needs the scores themselves. Which keys a
+query may see (causal, bidirectional, window, padding, documents) is planned outside, in
+``nn/masks.py``; the mask arrives as an argument.
 """
 
 from __future__ import annotations
@@ -26,29 +28,6 @@ import torch.nn.functional as F
 from evolm.nn.fuse import fuse_linears
 from evolm.nn.norm import make_norm
 from evolm.nn.rope import apply_rope
-
-
-def attention_mask(q_slots: torch.Tensor, k_slots: torch.Tensor, key_valid: torch.Tensor | None,
-                   window: int | None, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """Boolean mask (B or 1, 1, Tq, Tk): True where a query may attend a key.
-
-    ``q_slots`` (Tq,) and ``k_slots`` (Tk,) are absolute cache slots (-1 marks an empty ring
-    entry). ``key_valid`` (B, n_slots) marks real (non-padding) tokens by slot. Causality and the
-    window are counted in slots, as the references do. A padding query that would see nothing
-    sees itself, so no row is all-masked (its output is never used). ``doc_ids`` (B, T) isolates
-    packed documents: a token attends only within its own document (no cache in that case).
-    """
-    diff = q_slots[:, None] - k_slots[None, :]
-    mask = (diff >= 0) & (k_slots >= 0)[None, :]
-    if window is not None:
-        mask = mask & (diff < window)
-    mask = mask[None, None]
-    if key_valid is not None:
-        mask = mask & key_valid[:, k_slots.clamp(min=0)][:, None, None, :]
-        mask = mask | (diff == 0)[None, None]
-    if doc_ids is not None:
-        mask = mask & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])
-    return mask
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,

@@ -10,6 +10,14 @@
   residual branch, which OLMo 2 found more stable than pre-norm.
 - ``parallel`` (GPT-J, PaLM, Falcon): ``x = x + attn(norm(x)) + mlp(norm(x))``: one shared norm,
   both sub-layers read the same input, so they can run concurrently.
+
+A block is two parts in that wiring: a *mixer*, which moves information between positions
+(self-attention, multi-head latent attention; next cross-attention and state-space layers), and a
+*channel* part, which works on each position alone (an MLP, or a mixture of experts). Both are
+chosen from the registries below by config fields (``attention``; ``moe_layers`` /
+``layer_is_moe``), so a new kind of mixer is one module and one registry entry; neither the block
+nor ``Transformer.forward`` changes. Every mixer is called as ``mixer(x, rope, mask, is_causal,
+cache)`` and returns a tensor of x's shape.
 """
 
 from __future__ import annotations
@@ -25,13 +33,30 @@ from evolm.nn.moe import MoE
 from evolm.nn.norm import make_norm
 
 
+# config.attention -> the mixer class (each takes (config, layer_idx))
+MIXERS: dict[str, type[nn.Module]] = {"mha": Attention, "mla": MultiHeadLatentAttention}
+
+
+def make_mixer(config, layer_idx: int) -> nn.Module:
+    """Layer ``layer_idx``'s mixer, as ``config.attention`` names it."""
+    return MIXERS[config.attention](config, layer_idx)
+
+
+def make_channel(config, layer_idx: int) -> nn.Module:
+    """Layer ``layer_idx``'s channel part: a mixture of experts on MoE layers, else an MLP."""
+    return MoE(config) if config.layer_is_moe(layer_idx) else MLP(config)
+
+
 class Block(nn.Module):
+    """A mixer and a channel part in residual wiring; the module names (``self_attn``, ``mlp``) are
+    the ones Hugging Face checkpoints and PEFT target lists use."""
+
     def __init__(self, config, layer_idx: int):
         super().__init__()
         c = config
         self.placement = c.norm_placement
-        self.self_attn = (MultiHeadLatentAttention if c.attention == "mla" else Attention)(c, layer_idx)
-        self.mlp = MoE(c) if c.layer_is_moe(layer_idx) else MLP(c)
+        self.self_attn = make_mixer(c, layer_idx)
+        self.mlp = make_channel(c, layer_idx)
         p = self.placement
         if p in ("pre", "post", "sandwich", "parallel"):
             self.attn_norm = make_norm(c)

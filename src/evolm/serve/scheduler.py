@@ -9,7 +9,7 @@ finishes leaves it at once, instead of waiting for the slowest member of a stati
 (Kwon et al. 2023, arXiv:2309.06180) adds paged KV memory on top; we keep a plain preallocated
 cache, which is enough at the scales evolm serves.
 
-The design, in the terms of our ``KVCache``/``Transformer.forward`` contract:
+The design, in the terms of the cache protocol (``evolm.cache.Cache``):
 
 - ``max_batch`` *slots*, one row each of a :class:`SlotCache`. Running requests occupy rows
   ``0..n-1``; a finished request's row is filled by moving the last row into it, so the running
@@ -33,7 +33,7 @@ alone runs the very kernels it would run in a crowd. And a matmul computes its l
 of columns with another kernel, so the keys handed to attention are rounded up to a multiple of
 16 (see ``_DecodeView``). ``tests/test_serve.py`` checks the equality.
 
-Sliding-window layers (Mistral, Gemma) need one more thing: ``Transformer.forward`` builds window
+Sliding-window layers (Mistral, Gemma) need one more thing: mask planning (``nn/masks.py``) builds window
 masks from one query slot shared by the batch, which is right only for rows of the same length.
 For such models a decode step runs one forward per group of equal-length rows (still batched when
 requests arrive together). See docs/serving.md for the model.py change that would lift this.
@@ -120,22 +120,23 @@ class SlotCache:
 
 
 class _PrefillView:
-    """The cache protocol ``Transformer.forward`` expects, for prefilling one row from slot 0.
+    """The cache protocol (``evolm.cache.Cache``) for prefilling one row from slot 0.
 
     The forward pass sees an empty cache (plain causal attention, the fast path), and each
     layer's keys/values are also written into the row.
     """
 
     length = 0
+    static = False
     key_valid = None
 
     def __init__(self, cache: SlotCache, row: int):
         self.cache, self.row = cache, row
 
-    def window(self, layer: int) -> None:
+    def key_layout(self, layer: int) -> None:
         return None
 
-    def key_slots(self, window, n_new: int, device) -> None:
+    def key_slots(self, layout, n_new: int, device) -> None:
         return None
 
     def reserve(self, n_new: int, attention_mask) -> None:
@@ -154,7 +155,7 @@ class _PrefillView:
 
 
 class _DecodeView:
-    """The cache protocol for one decode step over ``rows`` whose lengths are ``lens``.
+    """The cache protocol (``evolm.cache.Cache``) for one decode step over ``rows`` whose lengths are ``lens``.
 
     Row r's new token goes to slot ``lens[r]`` and the row attends over slots ``0..lens[r]``.
     The keys handed to attention span ``n_keys`` slots -- ``max(lens) + 1`` rounded up to a
@@ -162,9 +163,9 @@ class _DecodeView:
     exactness: a CPU matmul computes its last, partial block of columns with another kernel, so a
     key's score would depend on how many keys follow it; with whole blocks it does not.
 
-    We name the key slots ourselves (``key_slots``; the model asks for them whenever
-    ``window(i)`` is not None) and place the query *past* them (``length = n_keys``): no key then
-    shares the query's slot -- ``attention_mask`` (nn/attention.py) always lets a query see that
+    We name the key slots ourselves (key layout ``"rows"``: mask planning takes our ``key_slots``)
+    and place the query *past* them (``length = n_keys``): no key then
+    shares the query's slot -- ``attention_mask`` (nn/masks.py) always lets a query see that
     slot, which would expose a shorter row to a stale key -- causality admits every key, and
     ``key_valid`` alone decides. A sliding-window mask counts slots back from the query, so for
     such models the engine groups rows by length and passes ``same_length``: the query then sits
@@ -187,10 +188,12 @@ class _DecodeView:
         self._slots = torch.arange(self.n_keys, device=device)
         self.key_valid = self._slots[None, :] <= self.lens[:, None]
 
-    def window(self, layer: int) -> int:
-        return self.n_keys  # any value but None: makes the model take our key_slots
+    static = False
 
-    def key_slots(self, window, n_new: int, device) -> torch.Tensor:
+    def key_layout(self, layer: int) -> str:
+        return "rows"
+
+    def key_slots(self, layout, n_new: int, device) -> torch.Tensor:
         return self._slots
 
     def reserve(self, n_new: int, attention_mask) -> torch.Tensor:

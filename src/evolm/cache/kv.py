@@ -1,5 +1,7 @@
 """KV caches: keys and values of past tokens, preallocated, passed into the forward pass.
 
+Each class here implements ``evolm.cache.protocol.Cache``.
+
 The model's forward is one code path for training, prefill and decode: with a cache, each
 attention layer writes its new keys/values into the cache and attends over what is stored.
 
@@ -48,8 +50,8 @@ class KVCache:
         return cls(batch, max_len, [c.layer_window(i) for i in range(c.n_layers)], device=dev)
 
     # --- bookkeeping shared by all layers of one forward call ------------------------------
-    def window(self, layer: int) -> int | None:
-        """The ring size of a layer, or None if it keeps every token."""
+    def key_layout(self, layer: int) -> int | None:
+        """The ring size of a layer, or None if it keeps every token (the plain slot layout)."""
         if self.windows is None:
             return None
         w = self.windows[layer]
@@ -69,7 +71,8 @@ class KVCache:
         return self.key_valid[:, :self.length + n_new]
 
     def key_slots(self, window: int | None, n_new: int, device) -> torch.Tensor | None:
-        """Absolute slots of the keys a layer with this ring ``window`` will attend over (-1: empty).
+        """Absolute slots of the keys a layer with this ring ``window`` (its ``key_layout``) will
+        attend over (-1: empty).
 
         None means the plain layout: slots 0 .. length + n_new - 1.
         """
@@ -99,7 +102,7 @@ class KVCache:
     # --- per layer ---------------------------------------------------------------------------
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, H, T, D) of the new tokens; return the keys/values to attend over."""
-        window = self.window(layer)
+        window = self.key_layout(layer)
         if layer not in self._k:
             size = window if window is not None else self.max_len
             self._k[layer] = k.new_zeros(k.shape[0], k.shape[1], size, k.shape[-1])
@@ -252,10 +255,10 @@ class PrefillKV:
     def reserve(self, n_new: int, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
         return attention_mask.bool() if attention_mask is not None else None
 
-    def window(self, layer: int) -> None:
+    def key_layout(self, layer: int) -> None:
         return None
 
-    def key_slots(self, window: int | None, n_new: int, device) -> None:
+    def key_slots(self, layout, n_new: int, device) -> None:
         return None
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,124 @@
+"""Attention masks, planned once per forward call, outside the model.
+
+Which keys a query may see is the one thing that separates the model kinds of the lineage:
+
+- ``causal`` (GPT, Llama, every decoder): a token sees itself and the tokens before it;
+- ``bidirectional`` (BERT, RoBERTa, an encoder; Devlin et al. 2018, arXiv:1810.04805): every token
+  sees every real token, so an encoder is this mask choice over the same blocks;
+- ``prefix`` (prefix-LM: UniLM, Dong et al. 2019, arXiv:1905.03197; T5's prefix-LM objective,
+  Raffel et al. 2019, arXiv:1910.10683): the first ``prefix_len`` tokens see each other both
+  ways, the rest is causal;
+
+and on top of the kind, per layer or per batch:
+
+- a sliding window (Longformer, Beltagy et al. 2020, arXiv:2004.05150; Mistral, Gemma 2/3):
+  causal layers look back fewer than ``window`` slots; bidirectional ones see ``window // 2``
+  slots each way (ModernBERT's local attention);
+- padding (``attention_mask``: 0 for padding tokens, recorded per slot by the cache);
+- packed documents (``doc_ids``): a token sees only its own document.
+
+``plan_masks`` turns a config, a cache and these inputs into one ``(mask, is_causal)`` per layer,
+built once per distinct (window, key layout) and shared; where the kernel's ``is_causal`` flag is
+enough (plain causal attention over the new tokens alone) no mask tensor is built at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from evolm.config import MASKS as MASK_KINDS  # ModelConfig.mask takes the same names
+
+MaskKind = Literal["causal", "bidirectional", "prefix"]
+
+
+def attention_mask(q_slots: torch.Tensor, k_slots: torch.Tensor, key_valid: torch.Tensor | None,
+                   window: int | None, doc_ids: torch.Tensor | None = None, kind: MaskKind = "causal",
+                   prefix_len: int | torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean mask (B or 1, 1, Tq, Tk): True where a query may attend a key.
+
+    ``q_slots`` (Tq,) and ``k_slots`` (Tk,) are absolute cache slots (-1 marks an empty ring
+    entry). ``key_valid`` (B, n_slots) marks real (non-padding) tokens by slot. Causality and the
+    window are counted in slots, as the references do. A padding query that would see nothing
+    sees itself, so no row is all-masked (its output is never used). ``doc_ids`` (B, T) isolates
+    packed documents (no cache in that case). ``prefix_len`` (int or (B,)) is the length of the
+    bidirectional prefix of ``kind="prefix"``.
+    """
+    if kind not in MASK_KINDS:
+        raise ValueError(f"mask kind {kind!r}: expected one of {', '.join(MASK_KINDS)}")
+    diff = q_slots[:, None] - k_slots[None, :]
+    if kind == "bidirectional":
+        mask = (k_slots >= 0)[None, :].expand_as(diff)
+        if window is not None:
+            mask = mask & (diff.abs() <= window // 2)
+    else:
+        mask = (diff >= 0) & (k_slots >= 0)[None, :]
+        if window is not None:
+            mask = mask & (diff < window)
+    mask = mask[None, None]
+    if kind == "prefix":
+        mask = mask | _in_prefix(q_slots, k_slots, prefix_len)
+    if key_valid is not None:
+        mask = mask & key_valid[:, k_slots.clamp(min=0)][:, None, None, :]
+        mask = mask | (diff == 0)[None, None]
+    if doc_ids is not None:
+        mask = mask & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])
+    return mask
+
+
+def _in_prefix(q_slots: torch.Tensor, k_slots: torch.Tensor, prefix_len) -> torch.Tensor:
+    """(B or 1, 1, Tq, Tk): both the query and the key lie in the bidirectional prefix."""
+    if prefix_len is None:
+        raise ValueError("mask kind 'prefix' needs prefix_len (an int, or one per row)")
+    n = torch.as_tensor(prefix_len, device=q_slots.device).reshape(-1, 1, 1, 1)
+    q_in = q_slots[None, None, :, None] < n
+    k_in = (k_slots >= 0)[None, None, None, :] & (k_slots[None, None, None, :] < n)
+    return q_in & k_in
+
+
+@dataclass(frozen=True)
+class MaskInputs:
+    """What decides the masks of one forward call (everything but the layers' own windows)."""
+
+    start: int                                 # slot of the first new token
+    n_new: int                                 # new tokens in this call
+    key_valid: torch.Tensor | None = None      # (B, n_slots) False on padding slots
+    doc_ids: torch.Tensor | None = None        # (B, T) packed-document ids
+    kind: MaskKind = "causal"
+    prefix_len: int | torch.Tensor | None = None
+
+
+def plan_masks(config, cache, inputs: MaskInputs, device) -> list[tuple[torch.Tensor | None, bool]]:
+    """One ``(mask, is_causal)`` per layer of ``config``, shared by layers with the same window
+    and key layout (a Gemma 3 model builds two masks for 18 layers, a Llama model none)."""
+    static = cache is not None and cache.static
+    plans: dict = {}
+    out = []
+    for i in range(config.n_layers):
+        window = config.layer_window(i)
+        layout = cache.key_layout(i) if cache is not None else None
+        if window is not None and layout is None and not static and inputs.kind == "causal" \
+                and inputs.start + inputs.n_new <= window:
+            window = None  # the window reaches further back than the sequence: plain causal
+        if (window, layout) not in plans:
+            plans[window, layout] = (cache.mask(window, inputs.n_new), False) if static else \
+                _plan_one(cache, inputs, window, layout, device)
+        out.append(plans[window, layout])
+    return out
+
+
+def _plan_one(cache, inputs: MaskInputs, window: int | None, layout, device):
+    start, T = inputs.start, inputs.n_new
+    k_slots = cache.key_slots(layout, T, device) if cache is not None else None
+    plain = k_slots is None and inputs.key_valid is None and inputs.doc_ids is None and window is None
+    if plain and inputs.kind == "causal" and (start == 0 or T == 1):
+        return None, start == 0 and T > 1  # the kernel's causal flag, or one query that sees all
+    if plain and inputs.kind == "bidirectional":
+        return None, False  # every key, no mask
+    if k_slots is None:
+        k_slots = torch.arange(start + T, device=device)
+    q_slots = torch.arange(start, start + T, device=device)
+    return attention_mask(q_slots, k_slots, inputs.key_valid, window, inputs.doc_ids,
+                          inputs.kind, inputs.prefix_len), False
