@@ -26,7 +26,8 @@ import torch
 
 from evolm.config import ModelConfig
 from evolm.train import parallel as par
-from evolm.train.loop import LoopConfig, Phase, Runtime, run, seed_all, update_moe_bias
+from evolm.train.config import LoopConfig, LRShape, Phase, values_of
+from evolm.train.loop import Runtime, run, seed_all, update_moe_bias
 from evolm.train.recipe import Recipe, RecipeError, StageSpec
 
 
@@ -133,10 +134,8 @@ class StagePlan:
     tokens_per_step: int
 
     def phase(self) -> Phase:
-        s = self.spec
-        return Phase(name=s.name, steps=self.steps, accum=self.accum, tokens_per_step=self.tokens_per_step,
-                     warmup_steps=s.warmup_steps, schedule=s.schedule, lr_start=s.lr_start, lr_end=s.lr_end,
-                     decay_fraction=s.decay_fraction)
+        return Phase(name=self.spec.name, steps=self.steps, accum=self.accum, tokens_per_step=self.tokens_per_step,
+                     **values_of(self.spec, LRShape))
 
 
 def plan_stages(recipe: Recipe, world: int) -> list[StagePlan]:
