@@ -1,5 +1,10 @@
 """The one training loop: pretraining, SFT, DPO and GRPO all step through ``run``.
 
+This module is the loop's contract (the Task protocol, :class:`Runtime`) and the pieces trainers
+share (RNG state, metrics log, progress bar, checkpoint folders, loss plot); ``run`` drives the
+:class:`~evolm.train.trainer.Trainer`, which does the work one short method per job. The typed
+settings (:class:`Phase`, :class:`LoopConfig`) are declared in ``config.py``.
+
 What every trainer shares lives here: the LR schedule of each phase (``optim.lr_at``), gradient
 accumulation, gradient clipping, bf16 autocast, AdamW over the *trainable* parameters only
 (``requires_grad``; LoRA freezes the base), DDP/FSDP wrapping, ``metrics.jsonl`` + TensorBoard,
