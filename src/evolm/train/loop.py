@@ -257,7 +257,7 @@ def tokenizer_files(tokenizer) -> dict[str, str]:
         return {name: Path(tmp, name).read_text() for name in os.listdir(tmp)}
 
 
-def _save_partial(state: dict, path: Path, trainer_state: dict) -> None:
+def save_trainable_folder(state: dict, path: Path, trainer_state: dict) -> None:
     """A checkpoint of a partly frozen model: the trainable tensors + trainer state, atomically."""
     from safetensors.torch import save_file
 

@@ -5,7 +5,10 @@ broad mixture, long-context pretraining (longer sequences, a larger RoPE base or
 and annealing on the highest-quality data with the learning rate decayed to zero. A recipe lists
 those stages; each one sets its mixture, sequence length, token budget and LR phase.
 
-Every section is a dataclass; an unknown key fails with the closest valid one suggested.
+Every section is a dataclass; an unknown key fails with the closest valid one suggested, a value
+of the wrong type (``seq_len: [1, 'x']``) with the key and the declared type. The sections the
+loop reads extend its settings (``config.py``): ``optim`` is ``OptimConfig``, ``train`` extends
+``LoopSettings``, a stage extends ``LRShape``; so each field is declared once.
 """
 
 from __future__ import annotations
@@ -99,7 +102,8 @@ def _build(cls, d: Any, where: str):
             hint = f"; did you mean '{close[0]}'?" if close else ""
             raise RecipeError(f"{where}: unknown key '{key}'{hint} (valid: {', '.join(sorted(known))})")
         if not _fits(value, hints[key]):
-            note = " (YAML reads 3e-4 as text: write 3.0e-4)" if isinstance(value, str) and _fits(1.0, hints[key]) else ""
+            as_text = isinstance(value, str) and _fits(1.0, hints[key])
+            note = " (YAML reads 3e-4 as text: write 3.0e-4)" if as_text else ""
             raise RecipeError(f"{where}: {key} must be {_describe(hints[key])}, got {value!r}{note}")
     try:
         return cls(**d)

@@ -26,9 +26,9 @@ import torch
 
 from evolm.train import parallel as par
 from evolm.train.config import LoopConfig, Phase
-from evolm.train.loop import (MetricsLog, Progress, Runtime, Task, _save_partial, all_trainable,
-                              find_eval_in_training, latest_checkpoint, peak_flops, plot_losses, promote_final,
-                              rng_state, save_model_folder, seed_all, set_rng_state, trainable_state)
+from evolm.train.loop import (MetricsLog, Progress, Runtime, Task, all_trainable, find_eval_in_training,
+                              latest_checkpoint, peak_flops, plot_losses, promote_final, rng_state,
+                              save_model_folder, save_trainable_folder, seed_all, set_rng_state, trainable_state)
 from evolm.train.optim import lr_at, make_optimizer
 
 
@@ -57,7 +57,8 @@ class Trainer:
         self.out, self.tokenizer, self.extra_state = Path(out), tokenizer, extra_state or {}
         self.benchmarks = _check(phases, cfg)
         self.partial = not all_trainable(model)  # a LoRA-like run: checkpoints hold the trainable part
-        self.phase_idx, self.phase_step, self.global_step, self.tokens = 0, 0, 0, 0
+        self.from_phase, self.from_step = 0, 0  # where this call starts (a resume moves it)
+        self.global_step, self.tokens = 0, 0
         self.resumed: dict | None = None  # the checkpoint's trainer state
         self.steps_this_call, self.throughput = 0, []
         self.last_train_loss, self.last_eval, self.initial_eval = float("nan"), {}, None
@@ -85,16 +86,16 @@ class Trainer:
         from evolm.checkpoint import load_trainer_state
 
         s = self.resumed = load_trainer_state(str(ckpt))
-        self.phase_idx, self.phase_step = s["phase_idx"], s["phase_step"]
+        self.from_phase, self.from_step = s["phase_idx"], s["phase_step"]
         self.global_step, self.tokens = s["global_step"], s["tokens"]
-        self.task.start_phase(self.phase_idx, self.phases[self.phase_idx])
+        self.task.start_phase(self.from_phase, self.phases[self.from_phase])
         self.task.load_state_dict(s["task"])
         wfile = ckpt / ("trainable.safetensors" if self.partial else "model.safetensors")
         if not wfile.is_file():
             raise FileNotFoundError(f"{ckpt}: missing {wfile.name}; was this checkpoint written by a "
                                     f"{'full' if self.partial else 'partly frozen (LoRA)'} run?")
         self.model.load_state_dict(load_file(str(wfile)), strict=False)
-        self.say(f"resuming from {ckpt.name}: phase {self.phases[self.phase_idx].name}, step {self.global_step}")
+        self.say(f"resuming from {ckpt.name}: phase {self.phases[self.from_phase].name}, step {self.global_step}")
 
     # --- wrap ------------------------------------------------------------------------------
     def wrap(self) -> None:
@@ -118,7 +119,7 @@ class Trainer:
         """Every remaining phase; True when ``stop_after_steps`` ended this call early."""
         self._open_logs()
         self.net.train()
-        for pi in range(self.phase_idx, len(self.phases)):
+        for pi in range(self.from_phase, len(self.phases)):
             if self._fit_phase(pi, stop_after_steps):
                 return True
         return False
@@ -133,13 +134,13 @@ class Trainer:
 
     def _fit_phase(self, pi: int, stop_after_steps: int | None) -> bool:
         phase = self.phases[pi]
-        continuing = pi == self.phase_idx
+        continuing = pi == self.from_phase
         if not (continuing and self.resumed is not None):
             self.task.start_phase(pi, phase)
         if self.cfg.eval_at_start and self.global_step == 0:
             self._evaluate_untrained(phase)
         fpt = self.task.flops_per_token(phase) if hasattr(self.task, "flops_per_token") else None
-        for step in range(self.phase_step if continuing else 0, phase.steps):
+        for step in range(self.from_step if continuing else 0, phase.steps):
             row = self._reduce(phase, self.step(phase, step), fpt)
             if self._after_step(pi, step + 1, row, stop_after_steps):
                 return True
@@ -280,7 +281,7 @@ class Trainer:
                      "tokens": self.tokens, "task": task_state, "optimizer": osd, "rng": rng_state(),
                      **self.extra_state}
             if self.partial:
-                _save_partial(trainable_state(self.model, msd), step_dir, state)
+                save_trainable_folder(trainable_state(self.model, msd), step_dir, state)
             else:
                 save_model_folder(self.model, msd, step_dir, state, self.tokenizer)
             ckpts = sorted(p for p in (self.out / "checkpoints").iterdir() if p.name.startswith("step_"))
