@@ -116,6 +116,36 @@ def test_recipe_typos_suggest_the_closest_key(tmp_path):
         load_recipe(str(tmp_path / "nope.yaml"))
 
 
+@pytest.mark.parametrize("section, key, value, says", [
+    ("stages", "seq_len", [1, "x"], r"stages\[0\]: seq_len must be int, got \[1, 'x'\]"),
+    ("train", "micro_batch", [], r"train: micro_batch must be int, got \[\]"),
+    ("train", "compile", "yes", "train: compile must be bool"),
+    ("train", "eval_tasks", "arc_easy", r"train: eval_tasks must be list\[str\]"),
+    ("optim", "betas", [0.9], r"optim: betas must be tuple\[float, float\]"),
+    ("optim", "lr", "3e-4", "optim: lr must be float, got '3e-4' .*write 3.0e-4"),
+])
+def test_recipe_values_of_the_wrong_type_name_the_key(tmp_path, section, key, value, says):
+    d = _recipe_dict(tmp_path)
+    (d["stages"][0] if section == "stages" else d[section])[key] = value
+    with pytest.raises(RecipeError, match=says):
+        recipe_from_dict(d)
+
+
+def test_loop_config_and_phases_take_the_recipe_values(tmp_path):
+    from evolm.train.config import LoopConfig
+    from evolm.train.pretrain import plan_stages
+
+    d = _recipe_dict(tmp_path, dtype="bfloat16", eval_tasks=["arc_easy"], eval_tasks_limit=3)
+    d["optim"]["betas"] = [0.8, 0.9]
+    r = recipe_from_dict(d)
+    cfg = LoopConfig.from_recipe(r)
+    assert (cfg.lr, cfg.betas, cfg.dtype, cfg.eval_tasks, cfg.eval_tasks_limit, cfg.log_every) == \
+        (3e-3, (0.8, 0.9), "bfloat16", ["arc_easy"], 3, 1)
+    a, b = (p.phase() for p in plan_stages(r, world=1))
+    assert (a.name, a.schedule, a.warmup_steps, a.lr_end, a.steps, a.accum) == ("a", "cosine", 2, 0.1, 6, 2)
+    assert (b.name, b.schedule, b.warmup_steps, b.lr_end, b.steps, b.accum) == ("b", "linear", 0, 0.0, 4, 1)
+
+
 @pytest.mark.parametrize("name", ["demo", "gpt2-124m", "three-stage"])
 def test_shipped_recipes_parse(name):
     r = load_recipe(str(ROOT / "recipes" / f"{name}.yaml"))

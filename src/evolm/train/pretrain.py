@@ -26,7 +26,8 @@ import torch
 
 from evolm.config import ModelConfig
 from evolm.train import parallel as par
-from evolm.train.loop import LoopConfig, Phase, Runtime, run, seed_all, update_moe_bias
+from evolm.train.config import LoopConfig, LRShape, Phase, values_of
+from evolm.train.loop import Runtime, run, seed_all, update_moe_bias
 from evolm.train.recipe import Recipe, RecipeError, StageSpec
 
 
@@ -133,10 +134,8 @@ class StagePlan:
     tokens_per_step: int
 
     def phase(self) -> Phase:
-        s = self.spec
-        return Phase(name=s.name, steps=self.steps, accum=self.accum, tokens_per_step=self.tokens_per_step,
-                     warmup_steps=s.warmup_steps, schedule=s.schedule, lr_start=s.lr_start, lr_end=s.lr_end,
-                     decay_fraction=s.decay_fraction)
+        return Phase(name=self.spec.name, steps=self.steps, accum=self.accum, tokens_per_step=self.tokens_per_step,
+                     **values_of(self.spec, LRShape))
 
 
 def plan_stages(recipe: Recipe, world: int) -> list[StagePlan]:
@@ -269,6 +268,27 @@ class PretrainTask:
 # --------------------------------------------------------------------------------------------
 # the run
 # --------------------------------------------------------------------------------------------
+def prepare_tokenizer_and_data(recipe: Recipe, out: Path, rt: Runtime, data_dir: str | None,
+                               say: Callable[[str], None]) -> tuple[Any, Path, dict]:
+    """The tokenizer and the tokenized shards (``out/data``): rank 0 trains / writes them first,
+    the other ranks then read what it wrote."""
+    from evolm.data.prepare import prepare
+
+    main = rt.main
+    seed_all(recipe.seed)
+    tokenizer = load_or_train_tokenizer(recipe, out, data_dir, say) if main else None
+    par.barrier(rt.world)
+    if not main:
+        tokenizer = load_or_train_tokenizer(recipe, out, data_dir, say)
+    data_out = out / "data"
+    if main:
+        manifest = prepare(recipe.data, tokenizer, data_out, data_dir=data_dir, log=say)
+    par.barrier(rt.world)
+    if not main:
+        manifest = json.loads((data_out / "manifest.json").read_text())
+    return tokenizer, data_out, manifest
+
+
 def pretrain(recipe: Recipe, out_dir: str | None = None, resume: bool = False,
              log: Callable[[str], None] | None = None, data_dir: str | None = None,
              stop_after_steps: int | None = None) -> dict[str, Any]:
@@ -280,7 +300,6 @@ def pretrain(recipe: Recipe, out_dir: str | None = None, resume: bool = False,
     import time
 
     from evolm.data.mixture import check_tokenizer
-    from evolm.data.prepare import prepare
 
     t_start = time.time()
     rt = Runtime.create(recipe.train.distributed)
@@ -295,18 +314,7 @@ def pretrain(recipe: Recipe, out_dir: str | None = None, resume: bool = False,
 
         (out / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     par.barrier(rt.world)
-
-    seed_all(recipe.seed)
-    tokenizer = load_or_train_tokenizer(recipe, out, data_dir, say) if main else None
-    par.barrier(rt.world)
-    if not main:
-        tokenizer = load_or_train_tokenizer(recipe, out, data_dir, say)
-    data_out = out / "data"
-    if main:
-        manifest = prepare(recipe.data, tokenizer, data_out, data_dir=data_dir, log=say)
-    par.barrier(rt.world)
-    if not main:
-        manifest = json.loads((data_out / "manifest.json").read_text())
+    tokenizer, data_out, manifest = prepare_tokenizer_and_data(recipe, out, rt, data_dir, say)
 
     seed_all(recipe.seed)  # the same initial weights whatever the tokenizer/data steps consumed
     model, config = build_model(recipe, tokenizer)

@@ -5,7 +5,10 @@ broad mixture, long-context pretraining (longer sequences, a larger RoPE base or
 and annealing on the highest-quality data with the learning rate decayed to zero. A recipe lists
 those stages; each one sets its mixture, sequence length, token budget and LR phase.
 
-Every section is a dataclass; an unknown key fails with the closest valid one suggested.
+Every section is a dataclass; an unknown key fails with the closest valid one suggested, a value
+of the wrong type (``seq_len: [1, 'x']``) with the key and the declared type. The sections the
+loop reads extend its settings (``config.py``): ``optim`` is ``OptimConfig``, ``train`` extends
+``LoopSettings``, a stage extends ``LRShape``; so each field is declared once.
 """
 
 from __future__ import annotations
@@ -13,11 +16,14 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 
+from evolm.train.config import LoopSettings, LRShape, OptimConfig
 from evolm.train.optim import SCHEDULES
 
 
@@ -40,48 +46,26 @@ class TokenizerSpec:
 
 
 @dataclass
-class OptimSpec:
-    lr: float = 3e-4
-    betas: tuple[float, float] = (0.9, 0.95)
-    weight_decay: float = 0.1
-    eps: float = 1e-8
-    grad_clip: float = 1.0
+class TrainSpec(LoopSettings):
+    """The ``train`` section: the loop's settings (``config.LoopSettings``) and pretraining's own."""
 
-
-@dataclass
-class TrainSpec:
     micro_batch: int = 8  # sequences per forward/backward on one process
     tokens_per_step: int | None = None  # gradient accumulation reaches this (None: one micro batch)
-    dtype: str = "float32"  # float32 | bfloat16 (autocast)
-    compile: bool = False
-    activation_checkpointing: bool = False
     doc_masking: bool = False  # attention stays inside each packed document
-    distributed: str = "none"  # none | ddp | fsdp (launch with torchrun)
-    log_every: int = 10
-    eval_every: int = 100
     eval_batches: int = 8
-    sample_every: int = 0  # 0: only at the end
     sample_prompts: list[str] = field(default_factory=lambda: ["The "])
     sample_tokens: int = 48
-    ckpt_every: int = 200
-    keep_checkpoints: int = 2
-    peak_tflops: float | None = None  # for MFU; None: a stated estimate for the device
     threads: int | None = None
-    eval_tasks: list[str] = field(default_factory=list)  # benchmarks (evolm eval names) logged at eval steps
-    eval_tasks_limit: int | None = None  # examples per benchmark at each eval
 
 
 @dataclass
-class StageSpec:
+class StageSpec(LRShape):
+    """One stage: its LR shape within the stage (``config.LRShape``), data and context length."""
+
     name: str = "pretrain"
     tokens: int = 1_000_000
     seq_len: int = 256
     mixture: dict[str, float] | str | None = None  # source -> weight, a quality tier ("high"), or None: data's
-    schedule: str = "cosine"  # LR shape within the stage
-    warmup_steps: int = 0
-    lr_start: float = 1.0  # multipliers of optim.lr
-    lr_end: float = 0.1
-    decay_fraction: float = 0.2  # for wsd
     rope_theta: float | None = None  # long-context extension
     rope_scaling: dict[str, Any] | None = None
 
@@ -94,7 +78,7 @@ class Recipe:
     model: ModelSpec = field(default_factory=ModelSpec)
     tokenizer: TokenizerSpec = field(default_factory=TokenizerSpec)
     data: dict[str, Any] = field(default_factory=dict)  # evolm.data.prepare spec (sources + options)
-    optim: OptimSpec = field(default_factory=OptimSpec)
+    optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainSpec = field(default_factory=TrainSpec)
     stages: list[StageSpec] = field(default_factory=lambda: [StageSpec()])
     source: str = "<dict>"
@@ -110,16 +94,45 @@ def _build(cls, d: Any, where: str):
         return cls()
     if not isinstance(d, dict):
         raise RecipeError(f"{where}: expected a mapping, got {type(d).__name__}")
+    hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)} - {"source"}
-    for key in d:
+    for key, value in d.items():
         if key not in known:
             close = difflib.get_close_matches(str(key), sorted(known), n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             raise RecipeError(f"{where}: unknown key '{key}'{hint} (valid: {', '.join(sorted(known))})")
+        if not _fits(value, hints[key]):
+            as_text = isinstance(value, str) and _fits(1.0, hints[key])
+            note = " (YAML reads 3e-4 as text: write 3.0e-4)" if as_text else ""
+            raise RecipeError(f"{where}: {key} must be {_describe(hints[key])}, got {value!r}{note}")
     try:
         return cls(**d)
     except TypeError as e:
         raise RecipeError(f"{where}: {e}") from None
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a YAML value has the declared type (an int does for a float; a list for a tuple)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if isinstance(value, bool) and hint is not bool:
+        return False
+    if hint is float:
+        return isinstance(value, (int, float))
+    if origin is list:
+        return isinstance(value, list) and all(_fits(v, args[0]) for v in value)
+    if origin is tuple:
+        return isinstance(value, (list, tuple)) and len(value) == len(args) and all(map(_fits, value, args))
+    if origin is dict:
+        return isinstance(value, dict) and all(_fits(k, args[0]) and _fits(v, args[1]) for k, v in value.items())
+    return isinstance(value, hint)
+
+
+def _describe(hint: Any) -> str:
+    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
 
 
 def recipe_from_dict(d: dict[str, Any], source: str = "<dict>") -> Recipe:
@@ -133,7 +146,7 @@ def recipe_from_dict(d: dict[str, Any], source: str = "<dict>") -> Recipe:
     else:
         r.model = _build(ModelSpec, d.get("model"), f"{source}: model")
     r.tokenizer = _build(TokenizerSpec, d.get("tokenizer"), f"{source}: tokenizer")
-    r.optim = _build(OptimSpec, d.get("optim"), f"{source}: optim")
+    r.optim = _build(OptimConfig, d.get("optim"), f"{source}: optim")
     r.train = _build(TrainSpec, d.get("train"), f"{source}: train")
     stages = d.get("stages", [{}])
     if not isinstance(stages, list) or not stages:
