@@ -41,6 +41,16 @@ class AdapterConfig:
     lora_dropout: float = option(0.0)
     lora_targets: str = option("q_proj,v_proj", "module names, comma-separated, or all-linear")
 
+    def __post_init__(self):
+        if not self.enabled:  # the adapter's shape flags mean nothing without --lora/--qlora
+            return
+        r = self.lora_r
+        require(self, "lora_r", isinstance(r, int) and not isinstance(r, bool) and r > 0,
+                f"(the rank) must be a positive integer, got {r!r}")
+        require(self, "lora_alpha", self.lora_alpha > 0, f"must be > 0, got {self.lora_alpha!r}")
+        require(self, "lora_dropout", 0.0 <= self.lora_dropout < 1.0, f"must be in [0, 1), got {self.lora_dropout!r}")
+        self.lora_config()  # the targets: LoRAConfig names a bad list
+
     @property
     def enabled(self) -> bool:
         return self.lora or self.qlora

@@ -34,7 +34,8 @@ from typing import Any
 import torch
 
 from evolm.post.common import AdapterConfig, Policy, load_policy, pad_id, peak_memory_mb, run_folder
-from evolm.post.data import BUILTIN_SFT, IGNORE, DataError, Example, Rendered, encode_examples, load_sft, require_template
+from evolm.post.data import (BUILTIN_SFT, IGNORE, DataError, Example, Rendered, encode_examples, load_sft,
+                             require_template)
 from evolm.post.flags import flat, option, require
 from evolm.train import parallel as par
 from evolm.train.loop import LoopConfig, Phase, Runtime, run
