@@ -335,20 +335,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_args(ev)
     ev.set_defaults(func=main_cli)
 
-    # post-training: each trainer module owns its typed config (flags derived from its fields) and its run
+    # post-training: each command is a typed config (flags derived from its fields) and a run
     import importlib
 
     from evolm.post.flags import add_options, from_args
-    from evolm.post.lora import add_merge_args, run_merge
 
-    mg = sub.add_parser("merge", help="fold a LoRA adapter (PEFT folder) into its base model")
-    add_merge_args(mg)
-    mg.set_defaults(func=run_merge)
-    for name, config_name, help_text in (
-            ("sft", "SFTConfig", "supervised fine-tuning on chat data (full, LoRA or QLoRA)"),
-            ("dpo", "DPOConfig", "preference optimisation (DPO / cDPO / IPO / SimPO) on preference pairs"),
-            ("grpo", "GRPOConfig", "GRPO: reinforcement learning from verifiable rewards on sampled groups")):
-        mod = importlib.import_module(f"evolm.post.{name}")
+    for name, module, config_name, help_text in (
+            ("merge", "lora", "MergeConfig", "fold a LoRA adapter (PEFT folder) into its base model"),
+            ("sft", "sft", "SFTConfig", "supervised fine-tuning on chat data (full, LoRA or QLoRA)"),
+            ("dpo", "dpo", "DPOConfig", "preference optimisation (DPO / cDPO / IPO / SimPO) on preference pairs"),
+            ("grpo", "grpo", "GRPOConfig", "GRPO: reinforcement learning from verifiable rewards on sampled groups")):
+        mod = importlib.import_module(f"evolm.post.{module}")
         config_class, run = getattr(mod, config_name), getattr(mod, f"run_{name}")
         sp = sub.add_parser(name, help=help_text)
         add_options(sp, config_class)

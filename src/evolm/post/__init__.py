@@ -3,6 +3,12 @@
 The seeds' "training trinity": pretraining gives a base model, SFT on prompt/response pairs an
 instruct model, and alignment (RLHF, DPO, GRPO) an assistant. Every trainer here runs on the one
 step loop of :mod:`evolm.train.loop`, the loop pretraining uses.
+
+Each command is a frozen typed config and a run: ``run_sft(SFTConfig(...))``,
+``run_dpo(DPOConfig(...))``, ``run_grpo(GRPOConfig(...))``, ``run_merge(MergeConfig(...))``; the
+command-line flags are derived from the config's fields (:mod:`evolm.post.flags`), and what the
+trainers share (loading the policy, LoRA options, run folder, final save, held-out report) is
+:mod:`evolm.post.common`.
 """
 
 

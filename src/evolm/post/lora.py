@@ -22,7 +22,6 @@ same logits; ``load_adapter`` reads such folders, whether written here or by PEF
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import re
@@ -35,6 +34,7 @@ import torch
 import torch.nn as nn
 
 from evolm.config import ConfigError
+from evolm.post.flags import option
 from evolm.post.nf4 import NF4Linear
 
 ALL_LINEAR = "all-linear"
@@ -621,31 +621,34 @@ def prepare_lora(model: nn.Module, cfg: LoRAConfig | None, qlora: bool = False) 
     return names
 
 
-def add_merge_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="base model: HF folder, GGUF file or evolm checkpoint")
-    p.add_argument("--adapter", required=True,
-                   help="PEFT adapter folder (adapter_config.json + adapter_model.safetensors)")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--to", choices=["evolm", "hf"], default="evolm", help="output format (default: evolm)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="load (and save) the base in this dtype")
-    p.add_argument("--no-check-base", action="store_true",
-                   help="load the adapter even if it was recorded for a different base model")
+MERGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def run_merge(args) -> None:
+@dataclass(frozen=True, kw_only=True)
+class MergeConfig:
+    """``evolm merge``: a base model, a PEFT adapter folder, and where the merged model goes."""
+
+    model: str = option(help="base model: HF folder, GGUF file or evolm checkpoint")
+    adapter: str = option(help="PEFT adapter folder (adapter_config.json + adapter_model.safetensors)")
+    out: str = option(help="output folder")
+    to: str = option("evolm", "output format (default: evolm)", choices=["evolm", "hf"])
+    dtype: str | None = option(None, "load (and save) the base in this dtype", choices=list(MERGE_DTYPES))
+    check_base: bool = option(True, "load the adapter even if it was recorded for a different base model",
+                              flag="--no-check-base")
+
+
+def run_merge(config: MergeConfig) -> None:
     """`evolm merge`: base + adapter -> one model with the adapter folded in."""
     from evolm.loading import load, save
 
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, None: None}[args.dtype]
-    model, tok = load(args.model, dtype=dtype)
-    names = load_adapter(model, args.adapter, check_base=not args.no_check_base)
+    model, tok = load(config.model, dtype=MERGE_DTYPES.get(config.dtype))
+    names = load_adapter(model, config.adapter, check_base=config.check_base)
     merge_lora(model)
-    save(model, args.out, tokenizer=tok, fmt=args.to)
-    print(f"merged {len(names)} LoRA adapters from {args.adapter} into {args.model}; "
-          f"wrote {args.to} model to {args.out}")
+    save(model, config.out, tokenizer=tok, fmt=config.to)
+    print(f"merged {len(names)} LoRA adapters from {config.adapter} into {config.model}; "
+          f"wrote {config.to} model to {config.out}")
 
 
 __all__ = ["LoRAConfig", "LoRALinear", "apply_lora", "merge_lora", "lora_state_dict", "trainable_parameters",
            "save_adapter", "load_adapter", "read_adapter", "linear_names", "lora_modules", "prepare_lora",
-           "add_merge_args", "run_merge", "ALL_LINEAR"]
+           "MergeConfig", "run_merge", "ALL_LINEAR"]
