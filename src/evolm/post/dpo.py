@@ -179,7 +179,8 @@ class DPOTask:
 
     ``train`` / ``val``: encoded pairs (:func:`encode_pairs`). The reference is built from ``model``
     as it is at construction (the starting point); with ``reference='precompute'`` its log-probs of
-    every pair are computed here, once, and the frozen copy is dropped.
+    every pair are computed here, once, and the frozen copy is dropped. ``seed`` (the run's) orders
+    the pairs of each epoch.
     """
 
     def __init__(self, model, train: list[dict], val: list[dict], cfg: DPOOptions, pad_id: int = 0,

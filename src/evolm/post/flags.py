@@ -58,20 +58,26 @@ def _scalar(tp) -> tuple[type, bool]:
     return tp, False
 
 
-def _section_default(f: dataclasses.Field):
+def _default(f: dataclasses.Field):
+    """The field's default value (calling its factory), or MISSING for a required field."""
     if f.default_factory is not dataclasses.MISSING:
         return f.default_factory()
-    return None if f.default is dataclasses.MISSING else f.default
+    return f.default
 
 
 def add_options(parser: argparse.ArgumentParser, cls, defaults=None, _groups=None) -> None:
-    """Add one flag per field of config class ``cls`` (recursing into sections) to ``parser``."""
+    """Add one flag per field of config class ``cls`` (recursing into sections) to ``parser``.
+
+    ``defaults``: an instance of ``cls`` whose values become the flags' defaults (how a section
+    declared as ``loop: LoopOptions = option(LoopOptions(steps=50))`` gives GRPO its own default
+    step count); without it, the fields' own defaults.
+    """
     groups = {} if _groups is None else _groups
     hints = _hints(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
-            sub = _section_default(f) if defaults is None else getattr(defaults, f.name)
+            sub = _default(f) if defaults is None else getattr(defaults, f.name)
             add_options(parser, tp, sub, groups)
             continue
         if not f.metadata.get("cli", True):
@@ -80,7 +86,7 @@ def add_options(parser: argparse.ArgumentParser, cls, defaults=None, _groups=Non
         if title and title not in groups:
             groups[title] = parser.add_argument_group(title)
         where = groups[title] if title else parser
-        default = getattr(defaults, f.name) if defaults is not None else f.default
+        default = getattr(defaults, f.name) if defaults is not None else _default(f)
         where.add_argument(flag_name(f), dest=f.name, **_argument(f, hints[f.name], default))
 
 

@@ -250,7 +250,7 @@ class GRPOTask:
     """Sample, score and learn (the Task protocol of :func:`evolm.train.loop.run`).
 
     ``model`` is the policy the loop trains (generation uses it directly); the reference is frozen
-    from it at construction.
+    from it at construction. ``seed`` (the run's) orders the prompts and seeds each group's sampling.
     """
 
     def __init__(self, model, tokenizer, train: list[Prompt], val: list[Prompt], rewards, cfg: GRPOOptions,
@@ -428,7 +428,7 @@ class GRPOConfig:
     loop: LoopOptions = option(LoopOptions(steps=50))
 
     def __post_init__(self):
-        require(self, "loop", self.loop.steps is not None, "GRPO needs a number of steps (--steps)")
+        require(self.loop, "steps", self.loop.steps is not None, "GRPO needs a number of steps")
         try:
             self.weights()
         except ValueError:
