@@ -102,3 +102,11 @@ def cli_args(add_args, **kw):
         flag = "--" + k.replace("_", "-")
         argv += [flag] if v is True else [flag, str(v)]
     return p.parse_args(argv)
+
+
+def cli_config(config_class, **kw):
+    """The typed config (``SFTConfig``, ``DPOConfig``, ...) that ``--key value`` flags ask for, through
+    the flags derived from its fields (what the ``evolm`` subcommand builds)."""
+    from evolm.post.flags import add_options, from_args
+
+    return from_args(config_class, cli_args(lambda p: add_options(p, config_class), **kw))

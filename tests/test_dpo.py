@@ -13,7 +13,6 @@ References:
 
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 import math
@@ -27,10 +26,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from evolm.config import ModelConfig  # noqa: E402
 from evolm.model import Transformer  # noqa: E402
-from evolm.post.dpo import (DPOConfig, DPOTask, add_dpo_args, collate_pairs, encode_pairs,  # noqa: E402
+from evolm.post.dpo import (DPOConfig, DPOOptions, DPOTask, collate_pairs, encode_pairs,  # noqa: E402
                             preference_loss, run_dpo)
 from evolm.post.logprobs import Reference, completion_batch, token_logprobs  # noqa: E402
-from conftest import cli_args
+from conftest import cli_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -96,8 +95,8 @@ def test_bad_settings_say_what_is_wrong():
     with pytest.raises(ValueError, match="only simpo works without a reference"):
         preference_loss(x, x, beta=0.1)
     with pytest.raises(ValueError, match="--reference none gives none"):
-        DPOConfig(loss="dpo", reference="none")
-    assert DPOConfig(loss="simpo", reference="none").beta == 2.0
+        DPOOptions(loss="dpo", reference="none")
+    assert DPOOptions(loss="simpo", reference="none").loss_beta == 2.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -284,7 +283,7 @@ def test_batch_is_chosen_rows_then_rejected_rows_with_response_masks(chat_tokeni
 def test_one_forward_pass_scores_chosen_and_rejected(chat_tokenizer, pref_files):
     enc = _encoded(chat_tokenizer, pref_files[0])
     model = _tiny_model(chat_tokenizer.vocab_size)
-    task = DPOTask(model, enc, [], DPOConfig(reference="precompute", batch_size=4))
+    task = DPOTask(model, enc, [], DPOOptions(reference="precompute", batch_size=4))
     calls = []
     h = model.register_forward_hook(lambda m, i, o: calls.append(i[0].shape))
     loss, metrics = task.loss(model, task.next_batch())
@@ -298,7 +297,7 @@ def test_one_forward_pass_scores_chosen_and_rejected(chat_tokenizer, pref_files)
 def test_reference_is_the_frozen_starting_model(chat_tokenizer, pref_files, mode):
     enc = _encoded(chat_tokenizer, pref_files[0])[:8]
     model = _tiny_model(chat_tokenizer.vocab_size)
-    task = DPOTask(model, enc, [], DPOConfig(reference=mode, batch_size=4))
+    task = DPOTask(model, enc, [], DPOOptions(reference=mode, batch_size=4))
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     batch = task.next_batch()
     with torch.no_grad():
@@ -327,7 +326,7 @@ def test_lora_reference_is_the_base_with_adapters_off(chat_tokenizer, pref_files
     apply_lora(model, LoRAConfig(r=4, alpha=8))
     for m in lora_modules(model).values():
         torch.nn.init.normal_(m.lora_B.weight, std=0.5)  # a trained adapter: policy != base
-    task = DPOTask(model, enc, [], DPOConfig(batch_size=4))
+    task = DPOTask(model, enc, [], DPOOptions(batch_size=4))
     assert task.ref.mode == "adapters" and task.ref.frozen is None
     b = collate_pairs(enc)
     with torch.no_grad():
@@ -349,7 +348,7 @@ def test_held_out_metrics_equal_pair_by_pair_scoring(chat_tokenizer, pref_files)
     enc = _encoded(chat_tokenizer, pref_files[1])
     model = _tiny_model(chat_tokenizer.vocab_size, seed=3)
     ref = _tiny_model(chat_tokenizer.vocab_size, seed=4)
-    task = DPOTask(ref, [enc[0]], enc, DPOConfig(beta=0.2, eval_batch_size=5))
+    task = DPOTask(ref, [enc[0]], enc, DPOOptions(beta=0.2, eval_batch_size=5))
     with torch.no_grad():
         got = task.evaluate(model)
         losses, acc, lp_acc = [], [], []
@@ -371,7 +370,7 @@ def test_held_out_metrics_equal_pair_by_pair_scoring(chat_tokenizer, pref_files)
 def test_no_reference_possible_is_a_clear_error(chat_tokenizer, pref_files):
     enc = _encoded(chat_tokenizer, pref_files[0])[:4]
     with pytest.raises(ValueError, match="no LoRA adapters to switch off"):
-        DPOTask(_tiny_model(chat_tokenizer.vocab_size), enc, [], DPOConfig(reference="adapters"))
+        DPOTask(_tiny_model(chat_tokenizer.vocab_size), enc, [], DPOOptions(reference="adapters"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -385,8 +384,8 @@ def _save_tiny(tmp_path, tok, seed=0):
     return path
 
 
-def _args(**kw) -> argparse.Namespace:
-    return cli_args(add_dpo_args, **kw)
+def _args(**kw) -> DPOConfig:
+    return cli_config(DPOConfig, **kw)
 
 
 def test_chosen_equal_to_rejected_names_the_line(tmp_path, chat_tokenizer):

@@ -9,7 +9,6 @@ Python loops; Schulman's k3 estimator checked for unbiasedness by exact expectat
 
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 import math
@@ -25,10 +24,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from evolm.config import ModelConfig  # noqa: E402
 from evolm.model import Transformer  # noqa: E402
 from evolm.post import rewards as R  # noqa: E402
-from evolm.post.grpo import (GRPOConfig, GRPOTask, Prompt, add_grpo_args, group_advantages, grpo_loss,  # noqa: E402
+from evolm.post.grpo import (GRPOConfig, GRPOOptions, GRPOTask, Prompt, group_advantages, grpo_loss,  # noqa: E402
                              k3_kl, load_task, run_grpo)
 from evolm.post.logprobs import completion_batch, token_logprobs  # noqa: E402
-from conftest import cli_args
+from conftest import cli_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -306,8 +305,8 @@ def _model_dir(tmp_path, tok):
     return path
 
 
-def _args(**kw) -> argparse.Namespace:
-    return cli_args(add_grpo_args, **kw)
+def _args(**kw) -> GRPOConfig:
+    return cli_config(GRPOConfig, **kw)
 
 
 SEED = 0
@@ -352,15 +351,15 @@ def test_clear_errors(tmp_path, word_tokenizer):
     with pytest.raises(ValueError, match="cannot import module 'nowhere'"):
         run_grpo(_args(model=tmp_path / "absent", task="arith", reward_fn="nowhere:f"))
     with pytest.raises(ValueError, match="--reference none gives none"):
-        GRPOConfig(reference="none", beta=0.04)
+        GRPOOptions(reference="none", beta=0.04)
     with pytest.raises(ValueError, match="precompute does not apply"):
-        GRPOConfig(reference="precompute")
+        GRPOOptions(reference="precompute")
     with pytest.raises(ValueError, match="--group must be >= 2"):
-        GRPOConfig(group=1)
+        GRPOOptions(group=1)
     model = _tiny(word_tokenizer.vocab_size)
     with pytest.raises(ValueError, match="no chat template"):
         task = GRPOTask(model, word_tokenizer, [Prompt("hi", "1")], [], R.resolve_rewards("exact_numeric"),
-                        GRPOConfig(beta=0.0))
+                        GRPOOptions(beta=0.0))
         task.make_batch()
 
 

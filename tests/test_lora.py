@@ -9,7 +9,6 @@ transformers model that ``save_hf_folder`` exports — loading our adapter folde
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -24,7 +23,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from evolm.config import ConfigError, ModelConfig  # noqa: E402
 from evolm.interop.hf import save_hf_folder, state_dict_to_hf  # noqa: E402
 from evolm.model import Transformer  # noqa: E402
-from evolm.post.lora import (LoRAConfig, LoRALinear, add_merge_args, apply_lora, load_adapter,  # noqa: E402
+from evolm.post.flags import parse  # noqa: E402
+from evolm.post.lora import (LoRAConfig, LoRALinear, MergeConfig, apply_lora, load_adapter,  # noqa: E402
                              lora_modules, lora_state_dict, merge_lora, run_merge, save_adapter,
                              trainable_parameters)
 
@@ -335,10 +335,8 @@ def test_save_load_round_trip_and_merge_cli(tmp_path):
     with torch.no_grad():
         assert torch.equal(fresh(ids), want)
     # evolm merge --model BASE --adapter DIR --out OUT --to hf, then transformers reads the merged model
-    p = argparse.ArgumentParser()
-    add_merge_args(p)
-    run_merge(p.parse_args(["--model", str(base_folder), "--adapter", str(tmp_path / "adapter"),
-                            "--out", str(tmp_path / "merged"), "--to", "hf"]))
+    run_merge(parse(MergeConfig, ["--model", str(base_folder), "--adapter", str(tmp_path / "adapter"),
+                                  "--out", str(tmp_path / "merged"), "--to", "hf"]))
     with torch.no_grad():
         assert (hf_model(tmp_path / "merged")(ids).logits - want).abs().max() <= 1e-5
 

@@ -3,7 +3,7 @@ LoRA), the outputs (a model folder / a PEFT adapter), and clear errors."""
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -12,7 +12,8 @@ import torch
 
 from evolm import build
 from evolm.post.data import CHATML, DataError, encode_examples, load_sft
-from evolm.post.sft import SftTask, add_sft_args, collate, plan_batches, run_sft
+from evolm.post.flags import parse
+from evolm.post.sft import SFTConfig, SftTask, collate, plan_batches, run_sft
 from evolm.presets import get_preset
 from evolm.tokenizer import train_bpe
 
@@ -58,14 +59,12 @@ def workdir(tmp_path_factory):
     return d, tok
 
 
-def _args(workdir, out, *extra) -> argparse.Namespace:
+def _args(workdir, out, *extra) -> SFTConfig:
     d, _ = workdir
-    p = argparse.ArgumentParser()
-    add_sft_args(p)
-    return p.parse_args(["--model", str(d / "base"), "--data", str(d / "train.jsonl"), "--val", str(d / "val.jsonl"),
-                         "--out", str(out), "--steps", "8", "--batch-size", "4", "--max-len", "96", "--lr", "3e-3",
-                         "--eval-every", "4", "--log-every", "1", "--ckpt-every", "3", "--samples", "1",
-                         "--threads", "1", *extra])
+    return parse(SFTConfig, ["--model", str(d / "base"), "--data", str(d / "train.jsonl"), "--val",
+                             str(d / "val.jsonl"), "--out", str(out), "--steps", "8", "--batch-size", "4", "--max-len",
+                             "96", "--lr", "3e-3", "--eval-every", "4", "--log-every", "1", "--ckpt-every", "3",
+                             "--samples", "1", "--threads", "1", *extra])
 
 
 def _losses(run: Path) -> list[float]:
@@ -181,8 +180,7 @@ def test_lora_sft_trains_only_adapters_saves_peft_folder_and_resumes_exactly(wor
 
 # --- errors --------------------------------------------------------------------------------------
 def test_model_without_chat_template_is_a_clear_error(workdir, tmp_path):
-    args = _args(workdir, tmp_path / "x")
-    args.model = str(workdir[0] / "base_no_template")
+    args = dataclasses.replace(_args(workdir, tmp_path / "x"), model=str(workdir[0] / "base_no_template"))
     with pytest.raises(DataError, match="has no chat template"):
         run_sft(args, log=lambda s: None)
 
@@ -191,7 +189,6 @@ def test_row_without_assistant_turn_names_the_line(workdir, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "q", "response": "a"}) + "\n"
                    + json.dumps({"messages": [{"role": "user", "content": "q"}]}) + "\n")
-    args = _args(workdir, tmp_path / "y")
-    args.data = str(bad)
+    args = dataclasses.replace(_args(workdir, tmp_path / "y"), data=str(bad))
     with pytest.raises(DataError, match=r"bad.jsonl:2: no assistant turn"):
         run_sft(args, log=lambda s: None)

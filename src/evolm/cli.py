@@ -335,18 +335,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_args(ev)
     ev.set_defaults(func=main_cli)
 
-    # post-training: each trainer module owns its arguments (add_*_args) and its entry point (run_*)
+    # post-training: each command is a typed config (flags derived from its fields) and a run
     import importlib
 
-    for name, module, help_text in (
-            ("merge", "lora", "fold a LoRA adapter (PEFT folder) into its base model"),
-            ("sft", "sft", "supervised fine-tuning on chat data (full, LoRA or QLoRA)"),
-            ("dpo", "dpo", "preference optimisation (DPO / cDPO / IPO / SimPO) on preference pairs"),
-            ("grpo", "grpo", "GRPO: reinforcement learning from verifiable rewards on sampled groups")):
+    from evolm.post.flags import add_options, from_args
+
+    for name, module, config_name, help_text in (
+            ("merge", "lora", "MergeConfig", "fold a LoRA adapter (PEFT folder) into its base model"),
+            ("sft", "sft", "SFTConfig", "supervised fine-tuning on chat data (full, LoRA or QLoRA)"),
+            ("dpo", "dpo", "DPOConfig", "preference optimisation (DPO / cDPO / IPO / SimPO) on preference pairs"),
+            ("grpo", "grpo", "GRPOConfig", "GRPO: reinforcement learning from verifiable rewards on sampled groups")):
         mod = importlib.import_module(f"evolm.post.{module}")
+        config_class, run = getattr(mod, config_name), getattr(mod, f"run_{name}")
         sp = sub.add_parser(name, help=help_text)
-        getattr(mod, f"add_{name}_args")(sp)
-        sp.set_defaults(func=getattr(mod, f"run_{name}"))
+        add_options(sp, config_class)
+        sp.set_defaults(func=lambda args, c=config_class, r=run: r(from_args(c, args)))
 
     t = sub.add_parser("tokenizer", help="train a tokenizer")
     tsub = t.add_subparsers(dest="tok_cmd", required=True)

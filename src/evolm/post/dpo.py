@@ -32,12 +32,16 @@ data (``--reference precompute``): then no second model sits in memory while tra
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from evolm.post.common import (AdapterConfig, LoopOptions, load_policy, pad_id, report_held_out, run_folder,
+                               save_policy, summary_text)
+from evolm.post.flags import invalid, option, require
+from evolm.post.logprobs import REFERENCES
 
 LOSSES = ("dpo", "ipo", "simpo")
 
@@ -135,30 +139,39 @@ def collate_pairs(rows: list[dict], pad_id: int = 0) -> dict[str, torch.Tensor]:
     return batch
 
 
-@dataclass
-class DPOConfig:
+@dataclass(frozen=True, kw_only=True)
+class DPOOptions:
     """The preference-loss knobs (see the module docstring); ``beta=None`` takes the loss's usual value."""
 
-    loss: str = "dpo"
-    beta: float | None = None  # dpo/ipo: 0.1 (TRL), simpo: 2.0 (Meng et al.)
-    label_smoothing: float = 0.0
-    gamma: float = 0.5  # SimPO target margin (Meng et al. use 0.5-1.6 with beta 2-2.5)
-    reference: str = "auto"
-    batch_size: int = 4  # pairs per micro-batch
-    eval_batch_size: int = 8
-    seed: int = 0
+    flag_group = "preference loss"
+
+    loss: str = option("dpo", choices=LOSSES)
+    beta: float | None = option(None, "DPO/IPO: 0.1; SimPO: 2.0 (default per loss)")  # 0.1: TRL; 2.0: Meng et al.
+    label_smoothing: float = option(0.0, "conservative DPO: P(label flipped)")
+    gamma: float = option(0.5, "SimPO target reward margin")  # Meng et al. use 0.5-1.6 with beta 2-2.5
+    reference: str = option("auto", "auto: the base with adapters off for LoRA, else a frozen copy; precompute: "
+                                    "reference log-probs computed once before training", choices=REFERENCES)
+    batch_size: int = option(4, "pairs per micro-batch")
+    eval_batch_size: int = option(8, cli=False)
 
     def __post_init__(self):
         if self.loss not in LOSSES:
-            raise ValueError(f"--loss: unknown preference loss {self.loss!r}; expected one of {list(LOSSES)}")
-        if self.beta is None:
-            self.beta = 2.0 if self.loss == "simpo" else 0.1
+            raise invalid(self, "loss", f"--loss: unknown preference loss {self.loss!r}; expected one of "
+                                        f"{list(LOSSES)}")
         if self.loss != "simpo" and self.reference == "none":
-            raise ValueError(f"--loss {self.loss} compares the policy with a reference model, and --reference none "
-                             f"gives none; use --reference copy|adapters|precompute, or --loss simpo "
-                             f"(reference-free)")
-        if self.batch_size < 1:
-            raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
+            raise invalid(self, "reference", f"--loss {self.loss} compares the policy with a reference model, and "
+                                             f"--reference none gives none; use --reference copy|adapters|precompute, "
+                                             f"or --loss simpo (reference-free)")
+        require(self, "beta", self.beta is None or self.beta > 0, f"--beta must be > 0, got {self.beta}")
+        require(self, "batch_size", self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
+        require(self, "eval_batch_size", self.eval_batch_size >= 1, f"must be >= 1, got {self.eval_batch_size}")
+
+    @property
+    def loss_beta(self) -> float:
+        """``beta``, or the loss's usual value when it is None: 0.1 for DPO/IPO (TRL), 2.0 for SimPO."""
+        if self.beta is not None:
+            return self.beta
+        return 2.0 if self.loss == "simpo" else 0.1
 
 
 class DPOTask:
@@ -166,16 +179,17 @@ class DPOTask:
 
     ``train`` / ``val``: encoded pairs (:func:`encode_pairs`). The reference is built from ``model``
     as it is at construction (the starting point); with ``reference='precompute'`` its log-probs of
-    every pair are computed here, once, and the frozen copy is dropped.
+    every pair are computed here, once, and the frozen copy is dropped. ``seed`` (the run's) orders
+    the pairs of each epoch.
     """
 
-    def __init__(self, model, train: list[dict], val: list[dict], cfg: DPOConfig, pad_id: int = 0,
-                 log=print):
+    def __init__(self, model, train: list[dict], val: list[dict], cfg: DPOOptions, pad_id: int = 0,
+                 log=print, seed: int = 0):
         from evolm.post.logprobs import Reference
 
         if not train:
             raise ValueError("dpo: no training pairs")
-        self.cfg, self.train, self.val, self.pad_id = cfg, train, val, pad_id
+        self.cfg, self.train, self.val, self.pad_id, self.seed = cfg, train, val, pad_id, seed
         self.ref = Reference(model, cfg.reference) if cfg.loss != "simpo" else None
         if self.ref is not None and self.ref.mode == "precompute":
             log(f"precomputing reference log-probs of {len(train) + len(val)} pairs")
@@ -208,7 +222,7 @@ class DPOTask:
         """This epoch's order: shuffled, then sorted by length inside windows of 16 batches, whose
         batches are shuffled again -- batches hold pairs of similar length (less padding: responses
         range from a few tokens to hundreds), while every epoch still sees a fresh random order."""
-        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.epoch)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         order = torch.randperm(len(self.train), generator=g).tolist()
         bs = self.cfg.batch_size
         window = bs * 16
@@ -248,7 +262,7 @@ class DPOTask:
             ref = batch["ref_logps"].to(dev) if "ref_logps" in batch else self.ref.sequence_logprobs(ids, mask)
         c = self.cfg
         out = preference_loss(logps[:B], logps[B:], ref[:B] if ref is not None else None,
-                              ref[B:] if ref is not None else None, loss_type=c.loss, beta=c.beta,
+                              ref[B:] if ref is not None else None, loss_type=c.loss, beta=c.loss_beta,
                               label_smoothing=c.label_smoothing, gamma=c.gamma, chosen_lengths=lengths[:B],
                               rejected_lengths=lengths[B:])
         return out, logps
@@ -308,221 +322,96 @@ class DPOTask:
 
 
 # ---------------------------------------------------------------------------------------------
-# pieces shared by `evolm dpo` and `evolm grpo`
-# ---------------------------------------------------------------------------------------------
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def load_policy(args, log=print):
-    """Load ``--model`` (+ ``--chat-template``), set threads, apply ``--lora/--qlora``: (model, tokenizer)."""
-    from evolm.loading import load
-    from evolm.post.lora import prepare_lora, trainable_parameters
-
-    if getattr(args, "threads", None):
-        torch.set_num_threads(args.threads)
-    model, tok = load(args.model)
-    if tok is None:
-        raise ValueError(f"{args.model}: no tokenizer found (expected tokenizer.json, or GGUF tokenizer metadata)")
-    if getattr(args, "chat_template", None):
-        from evolm.post.data import chat_template_from_arg
-
-        tok.chat_template = chat_template_from_arg(args.chat_template)
-    model = model.float()
-    from evolm.train.loop import seed_all
-
-    seed_all(getattr(args, "seed", 0))  # LoRA's A matrices start random: the same run, the same start
-    names = prepare_lora(model, args)
-    n_train, n_total = trainable_parameters(model)
-    log(f"{args.model}: {n_total / 1e6:.2f}M parameters, {n_train / 1e6:.3f}M trainable"
-        + (f" (LoRA on {len(names)} layers)" if names else ""))
-    return model, tok
-
-
-def save_policy(model, state: dict, out, tokenizer, base_path: str | None) -> None:
-    """The final result: the whole model + tokenizer in ``out`` (``evolm generate --model OUT``);
-    for LoRA also the PEFT adapter in ``out/adapter``, and the model written is the merged one."""
-    import copy
-    from pathlib import Path
-
-    from evolm.post.logprobs import has_adapters
-    from evolm.train.loop import promote_final, save_model_folder
-
-    out = Path(out)
-    if has_adapters(model):
-        from evolm.post.lora import merge_lora, save_adapter
-
-        save_adapter(model, out / "adapter", base_model=base_path)
-        model = merge_lora(copy.deepcopy(model))
-        state = model.state_dict()
-    save_model_folder(model, state, out / "final", None, tokenizer)
-    promote_final(out)
-
-
-def add_loop_args(p, lr: float, steps: int | None = None) -> None:
-    """Optimizer / bookkeeping flags both commands share (they fill a ``LoopConfig``)."""
-    from evolm.post.lora import add_lora_args
-
-    p.add_argument("--model", required=True, help="HF folder, GGUF file or evolm checkpoint to start from")
-    p.add_argument("--out", default=None, help="run folder (default: runs/<command>-<model name>)")
-    p.add_argument("--steps", type=int, default=steps, help="optimizer steps")
-    p.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default {lr:g})")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--warmup-ratio", type=float, default=0.1, help="share of steps warming up linearly")
-    p.add_argument("--schedule", default="linear", help="LR shape after warm-up: linear (to 0) | cosine | constant")
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="bfloat16 = autocast")
-    p.add_argument("--activation-checkpointing", action="store_true",
-                   help="recompute each block in the backward: activation memory ~ 1 layer instead of all")
-    p.add_argument("--eval-every", type=int, default=0, help="held-out evaluation every N steps (0: at the end)")
-    p.add_argument("--log-every", type=int, default=1)
-    p.add_argument("--ckpt-every", type=int, default=0, help="checkpoint every N steps (0: at the end)")
-    p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--chat-template", default=None, help="'chatml' or a Jinja file, for models without one")
-    p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    add_lora_args(p)
-
-
-def loop_config(args):
-    from evolm.train.loop import LoopConfig
-
-    return LoopConfig(lr=args.lr, weight_decay=args.weight_decay, grad_clip=args.grad_clip, dtype=args.dtype,
-                      log_every=args.log_every, eval_every=args.eval_every, ckpt_every=args.ckpt_every,
-                      sample_every=0, eval_at_start=True,
-                      activation_checkpointing=getattr(args, "activation_checkpointing", False))
-
-
-def phase_for(args, name: str, steps: int):
-    from evolm.train.loop import Phase
-
-    warm = int(round(args.warmup_ratio * steps))
-    return Phase(name, steps=steps, accum=args.accum, warmup_steps=warm, schedule=args.schedule, lr_end=0.0)
-
-
-def run_folder(args, command: str):
-    from pathlib import Path
-
-    if args.out:
-        return Path(args.out)
-    return Path("runs") / f"{command}-{Path(str(args.model).rstrip('/')).stem}"
-
-
-def peak_memory_mb() -> float:
-    """Peak resident memory of this process (CPU), or peak CUDA memory allocated, in MiB."""
-    if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
-        return torch.cuda.max_memory_allocated() / 2 ** 20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def summary_text(summary: dict) -> str:
-    import json
-
-    return json.dumps({k: v for k, v in summary.items() if k not in ("losses", "rows", "samples")}, indent=2,
-                      default=str)
-
-
-# ---------------------------------------------------------------------------------------------
 # `evolm dpo`
 # ---------------------------------------------------------------------------------------------
-def add_dpo_args(p) -> None:
-    """Flags of ``evolm dpo`` (wired in evolm/cli.py)."""
-    add_loop_args(p, lr=1e-6)
-    p.add_argument("--data", required=True,
-                   help="preference JSONL ({prompt, chosen, rejected}) or a built-in set: dpo_en_demo")
-    p.add_argument("--val", default=None, help="held-out preference JSONL (built-in sets have their own val split)")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="held-out share of --data when there is no --val")
-    p.add_argument("--data-dir", default=None, help="where built-in sets are installed (default data/post)")
-    p.add_argument("--max-pairs", type=int, default=None, help="use only the first N training pairs")
-    p.add_argument("--loss", choices=list(LOSSES), default="dpo")
-    p.add_argument("--beta", type=float, default=None, help="DPO/IPO: 0.1; SimPO: 2.0 (default per loss)")
-    p.add_argument("--label-smoothing", type=float, default=0.0, help="conservative DPO: P(label flipped)")
-    p.add_argument("--gamma", type=float, default=0.5, help="SimPO target reward margin")
-    p.add_argument("--reference", choices=["auto", "copy", "adapters", "precompute", "none"], default="auto",
-                   help="auto: the base with adapters off for LoRA, else a frozen copy; precompute: reference "
-                        "log-probs computed once before training")
-    p.add_argument("--batch-size", type=int, default=4, help="pairs per micro-batch")
-    p.add_argument("--epochs", type=float, default=1.0, help="passes over the training pairs when --steps is not set")
-    p.add_argument("--max-len", type=int, default=512, help="tokens per prompt + response (longer ones are cut)")
+@dataclass(frozen=True, kw_only=True)
+class DPOConfig:
+    """Everything ``evolm dpo`` runs from: the model, the pairs, the loss, LoRA and the loop."""
+
+    model: str = option(help="HF folder, GGUF file or evolm checkpoint to start from")
+    data: str = option(help="preference JSONL ({prompt, chosen, rejected}) or a built-in set: dpo_en_demo")
+    out: str | None = option(None, "run folder (default: runs/<command>-<model name>)")
+    val: str | None = option(None, "held-out preference JSONL (built-in sets have their own val split)")
+    val_fraction: float = option(0.1, "held-out share of --data when there is no --val")
+    data_dir: str | None = option(None, "where built-in sets are installed (default data/post)")
+    max_pairs: int | None = option(None, "use only the first N training pairs")
+    epochs: float = option(1.0, "passes over the training pairs when --steps is not set")
+    max_len: int = option(512, "tokens per prompt + response (longer ones are cut)")
+    chat_template: str | None = option(None, "'chatml' or a Jinja file, for models without one")
+    threads: int | None = option(None)
+    json: bool = option(False, "print the summary as JSON")
+    objective: DPOOptions = option(DPOOptions())
+    adapter: AdapterConfig = option(AdapterConfig())
+    loop: LoopOptions = option(LoopOptions())
+
+    def __post_init__(self):
+        require(self, "max_len", self.max_len >= 2, f"must be >= 2 (a prompt token and a response token), got "
+                                                   f"{self.max_len}")
+        require(self, "epochs", self.epochs > 0 or self.loop.steps, f"must be > 0 without --steps, got {self.epochs}")
 
 
-def _read_pair_splits(args):
+def _read_pair_splits(config: DPOConfig):
     """(train, val) preference pairs, validated as they are read (before any model is loaded)."""
     from evolm.post import data
 
-    name = args.data  # an old BIG-bench name (hhh, hhh_alignment) raises a DataError naming dpo_en_demo
-    train = data.load_preferences(name, "train", args.data_dir)
-    if args.val:
-        val = data.load_preferences(args.val, "val", args.data_dir)
+    name = config.data  # an old BIG-bench name (hhh, hhh_alignment) raises a DataError naming dpo_en_demo
+    train = data.load_preferences(name, "train", config.data_dir)
+    if config.val:
+        val = data.load_preferences(config.val, "val", config.data_dir)
     elif name in data.BUILTIN and not Path(name).is_file():
-        val = data.load_preferences(name, "val", args.data_dir)
+        val = data.load_preferences(name, "val", config.data_dir)
     else:
-        if not 0 < args.val_fraction < 1:
-            raise ValueError(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
-        g = torch.Generator().manual_seed(args.seed)
+        if not 0 < config.val_fraction < 1:
+            raise invalid(config, "val_fraction", f"--val-fraction must be in (0, 1), got {config.val_fraction}")
+        g = torch.Generator().manual_seed(config.loop.seed)
         order = torch.randperm(len(train), generator=g).tolist()
-        n_val = max(1, int(round(args.val_fraction * len(train))))
+        n_val = max(1, int(round(config.val_fraction * len(train))))
         if n_val >= len(train):
-            raise ValueError(f"{args.data}: {len(train)} pairs are too few to hold out {n_val} for validation; "
+            raise ValueError(f"{config.data}: {len(train)} pairs are too few to hold out {n_val} for validation; "
                              f"pass --val FILE")
         val = [train[i] for i in sorted(order[:n_val])]
         train = [train[i] for i in sorted(order[n_val:])]
-    if args.max_pairs:
-        train = train[:args.max_pairs]
+    if config.max_pairs:
+        train = train[:config.max_pairs]
     return train, val
 
 
-def _encode_splits(args, tokenizer, train, val, log):
+def _encode_splits(config: DPOConfig, tokenizer, train, val, log):
     from evolm.post import data
 
     data.require_template(tokenizer)
-    enc_train, d1 = encode_pairs(tokenizer, train, args.max_len)
-    enc_val, d2 = encode_pairs(tokenizer, val, args.max_len)
+    enc_train, d1 = encode_pairs(tokenizer, train, config.max_len)
+    enc_val, d2 = encode_pairs(tokenizer, val, config.max_len)
     if d1 or d2:
         log(f"dropped {d1} train / {d2} val pairs left without a distinct response after cutting to "
-            f"--max-len {args.max_len}")
+            f"--max-len {config.max_len}")
     if not enc_train:
-        raise ValueError(f"{args.data}: no usable training pair (all {len(train)} lost their response when cut to "
-                         f"--max-len {args.max_len}; raise it)")
+        raise ValueError(f"{config.data}: no usable training pair (all {len(train)} lost their response when cut to "
+                         f"--max-len {config.max_len}; raise it)")
     return enc_train, enc_val
 
 
-def run_dpo(args) -> dict:
-    """`evolm dpo`: preference optimisation of --model on --data; returns the loop's summary
-    plus ``before`` (held-out metrics of the starting model)."""
-    import json
-
+def run_dpo(config: DPOConfig, log=print) -> dict:
+    """`evolm dpo`: preference optimisation of ``config.model`` on ``config.data``; returns the loop's
+    summary plus ``before`` (held-out metrics of the starting model)."""
     from evolm.train.loop import run
 
-    log = print
-    cfg = DPOConfig(loss=args.loss, beta=args.beta, label_smoothing=args.label_smoothing, gamma=args.gamma,
-                    reference=args.reference, batch_size=args.batch_size, seed=args.seed)
-    train, val = _read_pair_splits(args)  # bad settings and bad rows fail before the model loads
-    model, tok = load_policy(args, log)
-    train, val = _encode_splits(args, tok, train, val, log)
-    pad = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
-    task = DPOTask(model, train, val, cfg, pad_id=pad, log=log)
-    task.tokenizer, task.base_path = tok, str(args.model)
-    steps = args.steps or max(1, int(args.epochs * len(train) / (cfg.batch_size * args.accum)))
-    out = run_folder(args, "dpo")
-    log(f"{cfg.loss}: beta {cfg.beta}, {len(train)} train / {len(val)} val pairs, {steps} steps of "
-        f"{cfg.batch_size * args.accum} pairs, reference: {task.ref.mode if task.ref else 'none (simpo)'}")
-    summary = run(model, task, [phase_for(args, cfg.loss, steps)], loop_config(args), out, tokenizer=tok,
-                  resume=args.resume, seed=args.seed, stop_after_steps=args.stop_after)
-    before = summary["before"] = summary.get("initial_eval") or {}
-    summary["peak_memory_mb"] = peak_memory_mb()
-    after = {k: v for k, v in summary.items() if k.startswith("val_")}
-    if before and after:
-        log("after:  " + " ".join(f"{k} {after[k]:.4f}" for k in before if k in after))
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "dpo_eval.json").write_text(json.dumps({"before": before, "after": after, "steps": summary["steps"],
-                                                       "wall_s": summary["wall_s"],
-                                                       "peak_memory_mb": summary["peak_memory_mb"]}, indent=2))
-    if args.json:
+    opts, loop = config.objective, config.loop
+    train, val = _read_pair_splits(config)  # bad settings and bad rows fail before the model loads
+    policy = load_policy(config.model, adapter=config.adapter, seed=loop.seed, chat_template=config.chat_template,
+                         threads=config.threads, purpose="dpo", log=log)
+    model, tok = policy.model, policy.tokenizer
+    train, val = _encode_splits(config, tok, train, val, log)
+    task = DPOTask(model, train, val, opts, pad_id=pad_id(tok), log=log, seed=loop.seed)
+    task.tokenizer, task.base_path = tok, str(config.model)
+    steps = loop.steps or max(1, int(config.epochs * len(train) / (opts.batch_size * loop.accum)))
+    out = run_folder(config.out, "dpo", config.model)
+    log(f"{opts.loss}: beta {opts.loss_beta}, {len(train)} train / {len(val)} val pairs, {steps} steps of "
+        f"{opts.batch_size * loop.accum} pairs, reference: {task.ref.mode if task.ref else 'none (simpo)'}")
+    summary = run(model, task, [loop.phase(opts.loss, steps)], loop.loop_config(), out, tokenizer=tok,
+                  resume=loop.resume, seed=loop.seed, stop_after_steps=loop.stop_after)
+    report_held_out(summary, model, out, "dpo", log)
+    if config.json:
         print(summary_text(summary))
     return summary
 
@@ -531,12 +420,12 @@ def main(argv: list[str] | None = None) -> None:
     """``python -m evolm.post.dpo ...`` (the same as ``evolm dpo``)."""
     from evolm.post import module_main
 
-    module_main("evolm dpo", "preference optimisation (DPO / IPO / SimPO) on preference pairs", add_dpo_args, run_dpo,
+    module_main("evolm dpo", "preference optimisation (DPO / IPO / SimPO) on preference pairs", DPOConfig, run_dpo,
                 argv)
 
 
-__all__ = ["LOSSES", "PreferenceLoss", "preference_loss", "DPOConfig", "DPOTask", "encode_pairs", "collate_pairs",
-           "add_dpo_args", "run_dpo", "main", "load_policy", "save_policy", "add_loop_args"]
+__all__ = ["LOSSES", "PreferenceLoss", "preference_loss", "DPOOptions", "DPOConfig", "DPOTask", "encode_pairs",
+           "collate_pairs", "run_dpo", "main"]
 
 
 if __name__ == "__main__":

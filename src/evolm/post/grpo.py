@@ -35,7 +35,6 @@ Rewards are functions ``(prompt, completion, answer) -> float`` (``evolm.post.re
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +42,9 @@ from typing import Any
 
 import torch
 
+from evolm.post.common import (AdapterConfig, LoopOptions, load_policy, report_held_out, run_folder, save_policy,
+                               summary_text)
+from evolm.post.flags import invalid, option, require
 from evolm.post.logprobs import completion_batch, masked_mean, token_logprobs
 
 
@@ -203,56 +205,62 @@ def prompt_ids(tokenizer, p: Prompt, chat: bool, system: str | None = None) -> l
 # ---------------------------------------------------------------------------------------------
 # the task for the training loop
 # ---------------------------------------------------------------------------------------------
-@dataclass
-class GRPOConfig:
-    group: int = 8  # G: completions per prompt
-    prompts_per_batch: int = 2  # prompts per micro-batch (each brings G completions)
-    beta: float = 0.04  # KL coefficient (DeepSeekMath: 0.04)
-    clip: float = 0.2  # PPO epsilon
-    clip_high: float | None = None
-    iterations: int = 1  # mu: policy updates per generated batch
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    max_new_tokens: int = 128
-    reference: str = "auto"
-    scale_rewards: bool = True
-    chat: bool = True
-    system: str | None = None
-    seed: int = 0
-    eval_batch_size: int = 64
+@dataclass(frozen=True, kw_only=True)
+class GRPOOptions:
+    """Sampling and the GRPO objective (see the module docstring)."""
+
+    flag_group = "GRPO"
+
+    group: int = option(8, "completions sampled per prompt (G)")
+    prompts_per_step: int = option(2, "prompts per micro-batch")  # each brings G completions
+    beta: float = option(0.04, "KL penalty coefficient (0 = no reference model)")  # DeepSeekMath: 0.04
+    clip: float = option(0.2, "PPO clipping epsilon")
+    clip_high: float | None = option(None, "upper clipping epsilon (DAPO); default --clip")
+    iterations: int = option(1, "policy updates per generated batch (mu)")
+    temperature: float = option(1.0)
+    top_p: float = option(1.0)
+    top_k: int = option(0)
+    max_new_tokens: int = option(128)
+    reference: str = option("auto", "auto: the base with adapters off for LoRA, else a frozen copy",
+                            choices=["auto", "copy", "adapters", "none"])
+    scale_rewards: bool = option(True, "advantages r - mean, not divided by the std", flag="--no-scale-rewards")
+    chat: bool = option(True, "plain-text prompts instead of the chat template", flag="--no-chat")
+    system: str | None = option(None, "system prompt for chat prompts")
+    eval_batch_size: int = option(64, cli=False)
 
     def __post_init__(self):
-        if self.group < 2:
-            raise ValueError(f"--group must be >= 2 (advantages compare completions of one prompt), got {self.group}")
-        if self.iterations < 1 or self.prompts_per_batch < 1:
-            raise ValueError("--iterations and --prompts-per-step must be >= 1")
-        if not 0 < self.clip < 1:
-            raise ValueError(f"--clip must be in (0, 1), got {self.clip}")
-        if self.beta < 0:
-            raise ValueError(f"--beta must be >= 0, got {self.beta}")
-        if self.reference == "precompute":
-            raise ValueError("--reference precompute does not apply to GRPO: its completions are new every step; "
-                             "use copy or adapters (auto)")
-        if self.beta > 0 and self.reference == "none":
-            raise ValueError(f"--beta {self.beta} penalises the KL to a reference model, and --reference none gives "
-                             f"none; use --reference copy|adapters, or --beta 0")
+        require(self, "group", self.group >= 2,
+                f"--group must be >= 2 (advantages compare completions of one prompt), got {self.group}")
+        require(self, "iterations", self.iterations >= 1, f"--iterations must be >= 1, got {self.iterations}")
+        require(self, "prompts_per_step", self.prompts_per_step >= 1,
+                f"--prompts-per-step must be >= 1, got {self.prompts_per_step}")
+        require(self, "clip", 0 < self.clip < 1, f"--clip must be in (0, 1), got {self.clip}")
+        require(self, "beta", self.beta >= 0, f"--beta must be >= 0, got {self.beta}")
+        require(self, "temperature", self.temperature > 0,
+                "--temperature must be > 0: GRPO needs different completions within a group")
+        require(self, "reference", self.reference != "precompute",
+                "--reference precompute does not apply to GRPO: its completions are new every step; use copy or "
+                "adapters (auto)")
+        require(self, "reference", not (self.beta > 0 and self.reference == "none"),
+                f"--beta {self.beta} penalises the KL to a reference model, and --reference none gives none; use "
+                f"--reference copy|adapters, or --beta 0")
 
 
 class GRPOTask:
     """Sample, score and learn (the Task protocol of :func:`evolm.train.loop.run`).
 
     ``model`` is the policy the loop trains (generation uses it directly); the reference is frozen
-    from it at construction.
+    from it at construction. ``seed`` (the run's) orders the prompts and seeds each group's sampling.
     """
 
-    def __init__(self, model, tokenizer, train: list[Prompt], val: list[Prompt], rewards, cfg: GRPOConfig,
-                 log=print):
+    def __init__(self, model, tokenizer, train: list[Prompt], val: list[Prompt], rewards, cfg: GRPOOptions,
+                 log=print, seed: int = 0):
         from evolm.post.logprobs import Reference
 
         if not train:
             raise ValueError("grpo: no training prompts")
         self.model, self.tok, self.train, self.val, self.rewards, self.cfg = model, tokenizer, train, val, rewards, cfg
+        self.seed = seed
         self.ref = Reference(model, cfg.reference) if cfg.beta > 0 else None
         self.stop_ids = list(tokenizer.eos_ids)
         if not self.stop_ids:
@@ -293,7 +301,7 @@ class GRPOTask:
 
     def _next_prompts(self) -> list[Prompt]:
         out = []
-        while len(out) < self.cfg.prompts_per_batch:
+        while len(out) < self.cfg.prompts_per_step:
             if self.order is None or self.cursor >= len(self.order):
                 if self.order is not None:
                     self.epoch += 1
@@ -304,7 +312,7 @@ class GRPOTask:
         return out
 
     def _shuffle(self) -> None:
-        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.epoch)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         self.order = torch.randperm(len(self.train), generator=g).tolist()
 
     @torch.no_grad()
@@ -312,7 +320,7 @@ class GRPOTask:
         """Sample G completions for each of the next prompts, score them, and freeze what the loss needs."""
         c = self.cfg
         prompts = self._next_prompts()
-        seed = c.seed * 7_919 + self.generated
+        seed = self.seed * 7_919 + self.generated
         self.generated += 1
         rows, outs, texts = self.complete(self.model, prompts, c.group, c.temperature, seed)
         rewards, parts = self.score(prompts, texts, c.group)
@@ -388,8 +396,6 @@ class GRPOTask:
             self._shuffle()
 
     def save_final(self, model, state: dict, out) -> None:
-        from evolm.post.dpo import save_policy
-
         save_policy(model, state, out, self.tok, self.base_path)
 
     base_path = None
@@ -398,78 +404,63 @@ class GRPOTask:
 # ---------------------------------------------------------------------------------------------
 # `evolm grpo`
 # ---------------------------------------------------------------------------------------------
-def add_grpo_args(p) -> None:
-    """Flags of ``evolm grpo`` (wired in evolm/cli.py)."""
-    from evolm.post.dpo import add_loop_args
+@dataclass(frozen=True, kw_only=True)
+class GRPOConfig:
+    """Everything ``evolm grpo`` runs from: the model, the prompts and rewards, GRPO, LoRA and the loop."""
 
-    add_loop_args(p, lr=1e-6, steps=50)
-    p.add_argument("--task", required=True,
-                   help=f"prompts: {', '.join(f'{k} ({v})' for k, v in TASKS.items())}, or a JSONL file of "
-                        "{prompt, answer} rows")
-    p.add_argument("--val", default=None, help="held-out prompt JSONL (default: the task's own held-out part)")
-    p.add_argument("--n-train", type=int, default=None, help="use this many training prompts")
-    p.add_argument("--n-val", type=int, default=None, help="held-out prompts scored at each evaluation")
-    p.add_argument("--data-dir", default=None, help="benchmark data folder for gsm8k-mini (default data/eval)")
-    p.add_argument("--reward", default="exact_numeric", help="built-in rewards, comma-separated: exact_numeric, format")
-    p.add_argument("--reward-fn", action="append", default=[], metavar="MODULE:FUNC",
-                   help="your reward function fn(prompt, completion, answer) -> float (repeatable); "
-                        "module:func or path/to/file.py:func")
-    p.add_argument("--reward-weights", default=None, help="comma-separated weights, one per reward (default 1)")
-    p.add_argument("--group", type=int, default=8, help="completions sampled per prompt (G)")
-    p.add_argument("--prompts-per-step", type=int, default=2, help="prompts per micro-batch")
-    p.add_argument("--beta", type=float, default=0.04, help="KL penalty coefficient (0 = no reference model)")
-    p.add_argument("--clip", type=float, default=0.2, help="PPO clipping epsilon")
-    p.add_argument("--clip-high", type=float, default=None, help="upper clipping epsilon (DAPO); default --clip")
-    p.add_argument("--iterations", type=int, default=1, help="policy updates per generated batch (mu)")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--reference", choices=["auto", "copy", "adapters", "none"], default="auto",
-                   help="auto: the base with adapters off for LoRA, else a frozen copy")
-    p.add_argument("--no-scale-rewards", action="store_true", help="advantages r - mean, not divided by the std")
-    p.add_argument("--no-chat", action="store_true", help="plain-text prompts instead of the chat template")
-    p.add_argument("--system", default=None, help="system prompt for chat prompts")
+    model: str = option(help="HF folder, GGUF file or evolm checkpoint to start from")
+    task: str = option(help=f"prompts: {', '.join(f'{k} ({v})' for k, v in TASKS.items())}, or a JSONL file of "
+                            "{prompt, answer} rows")
+    out: str | None = option(None, "run folder (default: runs/<command>-<model name>)")
+    val: str | None = option(None, "held-out prompt JSONL (default: the task's own held-out part)")
+    n_train: int | None = option(None, "use this many training prompts")
+    n_val: int | None = option(None, "held-out prompts scored at each evaluation")
+    data_dir: str | None = option(None, "benchmark data folder for gsm8k-mini (default data/eval)")
+    reward: str = option("exact_numeric", "built-in rewards, comma-separated: exact_numeric, format")
+    reward_fn: tuple[str, ...] = option((), "your reward function fn(prompt, completion, answer) -> float "
+                                            "(repeatable); module:func or path/to/file.py:func", metavar="MODULE:FUNC")
+    reward_weights: str | None = option(None, "comma-separated weights, one per reward (default 1)")
+    chat_template: str | None = option(None, "'chatml' or a Jinja file, for models without one")
+    threads: int | None = option(None)
+    json: bool = option(False, "print the summary as JSON")
+    objective: GRPOOptions = option(GRPOOptions())
+    adapter: AdapterConfig = option(AdapterConfig())
+    loop: LoopOptions = option(LoopOptions(steps=50))
+
+    def __post_init__(self):
+        require(self.loop, "steps", self.loop.steps is not None, "GRPO needs a number of steps")
+        try:
+            self.weights()
+        except ValueError:
+            raise invalid(self, "reward_weights", f"expected comma-separated numbers, got {self.reward_weights!r}") \
+                from None
+
+    def weights(self) -> list[float] | None:
+        return [float(w) for w in self.reward_weights.split(",")] if self.reward_weights else None
 
 
-def run_grpo(args) -> dict:
+def run_grpo(config: GRPOConfig, log=print) -> dict:
     """`evolm grpo`: returns the loop's summary plus ``before`` (held-out reward of the starting model)."""
-    from evolm.post.dpo import load_policy, loop_config, peak_memory_mb, phase_for, run_folder, summary_text
     from evolm.post.rewards import resolve_rewards
     from evolm.train.loop import run
 
-    log = print
-    weights = [float(w) for w in args.reward_weights.split(",")] if args.reward_weights else None
-    rewards = resolve_rewards(args.reward, args.reward_fn, weights)  # fail before loading anything
-    cfg = GRPOConfig(group=args.group, prompts_per_batch=args.prompts_per_step, beta=args.beta, clip=args.clip,
-                     clip_high=args.clip_high, iterations=args.iterations, temperature=args.temperature,
-                     top_p=args.top_p, top_k=args.top_k, max_new_tokens=args.max_new_tokens,
-                     reference=args.reference, scale_rewards=not args.no_scale_rewards, chat=not args.no_chat,
-                     system=args.system, seed=args.seed)
-    if cfg.temperature <= 0:
-        raise ValueError("--temperature must be > 0: GRPO needs different completions within a group")
-    train, val = load_task(args.task, args.n_train, args.n_val, args.seed, args.val, args.data_dir)
-    model, tok = load_policy(args, log)
-    task = GRPOTask(model, tok, train, val, rewards, cfg, log)
-    task.base_path = str(args.model)
-    out = run_folder(args, "grpo")
-    log(f"grpo: {len(train)} train / {len(val)} val prompts, {args.steps} steps x {args.accum} x "
-        f"{cfg.prompts_per_batch} prompts x {cfg.group} completions, rewards "
-        f"{[n for n, _, _ in rewards]}, beta {cfg.beta}, reference {task.ref.mode if task.ref else 'none'}")
-    summary = run(model, task, [phase_for(args, "grpo", args.steps)], loop_config(args), out, tokenizer=tok,
-                  resume=args.resume, seed=args.seed, stop_after_steps=args.stop_after)
-    before = summary["before"] = summary.get("initial_eval") or {}
-    summary["peak_memory_mb"] = peak_memory_mb()
-    after = {k: v for k, v in summary.items() if k.startswith("val_")}
-    curve = [r["reward"] for r in summary["rows"] if "reward" in r]
-    summary["reward_curve"] = curve
-    if before and after:
-        log("after:  " + " ".join(f"{k} {after[k]:.4f}" for k in before if k in after))
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "grpo_eval.json").write_text(json.dumps({"before": before, "after": after, "train_reward": curve,
-                                                        "steps": summary["steps"], "wall_s": summary["wall_s"],
-                                                        "peak_memory_mb": summary["peak_memory_mb"]}, indent=2))
-    if args.json:
+    opts, loop = config.objective, config.loop
+    rewards = resolve_rewards(config.reward, list(config.reward_fn), config.weights())  # fail before loading
+    train, val = load_task(config.task, config.n_train, config.n_val, loop.seed, config.val, config.data_dir)
+    policy = load_policy(config.model, adapter=config.adapter, seed=loop.seed, chat_template=config.chat_template,
+                         threads=config.threads, purpose="grpo", log=log)
+    model, tok = policy.model, policy.tokenizer
+    task = GRPOTask(model, tok, train, val, rewards, opts, log, seed=loop.seed)
+    task.base_path = str(config.model)
+    out = run_folder(config.out, "grpo", config.model)
+    log(f"grpo: {len(train)} train / {len(val)} val prompts, {loop.steps} steps x {loop.accum} x "
+        f"{opts.prompts_per_step} prompts x {opts.group} completions, rewards "
+        f"{[n for n, _, _ in rewards]}, beta {opts.beta}, reference {task.ref.mode if task.ref else 'none'}")
+    summary = run(model, task, [loop.phase("grpo", loop.steps)], loop.loop_config(), out, tokenizer=tok,
+                  resume=loop.resume, seed=loop.seed, stop_after_steps=loop.stop_after)
+    curve = summary["reward_curve"] = [r["reward"] for r in summary["rows"] if "reward" in r]
+    report_held_out(summary, model, out, "grpo", log, train_reward=curve)
+    if config.json:
         print(summary_text(summary))
     return summary
 
@@ -478,11 +469,11 @@ def main(argv: list[str] | None = None) -> None:
     """``python -m evolm.post.grpo ...`` (the same as ``evolm grpo``)."""
     from evolm.post import module_main
 
-    module_main("evolm grpo", "GRPO: reinforcement learning from verifiable rewards", add_grpo_args, run_grpo, argv)
+    module_main("evolm grpo", "GRPO: reinforcement learning from verifiable rewards", GRPOConfig, run_grpo, argv)
 
 
 __all__ = ["group_advantages", "k3_kl", "grpo_loss", "Prompt", "arithmetic_prompts", "gsm8k_prompts",
-           "read_prompts", "load_task", "TASKS", "GRPOConfig", "GRPOTask", "add_grpo_args", "run_grpo", "main"]
+           "read_prompts", "load_task", "TASKS", "GRPOOptions", "GRPOConfig", "GRPOTask", "run_grpo", "main"]
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ same logits; ``load_adapter`` reads such folders, whether written here or by PEF
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import re
@@ -35,6 +34,7 @@ import torch
 import torch.nn as nn
 
 from evolm.config import ConfigError
+from evolm.post.flags import option
 from evolm.post.nf4 import NF4Linear
 
 ALL_LINEAR = "all-linear"
@@ -340,6 +340,65 @@ def _short_targets(chosen_hf: list[str], all_hf: list[str]) -> list[str]:
     return sorted(chosen_hf)
 
 
+def _adapter_keys(model: nn.Module, names: list[str]) -> tuple[dict[str, str] | None, str]:
+    """(evolm name -> transformers name, or None), and the naming ("hf" or "evolm") the file will use.
+
+    transformers names when a family expresses the model, so PEFT can load the folder; evolm's own
+    names otherwise, with a warning where that costs PEFT compatibility.
+    """
+    hf = _hf_names(model, names)
+    if hf is not None and len(hf) < len(names):
+        warnings.warn(f"save_adapter: {sorted(set(names) - set(hf))[:3]}...: GPT-2's transformers model fuses q/k/v "
+                      "into one c_attn layer, so these adapters have no PEFT equivalent; saving under evolm's names "
+                      "(evolm loads the folder, PEFT does not)", stacklevel=3)
+        hf = None
+    moe_mlp = [n for n in names if n.rsplit(".", 1)[-1] in ("gate_proj", "up_proj", "down_proj")]
+    if hf is not None and getattr(model.config, "n_experts", 0) and moe_mlp:
+        warnings.warn(f"save_adapter: adapters on {moe_mlp[0]} and {len(moe_mlp) - 1} other dense/shared-expert MLP "
+                      "layers of an MoE model: PEFT (<= 0.21) with transformers 5 retargets gate_proj/up_proj/"
+                      "down_proj to the routed experts (huggingface/peft#3711), so PEFT will not load them where "
+                      "they belong; evolm's load_adapter does", stacklevel=3)
+    return hf, "hf" if hf is not None else "evolm"
+
+
+def _most_common(values: list):
+    return max(set(values), key=values.count)
+
+
+def _peft_config(model: nn.Module, mods: dict[str, LoRALinear], key: dict[str, str], all_keys: list[str],
+                 naming: str, base_model: str | None) -> dict[str, Any]:
+    """adapter_config.json as PEFT writes it; the most common rank/alpha is the default, the others
+    go to PEFT's per-module patterns."""
+    cfg: LoRAConfig = getattr(model, "lora_config", None) or LoRAConfig()
+    r = _most_common([m.r for m in mods.values()])
+    alpha = _most_common([m.alpha for m in mods.values()])
+    meta = getattr(getattr(model, "config", None), "meta", None) or {}
+    if base_model is None:
+        base_model = meta.get("hf_id") if isinstance(meta, dict) else None
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": cfg.dropout,
+        "target_modules": _short_targets([key[n] for n in mods], all_keys),
+        "bias": "none",
+        "fan_in_fan_out": naming == "hf" and _family(model) == "gpt2",  # GPT-2's Conv1D layers store W transposed
+        "use_rslora": any(m.use_rslora for m in mods.values()),
+        "use_dora": False,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        # PEFT reads pattern keys as regular expressions: escape the dots of full module names
+        "rank_pattern": {re.escape(key[n]): m.r for n, m in mods.items() if m.r != r},
+        "alpha_pattern": {re.escape(key[n]): m.alpha for n, m in mods.items() if m.alpha != alpha},
+        "inference_mode": True,
+        "revision": None,
+    }
+
+
 def save_adapter(model: nn.Module, folder: str | Path, base_model: str | None = None) -> Path:
     """Write the adapters as PEFT does: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
@@ -356,59 +415,15 @@ def save_adapter(model: nn.Module, folder: str | Path, base_model: str | None = 
     mods = lora_modules(model)
     if not mods:
         raise ValueError("save_adapter: the model has no LoRA adapters (apply_lora or load_adapter first)")
-    cfg: LoRAConfig = getattr(model, "lora_config", None) or LoRAConfig()
-    names = list(mods)
-    hf = _hf_names(model, names)
-    if hf is not None and len(hf) < len(names):
-        warnings.warn(f"save_adapter: {sorted(set(names) - set(hf))[:3]}...: GPT-2's transformers model fuses q/k/v "
-                      "into one c_attn layer, so these adapters have no PEFT equivalent; saving under evolm's names "
-                      "(evolm loads the folder, PEFT does not)", stacklevel=2)
-        hf = None
-    naming = "hf" if hf is not None else "evolm"
-    moe_mlp = [n for n in names if n.rsplit(".", 1)[-1] in ("gate_proj", "up_proj", "down_proj")]
-    if naming == "hf" and getattr(model.config, "n_experts", 0) and moe_mlp:
-        warnings.warn(f"save_adapter: adapters on {moe_mlp[0]} and {len(moe_mlp) - 1} other dense/shared-expert MLP "
-                      "layers of an MoE model: PEFT (<= 0.21) with transformers 5 retargets gate_proj/up_proj/"
-                      "down_proj to the routed experts (huggingface/peft#3711), so PEFT will not load them where "
-                      "they belong; evolm's load_adapter does", stacklevel=2)
-    key = hf if hf is not None else {n: n for n in names}
+    hf, naming = _adapter_keys(model, list(mods))
+    key = hf if hf is not None else {n: n for n in mods}
     tensors = {}
     for n, m in mods.items():
         tensors[f"{PREFIX}{key[n]}.lora_A.weight"] = m.lora_A.weight.detach()
         tensors[f"{PREFIX}{key[n]}.lora_B.weight"] = m.lora_B.weight.detach()
     all_names = [n for n in linear_names(model) if n.rsplit(".", 1)[-1] not in EXCLUDED]
     all_keys = [hf[n] for n in all_names if n in hf] if hf is not None else all_names
-    # the most common rank/alpha is the default, the others go to PEFT's per-module patterns
-    ranks = [m.r for m in mods.values()]
-    alphas = [m.alpha for m in mods.values()]
-    r = max(set(ranks), key=ranks.count)
-    alpha = max(set(alphas), key=alphas.count)
-    meta = getattr(getattr(model, "config", None), "meta", None) or {}
-    if base_model is None:
-        base_model = meta.get("hf_id") if isinstance(meta, dict) else None
-    is_gpt2 = naming == "hf" and _family(model) == "gpt2"
-    config = {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_model,
-        "r": r,
-        "lora_alpha": alpha,
-        "lora_dropout": cfg.dropout,
-        "target_modules": _short_targets([key[n] for n in names], all_keys),
-        "bias": "none",
-        "fan_in_fan_out": is_gpt2,  # GPT-2's Conv1D layers store W transposed
-        "use_rslora": any(m.use_rslora for m in mods.values()),
-        "use_dora": False,
-        "init_lora_weights": True,
-        "modules_to_save": None,
-        "layers_to_transform": None,
-        "layers_pattern": None,
-        # PEFT reads pattern keys as regular expressions: escape the dots of full module names
-        "rank_pattern": {re.escape(key[n]): m.r for n, m in mods.items() if m.r != r},
-        "alpha_pattern": {re.escape(key[n]): m.alpha for n, m in mods.items() if m.alpha != alpha},
-        "inference_mode": True,
-        "revision": None,
-    }
+    config = _peft_config(model, mods, key, all_keys, naming, base_model)
     metadata = {"format": "pt", "evolm_names": naming, "evolm_base_probe": json.dumps(_probe(model))}
 
     def fill(tmp: Path) -> None:
@@ -447,17 +462,8 @@ def read_adapter(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor], dic
     return config, tensors, metadata
 
 
-def load_adapter(model: nn.Module, folder: str | Path, check_base: bool = True) -> list[str]:
-    """Load a PEFT LoRA adapter folder (saved by ``save_adapter`` or by PEFT on the transformers model).
-
-    Applies LoRA to the modules the adapter has weights for (or fills the existing adapters when
-    the model already has exactly those) and returns their names. Fails, naming the folder and the
-    mismatch, when the adapter is for another base: a module this model lacks, a shape that differs,
-    or (``check_base``) a base fingerprint that differs from this model's.
-    """
-    folder = Path(folder)
-    config, tensors, metadata = read_adapter(folder)
-    where = f"adapter {folder}"
+def _check_supported(config: dict, where: str) -> None:
+    """Refuse adapter kinds evolm's LoRA does not implement (DoRA, LoRA biases, modules_to_save, ...)."""
     ptype = config.get("peft_type")
     if ptype != "LORA":
         raise ConfigError(f"{where}: peft_type is {ptype!r}; only LoRA adapters ('LORA') are supported")
@@ -468,9 +474,10 @@ def load_adapter(model: nn.Module, folder: str | Path, check_base: bool = True) 
         unsupported.append(("modules_to_save", config["modules_to_save"]))
     if unsupported:
         raise ConfigError(f"{where}: adapter_config.json sets {unsupported}, which evolm's LoRA does not support")
-    naming = metadata.get("evolm_names", "hf")
 
-    # group the tensors by module
+
+def _ab_pairs(tensors: dict[str, torch.Tensor], where: str) -> dict[str, dict[str, torch.Tensor]]:
+    """The file's tensors grouped by module: {module name: {"lora_A": A, "lora_B": B}}."""
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     odd = []
     for k, t in tensors.items():
@@ -487,17 +494,22 @@ def load_adapter(model: nn.Module, folder: str | Path, check_base: bool = True) 
     half = [n for n, ab in pairs.items() if set(ab) != {"lora_A", "lora_B"}]
     if half:
         raise ConfigError(f"{where}: modules with only one of lora_A/lora_B: {half[:5]}")
+    return pairs
 
-    # map the adapter's module names onto ours
-    candidates = [n for n in linear_names(model) if n.rsplit(".", 1)[-1] not in EXCLUDED]
+
+def _to_our_names(model: nn.Module, candidates: list[str], naming: str, where: str) -> dict[str, str]:
+    """The adapter's module name -> ours, for every module this model can adapt."""
     if naming == "evolm":
-        to_ours = {n: n for n in candidates}
-    else:
-        hf = _hf_names(model, candidates)
-        if hf is None:
-            raise ConfigError(f"{where}: the adapter uses transformers module names, but this model's config has no "
-                              "transformers family to map them to")
-        to_ours = {h: n for n, h in hf.items()}
+        return {n: n for n in candidates}
+    hf = _hf_names(model, candidates)
+    if hf is None:
+        raise ConfigError(f"{where}: the adapter uses transformers module names, but this model's config has no "
+                          "transformers family to map them to")
+    return {h: n for n, h in hf.items()}
+
+
+def _check_fits(model: nn.Module, pairs: dict, to_ours: dict[str, str], where: str) -> dict[str, dict]:
+    """The pairs under our names, after checking every module exists here and every shape fits it."""
     missing = sorted(k for k in pairs if k not in to_ours)
     if missing:
         raise ConfigError(f"{where}: the adapter was made for another base model: it adapts {len(missing)} "
@@ -515,40 +527,51 @@ def load_adapter(model: nn.Module, folder: str | Path, check_base: bool = True) 
                          f"({mod.out_features} x {mod.in_features})")
     if wrong:
         raise ConfigError(f"{where}: the adapter was made for another base model: shapes do not fit: {wrong[:3]}")
-    if check_base and "evolm_base_probe" in metadata:
-        why = _probe_mismatch(json.loads(metadata["evolm_base_probe"]), model)
-        if why:
-            raise ConfigError(f"{where}: the adapter was made for another base model: {why} (base recorded as "
-                              f"{config.get('base_model_name_or_path')!r}); pass check_base=False "
-                              "(evolm merge --no-check-base) to load it anyway")
+    return ours
 
-    # per-module rank from the shapes, alpha from the config (PEFT's alpha_pattern)
+
+def _check_base_probe(model: nn.Module, config: dict, metadata: dict, where: str) -> None:
+    """Refuse an adapter whose recorded base fingerprint (written by ``save_adapter``) differs from this model's."""
+    if "evolm_base_probe" not in metadata:
+        return
+    why = _probe_mismatch(json.loads(metadata["evolm_base_probe"]), model)
+    if why:
+        raise ConfigError(f"{where}: the adapter was made for another base model: {why} (base recorded as "
+                          f"{config.get('base_model_name_or_path')!r}); pass check_base=False "
+                          "(evolm merge --no-check-base) to load it anyway")
+
+
+def _loaded_config(config: dict, ours: dict[str, dict], names: list[str], their_name: dict[str, str]) -> LoRAConfig:
+    """The LoRAConfig of a loaded adapter: per-module rank from the shapes, alpha from the config
+    (PEFT's ``alpha_pattern`` keys are regular expressions over its module names)."""
     alpha0 = config.get("lora_alpha", 8)
     alpha_pattern = config.get("alpha_pattern") or {}
-    inv = {v: k for k, v in to_ours.items()}
 
     def alpha_of(n: str) -> float:
-        key = inv[n]
         for pat, a in alpha_pattern.items():
-            if re.match(rf"(.*\.)?({pat})$", key):
+            if re.match(rf"(.*\.)?({pat})$", their_name[n]):
                 return a
         return alpha0
 
-    names = sorted(ours, key=candidates.index)
     ranks = {n: int(ours[n]["lora_A"].shape[0]) for n in names}
-    r0 = int(config.get("r", max(set(ranks.values()), key=list(ranks.values()).count)))
-    cfg = LoRAConfig(r=r0, alpha=alpha0, dropout=float(config.get("lora_dropout", 0.0) or 0.0), targets=names,
-                     use_rslora=bool(config.get("use_rslora", False)),
-                     rank_pattern={n: k for n, k in ranks.items() if k != r0},
-                     alpha_pattern={n: alpha_of(n) for n in names if alpha_of(n) != alpha0})
+    r0 = int(config.get("r", _most_common(list(ranks.values()))))
+    return LoRAConfig(r=r0, alpha=alpha0, dropout=float(config.get("lora_dropout", 0.0) or 0.0), targets=names,
+                      use_rslora=bool(config.get("use_rslora", False)),
+                      rank_pattern={n: k for n, k in ranks.items() if k != r0},
+                      alpha_pattern={n: alpha_of(n) for n in names if alpha_of(n) != alpha0})
+
+
+def _install(model: nn.Module, cfg: LoRAConfig, ours: dict[str, dict], names: list[str], where: str) -> None:
+    """Apply ``cfg`` (or refit the model's existing adapters to it) and copy the A/B weights in."""
     existing = lora_modules(model)
     if existing:
-        if set(existing) != set(names) or any(existing[n].r != ranks[n] for n in names):
+        if set(existing) != set(names) or any(existing[n].r != cfg.rank_for(n) for n in names):
             raise ConfigError(f"{where}: the model already has LoRA adapters on other modules or ranks; "
                               "load onto a model without adapters")
         for n in names:
-            existing[n].scaling = alpha_of(n) / (math.sqrt(ranks[n]) if cfg.use_rslora else ranks[n])
-            existing[n].alpha, existing[n].use_rslora = alpha_of(n), cfg.use_rslora
+            alpha, r = cfg.alpha_for(n), cfg.rank_for(n)
+            existing[n].scaling = alpha / (math.sqrt(r) if cfg.use_rslora else r)
+            existing[n].alpha, existing[n].use_rslora = alpha, cfg.use_rslora
         model.lora_config = cfg
     else:
         apply_lora(model, cfg)
@@ -557,68 +580,75 @@ def load_adapter(model: nn.Module, folder: str | Path, check_base: bool = True) 
             m = model.get_submodule(n)
             m.lora_A.weight.copy_(ours[n]["lora_A"])
             m.lora_B.weight.copy_(ours[n]["lora_B"])
+
+
+def load_adapter(model: nn.Module, folder: str | Path, check_base: bool = True) -> list[str]:
+    """Load a PEFT LoRA adapter folder (saved by ``save_adapter`` or by PEFT on the transformers model).
+
+    Applies LoRA to the modules the adapter has weights for (or fills the existing adapters when
+    the model already has exactly those) and returns their names. Fails, naming the folder and the
+    mismatch, when the adapter is for another base: a module this model lacks, a shape that differs,
+    or (``check_base``) a base fingerprint that differs from this model's.
+    """
+    folder = Path(folder)
+    config, tensors, metadata = read_adapter(folder)
+    where = f"adapter {folder}"
+    _check_supported(config, where)
+    pairs = _ab_pairs(tensors, where)
+    candidates = [n for n in linear_names(model) if n.rsplit(".", 1)[-1] not in EXCLUDED]
+    to_ours = _to_our_names(model, candidates, metadata.get("evolm_names", "hf"), where)
+    ours = _check_fits(model, pairs, to_ours, where)
+    if check_base:
+        _check_base_probe(model, config, metadata, where)
+    names = sorted(ours, key=candidates.index)
+    their_name = {v: k for k, v in to_ours.items()}
+    _install(model, _loaded_config(config, ours, names, their_name), ours, names, where)
     return names
 
 
 # =========================================================================================
-# command line: `evolm merge`, and the LoRA flags fine-tuning commands share
+# command line: `evolm merge`; the trainers' LoRA flags are evolm.post.common.AdapterConfig
 # =========================================================================================
-def add_lora_args(p: argparse.ArgumentParser) -> None:
-    """--lora / --qlora and the adapter's rank, alpha, dropout and targets (for `evolm sft` etc.)."""
-    g = p.add_argument_group("LoRA / QLoRA")
-    g.add_argument("--lora", action="store_true", help="train LoRA adapters only (base frozen)")
-    g.add_argument("--qlora", action="store_true", help="LoRA on a 4-bit NF4 base (implies --lora)")
-    g.add_argument("--lora-r", type=int, default=16, help="adapter rank (default 16)")
-    g.add_argument("--lora-alpha", type=float, default=32, help="adapter scale numerator: scaling = alpha / r")
-    g.add_argument("--lora-dropout", type=float, default=0.0)
-    g.add_argument("--lora-targets", default="q_proj,v_proj", help="module names, comma-separated, or all-linear")
-
-
-def lora_config_from_args(args) -> LoRAConfig | None:
-    """The LoRAConfig the flags of ``add_lora_args`` ask for, or None without --lora/--qlora."""
-    if not (getattr(args, "lora", False) or getattr(args, "qlora", False)):
-        return None
-    return LoRAConfig(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=args.lora_targets)
-
-
-def prepare_lora(model: nn.Module, args) -> list[str]:
-    """Apply what ``add_lora_args`` flags ask for (LoRA, plus an NF4 base for --qlora); [] for neither."""
-    cfg = lora_config_from_args(args)
+def prepare_lora(model: nn.Module, cfg: LoRAConfig | None, qlora: bool = False) -> list[str]:
+    """Apply LoRA ``cfg`` (plus an NF4 base for ``qlora``, QLoRA); [] when ``cfg`` is None."""
     if cfg is None:
         return []
     names = apply_lora(model, cfg)
-    if getattr(args, "qlora", False):
+    if qlora:
         from evolm.post.nf4 import quantize_base_nf4
 
         quantize_base_nf4(model)
     return names
 
 
-def add_merge_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="base model: HF folder, GGUF file or evolm checkpoint")
-    p.add_argument("--adapter", required=True,
-                   help="PEFT adapter folder (adapter_config.json + adapter_model.safetensors)")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--to", choices=["evolm", "hf"], default="evolm", help="output format (default: evolm)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="load (and save) the base in this dtype")
-    p.add_argument("--no-check-base", action="store_true",
-                   help="load the adapter even if it was recorded for a different base model")
+MERGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def run_merge(args) -> None:
+@dataclass(frozen=True, kw_only=True)
+class MergeConfig:
+    """``evolm merge``: a base model, a PEFT adapter folder, and where the merged model goes."""
+
+    model: str = option(help="base model: HF folder, GGUF file or evolm checkpoint")
+    adapter: str = option(help="PEFT adapter folder (adapter_config.json + adapter_model.safetensors)")
+    out: str = option(help="output folder")
+    to: str = option("evolm", "output format (default: evolm)", choices=["evolm", "hf"])
+    dtype: str | None = option(None, "load (and save) the base in this dtype", choices=list(MERGE_DTYPES))
+    check_base: bool = option(True, "load the adapter even if it was recorded for a different base model",
+                              flag="--no-check-base")
+
+
+def run_merge(config: MergeConfig) -> None:
     """`evolm merge`: base + adapter -> one model with the adapter folded in."""
     from evolm.loading import load, save
 
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, None: None}[args.dtype]
-    model, tok = load(args.model, dtype=dtype)
-    names = load_adapter(model, args.adapter, check_base=not args.no_check_base)
+    model, tok = load(config.model, dtype=MERGE_DTYPES.get(config.dtype))
+    names = load_adapter(model, config.adapter, check_base=config.check_base)
     merge_lora(model)
-    save(model, args.out, tokenizer=tok, fmt=args.to)
-    print(f"merged {len(names)} LoRA adapters from {args.adapter} into {args.model}; "
-          f"wrote {args.to} model to {args.out}")
+    save(model, config.out, tokenizer=tok, fmt=config.to)
+    print(f"merged {len(names)} LoRA adapters from {config.adapter} into {config.model}; "
+          f"wrote {config.to} model to {config.out}")
 
 
 __all__ = ["LoRAConfig", "LoRALinear", "apply_lora", "merge_lora", "lora_state_dict", "trainable_parameters",
-           "save_adapter", "load_adapter", "read_adapter", "linear_names", "lora_modules", "add_lora_args",
-           "lora_config_from_args", "prepare_lora", "add_merge_args", "run_merge", "ALL_LINEAR"]
+           "save_adapter", "load_adapter", "read_adapter", "linear_names", "lora_modules", "prepare_lora",
+           "MergeConfig", "run_merge", "ALL_LINEAR"]

@@ -33,10 +33,14 @@ from typing import Any
 
 import torch
 
-from evolm.post.data import (BUILTIN_SFT, IGNORE, DataError, Example, Rendered, chat_template_from_arg,
-                             encode_examples, load_sft, require_template)
+from evolm.post.common import AdapterConfig, Policy, load_policy, pad_id, peak_memory_mb, run_folder
+from evolm.post.data import (BUILTIN_SFT, IGNORE, DataError, Example, Rendered, encode_examples, load_sft,
+                             require_template)
+from evolm.post.flags import flat, option, require
 from evolm.train import parallel as par
-from evolm.train.loop import LoopConfig, Phase, Runtime, run, seed_all
+from evolm.train.loop import LoopConfig, Phase, Runtime, run
+
+TRAINING, LOGGING = "training", "logging and checkpoints"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,49 +201,55 @@ class SftTask:
 # ---------------------------------------------------------------------------------------------
 # the command
 # ---------------------------------------------------------------------------------------------
-def add_sft_args(p: argparse.ArgumentParser) -> None:
-    """The flags of ``evolm sft``."""
-    p.add_argument("--model", required=True, help="model to fine-tune: HF folder, GGUF file, evolm checkpoint/run")
-    p.add_argument("--data", required=True, help="JSONL (chat / prompt-response / Alpaca rows) or a built-in set "
-                                                 "(alpaca_en_demo, openai_evals)")
-    p.add_argument("--val", default=None, help="held-out JSONL (default: the built-in set's val split, else "
-                                               "--val-fraction of --data)")
-    p.add_argument("--val-fraction", type=float, default=0.05, help="held out from --data when there is no --val")
-    p.add_argument("--out", default=None, help="output folder (default runs/sft-<data name>)")
-    try:
-        from evolm.post.lora import add_lora_args
+@dataclass(frozen=True, kw_only=True)
+class SFTConfig:
+    """Everything ``evolm sft`` runs from (defaults: the command's). ``lr=None``: 2e-4 with LoRA, 2e-5 full."""
 
-        add_lora_args(p)
-    except ImportError:  # pragma: no cover - lora.py ships with evolm
-        pass
-    g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=float, default=None, help="passes over the data (default 1 unless --steps)")
-    g.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
-    g.add_argument("--lr", type=float, default=None, help="peak LR (default 2e-4 with LoRA, 2e-5 full)")
-    g.add_argument("--schedule", default="cosine", choices=["cosine", "linear", "constant", "wsd"])
-    g.add_argument("--warmup", type=float, default=0.03, help="warm-up: a fraction of the steps (<1) or a count")
-    g.add_argument("--lr-end", type=float, default=0.1, help="final LR as a fraction of the peak")
-    g.add_argument("--batch-size", type=int, default=8, help="conversations (or packed rows) per micro-batch")
-    g.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
-    g.add_argument("--max-len", type=int, default=1024, help="tokens per conversation / packed row")
-    g.add_argument("--packing", action="store_true", help="pack conversations into rows (attention kept apart)")
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--grad-clip", type=float, default=1.0)
-    g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="bfloat16: autocast (weights stay float32)")
-    g.add_argument("--seed", type=int, default=1234)
-    g.add_argument("--limit", type=int, default=None, help="use the first N training rows")
-    g.add_argument("--val-limit", type=int, default=None, help="use the first N held-out rows")
-    g.add_argument("--chat-template", default=None, help="'chatml' or a .jinja file, for models without one")
-    g.add_argument("--threads", type=int, default=None)
-    o = p.add_argument_group("logging and checkpoints")
-    o.add_argument("--eval-every", type=int, default=50)
-    o.add_argument("--log-every", type=int, default=10)
-    o.add_argument("--ckpt-every", type=int, default=100)
-    o.add_argument("--keep-checkpoints", type=int, default=2)
-    o.add_argument("--samples", type=int, default=2, help="held-out prompts to answer at the end")
-    o.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    o.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
+    model: str = option(help="model to fine-tune: HF folder, GGUF file, evolm checkpoint/run")
+    data: str = option(help="JSONL (chat / prompt-response / Alpaca rows) or a built-in set (alpaca_en_demo, "
+                            "openai_evals)")
+    val: str | None = option(None, "held-out JSONL (default: the built-in set's val split, else --val-fraction of "
+                                   "--data)")
+    val_fraction: float = option(0.05, "held out from --data when there is no --val")
+    out: str | None = option(None, "output folder (default runs/sft-<data name>)")
+    adapter: AdapterConfig = option(AdapterConfig())
+    epochs: float | None = option(None, "passes over the data (default 1 unless --steps)", group=TRAINING)
+    steps: int | None = option(None, "optimizer steps (overrides --epochs)", group=TRAINING)
+    lr: float | None = option(None, "peak LR (default 2e-4 with LoRA, 2e-5 full)", group=TRAINING)
+    schedule: str = option("cosine", choices=["cosine", "linear", "constant", "wsd"], group=TRAINING)
+    warmup: float = option(0.03, "warm-up: a fraction of the steps (<1) or a count", group=TRAINING)
+    lr_end: float = option(0.1, "final LR as a fraction of the peak", group=TRAINING)
+    batch_size: int = option(8, "conversations (or packed rows) per micro-batch", group=TRAINING)
+    accum: int = option(1, "micro-batches per optimizer step", group=TRAINING)
+    max_len: int = option(1024, "tokens per conversation / packed row", group=TRAINING)
+    packing: bool = option(False, "pack conversations into rows (attention kept apart)", group=TRAINING)
+    weight_decay: float = option(0.0, group=TRAINING)
+    grad_clip: float = option(1.0, group=TRAINING)
+    dtype: str = option("float32", "bfloat16: autocast (weights stay float32)", choices=["float32", "bfloat16"],
+                        group=TRAINING)
+    seed: int = option(1234, group=TRAINING)
+    limit: int | None = option(None, "use the first N training rows", group=TRAINING)
+    val_limit: int | None = option(None, "use the first N held-out rows", group=TRAINING)
+    chat_template: str | None = option(None, "'chatml' or a .jinja file, for models without one", group=TRAINING)
+    threads: int | None = option(None, group=TRAINING)
+    eval_every: int = option(50, group=LOGGING)
+    log_every: int = option(10, group=LOGGING)
+    ckpt_every: int = option(100, group=LOGGING)
+    keep_checkpoints: int = option(2, group=LOGGING)
+    samples: int = option(2, "held-out prompts to answer at the end", group=LOGGING)
+    resume: bool = option(False, "continue from the latest checkpoint in --out", group=LOGGING)
+    stop_after: int | None = option(None, argparse.SUPPRESS, group=LOGGING)
+
+    def __post_init__(self):
+        for name in ("batch_size", "accum", "max_len"):
+            require(self, name, getattr(self, name) >= 1, f"must be >= 1, got {getattr(self, name)}")
+        require(self, "steps", self.steps is None or self.steps >= 1, f"must be >= 1, got {self.steps}")
+        require(self, "val_fraction", 0 <= self.val_fraction < 1, f"must be in [0, 1), got {self.val_fraction}")
+        require(self, "warmup", self.warmup >= 0, f"must be >= 0, got {self.warmup}")
+
+    @property
+    def peak_lr(self) -> float:
+        return self.lr or (2e-4 if self.adapter.enabled else 2e-5)
 
 
 def _split(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
@@ -250,115 +260,83 @@ def _split(examples: list[Example], fraction: float, seed: int) -> tuple[list[Ex
     return [e for i, e in enumerate(examples) if i not in val], [e for i, e in enumerate(examples) if i in val]
 
 
-def _peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+def _is_builtin(data: str) -> bool:
+    return str(data) in BUILTIN_SFT and not os.path.isfile(str(data))
 
 
-def run_sft(args, log=print) -> dict[str, Any]:
-    """``evolm sft``: load, render, train on the loop, save; returns the summary (also sft_summary.json)."""
-    from evolm.loading import load
+def read_conversations(config: SFTConfig) -> tuple[list[Example], list[Example]]:
+    """(train, held-out) conversations: --val, else the built-in set's val split, else a seeded
+    --val-fraction of --data."""
+    train = load_sft(config.data, "train", limit=config.limit)
+    if config.val:
+        return train, load_sft(config.val, "val", limit=config.val_limit)
+    if _is_builtin(config.data):
+        return train, load_sft(config.data, "val", limit=config.val_limit)
+    train, val = _split(train, config.val_fraction, config.seed)
+    return train, val[:config.val_limit] if config.val_limit else val
 
-    t0 = time.time()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    rt = Runtime.create("ddp" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "none")
-    say = log if rt.main else (lambda s: None)
-    lora = bool(getattr(args, "lora", False) or getattr(args, "qlora", False))
-    data_name = Path(str(args.data)).stem if os.path.isfile(str(args.data)) else str(args.data)
-    out = Path(args.out or os.path.join("runs", f"sft-{data_name}"))
 
-    model, tokenizer = load(args.model)
-    if tokenizer is None:
-        raise DataError(f"{args.model}: no tokenizer found beside the weights; SFT renders conversations with it")
-    if args.chat_template:
-        tokenizer.chat_template = chat_template_from_arg(args.chat_template)
-    require_template(tokenizer)
-
-    # data
-    train_ex = load_sft(args.data, "train", limit=args.limit)
-    if args.val:
-        val_ex = load_sft(args.val, "val", limit=args.val_limit)
-    elif str(args.data) in BUILTIN_SFT and not os.path.isfile(str(args.data)):
-        val_ex = load_sft(args.data, "val", limit=args.val_limit)
-    else:
-        train_ex, val_ex = _split(train_ex, args.val_fraction, args.seed)
-        val_ex = val_ex[:args.val_limit] if args.val_limit else val_ex
-    train = encode_examples(tokenizer, train_ex, args.max_len)
-    val = encode_examples(tokenizer, val_ex, args.max_len)
+def encode_conversations(config: SFTConfig, tokenizer, train_ex, val_ex, say) -> tuple[list[Rendered], list[Rendered]]:
+    """Render and tokenize both splits (assistant-only labels), reporting what was cut or dropped."""
+    train = encode_examples(tokenizer, train_ex, config.max_len)
+    val = encode_examples(tokenizer, val_ex, config.max_len)
     n_trained = sum(r.n_trained for r in train)
     say(f"data: {len(train)} training conversations ({sum(len(r.ids) for r in train):,} tokens, {n_trained:,} "
-        f"trained), {len(val)} held out; {train.truncated} cut to --max-len {args.max_len}, "
+        f"trained), {len(val)} held out; {train.truncated} cut to --max-len {config.max_len}, "
         f"{train.dropped} dropped (no assistant token left)")
+    return train, val
 
-    # model
-    seed_all(args.seed)  # LoRA's initial A matrices are random: the same seed gives the same run
-    model.train()
-    lora_names: list[str] = []
+
+def sample_prompts(val_ex: list[Example], n: int) -> list[list[dict]]:
+    """The first ``n`` held-out conversations up to (not including) their last assistant turn."""
+    return [[m for m in e.messages[:max(i for i, m in enumerate(e.messages) if m["role"] == "assistant")]]
+            for e in val_ex[:n]]
+
+
+def loop_settings(config: SFTConfig, task: SftTask, rt: Runtime, say) -> tuple[Phase, LoopConfig]:
+    """Steps from --steps or --epochs, warm-up as a fraction or a count, and the loop's settings."""
+    per_epoch = math.ceil(task.batches_per_epoch() / config.accum)
+    steps = config.steps or max(1, math.ceil((config.epochs or 1.0) * per_epoch))
+    warmup = int(config.warmup * steps) if config.warmup < 1 else int(config.warmup)
+    phase = Phase("sft", steps=steps, accum=config.accum, warmup_steps=warmup, schedule=config.schedule,
+                  lr_end=config.lr_end)
+    cfg = LoopConfig(lr=config.peak_lr, weight_decay=config.weight_decay, grad_clip=config.grad_clip,
+                     dtype=config.dtype, distributed="ddp" if rt.world > 1 else "none", log_every=config.log_every,
+                     eval_every=config.eval_every, ckpt_every=config.ckpt_every,
+                     keep_checkpoints=config.keep_checkpoints, eval_at_start=True)
+    say(f"{steps} steps of {config.accum} x {config.batch_size} {'packed rows' if config.packing else 'conversations'}"
+        f" ({steps / per_epoch:.2f} epochs), lr {config.peak_lr:g}, {config.schedule}, warmup {warmup}")
+    return phase, cfg
+
+
+def save_sft_result(raw, state, folder: Path, tokenizer, base_model: str, lora: bool) -> None:
+    """The out folder: a PEFT adapter + tokenizer with LoRA (the adapter files at the top level),
+    else the whole model + tokenizer for ``evolm generate``."""
     if lora:
-        from evolm.post.lora import prepare_lora
+        from evolm.post.lora import save_adapter
 
-        lora_names = prepare_lora(model, args)
-    model.to(rt.device)
-    n_train_p = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    try:
-        from evolm.post.lora import trainable_parameters
+        tmp = folder / ".adapter"
+        save_adapter(raw, tmp, base_model=base_model)
+        for f in tmp.iterdir():
+            os.replace(f, folder / f.name)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tokenizer.save(folder)
+    else:
+        from evolm.train.loop import promote_final, save_model_folder
 
-        _, n_total = trainable_parameters(model)
-    except ImportError:  # pragma: no cover
-        n_total = sum(p.numel() for p in model.parameters())
-    say(f"model {args.model}: {n_total:,} parameters, {n_train_p:,} trainable ({100 * n_train_p / n_total:.3f}%)"
-        + (f"; LoRA on {len(lora_names)} layers" + (" over an NF4 base" if args.qlora else "") if lora else ""))
+        save_model_folder(raw, state, folder / "final", None, tokenizer)
+        promote_final(folder)
 
-    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)
-    sample_prompts = [[m for m in e.messages[:max(i for i, m in enumerate(e.messages) if m["role"] == "assistant")]]
-                      for e in val_ex[:args.samples]]
-    task = SftTask(train, val, batch_size=args.batch_size, max_len=args.max_len, packing=args.packing,
-                   pad_id=pad_id, seed=args.seed, rt=rt, tokenizer=tokenizer, sample_prompts=sample_prompts)
-    per_epoch = math.ceil(task.batches_per_epoch() / args.accum)
-    steps = args.steps or max(1, math.ceil((args.epochs or 1.0) * per_epoch))
-    warmup = int(args.warmup * steps) if args.warmup < 1 else int(args.warmup)
-    lr = args.lr or (2e-4 if lora else 2e-5)
-    phase = Phase("sft", steps=steps, accum=args.accum, warmup_steps=warmup, schedule=args.schedule,
-                  lr_end=args.lr_end)
-    cfg = LoopConfig(lr=lr, weight_decay=args.weight_decay, grad_clip=args.grad_clip, dtype=args.dtype,
-                     distributed="ddp" if rt.world > 1 else "none", log_every=args.log_every,
-                     eval_every=args.eval_every, ckpt_every=args.ckpt_every, keep_checkpoints=args.keep_checkpoints,
-                     eval_at_start=True)
-    say(f"{steps} steps of {args.accum} x {args.batch_size} {'packed rows' if args.packing else 'conversations'} "
-        f"({steps / per_epoch:.2f} epochs), lr {lr:g}, {args.schedule}, warmup {warmup}")
 
-    if rt.main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "sft_args.json").write_text(json.dumps(vars(args), indent=2, default=str))
-
-    def save_final(raw, state, folder: Path) -> None:
-        if lora:
-            from evolm.post.lora import save_adapter
-
-            tmp = folder / ".adapter"
-            save_adapter(raw, tmp, base_model=str(args.model))
-            for f in tmp.iterdir():
-                os.replace(f, folder / f.name)
-            shutil.rmtree(tmp, ignore_errors=True)
-            tokenizer.save(folder)
-        else:
-            from evolm.train.loop import promote_final, save_model_folder
-
-            save_model_folder(raw, state, folder / "final", None, tokenizer)
-            promote_final(folder)
-
-    task.save_final = save_final
-    summary = run(model, task, [phase], cfg, out, tokenizer=tokenizer, resume=args.resume, rt=rt, log=say,
-                  stop_after_steps=args.stop_after)
+def finish_summary(summary: dict, config: SFTConfig, policy: Policy, task: SftTask, rt: Runtime, out: Path,
+                   t0: float, say) -> dict[str, Any]:
+    """Add the run's sizes, memory and time to the loop's summary; write sft_summary.json; say the result."""
+    lora = config.adapter.enabled
     summary.pop("rows", None)
-    summary.update({"trainable_params": n_train_p, "total_params": n_total, "lora": lora,
-                    "qlora": bool(getattr(args, "qlora", False)), "train_examples": len(train),
-                    "val_examples": len(val), "peak_memory_mb": _peak_memory_mb(rt.device),
-                    "wall_s": time.time() - t0, "samples": summary.get("samples", [])})
+    summary.update({"trainable_params": policy.trainable, "total_params": policy.total, "lora": lora,
+                    "qlora": config.adapter.qlora, "train_examples": len(task.train), "val_examples": len(task.val),
+                    "peak_memory_mb": peak_memory_mb(rt.device), "wall_s": time.time() - t0,
+                    "samples": summary.get("samples", [])})
     before = (summary.get("initial_eval") or {}).get("val_loss")
     if rt.main and not summary["stopped_early"]:
         (out / "sft_summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "losses"},
@@ -369,11 +347,38 @@ def run_sft(args, log=print) -> dict[str, Any]:
     return summary
 
 
+def run_sft(config: SFTConfig, log=print) -> dict[str, Any]:
+    """``evolm sft``: load, render, train on the loop, save; returns the summary (also sft_summary.json)."""
+    t0 = time.time()
+    rt = Runtime.create("ddp" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "none")
+    say = log if rt.main else (lambda s: None)
+    out = run_folder(config.out, "sft", config.data)
+    policy = load_policy(config.model, adapter=config.adapter, seed=config.seed, chat_template=config.chat_template,
+                         threads=config.threads, float32=False, purpose="SFT", log=say)
+    tokenizer = policy.tokenizer
+    require_template(tokenizer)
+    train_ex, val_ex = read_conversations(config)
+    train, val = encode_conversations(config, tokenizer, train_ex, val_ex, say)
+    model = policy.model.train().to(rt.device)
+    task = SftTask(train, val, batch_size=config.batch_size, max_len=config.max_len, packing=config.packing,
+                   pad_id=pad_id(tokenizer), seed=config.seed, rt=rt, tokenizer=tokenizer,
+                   sample_prompts=sample_prompts(val_ex, config.samples))
+    phase, loop_cfg = loop_settings(config, task, rt, say)
+    if rt.main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "sft_args.json").write_text(json.dumps(flat(config), indent=2, default=str))
+    task.save_final = lambda raw, state, folder: save_sft_result(raw, state, folder, tokenizer, str(config.model),
+                                                                 config.adapter.enabled)
+    summary = run(model, task, [phase], loop_cfg, out, tokenizer=tokenizer, resume=config.resume, rt=rt, log=say,
+                  stop_after_steps=config.stop_after)
+    return finish_summary(summary, config, policy, task, rt, out, t0, say)
+
+
 def main(argv: list[str] | None = None) -> None:
     """``python -m evolm.post.sft ...`` (the same as ``evolm sft``)."""
     from evolm.post import module_main
 
-    module_main("evolm sft", "supervised fine-tuning on chat data", add_sft_args, run_sft, argv, errors=(DataError,))
+    module_main("evolm sft", "supervised fine-tuning on chat data", SFTConfig, run_sft, argv)
 
 
 if __name__ == "__main__":
