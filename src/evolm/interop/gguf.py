@@ -8,10 +8,11 @@ Loading is three steps:
 1. ``read_metadata``: parse the header ourselves (a few hundred lines of struct reads; the
    ``gguf`` package's reader builds one numpy view per vocabulary entry and takes ~30 s on a
    262k-token vocabulary, this takes well under one).
-2. ``config_from_metadata``: map ``{arch}.*`` keys to a ``ModelConfig`` per architecture
-   (llama / mistral / mixtral, qwen2, qwen3, qwen3moe, gemma2, gemma3, olmo2, deepseek2), filling
-   in what llama.cpp hard-codes for the architecture rather than storing (Gemma 3's local RoPE
-   base, its 5:1 local/global pattern, ...).
+2. ``config_from_metadata``: map ``{arch}.*`` keys to a ``ModelConfig``: the keys every
+   architecture shares here, the rest by the family registered for the architecture
+   (``interop/families/``: llama / mistral / mixtral, qwen2, qwen3, qwen3moe, gemma2, gemma3,
+   olmo2, deepseek2), which also fills in what llama.cpp hard-codes rather than stores (Gemma 3's
+   local RoPE base, its 5:1 local/global pattern, ...).
 3. ``load_gguf``: dequantize every tensor (``gguf.quants.dequantize``, with torch fast paths for
    the float and Q8_0 types), undo what llama.cpp's converter did to the Hugging Face weights,
    rename to our parameter names and assign into a model built without allocating weights:
@@ -36,10 +37,11 @@ import torch
 
 from evolm.config import ModelConfig
 from evolm.blocks import rebuilds
+from evolm.interop.families import GGUF_FAMILIES
 from evolm.interop.gguf_blocks import blocks_from_raw
 from evolm.model import Transformer
 
-SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "qwen3moe", "gemma2", "gemma3", "olmo2", "deepseek2")
+SUPPORTED_ARCHS = tuple(GGUF_FAMILIES)
 
 
 class GGUFError(ValueError):
@@ -258,12 +260,22 @@ def _uniform(value: Any, key: str, path: str) -> Any:
     return value
 
 
+def _family(arch: str | None, path: str):
+    """The family that reads GGUF architecture ``arch`` (``families/<family>.py``: ``gguf_archs``)."""
+    if arch not in GGUF_FAMILIES:
+        raise GGUFError(f"{path}: GGUF architecture {arch!r} is not supported; supported: {list(SUPPORTED_ARCHS)}")
+    return GGUF_FAMILIES[arch]
+
+
 def config_from_metadata(meta: dict[str, Any], tensor_shapes: dict[str, tuple[int, ...]],
                          path: str = "gguf") -> ModelConfig:
-    """A ``ModelConfig`` for the model a GGUF file describes."""
+    """A ``ModelConfig`` for the model a GGUF file describes.
+
+    The keys every llama.cpp architecture shares are read here; the family registered for the
+    architecture (``families.GGUF_FAMILIES``) sets its switches and reads its own keys.
+    """
     arch = meta.get("general.architecture")
-    if arch not in SUPPORTED_ARCHS:
-        raise GGUFError(f"{path}: GGUF architecture {arch!r} is not supported; supported: {list(SUPPORTED_ARCHS)}")
+    fam = _family(arch, path)
 
     def get(key: str, default: Any = KeyError) -> Any:
         full = f"{arch}.{key}"
@@ -284,6 +296,8 @@ def config_from_metadata(meta: dict[str, Any], tensor_shapes: dict[str, tuple[in
         n_heads=n_heads, n_kv_heads=get("attention.head_count_kv", n_heads),
         d_ff=get("feed_forward_length", None), max_seq_len=get("context_length", 4096),
         norm="rmsnorm", norm_eps=get("attention.layer_norm_rms_epsilon", 1e-5), norm_bias=False,
+        norm_placement=fam.norm_placement, qk_norm=fam.qk_norm,
+        norm_unit_offset=fam.unit_offset_norms, embed_scale=fam.unit_offset_norms,
         pos_emb="rope", rope_theta=float(get("rope.freq_base", 10000.0)),
         mlp="glu", activation="silu", mlp_bias=False,
         qkv_bias="blk.0.attn_q.bias" in names, o_bias="blk.0.attn_output.bias" in names,
@@ -292,86 +306,22 @@ def config_from_metadata(meta: dict[str, Any], tensor_shapes: dict[str, tuple[in
     )
     if c["d_model"] != d_model:
         raise GGUFError(f"{path}: {arch}.embedding_length={c['d_model']} but token_embd.weight has width {d_model}")
+    mla = fam.attention == "mla"  # MLA's head sizes are read by its family
     key_len = get("attention.key_length", None)
-    if key_len is not None and arch != "deepseek2":
+    if key_len is not None and not mla:
         c["head_dim"] = key_len
     rope_dim = get("rope.dimension_count", None)
     head_dim = c.get("head_dim") or c["d_model"] // n_heads
-    if rope_dim and arch != "deepseek2" and rope_dim != head_dim:  # partial rotary
+    if rope_dim and not mla and rope_dim != head_dim:  # partial rotary
         c["rotary_pct"] = rope_dim / head_dim
     if c["d_ff"] is None:  # an all-MoE model states only the expert width
         c["d_ff"] = get("expert_feed_forward_length")
     scaling = _rope_scaling(meta, arch, names)
     if scaling is not None:
         c["rope_scaling"] = scaling
-    window = get("attention.sliding_window", None)
-
-    if arch in ("llama", "mistral"):
-        if window:
-            c.update(sliding_window=window, sliding_window_pattern=1)
-        c.update(_moe_fields(get, names))
-    elif arch == "qwen2":
-        pass  # Qwen2: Llama with q/k/v biases (read from the tensors above)
-    elif arch in ("qwen3", "qwen3moe"):
-        c["qk_norm"] = "head"
-        if arch == "qwen3moe":
-            c.update(_moe_fields(get, names), norm_topk_prob=True)
-    elif arch in ("gemma2", "gemma3"):
-        n_layers = c["n_layers"]
-        head_dim = c.get("head_dim") or c["d_model"] // n_heads
-        # llama.cpp scales queries by 1/sqrt(head_dim), except the 27B models: 1/sqrt(d_model / n_heads)
-        big = (arch == "gemma2" and n_layers == 46) or (arch == "gemma3" and n_layers == 62)
-        c.update(norm_unit_offset=True, norm_placement="sandwich", activation="gelu_tanh", embed_scale=True,
-                 norm_eps=get("attention.layer_norm_rms_epsilon", 1e-6),
-                 query_pre_attn_scalar=float(c["d_model"] // n_heads if big else head_dim))
-        if arch == "gemma2":
-            c.update(attn_softcap=get("attn_logit_softcapping", 50.0) or None,
-                     final_softcap=get("final_logit_softcapping", 30.0) or None,
-                     sliding_window=window or 4096, sliding_window_pattern=2)
-        else:
-            pattern = meta.get("gemma3.attention.sliding_window_pattern", 6)
-            if isinstance(pattern, list):  # per-layer flags (True = local): the first global layer sets the period
-                pattern = pattern.index(False) + 1 if False in pattern else 1
-            c.update(qk_norm="head", sliding_window=window or 512, sliding_window_pattern=int(pattern),
-                     rope_local_theta=10000.0)  # llama.cpp hard-codes Gemma 3's local base
-    elif arch == "olmo2":
-        c.update(norm_placement="olmo2", qk_norm="full")
-    elif arch == "deepseek2":
-        c.update(_deepseek2_fields(get, names, c))
+    if fam.gguf_from_metadata:
+        fam.gguf_from_metadata(get, meta, names, c)
     return ModelConfig(**c)
-
-
-def _moe_fields(get, names: set[str]) -> dict[str, Any]:
-    n = get("expert_count", 0)
-    if not n:
-        return {}
-    out = dict(n_experts=n, n_experts_per_tok=get("expert_used_count"), norm_topk_prob=True)
-    width = get("expert_feed_forward_length", None)
-    if width:
-        out["moe_d_ff"] = width
-    return out
-
-
-def _deepseek2_fields(get, names: set[str], c: dict[str, Any]) -> dict[str, Any]:
-    rope_dim = get("rope.dimension_count")
-    key_len = get("attention.key_length_mla", None) or get("attention.key_length")
-    v_len = get("attention.value_length_mla", None) or get("attention.value_length")
-    q_rank = get("attention.q_lora_rank", 0) or None
-    gating = get("expert_gating_func", 1)  # llama.cpp: 1 softmax, 2 sigmoid
-    out = dict(attention="mla", n_kv_heads=c["n_heads"], q_lora_rank=q_rank,
-               kv_lora_rank=get("attention.kv_lora_rank"), qk_rope_head_dim=rope_dim,
-               qk_nope_head_dim=key_len - rope_dim, v_head_dim=v_len, rope_interleave=True)
-    n = get("expert_count", 0)
-    if n:
-        out.update(n_experts=n, n_experts_per_tok=get("expert_used_count"),
-                   moe_d_ff=get("expert_feed_forward_length"), n_shared_experts=get("expert_shared_count", 0),
-                   first_k_dense=get("leading_dense_block_count", 0),
-                   routed_scaling_factor=float(get("expert_weights_scale", 1.0)),
-                   norm_topk_prob=bool(get("expert_weights_norm", False)),
-                   router="sigmoid" if gating == 2 else "softmax",
-                   router_bias="blk.%d.exp_probs_b.bias" % get("leading_dense_block_count", 0) in names,
-                   n_expert_groups=get("expert_group_count", 1) or 1, topk_groups=get("expert_group_used_count", 1) or 1)
-    return out
 
 
 def _rope_scaling(meta: dict[str, Any], arch: str, names: set[str]) -> dict[str, Any] | None:
@@ -435,8 +385,9 @@ def state_dict_from_gguf(f: GGUFFile, config: ModelConfig, dtype: torch.dtype = 
     weight bit for bit, and {name: reason} under ``"__float__"`` for those that stay float.
     """
     arch = f.architecture
-    gemma = arch in ("gemma2", "gemma3")
-    permute = arch in ("llama", "mistral")  # llama.cpp permutes only where it uses interleaved RoPE
+    fam = _family(arch, f.path)
+    gemma = fam.unit_offset_norms  # norms stored as (1 + w)
+    permute = fam.gguf_permute_qk  # llama.cpp permutes only where it uses interleaved RoPE
     norms = _NORMS_BY_PLACEMENT[config.norm_placement]
     sd: dict[str, torch.Tensor] = {}
     experts: dict[tuple[int, str], torch.Tensor] = {}
