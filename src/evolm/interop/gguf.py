@@ -39,6 +39,7 @@ from evolm.config import ModelConfig
 from evolm.blocks import rebuilds
 from evolm.interop.families import GGUF_FAMILIES
 from evolm.interop.gguf_blocks import blocks_from_raw
+from evolm.interop.gguf_vocab import tokenizer_from_gguf_metadata
 from evolm.model import Transformer
 
 SUPPORTED_ARCHS = tuple(GGUF_FAMILIES)
@@ -541,11 +542,7 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
 
         stayed = found.pop("__float__", {})
         model.blocks_report = {**keep_blocks(model, found), **{k: f"float: {v}" for k, v in stayed.items()}}
-    tok = None
-    if tokenizer:
-        from evolm.tokenizer import tokenizer_from_gguf_metadata
-
-        tok = tokenizer_from_gguf_metadata(f.metadata, name=f.path)
+    tok = tokenizer_from_gguf_metadata(f.metadata, name=f.path) if tokenizer else None
     return model, tok
 
 
