@@ -377,6 +377,73 @@ def unpermute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, half, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
+def _our_name(name: str, norms: dict[str, str], path: str, arch: str) -> tuple[str, Any]:
+    """Where a GGUF tensor goes: ``("param", our name)``, ``("expert", (layer, kind, expert or None))``
+    or ``("split_kv", (layer, kind))`` (the last two are assembled after every tensor is read)."""
+    parts = name.split(".")
+    if name == "token_embd.weight":
+        return "param", "embed_tokens.weight"
+    if name == "output.weight":
+        return "param", "lm_head.weight"
+    if parts[0] == "output_norm":
+        return "param", f"norm.{parts[1]}"
+    if parts[0] != "blk" or len(parts) < 4:
+        raise GGUFError(f"{path}: tensor {name!r} is not understood for architecture {arch!r}")
+    i, kind, suffix = int(parts[1]), parts[2], parts[-1]
+    prefix = f"layers.{i}."
+    if len(parts) == 5 and kind in ("ffn_gate", "ffn_up", "ffn_down"):  # old per-expert Mixtral files
+        return "expert", (i, kind + "_exps", int(parts[3]))
+    if kind in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"):
+        return "expert", (i, kind, None)
+    if kind in ("attn_k_b", "attn_v_b"):  # MLA: newer converters split kv_b
+        return "split_kv", (i, kind)
+    if kind in norms:
+        return "param", prefix + norms[kind] + "." + suffix
+    if kind == "exp_probs_b":
+        return "param", prefix + "mlp.gate.e_score_correction_bias"
+    if kind not in _LAYER_NAMES:
+        raise GGUFError(f"{path}: tensor {name!r} is not understood for architecture {arch!r}")
+    return "param", prefix + _LAYER_NAMES[kind] + "." + suffix
+
+
+def _keep_blocks(f: GGUFFile, name: str, key: str, w32: torch.Tensor, rows, blocks: dict) -> None:
+    """Record the file's blocks for ``key`` if they rebuild its float32 weight exactly."""
+    if w32.dim() != 2:
+        return
+    b = blocks_from_raw(f.raw(name), f.tensors[name].ggml_type, f.tensors[name].shape)
+    if b is None:
+        return
+    b = b.map_rows(rows) if rows else b
+    if rebuilds(b, w32):
+        blocks[key] = b
+    else:
+        blocks.setdefault("__float__", {})[key] = f"its {b.source} blocks do not rebuild the float32 weight exactly"
+
+
+def _stack_experts(experts: dict, path: str) -> dict[str, torch.Tensor]:
+    """Expert tensors -> our (E, 2F, D) gate|up and (E, D, F) down per layer."""
+    out = {}
+    for (i, kind), w in list(experts.items()):
+        if isinstance(w, dict):  # stack per-expert tensors into (E, ...)
+            experts[(i, kind)] = torch.stack([w[e] for e in sorted(w)])
+    for i in sorted({i for i, _ in experts}):
+        gate, up, down = (experts.get((i, k)) for k in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"))
+        if gate is None or up is None or down is None:
+            raise GGUFError(f"{path}: layer {i} has an incomplete set of expert tensors")
+        out[f"layers.{i}.mlp.experts.gate_up_proj"] = torch.cat([gate, up], dim=1)  # (E, 2F, D)
+        out[f"layers.{i}.mlp.experts.down_proj"] = down  # (E, D, F)
+    return out
+
+
+def _join_kv_b(split_kv: dict) -> dict[str, torch.Tensor]:
+    out = {}
+    for i in sorted({i for i, _ in split_kv}):
+        k_b, v_b = split_kv[(i, "attn_k_b")], split_kv[(i, "attn_v_b")]  # (H, rank, nope), (H, v, rank)
+        kv = torch.cat([k_b.transpose(1, 2), v_b], dim=1)  # (H, nope + v, rank)
+        out[f"layers.{i}.self_attn.kv_b_proj.weight"] = kv.reshape(-1, kv.shape[-1])
+    return out
+
+
 def state_dict_from_gguf(f: GGUFFile, config: ModelConfig, dtype: torch.dtype = torch.float32,
                          blocks: dict | None = None) -> dict[str, torch.Tensor]:
     """Every tensor of the file, dequantized, converted and renamed to our parameter names.
@@ -385,92 +452,40 @@ def state_dict_from_gguf(f: GGUFFile, config: ModelConfig, dtype: torch.dtype = 
     block-quantized weights (embeddings, head, layer linears) whose blocks rebuild the float32
     weight bit for bit, and {name: reason} under ``"__float__"`` for those that stay float.
     """
-    arch = f.architecture
-    fam = _family(arch, f.path)
-    gemma = fam.unit_offset_norms  # norms stored as (1 + w)
-    permute = fam.gguf_permute_qk  # llama.cpp permutes only where it uses interleaved RoPE
+    fam = _family(f.architecture, f.path)
     norms = _NORMS_BY_PLACEMENT[config.norm_placement]
+    heads = {"attn_q": config.n_heads, "attn_k": config.n_kv_heads}
     sd: dict[str, torch.Tensor] = {}
-    experts: dict[tuple[int, str], torch.Tensor] = {}
+    experts: dict[tuple[int, str], Any] = {}
     split_kv: dict[tuple[int, str], torch.Tensor] = {}
-    rope_freqs = None
-
-    def keep(key: str, w32: torch.Tensor, rows=None) -> None:  # the blocks of sd[key], if exact
-        if blocks is None or w32.dim() != 2:
-            return
-        b = blocks_from_raw(f.raw(name), f.tensors[name].ggml_type, f.tensors[name].shape)
-        if b is None:
-            return
-        b = b.map_rows(rows) if rows else b
-        if rebuilds(b, w32):
-            blocks[key] = b
-        else:
-            blocks.setdefault("__float__", {})[key] = f"its {b.source} blocks do not rebuild the float32 weight exactly"
-
     for name in f.tensors:
         w = w32 = f.tensor(name)  # float32
-        if gemma and name.endswith("norm.weight"):
+        if name == "rope_freqs.weight":  # Llama 3.1-style per-frequency divisors, kept in float32
+            sd["__rope_freqs__"] = w
+            continue
+        if fam.unit_offset_norms and name.endswith("norm.weight"):
             w = w - 1.0  # stored as (1 + w); subtracted in float32, as transformers does
-        if name != "rope_freqs.weight":
-            w = w.to(dtype)  # one tensor at a time: peak memory stays near the final model's
-        parts = name.split(".")
-        if name == "token_embd.weight":
-            sd["embed_tokens.weight"] = w
-            keep("embed_tokens.weight", w32)
-        elif name == "output.weight":
-            sd["lm_head.weight"] = w
-            keep("lm_head.weight", w32)
-        elif parts[0] == "output_norm":
-            sd[f"norm.{parts[1]}"] = w
-        elif name == "rope_freqs.weight":
-            rope_freqs = w
-        elif parts[0] == "blk" and len(parts) >= 4:
-            i, kind, suffix = int(parts[1]), parts[2], parts[-1]
-            prefix = f"layers.{i}."
-            if len(parts) == 5 and kind in ("ffn_gate", "ffn_up", "ffn_down"):  # old per-expert Mixtral files
-                experts.setdefault((i, kind + "_exps"), {})[int(parts[3])] = w
-                continue
-            if kind in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"):
+        w = w.to(dtype)  # one tensor at a time: peak memory stays near the final model's
+        where, key = _our_name(name, norms, f.path, f.architecture)
+        if where == "expert":
+            i, kind, e = key
+            if e is None:
                 experts[(i, kind)] = w
-                continue
-            if kind in ("attn_k_b", "attn_v_b"):  # MLA: newer converters split kv_b
-                split_kv[(i, kind)] = w
-                continue
-            if kind in norms:
-                sd[prefix + norms[kind] + "." + suffix] = w
-                continue
-            if kind not in _LAYER_NAMES:
-                raise GGUFError(f"{f.path}: tensor {name!r} is not understood for architecture {arch!r}")
-            rows = None
-            if permute and kind in ("attn_q", "attn_k"):
-                heads = config.n_heads if kind == "attn_q" else config.n_kv_heads
-                rows = lambda t, heads=heads: unpermute_rope_rows(t, heads)  # noqa: E731
-                w, w32 = rows(w), rows(w32)
-            if kind == "exp_probs_b":
-                sd[prefix + "mlp.gate.e_score_correction_bias"] = w
             else:
-                sd[prefix + _LAYER_NAMES[kind] + "." + suffix] = w
-                if suffix == "weight":
-                    keep(prefix + _LAYER_NAMES[kind] + ".weight", w32, rows)
-        else:
-            raise GGUFError(f"{f.path}: tensor {name!r} is not understood for architecture {arch!r}")
-
-    for (i, kind), w in list(experts.items()):
-        if isinstance(w, dict):  # stack per-expert tensors into (E, ...)
-            experts[(i, kind)] = torch.stack([w[e] for e in sorted(w)])
-    for i in sorted({i for i, _ in experts}):
-        gate, up, down = (experts.get((i, k)) for k in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"))
-        if gate is None or up is None or down is None:
-            raise GGUFError(f"{f.path}: layer {i} has an incomplete set of expert tensors")
-        sd[f"layers.{i}.mlp.experts.gate_up_proj"] = torch.cat([gate, up], dim=1)  # (E, 2F, D)
-        sd[f"layers.{i}.mlp.experts.down_proj"] = down  # (E, D, F)
-    for i in sorted({i for i, _ in split_kv}):
-        k_b, v_b = split_kv[(i, "attn_k_b")], split_kv[(i, "attn_v_b")]  # (H, rank, nope), (H, v, rank)
-        kv = torch.cat([k_b.transpose(1, 2), v_b], dim=1)  # (H, nope + v, rank)
-        sd[f"layers.{i}.self_attn.kv_b_proj.weight"] = kv.reshape(-1, kv.shape[-1])
-    if rope_freqs is not None:
-        sd["__rope_freqs__"] = rope_freqs
-    return sd
+                experts.setdefault((i, kind), {})[e] = w
+            continue
+        if where == "split_kv":
+            split_kv[key] = w
+            continue
+        rows = None
+        kind = name.split(".")[2] if name.startswith("blk.") else None
+        if fam.gguf_permute_qk and kind in heads:  # llama.cpp permutes only where it uses interleaved RoPE
+            rows = lambda t, n=heads[kind]: unpermute_rope_rows(t, n)  # noqa: E731
+            w, w32 = rows(w), rows(w32)
+        sd[key] = w
+        if blocks is not None:
+            _keep_blocks(f, name, key, w32, rows, blocks)
+    return {**sd, **_stack_experts(experts, f.path), **_join_kv_b(split_kv)}
 
 
 # ----------------------------------------------------------------------------------------------
