@@ -16,8 +16,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from tokenizers import pre_tokenizers  # noqa: E402
 
-from evolm.tokenizer import (Tokenizer, TokenizerError, _merges_from_ranked_vocab, byte_alphabet,  # noqa: E402
-                             tokenizer_from_gguf_metadata, train_bpe)
+from evolm.interop.gguf_vocab import _merges_from_ranked_vocab, tokenizer_from_gguf_metadata  # noqa: E402
+from evolm.tokenizer import Tokenizer, TokenizerError, byte_alphabet, train_bpe  # noqa: E402
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",

@@ -198,11 +198,12 @@ def cmd_data(args) -> None:
         install_all(args.data_dir, names=args.names or None, force=args.force)
         return
     from evolm.data.prepare import prepare
+    from evolm.interop.gguf_vocab import tokenizer_from_gguf
     from evolm.tokenizer import Tokenizer
 
     tok_path = args.tokenizer
     tok = Tokenizer.from_hf_dir(tok_path) if os.path.isdir(tok_path) else (
-        Tokenizer.from_gguf(tok_path) if tok_path.endswith(".gguf") else Tokenizer.from_file(tok_path))
+        tokenizer_from_gguf(tok_path) if tok_path.endswith(".gguf") else Tokenizer.from_file(tok_path))
     spec = args.spec if len(args.spec) != 1 else args.spec[0]
     manifest = prepare(spec, tok, args.out, data_dir=args.data_dir, workers=args.workers, reuse=not args.force)
     if args.json:

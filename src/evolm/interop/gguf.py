@@ -8,10 +8,11 @@ Loading is three steps:
 1. ``read_metadata``: parse the header ourselves (a few hundred lines of struct reads; the
    ``gguf`` package's reader builds one numpy view per vocabulary entry and takes ~30 s on a
    262k-token vocabulary, this takes well under one).
-2. ``config_from_metadata``: map ``{arch}.*`` keys to a ``ModelConfig`` per architecture
-   (llama / mistral / mixtral, qwen2, qwen3, qwen3moe, gemma2, gemma3, olmo2, deepseek2), filling
-   in what llama.cpp hard-codes for the architecture rather than storing (Gemma 3's local RoPE
-   base, its 5:1 local/global pattern, ...).
+2. ``config_from_metadata``: map ``{arch}.*`` keys to a ``ModelConfig``: the keys every
+   architecture shares here, the rest by the family registered for the architecture
+   (``interop/families/``: llama / mistral / mixtral, qwen2, qwen3, qwen3moe, gemma2, gemma3,
+   olmo2, deepseek2), which also fills in what llama.cpp hard-codes rather than stores (Gemma 3's
+   local RoPE base, its 5:1 local/global pattern, ...).
 3. ``load_gguf``: dequantize every tensor (``gguf.quants.dequantize``, with torch fast paths for
    the float and Q8_0 types), undo what llama.cpp's converter did to the Hugging Face weights,
    rename to our parameter names and assign into a model built without allocating weights:
@@ -36,10 +37,12 @@ import torch
 
 from evolm.config import ModelConfig
 from evolm.blocks import rebuilds
+from evolm.interop.families import GGUF_FAMILIES
 from evolm.interop.gguf_blocks import blocks_from_raw
+from evolm.interop.gguf_vocab import tokenizer_from_gguf_metadata
 from evolm.model import Transformer
 
-SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "qwen3moe", "gemma2", "gemma3", "olmo2", "deepseek2")
+SUPPORTED_ARCHS = tuple(GGUF_FAMILIES)
 
 
 class GGUFError(ValueError):
@@ -258,12 +261,22 @@ def _uniform(value: Any, key: str, path: str) -> Any:
     return value
 
 
+def _family(arch: str | None, path: str):
+    """The family that reads GGUF architecture ``arch`` (``families/<family>.py``: ``gguf_archs``)."""
+    if arch not in GGUF_FAMILIES:
+        raise GGUFError(f"{path}: GGUF architecture {arch!r} is not supported; supported: {list(SUPPORTED_ARCHS)}")
+    return GGUF_FAMILIES[arch]
+
+
 def config_from_metadata(meta: dict[str, Any], tensor_shapes: dict[str, tuple[int, ...]],
                          path: str = "gguf") -> ModelConfig:
-    """A ``ModelConfig`` for the model a GGUF file describes."""
+    """A ``ModelConfig`` for the model a GGUF file describes.
+
+    The keys every llama.cpp architecture shares are read here; the family registered for the
+    architecture (``families.GGUF_FAMILIES``) sets its switches and reads its own keys.
+    """
     arch = meta.get("general.architecture")
-    if arch not in SUPPORTED_ARCHS:
-        raise GGUFError(f"{path}: GGUF architecture {arch!r} is not supported; supported: {list(SUPPORTED_ARCHS)}")
+    fam = _family(arch, path)
 
     def get(key: str, default: Any = KeyError) -> Any:
         full = f"{arch}.{key}"
@@ -284,6 +297,8 @@ def config_from_metadata(meta: dict[str, Any], tensor_shapes: dict[str, tuple[in
         n_heads=n_heads, n_kv_heads=get("attention.head_count_kv", n_heads),
         d_ff=get("feed_forward_length", None), max_seq_len=get("context_length", 4096),
         norm="rmsnorm", norm_eps=get("attention.layer_norm_rms_epsilon", 1e-5), norm_bias=False,
+        norm_placement=fam.norm_placement, qk_norm=fam.qk_norm,
+        norm_unit_offset=fam.unit_offset_norms, embed_scale=fam.unit_offset_norms,
         pos_emb="rope", rope_theta=float(get("rope.freq_base", 10000.0)),
         mlp="glu", activation="silu", mlp_bias=False,
         qkv_bias="blk.0.attn_q.bias" in names, o_bias="blk.0.attn_output.bias" in names,
@@ -292,86 +307,22 @@ def config_from_metadata(meta: dict[str, Any], tensor_shapes: dict[str, tuple[in
     )
     if c["d_model"] != d_model:
         raise GGUFError(f"{path}: {arch}.embedding_length={c['d_model']} but token_embd.weight has width {d_model}")
+    mla = fam.attention == "mla"  # MLA's head sizes are read by its family
     key_len = get("attention.key_length", None)
-    if key_len is not None and arch != "deepseek2":
+    if key_len is not None and not mla:
         c["head_dim"] = key_len
     rope_dim = get("rope.dimension_count", None)
     head_dim = c.get("head_dim") or c["d_model"] // n_heads
-    if rope_dim and arch != "deepseek2" and rope_dim != head_dim:  # partial rotary
+    if rope_dim and not mla and rope_dim != head_dim:  # partial rotary
         c["rotary_pct"] = rope_dim / head_dim
     if c["d_ff"] is None:  # an all-MoE model states only the expert width
         c["d_ff"] = get("expert_feed_forward_length")
     scaling = _rope_scaling(meta, arch, names)
     if scaling is not None:
         c["rope_scaling"] = scaling
-    window = get("attention.sliding_window", None)
-
-    if arch in ("llama", "mistral"):
-        if window:
-            c.update(sliding_window=window, sliding_window_pattern=1)
-        c.update(_moe_fields(get, names))
-    elif arch == "qwen2":
-        pass  # Qwen2: Llama with q/k/v biases (read from the tensors above)
-    elif arch in ("qwen3", "qwen3moe"):
-        c["qk_norm"] = "head"
-        if arch == "qwen3moe":
-            c.update(_moe_fields(get, names), norm_topk_prob=True)
-    elif arch in ("gemma2", "gemma3"):
-        n_layers = c["n_layers"]
-        head_dim = c.get("head_dim") or c["d_model"] // n_heads
-        # llama.cpp scales queries by 1/sqrt(head_dim), except the 27B models: 1/sqrt(d_model / n_heads)
-        big = (arch == "gemma2" and n_layers == 46) or (arch == "gemma3" and n_layers == 62)
-        c.update(norm_unit_offset=True, norm_placement="sandwich", activation="gelu_tanh", embed_scale=True,
-                 norm_eps=get("attention.layer_norm_rms_epsilon", 1e-6),
-                 query_pre_attn_scalar=float(c["d_model"] // n_heads if big else head_dim))
-        if arch == "gemma2":
-            c.update(attn_softcap=get("attn_logit_softcapping", 50.0) or None,
-                     final_softcap=get("final_logit_softcapping", 30.0) or None,
-                     sliding_window=window or 4096, sliding_window_pattern=2)
-        else:
-            pattern = meta.get("gemma3.attention.sliding_window_pattern", 6)
-            if isinstance(pattern, list):  # per-layer flags (True = local): the first global layer sets the period
-                pattern = pattern.index(False) + 1 if False in pattern else 1
-            c.update(qk_norm="head", sliding_window=window or 512, sliding_window_pattern=int(pattern),
-                     rope_local_theta=10000.0)  # llama.cpp hard-codes Gemma 3's local base
-    elif arch == "olmo2":
-        c.update(norm_placement="olmo2", qk_norm="full")
-    elif arch == "deepseek2":
-        c.update(_deepseek2_fields(get, names, c))
+    if fam.gguf_from_metadata:
+        fam.gguf_from_metadata(get, meta, names, c)
     return ModelConfig(**c)
-
-
-def _moe_fields(get, names: set[str]) -> dict[str, Any]:
-    n = get("expert_count", 0)
-    if not n:
-        return {}
-    out = dict(n_experts=n, n_experts_per_tok=get("expert_used_count"), norm_topk_prob=True)
-    width = get("expert_feed_forward_length", None)
-    if width:
-        out["moe_d_ff"] = width
-    return out
-
-
-def _deepseek2_fields(get, names: set[str], c: dict[str, Any]) -> dict[str, Any]:
-    rope_dim = get("rope.dimension_count")
-    key_len = get("attention.key_length_mla", None) or get("attention.key_length")
-    v_len = get("attention.value_length_mla", None) or get("attention.value_length")
-    q_rank = get("attention.q_lora_rank", 0) or None
-    gating = get("expert_gating_func", 1)  # llama.cpp: 1 softmax, 2 sigmoid
-    out = dict(attention="mla", n_kv_heads=c["n_heads"], q_lora_rank=q_rank,
-               kv_lora_rank=get("attention.kv_lora_rank"), qk_rope_head_dim=rope_dim,
-               qk_nope_head_dim=key_len - rope_dim, v_head_dim=v_len, rope_interleave=True)
-    n = get("expert_count", 0)
-    if n:
-        out.update(n_experts=n, n_experts_per_tok=get("expert_used_count"),
-                   moe_d_ff=get("expert_feed_forward_length"), n_shared_experts=get("expert_shared_count", 0),
-                   first_k_dense=get("leading_dense_block_count", 0),
-                   routed_scaling_factor=float(get("expert_weights_scale", 1.0)),
-                   norm_topk_prob=bool(get("expert_weights_norm", False)),
-                   router="sigmoid" if gating == 2 else "softmax",
-                   router_bias="blk.%d.exp_probs_b.bias" % get("leading_dense_block_count", 0) in names,
-                   n_expert_groups=get("expert_group_count", 1) or 1, topk_groups=get("expert_group_used_count", 1) or 1)
-    return out
 
 
 def _rope_scaling(meta: dict[str, Any], arch: str, names: set[str]) -> dict[str, Any] | None:
@@ -426,6 +377,73 @@ def unpermute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, half, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
+def _our_name(name: str, norms: dict[str, str], path: str, arch: str) -> tuple[str, Any]:
+    """Where a GGUF tensor goes: ``("param", our name)``, ``("expert", (layer, kind, expert or None))``
+    or ``("split_kv", (layer, kind))`` (the last two are assembled after every tensor is read)."""
+    parts = name.split(".")
+    if name == "token_embd.weight":
+        return "param", "embed_tokens.weight"
+    if name == "output.weight":
+        return "param", "lm_head.weight"
+    if parts[0] == "output_norm":
+        return "param", f"norm.{parts[1]}"
+    if parts[0] != "blk" or len(parts) < 4:
+        raise GGUFError(f"{path}: tensor {name!r} is not understood for architecture {arch!r}")
+    i, kind, suffix = int(parts[1]), parts[2], parts[-1]
+    prefix = f"layers.{i}."
+    if len(parts) == 5 and kind in ("ffn_gate", "ffn_up", "ffn_down"):  # old per-expert Mixtral files
+        return "expert", (i, kind + "_exps", int(parts[3]))
+    if kind in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"):
+        return "expert", (i, kind, None)
+    if kind in ("attn_k_b", "attn_v_b"):  # MLA: newer converters split kv_b
+        return "split_kv", (i, kind)
+    if kind in norms:
+        return "param", prefix + norms[kind] + "." + suffix
+    if kind == "exp_probs_b":
+        return "param", prefix + "mlp.gate.e_score_correction_bias"
+    if kind not in _LAYER_NAMES:
+        raise GGUFError(f"{path}: tensor {name!r} is not understood for architecture {arch!r}")
+    return "param", prefix + _LAYER_NAMES[kind] + "." + suffix
+
+
+def _keep_blocks(f: GGUFFile, name: str, key: str, w32: torch.Tensor, rows, blocks: dict) -> None:
+    """Record the file's blocks for ``key`` if they rebuild its float32 weight exactly."""
+    if w32.dim() != 2:
+        return
+    b = blocks_from_raw(f.raw(name), f.tensors[name].ggml_type, f.tensors[name].shape)
+    if b is None:
+        return
+    b = b.map_rows(rows) if rows else b
+    if rebuilds(b, w32):
+        blocks[key] = b
+    else:
+        blocks.setdefault("__float__", {})[key] = f"its {b.source} blocks do not rebuild the float32 weight exactly"
+
+
+def _stack_experts(experts: dict, path: str) -> dict[str, torch.Tensor]:
+    """Expert tensors -> our (E, 2F, D) gate|up and (E, D, F) down per layer."""
+    out = {}
+    for (i, kind), w in list(experts.items()):
+        if isinstance(w, dict):  # stack per-expert tensors into (E, ...)
+            experts[(i, kind)] = torch.stack([w[e] for e in sorted(w)])
+    for i in sorted({i for i, _ in experts}):
+        gate, up, down = (experts.get((i, k)) for k in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"))
+        if gate is None or up is None or down is None:
+            raise GGUFError(f"{path}: layer {i} has an incomplete set of expert tensors")
+        out[f"layers.{i}.mlp.experts.gate_up_proj"] = torch.cat([gate, up], dim=1)  # (E, 2F, D)
+        out[f"layers.{i}.mlp.experts.down_proj"] = down  # (E, D, F)
+    return out
+
+
+def _join_kv_b(split_kv: dict) -> dict[str, torch.Tensor]:
+    out = {}
+    for i in sorted({i for i, _ in split_kv}):
+        k_b, v_b = split_kv[(i, "attn_k_b")], split_kv[(i, "attn_v_b")]  # (H, rank, nope), (H, v, rank)
+        kv = torch.cat([k_b.transpose(1, 2), v_b], dim=1)  # (H, nope + v, rank)
+        out[f"layers.{i}.self_attn.kv_b_proj.weight"] = kv.reshape(-1, kv.shape[-1])
+    return out
+
+
 def state_dict_from_gguf(f: GGUFFile, config: ModelConfig, dtype: torch.dtype = torch.float32,
                          blocks: dict | None = None) -> dict[str, torch.Tensor]:
     """Every tensor of the file, dequantized, converted and renamed to our parameter names.
@@ -434,91 +452,40 @@ def state_dict_from_gguf(f: GGUFFile, config: ModelConfig, dtype: torch.dtype = 
     block-quantized weights (embeddings, head, layer linears) whose blocks rebuild the float32
     weight bit for bit, and {name: reason} under ``"__float__"`` for those that stay float.
     """
-    arch = f.architecture
-    gemma = arch in ("gemma2", "gemma3")
-    permute = arch in ("llama", "mistral")  # llama.cpp permutes only where it uses interleaved RoPE
+    fam = _family(f.architecture, f.path)
     norms = _NORMS_BY_PLACEMENT[config.norm_placement]
+    heads = {"attn_q": config.n_heads, "attn_k": config.n_kv_heads}
     sd: dict[str, torch.Tensor] = {}
-    experts: dict[tuple[int, str], torch.Tensor] = {}
+    experts: dict[tuple[int, str], Any] = {}
     split_kv: dict[tuple[int, str], torch.Tensor] = {}
-    rope_freqs = None
-
-    def keep(key: str, w32: torch.Tensor, rows=None) -> None:  # the blocks of sd[key], if exact
-        if blocks is None or w32.dim() != 2:
-            return
-        b = blocks_from_raw(f.raw(name), f.tensors[name].ggml_type, f.tensors[name].shape)
-        if b is None:
-            return
-        b = b.map_rows(rows) if rows else b
-        if rebuilds(b, w32):
-            blocks[key] = b
-        else:
-            blocks.setdefault("__float__", {})[key] = f"its {b.source} blocks do not rebuild the float32 weight exactly"
-
     for name in f.tensors:
         w = w32 = f.tensor(name)  # float32
-        if gemma and name.endswith("norm.weight"):
+        if name == "rope_freqs.weight":  # Llama 3.1-style per-frequency divisors, kept in float32
+            sd["__rope_freqs__"] = w
+            continue
+        if fam.unit_offset_norms and name.endswith("norm.weight"):
             w = w - 1.0  # stored as (1 + w); subtracted in float32, as transformers does
-        if name != "rope_freqs.weight":
-            w = w.to(dtype)  # one tensor at a time: peak memory stays near the final model's
-        parts = name.split(".")
-        if name == "token_embd.weight":
-            sd["embed_tokens.weight"] = w
-            keep("embed_tokens.weight", w32)
-        elif name == "output.weight":
-            sd["lm_head.weight"] = w
-            keep("lm_head.weight", w32)
-        elif parts[0] == "output_norm":
-            sd[f"norm.{parts[1]}"] = w
-        elif name == "rope_freqs.weight":
-            rope_freqs = w
-        elif parts[0] == "blk" and len(parts) >= 4:
-            i, kind, suffix = int(parts[1]), parts[2], parts[-1]
-            prefix = f"layers.{i}."
-            if len(parts) == 5 and kind in ("ffn_gate", "ffn_up", "ffn_down"):  # old per-expert Mixtral files
-                experts.setdefault((i, kind + "_exps"), {})[int(parts[3])] = w
-                continue
-            if kind in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"):
+        w = w.to(dtype)  # one tensor at a time: peak memory stays near the final model's
+        where, key = _our_name(name, norms, f.path, f.architecture)
+        if where == "expert":
+            i, kind, e = key
+            if e is None:
                 experts[(i, kind)] = w
-                continue
-            if kind in ("attn_k_b", "attn_v_b"):  # MLA: newer converters split kv_b
-                split_kv[(i, kind)] = w
-                continue
-            if kind in norms:
-                sd[prefix + norms[kind] + "." + suffix] = w
-                continue
-            if kind not in _LAYER_NAMES:
-                raise GGUFError(f"{f.path}: tensor {name!r} is not understood for architecture {arch!r}")
-            rows = None
-            if permute and kind in ("attn_q", "attn_k"):
-                heads = config.n_heads if kind == "attn_q" else config.n_kv_heads
-                rows = lambda t, heads=heads: unpermute_rope_rows(t, heads)  # noqa: E731
-                w, w32 = rows(w), rows(w32)
-            if kind == "exp_probs_b":
-                sd[prefix + "mlp.gate.e_score_correction_bias"] = w
             else:
-                sd[prefix + _LAYER_NAMES[kind] + "." + suffix] = w
-                if suffix == "weight":
-                    keep(prefix + _LAYER_NAMES[kind] + ".weight", w32, rows)
-        else:
-            raise GGUFError(f"{f.path}: tensor {name!r} is not understood for architecture {arch!r}")
-
-    for (i, kind), w in list(experts.items()):
-        if isinstance(w, dict):  # stack per-expert tensors into (E, ...)
-            experts[(i, kind)] = torch.stack([w[e] for e in sorted(w)])
-    for i in sorted({i for i, _ in experts}):
-        gate, up, down = (experts.get((i, k)) for k in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"))
-        if gate is None or up is None or down is None:
-            raise GGUFError(f"{f.path}: layer {i} has an incomplete set of expert tensors")
-        sd[f"layers.{i}.mlp.experts.gate_up_proj"] = torch.cat([gate, up], dim=1)  # (E, 2F, D)
-        sd[f"layers.{i}.mlp.experts.down_proj"] = down  # (E, D, F)
-    for i in sorted({i for i, _ in split_kv}):
-        k_b, v_b = split_kv[(i, "attn_k_b")], split_kv[(i, "attn_v_b")]  # (H, rank, nope), (H, v, rank)
-        kv = torch.cat([k_b.transpose(1, 2), v_b], dim=1)  # (H, nope + v, rank)
-        sd[f"layers.{i}.self_attn.kv_b_proj.weight"] = kv.reshape(-1, kv.shape[-1])
-    if rope_freqs is not None:
-        sd["__rope_freqs__"] = rope_freqs
-    return sd
+                experts.setdefault((i, kind), {})[e] = w
+            continue
+        if where == "split_kv":
+            split_kv[key] = w
+            continue
+        rows = None
+        kind = name.split(".")[2] if name.startswith("blk.") else None
+        if fam.gguf_permute_qk and kind in heads:  # llama.cpp permutes only where it uses interleaved RoPE
+            rows = lambda t, n=heads[kind]: unpermute_rope_rows(t, n)  # noqa: E731
+            w, w32 = rows(w), rows(w32)
+        sd[key] = w
+        if blocks is not None:
+            _keep_blocks(f, name, key, w32, rows, blocks)
+    return {**sd, **_stack_experts(experts, f.path), **_join_kv_b(split_kv)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -590,11 +557,7 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
 
         stayed = found.pop("__float__", {})
         model.blocks_report = {**keep_blocks(model, found), **{k: f"float: {v}" for k, v in stayed.items()}}
-    tok = None
-    if tokenizer:
-        from evolm.tokenizer import tokenizer_from_gguf_metadata
-
-        tok = tokenizer_from_gguf_metadata(f.metadata, name=f.path)
+    tok = tokenizer_from_gguf_metadata(f.metadata, name=f.path) if tokenizer else None
     return model, tok
 
 

@@ -45,7 +45,9 @@ def load_or_train_tokenizer(recipe: Recipe, out: Path, data_dir: str | None, log
         if os.path.isdir(p):
             return Tokenizer.from_hf_dir(p)
         if p.endswith(".gguf"):
-            return Tokenizer.from_gguf(p)
+            from evolm.interop.gguf_vocab import tokenizer_from_gguf
+
+            return tokenizer_from_gguf(p)
         if not os.path.isfile(p):
             raise RecipeError(f"{recipe.source}: tokenizer: path not found: {p}")
         return Tokenizer.from_file(p)

@@ -1,0 +1,102 @@
+"""What one model family is, as data: the ``Family`` record every family module fills in.
+
+A family is one transformers ``model_type`` (and, where llama.cpp has one, its GGUF
+architecture). Most families are the Llama decoder with a few switches flipped, so a family
+declares those switches as fields (``norm_placement``, ``qk_norm``, ``attention_bias``,
+``window``, ...) and the shared Llama schema in ``decoder.py`` applies them; what a switch
+cannot say (MoE keys, soft-caps, DeepSeek's latent attention) goes in a small hook. A family
+whose whole layout differs (GPT-2) replaces the schema functions themselves.
+
+Fields are grouped by the four jobs the drivers (``interop/hf.py``, ``interop/gguf.py``) do
+with a family: read config.json, write config.json (and say what blocks writing), rename
+weights, read GGUF metadata.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+from evolm.config import ModelConfig
+from evolm.interop.families import decoder
+
+
+class Needs(list):
+    """The reasons a family cannot express a config: ``need(ok, field, want)`` adds one when not ok."""
+
+    def __init__(self, config: ModelConfig, model_type: str):
+        super().__init__()
+        self.config, self.model_type = config, model_type
+
+    def __call__(self, ok: bool, field_name: str, want: str) -> None:
+        if not ok:
+            self.append(f"field '{field_name}' is {getattr(self.config, field_name, None)!r} "
+                        f"but {self.model_type} needs {want}")
+
+
+@dataclass(frozen=True)
+class Family:
+    """One transformers ``model_type``: its config schema both ways, weight names, blockers, GGUF keys."""
+
+    model_type: str
+    architecture: str  # the causal-LM class transformers instantiates
+    # Values transformers assumes when config.json leaves a key out (its config class's defaults;
+    # tests/test_parity_hf.py::test_hf_defaults_match_transformers keeps them honest).
+    defaults: Mapping[str, Any]
+    aliases: Mapping[str, str] = field(default_factory=dict)  # other names for a key (attribute_map)
+    wrappers: tuple[str, ...] = ()  # model_types that nest this one's config (Gemma 3's multimodal)
+    unwrap: Callable[[dict], dict] | None = None  # wrapper config.json -> this family's config dict
+
+    # --- the decoder's shape (decoder.py reads these; every switch has the Llama value by default) ----
+    norm_placement: str = "pre"  # ModelConfig.norm_placement
+    qk_norm: str | None = None  # ModelConfig.qk_norm
+    unit_offset_norms: bool = False  # Gemma: RMSNorm scales by (1 + w) and embeddings by sqrt(d_model)
+    attention: str = "mha"  # "mha" | "mla"
+    attention_bias: str = "flag"  # "flag": one attention_bias key; "qkv": q/k/v only (Qwen2); "none"
+    mlp_bias_key: bool = False  # config.json has an mlp_bias key
+    activation_key: str = "hidden_act"
+    activation_aliases: Mapping[str, str] = field(default_factory=dict)  # family-specific spellings
+    window: str = "none"  # "none" | "every_layer" (one window, all layers) | "per_layer" (layer_types)
+    window_switch: str | None = None  # a config key that must be true for the window to apply
+    local_layers: Callable[[dict, int], list[bool]] | None = None  # rule when layer_types is absent
+    local_rope_theta: float | None = None  # per-layer-type RoPE (Gemma 3): the local layers' default base
+    query_scalar: bool = False  # config.json carries query_pre_attn_scalar and final_logit_softcapping
+    attn_softcap: bool = False  # config.json's attn_logit_softcapping is applied (Gemma 2)
+    experts: bool = False  # the family may have MoE layers (its blockers hook checks them)
+    expert_names: tuple[str, str, str, str] = ("mlp", "gate_proj", "up_proj", "down_proj")  # block, gate, up, down
+
+    # --- hooks: the family's own keys on top of the shared schema -----------------------------------
+    from_hf: Callable[[dict, dict], None] | None = None  # (config.json dict, ModelConfig kwargs)
+    to_hf: Callable[[ModelConfig, dict], None] | None = None  # (config, config.json dict)
+    blockers: Callable[[ModelConfig, Needs], None] | None = None
+    finish_weights_to_hf: Callable[[dict, ModelConfig], None] | None = None
+
+    # --- the schema itself (GPT-2 replaces it) ------------------------------------------------------
+    read_config: Callable[[Family, dict, dict], ModelConfig] = decoder.config_from_hf
+    write_config: Callable[[Family, ModelConfig, dict], None] = decoder.config_to_hf
+    check: Callable[[Family, ModelConfig, Needs], None] = decoder.blockers
+    weight_anchor: str = "embed_tokens.weight"  # the embedding: its name's prefix is the model's prefix
+    top_weights: Mapping[str, str] = field(default_factory=lambda: dict(decoder.TOP_WEIGHTS))
+    layer_tag: str = "layers."
+    layer_from_hf: Callable[..., bool] = decoder.layer_from_hf
+    weights_to_hf: Callable[..., dict] = decoder.weights_to_hf
+
+    # --- GGUF (llama.cpp) ---------------------------------------------------------------------------
+    gguf_archs: tuple[str, ...] = ()  # general.architecture values this family reads
+    gguf_from_metadata: Callable[[Callable, dict, set, dict], None] | None = None  # (get, meta, names, kwargs)
+    gguf_permute_qk: bool = False  # llama.cpp's converter permuted Q/K rows for its interleaved RoPE
+
+    def activation(self, name: str | None) -> str:
+        """Our activation name for the family's spelling of it."""
+        return decoder.activation(self.activation_aliases.get(name, name), self.model_type)
+
+    def cannot_express(self, config: ModelConfig) -> list[str]:
+        """Why this family cannot express ``config`` (empty: it can)."""
+        need = Needs(config, self.model_type)
+        need(config.final_norm, "final_norm", "True")
+        need(not config.lm_head_bias, "lm_head_bias", "False")
+        need(not config.nope_layers, "nope_layers", "()")
+        self.check(self, config, need)
+        return list(need)
+
+

@@ -1,0 +1,85 @@
+"""Every registered family reads back what it writes: config.json -> ModelConfig -> config.json.
+
+No transformers needed: this checks the family tables against each other. (That transformers
+reads the same files is tests/test_parity_hf.py and tests/test_hf_export.py.) A new family must
+add its tiny config.json here; the first test fails until it does.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from evolm.config import ConfigError
+from evolm.interop.families import EXPORT_ORDER, FAMILIES, GGUF_FAMILIES, SUPPORTED_MODEL_TYPES, family
+from evolm.interop.hf import config_from_hf, config_to_hf, hf_family
+
+V = 128
+LLAMA = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.1)
+MLA = dict(LLAMA, num_hidden_layers=3, num_key_value_heads=4, kv_lora_rank=32, qk_nope_head_dim=16,
+           qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+           n_shared_experts=1, first_k_dense_replace=1)
+YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32,
+        "beta_fast": 32, "beta_slow": 1, "mscale": 0.9, "mscale_all_dim": 1.1}
+
+# one tiny config.json per family, with the features that family has switched on
+TINY: dict[str, dict] = {
+    "gpt2": dict(vocab_size=V, n_embd=64, n_layer=2, n_head=4, n_positions=64, initializer_range=0.1),
+    "llama": dict(LLAMA, attention_bias=True, mlp_bias=True, rope_parameters={
+        "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+    "mistral": dict(LLAMA, num_hidden_layers=3, head_dim=32, sliding_window=5),
+    "mixtral": dict(LLAMA, num_local_experts=4, num_experts_per_tok=2, output_router_logits=True,
+                    router_aux_loss_coef=0.02),
+    "qwen2": dict(LLAMA, tie_word_embeddings=True, use_sliding_window=True, sliding_window=8, max_window_layers=0),
+    "qwen3": dict(LLAMA, head_dim=32),
+    "qwen3_moe": dict(LLAMA, num_hidden_layers=3, head_dim=32, num_experts=4, num_experts_per_tok=2,
+                      moe_intermediate_size=32, norm_topk_prob=False, mlp_only_layers=[0]),
+    "gemma": dict(LLAMA, head_dim=16),
+    "gemma2": dict(LLAMA, num_hidden_layers=4, head_dim=16, query_pre_attn_scalar=24, sliding_window=4,
+                   attn_logit_softcapping=1.5, final_logit_softcapping=3.0),
+    "gemma3_text": dict(LLAMA, num_hidden_layers=6, head_dim=16, query_pre_attn_scalar=16, sliding_window=4,
+                        rope_parameters={"full_attention": {"rope_type": "linear", "rope_theta": 1e6, "factor": 8.0},
+                                         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}),
+    "olmo2": dict(LLAMA, rms_norm_eps=1e-6),
+    "deepseek_v2": dict(MLA, q_lora_rank=None, topk_method="group_limited_greedy", n_group=4, topk_group=2,
+                        rope_parameters=YARN),
+    "deepseek_v3": dict(MLA, q_lora_rank=24, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+                        rope_parameters=YARN),
+}
+
+
+def test_every_family_has_a_tiny_config():
+    assert set(TINY) == set(FAMILIES)
+    assert set(EXPORT_ORDER) == set(FAMILIES)
+
+
+@pytest.mark.parametrize("model_type", list(FAMILIES))
+def test_family_round_trips_its_config(model_type):
+    fam = FAMILIES[model_type]
+    h = {"model_type": model_type, **TINY[model_type]}
+    c = config_from_hf(h)
+    assert hf_family(c) == model_type, "export would pick another family for what this family read"
+    back = json.loads(json.dumps(config_to_hf(c)))
+    assert back["model_type"] == model_type and back["architectures"] == [fam.architecture]
+    assert config_from_hf(back).diff(c) == {}
+    # what the file said, the written file says too (keys the family writes under the same name)
+    said = {**fam.defaults, **h}
+    changed = {k: (said[k], back[k]) for k in TINY[model_type] if k in back and back[k] != said[k]}
+    assert not changed, changed
+
+
+def test_lookup_names_the_supported_types():
+    assert family("gemma3") is FAMILIES["gemma3_text"]  # the multimodal wrapper reads as its text model
+    with pytest.raises(ConfigError, match="model_type 'bert' is not supported; supported: gpt2, llama"):
+        family("bert")
+    assert set(SUPPORTED_MODEL_TYPES) == set(FAMILIES) | {"gemma3"}
+
+
+def test_gguf_architectures_belong_to_one_family_each():
+    archs = [a for f in FAMILIES.values() for a in f.gguf_archs]
+    assert len(archs) == len(set(archs)) == len(GGUF_FAMILIES)
+    assert set(GGUF_FAMILIES) == {"llama", "mistral", "qwen2", "qwen3", "qwen3moe", "gemma2", "gemma3", "olmo2",
+                                  "deepseek2"}
