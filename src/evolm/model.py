@@ -178,7 +178,7 @@ class Transformer(nn.Module):
         head = self.lm_head
         if head is None:
             return self.embed_tokens.weight, None
-        if hasattr(head, "blocks"):  # a file's quantized blocks (evolm.blocks.BlockLinear): their float32 weight
+        if hasattr(head, "blocks"):  # a file's quantized blocks (evolm.quant.blocks.BlockLinear): their float32 weight
             return head.blocks.dequantize(), head.bias
         return head.weight, head.bias
 
