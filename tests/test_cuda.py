@@ -16,8 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import evolm.generate as gen
-from evolm.generate import SamplingParams, generate
+import evolm.infer.compiled as compiled
+from evolm.infer import SamplingParams, generate
 from evolm.nn.loss import fused_linear_cross_entropy, use_compiled_kernel
 
 from test_generate import PROMPTS, tiny
@@ -28,13 +28,13 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
 def test_cuda_graph_decode_equals_eager(family, monkeypatch):
     steps = []
-    wrap = gen._cuda_graphed
+    wrap = compiled._cuda_graphed
 
     def recording(direct):
         steps.append(wrap(direct))
         return steps[-1]
 
-    monkeypatch.setattr(gen, "_cuda_graphed", recording)
+    monkeypatch.setattr(compiled, "_cuda_graphed", recording)
     model = tiny(family).cuda()
     params = SamplingParams(max_new_tokens=20, temperature=0)
     want = generate(model, PROMPTS, params)

@@ -29,7 +29,8 @@ pytest.importorskip("uvicorn", reason="serving needs uvicorn: pip install 'evolm
 openai = pytest.importorskip("openai", reason="the server tests use the official openai client: pip install openai")
 httpx = pytest.importorskip("httpx", reason="pip install httpx")
 
-from evolm.generate import SamplingParams, chat_prompt_ids, generate  # noqa: E402
+from evolm.infer import SamplingParams, generate  # noqa: E402
+from evolm.infer.text import chat_prompt_ids  # noqa: E402
 from evolm.serve.scheduler import DoneEvent, Engine, ErrorEvent, GenRequest, TokenEvent  # noqa: E402
 
 API_KEY = "test-key-123"
@@ -485,7 +486,7 @@ def test_engine_matches_generate_for_every_attention_kind(preset, one_thread):
 def test_build_app_keeps_blocks():
     """`evolm serve --keep-blocks`: the engine's model keeps the GGUF file's blocks, on the CPU
     even with --device auto."""
-    from evolm.blocks import BlockLinear
+    from evolm.quant.blocks import BlockLinear
     from evolm.serve import build_app
 
     _, engine = build_app(smollm2_path(), keep_blocks=True, device="auto")

@@ -138,10 +138,11 @@ class _DecodeLinear(TorchFunctionMode):
     fp32 row becomes, on AVX-512 CPUs, the multiply-reduce ``(x * W).sum(-1)``, which inductor
     turns into a vectorised loop reading each thread's share of W as one sequential stream (2-3x the
     BLAS GEMV; end to end level with evolm's kernel there); one bf16 row, and one fp32 row on
-    AVX2-only CPUs, go to the kernel (``KernelPolicy.row1_kernel``, docs/performance.md). 2-16 rows go, where evolm's kernels
-    build, to ``evolm_f::skinny_linear`` (each weight vector loaded once and multiplied into every
-    row; evolm/kernels/skinny_gemm.cpp; 2-3x ``F.linear`` end to end at batch 8 in fp32), else
-    keep ``F.linear``.
+    AVX2-only CPUs, go to the kernel (``KernelPolicy.row1_kernel``, docs/performance.md). 2-16 rows
+    go, where evolm's kernels build, to ``evolm_f::skinny_linear`` (each weight vector loaded once
+    and multiplied into every row; evolm/kernels/skinny_gemm.cpp; 2-3x ``F.linear`` end to end at
+    batch 8 in fp32), else keep ``F.linear``. The choices are class attributes: :func:`_decode_linear`
+    makes one subclass per choice.
     """
 
     skinny = False  # 2..SKINNY_ROWS rows (and one row of the dtypes in row_kernel) to skinny_linear
@@ -252,7 +253,8 @@ def compiled_step(device_type: str = "cpu", policy: KernelPolicy = DEFAULT_POLIC
 
 
 
-def _prefill_graph(model, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None, kv: PrefillKV) -> torch.Tensor:
+def _prefill_graph(model, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None,
+                   kv: PrefillKV) -> torch.Tensor:
     return model(ids, position_ids=pos, attention_mask=mask, cache=kv, last_only=True)[:, -1]
 
 

@@ -82,7 +82,8 @@ class Int4Linear(nn.Module):
             raise ValueError(f"Int4Linear: weight {N}x{K} needs out_features % 16 == 0 and in_features % "
                              f"group_size ({group_size}) == 0 for torch's int4 CPU kernel")
         fits_half = bool(weight.detach().abs().amax() < 6e4)  # (d, m) in float16
-        self.layout = "q4" if group_size == 32 and fits_half and policy.uses_quant_kernels(K, weight.device) else "int4pack"
+        kernel = group_size == 32 and fits_half and policy.uses_quant_kernels(K, weight.device)
+        self.layout = "q4" if kernel else "int4pack"
         q, scale, lo = quantize_groups(weight, group_size, torch.float16 if self.layout == "q4" else torch.float32)
         if self.layout == "q4":
             self.register_buffer("weight", kernels.pack_q4(q))

@@ -54,7 +54,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from evolm.generate import IncrementalDecoder, SamplingParams, StopStrings, process_logits, sample
+from evolm.infer.sampling import SamplingParams, process_logits, sample
+from evolm.infer.text import IncrementalDecoder, StopStrings
 
 log = logging.getLogger("evolm.serve")
 
