@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 import evolm.infer.compiled as compiled
 from evolm.infer import SamplingParams, generate
-from evolm.nn.loss import fused_linear_cross_entropy, use_compiled_kernel
+from evolm.nn.loss import fused_linear_cross_entropy
 
 from test_generate import PROMPTS, tiny
 
@@ -63,12 +63,8 @@ def test_fused_loss_on_cuda_equals_cross_entropy(compiled):
     w = torch.randn(1000, 64, device="cuda", requires_grad=True)
     t = torch.randint(0, 1000, (300,), device="cuda")
     t[[3, 200]] = -100
-    use_compiled_kernel(compiled)
-    try:
-        got = fused_linear_cross_entropy(h, w, t, chunk=128)
-        grads = torch.autograd.grad(got, [h, w])
-    finally:
-        use_compiled_kernel(False)
+    got = fused_linear_cross_entropy(h, w, t, chunk=128, compiled=compiled)
+    grads = torch.autograd.grad(got, [h, w])
     want = F.cross_entropy(F.linear(h, w), t)
     ref = torch.autograd.grad(want, [h, w])
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
