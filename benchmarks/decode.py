@@ -12,7 +12,7 @@ decode tokens/s for 128 new tokens at batch 1 and 8, and the ratio evolm / trans
 
 Variants: ``evolm`` (eager decoding loop), ``int8`` / ``int4`` (weight-only quantized linears and
 head, see ``evolm/quant/``), ``blocks`` (the file's own blocks kept, fp32 arithmetic with the same
-weights as ``evolm``, see ``evolm/blocks.py``) and, with ``--compile``, each of them again decoding with the
+weights as ``evolm``, see ``evolm/quant/blocks.py``) and, with ``--compile``, each of them again decoding with the
 ``torch.compile``-d step over a static cache (``generate(..., compile=True)``; their prefill is
 timed as generate runs it, through the compiled prefill graph). ``--kernels-ab``
 builds every quantized variant both with evolm's C++ int8-activation kernels (``evolm/kernels``)

@@ -1,4 +1,4 @@
-"""A GGUF file's quantized blocks kept as they are (evolm/blocks.py, interop/gguf_blocks.py,
+"""A GGUF file's quantized blocks kept as they are (evolm/quant/blocks.py, interop/gguf_blocks.py,
 kernels/block_gemm.cpp): the weights they rebuild equal the ``gguf`` package's dequantization bit for
 bit, for every kept type; the kernel's products equal float64 ones; real models keep their logits
 and greedy tokens."""

@@ -2,7 +2,7 @@
 
 Run on a GPU machine: ``python -m pytest tests/test_cuda.py``. What only exists on a GPU:
 
-- the compiled decode step replayed as a CUDA graph (``generate._cuda_graphed``): greedy tokens
+- the compiled decode step replayed as a CUDA graph (``infer.compiled._cuda_graphed``): greedy tokens
   must equal the eager decoding loop's, for ragged prompts, a sliding-window family and a second
   call with other lengths, and the graph must really be replayed;
 - the model's forward on the GPU equals the CPU forward (fp32);

@@ -3,7 +3,7 @@
 A real server process (``evolm.serve.run_server``) serves the real SmolLM2-135M-Instruct GGUF on
 a free localhost port; the official ``openai`` client talks to it (streaming and not, chat and
 completions), and raw ``httpx`` requests send what a client should not. The reference for what
-the server generates is ``evolm.generate`` (whose decoding the parity tests hold equal to
+the server generates is ``evolm.infer.generate`` (whose decoding the parity tests hold equal to
 transformers) run in this process, and the server itself alone: a greedy request must give the
 same tokens whether it runs alone or in a batch with others.
 
@@ -135,7 +135,7 @@ def test_models_health_and_page(server, client, model_id):
 
 
 def test_chat_matches_local_generate(client, model_id, local):
-    """Greedy chat through HTTP = evolm.generate on the same chat-templated prompt, token for token."""
+    """Greedy chat through HTTP = evolm.infer.generate on the same chat-templated prompt, token for token."""
     model, tok = local
     for prompt in PROMPTS[:2]:
         ids = chat_prompt_ids(tok, [{"role": "user", "content": prompt}])

@@ -15,7 +15,7 @@ string. To give the very text lm-eval + transformers give, we follow HFLM
 
 Sampling (``do_sample: true`` with ``temperature`` / ``top_p`` / ``top_k``) is what HumanEval's
 pass@k needs: each row of a batch draws independently; ``seed`` makes a run reproducible for a
-given batch size. The decoding loop itself is ``evolm.generate``'s (one prefill that fills the
+given batch size. The decoding loop itself is ``evolm.infer.decode``'s (one prefill that fills the
 KV cache, then one token per step for the whole left-padded batch).
 """
 

@@ -29,7 +29,7 @@ We minimise -J. Choices, stated:
   ``iterations=mu > 1`` the batch is reused mu times and pi_old is the policy that sampled it.
 - log-probs are taken at the sampling **temperature** (logits / T), the distribution sampled from.
 
-Sampling uses ``evolm.generate`` (KV cache, seeded, temperature / top-p), with the policy itself.
+Sampling uses ``evolm.infer.generate`` (KV cache, seeded, temperature / top-p), with the policy itself.
 Rewards are functions ``(prompt, completion, answer) -> float`` (``evolm.post.rewards``).
 """
 

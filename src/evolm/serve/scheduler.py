@@ -20,7 +20,7 @@ The design, in the terms of our ``KVCache``/``Transformer.forward`` contract:
   left padding) hides each row's unused tail, and positions are passed per row.
 - A new request is prefilled alone (batch 1, its whole prompt in one forward pass) straight into
   its row, then samples its first token -- time to first token does not wait for a batch.
-- Sampling reuses ``evolm.generate``: ``process_logits``/``sample`` per row with the row's own
+- Sampling reuses ``evolm.infer.sampling``: ``process_logits``/``sample`` per row with the row's own
   ``SamplingParams`` and ``torch.Generator``; text comes out through ``IncrementalDecoder`` and
   ``StopStrings``, so a stream never splits a UTF-8 character nor shows part of a stop string.
 
