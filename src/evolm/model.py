@@ -23,7 +23,7 @@ from evolm.nn.rope import RotaryEmbedding
 
 
 class Transformer(nn.Module):
-    compiled_loss = False  # the fused loss's chunk kernels through inductor (set by the trainer: KernelPolicy)
+    compiled_loss = False  # the fused loss's chunk kernels through inductor (the trainer sets it with train.compile)
 
     def __init__(self, config: ModelConfig):
         super().__init__()

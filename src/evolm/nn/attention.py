@@ -125,7 +125,7 @@ class Attention(nn.Module):
     """Causal self-attention with MHA/GQA/MQA, QK-norm, soft-capping and sliding windows."""
 
     # decode-time kernel choices (:func:`_attend_few_queries`), set on the layer by the compiled
-    # decode step from its KernelPolicy (evolm.infer.compiled.use_policy), never while tracing:
+    # decode step from its KernelPolicy (evolm.infer.compiled.use_attention_policy), never while tracing:
     # evolm_f::decode_attention (kernels/decode_attention.cpp) for one query per sequence, and
     # multiply-reduce loops inside a compiled CPU graph
     decode_kernel = False

@@ -49,8 +49,9 @@ class KernelPolicy:
     - ``direct_step`` (``EVOLM_DIRECT_STEP=0``): call the compiled step's graph without dynamo
       once a generate call is steady.
     - ``cuda_graph`` (``EVOLM_CUDA_GRAPH=0``): replay that step as one CUDA graph on a GPU.
-    - ``compiled_loss``: the fused loss's per-chunk softmax/gradient through ``torch.compile``
-      (the trainer turns it on with ``train.compile``).
+    - ``compiled_loss``: the fused loss's per-chunk softmax/gradient through ``torch.compile``;
+      a model carries it as ``Transformer.compiled_loss`` (the trainer sets that with
+      ``train.compile``).
     """
 
     quant_kernels: bool = True
