@@ -26,7 +26,7 @@ on this graph still evaluates nearly every guard, because they all feed the tens
 So the step is compiled with a backend that is inductor plus a note of where each graph input
 comes from (dynamo's own source expression for it, e.g. ``L['model']._modules['norm']
 ._parameters['weight']``, kept on the placeholder node). After a step has run through dynamo
-(every guard checked), :func:`bind` resolves the inputs that belong to the model once and returns
+(every guard checked), :func:`bind_last_graph` resolves the inputs that belong to the model once and returns
 a function that gathers the rest (token, position, cache tensors) and calls the graph. Only
 graphs whose single output is the step's result are bound: a graph with more outputs has Python
 side effects dynamo would replay, and those keep the dynamo path.
@@ -184,14 +184,15 @@ def decode_linear_mode(device_type: str, policy: KernelPolicy) -> type[_DecodeLi
     return _decode_linear(skinny, *rows)
 
 
-def use_attention_policy(model, policy: KernelPolicy, decode_kernel: bool | None = None) -> None:
-    """Set the policy's decode-attention choices on the model's attention layers (outside a trace;
-    the compiled graphs are guarded on them). ``decode_kernel`` None leaves that choice as it is."""
+def use_attention_policy(model, policy: KernelPolicy, device_type: str) -> None:
+    """Set the policy's decode-attention choices on the model's attention layers, before anything
+    is compiled (every compiled graph of the model is guarded on them, so the prompt pass and the
+    step see the same values from the first call on): ``evolm_f::decode_attention`` where the
+    few-row kernels are used and the policy wants it, and multiply-reduce loops (``attn_loops``)."""
+    decode_kernel = policy.decode_attention and policy.uses_skinny(device_type)
     for m in model.modules():
         if isinstance(m, (Attention, MultiHeadLatentAttention)):
-            m.attn_loops = policy.attn_loops
-            if decode_kernel is not None:
-                m.decode_kernel = decode_kernel
+            m.decode_kernel, m.attn_loops = decode_kernel, policy.attn_loops
 
 
 def _step(model, tok: torch.Tensor, pos: torch.Tensor, cache, mode: type[_DecodeLinear]) -> torch.Tensor:
@@ -235,7 +236,6 @@ def compiled_step(device_type: str = "cpu", policy: KernelPolicy = DEFAULT_POLIC
     products (:class:`_DecodeLinear`) and decode attention (set on the model's layers).
     """
     mode = decode_linear_mode(device_type, policy)
-    decode_kernel = mode.skinny and policy.decode_attention
     if device_type not in _compiled_steps:
         # each (structure, batch, dtype) is one more entry on the same code object: allow many
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
@@ -246,7 +246,7 @@ def compiled_step(device_type: str = "cpu", policy: KernelPolicy = DEFAULT_POLIC
     compiled = _compiled_steps[device_type]
 
     def step(model, tok: torch.Tensor, pos: torch.Tensor, cache) -> torch.Tensor:
-        use_attention_policy(model, policy, decode_kernel)
+        use_attention_policy(model, policy, device_type)
         return compiled(model, tok, pos, cache, mode)
 
     return step

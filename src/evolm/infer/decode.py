@@ -79,7 +79,7 @@ def prefill(model, ids: torch.Tensor, cache: KVCache, position_ids: torch.Tensor
         for t in (ids, position_ids, attention_mask):  # one graph for every prompt length
             if t is not None:
                 torch._dynamo.maybe_mark_dynamic(t, 1)
-        use_attention_policy(model, policy)
+        use_attention_policy(model, policy, ids.device.type)
         kv = PrefillKV()
         logits = compiled_prefill(ids.device.type)(model, ids, position_ids, attention_mask, kv)
         cache.store_prefill(kv, ids.shape[1], attention_mask)
@@ -106,6 +106,24 @@ def stop_tokens(params: SamplingParams, tokenizer=None) -> list[int]:
     return sorted(ids)
 
 
+def check_prompt(model, ids: torch.Tensor, real: torch.Tensor, n_new: int) -> None:
+    """Token ids the model has, and room for ``n_new`` more (learned positions end at max_seq_len)."""
+    c = model.config
+    longest = int(real.sum(-1).max())
+    if c.pos_emb == "learned" and longest + n_new - 1 > c.max_seq_len:
+        raise ValueError(f"generate: prompt of {longest} tokens + max_new_tokens={n_new} exceeds the "
+                         f"model's max_seq_len={c.max_seq_len} (learned position embeddings)")
+    if int(ids.max()) >= c.vocab_size or int(ids.min()) < 0:
+        raise ValueError(f"generate: token ids must be in [0, {c.vocab_size}) (the model's vocab_size), "
+                         f"got {int(ids.min())}..{int(ids.max())}")
+
+
+def seen_tokens(ids: torch.Tensor, real: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """(B, V) bool: the tokens of each prompt, padding excluded (what the repetition penalty sees)."""
+    seen = torch.zeros(ids.shape[0], vocab_size + 1, dtype=torch.bool, device=ids.device)
+    return seen.scatter_(1, ids.masked_fill(real == 0, vocab_size), True)[:, :vocab_size]
+
+
 def decode_steps(model, ids: torch.Tensor, mask: torch.Tensor | None, params: SamplingParams,
                  stop_ids: Sequence[int], compile: bool = False, policy: KernelPolicy = DEFAULT_POLICY,
                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -116,37 +134,24 @@ def decode_steps(model, ids: torch.Tensor, mask: torch.Tensor | None, params: Sa
     :func:`compiled_prefill` into a ``StaticKVCache``, then decode with :func:`compiled_step`,
     with the ``policy``'s kernels.
     """
-    c = model.config
     B, T = ids.shape
     device = ids.device
     n_new = params.max_new_tokens
     if n_new == 0:
         return
     real = mask if mask is not None else torch.ones_like(ids)
-    longest = int(real.sum(-1).max())
-    if c.pos_emb == "learned" and longest + n_new - 1 > c.max_seq_len:
-        raise ValueError(f"generate: prompt of {longest} tokens + max_new_tokens={n_new} exceeds the "
-                         f"model's max_seq_len={c.max_seq_len} (learned position embeddings)")
-    if int(ids.max()) >= c.vocab_size or int(ids.min()) < 0:
-        raise ValueError(f"generate: token ids must be in [0, {c.vocab_size}) (the model's vocab_size), "
-                         f"got {int(ids.min())}..{int(ids.max())}")
-
+    check_prompt(model, ids, real, n_new)
     generator = None
     if params.seed is not None and not params.greedy:
         generator = torch.Generator(device=device).manual_seed(params.seed)
-    seen = None
-    if params.repetition_penalty != 1.0:  # tokens of prompt (padding excluded) and output so far
-        seen = torch.zeros(B, c.vocab_size + 1, dtype=torch.bool, device=device)
-        seen = seen.scatter_(1, ids.masked_fill(real == 0, c.vocab_size), True)[:, :c.vocab_size]
+    # tokens of prompt and output so far, for the repetition penalty
+    seen = seen_tokens(ids, real, model.config.vocab_size) if params.repetition_penalty != 1.0 else None
     stops = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
     running = torch.ones(B, dtype=torch.bool, device=device)
 
     # positions count real tokens only: a left-padded row starts at 0 on its first real token
     pos = (real.cumsum(-1) - 1).clamp(min=0)
-    if compile:
-        cache = StaticKVCache(B, T + n_new, device=device)
-    else:
-        cache = new_cache(model, B, T + n_new)
+    cache = StaticKVCache(B, T + n_new, device=device) if compile else new_cache(model, B, T + n_new)
     logits = prefill(model, ids, cache, pos, mask, compile=compile, policy=policy)
     next_pos = pos[:, -1:] + 1
     step_mask = torch.ones(B, 1, dtype=torch.long, device=device) if mask is not None else None
