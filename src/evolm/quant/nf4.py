@@ -275,9 +275,9 @@ def quantize_base_nf4(model: nn.Module, compute_dtype: torch.dtype = torch.bfloa
     does not depend on whether LoRA was applied before or after. MoE experts (3-D tensors) and
     embeddings stay as they are.
     """
-    from evolm.post.lora import LoRALinear
-
-    loras = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    # LoRA layers (evolm.post.lora.LoRALinear: a frozen ``base`` and the ``lora_A``/``lora_B``
+    # adapters), recognised by their parts so that quant/ does not import post-training
+    loras = [m for m in model.modules() if all(hasattr(m, a) for a in ("base", "lora_A", "lora_B"))]
     bases = {id(m.base) for m in loras}
     adapters = {id(a) for m in loras for a in (m.lora_A, m.lora_B)}
     for m in loras:
@@ -285,9 +285,8 @@ def quantize_base_nf4(model: nn.Module, compute_dtype: torch.dtype = torch.bfloa
         m.lora_B.to(compute_dtype)
 
     def make(name: str, linear: nn.Linear) -> NF4Linear | None:
-        base = id(linear) in bases
-        if id(linear) in adapters or not (base or type(linear) is nn.Linear) or (
-                not base and name.rsplit(".", 1)[-1] in skip):
+        keep = id(linear) in adapters or type(linear) is not nn.Linear or name.rsplit(".", 1)[-1] in skip
+        if keep and id(linear) not in bases:  # a LoRA layer's base is quantized whatever its name
             return None
         return NF4Linear.from_linear(linear, compute_dtype, block_size, double_quant)
 
