@@ -139,3 +139,32 @@ def test_int4_model_keeps_its_predictions():
     # random N(0, 0.02) weights are the hard case for 4 bits (no outliers, no structure): ~7% error
     assert ((got - want).norm() / want.norm()) < 0.12
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.7
+
+
+def test_replace_linears_visits_each_linear_once_by_its_full_name():
+    """The one walker every format uses: each nn.Linear offered once under its full name, None keeps
+    it, and the layers it puts in are not walked again."""
+    from evolm.quant import replace_linears
+
+    model = build(get_preset("tiny-llama"))
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    offered = []
+
+    def make(name, lin):
+        offered.append(name)
+        return None if name.endswith("o_proj") else torch.nn.Sequential(torch.nn.Linear(2, 2))
+
+    assert replace_linears(model, make) == len(names) - sum(n.endswith("o_proj") for n in names)
+    assert sorted(offered) == sorted(names)
+    assert isinstance(model.layers[0].self_attn.o_proj, torch.nn.Linear)
+    assert isinstance(model.layers[0].self_attn.q_proj, torch.nn.Sequential)
+
+
+def test_quantized_layers_keep_the_policy_choices():
+    """A layer takes its kernel choices from the policy it is built with (never from a global)."""
+    lin = torch.nn.Linear(64, 48)
+    off = Int8Linear(lin.weight, lin.bias, KernelPolicy(quant_kernels=False, skinny=False, int8_row="int8pack",
+                                                        int8_dequant_rows=7))
+    assert not off.kernel and not off.skinny and off.row_kernel == "int8pack" and off.dequant_rows == 7
+    model = quantize_int8(build(get_preset("tiny-llama")), policy=KernelPolicy(quant_kernels=False))
+    assert not any(m.kernel for m in model.modules() if isinstance(m, Int8Linear))
