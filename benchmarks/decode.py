@@ -11,8 +11,8 @@ decode tokens/s for 128 new tokens at batch 1 and 8, and the ratio evolm / trans
                                 [--device cuda] [--random PRESET]
 
 Variants: ``evolm`` (eager decoding loop), ``int8`` / ``int4`` (weight-only quantized linears and
-head, see ``evolm/quant.py``), ``blocks`` (the file's own blocks kept, fp32 arithmetic with the same
-weights as ``evolm``, see ``evolm/blocks.py``) and, with ``--compile``, each of them again decoding with the
+head, see ``evolm/quant/``), ``blocks`` (the file's own blocks kept, fp32 arithmetic with the same
+weights as ``evolm``, see ``evolm/quant/blocks.py``) and, with ``--compile``, each of them again decoding with the
 ``torch.compile``-d step over a static cache (``generate(..., compile=True)``; their prefill is
 timed as generate runs it, through the compiled prefill graph). ``--kernels-ab``
 builds every quantized variant both with evolm's C++ int8-activation kernels (``evolm/kernels``)
@@ -35,15 +35,17 @@ import argparse
 import os
 import sys
 import time
+from dataclasses import replace
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
-import evolm.quant as quant  # noqa: E402
 from evolm.cache import KVCache, StaticKVCache  # noqa: E402
-from evolm.generate import SamplingParams, generate, prefill  # noqa: E402
+from evolm.infer.decode import generate, prefill  # noqa: E402
+from evolm.infer.sampling import SamplingParams  # noqa: E402
 from evolm.interop.gguf import find_asset, load_gguf  # noqa: E402
+from evolm.quant import KernelPolicy, quantize_int4, quantize_int8  # noqa: E402
 from stats import median_spread, sync  # noqa: E402  (benchmarks/stats.py)
 
 
@@ -60,10 +62,13 @@ def _timed(fn) -> float:
     return time.perf_counter() - t
 
 
+POLICY = KernelPolicy.from_env()  # the EVOLM_* switches, read once for the whole run
+
+
 def bench_evolm(model, ids: torch.Tensor, new: int, compile: bool = False, warm: bool = True) -> tuple[float, float]:
     """(prefill tok/s, decode tok/s); decode = extra tokens / extra time beyond the first token."""
     run = lambda n: generate(model, ids, SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True),  # noqa
-                             compile=compile)
+                             compile=compile, policy=POLICY)
     with torch.inference_mode():
         if warm:
             run(2)  # warm-up (and compilation, for compiled paths)
@@ -78,7 +83,7 @@ def generate_prefill(model, ids: torch.Tensor, compile: bool) -> torch.Tensor:
     """The prompt's forward as generate() runs it: into a fresh cache, compiled with ``compile``."""
     B, T = ids.shape
     cache = StaticKVCache(B, T + 1, device=ids.device) if compile else KVCache.for_model(model, B, T + 1)
-    return prefill(model, ids, cache, compile=compile)
+    return prefill(model, ids, cache, compile=compile, policy=POLICY)
 
 
 TOKENS: dict = {}  # (model, compiled) -> the greedy tokens of the last timed run
@@ -246,15 +251,14 @@ def main() -> None:
         models = [("evolm", fresh() if args.fuse else ours)]
         if args.blocks and not args.random:
             models.append(("evolm blocks", fresh(blocks=True)))
-        default_kernels = quant.USE_KERNELS
+        default_kernels = POLICY.quant_kernels
         for use in ([default_kernels, not default_kernels] if args.kernels_ab else [default_kernels]):
-            quant.USE_KERNELS = use  # read when a layer is quantized
+            policy = replace(POLICY, quant_kernels=use)  # taken by each layer when it is quantized
             tag = (" (evolm kernels)" if use else " (torch kernels)") if args.kernels_ab else ""
             if args.int8:
-                models.append(("evolm int8" + tag, quant.quantize_int8(fresh())))
+                models.append(("evolm int8" + tag, quantize_int8(fresh(), policy=policy)))
             if args.int4:
-                models.append(("evolm int4" + tag, quant.quantize_int4(fresh(), group_size=32)))
-        quant.USE_KERNELS = default_kernels
+                models.append(("evolm int4" + tag, quantize_int4(fresh(), group_size=32, policy=policy)))
         variants = [] if args.compile and args.only_compiled else [(n, m, False) for n, m in models]
         if args.compile:
             variants += [(n + " compiled", m, True) for n, m in models]

@@ -25,7 +25,8 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 import evolm.quant as quant  # noqa: E402
-from evolm.generate import SamplingParams, generate  # noqa: E402
+from evolm.quant import KernelPolicy  # noqa: E402
+from evolm.infer import SamplingParams, generate  # noqa: E402
 from evolm.interop.gguf import find_asset, load_gguf  # noqa: E402
 
 
@@ -46,16 +47,17 @@ def main() -> None:
     if a.kernels:
         torch._inductor.config.cpp.enable_kernel_profile = True
     torch.set_num_threads(a.threads)
+    policy = KernelPolicy.from_env()  # the EVOLM_* switches, read once
     path = a.model if a.model.endswith(".gguf") else find_asset(a.model)
     model = load_gguf(path, tokenizer=False, dtype=getattr(torch, a.dtype), blocks=a.quant == "blocks")[0].eval()
     if not a.no_fuse:
         model.fuse_for_inference()
     if a.quant in ("int4", "int8"):
-        getattr(quant, f"quantize_{a.quant}")(model)
+        getattr(quant, f"quantize_{a.quant}")(model, policy=policy)
     ids = torch.randint(100, min(model.config.vocab_size, 30000), (1, a.prompt_len),
                         generator=torch.Generator().manual_seed(0))
     run = lambda n: generate(model, ids, SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True),  # noqa
-                             compile=True)
+                             compile=True, policy=policy)
     with torch.inference_mode():
         run(4)  # compile (minutes the first time), then warm
         run(4)

@@ -109,7 +109,7 @@ def run_one(name: str, mode: str, seq: int, targets: str) -> dict:
     import torch
 
     from evolm.post.lora import LoRAConfig, apply_lora, trainable_parameters
-    from evolm.post.nf4 import quantize_base_nf4
+    from evolm.quant.nf4 import quantize_base_nf4
 
     torch.manual_seed(0)
     rss_start = _status("VmRSS")

@@ -27,8 +27,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
-import evolm.quant as quant  # noqa: E402
 from evolm import kernels  # noqa: E402
+from evolm.quant import Int8Linear  # noqa: E402
+from evolm.quant.int4 import quantize_groups  # noqa: E402
 from stats import median_spread  # noqa: E402  (benchmarks/stats.py)
 
 # (out, in) of one SmolLM2-135M layer: q, k, v, o, gate, up, down
@@ -51,15 +52,15 @@ def candidates(rows: int):
     reduce8_c = torch.compile(_reduce_int8, dynamic=False)
 
     def int8(w):
-        q = quant.Int8Linear(w, None)
+        q = Int8Linear(w, None)
         return q.weight, q.scale
 
     def q4(w):
-        q, d, lo = quant.quantize_groups(w, 32, torch.float16)
+        q, d, lo = quantize_groups(w, 32, torch.float16)
         return kernels.pack_q4(q), kernels.pack_q4_scales(d, lo)
 
     def int4pack(w):
-        q, d, lo = quant.quantize_groups(w, 32)
+        q, d, lo = quantize_groups(w, 32)
         sz = torch.stack((d, lo + 8 * d), -1).transpose(0, 1).contiguous().to(torch.bfloat16)
         return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 8), sz
 
@@ -67,7 +68,7 @@ def candidates(rows: int):
         "fp32 F.linear": ("fp32", lambda x, w: F.linear(x, w), lambda w: w),
         "bf16 F.linear": ("bf16", lambda x, w: F.linear(x.bfloat16(), w), lambda w: w.bfloat16()),
         "int8 int8pack_mm": ("int8", lambda x, p: torch.ops.aten._weight_int8pack_mm(x.bfloat16(), p[0], p[1]),
-                             lambda w: (lambda q: (q.weight, q.scale_bf16))(quant.Int8Linear(w, None))),
+                             lambda w: (lambda q: (q.weight, q.scale_bf16))(Int8Linear(w, None))),
         "int4 int4pack_mm": ("int4", lambda x, p: torch.ops.aten._weight_int4pack_mm_for_cpu(x.bfloat16(), p[0], 32, p[1]),
                              int4pack),
     }

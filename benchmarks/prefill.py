@@ -7,8 +7,8 @@ their ratios to transformers:
 
 - ``transformers``: ``model(ids, logits_to_keep=1)`` (its cache filled, as generate does);
 - ``evolm eager`` / ``evolm compiled``: the prompt as ``generate`` runs it without / with
-  ``compile=True`` (``benchmarks/decode.py: generate_prefill``: ``evolm.generate.prefill`` into a
-  fresh cache; compiled, ``generate.compiled_prefill`` makes the prompt one ``torch.compile`` graph).
+  ``compile=True`` (``benchmarks/decode.py: generate_prefill``: ``evolm.infer.decode.prefill`` into a
+  fresh cache; compiled, ``infer.compiled.compiled_prefill`` makes the prompt one ``torch.compile`` graph).
 
     python benchmarks/prefill.py [--model smollm2|gemma3|PATH.gguf] [--dtypes float32,bfloat16]
                                  [--batches 1,8] [--prompt-len 256] [--repeat 8] [--threads 2] [--blocks]

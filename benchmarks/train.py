@@ -35,7 +35,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 from evolm.analysis.cost import cost_card  # noqa: E402
 from evolm.interop.hf import config_from_hf, state_dict_from_hf  # noqa: E402
 from evolm.model import build  # noqa: E402
-from evolm.nn.loss import use_compiled_kernel  # noqa: E402
 from evolm.train.loop import peak_flops  # noqa: E402
 from evolm.train.optim import make_optimizer  # noqa: E402
 from stats import median_spread, sync  # noqa: E402  (benchmarks/stats.py)
@@ -161,9 +160,9 @@ def main() -> None:
                 if compiled:
                     for block in ours.layers:
                         block.compile()
+                ours.compiled_loss = compiled  # as train.compile sets it
 
-                def our_step(model=ours, opt=make_optimizer(ours, 1e-4), compiled=compiled):
-                    use_compiled_kernel(compiled)
+                def our_step(model=ours, opt=make_optimizer(ours, 1e-4)):
                     with amp:
                         loss = model(inp, targets=tgt)
                     loss.backward()
@@ -185,7 +184,6 @@ def main() -> None:
 
                 engines["nanoGPT-style compiled"] = (nano_step, 2)
             res = race(engines, args.warmup, args.steps, args.repeat)
-            use_compiled_kernel(False)
             ref = res["transformers"][0]
             for label, (tps, spread) in res.items():
                 mfu = f" | {flops_per_token * tps / peak:.1%}" if peak else ""

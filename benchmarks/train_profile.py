@@ -39,7 +39,6 @@ from stats import sync  # noqa: E402
 import evolm.nn.loss as loss_mod  # noqa: E402
 from evolm.interop.hf import config_from_hf, state_dict_from_hf  # noqa: E402
 from evolm.model import build  # noqa: E402
-from evolm.nn.loss import use_compiled_kernel  # noqa: E402
 from evolm.train.optim import make_optimizer  # noqa: E402
 
 
@@ -67,7 +66,7 @@ def make_step(engine: str, model_name: str, dtype: str, device: str = "cpu"):
                 block.compile()
         elif engine == "evolm-whole":
             model = torch.compile(raw)
-        use_compiled_kernel(engine != "evolm")
+        raw.compiled_loss = engine != "evolm"  # as train.compile sets it
         loss_of = lambda m: m(inp, targets=tgt)  # noqa: E731
     opt = make_optimizer(raw, 1e-4)
     amp = torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext()

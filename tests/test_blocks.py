@@ -1,4 +1,4 @@
-"""A GGUF file's quantized blocks kept as they are (evolm/blocks.py, interop/gguf_blocks.py,
+"""A GGUF file's quantized blocks kept as they are (evolm/quant/blocks.py, interop/gguf_blocks.py,
 kernels/block_gemm.cpp): the weights they rebuild equal the ``gguf`` package's dequantization bit for
 bit, for every kept type; the kernel's products equal float64 ones; real models keep their logits
 and greedy tokens."""
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from evolm import kernels
-from evolm.blocks import KERNEL_ROWS, BlockLinear, Blocks, cat_blocks, rebuilds
+from evolm.quant.blocks import KERNEL_ROWS, BlockLinear, Blocks, cat_blocks, rebuilds
 from evolm.interop.gguf import GGUFFile, find_asset, load_gguf
 from evolm.interop.gguf_blocks import KEPT_TYPES, blocks_from_raw
 from evolm.nn.fuse import fuse_linears
@@ -165,7 +165,7 @@ def _real(asset: str):
 @needs_kernels
 @pytest.mark.parametrize("asset,kinds", [("smollm2", {"Q4_1", "Q8_0"}), ("gemma3", {"Q4_K", "Q5_0", "Q6_K", "Q8_0"})])
 def test_real_model_with_blocks_keeps_logits_and_greedy_tokens(asset, kinds):
-    from evolm.generate import SamplingParams, generate
+    from evolm.infer import SamplingParams, generate
 
     path = _real(asset)
     ref, tok = load_gguf(path)
@@ -192,7 +192,7 @@ def test_real_model_with_blocks_keeps_logits_and_greedy_tokens(asset, kinds):
 def test_bf16_model_with_blocks_equals_the_bf16_model():
     """In a bf16 model the blocks give the bf16 model's weights: the same prompt logits, bit for bit,
     and the same greedy tokens."""
-    from evolm.generate import SamplingParams, generate
+    from evolm.infer import SamplingParams, generate
 
     path = _real("smollm2")
     ref, tok = load_gguf(path, dtype=torch.bfloat16)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from evolm import KVCache, build
-from evolm.generate import SamplingParams, generate
+from evolm.infer import SamplingParams, generate
 from evolm.presets import get_preset, list_presets
 
 TINY = [n for n in list_presets() if n.startswith("tiny-")]

@@ -106,7 +106,7 @@ def test_convert_hf_to_evolm_and_back_keeps_logits(tiny_hf_model, tmp_path):
 
 def test_generate_streams_the_greedy_continuation(tiny_hf_model):
     src, model = tiny_hf_model
-    from evolm.generate import SamplingParams, generate_text
+    from evolm.infer import SamplingParams, generate_text
 
     _, tok = load(str(src))
     want = generate_text(model.eval(), tok, "def forward", SamplingParams(max_new_tokens=12, temperature=0))
@@ -118,8 +118,8 @@ def test_generate_streams_the_greedy_continuation(tiny_hf_model):
 def test_generate_fast_paths_from_the_command_line(tiny_hf_model):
     """--fuse / --quantize int8 give the library's output for the same fused / quantized model."""
     src, _ = tiny_hf_model
-    from evolm.generate import SamplingParams, generate_text
-    from evolm.quant import quantize_int8
+    from evolm.infer import SamplingParams, generate_text
+    from evolm.quant.int8 import quantize_int8
 
     model, tok = load(str(src))
     want = generate_text(quantize_int8(model.eval().fuse_for_inference()), tok, "def forward",
@@ -168,7 +168,7 @@ def test_serve_device_choice(tiny_hf_model):
 def test_generate_keep_blocks(tiny_hf_model):
     """--keep-blocks on the real SmolLM2 GGUF streams the float model's greedy text; on a folder of
     float weights, with --quantize, or on a GPU it is a one-line error."""
-    from evolm.generate import SamplingParams, generate_text
+    from evolm.infer import SamplingParams, generate_text
     from evolm.interop.gguf import find_asset
 
     try:
@@ -192,7 +192,8 @@ def test_generate_keep_blocks(tiny_hf_model):
 def test_chat_keeps_history_and_stops_at_the_end_of_turn():
     """`evolm chat` on the real SmolLM2-135M-Instruct: two turns, greedy, each reply equal to the
     library's generation for the same conversation."""
-    from evolm.generate import SamplingParams, chat_prompt_ids, stream
+    from evolm.infer.sampling import SamplingParams
+    from evolm.infer.text import chat_prompt_ids, stream
     from evolm.interop.gguf import find_asset
 
     try:

@@ -2,7 +2,7 @@
 
 Run on a GPU machine: ``python -m pytest tests/test_cuda.py``. What only exists on a GPU:
 
-- the compiled decode step replayed as a CUDA graph (``generate._cuda_graphed``): greedy tokens
+- the compiled decode step replayed as a CUDA graph (``infer.compiled._cuda_graphed``): greedy tokens
   must equal the eager decoding loop's, for ragged prompts, a sliding-window family and a second
   call with other lengths, and the graph must really be replayed;
 - the model's forward on the GPU equals the CPU forward (fp32);
@@ -16,9 +16,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import evolm.generate as gen
-from evolm.generate import SamplingParams, generate
-from evolm.nn.loss import fused_linear_cross_entropy, use_compiled_kernel
+import evolm.infer.compiled as compiled
+from evolm.infer import SamplingParams, generate
+from evolm.nn.loss import fused_linear_cross_entropy
 
 from test_generate import PROMPTS, tiny
 
@@ -28,13 +28,13 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
 def test_cuda_graph_decode_equals_eager(family, monkeypatch):
     steps = []
-    wrap = gen._cuda_graphed
+    wrap = compiled._cuda_graphed
 
     def recording(direct):
         steps.append(wrap(direct))
         return steps[-1]
 
-    monkeypatch.setattr(gen, "_cuda_graphed", recording)
+    monkeypatch.setattr(compiled, "_cuda_graphed", recording)
     model = tiny(family).cuda()
     params = SamplingParams(max_new_tokens=20, temperature=0)
     want = generate(model, PROMPTS, params)
@@ -63,12 +63,8 @@ def test_fused_loss_on_cuda_equals_cross_entropy(compiled):
     w = torch.randn(1000, 64, device="cuda", requires_grad=True)
     t = torch.randint(0, 1000, (300,), device="cuda")
     t[[3, 200]] = -100
-    use_compiled_kernel(compiled)
-    try:
-        got = fused_linear_cross_entropy(h, w, t, chunk=128)
-        grads = torch.autograd.grad(got, [h, w])
-    finally:
-        use_compiled_kernel(False)
+    got = fused_linear_cross_entropy(h, w, t, chunk=128, compiled=compiled)
+    grads = torch.autograd.grad(got, [h, w])
     want = F.cross_entropy(F.linear(h, w), t)
     ref = torch.autograd.grad(want, [h, w])
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from evolm.generate import SamplingParams, generate
+from evolm.infer import SamplingParams, generate
 from evolm.interop.gguf import find_asset, load_gguf
-from evolm.quant import Int4Linear, quantize_int4
+from evolm.quant.int4 import Int4Linear, quantize_int4
 
 from test_decode_static import static_greedy
 

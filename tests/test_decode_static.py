@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from evolm.cache import StaticKVCache
-from evolm.generate import SamplingParams, generate
+from evolm.infer import SamplingParams, generate
 
 from test_generate import FAMILIES, PROMPTS, left_pad, tiny
 
@@ -98,7 +98,8 @@ def test_fused_projections_equal_separate_ones(family, one_thread):
 @pytest.mark.slow
 def test_compiled_decode_of_quantized_models_equals_eager(one_thread):
     """int8 and int4 linears inside the compiled step (several rows: the packed-weight kernels)."""
-    from evolm.quant import quantize_int4, quantize_int8
+    from evolm.quant.int4 import quantize_int4
+    from evolm.quant.int8 import quantize_int8
 
     params = SamplingParams(max_new_tokens=12, temperature=0)
     for quantize in (quantize_int8, lambda m: quantize_int4(m, 32, head="int4")):
@@ -110,17 +111,17 @@ def test_compiled_decode_of_quantized_models_equals_eager(one_thread):
 @pytest.mark.slow
 def test_direct_step_tells_models_apart(one_thread, monkeypatch):
     """After its first step through dynamo, a generate call runs the compiled graph directly
-    (evolm.graph_call): models of other structure, other weights and another batch, called in
+    (evolm.infer.compiled.bind_last_graph): models of other structure, other weights and another batch, called in
     turn, each still get their own graph and the eager tokens, and the direct path does run."""
     from dataclasses import replace
 
-    from evolm import graph_call
+    from evolm.infer import compiled
     from evolm.model import Transformer
     from test_generate import FAMILIES, randomize
 
     bound = []
-    real_bind = graph_call.bind
-    monkeypatch.setattr(graph_call, "bind", lambda **kw: bound.append(real_bind(**kw)) or bound[-1])
+    real_bind = compiled.bind_last_graph
+    monkeypatch.setattr(compiled, "bind_last_graph", lambda **kw: bound.append(real_bind(**kw)) or bound[-1])
     deeper = randomize(Transformer(replace(FAMILIES["llama"], n_layers=FAMILIES["llama"].n_layers + 1)), 5)
     models = [tiny("llama"), tiny("llama", seed=1), deeper, tiny("llama")]
     params = SamplingParams(max_new_tokens=10, temperature=0)
@@ -135,7 +136,7 @@ def test_direct_step_tells_models_apart(one_thread, monkeypatch):
 def test_graph_with_side_effects_is_not_bound():
     """A compiled function whose graph has more than its result as output (Python side effects
     dynamo replays after the graph) is never called directly."""
-    from evolm import graph_call
+    from evolm.infer.compiled import bind_last_graph, forget_last_graph, graph_backend
 
     class Box:
         pass
@@ -144,42 +145,51 @@ def test_graph_with_side_effects_is_not_bound():
         box.seen = x * 2  # an attribute store: a second graph output
         return x + 1
 
-    g = torch.compile(f, backend=graph_call.backend(None))
-    graph_call.reset()
+    g = torch.compile(f, backend=graph_backend(None))
+    forget_last_graph()
     assert torch.equal(g(torch.ones(3), Box()), torch.full((3,), 2.0))
-    assert graph_call.bind(x=torch.ones(3), box=Box()) is None
+    assert bind_last_graph(x=torch.ones(3), box=Box()) is None
 
-    h = torch.compile(lambda x, y: x * y + 1, backend=graph_call.backend(None))
-    graph_call.reset()
+    h = torch.compile(lambda x, y: x * y + 1, backend=graph_backend(None))
+    forget_last_graph()
     h(torch.ones(3), torch.ones(3))
-    direct = graph_call.bind(x=torch.ones(3), y=torch.ones(3))
+    direct = bind_last_graph(x=torch.ones(3), y=torch.ones(3))
     assert direct is not None and torch.equal(direct(x=torch.full((3,), 2.0), y=torch.full((3,), 3.0)),
                                               torch.full((3,), 7.0))
 
 
-def test_cpp_wrapper_choice(monkeypatch):
+def test_cpp_wrapper_choice():
     """The compiled CPU step is driven from C++ unless EVOLM_CPP_WRAPPER=0; other devices never."""
-    from evolm.generate import _cpp_wrapper
+    from evolm.infer.compiled import _cpp_wrapper
+    from evolm.quant import KernelPolicy
 
-    monkeypatch.delenv("EVOLM_CPP_WRAPPER", raising=False)
-    assert _cpp_wrapper("cpu") and not _cpp_wrapper("cuda")
-    monkeypatch.setenv("EVOLM_CPP_WRAPPER", "0")
-    assert not _cpp_wrapper("cpu")
+    default = KernelPolicy.from_env({})
+    assert _cpp_wrapper("cpu", default) and not _cpp_wrapper("cuda", default)
+    assert not _cpp_wrapper("cpu", KernelPolicy.from_env({"EVOLM_CPP_WRAPPER": "0"}))
 
 
-def test_row_kernel_choice(monkeypatch):
+def test_row_kernel_choice():
     """One fp32 row: evolm's kernel on AVX2-only CPUs, inductor's loop on AVX-512; one bf16 row:
     evolm's kernel; EVOLM_ROW1 overrides."""
-    from evolm.generate import _row_kernel
+    from evolm.quant import KernelPolicy
 
-    monkeypatch.setenv("EVOLM_ROW1", "reduce")
-    assert _row_kernel() == "reduce"
-    monkeypatch.setenv("EVOLM_ROW1", "skinny")
-    assert _row_kernel() == "skinny"
-    monkeypatch.delenv("EVOLM_ROW1")
+    assert KernelPolicy.from_env({"EVOLM_ROW1": "reduce"}).row1_kernel() == "reduce"
+    assert KernelPolicy.from_env({"EVOLM_ROW1": "skinny"}).row1_kernel() == "skinny"
+    default = KernelPolicy.from_env({})
     avx512 = "AVX512" in torch.backends.cpu.get_cpu_capability()
-    assert _row_kernel() == ("reduce" if avx512 else "skinny")
-    assert _row_kernel(torch.bfloat16) == "skinny"
+    assert default.row1_kernel() == ("reduce" if avx512 else "skinny")
+    assert default.row1_kernel(torch.bfloat16) == "skinny"
+
+
+def test_policy_from_env_defaults_are_the_plain_defaults():
+    """Without any EVOLM_* switch, the policy read from the environment is the library default."""
+    from evolm.quant import KernelPolicy
+
+    assert KernelPolicy.from_env({}) == KernelPolicy()
+    off = KernelPolicy.from_env({"EVOLM_KERNELS": "0", "EVOLM_DECODE_ATTN": "0", "EVOLM_ATTN_LOOPS": "0",
+                                 "EVOLM_COMPILE_PREFILL": "0", "EVOLM_DIRECT_STEP": "0", "EVOLM_CUDA_GRAPH": "0"})
+    assert not (off.quant_kernels or off.skinny or off.decode_attention or off.attn_loops or off.compile_prefill
+                or off.direct_step or off.cuda_graph)
 
 
 def test_one_bf16_row_goes_to_the_kernel(monkeypatch):
@@ -188,13 +198,11 @@ def test_one_bf16_row_goes_to_the_kernel(monkeypatch):
     bf16 product to bf16 precision."""
     import torch.nn.functional as F
 
-    from evolm import generate as gen
     from evolm import kernels
+    from evolm.infer.compiled import _decode_linear
 
-    if not kernels.skinny_enabled():
+    if not kernels.available():
         pytest.skip("evolm's CPU kernels do not build here")
-    monkeypatch.setattr(gen, "_skinny", True)
-    monkeypatch.setattr(gen, "_skinny_row", {torch.float32: False, torch.bfloat16: True})
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 1, 576, generator=g).bfloat16()
     w = torch.randn(300, 576, generator=g).bfloat16()
@@ -207,7 +215,7 @@ def test_one_bf16_row_goes_to_the_kernel(monkeypatch):
             return real(*a)
 
     monkeypatch.setattr(torch.ops.evolm_f, "skinny_linear", Spy())
-    with gen._DecodeLinear():
+    with _decode_linear(skinny=True, row_f32=False, row_bf16=True)():
         y = F.linear(x, w)
     assert calls == [torch.bfloat16] and y.shape == (1, 1, 300) and y.dtype == torch.bfloat16
     torch.testing.assert_close(y.double(), (x.double() @ w.double().T), rtol=2 ** -8, atol=1e-3)
@@ -218,7 +226,7 @@ def test_compiled_bf16_step_is_as_exact_as_eager_bf16(one_thread):
     """The compiled bf16 decode step at batch 1 (one-row products on evolm's kernel, in bf16
     pairs where the CPU has AVX512-BF16) is as close to the fp32 model's step as the eager bf16
     step is: both accumulate in fp32 and round to bf16, in different orders."""
-    from evolm.generate import compiled_step
+    from evolm.infer.compiled import compiled_step
 
     for family in ("llama", "gemma3"):
         ref_model = tiny(family)
@@ -255,7 +263,7 @@ def test_compiled_prefill_stores_what_the_eager_prefill_stores(family, one_threa
     dynamic on the second length, once)."""
     from torch._dynamo.utils import counters
 
-    from evolm.generate import prefill
+    from evolm.infer.decode import prefill
 
     model = tiny(family)
     graphs = None

@@ -1,4 +1,4 @@
-"""Tests for evolm.generate: decoding loop, samplers, stop conditions, streaming.
+"""Tests for evolm.infer (sampling, decode, text): decoding loop, samplers, stop conditions, streaming.
 
 References: transformers' ``generate()`` and LogitsProcessors on the same weights / logits,
 the uncached full forward pass, and a real byte-level BPE tokenizer from ``tokenizers``.
@@ -11,9 +11,10 @@ import torch
 import torch.nn as nn
 
 from evolm.config import ModelConfig
-from evolm.generate import (IncrementalDecoder, SamplingParams, StopStrings, apply_min_p,
-                            apply_repetition_penalty, apply_top_k, apply_top_p, generate,
-                            generate_text, process_logits, stream)
+from evolm.infer.decode import generate
+from evolm.infer.sampling import (SamplingParams, apply_min_p, apply_repetition_penalty, apply_top_k, apply_top_p,
+                                  process_logits)
+from evolm.infer.text import IncrementalDecoder, StopStrings, generate_text, stream
 from evolm.model import Transformer
 
 V = 97  # tiny vocab

@@ -113,15 +113,14 @@ def test_pack_unpack_roundtrip():
 
 
 @needs_kernels
-def test_kernel_layers_compile_and_match_eager(monkeypatch):
+def test_kernel_layers_compile_and_match_eager():
     """The ops trace into torch.compile (fake shapes registered) and give the eager result."""
-    import evolm.quant
-    from evolm.quant import Int4Linear, quantize_int4
+    from evolm.quant import KernelPolicy
+    from evolm.quant.int4 import Int4Linear, quantize_int4
 
-    monkeypatch.setattr(evolm.quant, "USE_KERNELS", True)
     torch.manual_seed(0)
     model = build(get_preset("tiny-llama")).eval()
-    quantize_int4(model, group_size=32, head="int8")
+    quantize_int4(model, group_size=32, head="int8", policy=KernelPolicy(quant_kernels=True))
     layer = model.layers[0].mlp.up_proj
     assert isinstance(layer, Int4Linear) and layer.layout == "q4"
     x = torch.randint(0, model.config.vocab_size, (1, 1))
@@ -202,19 +201,17 @@ def test_skinny_linear_int8_weights_equal_float64(M, N, K):
 
 
 @needs_kernels
-def test_int8_linear_runs_the_skinny_kernel_at_few_rows(monkeypatch):
-    """quant.Int8Linear takes the kernel for <= SKINNY_ROWS rows (inference) and matches its
+def test_int8_linear_runs_the_skinny_kernel_at_few_rows():
+    """Int8Linear takes the kernel for <= SKINNY_ROWS rows (inference) and matches its
     dequantized float product; more rows and autograd keep PyTorch's paths. (The int8-activation
     kernel, the default on AVX2-only CPUs, is switched off here: it is tested on its own.)"""
-    import evolm.quant as quant
-    from evolm.quant import Int8Linear
+    from evolm.quant import Int8Linear, KernelPolicy
 
-    monkeypatch.setattr(quant, "USE_KERNELS", False)
     torch.manual_seed(0)
     lin = torch.nn.Linear(576, 200)
-    q = Int8Linear(lin.weight, lin.bias)
+    q = Int8Linear(lin.weight, lin.bias, KernelPolicy(quant_kernels=False))
     assert not q.kernel
-    assert q.skinny == kernels.skinny_enabled()
+    assert q.skinny == kernels.available()
     w = q.weight.double() * q.scale.double()[:, None]
     for rows in (1, 5, kernels.SKINNY_ROWS, 40):
         x = torch.randn(rows, 576)

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from evolm import ModelConfig, build
-from evolm.nn.loss import fused_linear_cross_entropy, use_compiled_kernel
+from evolm.nn.loss import fused_linear_cross_entropy
 
 
 @pytest.mark.parametrize("softcap,bias,chunk", [(None, False, 7), (30.0, True, 16), (None, True, 1024)])
@@ -56,8 +56,6 @@ def test_model_loss_equals_cross_entropy_of_its_logits_tied_and_bf16():
 def test_compiled_chunk_kernel_equals_eager_and_reference(dtype):
     """The inductor-fused softmax/gradient kernel (used with train.compile) gives the reference
     loss and gradients, with soft-capping and ignored targets, in fp32 and under bf16 autocast."""
-    import evolm.nn.loss as L
-
     torch.manual_seed(0)
     h = torch.randn(40, 16, requires_grad=True)
     w = torch.randn(50, 16, requires_grad=True)
@@ -65,13 +63,9 @@ def test_compiled_chunk_kernel_equals_eager_and_reference(dtype):
     t[[3, 20]] = -100
     results = []
     for compiled in (False, True):
-        L.use_compiled_kernel(compiled)
-        try:
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-                loss = fused_linear_cross_entropy(h, w, t, None, 30.0, chunk=16)
-            results.append((loss, torch.autograd.grad(loss, [h, w])))
-        finally:
-            L.use_compiled_kernel(False)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            loss = fused_linear_cross_entropy(h, w, t, None, 30.0, chunk=16, compiled=compiled)
+        results.append((loss, torch.autograd.grad(loss, [h, w])))
     logits = 30.0 * torch.tanh(F.linear(h, w) / 30.0)
     want = F.cross_entropy(logits, t)
     ref = torch.autograd.grad(want, [h, w])
@@ -162,24 +156,20 @@ def test_bf16_loss_in_row_blocks_and_reused_buffers_equals_the_reference(monkeyp
     torch.manual_seed(0)
     h = torch.randn(40, 16, requires_grad=True)
     w = torch.randn(50, 16, requires_grad=True)
-    L.use_compiled_kernel(compiled)
-    try:
-        for step in range(3):  # step 2 and 3 run on the buffers step 1 left behind
-            t = torch.randint(0, 50, (40,))
-            t[step] = -100
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                got = fused_linear_cross_entropy(h, w, t, None, 30.0 if step == 1 else None, chunk=64)
-            grads = torch.autograd.grad(got, [h, w])
-            logits = F.linear(h.bfloat16(), w.bfloat16()).float()
-            if step == 1:
-                logits = 30.0 * torch.tanh(logits / 30.0)
-            want = F.cross_entropy(logits, t)
-            ref = torch.autograd.grad(want, [h, w])
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-            for g, r in zip(grads, ref):
-                torch.testing.assert_close(g, r, rtol=2e-2, atol=2e-3)
-    finally:
-        L.use_compiled_kernel(False)
+    for step in range(3):  # step 2 and 3 run on the buffers step 1 left behind
+        t = torch.randint(0, 50, (40,))
+        t[step] = -100
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = fused_linear_cross_entropy(h, w, t, None, 30.0 if step == 1 else None, chunk=64, compiled=compiled)
+        grads = torch.autograd.grad(got, [h, w])
+        logits = F.linear(h.bfloat16(), w.bfloat16()).float()
+        if step == 1:
+            logits = 30.0 * torch.tanh(logits / 30.0)
+        want = F.cross_entropy(logits, t)
+        ref = torch.autograd.grad(want, [h, w])
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        for g, r in zip(grads, ref):
+            torch.testing.assert_close(g, r, rtol=2e-2, atol=2e-3)
     assert L._scratch.free  # kept for the next step ...
     L.release_scratch()
     assert not L._scratch.free  # ... until released
@@ -228,18 +218,15 @@ def test_whole_model_torch_compile_with_targets_equals_eager(kernel):
     torch.manual_seed(0)
     model = build(cfg)
     ids = torch.randint(0, 97, (2, 17))
-    use_compiled_kernel(kernel)
-    try:
+    model.compiled_loss = kernel  # the trainer's train.compile sets it
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = model(ids[:, :-1], targets=ids[:, 1:])
+    ref = torch.autograd.grad(want, list(model.parameters()))
+    compiled = torch.compile(model)
+    for _ in range(2):  # the second call reuses the loss's buffers
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            want = model(ids[:, :-1], targets=ids[:, 1:])
-        ref = torch.autograd.grad(want, list(model.parameters()))
-        compiled = torch.compile(model)
-        for _ in range(2):  # the second call reuses the loss's buffers
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                got = compiled(ids[:, :-1], targets=ids[:, 1:])
-            grads = torch.autograd.grad(got, list(model.parameters()))
-            torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
-            for g, r in zip(grads, ref):
-                torch.testing.assert_close(g, r, rtol=5e-2, atol=5e-3)
-    finally:
-        use_compiled_kernel(False)
+            got = compiled(ids[:, :-1], targets=ids[:, 1:])
+        grads = torch.autograd.grad(got, list(model.parameters()))
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+        for g, r in zip(grads, ref):
+            torch.testing.assert_close(g, r, rtol=5e-2, atol=5e-3)

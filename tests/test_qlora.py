@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from evolm.config import ModelConfig
 from evolm.model import Transformer
 from evolm.post.lora import LoRAConfig, LoRALinear, apply_lora, lora_modules, merge_lora, trainable_parameters
-from evolm.post.nf4 import (NF4Linear, dequantize_absmax, dequantize_nf4, dynamic_code, nf4_bytes, nf4_code,
+from evolm.quant.nf4 import (NF4Linear, dequantize_absmax, dequantize_nf4, dynamic_code, nf4_bytes, nf4_code,
                             quantize_absmax, quantize_base_nf4, quantize_nf4)
 
 pytestmark = pytest.mark.usefixtures("one_thread")

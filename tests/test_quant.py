@@ -5,22 +5,19 @@ import torch
 
 from evolm import build
 from evolm.presets import get_preset
-from evolm.quant import Int8Linear, quantize_int8
+from evolm.quant import Int8Linear, KernelPolicy, quantize_int8
 
 
 @pytest.mark.parametrize("kernel", ["reduce", "int8pack", "evolm"])
 @pytest.mark.parametrize("rows", [1, 5, 40])
-def test_int8_linear_is_close_to_the_float_layer(rows, kernel, monkeypatch):
+def test_int8_linear_is_close_to_the_float_layer(rows, kernel):
     """Every few-row kernel (the compiled multiply-reduce and int8pack with bf16 activations, which
-    one runs depends on the CPU, ``quant.ROW_KERNEL``; evolm's int8-activation kernel where it
+    one runs depends on the CPU, ``KernelPolicy.int8_row``; evolm's int8-activation kernel where it
     builds) computes the dequantized layer."""
-    import evolm.quant
-
-    monkeypatch.setattr(evolm.quant, "ROW_KERNEL", "reduce" if kernel == "evolm" else kernel)
-    monkeypatch.setattr(evolm.quant, "USE_KERNELS", kernel == "evolm")
+    policy = KernelPolicy(int8_row="reduce" if kernel == "evolm" else kernel, quant_kernels=kernel == "evolm")
     torch.manual_seed(0)
     lin = torch.nn.Linear(64, 48)
-    q = Int8Linear(lin.weight, lin.bias)
+    q = Int8Linear(lin.weight, lin.bias, policy)
     x = torch.randn(rows, 64)
     with torch.no_grad():
         want, got = lin(x), q(x)
@@ -30,24 +27,22 @@ def test_int8_linear_is_close_to_the_float_layer(rows, kernel, monkeypatch):
 
 
 @pytest.mark.parametrize("dequant", [False, True])
-def test_int8_linear_many_bf16_rows_equal_the_bf16_product_of_its_weights(dequant, monkeypatch):
+def test_int8_linear_many_bf16_rows_equal_the_bf16_product_of_its_weights(dequant):
     """A prompt (many rows) in a bf16 model: by default the int8 weights are dequantized with the
     scale folded in (q * scale rounded once to bf16) and multiplied in bf16, which is then exactly
-    the bf16 layer of those weights; int8pack (``DEQUANT_LOW_PRECISION = False``) is close to it."""
+    the bf16 layer of those weights; int8pack (``int8_dequant_low_precision=False``) is close to it."""
     import torch.nn.functional as F
 
-    import evolm.quant
+    import evolm.quant.int8
 
-    monkeypatch.setattr(evolm.quant, "ROW_KERNEL", "reduce")
-    monkeypatch.setattr(evolm.quant, "DEQUANT_LOW_PRECISION", dequant)
     torch.manual_seed(0)
     lin = torch.nn.Linear(64, 48, bias=False).to(torch.bfloat16)
-    q = Int8Linear(lin.weight, None)
+    q = Int8Linear(lin.weight, None, KernelPolicy(int8_row="reduce", int8_dequant_low_precision=dequant))
     x = torch.randn(40, 64, dtype=torch.bfloat16)
     w = (q.weight.float() * q.scale.float()[:, None]).to(torch.bfloat16)  # exact product, one rounding
     with torch.no_grad():
         got, want = q(x), F.linear(x, w)
-    if dequant or not evolm.quant._HAS_KERNEL:
+    if dequant or not evolm.quant.int8._HAS_KERNEL:
         torch.testing.assert_close(got, want, rtol=0, atol=0)
     else:
         assert ((got.float() - want.float()).norm() / want.float().norm()) < 1e-2
@@ -69,7 +64,7 @@ def test_quantized_model_keeps_its_predictions():
 # ------------------------------------------------------------------------------------------
 # int4 (group-wise, asymmetric): reference = the dequantization formula w = q * scale + min
 # ------------------------------------------------------------------------------------------
-from evolm.quant import Int4Linear, int4_supported, quantize_int4  # noqa: E402
+from evolm.quant.int4 import Int4Linear, int4_supported, quantize_int4  # noqa: E402
 
 
 def _q4_1_weight(n: int, k: int, group: int = 32, seed: int = 0) -> torch.Tensor:
@@ -86,13 +81,10 @@ def _q4_1_weight(n: int, k: int, group: int = 32, seed: int = 0) -> torch.Tensor
 @pytest.mark.parametrize("use_kernels", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 7, 40])
-def test_int4_linear_computes_its_dequantized_weight(dtype, rows, use_kernels, monkeypatch):
-    import evolm.quant
-
-    monkeypatch.setattr(evolm.quant, "USE_KERNELS", use_kernels)
+def test_int4_linear_computes_its_dequantized_weight(dtype, rows, use_kernels):
     torch.manual_seed(0)
     lin = torch.nn.Linear(128, 48).to(dtype)
-    q = Int4Linear(lin.weight, lin.bias, group_size=32)
+    q = Int4Linear(lin.weight, lin.bias, group_size=32, policy=KernelPolicy(quant_kernels=use_kernels))
     w = q.dequantize().float()
     # formula check: every group of 32 inputs of a row holds at most 16 distinct values on an even grid
     grp = w.reshape(48, 4, 32)
@@ -109,15 +101,12 @@ def test_int4_linear_computes_its_dequantized_weight(dtype, rows, use_kernels, m
 
 
 @pytest.mark.parametrize("use_kernels", [False, True])
-def test_int4_requantizes_a_q4_1_weight_exactly(use_kernels, monkeypatch):
+def test_int4_requantizes_a_q4_1_weight_exactly(use_kernels):
     """On weights of Q4_1 form (what load_gguf gives for a Q4_1 file) group-32 int4 keeps every code;
     int4pack adds only the bf16 rounding of scale and minimum (|error| <= 2^-8 of the block's
     magnitude), evolm's layout (float16 scale and minimum, as the file) only float32 rounding."""
-    import evolm.quant
-
-    monkeypatch.setattr(evolm.quant, "USE_KERNELS", use_kernels)
     w = _q4_1_weight(32, 96)
-    q = Int4Linear(w, None, group_size=32)
+    q = Int4Linear(w, None, group_size=32, policy=KernelPolicy(quant_kernels=use_kernels))
     err = (q.dequantize().float() - w).abs().reshape(32, 3, 32)
     step = (w.reshape(32, 3, 32).amax(-1) - w.reshape(32, 3, 32).amin(-1)) / 15
     assert (err.amax(-1) < 0.1 * step).all()  # far below half a quantization step: no code changed
@@ -150,3 +139,32 @@ def test_int4_model_keeps_its_predictions():
     # random N(0, 0.02) weights are the hard case for 4 bits (no outliers, no structure): ~7% error
     assert ((got - want).norm() / want.norm()) < 0.12
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.7
+
+
+def test_replace_linears_visits_each_linear_once_by_its_full_name():
+    """The one walker every format uses: each nn.Linear offered once under its full name, None keeps
+    it, and the layers it puts in are not walked again."""
+    from evolm.quant import replace_linears
+
+    model = build(get_preset("tiny-llama"))
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    offered = []
+
+    def make(name, lin):
+        offered.append(name)
+        return None if name.endswith("o_proj") else torch.nn.Sequential(torch.nn.Linear(2, 2))
+
+    assert replace_linears(model, make) == len(names) - sum(n.endswith("o_proj") for n in names)
+    assert sorted(offered) == sorted(names)
+    assert isinstance(model.layers[0].self_attn.o_proj, torch.nn.Linear)
+    assert isinstance(model.layers[0].self_attn.q_proj, torch.nn.Sequential)
+
+
+def test_quantized_layers_keep_the_policy_choices():
+    """A layer takes its kernel choices from the policy it is built with (never from a global)."""
+    lin = torch.nn.Linear(64, 48)
+    off = Int8Linear(lin.weight, lin.bias, KernelPolicy(quant_kernels=False, skinny=False, int8_row="int8pack",
+                                                        int8_dequant_rows=7))
+    assert not off.kernel and not off.skinny and off.row_kernel == "int8pack" and off.dequant_rows == 7
+    model = quantize_int8(build(get_preset("tiny-llama")), policy=KernelPolicy(quant_kernels=False))
+    assert not any(m.kernel for m in model.modules() if isinstance(m, Int8Linear))

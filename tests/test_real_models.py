@@ -99,7 +99,7 @@ def _hf_model(path):
 
 
 def _compare_models(ours, ref, tok: Tokenizer, text: str, prompts: list[str], stop_ids: list[int]) -> None:
-    from evolm.generate import SamplingParams, generate
+    from evolm.infer import SamplingParams, generate
 
     ids = torch.tensor([tok.encode(text)])
     with torch.no_grad():

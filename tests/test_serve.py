@@ -3,7 +3,7 @@
 A real server process (``evolm.serve.run_server``) serves the real SmolLM2-135M-Instruct GGUF on
 a free localhost port; the official ``openai`` client talks to it (streaming and not, chat and
 completions), and raw ``httpx`` requests send what a client should not. The reference for what
-the server generates is ``evolm.generate`` (whose decoding the parity tests hold equal to
+the server generates is ``evolm.infer.generate`` (whose decoding the parity tests hold equal to
 transformers) run in this process, and the server itself alone: a greedy request must give the
 same tokens whether it runs alone or in a batch with others.
 
@@ -29,7 +29,8 @@ pytest.importorskip("uvicorn", reason="serving needs uvicorn: pip install 'evolm
 openai = pytest.importorskip("openai", reason="the server tests use the official openai client: pip install openai")
 httpx = pytest.importorskip("httpx", reason="pip install httpx")
 
-from evolm.generate import SamplingParams, chat_prompt_ids, generate  # noqa: E402
+from evolm.infer import SamplingParams, generate  # noqa: E402
+from evolm.infer.text import chat_prompt_ids  # noqa: E402
 from evolm.serve.scheduler import DoneEvent, Engine, ErrorEvent, GenRequest, TokenEvent  # noqa: E402
 
 API_KEY = "test-key-123"
@@ -134,7 +135,7 @@ def test_models_health_and_page(server, client, model_id):
 
 
 def test_chat_matches_local_generate(client, model_id, local):
-    """Greedy chat through HTTP = evolm.generate on the same chat-templated prompt, token for token."""
+    """Greedy chat through HTTP = evolm.infer.generate on the same chat-templated prompt, token for token."""
     model, tok = local
     for prompt in PROMPTS[:2]:
         ids = chat_prompt_ids(tok, [{"role": "user", "content": prompt}])
@@ -485,7 +486,7 @@ def test_engine_matches_generate_for_every_attention_kind(preset, one_thread):
 def test_build_app_keeps_blocks():
     """`evolm serve --keep-blocks`: the engine's model keeps the GGUF file's blocks, on the CPU
     even with --device auto."""
-    from evolm.blocks import BlockLinear
+    from evolm.quant.blocks import BlockLinear
     from evolm.serve import build_app
 
     _, engine = build_app(smollm2_path(), keep_blocks=True, device="auto")

@@ -86,7 +86,7 @@ def _device(name: str, cpu_only: bool = False):
         _fail(str(e))
 
 
-def _load_for_generation(args):
+def _load_for_generation(args, policy):
     import torch
 
     from evolm.loading import load
@@ -109,12 +109,12 @@ def _load_for_generation(args):
 
         if next(model.parameters()).device.type != "cpu":
             _fail(f"--quantize {q} is a CPU path (weight-only kernels); drop it on {next(model.parameters()).device}")
-        model = quantize_int8(model) if q == "int8" else quantize_int4(model, group_size=32)
+        model = quantize_int8(model, policy=policy) if q == "int8" else quantize_int4(model, 32, policy=policy)
     return model, tok
 
 
 def _sampling(args, **extra):
-    from evolm.generate import SamplingParams
+    from evolm.infer.sampling import SamplingParams
 
     return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                           top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
@@ -122,9 +122,11 @@ def _sampling(args, **extra):
 
 
 def cmd_generate(args) -> None:
-    from evolm.generate import chat_prompt_ids, stream
+    from evolm.infer.text import chat_prompt_ids, stream
+    from evolm.quant import KernelPolicy
 
-    model, tok = _load_for_generation(args)
+    policy = KernelPolicy.from_env()  # the EVOLM_* kernel switches, read once
+    model, tok = _load_for_generation(args, policy)
     if args.chat:
         if not getattr(tok, "chat_template", None):
             _fail(f"{args.model}: the tokenizer has no chat template; drop --chat")
@@ -132,16 +134,18 @@ def cmd_generate(args) -> None:
         ids = chat_prompt_ids(tok, messages + [{"role": "user", "content": args.prompt}])
     else:
         ids = tok.encode(args.prompt)
-    for piece in stream(model, tok, ids, _sampling(args), compile=args.compile):
+    for piece in stream(model, tok, ids, _sampling(args), compile=args.compile, policy=policy):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
 
 
 def cmd_chat(args) -> None:
-    from evolm.generate import chat_prompt_ids, stream
+    from evolm.infer.text import chat_prompt_ids, stream
+    from evolm.quant import KernelPolicy
 
-    model, tok = _load_for_generation(args)
+    policy = KernelPolicy.from_env()  # the EVOLM_* kernel switches, read once
+    model, tok = _load_for_generation(args, policy)
     if not getattr(tok, "chat_template", None):
         _fail(f"{args.model}: the tokenizer has no chat template; use `evolm generate` instead")
     history = [{"role": "system", "content": args.system}] if args.system else []
@@ -159,7 +163,8 @@ def cmd_chat(args) -> None:
         history.append({"role": "user", "content": user})
         sys.stdout.write("assistant> ")
         reply = []
-        for piece in stream(model, tok, chat_prompt_ids(tok, history), _sampling(args), compile=args.compile):
+        for piece in stream(model, tok, chat_prompt_ids(tok, history), _sampling(args), compile=args.compile,
+                            policy=policy):
             reply.append(piece)
             sys.stdout.write(piece)
             sys.stdout.flush()

@@ -113,7 +113,7 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None,
 
     ``dtype=None`` keeps the stored dtype (for GGUF, whatever ``load_gguf`` dequantizes to). The
     model is returned in eval mode. ``blocks=True``: a GGUF file's quantized linear layers keep
-    their blocks (``evolm.blocks``; CPU inference, fp32 arithmetic with the file's exact weights).
+    their blocks (``evolm.quant.blocks``; CPU inference, fp32 arithmetic with the file's exact weights).
     """
     p = Path(path)
     kind = detect_format(p)

@@ -25,6 +25,8 @@ from evolm.nn.rope import RotaryEmbedding
 
 
 class Transformer(nn.Module):
+    compiled_loss = False  # the fused loss's chunk kernels through inductor (the trainer sets it with train.compile)
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = c = config
@@ -168,7 +170,7 @@ class Transformer(nn.Module):
             return x
         if targets is not None:
             w, b = self.head_weight_bias()
-            loss = fused_linear_cross_entropy(x, w, targets, b, c.final_softcap)
+            loss = fused_linear_cross_entropy(x, w, targets, b, c.final_softcap, compiled=self.compiled_loss)
             aux = self.aux_loss()
             return loss + aux if aux is not None else loss
         logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.embed_tokens.weight)
@@ -181,7 +183,7 @@ class Transformer(nn.Module):
         head = self.lm_head
         if head is None:
             return self.embed_tokens.weight, None
-        if hasattr(head, "blocks"):  # a file's quantized blocks (evolm.blocks.BlockLinear): their float32 weight
+        if hasattr(head, "blocks"):  # a file's quantized blocks (evolm.quant.blocks.BlockLinear): their float32 weight
             return head.blocks.dequantize(), head.bias
         return head.weight, head.bias
 

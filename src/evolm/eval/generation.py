@@ -15,7 +15,7 @@ string. To give the very text lm-eval + transformers give, we follow HFLM
 
 Sampling (``do_sample: true`` with ``temperature`` / ``top_p`` / ``top_k``) is what HumanEval's
 pass@k needs: each row of a batch draws independently; ``seed`` makes a run reproducible for a
-given batch size. The decoding loop itself is ``evolm.generate``'s (one prefill that fills the
+given batch size. The decoding loop itself is ``evolm.infer.decode``'s (one prefill that fills the
 KV cache, then one token per step for the whole left-padded batch).
 """
 
@@ -26,7 +26,8 @@ from typing import Sequence
 
 import torch
 
-from evolm.generate import SamplingParams, _as_batch, _decode_steps, _EvalMode
+from evolm.infer.decode import EvalMode, as_batch, decode_steps
+from evolm.infer.sampling import SamplingParams
 
 
 def normalize_gen_kwargs(kwargs: dict | None, default_max_gen_toks: int = 256) -> dict:
@@ -72,15 +73,15 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], params: SamplingP
     Returns the decoded continuations (special tokens skipped), not yet cut at the stop strings.
     """
     device = next(model.parameters()).device
-    ids, mask = _as_batch(prompts, None, device)
+    ids, mask = as_batch(prompts, None, device)
     eos = set(getattr(tokenizer, "eos_ids", None) or [])
     if not eos and getattr(tokenizer, "eos_id", None) is not None:
         eos = {tokenizer.eos_id}
     B = len(prompts)
     rows: list[list[int]] = [[] for _ in range(B)]
     done = [False] * B
-    with _EvalMode(model):
-        steps = _decode_steps(model, ids, mask, params, sorted(eos))
+    with EvalMode(model):
+        steps = decode_steps(model, ids, mask, params, sorted(eos))
         try:
             for tok, _ in steps:
                 for b, t in enumerate(tok.tolist()):

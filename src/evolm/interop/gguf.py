@@ -36,8 +36,8 @@ import numpy as np
 import torch
 
 from evolm.config import ModelConfig
-from evolm.blocks import rebuilds
 from evolm.interop.families import GGUF_FAMILIES
+from evolm.quant.blocks import rebuilds
 from evolm.interop.gguf_blocks import blocks_from_raw
 from evolm.interop.gguf_vocab import tokenizer_from_gguf_metadata
 from evolm.model import Transformer
@@ -448,7 +448,7 @@ def state_dict_from_gguf(f: GGUFFile, config: ModelConfig, dtype: torch.dtype = 
                          blocks: dict | None = None) -> dict[str, torch.Tensor]:
     """Every tensor of the file, dequantized, converted and renamed to our parameter names.
 
-    ``blocks``: a dict to fill with {parameter name: :class:`evolm.blocks.Blocks`} for the 2-D
+    ``blocks``: a dict to fill with {parameter name: :class:`evolm.quant.blocks.Blocks`} for the 2-D
     block-quantized weights (embeddings, head, layer linears) whose blocks rebuild the float32
     weight bit for bit, and {name: reason} under ``"__float__"`` for those that stay float.
     """
@@ -522,7 +522,7 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     Weights are dequantized to ``dtype``. Architectures: ``SUPPORTED_ARCHS``.
 
     ``blocks=True`` (inference on CPU): linear layers (and a tied head) whose tensors are in one of
-    ``gguf_blocks.KEPT_TYPES`` keep the file's blocks (:class:`evolm.blocks.BlockLinear`, fp32
+    ``gguf_blocks.KEPT_TYPES`` keep the file's blocks (:class:`evolm.quant.blocks.BlockLinear`, fp32
     arithmetic with bit-identical weights, 5-10 bits read per weight instead of 32);
     ``model.blocks_report`` says, per parameter, what was kept and why anything stayed float.
     """
@@ -553,7 +553,7 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     model.to(device=device or "cpu")
     model.eval()
     if found is not None:
-        from evolm.blocks import keep_blocks
+        from evolm.quant.blocks import keep_blocks
 
         stayed = found.pop("__float__", {})
         model.blocks_report = {**keep_blocks(model, found), **{k: f"float: {v}" for k, v in stayed.items()}}

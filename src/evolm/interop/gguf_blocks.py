@@ -8,7 +8,7 @@ Each is rewritten here as one float32 scale and minimum per group of 32 inputs (
 a code of 4 bits (Q4_0, Q4_1, Q4_K: kept two to a byte, in Q4_0's nibble order) or 8 bits (Q5_0,
 Q5_1, Q5_K, Q6_K, Q8_0). The rewriting is exact because in every format the product of scale and
 code needs at most 25 significant bits and the reference rounds once, as a fused multiply-add does
-(``(d * sc)`` and ``dmin * m`` are exact in float32); :func:`evolm.blocks.keep_blocks` checks it
+(``(d * sc)`` and ``dmin * m`` are exact in float32); :func:`evolm.quant.blocks.keep_blocks` checks it
 for every tensor it keeps. ``evolm/kernels/block_gemm.cpp`` then multiplies with these weights,
 reading 5-10 bits per weight instead of 32 (``load_gguf(..., blocks=True)``, docs/performance.md).
 """
@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from evolm.blocks import Blocks
+from evolm.quant.blocks import Blocks
 
 # ggml type ids (gguf.GGMLQuantizationType) -> name, block length, bytes per block
 _TYPES = {2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20), 6: ("Q5_0", 32, 22), 7: ("Q5_1", 32, 24),
@@ -96,7 +96,7 @@ def type_name(ggml_type: int) -> str | None:
 
 
 def blocks_from_raw(raw: np.ndarray, ggml_type: int, shape: tuple[int, ...]) -> Blocks | None:
-    """One 2-D GGUF tensor's bytes (rows, bytes per row) -> :class:`evolm.blocks.Blocks`, or None
+    """One 2-D GGUF tensor's bytes (rows, bytes per row) -> :class:`evolm.quant.blocks.Blocks`, or None
     for a type that is not kept (float types, and those not in ``KEPT_TYPES``)."""
     t = _TYPES.get(int(ggml_type))
     if t is None or len(shape) != 2:

@@ -20,8 +20,8 @@ bf16 and weight-only int8. BLAS kernels are tuned for large M; at M = 1..16 MKL 
 weights at a third of the memory bandwidth. ``torch.ops.evolm_f.skinny_linear(x, w, scale=None)``
 (x (M, K), w (N, K) fp32, bf16, or int8 with a float32 scale per row) loads each weight vector
 once into registers and multiplies it into every row (fp32 accumulation, result in x's dtype);
-a row's result does not depend on the other rows. :func:`skinny_enabled` says whether the
-compiled decode step and ``quant.Int8Linear`` use it.
+a row's result does not depend on the other rows. ``KernelPolicy.uses_skinny``
+(evolm/quant/policy.py) says whether the compiled decode step and ``Int8Linear`` use it.
 
 ``decode_attention.cpp``: ``torch.ops.evolm_f.decode_attention(q, k, v, mask, scale, softcap)``,
 one new token's attention over a KV cache (GQA, soft-cap, a boolean mask whose hidden slots
@@ -30,7 +30,8 @@ it skips), what the compiled CPU decode step calls per layer instead of inductor
 :func:`available` builds the extension once
 per machine (~30-60 s, cached under ``~/.cache/evolm/kernels``) with ``-march=native`` and says
 whether it works; without a C++ compiler it returns False and callers keep PyTorch's kernels.
-Whether quantized layers use them is ``evolm.quant.USE_KERNELS`` (``EVOLM_KERNELS=1|0``).
+Whether quantized layers and the decode step use them is their ``KernelPolicy``'s choice
+(``evolm/quant/policy.py``; ``EVOLM_KERNELS=1|0`` through ``KernelPolicy.from_env``).
 """
 
 from __future__ import annotations
@@ -119,12 +120,6 @@ def available() -> bool:
     return _state["ok"]
 
 
-def env_choice() -> bool | None:
-    """``EVOLM_KERNELS=1`` / ``0``: force evolm's kernels on / off (None: each caller's default)."""
-    env = os.environ.get("EVOLM_KERNELS")
-    return None if env is None else env != "0"
-
-
 def cpu_has_avx512() -> bool:
     """Whether PyTorch's CPU kernels run their AVX-512 code here: the measured kernel choices of
     decoding differ between AVX-512 and AVX2-only CPUs (docs/performance.md)."""
@@ -132,13 +127,6 @@ def cpu_has_avx512() -> bool:
 
 
 SKINNY_ROWS = 16  # products of at most this many rows go to skinny_linear (measured faster than MKL)
-
-
-def skinny_enabled() -> bool:
-    """Whether decoding uses ``skinny_linear`` (fp32/bf16 products of 2..SKINNY_ROWS rows in the
-    compiled step, int8 layers up to SKINNY_ROWS rows): wherever it builds, unless
-    ``EVOLM_KERNELS=0`` (measured 1.2-3x the PyTorch paths it replaces, docs/performance.md)."""
-    return env_choice() is not False and available()
 
 
 def isa() -> str | None:

@@ -19,8 +19,6 @@ query may see (causal, bidirectional, window, padding, documents) is planned out
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -31,10 +29,12 @@ from evolm.nn.rope import apply_rope
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-           is_causal: bool, scale: float, softcap: float | None = None, dropout: float = 0.0) -> torch.Tensor:
-    """Scaled dot-product attention over (B, H, T, D) tensors; k/v may have fewer heads (GQA)."""
+           is_causal: bool, scale: float, softcap: float | None = None, dropout: float = 0.0,
+           decode_kernel: bool = False, loops: bool = True) -> torch.Tensor:
+    """Scaled dot-product attention over (B, H, T, D) tensors; k/v may have fewer heads (GQA).
+    ``decode_kernel`` / ``loops``: the decode-time choices of :func:`_attend_few_queries`."""
     if q.shape[2] <= 4 and not dropout:
-        return _attend_few_queries(q, k, v, mask, is_causal, scale, softcap)
+        return _attend_few_queries(q, k, v, mask, is_causal, scale, softcap, decode_kernel, loops)
     if softcap is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
                                               is_causal=is_causal, scale=scale,
@@ -55,14 +55,14 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     return torch.matmul(probs, v)
 
 
-def _attend_few_queries(q, k, v, mask, is_causal, scale, softcap):
+def _attend_few_queries(q, k, v, mask, is_causal, scale, softcap, decode_kernel=False, loops=True):
     """Decode-time attention (a handful of queries): two small matmuls beat the fused kernels.
 
     Query heads that share a KV head are stacked as rows of one matmul, so GQA needs no copy of
     the keys and values. Inside a compiled CPU graph the two products are written as
     multiply-reduce loops instead (``_as_loops``): inductor fuses them with the scaling and the
-    softmax into a few vectorized loops, where each small BLAS call costs tens of microseconds;
-    with evolm's kernels built (``DECODE_KERNEL``), one query per sequence goes to
+    softmax into a few vectorized loops, where each small BLAS call costs tens of microseconds
+    (``loops=False``: never); with evolm's kernels built (``decode_kernel``), one query per sequence goes to
     ``evolm_f::decode_attention`` instead (one pass over the keys, one over the values for all
     heads of a KV head, masked slots skipped; profiled per SmolLM2 layer in the int4 step: 45 us
     against inductor's 72 us for the loops with RoPE and cache writes fused in).
@@ -70,8 +70,8 @@ def _attend_few_queries(q, k, v, mask, is_causal, scale, softcap):
     B, H, Tq, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     G = H // Hkv
-    loops = _as_loops(q)
-    if loops and DECODE_KERNEL and Tq == 1 and q.dtype == k.dtype == v.dtype and (mask is None or mask.shape[2] == 1):
+    loops = _as_loops(q, loops)
+    if loops and decode_kernel and Tq == 1 and q.dtype == k.dtype == v.dtype and (mask is None or mask.shape[2] == 1):
         return torch.ops.evolm_f.decode_attention(q, k, v, mask, scale, softcap)
     qg = q.reshape(B, Hkv, G * Tq, D)
     if loops:
@@ -94,20 +94,21 @@ def _attend_few_queries(q, k, v, mask, is_causal, scale, softcap):
     return out.view(B, H, Tq, v.shape[-1])
 
 
-def _as_loops(q: torch.Tensor) -> bool:
+def _as_loops(q: torch.Tensor, allowed: bool = True) -> bool:
     """Whether decode attention is written as multiply-reduce loops: inside a compiled CPU graph
-    (``EVOLM_ATTN_LOOPS=0``: never)."""
-    return _ATTN_LOOPS and q.device.type == "cpu" and torch.compiler.is_compiling()
-
-
-_ATTN_LOOPS = os.environ.get("EVOLM_ATTN_LOOPS", "1") != "0"
-# whether the compiled CPU step calls evolm_f::decode_attention (kernels/decode_attention.cpp) for
-# one query per sequence: set by generate.compiled_step() once the kernels are built, never while tracing
-DECODE_KERNEL = False
+    (``allowed=False``: never)."""
+    return allowed and q.device.type == "cpu" and torch.compiler.is_compiling()
 
 
 class Attention(nn.Module):
     """Causal self-attention with MHA/GQA/MQA, QK-norm, soft-capping and sliding windows."""
+
+    # decode-time kernel choices (:func:`_attend_few_queries`), set on the layer by the compiled
+    # decode step from its KernelPolicy (evolm.infer.compiled.use_attention_policy), never while tracing:
+    # evolm_f::decode_attention (kernels/decode_attention.cpp) for one query per sequence, and
+    # multiply-reduce loops inside a compiled CPU graph
+    decode_kernel = False
+    attn_loops = True
 
     def __init__(self, config, layer_idx: int):
         super().__init__()
@@ -166,5 +167,5 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         y = attend(q, k, v, mask, is_causal, self.scale, self.softcap,
-                   self.dropout if self.training else 0.0)
+                   self.dropout if self.training else 0.0, self.decode_kernel, self.attn_loops)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))

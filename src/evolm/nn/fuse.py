@@ -16,10 +16,10 @@ def fuse_linears(mods: list[nn.Module]) -> nn.Module | None:
     """A layer whose outputs are those of ``mods`` side by side, or None when they cannot be
     stacked (different kinds, or block layouts, or some with a bias and some without).
 
-    Float ``nn.Linear`` layers stack their weights; :class:`evolm.blocks.BlockLinear` layers (a
+    Float ``nn.Linear`` layers stack their weights; :class:`evolm.quant.blocks.BlockLinear` layers (a
     file's quantized blocks) stack their codes, scales and minima, which keeps them exact.
     """
-    from evolm.blocks import BlockLinear, cat_blocks
+    from evolm.quant.blocks import BlockLinear, cat_blocks
 
     biases = [m.bias for m in mods]
     if any(b is None for b in biases) and any(b is not None for b in biases):

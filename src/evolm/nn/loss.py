@@ -11,6 +11,8 @@ turns the backward into two matmuls per chunk. The result equals
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -149,35 +151,27 @@ def _xent_grad_inplace(logits: torch.Tensor, lse: torch.Tensor, tc: torch.Tensor
     logits.copy_(g.to(logits.dtype))
 
 
-_compiled_stats = _compiled_grad = None
-_use_compiled = False
+@functools.cache
+def _compiled_kernels():
+    """The per-chunk softmax/gradient through ``torch.compile`` (inductor), built once per process
+    on first use (~10 s): what ``compiled=True`` of the loss runs. The trainer asks for it together
+    with ``train.compile``; results equal the eager path to float rounding (tests/test_loss.py)."""
+    return torch.compile(_xent_stats, dynamic=False), torch.compile(_xent_grad_inplace, dynamic=False)
 
 
-def use_compiled_kernel(enabled: bool = True) -> None:
-    """Route the loss's per-chunk softmax/gradient through ``torch.compile`` (inductor).
-
-    Off by default: compiling costs ~10 s once per process. The trainer turns it on together
-    with ``train.compile``; results equal the eager path to float rounding (tests/test_loss.py).
-    """
-    global _use_compiled, _compiled_stats, _compiled_grad
-    _use_compiled = enabled
-    if enabled and _compiled_stats is None:
-        _compiled_stats = torch.compile(_xent_stats, dynamic=False)
-        _compiled_grad = torch.compile(_xent_grad_inplace, dynamic=False)
-
-
-def _xent_grad_(logits, tc, valid, n_valid, softcap) -> torch.Tensor:
+def _xent_grad_(logits, tc, valid, n_valid, softcap, compiled: bool = False) -> torch.Tensor:
     """Summed loss of a chunk; d(mean loss)/d(logits) is written over ``logits``."""
-    if _use_compiled:
-        lse, total = _compiled_stats(logits, tc, valid, softcap)
-        _compiled_grad(logits, lse, tc, valid, n_valid, softcap)
+    if compiled:
+        stats, grad = _compiled_kernels()
+        lse, total = stats(logits, tc, valid, softcap)
+        grad(logits, lse, tc, valid, n_valid, softcap)
         return total
     return _xent_grad_eager(logits, tc, valid, n_valid, softcap)
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, w, b, targets, chunk, softcap, ignore_index):
+    def forward(ctx, h, w, b, targets, chunk, softcap, ignore_index, compiled):
         dtype = _compute_dtype(h)
         with torch.autocast(h.device.type, enabled=False):
             hc_all, bc = h.to(dtype), (b.to(dtype) if b is not None else None)
@@ -216,7 +210,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                     torch.mm(hc, wc.t(), out=g)
                 else:
                     torch.addmm(bc, hc, wc.t(), out=g)
-                total += _xent_grad_(g, tc, valid, n_valid, softcap)
+                total += _xent_grad_(g, tc, valid, n_valid, softcap, compiled)
                 if not low:
                     torch.mm(g, wc, out=grad_h[s:s + chunk])
                     if grad_w is not None:
@@ -251,7 +245,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             if ctx.scratch_grad_w:
                 _scratch.give("grad_w", grad_w)
         gb = (grad_b * grad_out).to(ctx.w_dtype) if ctx.need_b else None
-        return grad_h * grad_out.to(grad_h.dtype), gw, gb, None, None, None, None
+        return grad_h * grad_out.to(grad_h.dtype), gw, gb, None, None, None, None, None
 
 
 @torch.compiler.disable
@@ -260,20 +254,23 @@ def _fused_apply(*args) -> torch.Tensor:
     and the gradient it writes in place are side effects dynamo cannot trace (compiling a whole
     model that computes its loss failed with "an intermediate tensor ... aliases an input"). A
     whole-model compile breaks its graph here; the loss runs its own compiled kernels
-    (:func:`use_compiled_kernel`)."""
+    (:func:`_compiled_kernels`, with ``compiled=True``)."""
     return _FusedLinearCrossEntropy.apply(*args)
 
 
 def fused_linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                                bias: torch.Tensor | None = None, softcap: float | None = None,
-                               ignore_index: int = -100, chunk: int | None = None) -> torch.Tensor:
+                               ignore_index: int = -100, chunk: int | None = None,
+                               compiled: bool = False) -> torch.Tensor:
     """Mean cross-entropy of ``h @ weight.T (+ bias)`` against ``targets``; h (N, D), targets (N,).
 
-    ``chunk`` rows of logits at a time; by default 1024 in fp32 and 2048 in bf16 (the same bytes)."""
+    ``chunk`` rows of logits at a time; by default 1024 in fp32 and 2048 in bf16 (the same bytes).
+    ``compiled``: the training pass's per-chunk softmax/gradient through inductor (``KernelPolicy
+    .compiled_loss``; the trainer's ``train.compile``)."""
     h = h.reshape(-1, h.shape[-1])
     targets = targets.reshape(-1)
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-        return _fused_apply(h, weight, bias, targets, chunk, softcap, ignore_index)
+        return _fused_apply(h, weight, bias, targets, chunk, softcap, ignore_index, compiled)
     total, n = h.new_zeros((), dtype=torch.float32), (targets != ignore_index).sum().clamp(min=1)
     chunk = chunk or _default_chunk(_compute_dtype(h))
     for s in range(0, h.shape[0], chunk):

@@ -29,7 +29,7 @@ We minimise -J. Choices, stated:
   ``iterations=mu > 1`` the batch is reused mu times and pi_old is the policy that sampled it.
 - log-probs are taken at the sampling **temperature** (logits / T), the distribution sampled from.
 
-Sampling uses ``evolm.generate`` (KV cache, seeded, temperature / top-p), with the policy itself.
+Sampling uses ``evolm.infer.generate`` (KV cache, seeded, temperature / top-p), with the policy itself.
 Rewards are functions ``(prompt, completion, answer) -> float`` (``evolm.post.rewards``).
 """
 
@@ -189,7 +189,7 @@ def load_task(spec: str, n_train: int | None = None, n_val: int | None = None, s
 
 def prompt_ids(tokenizer, p: Prompt, chat: bool, system: str | None = None) -> list[int]:
     """Token ids of a prompt: the chat template with the assistant turn opened, or the plain text."""
-    from evolm.generate import chat_prompt_ids
+    from evolm.infer.text import chat_prompt_ids
 
     if isinstance(p.prompt, list) or chat:
         msgs = p.prompt if isinstance(p.prompt, list) else [{"role": "user", "content": p.prompt}]
@@ -278,7 +278,7 @@ class GRPOTask:
 
     def complete(self, model, prompts: list[Prompt], n: int, temperature: float, seed: int | None):
         """n completions per prompt (grouped): (prompt ids per row, completion ids per row, texts)."""
-        from evolm.generate import SamplingParams, generate
+        from evolm.infer import SamplingParams, generate
 
         rows = [self._ids(p) for p in prompts for _ in range(n)]
         params = SamplingParams(max_new_tokens=self.cfg.max_new_tokens, temperature=temperature,

@@ -7,7 +7,7 @@ A starts Kaiming-uniform and B at zero, so training starts exactly at the base m
 B train: at r = 16 on the q/v projections of a 1B model that is ~0.1-0.5% of the parameters,
 and the optimizer state shrinks with them. After training the update folds into W
 (``merge_lora``), so inference costs nothing extra. QLoRA (Dettmers et al. 2023) keeps the frozen
-W in 4-bit NF4 (``evolm.post.nf4``) and the adapters in bf16.
+W in 4-bit NF4 (``evolm.quant.nf4``) and the adapters in bf16.
 
 Modules are chosen as PEFT chooses them: by name suffix (``q_proj`` matches
 ``layers.3.self_attn.q_proj``), or ``all-linear`` = every linear layer except the output head.
@@ -35,7 +35,7 @@ import torch.nn as nn
 
 from evolm.config import ConfigError
 from evolm.post.flags import option
-from evolm.post.nf4 import NF4Linear
+from evolm.quant.nf4 import NF4Linear
 
 ALL_LINEAR = "all-linear"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -615,7 +615,7 @@ def prepare_lora(model: nn.Module, cfg: LoRAConfig | None, qlora: bool = False) 
         return []
     names = apply_lora(model, cfg)
     if qlora:
-        from evolm.post.nf4 import quantize_base_nf4
+        from evolm.quant.nf4 import quantize_base_nf4
 
         quantize_base_nf4(model)
     return names

@@ -185,7 +185,7 @@ class SftTask:
     def samples(self, model) -> list[tuple[str, str]]:
         if not self.sample_prompts or self.tokenizer is None:
             return []
-        from evolm.generate import SamplingParams, generate
+        from evolm.infer import SamplingParams, generate
 
         tok = self.tokenizer
         params = SamplingParams(max_new_tokens=self.sample_tokens, temperature=0.0, ignore_eos=False,

@@ -22,7 +22,7 @@ from pathlib import Path
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-# the --keep-blocks help of `evolm generate`, `chat` and `serve` (evolm/blocks.py)
+# the --keep-blocks help of `evolm generate`, `chat` and `serve` (evolm/quant/blocks.py)
 KEEP_BLOCKS_HELP = ("GGUF on CPU: keep the file's quantized blocks and compute with exactly the weights they encode "
                     "(the dense model's numbers, reading 5-10 bits per weight instead of 32 or 16)")
 
@@ -38,7 +38,7 @@ def build_app(model_path: str | os.PathLike, api_key: str | None = None, dtype: 
               min_decode_rows: int = 4, device: str = "cpu", keep_blocks: bool = False):
     """Load the model and return ``(app, engine)``; the app starts the engine when it starts.
     ``device``: cpu, cuda, cuda:N or auto (a CUDA GPU when present). ``keep_blocks``: a GGUF
-    file's quantized blocks stay as they are (``evolm.blocks``; CPU)."""
+    file's quantized blocks stay as they are (``evolm.quant.blocks``; CPU)."""
     try:
         import torch
 

@@ -31,7 +31,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from evolm.generate import SamplingParams, chat_prompt_ids
+from evolm.infer.sampling import SamplingParams
+from evolm.infer.text import chat_prompt_ids
 from evolm.serve.scheduler import DoneEvent, Engine, ErrorEvent, GenRequest, TokenEvent
 
 log = logging.getLogger("evolm.serve")

@@ -20,7 +20,7 @@ The design, in the terms of the cache protocol (``evolm.cache.Cache``):
   left padding) hides each row's unused tail, and positions are passed per row.
 - A new request is prefilled alone (batch 1, its whole prompt in one forward pass) straight into
   its row, then samples its first token -- time to first token does not wait for a batch.
-- Sampling reuses ``evolm.generate``: ``process_logits``/``sample`` per row with the row's own
+- Sampling reuses ``evolm.infer.sampling``: ``process_logits``/``sample`` per row with the row's own
   ``SamplingParams`` and ``torch.Generator``; text comes out through ``IncrementalDecoder`` and
   ``StopStrings``, so a stream never splits a UTF-8 character nor shows part of a stop string.
 
@@ -54,7 +54,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from evolm.generate import IncrementalDecoder, SamplingParams, StopStrings, process_logits, sample
+from evolm.infer.sampling import SamplingParams, process_logits, sample
+from evolm.infer.text import IncrementalDecoder, StopStrings
 
 log = logging.getLogger("evolm.serve")
 

@@ -68,9 +68,7 @@ def parallelize(model, mode: str, world_size: int, device: torch.device, compile
     if compile:
         for block in model.layers:  # per-block compilation: short compile times, same keys
             block.compile()
-        from evolm.nn.loss import use_compiled_kernel
-
-        use_compiled_kernel(True)  # the LM head's softmax/gradient, fused by inductor
+        model.compiled_loss = True  # the LM head's softmax/gradient, fused by inductor
     if world_size == 1 or mode == "none":
         return model
     if mode == "ddp":

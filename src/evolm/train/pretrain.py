@@ -248,7 +248,7 @@ class PretrainTask:
         return res
 
     def samples(self, model) -> list[tuple[str, str]]:
-        from evolm.generate import SamplingParams, generate
+        from evolm.infer import SamplingParams, generate
 
         t, tok = self.recipe.train, self.tokenizer
         params = SamplingParams(max_new_tokens=t.sample_tokens, temperature=0.8, top_k=50,

@@ -39,6 +39,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from evolm.quant.walk import replace_linears
+
 BLOCK_SIZE = 64  # QLoRA's block size for the weights
 DQ_BLOCK_SIZE = 256  # and for the quantized constants
 NF4_OFFSET = 0.9677083  # the paper's delta: mean of 1 - 1/(2*15) and 1 - 1/(2*16)
@@ -273,18 +275,22 @@ def quantize_base_nf4(model: nn.Module, compute_dtype: torch.dtype = torch.bfloa
     does not depend on whether LoRA was applied before or after. MoE experts (3-D tensors) and
     embeddings stay as they are.
     """
-    from evolm.post.lora import LoRALinear
+    # LoRA layers (evolm.post.lora.LoRALinear: a frozen ``base`` and the ``lora_A``/``lora_B``
+    # adapters), recognised by their parts so that quant/ does not import post-training
+    loras = [m for m in model.modules() if all(hasattr(m, a) for a in ("base", "lora_A", "lora_B"))]
+    bases = {id(m.base) for m in loras}
+    adapters = {id(a) for m in loras for a in (m.lora_A, m.lora_B)}
+    for m in loras:
+        m.lora_A.to(compute_dtype)
+        m.lora_B.to(compute_dtype)
 
-    for name, module in list(model.named_modules()):
-        if isinstance(module, LoRALinear):
-            if isinstance(module.base, nn.Linear):
-                module.base = NF4Linear.from_linear(module.base, compute_dtype, block_size, double_quant)
-            module.lora_A.to(compute_dtype)
-            module.lora_B.to(compute_dtype)
-            continue
-        for child_name, child in list(module.named_children()):
-            if type(child) is nn.Linear and child_name not in skip and not isinstance(module, LoRALinear):
-                setattr(module, child_name, NF4Linear.from_linear(child, compute_dtype, block_size, double_quant))
+    def make(name: str, linear: nn.Linear) -> NF4Linear | None:
+        keep = id(linear) in adapters or type(linear) is not nn.Linear or name.rsplit(".", 1)[-1] in skip
+        if keep and id(linear) not in bases:  # a LoRA layer's base is quantized whatever its name
+            return None
+        return NF4Linear.from_linear(linear, compute_dtype, block_size, double_quant)
+
+    replace_linears(model, make)
     model.nf4 = {"compute_dtype": str(compute_dtype).removeprefix("torch."), "block_size": block_size,
                  "double_quant": double_quant}
     return model

@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from evolm import kernels
+from evolm.quant.walk import replace_linears, untied_head
 
 KERNEL_ROWS = 8  # products of at most this many rows run the blocks kernel
 
@@ -137,20 +138,18 @@ def keep_blocks(model: nn.Module, blocks: dict[str, Blocks]) -> dict[str, str]:
     ``lm_head`` with the blocks (the embedding stays float: a lookup reads one row per token).
     Returns {parameter name: what was done} ("kept Q4_1", or "float: " and why not).
     """
-    report = {}
-    modules = dict(model.named_modules())
-    for name, b in blocks.items():
-        owner = name.rsplit(".", 1)[0]
-        if name == "embed_tokens.weight":
-            if getattr(model, "lm_head", "absent") is None:
-                model.lm_head = BlockLinear(b)
-                report[name] = f"kept {b.source} (as the tied head)"
-            continue
-        lin = modules.get(owner)
-        if not isinstance(lin, nn.Linear) or tuple(lin.weight.shape) != b.shape:
-            report[name] = f"float: not a linear layer of shape {b.shape}"
-            continue
-        parent, _, child = owner.rpartition(".")
-        setattr(modules[parent] if parent else model, child, BlockLinear(b, lin.bias))
-        report[name] = f"kept {b.source}"
-    return report
+    done = {}
+
+    def make(name: str, lin: nn.Linear) -> BlockLinear | None:
+        b = blocks.get(f"{name}.weight")
+        if b is None or tuple(lin.weight.shape) != b.shape:
+            return None
+        done[f"{name}.weight"] = f"kept {b.source}"
+        return BlockLinear(b, lin.bias)
+
+    replace_linears(model, make)
+    embed = blocks.get("embed_tokens.weight")
+    if embed is not None and untied_head(model, lambda w: BlockLinear(embed)):
+        done["embed_tokens.weight"] = f"kept {embed.source} (as the tied head)"
+    return {name: done.get(name, f"float: not a linear layer of shape {b.shape}") for name, b in blocks.items()
+            if name in done or name != "embed_tokens.weight"}
