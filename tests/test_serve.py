@@ -486,8 +486,9 @@ def test_build_app_keeps_blocks():
     """`evolm serve --keep-blocks`: the engine's model keeps the GGUF file's blocks, on the CPU
     even with --device auto."""
     from evolm.blocks import BlockLinear
+    from evolm.infer.prepare import InferenceOptions
     from evolm.serve import build_app
 
-    _, engine = build_app(smollm2_path(), keep_blocks=True, device="auto")
+    _, engine = build_app(smollm2_path(), InferenceOptions(keep_blocks=True, device="auto", dtype="float32"))
     assert engine.device.type == "cpu"
     assert sum(isinstance(m, BlockLinear) for m in engine.model.modules()) == 30 * 7 + 1

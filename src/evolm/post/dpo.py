@@ -320,9 +320,7 @@ def load_policy(args, log=print):
 
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
-    model, tok = load(args.model)
-    if tok is None:
-        raise ValueError(f"{args.model}: no tokenizer found (expected tokenizer.json, or GGUF tokenizer metadata)")
+    model, tok = load(args.model, need_tokenizer=True)
     if getattr(args, "chat_template", None):
         from evolm.post.data import chat_template_from_arg
 

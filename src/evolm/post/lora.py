@@ -610,8 +610,7 @@ def run_merge(args) -> None:
     """`evolm merge`: base + adapter -> one model with the adapter folded in."""
     from evolm.loading import load, save
 
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, None: None}[args.dtype]
-    model, tok = load(args.model, dtype=dtype)
+    model, tok = load(args.model, dtype=args.dtype)
     names = load_adapter(model, args.adapter, check_base=not args.no_check_base)
     merge_lora(model)
     save(model, args.out, tokenizer=tok, fmt=args.to)
