@@ -11,6 +11,11 @@
 It returns ``(model, tokenizer)``: the tokenizer is read from the folder's ``tokenizer.json`` (or
 the GGUF metadata) with ``evolm.tokenizer``, and is None when the source carries none.
 ``save`` writes either kind of folder, tokenizer included.
+
+Every caller loads through here (generate, chat, serve, eval, post-training, pretraining's
+``init``); the adapters build the model empty and assign the file's tensors into it
+(``evolm.interop.empty``). Making a loaded model ready to generate (device, fusing, quantizing)
+is ``evolm.infer.prepare``.
 """
 
 from __future__ import annotations
@@ -137,6 +142,7 @@ def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
 
 
 def _load(p: Path, dtype: torch.dtype | None, device, blocks: bool):
+    """The adapter for ``p``'s format: ``(model in eval mode, tokenizer or None)``."""
     kind = detect_format(p)
     if blocks and kind != "gguf":
         raise ValueError(f"{p}: keeping quantized blocks (--keep-blocks) needs a GGUF file; this is a"
