@@ -486,9 +486,10 @@ def test_engine_matches_generate_for_every_attention_kind(preset, one_thread):
 def test_build_app_keeps_blocks():
     """`evolm serve --keep-blocks`: the engine's model keeps the GGUF file's blocks, on the CPU
     even with --device auto."""
+    from evolm.infer.prepare import InferenceOptions
     from evolm.quant.blocks import BlockLinear
     from evolm.serve import build_app
 
-    _, engine = build_app(smollm2_path(), keep_blocks=True, device="auto")
+    _, engine = build_app(smollm2_path(), InferenceOptions(keep_blocks=True, device="auto", dtype="float32"))
     assert engine.device.type == "cpu"
     assert sum(isinstance(m, BlockLinear) for m in engine.model.modules()) == 30 * 7 + 1

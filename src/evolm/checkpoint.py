@@ -94,7 +94,7 @@ def load_config(path: str) -> ModelConfig:
 
 def load_checkpoint(path: str, dtype: torch.dtype | None = None, device=None):
     """Build the model stored in ``path`` and load its weights."""
-    from evolm.model import build
+    from evolm.interop.empty import assign_weights, build_empty
 
     config = load_config(path)
     weights = os.path.join(path, WEIGHTS)
@@ -104,14 +104,7 @@ def load_checkpoint(path: str, dtype: torch.dtype | None = None, device=None):
         state = load_file(weights)
     except Exception as e:  # safetensors raises its own error types for truncated files
         raise ValueError(f"{weights}: cannot read safetensors file ({e})") from None
-    with torch.device("meta"):
-        model = build(config, device="meta")
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    missing = [k for k in missing if k != "lm_head.weight"]
-    if missing or unexpected:
-        raise ValueError(f"{weights}: weights do not match config "
-                         f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
-    model.reset_buffers()  # RoPE tables are derived, not stored
+    model = assign_weights(build_empty(config), state, source=weights)
     if dtype is not None:
         model = model.to(dtype)
     return model.to(device) if device is not None else model

@@ -8,8 +8,6 @@ import os
 import sys
 from typing import NoReturn
 
-from evolm.serve import KEEP_BLOCKS_HELP
-
 
 def _fail(msg: str) -> NoReturn:
     print(f"evolm: error: {msg}", file=sys.stderr)
@@ -61,56 +59,55 @@ def cmd_arch(args) -> None:
 
 # --- convert ---------------------------------------------------------------------------------
 def cmd_convert(args) -> None:
-    import torch
-
     from evolm.loading import load, save
 
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-             None: None}[args.dtype]
-    model, tok = load(args.model, dtype=dtype)
+    model, tok = load(args.model, dtype=args.dtype)
     save(model, args.out, tokenizer=tok, fmt=args.to)
     print(f"wrote {args.to} model to {args.out}")
 
 
-# --- generate / chat -------------------------------------------------------------------------
+# --- generate / chat / serve -----------------------------------------------------------------
 DTYPES = ("float32", "bfloat16", "float16")
+KEEP_BLOCKS_HELP = ("GGUF on CPU: keep the file's quantized blocks and compute with exactly the weights they encode "
+                    "(the dense model's numbers, reading 5-10 bits per weight instead of 32 or 16)")
 
 
-def _device(name: str, cpu_only: bool = False):
-    """``--device`` (:func:`evolm.loading.resolve_device`); a bad value is a one-line error."""
-    from evolm.loading import resolve_device
+def _add_inference_args(p: argparse.ArgumentParser, decode_loop: bool = True) -> None:
+    """The flags of :class:`evolm.infer.prepare.InferenceOptions` (generate, chat, serve).
+    ``decode_loop``: the command decodes with evolm's own loop, so ``--compile`` applies."""
+    p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.add_argument("--device", default="auto", help="auto (a CUDA GPU when present, else cpu), cpu, cuda, cuda:N")
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                   help="weight-only quantized linears for faster CPU decoding (int4: group 32, int8 head)")
+    p.add_argument("--keep-blocks", action="store_true", help=KEEP_BLOCKS_HELP)
+    p.add_argument("--fuse", action="store_true", help="one qkv and one gate_up matmul per layer")
+    if decode_loop:
+        p.add_argument("--compile", action="store_true",
+                       help="prefill and decode through torch.compile-d graphs over a static KV cache "
+                            "(first call compiles)")
 
-    try:
-        return resolve_device(name, cpu_only)
-    except ValueError as e:
-        _fail(str(e))
+
+def _inference_options(args):
+    """The ``_add_inference_args`` flags as the library's typed options."""
+    from evolm.infer.prepare import InferenceOptions
+
+    from evolm.quant import KernelPolicy
+
+    return InferenceOptions(device=args.device, dtype=args.dtype, keep_blocks=args.keep_blocks, fuse=args.fuse,
+                            quantize=args.quantize, compile=getattr(args, "compile", False),
+                            policy=KernelPolicy.from_env())  # the EVOLM_* kernel switches, read once
 
 
-def _load_for_generation(args, policy):
+def _load_for_generation(args):
+    """``(model, tokenizer, options)`` for generate and chat."""
     import torch
 
-    from evolm.loading import load
+    from evolm.infer.prepare import load_for_inference
 
-    name = getattr(args, "device", "auto")
-    blocks = getattr(args, "keep_blocks", False)
-    if blocks and getattr(args, "quantize", None):
-        _fail(f"--keep-blocks keeps the file's own quantization; drop --quantize {args.quantize}")
-    device = _device(name, cpu_only=bool(getattr(args, "quantize", None) or blocks))
-    model, tok = load(args.model, dtype=getattr(torch, args.dtype), device=device, blocks=blocks)
-    if tok is None:
-        _fail(f"{args.model}: no tokenizer found (expected tokenizer.json, or GGUF tokenizer metadata)")
+    options = _inference_options(args)
+    model, tok = load_for_inference(args.model, options)
     torch.set_num_threads(args.threads or torch.get_num_threads())
-    model.eval()
-    if getattr(args, "fuse", False):
-        model.fuse_for_inference()
-    q = getattr(args, "quantize", None)
-    if q:
-        from evolm.quant import quantize_int4, quantize_int8
-
-        if next(model.parameters()).device.type != "cpu":
-            _fail(f"--quantize {q} is a CPU path (weight-only kernels); drop it on {next(model.parameters()).device}")
-        model = quantize_int8(model, policy=policy) if q == "int8" else quantize_int4(model, 32, policy=policy)
-    return model, tok
+    return model, tok, options
 
 
 def _sampling(args, **extra):
@@ -125,8 +122,7 @@ def cmd_generate(args) -> None:
     from evolm.infer.text import chat_prompt_ids, stream
     from evolm.quant import KernelPolicy
 
-    policy = KernelPolicy.from_env()  # the EVOLM_* kernel switches, read once
-    model, tok = _load_for_generation(args, policy)
+    model, tok, options = _load_for_generation(args)
     if args.chat:
         if not getattr(tok, "chat_template", None):
             _fail(f"{args.model}: the tokenizer has no chat template; drop --chat")
@@ -134,7 +130,8 @@ def cmd_generate(args) -> None:
         ids = chat_prompt_ids(tok, messages + [{"role": "user", "content": args.prompt}])
     else:
         ids = tok.encode(args.prompt)
-    for piece in stream(model, tok, ids, _sampling(args), compile=args.compile, policy=policy):
+    for piece in stream(model, tok, ids, _sampling(args), compile=options.compile,
+                            policy=options.policy):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -144,8 +141,7 @@ def cmd_chat(args) -> None:
     from evolm.infer.text import chat_prompt_ids, stream
     from evolm.quant import KernelPolicy
 
-    policy = KernelPolicy.from_env()  # the EVOLM_* kernel switches, read once
-    model, tok = _load_for_generation(args, policy)
+    model, tok, options = _load_for_generation(args)
     if not getattr(tok, "chat_template", None):
         _fail(f"{args.model}: the tokenizer has no chat template; use `evolm generate` instead")
     history = [{"role": "system", "content": args.system}] if args.system else []
@@ -163,8 +159,8 @@ def cmd_chat(args) -> None:
         history.append({"role": "user", "content": user})
         sys.stdout.write("assistant> ")
         reply = []
-        for piece in stream(model, tok, chat_prompt_ids(tok, history), _sampling(args), compile=args.compile,
-                            policy=policy):
+        for piece in stream(model, tok, chat_prompt_ids(tok, history), _sampling(args), compile=options.compile,
+                            policy=options.policy):
             reply.append(piece)
             sys.stdout.write(piece)
             sys.stdout.flush()
@@ -173,10 +169,15 @@ def cmd_chat(args) -> None:
 
 
 def cmd_serve(args) -> None:
-    from evolm.serve import run_from_args
+    from evolm.loading import resolve_device
+    from evolm.serve import run_server
 
-    _device(args.device)  # a device that is not there: a one-line error before loading anything
-    run_from_args(args)
+    options = _inference_options(args)
+    resolve_device(options.device, options.cpu_only)  # a device that is not there: an error before loading
+    run_server(args.model, inference=options, host=args.host, port=args.port, api_key=args.api_key,
+               max_batch=args.max_batch, max_model_len=args.max_model_len,
+               served_model_name=args.served_model_name, min_decode_rows=args.min_decode_rows,
+               log_level=args.log_level, threads=args.threads)
 
 
 # --- pretrain / data / tokenizer ---------------------------------------------------------------
@@ -252,15 +253,8 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--system", default=None, help="system prompt (chat template)")
-    p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--device", default="auto", help="auto (a CUDA GPU when present, else cpu), cpu, cuda, cuda:N")
-    p.add_argument("--quantize", choices=["int8", "int4"], default=None,
-                   help="weight-only quantized linears for faster CPU decoding (int4: group 32, int8 head)")
-    p.add_argument("--keep-blocks", action="store_true", help=KEEP_BLOCKS_HELP)
-    p.add_argument("--fuse", action="store_true", help="one qkv and one gate_up matmul per layer")
-    p.add_argument("--compile", action="store_true",
-                   help="prefill and decode through torch.compile-d graphs over a static KV cache (first call compiles)")
+    _add_inference_args(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -333,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching) + web chat page")
     add_serve_arguments(sv)
+    _add_inference_args(sv, decode_loop=False)
     sv.set_defaults(func=cmd_serve)
 
     from evolm.eval.harness import add_eval_args, main_cli

@@ -11,6 +11,11 @@
 It returns ``(model, tokenizer)``: the tokenizer is read from the folder's ``tokenizer.json`` (or
 the GGUF metadata) with ``evolm.tokenizer``, and is None when the source carries none.
 ``save`` writes either kind of folder, tokenizer included.
+
+Every caller loads through here (generate, chat, serve, eval, post-training, pretraining's
+``init``); the adapters build the model empty and assign the file's tensors into it
+(``evolm.interop.empty``). Making a loaded model ready to generate (device, fusing, quantizing)
+is ``evolm.infer.prepare``.
 """
 
 from __future__ import annotations
@@ -107,15 +112,37 @@ def resolve_device(name: str, cpu_only: bool = False) -> torch.device:
     return dev
 
 
-def load(path: str | os.PathLike, dtype: torch.dtype | None = None,
-         device: str | torch.device | None = None, blocks: bool = False):
+# the dtypes a user names (--dtype, lm-eval's model_args): the names torch gives them
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """A dtype or its name (``"bfloat16"``) as a torch dtype; None stays None (keep the stored one)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
+         device: str | torch.device | None = None, blocks: bool = False, need_tokenizer: bool = False):
     """Load ``(model, tokenizer_or_None)`` from an evolm folder, a Hugging Face folder or a GGUF file.
 
-    ``dtype=None`` keeps the stored dtype (for GGUF, whatever ``load_gguf`` dequantizes to). The
-    model is returned in eval mode. ``blocks=True``: a GGUF file's quantized linear layers keep
-    their blocks (``evolm.quant.blocks``; CPU inference, fp32 arithmetic with the file's exact weights).
+    ``dtype`` (a torch dtype or its name) ``=None`` keeps the stored dtype (for GGUF, whatever
+    ``load_gguf`` dequantizes to). The model is returned in eval mode. ``blocks=True``: a GGUF
+    file's quantized linear layers keep their blocks (``evolm.quant.blocks``; CPU inference, fp32
+    arithmetic with the file's exact weights). ``need_tokenizer``: a source without a tokenizer is
+    a ValueError (generation, serving and chat training need one to turn text into ids).
     """
-    p = Path(path)
+    model, tok = _load(Path(path), as_dtype(dtype), device, blocks)
+    if need_tokenizer and tok is None:
+        raise ValueError(f"{path}: no tokenizer found (expected tokenizer.json, or GGUF tokenizer metadata)")
+    return model, tok
+
+
+def _load(p: Path, dtype: torch.dtype | None, device, blocks: bool):
+    """The adapter for ``p``'s format: ``(model in eval mode, tokenizer or None)``."""
     kind = detect_format(p)
     if blocks and kind != "gguf":
         raise ValueError(f"{p}: keeping quantized blocks (--keep-blocks) needs a GGUF file; this is a"
@@ -158,4 +185,4 @@ def save(model, path: str | os.PathLike, tokenizer=None, fmt: str = "evolm") -> 
     return Path(path)
 
 
-__all__ = ["load", "save", "detect_format"]
+__all__ = ["load", "save", "detect_format", "load_config", "resolve_device", "as_dtype", "DTYPES"]

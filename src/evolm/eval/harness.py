@@ -294,11 +294,9 @@ def add_eval_args(p) -> None:
 
 def main_cli(args) -> int:
     """Entry point for ``evolm eval`` (args from ``add_eval_args``)."""
-    import torch
+    from evolm.infer.prepare import InferenceOptions, load_for_inference
 
-    import evolm
-
-    model, tok = evolm.load(args.model, dtype=getattr(torch, args.dtype))
+    model, tok = load_for_inference(args.model, InferenceOptions(device="cpu", dtype=args.dtype))
     tasks = [t for t in (args.tasks or "").split(",") if t] + [f"ppl:{p}" for p in args.ppl]
     if not tasks:
         raise SystemExit("evolm eval: give --tasks and/or --ppl")

@@ -38,12 +38,9 @@ class EvolmLM(LM):
     def __init__(self, path: str, dtype: str = "float32", batch_size: int | str = 8,
                  max_length: int | None = None, device: str = "cpu", **_ignored):
         super().__init__()
-        import torch
+        from evolm.infer.prepare import InferenceOptions, load_for_inference
 
-        import evolm
-
-        self.model, self.tokenizer = evolm.load(path, dtype=getattr(torch, dtype))
-        self.model.to(device)
+        self.model, self.tokenizer = load_for_inference(path, InferenceOptions(device=device, dtype=dtype))
         bs = 8 if str(batch_size).startswith("auto") else int(batch_size)
         self.scorer = LoglikScorer(self.model, self.tokenizer, batch_size=bs, max_length=max_length,
                                    model_id=str(path))

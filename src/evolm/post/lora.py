@@ -641,7 +641,7 @@ def run_merge(config: MergeConfig) -> None:
     """`evolm merge`: base + adapter -> one model with the adapter folded in."""
     from evolm.loading import load, save
 
-    model, tok = load(config.model, dtype=MERGE_DTYPES.get(config.dtype))
+    model, tok = load(config.model, dtype=config.dtype)
     names = load_adapter(model, config.adapter, check_base=config.check_base)
     merge_lora(model)
     save(model, config.out, tokenizer=tok, fmt=config.to)

@@ -18,13 +18,10 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-DTYPES = ("float32", "bfloat16", "float16")
-
-
-# the --keep-blocks help of `evolm generate`, `chat` and `serve` (evolm/quant/blocks.py)
-KEEP_BLOCKS_HELP = ("GGUF on CPU: keep the file's quantized blocks and compute with exactly the weights they encode "
-                    "(the dense model's numbers, reading 5-10 bits per weight instead of 32 or 16)")
+if TYPE_CHECKING:
+    from evolm.infer.prepare import InferenceOptions
 
 
 def model_id(model_path: str | os.PathLike) -> str:
@@ -33,38 +30,38 @@ def model_id(model_path: str | os.PathLike) -> str:
     return p.stem if p.is_file() else (p.resolve().name or str(p))
 
 
-def build_app(model_path: str | os.PathLike, api_key: str | None = None, dtype: str = "float32",
-              max_batch: int = 8, max_model_len: int | None = None, served_model_name: str | None = None,
-              min_decode_rows: int = 4, device: str = "cpu", keep_blocks: bool = False):
-    """Load the model and return ``(app, engine)``; the app starts the engine when it starts.
-    ``device``: cpu, cuda, cuda:N or auto (a CUDA GPU when present). ``keep_blocks``: a GGUF
-    file's quantized blocks stay as they are (``evolm.quant.blocks``; CPU)."""
-    try:
-        import torch
+def _default_inference():
+    """What serving uses without options: float32 weights on the CPU, as ``evolm serve`` did first."""
+    from evolm.infer.prepare import InferenceOptions
 
-        from evolm.loading import load, resolve_device
+    return InferenceOptions(device="cpu", dtype="float32")
+
+
+def build_app(model_path: str | os.PathLike, inference: InferenceOptions | None = None, api_key: str | None = None,
+              max_batch: int = 8, max_model_len: int | None = None, served_model_name: str | None = None,
+              min_decode_rows: int = 4):
+    """Load the model and return ``(app, engine)``; the app starts the engine when it starts.
+    ``inference``: an :class:`evolm.infer.prepare.InferenceOptions` (device, dtype, fused
+    projections, int8/int4 linears, a GGUF file's quantized blocks kept), the same preparation
+    ``evolm generate`` makes; default: float32 on the CPU."""
+    try:
+        from evolm.infer.prepare import load_for_inference
         from evolm.serve.app import create_app
         from evolm.serve.scheduler import Engine
     except ImportError as e:
         raise ImportError(f"evolm serve needs fastapi and uvicorn: pip install 'evolm[serve]' ({e})") from None
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-    model, tokenizer = load(model_path, dtype=getattr(torch, dtype), device=resolve_device(device, keep_blocks),
-                            blocks=keep_blocks)
-    if tokenizer is None:
-        raise ValueError(f"{model_path}: no tokenizer found (a tokenizer.json or GGUF vocabulary is needed "
-                         f"to serve text)")
+    model, tokenizer = load_for_inference(model_path, inference or _default_inference())
     engine = Engine(model, tokenizer, max_batch=max_batch, max_len=max_model_len, min_decode_rows=min_decode_rows)
     app = create_app(engine, served_model_name or model_id(model_path), api_key=api_key)
     return app, engine
 
 
-def run_server(model_path: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000,
-               api_key: str | None = None, dtype: str = "float32", max_batch: int = 8,
-               max_model_len: int | None = None, served_model_name: str | None = None,
-               min_decode_rows: int = 4, log_level: str = "info", threads: int | None = None,
-               device: str = "cpu", keep_blocks: bool = False) -> None:
-    """Serve ``model_path`` until interrupted (what ``evolm serve`` runs).
+def run_server(model_path: str | os.PathLike, inference: InferenceOptions | None = None, host: str = "127.0.0.1",
+               port: int = 8000, api_key: str | None = None, max_batch: int = 8, max_model_len: int | None = None,
+               served_model_name: str | None = None, min_decode_rows: int = 4, log_level: str = "info",
+               threads: int | None = None) -> None:
+    """Serve ``model_path`` until interrupted (what ``evolm serve`` runs), prepared as
+    ``inference`` (:class:`evolm.infer.prepare.InferenceOptions`) asks; see :func:`build_app`.
 
     Binds ``host`` (loopback by default: pass ``0.0.0.0`` to expose it, ideally with an
     ``api_key``). ``max_batch`` requests decode together; more wait in line. ``max_model_len``
@@ -83,10 +80,11 @@ def run_server(model_path: str | os.PathLike, host: str = "127.0.0.1", port: int
         api_key = os.environ.get("EVOLM_API_KEY") or None
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         log.warning("binding %s without --api-key: anyone who can reach this port can use the model", host)
-    app, engine = build_app(model_path, api_key=api_key, dtype=dtype, max_batch=max_batch,
+    app, engine = build_app(model_path, inference, api_key=api_key, max_batch=max_batch,
                             max_model_len=max_model_len, served_model_name=served_model_name,
-                            min_decode_rows=min_decode_rows, device=device, keep_blocks=keep_blocks)
+                            min_decode_rows=min_decode_rows)
     c = engine.model.config
+    dtype = str(engine.model.embed_tokens.weight.dtype).removeprefix("torch.")
     log.info("serving %s (%s on %s, %d layers, context %d) on http://%s:%d with max_batch=%d",
              served_model_name or model_id(model_path), dtype, engine.device, c.n_layers, engine.max_len, host,
              port, max_batch)
@@ -94,13 +92,13 @@ def run_server(model_path: str | os.PathLike, host: str = "127.0.0.1", port: int
 
 
 def add_arguments(parser) -> None:
-    """The ``evolm serve`` options (argparse), kept here next to what they configure."""
+    """The ``evolm serve`` options of serving itself (argparse), kept here next to what they
+    configure; the loading and preparation flags are generate's (``evolm.cli``)."""
     parser.add_argument("--model", required=True, help="HF folder, .gguf file or evolm checkpoint")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--api-key", default=None,
                         help="require 'Authorization: Bearer KEY' on /v1 (default: $EVOLM_API_KEY, else none)")
-    parser.add_argument("--dtype", choices=DTYPES, default="float32")
     parser.add_argument("--max-batch", type=int, default=8, help="requests decoded together (slots)")
     parser.add_argument("--max-model-len", type=int, default=None,
                         help="cap on prompt + completion tokens (default: the model's context length)")
@@ -109,17 +107,7 @@ def add_arguments(parser) -> None:
                         help="pad decode steps to this many rows so greedy output is the same alone or "
                              "batched (1: faster single streams, exactness not guaranteed)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--device", default="auto", help="auto (a CUDA GPU when present, else cpu), cpu, cuda, cuda:N")
-    parser.add_argument("--keep-blocks", action="store_true", help=KEEP_BLOCKS_HELP)
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
-def run_from_args(args) -> None:
-    """Entry point for the CLI: ``run_server`` with the parsed ``add_arguments`` options."""
-    run_server(args.model, host=args.host, port=args.port, api_key=args.api_key, dtype=args.dtype,
-               max_batch=args.max_batch, max_model_len=args.max_model_len,
-               served_model_name=args.served_model_name, min_decode_rows=args.min_decode_rows,
-               log_level=args.log_level, threads=args.threads, device=args.device, keep_blocks=args.keep_blocks)
-
-
-__all__ = ["run_server", "build_app", "add_arguments", "run_from_args", "model_id"]
+__all__ = ["run_server", "build_app", "add_arguments", "model_id"]

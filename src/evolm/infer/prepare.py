@@ -1,0 +1,94 @@
+"""Making a loaded model ready to generate: the one preparation every caller shares.
+
+``evolm generate``, ``chat``, ``serve``, ``eval`` and the lm-eval adapter all want the same
+thing -- weights on a device in a dtype, in eval mode, optionally with fused projections or
+weight-only quantized linears -- so they describe it with one :class:`InferenceOptions` and call
+:func:`load_for_inference` (or :func:`prepare` on a model they already hold). A flag added here
+(a new kernel, a new quantization) reaches every one of them at once; the CLI only maps its flags
+to these options.
+
+Fusing (``Transformer.fuse_for_inference``) turns the q/k/v and gate/up projections into one
+matmul each. Quantizing swaps linears for weight-only int8 or int4 ones (``evolm.quant``; CPU
+kernels, as in gpt-fast's ``quantize.py``), applied after fusing so the fused matmuls are the ones
+quantized. Keeping a GGUF file's blocks (``evolm.quant.blocks``) happens while loading, since the
+blocks never become float weights. ``compile`` is carried to the decode loop, which compiles its
+prefill and step over a static cache (``evolm.infer``): the model itself is not changed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from evolm.quant.policy import KernelPolicy
+
+QUANTIZE = ("int8", "int4")
+
+
+@dataclass(frozen=True)
+class InferenceOptions:
+    """How a model is loaded and prepared for inference.
+
+    ``device``: ``auto`` (a CUDA GPU when there is one, else the CPU; always the CPU for the CPU
+    paths ``keep_blocks`` and ``quantize``), ``cpu``, ``cuda`` or ``cuda:N``. ``dtype``: the
+    weights' dtype (a torch dtype or its name), None keeps the stored one. ``keep_blocks``: a
+    GGUF file's quantized blocks stay as they are. ``fuse``: one qkv and one gate_up matmul per
+    layer. ``quantize``: weight-only int8, or int4 (group 32, int8 head). ``compile``: decode
+    through torch.compile-d graphs over a static KV cache (read by the decode loop). ``policy``:
+    which kernels quantized linears and the compiled step use (``KernelPolicy.from_env()`` at an
+    entry point; the defaults are the measured fastest).
+    """
+
+    device: str = "auto"
+    dtype: torch.dtype | str | None = None
+    keep_blocks: bool = False
+    fuse: bool = False
+    quantize: Literal["int8", "int4"] | None = None
+    compile: bool = False
+    policy: KernelPolicy = KernelPolicy()
+
+    def __post_init__(self):
+        if self.quantize is not None and self.quantize not in QUANTIZE:
+            raise ValueError(f"--quantize {self.quantize}: expected one of {QUANTIZE}")
+        if self.keep_blocks and self.quantize:
+            raise ValueError(f"--keep-blocks keeps the file's own quantization; drop --quantize {self.quantize}")
+
+    @property
+    def cpu_only(self) -> bool:
+        """Whether the options name a CPU-only path (``device='auto'`` then means the CPU)."""
+        return bool(self.quantize or self.keep_blocks)
+
+
+def load_for_inference(path, options: InferenceOptions = InferenceOptions()):
+    """``(model, tokenizer)`` from ``path`` (anything :func:`evolm.load` reads), prepared as
+    ``options`` ask. A bad device or a source without a tokenizer is a ValueError that names it,
+    raised before any weights are read where it can be."""
+    from evolm.loading import load, resolve_device
+
+    device = resolve_device(options.device, cpu_only=options.cpu_only)
+    model, tok = load(path, dtype=options.dtype, device=device, blocks=options.keep_blocks, need_tokenizer=True)
+    return prepare(model, options), tok
+
+
+def prepare(model, options: InferenceOptions):
+    """``model`` in eval mode, fused and quantized as ``options`` ask; returns the model to use
+    (quantizing replaces modules, so use the result). Device and dtype are the loader's work
+    (:func:`load_for_inference`); a quantized model must already be on the CPU."""
+    model.eval()
+    if options.fuse:
+        model.fuse_for_inference()
+    if options.quantize:
+        from evolm.quant import quantize_int4, quantize_int8
+
+        device = next(model.parameters()).device
+        if device.type != "cpu":
+            raise ValueError(f"--quantize {options.quantize} is a CPU path (weight-only kernels); drop it on {device}")
+        policy = options.policy
+        model = quantize_int8(model, policy=policy) if options.quantize == "int8" else \
+            quantize_int4(model, group_size=32, policy=policy)
+    return model
+
+
+__all__ = ["InferenceOptions", "load_for_inference", "prepare", "QUANTIZE"]
