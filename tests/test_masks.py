@@ -185,3 +185,12 @@ def test_config_mask_sets_the_default_kind_and_is_validated():
         assert not torch.allclose(encoder(ids), encoder(ids, mask_kind="causal"))
     with pytest.raises(ConfigError, match="'mask'"):
         _tiny(mask="encoder")
+
+
+def test_hf_export_refuses_a_non_causal_mask():
+    """No decoder family of transformers attends bidirectionally: export says so by field name."""
+    from evolm.interop.hf import config_to_hf
+
+    c = _tiny(n_layers=2, sliding_window=None, sliding_window_pattern=1, mask="bidirectional")
+    with pytest.raises(Exception, match="'mask'"):
+        config_to_hf(c)

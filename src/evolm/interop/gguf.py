@@ -36,11 +36,11 @@ import numpy as np
 import torch
 
 from evolm.config import ModelConfig
+from evolm.interop.empty import assign_weights, build_empty
 from evolm.interop.families import GGUF_FAMILIES
-from evolm.quant.blocks import rebuilds
 from evolm.interop.gguf_blocks import blocks_from_raw
 from evolm.interop.gguf_vocab import tokenizer_from_gguf_metadata
-from evolm.model import Transformer
+from evolm.quant.blocks import rebuilds
 
 SUPPORTED_ARCHS = tuple(GGUF_FAMILIES)
 
@@ -488,33 +488,6 @@ def state_dict_from_gguf(f: GGUFFile, config: ModelConfig, dtype: torch.dtype = 
     return {**sd, **_stack_experts(experts, f.path), **_join_kv_b(split_kv)}
 
 
-# ----------------------------------------------------------------------------------------------
-# building the model without allocating weights
-# ----------------------------------------------------------------------------------------------
-class _EmptyParameters:
-    """Create parameters on the meta device (buffers stay real): the model costs no memory and
-    no initialisation until the file's tensors are assigned into it."""
-
-    def __enter__(self):
-        self._orig = torch.nn.Module.register_parameter
-        self._resets = {cls: cls.reset_parameters for cls in (torch.nn.Linear, torch.nn.Embedding)}
-        for cls in self._resets:  # random init of weights about to be overwritten is wasted time
-            cls.reset_parameters = lambda module: None
-
-        def register(module, name, param):
-            if param is not None:
-                param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-            self._orig(module, name, param)
-
-        torch.nn.Module.register_parameter = register
-        return self
-
-    def __exit__(self, *exc):
-        torch.nn.Module.register_parameter = self._orig
-        for cls, reset in self._resets.items():
-            cls.reset_parameters = reset
-
-
 def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
               device: str | torch.device | None = None, tokenizer: bool = True, blocks: bool = False):
     """Load a GGUF file: returns ``(Transformer, Tokenizer)`` (tokenizer ``None`` if not asked).
@@ -531,8 +504,7 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
                         f"use --device cpu")
     f = GGUFFile(path, tokenizer=tokenizer)
     config = config_from_metadata(f.metadata, {n: t.shape for n, t in f.tensors.items()}, f.path)
-    with _EmptyParameters():
-        model = Transformer(config)
+    model = build_empty(config)
     found: dict | None = {} if blocks else None
     sd = state_dict_from_gguf(f, config, dtype, blocks=found)
     rope_freqs = sd.pop("__rope_freqs__", None)
@@ -547,7 +519,7 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
         want = shapes[k]
         if tuple(v.shape) != tuple(want):
             raise GGUFError(f"{f.path}: tensor for {k!r} has shape {tuple(v.shape)}, the config expects {tuple(want)}")
-    model.load_state_dict(sd, strict=True, assign=True)
+    assign_weights(model, sd, source=str(f.path))
     if rope_freqs is not None and config.pos_emb == "rope":  # Llama 3.1-style per-frequency divisors
         model.rotary.inv_freq = model.rotary.inv_freq / rope_freqs.float()
     model.to(device=device or "cpu")

@@ -224,10 +224,9 @@ def read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
 def build_from_state_dict(config: ModelConfig, sd: dict[str, torch.Tensor], dtype: torch.dtype | None = None,
                           device: str | torch.device | None = None, source: str = "checkpoint"):
     """A ``Transformer`` holding ``sd`` (our names), built without allocating random weights first."""
-    from evolm.model import Transformer
+    from evolm.interop.empty import assign_weights, build_empty
 
-    with torch.device("meta"):
-        model = Transformer(config)
+    model = build_empty(config)
     expected = set(model.state_dict())
     missing, extra = sorted(expected - set(sd)), sorted(set(sd) - expected)
     if missing or extra:
@@ -237,14 +236,7 @@ def build_from_state_dict(config: ModelConfig, sd: dict[str, torch.Tensor], dtyp
         # keep the router's selection bias in float32 as the references do
         sd = {k: (t.to(dtype) if t.is_floating_point() and not k.endswith("e_score_correction_bias") else t)
               for k, t in sd.items()}
-    try:
-        model.load_state_dict(sd, strict=True, assign=True)
-    except RuntimeError as e:
-        raise ValueError(f"{source}: weights do not fit the config: {e}") from None
-    model.reset_buffers()  # RoPE tables are derived from the config, never stored: float32, on the weights' device
-    left = [n for n, b in model.named_buffers() if b.is_meta] + [n for n, p in model.named_parameters() if p.is_meta]
-    if left:
-        raise RuntimeError(f"{source}: internal error, tensors left unmaterialised: {left[:5]}")
+    model = assign_weights(model, sd, source=source)
     if device is not None:
         model = model.to(device)
     return model.eval()

@@ -96,6 +96,7 @@ class Family:
         need(config.final_norm, "final_norm", "True")
         need(not config.lm_head_bias, "lm_head_bias", "False")
         need(not config.nope_layers, "nope_layers", "()")
+        need(config.mask == "causal", "mask", "'causal' (every decoder family attends causally)")
         self.check(self, config, need)
         return list(need)
 
