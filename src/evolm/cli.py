@@ -55,6 +55,11 @@ def cmd_arch(args) -> None:
         print(f"{'field':<{w}}  {args.a}  ->  {args.b}")
         for k, va, vb in rows:
             print(f"{k:<{w}}  {va!r}  ->  {vb!r}")
+    elif args.arch_cmd == "flatten":
+        from evolm.lab.flatten import write_flat
+
+        write_flat(resolve_config(args.name), args.out)
+        print(f"wrote {args.out}: {args.name} as one PyTorch file (no evolm import)")
 
 
 # --- convert ---------------------------------------------------------------------------------
@@ -276,6 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("a")
     s.add_argument("b")
     s.add_argument("--json", action="store_true")
+    s = asub.add_parser("flatten", help="write one readable PyTorch file with only the parts a config uses")
+    s.add_argument("name", help="preset name, config JSON, or HF config.json / folder")
+    s.add_argument("--out", required=True, help="the .py file to write")
     a.set_defaults(func=cmd_arch)
 
     c = sub.add_parser("convert", help="convert a model between formats")

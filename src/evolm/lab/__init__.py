@@ -1,0 +1,1 @@
+"""The lab: measure what each innovation buys (ablations, scaling fits) and flatten a config into one file."""
