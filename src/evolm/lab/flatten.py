@@ -232,45 +232,56 @@ def mlp_parts(c: ModelConfig) -> list[tuple[str, str]]:
 
 
 def moe_parts(c: ModelConfig) -> list[tuple[str, str]]:
+    """Group-limited routing (if any), the router, the stacked experts and the MoE layer."""
     if not c.n_experts:
         return []
+    codes = ([group_limit_part(c)] if c.n_expert_groups > 1 else []) + [router_part(c), experts_part(c), moe_part(c)]
+    return [(_moe_label(c), "\n".join(code.rstrip("\n") + "\n" for code in codes))]
+
+
+def group_limit_part(c: ModelConfig) -> str:
+    two = c.router == "sigmoid" and c.n_experts // c.n_expert_groups > 1
+    return fill(P.GROUP_LIMIT, group_score="g.topk(2, dim=-1)[0].sum(-1)" if two else "g.amax(-1)",
+                rank_doc="groups ranked by the sum of their two best scores (V3)" if two
+                else "groups ranked by their best score (V2)")
+
+
+def router_part(c: ModelConfig) -> str:
     sigmoid = c.router == "sigmoid"
-    parts = []
-    if c.n_expert_groups > 1:
-        two = sigmoid and c.n_experts // c.n_expert_groups > 1
-        parts.append(("", fill(P.GROUP_LIMIT,
-                               group_score="g.topk(2, dim=-1)[0].sum(-1)" if two else "g.amax(-1)",
-                               rank_doc="groups ranked by the sum of their two best scores (V3)" if two
-                               else "groups ranked by their best score (V2)")))
     doc = ("Sigmoid router (DeepSeek-V3): per-expert sigmoid scores" if sigmoid else
            "Softmax router (Mixtral): softmax over the expert logits") + ", top-k" + \
         (", renormalised to sum to 1" if c.norm_topk_prob else "") + "."
-    init = lines(
-        'self.register_buffer("e_score_correction_bias", torch.zeros(c.n_experts))  # load balancing, not trained by gradient'
-        if c.router_bias else None,
-        "self.n_groups, self.topk_groups = c.n_expert_groups, c.topk_groups" if c.n_expert_groups > 1 else None)
-    renorm = ("w = w / (w.sum(-1, keepdim=True) + 1e-20)" if sigmoid else "w = w / w.sum(-1, keepdim=True)") \
-        if c.norm_topk_prob else ""
-    parts.append(("", fill(
-        P.ROUTER, doc=doc, init=init, scores="torch.sigmoid(logits)" if sigmoid else "torch.softmax(logits, dim=-1)",
-        choice="scores + self.e_score_correction_bias  # the bias steers the choice, not the weights"
-        if c.router_bias else "scores",
-        limit="choice = limit_to_groups(choice, self.n_groups, self.topk_groups)" if c.n_expert_groups > 1 else "",
-        renorm=renorm)))
+    bias = 'self.register_buffer("e_score_correction_bias", torch.zeros(c.n_experts))  # balancing, no gradient'
+    groups = "self.n_groups, self.topk_groups = c.n_expert_groups, c.topk_groups"
+    init = lines(bias if c.router_bias else None, groups if c.n_expert_groups > 1 else None)
+    renorm = "w = w / (w.sum(-1, keepdim=True) + 1e-20)" if sigmoid else "w = w / w.sum(-1, keepdim=True)"
+    choice = "scores + self.e_score_correction_bias  # the bias steers the choice, not the weights"
+    limit = "choice = limit_to_groups(choice, self.n_groups, self.topk_groups)"
+    return fill(P.ROUTER, doc=doc, init=init,
+                scores="torch.sigmoid(logits)" if sigmoid else "torch.softmax(logits, dim=-1)",
+                choice=choice if c.router_bias else "scores", limit=limit if c.n_expert_groups > 1 else "",
+                renorm=renorm if c.norm_topk_prob else "")
+
+
+def experts_part(c: ModelConfig) -> str:
     gated = c.mlp == "glu"
-    parts.append(("", fill(P.EXPERTS, rows="2F" if gated else "F", rows_expr="2 * c.moe_d_ff" if gated else "c.moe_d_ff",
-                           act="gate, up = h.chunk(2, dim=-1)\nh = act(gate) * up" if gated else "h = act(h)")))
+    return fill(P.EXPERTS, rows="2F" if gated else "F", rows_expr="2 * c.moe_d_ff" if gated else "c.moe_d_ff",
+                act="gate, up = h.chunk(2, dim=-1)\nh = act(gate) * up" if gated else "h = act(h)")
+
+
+def moe_part(c: ModelConfig) -> str:
     shared = c.n_shared_experts > 0
-    parts.append(("", fill(
-        P.MOE, shared_doc=", plus always-active shared experts (DeepSeekMoE)" if shared else "",
-        shared_init="self.shared_experts = MLP(c, d_ff=c.moe_d_ff * c.n_shared_experts)" if shared else "",
-        shared_add="y = y + self.shared_experts(xf)" if shared else "")))
-    label = f"MoE ({c.n_experts} experts, top-{c.n_experts_per_tok}, {c.router} router" + \
-        (", selection bias" if c.router_bias else "") + \
-        (f", {c.topk_groups} of {c.n_expert_groups} groups" if c.n_expert_groups > 1 else "") + \
-        (f", {c.n_shared_experts} shared" if shared else "") + \
-        (f", first {c.first_k_dense} layers dense" if c.first_k_dense else "") + ")"
-    return [(label, "\n".join(code.rstrip("\n") + "\n" for _, code in parts))]
+    return fill(P.MOE, shared_doc=", plus always-active shared experts (DeepSeekMoE)" if shared else "",
+                shared_init="self.shared_experts = MLP(c, d_ff=c.moe_d_ff * c.n_shared_experts)" if shared else "",
+                shared_add="y = y + self.shared_experts(xf)" if shared else "")
+
+
+def _moe_label(c: ModelConfig) -> str:
+    extras = [", selection bias" if c.router_bias else "",
+              f", {c.topk_groups} of {c.n_expert_groups} groups" if c.n_expert_groups > 1 else "",
+              f", {c.n_shared_experts} shared" if c.n_shared_experts else "",
+              f", first {c.first_k_dense} layers dense" if c.first_k_dense else ""]
+    return f"MoE ({c.n_experts} experts, top-{c.n_experts_per_tok}, {c.router} router{''.join(extras)})"
 
 
 def block_part(c: ModelConfig) -> list[tuple[str, str]]:
@@ -317,35 +328,47 @@ def _rope_tables(c: ModelConfig) -> str:
                 local="rope_local = self.rotary_local(positions, dtype)" if _uses_local_rope(c) else "")
 
 
-def model_part(c: ModelConfig) -> list[tuple[str, str]]:
-    rope, per_layer = c.pos_emb == "rope", _per_layer_rope(c)
-    tail = ("final norm -> " if c.final_norm else "") + ("tied LM head" if c.tie_embeddings else "untied LM head") + \
+def _head_tail(c: ModelConfig) -> str:
+    return ("final norm -> " if c.final_norm else "") + ("tied LM head" if c.tie_embeddings else "untied LM head") + \
         (" -> logit soft-cap" if c.final_softcap is not None else "")
-    rope_tables = "" if not rope else "ropes = self.rope_tables(T, x.dtype, x.device)" if per_layer else \
-        "rope = self.rotary(torch.arange(T, device=x.device), x.dtype)"
-    code = fill(
-        P.TRANSFORMER, n_layers=str(c.n_layers), tail=tail,
+
+
+def _model_init_slots(c: ModelConfig) -> dict[str, str]:
+    """What ``Transformer.__init__`` holds besides the embeddings and the blocks."""
+    return dict(
         pos_init="self.pos_embed = nn.Embedding(c.max_seq_len, c.d_model)  # learned absolute positions"
         if c.pos_emb == "learned" else "",
         norm_init="self.norm = Norm(c.d_model, c)" if c.final_norm else "",
         head_init="" if c.tie_embeddings else "self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=c.lm_head_bias)",
-        rope_init=_rope_init(c) if rope else "",
-        embed=lines("x = x * torch.tensor(self.config.d_model ** 0.5, dtype=x.dtype)  # Gemma: scaled by sqrt(d_model)"
-                    if c.embed_scale else None,
-                    "x = x + self.pos_embed(torch.arange(T, device=input_ids.device))"
-                    if c.pos_emb == "learned" else None),
-        rope_tables=rope_tables,
+        rope_init=_rope_init(c) if c.pos_emb == "rope" else "")
+
+
+def _model_forward_slots(c: ModelConfig) -> dict[str, str]:
+    """``Transformer.forward``: embeddings, the rope tables, the layer loop, the head."""
+    rope, per_layer = c.pos_emb == "rope", _per_layer_rope(c)
+    scale = "x = x * torch.tensor(self.config.d_model ** 0.5, dtype=x.dtype)  # Gemma: scaled by sqrt(d_model)"
+    positions = "x = x + self.pos_embed(torch.arange(T, device=input_ids.device))"
+    tables = "ropes = self.rope_tables(T, x.dtype, x.device)" if per_layer else \
+        "rope = self.rotary(torch.arange(T, device=x.device), x.dtype)"
+    tied = "F.linear(x, self.embed_tokens.weight)  # tied: the head is the embedding matrix"
+    cap = "logits = self.config.final_softcap * torch.tanh(logits / self.config.final_softcap)  # soft-cap"
+    return dict(
+        embed=lines(scale if c.embed_scale else None, positions if c.pos_emb == "learned" else None),
+        rope_tables=tables if rope else "",
         loop="layer, rope in zip(self.layers, ropes)" if rope and per_layer else "layer in self.layers",
         rope_arg=", rope" if rope else "",
         final_norm="x = self.norm(x)" if c.final_norm else "",
-        logits="self.lm_head(x)" if not c.tie_embeddings else
-        "F.linear(x, self.embed_tokens.weight)  # tied: the head is the embedding matrix",
-        softcap="logits = self.config.final_softcap * torch.tanh(logits / self.config.final_softcap)  # soft-cap"
-        if c.final_softcap is not None else "")
-    if rope and per_layer:
+        logits=tied if c.tie_embeddings else "self.lm_head(x)",
+        softcap=cap if c.final_softcap is not None else "")
+
+
+def model_part(c: ModelConfig) -> list[tuple[str, str]]:
+    code = fill(P.TRANSFORMER, n_layers=str(c.n_layers), tail=_head_tail(c), **_model_init_slots(c),
+                **_model_forward_slots(c))
+    if c.pos_emb == "rope" and _per_layer_rope(c):
         code = code.rstrip("\n") + "\n" + "\n".join("    " + ln if ln else "" for ln in _rope_tables(c).split("\n"))
     label = ("learned positions, " if c.pos_emb == "learned" else "") + \
-        ("scaled embeddings, " if c.embed_scale else "") + tail
+        ("scaled embeddings, " if c.embed_scale else "") + _head_tail(c)
     return [(label, code)]
 
 
