@@ -149,3 +149,30 @@ def test_cli_writes_the_file(tmp_path):
     out = tmp_path / "llama.py"
     assert main(["arch", "flatten", "tiny-llama", "--out", str(out)]) == 0
     assert out.read_text() == flatten(get_preset("tiny-llama"))
+
+
+@pytest.mark.parametrize("name", ["tiny-gemma3", "tiny-deepseek"])
+def test_the_file_runs_in_bfloat16_like_evolm(name, tmp_path):
+    """Cast to bf16, the file keeps its RoPE frequencies in float32 and its activations in bf16, as evolm does."""
+    config = get_preset(name)
+    ref = perturbed_model(config).to(torch.bfloat16)
+    flat_mod = load_flat(config, tmp_path)
+    flat = flat_mod.Transformer(flat_mod.Config()).eval()
+    flat.load_state_dict(ref.state_dict())
+    flat.to(torch.bfloat16)
+    ids = torch.randint(0, config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected, got = ref(ids), flat(ids)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, expected)
+
+
+def test_cli_names_the_field_it_cannot_write(tmp_path, capsys):
+    from evolm.cli import main
+
+    path = tmp_path / "encoder.json"
+    path.write_text(get_preset("tiny-llama").replace(mask="bidirectional").to_json())
+    with pytest.raises(SystemExit):
+        main(["arch", "flatten", str(path), "--out", str(tmp_path / "x.py")])
+    assert "field 'mask'" in capsys.readouterr().err
+    assert not (tmp_path / "x.py").exists()
