@@ -164,6 +164,8 @@ def test_the_file_runs_in_bfloat16_like_evolm(name, tmp_path):
     with torch.no_grad():
         expected, got = ref(ids), flat(ids)
     assert got.dtype == torch.bfloat16
+    if config.router_bias:  # the balancing bias stays float32, as in evolm
+        assert flat.layers[-1].mlp.gate.e_score_correction_bias.dtype == torch.float32
     torch.testing.assert_close(got, expected)
 
 

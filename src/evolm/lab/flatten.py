@@ -260,7 +260,7 @@ def router_part(c: ModelConfig) -> str:
     return fill(P.ROUTER, doc=doc, init=init,
                 scores="torch.sigmoid(logits)" if sigmoid else "torch.softmax(logits, dim=-1)",
                 choice=choice if c.router_bias else "scores", limit=limit if c.n_expert_groups > 1 else "",
-                renorm=renorm if c.norm_topk_prob else "")
+                renorm=renorm if c.norm_topk_prob else "", methods=P.ROUTER_BIAS_FLOAT32 if c.router_bias else "")
 
 
 def experts_part(c: ModelConfig) -> str:

@@ -349,6 +349,16 @@ class Router(nn.Module):
         w = scores.gather(1, idx)
         <<renorm>>
         return w * self.scaling, idx
+    <<methods>>
+'''
+
+ROUTER_BIAS_FLOAT32 = '''
+def _apply(self, fn, recurse=True):
+    """Keep the balancing bias in float32 when the model is cast: in bfloat16 its small updates vanish."""
+    bias = self.e_score_correction_bias
+    super()._apply(fn, recurse)
+    self.e_score_correction_bias = bias.to(self.weight.device)
+    return self
 '''
 
 GROUP_LIMIT = '''
