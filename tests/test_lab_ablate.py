@@ -81,3 +81,75 @@ def test_noise_is_called_noise_and_the_bootstrap_agrees():
     assert hi < 0
     with pytest.raises(ValueError, match="at least 2 seeds"):
         compare([3.4], [3.5, 3.6])
+
+
+# --- the runner --------------------------------------------------------------------------------
+def _tiny_recipe(tmp) -> dict:
+    import collections
+    import inspect
+    import json
+    import textwrap
+
+    corpus = tmp / "corpus"
+    corpus.mkdir(parents=True, exist_ok=True)
+    for mod in (collections, json.decoder, json.encoder, textwrap, inspect):  # real code, a few documents
+        (corpus / f"{mod.__name__.replace('.', '_')}.py").write_text(inspect.getsource(mod))
+    return {
+        "name": "lab", "seed": 0,
+        "model": {"preset": "tiny-llama", "overrides": {"vocab_size": "tokenizer", "rope_scaling": None,
+                                                         "max_seq_len": 64, "d_model": 64, "head_dim": 16,
+                                                         "n_layers": 2, "d_ff": 192}},
+        "tokenizer": {"train": {"vocab_size": 300}},
+        "data": {"sources": [{"name": "code", "path": str(corpus)}], "val_fraction": 0.1, "near_dedup": False},
+        "optim": {"lr": 3e-3},
+        "train": {"micro_batch": 4, "tokens_per_step": 128, "log_every": 10, "eval_every": 0, "eval_batches": 1,
+                  "ckpt_every": 0, "sample_prompts": ["def "], "sample_tokens": 2},
+        "stages": [{"name": "pretrain", "tokens": 128, "seq_len": 32, "warmup_steps": 1}],
+    }
+
+
+def test_vary_expands_to_every_combination_and_routes_each_key():
+    from evolm.lab.ablate import apply_variant, parse_vary
+
+    vs = parse_vary(["norm=layernorm,rmsnorm", "optim.lr=1e-3,3e-3"])
+    assert [v.changes for v in vs] == [{"norm": "layernorm", "optim.lr": 1e-3}, {"norm": "layernorm", "optim.lr": 3e-3},
+                                       {"norm": "rmsnorm", "optim.lr": 1e-3}, {"norm": "rmsnorm", "optim.lr": 3e-3}]
+    d = apply_variant({"model": {"preset": "tiny-llama"}, "optim": {"lr": 1.0}}, vs[1])
+    assert d["model"]["overrides"] == {"norm": "layernorm"} and d["optim"]["lr"] == 3e-3
+    with pytest.raises(ValueError, match="not a ModelConfig field"):
+        apply_variant({}, parse_vary(["lr=1e-3"])[0])
+    with pytest.raises(ValueError, match="expected KEY=VALUE"):
+        parse_vary(["norm"])
+
+
+@pytest.mark.slow
+def test_ablation_runs_equal_budgets_reproducibly_and_resumes(tmp_path):
+    """Two variants x two seeds at one FLOPs budget: budgets equal within 1%, every run folder
+    ordinary, a run repeated with its seed gives the same loss bit for bit, finished runs skipped."""
+    import json
+    import shutil
+
+    from evolm.lab.ablate import parse_vary, run_ablation
+
+    base = _tiny_recipe(tmp_path)
+    variants = parse_vary(["mlp=mlp,glu"])
+    budget = Budget("flops", 7.8e9)  # ~100 steps of 128 tokens: whole steps land within 1%
+    logs = []
+    res = run_ablation(base, variants, [0, 1], budget, tmp_path / "lab", log=logs.append)
+    rows = {r["variant"]: r for r in res["variants"]}
+    assert set(rows) == {"mlp-mlp", "mlp-glu"}
+    flops = [r["flops"] for r in rows.values()]
+    assert all(abs(f - 7.8e9) / 7.8e9 <= TOLERANCE for f in flops)
+    assert any("2/3" in line for line in logs)  # the matching rule is printed
+    glu = rows["mlp-glu"]
+    assert len(glu["val_loss"]) == 2 and "verdict" in glu and "p_value" in glu
+    assert (tmp_path / "lab" / "report.md").read_text().count("|") > 10
+    for folder in ("mlp-mlp/seed-0", "mlp-glu/seed-1"):
+        assert (tmp_path / "lab" / folder / "report.md").is_file()
+    # reproducible: run one seed again from scratch -> the same final loss, bit for bit
+    first = json.loads((tmp_path / "lab" / "mlp-glu" / "seed-1" / "summary.json").read_text())["val_loss"]
+    shutil.rmtree(tmp_path / "lab" / "mlp-glu" / "seed-1")
+    logs.clear()
+    again = run_ablation(base, variants, [0, 1], budget, tmp_path / "lab", log=logs.append)
+    assert {r["variant"]: r for r in again["variants"]}["mlp-glu"]["val_loss"][1] == first
+    assert sum("skipped" in line for line in logs) == 3

@@ -62,6 +62,25 @@ def cmd_arch(args) -> None:
         print(f"wrote {args.out}: {args.name} as one PyTorch file (no evolm import)")
 
 
+def cmd_lab(args) -> None:
+    import yaml
+
+    from evolm.lab.ablate import parse_vary, run_ablation
+    from evolm.lab.budget import Budget
+
+    try:
+        base = yaml.safe_load(open(args.base))
+        variants, budget = parse_vary(args.vary), Budget.parse(args.budget)
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        _fail(f"lab ablate: {e}")
+    if not isinstance(base, dict):
+        _fail(f"lab ablate: {args.base}: expected a recipe mapping")
+    results = run_ablation(base, variants, list(range(args.seeds)), budget, args.out, data_dir=args.data_dir)
+    from evolm.lab.ablate import report_text
+
+    print(report_text(results))
+
+
 # --- convert ---------------------------------------------------------------------------------
 def cmd_convert(args) -> None:
     from evolm.loading import load, save
@@ -285,6 +304,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("name", help="preset name, config JSON, or HF config.json / folder")
     s.add_argument("--out", required=True, help="the .py file to write")
     a.set_defaults(func=cmd_arch)
+
+    lab = sub.add_parser("lab", help="measure what an innovation buys: ablations at equal compute, seeds, tests")
+    labsub = lab.add_subparsers(dest="lab_cmd", required=True)
+    s = labsub.add_parser("ablate", help="variants of a recipe at equal FLOPs (or tokens) over several seeds")
+    s.add_argument("--base", required=True, help="a one-stage pretraining recipe (YAML) with train.tokens_per_step")
+    s.add_argument("--vary", action="append", required=True, metavar="KEY=V1,V2",
+                   help="a ModelConfig field (norm=layernorm,rmsnorm) or section.key (optim.lr=1e-3,3e-3); "
+                        "repeat for more keys (every combination; the first is the baseline)")
+    s.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per variant")
+    s.add_argument("--budget", required=True, help="flops=3e14 (equal training FLOPs) or tokens=2e6")
+    s.add_argument("--out", required=True, help="lab folder: one run folder per (variant, seed), results.json, report.md")
+    s.add_argument("--data-dir", default=None)
+    lab.set_defaults(func=cmd_lab)
 
     c = sub.add_parser("convert", help="convert a model between formats")
     c.add_argument("--model", required=True, help="HF folder, GGUF file or evolm checkpoint")
