@@ -144,6 +144,7 @@ def test_ablation_runs_equal_budgets_reproducibly_and_resumes(tmp_path):
     glu = rows["mlp-glu"]
     assert len(glu["val_loss"]) == 2 and "verdict" in glu and "p_value" in glu
     assert (tmp_path / "lab" / "report.md").read_text().count("|") > 10
+    assert (tmp_path / "lab" / "loss_curves.png").stat().st_size > 1000 and (tmp_path / "lab" / "delta.png").is_file()
     for folder in ("mlp-mlp/seed-0", "mlp-glu/seed-1"):
         assert (tmp_path / "lab" / folder / "report.md").is_file()
     # reproducible: run one seed again from scratch -> the same final loss, bit for bit

@@ -103,7 +103,9 @@ def run_ablation(base: dict, variants: list[Variant], seeds: list[int], budget: 
             _run_one(plans[v.name], seed, out / v.name / f"seed-{seed}", data_dir, log)
     results = collect(out, variants, seeds, plans, tokenizer)
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    (out / "report.md").write_text(report_text(results))
+    (out / "report.md").write_text(report_text(results) + "\n![loss curves](loss_curves.png)\n\n"
+                                   "![delta vs baseline](delta.png)\n")
+    plot(out, results)
     return results
 
 
@@ -193,3 +195,45 @@ def report_text(results: dict) -> str:
                          f"{r['mean']:.4f} ± {r['std']:.4f} | {r['delta']:+.4f} | [{r['ci95'][0]:+.4f}, "
                          f"{r['ci95'][1]:+.4f}] | {r['p_value']:.3g} | {r['verdict']} |")
     return "\n".join(lines) + "\n"
+
+
+def plot(out: Path, results: dict) -> None:
+    """``loss_curves.png`` (training loss per variant: mean over seeds, band = min..max) and
+    ``delta.png`` (Δ val loss vs the baseline with its 95% interval)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for row in results["variants"]:
+        curves = [_train_curve(out / row["variant"] / f"seed-{s}" / "metrics.jsonl") for s in results["seeds"]]
+        tokens = sorted(set.intersection(*(set(c) for c in curves)))
+        values = [[c[t] for c in curves] for t in tokens]
+        ax.plot(tokens, [sum(v) / len(v) for v in values], label=row["variant"])
+        ax.fill_between(tokens, [min(v) for v in values], [max(v) for v in values], alpha=0.2)
+    ax.set(xlabel="tokens", ylabel="training loss", title="loss over seeds (band: min..max)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "loss_curves.png", dpi=120)
+    plt.close(fig)
+    rows = [r for r in results["variants"] if not r.get("baseline")]
+    fig, ax = plt.subplots(figsize=(7, 1 + 0.5 * max(1, len(rows))))
+    for i, r in enumerate(rows):
+        ax.errorbar(r["delta"], i, xerr=[[r["delta"] - r["ci95"][0]], [r["ci95"][1] - r["delta"]]], fmt="o", capsize=4)
+    ax.axvline(0.0, color="grey", lw=1)
+    ax.set_yticks(range(len(rows)), [r["variant"] for r in rows])
+    ax.set(xlabel=f"Δ val loss vs {results['baseline']} (95% CI)")
+    fig.tight_layout()
+    fig.savefig(out / "delta.png", dpi=120)
+    plt.close(fig)
+
+
+def _train_curve(metrics: Path) -> dict[int, float]:
+    """tokens -> training loss, from a run folder's metrics.jsonl."""
+    curve = {}
+    for line in metrics.read_text().splitlines():
+        row = json.loads(line)
+        if "loss" in row and "tokens" in row:
+            curve[row["tokens"]] = row["loss"]
+    return curve
