@@ -5,8 +5,10 @@ tests/test_cost.py) for the budgets; scipy's ``ttest_ind(equal_var=False)`` and 
 interval for Welch's test; the parameter counts of the cost card for the matching rules.
 """
 
-import pytest
+import math
 from dataclasses import replace
+
+import pytest
 
 from evolm.analysis.cost import cost_card
 from evolm.config import ModelConfig
@@ -143,6 +145,8 @@ def test_ablation_runs_equal_budgets_reproducibly_and_resumes(tmp_path):
     assert any("2/3" in line for line in logs)  # the matching rule is printed
     glu = rows["mlp-glu"]
     assert len(glu["val_loss"]) == 2 and "verdict" in glu and "p_value" in glu
+    for loss, bpb in zip(glu["val_loss"], glu["val_bits_per_byte"]):  # a 300-token BPE: 1.5-4 bytes a token
+        assert loss / math.log(2) / 4 < bpb < loss / math.log(2) / 1.5
     assert (tmp_path / "lab" / "report.md").read_text().count("|") > 10
     assert (tmp_path / "lab" / "loss_curves.png").stat().st_size > 1000 and (tmp_path / "lab" / "delta.png").is_file()
     for folder in ("mlp-mlp/seed-0", "mlp-glu/seed-1"):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,7 +155,27 @@ def _run_one(d: dict, seed: int, folder: Path, data_dir: str | None, log) -> Non
     summary = pretrain(recipe_from_dict(d, str(folder)), out_dir=str(folder), resume=(folder / "checkpoints").exists(),
                        data_dir=data_dir, log=log)
     keep = {k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool)) or v is None}
+    if keep.get("val_loss") is not None:
+        keep["val_bits_per_byte"] = keep["val_loss"] / math.log(2) * _tokens_per_byte(folder / "data")
     (folder / "summary.json").write_text(json.dumps(keep, indent=2))
+
+
+def _tokens_per_byte(data: Path) -> float:
+    """Held-out tokens per UTF-8 byte of their text, so a loss in nats per token becomes bits per
+    byte: a measure no tokenizer choice can move (a variant with another vocabulary compares)."""
+    import numpy as np
+
+    from evolm.tokenizer import Tokenizer
+
+    manifest = json.loads((data / "manifest.json").read_text())
+    tok = Tokenizer.from_file(str(data.parent / "tokenizer.json"))
+    eos = manifest["tokenizer"]["eos_id"]
+    n_tokens = n_bytes = 0
+    for shard in sorted((data / "val").glob("*.bin")):
+        ids = np.fromfile(shard, dtype=manifest["tokenizer"]["dtype"]).tolist()
+        n_tokens += len(ids)
+        n_bytes += len(tok.decode([i for i in ids if i != eos]).encode("utf-8"))
+    return n_tokens / max(1, n_bytes)
 
 
 def collect(out: Path, variants: list[Variant], seeds: list[int], plans: dict, tokenizer) -> dict:
@@ -171,6 +192,7 @@ def collect(out: Path, variants: list[Variant], seeds: list[int], plans: dict, t
         rows.append({"variant": v.name, "changes": v.changes, "params_total": card["params_total"],
                      "params_active": card["params_active"], "tokens": stage["tokens"],
                      "flops": stage["tokens"] * card["flops_per_token"], "val_loss": losses[v.name],
+                     "val_bits_per_byte": [r.get("val_bits_per_byte") for r in runs],
                      "wall_s": [r.get("wall_s") for r in runs]})
     base = losses[variants[0].name]
     for row in rows[1:]:
@@ -184,17 +206,23 @@ def collect(out: Path, variants: list[Variant], seeds: list[int], plans: dict, t
 
 def report_text(results: dict) -> str:
     lines = [f"# Ablation (baseline: {results['baseline']}; seeds {results['seeds']})", "",
-             "| variant | params | FLOPs | tokens | val loss mean | Δ vs baseline | 95% CI | p | verdict |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| variant | params | FLOPs | tokens | val loss mean | bits/byte | Δ vs baseline | 95% CI | p | verdict |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["variants"]:
         if r.get("baseline"):
             lines.append(f"| {r['variant']} (baseline) | {r['params_total']:,} | {r['flops']:.3g} | {r['tokens']:,} "
-                         f"| {r['mean']:.4f} | | | | |")
+                         f"| {r['mean']:.4f} | {_mean(r['val_bits_per_byte'])} | | | | |")
         else:
             lines.append(f"| {r['variant']} | {r['params_total']:,} | {r['flops']:.3g} | {r['tokens']:,} | "
-                         f"{r['mean']:.4f} ± {r['std']:.4f} | {r['delta']:+.4f} | [{r['ci95'][0]:+.4f}, "
+                         f"{r['mean']:.4f} ± {r['std']:.4f} | {_mean(r['val_bits_per_byte'])} | {r['delta']:+.4f} | "
+                         f"[{r['ci95'][0]:+.4f}, "
                          f"{r['ci95'][1]:+.4f}] | {r['p_value']:.3g} | {r['verdict']} |")
     return "\n".join(lines) + "\n"
+
+
+def _mean(xs: list) -> str:
+    xs = [x for x in xs if x is not None]
+    return f"{sum(xs) / len(xs):.4f}" if xs else "-"
 
 
 def plot(out: Path, results: dict) -> None:
