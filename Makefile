@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 ASSETS := $(PY) scripts/assets.py
 
-.PHONY: check-assets check-demo setup models data eval-data post-data browser bench-deps demo test doctor lock clean
+.PHONY: check-assets check-demo setup models data eval-data post-data browser bench-deps demo lab test doctor lock clean
 
 # seconds, before any long step: is every file `make test` needs still served, and unchanged?
 check-assets:
@@ -59,6 +59,10 @@ bench-deps: setup
 # the main job: train the ~10M-parameter demo model on the built-in corpus for a few minutes
 demo: check-demo setup data
 	$(BIN)/evolm pretrain --config recipes/demo.yaml --out runs/demo
+
+# the lab's ladder: GPT-2, then one innovation per rung, 3 seeds each at equal FLOPs (runs/lab/ladder/report.md)
+lab: check-demo setup data
+	$(BIN)/evolm lab ladder --base recipes/lab-base.yaml --seeds 3 --budget flops=3e12 --out runs/lab/ladder
 
 # EVOLM_REQUIRE_ASSETS=1: a test skipped for a missing *required* asset fails instead
 test: check-assets setup models data eval-data post-data browser

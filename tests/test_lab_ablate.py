@@ -158,3 +158,52 @@ def test_ablation_runs_equal_budgets_reproducibly_and_resumes(tmp_path):
     again = run_ablation(base, variants, [0, 1], budget, tmp_path / "lab", log=logs.append)
     assert {r["variant"]: r for r in again["variants"]}["mlp-glu"]["val_loss"][1] == first
     assert sum("skipped" in line for line in logs) == 3
+
+
+def test_every_rung_of_the_ladder_builds_and_meets_the_budget():
+    """recipes/lab-base.yaml climbed rung by rung (matching included): each config is valid, builds,
+    and its whole steps land within 1% of one FLOPs budget; SwiGLU keeps the MLP size, MoE the
+    active size."""
+    from pathlib import Path
+
+    import yaml
+
+    from evolm.lab.ablate import _budgeted, _config, apply_variant
+    from evolm.lab.ladder import LADDER, rungs
+    from evolm.model import build
+
+    class Vocab:
+        vocab_size = 4096
+
+    base = yaml.safe_load((Path(__file__).resolve().parents[1] / "recipes" / "lab-base.yaml").read_text())
+    budget = Budget("flops", 3e12)
+    d, configs = base, []
+    for rung in LADDER:
+        before = _config(d, Vocab) if configs else _config(apply_variant(base, rung), Vocab)
+        d, _ = _budgeted(apply_variant(d, rung), before, Vocab, budget)
+        configs.append(_config(d, Vocab))
+        build(configs[-1], device="meta")
+    names = [v.name for v in LADDER]
+    card = lambda i: cost_card(configs[i])  # noqa: E731
+    sw = names.index("swiglu")
+    assert abs(card(sw)["params_by_part"]["mlp"] / card(sw - 1)["params_by_part"]["mlp"] - 1) < 0.01
+    moe = names.index("moe-shared")
+    assert abs(card(moe)["params_active"] / card(moe - 1)["params_active"] - 1) < 0.02
+    assert configs[-1].attention == "mla" and configs[-1].n_experts == 8 and configs[-1].norm == "rmsnorm"
+    assert [v.name for v in rungs(["rope", "rmsnorm"])] == ["gpt2", "rmsnorm", "rope"]
+    with pytest.raises(ValueError, match="unknown rung"):
+        rungs(["alibi"])
+
+
+@pytest.mark.slow
+def test_ladder_compares_each_rung_with_the_one_before(tmp_path):
+    from evolm.lab.ablate import run_ablation
+    from evolm.lab.ladder import rungs
+
+    res = run_ablation(_tiny_recipe(tmp_path), rungs(["rmsnorm", "swiglu"]), [0, 1], Budget("flops", 7.8e9),
+                       tmp_path / "ladder", log=lambda s: None, ladder=True)
+    rows = res["variants"]
+    assert [r["variant"] for r in rows] == ["gpt2", "rmsnorm", "swiglu"]
+    assert rows[1]["against"] == "gpt2" and rows[2]["against"] == "rmsnorm"
+    assert rows[2]["delta"] == pytest.approx(rows[2]["mean"] - sum(rows[1]["val_loss"]) / 2)
+    assert "previous rung" in (tmp_path / "ladder" / "report.md").read_text()

@@ -65,19 +65,21 @@ def cmd_arch(args) -> None:
 def cmd_lab(args) -> None:
     import yaml
 
-    from evolm.lab.ablate import parse_vary, run_ablation
+    from evolm.lab.ablate import parse_vary, report_text, run_ablation
     from evolm.lab.budget import Budget
+    from evolm.lab.ladder import rungs
 
+    ladder = args.lab_cmd == "ladder"
     try:
         base = yaml.safe_load(open(args.base))
-        variants, budget = parse_vary(args.vary), Budget.parse(args.budget)
+        budget = Budget.parse(args.budget)
+        variants = rungs(args.rungs.split(",") if args.rungs else None) if ladder else parse_vary(args.vary)
     except (OSError, ValueError, yaml.YAMLError) as e:
-        _fail(f"lab ablate: {e}")
+        _fail(f"lab {args.lab_cmd}: {e}")
     if not isinstance(base, dict):
-        _fail(f"lab ablate: {args.base}: expected a recipe mapping")
-    results = run_ablation(base, variants, list(range(args.seeds)), budget, args.out, data_dir=args.data_dir)
-    from evolm.lab.ablate import report_text
-
+        _fail(f"lab {args.lab_cmd}: {args.base}: expected a recipe mapping")
+    results = run_ablation(base, variants, list(range(args.seeds)), budget, args.out, data_dir=args.data_dir,
+                           ladder=ladder)
     print(report_text(results))
 
 
@@ -315,6 +317,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per variant")
     s.add_argument("--budget", required=True, help="flops=3e14 (equal training FLOPs) or tokens=2e6")
     s.add_argument("--out", required=True, help="lab folder: one run folder per (variant, seed), results.json, report.md")
+    s.add_argument("--data-dir", default=None)
+    s = labsub.add_parser("ladder", help="GPT-2, then one innovation per rung, each at equal FLOPs vs the rung before")
+    s.add_argument("--base", default="recipes/lab-base.yaml", help="a one-stage recipe (default: recipes/lab-base.yaml)")
+    s.add_argument("--rungs", default=None, help="comma-separated rung names (default: the whole ladder)")
+    s.add_argument("--seeds", type=int, default=3)
+    s.add_argument("--budget", default="flops=3e12", help="flops=... or tokens=... per rung (default flops=3e12)")
+    s.add_argument("--out", default="runs/lab/ladder")
     s.add_argument("--data-dir", default=None)
     lab.set_defaults(func=cmd_lab)
 

@@ -80,8 +80,12 @@ def apply_variant(base: dict, variant: Variant) -> dict:
 
 
 def run_ablation(base: dict, variants: list[Variant], seeds: list[int], budget: Budget, out: str | Path,
-                 data_dir: str | None = None, log: Callable[[str], None] = print) -> dict:
-    """Train every (variant, seed) not yet done under ``out``; write and return the results."""
+                 data_dir: str | None = None, log: Callable[[str], None] = print, ladder: bool = False) -> dict:
+    """Train every (variant, seed) not yet done under ``out``; write and return the results.
+
+    ``ladder``: each variant's changes apply on top of the previous variant (its matched widths
+    included), and each is compared with the previous one: what that one step buys.
+    """
     from evolm.train.pretrain import load_or_train_tokenizer
     from evolm.train.recipe import recipe_from_dict
 
@@ -92,17 +96,19 @@ def run_ablation(base: dict, variants: list[Variant], seeds: list[int], budget: 
     base = copy.deepcopy(base)
     base["tokenizer"] = {"path": str(shared if (shared / "tokenizer_config.json").is_file() else
                                      shared / "tokenizer.json")}
+    plans, previous = {}, None
     baseline_config = _config(apply_variant(base, variants[0]), tokenizer)
-    plans = {}
     for v in variants:
-        d, notes = _budgeted(apply_variant(base, v), baseline_config, tokenizer, budget)
-        plans[v.name] = d
+        start = plans[previous] if ladder and previous else base
+        reference = _config(plans[previous], tokenizer) if ladder and previous else baseline_config
+        d, notes = _budgeted(apply_variant(start, v), reference, tokenizer, budget)
+        plans[v.name], previous = d, v.name
         for note in notes:
             log(f"{v.name}: {note}")
     for v in variants:
         for seed in seeds:
             _run_one(plans[v.name], seed, out / v.name / f"seed-{seed}", data_dir, log)
-    results = collect(out, variants, seeds, plans, tokenizer)
+    results = collect(out, variants, seeds, plans, tokenizer, ladder)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "report.md").write_text(report_text(results) + "\n![loss curves](loss_curves.png)\n\n"
                                    "![delta vs baseline](delta.png)\n")
@@ -178,8 +184,10 @@ def _tokens_per_byte(data: Path) -> float:
     return n_tokens / max(1, n_bytes)
 
 
-def collect(out: Path, variants: list[Variant], seeds: list[int], plans: dict, tokenizer) -> dict:
-    """Per variant: changes, parameters, FLOPs, tokens, final val loss per seed, and the comparison."""
+def collect(out: Path, variants: list[Variant], seeds: list[int], plans: dict, tokenizer,
+            ladder: bool = False) -> dict:
+    """Per variant: changes, parameters, FLOPs, tokens, final val loss per seed, and the comparison
+    with the baseline (``ladder``: with the previous rung)."""
     from evolm.analysis.cost import cost_card
 
     rows, losses = [], {}
@@ -195,18 +203,20 @@ def collect(out: Path, variants: list[Variant], seeds: list[int], plans: dict, t
                      "val_bits_per_byte": [r.get("val_bits_per_byte") for r in runs],
                      "wall_s": [r.get("wall_s") for r in runs]})
     base = losses[variants[0].name]
-    for row in rows[1:]:
-        c = compare(row["val_loss"], base)
+    for before, row in zip(rows, rows[1:]):
+        c = compare(row["val_loss"], before["val_loss"] if ladder else base)
         row.update(mean=c.mean, std=c.std, delta=c.delta, ci95=[c.low, c.high], p_value=c.p_value,
-                   verdict=c.verdict)
+                   verdict=c.verdict, against=before["variant"] if ladder else variants[0].name)
     first = rows[0]
     first.update(mean=sum(base) / len(base), baseline=True)
-    return {"baseline": variants[0].name, "seeds": seeds, "variants": rows}
+    return {"baseline": variants[0].name, "ladder": ladder, "seeds": seeds, "variants": rows}
 
 
 def report_text(results: dict) -> str:
-    lines = [f"# Ablation (baseline: {results['baseline']}; seeds {results['seeds']})", "",
-             "| variant | params | FLOPs | tokens | val loss mean | bits/byte | Δ vs baseline | 95% CI | p | verdict |",
+    against = "previous rung" if results.get("ladder") else "baseline"
+    lines = [f"# {'Ladder' if results.get('ladder') else 'Ablation'} (baseline: {results['baseline']}; "
+             f"seeds {results['seeds']})", "",
+             f"| variant | params | FLOPs | tokens | val loss mean | bits/byte | Δ vs {against} | 95% CI | p | verdict |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["variants"]:
         if r.get("baseline"):
@@ -251,7 +261,7 @@ def plot(out: Path, results: dict) -> None:
         ax.errorbar(r["delta"], i, xerr=[[r["delta"] - r["ci95"][0]], [r["ci95"][1] - r["delta"]]], fmt="o", capsize=4)
     ax.axvline(0.0, color="grey", lw=1)
     ax.set_yticks(range(len(rows)), [r["variant"] for r in rows])
-    ax.set(xlabel=f"Δ val loss vs {results['baseline']} (95% CI)")
+    ax.set(xlabel=f"Δ val loss vs {'the previous rung' if results.get('ladder') else results['baseline']} (95% CI)")
     fig.tight_layout()
     fig.savefig(out / "delta.png", dpi=120)
     plt.close(fig)

@@ -86,7 +86,7 @@ def match_parameters(base: ModelConfig, variant: ModelConfig) -> tuple[ModelConf
         notes.append(f"gated MLP at d_ff = 2/3 x {base.d_ff} = {d_ff} (three matrices instead of two: "
                      f"equal MLP parameters, Shazeer 2020)")
         variant = replace(variant, d_ff=d_ff)
-    if variant.n_experts and not base.n_experts and variant.moe_d_ff == variant.d_ff:
+    if variant.n_experts and not base.n_experts:  # dense -> MoE: the experts' width is the rule's
         share = variant.n_experts_per_tok + variant.n_shared_experts
         width = base.d_ff if base.mlp == variant.mlp else variant.d_ff
         moe_d_ff = _round_to(width / share, 8)
