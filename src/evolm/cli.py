@@ -362,6 +362,14 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--data-dir", default=None)
     t.set_defaults(func=cmd_tokenizer)
 
+    from evolm.lab.fit_command import add_fit_args, run_fit
+
+    lb = sub.add_parser("lab", help="experiments on your own runs: scaling-law fits")
+    lsub = lb.add_subparsers(dest="lab_cmd", required=True)
+    lf = lsub.add_parser("fit", help="fit Chinchilla scaling laws (approaches 2 and 3) to (N, D, loss) points in a CSV")
+    add_fit_args(lf)
+    lf.set_defaults(func=run_fit)
+
     from evolm.doctor import add_doctor_args
 
     dr = sub.add_parser("doctor", help="check this machine and the pinned assets; print the command that fixes each gap")
