@@ -118,9 +118,12 @@ def format_table(rep: dict) -> str:
         interval = f"[{lo_hi[0]:.4g}, {lo_hi[1]:.4g}]" if lo_hi else "(no bootstrap)"
         lines.append(f"{p:<6} {rep[p]:>12.5g}  {interval:>28}")
     if rep["budgets"]:
-        lines.append(f"{'C (FLOPs)':>10} {'N_opt':>10} {'D_opt':>10} {'D/N':>8}")
+        lines.append(f"{'C (FLOPs)':>10} {'N_opt':>10} {'D_opt':>10} {'D/N':>8}  {str(pct) + '% interval of D/N':>22}")
         for b in rep["budgets"]:
-            lines.append(f"{b['C']:>10.3g} {b['N_opt']:>10.3g} {b['D_opt']:>10.3g} {b['tokens_per_param']:>8.1f}")
+            lo_hi = b["intervals"].get("tokens_per_param")
+            interval = f"[{lo_hi[0]:.1f}, {lo_hi[1]:.1f}]" if lo_hi else "(no bootstrap)"
+            lines.append(f"{b['C']:>10.3g} {b['N_opt']:>10.3g} {b['D_opt']:>10.3g} "
+                         f"{b['tokens_per_param']:>8.1f}  {interval:>22}")
     if "approach2" in rep:
         a2 = rep["approach2"]
         lines.append(f"approach 2 (IsoFLOP): N_opt ~ C^{a2['N_opt']['exponent']:.3f}, "
