@@ -160,6 +160,17 @@ def test_cli_reads_the_column_the_params_convention_names(tmp_path):
     assert json.loads((out / "fit.json").read_text())["alpha"] == pytest.approx(REPLICATION.alpha, rel=1e-3)
 
 
+def test_cli_skips_approach2_when_the_runs_are_not_isoflop_curves(tmp_path, capsys):
+    rng = np.random.default_rng(0)  # sizes and token counts drawn at random: no two runs share a budget
+    N, D = 10 ** rng.uniform(7, 10, 30), 10 ** rng.uniform(9, 12, 30)
+    points = _write_csv(tmp_path / "p.csv", ["N", "D", "loss", "C"], zip(N, D, REPLICATION.loss(N, D), 6 * N * D))
+    out = tmp_path / "fit"
+    main(["lab", "fit", "--points", str(points), "--out", str(out), "--bootstrap", "0", "--starts", "8",
+          "--no-plots"])
+    assert "needs at least 3 different N" in json.loads((out / "fit.json").read_text())["approach2"]["skipped"]
+    assert "approach 2 (IsoFLOP) skipped" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("header, rows, expected", [
     (["N", "D"], [(1e8, 1e10)], "missing column(s) ['loss']"),
     (["N", "D", "loss"], [(1e8, 1e10, 3.0), (1e8, "ten", 3.0)], "row 3, column 'D': expected a positive number, got 'ten'"),

@@ -124,7 +124,9 @@ def format_table(rep: dict) -> str:
             interval = f"[{lo_hi[0]:.1f}, {lo_hi[1]:.1f}]" if lo_hi else "(no bootstrap)"
             lines.append(f"{b['C']:>10.3g} {b['N_opt']:>10.3g} {b['D_opt']:>10.3g} "
                          f"{b['tokens_per_param']:>8.1f}  {interval:>22}")
-    if "approach2" in rep:
+    if "skipped" in rep.get("approach2", {}):
+        lines.append(f"approach 2 (IsoFLOP) skipped: {rep['approach2']['skipped']}")
+    elif "approach2" in rep:
         a2 = rep["approach2"]
         lines.append(f"approach 2 (IsoFLOP): N_opt ~ C^{a2['N_opt']['exponent']:.3f}, "
                      f"D_opt ~ C^{a2['D_opt']['exponent']:.3f} over {len(a2['minima'])} budgets")
@@ -150,15 +152,30 @@ def add_fit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-plots", action="store_true", help="write fit.json only")
 
 
+def _approach2(points: Points) -> tuple[IsoFlopFit | None, str | None]:
+    """The IsoFLOP fit when the runs carry budgets; the reason it was skipped when they do not form
+    IsoFLOP curves (a grid of sizes x token counts has a different C for every run)."""
+    if points.C is None:
+        return None, None
+    try:
+        return fit_isoflop(points.N, points.D, points.loss, points.C), None
+    except ValueError as e:
+        return None, str(e)
+
+
 def run_fit(args) -> dict:
+    if args.flops_per_token <= 0 or any(b <= 0 for b in args.budget):
+        raise ValueError("--budget and --flops-per-token must be positive")
     points = read_points(args.points, args.params)
     try:
         fit = fit_loss_law(points.N, points.D, points.loss, starts=args.starts or None,
                            bootstrap=args.bootstrap, seed=args.seed)
-        isoflop = fit_isoflop(points.N, points.D, points.loss, points.C) if points.C is not None else None
     except ValueError as e:
         raise ValueError(f"{args.points}: {e}") from e
+    isoflop, skipped = _approach2(points)
     rep = report(fit, isoflop, list(args.budget), args.flops_per_token, args.params, str(args.points))
+    if skipped:
+        rep["approach2"] = {"skipped": skipped}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "fit.json").write_text(json.dumps(rep, indent=2) + "\n")

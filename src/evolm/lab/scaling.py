@@ -35,7 +35,8 @@ import numpy as np
 HUBER_DELTA = 1e-3
 FLOPS_PER_TOKEN = 6.0
 
-# Hoffmann et al. 2022, appendix D.2: the grid of initialisations for (alpha, beta, e, a, b).
+# The grid of initialisations Hoffmann et al. 2022 used for approach 3, for
+# (alpha, beta, e, a, b): 5 x 5 x 5 x 6 x 6 = 4,500 starts.
 HOFFMANN_GRID = {
     "alpha": (0.0, 0.5, 1.0, 1.5, 2.0),
     "beta": (0.0, 0.5, 1.0, 1.5, 2.0),
@@ -112,13 +113,9 @@ def _objective(theta: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_loss
     residual = top + np.log(total) - log_loss
     value, slope = _huber(residual, delta)
     scale = 1.0 / (delta * len(log_loss))
-    grad = np.array([
-        slope @ weights[0],
-        slope @ weights[1],
-        slope @ weights[2],
-        -(slope * weights[0]) @ log_n,
-        -(slope * weights[1]) @ log_d,
-    ])
+    pulls = slope * weights
+    grad = np.array([pulls[0].sum(), pulls[1].sum(), pulls[2].sum(),
+                     -(pulls[0] * log_n).sum(), -(pulls[1] * log_d).sum()])
     return float(value.sum() * scale), grad * scale
 
 
@@ -206,15 +203,21 @@ def fit_loss_law(N, D, loss, *, grid: dict = HOFFMANN_GRID, starts: int | None =
     objective = best.fun * delta * len(N)
     if bootstrap <= 0:
         return LawFit(law, len(N), objective, delta, confidence)
-    rng = np.random.default_rng(seed)
-    refit_starts = [tuple(best.x)] + ranked[:bootstrap_starts]
-    refits = []
-    for _ in range(bootstrap):
-        pick = rng.integers(0, len(N), len(N))
-        refit, _ = _best_of(refit_starts, tuple(x[pick] for x in data), delta)
-        refits.append(LossLaw.from_theta(refit.x))
+    refits = _bootstrap_refits(data, [tuple(best.x)] + ranked[:bootstrap_starts], delta, bootstrap, seed)
     intervals = {p: _percentiles([getattr(r, p) for r in refits], confidence) for p in PARAMETERS}
-    return LawFit(law, len(N), objective, delta, confidence, intervals, tuple(refits))
+    return LawFit(law, len(N), objective, delta, confidence, intervals, refits)
+
+
+def _bootstrap_refits(data, starts, delta: float, count: int, seed: int) -> tuple[LossLaw, ...]:
+    """``count`` refits, each on the runs resampled with replacement (Efron's bootstrap)."""
+    rng = np.random.default_rng(seed)
+    n = len(data[0])
+    refits = []
+    for _ in range(count):
+        pick = rng.integers(0, n, n)
+        refit, _ = _best_of(starts, tuple(x[pick] for x in data), delta)
+        refits.append(LossLaw.from_theta(refit.x))
+    return tuple(refits)
 
 
 # --- approach 2: IsoFLOP parabolas ---------------------------------------------------------------
