@@ -133,6 +133,8 @@ def _one_blas_thread():
     took ~1 ms instead of ~0.1 ms (a 40-refit bootstrap: 44 s instead of 7 s). threadpoolctl, where
     installed, keeps the fit on one BLAS thread; without it the answer is the same, only slower when
     the CPUs are busy."""
+    import scipy.optimize  # noqa: F401  (loads scipy's BLAS first: threadpoolctl limits loaded libraries only)
+
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:
