@@ -307,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="the .py file to write")
     a.set_defaults(func=cmd_arch)
 
-    lab = sub.add_parser("lab", help="measure what an innovation buys: ablations at equal compute, seeds, tests")
+    lab = sub.add_parser("lab", help="measure what an innovation buys: ablations at equal compute, seeds, scaling fits")
     labsub = lab.add_subparsers(dest="lab_cmd", required=True)
     s = labsub.add_parser("ablate", help="variants of a recipe at equal FLOPs (or tokens) over several seeds")
     s.add_argument("--base", required=True, help="a one-stage pretraining recipe (YAML) with train.tokens_per_step")
@@ -318,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--budget", required=True, help="flops=3e14 (equal training FLOPs) or tokens=2e6")
     s.add_argument("--out", required=True, help="lab folder: one run folder per (variant, seed), results.json, report.md")
     s.add_argument("--data-dir", default=None)
+    s.set_defaults(func=cmd_lab)
     s = labsub.add_parser("ladder", help="GPT-2, then one innovation per rung, each at equal FLOPs vs the rung before")
     s.add_argument("--base", default="recipes/lab-base.yaml", help="a one-stage recipe (default: recipes/lab-base.yaml)")
     s.add_argument("--rungs", default=None, help="comma-separated rung names (default: the whole ladder)")
@@ -325,7 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--budget", default="flops=3e12", help="flops=... or tokens=... per rung (default flops=3e12)")
     s.add_argument("--out", default="runs/lab/ladder")
     s.add_argument("--data-dir", default=None)
-    lab.set_defaults(func=cmd_lab)
+    s.set_defaults(func=cmd_lab)
+    from evolm.lab.fit_command import add_fit_args, run_fit
+
+    s = labsub.add_parser("fit", help="fit Chinchilla scaling laws (approaches 2 and 3) to (N, D, loss) points in a CSV")
+    add_fit_args(s)
+    s.set_defaults(func=run_fit)
 
     c = sub.add_parser("convert", help="convert a model between formats")
     c.add_argument("--model", required=True, help="HF folder, GGUF file or evolm checkpoint")
