@@ -131,9 +131,10 @@ def _config(d: dict, tokenizer) -> ModelConfig:
 
 def _budgeted(d: dict, baseline: ModelConfig, tokenizer, budget: Budget) -> tuple[dict, list[str]]:
     """``d`` with its parameter-matching fields and its one stage's tokens set for ``budget``."""
-    config, notes = match_parameters(baseline, _config(d, tokenizer))
+    as_written = _config(d, tokenizer)
+    config, notes = match_parameters(baseline, as_written)
     for k in ("d_ff", "moe_d_ff"):
-        if getattr(config, k) != getattr(_config(d, tokenizer), k):
+        if getattr(config, k) != getattr(as_written, k):
             d.setdefault("model", {}).setdefault("overrides", {})[k] = getattr(config, k)
     stages = d.get("stages") or [{}]
     if len(stages) != 1:
