@@ -62,7 +62,7 @@ demo: check-demo setup data
 
 # the lab's ladder: GPT-2, then one innovation per rung, 3 seeds each at equal FLOPs (runs/lab/ladder/report.md)
 lab: check-demo setup data
-	$(BIN)/evolm lab ladder --base recipes/lab-base.yaml --seeds 3 --budget flops=3e12 --out runs/lab/ladder
+	$(BIN)/evolm lab ladder --base recipes/lab-base.yaml --seeds 3 --budget flops=4e12 --jobs 2 --out runs/lab/ladder
 
 # EVOLM_REQUIRE_ASSETS=1: a test skipped for a missing *required* asset fails instead
 test: check-assets setup models data eval-data post-data browser

@@ -177,13 +177,15 @@ def test_every_rung_of_the_ladder_builds_and_meets_the_budget():
 
     base = yaml.safe_load((Path(__file__).resolve().parents[1] / "recipes" / "lab-base.yaml").read_text())
     budget = Budget("flops", 3e12)
-    d, configs = base, []
-    for rung in LADDER:
+    d, configs, main = base, [], [v for v in LADDER if not v.side]
+    for rung in main:
         before = _config(d, Vocab) if configs else _config(apply_variant(base, rung), Vocab)
         d, _ = _budgeted(apply_variant(d, rung), before, Vocab, budget)
         configs.append(_config(d, Vocab))
         build(configs[-1], device="meta")
-    names = [v.name for v in LADDER]
+        assert sum(s["tokens"] for s in d["stages"]) * cost_card(configs[-1], context_len=128)["flops_per_token"] \
+            == pytest.approx(3e12, rel=TOLERANCE)
+    names = [v.name for v in main]
     card = lambda i: cost_card(configs[i])  # noqa: E731
     sw = names.index("swiglu")
     assert abs(card(sw)["params_by_part"]["mlp"] / card(sw - 1)["params_by_part"]["mlp"] - 1) < 0.01
@@ -191,8 +193,74 @@ def test_every_rung_of_the_ladder_builds_and_meets_the_budget():
     assert abs(card(moe)["params_active"] / card(moe - 1)["params_active"] - 1) < 0.02
     assert configs[-1].attention == "mla" and configs[-1].n_experts == 8 and configs[-1].norm == "rmsnorm"
     assert [v.name for v in rungs(["rope", "rmsnorm"])] == ["gpt2", "rmsnorm", "rope"]
+    assert rungs(["rope", "moe-equal-total"])[-1].on == "rope"  # its olmo2-norm left out: the nearest kept rung
+    assert d["data"]["quality_filter"] and d["data"]["near_dedup"] and d["stages"][1]["mixture"] == "high"
     with pytest.raises(ValueError, match="unknown rung"):
         rungs(["alibi"])
+
+
+def test_moe_matched_at_equal_total_parameters():
+    dense = replace(BASE, name="dense", mlp="glu", activation="silu", d_ff=672)
+    moe = replace(dense, name="moe", n_experts=8, n_experts_per_tok=2, n_shared_experts=1)
+    total, notes = match_parameters(dense, moe, moe_match="total")
+    active, _ = match_parameters(dense, moe)
+    assert "equal total" in notes[0] and total.moe_d_ff < active.moe_d_ff
+    mlp = lambda c: cost_card(c)["params_total"]  # noqa: E731
+    assert abs(mlp(total) / mlp(dense) - 1) < 0.02
+    with pytest.raises(ValueError, match="active or total"):
+        match_parameters(dense, moe, moe_match="all")
+
+
+def test_budget_steps_are_shared_over_the_stages_as_written():
+    from evolm.lab.ablate import _share, apply_variant
+    from evolm.lab.ablate import Variant
+
+    assert _share(225, [800, 200]) == [180, 45] and sum(_share(7, [1, 1, 1])) == 7
+    with pytest.raises(ValueError, match="fewer than"):
+        _share(1, [1, 1])
+    d = apply_variant({"stages": [{"name": "stable"}, {"name": "decay"}]}, Variant("a", {"stages.decay.mixture": "high"}))
+    assert d["stages"][1] == {"name": "decay", "mixture": "high"}
+    with pytest.raises(ValueError, match="no item named 'anneal'"):
+        apply_variant({"stages": [{"name": "stable"}]}, Variant("a", {"stages.anneal.mixture": "high"}))
+
+
+@pytest.mark.slow
+def test_sweep_and_data_variants_share_set_up_and_one_held_out_set(tmp_path):
+    """Two data settings x two learning rates x two seeds: one tokenizer, one shard folder per data
+    setting, every run evaluated on the base recipe's held-out split; each variant judged at its
+    best learning rate."""
+    import yaml
+
+    from evolm.lab.ablate import parse_vary, run_ablation
+
+    base = _tiny_recipe(tmp_path)
+    out = tmp_path / "lab"
+    res = run_ablation(base, parse_vary(["data.quality_filter=true,false"]), [0, 1], Budget("tokens", 2560), out,
+                       log=lambda s: None, sweep=parse_vary(["optim.lr=1e-3,1e-2"]))
+    assert sorted(p.name for p in (out / "shared").glob("data-*")) and len(list((out / "shared").glob("data-*"))) == 2
+    runs = sorted(out.glob("*/*/seed-*"))
+    assert len(runs) == 8 and not any((r / "data").exists() for r in runs)  # shards shared, not copied
+    heldout = {yaml.safe_load((r / "recipe.yaml").read_text())["train"]["eval_data"] for r in runs}
+    assert heldout == {res["heldout"]}
+    for row in res["variants"]:
+        assert set(row["sweep"]) == {"lr-0.001", "lr-0.01"} and row["mean"] == min(row["sweep"].values())
+        assert row["best"] == min(row["sweep"], key=row["sweep"].get)
+    assert "Sweep" in (out / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_parallel_runs_equal_serial_runs(tmp_path):
+    """``workers=2`` trains the same runs in two processes: the same losses, bit for bit (one thread each)."""
+    from evolm.lab.ablate import parse_vary, run_ablation
+
+    base = _tiny_recipe(tmp_path)
+    base["train"]["threads"] = 1
+    variants = parse_vary(["norm=rmsnorm,layernorm"])
+    serial = run_ablation(base, variants, [0, 1], Budget("tokens", 1280), tmp_path / "a", log=lambda s: None)
+    parallel = run_ablation(base, variants, [0, 1], Budget("tokens", 1280), tmp_path / "b", log=lambda s: None,
+                            workers=2)
+    assert [r["val_loss"] for r in serial["variants"]] == [r["val_loss"] for r in parallel["variants"]]
+    assert parallel["workers"] == 2
 
 
 @pytest.mark.slow
@@ -206,4 +274,6 @@ def test_ladder_compares_each_rung_with_the_one_before(tmp_path):
     assert [r["variant"] for r in rows] == ["gpt2", "rmsnorm", "swiglu"]
     assert rows[1]["against"] == "gpt2" and rows[2]["against"] == "rmsnorm"
     assert rows[2]["delta"] == pytest.approx(rows[2]["mean"] - sum(rows[1]["val_loss"]) / 2)
-    assert "previous rung" in (tmp_path / "ladder" / "report.md").read_text()
+    report = (tmp_path / "ladder" / "report.md").read_text()
+    assert "| swiglu | rmsnorm |" in report and "set-up" in report
+    assert all(r["setup_s"][0] < r["wall_s"][0] and r["train_s"][0] > 0 for r in rows)

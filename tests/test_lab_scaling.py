@@ -193,3 +193,15 @@ def test_cli_reports_a_missing_file(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["lab", "fit", "--points", str(tmp_path / "nope.csv"), "--out", str(tmp_path / "o")])
     assert "nope.csv: no such points file" in capsys.readouterr().err
+
+
+def test_a_degenerate_law_has_no_optimum_and_intervals_skip_it():
+    """A refit where loss rises with N (alpha < 0) has no interior optimum: NaN, not a complex number."""
+    import math
+
+    from evolm.lab.scaling import LossLaw, _percentiles
+
+    bad = LossLaw(E=1.0, A=5.0, B=10.0, alpha=-0.1, beta=0.3).compute_optimal(1e18)
+    assert math.isnan(bad.N) and math.isnan(bad.D)
+    assert _percentiles([1.0, 2.0, math.nan, 3.0], 0.5) == (1.5, 2.5)
+    assert all(math.isnan(x) for x in _percentiles([math.nan], 0.9))

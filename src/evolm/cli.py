@@ -74,13 +74,29 @@ def cmd_lab(args) -> None:
         base = yaml.safe_load(open(args.base))
         budget = Budget.parse(args.budget)
         variants = rungs(args.rungs.split(",") if args.rungs else None) if ladder else parse_vary(args.vary)
+        sweep = parse_vary(args.sweep) if args.sweep else None
+        if args.seeds < 2:
+            raise ValueError(f"--seeds {args.seeds}: a comparison needs at least 2 seeds per variant")
+        if args.jobs < 1:
+            raise ValueError(f"--jobs {args.jobs}: expected 1 or more")
     except (OSError, ValueError, yaml.YAMLError) as e:
         _fail(f"lab {args.lab_cmd}: {e}")
     if not isinstance(base, dict):
         _fail(f"lab {args.lab_cmd}: {args.base}: expected a recipe mapping")
-    results = run_ablation(base, variants, list(range(args.seeds)), budget, args.out, data_dir=args.data_dir,
-                           ladder=ladder)
+    try:
+        results = run_ablation(base, variants, list(range(args.seeds)), budget, args.out, data_dir=args.data_dir,
+                               ladder=ladder, sweep=sweep, workers=args.jobs)
+    except ValueError as e:
+        _fail(f"lab {args.lab_cmd}: {e}")
     print(report_text(results))
+
+
+def _add_lab_run_args(s) -> None:
+    s.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
+                   help="settings tried for every variant, each judged at its best (optim.lr=1e-3,3e-3)")
+    s.add_argument("--jobs", type=int, default=1, help="runs at once, in separate processes sharing the cores")
+    s.add_argument("--data-dir", default=None)
+    s.set_defaults(func=cmd_lab)
 
 
 # --- convert ---------------------------------------------------------------------------------
@@ -310,28 +326,32 @@ def build_parser() -> argparse.ArgumentParser:
     lab = sub.add_parser("lab", help="measure what an innovation buys: ablations at equal compute, seeds, scaling fits")
     labsub = lab.add_subparsers(dest="lab_cmd", required=True)
     s = labsub.add_parser("ablate", help="variants of a recipe at equal FLOPs (or tokens) over several seeds")
-    s.add_argument("--base", required=True, help="a one-stage pretraining recipe (YAML) with train.tokens_per_step")
+    s.add_argument("--base", required=True, help="a pretraining recipe (YAML) with train.tokens_per_step; the budget's steps are shared out "
+                        "over its stages as it writes them")
     s.add_argument("--vary", action="append", required=True, metavar="KEY=V1,V2",
                    help="a ModelConfig field (norm=layernorm,rmsnorm) or section.key (optim.lr=1e-3,3e-3); "
                         "repeat for more keys (every combination; the first is the baseline)")
     s.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per variant")
     s.add_argument("--budget", required=True, help="flops=3e14 (equal training FLOPs) or tokens=2e6")
     s.add_argument("--out", required=True, help="lab folder: one run folder per (variant, seed), results.json, report.md")
-    s.add_argument("--data-dir", default=None)
-    s.set_defaults(func=cmd_lab)
+    _add_lab_run_args(s)
     s = labsub.add_parser("ladder", help="GPT-2, then one innovation per rung, each at equal FLOPs vs the rung before")
-    s.add_argument("--base", default="recipes/lab-base.yaml", help="a one-stage recipe (default: recipes/lab-base.yaml)")
+    s.add_argument("--base", default="recipes/lab-base.yaml", help="the recipe every rung starts from (default: recipes/lab-base.yaml)")
     s.add_argument("--rungs", default=None, help="comma-separated rung names (default: the whole ladder)")
     s.add_argument("--seeds", type=int, default=3)
-    s.add_argument("--budget", default="flops=3e12", help="flops=... or tokens=... per rung (default flops=3e12)")
+    s.add_argument("--budget", default="flops=4e12", help="flops=... or tokens=... per rung (default flops=4e12)")
     s.add_argument("--out", default="runs/lab/ladder")
-    s.add_argument("--data-dir", default=None)
-    s.set_defaults(func=cmd_lab)
+    _add_lab_run_args(s)
     from evolm.lab.fit_command import add_fit_args, run_fit
 
     s = labsub.add_parser("fit", help="fit Chinchilla scaling laws (approaches 2 and 3) to (N, D, loss) points in a CSV")
     add_fit_args(s)
     s.set_defaults(func=run_fit)
+    from evolm.lab.grid import add_scaling_args, run_scaling
+
+    s = labsub.add_parser("scaling", help="train an IsoFLOP grid (sizes x FLOPs budgets) and fit the scaling laws to it")
+    add_scaling_args(s)
+    s.set_defaults(func=run_scaling)
 
     c = sub.add_parser("convert", help="convert a model between formats")
     c.add_argument("--model", required=True, help="HF folder, GGUF file or evolm checkpoint")

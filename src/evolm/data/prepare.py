@@ -54,6 +54,7 @@ class PrepareOptions:
     val_fraction: float = 0.05
     min_val_docs: int = 1
     seed: int = 0
+    quality_filter: bool = True  # False: keep every document (each source's filter preset skipped)
     exact_dedup: bool = True
     near_dedup: bool = True
     near_threshold: float = 0.8
@@ -116,14 +117,23 @@ def _input_stamp(spec: SourceSpec, data_dir: Path) -> Any:
 
 def split_documents(docs: list[Document], val_fraction: float, min_val_docs: int, seed: int
                     ) -> tuple[list[Document], list[Document]]:
-    """Document-level train/val split by a seeded hash of each document's content."""
+    """Document-level train/val split by a seeded hash of each document's content.
+
+    A document is held out when its hash, read as a number in [0, 1), is below ``val_fraction``:
+    its side depends on its own text only, so removing other documents (a quality filter, dedup)
+    never moves it, and data prepared with and without a filter share one held-out set (the
+    lab's data ablations rely on this). Sources too small to draw ``min_val_docs`` that way hold
+    out the documents with the smallest hashes instead.
+    """
     n = len(docs)
     if val_fraction <= 0 or n < 2:
         return docs, []
-    n_val = min(n - 1, max(min_val_docs, round(val_fraction * n)))
     salt = str(seed).encode()
-    order = sorted(range(n), key=lambda i: hashlib.blake2b(salt + text_hash(docs[i].text), digest_size=8).digest())
-    val = set(order[:n_val])
+    u = [int.from_bytes(hashlib.blake2b(salt + text_hash(d.text), digest_size=8).digest(), "big") / 2.0 ** 64
+         for d in docs]
+    val = {i for i in range(n) if u[i] < val_fraction}
+    if len(val) < min(n - 1, min_val_docs) or len(val) == n:
+        val = set(sorted(range(n), key=u.__getitem__)[:min(n - 1, max(1, min_val_docs))])
     return [d for i, d in enumerate(docs) if i not in val], [d for i, d in enumerate(docs) if i in val]
 
 
@@ -185,6 +195,7 @@ def prepare(spec: Any, tokenizer: Any, out_dir: str | os.PathLike, *, data_dir: 
         for s in specs:
             t0 = time.perf_counter()
             preset = s.filters or (BUILTIN[s.name].filters if s.kind == "builtin" else "gopher")
+            preset = preset if opts.quality_filter else "none"
             qf = QualityFilter(preset, s.filter_overrides, workers)
             docs = list(qf(iter_documents(s, data_dir)))  # each stage drains its pool before the next
             t1 = time.perf_counter()

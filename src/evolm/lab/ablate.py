@@ -4,10 +4,12 @@ A variant changes ModelConfig fields (``norm=layernorm``: they go to the recipe'
 ``model.overrides``) or recipe keys (``optim.lr=1e-3``, ``train.micro_batch=8``: a dotted
 section.key). ``--vary`` lists values per key; the variants are every combination, the first is the
 baseline. Every variant gets the same budget (``lab/budget.py``: equal training FLOPs, or equal
-tokens), the parameter-matching rules that apply to it, the same tokenizer (trained once in
-``OUT/shared``), the same data and held-out split, and the same seeds. Each (variant, seed) is an
-ordinary run folder (``OUT/<variant>/seed-<k>``: metrics, checkpoint, report), skipped when its
-report exists, so an interrupted ablation resumes where it stopped. ``results.json`` and
+tokens), the parameter-matching rules that apply to it, the same tokenizer, shards and held-out set
+(made once in ``OUT/shared``, ``lab/runs.py``), and the same seeds. ``--sweep optim.lr=...`` tries
+each setting for every variant and judges each at its best (an innovation judged at the wrong LR
+is misjudged: Porian et al. 2024). Each (variant, seed) is an ordinary run folder
+(``OUT/<variant>/seed-<k>``: metrics, checkpoint, report), skipped when its summary exists, so an
+interrupted ablation resumes where it stopped; ``--jobs N`` runs N at once. ``results.json`` and
 ``report.md`` compare each variant's final validation losses with the baseline's (``lab/stats.py``).
 """
 
@@ -16,7 +18,6 @@ from __future__ import annotations
 import copy
 import itertools
 import json
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,8 @@ import yaml
 
 from evolm.config import ModelConfig
 from evolm.lab.budget import Budget, match_parameters, plan_tokens
+from evolm.lab.runs import Job, Setup, bits_per_byte, prepare_data, run_jobs, shared_setup, tokens_per_byte
+from evolm.lab.report import plot, report_text
 from evolm.lab.stats import compare
 
 
@@ -33,6 +36,8 @@ from evolm.lab.stats import compare
 class Variant:
     name: str
     changes: dict[str, Any] = field(default_factory=dict)
+    on: str | None = None  # on a ladder: the rung this one builds on and is compared with (default: the previous)
+    side: bool = False     # on a ladder: a side rung, compared with ``on`` but built on by no later rung
 
 
 def parse_vary(items: list[str]) -> list[Variant]:
@@ -64,54 +69,111 @@ def _value(text: str) -> Any:
 
 
 def apply_variant(base: dict, variant: Variant) -> dict:
-    """The recipe dict of ``variant``: ModelConfig fields into ``model.overrides``, dotted keys into their section."""
+    """The recipe dict of ``variant``: ModelConfig fields into ``model.overrides``, dotted keys into
+    their section (``optim.lr``), a stage by its name (``stages.decay.mixture``); ``lab.*`` keys are
+    the lab's own (``lab.moe_match``) and stay in ``d["lab"]``."""
     d = copy.deepcopy(base)
     fields = set(ModelConfig.__dataclass_fields__)
     for key, value in variant.changes.items():
         if "." in key:
-            section, _, sub = key.partition(".")
-            d.setdefault(section, {})[sub] = value
+            _set_path(d, key, value)
         elif key in fields:
             d.setdefault("model", {}).setdefault("overrides", {})[key] = value
         else:
             raise ValueError(f"--vary {key}: not a ModelConfig field; recipe keys are written section.key "
-                             f"(e.g. optim.lr)")
+                             f"(e.g. optim.lr, data.near_dedup, stages.<stage name>.mixture)")
     return d
 
 
-def run_ablation(base: dict, variants: list[Variant], seeds: list[int], budget: Budget, out: str | Path,
-                 data_dir: str | None = None, log: Callable[[str], None] = print, ladder: bool = False) -> dict:
-    """Train every (variant, seed) not yet done under ``out``; write and return the results.
+def _set_path(d: dict, key: str, value: Any) -> None:
+    *path, last = key.split(".")
+    node: Any = d
+    for part in path:
+        if isinstance(node, list):  # a list of named items (the stages): pick one by name
+            named = [item for item in node if isinstance(item, dict) and item.get("name") == part]
+            if not named:
+                raise ValueError(f"--vary {key}: no item named {part!r} (have "
+                                 f"{[item.get('name') for item in node if isinstance(item, dict)]})")
+            node = named[0]
+        else:
+            node = node.setdefault(part, {})
+    if not isinstance(node, dict):
+        raise ValueError(f"--vary {key}: {'.'.join(path)} is not a section")
+    node[last] = value
 
-    ``ladder``: each variant's changes apply on top of the previous variant (its matched widths
-    included), and each is compared with the previous one: what that one step buys.
-    """
-    from evolm.train.pretrain import load_or_train_tokenizer
-    from evolm.train.recipe import recipe_from_dict
 
-    out = Path(out)
-    shared = out / "shared"
-    shared.mkdir(parents=True, exist_ok=True)
-    tokenizer = load_or_train_tokenizer(recipe_from_dict(base, "base recipe"), shared, data_dir, log)
-    base = copy.deepcopy(base)
-    base["tokenizer"] = {"path": str(shared if (shared / "tokenizer_config.json").is_file() else
-                                     shared / "tokenizer.json")}
-    plans, previous = {}, None
-    baseline_config = _config(apply_variant(base, variants[0]), tokenizer)
-    for v in variants:
-        start = plans[previous] if ladder and previous else base
-        reference = _config(plans[previous], tokenizer) if ladder and previous else baseline_config
-        d, notes = _budgeted(apply_variant(start, v), reference, tokenizer, budget)
-        plans[v.name], previous = d, v.name
+@dataclass(frozen=True)
+class Plan:
+    """What an ablation trains: its variants' budgeted recipes and the runs they make."""
+
+    variants: list[Variant]
+    recipes: dict[str, dict]          # variant name -> recipe dict (budgeted, matched)
+    sweep: list[Variant]              # settings tried per variant (``[Variant("")]``: no sweep)
+    seeds: list[int]
+    against: dict[str, str]           # variant name -> the variant it is compared with
+
+    def folder(self, out: Path, variant: str, point: Variant, seed: int) -> Path:
+        return out / variant / point.name / f"seed-{seed}" if point.name else out / variant / f"seed-{seed}"
+
+
+def plan_ablation(setup: Setup, variants: list[Variant], seeds: list[int], budget: Budget, ladder: bool = False,
+                  sweep: list[Variant] | None = None, log: Callable[[str], None] = print) -> Plan:
+    """Each variant's budgeted recipe and what it is compared with: the baseline, or on a ladder
+    the rung it builds on (``Variant.on``, else the one before)."""
+    if len(seeds) < 2:
+        raise ValueError(f"a comparison needs at least 2 seeds per variant, got {len(seeds)}")
+    names = [v.name for v in variants]
+    if len(set(names)) != len(names):
+        raise ValueError(f"variant names repeat: {names}")
+    recipes: dict[str, dict] = {}
+    against: dict[str, str] = {}
+    baseline = _config(apply_variant(setup.base, variants[0]), setup.tokenizer)
+    main_line: list[str] = []
+    for i, v in enumerate(variants):
+        parent = (v.on or main_line[-1]) if ladder and i else None
+        if not v.side:
+            main_line.append(v.name)
+        if parent is not None and parent not in recipes:
+            raise ValueError(f"rung {v.name!r} builds on {parent!r}, which is not an earlier rung")
+        start = recipes[parent] if parent else setup.base
+        reference = _config(recipes[parent], setup.tokenizer) if parent else baseline
+        recipes[v.name], notes = _budgeted(apply_variant(start, v), reference, setup.tokenizer, budget)
+        if i:
+            against[v.name] = parent or variants[0].name
         for note in notes:
             log(f"{v.name}: {note}")
+    return Plan(variants, recipes, sweep or [Variant("")], seeds, against)
+
+
+def run_ablation(base: dict, variants: list[Variant], seeds: list[int], budget: Budget, out: str | Path,
+                 data_dir: str | None = None, log: Callable[[str], None] = print, ladder: bool = False,
+                 sweep: list[Variant] | None = None, workers: int = 1) -> dict:
+    """Train every (variant, sweep point, seed) not yet done under ``out``; write and return the results.
+
+    ``ladder``: each variant's changes apply on top of the previous variant (its matched widths
+    included), and each is compared with the previous one: what that one step buys. ``sweep``:
+    settings (e.g. learning rates) tried for every variant; each variant is judged at its best one.
+    """
+    import time
+
+    out = Path(out)
+    t0 = time.time()
+    setup = shared_setup(base, out, data_dir, log)
+    plan = plan_ablation(setup, variants, seeds, budget, ladder, sweep, log)
+    jobs = []
     for v in variants:
-        for seed in seeds:
-            _run_one(plans[v.name], seed, out / v.name / f"seed-{seed}", data_dir, log)
-    results = collect(out, variants, seeds, plans, tokenizer, ladder)
+        data = prepare_data(setup, plan.recipes[v.name], log)
+        for point in plan.sweep:
+            recipe = apply_variant(plan.recipes[v.name], point)
+            recipe.pop("lab", None)
+            jobs += [Job(recipe, s, plan.folder(out, v.name, point, s), data, data_dir) for s in seeds]
+    shared_s = time.time() - t0
+    run_jobs(jobs, workers, log)
+    results = collect(out, plan, setup, ladder)
+    results.update(shared_setup_s=shared_s, wall_s=time.time() - t0, workers=workers)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "report.md").write_text(report_text(results) + "\n![loss curves](loss_curves.png)\n\n"
-                                   "![delta vs baseline](delta.png)\n")
+                                   "![delta](delta.png)\n")
     plot(out, results)
     return results
 
@@ -121,7 +183,7 @@ def _config(d: dict, tokenizer) -> ModelConfig:
     from evolm.loading import load_config
     from evolm.train.recipe import recipe_from_dict
 
-    recipe = recipe_from_dict(d, "variant")
+    recipe = recipe_from_dict({k: v for k, v in d.items() if k != "lab"}, "variant")
     overrides = dict(recipe.model.overrides)
     config = load_config(recipe.model.preset if recipe.model.preset is not None else recipe.model.config)
     if overrides.get("vocab_size") == "tokenizer":
@@ -130,149 +192,78 @@ def _config(d: dict, tokenizer) -> ModelConfig:
 
 
 def _budgeted(d: dict, baseline: ModelConfig, tokenizer, budget: Budget) -> tuple[dict, list[str]]:
-    """``d`` with its parameter-matching fields and its one stage's tokens set for ``budget``."""
+    """``d`` with its parameter-matching fields and its stages' tokens set for ``budget``: the
+    budget's whole steps are shared out over the stages in the proportions the recipe writes."""
     as_written = _config(d, tokenizer)
-    config, notes = match_parameters(baseline, as_written)
+    config, notes = match_parameters(baseline, as_written, moe_match=(d.get("lab") or {}).get("moe_match", "active"))
     for k in ("d_ff", "moe_d_ff"):
         if getattr(config, k) != getattr(as_written, k):
             d.setdefault("model", {}).setdefault("overrides", {})[k] = getattr(config, k)
     stages = d.get("stages") or [{}]
-    if len(stages) != 1:
-        raise ValueError(f"lab ablate: the base recipe has {len(stages)} stages; a budget is set on one stage")
-    stage = stages[0]
+    seq_lens = {s.get("seq_len", 256) for s in stages}
+    if len(seq_lens) != 1:
+        raise ValueError(f"lab: the base recipe's stages train at several seq_len {sorted(seq_lens)}; "
+                         f"a budget needs one (the FLOPs per token depend on it)")
     tokens_per_step = (d.get("train") or {}).get("tokens_per_step") or 0
     if not tokens_per_step:
-        raise ValueError("lab ablate: the base recipe needs train.tokens_per_step (the budget is whole steps)")
-    plan = plan_tokens(config, budget, stage.get("seq_len", 256), tokens_per_step)
-    stage["tokens"] = plan.tokens
-    d["stages"] = [stage]
-    notes.append(f"{plan.steps} steps x {tokens_per_step} tokens = {plan.tokens:,} tokens, "
-                 f"{plan.flops:.3g} FLOPs ({plan.flops_per_token:,} per token; {100 * plan.error:.2f}% off the budget)")
+        raise ValueError("lab: the base recipe needs train.tokens_per_step (the budget is whole steps)")
+    plan = plan_tokens(config, budget, seq_lens.pop(), tokens_per_step)
+    steps = _share(plan.steps, [s.get("tokens", 1) for s in stages])
+    d["stages"] = [dict(s, tokens=n * tokens_per_step) for s, n in zip(stages, steps)]
+    split = " + ".join(f"{s.get('name', 'stage')} {n}" for s, n in zip(stages, steps)) if len(stages) > 1 else ""
+    notes.append(f"{plan.steps} steps{f' ({split})' if split else ''} x {tokens_per_step} tokens = "
+                 f"{plan.tokens:,} tokens, {plan.flops:.3g} FLOPs ({plan.flops_per_token:,} per token; "
+                 f"{100 * plan.error:.2f}% off the budget)")
     return d, notes
 
 
-def _run_one(d: dict, seed: int, folder: Path, data_dir: str | None, log) -> None:
-    from evolm.train.pretrain import pretrain
-    from evolm.train.recipe import recipe_from_dict
-
-    if (folder / "summary.json").is_file():
-        log(f"{folder}: done, skipped")
-        return
-    d = dict(d, seed=seed, name=folder.parent.name)
-    summary = pretrain(recipe_from_dict(d, str(folder)), out_dir=str(folder), resume=(folder / "checkpoints").exists(),
-                       data_dir=data_dir, log=log)
-    keep = {k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool)) or v is None}
-    if keep.get("val_loss") is not None:
-        keep["val_bits_per_byte"] = keep["val_loss"] / math.log(2) * _tokens_per_byte(folder / "data")
-    (folder / "summary.json").write_text(json.dumps(keep, indent=2))
+def _share(steps: int, weights: list[float]) -> list[int]:
+    """``steps`` whole steps in proportion to ``weights``, each stage at least one, summing to ``steps``."""
+    if steps < len(weights):
+        raise ValueError(f"lab: the budget is {steps} steps, fewer than the {len(weights)} stages")
+    total = sum(weights)
+    counts = [max(1, round(steps * w / total)) for w in weights[:-1]]
+    return counts + [steps - sum(counts)]
 
 
-def _tokens_per_byte(data: Path) -> float:
-    """Held-out tokens per UTF-8 byte of their text, so a loss in nats per token becomes bits per
-    byte: a measure no tokenizer choice can move (a variant with another vocabulary compares)."""
-    import numpy as np
-
-    from evolm.tokenizer import Tokenizer
-
-    manifest = json.loads((data / "manifest.json").read_text())
-    tok = Tokenizer.from_file(str(data.parent / "tokenizer.json"))
-    eos = manifest["tokenizer"]["eos_id"]
-    n_tokens = n_bytes = 0
-    for shard in sorted((data / "val").glob("*.bin")):
-        ids = np.fromfile(shard, dtype=manifest["tokenizer"]["dtype"]).tolist()
-        n_tokens += len(ids)
-        n_bytes += len(tok.decode([i for i in ids if i != eos]).encode("utf-8"))
-    return n_tokens / max(1, n_bytes)
-
-
-def collect(out: Path, variants: list[Variant], seeds: list[int], plans: dict, tokenizer,
-            ladder: bool = False) -> dict:
-    """Per variant: changes, parameters, FLOPs, tokens, final val loss per seed, and the comparison
-    with the baseline (``ladder``: with the previous rung)."""
+def collect(out: Path, plan: Plan, setup: Setup, ladder: bool = False) -> dict:
+    """Per variant: changes, parameters, FLOPs, tokens, final val loss and bits per byte per seed,
+    wall time (set-up / training), the sweep point it is judged at, and its comparison."""
     from evolm.analysis.cost import cost_card
 
-    rows, losses = [], {}
-    for v in variants:
-        runs = [json.loads((out / v.name / f"seed-{s}" / "summary.json").read_text()) for s in seeds]
-        losses[v.name] = [r["val_loss"] for r in runs]
-        config = _config(plans[v.name], tokenizer)
-        stage = plans[v.name]["stages"][0]
-        card = cost_card(config, context_len=stage.get("seq_len", 256))
-        rows.append({"variant": v.name, "changes": v.changes, "params_total": card["params_total"],
-                     "params_active": card["params_active"], "tokens": stage["tokens"],
-                     "flops": stage["tokens"] * card["flops_per_token"], "val_loss": losses[v.name],
-                     "val_bits_per_byte": [r.get("val_bits_per_byte") for r in runs],
-                     "wall_s": [r.get("wall_s") for r in runs]})
-    base = losses[variants[0].name]
-    for before, row in zip(rows, rows[1:]):
-        c = compare(row["val_loss"], before["val_loss"] if ladder else base)
-        row.update(mean=c.mean, std=c.std, delta=c.delta, ci95=[c.low, c.high], p_value=c.p_value,
-                   verdict=c.verdict, against=before["variant"] if ladder else variants[0].name)
-    first = rows[0]
-    first.update(mean=sum(base) / len(base), baseline=True)
-    return {"baseline": variants[0].name, "ladder": ladder, "seeds": seeds, "variants": rows}
+    tpb = tokens_per_byte(setup.heldout, setup.tokenizer)
+    rows: dict[str, dict] = {}
+    for v in plan.variants:
+        points = {}
+        for point in plan.sweep:
+            runs = [json.loads((plan.folder(out, v.name, point, s) / "summary.json").read_text()) for s in plan.seeds]
+            points[point.name] = runs
+        best = min(points, key=lambda k: _mean_of([r["val_loss"] for r in points[k]]))
+        runs = points[best]
+        recipe = plan.recipes[v.name]
+        card = cost_card(_config(recipe, setup.tokenizer), context_len=recipe["stages"][0].get("seq_len", 256))
+        tokens = sum(s["tokens"] for s in recipe["stages"])
+        row = {"variant": v.name, "changes": v.changes, "params_total": card["params_total"],
+               "params_active": card["params_active"], "tokens": tokens, "flops": tokens * card["flops_per_token"],
+               "val_loss": [r["val_loss"] for r in runs],
+               "val_loss_by_source": {k[len("val_loss_"):]: [r[k] for r in runs] for k in sorted(runs[0])
+                                      if k.startswith("val_loss_")},
+               "val_bits_per_byte": [bits_per_byte(r["val_loss"], tpb) for r in runs],
+               "wall_s": [r.get("wall_s") for r in runs], "setup_s": [r.get("setup_s") for r in runs],
+               "train_s": [r.get("train_s") for r in runs], "tokens_per_s": [r.get("tokens_per_s") for r in runs],
+               "mean": _mean_of([r["val_loss"] for r in runs])}
+        if best:
+            row["sweep"] = {k: _mean_of([r["val_loss"] for r in rs]) for k, rs in points.items()}
+            row["best"] = best
+        rows[v.name] = row
+    for name, other in plan.against.items():
+        c = compare(rows[name]["val_loss"], rows[other]["val_loss"])
+        rows[name].update(std=c.std, delta=c.delta, ci95=[c.low, c.high], p_value=c.p_value, verdict=c.verdict,
+                          against=other)
+    rows[plan.variants[0].name]["baseline"] = True
+    return {"baseline": plan.variants[0].name, "ladder": ladder, "seeds": plan.seeds, "tokens_per_byte": tpb,
+            "heldout": str(setup.heldout), "variants": list(rows.values())}
 
 
-def report_text(results: dict) -> str:
-    against = "previous rung" if results.get("ladder") else "baseline"
-    lines = [f"# {'Ladder' if results.get('ladder') else 'Ablation'} (baseline: {results['baseline']}; "
-             f"seeds {results['seeds']})", "",
-             f"| variant | params | FLOPs | tokens | val loss mean | bits/byte | Δ vs {against} | 95% CI | p | verdict |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in results["variants"]:
-        if r.get("baseline"):
-            lines.append(f"| {r['variant']} (baseline) | {r['params_total']:,} | {r['flops']:.3g} | {r['tokens']:,} "
-                         f"| {r['mean']:.4f} | {_mean(r['val_bits_per_byte'])} | | | | |")
-        else:
-            lines.append(f"| {r['variant']} | {r['params_total']:,} | {r['flops']:.3g} | {r['tokens']:,} | "
-                         f"{r['mean']:.4f} ± {r['std']:.4f} | {_mean(r['val_bits_per_byte'])} | {r['delta']:+.4f} | "
-                         f"[{r['ci95'][0]:+.4f}, "
-                         f"{r['ci95'][1]:+.4f}] | {r['p_value']:.3g} | {r['verdict']} |")
-    return "\n".join(lines) + "\n"
-
-
-def _mean(xs: list) -> str:
-    xs = [x for x in xs if x is not None]
-    return f"{sum(xs) / len(xs):.4f}" if xs else "-"
-
-
-def plot(out: Path, results: dict) -> None:
-    """``loss_curves.png`` (training loss per variant: mean over seeds, band = min..max) and
-    ``delta.png`` (Δ val loss vs the baseline with its 95% interval)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for row in results["variants"]:
-        curves = [_train_curve(out / row["variant"] / f"seed-{s}" / "metrics.jsonl") for s in results["seeds"]]
-        tokens = sorted(set.intersection(*(set(c) for c in curves)))
-        values = [[c[t] for c in curves] for t in tokens]
-        ax.plot(tokens, [sum(v) / len(v) for v in values], label=row["variant"])
-        ax.fill_between(tokens, [min(v) for v in values], [max(v) for v in values], alpha=0.2)
-    ax.set(xlabel="tokens", ylabel="training loss", title="loss over seeds (band: min..max)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "loss_curves.png", dpi=120)
-    plt.close(fig)
-    rows = [r for r in results["variants"] if not r.get("baseline")]
-    fig, ax = plt.subplots(figsize=(7, 1 + 0.5 * max(1, len(rows))))
-    for i, r in enumerate(rows):
-        ax.errorbar(r["delta"], i, xerr=[[r["delta"] - r["ci95"][0]], [r["ci95"][1] - r["delta"]]], fmt="o", capsize=4)
-    ax.axvline(0.0, color="grey", lw=1)
-    ax.set_yticks(range(len(rows)), [r["variant"] for r in rows])
-    ax.set(xlabel=f"Δ val loss vs {'the previous rung' if results.get('ladder') else results['baseline']} (95% CI)")
-    fig.tight_layout()
-    fig.savefig(out / "delta.png", dpi=120)
-    plt.close(fig)
-
-
-def _train_curve(metrics: Path) -> dict[int, float]:
-    """tokens -> training loss, from a run folder's metrics.jsonl."""
-    curve = {}
-    for line in metrics.read_text().splitlines():
-        row = json.loads(line)
-        if "loss" in row and "tokens" in row:
-            curve[row["tokens"]] = row["loss"]
-    return curve
+def _mean_of(xs: list[float]) -> float:
+    return sum(xs) / len(xs)

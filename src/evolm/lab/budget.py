@@ -11,7 +11,8 @@ An innovation is judged fairly only at equal cost. Two rules, both printed with 
   instead of two, so it is compared at 2/3 of the plain MLP's inner width, as Shazeer 2020
   (arXiv:2002.05202, Sec. 2) and the Llama papers do; a mixture of experts is compared at equal
   *active* parameters (each of the k routed experts plus the shared ones gets 1/(k + shared) of the
-  dense inner width) and, separately, the caller may keep equal *total* parameters.
+  dense inner width) or, with ``moe_match="total"`` (a lab variant's ``lab.moe_match: total``), at
+  equal *total* parameters (each of the E experts plus the shared ones gets 1/(E + shared)).
 """
 
 from __future__ import annotations
@@ -77,9 +78,14 @@ def plan_tokens(config: ModelConfig, budget: Budget, seq_len: int, tokens_per_st
     return TokenPlan(steps, tokens, fpt, float(tokens * fpt), error)
 
 
-def match_parameters(base: ModelConfig, variant: ModelConfig) -> tuple[ModelConfig, list[str]]:
+def match_parameters(base: ModelConfig, variant: ModelConfig, moe_match: str = "active"
+                     ) -> tuple[ModelConfig, list[str]]:
     """``variant`` with its MLP widths set by the matching rules of the module docstring, and one
-    line per rule applied (empty when none applies)."""
+    line per rule applied (empty when none applies). ``moe_match``: a dense -> MoE change keeps the
+    ``active`` parameters (each token's experts together as wide as the dense MLP) or the ``total``
+    ones (all experts together as wide as the dense MLP: far fewer FLOPs per token, so more tokens)."""
+    if moe_match not in ("active", "total"):
+        raise ValueError(f"moe_match {moe_match!r}: expected active or total")
     notes: list[str] = []
     if variant.mlp == "glu" and base.mlp == "mlp" and variant.d_ff == base.d_ff:
         d_ff = _round_to(2 * base.d_ff / 3, 8)
@@ -87,11 +93,12 @@ def match_parameters(base: ModelConfig, variant: ModelConfig) -> tuple[ModelConf
                      f"equal MLP parameters, Shazeer 2020)")
         variant = replace(variant, d_ff=d_ff)
     if variant.n_experts and not base.n_experts:  # dense -> MoE: the experts' width is the rule's
-        share = variant.n_experts_per_tok + variant.n_shared_experts
+        routed = variant.n_experts_per_tok if moe_match == "active" else variant.n_experts
+        share = routed + variant.n_shared_experts
         width = base.d_ff if base.mlp == variant.mlp else variant.d_ff
         moe_d_ff = _round_to(width / share, 8)
-        notes.append(f"experts at moe_d_ff = {width} / ({variant.n_experts_per_tok} routed + "
-                     f"{variant.n_shared_experts} shared) = {moe_d_ff}: equal active parameters")
+        notes.append(f"experts at moe_d_ff = {width} / ({routed} {'routed' if moe_match == 'active' else 'experts'} + "
+                     f"{variant.n_shared_experts} shared) = {moe_d_ff}: equal {moe_match} parameters")
         variant = replace(variant, moe_d_ff=moe_d_ff)
     return variant, notes
 

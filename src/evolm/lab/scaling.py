@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -79,7 +80,11 @@ class LossLaw:
     def compute_optimal(self, C: float, flops_per_token: float = FLOPS_PER_TOKEN) -> Allocation:
         """Minimise L along C = k N D in closed form (Hoffmann et al. 2022, eq. 4):
         setting dL/dN = 0 with D = C / (k N) gives N_opt = G (C/k)^a, D_opt = G^-1 (C/k)^b with
-        G = (alpha A / (beta B))^(1/(alpha+beta)), a = beta/(alpha+beta), b = alpha/(alpha+beta)."""
+        G = (alpha A / (beta B))^(1/(alpha+beta)), a = beta/(alpha+beta), b = alpha/(alpha+beta).
+        With an exponent or a coefficient that is not positive (a degenerate fit, e.g. a bootstrap
+        resample where loss does not fall with N) there is no interior optimum: N and D are NaN."""
+        if not (self.alpha > 0 and self.beta > 0 and self.A > 0 and self.B > 0):
+            return Allocation(C=C, N=math.nan, D=math.nan)
         s = self.alpha + self.beta
         G = (self.alpha * self.A / (self.beta * self.B)) ** (1.0 / s)
         tokens_flops = C / flops_per_token
@@ -174,8 +179,13 @@ class LawFit:
 
 
 def _percentiles(values, confidence: float) -> tuple[float, float]:
+    """The central ``confidence`` interval of the finite values (degenerate refits left out)."""
     tail = 50.0 * (1.0 - confidence)
-    lo, hi = np.percentile(np.asarray(values, dtype=float), [tail, 100.0 - tail])
+    values = np.asarray(values, dtype=float)
+    values = values[np.isfinite(values)]
+    if not len(values):
+        return math.nan, math.nan
+    lo, hi = np.percentile(values, [tail, 100.0 - tail])
     return float(lo), float(hi)
 
 

@@ -232,7 +232,8 @@ class PretrainTask:
 
         t, rank, world = self.recipe.train, self.rt.rank, self.rt.world
         sums: dict[str, list[float]] = {}
-        batches = iter_eval_batches(self.data_out, self.seq_len, t.micro_batch,
+        heldout = Path(t.eval_data) if t.eval_data else self.data_out  # one held-out set for many runs
+        batches = iter_eval_batches(heldout, self.seq_len, t.micro_batch,
                                     max_windows_per_source=t.eval_batches * t.micro_batch)
         for i, (source, x, y) in enumerate(batches):
             acc = sums.setdefault(source, [0.0, 0.0])
@@ -271,9 +272,10 @@ class PretrainTask:
 # the run
 # --------------------------------------------------------------------------------------------
 def prepare_tokenizer_and_data(recipe: Recipe, out: Path, rt: Runtime, data_dir: str | None,
-                               say: Callable[[str], None]) -> tuple[Any, Path, dict]:
-    """The tokenizer and the tokenized shards (``out/data``): rank 0 trains / writes them first,
-    the other ranks then read what it wrote."""
+                               say: Callable[[str], None], data_out: Path | None = None) -> tuple[Any, Path, dict]:
+    """The tokenizer and the tokenized shards (``out/data``, or ``data_out`` when shards are shared
+    between runs: prepared once, reused by every run whose data and tokenizer match): rank 0
+    trains / writes them first, the other ranks then read what it wrote."""
     from evolm.data.prepare import prepare
 
     main = rt.main
@@ -282,7 +284,7 @@ def prepare_tokenizer_and_data(recipe: Recipe, out: Path, rt: Runtime, data_dir:
     par.barrier(rt.world)
     if not main:
         tokenizer = load_or_train_tokenizer(recipe, out, data_dir, say)
-    data_out = out / "data"
+    data_out = Path(data_out) if data_out is not None else out / "data"
     if main:
         manifest = prepare(recipe.data, tokenizer, data_out, data_dir=data_dir, log=say)
     par.barrier(rt.world)
@@ -293,11 +295,13 @@ def prepare_tokenizer_and_data(recipe: Recipe, out: Path, rt: Runtime, data_dir:
 
 def pretrain(recipe: Recipe, out_dir: str | None = None, resume: bool = False,
              log: Callable[[str], None] | None = None, data_dir: str | None = None,
-             stop_after_steps: int | None = None) -> dict[str, Any]:
-    """Run a recipe; returns a summary (final losses, tokens, throughput, run folder).
+             stop_after_steps: int | None = None, data_out: str | Path | None = None) -> dict[str, Any]:
+    """Run a recipe; returns a summary (final losses, tokens, throughput, run folder, and the
+    wall time split into ``setup_s``: tokenizer, shards, model; and ``train_s``: the loop).
 
     ``stop_after_steps`` ends the run early after that many optimizer steps of this call (used
-    to test exact resumption).
+    to test exact resumption). ``data_out``: where the shards are (prepared there if missing),
+    instead of the run folder's ``data``: runs of one lab ablation share them.
     """
     import time
 
@@ -316,7 +320,9 @@ def pretrain(recipe: Recipe, out_dir: str | None = None, resume: bool = False,
 
         (out / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     par.barrier(rt.world)
-    tokenizer, data_out, manifest = prepare_tokenizer_and_data(recipe, out, rt, data_dir, say)
+    tokenizer, data_out, manifest = prepare_tokenizer_and_data(recipe, out, rt, data_dir, say, data_out)
+    if recipe.train.eval_data:
+        check_tokenizer(_heldout_manifest(recipe), tokenizer)
 
     seed_all(recipe.seed)  # the same initial weights whatever the tokenizer/data steps consumed
     model, config = build_model(recipe, tokenizer)
@@ -331,7 +337,9 @@ def pretrain(recipe: Recipe, out_dir: str | None = None, resume: bool = False,
     summary = run(model, task, [p.phase() for p in plans], LoopConfig.from_recipe(recipe), out,
                   tokenizer=tokenizer, resume=resume, rt=rt, log=say, stop_after_steps=stop_after_steps,
                   extra_state={"recipe": recipe.to_dict()})
+    summary["train_s"] = summary["wall_s"]  # the loop's own clock
     summary["wall_s"] = time.time() - t_start
+    summary["setup_s"] = summary["wall_s"] - summary["train_s"]
     samples, peak_note = summary.pop("samples"), summary.pop("peak_note")
     summary.pop("rows")
     if main and not summary["stopped_early"]:
@@ -339,6 +347,16 @@ def pretrain(recipe: Recipe, out_dir: str | None = None, resume: bool = False,
         say(f"done: {summary['steps']} steps, {summary['tokens']:,} tokens in {summary['wall_s']:.0f}s; "
             f"val loss {summary.get('val_loss', float('nan')):.4f}; run folder {out}")
     return summary
+
+
+def _heldout_manifest(recipe: Recipe) -> dict:
+    from evolm.data.mixture import load_manifest
+
+    folder = Path(recipe.train.eval_data)
+    if not (folder / "manifest.json").is_file():
+        raise RecipeError(f"{recipe.source}: train.eval_data: {folder} is not a prepared data folder "
+                          f"(no manifest.json; make one with `evolm data prepare`)")
+    return load_manifest(folder)
 
 
 # --------------------------------------------------------------------------------------------

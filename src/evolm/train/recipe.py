@@ -53,6 +53,7 @@ class TrainSpec(LoopSettings):
     tokens_per_step: int | None = None  # gradient accumulation reaches this (None: one micro batch)
     doc_masking: bool = False  # attention stays inside each packed document
     eval_batches: int = 8
+    eval_data: str | None = None  # a prepared data folder whose val split is the held-out set (default: the run's)
     sample_prompts: list[str] = field(default_factory=lambda: ["The "])
     sample_tokens: int = 48
     threads: int | None = None
