@@ -19,6 +19,7 @@ import copy
 import itertools
 import json
 import re
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -166,7 +167,7 @@ def run_ablation(base: dict, variants: list[Variant], seeds: list[int], budget: 
         for point in plan.sweep:
             recipe = apply_variant(plan.recipes[v.name], point)
             recipe.pop("lab", None)
-            jobs += [Job(recipe, s, plan.folder(out, v.name, point, s), data, data_dir) for s in seeds]
+            jobs += [Job(recipe, s, plan.folder(out, v.name, point, s), data, data_dir, name=v.name) for s in seeds]
     shared_s = time.time() - t0
     run_jobs(jobs, workers, log)
     results = collect(out, plan, setup, ladder)
@@ -251,7 +252,7 @@ def collect(out: Path, plan: Plan, setup: Setup, ladder: bool = False) -> dict:
                "val_bits_per_byte": [bits_per_byte(r["val_loss"], tpb) for r in runs],
                "wall_s": [r.get("wall_s") for r in runs], "setup_s": [r.get("setup_s") for r in runs],
                "train_s": [r.get("train_s") for r in runs], "tokens_per_s": [r.get("tokens_per_s") for r in runs],
-               "mean": _mean_of([r["val_loss"] for r in runs])}
+               "mean": _mean_of([r["val_loss"] for r in runs]), "std": statistics.stdev([r["val_loss"] for r in runs])}
         if best:
             row["sweep"] = {k: _mean_of([r["val_loss"] for r in rs]) for k, rs in points.items()}
             row["best"] = best

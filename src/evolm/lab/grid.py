@@ -92,7 +92,8 @@ def run_grid(base: dict, sizes: list[Size], budgets: list[float], out: str | Pat
     cells = plan_grid(setup.base, sizes, budgets, setup.tokenizer, log)
     data = prepare_data(setup, setup.base, log)
     folder = lambda size, c: out / size.name / f"C-{c:.3g}" / f"seed-{seed}"  # noqa: E731
-    run_jobs([Job(recipe, seed, folder(size, c), data, data_dir) for size, c, recipe, _ in cells], workers, log)
+    run_jobs([Job(recipe, seed, folder(size, c), data, data_dir, name=f"{size.name}-C{c:.3g}")
+              for size, c, recipe, _ in cells], workers, log)
     rows = []
     for size, c, _, card in cells:
         summary = json.loads((folder(size, c) / "summary.json").read_text())

@@ -22,7 +22,7 @@ def report_text(results: dict) -> str:
         bpb = _mean(r["val_bits_per_byte"])
         wall = f"{_mean(r['setup_s'], 1)} + {_mean(r['train_s'], 1)}"
         if r.get("baseline"):
-            lines.append(head + f"{r['mean']:.4f} | {bpb} | | | | | {wall} |")
+            lines.append(head + f"{r['mean']:.4f} ± {r['std']:.4f} | {bpb} | | | | | {wall} |")
         else:
             lines.append(head + f"{r['mean']:.4f} ± {r['std']:.4f} | {bpb} | {r['delta']:+.4f} | "
                          f"[{r['ci95'][0]:+.4f}, {r['ci95'][1]:+.4f}] | {r['p_value']:.3g} | {r['verdict']} | {wall} |")

@@ -17,7 +17,7 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -81,6 +81,7 @@ class Job:
     folder: Path
     data: Path
     data_dir: str | None
+    name: str = ""  # the run's name in its recipe and log lines (default: its folder's parent)
 
     @property
     def done(self) -> bool:
@@ -92,8 +93,9 @@ def run_job(job: Job, log: Callable[[str], None] | None = None) -> dict:
     from evolm.train.pretrain import pretrain
     from evolm.train.recipe import recipe_from_dict
 
-    log = log or (lambda s, p=f"[{job.folder.parent.name}/{job.folder.name}] ": print(p + s, flush=True))
-    d = dict(job.recipe, seed=job.seed, name=job.folder.parent.name)
+    name = job.name or job.folder.parent.name
+    log = log or (lambda s, p=f"[{name}/{job.folder.name}] ": print(p + s, flush=True))
+    d = dict(job.recipe, seed=job.seed, name=name)
     summary = pretrain(recipe_from_dict(d, str(job.folder)), out_dir=str(job.folder),
                        resume=(job.folder / "checkpoints").exists(), data_dir=job.data_dir, log=log,
                        data_out=job.data)
@@ -105,7 +107,7 @@ def run_job(job: Job, log: Callable[[str], None] | None = None) -> dict:
 def run_jobs(jobs: list[Job], workers: int, log: Callable[[str], None]) -> None:
     """Run the jobs not yet done: in this process (``workers`` 1), or in ``workers`` processes that
     share the machine's cores (each gets cores // workers threads unless its recipe sets
-    ``train.threads``)."""
+    ``train.threads``) and, with several CUDA GPUs, one GPU each in turn."""
     todo = [j for j in jobs if not j.done]
     for j in jobs:
         if j.done:
@@ -118,12 +120,29 @@ def run_jobs(jobs: list[Job], workers: int, log: Callable[[str], None]) -> None:
     from concurrent.futures import ProcessPoolExecutor
 
     threads = max(1, (os.cpu_count() or 1) // workers)
-    todo = [Job({**j.recipe, "train": {"threads": threads, **(j.recipe.get("train") or {})}}, j.seed, j.folder,
-                j.data, j.data_dir) for j in todo]
-    log(f"{len(todo)} runs in {workers} processes, {threads} thread(s) each")
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    todo = [replace(j, recipe={**j.recipe, "train": {"threads": threads, **(j.recipe.get("train") or {})}})
+            for j in todo]
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    ctx = multiprocessing.get_context("spawn")
+    devices = ctx.Queue()
+    for i in range(workers):
+        devices.put(i % gpus if gpus > 1 else None)
+    log(f"{len(todo)} runs in {workers} processes, {threads} thread(s) each"
+        + (f", on {gpus} GPUs in turn" if gpus > 1 else ""))
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_take_device, initargs=(devices,)) as pool:
         for future in [pool.submit(run_job, j) for j in todo]:
             future.result()  # a failed run stops the lab with its error
+
+
+def _take_device(devices) -> None:
+    """A worker process's initializer: pin it to the next free GPU (none on CPU or one GPU)."""
+    index = devices.get()
+    if index is not None:
+        import torch
+
+        torch.cuda.set_device(index)
 
 
 def tokens_per_byte(data: Path, tokenizer) -> float:
