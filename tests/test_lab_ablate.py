@@ -277,3 +277,37 @@ def test_ladder_compares_each_rung_with_the_one_before(tmp_path):
     report = (tmp_path / "ladder" / "report.md").read_text()
     assert "| swiglu | rmsnorm |" in report and "set-up" in report
     assert all(r["setup_s"][0] < r["wall_s"][0] and r["train_s"][0] > 0 for r in rows)
+
+
+def test_the_ladder_scales_to_gpt2_small_and_every_rung_meets_its_budget():
+    """``--size 124m``: GPT-2 small's shape; the rungs' widths follow it (GQA at 6 of 12 heads, a
+    256-token window, a 192-wide MLA latent) and every rung lands within 1% of 2e17 FLOPs."""
+    from pathlib import Path
+
+    import yaml
+
+    from evolm.lab.ablate import _budgeted, _config, apply_variant
+    from evolm.lab.ladder import SIZES, rungs, sized
+    from evolm.model import build
+
+    class Vocab:
+        vocab_size = 32768
+
+    base = sized(yaml.safe_load((Path(__file__).resolve().parents[1] / "recipes" / "lab-base.yaml").read_text()),
+                 "124m")
+    ladder = [v for v in rungs(None, base) if not v.side]
+    assert {k: v for v in ladder for k, v in v.changes.items() if k in ("n_kv_heads", "sliding_window",
+                                                                     "kv_lora_rank")} == \
+        {"n_kv_heads": 6, "sliding_window": 256, "kv_lora_rank": 192}
+    budget = Budget.parse(SIZES["124m"]["budget"])
+    d, first = base, None
+    for rung in ladder:
+        before = _config(d, Vocab) if first else _config(apply_variant(base, rung), Vocab)
+        d, _ = _budgeted(apply_variant(d, rung), before, Vocab, budget)
+        config = first = _config(d, Vocab)
+        build(config, device="meta")
+        spent = sum(s["tokens"] for s in d["stages"]) * cost_card(config, context_len=1024)["flops_per_token"]
+        assert abs(spent - budget.value) / budget.value <= TOLERANCE
+    assert 100e6 < cost_card(_config(apply_variant(base, ladder[0]), Vocab))["params_total"] < 140e6
+    with pytest.raises(ValueError, match="expected one of cpu, 124m"):
+        sized(base, "7b")

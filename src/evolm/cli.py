@@ -67,13 +67,17 @@ def cmd_lab(args) -> None:
 
     from evolm.lab.ablate import parse_vary, report_text, run_ablation
     from evolm.lab.budget import Budget
-    from evolm.lab.ladder import rungs
+    from evolm.lab.ladder import SIZES, rungs, sized
 
     ladder = args.lab_cmd == "ladder"
     try:
         base = yaml.safe_load(open(args.base))
-        budget = Budget.parse(args.budget)
-        variants = rungs(args.rungs.split(",") if args.rungs else None) if ladder else parse_vary(args.vary)
+        if not isinstance(base, dict):
+            raise ValueError(f"{args.base}: expected a recipe mapping")
+        if ladder:
+            base = sized(base, args.size)
+        budget = Budget.parse(args.budget or SIZES[args.size]["budget"] if ladder else args.budget)
+        variants = rungs(args.rungs.split(",") if args.rungs else None, base) if ladder else parse_vary(args.vary)
         sweep = parse_vary(args.sweep) if args.sweep else None
         if args.seeds < 2:
             raise ValueError(f"--seeds {args.seeds}: a comparison needs at least 2 seeds per variant")
@@ -81,8 +85,6 @@ def cmd_lab(args) -> None:
             raise ValueError(f"--jobs {args.jobs}: expected 1 or more")
     except (OSError, ValueError, yaml.YAMLError) as e:
         _fail(f"lab {args.lab_cmd}: {e}")
-    if not isinstance(base, dict):
-        _fail(f"lab {args.lab_cmd}: {args.base}: expected a recipe mapping")
     try:
         results = run_ablation(base, variants, list(range(args.seeds)), budget, args.out, data_dir=args.data_dir,
                                ladder=ladder, sweep=sweep, workers=args.jobs)
@@ -339,7 +341,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--base", default="recipes/lab-base.yaml", help="the recipe every rung starts from (default: recipes/lab-base.yaml)")
     s.add_argument("--rungs", default=None, help="comma-separated rung names (default: the whole ladder)")
     s.add_argument("--seeds", type=int, default=3)
-    s.add_argument("--budget", default="flops=4e12", help="flops=... or tokens=... per rung (default flops=4e12)")
+    s.add_argument("--budget", default=None, help="flops=... or tokens=... per rung (default: the size's, "
+                                                  "flops=4e12 for cpu)")
+    s.add_argument("--size", default="cpu", help="the ladder's model shape: cpu (the base recipe as written) or 124m "
+                                                 "(GPT-2 small's shape, bf16, compiled: for a GPU)")
     s.add_argument("--out", default="runs/lab/ladder")
     _add_lab_run_args(s)
     from evolm.lab.fit_command import add_fit_args, run_fit

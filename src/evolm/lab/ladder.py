@@ -12,53 +12,112 @@ warmup-stable-decay schedule).
 
 from __future__ import annotations
 
-from dataclasses import replace
+import copy
+from dataclasses import dataclass, replace
 
 from evolm.lab.ablate import Variant
 
-# the rungs, bottom to top; dims of the MLA rung fit lab-base.yaml's d_model 128 / 4 heads
-LADDER: list[Variant] = [
-    Variant("gpt2", {"norm": "layernorm", "norm_placement": "pre", "pos_emb": "learned", "mlp": "mlp",
-                     "activation": "gelu_tanh", "qk_norm": None, "tie_embeddings": True, "sliding_window": None,
-                     "sliding_window_pattern": 1, "attention": "mha", "n_experts": 0,
-                     # the data as it comes: the data rungs at the top add the filter, dedup, anneal
-                     "data.quality_filter": False, "data.exact_dedup": False, "data.near_dedup": False}),
-    # Radford et al. 2019
-    Variant("rmsnorm", {"norm": "rmsnorm"}),                                 # Zhang & Sennrich 2019
-    Variant("rope", {"pos_emb": "rope"}),                                    # Su et al. 2021
-    Variant("swiglu", {"mlp": "glu", "activation": "silu"}),                 # Shazeer 2020
-    Variant("gqa", {"n_kv_heads": 2}),                                       # Ainslie et al. 2023
-    Variant("qk-norm", {"qk_norm": "head"}),                                 # Dehghani et al. 2023
-    Variant("untied-head", {"tie_embeddings": False}),                       # Llama, Press & Wolf 2017
-    Variant("window-pattern", {"sliding_window": 32, "sliding_window_pattern": 2}),  # Beltagy 2020; Gemma 2
-    Variant("olmo2-norm", {"norm_placement": "olmo2"}),                      # OLMo 2, 2025
-    Variant("moe-shared", {"n_experts": 8, "n_experts_per_tok": 2, "n_shared_experts": 1}),  # DeepSeekMoE 2024
-    # the same experts at equal *total* parameters: a side rung, also judged against the dense one
-    Variant("moe-equal-total", {"n_experts": 8, "n_experts_per_tok": 2, "n_shared_experts": 1,
-                                "lab.moe_match": "total"}, on="olmo2-norm", side=True),
-    # MLA normalises its latent instead of per-head queries and keys, so the rung drops QK-norm
-    Variant("mla", {"attention": "mla", "kv_lora_rank": 32, "qk_nope_head_dim": 32, "qk_rope_head_dim": 16,
-                    "v_head_dim": 32, "qk_norm": None}),  # DeepSeek-V2 2024
-    # data rungs (equal FLOPs = equal tokens here: the model no longer changes), all judged on the
-    # held-out split of the filtered, deduplicated data (lab/runs.py)
-    Variant("quality-filter", {"data.quality_filter": True}),               # Gopher rules, Rae et al. 2021
-    Variant("dedup", {"data.exact_dedup": True, "data.near_dedup": True}),   # Lee et al. 2022 (MinHash)
-    Variant("anneal", {"stages.decay.mixture": "high"}),                     # OLMo 2, Llama 3 annealing
-]
+
+@dataclass(frozen=True)
+class Dims:
+    """The base model's shape, from which the rungs that change a width take theirs."""
+
+    d_model: int = 128
+    n_heads: int = 4
+    head_dim: int = 32
+    seq_len: int = 128
+
+    @classmethod
+    def of(cls, base: dict) -> "Dims":
+        o = (base.get("model") or {}).get("overrides") or {}
+        d = o.get("d_model", cls.d_model)
+        heads = o.get("n_heads", cls.n_heads)
+        stages = base.get("stages") or [{}]
+        return cls(d, heads, o.get("head_dim") or d // heads, stages[0].get("seq_len", cls.seq_len))
 
 
-def rungs(names: list[str] | None = None) -> list[Variant]:
-    """The ladder, or its first rung plus the named ones (in ladder order); a side rung built on one
-    left out builds on the nearest kept rung below it instead."""
+def ladder(dims: Dims = Dims()) -> list[Variant]:
+    """The rungs, bottom to top, with widths for ``dims``: GQA at half the heads, a window of a
+    quarter of the context, MLA's latent a quarter of d_model (DeepSeek-V2: 512 of 5120 with
+    128-dim heads; at small widths a tenth leaves too little) and its RoPE part half a head."""
+    h = dims.head_dim
+    return [
+        # Radford et al. 2019
+        Variant("gpt2", {"norm": "layernorm", "norm_placement": "pre", "pos_emb": "learned", "mlp": "mlp",
+                         "activation": "gelu_tanh", "qk_norm": None, "tie_embeddings": True, "sliding_window": None,
+                         "sliding_window_pattern": 1, "attention": "mha", "n_experts": 0,
+                         # the data as it comes: the data rungs at the top add the filter, dedup, anneal
+                         "data.quality_filter": False, "data.exact_dedup": False, "data.near_dedup": False}),
+        Variant("rmsnorm", {"norm": "rmsnorm"}),                                 # Zhang & Sennrich 2019
+        Variant("rope", {"pos_emb": "rope"}),                                    # Su et al. 2021
+        Variant("swiglu", {"mlp": "glu", "activation": "silu"}),                 # Shazeer 2020
+        # Ainslie et al. 2023
+        Variant("gqa", {"n_kv_heads": max(1, dims.n_heads // 2)}),
+        Variant("qk-norm", {"qk_norm": "head"}),                                 # Dehghani et al. 2023
+        Variant("untied-head", {"tie_embeddings": False}),                       # Llama, Press & Wolf 2017
+        # Beltagy 2020; Gemma 2
+        Variant("window-pattern", {"sliding_window": dims.seq_len // 4, "sliding_window_pattern": 2}),
+        Variant("olmo2-norm", {"norm_placement": "olmo2"}),                      # OLMo 2, 2025
+        Variant("moe-shared", {"n_experts": 8, "n_experts_per_tok": 2, "n_shared_experts": 1}),  # DeepSeekMoE 2024
+        # the same experts at equal *total* parameters: a side rung, also judged against the dense one
+        Variant("moe-equal-total", {"n_experts": 8, "n_experts_per_tok": 2, "n_shared_experts": 1,
+                                    "lab.moe_match": "total"}, on="olmo2-norm", side=True),
+        # MLA normalises its latent instead of per-head queries and keys, so the rung drops QK-norm
+        Variant("mla", {"attention": "mla", "kv_lora_rank": dims.d_model // 4, "qk_nope_head_dim": h,
+                        "qk_rope_head_dim": h // 2, "v_head_dim": h, "qk_norm": None}),  # DeepSeek-V2 2024
+        # data rungs (equal FLOPs = equal tokens here: the model no longer changes), all judged on the
+        # held-out split of the filtered, deduplicated data (lab/runs.py)
+        Variant("quality-filter", {"data.quality_filter": True}),               # Gopher rules, Rae et al. 2021
+        Variant("dedup", {"data.exact_dedup": True, "data.near_dedup": True}),   # Lee et al. 2022 (MinHash)
+        Variant("anneal", {"stages.decay.mixture": "high"}),                     # OLMo 2, Llama 3 annealing
+    ]
+
+
+LADDER = ladder()  # for recipes/lab-base.yaml: d_model 128, 4 heads of 32, seq_len 128
+
+# ``--size``: the base recipe's shape for the ladder (``cpu``: as the recipe writes it)
+SIZES: dict[str, dict] = {
+    "cpu": {"budget": "flops=4e12"},  # 45 runs in ~40 min on 2 cores
+    # GPT-2 small's shape (Radford et al. 2019): 12 layers, d_model 768, 12 heads, 1024 context;
+    # half a million tokens a step (nanoGPT's), bf16 autocast, compiled blocks: for a GPU
+    "124m": {"model": {"d_model": 768, "n_layers": 12, "n_heads": 12, "n_kv_heads": 12, "head_dim": 64,
+                       "d_ff": 3072, "max_seq_len": 1024},
+             "train": {"micro_batch": 16, "tokens_per_step": 524288, "dtype": "bfloat16", "compile": True},
+             "seq_len": 1024, "vocab_size": 32768,
+             "budget": "flops=2e17"},  # ~270M tokens a run, 10x past GPT-2's 20 tokens per parameter / 9
+}
+
+
+def sized(base: dict, size: str) -> dict:
+    """``base`` reshaped to one of ``SIZES``."""
+    if size not in SIZES:
+        raise ValueError(f"--size {size!r}: expected one of {', '.join(SIZES)}")
+    spec = SIZES[size]
+    d = copy.deepcopy(base)
+    if "model" not in spec:
+        return d
+    d.setdefault("model", {}).setdefault("overrides", {}).update(spec["model"])
+    d.setdefault("train", {}).update(spec["train"])
+    d["stages"] = [dict(s, seq_len=spec["seq_len"]) for s in d.get("stages") or [{}]]
+    train_tok = (d.get("tokenizer") or {}).get("train")
+    if isinstance(train_tok, dict):
+        train_tok["vocab_size"] = spec["vocab_size"]
+    return d
+
+
+def rungs(names: list[str] | None = None, base: dict | None = None) -> list[Variant]:
+    """The ladder (widths for ``base``'s shape), or its first rung plus the named ones (in ladder
+    order); a side rung built on one left out builds on the nearest kept rung below it instead."""
+    full = ladder(Dims.of(base)) if base is not None else list(LADDER)
     if not names:
-        return list(LADDER)
-    known = {v.name for v in LADDER}
+        return full
+    known = {v.name for v in full}
     unknown = [n for n in names if n not in known]
     if unknown:
-        raise ValueError(f"unknown rung(s) {unknown}; the ladder: {', '.join(v.name for v in LADDER)}")
-    chosen = [LADDER[0]] + [v for v in LADDER[1:] if v.name in names]
+        raise ValueError(f"unknown rung(s) {unknown}; the ladder: {', '.join(v.name for v in full)}")
+    chosen = [full[0]] + [v for v in full[1:] if v.name in names]
     kept = {v.name for v in chosen}
-    order = [v.name for v in LADDER]
+    order = [v.name for v in full]
     return [v if v.on is None or v.on in kept else replace(v, on=_kept_before(v.on, kept, order)) for v in chosen]
 
 
