@@ -83,7 +83,7 @@ class LossLaw:
         G = (alpha A / (beta B))^(1/(alpha+beta)), a = beta/(alpha+beta), b = alpha/(alpha+beta).
         With an exponent or a coefficient that is not positive (a degenerate fit, e.g. a bootstrap
         resample where loss does not fall with N) there is no interior optimum: N and D are NaN."""
-        if not (self.alpha > 0 and self.beta > 0 and self.A > 0 and self.B > 0):
+        if not all(math.isfinite(x) and x > 0 for x in (self.A, self.B, self.alpha, self.beta)):
             return Allocation(C=C, N=math.nan, D=math.nan)
         s = self.alpha + self.beta
         G = (self.alpha * self.A / (self.beta * self.B)) ** (1.0 / s)
@@ -94,7 +94,8 @@ class LossLaw:
     def from_theta(cls, theta) -> "LossLaw":
         """theta = (a, b, e, alpha, beta) with a = ln A, b = ln B, e = ln E."""
         a, b, e, alpha, beta = (float(x) for x in theta)
-        return cls(E=float(np.exp(e)), A=float(np.exp(a)), B=float(np.exp(b)), alpha=alpha, beta=beta)
+        with np.errstate(over="ignore"):  # a degenerate refit's coefficient may be inf: no optimum
+            return cls(E=float(np.exp(e)), A=float(np.exp(a)), B=float(np.exp(b)), alpha=alpha, beta=beta)
 
 
 # --- approach 3: the Huber fit in log space ----------------------------------------------------
