@@ -130,7 +130,7 @@ def test_frozen_parameters_are_left_alone_and_checkpointed_apart(tmp_path):
 
     saved = load_file(str(tmp_path / "r" / "checkpoints" / "step_0000002" / "trainable.safetensors"))
     assert set(saved) == {n for n, p in model.named_parameters() if p.requires_grad}
-    opt_state = torch.load(tmp_path / "r" / "checkpoints" / "step_0000002" / "trainer.pt", weights_only=False)
+    opt_state = torch.load(tmp_path / "r" / "checkpoints" / "step_0000002" / "trainer.pt", weights_only=True)
     n_opt = sum(len(g["params"]) for g in opt_state["optimizer"]["param_groups"])
     assert n_opt == len(saved)
 

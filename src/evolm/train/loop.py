@@ -112,13 +112,19 @@ def seed_all(seed: int) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+    """Every generator's state as tensors, ints and lists, so ``trainer.pt`` loads without pickle
+    (numpy's state is an ndarray: stored as its list of words)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [name, keys.tolist(), pos, has_gauss, cached],
+            "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(s: dict[str, Any]) -> None:
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
+    version, words, gauss = s["python"]
+    random.setstate((version, tuple(words), gauss))
+    name, keys, pos, has_gauss, cached = s["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(s["torch"])
     if s.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
@@ -261,12 +267,12 @@ def save_trainable_folder(state: dict, path: Path, trainer_state: dict) -> None:
     """A checkpoint of a partly frozen model: the trainable tensors + trainer state, atomically."""
     from safetensors.torch import save_file
 
-    from evolm.checkpoint import TRAINER, _atomic_dir
+    from evolm.checkpoint import _atomic_dir, save_trainer_state
 
     with _atomic_dir(str(path)) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in state.items()},
                   os.path.join(tmp, "trainable.safetensors"), metadata={"format": "pt"})
-        torch.save(trainer_state, os.path.join(tmp, TRAINER))
+        save_trainer_state(trainer_state, tmp)
 
 
 def plot_losses(rows: list[dict], path: Path, title: str = "") -> None:

@@ -24,6 +24,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from evolm.checkpoint import CheckpointError, check_weights, load_trainer_state, read_weights, readable_checkpoint
 from evolm.train import parallel as par
 from evolm.train.config import LoopConfig, Phase
 from evolm.train.loop import (MetricsLog, Progress, Runtime, Task, all_trainable, find_eval_in_training,
@@ -81,11 +82,17 @@ class Trainer:
             self._load(ckpt)
 
     def _load(self, ckpt: Path) -> None:
-        from safetensors.torch import load_file
+        try:
+            self._load_checkpoint(ckpt)
+        except CheckpointError as e:
+            raise CheckpointError(f"{e}\n{_previous_good(ckpt)}") from None
 
-        from evolm.checkpoint import load_trainer_state
-
+    def _load_checkpoint(self, ckpt: Path) -> None:
         s = self.resumed = load_trainer_state(str(ckpt))
+        missing = [k for k in ("phase_idx", "phase_step", "global_step", "tokens", "task", "optimizer", "rng")
+                   if k not in s]
+        if missing:
+            raise CheckpointError(f"{ckpt / 'trainer.pt'}: no {', '.join(missing)}; not written by an evolm trainer")
         self.from_phase, self.from_step = s["phase_idx"], s["phase_step"]
         self.global_step, self.tokens = s["global_step"], s["tokens"]
         self.task.start_phase(self.from_phase, self.phases[self.from_phase])
@@ -94,7 +101,10 @@ class Trainer:
         if not wfile.is_file():
             raise FileNotFoundError(f"{ckpt}: missing {wfile.name}; was this checkpoint written by a "
                                     f"{'full' if self.partial else 'partly frozen (LoRA)'} run?")
-        self.model.load_state_dict(load_file(str(wfile)), strict=False)
+        state = read_weights(str(wfile))
+        expected = set(trainable_state(self.model, self.model.state_dict())) if self.partial else None
+        check_weights(self.model, state, str(wfile), expected=expected)
+        self.model.load_state_dict(state, strict=False)  # checked above; a tied head is not stored
         self.say(f"resuming from {ckpt.name}: phase {self.phases[self.from_phase].name}, step {self.global_step}")
 
     # --- wrap ------------------------------------------------------------------------------
@@ -324,6 +334,17 @@ class Trainer:
                 "tokens_per_s": float(np.median(self.throughput)) if self.throughput else 0.0,
                 "stopped_early": stopped_early, "losses": [r["loss"] for r in rows if "loss" in r],
                 "peak_note": self.peak_note, "samples": [], "initial_eval": initial}
+
+
+def _previous_good(ckpt: Path) -> str:
+    """What to do about a damaged checkpoint: the newest older one that reads cleanly, if any.
+    Nothing is deleted for the user: a half-written file may still be worth a look."""
+    older = sorted((p for p in ckpt.parent.iterdir() if p.name.startswith("step_") and p.name < ckpt.name),
+                   reverse=True)
+    for p in older:
+        if readable_checkpoint(str(p)):
+            return f"the previous checkpoint {p} reads cleanly: move {ckpt.name} out of {ckpt.parent} and resume again"
+    return f"no older checkpoint in {ckpt.parent} reads cleanly: start the run again without --resume"
 
 
 def _check(phases: list[Phase], cfg: LoopConfig) -> Callable | None:
