@@ -343,8 +343,8 @@ def test_grpo_resumes_exactly(tmp_path, word_tokenizer):
     full = run_grpo(_args(out=tmp_path / "a", **common))
     run_grpo(_args(out=tmp_path / "b", stop_after=2, **common))
     resumed = run_grpo(_args(out=tmp_path / "b", resume=True, **common))
-    assert resumed["losses"] == pytest.approx(full["losses"], abs=1e-6)
-    assert resumed["reward_curve"] == pytest.approx(full["reward_curve"])
+    assert resumed["losses"] == full["losses"]  # bit for bit: the cached rollout batch is restored too
+    assert resumed["reward_curve"] == full["reward_curve"]
 
 
 def test_clear_errors(tmp_path, word_tokenizer):

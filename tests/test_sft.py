@@ -179,6 +179,17 @@ def test_lora_sft_trains_only_adapters_saves_peft_folder_and_resumes_exactly(wor
 
 
 # --- errors --------------------------------------------------------------------------------------
+def test_qlora_sft_resume_is_bit_exact(workdir, tmp_path):
+    """NF4 base + adapters: the checkpoint holds only the adapters; the base is re-quantized on resume."""
+    pytest.importorskip("evolm.post.lora")
+    q = ("--qlora", "--lora-r", "4", "--lora-alpha", "8", "--lora-targets", "q_proj,v_proj", "--steps", "6")
+    a = run_sft(_args(workdir, tmp_path / "a", *q), log=lambda s: None)
+    assert a["val_loss"] < a["initial_eval"]["val_loss"]
+    run_sft(_args(workdir, tmp_path / "b", *q, "--stop-after", "4"), log=lambda s: None)
+    run_sft(_args(workdir, tmp_path / "b", *q, "--resume"), log=lambda s: None)
+    assert _losses(tmp_path / "b") == _losses(tmp_path / "a")
+
+
 def test_model_without_chat_template_is_a_clear_error(workdir, tmp_path):
     args = dataclasses.replace(_args(workdir, tmp_path / "x"), model=str(workdir[0] / "base_no_template"))
     with pytest.raises(DataError, match="has no chat template"):

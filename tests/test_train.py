@@ -256,6 +256,15 @@ def test_activation_checkpointing_gives_the_same_gradients():
 
 
 # --- distributed: 2 CPU processes on gloo equal one process with the same global batch ----------
+def _torchrun(recipe_path: Path, out: Path, *extra: str) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    torchrun = Path(sys.executable).with_name("torchrun")
+    proc = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 500),
+                           "-m", "evolm.cli", "pretrain", "--config", str(recipe_path), "--out", str(out), *extra],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_process_loss_equals_single_process(corpus, full_run, tmp_path, mode):
@@ -265,12 +274,11 @@ def test_two_process_loss_equals_single_process(corpus, full_run, tmp_path, mode
     recipe_path = tmp_path / "r.yaml"
     recipe_path.write_text(yaml.safe_dump(d))
     out = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
-    torchrun = Path(sys.executable).with_name("torchrun")
-    proc = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 500),
-                           "-m", "evolm.cli", "pretrain", "--config", str(recipe_path), "--out", str(out)],
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _torchrun(recipe_path, out)
     single, double = _losses(full_run[0]), _losses(out)
     assert len(single) == len(double) == 10
     assert max(abs(a - b) for a, b in zip(single, double)) < 1e-5
+    if mode == "fsdp":  # sharded optimizer state gathered into one checkpoint, then scattered again
+        _torchrun(recipe_path, tmp_path / "resumed", "--stop-after", "4")
+        _torchrun(recipe_path, tmp_path / "resumed", "--resume")
+        assert _losses(tmp_path / "resumed") == double
