@@ -194,6 +194,8 @@ def test_run_folder_has_metrics_plot_report_and_a_loadable_model(full_run):
     assert (out / "loss.png").stat().st_size > 1000
     report = (out / "report.md").read_text()
     assert "## Stages" in report and "final val loss" in report
+    median_mfu = sorted(r["mfu"] for r in rows)[4:6]  # the report gives the median MFU, not just its peak
+    assert f"MFU {100 * summary['mfu']:.1f}% against" in report and median_mfu[0] <= summary["mfu"] <= median_mfu[1]
     assert "| prose | 0 |" not in report and "| code | 0 |" not in report  # token counts filled in
     # the run folder is a model: weights + config + tokenizer
     from evolm.checkpoint import load_checkpoint

@@ -390,7 +390,9 @@ def _report(recipe, config, manifest, plans, summary, samples, peak_note, path: 
     for k, v in summary.items():
         if k.startswith("val_loss_"):
             lines.append(f"  - {k[9:]}: {v:.4f}")
-    lines += [f"- throughput (median) {summary['tokens_per_s']:,.0f} tokens/s; MFU against {peak_note}",
+    mfu = summary.get("mfu")
+    mfu_text = f"MFU {100 * mfu:.1f}% against {peak_note}" if mfu is not None else "MFU not measured"
+    lines += [f"- throughput (median) {summary['tokens_per_s']:,.0f} tokens/s; {mfu_text}",
               "", "![loss](loss.png)", "", "## Samples", ""]
     for p, text in samples:
         lines.append(f"- `{p}` → {text!r}")

@@ -61,7 +61,7 @@ class Trainer:
         self.from_phase, self.from_step = 0, 0  # where this call starts (a resume moves it)
         self.global_step, self.tokens = 0, 0
         self.resumed: dict | None = None  # the checkpoint's trainer state
-        self.steps_this_call, self.throughput = 0, []
+        self.steps_this_call, self.throughput, self.mfus = 0, [], []
         self.last_train_loss, self.last_eval, self.initial_eval = float("nan"), {}, None
 
     # --- restore ---------------------------------------------------------------------------
@@ -237,6 +237,7 @@ class Trainer:
                "grad_norm": s.grad_norm, "tokens": self.tokens, "tokens_per_s": tps}
         if flops_per_token is not None:
             row["mfu"] = flops_per_token * tps / self.peak
+            self.mfus.append(row["mfu"])
         return {**row, **extras}
 
     # --- log -------------------------------------------------------------------------------
@@ -332,6 +333,7 @@ class Trainer:
         return {"run_dir": str(self.out), "steps": self.global_step, "tokens": self.tokens,
                 "train_loss": self.last_train_loss, **self.last_eval,
                 "tokens_per_s": float(np.median(self.throughput)) if self.throughput else 0.0,
+                "mfu": float(np.median(self.mfus)) if self.mfus else None,
                 "stopped_early": stopped_early, "losses": [r["loss"] for r in rows if "loss" in r],
                 "peak_note": self.peak_note, "samples": [], "initial_eval": initial}
 
