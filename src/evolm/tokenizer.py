@@ -266,41 +266,12 @@ def _read_json(path: Path) -> dict:
 # ----------------------------------------------------------------------------------------------
 @lru_cache(maxsize=16)
 def _compile_template(source: str):
-    """Compile a chat template in the environment transformers renders templates in."""
-    import jinja2
-    import jinja2.ext
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    """Compile a chat template in the environment transformers renders templates in, each render
+    under a budget of time, loop steps and characters (a template comes with the model files:
+    see ``evolm.chat_template``)."""
+    from evolm.chat_template import compile_template
 
-    def raise_exception(message: str):
-        raise jinja2.exceptions.TemplateError(message)
-
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        # Jinja's own tojson escapes HTML characters; chat templates expect plain JSON
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    def strftime_now(fmt: str) -> str:
-        return datetime.now().strftime(fmt)
-
-    class _Generation(jinja2.ext.Extension):
-        """``{% generation %}...{% endgeneration %}`` marks assistant text; rendering keeps the body."""
-        tags = {"generation"}
-
-        def parse(self, parser):
-            lineno = next(parser.stream).lineno
-            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
-
-        def _body(self, caller):
-            return caller()
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[_Generation, jinja2.ext.loopcontrols])
-    env.filters["tojson"] = tojson
-    env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
-    try:
-        return env.from_string(source)
-    except jinja2.TemplateSyntaxError as e:
-        raise TokenizerError(f"chat template does not parse: {e} (line {e.lineno})") from None
+    return compile_template(source)
 
 
 # ----------------------------------------------------------------------------------------------
