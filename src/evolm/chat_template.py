@@ -72,9 +72,9 @@ class _Meter:
         self.deadline = time.monotonic() + budget.seconds
         self.iterations = self.output = self.work = 0
 
-    def fail(self, what: str, field: str) -> None:
-        raise TemplateBudgetError(f"{self.label} exceeds its rendering budget: {what} "
-                                  f"(RenderBudget.{field}={getattr(self.budget, field)})")
+    def fail(self, what: str, field: str | None = None) -> None:
+        limit = f" (RenderBudget.{field}={getattr(self.budget, field)})" if field else ""
+        raise TemplateBudgetError(f"{self.label} exceeds its rendering budget: {what}{limit}")
 
     def tick(self) -> None:
         if time.monotonic() > self.deadline:
@@ -430,7 +430,7 @@ class _BudgetedTemplate(jinja2.Template):
         try:
             return super().render(*args, **kwargs)
         except RecursionError:
-            meter.fail("macros or loops nest too deep (Python's recursion limit)", "iterations")
+            meter.fail("macros or loops nest deeper than Python's recursion limit")
         finally:
             _ACTIVE.reset(token)
 

@@ -221,7 +221,7 @@ def cmd_serve(args) -> None:
     run_server(args.model, inference=options, host=args.host, port=args.port, api_key=args.api_key,
                max_batch=args.max_batch, max_model_len=args.max_model_len,
                served_model_name=args.served_model_name, min_decode_rows=args.min_decode_rows,
-               log_level=args.log_level, threads=args.threads)
+               log_level=args.log_level, threads=args.threads, max_body_bytes=args.max_body_bytes)
 
 
 # --- pretrain / data / tokenizer ---------------------------------------------------------------

@@ -39,11 +39,12 @@ def _default_inference():
 
 def build_app(model_path: str | os.PathLike, inference: InferenceOptions | None = None, api_key: str | None = None,
               max_batch: int = 8, max_model_len: int | None = None, served_model_name: str | None = None,
-              min_decode_rows: int = 4):
+              min_decode_rows: int = 4, max_body_bytes: int | None = None):
     """Load the model and return ``(app, engine)``; the app starts the engine when it starts.
     ``inference``: an :class:`evolm.infer.prepare.InferenceOptions` (device, dtype, fused
     projections, int8/int4 linears, a GGUF file's quantized blocks kept), the same preparation
-    ``evolm generate`` makes; default: float32 on the CPU."""
+    ``evolm generate`` makes; default: float32 on the CPU. ``max_body_bytes``: larger request
+    bodies get a 413 (default ``evolm.serve.app.MAX_BODY_BYTES``, 8 MiB)."""
     try:
         from evolm.infer.prepare import load_for_inference
         from evolm.serve.app import create_app
@@ -52,14 +53,15 @@ def build_app(model_path: str | os.PathLike, inference: InferenceOptions | None 
         raise ImportError(f"evolm serve needs fastapi and uvicorn: pip install 'evolm[serve]' ({e})") from None
     model, tokenizer = load_for_inference(model_path, inference or _default_inference())
     engine = Engine(model, tokenizer, max_batch=max_batch, max_len=max_model_len, min_decode_rows=min_decode_rows)
-    app = create_app(engine, served_model_name or model_id(model_path), api_key=api_key)
+    limits = {} if max_body_bytes is None else {"max_body_bytes": max_body_bytes}
+    app = create_app(engine, served_model_name or model_id(model_path), api_key=api_key, **limits)
     return app, engine
 
 
 def run_server(model_path: str | os.PathLike, inference: InferenceOptions | None = None, host: str = "127.0.0.1",
                port: int = 8000, api_key: str | None = None, max_batch: int = 8, max_model_len: int | None = None,
                served_model_name: str | None = None, min_decode_rows: int = 4, log_level: str = "info",
-               threads: int | None = None) -> None:
+               threads: int | None = None, max_body_bytes: int | None = None) -> None:
     """Serve ``model_path`` until interrupted (what ``evolm serve`` runs), prepared as
     ``inference`` (:class:`evolm.infer.prepare.InferenceOptions`) asks; see :func:`build_app`.
 
@@ -82,7 +84,7 @@ def run_server(model_path: str | os.PathLike, inference: InferenceOptions | None
         log.warning("binding %s without --api-key: anyone who can reach this port can use the model", host)
     app, engine = build_app(model_path, inference, api_key=api_key, max_batch=max_batch,
                             max_model_len=max_model_len, served_model_name=served_model_name,
-                            min_decode_rows=min_decode_rows)
+                            min_decode_rows=min_decode_rows, max_body_bytes=max_body_bytes)
     c = engine.model.config
     dtype = str(engine.model.embed_tokens.weight.dtype).removeprefix("torch.")
     log.info("serving %s (%s on %s, %d layers, context %d) on http://%s:%d with max_batch=%d",
@@ -107,6 +109,8 @@ def add_arguments(parser) -> None:
                         help="pad decode steps to this many rows so greedy output is the same alone or "
                              "batched (1: faster single streams, exactness not guaranteed)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--max-body-bytes", type=int, default=None,
+                        help="refuse larger request bodies with 413 (default: 8 MiB)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 

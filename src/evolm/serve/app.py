@@ -11,6 +11,13 @@ Request bodies are parsed strictly (a string where a number belongs is an error,
 but unknown fields are ignored, as OpenAI-compatible servers commonly do, so that clients that
 send ``user`` or provider-specific extras keep working. Fields we cannot honour (tools, JSON
 response formats, suffix, prompt logprobs) are refused with a clear 400 rather than ignored.
+
+Nothing a client sends reaches the model or a 5xx unchecked: the body must be declared JSON
+(415), fit ``max_body_bytes`` (413, read no further) and nest at most ``MAX_JSON_DEPTH`` deep
+(400); every sampling parameter has a range (OpenAI's where it documents one; 400 otherwise, NaN
+and infinity included); a text prompt that cannot fit the context is refused from its length in
+bytes before it is tokenized. Tokenizing and rendering the chat template (itself under a budget:
+``evolm.chat_template``) run off the event loop, so one heavy request does not stall the others.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from evolm.chat_template import TemplateBudgetError
 from evolm.infer.sampling import SamplingParams
 from evolm.infer.text import chat_prompt_ids
 from evolm.serve.scheduler import DoneEvent, Engine, ErrorEvent, GenRequest, TokenEvent
@@ -39,7 +47,13 @@ log = logging.getLogger("evolm.serve")
 STATIC = Path(__file__).parent / "static"
 MAX_N = 16  # choices per request
 MAX_LOGPROBS = 20
-MAX_STOP = 16
+MAX_STOP = 16  # stop strings per request, each at most MAX_STOP_CHARS
+MAX_STOP_CHARS = 256
+MAX_LOGIT_BIAS = 300  # entries, as OpenAI allows
+MAX_BODY_BYTES = 8 * 2 ** 20  # default request-body limit: 16 prompts of 128k tokens as ids fit
+MAX_JSON_DEPTH = 32  # the schema needs 5 (messages[i].content[j].text); tools' JSON schemas a few more
+INT64 = 2 ** 63
+MIN_TEMPERATURE = 1e-5  # below it, sampling is greedy decoding
 
 
 # ------------------------------------------------------------------------------------------
@@ -86,7 +100,7 @@ def _validation_error(e: ValidationError) -> APIError:
 # request bodies (strict types; unknown fields ignored)
 # ------------------------------------------------------------------------------------------
 class _Body(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
 
 
 class StreamOptions(_Body):
@@ -100,17 +114,18 @@ class _Sampling(_Body):
     top_p: Optional[float] = Field(None, ge=0, le=1)
     n: int = Field(1, ge=1, le=MAX_N)
     stop: Union[str, list[str], None] = None
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=-INT64, lt=INT64)  # int64, as OpenAI and vLLM take it
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     presence_penalty: Optional[float] = Field(None, ge=-2, le=2)
     frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
     logit_bias: Optional[dict[str, float]] = None
     user: Optional[str] = None
-    # extensions that vLLM and llama.cpp's server accept too
-    top_k: Optional[int] = Field(None, ge=0)
+    # extensions that vLLM and llama.cpp's server accept too; top_k -1 or 0: off (at most the vocabulary)
+    top_k: Optional[int] = Field(None, ge=-1)
     min_p: Optional[float] = Field(None, ge=0, le=1)
-    repetition_penalty: Optional[float] = Field(None, gt=0)
+    # divides positive logits (HF's rule): far outside this range the logits overflow
+    repetition_penalty: Optional[float] = Field(None, ge=0.01, le=10)
     ignore_eos: bool = False
 
 
@@ -146,8 +161,10 @@ class ChatRequest(_Sampling):
 # ------------------------------------------------------------------------------------------
 # the app
 # ------------------------------------------------------------------------------------------
-def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> FastAPI:
-    """The FastAPI app serving ``engine``'s model as ``model_name``; starts/stops the engine."""
+def create_app(engine: Engine, model_name: str, api_key: str | None = None,
+               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+    """The FastAPI app serving ``engine``'s model as ``model_name``; starts/stops the engine.
+    Request bodies over ``max_body_bytes`` are refused (413) without being read."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -224,7 +241,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> F
     @app.post("/v1/completions")
     async def completions(request: Request):
         auth(request)
-        body = await _parse(request, CompletionRequest)
+        body = await _parse(request, CompletionRequest, max_body_bytes)
         served.check_model(body.model)
         if body.suffix:
             raise APIError(400, "'suffix' (insertion) is not supported by this server", param="suffix")
@@ -233,14 +250,14 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> F
         if body.echo and body.logprobs is not None:
             raise APIError(400, "'echo' with 'logprobs' (prompt logprobs) is not supported by this server",
                            param="echo")
-        prompts = served.completion_prompts(body.prompt)
+        prompts = await asyncio.to_thread(served.completion_prompts, body.prompt)
         return await served.run(request, body, prompts, chat=False, default_max=16,
                                 n_logprobs=body.logprobs, max_tokens=body.max_tokens)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         auth(request)
-        body = await _parse(request, ChatRequest)
+        body = await _parse(request, ChatRequest, max_body_bytes)
         served.check_model(body.model)
         if body.tools:
             raise APIError(400, "tool calling ('tools') is not supported by this server", param="tools")
@@ -249,7 +266,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> F
                                 f"only 'text'", param="response_format")
         if body.top_logprobs and not body.logprobs:
             raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
-        prompt = served.chat_prompt(body.messages)
+        prompt = await asyncio.to_thread(served.chat_prompt, body.messages)
         n_lp = (body.top_logprobs or 0) if body.logprobs else None
         return await served.run(request, body, [prompt], chat=True, default_max=None, n_logprobs=n_lp,
                                 max_tokens=body.max_completion_tokens or body.max_tokens)
@@ -257,12 +274,21 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> F
     return app
 
 
-async def _parse(request: Request, cls: type[_Body]) -> Any:
-    raw = await request.body()
+async def _parse(request: Request, cls: type[_Body], limit: int) -> Any:
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media != "application/json":
+        raise APIError(415, f"the request body must be JSON sent with 'Content-Type: application/json', "
+                            f"got {media or 'no Content-Type'!r}", code="unsupported_media_type")
+    raw = await _read_body(request, limit)
+    too_deep = APIError(400, f"the request body nests deeper than {MAX_JSON_DEPTH} levels", code="invalid_json")
     try:
         obj = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    except RecursionError:  # nested deeper than Python parses
+        raise too_deep from None
+    if _depth(obj) > MAX_JSON_DEPTH:
+        raise too_deep
     if not isinstance(obj, dict):
         raise APIError(400, f"the request body must be a JSON object, got {type(obj).__name__}",
                        code="invalid_json")
@@ -272,6 +298,36 @@ async def _parse(request: Request, cls: type[_Body]) -> Any:
         raise _validation_error(e) from None
 
 
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, read no further than ``limit`` bytes: a declared length over it is refused at
+    once, a chunked body as soon as it passes it."""
+    too_big = APIError(413, f"the request body is larger than this server's limit of {limit} bytes "
+                            f"(evolm serve --max-body-bytes)", code="request_too_large")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_big
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_big
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _depth(obj: Any) -> int:
+    """How deep JSON containers nest (iteratively: the point is bodies too deep to recurse on)."""
+    deepest, todo = 0, [(obj, 1)]
+    while todo:
+        x, d = todo.pop()
+        if isinstance(x, (dict, list)):
+            deepest = max(deepest, d)
+            if deepest > MAX_JSON_DEPTH:
+                return deepest
+            todo.extend((v, d + 1) for v in (x.values() if isinstance(x, dict) else x))
+    return deepest
+
+
 # ------------------------------------------------------------------------------------------
 # turning requests into engine work and engine events into OpenAI responses
 # ------------------------------------------------------------------------------------------
@@ -279,6 +335,19 @@ class _Served:
     def __init__(self, engine: Engine, name: str, tokenizer):
         self.engine, self.name, self.tok = engine, name, tokenizer
         self._piece_cache: dict[int, str] = {}
+        self.bytes_per_token = _max_bytes_per_token(tokenizer)
+
+    def check_text_length(self, text: str, where: str) -> None:
+        """Refuse, before tokenizing it, a text that cannot fit the context: no token stands for
+        more than ``bytes_per_token`` bytes, so it has at least len(bytes) / that many tokens."""
+        if self.bytes_per_token is None or len(text) < self.engine.max_len:
+            return
+        least = len(text.encode("utf-8", "surrogatepass")) // self.bytes_per_token
+        if least >= self.engine.max_len:
+            raise APIError(400, f"the {where} is too long: {len(text)} characters are at least {least} tokens "
+                                f"(no token of this vocabulary is longer than {self.bytes_per_token} bytes), and "
+                                f"this model's context length is {self.engine.max_len} tokens",
+                           param=where, code="context_length_exceeded")
 
     # --- inputs ------------------------------------------------------------------------------
     def check_model(self, model: str) -> None:
@@ -297,6 +366,8 @@ class _Served:
             raise APIError(400, f"at most {MAX_N} prompts per request, got {len(prompt)}", param="prompt")
         out = []
         for p in prompt:
+            if isinstance(p, str):
+                self.check_text_length(p, "prompt")
             ids = list(self.tok.encode(p)) if isinstance(p, str) else list(p)
             if not ids:
                 raise APIError(400, "'prompt' is empty (it tokenizes to no tokens)", param="prompt")
@@ -324,9 +395,16 @@ class _Served:
                 content = "".join(texts)
             conv.append({"role": "system" if m.role == "developer" else m.role, "content": content or ""})
         try:
-            ids = chat_prompt_ids(self.tok, conv)
+            text = self.tok.apply_chat_template(conv, add_generation_prompt=True)
+            if not isinstance(text, str):  # a tokenizer that renders ids itself
+                return chat_prompt_ids(self.tok, conv)
+        except TemplateBudgetError as e:  # a hostile template, or messages too large for it
+            raise APIError(400, f"the model's chat template cannot render these messages: {e}", param="messages",
+                           code="chat_template_budget_exceeded") from None
         except Exception as e:  # the template's own raise_exception (e.g. roles out of order)
             raise APIError(400, f"the chat template rejected the messages: {e}", param="messages") from None
+        self.check_text_length(text, "messages")
+        ids = list(self.tok.encode(text, add_special_tokens=False))  # the template wrote any BOS
         if not ids:
             raise APIError(400, "the messages render to an empty prompt", param="messages")
         return ids
@@ -336,13 +414,19 @@ class _Served:
         top_p = 1.0 if body.top_p is None else float(body.top_p)
         if top_p == 0:  # OpenAI accepts 0: only the most likely token survives
             temperature, top_p = 0.0, 1.0
+        if temperature < MIN_TEMPERATURE:  # logits / 1e-308 overflow: this close to 0 is greedy (as vLLM)
+            temperature = 0.0
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        if len(stop) > MAX_STOP or any(not s for s in stop):
-            raise APIError(400, f"'stop' takes up to {MAX_STOP} non-empty strings", param="stop")
+        if len(stop) > MAX_STOP or any(not s or len(s) > MAX_STOP_CHARS for s in stop):
+            raise APIError(400, f"'stop' takes up to {MAX_STOP} non-empty strings of at most {MAX_STOP_CHARS} "
+                                f"characters", param="stop")
+        if body.top_k is not None and body.top_k > self.engine.vocab:
+            raise APIError(400, f"invalid value for 'top_k': at most the vocabulary size {self.engine.vocab} "
+                                f"(or 0 / -1 for all tokens), got {body.top_k}", param="top_k", code="invalid_value")
         seed = None if body.seed is None else (body.seed + choice) % (2 ** 63)
         try:
             return SamplingParams(max_new_tokens=max_new, temperature=temperature, top_p=top_p,
-                                  top_k=body.top_k or 0, min_p=body.min_p or 0.0,
+                                  top_k=max(body.top_k or 0, 0), min_p=body.min_p or 0.0,
                                   repetition_penalty=body.repetition_penalty or 1.0,
                                   seed=seed, stop=stop, ignore_eos=body.ignore_eos)
         except ValueError as e:
@@ -351,6 +435,9 @@ class _Served:
     def _logit_bias(self, body: _Sampling) -> dict[int, float] | None:
         if not body.logit_bias:
             return None
+        if len(body.logit_bias) > MAX_LOGIT_BIAS:
+            raise APIError(400, f"logit_bias takes at most {MAX_LOGIT_BIAS} tokens, got {len(body.logit_bias)}",
+                           param="logit_bias")
         out = {}
         for k, v in body.logit_bias.items():
             if not k.lstrip("-").isdigit() or not 0 <= int(k) < self.engine.vocab:
@@ -583,6 +670,23 @@ class _Meta:
     def usage(self, completion_tokens: int) -> dict:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens,
                 "total_tokens": self.prompt_tokens + completion_tokens}
+
+
+def _max_bytes_per_token(tokenizer) -> int | None:
+    """The most bytes of text one token can stand for (added tokens included), from the
+    vocabulary's spelled-out tokens, which are never shorter than the text they match: byte-level
+    and byte-fallback spellings and SentencePiece's '▁' take at least as many bytes. A normalizer
+    (NFKC, lowercasing) may shorten text first; a factor of 4 covers the ones LMs use. ``None``
+    (no bound) for a tokenizer without a ``tokenizers`` vocabulary."""
+    backend = getattr(tokenizer, "backend", None)
+    try:
+        vocab = backend.get_vocab(with_added_tokens=True)
+    except Exception:  # not a tokenizers.Tokenizer
+        return None
+    longest = max((len(t.encode("utf-8", "surrogatepass")) for t in vocab), default=0)
+    if not longest:
+        return None
+    return longest * (1 if backend.normalizer is None else 4)
 
 
 def _generation_error(ev: ErrorEvent) -> APIError:
