@@ -13,7 +13,7 @@ import threading
 import pytest
 
 from evolm.eval import data as D
-from evolm.eval.generative import GEN_TASKS, humaneval_program, mbpp_program, pass_at_k
+from evolm.eval.generative import GEN_TASKS, humaneval_parts, mbpp_parts, pass_at_k
 from evolm.eval.sandbox import run_program, run_programs
 
 needs_data = pytest.mark.skipif(not (D.default_data_dir() / ".done").is_file(),
@@ -44,29 +44,6 @@ def test_misbehaving_code_never_takes_the_evaluator_down(name, code, status):
     assert r.status == status, (name, r)
     assert r.seconds < 10
     assert len(r.stdout) <= 4096 and len(r.stderr) <= 4096  # only the tail comes back
-
-
-def test_raw_fork_loop_is_bounded_and_every_child_is_killed():
-    """Bypassing the patched os.fork (posix.fork) hits RLIMIT_NPROC; the process group is killed."""
-    code = ("import posix, time\npids = []\nwhile True:\n    try:\n        pid = posix.fork()\n"
-            "    except OSError:\n        break\n    if pid == 0:\n        time.sleep(1000)\n"
-            "    pids.append(pid)\nprint(' '.join(map(str, pids)), flush=True)\n")
-    r = run_program(code, timeout=5.0, nproc=16)
-    pids = [int(p) for p in r.stdout.split()]
-    assert 0 < len(pids) <= 16
-    import time
-
-    def alive(pid):  # SIGKILL is asynchronous: a child may take a moment to go (or linger as a zombie)
-        try:
-            with open(f"/proc/{pid}/status") as f:
-                return "zombie" not in f.read()
-        except FileNotFoundError:
-            return False
-
-    deadline = time.time() + 5
-    while any(alive(p) for p in pids) and time.time() < deadline:
-        time.sleep(0.05)
-    assert not [p for p in pids if alive(p)]
 
 
 def test_no_network_even_through_the_raw_socket_module():
@@ -121,9 +98,9 @@ def test_pass_at_k_is_the_unbiased_estimator():
 def test_all_164_canonical_humaneval_solutions_pass_and_wrong_ones_fail():
     docs = D.load("humaneval", "test")
     assert len(docs) == 164
-    res = run_programs([humaneval_program(d, d["canonical_solution"]) for d in docs], timeout=10.0, workers=4)
+    res = run_programs([humaneval_parts(d, d["canonical_solution"]) for d in docs], timeout=10.0, workers=4)
     assert [d["task_id"] for d, r in zip(docs, res) if not r.passed] == []
-    wrong = run_programs([humaneval_program(d, "    return None\n") for d in docs[:20]], workers=4)
+    wrong = run_programs([humaneval_parts(d, "    return None\n") for d in docs[:20]], workers=4)
     assert not any(r.passed for r in wrong)
 
 
@@ -143,7 +120,7 @@ def test_code_task_scoring_counts_samples_per_problem():
 @pytest.mark.slow
 def test_mbpp_reference_solutions_pass():
     docs = D.load("mbpp", "test")
-    res = run_programs([mbpp_program(d, d["code"]) for d in docs], timeout=10.0, workers=4)
+    res = run_programs([mbpp_parts(d, d["code"]) for d in docs], timeout=10.0, workers=4)
     failed = {d["task_id"] for d, r in zip(docs, res) if not r.passed}
     # 367 needs its test_setup_code, which lm-eval's mbpp task does not run either; 123 (amicable
     # numbers below 10,000) is CPU-bound for seconds and may hit the limit on a loaded machine

@@ -13,9 +13,9 @@ Prompts, stop strings, answer extraction and metrics are lm-evaluation-harness' 
   test split with a fixed seed, never the scored problem (the results' config says so).
 - **humaneval** (Chen et al. 2021, "Evaluating LLMs trained on code"): the prompt is the function
   signature + docstring; generation stops at a new top-level ``class``/``def``/``#``/``if``/
-  ``print``; the program ``prompt + completion + test + check(entry_point)`` runs in the sandbox
-  (``sandbox.py``, 3 s) and passes if it finishes. ``humaneval_64``: 64 samples at T=0.2,
-  top-p 0.95, pass@{1,2,8,16,32,64}.
+  ``print``; ``prompt + completion`` runs in the sandbox (``sandbox.py``, 3 s) and passes if
+  ``test + check(entry_point)``, run apart by the sandbox against it, finishes. ``humaneval_64``:
+  64 samples at T=0.2, top-p 0.95, pass@{1,2,8,16,32,64}.
 - **mbpp** (Austin et al. 2021): lm-eval's 3-shot ``[BEGIN] ... [DONE]`` prompt; the completion
   plus the three asserts must run.
 
@@ -162,16 +162,26 @@ def _score_gsm8k(strict: str, target: Callable[[dict], str]):
     return score
 
 
+def humaneval_parts(doc: dict, completion: str) -> tuple[str, str]:
+    """The program (prompt + completion) and its tests (the test code, then ``check(entry_point)``):
+    the sandbox runs the tests apart from the program, so the program cannot forge the verdict."""
+    return doc["prompt"] + completion, doc["test"] + "\n" + f"check({doc['entry_point']})"
+
+
+def mbpp_parts(doc: dict, completion: str) -> tuple[str, str]:
+    return completion, "\n".join(doc["test_list"][:3])
+
+
 def humaneval_program(doc: dict, completion: str) -> str:
-    """What lm-eval's code_eval runs: prompt + completion, then the tests and ``check(entry_point)``."""
-    return doc["prompt"] + completion + "\n" + doc["test"] + "\n" + f"check({doc['entry_point']})"
+    """What lm-eval's code_eval runs, as one program: prompt + completion, tests, ``check(entry_point)``."""
+    return "\n".join(humaneval_parts(doc, completion))
 
 
 def mbpp_program(doc: dict, completion: str) -> str:
-    return completion + "\n" + "\n".join(doc["test_list"][:3])
+    return "\n".join(mbpp_parts(doc, completion))
 
 
-def _score_code(program: Callable[[dict, str], str]):
+def _score_code(program: Callable[[dict, str], tuple[str, str]]):
     def score(task: GenTask, docs: list[dict], resps: list[list[str]], workers: int = 4) -> dict:
         from .sandbox import run_programs
 
@@ -243,15 +253,15 @@ GEN_TASKS: dict[str, GenTask] = {
         note="few-shot examples drawn from the test split (seeded, never the scored problem): "
              "the offline data has no train split"),
     "humaneval": GenTask(
-        "humaneval", "humaneval", "test", doc_to_text=lambda d: d["prompt"], score=_score_code(humaneval_program),
+        "humaneval", "humaneval", "test", doc_to_text=lambda d: d["prompt"], score=_score_code(humaneval_parts),
         gen_kwargs={"until": HUMANEVAL_STOP, "max_gen_toks": 1024, "do_sample": False}),
     "humaneval_64": GenTask(
         "humaneval_64", "humaneval", "test", doc_to_text=lambda d: d["prompt"],
-        score=_score_code(humaneval_program), repeats=64, ks=(1, 2, 8, 16, 32, 64),
+        score=_score_code(humaneval_parts), repeats=64, ks=(1, 2, 8, 16, 32, 64),
         gen_kwargs={"until": HUMANEVAL_STOP, "max_gen_toks": 1024, "do_sample": True, "temperature": 0.2,
                     "top_p": 0.95}),
     "mbpp": GenTask(
-        "mbpp", "mbpp", "test", doc_to_text=_mbpp_text, score=_score_code(mbpp_program),
+        "mbpp", "mbpp", "test", doc_to_text=_mbpp_text, score=_score_code(mbpp_parts),
         gen_kwargs={"until": ["[DONE]"], "do_sample": False}, num_fewshot=3, shots=MBPP_SHOTS,
         shot_text=lambda s: _mbpp_text(s) + s["code"] + "\n[DONE]"),
 }

@@ -1,33 +1,41 @@
-"""Run model-written Python in a separate, limited process: the execution half of HumanEval / MBPP.
+"""Run model-written Python in a cell it cannot leave: the execution half of HumanEval / MBPP.
 
-Why a process and these limits (Chen et al. 2021, "Evaluating Large Language Models Trained on
-Code", sec. 2.3 and appendix: generated programs may loop forever, exhaust memory, fork, delete
-files or open connections; the evaluator must survive all of that and score them as failures):
+Generated programs may loop forever, exhaust memory, fork, delete files, open connections
+(Chen et al. 2021, "Evaluating Large Language Models Trained on Code", sec. 2.3) -- or, when a
+model is trained against the evaluator, go looking for a way to be scored as passing. Each
+program runs under a supervisor process (``_jail.py``) that, where the kernel allows it, builds:
 
-- **own process, own session** (``start_new_session``): on a timeout, or after any run, the whole
-  process group is killed with SIGKILL, so children it spawned go too;
-- **wall-clock timeout** in the parent, **RLIMIT_CPU** in the child (a busy loop dies even if
-  the parent were slow to notice);
-- **RLIMIT_AS** (address space): a huge allocation raises ``MemoryError`` in the child instead of
-  swapping the machine; **RLIMIT_FSIZE** caps every file it writes, including its stdout/stderr
-  (files in its temp dir; the parent reads back only their last few KB), so a print loop cannot
-  fill the disk or the evaluator's memory; **RLIMIT_CORE** = 0;
-- **no processes**: ``os.fork``/``system``/``exec*``/``spawn*``/``kill``, ``subprocess.Popen`` and
-  friends are replaced by a function that raises, and **RLIMIT_NPROC** bounds what a raw
-  ``posix.fork`` loop can do: as root (where the kernel ignores that limit) the child first takes
-  the real uid of ``nobody`` and drops CAP_SYS_ADMIN / CAP_SYS_RESOURCE for good;
-- **no network**: when we are root, the child first moves into a new, empty network namespace
-  (``unshare(CLONE_NEWNET)``: no interface is up, nothing is reachable); always, ``socket.socket``
-  and the other socket constructors raise;
-- **clean slate**: empty environment, ``python -I`` (no user site, no PYTHON* variables), a fresh
-  temp dir as cwd (removed afterwards), stdin from /dev/null;
-- **passed means finished**: the program is ``exec``'d by a small bootstrap; only when it returns
-  normally does the bootstrap write a per-run random token to a private pipe. ``sys.exit(0)`` or
-  ``os._exit(0)`` halfway through therefore counts as a failure, not a pass.
+- **its own namespaces**: mount, PID, IPC and network (as root directly, otherwise through an
+  unprivileged user namespace). The network namespace is empty (no interface up; abstract Unix
+  sockets are per namespace);
+- **a private filesystem view**: a tmpfs root holding read-only binds of /usr, /lib*, the
+  interpreter's prefix and /dev/{null,zero,random,urandom}, a private size-capped /tmp with the
+  work dir, then ``pivot_root`` -- no host /tmp, /run, /home, /root, /etc or /proc, so no host
+  file to read, write or unlink and no host Unix socket to connect to;
+- **a user that cannot become root again**: as root, a fresh random uid for real, effective and
+  saved uid, no groups, an empty capability bounding set, locked securebits; always, an empty
+  capability set and ``PR_SET_NO_NEW_PRIVS``; so **RLIMIT_NPROC binds** (with RLIMIT_AS, CPU,
+  FSIZE and CORE);
+- **the whole tree killed**: the program is pid 1 of its PID namespace; killing it kills every
+  process in it, ``setsid`` or double-forked;
+- **a verdict it cannot forge**: with ``tests=``, the program (``code``) runs alone and then only
+  answers calls; the supervisor, a process it cannot see, reads the tests *after* the fork (they
+  never exist in the program's memory), runs them itself and calls the program's functions over a
+  socket that carries plain data (numbers, strings, bytes, containers; other objects only as
+  handles to hand back). An always-equal object, a forged message or an early ``exit(0)`` cannot
+  make an assert pass. Without ``tests=``, "passed" means the program reported reaching its end:
+  its own claim, fine for trusted snippets, not for scoring untrusted ones.
 
-This guards the evaluator against accidents and careless code, as human-eval's
-``reliability_guard`` does, plus kernel limits; it is not a security boundary against a
-determined attacker (run untrusted code from the internet in a VM or container).
+Python-level guards (``os.fork``/``system``/``exec*``/``kill``, ``subprocess``, the socket
+constructors raise) remain on top, so careless code fails early with a clear error.
+
+Degraded modes, each reported once as a warning and in ``ExecResult.cell``: as root where
+namespaces are refused (a container without CAP_SYS_ADMIN), the uid drop, capabilities,
+no-new-privileges, NPROC and kill-by-uid still hold, but the host filesystem is visible (the
+random uid owns nothing, yet world-writable /tmp and /dev/shm stay writable) and so are host
+Unix sockets and the network; not root and without user namespaces, only rlimits, the
+Python-level guards and a process-group kill remain -- run untrusted code in a VM or container
+there. See docs/security.md.
 """
 
 from __future__ import annotations
@@ -35,98 +43,29 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import select
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
-# The child's first code: limits, isolation, then the program. Kept free of f-string braces
-# (it is a plain string); configuration arrives as JSON on stdin.
-_BOOTSTRAP = r'''
-import json, os, sys, resource
-cfg = json.loads(sys.stdin.read())
-sys.stdin.close()
-token, code, result_fd = cfg["token"], cfg["code"], cfg["result_fd"]
-def _lim(which, value):
-    try:
-        resource.setrlimit(which, (value, value))
-    except (ValueError, OSError):
-        pass
-if cfg["netns"]:
-    try:
-        import ctypes
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.unshare(0x40000000) != 0:  # CLONE_NEWNET
-            raise OSError(ctypes.get_errno(), "unshare")
-        cfg["isolated_net"] = True
-    except Exception:
-        pass
-if cfg["drop_to"] is not None and os.geteuid() == 0:
-    # RLIMIT_NPROC is not enforced for a real uid of root nor with CAP_SYS_ADMIN/CAP_SYS_RESOURCE:
-    # give the process another real uid and drop those two capabilities for good (bounding set
-    # too, so no exec regains them). The effective uid stays root so the interpreter's files
-    # (which may sit in a root-only folder) remain readable.
-    import ctypes
-    libc = ctypes.CDLL(None, use_errno=True)
-    for cap in (21, 24):  # CAP_SYS_ADMIN, CAP_SYS_RESOURCE
-        libc.prctl(24, cap, 0, 0, 0)  # PR_CAPBSET_DROP
-    os.setresuid(cfg["drop_to"][0], 0, 0)
-    hdr = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
-    data = (ctypes.c_uint32 * 6)()
-    if libc.capget(hdr, data) == 0:
-        keep = ~((1 << 21) | (1 << 24)) & 0xFFFFFFFF
-        data[0] &= keep  # effective (caps 0-31)
-        data[1] &= keep  # permitted
-        libc.capset(hdr, data)
-_lim(resource.RLIMIT_NPROC, cfg["nproc"])
-_lim(resource.RLIMIT_AS, cfg["memory_bytes"])
-_lim(resource.RLIMIT_CPU, cfg["cpu_seconds"])
-_lim(resource.RLIMIT_FSIZE, cfg["file_bytes"])
-_lim(resource.RLIMIT_CORE, 0)
-os.write(result_fd, b"started\n")
-
-import builtins, socket, subprocess, shutil
-def _blocked(*a, **k):
-    raise PermissionError("blocked by the evolm sandbox")
-for _name in ("fork", "forkpty", "system", "popen", "kill", "killpg", "setsid", "setpgid", "putenv",
-              "execv", "execve", "execvp", "execvpe", "execl", "execle", "execlp", "execlpe",
-              "spawnv", "spawnve", "spawnvp", "spawnvpe", "spawnl", "spawnle", "spawnlp", "spawnlpe",
-              "posix_spawn", "posix_spawnp", "remove", "unlink", "rmdir", "removedirs", "rename",
-              "renames", "truncate", "chmod", "fchmod", "chown", "fchown", "lchown", "chroot"):
-    if hasattr(os, _name):
-        setattr(os, _name, _blocked)
-for _name in ("Popen", "call", "check_call", "check_output", "run", "getoutput", "getstatusoutput"):
-    setattr(subprocess, _name, _blocked)
-shutil.rmtree = shutil.move = shutil.chown = _blocked
-for _name in ("socket", "socketpair", "create_connection", "create_server", "fromfd"):
-    setattr(socket, _name, _blocked)
-try:
-    import multiprocessing
-    multiprocessing.Process = _blocked
-except Exception:
-    pass
-del cfg
-glb = {"__name__": "__main__", "__builtins__": builtins}
-try:
-    exec(compile(code, "<program>", "exec"), glb)
-except BaseException as e:  # SystemExit included: leaving early is not passing
-    import traceback
-    traceback.print_exc()
-    os._exit(1)
-sys.stdout.flush()
-sys.stderr.flush()
-os.write(result_fd, ("passed " + token + "\n").encode())
-os._exit(0)
-'''
+_SUPERVISOR = str(Path(__file__).with_name("_jail.py"))
+_NAMESPACES = True  # tests switch it off to check the degraded mode (root, namespaces refused)
+_GRACE = 5.0  # seconds past the program's timeout before the supervisor itself is killed
+_warned: set[str] = set()
 
 
 @dataclass
 class ExecResult:
-    """Outcome of one program: ``status`` is 'passed', 'failed' or 'timeout'."""
+    """Outcome of one program: ``status`` is 'passed', 'failed' or 'timeout'; ``cell`` says
+    which walls held (``mode`` 'root' / 'userns' / '' for no namespaces, ``fs``, ``net``, ``pidns``)."""
 
     status: str
     returncode: int | None
@@ -134,110 +73,144 @@ class ExecResult:
     stdout: str = ""
     stderr: str = ""
     detail: str = ""
+    cell: dict = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
         return self.status == "passed"
 
 
-def _nobody() -> tuple[int, int] | None:
-    try:
-        import pwd
-
-        p = pwd.getpwnam("nobody")
-        return p.pw_uid, p.pw_gid
-    except (KeyError, ImportError):
-        return None
+def _sandbox_uid() -> int:
+    """A uid no account uses, fresh per run: the cell owns no host file, and two cells never
+    share a process count or can signal each other."""
+    return 1_500_000_000 + secrets.randbelow(500_000_000)
 
 
 def _tail(path: str, n: int) -> str:
     try:
         with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - n))
+            f.seek(max(0, f.tell() - n))
             return f.read().decode("utf-8", "replace")
     except OSError:
         return ""
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # start_new_session: the group id is the child's pid
-    except (ProcessLookupError, PermissionError):
-        pass
+def _frame(obj) -> bytes:
+    data = json.dumps(obj).encode()
+    return struct.pack(">I", len(data)) + data
+
+
+def _warn_degraded(cell: dict) -> None:
+    """Say once per process which walls are missing, and why (the kernel refused)."""
+    missing = [name for name in ("pidns", "fs", "net") if not cell.get(name)]
+    if not missing or not cell:
+        return
+    key = ",".join(missing)
+    if key in _warned:
+        return
+    _warned.add(key)
+    why = cell.get("fs_error") or ("namespaces refused (not root and no unprivileged user namespaces, "
+                                   "or a container without CAP_SYS_ADMIN)" if not cell.get("mode") else "")
+    warnings.warn(f"evolm sandbox: running without {', '.join(missing)}: {why}; see docs/security.md",
+                  RuntimeWarning, stacklevel=3)
+
+
+def _detail(status: str, rc: int | None, stderr: str, timeout: float) -> str:
+    if status == "timeout":
+        return f"no result within {timeout} s"
+    if rc is not None and rc < 0:
+        return f"killed by signal {signal.Signals(-rc).name}"
+    if rc == 0:
+        return "exited before the program finished"
+    return (stderr.strip().splitlines() or [f"exit code {rc}"])[-1]
 
 
 def run_program(code: str, timeout: float = 3.0, memory_mb: int = 1024, max_output_bytes: int = 1 << 20,
-                nproc: int = 32, isolate_network: bool = True, tail_bytes: int = 4096) -> ExecResult:
-    """Run ``code`` in a fresh limited Python process (see module docstring); never raises for
-    anything the code does."""
-    root = os.geteuid() == 0
-    drop = _nobody() if root else None
+                nproc: int = 32, isolate_network: bool = True, tail_bytes: int = 4096,
+                tests: str | None = None) -> ExecResult:
+    """Run ``code`` in a fresh cell (see module docstring); never raises for anything the code
+    does. With ``tests``, ``code`` is the untrusted part and ``tests`` (asserts, or
+    ``check(entry_point)``) run in the supervisor against the program's functions: the verdict
+    the program cannot forge. Without it, passing means the code reported reaching its end."""
     tmp = tempfile.mkdtemp(prefix="evolm-exec-")
     out_path, err_path = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
-    work = os.path.join(tmp, "cwd")
+    work, root = os.path.join(tmp, "cwd"), os.path.join(tmp, "root")
     os.mkdir(work)
-    token = secrets.token_hex(16)
+    os.mkdir(root)
     r_fd, w_fd = os.pipe()
-    cfg = {"token": token, "code": code, "result_fd": w_fd, "netns": bool(isolate_network and root),
-           "drop_to": drop, "nproc": int(nproc), "memory_bytes": int(memory_mb) << 20,
-           "cpu_seconds": int(timeout) + 1, "file_bytes": int(max_output_bytes)}
+    cfg = {"code": code, "result_fd": w_fd, "uid": _sandbox_uid(), "namespaces": _NAMESPACES,
+           "isolate_network": bool(isolate_network), "root": root, "work": work, "tmp_mb": 64,
+           "nproc": int(nproc), "memory_bytes": int(memory_mb) << 20, "cpu_seconds": int(timeout) + 1,
+           "file_bytes": int(max_output_bytes), "timeout": float(timeout), "serve": tests is not None}
     t0 = time.monotonic()
     proc = None
     try:
         with open(out_path, "wb") as out, open(err_path, "wb") as err:
-            proc = subprocess.Popen([sys.executable, "-I", "-c", _BOOTSTRAP], stdin=subprocess.PIPE,
-                                    stdout=out, stderr=err, cwd=work, env={}, pass_fds=(w_fd,),
-                                    start_new_session=True, close_fds=True)
+            proc = subprocess.Popen([sys.executable, "-I", _SUPERVISOR], stdin=subprocess.PIPE, stdout=out,
+                                    stderr=err, cwd=work, env={}, pass_fds=(w_fd,), start_new_session=True)
         os.close(w_fd)
         w_fd = -1
-        try:
-            proc.stdin.write(json.dumps(cfg).encode())
+        try:  # the tests go second: the supervisor reads them only after the program is forked
+            proc.stdin.write(_frame(cfg) + (_frame(tests) if tests is not None else b""))
             proc.stdin.close()
         except (BrokenPipeError, OSError):
             pass
-        timed_out = False
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-        _kill_group(proc)  # leftovers too (background children), whatever happened
-        proc.wait()
+        line = _read_verdict(r_fd, t0 + timeout + _GRACE)
+        _kill_group(proc)
         seconds = time.monotonic() - t0
-        os.set_blocking(r_fd, False)
-        try:
-            signal_text = os.read(r_fd, 4096).decode("utf-8", "replace")
-        except (BlockingIOError, OSError):
-            signal_text = ""
         stdout, stderr = _tail(out_path, tail_bytes), _tail(err_path, tail_bytes)
-        if timed_out:
-            return ExecResult("timeout", None, seconds, stdout, stderr, f"no result within {timeout} s")
-        if proc.returncode == 0 and f"passed {token}" in signal_text:
-            return ExecResult("passed", 0, seconds, stdout, stderr)
-        rc = proc.returncode
-        if rc is not None and rc < 0:
-            detail = f"killed by signal {signal.Signals(-rc).name}"
-        elif "started" not in signal_text:
-            detail = "the sandbox did not start"
-        elif rc == 0:
-            detail = "exited before the program finished"
-        else:
-            detail = (stderr.strip().splitlines() or [f"exit code {rc}"])[-1]
-        return ExecResult("failed", rc, seconds, stdout, stderr, detail)
+        try:
+            report = json.loads(line)
+        except ValueError:
+            rc = proc.returncode
+            return ExecResult("timeout" if rc == -signal.SIGKILL else "failed", rc, seconds, stdout, stderr,
+                              f"the sandbox supervisor ended without a verdict (exit {rc})")
+        _warn_degraded(report["cell"])
+        status, rc = report["status"], report["returncode"]
+        detail = report["detail"] or ("" if status == "passed" else _detail(status, rc, stderr, timeout))
+        return ExecResult(status, None if status == "timeout" else rc, seconds, stdout, stderr, detail,
+                          report["cell"])
     finally:
-        if w_fd >= 0:
-            os.close(w_fd)
-        os.close(r_fd)
+        for fd in (w_fd, r_fd):
+            if fd >= 0:
+                os.close(fd)
         if proc is not None and proc.poll() is None:
             _kill_group(proc)
-            proc.wait()
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def run_programs(codes: list[str], timeout: float = 3.0, workers: int = 4, **kwargs) -> list[ExecResult]:
-    """``run_program`` over many programs, ``workers`` at a time (threads that wait on processes)."""
+def _read_verdict(fd: int, deadline: float) -> str:
+    """The supervisor's one line, read as soon as it is written (no polling of the process)."""
+    buf = b""
+    while not buf.endswith(b"\n") and len(buf) < 1 << 16:
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        chunk = os.read(fd, 1 << 16) if ready else b""
+        if not chunk:
+            break
+        buf += chunk
+    return buf.decode("utf-8", "replace")
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """The supervisor's group (start_new_session: its id is the supervisor's pid): a backstop
+    only, the supervisor kills the program itself."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
+
+
+def run_programs(codes: list[str | tuple[str, str]], timeout: float = 3.0, workers: int = 4,
+                 **kwargs) -> list[ExecResult]:
+    """``run_program`` over many programs, ``workers`` at a time (threads that wait on processes);
+    an item ``(code, tests)`` is run with ``tests=``."""
     if not codes:
         return []
+
+    def one(item):
+        code, tests = (item, None) if isinstance(item, str) else item
+        return run_program(code, timeout=timeout, tests=tests, **kwargs)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        return list(pool.map(lambda c: run_program(c, timeout=timeout, **kwargs), codes))
+        return list(pool.map(one, codes))
