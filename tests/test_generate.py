@@ -6,6 +6,8 @@ the uncached full forward pass, and a real byte-level BPE tokenizer from ``token
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn as nn
@@ -278,6 +280,22 @@ def test_seeded_sampling_reproducible():
     a, b = generate(model, PROMPTS, p), generate(model, PROMPTS, p)
     assert a == b
     assert a != generate(model, PROMPTS, SamplingParams(max_new_tokens=12, temperature=1.0, top_p=0.95, seed=8))
+
+
+def test_overflowed_scores_draw_among_the_overflowed_tokens_and_dead_rows_are_an_error():
+    from evolm.infer.sampling import sample
+
+    p = SamplingParams(temperature=1e-300)
+    logits = torch.tensor([[1.0, 3.0, -2.0, 3.0], [0.5, 0.1, 0.2, 0.0]])
+    scores = process_logits(logits, p)  # 3 / 1e-300 overflows float32: softmax would give NaN
+    assert scores.tolist() == [[-math.inf, 0.0, -math.inf, 0.0], [0.0, -math.inf, -math.inf, -math.inf]]
+    g = torch.Generator().manual_seed(0)
+    picks = {tuple(sample(scores, p, g).tolist()) for _ in range(50)}
+    assert {a for a, _ in picks} == {1, 3} and {b for _, b in picks} == {0}
+    inf = torch.tensor([[0.0, math.inf, 1.0, math.inf]])  # logits already infinite: drawn among them
+    assert {int(sample(inf, SamplingParams(temperature=1.0), g)) for _ in range(50)} == {1, 3}
+    with pytest.raises(ValueError, match=r"row\(s\) \[0\] have no finite score"):
+        sample(torch.tensor([[float("nan")] * 3, [0.0, 1.0, 2.0]]), SamplingParams(temperature=1.0), g)
 
 
 def test_top_k_1_equals_greedy():

@@ -127,7 +127,10 @@ def process_logits(logits: torch.Tensor, params: SamplingParams, seen: torch.Ten
     if params.greedy:
         return logits
     if params.temperature != 1.0:
-        logits = logits / params.temperature
+        scaled = logits / params.temperature
+        if bool((scaled.isposinf() | scaled.isnan()).any()):
+            scaled = _scale_shifted(logits, params.temperature)
+        logits = scaled
     if params.top_k:
         logits = apply_top_k(logits, params.top_k)
     if params.top_p < 1.0:
@@ -137,10 +140,32 @@ def process_logits(logits: torch.Tensor, params: SamplingParams, seen: torch.Ten
     return logits
 
 
+def _scale_shifted(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``logits / temperature`` for a temperature so small that float32 overflows (or rounds it
+    to 0): the same softmax, computed as (logits - row max) / T in float64, so the top tokens
+    score 0 and the rest -inf instead of +inf and NaN."""
+    shifted = logits.double() - logits.double().amax(dim=-1, keepdim=True)
+    return (shifted / temperature).float()
+
+
 def sample(scores: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
     """Pick one token per row from processed scores (B, V): argmax, or a draw from softmax."""
     if params.greedy:
         return scores.argmax(dim=-1)
+    if not bool(torch.isfinite(scores.amax(dim=-1)).all()) or bool(scores.isnan().any()):
+        scores = _finite(scores)
     probs = scores.softmax(dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+def _finite(scores: torch.Tensor) -> torch.Tensor:
+    """Scores a softmax can take: logits at +inf (softmax then gives NaN and multinomial fails)
+    become the largest float, so the draw picks among them; NaN is dropped; a row with no
+    finite score left means the model itself produced none, which is an error, not a draw."""
+    scores = torch.nan_to_num(scores, nan=float("-inf"), posinf=torch.finfo(scores.dtype).max)
+    dead = torch.isneginf(scores).all(dim=-1)
+    if bool(dead.any()):
+        raise ValueError(f"sampling: row(s) {dead.nonzero().flatten().tolist()} have no finite score "
+                         "(the model's logits are NaN or -inf everywhere)")
+    return scores
 
