@@ -24,7 +24,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from evolm.config import ModelConfig
+from evolm.config import ConfigError, ModelConfig
+from evolm.inputs import read_json
 
 FORMAT_MARK = "evolm"
 WEIGHTS = "model.safetensors"
@@ -41,10 +42,10 @@ def is_checkpoint(path: str) -> bool:
     if not os.path.isfile(cfg):
         return False
     try:
-        with open(cfg) as f:
-            return json.load(f).get("format") == FORMAT_MARK
-    except (OSError, json.JSONDecodeError):
+        d = read_json(cfg, ConfigError)
+    except ConfigError:  # not ours to judge here: the loader that reads it names the problem
         return False
+    return d.get("format") == FORMAT_MARK
 
 
 def _atomic_dir(path: str):
@@ -127,13 +128,9 @@ def load_config(path: str) -> ModelConfig:
     cfg_path = os.path.join(path, CONFIG)
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{path}: no {CONFIG}; not an evolm checkpoint folder")
-    with open(cfg_path) as f:
-        try:
-            d = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
+    d = read_json(cfg_path, ConfigError)
     if d.get("format") != FORMAT_MARK or "model" not in d:
-        raise ValueError(f"{cfg_path}: missing '\"format\": \"evolm\"' and 'model' keys; not an evolm checkpoint")
+        raise ConfigError(f"{cfg_path}: missing '\"format\": \"evolm\"' and 'model' keys; not an evolm checkpoint")
     return ModelConfig.from_dict(d["model"], source=cfg_path)
 
 

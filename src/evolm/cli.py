@@ -303,6 +303,9 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="evolm", description=__doc__.split("\n")[0] if __doc__ else None)
+    p.add_argument("--allow-large", action="store_true",
+                   help="load models larger than this machine's memory (sizes in model files are otherwise "
+                        "checked against it; also EVOLM_ALLOW_LARGE=1)")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     a = sub.add_parser("arch", help="architecture presets, cost cards and comparisons")
@@ -454,6 +457,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from evolm.config import ConfigError
 
+    if args.allow_large or os.environ.get("EVOLM_ALLOW_LARGE", "") not in ("", "0"):  # read here, nowhere deeper
+        from evolm.interop.empty import allow_large_models
+
+        allow_large_models()
     try:
         args.func(args)
     except (ConfigError, FileNotFoundError, ValueError, KeyboardInterrupt) as e:

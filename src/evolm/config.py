@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
+import typing
 from dataclasses import dataclass, field
 from typing import Any
+
+from evolm.inputs import describe, has_type, read_json, short
 
 
 class ConfigError(ValueError):
@@ -30,6 +34,13 @@ ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu")
 ROUTERS = ("softmax", "sigmoid")
 ROPE_SCALINGS = ("linear", "llama3", "yarn")
 DERIVED = ("n_kv_heads", "head_dim", "d_ff", "moe_d_ff")
+# Structural caps, far above any published model (the deepest has ~130 layers, the widest MoE ~400
+# experts): a config file past them is damaged, and building it would make millions of modules
+# before any weight is read. Memory caps depend on the machine and live where models are built
+# (``interop/empty.py``, liftable for real giant models).
+MAX_INT = 2**31 - 1  # token ids, widths and lengths are indexed with int32 in torch and ggml
+MAX_LAYERS = 4096
+MAX_EXPERTS = 65536
 
 
 @dataclass
@@ -117,6 +128,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         # fields left unset are derived; replace() derives them again from the new values
         object.__setattr__(self, "_derived", {f for f in DERIVED if getattr(self, f) is None})
+        self._check_types()
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.head_dim is None and isinstance(self.n_heads, int) and self.n_heads > 0:
@@ -132,11 +144,32 @@ class ModelConfig:
         self.nope_layers = tuple(self.nope_layers)
         self.validate()
 
+    def _check_types(self) -> None:
+        """Every field has its declared type and a sane size, before any arithmetic on it (a
+        config file can hold ``"d_model": "9"`` or ``"n_layers": 1e18``)."""
+        def need(cond: bool, fieldname: str, msg: str) -> None:
+            if not cond:
+                raise ConfigError(f"ModelConfig '{short(self.name)}': field '{fieldname}' {msg}")
+
+        for f, hint in _field_types().items():
+            v = getattr(self, f)
+            need(has_type(v, hint), f, f"must be {describe(hint)}, got {short(v)}")
+            if isinstance(v, int) and not isinstance(v, bool):
+                need(abs(v) <= MAX_INT, f, f"is {v}; expected at most {MAX_INT}")
+        need(self.n_layers <= MAX_LAYERS, "n_layers", f"is {self.n_layers}; expected at most {MAX_LAYERS}")
+        need(self.n_experts <= MAX_EXPERTS, "n_experts", f"is {self.n_experts}; expected at most {MAX_EXPERTS}")
+        for fname in ("rope_scaling", "rope_local_scaling"):
+            sc = getattr(self, fname)
+            bad = {k: v for k, v in (sc or {}).items() if k != "type" and not has_type(v, float | bool)}
+            need(not bad, fname, f"values must be finite numbers, got {short(bad)}")
+
     # ------------------------------------------------------------------------------------
     def validate(self) -> None:
         def need(cond: bool, fieldname: str, msg: str) -> None:
             if not cond:
                 raise ConfigError(f"ModelConfig '{self.name}': field '{fieldname}' {msg}")
+
+        self._check_types()
 
         def choice(fieldname: str, options: tuple) -> None:
             value = getattr(self, fieldname)
@@ -255,6 +288,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "config") -> "ModelConfig":
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source}: expected a JSON object of ModelConfig fields, got {short(d)}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = [k for k in d if k not in known]
         if unknown:
@@ -262,19 +297,17 @@ class ModelConfig:
             close = difflib.get_close_matches(k, known, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             raise ConfigError(f"{source}: unknown ModelConfig field '{k}'{hint}")
-        return cls(**d)
+        try:
+            return cls(**d)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
     def from_json(cls, path: str) -> "ModelConfig":
-        with open(path) as f:
-            try:
-                d = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{path}: not valid JSON ({e})") from None
-        return cls.from_dict(d, source=path)
+        return cls.from_dict(read_json(path, ConfigError), source=path)
 
     def replace(self, **changes: Any) -> "ModelConfig":
         """A copy with some fields changed (validated again); derived sizes follow the change.
@@ -297,6 +330,11 @@ class ModelConfig:
         """Fields whose values differ: the lineage as diffs."""
         a, b = self.to_dict(), other.to_dict()
         return {k: (a[k], b[k]) for k in a if k not in ("name", "meta") and a[k] != b[k]}
+
+
+@functools.lru_cache(maxsize=1)
+def _field_types() -> dict[str, Any]:
+    return typing.get_type_hints(ModelConfig)
 
 
 __all__ = ["ModelConfig", "ConfigError"]

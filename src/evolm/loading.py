@@ -45,9 +45,8 @@ def _tokenizer_from_dir(folder: Path):
 def load_config(spec: str | os.PathLike):
     """The ModelConfig named by ``spec``: a preset name, an evolm config JSON (or checkpoint
     folder), or a Hugging Face config.json / model folder."""
-    import json
-
     from evolm.config import ConfigError, ModelConfig
+    from evolm.inputs import read_json
     from evolm.presets import get_preset
 
     spec = str(spec)
@@ -56,13 +55,9 @@ def load_config(spec: str | os.PathLike):
         if os.sep in spec or spec.endswith(".json"):
             raise FileNotFoundError(f"{path}: no such config file")
         return get_preset(spec)
-    with open(path) as f:
-        try:
-            d = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    d = read_json(path, ConfigError)
     if "model_type" in d:
-        return _hf.config_from_hf(d)
+        return _hf.config_from_hf(d, source=path)
     return ModelConfig.from_dict(d.get("model", d), source=path)
 
 
@@ -79,7 +74,9 @@ def detect_format(path: str | os.PathLike) -> str:
         if magic == b"GGUF":
             return "gguf"
         if p.suffix.lower() == ".gguf":
-            raise ValueError(f"{p}: not a GGUF file (it does not start with the 'GGUF' magic bytes)")
+            from evolm.interop.gguf import GGUFError
+
+            raise GGUFError(f"{p}: not a GGUF file (it does not start with the 'GGUF' magic bytes)")
         raise ValueError(f"{p}: not a model file; {expected}")
     if checkpoint.is_checkpoint(str(p)):
         return "evolm"
@@ -126,7 +123,8 @@ def as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
 
 
 def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
-         device: str | torch.device | None = None, blocks: bool = False, need_tokenizer: bool = False):
+         device: str | torch.device | None = None, blocks: bool = False, need_tokenizer: bool = False,
+         allow_large: bool | None = None):
     """Load ``(model, tokenizer_or_None)`` from an evolm folder, a Hugging Face folder or a GGUF file.
 
     ``dtype`` (a torch dtype or its name) ``=None`` keeps the stored dtype (for GGUF, whatever
@@ -134,14 +132,20 @@ def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
     file's quantized linear layers keep their blocks (``evolm.quant.blocks``; CPU inference, fp32
     arithmetic with the file's exact weights). ``need_tokenizer``: a source without a tokenizer is
     a ValueError (generation, serving and chat training need one to turn text into ids).
+
+    A damaged or hostile source raises its kind's error naming the file (``GGUFError``,
+    ``ConfigError``, ``WeightsError``, ``CheckpointError``, ``TokenizerError``: all ValueErrors),
+    never a traceback from deep inside. Sizes are checked against this machine's memory before
+    the model is built; ``allow_large=True`` lifts that check for a real model this large
+    (``None``: the process default, set by ``evolm --allow-large``).
     """
-    model, tok = _load(Path(path), as_dtype(dtype), device, blocks)
+    model, tok = _load(Path(path), as_dtype(dtype), device, blocks, allow_large)
     if need_tokenizer and tok is None:
         raise ValueError(f"{path}: no tokenizer found (expected tokenizer.json, or GGUF tokenizer metadata)")
     return model, tok
 
 
-def _load(p: Path, dtype: torch.dtype | None, device, blocks: bool):
+def _load(p: Path, dtype: torch.dtype | None, device, blocks: bool, allow_large: bool | None = None):
     """The adapter for ``p``'s format: ``(model in eval mode, tokenizer or None)``."""
     kind = detect_format(p)
     if blocks and kind != "gguf":
@@ -155,12 +159,17 @@ def _load(p: Path, dtype: torch.dtype | None, device, blocks: bool):
         except ImportError as e:
             raise ImportError(f"{p}: reading GGUF files needs evolm.interop.gguf and the 'gguf' package "
                               f"({e})") from None
-        model, tokenizer = load_gguf(str(p), device=device, blocks=blocks,
+        model, tokenizer = load_gguf(str(p), device=device, blocks=blocks, allow_large=allow_large,
                                      **({"dtype": dtype} if dtype is not None else {}))
         return model.eval(), tokenizer
     if kind == "hf":
-        return _hf.load_hf_folder(p, dtype=dtype, device=device), _tokenizer_from_dir(p)
-    model = checkpoint.load_checkpoint(str(p), dtype=dtype, device=device)
+        return _hf.load_hf_folder(p, dtype=dtype, device=device, allow_large=allow_large), _tokenizer_from_dir(p)
+    from evolm.config import ConfigError
+
+    try:
+        model = checkpoint.load_checkpoint(str(p), dtype=dtype, device=device)
+    except ConfigError as e:  # the size check names the config, not the folder it came from
+        raise ConfigError(str(e) if str(p) in str(e) else f"{p}: {e}") from None
     return model.eval(), _tokenizer_from_dir(p)
 
 

@@ -26,6 +26,8 @@ from typing import Any, Iterable, Sequence
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as _Backend
 
+from evolm.inputs import first_line, is_library_error, read_json, short
+
 # tokens that end a turn in the chat formats of the lineage; present ones join ``eos_ids``
 END_OF_TURN_TOKENS = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>", "<|endoftext|>",
                       "<|end_of_text|>", "<|eom_id|>", "</s>", "<eos>", "<|return|>")
@@ -192,12 +194,8 @@ class Tokenizer:
         path = Path(path)
         if not path.is_file():
             raise TokenizerError(f"{path}: no such tokenizer.json file")
-        try:
-            backend = _Backend.from_file(str(path))
-        except Exception as e:  # the Rust error names the bad field
-            raise TokenizerError(f"{path}: not a valid tokenizers JSON file ({e})") from None
         kwargs.setdefault("name", str(path))
-        return cls(backend, **kwargs)
+        return _built(cls, path, _backend_from_file(path), kwargs)
 
     @classmethod
     def from_hf_dir(cls, path: str | os.PathLike) -> "Tokenizer":
@@ -205,28 +203,45 @@ class Tokenizer:
         d = Path(path)
         if not (d / "tokenizer.json").is_file():
             raise TokenizerError(f"{d}: no tokenizer.json (only fast-tokenizer folders are supported)")
-        cfg = _read_json(d / "tokenizer_config.json") if (d / "tokenizer_config.json").is_file() else {}
+        cfg_path = d / "tokenizer_config.json"
+        cfg = _read_json(cfg_path) if cfg_path.is_file() else {}
         special_map = _read_json(d / "special_tokens_map.json") if (d / "special_tokens_map.json").is_file() else {}
-        tok = lambda key: _token_str(cfg.get(key, special_map.get(key)))  # noqa: E731
+
+        def tok(key: str) -> str | None:
+            value = _token_str(cfg.get(key, special_map.get(key)))
+            if value is not None and not isinstance(value, str):
+                raise TokenizerError(f"{cfg_path}: {key} is {short(value)}; expected a token string")
+            return value
+
         template = cfg.get("chat_template")
         if isinstance(template, list):  # named templates: use "default"
+            if not all(isinstance(t, dict) for t in template):
+                raise TokenizerError(f"{cfg_path}: chat_template is {short(template)}; expected a string or a "
+                                     f"list of {{name, template}} objects")
             named = {t.get("name"): t.get("template") for t in template}
             template = named.get("default") or next(iter(named.values()), None)
         if (d / "chat_template.jinja").is_file():
-            template = (d / "chat_template.jinja").read_text(encoding="utf-8")
+            template = (d / "chat_template.jinja").read_text(encoding="utf-8", errors="replace")
         elif (d / "chat_template.json").is_file():
             template = _read_json(d / "chat_template.json").get("chat_template", template)
+        if template is not None and not isinstance(template, str):
+            raise TokenizerError(f"{d}: chat_template is {short(template)}; expected a string")
         stop: list[int] = []
         if (d / "generation_config.json").is_file():
             eos = _read_json(d / "generation_config.json").get("eos_token_id")
-            stop = [eos] if isinstance(eos, int) else list(eos or [])
-        has_flags = "add_bos_token" in cfg or "add_eos_token" in cfg
-        backend = _Backend.from_file(str(d / "tokenizer.json"))
-        return cls(backend, bos_token=tok("bos_token"), eos_token=tok("eos_token"), unk_token=tok("unk_token"),
-                   pad_token=tok("pad_token"),
-                   add_bos=cfg.get("add_bos_token", False) if has_flags else None,
-                   add_eos=cfg.get("add_eos_token", False) if has_flags else None,
-                   chat_template=template, eos_token_ids=stop, name=str(d))
+            stop = [eos] if isinstance(eos, int) else list(eos) if isinstance(eos, list) else []
+            if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in stop):
+                raise TokenizerError(f"{d / 'generation_config.json'}: eos_token_id is {short(eos)}; expected a "
+                                     f"token id or a list of them")
+        flags = {k: cfg[k] for k in ("add_bos_token", "add_eos_token") if k in cfg}
+        if not all(isinstance(v, bool) for v in flags.values()):
+            raise TokenizerError(f"{cfg_path}: {short(flags)}; add_bos_token / add_eos_token must be true or false")
+        backend = _backend_from_file(d / "tokenizer.json")
+        return _built(cls, d, backend, dict(
+            bos_token=tok("bos_token"), eos_token=tok("eos_token"), unk_token=tok("unk_token"),
+            pad_token=tok("pad_token"), add_bos=flags.get("add_bos_token", False) if flags else None,
+            add_eos=flags.get("add_eos_token", False) if flags else None,
+            chat_template=template, eos_token_ids=stop, name=str(d)))
 
     # --- saving -----------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
@@ -255,10 +270,30 @@ class Tokenizer:
 
 
 def _read_json(path: Path) -> dict:
+    return read_json(path, TokenizerError)
+
+
+def _backend_from_file(path: Path) -> _Backend:
+    """The ``tokenizers`` object for a tokenizer.json, or a TokenizerError naming the file (the
+    library raises bare ``Exception``s, and Rust panics, for a damaged file)."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise TokenizerError(f"{path}: not valid JSON ({e})") from None
+        return _Backend.from_file(str(path))
+    except BaseException as e:
+        if not is_library_error(e):
+            raise
+        raise TokenizerError(f"{path}: not a valid tokenizers JSON file ({first_line(e)})") from None
+
+
+def _built(cls, source: Path, backend: _Backend, kwargs: dict[str, Any]) -> "Tokenizer":
+    """``cls(backend, **kwargs)``: a vocabulary that loads but cannot encode fails here, naming the file."""
+    try:
+        return cls(backend, **kwargs)
+    except TokenizerError as e:
+        raise TokenizerError(str(e) if str(source) in str(e) else f"{source}: {e}") from None
+    except BaseException as e:
+        if not is_library_error(e):
+            raise
+        raise TokenizerError(f"{source}: the tokenizer does not work ({type(e).__name__}: {first_line(e)})") from None
 
 
 # ----------------------------------------------------------------------------------------------

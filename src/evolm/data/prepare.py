@@ -28,6 +28,7 @@ import os
 import re
 import shutil
 import time
+import typing
 from pathlib import Path
 from typing import Any, Callable
 
@@ -38,6 +39,8 @@ from evolm.data.mixture import MANIFEST, load_manifest
 from evolm.data.parallel import default_workers
 from evolm.data.shards import ShardWriter, dtype_for_vocab, tokenize, tokenizer_fingerprint, vocab_size_of
 from evolm.data.sources import DataError, Document, SourceSpec, iter_documents
+from evolm.config import MAX_INT
+from evolm.inputs import describe, first_line, has_type, read_json, short
 
 FORMAT = "evolm-shards/1"
 
@@ -66,23 +69,37 @@ class PrepareOptions:
 
 def load_spec(spec: Any) -> tuple[list[SourceSpec], dict]:
     """Sources (and option overrides) from a list, a ``{"sources": [...], ...}`` dict, or a
-    JSON/YAML file holding either. Each source may be a built-in name, a path or a dict."""
+    JSON/YAML file holding either. Each source may be a built-in name, a path or a dict.
+    A bad spec raises :class:`DataError` (naming the file, for a spec file)."""
     if isinstance(spec, (str, os.PathLike)) and str(spec).lower().endswith((".json", ".yaml", ".yml")):
         p = Path(spec)
         if not p.exists():
             raise FileNotFoundError(f"data spec file not found: {p}")
-        if p.suffix == ".json":
-            spec = json.loads(p.read_text())
-        else:
-            import yaml
+        try:
+            return _spec_from(_read_spec_file(p))
+        except DataError as e:
+            raise DataError(f"{p}: {e}") from None
+    return _spec_from(spec)
 
-            spec = yaml.safe_load(p.read_text())
+
+def _read_spec_file(p: Path) -> Any:
+    if p.suffix == ".json":
+        return read_json(p, DataError, expect=None)
+    import yaml
+
+    try:
+        return yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as e:
+        raise DataError(f"not valid YAML ({first_line(e)})") from None
+
+
+def _spec_from(spec: Any) -> tuple[list[SourceSpec], dict]:
     options: dict = {}
     if isinstance(spec, dict):
         allowed = {"sources"} | {f.name for f in dataclasses.fields(PrepareOptions)}
         for key in spec:
             if key not in allowed:
-                hint = difflib.get_close_matches(key, sorted(allowed), n=1)
+                hint = difflib.get_close_matches(str(key), sorted(allowed), n=1)
                 extra = f"; did you mean {hint[0]!r}?" if hint else ""
                 raise DataError(f"data spec: unknown key {key!r}{extra} (allowed: {sorted(allowed)})")
         if "sources" not in spec:
@@ -91,6 +108,9 @@ def load_spec(spec: Any) -> tuple[list[SourceSpec], dict]:
         spec = spec["sources"]
     if isinstance(spec, (str, os.PathLike, SourceSpec)):
         spec = [spec]
+    if not isinstance(spec, list):
+        raise DataError(f"data spec: sources must be a list of built-in names, paths or source dicts, "
+                        f"got {short(spec)}")
     specs = [SourceSpec.from_any(s) for s in spec]
     if not specs:
         raise DataError("data spec: no sources")
@@ -99,6 +119,28 @@ def load_spec(spec: Any) -> tuple[list[SourceSpec], dict]:
     if dups:
         raise DataError(f"data spec: source names must be unique, repeated: {dups} (set 'name' on each)")
     return specs, options
+
+
+# the ranges of PrepareOptions' numbers: (low, high), both included unless noted in the check
+_OPTION_RANGES = {"val_fraction": (0, 1), "min_val_docs": (0, MAX_INT), "near_threshold": (0, 1),
+                  "num_perm": (1, 4096), "ngram": (1, 1024), "shard_tokens": (1, 2**40), "seed": (0, 2**63 - 1)}
+
+
+def load_options(options: dict, source: str = "prepare") -> PrepareOptions:
+    """:class:`PrepareOptions` from a spec file's top-level keys or ``prepare(**options)``, each key
+    known and of its type and range, or a :class:`DataError` naming ``source`` and the key."""
+    hints = typing.get_type_hints(PrepareOptions)
+    for key, value in options.items():
+        if key not in hints:
+            hint = difflib.get_close_matches(str(key), sorted(hints), n=1)
+            raise DataError(f"{source}: unknown option {key!r}" + (f"; did you mean {hint[0]!r}?" if hint else ""))
+        if not has_type(value, hints[key]):
+            raise DataError(f"{source}: {key} must be {describe(hints[key])}, got {short(value)}")
+        low, high = _OPTION_RANGES.get(key, (None, None))
+        if low is not None and not (low <= value <= high) or (key == "val_fraction" and value == 1):
+            raise DataError(f"{source}: {key} must be in [{low}, {high}{')' if key == 'val_fraction' else ']'}, "
+                            f"got {value}")
+    return PrepareOptions(**options)
 
 
 def _file_name(name: str) -> str:
@@ -150,14 +192,7 @@ def prepare(spec: Any, tokenizer: Any, out_dir: str | os.PathLike, *, data_dir: 
     """
     log = log or (lambda s: None)
     specs, spec_options = load_spec(spec)
-    known = {f.name for f in dataclasses.fields(PrepareOptions)}
-    for key in options:
-        if key not in known:
-            hint = difflib.get_close_matches(key, sorted(known), n=1)
-            raise DataError(f"prepare: unknown option {key!r}" + (f"; did you mean {hint[0]!r}?" if hint else ""))
-    opts = PrepareOptions(**{**spec_options, **options})
-    if not 0 <= opts.val_fraction < 1:
-        raise DataError(f"val_fraction must be in [0, 1), got {opts.val_fraction}")
+    opts = load_options({**spec_options, **options}, source="prepare")
     out_dir = Path(out_dir)
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
     workers = workers or default_workers()

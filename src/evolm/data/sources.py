@@ -15,7 +15,10 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+import typing
 from typing import Any, Iterator
+
+from evolm.inputs import describe, has_type, short
 
 
 class DataError(ValueError):
@@ -66,7 +69,10 @@ class SourceSpec:
 
     def __post_init__(self) -> None:
         if not self.name or not isinstance(self.name, str):
-            raise DataError(f"source needs a non-empty 'name', got {self.name!r}")
+            raise DataError(f"source needs a non-empty 'name', got {short(self.name)}")
+        for f, hint in typing.get_type_hints(SourceSpec).items():  # a spec file can hold anything
+            if not has_type(getattr(self, f), hint):
+                raise DataError(f"source {self.name!r}: {f} must be {describe(hint)}, got {short(getattr(self, f))}")
         if self.kind is None:
             self.kind = guess_kind(self.name, self.path)
         if self.kind not in KINDS:
@@ -97,7 +103,7 @@ class SourceSpec:
             known = {f.name for f in dataclasses.fields(cls)}
             for key in obj:
                 if key not in known:
-                    hint = difflib.get_close_matches(key, sorted(known), n=1)
+                    hint = difflib.get_close_matches(str(key), sorted(known), n=1)
                     extra = f"; did you mean {hint[0]!r}?" if hint else ""
                     raise DataError(f"source spec: unknown key {key!r}{extra} (known: {sorted(known)})")
             d = dict(obj)
@@ -105,9 +111,9 @@ class SourceSpec:
                 if d.get("path"):
                     d["name"] = _name_from_path(Path(d["path"]))
                 else:
-                    raise DataError(f"source spec {obj!r} needs a 'name' or a 'path'")
+                    raise DataError(f"source spec {short(obj)} needs a 'name' or a 'path'")
             return cls(**d)
-        raise DataError(f"cannot make a source from {obj!r} (want a name, a path or a dict)")
+        raise DataError(f"cannot make a source from {short(obj)} (want a name, a path or a dict)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

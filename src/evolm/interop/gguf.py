@@ -25,6 +25,7 @@ Loading is three steps:
 
 from __future__ import annotations
 
+import math
 import os
 import struct
 import warnings
@@ -35,12 +36,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from evolm.config import ModelConfig
-from evolm.interop.empty import assign_weights, build_empty
+from evolm.config import ConfigError, ModelConfig
+from evolm.inputs import first_line, short
+from evolm.interop.empty import WeightsError, assign_weights, build_empty, check_layers
 from evolm.interop.families import GGUF_FAMILIES
 from evolm.interop.gguf_blocks import blocks_from_raw
 from evolm.interop.gguf_vocab import tokenizer_from_gguf_metadata
 from evolm.quant.blocks import rebuilds
+from evolm.tokenizer import TokenizerError
 
 SUPPORTED_ARCHS = tuple(GGUF_FAMILIES)
 
@@ -56,6 +59,12 @@ _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<
 _NUMPY = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32, 6: np.float32,
           7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
 _STRING, _ARRAY = 8, 9
+# Smallest encodings, to refuse a count the rest of the file cannot hold before looping on it:
+# a key/value (key length, type, one byte of value), a tensor info (name length, n_dims, type,
+# offset), one array element of each kind.
+_MIN_KV, _MIN_TENSOR_INFO, _MIN_STRING, _MIN_ARRAY = 8 + 4 + 1, 8 + 4 + 4 + 8, 8, 4 + 8
+MAX_DIMS = 4  # GGML_MAX_DIMS
+MAX_ARRAY_DEPTH = 2  # arrays of arrays exist in the format; nothing we read nests deeper
 
 
 @dataclass
@@ -78,6 +87,14 @@ class _Cursor:
         self.pos += n
         return out
 
+    def count(self, n: int, min_size: int, what: str) -> int:
+        """A count read from the file, refused if the rest of the file cannot hold that many items."""
+        left = len(self.buf) - self.pos
+        if n * min_size > left:
+            raise GGUFError(f"{self.path}: {what} is {n}, but the {left} bytes left in the file hold at most "
+                            f"{left // min_size} (damaged header?)")
+        return n
+
     def scalar(self, fmt: str):
         return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
 
@@ -85,35 +102,41 @@ class _Cursor:
         n = self.scalar("<Q")
         return bytes(self.take(n)).decode("utf-8", errors="replace")
 
-    def _strings(self, n: int) -> list[str]:
-        buf, pos, unpack, out = self.buf, self.pos, struct.Struct("<Q").unpack_from, []
+    def _strings(self, n: int, keep: bool = True) -> list[str]:
+        """``n`` length-prefixed strings (``keep=False``: only skipped past), bounds-checked."""
+        buf, pos, end, unpack, out = self.buf, self.pos, len(self.buf), struct.Struct("<Q").unpack_from, []
         for _ in range(n):  # tight loop: vocabularies have 250k+ entries
-            k = unpack(buf, pos)[0]
-            out.append(str(buf[pos + 8:pos + 8 + k], "utf-8", "replace"))
+            if pos + 8 > end or pos + 8 + (k := unpack(buf, pos)[0]) > end:
+                raise GGUFError(f"{self.path}: file is truncated inside a string array (offset {pos})")
+            if keep:
+                out.append(str(buf[pos + 8:pos + 8 + k], "utf-8", "replace"))
             pos += 8 + k
-        if pos > len(buf):
-            raise GGUFError(f"{self.path}: file is truncated inside a string array")
         self.pos = pos
         return out
 
-    def value(self, vtype: int, key: str, skip_big: bool):
+    def value(self, vtype: int, key: str, skip_big: bool, depth: int = 0):
         if vtype in _SCALARS:
             return self.scalar(_SCALARS[vtype])
         if vtype == _STRING:
             return self.string()
         if vtype == _ARRAY:
+            if depth >= MAX_ARRAY_DEPTH:
+                raise GGUFError(f"{self.path}: metadata key {short(key)} nests arrays deeper than {MAX_ARRAY_DEPTH}")
             itype, n = self.scalar("<I"), self.scalar("<Q")
             if itype in _NUMPY:
                 arr = np.frombuffer(self.take(n * np.dtype(_NUMPY[itype]).itemsize), dtype=_NUMPY[itype])
                 return arr.tolist()
             if itype == _STRING:
+                self.count(n, _MIN_STRING, f"the length of string array {short(key)}")
                 if skip_big:  # skip past without decoding: only the length is kept
-                    for _ in range(n):
-                        self.pos += 8 + struct.unpack_from("<Q", self.buf, self.pos)[0]
+                    self._strings(n, keep=False)
                     return _Skipped(n)
                 return self._strings(n)
-            return [self.value(itype, key, skip_big) for _ in range(n)]
-        raise GGUFError(f"{self.path}: metadata key {key!r} has unknown value type {vtype}")
+            if itype == _ARRAY:
+                self.count(n, _MIN_ARRAY, f"the length of array {short(key)}")
+                return [self.value(itype, key, skip_big, depth + 1) for _ in range(n)]
+            raise GGUFError(f"{self.path}: metadata key {short(key)} is an array of unknown value type {itype}")
+        raise GGUFError(f"{self.path}: metadata key {short(key)} has unknown value type {vtype}")
 
 
 @dataclass
@@ -141,7 +164,8 @@ class GGUFFile:
         if version not in (2, 3):
             raise GGUFError(f"{self.path}: GGUF version {version} is not supported (need 2 or 3; "
                             f"a huge number means a big-endian file)")
-        n_tensors, n_kv = cur.scalar("<Q"), cur.scalar("<Q")
+        n_tensors = cur.count(cur.scalar("<Q"), _MIN_TENSOR_INFO, "the tensor count")
+        n_kv = cur.count(cur.scalar("<Q"), _MIN_KV, "the metadata key count")
         self.metadata: dict[str, Any] = {}
         for _ in range(n_kv):
             key = cur.string()
@@ -152,10 +176,15 @@ class GGUFFile:
         for _ in range(n_tensors):
             name = cur.string()
             n_dims = cur.scalar("<I")
+            if not 1 <= n_dims <= MAX_DIMS:
+                raise GGUFError(f"{self.path}: tensor {name!r} has {n_dims} dimensions; expected 1 to {MAX_DIMS}")
             dims = [cur.scalar("<Q") for _ in range(n_dims)]
             ggml_type, offset = cur.scalar("<I"), cur.scalar("<Q")
             infos.append((name, dims, ggml_type, offset))
-        align = int(self.metadata.get("general.alignment", 32))
+        align = self.metadata.get("general.alignment", 32)
+        if not (isinstance(align, int) and 1 <= align <= 2**20):
+            raise GGUFError(f"{self.path}: metadata 'general.alignment' is {short(align)}; expected an integer "
+                            f"from 1 to {2**20} (32 by default)")
         data_start = (cur.pos + align - 1) // align * align
         self.tensors: dict[str, TensorInfo] = {}
         for name, dims, ggml_type, offset in infos:
@@ -201,7 +230,7 @@ def _tensor_nbytes(dims: list[int], ggml_type: int, name: str, path: str) -> int
         block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ggml_type)]
     except (ValueError, KeyError):
         raise GGUFError(f"{path}: tensor {name!r} has unknown ggml type {ggml_type}") from None
-    n = int(np.prod(dims)) if dims else 1
+    n = math.prod(dims)  # Python integers: dims are 64-bit, their product must not wrap around
     if dims and dims[0] % block:
         raise GGUFError(f"{path}: tensor {name!r} row length {dims[0]} is not a multiple of the "
                         f"{_ggml_type_name(ggml_type)} block size {block}")
@@ -254,7 +283,7 @@ def read_metadata(path_or_file: Any, tokenizer: bool = True) -> dict[str, Any]:
 def _uniform(value: Any, key: str, path: str) -> Any:
     """Per-layer arrays (some files store head counts per layer) must be uniform for us."""
     if isinstance(value, list):
-        if len(set(value)) != 1:
+        if not value or any(isinstance(v, list) for v in value) or len(set(value)) != 1:
             raise GGUFError(f"{path}: metadata {key!r} varies per layer ({value[:8]}...); "
                             f"per-layer sizes are not supported")
         return value[0]
@@ -263,8 +292,8 @@ def _uniform(value: Any, key: str, path: str) -> Any:
 
 def _family(arch: str | None, path: str):
     """The family that reads GGUF architecture ``arch`` (``families/<family>.py``: ``gguf_archs``)."""
-    if arch not in GGUF_FAMILIES:
-        raise GGUFError(f"{path}: GGUF architecture {arch!r} is not supported; supported: {list(SUPPORTED_ARCHS)}")
+    if not isinstance(arch, str) or arch not in GGUF_FAMILIES:
+        raise GGUFError(f"{path}: GGUF architecture {short(arch)} is not supported; supported: {list(SUPPORTED_ARCHS)}")
     return GGUF_FAMILIES[arch]
 
 
@@ -277,29 +306,52 @@ def config_from_metadata(meta: dict[str, Any], tensor_shapes: dict[str, tuple[in
     """
     arch = meta.get("general.architecture")
     fam = _family(arch, path)
+    try:
+        return _config_from_metadata(meta, tensor_shapes, path, arch, fam)
+    except GGUFError:
+        raise
+    except ConfigError as e:
+        raise GGUFError(f"{path}: {e}") from None
+    except (TypeError, ValueError, KeyError, IndexError, ZeroDivisionError, OverflowError, AttributeError) as e:
+        # a family's own key of an unexpected type: still one line naming the file
+        raise GGUFError(f"{path}: the {arch!r} metadata cannot be read as a model config "
+                        f"({type(e).__name__}: {first_line(e)})") from None
 
-    def get(key: str, default: Any = KeyError) -> Any:
+
+def _config_from_metadata(meta: dict[str, Any], tensor_shapes: dict[str, tuple[int, ...]], path: str,
+                          arch: str, fam) -> ModelConfig:
+    def get(key: str, default: Any = KeyError, kind: type | None = None) -> Any:
+        """``{arch}.key``; ``kind=int``: a positive integer, ``kind=float``: a finite positive number."""
         full = f"{arch}.{key}"
-        if full in meta:
-            return _uniform(meta[full], full, path)
-        if default is KeyError:
-            raise GGUFError(f"{path}: metadata key {full!r} is missing (needed for architecture {arch!r})")
-        return default
+        if full not in meta:
+            if default is KeyError:
+                raise GGUFError(f"{path}: metadata key {full!r} is missing (needed for architecture {arch!r})")
+            return default
+        v = _uniform(meta[full], full, path)
+        ok = (kind is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+                               and (kind is float or isinstance(v, int))))
+        if not ok:
+            want = "a positive integer" if kind is int else "a finite positive number"
+            raise GGUFError(f"{path}: metadata {full!r} is {short(v)}; expected {want}")
+        return v
 
     names = set(tensor_shapes)
     if "token_embd.weight" not in tensor_shapes:
         raise GGUFError(f"{path}: tensor 'token_embd.weight' is missing")
+    if len(tensor_shapes["token_embd.weight"]) != 2:
+        raise GGUFError(f"{path}: tensor 'token_embd.weight' has shape {tensor_shapes['token_embd.weight']}; "
+                        f"expected (vocab, width)")
     vocab_size, d_model = tensor_shapes["token_embd.weight"]
-    n_heads = get("attention.head_count")
+    n_heads = get("attention.head_count", kind=int)
     c: dict[str, Any] = dict(
-        name=str(meta.get("general.name") or Path(path).stem),
-        vocab_size=vocab_size, d_model=get("embedding_length"), n_layers=get("block_count"),
-        n_heads=n_heads, n_kv_heads=get("attention.head_count_kv", n_heads),
-        d_ff=get("feed_forward_length", None), max_seq_len=get("context_length", 4096),
-        norm="rmsnorm", norm_eps=get("attention.layer_norm_rms_epsilon", 1e-5), norm_bias=False,
+        name=str(meta.get("general.name") or Path(path).stem)[:200],
+        vocab_size=vocab_size, d_model=get("embedding_length", kind=int), n_layers=get("block_count", kind=int),
+        n_heads=n_heads, n_kv_heads=get("attention.head_count_kv", n_heads, kind=int),
+        d_ff=get("feed_forward_length", None, kind=int), max_seq_len=get("context_length", 4096, kind=int),
+        norm="rmsnorm", norm_eps=get("attention.layer_norm_rms_epsilon", 1e-5, kind=float), norm_bias=False,
         norm_placement=fam.norm_placement, qk_norm=fam.qk_norm,
         norm_unit_offset=fam.unit_offset_norms, embed_scale=fam.unit_offset_norms,
-        pos_emb="rope", rope_theta=float(get("rope.freq_base", 10000.0)),
+        pos_emb="rope", rope_theta=float(get("rope.freq_base", 10000.0, kind=float)),
         mlp="glu", activation="silu", mlp_bias=False,
         qkv_bias="blk.0.attn_q.bias" in names, o_bias="blk.0.attn_output.bias" in names,
         tie_embeddings="output.weight" not in names,
@@ -308,16 +360,16 @@ def config_from_metadata(meta: dict[str, Any], tensor_shapes: dict[str, tuple[in
     if c["d_model"] != d_model:
         raise GGUFError(f"{path}: {arch}.embedding_length={c['d_model']} but token_embd.weight has width {d_model}")
     mla = fam.attention == "mla"  # MLA's head sizes are read by its family
-    key_len = get("attention.key_length", None)
+    key_len = get("attention.key_length", None, kind=int)
     if key_len is not None and not mla:
         c["head_dim"] = key_len
-    rope_dim = get("rope.dimension_count", None)
+    rope_dim = get("rope.dimension_count", None, kind=int)
     head_dim = c.get("head_dim") or c["d_model"] // n_heads
     if rope_dim and not mla and rope_dim != head_dim:  # partial rotary
         c["rotary_pct"] = rope_dim / head_dim
     if c["d_ff"] is None:  # an all-MoE model states only the expert width
-        c["d_ff"] = get("expert_feed_forward_length")
-    scaling = _rope_scaling(meta, arch, names)
+        c["d_ff"] = get("expert_feed_forward_length", kind=int)
+    scaling = _rope_scaling(meta, arch, path)
     if scaling is not None:
         c["rope_scaling"] = scaling
     if fam.gguf_from_metadata:
@@ -325,7 +377,7 @@ def config_from_metadata(meta: dict[str, Any], tensor_shapes: dict[str, tuple[in
     return ModelConfig(**c)
 
 
-def _rope_scaling(meta: dict[str, Any], arch: str, names: set[str]) -> dict[str, Any] | None:
+def _rope_scaling(meta: dict[str, Any], arch: str, path: str) -> dict[str, Any] | None:
     kind = meta.get(f"{arch}.rope.scaling.type")
     factor = float(meta.get(f"{arch}.rope.scaling.factor", 1.0) or 1.0)
     if kind in (None, "none") or (kind == "linear" and factor == 1.0):
@@ -339,7 +391,7 @@ def _rope_scaling(meta: dict[str, Any], arch: str, names: set[str]) -> dict[str,
         if log_mul:  # llama.cpp stores 0.1 * mscale_all_dim (DeepSeek)
             out["mscale"] = out["mscale_all_dim"] = float(log_mul) / 0.1
         return out
-    raise GGUFError(f"{arch}.rope.scaling.type={kind!r} is not supported (linear, yarn)")
+    raise GGUFError(f"{path}: {arch}.rope.scaling.type={short(kind)} is not supported (linear, yarn)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -389,6 +441,8 @@ def _our_name(name: str, norms: dict[str, str], path: str, arch: str) -> tuple[s
         return "param", f"norm.{parts[1]}"
     if parts[0] != "blk" or len(parts) < 4:
         raise GGUFError(f"{path}: tensor {name!r} is not understood for architecture {arch!r}")
+    if not parts[1].isdigit():
+        raise GGUFError(f"{path}: tensor {name!r}: {parts[1]!r} is not a layer number")
     i, kind, suffix = int(parts[1]), parts[2], parts[-1]
     prefix = f"layers.{i}."
     if len(parts) == 5 and kind in ("ffn_gate", "ffn_up", "ffn_down"):  # old per-expert Mixtral files
@@ -459,37 +513,53 @@ def state_dict_from_gguf(f: GGUFFile, config: ModelConfig, dtype: torch.dtype = 
     experts: dict[tuple[int, str], Any] = {}
     split_kv: dict[tuple[int, str], torch.Tensor] = {}
     for name in f.tensors:
-        w = w32 = f.tensor(name)  # float32
-        if name == "rope_freqs.weight":  # Llama 3.1-style per-frequency divisors, kept in float32
-            sd["__rope_freqs__"] = w
-            continue
-        if fam.unit_offset_norms and name.endswith("norm.weight"):
-            w = w - 1.0  # stored as (1 + w); subtracted in float32, as transformers does
-        w = w.to(dtype)  # one tensor at a time: peak memory stays near the final model's
-        where, key = _our_name(name, norms, f.path, f.architecture)
-        if where == "expert":
-            i, kind, e = key
-            if e is None:
-                experts[(i, kind)] = w
-            else:
-                experts.setdefault((i, kind), {})[e] = w
-            continue
-        if where == "split_kv":
-            split_kv[key] = w
-            continue
-        rows = None
-        kind = name.split(".")[2] if name.startswith("blk.") else None
-        if fam.gguf_permute_qk and kind in heads:  # llama.cpp permutes only where it uses interleaved RoPE
-            rows = lambda t, n=heads[kind]: unpermute_rope_rows(t, n)  # noqa: E731
-            w, w32 = rows(w), rows(w32)
-        sd[key] = w
-        if blocks is not None:
-            _keep_blocks(f, name, key, w32, rows, blocks)
-    return {**sd, **_stack_experts(experts, f.path), **_join_kv_b(split_kv)}
+        try:
+            _convert_tensor(f, fam, name, dtype, norms, heads, sd, experts, split_kv, blocks)
+        except (RuntimeError, ValueError, IndexError) as e:  # a shape the conversion cannot take
+            if isinstance(e, GGUFError):
+                raise
+            raise GGUFError(f"{f.path}: tensor {name!r} of shape {f.tensors[name].shape} does not fit the "
+                            f"{f.architecture!r} model ({first_line(e)})") from None
+    try:
+        return {**sd, **_stack_experts(experts, f.path), **_join_kv_b(split_kv)}
+    except (RuntimeError, KeyError) as e:
+        raise GGUFError(f"{f.path}: the expert / attention tensors do not assemble ({type(e).__name__}: "
+                        f"{first_line(e)})") from None
+
+
+def _convert_tensor(f: GGUFFile, fam, name: str, dtype, norms, heads, sd, experts, split_kv, blocks) -> None:
+    """One file tensor, dequantized and converted, into ``sd`` (or ``experts`` / ``split_kv``)."""
+    w = w32 = f.tensor(name)  # float32
+    if name == "rope_freqs.weight":  # Llama 3.1-style per-frequency divisors, kept in float32
+        sd["__rope_freqs__"] = w
+        return
+    if fam.unit_offset_norms and name.endswith("norm.weight"):
+        w = w - 1.0  # stored as (1 + w); subtracted in float32, as transformers does
+    w = w.to(dtype)  # one tensor at a time: peak memory stays near the final model's
+    where, key = _our_name(name, norms, f.path, f.architecture)
+    if where == "expert":
+        i, kind, e = key
+        if e is None:
+            experts[(i, kind)] = w
+        else:
+            experts.setdefault((i, kind), {})[e] = w
+        return
+    if where == "split_kv":
+        split_kv[key] = w
+        return
+    rows = None
+    kind = name.split(".")[2] if name.startswith("blk.") else None
+    if fam.gguf_permute_qk and kind in heads:  # llama.cpp permutes only where it uses interleaved RoPE
+        rows = lambda t, n=heads[kind]: unpermute_rope_rows(t, n)  # noqa: E731
+        w, w32 = rows(w), rows(w32)
+    sd[key] = w
+    if blocks is not None:
+        _keep_blocks(f, name, key, w32, rows, blocks)
 
 
 def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
-              device: str | torch.device | None = None, tokenizer: bool = True, blocks: bool = False):
+              device: str | torch.device | None = None, tokenizer: bool = True, blocks: bool = False,
+              allow_large: bool | None = None):
     """Load a GGUF file: returns ``(Transformer, Tokenizer)`` (tokenizer ``None`` if not asked).
 
     Weights are dequantized to ``dtype``. Architectures: ``SUPPORTED_ARCHS``.
@@ -498,13 +568,21 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     ``gguf_blocks.KEPT_TYPES`` keep the file's blocks (:class:`evolm.quant.blocks.BlockLinear`, fp32
     arithmetic with bit-identical weights, 5-10 bits read per weight instead of 32);
     ``model.blocks_report`` says, per parameter, what was kept and why anything stayed float.
+
+    Every problem with the file is a :class:`GGUFError` naming it; sizes in the metadata are checked
+    against the file's tensors and this machine's memory before the model is built
+    (``allow_large=True`` lifts the memory check, see :func:`evolm.interop.empty.check_fits`).
     """
     if blocks and torch.device(device or "cpu").type != "cpu":
         raise GGUFError(f"{path}: keeping quantized blocks (blocks=True, --keep-blocks) is a CPU path; "
                         f"use --device cpu")
     f = GGUFFile(path, tokenizer=tokenizer)
     config = config_from_metadata(f.metadata, {n: t.shape for n, t in f.tensors.items()}, f.path)
-    model = build_empty(config)
+    try:
+        check_layers(config, f.tensors, f.path, pattern=r"blk\.(\d+)\.")
+        model = build_empty(config, f.path, allow_large, torch.empty((), dtype=dtype).element_size())
+    except (ConfigError, WeightsError) as e:
+        raise GGUFError(str(e)) from None
     found: dict | None = {} if blocks else None
     sd = state_dict_from_gguf(f, config, dtype, blocks=found)
     rope_freqs = sd.pop("__rope_freqs__", None)
@@ -521,6 +599,9 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
             raise GGUFError(f"{f.path}: tensor for {k!r} has shape {tuple(v.shape)}, the config expects {tuple(want)}")
     assign_weights(model, sd, source=str(f.path))
     if rope_freqs is not None and config.pos_emb == "rope":  # Llama 3.1-style per-frequency divisors
+        if rope_freqs.shape != model.rotary.inv_freq.shape:
+            raise GGUFError(f"{f.path}: tensor 'rope_freqs.weight' has shape {tuple(rope_freqs.shape)}; expected "
+                            f"{tuple(model.rotary.inv_freq.shape)} (one divisor per rotary frequency)")
         model.rotary.inv_freq = model.rotary.inv_freq / rope_freqs.float()
     model.to(device=device or "cpu")
     model.eval()
@@ -529,7 +610,10 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
 
         stayed = found.pop("__float__", {})
         model.blocks_report = {**keep_blocks(model, found), **{k: f"float: {v}" for k, v in stayed.items()}}
-    tok = tokenizer_from_gguf_metadata(f.metadata, name=f.path) if tokenizer else None
+    try:
+        tok = tokenizer_from_gguf_metadata(f.metadata, name=f.path) if tokenizer else None
+    except TokenizerError as e:  # the file's vocabulary: still the GGUF file's error
+        raise GGUFError(str(e) if f.path in str(e) else f"{f.path}: {e}") from None
     return model, tok
 
 

@@ -20,6 +20,7 @@ from typing import Any
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as _Backend
 
+from evolm.inputs import first_line, is_library_error, short
 from evolm.tokenizer import Tokenizer, TokenizerError, byte_alphabet
 
 # GGUF token types (llama.cpp's llama_token_type)
@@ -55,13 +56,26 @@ def tokenizer_from_gguf(path_or_reader: Any) -> Tokenizer:
 
 
 def tokenizer_from_gguf_metadata(meta: dict[str, Any], name: str = "gguf") -> Tokenizer:
-    """Build the tokenizer from GGUF ``tokenizer.*`` metadata (a dict of plain Python values)."""
+    """Build the tokenizer from GGUF ``tokenizer.*`` metadata (a dict of plain Python values);
+    anything wrong with it is a :class:`TokenizerError` naming ``name``."""
+    try:
+        return _from_metadata(meta, name)
+    except TokenizerError as e:
+        raise TokenizerError(str(e) if name in str(e) else f"{name}: {e}") from None
+    except BaseException as e:  # tokenizers raises bare Exceptions and Rust panics (a merge of unknown tokens ...)
+        if not is_library_error(e):
+            raise
+        raise TokenizerError(f"{name}: the GGUF vocabulary cannot be built ({first_line(e)})") from None
+
+
+def _from_metadata(meta: dict[str, Any], name: str) -> Tokenizer:
     kind = meta.get("tokenizer.ggml.model")
     tokens = meta.get("tokenizer.ggml.tokens")
     if kind is None or tokens is None:
         raise TokenizerError(f"{name}: GGUF file has no tokenizer (tokenizer.ggml.model / .tokens missing)")
+    _check_vocabulary(meta, name)
     types = meta.get("tokenizer.ggml.token_type") or [_NORMAL] * len(tokens)
-    arch = meta.get("general.architecture", "")
+    arch = str(meta.get("general.architecture", ""))
 
     if kind == "gpt2":
         backend, vocab, control_ok = _gguf_byte_level_bpe(meta, tokens)
@@ -69,7 +83,7 @@ def tokenizer_from_gguf_metadata(meta: dict[str, Any], name: str = "gguf") -> To
         backend, vocab = _gguf_sentencepiece_bpe(meta, tokens, gemma=arch.startswith("gemma"))
         control_ok = None
     else:
-        raise TokenizerError(f"{name}: GGUF tokenizer.ggml.model={kind!r} is not supported "
+        raise TokenizerError(f"{name}: GGUF tokenizer.ggml.model={short(kind)} is not supported "
                              f"(supported: 'gpt2' byte-level BPE, 'llama' SentencePiece BPE)")
 
     # control tokens (<|im_start|>, <bos>, ...) stay whole and are special; user-defined ones
@@ -95,6 +109,33 @@ def tokenizer_from_gguf_metadata(meta: dict[str, Any], name: str = "gguf") -> To
                      unk_token=special("unknown_token_id"), pad_token=special("padding_token_id"),
                      add_bos=bool(add_bos), add_eos=bool(meta.get("tokenizer.ggml.add_eos_token", False)),
                      chat_template=meta.get("tokenizer.chat_template"), eos_token_ids=stop, name=name)
+
+
+def _check_vocabulary(meta: dict[str, Any], name: str) -> None:
+    """The ``tokenizer.*`` keys have the types llama.cpp writes (they come from an untrusted file)."""
+    tokens = meta["tokenizer.ggml.tokens"]
+
+    def bad(key: str, want: str):
+        return TokenizerError(f"{name}: metadata {key!r} is {short(meta.get(key))}; expected {want}")
+
+    if not (isinstance(tokens, list) and tokens and all(isinstance(t, str) for t in tokens)):
+        raise bad("tokenizer.ggml.tokens", "a non-empty array of strings")
+    n = len(tokens)
+    for key, want, ok in (
+            ("tokenizer.ggml.token_type", f"an array of {n} integers",
+             lambda v: isinstance(v, list) and len(v) == n and all(isinstance(x, int) for x in v)),
+            ("tokenizer.ggml.scores", f"an array of {n} numbers",
+             lambda v: isinstance(v, list) and len(v) == n and all(isinstance(x, (int, float)) for x in v)),
+            ("tokenizer.ggml.merges", "an array of strings 'left right'",
+             lambda v: isinstance(v, list) and all(isinstance(m, str) and m.count(" ") == 1 for m in v)),
+            ("tokenizer.chat_template", "a string", lambda v: isinstance(v, str)),
+            ("tokenizer.ggml.pre", "a string", lambda v: isinstance(v, str)),
+            *((f"tokenizer.ggml.{k}", f"a token id below {n}",
+               lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v < n)
+              for k in ("bos_token_id", "eos_token_id", "unknown_token_id", "padding_token_id", "eot_token_id",
+                        "eom_token_id"))):
+        if key in meta and not ok(meta[key]):
+            raise bad(key, want)
 
 
 def _gguf_byte_level_bpe(meta: dict, tokens: list[str]):

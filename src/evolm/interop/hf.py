@@ -20,6 +20,7 @@ and cached greedy decoding) and ``tests/test_hf_export.py`` (evolm -> folder -> 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -28,7 +29,9 @@ from typing import Any
 
 import torch
 
-from evolm.config import ConfigError, ModelConfig
+from evolm.config import MAX_EXPERTS, MAX_INT, MAX_LAYERS, ConfigError, ModelConfig
+from evolm.inputs import first_line, is_library_error, read_json, short
+from evolm.interop.empty import WeightsError, check_layers
 from evolm.interop.families import EXPORT_ORDER, FAMILIES, SUPPORTED_MODEL_TYPES, family
 from evolm.interop.families.decoder import stack_experts
 
@@ -40,12 +43,62 @@ HF_DEFAULTS = {mt: dict(f.defaults) for mt, f in FAMILIES.items()}
 # =========================================================================================
 # config.json <-> ModelConfig
 # =========================================================================================
-def config_from_hf(hf_config: dict) -> ModelConfig:
+# The types of the keys every family reads, checked before any family arithmetic (a damaged file
+# can say "num_attention_heads": 0 or "hidden_size": "x"); counts are capped as ModelConfig caps them.
+_POSITIVE_INTS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                  "max_position_embeddings", "n_embd", "n_layer", "n_head", "n_positions", "n_ctx")
+_OPTIONAL_POSITIVE_INTS = ("num_key_value_heads", "head_dim", "sliding_window", "n_inner", "moe_intermediate_size",
+                           "num_experts", "n_routed_experts", "num_local_experts", "num_experts_per_tok",
+                           "kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "v_head_dim", "sliding_window_pattern",
+                           "original_max_position_embeddings")
+_FINITE = ("rms_norm_eps", "layer_norm_epsilon", "layer_norm_eps", "rope_theta", "initializer_range")
+_OPTIONAL_FINITE = ("attention_dropout", "partial_rotary_factor", "rope_local_base_freq", "routed_scaling_factor",
+                    "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping")
+_CAPS = {"num_hidden_layers": MAX_LAYERS, "n_layer": MAX_LAYERS, "num_experts": MAX_EXPERTS,
+         "n_routed_experts": MAX_EXPERTS, "num_local_experts": MAX_EXPERTS}
+
+
+def _check_hf_types(h: dict) -> None:
+    """Refuse a wrong-typed or absurd value of a key the families read, naming the key."""
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    for k, v in h.items():
+        if k in _POSITIVE_INTS or (k in _OPTIONAL_POSITIVE_INTS and v is not None):
+            cap = _CAPS.get(k, MAX_INT)
+            if not (is_int(v) and 0 < v <= cap):
+                raise ConfigError(f"config.json: {k} is {short(v)}; expected an integer from 1 to {cap}")
+        elif k in _FINITE or (k in _OPTIONAL_FINITE and v is not None):
+            if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0):
+                raise ConfigError(f"config.json: {k} is {short(v)}; expected a finite number >= 0")
+        elif k in ("rope_scaling", "rope_parameters") and v is not None and not isinstance(v, dict):
+            raise ConfigError(f"config.json: {k} is {short(v)}; expected an object or null")
+        elif k == "layer_types" and v is not None and not (isinstance(v, list) and all(isinstance(t, str) for t in v)):
+            raise ConfigError(f"config.json: layer_types is {short(v)}; expected a list of strings")
+
+
+def config_from_hf(hf_config: dict, source: str = "config.json") -> ModelConfig:
     """A transformers ``config.json`` (as a dict) -> ``ModelConfig``.
 
-    Raises ``ConfigError`` naming the key when the file asks for something evolm cannot express.
+    Raises ``ConfigError`` naming ``source`` and the key when the file asks for something evolm
+    cannot express, or holds a value of the wrong type.
     """
+    if not isinstance(hf_config, dict):
+        raise ConfigError(f"{source}: expected a JSON object, got {short(hf_config)}")
+    try:
+        return _config_from_hf(hf_config)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {str(e).removeprefix('config.json: ')}") from None
+    except (TypeError, ValueError, KeyError, IndexError, ZeroDivisionError, AttributeError, OverflowError) as e:
+        # a family's own key of an unexpected type (the common keys are checked above)
+        raise ConfigError(f"{source}: the values do not describe a {hf_config.get('model_type')} model "
+                          f"({type(e).__name__}: {first_line(e)})") from None
+
+
+def _config_from_hf(hf_config: dict) -> ModelConfig:
     h = dict(hf_config)
+    if not isinstance(h.get("model_type"), (str, type(None))):
+        raise ConfigError(f"config.json: model_type is {short(h.get('model_type'))}; expected a string")
     fam = family(h.get("model_type"))
     if h.get("model_type") != fam.model_type:  # a wrapper (Gemma 3's multimodal config) nests the text model's
         h = fam.unwrap(h)
@@ -58,6 +111,7 @@ def config_from_hf(hf_config: dict) -> ModelConfig:
         if alias in h and key not in h:
             h[key] = h.pop(alias)
     h = {**fam.defaults, **h}
+    _check_hf_types(h)
     meta = {"hf": {k: h.get(k) for k in ("model_type", "bos_token_id", "eos_token_id", "pad_token_id")
                    if h.get(k) is not None}}
     meta["hf"]["model_type"] = fam.model_type
@@ -113,7 +167,7 @@ def _ignored(name: str) -> bool:
 def _find_prefix(keys: list[str], anchor: str) -> str:
     cands = [k[: -len(anchor)] for k in keys if k.endswith(anchor) and "layers." not in k and ".h." not in k]
     if not cands:
-        raise KeyError(f"no '{anchor}' tensor among the weights; is this a causal LM checkpoint?")
+        raise WeightsError(f"no '{anchor}' tensor among the weights; is this a causal LM checkpoint?")
     return min(cands, key=len)
 
 
@@ -122,7 +176,7 @@ def state_dict_from_hf(sd: dict[str, torch.Tensor], config: ModelConfig, model_t
 
     Accepts the usual prefixes (``model.``, ``transformer.``, Gemma 3's ``model.language_model.`` /
     ``language_model.model.``), ignores what is not part of the language model (vision towers,
-    DeepSeek's multi-token-prediction layers), and raises ``KeyError`` listing any weight of the
+    DeepSeek's multi-token-prediction layers), and raises ``WeightsError`` listing any weight of the
     language model it does not know. The family (``families/<family>.py``) names the top-level
     weights and places each layer's tensors.
     """
@@ -144,7 +198,10 @@ def state_dict_from_hf(sd: dict[str, torch.Tensor], config: ModelConfig, model_t
             if not _ignored(rest):
                 unknown.append(k)
             continue
-        idx, name = rest[len(fam.layer_tag):].split(".", 1)
+        idx, _, name = rest[len(fam.layer_tag):].partition(".")
+        if not idx.isdigit() or not name:
+            unknown.append(k)
+            continue
         i = int(idx)
         if i >= config.n_layers or _ignored(name):  # e.g. DeepSeek-V3's multi-token-prediction layer 61
             continue
@@ -154,7 +211,7 @@ def state_dict_from_hf(sd: dict[str, torch.Tensor], config: ModelConfig, model_t
     if head and not config.tie_embeddings:
         out["lm_head.weight"] = sd[min(head, key=len)]
     if unknown:
-        raise KeyError(f"{len(unknown)} weights of the {fam.model_type} checkpoint have no place in evolm's model, "
+        raise WeightsError(f"{len(unknown)} weights of the {fam.model_type} checkpoint have no place in evolm's model, "
                        f"e.g. {unknown[:5]}")
     return out
 
@@ -179,10 +236,7 @@ def read_hf_config(path: str | os.PathLike) -> dict:
     cfg = folder / "config.json"
     if not cfg.is_file():
         raise FileNotFoundError(f"{folder}: no config.json (expected a Hugging Face model folder)")
-    try:
-        return json.loads(cfg.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{cfg}: not valid JSON ({e})") from None
+    return read_json(cfg, ConfigError)
 
 
 def weight_files(path: str | os.PathLike) -> list[Path]:
@@ -190,10 +244,11 @@ def weight_files(path: str | os.PathLike) -> list[Path]:
     folder = Path(path)
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{index}: not a valid shard index ({e!r})") from None
+        weight_map = read_json(index, WeightsError).get("weight_map")
+        if not (isinstance(weight_map, dict) and weight_map
+                and all(isinstance(f, str) and f and Path(f).name == f for f in weight_map.values())):
+            raise WeightsError(f"{index}: 'weight_map' is {short(weight_map)}; expected an object of tensor name -> "
+                               f"shard file name in this folder")
         files = [folder / f for f in dict.fromkeys(weight_map.values())]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
@@ -210,27 +265,33 @@ def weight_files(path: str | os.PathLike) -> list[Path]:
 
 
 def read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
     from safetensors.torch import load_file
     sd: dict[str, torch.Tensor] = {}
     for f in files:
         try:
             sd.update(load_file(str(f)))
-        except (SafetensorError, OSError, RuntimeError) as e:
-            raise ValueError(f"{f}: cannot read safetensors file ({e}); the file may be truncated or corrupt") from None
+        except BaseException as e:  # SafetensorError, OSError, torch errors, a Rust panic
+            if not is_library_error(e):
+                raise
+            raise WeightsError(f"{f}: cannot read safetensors file ({first_line(e)}); the file may be truncated "
+                               f"or corrupt") from None
     return sd
 
 
 def build_from_state_dict(config: ModelConfig, sd: dict[str, torch.Tensor], dtype: torch.dtype | None = None,
-                          device: str | torch.device | None = None, source: str = "checkpoint"):
-    """A ``Transformer`` holding ``sd`` (our names), built without allocating random weights first."""
+                          device: str | torch.device | None = None, source: str = "checkpoint",
+                          allow_large: bool | None = None):
+    """A ``Transformer`` holding ``sd`` (our names), built without allocating random weights first
+    (after checking that the weights hold every layer and that the config fits in memory)."""
     from evolm.interop.empty import assign_weights, build_empty
 
-    model = build_empty(config)
+    check_layers(config, sd, source)
+    width = dtype or next((t.dtype for t in sd.values() if t.is_floating_point()), torch.float32)
+    model = build_empty(config, source, allow_large, torch.empty((), dtype=width).element_size())
     expected = set(model.state_dict())
     missing, extra = sorted(expected - set(sd)), sorted(set(sd) - expected)
     if missing or extra:
-        raise KeyError(f"{source}: weights do not match the config: missing {missing[:5]}"
+        raise WeightsError(f"{source}: weights do not match the config: missing {missing[:5]}"
                        f"{'...' if len(missing) > 5 else ''}, unexpected {extra[:5]}{'...' if len(extra) > 5 else ''}")
     if dtype is not None:
         # keep the router's selection bias in float32 as the references do
@@ -243,31 +304,31 @@ def build_from_state_dict(config: ModelConfig, sd: dict[str, torch.Tensor], dtyp
 
 
 def load_hf_folder(path: str | os.PathLike, dtype: torch.dtype | None = None,
-                   device: str | torch.device | None = None):
+                   device: str | torch.device | None = None, allow_large: bool | None = None):
     """A Hugging Face folder (config.json + safetensors, sharded or not) -> evolm ``Transformer``.
 
     ``dtype=None`` keeps the checkpoint's dtype. The folder's generation_config.json, if any, is
-    kept in ``model.config.meta['generation_config']``.
+    kept in ``model.config.meta['generation_config']``. A bad config.json raises ``ConfigError``,
+    weights that cannot be read or do not match it ``WeightsError``, each naming the file
+    (``allow_large``: see :func:`evolm.interop.empty.check_fits`).
     """
     folder = Path(path)
     hf = read_hf_config(folder)
-    try:
-        config = config_from_hf(hf)
-    except ConfigError as e:
-        raise ConfigError(f"{folder / 'config.json'}: {str(e).removeprefix('config.json: ')}") from None
+    config = config_from_hf(hf, source=str(folder / "config.json"))
     config.name = folder.name or config.name
     gen = folder / "generation_config.json"
     if gen.is_file():
         try:
-            config.meta["generation_config"] = json.loads(gen.read_text())
-        except json.JSONDecodeError:
+            config.meta["generation_config"] = read_json(gen, ValueError)
+        except ValueError:
             pass
     raw = read_safetensors(weight_files(folder))
     try:
         sd = state_dict_from_hf(raw, config, hf.get("model_type"))
-    except KeyError as e:
-        raise KeyError(f"{folder}: {e.args[0]}") from None
-    return build_from_state_dict(config, sd, dtype=dtype, device=device, source=str(folder))
+    except (WeightsError, RuntimeError, ValueError, IndexError, KeyError) as e:  # shapes a family cannot split
+        msg = e.args[0] if isinstance(e, WeightsError) else f"{type(e).__name__}: {first_line(e)}"
+        raise WeightsError(f"{folder}: {msg}") from None
+    return build_from_state_dict(config, sd, dtype=dtype, device=device, source=str(folder), allow_large=allow_large)
 
 
 def write_safetensors(sd: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int,

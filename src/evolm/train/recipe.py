@@ -16,12 +16,13 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
+
+from evolm.inputs import describe, first_line, has_type, short
 
 from evolm.train.config import LoopSettings, LRShape, OptimConfig
 from evolm.train.optim import SCHEDULES
@@ -102,38 +103,14 @@ def _build(cls, d: Any, where: str):
             close = difflib.get_close_matches(str(key), sorted(known), n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             raise RecipeError(f"{where}: unknown key '{key}'{hint} (valid: {', '.join(sorted(known))})")
-        if not _fits(value, hints[key]):
-            as_text = isinstance(value, str) and _fits(1.0, hints[key])
+        if not has_type(value, hints[key]):
+            as_text = isinstance(value, str) and has_type(1.0, hints[key])
             note = " (YAML reads 3e-4 as text: write 3.0e-4)" if as_text else ""
-            raise RecipeError(f"{where}: {key} must be {_describe(hints[key])}, got {value!r}{note}")
+            raise RecipeError(f"{where}: {key} must be {describe(hints[key])}, got {value!r}{note}")
     try:
         return cls(**d)
     except TypeError as e:
         raise RecipeError(f"{where}: {e}") from None
-
-
-def _fits(value: Any, hint: Any) -> bool:
-    """Whether a YAML value has the declared type (an int does for a float; a list for a tuple)."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if hint is Any:
-        return True
-    if origin in (typing.Union, types.UnionType):
-        return any(_fits(value, a) for a in args)
-    if isinstance(value, bool) and hint is not bool:
-        return False
-    if hint is float:
-        return isinstance(value, (int, float))
-    if origin is list:
-        return isinstance(value, list) and all(_fits(v, args[0]) for v in value)
-    if origin is tuple:
-        return isinstance(value, (list, tuple)) and len(value) == len(args) and all(map(_fits, value, args))
-    if origin is dict:
-        return isinstance(value, dict) and all(_fits(k, args[0]) and _fits(v, args[1]) for k, v in value.items())
-    return isinstance(value, hint)
-
-
-def _describe(hint: Any) -> str:
-    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
 
 
 def recipe_from_dict(d: dict[str, Any], source: str = "<dict>") -> Recipe:
@@ -160,12 +137,12 @@ def recipe_from_dict(d: dict[str, Any], source: str = "<dict>") -> Recipe:
 def load_recipe(path: str) -> Recipe:
     if not os.path.isfile(path):
         raise RecipeError(f"recipe file not found: {path}")
-    with open(path) as f:
-        try:
+    try:
+        with open(path, encoding="utf-8") as f:
             d = yaml.safe_load(f)
-        except yaml.YAMLError as e:
-            raise RecipeError(f"{path}: not valid YAML ({e})") from None
-    return recipe_from_dict(d or {}, source=path)
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as e:
+        raise RecipeError(f"{path}: not valid YAML ({first_line(e)})") from None
+    return recipe_from_dict({} if d is None else d, source=path)
 
 
 def validate(r: Recipe) -> None:
