@@ -414,25 +414,14 @@ FUZZ = settings(max_examples=300, derandomize=True, deadline=None, database=None
                 suppress_health_check=list(HealthCheck))
 
 
-def test_fuzz_completions(tiny):
+@pytest.mark.parametrize("path, fields", [(C, completion_fields), (CH, chat_fields)], ids=["completions", "chat"])
+def test_fuzz_endpoint(tiny, path, fields):
     client, tok = tiny
 
     @FUZZ
-    @given(bodies(completion_fields(tok.vocab_size)))
+    @given(bodies(fields(tok.vocab_size)))
     def run(case):
-        fuzz_one(client, C, *case)
-
-    run()
-    normal_request_works(client)
-
-
-def test_fuzz_chat_completions(tiny):
-    client, tok = tiny
-
-    @FUZZ
-    @given(bodies(chat_fields(tok.vocab_size)))
-    def run(case):
-        fuzz_one(client, CH, *case)
+        fuzz_one(client, path, *case)
 
     run()
     normal_request_works(client)
