@@ -105,8 +105,12 @@ def _add_lab_run_args(s) -> None:
 def cmd_convert(args) -> None:
     from evolm.loading import load, save
 
+    if args.type is not None and args.to != "gguf":
+        raise ValueError(f"--type {args.type}: only for --to gguf (--to {args.to} keeps the weights' dtype; see --dtype)")
+    if args.to == "gguf" and not args.out.endswith(".gguf"):
+        raise ValueError(f"--out {args.out}: a GGUF export is one file; name it *.gguf")
     model, tok = load(args.model, dtype=args.dtype)
-    save(model, args.out, tokenizer=tok, fmt=args.to)
+    save(model, args.out, tokenizer=tok, fmt=args.to, gguf_type=args.type or "f16")
     print(f"wrote {args.to} model to {args.out}")
 
 
@@ -363,8 +367,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("convert", help="convert a model between formats")
     c.add_argument("--model", required=True, help="HF folder, GGUF file or evolm checkpoint")
-    c.add_argument("--to", choices=["hf", "evolm"], default="hf")
+    c.add_argument("--to", choices=["hf", "evolm", "gguf"], default="hf")
     c.add_argument("--out", required=True)
+    c.add_argument("--type", default=None, metavar="TYPE",
+                   help="--to gguf: weight type, f32 f16 (default) bf16 q8_0 q5_1 q5_0 q4_1 q4_0")
     c.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     c.set_defaults(func=cmd_convert)
 

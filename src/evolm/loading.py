@@ -173,18 +173,23 @@ def _load(p: Path, dtype: torch.dtype | None, device, blocks: bool, allow_large:
     return model.eval(), _tokenizer_from_dir(p)
 
 
-def save(model, path: str | os.PathLike, tokenizer=None, fmt: str = "evolm") -> Path:
+def save(model, path: str | os.PathLike, tokenizer=None, fmt: str = "evolm", gguf_type: str = "f16") -> Path:
     """Write ``model`` (and its tokenizer) to a folder ``load`` reads back exactly.
 
     ``fmt="evolm"``: an evolm checkpoint folder (any config); ``fmt="hf"``: a Hugging Face folder
     that transformers loads (``evolm.interop.hf.save_hf_folder``; a ConfigError names the field
-    when no transformers family can express the config). Both are written atomically: an existing
-    folder at ``path`` is replaced only once the new one is complete.
+    when no transformers family can express the config); ``fmt="gguf"``: one ``.gguf`` file that
+    llama.cpp runs, weights in ``gguf_type`` (``evolm.interop.gguf_export``). All are written
+    atomically: an existing folder or file at ``path`` is replaced only once the new one is complete.
     """
     if fmt == "hf":
         return _hf.save_hf_folder(model, path, tokenizer=tokenizer)
+    if fmt == "gguf":
+        from evolm.interop.gguf_export import export_gguf
+
+        return export_gguf(model, path, tokenizer, qtype=gguf_type)
     if fmt != "evolm":
-        raise ValueError(f"unknown save format {fmt!r}; expected 'evolm' or 'hf'")
+        raise ValueError(f"unknown save format {fmt!r}; expected 'evolm', 'hf' or 'gguf'")
     extra: dict[str, str] = {}
     if tokenizer is not None:
         with tempfile.TemporaryDirectory() as tmp:

@@ -1,0 +1,337 @@
+"""Write an evolm model as a GGUF file that llama.cpp (and Ollama, LM Studio, transformers) runs.
+
+The inverse of ``interop/gguf.py``, with the same conventions llama.cpp's ``convert_hf_to_gguf.py``
+applies to a Hugging Face checkpoint:
+
+* hyper-parameters under ``{arch}.*`` (``general.architecture`` is llama.cpp's name for the
+  family that expresses the config: ``llama``, ``qwen2``, ``qwen3``, ``gemma2``, ``gemma3``, ``olmo2``);
+* tensors renamed to llama.cpp's (``blk.{i}.attn_q.weight`` ...), Llama-architecture Q/K rows
+  permuted for its interleaved RoPE, Gemma's RMSNorm weights stored as ``1 + w``, a Llama 3
+  RoPE scaling written as the ``rope_freqs`` tensor of per-frequency divisors;
+* the vocabulary under ``tokenizer.ggml.*`` (``gguf_vocab_export.py``).
+
+The file is written by the ``gguf`` package's ``GGUFWriter``; quantized types come from its
+reference quantizers (``gguf.quants.quantize``: bit-identical to llama.cpp's). As in llama.cpp's
+converter, 1-D tensors (norms, biases) stay float32 and a 2-D tensor whose rows do not split
+into whole blocks falls back to float16.
+
+Before anything is written the metadata is read back by evolm's own GGUF reader: the model it
+describes must be the one being exported (every architectural field equal). The reader encodes
+what llama.cpp hard-codes rather than stores (Gemma 3's local RoPE base and 5:1 pattern, its
+query scale), so a config llama.cpp would run differently is refused, naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from evolm.config import ConfigError, ModelConfig
+
+# --type name -> (ggml type name, llama.cpp file type name)
+TYPES = {
+    "f32": ("F32", "ALL_F32"), "f16": ("F16", "MOSTLY_F16"), "bf16": ("BF16", "MOSTLY_BF16"),
+    "q8_0": ("Q8_0", "MOSTLY_Q8_0"), "q5_1": ("Q5_1", "MOSTLY_Q5_1"), "q5_0": ("Q5_0", "MOSTLY_Q5_0"),
+    "q4_1": ("Q4_1", "MOSTLY_Q4_1"), "q4_0": ("Q4_0", "MOSTLY_Q4_0"),
+}
+# the families llama.cpp runs that we write: transformers model_type -> llama.cpp architecture
+ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2", "gemma3_text": "gemma3",
+         "olmo2": "olmo2"}
+# llama.cpp's converter states head sizes for these even when they equal d_model / n_heads
+_STATES_HEAD_DIM = ("qwen3", "gemma3")
+# fields that do not change what the model computes
+_NOT_ARCHITECTURE = {"name", "meta", "attn_dropout", "embd_dropout", "resid_dropout", "init_std",
+                     "moe_aux_loss_coef", "moe_z_loss_coef"}
+# fields that only matter when a feature is on: (is it on?, its fields)
+_SWITCHED = ((lambda c: c.n_experts > 0, ("n_experts_per_tok", "moe_d_ff", "n_shared_experts", "first_k_dense",
+                                          "router", "router_bias", "norm_topk_prob", "routed_scaling_factor",
+                                          "n_expert_groups", "topk_groups")),
+             (lambda c: c.attention == "mla", ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim",
+                                               "qk_rope_head_dim", "v_head_dim")),
+             (lambda c: c.sliding_window is not None, ("sliding_window_pattern",)),
+             (lambda c: c.norm != "rmsnorm", ("norm_bias",)))  # an RMSNorm has no bias, whatever the flag says
+
+
+class ExportError(ValueError):
+    """A model, type or path that cannot be written as GGUF; the message names it."""
+
+
+# ----------------------------------------------------------------------------------------------
+# which llama.cpp architecture
+# ----------------------------------------------------------------------------------------------
+def gguf_architecture(config: ModelConfig) -> str:
+    """llama.cpp's ``general.architecture`` for ``config``, or an ExportError saying why there is none."""
+    from evolm.interop.hf import hf_family
+
+    try:
+        model_type = hf_family(config)
+    except ConfigError as e:
+        raise ExportError(f"cannot export to GGUF: {e}") from None
+    if model_type not in ARCHS:
+        raise ExportError(f"ModelConfig '{config.name}' is a {model_type} model; GGUF export writes "
+                          f"{', '.join(ARCHS.values())} (architecture {model_type!r} is not supported yet)")
+    return ARCHS[model_type]
+
+
+def _metadata(config: ModelConfig, arch: str) -> dict:
+    """The ``general.*`` and ``{arch}.*`` keys llama.cpp reads for this config."""
+    c = config
+    rotary = int(c.head_dim * c.rotary_pct)
+    meta = {
+        "general.architecture": arch, "general.type": "model", "general.name": c.name,
+        f"{arch}.vocab_size": c.vocab_size,
+        f"{arch}.context_length": c.max_seq_len, f"{arch}.embedding_length": c.d_model,
+        f"{arch}.block_count": c.n_layers, f"{arch}.feed_forward_length": c.d_ff,
+        f"{arch}.attention.head_count": c.n_heads, f"{arch}.attention.head_count_kv": c.n_kv_heads,
+        f"{arch}.attention.layer_norm_rms_epsilon": float(c.norm_eps),
+        f"{arch}.rope.freq_base": float(c.rope_theta), f"{arch}.rope.dimension_count": rotary,
+    }
+    if arch in _STATES_HEAD_DIM or c.head_dim * c.n_heads != c.d_model:
+        meta[f"{arch}.attention.key_length"] = meta[f"{arch}.attention.value_length"] = c.head_dim
+    if c.sliding_window is not None:
+        meta[f"{arch}.attention.sliding_window"] = c.sliding_window
+    for key, value in (("attn_logit_softcapping", c.attn_softcap), ("final_logit_softcapping", c.final_softcap)):
+        if value is not None:  # Gemma 2's soft-caps
+            meta[f"{arch}.{key}"] = float(value)
+    sc = c.rope_scaling
+    if sc and sc["type"] == "linear":
+        meta[f"{arch}.rope.scaling.type"] = "linear"
+        meta[f"{arch}.rope.scaling.factor"] = float(sc["factor"])
+    elif sc and sc["type"] == "yarn":
+        meta[f"{arch}.rope.scaling.type"] = "yarn"
+        meta[f"{arch}.rope.scaling.factor"] = float(sc["factor"])
+        meta[f"{arch}.rope.scaling.original_context_length"] = int(sc["original_max_seq_len"])
+    return meta
+
+
+def _check_reads_back(config: ModelConfig, meta: dict, shapes: dict, path: str, rope_freqs: bool) -> None:
+    """evolm's reader builds exactly ``config`` from ``meta``: else the file would be another model."""
+    from evolm.interop.gguf import GGUFError, config_from_metadata
+
+    try:
+        back = config_from_metadata(meta, shapes, path)
+    except GGUFError as e:
+        raise ExportError(f"cannot export ModelConfig '{config.name}' to GGUF: {e}") from None
+    want = config
+    if rope_freqs:  # the Llama 3 scaling travels as the rope_freqs tensor, not as config
+        want = dataclasses.replace(want, rope_scaling=None)
+    skip = set(_NOT_ARCHITECTURE)
+    for on, fields in _SWITCHED:
+        if not on(want) and not on(back):
+            skip.update(fields)
+    diffs = []
+    for f in dataclasses.fields(ModelConfig):
+        if f.name in skip:
+            continue
+        a, b = getattr(want, f.name), getattr(back, f.name)
+        same = math.isclose(a, b, rel_tol=1e-6) if isinstance(a, float) and isinstance(b, float) else a == b
+        if not same:
+            diffs.append(f"field '{f.name}' is {a!r} but a {meta['general.architecture']} GGUF gives {b!r}")
+    if diffs:
+        raise ExportError(f"ModelConfig '{config.name}' cannot be written as a {meta['general.architecture']} "
+                          f"GGUF that llama.cpp runs the same: " + "; ".join(diffs))
+
+
+# ----------------------------------------------------------------------------------------------
+# tensors
+# ----------------------------------------------------------------------------------------------
+def permute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """llama.cpp's Q/K row order: per head, the rotate-half halves ``[x.., y..]`` become interleaved
+    pairs ``[x0, y0, x1, y1, ...]`` (the inverse of ``gguf.unpermute_rope_rows``)."""
+    half = w.shape[0] // n_heads // 2
+    return w.reshape(n_heads, 2, half, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def _gguf_names(placement: str) -> dict[str, str]:
+    """Our per-layer module names -> llama.cpp's (the reader's tables, inverted; dense layers only)."""
+    from evolm.interop.gguf import _LAYER_NAMES, _NORMS_BY_PLACEMENT
+
+    names = {ours: theirs for theirs, ours in _LAYER_NAMES.items() if ours != "mlp.gate"}
+    names.update({ours: theirs for theirs, ours in _NORMS_BY_PLACEMENT[placement].items()})
+    return names
+
+
+def float_state_dict(model) -> dict[str, torch.Tensor]:
+    """The model's weights as float tensors, quantized linears (int8, int4, NF4, GGUF blocks) dequantized."""
+    sd = {k: v for k, v in model.state_dict().items()}
+    for prefix, m in model.named_modules():
+        dense = _dense_weight(m)
+        if dense is None:
+            continue
+        for k in [k for k in sd if k.startswith(prefix + ".") and k != prefix + ".bias"]:
+            del sd[k]
+        sd[prefix + ".weight"] = dense
+    bad = [k for k, v in sd.items() if not v.is_floating_point()]
+    if bad:
+        raise ExportError(f"cannot export to GGUF: tensor {bad[0]!r} is {sd[bad[0]].dtype}, not a float weight, "
+                          f"and its module ({type(model.get_submodule(bad[0].rsplit('.', 1)[0])).__name__}) "
+                          f"offers no dequantize()")
+    return sd
+
+
+def _dense_weight(m) -> torch.Tensor | None:
+    """A quantized linear's float32 weight (None for any other module)."""
+    if hasattr(m, "codes") and hasattr(m, "blocks"):  # GGUF blocks kept from a file
+        return m.blocks.dequantize(dtype=torch.float32)
+    if callable(getattr(m, "dequantize", None)) and not isinstance(m, torch.nn.Linear):
+        return m.dequantize().float()
+    w, scale = getattr(m, "weight", None), getattr(m, "scale", None)
+    if isinstance(w, torch.Tensor) and w.dtype == torch.int8 and isinstance(scale, torch.Tensor):  # int8
+        return w.float() * scale.float()[:, None]
+    return None
+
+
+def gguf_tensors(model, arch: str) -> dict[str, torch.Tensor]:
+    """Every tensor of the file, float32, in llama.cpp's names and conventions (file order)."""
+    from evolm.interop.families import GGUF_FAMILIES
+    from evolm.nn.rope import rope_frequencies
+
+    c: ModelConfig = model.config
+    fam = GGUF_FAMILIES[arch]
+    names = _gguf_names(c.norm_placement)
+    heads = {"self_attn.q_proj": c.n_heads, "self_attn.k_proj": c.n_kv_heads}
+    out: dict[str, torch.Tensor] = {}
+    sd = float_state_dict(model)
+    for key, t in sd.items():
+        t = t.detach().to("cpu", torch.float32)
+        if key == "embed_tokens.weight":
+            name = "token_embd.weight"
+        elif key == "lm_head.weight":
+            if c.tie_embeddings:
+                continue
+            name = "output.weight"
+        elif key.startswith("norm."):
+            name = "output_norm." + key.split(".", 1)[1]
+        elif key.startswith("layers."):
+            _, i, rest = key.split(".", 2)
+            module, _, suffix = rest.rpartition(".")
+            if module not in names:
+                raise ExportError(f"cannot export to GGUF: parameter {key!r} has no llama.cpp name for {arch!r}")
+            name = f"blk.{i}.{names[module]}.{suffix}"
+            if fam.gguf_permute_qk and module in heads:
+                t = permute_rope_rows(t, heads[module])
+        else:
+            raise ExportError(f"cannot export to GGUF: parameter {key!r} has no llama.cpp name for {arch!r}")
+        if fam.unit_offset_norms and name.endswith("norm.weight"):
+            t = t + 1.0  # llama.cpp's Gemma norms scale by the stored weight itself
+        out[name] = t.contiguous()
+    if c.rope_scaling and c.rope_scaling["type"] == "llama3":  # per-frequency divisors, as the converter writes
+        plain, _ = rope_frequencies(c.rotary_dim, c.rope_theta, None)
+        scaled, _ = rope_frequencies(c.rotary_dim, c.rope_theta, c.rope_scaling)
+        out["rope_freqs.weight"] = (plain / scaled).float()
+    return out
+
+
+def encode_tensor(t: torch.Tensor, name: str, qtype) -> tuple[np.ndarray, object]:
+    """``(array for GGUFWriter.add_tensor, ggml type)``: 1-D tensors and ``rope_freqs`` stay F32, a
+    2-D tensor whose rows do not split into whole ``qtype`` blocks falls back to F16."""
+    import gguf
+
+    T = gguf.GGMLQuantizationType
+    x = t.numpy().astype(np.float32, copy=False)
+    if x.ndim < 2 or name == "rope_freqs.weight" or qtype == T.F32:
+        return x, T.F32
+    block, _ = gguf.GGML_QUANT_SIZES[qtype]
+    if x.shape[-1] % block:
+        qtype = T.F16
+    if qtype == T.F16:
+        return x.astype(np.float16), T.F16
+    return gguf.quants.quantize(x, qtype), qtype
+
+
+# ----------------------------------------------------------------------------------------------
+# the file
+# ----------------------------------------------------------------------------------------------
+def _add(writer, key: str, value) -> None:
+    """One metadata key with the type llama.cpp reads it as."""
+    import gguf
+
+    V = gguf.GGUFValueType
+    if key in ("general.architecture",):
+        return  # written by GGUFWriter itself
+    if isinstance(value, bool):
+        writer.add_bool(key, value)
+    elif isinstance(value, int):
+        writer.add_uint32(key, value)
+    elif isinstance(value, float):
+        writer.add_float32(key, value)
+    elif isinstance(value, str):
+        writer.add_string(key, value)
+    elif isinstance(value, list):
+        sub = V.STRING if value and isinstance(value[0], str) else \
+            V.FLOAT32 if value and isinstance(value[0], float) else V.INT32
+        writer.add_key_value(key, value, V.ARRAY, sub_type=sub)
+    else:
+        raise TypeError(f"metadata {key!r}: {type(value).__name__} is not a GGUF value")
+
+
+def export_gguf(model, path: str | os.PathLike, tokenizer=None, qtype: str = "f16") -> Path:
+    """Write ``model`` (and its tokenizer) as the GGUF file ``path`` with weights in ``qtype``
+    (``TYPES``: f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0).
+
+    Raises ExportError (one line) for an unknown type, a model no supported llama.cpp
+    architecture expresses exactly (naming the architecture or the field), or a missing or
+    unsupported tokenizer (llama.cpp needs the vocabulary in the file).
+    """
+    if qtype not in TYPES:
+        raise ExportError(f"--type {qtype}: expected one of {', '.join(TYPES)} (q4_k_m and the other k-quants: "
+                          f"the gguf package has no quantizer for them; run llama.cpp's llama-quantize on the "
+                          f"f16 or q8_0 file)")
+    meta, tensors = gguf_plan(model, tokenizer, str(path))
+    return write_gguf(path, meta, tensors, qtype)
+
+
+def gguf_plan(model, tokenizer, path: str = "model.gguf") -> tuple[dict, dict[str, torch.Tensor]]:
+    """``(metadata, float32 tensors in llama.cpp's names)`` of the file ``model`` becomes, checked
+    to read back as the same model (``path`` only names the file in errors)."""
+    from evolm.interop.gguf_vocab_export import vocab_metadata
+
+    if tokenizer is None:
+        raise ExportError(f"{path}: the model has no tokenizer; a GGUF file for llama.cpp must carry its vocabulary")
+    c: ModelConfig = model.config
+    arch = gguf_architecture(c)
+    tensors = gguf_tensors(model, arch)
+    meta = _metadata(c, arch)
+    meta.update(vocab_metadata(tokenizer, c.vocab_size, arch))
+    _check_reads_back(c, meta, {k: tuple(v.shape) for k, v in tensors.items()}, path, "rope_freqs.weight" in tensors)
+    return meta, tensors
+
+
+def write_gguf(path: str | os.PathLike, meta: dict, tensors: dict[str, torch.Tensor], qtype: str) -> Path:
+    """Write ``meta`` and ``tensors`` (llama.cpp's names, float32) with ``GGUFWriter``, the 2-D
+    tensors in ``qtype``. Written to a temporary file first: an existing file is replaced only
+    by a complete one."""
+    import gguf
+
+    ggml_type, file_type = TYPES[qtype]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    writer = gguf.GGUFWriter(str(tmp), meta["general.architecture"])
+    try:
+        for k, v in meta.items():
+            _add(writer, k, v)
+        writer.add_file_type(int(gguf.LlamaFileType[file_type]))
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        for name, t in tensors.items():
+            data, kind = encode_tensor(t, name, gguf.GGMLQuantizationType[ggml_type])
+            writer.add_tensor(name, data, raw_dtype=kind if data.dtype == np.uint8 else None)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, path)
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+__all__ = ["export_gguf", "gguf_plan", "write_gguf", "ExportError", "TYPES", "ARCHS", "gguf_architecture",
+           "gguf_tensors", "permute_rope_rows", "encode_tensor", "float_state_dict"]
