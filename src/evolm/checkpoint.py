@@ -109,14 +109,22 @@ def save_trainer_state(state: dict[str, Any], folder: str) -> None:
 
 def save_checkpoint(model, path: str, trainer_state: dict[str, Any] | None = None,
                     extra_files: dict[str, str] | None = None) -> None:
-    """Write weights (+ optional trainer state and extra text files) to ``path`` atomically."""
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    """Write weights (+ optional trainer state and extra text files) to ``path`` atomically.
+    Weight-only quantized layers are written as their codes (``evolm.quant.saved``), with their
+    formats under ``"quantization"`` in config.json."""
+    from evolm.quant.saved import portable_state
+
+    state, quantized = portable_state(model)
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     if model.config.tie_embeddings:
         state.pop("lm_head.weight", None)
+    meta = {"format": FORMAT_MARK, "model": model.config.to_dict()}
+    if quantized:
+        meta["quantization"] = {**getattr(model, "quantization", {}), "layers": quantized}
     with _atomic_dir(path) as tmp:
         save_file(state, os.path.join(tmp, WEIGHTS), metadata={"format": "pt"})
         with open(os.path.join(tmp, CONFIG), "w") as f:
-            json.dump({"format": FORMAT_MARK, "model": model.config.to_dict()}, f, indent=2)
+            json.dump(meta, f, indent=2)
         if trainer_state is not None:
             save_trainer_state(trainer_state, tmp)
         for name, text in (extra_files or {}).items():
@@ -143,7 +151,15 @@ def load_checkpoint(path: str, dtype: torch.dtype | None = None, device=None):
     if not os.path.isfile(weights):
         raise FileNotFoundError(f"{path}: missing {WEIGHTS}")
     state = read_weights(weights)
-    model = assign_weights(build_empty(config), state, source=weights)
+    model = build_empty(config)
+    quantization = read_json(os.path.join(path, CONFIG), ConfigError).get("quantization")
+    if quantization is not None:  # weight-only quantized layers, rebuilt from their codes
+        from evolm.quant.saved import restore_quantized
+
+        layers = quantization.get("layers") if isinstance(quantization, dict) else None
+        model, state = restore_quantized(model, state, layers, weights)
+        model.quantization = {k: v for k, v in quantization.items() if k != "layers"}
+    model = assign_weights(model, state, source=weights)
     if dtype is not None:
         model = model.to(dtype)
     return model.to(device) if device is not None else model

@@ -114,6 +114,21 @@ def cmd_convert(args) -> None:
     print(f"wrote {args.to} model to {args.out}")
 
 
+# --- quantize --------------------------------------------------------------------------------
+def cmd_quantize(args) -> None:
+    from evolm.quant import KernelPolicy
+    from evolm.quant.calibration import CalibrationConfig
+    from evolm.quant.gptq import GPTQConfig
+    from evolm.quant.quantize import QuantizeConfig, run_quantize
+
+    config = QuantizeConfig(args.method, args.group_size,
+                            CalibrationConfig(tuple(args.calib_data), args.calib_samples, args.calib_len, args.seed),
+                            GPTQConfig(args.group_size, args.damp, act_order=args.act_order))
+    res = run_quantize(args.model, args.out, config, KernelPolicy.from_env(), log=lambda m: print(m, file=sys.stderr))
+    print(f"wrote {res['method']} model to {res['out']}: {res['bits_per_weight']} bits per quantized weight, "
+          f"{res['file_bytes'] / 1e6:.1f} MB, {res['seconds']} s")
+
+
 # --- generate / chat / serve -----------------------------------------------------------------
 DTYPES = ("float32", "bfloat16", "float16")
 KEEP_BLOCKS_HELP = ("GGUF on CPU: keep the file's quantized blocks and compute with exactly the weights they encode "
@@ -373,6 +388,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--to gguf: weight type, f32 f16 (default) bf16 q8_0 q5_1 q5_0 q4_1 q4_0")
     c.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     c.set_defaults(func=cmd_convert)
+
+    q = sub.add_parser("quantize", help="weight-only post-training quantization: int8, int4, nf4, gptq (calibrated)")
+    q.add_argument("--model", required=True, help="HF folder, GGUF file or evolm checkpoint (float weights)")
+    q.add_argument("--out", required=True, help="the quantized evolm folder to write")
+    q.add_argument("--method", required=True, choices=["int8", "int4", "nf4", "gptq"])
+    q.add_argument("--group-size", type=int, default=32, help="int4/gptq: inputs per scale and min (32: evolm's kernel)")
+    q.add_argument("--calib-data", action="append", default=[], metavar="PATH",
+                   help="gptq: calibration text (file, JSONL or folder; default the built-in python_docs corpus)")
+    q.add_argument("--calib-samples", type=int, default=128, help="gptq: calibration windows")
+    q.add_argument("--calib-len", type=int, default=512, help="gptq: tokens per calibration window")
+    q.add_argument("--damp", type=float, default=0.01, help="gptq: Hessian dampening, fraction of its mean diagonal")
+    q.add_argument("--act-order", action="store_true", help="gptq: columns by decreasing Hessian diagonal")
+    q.add_argument("--seed", type=int, default=0, help="gptq: calibration document order")
+    q.set_defaults(func=cmd_quantize)
 
     g = sub.add_parser("generate", help="stream a continuation of a prompt")
     _add_sampling_args(g)

@@ -185,6 +185,8 @@ class Transformer(nn.Module):
             return self.embed_tokens.weight, None
         if hasattr(head, "blocks"):  # a file's quantized blocks (evolm.quant.blocks.BlockLinear): their float32 weight
             return head.blocks.dequantize(), head.bias
+        if hasattr(head, "dequantize"):  # a weight-only quantized head (evolm.quant): the weight it multiplies by
+            return head.dequantize().to(self.embed_tokens.weight.dtype), head.bias
         return head.weight, head.bias
 
     # ------------------------------------------------------------------------------------

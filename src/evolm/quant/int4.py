@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from evolm import kernels
 from evolm.quant.int8 import KERNEL_ROWS, Int8Linear
 from evolm.quant.policy import DEFAULT_POLICY, KernelPolicy
-from evolm.quant.walk import replace_linears, skipped, untied_head
+from evolm.quant.walk import keep_dtypes, replace_linears, skipped, untied_head
 
 _HAS_INT4 = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
 
@@ -46,13 +46,25 @@ def quantize_groups(weight: torch.Tensor, group_size: int, stored: torch.dtype =
     chosen for the rounded values, so the rounding costs no more than one code step."""
     N, K = weight.shape
     w = weight.detach().float().reshape(N, K // group_size, group_size)
+    scale, lo = group_params(w, stored)
+    return round_to_grid(w, scale[..., None], lo[..., None]).reshape(N, K), scale, lo
+
+
+def group_params(w: torch.Tensor, stored: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, min) of the 4-bit grid over the last dimension of ``w`` (a group of weights): the
+    group's range in 15 steps, each rounded to ``stored`` (the dtype the layer keeps them in).
+    GPTQ (``evolm/quant/gptq.py``) puts its grid here too, so both methods write the same format."""
     lo, hi = w.amin(-1), w.amax(-1)
-    lo = lo.to(stored).float()
-    scale = ((hi - lo) / 15).to(stored).float()
+    lo = lo.to(stored).to(w.dtype)
+    return ((hi - lo) / 15).to(stored).to(w.dtype), lo
+
+
+def round_to_grid(w: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
+    """The nearest of the 16 codes ``q * scale + lo`` to each weight (int32 in 0..15); ``scale`` and
+    ``lo`` broadcast against ``w``."""
     # a group whose scale rounds to 0 spans less than 1e-6: divided by 1 its offsets round to code 0
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.round((w - lo[..., None]) / safe[..., None]).clamp(0, 15).to(torch.int32).reshape(N, K)
-    return q, scale, lo
+    return torch.round((w - lo) / safe).clamp(0, 15).to(torch.int32)
 
 
 class Int4Linear(nn.Module):
@@ -74,22 +86,47 @@ class Int4Linear(nn.Module):
     The output is cast back to the input's dtype.
     """
 
+    # buffers a kernel reads in one dtype: ``model.to(dtype)`` moves them but keeps their dtype
+    fixed_dtype = ("dm", "scales_and_zeros")
+
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group_size: int = 32,
                  policy: KernelPolicy = DEFAULT_POLICY):
         super().__init__()
         N, K = weight.shape
+        layout = self._layout(N, K, group_size, bool(weight.detach().abs().amax() < 6e4), policy, weight.device)
+        q, scale, lo = quantize_groups(weight, group_size, torch.float16 if layout == "q4" else torch.float32)
+        self._store(q, scale, lo, bias, group_size, layout)
+
+    @classmethod
+    def from_codes(cls, q: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, bias: torch.Tensor | None = None,
+                   policy: KernelPolicy = DEFAULT_POLICY) -> "Int4Linear":
+        """The layer of given codes (N, K) in 0..15 and (scale, min) (N, K / group): a saved quantized
+        model's layer, or GPTQ's, whose grid is not the one round-to-nearest would choose."""
+        N, K = q.shape
+        group = K // scale.shape[1]
+        fits_half = bool(max(scale.abs().max(), lo.abs().max()) < 6e4)
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._store(q.to(torch.int32), scale.float(), lo.float(), bias, group,
+                     cls._layout(N, K, group, fits_half, policy, q.device))
+        return layer
+
+    @staticmethod
+    def _layout(N: int, K: int, group_size: int, fits_half: bool, policy: KernelPolicy, device) -> str:
         if not int4_supported(N, K, group_size):
             raise ValueError(f"Int4Linear: weight {N}x{K} needs out_features % 16 == 0 and in_features % "
                              f"group_size ({group_size}) == 0 for torch's int4 CPU kernel")
-        fits_half = bool(weight.detach().abs().amax() < 6e4)  # (d, m) in float16
-        kernel = group_size == 32 and fits_half and policy.uses_quant_kernels(K, weight.device)
-        self.layout = "q4" if kernel else "int4pack"
-        q, scale, lo = quantize_groups(weight, group_size, torch.float16 if self.layout == "q4" else torch.float32)
+        kernel = group_size == 32 and fits_half and policy.uses_quant_kernels(K, device)  # (d, m) in float16
+        return "q4" if kernel else "int4pack"
+
+    def _store(self, q, scale, lo, bias, group_size: int, layout: str) -> None:
+        N, K = q.shape
+        self.layout = layout
         if self.layout == "q4":
             self.register_buffer("weight", kernels.pack_q4(q))
             self.register_buffer("dm", kernels.pack_q4_scales(scale, lo))
         else:
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.cpu(), 8).to(weight.device)
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.cpu(), 8).to(q.device)
             self.register_buffer("weight", packed)
             sz = torch.stack((scale, lo + 8 * scale), -1).transpose(0, 1).contiguous()  # (K/group, N, 2)
             self.register_buffer("scales_and_zeros", sz.to(torch.bfloat16))
@@ -118,6 +155,24 @@ class Int4Linear(nn.Module):
         eye = torch.eye(self.in_features, dtype=self.scales_and_zeros.dtype, device=self.weight.device)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.weight, self.group_size,
                                                           self.scales_and_zeros).t()
+
+    def codes(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(codes (N, K) uint8 in 0..15, scale, min (N, K / group)) with ``w = q * scale + min``: the
+        layer's numbers in a form that does not depend on its layout (for saving)."""
+        if self.layout == "q4":
+            dm = self.dm
+            return kernels.unpack_q4(self.weight), dm[..., 0], dm[..., 1]
+        sz = self.scales_and_zeros.transpose(0, 1)  # (N, K/group, 2): scale, zero = min + 8 * scale
+        scale = sz[..., 0]
+        # torch's packing is opaque: the kernel itself reads the codes back, with scale 1 and zero 8
+        unit = torch.stack((torch.ones_like(self.scales_and_zeros[..., 0]),
+                            torch.full_like(self.scales_and_zeros[..., 0], 8)), -1)
+        eye = torch.eye(self.in_features, dtype=unit.dtype, device=self.weight.device)
+        q = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.weight, self.group_size, unit).t()
+        return q.round().to(torch.uint8), scale, sz[..., 1].float() - 8 * scale.float()
+
+    def _apply(self, fn, recurse=True):
+        return keep_dtypes(self, super()._apply, fn, recurse)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, int4 group={self.group_size}, {self.layout}"

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from evolm import kernels
 from evolm.quant.policy import DEFAULT_POLICY, KernelPolicy
-from evolm.quant.walk import replace_linears, skipped, untied_head
+from evolm.quant.walk import keep_dtypes, replace_linears, skipped, untied_head
 
 _HAS_KERNEL = hasattr(torch.ops.aten, "_weight_int8pack_mm")
 
@@ -60,24 +60,43 @@ def _gemv(x, q, scale):
 class Int8Linear(nn.Module):
     """y = x @ (q * scale)^T + b with q int8 (out, in) and scale (out,)."""
 
+    # buffers a kernel reads in one dtype: ``model.to(dtype)`` moves them but keeps their dtype
+    fixed_dtype = ("scale_bf16", "scale_f32")
+
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, policy: KernelPolicy = DEFAULT_POLICY):
         super().__init__()
         w = weight.detach().float()
         scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
-        self.register_buffer("weight", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
-        self.register_buffer("scale", scale.to(weight.dtype))
+        self._store(torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale.to(weight.dtype), bias,
+                    policy)
+
+    @classmethod
+    def from_codes(cls, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
+                   policy: KernelPolicy = DEFAULT_POLICY) -> "Int8Linear":
+        """The layer of given codes (N, K) int8 and row scales (N,): a saved quantized model's layer,
+        rebuilt with exactly its numbers (``__init__`` would quantize a float weight again). The codes
+        are copied: a tensor read from a file may sit at an offset torch's int8pack kernel cannot
+        take (it crashed on one)."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._store(q.to(torch.int8, copy=True), scale.clone(), bias, policy)
+        return layer
+
+    def _store(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, policy: KernelPolicy) -> None:
+        self.register_buffer("weight", q)
+        self.register_buffer("scale", scale)
         # the kernel's scale, kept as a buffer: inductor's lowering of _weight_int8pack_mm needs a
         # stored tensor there, not one computed in the graph
         self.register_buffer("scale_bf16", scale.to(torch.bfloat16))
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-        self.in_features, self.out_features = w.shape[1], w.shape[0]
+        self.in_features, self.out_features = q.shape[1], q.shape[0]
         # every kernel choice is decided here, from the policy: never build the kernels inside a trace
-        self.kernel = policy.uses_quant_kernels(self.in_features, weight.device)
+        self.kernel = policy.uses_quant_kernels(self.in_features, q.device)
         if self.kernel:
             self.register_buffer("scale_f32", scale.float())
         # a few rows (decoding) stream the int8 weights through evolm's skinny kernel, exact
         # weight-only arithmetic
-        self.skinny = policy.uses_skinny(weight.device.type)
+        self.skinny = policy.uses_skinny(q.device.type)
         self.row_kernel = policy.int8_row_kernel()
         self.dequant_rows, self.dequant_low_precision = policy.int8_dequant_rows, policy.int8_dequant_low_precision
 
@@ -102,6 +121,13 @@ class Int8Linear(nn.Module):
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*shape[:-1], self.out_features)
+
+    def dequantize(self) -> torch.Tensor:
+        """The float weight (N, K) this layer multiplies by (for the fused loss, tests, error reports)."""
+        return self.weight.float() * self.scale.float()[:, None]
+
+    def _apply(self, fn, recurse=True):
+        return keep_dtypes(self, super()._apply, fn, recurse)
 
     def _dequantizes(self, rows: int, dtype: torch.dtype) -> bool:
         """Whether many rows (a prompt) skip int8pack for the dequantized weights' matmul: with the

@@ -49,3 +49,17 @@ def untied_head(model: nn.Module, make: Callable[[nn.Parameter], "nn.Module | No
 def skipped(name: str, skip: tuple[str, ...]) -> bool:
     """Whether a layer's full name contains one of ``skip`` (the int8 / int4 ``skip`` argument)."""
     return any(s in name for s in skip)
+
+
+def keep_dtypes(module: nn.Module, apply, fn, recurse: bool = True) -> nn.Module:
+    """``module._apply(fn)`` (``apply``: the parent class's) except that the buffers named in
+    ``module.fixed_dtype`` keep their dtype: ``model.to(torch.float32)`` must not turn a kernel's
+    float16 scales into float32 ones, but ``model.to(device)`` must still move them. The original
+    tensor is moved, so no value is rounded through the other dtype on the way."""
+    kept = {n: getattr(module, n) for n in module.fixed_dtype if getattr(module, n, None) is not None}
+    apply(fn, recurse)
+    for name, before in kept.items():
+        after = getattr(module, name)
+        if after.dtype != before.dtype:
+            setattr(module, name, before.to(after.device))
+    return module
