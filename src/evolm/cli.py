@@ -463,7 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
             ("merge", "lora", "MergeConfig", "fold a LoRA adapter (PEFT folder) into its base model"),
             ("sft", "sft", "SFTConfig", "supervised fine-tuning on chat data (full, LoRA or QLoRA)"),
             ("dpo", "dpo", "DPOConfig", "preference optimisation (DPO / cDPO / IPO / SimPO) on preference pairs"),
-            ("grpo", "grpo", "GRPOConfig", "GRPO: reinforcement learning from verifiable rewards on sampled groups")):
+            ("grpo", "grpo", "GRPOConfig", "GRPO: reinforcement learning from verifiable rewards on sampled groups"),
+            ("distill", "distill", "DistillConfig", "distil a teacher's next-token distributions into a student "
+                                                    "(forward / reverse KL, generalized JSD, on-policy GKD)")):
         mod = importlib.import_module(f"evolm.post.{module}")
         config_class, run = getattr(mod, config_name), getattr(mod, f"run_{name}")
         sp = sub.add_parser(name, help=help_text)
