@@ -21,6 +21,10 @@ times every engine N times, interleaved, and prints the median and the spread (t
 shared). ``--quality`` prints, for each quantized variant, its logit error against the float model
 on a real text and how many of 64 greedy tokens it shares with it on real prompts.
 
+``--defaults`` runs ``benchmarks/startup.py`` instead: each engine as its own process, as a user
+starts it (`evolm generate` with no flags, forced paths, transformers, llama.cpp), timing the first
+token from process start and the decode rate after it.
+
 ``--device cuda`` runs every engine on the GPU (llama.cpp stays on the CPU build, so it is left
 out) and adds the memory bandwidth that decoding reaches: the bytes one step must read (every
 weight it multiplies, the KV cache at the average length) times steps per second, against the
@@ -189,6 +193,11 @@ QUALITY_PROMPTS = ["The capital of France is", "def quicksort(arr):", "Once upon
 
 
 def main() -> None:
+    if "--defaults" in sys.argv:  # what a user gets without flags: one process per run (benchmarks/startup.py)
+        import startup
+
+        sys.argv.remove("--defaults")
+        return startup.main()
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--dtypes", default="float32,bfloat16")

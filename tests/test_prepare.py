@@ -57,3 +57,42 @@ def test_prepare_is_fuse_then_quantize():
     got = prepare(model, InferenceOptions(fuse=True, quantize="int4"))
     assert not got.training
     assert torch.equal(got(ids), want(ids))
+
+
+# --- fast by default: choose_path -------------------------------------------------------------
+def _choices(options):
+    return (options.keep_blocks, options.fuse, options.compile)
+
+
+def test_the_default_path_for_a_gguf_file_on_cpu_keeps_blocks_and_fuses(tmp_path):
+    from evolm.infer.prepare import choose_path
+
+    f = tmp_path / "m.gguf"
+    f.write_bytes(b"GGUF" + bytes(20))  # the choice reads only the magic
+    options, why = choose_path(f, InferenceOptions(device="cpu"))
+    assert _choices(options) == (True, True, False) and options.chosen and options.device == "cpu"
+    assert why[0] == "device: cpu (asked)" and why[1].startswith("keep_blocks: on (GGUF on the CPU")
+    # what the caller sets is kept and said so; --quantize rules blocks out; --no-fast turns all off
+    options, why = choose_path(f, InferenceOptions(device="cpu", fuse=False, compile=True))
+    assert _choices(options) == (True, False, True) and "fuse: off (set by the caller)" in why
+    assert choose_path(f, InferenceOptions(quantize="int8"))[0].keep_blocks is False
+    options, why = choose_path(f, InferenceOptions(fast=False))
+    assert _choices(options) == (False, False, False) and all("--no-fast" in w for w in why[1:])
+
+
+def test_the_default_path_for_a_dense_folder_fuses_without_blocks(tmp_path):
+    from evolm.infer.prepare import choose_path, load_for_inference
+    from evolm.loading import save
+    from evolm.tokenizer import train_bpe
+
+    torch.manual_seed(0)
+    model = build("tiny-llama").eval()
+    save(model, tmp_path / "m", tokenizer=train_bpe(["hello world"] * 20, vocab_size=300))
+    options, why = choose_path(tmp_path / "m")
+    assert _choices(options) == (False, True, False) and "not a GGUF file" in why[1]
+    fast, _ = load_for_inference(tmp_path / "m")  # the default, through the one preparation
+    plain, _ = load_for_inference(tmp_path / "m", InferenceOptions(fast=False))
+    assert getattr(fast.layers[0].self_attn, "qkv_proj", None) is not None
+    assert getattr(plain.layers[0].self_attn, "qkv_proj", None) is None
+    ids = torch.randint(0, 300, (2, 9))
+    torch.testing.assert_close(fast(ids), plain(ids), rtol=1e-5, atol=1e-5)

@@ -98,6 +98,15 @@ def _hf_model(path):
     return model
 
 
+def _default_path(path):
+    """What `evolm generate/serve/eval` run without flags (kept blocks, fused projections on the CPU)."""
+    from evolm.infer.prepare import load_for_inference
+
+    model, _ = load_for_inference(path)
+    assert model.layers[0].self_attn.qkv_proj is not None and "Block" in type(model.layers[0].mlp.down_proj).__name__
+    return model
+
+
 def _compare_models(ours, ref, tok: Tokenizer, text: str, prompts: list[str], stop_ids: list[int]) -> None:
     from evolm.infer import SamplingParams, generate
 
@@ -174,6 +183,7 @@ def test_smollm2_logits_and_greedy_match_transformers():
             "combined movable metal type with an oil-based ink.\ndef add(a, b):\n    return a + b\n")
     chat = tok.apply_chat_template([{"role": "user", "content": "Name three primary colors."}])
     _compare_models(ours, ref, tok, text, [chat, "Once upon a time,", "def fibonacci(n):"], stop_ids=[tok.eos_id])
+    _compare_models(_default_path(path), ref, tok, text, [chat, "Once upon a time,"], stop_ids=[tok.eos_id])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -207,3 +217,4 @@ def test_gemma3_logits_and_greedy_match_transformers():
             "the chloroplasts, using water and carbon dioxide.\nfor i in range(10):\n    print(i)\n")
     _compare_models(ours, ref, tok, text,
                     ["The capital of France is", "Once upon a time,", "def fibonacci(n):"], stop_ids=[tok.eos_id])
+    _compare_models(_default_path(path), ref, tok, text, ["The capital of France is"], stop_ids=[tok.eos_id])

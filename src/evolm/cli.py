@@ -142,23 +142,31 @@ def _add_inference_args(p: argparse.ArgumentParser, decode_loop: bool = True) ->
     p.add_argument("--device", default="auto", help="auto (a CUDA GPU when present, else cpu), cpu, cuda, cuda:N")
     p.add_argument("--quantize", choices=["int8", "int4"], default=None,
                    help="weight-only quantized linears for faster CPU decoding (int4: group 32, int8 head)")
-    p.add_argument("--keep-blocks", action="store_true", help=KEEP_BLOCKS_HELP)
-    p.add_argument("--fuse", action="store_true", help="one qkv and one gate_up matmul per layer")
+    on_off = argparse.BooleanOptionalAction
+    p.add_argument("--keep-blocks", action=on_off, default=None, help=KEEP_BLOCKS_HELP + " (default: on for GGUF on CPU)")
+    p.add_argument("--fuse", action=on_off, default=None, help="one qkv and one gate_up matmul per layer (default: on)")
     if decode_loop:
-        p.add_argument("--compile", action="store_true",
+        p.add_argument("--compile", action=on_off, default=None,
                        help="prefill and decode through torch.compile-d graphs over a static KV cache "
-                            "(first call compiles)")
+                            "(first call compiles; default: on for CUDA, off on CPU)")
+    p.add_argument("--no-fast", dest="fast", action="store_false",
+                   help="the plain eager model: no kept blocks, no fusing, no compiling")
+    p.add_argument("--explain", action="store_true", help="print which inference path is used and why (stderr)")
 
 
 def _inference_options(args):
-    """The ``_add_inference_args`` flags as the library's typed options."""
-    from evolm.infer.prepare import InferenceOptions
-
+    """The ``_add_inference_args`` flags as the library's typed options, every path choice made
+    (``--explain`` prints them)."""
+    from evolm.infer.prepare import InferenceOptions, choose_path
     from evolm.quant import KernelPolicy
 
-    return InferenceOptions(device=args.device, dtype=args.dtype, keep_blocks=args.keep_blocks, fuse=args.fuse,
-                            quantize=args.quantize, compile=getattr(args, "compile", False),
-                            policy=KernelPolicy.from_env())  # the EVOLM_* kernel switches, read once
+    options = InferenceOptions(device=args.device, dtype=args.dtype, keep_blocks=args.keep_blocks, fuse=args.fuse,
+                               quantize=args.quantize, compile=getattr(args, "compile", False), fast=args.fast,
+                               policy=KernelPolicy.from_env())  # the EVOLM_* kernel switches, read once
+    options, why = choose_path(args.model, options)
+    if args.explain:
+        print("inference path:\n  " + "\n  ".join(why), file=sys.stderr)
+    return options
 
 
 def _load_for_generation(args):
@@ -178,7 +186,7 @@ def _sampling(args, **extra):
 
     return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                           top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                          seed=args.seed, stop=tuple(args.stop or ()), **extra)
+                          seed=args.seed, stop=tuple(args.stop or ()), ignore_eos=args.ignore_eos, **extra)
 
 
 def cmd_generate(args) -> None:
@@ -232,11 +240,9 @@ def cmd_chat(args) -> None:
 
 
 def cmd_serve(args) -> None:
-    from evolm.loading import resolve_device
     from evolm.serve import run_server
 
-    options = _inference_options(args)
-    resolve_device(options.device, options.cpu_only)  # a device that is not there: an error before loading
+    options = _inference_options(args)  # a device that is not there: an error before loading
     run_server(args.model, inference=options, host=args.host, port=args.port, api_key=args.api_key,
                max_batch=args.max_batch, max_model_len=args.max_model_len,
                served_model_name=args.served_model_name, min_decode_rows=args.min_decode_rows,
@@ -315,6 +321,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true", help="generate all --max-new-tokens (benchmarks)")
     p.add_argument("--system", default=None, help="system prompt (chat template)")
     p.add_argument("--threads", type=int, default=None)
     _add_inference_args(p)

@@ -31,7 +31,8 @@ def model_id(model_path: str | os.PathLike) -> str:
 
 
 def _default_inference():
-    """What serving uses without options: float32 weights on the CPU, as ``evolm serve`` did first."""
+    """What serving uses without options: float32 on the CPU, the fast path chosen for the model
+    (:func:`evolm.infer.prepare.choose_path`: a GGUF file's blocks kept, projections fused)."""
     from evolm.infer.prepare import InferenceOptions
 
     return InferenceOptions(device="cpu", dtype="float32")
@@ -43,7 +44,7 @@ def build_app(model_path: str | os.PathLike, inference: InferenceOptions | None 
     """Load the model and return ``(app, engine)``; the app starts the engine when it starts.
     ``inference``: an :class:`evolm.infer.prepare.InferenceOptions` (device, dtype, fused
     projections, int8/int4 linears, a GGUF file's quantized blocks kept), the same preparation
-    ``evolm generate`` makes; default: float32 on the CPU. ``max_body_bytes``: larger request
+    ``evolm generate`` makes; default: float32 on the CPU, fast path chosen for the model. ``max_body_bytes``: larger request
     bodies get a 413 (default ``evolm.serve.app.MAX_BODY_BYTES``, 8 MiB)."""
     try:
         from evolm.infer.prepare import load_for_inference

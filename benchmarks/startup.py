@@ -1,0 +1,139 @@
+"""What a user gets: `evolm generate` with no flags, from the shell, next to forced paths and peers.
+
+Every engine runs as its own process, as a user would start it, on the same GGUF file and prompt,
+greedy, generating exactly ``--new`` tokens (end-of-sequence ignored). For each run it records:
+
+- **first token**: seconds from starting the process to the first generated text on stdout
+  (interpreter start, imports, loading the file, preparing the model, prefill, one step);
+- **decode**: tokens per second after the first one, ``(new - 1) / (end - first token)``.
+
+Engines: ``evolm`` (the defaults), ``evolm --no-fast`` (the plain eager model),
+``evolm --compile`` (compiled decoding, paid at every start), ``transformers`` (the same file
+dequantized, same dtype) and ``llama.cpp`` (llama-cpp-python on the file itself, when installed:
+``make bench-deps``). Runs are interleaved (engine order rotates every round) and repeated; the
+table gives the median and half the spread. The page cache is warmed once before timing.
+
+    python benchmarks/startup.py [--model smollm2|gemma3|PATH.gguf] [--new 64] [--repeat 3]
+                                 [--threads 2] [--engines evolm,evolm-no-fast,evolm-compile,transformers,llama.cpp]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+
+from stats import median_spread  # noqa: E402  (benchmarks/stats.py)
+
+PROMPT = "The history of the printing press begins in the 15th century, when"
+ROOT = Path(__file__).resolve().parent.parent
+
+HF_SCRIPT = r'''
+import sys, torch, transformers
+path, prompt, new, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+torch.set_num_threads(threads)
+p = __import__("pathlib").Path(path)
+tok = transformers.AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+model = transformers.AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32).eval()
+class Out(transformers.TextStreamer):
+    def on_finalized_text(self, text, stream_end=False):
+        sys.stdout.write(text or " "); sys.stdout.flush()
+ids = tok(prompt, return_tensors="pt").input_ids
+with torch.inference_mode():
+    model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, streamer=Out(tok, skip_prompt=True))
+'''
+
+LLAMACPP_SCRIPT = r'''
+import sys, llama_cpp
+path, prompt, new, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+llm = llama_cpp.Llama(model_path=path, n_ctx=512, n_threads=threads, n_batch=512, verbose=False)
+bias = {llm.token_eos(): -1e9}
+for part in llm.create_completion(prompt, max_tokens=new, temperature=0.0, stream=True, logit_bias=bias):
+    sys.stdout.write(part["choices"][0]["text"] or " "); sys.stdout.flush()
+'''
+
+
+def commands(path: str, new: int, threads: int) -> dict[str, list[str]]:
+    py, evolm = sys.executable, [sys.executable, "-m", "evolm.cli", "generate"]
+    common = ["--model", path, "--prompt", PROMPT, "--max-new-tokens", str(new), "--ignore-eos",
+              "--threads", str(threads)]
+    return {
+        "evolm": evolm + common,
+        "evolm-no-fast": evolm + common + ["--no-fast"],
+        "evolm-compile": evolm + common + ["--compile"],
+        "transformers": [py, "-c", HF_SCRIPT, path, PROMPT, str(new), str(threads)],
+        "llama.cpp": [py, "-c", LLAMACPP_SCRIPT, path, PROMPT, str(new), str(threads)],
+    }
+
+
+def run_once(cmd: list[str], new: int, threads: int) -> tuple[float, float]:
+    """(seconds to the first generated text, decode tokens/s after it) for one process."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": str(threads),
+           "TOKENIZERS_PARALLELISM": "false"}
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    first = proc.stdout.read(1)
+    t_first = time.perf_counter() - t0
+    rest = proc.stdout.read()
+    t_end = time.perf_counter() - t0
+    err = proc.stderr.read().decode(errors="replace")
+    if proc.wait() != 0 or not first:
+        raise RuntimeError(f"{cmd[:4]} failed:\n{err[-2000:]}")
+    del rest
+    return t_first, (new - 1) / max(t_end - t_first, 1e-9)
+
+
+def available(name: str) -> str | None:
+    """Why an engine cannot run here, or None."""
+    import importlib.util
+
+    module = {"transformers": "transformers", "llama.cpp": "llama_cpp"}.get(name)
+    if module and importlib.util.find_spec(module) is None:
+        return f"{module} not installed" + (" (make bench-deps)" if module == "llama_cpp" else "")
+    return None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2", help="smollm2, gemma3 or a .gguf path")
+    ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--engines", default="evolm,evolm-no-fast,evolm-compile,transformers,llama.cpp")
+    args = ap.parse_args()
+    from evolm.interop.gguf import find_asset
+
+    path = str(find_asset(args.model)) if not args.model.endswith(".gguf") else args.model
+    Path(path).read_bytes()  # into the page cache: the file's first read is not what is measured
+    cmds = commands(path, args.new, args.threads)
+    names = []
+    for name in args.engines.split(","):
+        why = available(name)
+        if why:
+            print(f"skipping {name}: {why}")
+        else:
+            names.append(name)
+    results: dict[str, list[tuple[float, float]]] = {n: [] for n in names}
+    for r in range(args.repeat):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            results[name].append(run_once(cmds[name], args.new, args.threads))
+            print(f"  round {r + 1} {name}: first token {results[name][-1][0]:.2f} s, "
+                  f"decode {results[name][-1][1]:.1f} tok/s", flush=True)
+    print(f"\n{Path(path).name}, {args.new} new tokens, {args.threads} threads, {args.repeat} interleaved runs")
+    print(f"| engine | first token (s) | decode tok/s | decode vs transformers |\n|---|---|---|---|")
+    ref = median_spread([d for _, d in results["transformers"]])[0] if "transformers" in results else None
+    for name in names:
+        f_med, f_sp = median_spread([f for f, _ in results[name]])
+        d_med, d_sp = median_spread([d for _, d in results[name]])
+        ratio = f"{d_med / ref:.2f}x" if ref else ""
+        print(f"| {name} | {f_med:.2f} ±{100 * f_sp:.0f}% | {d_med:.1f} ±{100 * d_sp:.0f}% | {ratio} |")
+
+
+if __name__ == "__main__":
+    main()
