@@ -152,3 +152,10 @@ def test_a_bad_method_or_an_already_quantized_model_is_refused(tiny):
     quantize_model(model, QuantizeConfig("int8"))
     with pytest.raises(ValueError, match="already quantized"):
         quantize_model(model, QuantizeConfig("int4"))
+
+
+def test_a_quantized_model_is_not_written_as_a_float_hf_folder(tmp_path):
+    model = build(get_preset("tiny-llama")).eval()
+    quantize_model(model, QuantizeConfig("int4"))
+    with pytest.raises(ValueError, match="weight-only quantized \\(int4\\)"):
+        save(model, tmp_path / "hf", fmt="hf")

@@ -182,6 +182,9 @@ def save(model, path: str | os.PathLike, tokenizer=None, fmt: str = "evolm", ggu
     llama.cpp runs, weights in ``gguf_type`` (``evolm.interop.gguf_export``). All are written
     atomically: an existing folder or file at ``path`` is replaced only once the new one is complete.
     """
+    if fmt == "hf" and getattr(model, "quantization", None):
+        raise ValueError(f"{path}: this model is weight-only quantized ({model.quantization.get('method')}); a Hugging "
+                         f"Face folder holds float weights: convert the float model, or keep --to evolm")
     if fmt == "hf":
         return _hf.save_hf_folder(model, path, tokenizer=tokenizer)
     if fmt == "gguf":
