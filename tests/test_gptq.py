@@ -102,3 +102,24 @@ def test_calibration_too_small_for_the_widest_layer_names_the_numbers():
     with pytest.raises(CalibrationError, match=r"100 tokens.*down_proj has 256 inputs"):
         check_calibration(model, 100)
     check_calibration(model, 256)
+
+
+def test_layers_sharing_a_hessian_are_quantized_as_if_alone():
+    """q/k/v (and gate/up) see the same input and are quantized as one stacked matrix: the codes of
+    each equal those of quantizing it on its own."""
+    from evolm import build
+    from evolm.quant.gptq import _block_hessians, _quantize_block
+
+    torch.manual_seed(0)
+    model = build("tiny-llama").eval()
+    block = model.layers[0]
+    xs = [torch.randn(1, 64, model.config.d_model) for _ in range(8)]
+    rope = model.rope_tables(torch.arange(64)[None], torch.float32)[0]
+    with torch.no_grad():
+        hessians = _block_hessians(block, xs, ((rope, None, True, None), {}))
+    assert hessians["self_attn.q_proj"] is hessians["self_attn.v_proj"]
+    assert hessians["self_attn.o_proj"] is not hessians["mlp.gate_proj"]
+    codes = _quantize_block(block, hessians, GPTQConfig())
+    for name in ("self_attn.k_proj", "mlp.up_proj"):
+        alone = gptq_quantize(block.get_submodule(name).weight, hessians[name].value(), GPTQConfig())
+        assert all(torch.equal(a, b) for a, b in zip(codes[name], alone))

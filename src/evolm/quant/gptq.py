@@ -194,6 +194,25 @@ def _block_hessians(block: nn.Module, xs: list[torch.Tensor], args: tuple) -> di
     return sums
 
 
+def _quantize_block(block: nn.Module, hessians: dict[str, HessianSum], config: GPTQConfig) -> dict[str, tuple]:
+    """GPTQ codes of each linear of ``block`` the int4 kernel takes, by name. Layers that share a
+    Hessian (q/k/v, gate/up) are quantized as one matrix, their rows stacked: GPTQ treats rows
+    independently given H and the column order, so the result is the same, in fewer, larger steps."""
+    shared: dict[int, list[str]] = {}
+    for name, acc in hessians.items():
+        linear = block.get_submodule(name)
+        if int4_supported(*linear.weight.shape, config.group_size):
+            shared.setdefault(id(acc), []).append(name)
+    out = {}
+    for names in shared.values():
+        weights = [block.get_submodule(n).weight for n in names]
+        q, scale, lo = gptq_quantize(torch.cat(weights), hessians[names[0]].value(), config)
+        rows = [w.shape[0] for w in weights]
+        for n, *parts in zip(names, q.split(rows), scale.split(rows), lo.split(rows)):
+            out[n] = tuple(parts)
+    return out
+
+
 def check_calibration(model: nn.Module, tokens: int) -> None:
     """A Hessian from fewer tokens than the layer has inputs is singular: GPTQ would only be fitting
     the damping. Refuse such a calibration set, naming the numbers."""
@@ -218,16 +237,9 @@ def gptq_model(model: nn.Module, calibration: torch.Tensor, config: GPTQConfig =
     xs, args = _block_inputs(model, calibration)
     for i, block in enumerate(model.layers):
         start = time.perf_counter()
-        hessians = _block_hessians(block, xs, args[i])
-
-        def make(name, linear):
-            N, K = linear.weight.shape
-            if name not in hessians or not int4_supported(N, K, config.group_size):
-                return None
-            q, scale, lo = gptq_quantize(linear.weight, hessians[name].value(), config)
-            return Int4Linear.from_codes(q, scale, lo, linear.bias, policy)
-
-        replace_linears(block, make)
+        codes = _quantize_block(block, _block_hessians(block, xs, args[i]), config)
+        replace_linears(block, lambda name, linear: None if name not in codes else
+                        Int4Linear.from_codes(*codes[name], linear.bias, policy))
         xs = [block(x, *args[i][0], **args[i][1]) for x in xs]
         if log:
             log(f"gptq: block {i + 1}/{len(model.layers)} in {time.perf_counter() - start:.1f} s")
