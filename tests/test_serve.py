@@ -484,12 +484,12 @@ def test_engine_matches_generate_for_every_attention_kind(preset, one_thread):
 
 
 def test_build_app_keeps_blocks():
-    """`evolm serve --keep-blocks`: the engine's model keeps the GGUF file's blocks, on the CPU
-    even with --device auto."""
+    """`evolm serve` with no flags: the engine's model keeps the GGUF file's blocks, on the CPU
+    even with --device auto, with q/k/v and gate/up fused (4 block matmuls a layer, not 7)."""
     from evolm.infer.prepare import InferenceOptions
     from evolm.quant.blocks import BlockLinear
     from evolm.serve import build_app
 
-    _, engine = build_app(smollm2_path(), InferenceOptions(keep_blocks=True, device="auto", dtype="float32"))
+    _, engine = build_app(smollm2_path(), InferenceOptions(device="auto", dtype="float32"))
     assert engine.device.type == "cpu"
-    assert sum(isinstance(m, BlockLinear) for m in engine.model.modules()) == 30 * 7 + 1
+    assert sum(isinstance(m, BlockLinear) for m in engine.model.modules()) == 30 * 4 + 1
