@@ -1,7 +1,7 @@
 """`evolm quantize` report: perplexity, accuracy, size and decode speed, float vs each method.
 
-    python benchmarks/quantize.py --model smollm2 --variants fp32,int8,int4,nf4,gptq
-        [--calib-samples 32] [--ppl-tokens 8192] [--tasks lambada,arc_easy --limit 100] [--json OUT]
+    python benchmarks/quantize.py --model smollm2 --variants fp32,int8,int4,nf4,gptq,int4-g128,gptq-g128
+        [--calib-samples 8] [--threads 1] [--ppl-tokens 4096] [--tasks lambada,arc_easy --limit 100] [--json OUT]
 
 For each variant the model is written with the CLI (``evolm convert --to evolm`` for fp32, the
 GGUF dequantized; ``evolm quantize --method M`` for the others, into ``runs/quant/MODEL-VARIANT``,
@@ -47,9 +47,10 @@ def build_variant(model: str, variant: str, calib_samples: int) -> tuple[Path, f
     cmd = [sys.executable, "-m", "evolm.cli"]
     if variant == "fp32":
         cmd += ["convert", "--model", source(model), "--to", "evolm", "--dtype", "float32", "--out", str(out)]
-    else:
-        cmd += ["quantize", "--model", source(model), "--out", str(out), "--method", variant,
-                "--calib-samples", str(calib_samples)]
+    else:  # METHOD or METHOD-gGROUP (e.g. int4-g128)
+        method, _, group = variant.partition("-g")
+        cmd += ["quantize", "--model", source(model), "--out", str(out), "--method", method,
+                "--calib-samples", str(calib_samples), "--group-size", group or "32"]
     start = time.perf_counter()
     subprocess.run(cmd, check=True)
     return out, time.perf_counter() - start
@@ -110,13 +111,14 @@ def measure(folder: Path, args) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2", help="smollm2, gemma3 or a model path")
-    ap.add_argument("--variants", default="fp32,int8,int4,nf4,gptq")
-    ap.add_argument("--calib-samples", type=int, default=32)
-    ap.add_argument("--ppl-tokens", type=int, default=8192)
+    ap.add_argument("--variants", default="fp32,int8,int4,nf4,gptq,int4-g128,gptq-g128")
+    ap.add_argument("--calib-samples", type=int, default=8)
+    ap.add_argument("--ppl-tokens", type=int, default=4096)
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--tasks", default="", help="e.g. lambada,arc_easy")
     ap.add_argument("--limit", type=int, default=100)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="1 on a shared machine: two OpenMP threads on "
+                    "oversubscribed cores spin-wait (GPTQ measured ~15x slower per block)")
     ap.add_argument("--json", default=None, help="append one JSON line per variant")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

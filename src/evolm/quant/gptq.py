@@ -194,7 +194,8 @@ def _block_hessians(block: nn.Module, xs: list[torch.Tensor], args: tuple) -> di
     return sums
 
 
-def _quantize_block(block: nn.Module, hessians: dict[str, HessianSum], config: GPTQConfig) -> dict[str, tuple]:
+def _quantize_block(block: nn.Module, hessians: dict[str, HessianSum], config: GPTQConfig,
+                    stored: torch.dtype = torch.float16) -> dict[str, tuple]:
     """GPTQ codes of each linear of ``block`` the int4 kernel takes, by name. Layers that share a
     Hessian (q/k/v, gate/up) are quantized as one matrix, their rows stacked: GPTQ treats rows
     independently given H and the column order, so the result is the same, in fewer, larger steps."""
@@ -206,7 +207,7 @@ def _quantize_block(block: nn.Module, hessians: dict[str, HessianSum], config: G
     out = {}
     for names in shared.values():
         weights = [block.get_submodule(n).weight for n in names]
-        q, scale, lo = gptq_quantize(torch.cat(weights), hessians[names[0]].value(), config)
+        q, scale, lo = gptq_quantize(torch.cat(weights), hessians[names[0]].value(), config, stored)
         rows = [w.shape[0] for w in weights]
         for n, *parts in zip(names, q.split(rows), scale.split(rows), lo.split(rows)):
             out[n] = tuple(parts)
@@ -235,9 +236,12 @@ def gptq_model(model: nn.Module, calibration: torch.Tensor, config: GPTQConfig =
     was_training = model.training
     model.eval()
     xs, args = _block_inputs(model, calibration)
+    # the grid in the dtype the layer will keep it in: evolm's q4 kernel float16, torch's int4pack bfloat16
+    q4 = config.group_size == 32 and policy.uses_quant_kernels(config.group_size, torch.device("cpu"))
+    stored = torch.float16 if q4 else torch.bfloat16
     for i, block in enumerate(model.layers):
         start = time.perf_counter()
-        codes = _quantize_block(block, _block_hessians(block, xs, args[i]), config)
+        codes = _quantize_block(block, _block_hessians(block, xs, args[i]), config, stored)
         replace_linears(block, lambda name, linear: None if name not in codes else
                         Int4Linear.from_codes(*codes[name], linear.bias, policy))
         xs = [block(x, *args[i][0], **args[i][1]) for x in xs]
