@@ -1,6 +1,6 @@
 """`evolm quantize` report: perplexity, accuracy, size and decode speed, float vs each method.
 
-    python benchmarks/quantize.py --model smollm2 --variants fp32,int8,int4,nf4,gptq,int4-g128,gptq-g128
+    python benchmarks/quantize.py --model smollm2 --variants fp32,int8,int4,nf4,gptq,int4-g64,gptq-g64
         [--calib-samples 8] [--threads 1] [--ppl-tokens 4096] [--tasks lambada,arc_easy --limit 100] [--json OUT]
 
 For each variant the model is written with the CLI (``evolm convert --to evolm`` for fp32, the
@@ -111,7 +111,7 @@ def measure(folder: Path, args) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2", help="smollm2, gemma3 or a model path")
-    ap.add_argument("--variants", default="fp32,int8,int4,nf4,gptq,int4-g128,gptq-g128")
+    ap.add_argument("--variants", default="fp32,int8,int4,nf4,gptq,int4-g64,gptq-g64")
     ap.add_argument("--calib-samples", type=int, default=8)
     ap.add_argument("--ppl-tokens", type=int, default=4096)
     ap.add_argument("--ctx", type=int, default=512)

@@ -97,6 +97,11 @@ def quantize_model(model: nn.Module, config: QuantizeConfig, tokenizer=None, pol
         gcfg = GPTQConfig(config.group_size, config.gptq.damp, config.gptq.block_size, config.gptq.act_order)
         gptq_model(model, calib, gcfg, policy, log)
         quantize_int4(model, group_size=config.group_size, head="int8", policy=policy)  # the head, odd shapes
+    if m in ("int4", "gptq") and log:
+        odd = [n for n, x in model.named_modules() if isinstance(x, Int8Linear) and n != "lm_head"]
+        if odd:
+            log(f"quantize: {len(odd)} layers (e.g. {odd[0]}) have a shape the int4 kernel does not take (inputs "
+                f"a multiple of --group-size {config.group_size}, outputs of 16): stored as int8")
     model.quantization = config.record()
     return model
 
