@@ -26,7 +26,7 @@ from tokenizers import AddedToken, decoders, models, normalizers, trainers  # no
 from tokenizers import Tokenizer as Backend  # noqa: E402
 
 from evolm.interop.gguf import GGUFFile, find_asset, load_gguf  # noqa: E402
-from evolm.interop.gguf_export import ExportError, export_gguf, gguf_plan, write_gguf  # noqa: E402
+from evolm.interop.gguf_export import ExportError, export_gguf, gguf_plan, tensor_type, write_gguf  # noqa: E402
 from evolm.model import Transformer  # noqa: E402
 from evolm.presets import get_preset  # noqa: E402
 from evolm.tokenizer import Tokenizer, train_bpe  # noqa: E402
@@ -42,15 +42,13 @@ GEMMA_CHAT = ("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ m['role']
               "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
 
 
-@pytest.fixture(scope="module")
-def bpe() -> Tokenizer:
+def make_bpe() -> Tokenizer:
     """Byte-level BPE (what evolm trains, SmolLM2 and Qwen use): tokenizer.ggml.model = gpt2."""
     return train_bpe(iter(TEXT), vocab_size=320, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
                      chat_template=CHATML)
 
 
-@pytest.fixture(scope="module")
-def spm() -> Tokenizer:
+def make_spm() -> Tokenizer:
     """SentencePiece-style BPE with byte fallback (Gemma's kind): tokenizer.ggml.model = llama."""
     specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
     t = Backend(models.BPE())
@@ -67,6 +65,16 @@ def spm() -> Tokenizer:
     back.add_special_tokens([AddedToken(s, normalized=False, special=True) for s in specials])
     return Tokenizer(back, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>", pad_token="<pad>",
                      add_bos=True, chat_template=GEMMA_CHAT, name="spm")
+
+
+@pytest.fixture(scope="module")
+def bpe() -> Tokenizer:
+    return make_bpe()
+
+
+@pytest.fixture(scope="module")
+def spm() -> Tokenizer:
+    return make_spm()
 
 
 def _config(name: str):
@@ -150,14 +158,19 @@ def test_quantized_weights_are_the_gguf_quantizer_s(name, qtype, bpe, spm, tmp_p
     model, tok = random_model(name), tokenizer_for(name, bpe, spm)
     path = export_gguf(model, tmp_path / "q.gguf", tok, qtype)
     meta, tensors = gguf_plan(model, tok)
-    f, kind = GGUFFile(path), Q[qtype.upper()]
+    f, head = GGUFFile(path), "output.weight" if "output.weight" in tensors else "token_embd.weight"
+    kinds = {n: Q.F32 if t.ndim < 2 or n == "rope_freqs.weight" else Q.Q8_0 if n == head else Q[qtype.upper()]
+             for n, t in tensors.items()}  # the head stays 8-bit, as llama-quantize keeps it high
+    assert kinds == {n: tensor_type(n, tuple(t.shape), Q[qtype.upper()], head) for n, t in tensors.items()}
     for name_, t in tensors.items():  # the file: the reference quantizer's bytes, block for block
-        want = gguf.quants.quantize(t.numpy(), kind) if t.ndim == 2 and name_ != "rope_freqs.weight" else t.numpy()
-        assert f.tensors[name_].ggml_type == (kind if want.dtype == np.uint8 else Q.F32), name_
+        kind = kinds[name_]
+        want = t.numpy() if kind == Q.F32 else gguf.quants.quantize(t.numpy(), kind)
+        assert f.tensors[name_].ggml_type == kind, name_
         assert np.array_equal(np.asarray(f.raw(name_)).reshape(-1), want.view(np.uint8).reshape(-1)), name_
     # evolm's reading: the reference quantize -> dequantize, in our names and conventions
-    rebuilt = {n: torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(t.numpy(), kind), kind))
-               if t.ndim == 2 and n != "rope_freqs.weight" else t for n, t in tensors.items()}
+    rebuilt = {n: t if kinds[n] == Q.F32 else
+               torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(t.numpy(), kinds[n]), kinds[n]))
+               for n, t in tensors.items()}
     ref, _ = load_gguf(write_gguf(tmp_path / "ref.gguf", meta, rebuilt, "f32"))
     got, _ = load_gguf(path)
     want_sd = ref.state_dict()
@@ -222,10 +235,16 @@ def _real(name: str):
         pytest.skip(f"missing asset (optional): {e}")
 
 
-def test_real_smollm2_re_export_round_trips(tmp_path, one_thread):
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    """(source file, model, tokenizer, its f32 re-export): loaded and written once for the tests below."""
     src = _real("smollm2")
     model, tok = load_gguf(src)
-    path = export_gguf(model, tmp_path / "smol.gguf", tok, "f32")
+    return src, model, tok, export_gguf(model, tmp_path_factory.mktemp("smol") / "smol.gguf", tok, "f32")
+
+
+def test_real_smollm2_re_export_round_trips(smollm2, one_thread):
+    src, model, tok, path = smollm2
     back, tok2 = load_gguf(path)
     ids = torch.tensor([tok.encode("The capital of France is")])
     assert torch.equal(logits(back, ids), logits(model, ids))
@@ -325,10 +344,9 @@ def greedy_evolm(model, prompt_ids: list[int], n: int) -> list[int]:
     return generate(model, [prompt_ids], SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True))[0]
 
 
-def test_llama_cpp_greedy_text_equals_evolm_smollm2(tmp_path, one_thread):
+def test_llama_cpp_greedy_text_equals_evolm_smollm2(smollm2, one_thread):
     _llama_cpp()
-    model, tok = load_gguf(_real("smollm2"))
-    path = export_gguf(model, tmp_path / "smol.gguf", tok, "f32")
+    _, model, tok, path = smollm2
     prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
     ids = tok.encode(prompt, add_special_tokens=False)
     want = greedy_evolm(model, ids, 16)

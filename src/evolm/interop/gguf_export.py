@@ -11,9 +11,9 @@ applies to a Hugging Face checkpoint:
 * the vocabulary under ``tokenizer.ggml.*`` (``gguf_vocab_export.py``).
 
 The file is written by the ``gguf`` package's ``GGUFWriter``; quantized types come from its
-reference quantizers (``gguf.quants.quantize``: bit-identical to llama.cpp's). As in llama.cpp's
-converter, 1-D tensors (norms, biases) stay float32 and a 2-D tensor whose rows do not split
-into whole blocks falls back to float16.
+reference quantizers (``gguf.quants.quantize``: bit-identical to llama.cpp's). As llama.cpp does,
+1-D tensors (norms, biases) stay float32, a 2-D tensor whose rows do not split into whole blocks
+falls back to float16, and the 4/5-bit types keep the LM head at 8 bits (``tensor_type``).
 
 Before anything is written the metadata is read back by evolm's own GGUF reader: the model it
 describes must be the one being exported (every architectural field equal). The reader encodes
@@ -227,21 +227,38 @@ def gguf_tensors(model, arch: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def encode_tensor(t: torch.Tensor, name: str, qtype) -> tuple[np.ndarray, object]:
-    """``(array for GGUFWriter.add_tensor, ggml type)``: 1-D tensors and ``rope_freqs`` stay F32, a
-    2-D tensor whose rows do not split into whole ``qtype`` blocks falls back to F16."""
+def tensor_type(name: str, shape: tuple[int, ...], qtype, head: str):
+    """The ggml type tensor ``name`` is stored in when the file's type is ``qtype``.
+
+    1-D tensors (norms, biases) and ``rope_freqs`` stay F32. Below 8 bits the LM head (``head``:
+    ``output.weight``, or ``token_embd.weight`` when tied) is kept at Q8_0, as llama.cpp's
+    llama-quantize keeps it higher (Q6_K there, which the ``gguf`` package cannot write): every
+    logit goes through it. A tensor whose rows do not split into whole blocks falls back to F16.
+    """
+    import gguf
+
+    T = gguf.GGMLQuantizationType
+    if len(shape) < 2 or name == "rope_freqs.weight" or qtype == T.F32:
+        return T.F32
+    if name == head and gguf.GGML_QUANT_SIZES[qtype][0] > 1 and qtype != T.Q8_0:
+        qtype = T.Q8_0
+    if shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
+        return T.F16
+    return qtype
+
+
+def encode_tensor(t: torch.Tensor, kind) -> np.ndarray:
+    """``t`` as the array ``GGUFWriter.add_tensor`` takes for ggml type ``kind`` (quantized types
+    by the ``gguf`` package's reference quantizer, bit-identical to llama.cpp's)."""
     import gguf
 
     T = gguf.GGMLQuantizationType
     x = t.numpy().astype(np.float32, copy=False)
-    if x.ndim < 2 or name == "rope_freqs.weight" or qtype == T.F32:
-        return x, T.F32
-    block, _ = gguf.GGML_QUANT_SIZES[qtype]
-    if x.shape[-1] % block:
-        qtype = T.F16
-    if qtype == T.F16:
-        return x.astype(np.float16), T.F16
-    return gguf.quants.quantize(x, qtype), qtype
+    if kind == T.F32:
+        return x
+    if kind == T.F16:
+        return x.astype(np.float16)
+    return gguf.quants.quantize(x, kind)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -318,8 +335,10 @@ def write_gguf(path: str | os.PathLike, meta: dict, tensors: dict[str, torch.Ten
             _add(writer, k, v)
         writer.add_file_type(int(gguf.LlamaFileType[file_type]))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        head = "output.weight" if "output.weight" in tensors else "token_embd.weight"
         for name, t in tensors.items():
-            data, kind = encode_tensor(t, name, gguf.GGMLQuantizationType[ggml_type])
+            kind = tensor_type(name, tuple(t.shape), gguf.GGMLQuantizationType[ggml_type], head)
+            data = encode_tensor(t, kind)
             writer.add_tensor(name, data, raw_dtype=kind if data.dtype == np.uint8 else None)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -334,4 +353,4 @@ def write_gguf(path: str | os.PathLike, meta: dict, tensors: dict[str, torch.Ten
 
 
 __all__ = ["export_gguf", "gguf_plan", "write_gguf", "ExportError", "TYPES", "ARCHS", "gguf_architecture",
-           "gguf_tensors", "permute_rope_rows", "encode_tensor", "float_state_dict"]
+           "gguf_tensors", "permute_rope_rows", "tensor_type", "encode_tensor", "float_state_dict"]
