@@ -362,7 +362,7 @@ class DistillTask:
         differs, the configured divergence."""
         student = _raw(model)
         o = self.opts
-        other = not (o.beta == 0 and o.temperature == 1.0)
+        other = o.kd_weight > 0 and not (o.beta == 0 and o.temperature == 1.0)  # a divergence val_kl is not
         sums = {"kl": 0.0, "loss": 0.0, "distill": 0.0, "teacher": 0.0}
         n = 0
         for s in range(0, len(self.val), self.batch_size):
