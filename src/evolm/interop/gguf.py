@@ -42,7 +42,7 @@ from evolm.interop.empty import WeightsError, assign_weights, build_empty, check
 from evolm.interop.families import GGUF_FAMILIES
 from evolm.interop.gguf_blocks import blocks_from_raw
 from evolm.interop.gguf_vocab import tokenizer_from_gguf_metadata
-from evolm.quant.blocks import rebuilds
+from evolm.quant.blocks import Blocks, rebuilds
 from evolm.tokenizer import TokenizerError
 
 SUPPORTED_ARCHS = tuple(GGUF_FAMILIES)
@@ -460,18 +460,46 @@ def _our_name(name: str, norms: dict[str, str], path: str, arch: str) -> tuple[s
     return "param", prefix + _LAYER_NAMES[kind] + "." + suffix
 
 
-def _keep_blocks(f: GGUFFile, name: str, key: str, w32: torch.Tensor, rows, blocks: dict) -> None:
-    """Record the file's blocks for ``key`` if they rebuild its float32 weight exactly."""
+def _keep_blocks(f: GGUFFile, name: str, key: str, w32: torch.Tensor, rows, blocks: dict,
+                 b: Blocks | None = None) -> None:
+    """Record the file's blocks for ``key`` if they rebuild its float32 weight exactly (``b``: blocks
+    already read, whose kernel rebuild ``w32`` is, checked against the reference by
+    :func:`_read_blocks`)."""
     if w32.dim() != 2:
         return
-    b = blocks_from_raw(f.raw(name), f.tensors[name].ggml_type, f.tensors[name].shape)
     if b is None:
-        return
-    b = b.map_rows(rows) if rows else b
-    if rebuilds(b, w32):
-        blocks[key] = b
+        b = blocks_from_raw(f.raw(name), f.tensors[name].ggml_type, f.tensors[name].shape)
+        if b is None:
+            return
+        b = b.map_rows(rows) if rows else b
+        if not rebuilds(b, w32):
+            blocks.setdefault("__float__", {})[key] = f"its {b.source} blocks do not rebuild the float32 weight exactly"
+            return
     else:
-        blocks.setdefault("__float__", {})[key] = f"its {b.source} blocks do not rebuild the float32 weight exactly"
+        b = b.map_rows(rows) if rows else b
+    blocks[key] = b
+
+
+def _read_blocks(f: GGUFFile, name: str, sample_rows: int = 4) -> tuple[Blocks | None, torch.Tensor | None]:
+    """A kept-type 2-D tensor read once as blocks, and its float32 weight rebuilt by the block kernel
+    (C++, all cores) instead of the ``gguf`` package's numpy reference: the slowest part of loading a
+    GGUF file with ``blocks=True``. The kernel must agree with the reference bit for bit, so the first
+    and last ``sample_rows`` rows are checked against it here (all of them in tests/test_blocks.py);
+    any difference, or a type the kernel does not take, returns (None, None): the reference path."""
+    from evolm import kernels
+
+    t = f.tensors[name]
+    if len(t.shape) != 2 or not kernels.available():
+        return None, None
+    raw = f.raw(name)
+    b = blocks_from_raw(raw, t.ggml_type, t.shape)
+    if b is None:
+        return None, None
+    w32 = b.dequantize(kernel=True)
+    n = t.shape[0]
+    idx = sorted(set(range(min(sample_rows, n))) | set(range(max(0, n - sample_rows), n)))
+    ref = dequantize(raw[idx], t.ggml_type, (len(idx), t.shape[1]), name=f"{f.path}: tensor {name!r}")
+    return (b, w32) if torch.equal(ref, w32[idx]) else (None, None)
 
 
 def _stack_experts(experts: dict, path: str) -> dict[str, torch.Tensor]:
@@ -529,14 +557,15 @@ def state_dict_from_gguf(f: GGUFFile, config: ModelConfig, dtype: torch.dtype = 
 
 def _convert_tensor(f: GGUFFile, fam, name: str, dtype, norms, heads, sd, experts, split_kv, blocks) -> None:
     """One file tensor, dequantized and converted, into ``sd`` (or ``experts`` / ``split_kv``)."""
-    w = w32 = f.tensor(name)  # float32
     if name == "rope_freqs.weight":  # Llama 3.1-style per-frequency divisors, kept in float32
-        sd["__rope_freqs__"] = w
+        sd["__rope_freqs__"] = f.tensor(name)
         return
+    where, key = _our_name(name, norms, f.path, f.architecture)
+    b, w32 = _read_blocks(f, name) if blocks is not None and where == "param" else (None, None)
+    w = w32 = w32 if w32 is not None else f.tensor(name)  # float32
     if fam.unit_offset_norms and name.endswith("norm.weight"):
         w = w - 1.0  # stored as (1 + w); subtracted in float32, as transformers does
     w = w.to(dtype)  # one tensor at a time: peak memory stays near the final model's
-    where, key = _our_name(name, norms, f.path, f.architecture)
     if where == "expert":
         i, kind, e = key
         if e is None:
@@ -554,7 +583,7 @@ def _convert_tensor(f: GGUFFile, fam, name: str, dtype, norms, heads, sd, expert
         w, w32 = rows(w), rows(w32)
     sd[key] = w
     if blocks is not None:
-        _keep_blocks(f, name, key, w32, rows, blocks)
+        _keep_blocks(f, name, key, w32, rows, blocks, b)
 
 
 def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
