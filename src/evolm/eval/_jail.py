@@ -130,12 +130,12 @@ def _build_fs(root: str, work: str, owner: int, tmp_mb: int) -> None:
     host file to read or write and no host Unix socket to connect to."""
     _mount(None, "/", None, _REC | _PRIVATE)
     _mount("tmpfs", root, "tmpfs", _NOSUID | _NODEV, "size=1m,mode=755")
+    os.makedirs(root + "/tmp")  # first: an interpreter that lives under /tmp (a CI venv) is bound inside it
+    _mount("tmpfs", root + "/tmp", "tmpfs", _NOSUID | _NODEV, f"size={tmp_mb}m,mode=1777")
     for p in _system_paths():
         _bind(p, root)
     for dev in ("null", "zero", "random", "urandom"):
         _bind("/dev/" + dev, root, writable=True)
-    os.makedirs(root + "/tmp")
-    _mount("tmpfs", root + "/tmp", "tmpfs", _NOSUID | _NODEV, f"size={tmp_mb}m,mode=1777")
     os.makedirs(root + work, mode=0o700)
     os.chown(root + work, owner, owner)
     _mount(None, root, None, _REMOUNT | _RDONLY | _NOSUID | _NODEV)
