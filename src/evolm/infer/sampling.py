@@ -152,9 +152,9 @@ def sample(scores: torch.Tensor, params: SamplingParams, generator: torch.Genera
     """Pick one token per row from processed scores (B, V): argmax, or a draw from softmax."""
     if params.greedy:
         return scores.argmax(dim=-1)
-    if not bool(torch.isfinite(scores.amax(dim=-1)).all()) or bool(scores.isnan().any()):
-        scores = _finite(scores)
     probs = scores.softmax(dim=-1)
+    if bool(probs.isnan().any()):  # +inf or NaN scores: one check on the usual path
+        probs = _finite(scores).softmax(dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
 
 
