@@ -121,6 +121,8 @@ def save_checkpoint(model, path: str, trainer_state: dict[str, Any] | None = Non
     meta = {"format": FORMAT_MARK, "model": model.config.to_dict()}
     if quantized:
         meta["quantization"] = {**getattr(model, "quantization", {}), "layers": quantized}
+    if getattr(model, "pruning", None):  # how `evolm prune` made it (a record; the weights are ordinary)
+        meta["pruning"] = model.pruning
     with _atomic_dir(path) as tmp:
         save_file(state, os.path.join(tmp, WEIGHTS), metadata={"format": "pt"})
         with open(os.path.join(tmp, CONFIG), "w") as f:
@@ -152,7 +154,8 @@ def load_checkpoint(path: str, dtype: torch.dtype | None = None, device=None):
         raise FileNotFoundError(f"{path}: missing {WEIGHTS}")
     state = read_weights(weights)
     model = build_empty(config)
-    quantization = read_json(os.path.join(path, CONFIG), ConfigError).get("quantization")
+    meta = read_json(os.path.join(path, CONFIG), ConfigError)
+    quantization = meta.get("quantization")
     if quantization is not None:  # weight-only quantized layers, rebuilt from their codes
         from evolm.quant.saved import restore_quantized
 
@@ -160,6 +163,8 @@ def load_checkpoint(path: str, dtype: torch.dtype | None = None, device=None):
         model, state = restore_quantized(model, state, layers, weights)
         model.quantization = {k: v for k, v in quantization.items() if k != "layers"}
     model = assign_weights(model, state, source=weights)
+    if isinstance(meta.get("pruning"), dict):
+        model.pruning = meta["pruning"]
     if dtype is not None:
         model = model.to(dtype)
     return model.to(device) if device is not None else model

@@ -129,6 +129,20 @@ def cmd_quantize(args) -> None:
           f"{res['file_bytes'] / 1e6:.1f} MB, {res['seconds']} s")
 
 
+# --- prune -----------------------------------------------------------------------------------
+def cmd_prune(args) -> None:
+    if args.method == "minitron":  # structured: a smaller config, not zeros
+        from evolm.prune import structured
+
+        structured.run(args)
+        return
+    from evolm.prune.unstructured import prune_config_from_args, run_prune
+
+    res = run_prune(args.model, args.out, prune_config_from_args(args), log=lambda m: print(m, file=sys.stderr))
+    print(f"wrote {res['method']} {res['sparsity']} model to {res['out']}: {res['zero_fraction']:.1%} of the block "
+          f"linears' {res['weights']:,} weights are zero, {res['seconds']} s")
+
+
 # --- generate / chat / serve -----------------------------------------------------------------
 DTYPES = ("float32", "bfloat16", "float16")
 KEEP_BLOCKS_HELP = ("GGUF on CPU: keep the file's quantized blocks and compute with exactly the weights they encode "
@@ -409,6 +423,25 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--act-order", action="store_true", help="gptq: columns by decreasing Hessian diagonal")
     q.add_argument("--seed", type=int, default=0, help="gptq: calibration document order")
     q.set_defaults(func=cmd_quantize)
+
+    pr = sub.add_parser("prune", help="prune weights: magnitude, wanda, sparsegpt (unstructured or n:m); minitron "
+                        "(structured, a smaller model)")
+    pr.add_argument("--model", required=True, help="HF folder, GGUF file or evolm checkpoint (float weights)")
+    pr.add_argument("--out", required=True, help="the pruned evolm folder to write")
+    pr.add_argument("--method", required=True, choices=["magnitude", "wanda", "sparsegpt", "minitron"])
+    amount = pr.add_mutually_exclusive_group()
+    amount.add_argument("--sparsity", type=float, default=None,
+                        help="unstructured: share of each block linear's weights set to zero (default 0.5)")
+    amount.add_argument("--pattern", default=None, metavar="N:M",
+                        help="semi-structured: N weights kept in every M consecutive inputs of a row (2:4)")
+    pr.add_argument("--calib-data", action="append", default=[], metavar="PATH",
+                    help="wanda/sparsegpt: calibration text (file, JSONL or folder; default the built-in python_docs)")
+    pr.add_argument("--calib-samples", type=int, default=128, help="calibration windows")
+    pr.add_argument("--calib-len", type=int, default=512, help="tokens per calibration window")
+    pr.add_argument("--seed", type=int, default=0, help="calibration document order")
+    pr.add_argument("--damp", type=float, default=0.01, help="sparsegpt: Hessian dampening, fraction of its mean diagonal")
+    pr.add_argument("--blocksize", type=int, default=128, help="sparsegpt: columns per lazy batch (and per mask choice)")
+    pr.set_defaults(func=cmd_prune)
 
     g = sub.add_parser("generate", help="stream a continuation of a prompt")
     _add_sampling_args(g)

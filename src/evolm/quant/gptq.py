@@ -214,13 +214,13 @@ def _quantize_block(block: nn.Module, hessians: dict[str, HessianSum], config: G
     return out
 
 
-def check_calibration(model: nn.Module, tokens: int) -> None:
-    """A Hessian from fewer tokens than the layer has inputs is singular: GPTQ would only be fitting
-    the damping. Refuse such a calibration set, naming the numbers."""
+def check_calibration(model: nn.Module, tokens: int, method: str = "GPTQ") -> None:
+    """A Hessian from fewer tokens than the layer has inputs is singular: GPTQ (or SparseGPT, named
+    by ``method``) would only be fitting the damping. Refuse such a calibration set, naming the numbers."""
     widest = max(((m.in_features, n) for n, m in model.named_modules() if type(m) is nn.Linear
                   and n.startswith("layers.")), default=(0, ""))
     if tokens < widest[0]:
-        raise CalibrationError(f"calibration set too small for GPTQ: {tokens} tokens, but {widest[1]} has "
+        raise CalibrationError(f"calibration set too small for {method}: {tokens} tokens, but {widest[1]} has "
                                f"{widest[0]} inputs (its Hessian X X^T needs at least that many tokens to be "
                                f"invertible); raise --calib-samples or --calib-len")
 
