@@ -140,7 +140,8 @@ def cmd_prune(args) -> None:
 
     res = run_prune(args.model, args.out, prune_config_from_args(args), log=lambda m: print(m, file=sys.stderr))
     print(f"wrote {res['method']} {res['sparsity']} model to {res['out']}: {res['zero_fraction']:.1%} of the block "
-          f"linears' {res['weights']:,} weights are zero, {res['seconds']} s")
+          f"linears' {res['weights']:,} weights are zero; pruning {res['prune_seconds']} s, "
+          f"{res['seconds']} s in all")
 
 
 # --- generate / chat / serve -----------------------------------------------------------------
@@ -441,6 +442,15 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--seed", type=int, default=0, help="calibration document order")
     pr.add_argument("--damp", type=float, default=0.01, help="sparsegpt: Hessian dampening, fraction of its mean diagonal")
     pr.add_argument("--blocksize", type=int, default=128, help="sparsegpt: columns per lazy batch (and per mask choice)")
+    st = pr.add_argument_group("minitron (structured: a smaller config)")
+    st.add_argument("--ratio", type=float, default=None, help="minitron: fraction of the parameters removed, in (0, 1)")
+    st.add_argument("--cut", default=None, metavar="heads=K,kv=G,mlp=F,embed=D,layers=L",
+                    help="minitron: target sizes instead of --ratio (keys left out keep the model's)")
+    st.add_argument("--axes", default="mlp,embed", help="minitron --ratio: which of heads,mlp,embed,layers shrink")
+    st.add_argument("--layer-metric", choices=["bi", "loss"], default="bi",
+                    help="minitron: layer importance, 1 - cos(block in, out) or the loss increase without the block")
+    st.add_argument("--no-rescale-norms", dest="rescale_norms", action="store_false",
+                    help="minitron: keep RMSNorm weights as they are when hidden channels are cut")
     pr.set_defaults(func=cmd_prune)
 
     g = sub.add_parser("generate", help="stream a continuation of a prompt")
