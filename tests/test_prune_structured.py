@@ -1,7 +1,6 @@
 """Structured (Minitron) pruning: importance as the paper defines it, cuts that remove only what
 carries nothing leave the logits unchanged, and the written model is a real smaller config."""
 
-import argparse
 from pathlib import Path
 
 import pytest
@@ -9,10 +8,11 @@ import torch
 import torch.nn.functional as F
 
 from evolm import build
+from evolm.cli import main
 from evolm.loading import load, save
 from evolm.presets import get_preset
 from evolm.prune.importance import compute_importance
-from evolm.prune.structured import PruneError, Target, num_params, parse_cut, prune_model, run, target_for_ratio
+from evolm.prune.structured import PruneError, Target, num_params, parse_cut, prune_model, target_for_ratio
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -153,7 +153,7 @@ def test_a_cut_writes_a_smaller_config_of_the_requested_size_that_reloads(tmp_pa
     assert target_for_ratio(c, 0.3, ("mlp",)).d_model == c.d_model  # only the axes asked for move
 
 
-def test_run_scores_on_calibration_text_and_writes_a_folder_every_verb_loads(tmp_path):
+def test_the_command_writes_a_folder_every_verb_loads_and_names_bad_requests(tmp_path, capsys):
     from evolm.tokenizer import train_bpe
 
     texts = [(ROOT / f).read_text() for f in ("README.md", "src/evolm/model.py")]
@@ -161,14 +161,21 @@ def test_run_scores_on_calibration_text_and_writes_a_folder_every_verb_loads(tmp
     torch.manual_seed(0)
     save(build(llama(vocab_size=300)).eval(), tmp_path / "model", tokenizer=tok)
     (tmp_path / "calib.txt").write_text("\n".join(texts))
-    args = argparse.Namespace(model=str(tmp_path / "model"), out=str(tmp_path / "pruned"), ratio=0.3, cut=None,
-                              axes="mlp,embed", calib_data=[str(tmp_path / "calib.txt")], calib_samples=4,
-                              calib_len=32, seed=0, layer_metric="bi", rescale_norms=True)
-    summary = run(args, log=lambda m: None)
-    assert summary["removed"] >= 0.3
+    main(["prune", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "pruned"), "--method", "minitron",
+          "--ratio", "0.3", "--calib-data", str(tmp_path / "calib.txt"), "--calib-samples", "4", "--calib-len", "32"])
     pruned, tok2 = load(tmp_path / "pruned", need_tokenizer=True)
-    assert pruned.num_params() == summary["params_after"] and pruned.config.d_model < 96
+    before = num_params(llama(vocab_size=300))
+    assert 1 - pruned.num_params() / before >= 0.3 and pruned.config.d_model < 96 and pruned.config.d_ff < 256
     assert tok2.encode("def forward") == tok.encode("def forward")
+    main(["generate", "--model", str(tmp_path / "pruned"), "--prompt", "def", "--max-new-tokens", "4"])
+    for bad, message in ((["--ratio", "1.5"], "expected a fraction of the parameters in (0, 1)"),
+                         (["--cut", "mlp=4096"], "mlp=4096 (d_ff) must be between 1 and the model's 256"),
+                         (["--sparsity", "0.5"], "give --ratio or --cut, not --sparsity")):
+        with pytest.raises(SystemExit):
+            main(["prune", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "x"), "--method", "minitron",
+                  *bad])
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("spec, message", [

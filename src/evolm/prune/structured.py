@@ -44,14 +44,11 @@ from evolm.config import ModelConfig
 from evolm.model import Transformer, build
 from evolm.nn.norm import RMSNorm
 from evolm.prune.importance import Importance, compute_importance, d_model_norms
+from evolm.prune.masks import PruneError
 
 AXES = ("heads", "mlp", "embed", "layers")
 CUT_KEYS = {"heads": "n_heads", "kv": "n_kv_heads", "mlp": "d_ff", "embed": "d_model", "layers": "n_layers"}
 DEFAULT_AXES = ("mlp", "embed")  # Llama-3.1-Minitron-4B-Width's choice: hidden size and MLP, heads kept
-
-
-class PruneError(ValueError):
-    """A structured-pruning request that cannot be met; the message names the field and the value."""
 
 
 @dataclass(frozen=True)
@@ -319,20 +316,7 @@ def _check_float(model: nn.Module) -> None:
                              f"slices float weights: load the model in float (evolm convert --to evolm first)")
 
 
-# --- the command ------------------------------------------------------------------------------
-def add_arguments(p) -> None:
-    """The options of ``evolm prune --method minitron`` (the parser itself is ``evolm prune``'s)."""
-    g = p.add_argument_group("structured (--method minitron)")
-    g.add_argument("--cut", default=None, metavar="heads=K,kv=G,mlp=F,embed=D,layers=L",
-                   help="target sizes (keys left out keep the model's); instead of --ratio")
-    g.add_argument("--axes", default=",".join(DEFAULT_AXES),
-                   help=f"with --ratio: which of {','.join(AXES)} shrink (by one common keep fraction)")
-    g.add_argument("--layer-metric", choices=("bi", "loss"), default="bi",
-                   help="layer importance: block importance 1-cos(in, out), or the loss increase when skipped")
-    g.add_argument("--no-rescale-norms", dest="rescale_norms", action="store_false",
-                   help="keep RMSNorm weights as they are when embedding channels are cut")
-
-
+# --- the command (`evolm prune --method minitron`; its options are in cli.py) -----------------
 def _opt(args, name, default):
     v = getattr(args, name, None)
     return default if v is None else v
@@ -347,6 +331,9 @@ def run(args, log: Callable[[str], None] | None = None) -> dict:
 
     log = log or (lambda m: print(m, file=sys.stderr))
     cut, ratio = _opt(args, "cut", None), _opt(args, "ratio", None)
+    if _opt(args, "sparsity", None) is not None or _opt(args, "pattern", None) is not None:
+        raise PruneError("prune --method minitron removes whole structures: give --ratio or --cut, not "
+                         "--sparsity / --pattern (those are for magnitude, wanda, sparsegpt)")
     if (cut is None) == (ratio is None):
         raise PruneError("prune --method minitron: give exactly one of --ratio (fraction of parameters removed) "
                          "and --cut (target sizes)")
@@ -377,4 +364,4 @@ def run(args, log: Callable[[str], None] | None = None) -> dict:
 
 
 __all__ = ["Target", "Keep", "PruneError", "parse_cut", "target_for_ratio", "select", "prune_model", "run",
-           "add_arguments", "num_params", "check_prunable", "AXES", "compute_importance"]
+           "num_params", "check_prunable", "AXES", "compute_importance"]
