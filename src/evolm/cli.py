@@ -140,7 +140,8 @@ def cmd_prune(args) -> None:
 
     res = run_prune(args.model, args.out, prune_config_from_args(args), log=lambda m: print(m, file=sys.stderr))
     print(f"wrote {res['method']} {res['sparsity']} model to {res['out']}: {res['zero_fraction']:.1%} of the block "
-          f"linears' {res['weights']:,} weights are zero, {res['seconds']} s")
+          f"linears' {res['weights']:,} weights are zero; pruning {res['prune_seconds']} s, "
+          f"{res['seconds']} s in all")
 
 
 # --- generate / chat / serve -----------------------------------------------------------------
