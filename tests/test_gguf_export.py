@@ -96,6 +96,18 @@ def _config(name: str):
         # RoPE scaling from its config defaults, not from the file): head_dim 128 / 256, no scaling
         "gemma3-hd": dataclasses.replace(get_preset("tiny-gemma3"), head_dim=256, query_pre_attn_scalar=256.0,
                                          rope_scaling=None, n_layers=2),
+        "gpt2": get_preset("tiny-gpt2"),  # LayerNorm with biases, learned positions, fused q|k|v in the file
+        "mixtral": get_preset("tiny-mixtral"),  # llama architecture with 4 experts
+        "qwen3moe": get_preset("tiny-qwen3-moe"),
+        # MLA (q LoRA, YaRN with DeepSeek's mscale), a leading dense layer, shared expert, sigmoid
+        # routing with a selection bias, 4 groups of which 2 are kept, routed scaling 2.5
+        "deepseek3": get_preset("tiny-deepseek"),
+        "deepseek2": dataclasses.replace(get_preset("tiny-deepseek"), router="softmax", router_bias=False,
+                                         norm_topk_prob=False, n_expert_groups=1, topk_groups=1,
+                                         routed_scaling_factor=1.0, rope_scaling=None),  # V2's routing
+        # transformers' GGUF loader takes GPT-2's position count and Qwen3-MoE's expert width from defaults
+        "gpt2-hf": dataclasses.replace(get_preset("tiny-gpt2"), max_seq_len=1024),
+        "qwen3moe-hf": dataclasses.replace(get_preset("tiny-qwen3-moe"), moe_d_ff=768),
     }[name]
 
 
@@ -124,7 +136,11 @@ IDS = torch.randint(0, 320, (2, 40), generator=torch.Generator().manual_seed(0))
 # ----------------------------------------------------------------------------------------------
 # evolm -> GGUF -> evolm
 # ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["llama", "qwen2", "qwen3", "gemma3", "gemma2", "olmo2"])
+FAMILIES = ["llama", "qwen2", "qwen3", "gemma3", "gemma2", "olmo2", "gpt2", "mixtral", "qwen3moe", "deepseek3",
+            "deepseek2"]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
 def test_f32_round_trip_is_exact(name, bpe, spm, tmp_path, one_thread):
     model, tok = random_model(name), tokenizer_for(name, bpe, spm)
     path = export_gguf(model, tmp_path / "m.gguf", tok, "f32")
@@ -211,7 +227,8 @@ def test_llama_rows_are_permuted_and_gemma_norms_offset(bpe, spm):
 # transformers reads the file (its own GGUF loader: an independent reader of our conventions)
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name,qtype", [("llama-plain", "f32"), ("llama-plain", "q8_0"), ("qwen2", "f32"),
-                                        ("qwen3-hd", "f32"), ("gemma3-hd", "f32"), ("gemma2-hd", "f32")])
+                                        ("qwen3-hd", "f32"), ("gemma3-hd", "f32"), ("gemma2-hd", "f32"),
+                                        ("gpt2-hf", "f32"), ("qwen3moe-hf", "f32")])
 def test_transformers_loads_the_export(name, qtype, bpe, spm, tmp_path, one_thread):
     transformers = pytest.importorskip("transformers")
     model, tok = random_model(name), tokenizer_for(name, bpe, spm)
@@ -263,12 +280,16 @@ def test_real_smollm2_re_export_round_trips(smollm2, one_thread):
 # ----------------------------------------------------------------------------------------------
 # what cannot be exported
 # ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("preset,arch", [("tiny-mixtral", "mixtral"),
-                                         ("tiny-gpt2", "gpt2"), ("tiny-deepseek", "deepseek_v3"),
-                                         ("tiny-qwen3-moe", "qwen3_moe")])
-def test_unsupported_architectures_are_named(preset, arch, bpe, tmp_path):
-    with pytest.raises(ExportError, match=f"{arch} model.*architecture '{arch}' is not supported"):
-        export_gguf(Transformer(get_preset(preset)), tmp_path / "m.gguf", bpe, "f16")
+@pytest.mark.parametrize("base,change,msg", [
+    ("mixtral", dict(sliding_window=8), "a mixtral model that llama.cpp's llama cannot run: sliding_window is 8 "
+                                        "but the llama architecture has no window"),
+    ("mixtral", dict(n_experts=0, sliding_window=8), "a mistral model that llama.cpp's llama cannot run"),
+    ("deepseek3", dict(q_lora_rank=None), "a deepseek_v3 model that llama.cpp's deepseek2 cannot run: q_lora_rank "
+                                          "is None with n_layers 3"),
+    ("deepseek3", dict(topk_groups=4), "topk_groups 4 must be below n_expert_groups 4")])
+def test_what_llama_cpp_cannot_run_is_named(base, change, msg, bpe, tmp_path):
+    with pytest.raises(ExportError, match=msg):
+        export_gguf(Transformer(dataclasses.replace(_config(base), **change)), tmp_path / "m.gguf", bpe, "f16")
     assert not list(tmp_path.iterdir())
 
 
@@ -371,3 +392,26 @@ def test_llama_cpp_greedy_text_equals_evolm_trained_tiny(bpe, tmp_path, one_thre
     for qtype in ("f32", "q8_0"):
         path = export_gguf(model, tmp_path / f"tiny-{qtype}.gguf", bpe, qtype)
         assert bpe.decode(greedy_llama_cpp(path, prompt, 24)) == bpe.decode(want), qtype
+
+
+def logits_llama_cpp(path, ids: list[int]) -> np.ndarray:
+    """llama.cpp's logits for every position of ``ids`` (one thread, one batch)."""
+    llama_cpp = _llama_cpp()
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=1, n_batch=64, verbose=False, logits_all=True)
+    llm.eval(ids)
+    return np.array(llm.scores[:len(ids)])
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_llama_cpp_logits_and_greedy_text_equal_evolm(name, bpe, spm, tmp_path, one_thread):
+    """Every family's f32 file in llama.cpp: its own implementation of the architecture (MoE routing,
+    MLA with absorbed kv_b, GPT-2's fused q|k|v, windows, soft-caps) gives evolm's logits to float
+    rounding, and the same greedy tokens."""
+    _llama_cpp()
+    model, tok = random_model(name), tokenizer_for(name, bpe, spm)
+    path = export_gguf(model, tmp_path / "m.gguf", tok, "f32")
+    ids = IDS[0].tolist()
+    want = logits(model, torch.tensor([ids]))[0].numpy()
+    got = logits_llama_cpp(path, ids)
+    assert np.abs(got - want).max() < 2e-3 * max(1.0, np.abs(want).max()), np.abs(got - want).max()
+    assert greedy_llama_cpp(path, ids[:12], 16) == greedy_evolm(model, ids[:12], 16)

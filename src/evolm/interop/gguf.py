@@ -11,7 +11,7 @@ Loading is three steps:
 2. ``config_from_metadata``: map ``{arch}.*`` keys to a ``ModelConfig``: the keys every
    architecture shares here, the rest by the family registered for the architecture
    (``interop/families/``: llama / mistral / mixtral, qwen2, qwen3, qwen3moe, gemma2, gemma3,
-   olmo2, deepseek2), which also fills in what llama.cpp hard-codes rather than stores (Gemma 3's
+   olmo2, deepseek2, gpt2), which also fills in what llama.cpp hard-codes rather than stores (Gemma 3's
    local RoPE base, its 5:1 local/global pattern, ...).
 3. ``load_gguf``: dequantize every tensor (``gguf.quants.dequantize``, with torch fast paths for
    the float and Q8_0 types), undo what llama.cpp's converter did to the Hugging Face weights,
@@ -431,12 +431,15 @@ def unpermute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 def _our_name(name: str, norms: dict[str, str], path: str, arch: str) -> tuple[str, Any]:
     """Where a GGUF tensor goes: ``("param", our name)``, ``("expert", (layer, kind, expert or None))``
-    or ``("split_kv", (layer, kind))`` (the last two are assembled after every tensor is read)."""
+    or ``("split_kv", (layer, kind))`` (these two are assembled after every tensor is read), or
+    ``("split_qkv", our name with {} for q/k/v)``."""
     parts = name.split(".")
     if name == "token_embd.weight":
         return "param", "embed_tokens.weight"
     if name == "output.weight":
         return "param", "lm_head.weight"
+    if name == "position_embd.weight":  # GPT-2's learned positions
+        return "param", "pos_embed.weight"
     if parts[0] == "output_norm":
         return "param", f"norm.{parts[1]}"
     if parts[0] != "blk" or len(parts) < 4:
@@ -451,6 +454,8 @@ def _our_name(name: str, norms: dict[str, str], path: str, arch: str) -> tuple[s
         return "expert", (i, kind, None)
     if kind in ("attn_k_b", "attn_v_b"):  # MLA: newer converters split kv_b
         return "split_kv", (i, kind)
+    if kind == "attn_qkv":  # GPT-2's fused q|k|v rows
+        return "split_qkv", prefix + "self_attn.{}_proj." + suffix
     if kind in norms:
         return "param", prefix + norms[kind] + "." + suffix
     if kind == "exp_probs_b":
@@ -575,6 +580,12 @@ def _convert_tensor(f: GGUFFile, fam, name: str, dtype, norms, heads, sd, expert
         return
     if where == "split_kv":
         split_kv[key] = w
+        return
+    if where == "split_qkv":  # rows: n_heads + 2 n_kv_heads heads of equal size
+        head = w.shape[0] // (heads["attn_q"] + 2 * heads["attn_k"])
+        sizes = [heads["attn_q"] * head, heads["attn_k"] * head, heads["attn_k"] * head]
+        for part, chunk in zip("qkv", w.split(sizes, dim=0)):
+            sd[key.format(part)] = chunk.contiguous()
         return
     rows = None
     kind = name.split(".")[2] if name.startswith("blk.") else None

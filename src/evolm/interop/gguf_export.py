@@ -4,10 +4,13 @@ The inverse of ``interop/gguf.py``, with the same conventions llama.cpp's ``conv
 applies to a Hugging Face checkpoint:
 
 * hyper-parameters under ``{arch}.*`` (``general.architecture`` is llama.cpp's name for the
-  family that expresses the config: ``llama``, ``qwen2``, ``qwen3``, ``gemma2``, ``gemma3``, ``olmo2``);
+  family that expresses the config: ``llama`` (Mixtral's experts included), ``qwen2``, ``qwen3``,
+  ``qwen3moe``, ``gemma2``, ``gemma3``, ``olmo2``, ``deepseek2``, ``gpt2``);
 * tensors renamed to llama.cpp's (``blk.{i}.attn_q.weight`` ...), Llama-architecture Q/K rows
   permuted for its interleaved RoPE, Gemma's RMSNorm weights stored as ``1 + w``, a Llama 3
-  RoPE scaling written as the ``rope_freqs`` tensor of per-frequency divisors;
+  RoPE scaling written as the ``rope_freqs`` tensor of per-frequency divisors, experts as
+  stacked ``ffn_{gate,up,down}_exps``, MLA's kv_b split into ``attn_k_b`` / ``attn_v_b`` (the
+  absorbed form llama.cpp runs), GPT-2's q|k|v fused into ``attn_qkv``;
 * the vocabulary under ``tokenizer.ggml.*`` (``gguf_vocab_export.py``).
 
 The file is written by the ``gguf`` package's ``GGUFWriter``; quantized types come from its
@@ -40,10 +43,13 @@ TYPES = {
     "q4_1": ("Q4_1", "MOSTLY_Q4_1"), "q4_0": ("Q4_0", "MOSTLY_Q4_0"),
 }
 # the families llama.cpp runs that we write: transformers model_type -> llama.cpp architecture
-ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2", "gemma3_text": "gemma3",
-         "olmo2": "olmo2"}
+ARCHS = {"llama": "llama", "mixtral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3_moe": "qwen3moe",
+         "gemma2": "gemma2", "gemma3_text": "gemma3", "olmo2": "olmo2", "deepseek_v2": "deepseek2",
+         "deepseek_v3": "deepseek2", "gpt2": "gpt2", "mistral": "llama"}
 # llama.cpp's converter states head sizes for these even when they equal d_model / n_heads
-_STATES_HEAD_DIM = ("qwen3", "gemma3")
+_STATES_HEAD_DIM = ("qwen3", "qwen3moe", "gemma3")
+_GATING = {"softmax": 1, "sigmoid": 2}  # llama.cpp's expert_gating_func
+_YARN_DEFAULTS = {"beta_fast": 32, "beta_slow": 1}  # llama.cpp's (and evolm's) when a file states none
 # fields that do not change what the model computes
 _NOT_ARCHITECTURE = {"name", "meta", "attn_dropout", "embd_dropout", "resid_dropout", "init_std",
                      "moe_aux_loss_coef", "moe_z_loss_coef"}
@@ -54,6 +60,9 @@ _SWITCHED = ((lambda c: c.n_experts > 0, ("n_experts_per_tok", "moe_d_ff", "n_sh
              (lambda c: c.attention == "mla", ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim",
                                                "qk_rope_head_dim", "v_head_dim")),
              (lambda c: c.sliding_window is not None, ("sliding_window_pattern",)),
+             (lambda c: c.pos_emb == "rope", ("rope_theta", "rotary_pct", "rope_interleave", "rope_scaling",
+                                              "rope_local_theta", "rope_local_scaling")),
+             (lambda c: c.n_experts == 0 or c.first_k_dense > 0, ("d_ff",)),  # all-MoE: no dense MLP
              (lambda c: c.norm != "rmsnorm", ("norm_bias",)))  # an RMSNorm has no bias, whatever the flag says
 
 
@@ -74,8 +83,27 @@ def gguf_architecture(config: ModelConfig) -> str:
         raise ExportError(f"cannot export to GGUF: {e}") from None
     if model_type not in ARCHS:
         raise ExportError(f"ModelConfig '{config.name}' is a {model_type} model; GGUF export writes "
-                          f"{', '.join(ARCHS.values())} (architecture {model_type!r} is not supported yet)")
-    return ARCHS[model_type]
+                          f"{', '.join(dict.fromkeys(ARCHS.values()))} (architecture {model_type!r} is not supported yet)")
+    arch = ARCHS[model_type]
+    why = _llama_cpp_cannot_run(config, arch)
+    if why:
+        raise ExportError(f"ModelConfig '{config.name}' is a {model_type} model that llama.cpp's {arch} cannot run: {why}")
+    return arch
+
+
+def _llama_cpp_cannot_run(c: ModelConfig, arch: str) -> str | None:
+    """What llama.cpp decides from something other than the file's keys, or refuses outright."""
+    if arch == "llama" and c.sliding_window is not None:
+        return f"sliding_window is {c.sliding_window} but the llama architecture has no window"
+    if arch == "deepseek2":
+        lite = c.n_layers in (26, 27)  # llama.cpp takes "no q LoRA" (V2-Lite) from the layer count
+        if lite != (c.q_lora_rank is None):
+            return (f"q_lora_rank is {c.q_lora_rank} with n_layers {c.n_layers}; llama.cpp reads queries "
+                    f"without a LoRA (q_lora_rank None) exactly when there are 26 or 27 layers")
+        if c.n_experts and c.n_expert_groups > 1 and c.topk_groups >= c.n_expert_groups:
+            return (f"topk_groups {c.topk_groups} must be below n_expert_groups {c.n_expert_groups} "
+                    f"(llama.cpp asserts it)")
+    return None
 
 
 def _metadata(config: ModelConfig, arch: str) -> dict:
@@ -93,6 +121,14 @@ def _metadata(config: ModelConfig, arch: str) -> dict:
     }
     if arch in _STATES_HEAD_DIM or c.head_dim * c.n_heads != c.d_model:
         meta[f"{arch}.attention.key_length"] = meta[f"{arch}.attention.value_length"] = c.head_dim
+    if arch == "gpt2":  # LayerNorm, learned positions: no RMS eps, no RoPE
+        for key in ("attention.layer_norm_rms_epsilon", "rope.freq_base", "rope.dimension_count"):
+            del meta[f"{arch}.{key}"]
+        meta[f"{arch}.attention.layer_norm_epsilon"] = float(c.norm_eps)
+    if c.n_experts:
+        meta.update(_moe_metadata(c, arch))
+    if c.attention == "mla":
+        meta.update(_mla_metadata(c, arch))
     if c.sliding_window is not None:
         meta[f"{arch}.attention.sliding_window"] = c.sliding_window
     for key, value in (("attn_logit_softcapping", c.attn_softcap), ("final_logit_softcapping", c.final_softcap)):
@@ -106,6 +142,42 @@ def _metadata(config: ModelConfig, arch: str) -> dict:
         meta[f"{arch}.rope.scaling.type"] = "yarn"
         meta[f"{arch}.rope.scaling.factor"] = float(sc["factor"])
         meta[f"{arch}.rope.scaling.original_context_length"] = int(sc["original_max_seq_len"])
+        if sc.get("mscale_all_dim"):  # DeepSeek's query scaling under YaRN, as llama.cpp's converter writes it
+            meta[f"{arch}.rope.scaling.yarn_log_multiplier"] = 0.1 * float(sc["mscale_all_dim"])
+    return meta
+
+
+def _moe_metadata(c: ModelConfig, arch: str) -> dict:
+    """Expert counts and widths. llama.cpp's ``llama`` sizes its experts by ``feed_forward_length``
+    (Mixtral's converter writes the expert width there); the others read ``expert_feed_forward_length``."""
+    meta = {f"{arch}.expert_count": c.n_experts, f"{arch}.expert_used_count": c.n_experts_per_tok}
+    if arch == "llama":
+        meta[f"{arch}.feed_forward_length"] = c.moe_d_ff
+    else:
+        meta[f"{arch}.expert_feed_forward_length"] = c.moe_d_ff
+    if arch == "deepseek2":  # DeepSeekMoE: shared experts, leading dense layers, routing
+        meta.update({f"{arch}.leading_dense_block_count": c.first_k_dense,
+                     f"{arch}.expert_shared_count": c.n_shared_experts,
+                     f"{arch}.expert_weights_scale": float(c.routed_scaling_factor),
+                     f"{arch}.expert_weights_norm": bool(c.norm_topk_prob),
+                     f"{arch}.expert_gating_func": _GATING[c.router]})
+        if c.n_expert_groups > 1:
+            meta.update({f"{arch}.expert_group_count": c.n_expert_groups,
+                         f"{arch}.expert_group_used_count": c.topk_groups})
+    return meta
+
+
+def _mla_metadata(c: ModelConfig, arch: str) -> dict:
+    """Multi-head latent attention as llama.cpp's converter writes it for its absorbed form: the
+    per-head sizes under ``*_mla``, one shared "KV head" of the latent (kv_lora_rank + rope dims)."""
+    meta = {f"{arch}.attention.kv_lora_rank": c.kv_lora_rank,
+            f"{arch}.attention.key_length": c.kv_lora_rank + c.qk_rope_head_dim,
+            f"{arch}.attention.value_length": c.kv_lora_rank,
+            f"{arch}.attention.key_length_mla": c.qk_nope_head_dim + c.qk_rope_head_dim,
+            f"{arch}.attention.value_length_mla": c.v_head_dim,
+            f"{arch}.attention.head_count_kv": 1, f"{arch}.rope.dimension_count": c.qk_rope_head_dim}
+    if c.q_lora_rank:
+        meta[f"{arch}.attention.q_lora_rank"] = c.q_lora_rank
     return meta
 
 
@@ -120,6 +192,10 @@ def _check_reads_back(config: ModelConfig, meta: dict, shapes: dict, path: str, 
     want = config
     if rope_freqs:  # the Llama 3 scaling travels as the rope_freqs tensor, not as config
         want = dataclasses.replace(want, rope_scaling=None)
+    if want.rope_scaling and want.rope_scaling["type"] == "yarn":  # defaults both sides assume
+        want = dataclasses.replace(want, rope_scaling={**_YARN_DEFAULTS, **want.rope_scaling})
+        if back.rope_scaling and back.rope_scaling["type"] == "yarn":
+            back = dataclasses.replace(back, rope_scaling={**_YARN_DEFAULTS, **back.rope_scaling})
     skip = set(_NOT_ARCHITECTURE)
     for on, fields in _SWITCHED:
         if not on(want) and not on(back):
@@ -148,12 +224,49 @@ def permute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def _gguf_names(placement: str) -> dict[str, str]:
-    """Our per-layer module names -> llama.cpp's (the reader's tables, inverted; dense layers only)."""
+    """Our per-layer module names -> llama.cpp's (the reader's tables, inverted; the router, whose
+    two tensors have two names, is placed by ``_layer_tensors``)."""
     from evolm.interop.gguf import _LAYER_NAMES, _NORMS_BY_PLACEMENT
 
     names = {ours: theirs for theirs, ours in _LAYER_NAMES.items() if ours != "mlp.gate"}
     names.update({ours: theirs for theirs, ours in _NORMS_BY_PLACEMENT[placement].items()})
     return names
+
+
+def _layer_tensors(i: str, rest: str, t: torch.Tensor, c: ModelConfig, names: dict, arch: str):
+    """``(llama.cpp name, tensor)`` for our parameter ``layers.{i}.{rest}``: usually one, but our
+    stacked gate|up experts are two tensors there, and MLA's kv_b is split the way llama.cpp's
+    absorbed attention reads it (``attn_k_b`` transposed per head, ``attn_v_b``)."""
+    B = f"blk.{i}."
+    if rest == "mlp.experts.gate_up_proj":  # (E, 2F, D): gate rows, then up rows
+        gate, up = t.split(t.shape[1] // 2, dim=1)
+        return [(B + "ffn_gate_exps.weight", gate), (B + "ffn_up_exps.weight", up)]
+    if rest == "mlp.experts.down_proj":  # (E, D, F)
+        return [(B + "ffn_down_exps.weight", t)]
+    if rest == "mlp.gate.weight":
+        return [(B + "ffn_gate_inp.weight", t)]
+    if rest == "mlp.gate.e_score_correction_bias":
+        return [(B + "exp_probs_b.bias", t)]
+    if rest == "self_attn.kv_b_proj.weight":  # (H * (nope + v), rank)
+        kv = t.reshape(c.n_heads, c.qk_nope_head_dim + c.v_head_dim, -1)
+        k_b, v_b = kv.split([c.qk_nope_head_dim, c.v_head_dim], dim=1)
+        return [(B + "attn_k_b.weight", k_b.transpose(1, 2)), (B + "attn_v_b.weight", v_b)]
+    module, _, suffix = rest.rpartition(".")
+    if module not in names:
+        raise ExportError(f"cannot export to GGUF: parameter 'layers.{i}.{rest}' has no llama.cpp name for {arch!r}")
+    return [(f"{B}{names[module]}.{suffix}", t)]
+
+
+def _fuse_qkv(out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """GPT-2's llama.cpp layout: q|k|v rows (and biases) as one ``attn_qkv`` tensor, in place of the three."""
+    fused: dict[str, torch.Tensor] = {}
+    for name, t in out.items():
+        if ".attn_q." in name:
+            parts = [out[name.replace(".attn_q.", f".attn_{x}.")] for x in "qkv"]
+            fused[name.replace(".attn_q.", ".attn_qkv.")] = torch.cat(parts, dim=0).contiguous()
+        elif ".attn_k." not in name and ".attn_v." not in name:
+            fused[name] = t
+    return fused
 
 
 def float_state_dict(model) -> dict[str, torch.Tensor]:
@@ -197,29 +310,29 @@ def gguf_tensors(model, arch: str) -> dict[str, torch.Tensor]:
     heads = {"self_attn.q_proj": c.n_heads, "self_attn.k_proj": c.n_kv_heads}
     out: dict[str, torch.Tensor] = {}
     sd = float_state_dict(model)
+    top = {"embed_tokens.weight": "token_embd.weight", "lm_head.weight": "output.weight",
+           "pos_embed.weight": "position_embd.weight", "norm.weight": "output_norm.weight",
+           "norm.bias": "output_norm.bias"}
     for key, t in sd.items():
         t = t.detach().to("cpu", torch.float32)
-        if key == "embed_tokens.weight":
-            name = "token_embd.weight"
-        elif key == "lm_head.weight":
-            if c.tie_embeddings:
-                continue
-            name = "output.weight"
-        elif key.startswith("norm."):
-            name = "output_norm." + key.split(".", 1)[1]
+        if key == "lm_head.weight" and c.tie_embeddings:
+            continue
+        if key in top:
+            parts = [(top[key], t)]
         elif key.startswith("layers."):
             _, i, rest = key.split(".", 2)
-            module, _, suffix = rest.rpartition(".")
-            if module not in names:
-                raise ExportError(f"cannot export to GGUF: parameter {key!r} has no llama.cpp name for {arch!r}")
-            name = f"blk.{i}.{names[module]}.{suffix}"
+            module = rest.rpartition(".")[0]
             if fam.gguf_permute_qk and module in heads:
                 t = permute_rope_rows(t, heads[module])
+            parts = _layer_tensors(i, rest, t, c, names, arch)
         else:
             raise ExportError(f"cannot export to GGUF: parameter {key!r} has no llama.cpp name for {arch!r}")
-        if fam.unit_offset_norms and name.endswith("norm.weight"):
-            t = t + 1.0  # llama.cpp's Gemma norms scale by the stored weight itself
-        out[name] = t.contiguous()
+        for name, part in parts:
+            if fam.unit_offset_norms and name.endswith("norm.weight"):
+                part = part + 1.0  # llama.cpp's Gemma norms scale by the stored weight itself
+            out[name] = part.contiguous()
+    if arch == "gpt2":
+        out = _fuse_qkv(out)
     if c.rope_scaling and c.rope_scaling["type"] == "llama3":  # per-frequency divisors, as the converter writes
         plain, _ = rope_frequencies(c.rotary_dim, c.rope_theta, None)
         scaled, _ = rope_frequencies(c.rotary_dim, c.rope_theta, c.rope_scaling)

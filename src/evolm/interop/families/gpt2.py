@@ -7,6 +7,8 @@ learned positions; its weights are Conv1D modules stored (in, out), with q|k|v f
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from evolm.config import ModelConfig
@@ -101,6 +103,14 @@ def weights_to_hf(fam: Family, sd: dict[str, torch.Tensor], config: ModelConfig,
     return out
 
 
+def gguf_from_metadata(get, meta: dict, names: set, c: dict[str, Any]) -> None:
+    """llama.cpp's ``gpt2``: LayerNorm with biases, learned positions (``position_embd``), a GELU
+    (tanh) MLP with biases, q|k|v fused as ``attn_qkv`` (split by the reader)."""
+    c.update(norm="layernorm", norm_bias=True, norm_eps=float(get("attention.layer_norm_epsilon", 1e-5, kind=float)),
+             pos_emb="learned", mlp="mlp", activation="gelu_tanh", mlp_bias="blk.0.ffn_up.bias" in names,
+             qkv_bias="blk.0.attn_qkv.bias" in names, o_bias="blk.0.attn_output.bias" in names)
+
+
 GPT2 = Family(
     model_type="gpt2", architecture="GPT2LMHeadModel",
     defaults=dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12, n_inner=None,
@@ -112,4 +122,5 @@ GPT2 = Family(
     read_config=config_from_hf, write_config=config_to_hf, check=blockers,
     weight_anchor="wte.weight", top_weights=TOP, layer_tag="h.", layer_from_hf=layer_from_hf,
     weights_to_hf=weights_to_hf,
+    gguf_archs=("gpt2",), gguf_from_metadata=gguf_from_metadata,
 )
