@@ -166,6 +166,8 @@ def test_identity_hessian_makes_sparsegpt_magnitude_pruning(target):
 @pytest.mark.parametrize("bad,match", [((1.5, None), r"--sparsity 1.5: expected a fraction strictly between 0 and 1"),
                                        ((0.0, None), r"--sparsity 0.0"), ((None, "4:4"), r"--pattern 4:4: expected N:M"),
                                        ((None, "2/4"), r"--pattern '2/4': expected N:M"),
+                                       ((None, "4:0"), r"--pattern 4:0: expected N:M with 0 < N < M"),
+                                       ((None, "0:4"), r"--pattern 0:4: expected N:M with 0 < N < M"),
                                        ((0.5, "2:4"), r"not both")])
 def test_bad_targets_are_named(bad, match):
     with pytest.raises(PruneError, match=match):

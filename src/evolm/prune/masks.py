@@ -32,10 +32,9 @@ class Sparsity:
     m: int = 0
 
     def __post_init__(self):
-        if self.m:
+        if self.m or self.n:
             if not 0 < self.n < self.m:
-                raise PruneError(f"prune: --pattern {self.n}:{self.m}: expected N:M with 0 < N < M (2:4 keeps 2 of "
-                                 f"every 4 consecutive weights)")
+                raise PruneError(f"prune: pattern {self.n}:{self.m}: expected N:M with 0 < N < M")
         elif not 0 < self.fraction < 1:
             raise PruneError(f"prune: --sparsity {self.fraction}: expected a fraction strictly between 0 and 1 (0.5 "
                              f"zeroes half of each layer's weights)")
@@ -50,7 +49,11 @@ class Sparsity:
         n, sep, m = str(pattern).partition(":")
         if not sep or not n.strip().isdigit() or not m.strip().isdigit():
             raise PruneError(f"prune: --pattern {pattern!r}: expected N:M, two whole numbers (e.g. 2:4)")
-        return cls(fraction=1 - int(n) / int(m) if int(m) else 0.0, n=int(n), m=int(m))
+        n, m = int(n), int(m)
+        if not 0 < n < m:
+            raise PruneError(f"prune: --pattern {pattern}: expected N:M with 0 < N < M (2:4 keeps 2 of every 4 "
+                             f"consecutive weights)")
+        return cls(fraction=1 - n / m, n=n, m=m)
 
     @property
     def semi_structured(self) -> bool:
