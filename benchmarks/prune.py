@@ -35,7 +35,10 @@ RUNS = ROOT / "runs" / "prune"
 
 def build_variant(model: str, variant: str, args) -> tuple[Path, dict]:
     stem = Path(model).stem if model.endswith(".gguf") else model
-    out = RUNS / f"{stem}-{variant.replace(':', 'of')}"
+    calibrated = variant.split("-")[0] in ("wanda", "sparsegpt")
+    tag = f"-c{args.calib_samples}x{args.calib_len}" if calibrated and (args.calib_samples, args.calib_len) != (8, 512) \
+        else ""
+    out = RUNS / f"{stem}-{variant.replace(':', 'of')}{tag}"
     if (out / "config.json").is_file():
         return out, {}
     cmd = [sys.executable, "-m", "evolm.cli"]
