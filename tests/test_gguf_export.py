@@ -26,7 +26,7 @@ from tokenizers import AddedToken, decoders, models, normalizers, trainers  # no
 from tokenizers import Tokenizer as Backend  # noqa: E402
 
 from evolm.interop.gguf import GGUFFile, find_asset, load_gguf  # noqa: E402
-from evolm.interop.gguf_export import ExportError, export_gguf, gguf_plan, tensor_type, write_gguf  # noqa: E402
+from evolm.interop.gguf_export import ExportError, export_gguf, gguf_plan, tensor_types, write_gguf  # noqa: E402
 from evolm.model import Transformer  # noqa: E402
 from evolm.presets import get_preset  # noqa: E402
 from evolm.tokenizer import Tokenizer, train_bpe  # noqa: E402
@@ -176,8 +176,8 @@ def test_quantized_weights_are_the_gguf_quantizer_s(name, qtype, bpe, spm, tmp_p
     meta, tensors = gguf_plan(model, tok)
     f, head = GGUFFile(path), "output.weight" if "output.weight" in tensors else "token_embd.weight"
     kinds = {n: Q.F32 if t.ndim < 2 or n == "rope_freqs.weight" else Q.Q8_0 if n == head else Q[qtype.upper()]
-             for n, t in tensors.items()}  # the head stays 8-bit, as llama-quantize keeps it high
-    assert kinds == {n: tensor_type(n, tuple(t.shape), Q[qtype.upper()], head) for n, t in tensors.items()}
+             for n, t in tensors.items()}  # the head (rows of 64: no Q6_K) stays 8-bit, as llama-quantize keeps it
+    assert kinds == tensor_types({n: tuple(t.shape) for n, t in tensors.items()}, qtype, model.config.n_layers)
     for name_, t in tensors.items():  # the file: the reference quantizer's bytes, block for block
         kind = kinds[name_]
         want = t.numpy() if kind == Q.F32 else gguf.quants.quantize(t.numpy(), kind)
@@ -295,7 +295,7 @@ def test_what_llama_cpp_cannot_run_is_named(base, change, msg, bpe, tmp_path):
 
 def test_bad_inputs_are_one_line_errors(bpe, spm, tmp_path):
     model = random_model("llama")
-    for bad in ("q4_k_m", "f64", "Q8_0"):
+    for bad in ("q3_k_m", "iq4_xs", "f64", "Q8_0"):
         with pytest.raises(ExportError, match=f"--type {bad}: expected one of f32, f16"):
             export_gguf(model, tmp_path / "m.gguf", bpe, bad)
     with pytest.raises(ExportError, match="no tokenizer"):

@@ -407,7 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--to", choices=["hf", "evolm", "gguf"], default="hf")
     c.add_argument("--out", required=True)
     c.add_argument("--type", default=None, metavar="TYPE",
-                   help="--to gguf: weight type, f32 f16 (default) bf16 q8_0 q5_1 q5_0 q4_1 q4_0")
+                   help="--to gguf: weight type, f32 f16 (default) bf16 q8_0 q6_k q5_k_m q5_k_s q5_1 q5_0 "
+                        "q4_k_m q4_k_s q4_1 q4_0")
     c.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     c.set_defaults(func=cmd_convert)
 

@@ -14,9 +14,10 @@ applies to a Hugging Face checkpoint:
 * the vocabulary under ``tokenizer.ggml.*`` (``gguf_vocab_export.py``).
 
 The file is written by the ``gguf`` package's ``GGUFWriter``; quantized types come from its
-reference quantizers (``gguf.quants.quantize``: bit-identical to llama.cpp's). As llama.cpp does,
-1-D tensors (norms, biases) stay float32, a 2-D tensor whose rows do not split into whole blocks
-falls back to float16, and the 4/5-bit types keep the LM head at 8 bits (``tensor_type``).
+reference quantizers (``gguf.quants.quantize``: bit-identical to llama.cpp's), the k-quants
+(Q4_K, Q5_K, Q6_K) from ``gguf_kquants`` (also bit-identical), and which tensor gets which type
+follows llama.cpp's ``llama-quantize`` for the file type (``tensor_types``: the q4_k_m / q5_k_m
+mixes, the LM head at Q6_K, norms and routers in float32).
 
 Before anything is written the metadata is read back by evolm's own GGUF reader: the model it
 describes must be the one being exported (every architectural field equal). The reader encodes
@@ -41,7 +42,13 @@ TYPES = {
     "f32": ("F32", "ALL_F32"), "f16": ("F16", "MOSTLY_F16"), "bf16": ("BF16", "MOSTLY_BF16"),
     "q8_0": ("Q8_0", "MOSTLY_Q8_0"), "q5_1": ("Q5_1", "MOSTLY_Q5_1"), "q5_0": ("Q5_0", "MOSTLY_Q5_0"),
     "q4_1": ("Q4_1", "MOSTLY_Q4_1"), "q4_0": ("Q4_0", "MOSTLY_Q4_0"),
+    "q6_k": ("Q6_K", "MOSTLY_Q6_K"), "q5_k_m": ("Q5_K", "MOSTLY_Q5_K_M"), "q5_k_s": ("Q5_K", "MOSTLY_Q5_K_S"),
+    "q4_k_m": ("Q4_K", "MOSTLY_Q4_K_M"), "q4_k_s": ("Q4_K", "MOSTLY_Q4_K_S"),
 }
+# llama.cpp's fallback when a k-quant's 256-weight super-blocks do not tile a row
+_K_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+# tensors llama.cpp keeps in float32 whatever the file type (its converter and llama-quantize agree)
+_ALWAYS_F32 = ("ffn_gate_inp.weight", "position_embd.weight", "rope_freqs.weight")
 # the families llama.cpp runs that we write: transformers model_type -> llama.cpp architecture
 ARCHS = {"llama": "llama", "mixtral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3_moe": "qwen3moe",
          "gemma2": "gemma2", "gemma3_text": "gemma3", "olmo2": "olmo2", "deepseek_v2": "deepseek2",
@@ -60,6 +67,7 @@ _SWITCHED = ((lambda c: c.n_experts > 0, ("n_experts_per_tok", "moe_d_ff", "n_sh
              (lambda c: c.attention == "mla", ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim",
                                                "qk_rope_head_dim", "v_head_dim")),
              (lambda c: c.sliding_window is not None, ("sliding_window_pattern",)),
+             (lambda c: c.attention != "mla", ("head_dim",)),  # MLA's head sizes are its own fields
              (lambda c: c.pos_emb == "rope", ("rope_theta", "rotary_pct", "rope_interleave", "rope_scaling",
                                               "rope_local_theta", "rope_local_scaling")),
              (lambda c: c.n_experts == 0 or c.first_k_dense > 0, ("d_ff",)),  # all-MoE: no dense MLP
@@ -83,11 +91,13 @@ def gguf_architecture(config: ModelConfig) -> str:
         raise ExportError(f"cannot export to GGUF: {e}") from None
     if model_type not in ARCHS:
         raise ExportError(f"ModelConfig '{config.name}' is a {model_type} model; GGUF export writes "
-                          f"{', '.join(dict.fromkeys(ARCHS.values()))} (architecture {model_type!r} is not supported yet)")
+                          f"{', '.join(dict.fromkeys(ARCHS.values()))} (architecture {model_type!r} is not "
+                          f"supported yet)")
     arch = ARCHS[model_type]
     why = _llama_cpp_cannot_run(config, arch)
     if why:
-        raise ExportError(f"ModelConfig '{config.name}' is a {model_type} model that llama.cpp's {arch} cannot run: {why}")
+        raise ExportError(f"ModelConfig '{config.name}' is a {model_type} model that llama.cpp's {arch} "
+                          f"cannot run: {why}")
     return arch
 
 
@@ -340,30 +350,96 @@ def gguf_tensors(model, arch: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def tensor_type(name: str, shape: tuple[int, ...], qtype, head: str):
-    """The ggml type tensor ``name`` is stored in when the file's type is ``qtype``.
+def tensor_types(shapes: dict[str, tuple[int, ...]], qtype: str, n_layers: int, n_experts: int = 0) -> dict:
+    """The ggml type of every tensor of a ``qtype`` file, chosen as llama.cpp's ``llama-quantize``
+    chooses them (``llama_tensor_get_type``, no importance matrix) for that file type:
 
-    1-D tensors (norms, biases) and ``rope_freqs`` stay F32. Below 8 bits the LM head (``head``:
-    ``output.weight``, or ``token_embd.weight`` when tied) is kept at Q8_0, as llama.cpp's
-    llama-quantize keeps it higher (Q6_K there, which the ``gguf`` package cannot write): every
-    logit goes through it. A tensor whose rows do not split into whole blocks falls back to F16.
+    * 1-D tensors, biases, the MoE router, learned positions and ``rope_freqs`` stay F32;
+    * the LM head (``output``, or ``token_embd`` when tied) goes to Q6_K below 8 bits (Q8_0 when its
+      rows do not split into the type's blocks), every logit going through it;
+    * in 8-expert models (Mixtral) ``attn_v`` and ``attn_k`` are Q8_0, and ``attn_output`` Q5_K
+      for q4_k_m / q4_k_s;
+    * q4_k_m / q5_k_m: ``attn_v`` (or a fused ``attn_qkv``) and ``ffn_down`` of the first and last
+      eighth of the layers and of every third layer between them get Q6_K (``use_more_bits``);
+      q4_k_s: ``attn_v`` of the first 4 layers and ``ffn_down`` of the first eighth get Q5_K;
+    * a k-quant whose 256-weight super-blocks do not tile a row falls back as llama.cpp's does
+      (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0), then to F16 if 32 does not divide it either.
     """
     import gguf
 
     T = gguf.GGMLQuantizationType
-    if len(shape) < 2 or name == "rope_freqs.weight" or qtype == T.F32:
-        return T.F32
-    if name == head and gguf.GGML_QUANT_SIZES[qtype][0] > 1 and qtype != T.Q8_0:
-        qtype = T.Q8_0
-    if shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
-        return T.F16
-    return qtype
+    default = T[TYPES[qtype][0]]
+    quantized = gguf.GGML_QUANT_SIZES[default][0] > 1
+    has_output = "output.weight" in shapes
+    n_attn_v = sum(1 for n in shapes if _is_attn_v(n))
+    i_attn_v = 0
+    out = {}
+    for name, shape in shapes.items():
+        if len(shape) < 2 or not name.endswith(".weight") or name.endswith("_norm.weight") \
+                or any(name.endswith(k) for k in _ALWAYS_F32) or default == T.F32:
+            out[name] = T.F32
+            continue
+        kind = default
+        if quantized:
+            kind = _mix_type(name, shape, default, qtype, has_output, n_layers, n_experts, i_attn_v, n_attn_v)
+            i_attn_v += _is_attn_v(name)
+        block = gguf.GGML_QUANT_SIZES[kind][0]
+        if shape[-1] % block:
+            kind = T[_K_FALLBACK.get(kind.name, "F16")]
+            if shape[-1] % gguf.GGML_QUANT_SIZES[kind][0]:
+                kind = T.F16
+        out[name] = kind
+    return out
+
+
+def _use_more_bits(i: int, n: int) -> bool:
+    """llama.cpp's layers that get more bits in the _M mixes: the first and last eighth, and every
+    third layer between them."""
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def _mix_type(name, shape, default, qtype, has_output, n_layers, n_experts, i_attn_v, n_attn_v):
+    """One tensor's type in a quantized file (see ``tensor_types``)."""
+    import gguf
+
+    T = gguf.GGMLQuantizationType
+    layer = int(name.split(".")[1]) if name.startswith("blk.") else -1
+    if name == "output.weight" or (not has_output and name == "token_embd.weight"):
+        if shape[-1] % gguf.GGML_QUANT_SIZES[default][0]:
+            return T.Q8_0
+        return T.Q6_K if default != T.Q8_0 else T.Q8_0
+    if _is_attn_v(name):
+        kind = default
+        if qtype in ("q4_k_m", "q5_k_m") and _use_more_bits(i_attn_v, n_attn_v):
+            kind = T.Q6_K
+        elif qtype == "q4_k_s" and i_attn_v < 4:
+            kind = T.Q5_K
+        return T.Q8_0 if n_experts == 8 else kind
+    if "attn_k.weight" in name:
+        return T.Q8_0 if n_experts == 8 else default
+    if "ffn_down" in name:
+        if qtype in ("q4_k_m", "q5_k_m") and _use_more_bits(layer, n_layers):
+            return T.Q6_K
+        if qtype == "q4_k_s" and layer < n_layers // 8:
+            return T.Q5_K
+        return default
+    if "attn_output.weight" in name:
+        return T.Q5_K if n_experts == 8 and qtype in ("q4_k_m", "q4_k_s") else default
+    return default
+
+
+def _is_attn_v(name: str) -> bool:
+    """The value projections llama.cpp counts and gives more bits: ``attn_v``, or GPT-2's fused ``attn_qkv``."""
+    return "attn_v.weight" in name or "attn_qkv.weight" in name
 
 
 def encode_tensor(t: torch.Tensor, kind) -> np.ndarray:
     """``t`` as the array ``GGUFWriter.add_tensor`` takes for ggml type ``kind`` (quantized types
-    by the ``gguf`` package's reference quantizer, bit-identical to llama.cpp's)."""
+    by the ``gguf`` package's reference quantizer, k-quants by ``gguf_kquants``: both bit-identical
+    to llama.cpp's)."""
     import gguf
+
+    from evolm.interop.gguf_kquants import QUANTIZERS
 
     T = gguf.GGMLQuantizationType
     x = t.numpy().astype(np.float32, copy=False)
@@ -371,6 +447,8 @@ def encode_tensor(t: torch.Tensor, kind) -> np.ndarray:
         return x
     if kind == T.F16:
         return x.astype(np.float16)
+    if kind.name in QUANTIZERS:  # ours: the gguf package has no k-quant quantizer
+        return QUANTIZERS[kind.name](x)
     return gguf.quants.quantize(x, kind)
 
 
@@ -402,16 +480,15 @@ def _add(writer, key: str, value) -> None:
 
 def export_gguf(model, path: str | os.PathLike, tokenizer=None, qtype: str = "f16") -> Path:
     """Write ``model`` (and its tokenizer) as the GGUF file ``path`` with weights in ``qtype``
-    (``TYPES``: f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0).
+    (``TYPES``: f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0, q6_k, q5_k_m, q5_k_s, q4_k_m, q4_k_s).
 
     Raises ExportError (one line) for an unknown type, a model no supported llama.cpp
     architecture expresses exactly (naming the architecture or the field), or a missing or
     unsupported tokenizer (llama.cpp needs the vocabulary in the file).
     """
     if qtype not in TYPES:
-        raise ExportError(f"--type {qtype}: expected one of {', '.join(TYPES)} (q4_k_m and the other k-quants: "
-                          f"the gguf package has no quantizer for them; run llama.cpp's llama-quantize on the "
-                          f"f16 or q8_0 file)")
+        raise ExportError(f"--type {qtype}: expected one of {', '.join(TYPES)} (other llama.cpp types, e.g. "
+                          f"q3_k_m or the i-quants: run llama.cpp's llama-quantize on the f32 or f16 file)")
     meta, tensors = gguf_plan(model, tokenizer, str(path))
     return write_gguf(path, meta, tensors, qtype)
 
@@ -438,7 +515,7 @@ def write_gguf(path: str | os.PathLike, meta: dict, tensors: dict[str, torch.Ten
     by a complete one."""
     import gguf
 
-    ggml_type, file_type = TYPES[qtype]
+    file_type = TYPES[qtype][1]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
@@ -448,9 +525,11 @@ def write_gguf(path: str | os.PathLike, meta: dict, tensors: dict[str, torch.Ten
             _add(writer, k, v)
         writer.add_file_type(int(gguf.LlamaFileType[file_type]))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        head = "output.weight" if "output.weight" in tensors else "token_embd.weight"
+        arch = meta["general.architecture"]
+        kinds = tensor_types({n: tuple(t.shape) for n, t in tensors.items()}, qtype, meta[f"{arch}.block_count"],
+                             meta.get(f"{arch}.expert_count", 0))
         for name, t in tensors.items():
-            kind = tensor_type(name, tuple(t.shape), gguf.GGMLQuantizationType[ggml_type], head)
+            kind = kinds[name]
             data = encode_tensor(t, kind)
             writer.add_tensor(name, data, raw_dtype=kind if data.dtype == np.uint8 else None)
         writer.write_header_to_file()
@@ -466,4 +545,4 @@ def write_gguf(path: str | os.PathLike, meta: dict, tensors: dict[str, torch.Ten
 
 
 __all__ = ["export_gguf", "gguf_plan", "write_gguf", "ExportError", "TYPES", "ARCHS", "gguf_architecture",
-           "gguf_tensors", "permute_rope_rows", "tensor_type", "encode_tensor", "float_state_dict"]
+           "gguf_tensors", "permute_rope_rows", "tensor_types", "encode_tensor", "float_state_dict"]
