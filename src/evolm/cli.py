@@ -164,6 +164,8 @@ def _add_inference_args(p: argparse.ArgumentParser, decode_loop: bool = True) ->
         p.add_argument("--compile", action=on_off, default=None,
                        help="prefill and decode through torch.compile-d graphs over a static KV cache "
                             "(first call compiles; default: on for CUDA, off on CPU)")
+    p.add_argument("--block-step", action=on_off, default=None,
+                   help="on the CPU, each block's decode step as one C++ call (default: on for CPU unless --compile)")
     p.add_argument("--no-fast", dest="fast", action="store_false",
                    help="the plain eager model: no kept blocks, no fusing, no compiling")
     p.add_argument("--explain", action="store_true", help="print which inference path is used and why (stderr)")
@@ -177,6 +179,7 @@ def _inference_options(args):
 
     options = InferenceOptions(device=args.device, dtype=args.dtype, keep_blocks=args.keep_blocks, fuse=args.fuse,
                                quantize=args.quantize, compile=getattr(args, "compile", False), fast=args.fast,
+                               block_step=args.block_step,
                                policy=KernelPolicy.from_env())  # the EVOLM_* kernel switches, read once
     options, why = choose_path(args.model, options)
     if args.explain:
@@ -286,6 +289,20 @@ def cmd_data(args) -> None:
         from evolm.data.corpora import install_all
 
         install_all(args.data_dir, names=args.names or None, force=args.force)
+        return
+    if args.data_cmd == "synthesize":
+        import torch
+
+        from evolm.data.synthesize import config_from_args, synthesize
+
+        config = config_from_args(args)
+        config.check()  # a bad flag is named before the model loads
+        torch.set_num_threads(args.threads or torch.get_num_threads())
+        try:
+            manifest = synthesize(config, _inference_options(args), log=lambda m: print(m, file=sys.stderr))
+        except KeyboardInterrupt:
+            _fail(f"interrupted: every finished text is in {args.out}/generated.jsonl; run the same command to go on")
+        print(json.dumps(manifest, indent=2) if args.json else f"wrote {manifest['source']['path']}")
         return
     from evolm.data.prepare import prepare
     from evolm.interop.gguf_vocab import tokenizer_from_gguf
@@ -490,6 +507,13 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--workers", type=int, default=None)
     dp.add_argument("--force", action="store_true", help="redo even if up to date")
     dp.add_argument("--json", action="store_true")
+    from evolm.data.synthesize import add_arguments as add_synthesize_arguments
+
+    ds = dsub.add_parser("synthesize", help="generate a corpus with a model (prompts or topics x a template), "
+                                            "deduplicated and filtered, as a source for data prepare")
+    add_synthesize_arguments(ds)
+    ds.add_argument("--json", action="store_true", help="print the manifest")
+    _add_inference_args(ds, decode_loop=False)
     d.set_defaults(func=cmd_data)
 
     from evolm.serve import add_arguments as add_serve_arguments
