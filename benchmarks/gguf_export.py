@@ -14,8 +14,8 @@ and Gemma 3 270M re-exported from their GGUFs) and every ``--types`` entry, writ
   shares with evolm decoding the same file, from a fixed prompt;
 - file size and seconds to export.
 
-    python benchmarks/gguf_export.py [--types f32,f16,bf16,q8_0,q4_0] [--families tiny,smollm2,gemma3]
-                                     [--new 16] [--out /tmp/gguf-export]
+    python benchmarks/gguf_export.py [--types f32,f16,bf16,q8_0,q4_0,q4_k_m] [--families tiny,smollm2,gemma3]
+                                     [--tiny gpt2,mixtral,...] [--new 16] [--out /tmp/gguf-export]
 """
 
 from __future__ import annotations
@@ -37,15 +37,17 @@ from evolm.interop.gguf import find_asset, load_gguf  # noqa: E402
 from evolm.interop.gguf_export import export_gguf  # noqa: E402
 
 # tiny random models (tests/test_gguf_export.py's configs); those transformers' GGUF loader can express
-TINY = ["llama", "llama-plain", "qwen2", "qwen3-hd", "gemma2-hd", "gemma3-hd", "olmo2", "qwen3", "gemma3"]
-HF_OK = {"qwen2", "qwen3-hd", "gemma2-hd", "gemma3-hd", "llama-plain", "smollm2", "gemma3-270m"}
+TINY = ["llama", "llama-plain", "qwen2", "qwen3-hd", "gemma2-hd", "gemma3-hd", "olmo2", "qwen3", "gemma3",
+        "gpt2", "gpt2-hf", "mixtral", "qwen3moe", "qwen3moe-hf", "deepseek3", "deepseek2"]
+HF_OK = {"qwen2", "qwen3-hd", "gemma2-hd", "gemma3-hd", "llama-plain", "smollm2", "gemma3-270m", "gpt2-hf",
+         "qwen3moe-hf"}
 
 
-def tiny_models():
+def tiny_models(names: list[str]):
     import test_gguf_export as t  # the tests' tiny configs and tokenizers, one definition
 
     bpe, spm = t.make_bpe(), t.make_spm()
-    for name in TINY:
+    for name in names:
         yield name, t.random_model(name), t.tokenizer_for(name, bpe, spm)
 
 
@@ -116,6 +118,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--types", default="f32,f16,bf16,q8_0,q4_0")
     ap.add_argument("--families", default="tiny,smollm2,gemma3")
+    ap.add_argument("--tiny", default=",".join(TINY), help="which tiny models 'tiny' means")
     ap.add_argument("--new", type=int, default=16)
     ap.add_argument("--out", default="/tmp/gguf-export")
     args = ap.parse_args()
@@ -128,7 +131,7 @@ def main() -> None:
     except ImportError:
         has_llama_cpp = False
     which = args.families.split(",")
-    models = [*(tiny_models() if "tiny" in which else []), *real_models(which)]
+    models = [*(tiny_models(args.tiny.split(",")) if "tiny" in which else []), *real_models(which)]
     print("| model | type | evolm: max abs dlogit | top-1 kept | transformers vs evolm | llama.cpp greedy = evolm "
           "| MiB | export s |")
     print("|---|---|---|---|---|---|---|---|")

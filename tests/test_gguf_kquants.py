@@ -58,7 +58,10 @@ def ggml():
         import llama_cpp
     except ImportError as e:
         pytest.skip(f"llama.cpp not installed (`make bench-deps` builds llama-cpp-python): {e}")
-    lib = ctypes.CDLL(os.path.join(os.path.dirname(llama_cpp.__file__), "lib", "libggml-base.so"))
+    try:
+        lib = ctypes.CDLL(os.path.join(os.path.dirname(llama_cpp.__file__), "lib", "libggml-base.so"))
+    except OSError as e:
+        pytest.skip(f"llama-cpp-python without its libggml-base.so: {e}")
     lib.ggml_quantize_chunk.restype = ctypes.c_size_t
     lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                                         ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
