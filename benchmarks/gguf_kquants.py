@@ -96,7 +96,10 @@ def main() -> None:
     torch.set_num_threads(1)
     model, tok = load_gguf(find_asset(args.model) if not args.model.endswith(".gguf") else args.model)
     f32 = export_gguf(model, out / "f32.gguf", tok, "f32")
-    ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": PROMPT}]), add_special_tokens=False)
+    if tok.chat_template:
+        ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": PROMPT}]), add_special_tokens=False)
+    else:  # a base model (Gemma 3 270M): the plain question
+        ids = tok.encode(PROMPT)
     base = greedy_llama_cpp(f32, ids, args.new)
     print(f"f32: {f32.stat().st_size / 2**20:.1f} MiB; llama.cpp greedy: {tok.decode(base)!r}")
     print("| type | tensors equal (type + bytes) | blocks equal in the rest | max abs dequantized diff | types "
