@@ -15,8 +15,8 @@ calibration set, one score per structure:
   "loss"``) the increase of the calibration loss when that one block is skipped.
 
 A per-token score is aggregated over the sequence by the mean of its absolute value and over
-the batch by the L2 norm (``sqrt(Σ_b (mean_s |a_bs|)²)``): the (batch L2, sequence mean) pair
-is the aggregation the paper's ablation of aggregation functions found best. Besides the scores,
+the batch by the L2 norm (``sqrt(Σ_b (mean_s |a_bs|)²)``): the (batch L2, sequence mean) pair of
+the paper's ablation of aggregation functions, as recalled (not re-checked against its table). Besides the scores,
 every d_model-wide norm records the mean share of its input's energy in each channel
 (``E[x_i² / Σ_j x_j²]``): ``structured.py`` uses it to keep the norm's output scale when channels
 are cut.
