@@ -164,6 +164,8 @@ def _add_inference_args(p: argparse.ArgumentParser, decode_loop: bool = True) ->
         p.add_argument("--compile", action=on_off, default=None,
                        help="prefill and decode through torch.compile-d graphs over a static KV cache "
                             "(first call compiles; default: on for CUDA, off on CPU)")
+    p.add_argument("--block-step", action=on_off, default=None,
+                   help="on the CPU, each block's decode step as one C++ call (default: on for CPU unless --compile)")
     p.add_argument("--no-fast", dest="fast", action="store_false",
                    help="the plain eager model: no kept blocks, no fusing, no compiling")
     p.add_argument("--explain", action="store_true", help="print which inference path is used and why (stderr)")
@@ -177,6 +179,7 @@ def _inference_options(args):
 
     options = InferenceOptions(device=args.device, dtype=args.dtype, keep_blocks=args.keep_blocks, fuse=args.fuse,
                                quantize=args.quantize, compile=getattr(args, "compile", False), fast=args.fast,
+                               block_step=args.block_step,
                                policy=KernelPolicy.from_env())  # the EVOLM_* kernel switches, read once
     options, why = choose_path(args.model, options)
     if args.explain:

@@ -128,6 +128,19 @@ class KVCache:
         V[:, :, slots] = v[:, :, T - keep:]
         return keys, vals
 
+    def decode_slot(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, int, int] | None:
+        """Where one new token per row goes, as :meth:`update` would place it: ``(K, V, slot, attend)``,
+        the layer's buffers, the slot written (an int, or a tensor of one slot per row) and how many
+        leading slots it attends (-1: the whole ring of a sliding-window layer). None where :meth:`update` must do it (no buffers yet, static
+        mode, nothing cached). For the fused decode step (``evolm.infer.block_step``)."""
+        if self.static or self.length == 0 or layer not in self._k:
+            return None
+        K, V = self._k[layer], self._v[layer]
+        window = self.key_layout(layer)
+        if window is None:
+            return K, V, self.length, self.length + 1
+        return K, V, self.length % window, -1
+
     def select_rows(self, index: torch.Tensor) -> None:
         """Keep, reorder or repeat batch rows: row ``r`` becomes old row ``index[r]``.
 

@@ -42,7 +42,9 @@ class InferenceOptions:
     weights' dtype (a torch dtype or its name), None keeps the stored one. ``keep_blocks``: a
     GGUF file's quantized blocks stay as they are. ``fuse``: one qkv and one gate_up matmul per
     layer. ``quantize``: weight-only int8, or int4 (group 32, int8 head). ``compile``: decode
-    through torch.compile-d graphs over a static KV cache (read by the decode loop). ``policy``:
+    through torch.compile-d graphs over a static KV cache (read by the decode loop).
+    ``block_step``: on the CPU, each block's one-token step as one C++ call
+    (:mod:`evolm.infer.block_step`; blocks it cannot express keep the Python path). ``policy``:
     which kernels quantized linears and the compiled step use (``KernelPolicy.from_env()`` at an
     entry point; the defaults are the measured fastest).
     """
@@ -53,6 +55,7 @@ class InferenceOptions:
     fuse: bool | None = None
     quantize: Literal["int8", "int4"] | None = None
     compile: bool | None = None
+    block_step: bool | None = None
     fast: bool = True
     policy: KernelPolicy = KernelPolicy()
 
@@ -70,7 +73,7 @@ class InferenceOptions:
     @property
     def chosen(self) -> bool:
         """Whether every path choice is made (after :func:`choose_path`)."""
-        return None not in (self.keep_blocks, self.fuse, self.compile)
+        return None not in (self.keep_blocks, self.fuse, self.compile, self.block_step)
 
 
 def choose_path(source, options: InferenceOptions = InferenceOptions()) -> tuple[InferenceOptions, list[str]]:
@@ -93,7 +96,8 @@ def choose_path(source, options: InferenceOptions = InferenceOptions()) -> tuple
 
     if not options.fast:
         reason = "--no-fast: the plain eager model"
-        pick("keep_blocks", False, reason), pick("fuse", False, reason), pick("compile", False, reason)
+        for field in ("keep_blocks", "fuse", "compile", "block_step"):
+            pick(field, False, reason)
     else:
         if not gguf:
             pick("keep_blocks", False, "not a GGUF file: no blocks to keep")
@@ -109,6 +113,12 @@ def choose_path(source, options: InferenceOptions = InferenceOptions()) -> tuple
         else:
             pick("compile", False, "CPU: eager decoding starts at once; --compile trades ~25 s of compilation at "
                                    "start for ~10-15% faster decoding")
+        compiled = options.compile if options.compile is not None else picks.get("compile")
+        if device.type != "cpu" or compiled:
+            pick("block_step", False, "the compiled step decodes" if compiled else "a CPU kernel")
+        else:
+            pick("block_step", True, "CPU: each block's decode step is one C++ call (the eager model's ops, no "
+                                     "interpreter between them)")
     why.insert(0, f"device: {device} ({'asked' if options.device != 'auto' else 'auto'})")
     return replace(options, device=str(device), **picks), why
 
@@ -142,6 +152,10 @@ def prepare(model, options: InferenceOptions):
         policy = options.policy
         model = quantize_int8(model, policy=policy) if options.quantize == "int8" else \
             quantize_int4(model, group_size=32, policy=policy)
+    if options.block_step or (options.block_step is None and options.fast and not options.compile):
+        from evolm.infer import block_step
+
+        block_step.attach(model)  # last: it holds the prepared modules' tensors
     return model
 
 

@@ -44,7 +44,8 @@ from pathlib import Path
 
 import torch
 
-_SOURCES = [Path(__file__).with_name(n) for n in ("qgemv.cpp", "skinny_gemm.cpp", "decode_attention.cpp", "block_gemm.cpp")]
+_SOURCES = [Path(__file__).with_name(n) for n in ("qgemv.cpp", "skinny_gemm.cpp", "decode_attention.cpp", "block_gemm.cpp",
+                                                    "decode_block.cpp")]
 _HEADERS = [Path(__file__).with_name("simd.h")]  # the SIMD vector widths the kernels share
 _state: dict = {}
 
@@ -113,11 +114,17 @@ def available() -> bool:
         mod = load(name="evolm_qgemv", sources=[str(p) for p in _SOURCES], extra_cflags=flags,
                    build_directory=str(_build_dir()), verbose=False)
         _fake_registrations()
-        _state["isa"], _state["skinny_isa"], _state["ok"] = mod.isa(), mod.skinny_isa(), True
+        _state["isa"], _state["skinny_isa"], _state["module"], _state["ok"] = mod.isa(), mod.skinny_isa(), mod, True
     except Exception as e:  # no compiler, no headers, ...: PyTorch's kernels remain
         warnings.warn(f"evolm: the quantized CPU kernels (evolm/kernels/qgemv.cpp) could not be built, "
                       f"using PyTorch's instead: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
     return _state["ok"]
+
+
+def block_plan_class():
+    """The C++ ``BlockPlan`` class of ``decode_block.cpp`` (one block's fused decode step), or None
+    where the kernels cannot be built."""
+    return _state["module"].BlockPlan if available() else None
 
 
 def cpu_has_avx512() -> bool:

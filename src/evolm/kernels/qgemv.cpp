@@ -370,9 +370,11 @@ TORCH_LIBRARY_IMPL(evolm_q, CPU, lib) {
   lib.impl("q4_dequantize", &q4_dequantize);
 }
 
-std::string skinny_isa();  // skinny_gemm.cpp
+std::string skinny_isa();                          // skinny_gemm.cpp
+void register_block_plan(pybind11::module& mod);  // decode_block.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("isa", &isa);
   mod.def("skinny_isa", &skinny_isa);
+  register_block_plan(mod);
 }

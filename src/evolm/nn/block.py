@@ -70,7 +70,14 @@ class Block(nn.Module):
     def _drop(self, x: torch.Tensor) -> torch.Tensor:
         return F.dropout(x, self.resid_dropout, self.training) if self.resid_dropout else x
 
+    # the fused one-token CPU step (evolm.infer.block_step), given by inference preparation
+    decode_step = None
+
     def forward(self, x: torch.Tensor, rope, mask, is_causal: bool, cache=None) -> torch.Tensor:
+        if self.decode_step is not None and cache is not None and x.shape[1] == 1 and not torch.is_grad_enabled():
+            y = self.decode_step(x, rope, mask, cache)
+            if y is not None:
+                return y
         attn = lambda h: self._drop(self.self_attn(h, rope, mask, is_causal, cache))  # noqa: E731
         mlp = lambda h: self._drop(self.mlp(h))  # noqa: E731
         p = self.placement

@@ -211,6 +211,14 @@ class _DecodeView:
             return K[:n, :, :self.n_keys], V[:n, :, :self.n_keys]
         return K[self.rows, :, :self.n_keys], V[self.rows, :, :self.n_keys]
 
+    def decode_slot(self, layer: int):
+        """``KVCache.decode_slot`` for the fused step: the rows' buffers, each row's own write slot,
+        ``n_keys`` slots attended (None for rows that are not 0..n-1: :meth:`update` gathers them)."""
+        if not self.contiguous or layer not in self.cache._k:
+            return None
+        n = len(self.lens)
+        return self.cache._k[layer][:n], self.cache._v[layer][:n], self.lens, self.n_keys
+
     def advance(self, n: int) -> None:
         pass
 

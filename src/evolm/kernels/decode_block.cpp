@@ -1,0 +1,221 @@
+// One residual block's decode step (one new token per sequence) as a single call from Python.
+//
+// Why: an eager decode step of a small model is mostly interpreter time, not arithmetic. SmolLM2-135M
+// on one AVX-512 core spends ~13 ms of a ~30 ms token in its 121 quantized matrix-vector products and
+// the rest in ~900 Python-level module calls and ATen dispatches (profiled). torch.compile removes
+// that overhead but costs tens of seconds at every start; llama.cpp has none because its graph is C.
+// Here a block's step -- norms, projections, rotary embedding, the KV-cache write, attention, MLP,
+// residuals -- runs as one C++ function over tensors gathered once (``BlockPlan``), so a token costs
+// one Python call per block.
+//
+// The arithmetic is the eager model's, op for op (evolm/nn/block.py, attention.py, mlp.py, norm.py,
+// rope.py): the same ATen ops in the same order and dtypes, the GGUF block products through the same
+// kernel (blocks_linear), dense weights through at::linear. Only attention differs in summation order:
+// it is evolm_f::decode_attention (decode_attention.cpp), the kernel the compiled CPU step uses.
+// What is not expressed here (MoE, MLA, LoRA, int4/int8 re-quantized linears) keeps the Python path:
+// evolm/infer/block_step.py builds a plan only for blocks this file covers.
+#include <torch/extension.h>
+
+#include <optional>
+#include <string>
+#include <vector>
+
+at::Tensor blocks_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
+                         const std::optional<at::Tensor>& min, int64_t group);               // block_gemm.cpp
+at::Tensor blocks_dequantize(const at::Tensor& codes, const at::Tensor& scale, const std::optional<at::Tensor>& min,
+                             int64_t group, bool bf16);                                        // block_gemm.cpp
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const std::optional<at::Tensor>& mask, double scale,
+                            std::optional<double> softcap);                                    // decode_attention.cpp
+
+namespace {
+
+using OptT = std::optional<at::Tensor>;
+
+// a linear layer as block_step.py hands it over: kind 0 dense (weight, bias), 1 GGUF blocks
+// (codes, scale, min, bias, group); kind -1 absent
+struct Linear {
+  int64_t kind = -1, group = 0, rows = 0;  // rows: up to this many activation rows use blocks_linear
+  at::Tensor w, scale;
+  OptT min, bias;
+
+  at::Tensor operator()(const at::Tensor& x) const {  // x (M, K) -> (M, N), as the Python layer computes it
+    if (kind == 0) return bias.has_value() ? at::linear(x, w, *bias) : at::linear(x, w);
+    at::Tensor y = x.size(0) <= rows
+        ? blocks_linear(x, w, scale, min, group)
+        : at::linear(x, blocks_dequantize(w, scale, min, group, x.scalar_type() == at::kBFloat16));
+    if (bias.has_value()) y = y + bias->to(y.scalar_type());
+    return y;
+  }
+  bool present() const { return kind >= 0; }
+};
+
+// a norm: kind 0 RMSNorm (unit_offset: Gemma's (1 + w), precomputed), 1 LayerNorm; -1 absent
+struct Norm {
+  int64_t kind = -1;
+  bool unit_offset = false;
+  double eps = 1e-6;
+  at::Tensor w;
+  OptT b;
+
+  at::Tensor operator()(const at::Tensor& x) const {
+    if (kind == 1) return at::layer_norm(x, {w.size(0)}, w, b, eps);
+    const auto dtype = x.scalar_type();
+    at::Tensor xf = x.to(at::kFloat);
+    xf = xf * at::rsqrt(xf.pow(2).mean(-1, true) + eps);
+    if (unit_offset) return (xf * w).to(dtype);  // w already holds 1 + weight in float32
+    return w * xf.to(dtype);
+  }
+};
+
+enum Placement { PRE = 0, POST = 1, SANDWICH = 2, OLMO2 = 3, PARALLEL = 4 };
+enum QKNorm { QK_NONE = 0, QK_HEAD = 1, QK_FULL = 2 };
+enum Act { GELU = 0, GELU_TANH = 1, SILU = 2, RELU = 3 };
+
+at::Tensor activation(const at::Tensor& x, int64_t act) {
+  switch (act) {
+    case GELU: return at::gelu(x);
+    case GELU_TANH: return at::gelu(x, "tanh");
+    case SILU: return at::silu(x);
+    default: return at::relu(x);
+  }
+}
+
+// rotate the first 2 * cos.size(-1) dims of x (B, H, 1, D), as evolm.nn.rope.apply_rope does
+at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, bool interleave) {
+  const int64_t rot = 2 * cos.size(-1), D = x.size(-1);
+  at::Tensor xr = x.narrow(-1, 0, rot);
+  at::Tensor x1, x2;
+  if (interleave) {
+    x1 = xr.slice(-1, 0, rot, 2);
+    x2 = xr.slice(-1, 1, rot, 2);
+  } else {
+    x1 = xr.narrow(-1, 0, rot / 2);
+    x2 = xr.narrow(-1, rot / 2, rot / 2);
+  }
+  at::Tensor out = at::cat({x1 * cos - x2 * sin, x2 * cos + x1 * sin}, -1);
+  return rot < D ? at::cat({out, x.narrow(-1, rot, D - rot)}, -1) : out;
+}
+
+}  // namespace
+
+// The tensors and settings of one block, gathered once by evolm/infer/block_step.py.
+struct BlockPlan {
+  int64_t placement, qk_norm, act, n_heads, n_kv, head_dim;
+  bool gated, interleave;
+  double scale;
+  std::optional<double> softcap;
+  Norm attn_norm, mlp_norm, attn_out_norm, mlp_out_norm, q_norm, k_norm;
+  Linear q, k, v, qkv, o, gate, up, gate_up, down;
+
+  BlockPlan(std::vector<int64_t> ints, std::vector<double> floats, std::vector<OptT> t) {
+    // ints: placement, qk_norm, act, gated, n_heads, n_kv, head_dim, interleave, has_softcap,
+    //       then per norm (6): kind, unit_offset; then per linear (9): kind, group, rows
+    // floats: scale, softcap, then per norm (6): eps
+    // t: per norm (6): weight, bias; then per linear (9): weight or codes, scale, min, bias
+    TORCH_CHECK(ints.size() == 9 + 12 + 27 && floats.size() == 2 + 6 && t.size() == 12 + 36,
+                "evolm BlockPlan: unexpected plan layout");
+    placement = ints[0], qk_norm = ints[1], act = ints[2], gated = ints[3] != 0;
+    n_heads = ints[4], n_kv = ints[5], head_dim = ints[6], interleave = ints[7] != 0;
+    scale = floats[0];
+    if (ints[8]) softcap = floats[1];
+    Norm* norms[6] = {&attn_norm, &mlp_norm, &attn_out_norm, &mlp_out_norm, &q_norm, &k_norm};
+    for (int i = 0; i < 6; ++i) {
+      Norm& n = *norms[i];
+      n.kind = ints[9 + 2 * i], n.unit_offset = ints[10 + 2 * i] != 0, n.eps = floats[2 + i];
+      if (n.kind >= 0) n.w = *t[2 * i], n.b = t[2 * i + 1];
+    }
+    Linear* lins[9] = {&q, &k, &v, &qkv, &o, &gate, &up, &gate_up, &down};
+    for (int i = 0; i < 9; ++i) {
+      Linear& l = *lins[i];
+      const size_t a = 21 + 3 * i, b = 12 + 4 * i;
+      l.kind = ints[a], l.group = ints[a + 1], l.rows = ints[a + 2];
+      if (l.kind >= 0) l.w = *t[b], l.scale = t[b + 1].value_or(at::Tensor()), l.min = t[b + 2], l.bias = t[b + 3];
+    }
+  }
+
+  // x (B, 1, D); cos/sin (B, 1, 1, rot/2) or absent; mask (B or 1, 1, 1, S) bool or absent;
+  // K, V (B, Hkv, S_buf, Dh): the cache buffers, written at `slot` (or row b at `slots[b]`: the
+  // server's rows of different lengths), attended over their first `attend` slots (-1: all of
+  // them, a sliding window's ring)
+  at::Tensor step(const at::Tensor& x3, const OptT& cos, const OptT& sin, const OptT& mask, const at::Tensor& K,
+                  const at::Tensor& V, int64_t slot, const OptT& slots, int64_t attend) const {
+    const int64_t B = x3.size(0), D = x3.size(2);
+    at::Tensor x = x3.reshape({B, D});
+    switch (placement) {
+      case PRE: {
+        x = x + attention(attn_norm(x), cos, sin, mask, K, V, slot, slots, attend);
+        return (x + mlp(mlp_norm(x))).view({B, 1, D});
+      }
+      case POST: {
+        x = attn_norm(x + attention(x, cos, sin, mask, K, V, slot, slots, attend));
+        return mlp_norm(x + mlp(x)).view({B, 1, D});
+      }
+      case SANDWICH: {
+        x = x + attn_out_norm(attention(attn_norm(x), cos, sin, mask, K, V, slot, slots, attend));
+        return (x + mlp_out_norm(mlp(mlp_norm(x)))).view({B, 1, D});
+      }
+      case OLMO2: {
+        x = x + attn_out_norm(attention(x, cos, sin, mask, K, V, slot, slots, attend));
+        return (x + mlp_out_norm(mlp(x))).view({B, 1, D});
+      }
+      default: {  // parallel
+        at::Tensor h = attn_norm(x);
+        return (x + attention(h, cos, sin, mask, K, V, slot, slots, attend) + mlp(h)).view({B, 1, D});
+      }
+    }
+  }
+
+ private:
+  at::Tensor attention(const at::Tensor& x, const OptT& cos, const OptT& sin, const OptT& mask, const at::Tensor& K,
+                       const at::Tensor& V, int64_t slot, const OptT& slots, int64_t attend) const {
+    const int64_t B = x.size(0);
+    at::Tensor qt, kt, vt;
+    if (qkv.present()) {
+      auto parts = qkv(x).split_with_sizes({n_heads * head_dim, n_kv * head_dim, n_kv * head_dim}, -1);
+      qt = parts[0], kt = parts[1], vt = parts[2];
+    } else {
+      qt = q(x), kt = k(x), vt = v(x);
+    }
+    if (qk_norm == QK_FULL) qt = q_norm(qt), kt = k_norm(kt);
+    qt = qt.view({B, 1, n_heads, head_dim}).transpose(1, 2);
+    kt = kt.view({B, 1, n_kv, head_dim}).transpose(1, 2);
+    vt = vt.view({B, 1, n_kv, head_dim}).transpose(1, 2);
+    if (qk_norm == QK_HEAD) qt = q_norm(qt), kt = k_norm(kt);
+    if (cos.has_value()) qt = rope(qt, *cos, *sin, interleave), kt = rope(kt, *cos, *sin, interleave);
+    if (slots.has_value()) {
+      const at::Tensor where = slots->to(at::kLong).contiguous();
+      const int64_t* w = where.data_ptr<int64_t>();
+      for (int64_t b = 0; b < B; ++b) {
+        K[b].select(1, w[b]).copy_(kt[b].select(1, 0));
+        V[b].select(1, w[b]).copy_(vt[b].select(1, 0));
+      }
+    } else {
+      K.select(2, slot).copy_(kt.select(2, 0));
+      V.select(2, slot).copy_(vt.select(2, 0));
+    }
+    const at::Tensor keys = attend < 0 ? K : K.narrow(2, 0, attend);
+    const at::Tensor vals = attend < 0 ? V : V.narrow(2, 0, attend);
+    at::Tensor y = decode_attention(qt, keys, vals, mask, scale, softcap);  // (B, H, 1, Dh)
+    return o(y.reshape({B, n_heads * head_dim}));
+  }
+
+  at::Tensor mlp(const at::Tensor& x) const {
+    at::Tensor h;
+    if (gate_up.present()) {
+      auto gu = gate_up(x).chunk(2, -1);
+      h = activation(gu[0], act) * gu[1];
+    } else if (gated) {
+      h = activation(gate(x), act) * up(x);
+    } else {
+      h = activation(up(x), act);
+    }
+    return down(h);
+  }
+};
+
+void register_block_plan(pybind11::module& mod) {
+  pybind11::class_<BlockPlan>(mod, "BlockPlan")
+      .def(pybind11::init<std::vector<int64_t>, std::vector<double>, std::vector<OptT>>())
+      .def("step", &BlockPlan::step);
+}

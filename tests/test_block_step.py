@@ -1,0 +1,182 @@
+"""The fused CPU decode step (evolm/infer/block_step.py, kernels/decode_block.cpp) against the eager
+model: every norm placement, QK-norm, soft-cap, window, activation and linear kind it covers gives
+the eager decode's logits (to float rounding: attention sums in another order) and its greedy tokens;
+what it does not cover keeps the Python path."""
+
+import pytest
+import torch
+
+from evolm import KVCache, build, kernels
+from evolm.infer import SamplingParams, block_step, generate
+from evolm.presets import get_preset
+from evolm.quant.blocks import BlockLinear, Blocks
+from evolm.quant.walk import replace_linears
+
+needs_kernels = pytest.mark.skipif(not kernels.available(), reason="evolm's C++ kernels cannot be built here")
+pytestmark = needs_kernels
+
+VARIANTS = {
+    "llama": ("tiny-llama", {}),
+    "gpt2": ("tiny-gpt2", {}),  # LayerNorm with bias, learned positions, GELU MLP, biases
+    "gemma3": ("tiny-gemma3", {}),  # sandwich, (1 + w) norms, per-head QK-norm, 5:1 sliding windows
+    "olmo2": ("tiny-olmo2", {}),  # OLMo 2 placement, QK-norm over the whole projection
+    "qwen3": ("tiny-qwen3", {}),
+    "post": ("tiny-llama", {"norm_placement": "post"}),
+    "parallel": ("tiny-llama", {"norm_placement": "parallel"}),
+    "softcap": ("tiny-gemma3", {"attn_softcap": 50.0}),
+    "gelu-tanh-plain-mlp": ("tiny-llama", {"mlp": "mlp", "activation": "gelu_tanh"}),
+    "qkv-bias-interleaved-rope": ("tiny-llama", {"qkv_bias": True, "rope_interleave": True}),
+}
+
+
+def _model(preset: str, changes: dict, seed: int = 0):
+    cfg = get_preset(preset).replace(tie_embeddings=False, **changes)
+    torch.manual_seed(seed)
+    model = build(cfg).eval()
+    with torch.no_grad():  # larger weights: varied greedy continuations
+        for p in model.parameters():
+            if p.ndim >= 2:
+                p.mul_(8.0)
+    return model
+
+
+def _spy(model) -> list:
+    """Count the fused steps that really ran (a step may hand back None and let Python run)."""
+    calls = []
+    for block in model.layers:
+        plan = block.decode_step.plan
+
+        class Spy:
+            def step(self, *a, plan=plan):
+                calls.append(1)
+                return plan.step(*a)
+
+        block.decode_step.plan = Spy()
+    return calls
+
+
+def _decode_logits(model, prompt: torch.Tensor, mask: torch.Tensor | None, n: int) -> torch.Tensor:
+    """Logits of ``n`` greedy steps after ``prompt`` through a KVCache (the path generate takes)."""
+    cache = KVCache.for_model(model, prompt.shape[0], prompt.shape[1] + n + 1)
+    out = []
+    with torch.inference_mode():
+        logits = model(prompt, attention_mask=mask, cache=cache)[:, -1]
+        pos = (mask.sum(1) if mask is not None else torch.full((prompt.shape[0],), prompt.shape[1]))
+        for _ in range(n):
+            out.append(logits)
+            nxt = logits.argmax(-1, keepdim=True)
+            if mask is not None:
+                mask = torch.cat([mask, torch.ones_like(nxt)], 1)
+            logits = model(nxt, position_ids=pos[:, None].clone(), attention_mask=mask[:, -1:] if mask is not None else None,
+                           cache=cache)[:, -1]
+            pos = pos + 1
+    return torch.stack(out, 1)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("fuse", [False, True])
+def test_fused_step_equals_the_eager_decode(variant, fuse):
+    preset, changes = VARIANTS[variant]
+    model = _model(preset, changes)
+    if fuse:
+        model.fuse_for_inference()
+    window = model.config.sliding_window or 0
+    n = max(12, 2 * window) if window <= 16 else 12  # past the window: the ring's mask is used
+    prompt = torch.randint(0, model.config.vocab_size, (1, 7), generator=torch.Generator().manual_seed(1))
+    want = _decode_logits(model, prompt, None, n)
+    assert block_step.attach(model) == model.config.n_layers
+    calls = _spy(model)
+    got = _decode_logits(model, prompt, None, n)
+    assert len(calls) == model.config.n_layers * n  # every decode step of every block was fused
+    block_step.detach(model)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+@pytest.mark.parametrize("variant", ["llama", "gemma3", "gpt2"])
+def test_padded_batch_equals_the_eager_decode(variant):
+    """Left-padded rows of different lengths: the padding mask reaches the kernel per row."""
+    preset, changes = VARIANTS[variant]
+    model = _model(preset, changes)
+    g = torch.Generator().manual_seed(3)
+    prompt = torch.randint(0, model.config.vocab_size, (3, 9), generator=g)
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[1, :4] = 0
+    mask[2, :2] = 0
+    want = _decode_logits(model, prompt, mask, 10)
+    block_step.attach(model)
+    calls = _spy(model)
+    got = _decode_logits(model, prompt, mask, 10)
+    assert len(calls) == model.config.n_layers * 10
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+def _to_blocks(model) -> None:
+    """Replace every block linear by 4-bit GGUF-style blocks of its own (rounded) weights."""
+
+    def make(name, lin):
+        w = lin.weight.detach()
+        N, K = w.shape
+        g = w.reshape(N, K // 32, 32)
+        lo, hi = g.amin(-1), g.amax(-1)
+        d = ((hi - lo) / 15).clamp_min(1e-8).half().float()
+        m = lo.half().float()
+        q = ((g - m[..., None]) / d[..., None]).round().clamp(0, 15).reshape(N, K)
+        return BlockLinear(Blocks(kernels.pack_q4(q), d, m, 32, "Q4_1"), lin.bias)
+
+    replace_linears(model.layers, make)
+
+
+def test_kept_blocks_model_greedy_equals_eager():
+    model = _model("tiny-llama", {})
+    _to_blocks(model)
+    assert any(isinstance(m, BlockLinear) for m in model.modules())
+    model.fuse_for_inference()
+    prompt = torch.randint(0, model.config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(5))
+    p = SamplingParams(max_new_tokens=16, temperature=0, ignore_eos=True)
+    want, want_logits = generate(model, prompt, p), _decode_logits(model, prompt, None, 8)
+    assert block_step.attach(model) == model.config.n_layers
+    assert generate(model, prompt, p) == want
+    got = _decode_logits(model, prompt, None, 8)
+    torch.testing.assert_close(got, want_logits, rtol=1e-5, atol=1e-5 * want_logits.abs().max().item())
+
+
+def test_what_it_cannot_express_keeps_the_python_path():
+    moe = build(get_preset("tiny-mixtral")).eval()
+    assert block_step.attach(moe) == 0  # every layer is a mixture of experts
+    mla = build(get_preset("tiny-deepseek")).eval()
+    assert block_step.attach(mla) == 0
+    model = _model("tiny-llama", {})
+    from evolm.quant import quantize_int8
+
+    q = quantize_int8(model)
+    assert block_step.attach(q) == 0  # re-quantized int8 linears: not a plan's linear kind
+
+
+def test_prompt_training_and_other_dtypes_keep_the_python_path():
+    model = _model("tiny-llama", {})
+    block_step.attach(model)
+    calls = _spy(model)
+    prompt = torch.randint(0, 512, (1, 5))
+    with torch.no_grad():
+        model(prompt)  # no cache
+        cache = KVCache.for_model(model, 1, 16)
+        model(prompt, cache=cache)  # a prompt
+    assert not calls
+    with torch.no_grad():
+        model(prompt[:, :1], cache=cache)  # one token: fused
+    assert len(calls) == model.config.n_layers
+    with torch.enable_grad():
+        model(prompt[:, :1], cache=cache)  # gradients wanted: the Python path
+    assert len(calls) == model.config.n_layers
+
+
+def test_default_preparation_attaches_and_no_fast_does_not():
+    from evolm.infer.prepare import InferenceOptions, prepare
+
+    model = prepare(_model("tiny-llama", {}), InferenceOptions(device="cpu", keep_blocks=False, fuse=True,
+                                                              compile=False, block_step=None))
+    assert all(b.decode_step is not None for b in model.layers)
+    plain = prepare(_model("tiny-llama", {}), InferenceOptions(device="cpu", fast=False, keep_blocks=False,
+                                                              fuse=False, compile=False, block_step=False))
+    assert all(b.decode_step is None for b in plain.layers)
