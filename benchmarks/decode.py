@@ -6,7 +6,7 @@ installed) runs the quantized file natively. Prints prefill tokens/s for a 256-t
 decode tokens/s for 128 new tokens at batch 1 and 8, and the ratio evolm / transformers.
 
     python benchmarks/decode.py [--model smollm2|gemma3|PATH.gguf] [--dtypes float32,bfloat16]
-                                [--batches 1,8] [--new 128] [--prompt-len 256] [--int8] [--int4] [--blocks]
+                                [--batches 1,8] [--new 128] [--prompt-len 256] [--int8] [--int4] [--blocks] [--block-step]
                                 [--compile] [--kernels-ab] [--repeat N] [--quality]
                                 [--device cuda] [--random PRESET]
 
@@ -211,6 +211,8 @@ def main() -> None:
                     help="also run evolm keeping the file's quantized blocks (fp32 arithmetic, exact weights)")
     ap.add_argument("--compile", action="store_true", help="also run each evolm variant with the compiled step")
     ap.add_argument("--only-compiled", action="store_true", help="with --compile: skip the eager evolm variants")
+    ap.add_argument("--block-step", action="store_true",
+                    help="also run the CPU defaults: the file's blocks, fused, each block's decode step in C++")
     ap.add_argument("--fuse", action="store_true", help="fuse q/k/v and gate/up (fuse_for_inference) in evolm variants")
     ap.add_argument("--kernels-ab", action="store_true",
                     help="build each quantized variant twice: with evolm's int8-activation kernels and with torch's")
@@ -260,6 +262,12 @@ def main() -> None:
         models = [("evolm", fresh() if args.fuse else ours)]
         if args.blocks and not args.random:
             models.append(("evolm blocks", fresh(blocks=True)))
+        if args.block_step and not args.random and args.device == "cpu":
+            from evolm.infer import block_step  # what `evolm generate` prepares on the CPU by default
+
+            m = fresh(blocks=True).fuse_for_inference()
+            block_step.attach(m)
+            models.append(("evolm blocks+fuse+block step (defaults)", m))
         default_kernels = POLICY.quant_kernels
         for use in ([default_kernels, not default_kernels] if args.kernels_ab else [default_kernels]):
             policy = replace(POLICY, quant_kernels=use)  # taken by each layer when it is quantized

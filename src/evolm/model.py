@@ -30,8 +30,8 @@ class Transformer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = c = config
-        self.embed_tokens = nn.Embedding(c.vocab_size, c.d_model)
-        self.pos_embed = nn.Embedding(c.max_seq_len, c.d_model) if c.pos_emb == "learned" else None
+        self.embed_tokens = _embedding(c.vocab_size, c.d_model)
+        self.pos_embed = _embedding(c.max_seq_len, c.d_model) if c.pos_emb == "learned" else None
         self.layers = nn.ModuleList(Block(c, i) for i in range(c.n_layers))
         self.norm = make_norm(c) if c.final_norm else None
         self.lm_head = None if c.tie_embeddings else nn.Linear(c.d_model, c.vocab_size, bias=c.lm_head_bias)
@@ -45,8 +45,10 @@ class Transformer(nn.Module):
         if c.pos_emb != "rope":
             return
         device = self.embed_tokens.weight.device
-        device = None if device.type == "meta" and not torch.get_default_device().type == "meta" else device
-        with torch.device(device or "cpu"):
+        # a model on the meta device (shapes only) gets CPU tables, recomputed on the real device
+        # when its weights arrive (interop/empty.py assign_weights): arithmetic on meta tensors runs
+        # Python references that import torch._dynamo, ~1.2 s of every checkpoint load
+        with torch.device("cpu" if device.type == "meta" else device):
             self.rotary = RotaryEmbedding(c.rotary_dim, c.rope_theta, c.rope_scaling, c.rope_interleave)
             local = c.rope_local_theta is not None or c.rope_local_scaling is not None
             self.rotary_local = RotaryEmbedding(c.rotary_dim, c.rope_local_theta or c.rope_theta,
@@ -224,6 +226,16 @@ class Transformer(nn.Module):
             if self.pos_embed is not None:
                 n -= self.pos_embed.weight.numel()
         return n
+
+
+def _embedding(n: int, d: int) -> nn.Embedding:
+    """``nn.Embedding(n, d)`` as torch builds it (N(0, 1) weights, the same random draws), except on
+    the meta device, where it stays uninitialised: ``normal_`` of a meta tensor runs a Python
+    reference that imports ``torch._dynamo`` (~1.2 s at every load of a checkpoint)."""
+    w = torch.empty(n, d)
+    if not w.is_meta:
+        nn.init.normal_(w)
+    return nn.Embedding(n, d, _weight=w)
 
 
 def build(config: ModelConfig | str, device: str | torch.device | None = None,

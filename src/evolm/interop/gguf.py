@@ -41,7 +41,7 @@ from evolm.inputs import first_line, short
 from evolm.interop.empty import WeightsError, assign_weights, build_empty, check_layers
 from evolm.interop.families import GGUF_FAMILIES
 from evolm.interop.gguf_blocks import blocks_from_raw
-from evolm.interop.gguf_vocab import tokenizer_from_gguf_metadata
+from evolm.interop.gguf_vocab import file_cache_key, tokenizer_from_gguf_metadata
 from evolm.quant.blocks import Blocks, rebuilds
 from evolm.tokenizer import TokenizerError
 
@@ -651,7 +651,8 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
         stayed = found.pop("__float__", {})
         model.blocks_report = {**keep_blocks(model, found), **{k: f"float: {v}" for k, v in stayed.items()}}
     try:
-        tok = tokenizer_from_gguf_metadata(f.metadata, name=f.path) if tokenizer else None
+        tok = tokenizer_from_gguf_metadata(f.metadata, name=f.path, cache_key=file_cache_key(f.path)) \
+            if tokenizer else None
     except TokenizerError as e:  # the file's vocabulary: still the GGUF file's error
         raise GGUFError(str(e) if f.path in str(e) else f"{f.path}: {e}") from None
     return model, tok

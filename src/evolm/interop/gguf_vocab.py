@@ -15,6 +15,9 @@ so that ``evolm.tokenizer`` stays a layer below the file formats.
 
 from __future__ import annotations
 
+import hashlib
+import os
+from pathlib import Path
 from typing import Any
 
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
@@ -55,11 +58,12 @@ def tokenizer_from_gguf(path_or_reader: Any) -> Tokenizer:
     return tokenizer_from_gguf_metadata(meta, name=str(getattr(path_or_reader, "path", path_or_reader)))
 
 
-def tokenizer_from_gguf_metadata(meta: dict[str, Any], name: str = "gguf") -> Tokenizer:
+def tokenizer_from_gguf_metadata(meta: dict[str, Any], name: str = "gguf", cache_key: str | None = None) -> Tokenizer:
     """Build the tokenizer from GGUF ``tokenizer.*`` metadata (a dict of plain Python values);
-    anything wrong with it is a :class:`TokenizerError` naming ``name``."""
+    anything wrong with it is a :class:`TokenizerError` naming ``name``. ``cache_key`` (see
+    :func:`file_cache_key`): keep the built vocabulary on disk and read it back next time."""
     try:
-        return _from_metadata(meta, name)
+        return _from_metadata(meta, name, cache_key)
     except TokenizerError as e:
         raise TokenizerError(str(e) if name in str(e) else f"{name}: {e}") from None
     except BaseException as e:  # tokenizers raises bare Exceptions and Rust panics (a merge of unknown tokens ...)
@@ -68,23 +72,77 @@ def tokenizer_from_gguf_metadata(meta: dict[str, Any], name: str = "gguf") -> To
         raise TokenizerError(f"{name}: the GGUF vocabulary cannot be built ({first_line(e)})") from None
 
 
-def _from_metadata(meta: dict[str, Any], name: str) -> Tokenizer:
+def file_cache_key(path: str) -> str | None:
+    """A key for the vocabulary built from the GGUF file at ``path``: its absolute path, size and
+    modification time, and this module's source (a change to how vocabularies are built
+    invalidates every cached one). None where the file cannot be stat-ed."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    h = hashlib.sha256(Path(__file__).read_bytes())
+    h.update(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:24]
+
+
+def _cache_path(key: str) -> Path:
+    from evolm.assets import cache_dir
+
+    return cache_dir() / "tokenizers" / f"{key}.json"
+
+
+def _cached_backend(key: str | None) -> _Backend | None:
+    """The backend built earlier for this key: SentencePiece vocabularies are slow to build in
+    Python (Gemma 3's 262k tokens and their merges: ~2 s of every load), a tokenizer.json reads back
+    in Rust in a fraction of that. A missing or unreadable entry is rebuilt."""
+    if key is None:
+        return None
+    try:
+        return _Backend.from_file(str(_cache_path(key)))
+    except Exception:  # absent, truncated, from another tokenizers version: rebuild
+        return None
+
+
+def _store_backend(key: str | None, backend: _Backend) -> None:
+    if key is None:
+        return
+    path = _cache_path(key)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(backend.to_str())
+        os.replace(tmp, path)  # whole or absent: a concurrent reader never sees half a file
+    except OSError:
+        pass  # a read-only cache only costs the rebuild
+
+
+def _from_metadata(meta: dict[str, Any], name: str, cache_key: str | None = None) -> Tokenizer:
     kind = meta.get("tokenizer.ggml.model")
     tokens = meta.get("tokenizer.ggml.tokens")
     if kind is None or tokens is None:
         raise TokenizerError(f"{name}: GGUF file has no tokenizer (tokenizer.ggml.model / .tokens missing)")
     _check_vocabulary(meta, name)
-    types = meta.get("tokenizer.ggml.token_type") or [_NORMAL] * len(tokens)
     arch = str(meta.get("general.architecture", ""))
-
-    if kind == "gpt2":
-        backend, vocab, control_ok = _gguf_byte_level_bpe(meta, tokens)
-    elif kind == "llama":
-        backend, vocab = _gguf_sentencepiece_bpe(meta, tokens, gemma=arch.startswith("gemma"))
-        control_ok = None
+    if kind in ("gpt2", "llama"):
+        backend = _cached_backend(cache_key)
+        if backend is None:
+            backend = _build_backend(meta, tokens, kind, arch)
+            _store_backend(cache_key, backend)
     else:
         raise TokenizerError(f"{name}: GGUF tokenizer.ggml.model={short(kind)} is not supported "
                              f"(supported: 'gpt2' byte-level BPE, 'llama' SentencePiece BPE)")
+    return _wrap(meta, tokens, kind, backend, name)
+
+
+def _build_backend(meta: dict[str, Any], tokens: list[str], kind: str, arch: str) -> _Backend:
+    """The ``tokenizers`` backend: the model, pre-tokenizer and decoder, control tokens special and
+    user-defined tokens whole."""
+    types = meta.get("tokenizer.ggml.token_type") or [_NORMAL] * len(tokens)
+    if kind == "gpt2":
+        backend, vocab, control_ok = _gguf_byte_level_bpe(meta, tokens)
+    else:
+        backend, vocab = _gguf_sentencepiece_bpe(meta, tokens, gemma=arch.startswith("gemma"))
+        control_ok = None
 
     # control tokens (<|im_start|>, <bos>, ...) stay whole and are special; user-defined ones
     # (llama.cpp matches them whole too) stay whole but are ordinary text
@@ -96,6 +154,11 @@ def _from_metadata(meta: dict[str, Any], name: str) -> Tokenizer:
             if ty == _USER_DEFINED and t in vocab]
     if user:
         backend.add_tokens(user)
+    return backend
+
+
+def _wrap(meta: dict[str, Any], tokens: list[str], kind: str, backend: _Backend, name: str) -> Tokenizer:
+    """evolm's :class:`Tokenizer` around the backend: special tokens, BOS/EOS, stop ids, chat template."""
 
     def special(key: str) -> str | None:
         i = meta.get(f"tokenizer.ggml.{key}")

@@ -12,6 +12,7 @@ turns the backward into two matmuls per chunk. The result equals
 from __future__ import annotations
 
 import functools
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -248,14 +249,29 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         return grad_h * grad_out.to(grad_h.dtype), gw, gb, None, None, None, None, None
 
 
-@torch.compiler.disable
 def _fused_apply(*args) -> torch.Tensor:
     """The fused loss as one call that ``torch.compile`` leaves out of its graph: its buffer pool
     and the gradient it writes in place are side effects dynamo cannot trace (compiling a whole
     model that computes its loss failed with "an intermediate tensor ... aliases an input"). A
     whole-model compile breaks its graph here; the loss runs its own compiled kernels
     (:func:`_compiled_kernels`, with ``compiled=True``)."""
-    return _FusedLinearCrossEntropy.apply(*args)
+    if torch.compiler.is_compiling():
+        return (_DISABLED.get("apply") or _compile_disabled_apply())(*args)
+    if "apply" not in _DISABLED and "torch._dynamo" in sys.modules:
+        _compile_disabled_apply()  # made outside any trace when it can be: tracing the decorator
+    return _FusedLinearCrossEntropy.apply(*args)  # itself costs another graph break and a warning
+
+
+_DISABLED: dict = {}  # "apply": the loss under torch.compiler.disable, made on first need
+
+
+def _compile_disabled_apply():
+    """``torch.compiler.disable`` of the loss, made when it is first needed: the decorator imports
+    ``torch._dynamo``, ~1.3 s that every ``evolm`` command would otherwise pay at start-up
+    (``python -X importtime``), compiled or not."""
+    fn = torch.compiler.disable(lambda *args: _FusedLinearCrossEntropy.apply(*args))
+    _DISABLED["apply"] = fn
+    return fn
 
 
 def fused_linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
