@@ -180,3 +180,57 @@ def test_default_preparation_attaches_and_no_fast_does_not():
     plain = prepare(_model("tiny-llama", {}), InferenceOptions(device="cpu", fast=False, keep_blocks=False,
                                                               fuse=False, compile=False, block_step=False))
     assert all(b.decode_step is None for b in plain.layers)
+
+
+@pytest.mark.parametrize("min_rows", [1, 4])
+def test_server_engine_rows_use_the_fused_step_and_keep_the_tokens(min_rows):
+    """The serving engine's decode views: rows of different lengths (own write slots), and a lone
+    request padded with copies of itself (buffer rows gathered): the tokens of plain generation."""
+    import threading
+
+    from evolm.serve.scheduler import DoneEvent, Engine, GenRequest, TokenEvent
+
+    model = _model("tiny-llama", {})
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (5, 9, 3)]
+    p = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
+    want = [generate(model, [q], p)[0] for q in prompts]
+    block_step.attach(model)
+    calls = _spy(model)
+    class IdTokenizer:  # enough for the engine: ids spelled as numbers, no end-of-sequence token
+        eos_ids: list[int] = []
+
+        def decode(self, ids):
+            return "".join(f"<{i}>" for i in ids)
+
+        def encode(self, text):
+            return []
+
+    engine = Engine(model, IdTokenizer(), max_batch=4, min_decode_rows=min_rows).start()
+    got, done, cv = {}, set(), threading.Condition()
+
+    def deliver(ev):
+        with cv:
+            if isinstance(ev, TokenEvent):
+                got.setdefault(ev.index, []).append(ev.token_id)
+            elif isinstance(ev, DoneEvent):
+                done.add(ev.index)
+                cv.notify_all()
+            else:
+                done.add(ev.index)
+                got[ev.index] = ev
+                cv.notify_all()
+
+    try:
+        for i, q in enumerate(prompts[:1]):  # alone first: padded to min_rows copies
+            engine.submit(GenRequest(q, p, deliver, index=i))
+        with cv:
+            assert cv.wait_for(lambda: len(done) == 1, 60)
+        for i, q in enumerate(prompts[1:], 1):  # then two together, different lengths
+            engine.submit(GenRequest(q, p, deliver, index=i))
+        with cv:
+            assert cv.wait_for(lambda: len(done) == 3, 60)
+    finally:
+        engine.stop()
+    assert [got[i] for i in range(3)] == want
+    assert calls, "the engine's decode steps did not use the fused step"

@@ -53,7 +53,8 @@ class BlockStep:
         where = slot(self.layer) if slot is not None else None
         if where is None:
             return None
-        K, V, write, attend = where
+        K, V, write, attend, *rows = where
+        rows = rows[0] if rows else None
         if K.dtype != x.dtype:
             return None
         if mask is not None and (mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != 1
@@ -61,8 +62,8 @@ class BlockStep:
             return None
         cos, sin = rope if rope is not None else (None, None)
         if isinstance(write, int):
-            return self.plan.step(x, cos, sin, mask, K, V, write, None, attend)
-        return self.plan.step(x, cos, sin, mask, K, V, -1, write, attend)
+            return self.plan.step(x, cos, sin, mask, K, V, write, None, attend, None)
+        return self.plan.step(x, cos, sin, mask, K, V, -1, write, attend, rows)
 
 
 def _norm(module: nn.Module | None) -> tuple[list[int], float, list]:

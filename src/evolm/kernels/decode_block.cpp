@@ -136,39 +136,40 @@ struct BlockPlan {
 
   // x (B, 1, D); cos/sin (B, 1, 1, rot/2) or absent; mask (B or 1, 1, 1, S) bool or absent;
   // K, V (B, Hkv, S_buf, Dh): the cache buffers, written at `slot` (or row b at `slots[b]`: the
-  // server's rows of different lengths), attended over their first `attend` slots (-1: all of
-  // them, a sliding window's ring)
+  // server's rows of different lengths; with `rows`, row b of the batch is buffer row rows[b] and
+  // K, V may hold more rows), attended over their first `attend` slots (-1: all of them, a
+  // sliding window's ring)
   at::Tensor step(const at::Tensor& x3, const OptT& cos, const OptT& sin, const OptT& mask, const at::Tensor& K,
-                  const at::Tensor& V, int64_t slot, const OptT& slots, int64_t attend) const {
+                  const at::Tensor& V, int64_t slot, const OptT& slots, int64_t attend, const OptT& rows) const {
     const int64_t B = x3.size(0), D = x3.size(2);
     at::Tensor x = x3.reshape({B, D});
     switch (placement) {
       case PRE: {
-        x = x + attention(attn_norm(x), cos, sin, mask, K, V, slot, slots, attend);
+        x = x + attention(attn_norm(x), cos, sin, mask, K, V, slot, slots, attend, rows);
         return (x + mlp(mlp_norm(x))).view({B, 1, D});
       }
       case POST: {
-        x = attn_norm(x + attention(x, cos, sin, mask, K, V, slot, slots, attend));
+        x = attn_norm(x + attention(x, cos, sin, mask, K, V, slot, slots, attend, rows));
         return mlp_norm(x + mlp(x)).view({B, 1, D});
       }
       case SANDWICH: {
-        x = x + attn_out_norm(attention(attn_norm(x), cos, sin, mask, K, V, slot, slots, attend));
+        x = x + attn_out_norm(attention(attn_norm(x), cos, sin, mask, K, V, slot, slots, attend, rows));
         return (x + mlp_out_norm(mlp(mlp_norm(x)))).view({B, 1, D});
       }
       case OLMO2: {
-        x = x + attn_out_norm(attention(x, cos, sin, mask, K, V, slot, slots, attend));
+        x = x + attn_out_norm(attention(x, cos, sin, mask, K, V, slot, slots, attend, rows));
         return (x + mlp_out_norm(mlp(x))).view({B, 1, D});
       }
       default: {  // parallel
         at::Tensor h = attn_norm(x);
-        return (x + attention(h, cos, sin, mask, K, V, slot, slots, attend) + mlp(h)).view({B, 1, D});
+        return (x + attention(h, cos, sin, mask, K, V, slot, slots, attend, rows) + mlp(h)).view({B, 1, D});
       }
     }
   }
 
  private:
   at::Tensor attention(const at::Tensor& x, const OptT& cos, const OptT& sin, const OptT& mask, const at::Tensor& K,
-                       const at::Tensor& V, int64_t slot, const OptT& slots, int64_t attend) const {
+                       const at::Tensor& V, int64_t slot, const OptT& slots, int64_t attend, const OptT& rows) const {
     const int64_t B = x.size(0);
     at::Tensor qt, kt, vt;
     if (qkv.present()) {
@@ -183,19 +184,25 @@ struct BlockPlan {
     vt = vt.view({B, 1, n_kv, head_dim}).transpose(1, 2);
     if (qk_norm == QK_HEAD) qt = q_norm(qt), kt = k_norm(kt);
     if (cos.has_value()) qt = rope(qt, *cos, *sin, interleave), kt = rope(kt, *cos, *sin, interleave);
-    if (slots.has_value()) {
+    at::Tensor keys, vals;
+    if (slots.has_value()) {  // row b of the batch is row rows[b] of the buffers (default b)
       const at::Tensor where = slots->to(at::kLong).contiguous();
+      const at::Tensor which = rows.has_value() ? rows->to(at::kLong).contiguous() : at::Tensor();
       const int64_t* w = where.data_ptr<int64_t>();
+      const int64_t* r = rows.has_value() ? which.data_ptr<int64_t>() : nullptr;
       for (int64_t b = 0; b < B; ++b) {
-        K[b].select(1, w[b]).copy_(kt[b].select(1, 0));
-        V[b].select(1, w[b]).copy_(vt[b].select(1, 0));
+        const int64_t row = r ? r[b] : b;
+        K[row].select(1, w[b]).copy_(kt[b].select(1, 0));
+        V[row].select(1, w[b]).copy_(vt[b].select(1, 0));
       }
+      keys = rows.has_value() ? K.index_select(0, which) : K;
+      vals = rows.has_value() ? V.index_select(0, which) : V;
     } else {
       K.select(2, slot).copy_(kt.select(2, 0));
       V.select(2, slot).copy_(vt.select(2, 0));
+      keys = K, vals = V;
     }
-    const at::Tensor keys = attend < 0 ? K : K.narrow(2, 0, attend);
-    const at::Tensor vals = attend < 0 ? V : V.narrow(2, 0, attend);
+    if (attend >= 0) keys = keys.narrow(2, 0, attend), vals = vals.narrow(2, 0, attend);
     at::Tensor y = decode_attention(qt, keys, vals, mask, scale, softcap);  // (B, H, 1, Dh)
     return o(y.reshape({B, n_heads * head_dim}));
   }

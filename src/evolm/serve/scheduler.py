@@ -213,11 +213,15 @@ class _DecodeView:
 
     def decode_slot(self, layer: int):
         """``KVCache.decode_slot`` for the fused step: the rows' buffers, each row's own write slot,
-        ``n_keys`` slots attended (None for rows that are not 0..n-1: :meth:`update` gathers them)."""
-        if not self.contiguous or layer not in self.cache._k:
+        ``n_keys`` slots attended, and (rows other than 0..n-1, e.g. a lone request padded with
+        copies of itself) which buffer row each batch row is, gathered as :meth:`update` does."""
+        if layer not in self.cache._k:
             return None
-        n = len(self.lens)
-        return self.cache._k[layer][:n], self.cache._v[layer][:n], self.lens, self.n_keys
+        K, V = self.cache._k[layer], self.cache._v[layer]
+        if self.contiguous:
+            n = len(self.lens)
+            return K[:n], V[:n], self.lens, self.n_keys
+        return K, V, self.lens, self.n_keys, self.rows
 
     def advance(self, n: int) -> None:
         pass
