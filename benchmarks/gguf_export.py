@@ -62,10 +62,11 @@ def greedy_evolm(model, ids, n):
     return generate(model, [ids], SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True))[0]
 
 
-def greedy_llama_cpp(path, ids, n):
+def greedy_llama_cpp(path, ids, n, n_ctx: int = 256):
+    """``n`` greedy tokens that llama.cpp (llama-cpp-python, one thread) decodes from the file after ``ids``."""
     import llama_cpp
 
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=1, n_batch=64, verbose=False, seed=0)
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=1, n_batch=64, verbose=False, seed=0)
     out = []
     for tok in llm.generate(ids, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0, reset=True):
         out.append(int(tok))

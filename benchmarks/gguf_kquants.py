@@ -33,6 +33,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from evolm.interop.gguf import GGUFFile, find_asset, load_gguf  # noqa: E402
 from evolm.interop.gguf_export import TYPES, export_gguf  # noqa: E402
 
+from gguf_export import greedy_llama_cpp  # noqa: E402  (benchmarks/gguf_export.py, the script's folder)
+
 PROMPT = "What is the capital of France?"
 
 
@@ -70,19 +72,6 @@ def compare(ours: Path, theirs: Path) -> tuple[int, int, str, float, dict]:
     return equal, len(a.tensors), share, worst, kinds
 
 
-def greedy_llama_cpp(path: Path, ids: list[int], n: int) -> list[int]:
-    import llama_cpp
-
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=1, n_batch=64, verbose=False, seed=0)
-    out = []
-    for tok in llm.generate(ids, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0, reset=True):
-        out.append(int(tok))
-        if len(out) == n:
-            break
-    del llm
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2")
@@ -100,7 +89,7 @@ def main() -> None:
         ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": PROMPT}]), add_special_tokens=False)
     else:  # a base model (Gemma 3 270M): the plain question
         ids = tok.encode(PROMPT)
-    base = greedy_llama_cpp(f32, ids, args.new)
+    base = greedy_llama_cpp(f32, ids, args.new, n_ctx=512)
     print(f"f32: {f32.stat().st_size / 2**20:.1f} MiB; llama.cpp greedy: {tok.decode(base)!r}")
     print("| type | tensors equal (type + bytes) | blocks equal in the rest | max abs dequantized diff | types "
           "| MiB | evolm s | llama.cpp s | llama.cpp text from evolm's file = from its own | same as f32 |")
@@ -112,7 +101,7 @@ def main() -> None:
         theirs = out / f"llama-cpp-{qtype}.gguf"
         t_cpp = llama_cpp_quantize(f32, theirs, qtype)
         equal, total, share, worst, kinds = compare(ours, theirs)
-        a, b = greedy_llama_cpp(ours, ids, args.new), greedy_llama_cpp(theirs, ids, args.new)
+        a, b = greedy_llama_cpp(ours, ids, args.new, n_ctx=512), greedy_llama_cpp(theirs, ids, args.new, n_ctx=512)
         mix = ", ".join(f"{k} {v}" for k, v in sorted(kinds.items()))
         print(f"| {qtype} | {equal}/{total} | {share} | {worst:.1e} | {mix} | {ours.stat().st_size / 2**20:.1f} "
               f"| {t_ours:.1f} | {t_cpp:.1f} | {a == b} | {a == base} |", flush=True)
