@@ -2,12 +2,15 @@
 
 Runs in one process on the same GGUF file (SmolLM2-135M-Instruct Q4_1 by default): evolm and
 transformers both dequantize it to the same float weights; llama.cpp (llama-cpp-python, when
-installed) runs the quantized file natively. Prints prefill tokens/s for a 256-token prompt and
-decode tokens/s for 128 new tokens at batch 1 and 8, and the ratio evolm / transformers.
+installed) runs the quantized file natively, at every batch through its own batch API
+(benchmarks/llamacpp_peer.py). Prints prefill tokens/s for a 256-token prompt and decode tokens/s
+for 128 new tokens at batch 1 and 8, the ratio evolm / transformers, and what decoding asks of the
+memory: the bytes one step reads (weights as stored, KV cache at the mean length) and the GB/s
+reached, against the host's read bandwidth measured at the start (a GPU's: ``--peak-gbs``).
 
     python benchmarks/decode.py [--model smollm2|gemma3|PATH.gguf] [--dtypes float32,bfloat16]
                                 [--batches 1,8] [--new 128] [--prompt-len 256] [--int8] [--int4] [--blocks] [--block-step]
-                                [--compile] [--kernels-ab] [--repeat N] [--quality]
+                                [--compile] [--kernels-ab] [--repeat N] [--quality] [--no-llamacpp]
                                 [--device cuda] [--random PRESET]
 
 Variants: ``evolm`` (eager decoding loop), ``int8`` / ``int4`` (weight-only quantized linears and
@@ -50,6 +53,7 @@ from evolm.infer.decode import generate, prefill  # noqa: E402
 from evolm.infer.sampling import SamplingParams  # noqa: E402
 from evolm.interop.gguf import find_asset, load_gguf  # noqa: E402
 from evolm.quant import KernelPolicy, quantize_int4, quantize_int8  # noqa: E402
+from llamacpp_peer import LlamaCppBatch, gguf_step_bytes, host_bandwidth, model_step_bytes  # noqa: E402
 from stats import median_spread, sync  # noqa: E402  (benchmarks/stats.py)
 
 
@@ -106,36 +110,6 @@ def bench_hf(model, ids: torch.Tensor, new: int, warm: bool = True) -> tuple[flo
     return ids.numel() / prefill, ids.shape[0] * (new - 1) / (full - one)
 
 
-def llamacpp_model(path: str, n_ctx: int):
-    """llama-cpp-python on the GGUF file itself (its own quantized kernels), or None if not installed."""
-    try:
-        from llama_cpp import Llama
-    except ImportError:
-        return None
-    return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=512, n_threads=torch.get_num_threads(),
-                 n_threads_batch=torch.get_num_threads(), verbose=False)
-
-
-def _llamacpp_argmax(llm) -> int:
-    """Greedy next token from the last evaluated position's logits (llama.cpp keeps only that row)."""
-    import numpy as np
-
-    return int(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),)).argmax())
-
-
-def bench_llamacpp(llm, ids: torch.Tensor, new: int) -> tuple[float, float]:
-    """(prefill tok/s, decode tok/s) at batch 1, greedy, the same token counts as the others."""
-    toks = ids[0].tolist()
-    llm.reset()
-    t = time.perf_counter()
-    llm.eval(toks)
-    prefill = len(toks) / (time.perf_counter() - t)
-    t = time.perf_counter()
-    for _ in range(new - 1):
-        llm.eval([_llamacpp_argmax(llm)])
-    return prefill, (new - 1) / (time.perf_counter() - t)
-
-
 def random_models(preset: str, dtype: torch.dtype, device: str, hf: bool):
     """evolm's ``preset`` with random weights (normal(0, 0.02) as built) on ``device``, and
     transformers' model of the same config holding the same weights (None without ``hf``)."""
@@ -153,23 +127,6 @@ def random_models(preset: str, dtype: torch.dtype, device: str, hf: bool):
         ref = AutoModelForCausalLM.from_config(AutoConfig.for_model(**h), dtype=dtype)
     ref.load_state_dict(state_dict_to_hf(ours.state_dict(), ours.config), strict=False)
     return ours, ref.eval()
-
-
-def weight_bytes_per_step(model, batch: int, cache_len: float, dtype: torch.dtype) -> float | None:
-    """Bytes one decode step of a float model reads: each weight it multiplies once (the embedding
-    table only as the tied head) and the KV cache of every sequence at ``cache_len`` positions.
-    None for a quantized model (its codes are buffers with their own layouts)."""
-    from evolm.analysis.cost import cost_card
-
-    if any(b.dtype in (torch.int8, torch.uint8, torch.int32) for b in model.buffers()):
-        return None
-    c = model.config
-    total = sum(p.numel() * p.element_size() for p in model.parameters())  # a tied weight once
-    for table in (model.embed_tokens, model.pos_embed):  # a lookup reads rows, not the table
-        if table is not None and not (table is model.embed_tokens and c.tie_embeddings):
-            total -= table.weight.numel() * table.weight.element_size()
-    kv = cost_card(c, max(1, int(cache_len)), bytes_per_value=torch.finfo(dtype).bits // 8)
-    return total + batch * kv["kv_cache_bytes_at_context"]
 
 
 def quality(ref, model, tok_ids: list[list[int]], text_ids: torch.Tensor, new: int = 64) -> str:
@@ -205,6 +162,7 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--prompt-len", type=int, default=256)
     ap.add_argument("--no-hf", action="store_true", help="skip transformers")
+    ap.add_argument("--no-llamacpp", action="store_true", help="skip llama.cpp")
     ap.add_argument("--int8", action="store_true", help="also run evolm with int8 weight-only linears")
     ap.add_argument("--int4", action="store_true", help="also run evolm with int4 (group 32) linears, int8 head")
     ap.add_argument("--blocks", action="store_true",
@@ -237,8 +195,22 @@ def main() -> None:
     print(f"model {os.path.basename(path)}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"{args.prompt_len}-token prompt, {args.new} new tokens, {args.repeat} timed run(s) per engine"
           + (", evolm variants fused (fuse_for_inference)" if args.fuse else ""))
-    cpp = None if on_gpu or args.random else llamacpp_model(path, args.prompt_len + args.new + 8)
-    cpp_done = cpp is None
+    peak = args.peak_gbs
+    if not on_gpu:
+        read, copy = host_bandwidth(torch.get_num_threads())
+        peak = read
+        print(f"host memory bandwidth, {torch.get_num_threads()} threads: read {read:,.1f} GB/s, copy {copy:,.1f} GB/s "
+              "(STREAM convention); the GB/s column is against the read figure")
+    cpp_runs = {}  # batch -> llama.cpp context (its own batch API: one sequence id per row)
+    if not (on_gpu or args.random or args.no_llamacpp):
+        try:
+            import llama_cpp  # noqa: F401
+        except ImportError:
+            print("llama.cpp: llama-cpp-python is not installed (make bench-deps), no llama.cpp rows")
+        else:
+            n_ctx = args.prompt_len + args.new + 8
+            cpp_runs = {b: LlamaCppBatch(path, b, n_ctx, torch.get_num_threads()) for b in map(int, args.batches.split(","))}
+    cpp_tokens = {}
     step_bytes = {}  # (dtype, batch, engine) -> bytes a decode step reads
     rows, notes = [], []
     for dtype_name in args.dtypes.split(","):
@@ -287,18 +259,24 @@ def main() -> None:
         for b in map(int, args.batches.split(",")):
             ids = _prompt(ours.config.vocab_size, b, args.prompt_len).to(args.device)
             mean_len = args.prompt_len + args.new / 2
-            step_bytes[dtype_name, b, "transformers"] = weight_bytes_per_step(ours, b, mean_len, dtype)  # same weights
+            kv_bytes = torch.finfo(dtype).bits // 8
+            step_bytes[dtype_name, b, "transformers"] = model_step_bytes(ours, b, mean_len, kv_bytes)  # same weights
             for name, m, _ in variants:
-                step_bytes[dtype_name, b, name] = weight_bytes_per_step(m, b, mean_len, dtype)
+                step_bytes[dtype_name, b, name] = model_step_bytes(m, b, mean_len, kv_bytes)
             engines = []
             if hf is not None:
                 engines.append(("transformers", lambda warm, hf=hf: bench_hf(hf, ids, args.new, warm)))
             for name, m, c in variants:
                 engines.append((name, lambda warm, m=m, c=c: bench_evolm(m, ids, args.new, c, warm)))
-            if b == 1 and not cpp_done:
-                cpp_done = True
-                kind = os.path.basename(path).split(".")[-2]
-                engines.append((f"llama.cpp ({kind})", lambda warm: bench_llamacpp(cpp, ids, args.new)))
+            if b in cpp_runs and (dtype_name, b) == next((d, b) for d in args.dtypes.split(",")):  # once per batch
+                cpp_name = f"llama.cpp ({os.path.basename(path).split('.')[-2]})"
+                step_bytes[dtype_name, b, cpp_name] = gguf_step_bytes(path, b, mean_len)
+
+                def run_cpp(warm, b=b, ids=ids):
+                    prefill_rate, decode_rate, toks = cpp_runs[b].run(ids.cpu(), args.new)
+                    cpp_tokens[b] = toks
+                    return prefill_rate, decode_rate
+                engines.append((cpp_name, run_cpp))
             times = {name: [] for name, _ in engines}
             for name, fn in engines:
                 fn(True)  # warm-up, compilation
@@ -319,17 +297,26 @@ def main() -> None:
                 rows.append((dtype_name, b, name, p, d, None if name == "transformers" else ref))
                 print(f"  {dtype_name} batch {b} {name}: prefill {p[0]:,.0f}, decode {d[0]:,.1f} tok/s", flush=True)
         del hf
-    bw = " decode GB/s (% of peak) |" if on_gpu else ""
-    print("\n| dtype | batch | engine | prefill tok/s | decode tok/s | vs transformers (prefill / decode) |" + bw)
-    print("|---|---|---|---|---|---|" + ("---|" if on_gpu else ""))
+    peak_name = "peak" if on_gpu else "host read"
+    print(f"\n| dtype | batch | engine | prefill tok/s | decode tok/s | vs transformers (prefill / decode) "
+          f"| MB read per step | decode GB/s (% of {peak_name}) |")
+    print("|---|---|---|---|---|---|---|---|")
     for dtype_name, b, name, p, d, ref in rows:
         ratio = f"{p[0] / ref[0]:.2f}x / {d[0] / ref[1]:.2f}x" if ref else ""
         spread = lambda x: f" ±{x[1]:.0%}" if args.repeat > 1 else ""  # noqa: E731
-        extra = ""
-        if on_gpu and step_bytes.get((dtype_name, b, name)):
+        extra = " | |"
+        if step_bytes.get((dtype_name, b, name)):
             gbs = step_bytes[dtype_name, b, name] * d[0] / b / 1e9  # steps/s = tokens/s / batch
-            extra = f" {gbs:,.0f} ({gbs / args.peak_gbs:.0%}) |"
+            extra = f" {step_bytes[dtype_name, b, name] / 1e6:,.0f} | {gbs:,.1f} ({gbs / peak:.0%}) |"
         print(f"| {dtype_name} | {b} | {name} | {p[0]:,.0f}{spread(p)} | {d[0]:,.1f}{spread(d)} | {ratio} |{extra}")
+    for b, toks in sorted(cpp_tokens.items()):  # the batched driver must decode what one sequence does
+        if 1 in cpp_tokens and b != 1:
+            one, row = cpp_tokens[1][0], toks[0]
+            shared = next((i for i, (x, y) in enumerate(zip(one, row)) if x != y), len(one))
+            notes.append(f"llama.cpp batch {b}: row 0 shares {shared} of {len(one)} greedy tokens with batch 1 "
+                         "(same prompt; llama.cpp's sums differ with the batch shape)")
+    for ctx in cpp_runs.values():
+        ctx.close()
     for n in notes:
         print("\n" + n)
 
