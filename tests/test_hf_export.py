@@ -59,10 +59,12 @@ CONFIGS = {
                   tie_embeddings=True),
     "gpt2": dict(vocab_size=V, d_model=64, n_layers=2, n_heads=4, max_seq_len=64, qkv_bias=True, o_bias=True,
                  init_std=0.1),
+    "gpt1": dict(vocab_size=V, d_model=64, n_layers=2, n_heads=4, max_seq_len=64, qkv_bias=True, o_bias=True,
+                 norm_placement="post", final_norm=False, activation="gelu_tanh", tie_embeddings=True, init_std=0.1),
 }
 FAMILY = {"llama": "llama", "qwen2": "qwen2", "qwen3-sliding": "qwen3", "mistral": "mistral", "mixtral": "mixtral",
           "gemma2": "gemma2", "gemma3": "gemma3_text", "olmo2": "olmo2", "deepseek_v3": "deepseek_v3", "gpt2": "gpt2",
-          "deepseek_v2": "deepseek_v2", "qwen3_moe": "qwen3_moe", "gemma": "gemma"}
+          "deepseek_v2": "deepseek_v2", "qwen3_moe": "qwen3_moe", "gemma": "gemma", "gpt1": "openai-gpt"}
 
 
 def random_model(name: str) -> Transformer:
@@ -348,3 +350,15 @@ def test_real_gguf_converts_to_a_transformers_folder(tmp_path):
     with torch.no_grad():
         assert (hf(x).logits - model(x)).abs().max().item() <= 1e-4
     assert transformers.GenerationConfig.from_pretrained(out).eos_token_id in (tok.eos_id, tok.eos_ids)
+
+
+def test_gpt1_preset_writes_the_published_config():
+    """The gpt1 preset is exactly openai-community/openai-gpt's config.json (the size and shape keys)."""
+    from evolm.presets import get_preset
+
+    h = config_to_hf(get_preset("gpt1"))
+    published = dict(model_type="openai-gpt", vocab_size=40478, n_positions=512, n_embd=768, n_layer=12, n_head=12,
+                     afn="gelu", layer_norm_epsilon=1e-5, tie_word_embeddings=True)
+    assert {k: h[k] for k in published} == published
+    assert config_from_hf(h).diff(get_preset("gpt1")).keys() <= {"name", "meta", "init_std", "attn_dropout",
+                                                                  "resid_dropout", "embd_dropout"}

@@ -41,6 +41,8 @@ YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max
 CASES: dict[str, dict] = {
     "gpt2": dict(model_type="gpt2", vocab_size=V, n_embd=64, n_layer=2, n_head=4, n_positions=64,
                  initializer_range=0.1),
+    "openai-gpt": dict(model_type="openai-gpt", vocab_size=V, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                       initializer_range=0.1),
     "llama": dict(model_type="llama", **LLAMA, attention_bias=True, mlp_bias=True),
     "llama3-rope": dict(model_type="llama", **LLAMA, rope_parameters={
         "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
@@ -122,7 +124,7 @@ def test_logits_match(family, left, pair, batch_tools):
     assert diff <= 1e-4, f"{family}: max |logit diff| {diff:.2e}"
 
 
-@pytest.mark.parametrize("family", [f for f in CASES if f != "gemma2"])  # Gemma 2 has no SDPA path
+@pytest.mark.parametrize("family", [f for f in CASES if f not in ("gemma2", "openai-gpt")])  # no SDPA path
 def test_logits_match_sdpa(family, batch_tools):
     """The same against transformers' SDPA attention path (eager is checked above)."""
     hf = tiny_hf_model(CASES[family], attn="sdpa")
@@ -242,7 +244,7 @@ def test_old_style_config_keys():
 
 
 def test_config_errors():
-    with pytest.raises(ConfigError, match="model_type 'bert' is not supported; supported: gpt2, llama"):
+    with pytest.raises(ConfigError, match="model_type 'bert' is not supported; supported: gpt2, openai-gpt, llama"):
         config_from_hf({"model_type": "bert"})
     with pytest.raises(ConfigError, match="rope type 'dynamic' is not supported"):
         config_from_hf({"model_type": "llama", **LLAMA, "rope_parameters": {"rope_type": "dynamic", "factor": 2.0}})

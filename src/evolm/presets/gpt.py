@@ -2,7 +2,8 @@
 
 - GPT-1 (Radford et al. 2018, "Improving Language Understanding by Generative Pre-Training"):
   12 post-norm blocks (``x = norm(x + f(x))``, as in the original Transformer), learned absolute
-  positions over 512 tokens, GELU MLP, a 40,478-token BPE vocabulary, tied embeddings and no
+  positions over 512 tokens, GELU MLP (the tanh approximation, as its released code and
+  transformers' ``openai-gpt`` compute it), a 40,478-token BPE vocabulary, tied embeddings and no
   final norm.
 - GPT-2 (Radford et al. 2019, "Language Models are Unsupervised Multitask Learners"): moves the
   norm to the front of each sub-layer (pre-norm) and adds a final LayerNorm, 1024 positions,
@@ -37,7 +38,7 @@ PRESETS = {
     "gpt1": dict(
         vocab_size=40478, max_seq_len=512, d_model=768, n_layers=12, n_heads=12, d_ff=3072,
         norm="layernorm", norm_eps=1e-5, norm_placement="post", final_norm=False,
-        pos_emb="learned", mlp="mlp", activation="gelu", qkv_bias=True, o_bias=True,
+        pos_emb="learned", mlp="mlp", activation="gelu_tanh", qkv_bias=True, o_bias=True,
         mlp_bias=True, tie_embeddings=True,
         meta={"hf_id": "openai-community/openai-gpt", "paper": _GPT1_PAPER, "params": 117e6,
               "model_type": "openai-gpt",

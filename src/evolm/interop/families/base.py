@@ -49,6 +49,7 @@ class Family:
 
     # --- the decoder's shape (decoder.py reads these; every switch has the Llama value by default) ----
     norm_placement: str = "pre"  # ModelConfig.norm_placement
+    final_norm: bool = True  # a norm after the last block (GPT-1 has none)
     qk_norm: str | None = None  # ModelConfig.qk_norm
     unit_offset_norms: bool = False  # Gemma: RMSNorm scales by (1 + w) and embeddings by sqrt(d_model)
     attention: str = "mha"  # "mha" | "mla"
@@ -93,7 +94,7 @@ class Family:
     def cannot_express(self, config: ModelConfig) -> list[str]:
         """Why this family cannot express ``config`` (empty: it can)."""
         need = Needs(config, self.model_type)
-        need(config.final_norm, "final_norm", "True")
+        need(config.final_norm == self.final_norm, "final_norm", str(self.final_norm))
         need(not config.lm_head_bias, "lm_head_bias", "False")
         need(not config.nope_layers, "nope_layers", "()")
         need(config.mask == "causal", "mask", "'causal' (every decoder family attends causally)")

@@ -81,7 +81,8 @@ def layer_from_hf(fam: Family, config: ModelConfig, name: str, t: torch.Tensor, 
 
 def weights_to_hf(fam: Family, sd: dict[str, torch.Tensor], config: ModelConfig,
                   fused_experts: bool) -> dict[str, torch.Tensor]:
-    inv, top = {v: k for k, v in LAYER.items()}, {v: k for k, v in TOP.items()}
+    """Ours -> the Conv1D layout (shared with GPT-1, whose top-level names differ: ``fam.top_weights``)."""
+    inv, top = {v: k for k, v in LAYER.items()}, {v: k for k, v in fam.top_weights.items()}
     out: dict[str, torch.Tensor] = {}
     qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     for k, t in sd.items():
