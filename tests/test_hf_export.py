@@ -373,3 +373,19 @@ def test_gpt1_preset_writes_the_published_config():
     assert {k: h[k] for k in published} == published
     assert config_from_hf(h).diff(get_preset("gpt1")).keys() <= {"name", "meta", "init_std", "attn_dropout",
                                                                   "resid_dropout", "embd_dropout"}
+
+
+@pytest.mark.parametrize("name", ["falcon-7b", "falcon-40b"])
+def test_falcon_presets_write_the_published_config(name):
+    """The falcon presets are tiiuae/falcon-7b's and tiiuae/falcon-40b's config.json (their size and wiring keys)."""
+    from evolm.presets import get_preset
+
+    published = {"falcon-7b": dict(hidden_size=4544, num_hidden_layers=32, num_attention_heads=71, multi_query=True,
+                                   new_decoder_architecture=False),
+                 "falcon-40b": dict(hidden_size=8192, num_hidden_layers=60, num_attention_heads=128, num_kv_heads=8,
+                                    new_decoder_architecture=True)}[name]
+    published.update(model_type="falcon", vocab_size=65024, parallel_attn=True, bias=False, alibi=False,
+                     layer_norm_epsilon=1e-5, tie_word_embeddings=True)
+    h = config_to_hf(get_preset(name))
+    assert {k: h[k] for k in published} == published
+    assert config_from_hf(h).diff(get_preset(name)).keys() <= {"name", "meta", "init_std"}
