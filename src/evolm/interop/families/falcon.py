@@ -20,8 +20,12 @@ k, all v (its ``attn_qkv``), which the GGUF driver splits like GPT-2's. llama.cp
 with its tanh GELU where the released model (and transformers) use the exact one: a GGUF
 ``falcon`` reads as the exact GELU, the model the file was converted from.
 
+``hidden_dropout`` reads as our ``resid_dropout``, which drops each branch where Falcon drops their
+sum: the same model at inference, a slightly different noise in training.
+
 Not supported (a ConfigError says so): ALiBi (``alibi=true``, Falcon-RW), the wirings
-transformers' own ``FalconDecoderLayer`` cannot run.
+transformers' own ``FalconDecoderLayer`` cannot run, the pre-port ``RefinedWeb``/``RefinedWebModel``
+config.json files (their hub repositories now carry ``falcon`` ones).
 """
 
 from __future__ import annotations
