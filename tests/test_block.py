@@ -5,7 +5,8 @@ With A = attention, M = MLP, N* = norms (all with random, non-identity weights):
   pre       (GPT-2/Llama)         h = x + A(N1(x));        y = h + M(N2(h))
   sandwich  (Gemma 2/3)           h = x + No1(A(N1(x)));   y = h + No2(M(N2(h)))
   olmo2     (OLMo 2)              h = x + No1(A(x));       y = h + No2(M(h))
-  parallel  (GPT-J/PaLM/Falcon)   y = x + A(N1(x)) + M(N1(x))
+  parallel  (GPT-J/PaLM/Falcon-7B) y = x + A(N1(x)) + M(N1(x))
+  parallel2 (Falcon-40B/180B)     y = x + A(N1(x)) + M(N2(x))
 A and M are the block's own sub-modules (tested against references in their own files); the
 equations check the wiring. Three placements are also checked against transformers' decoder
 layers (Llama, OLMo 2, Gemma 2) with the same weights.
@@ -27,6 +28,7 @@ EQUATIONS = {
         x + b.attn_out_norm(A(b.attn_norm(x)))),
     "olmo2": lambda b, x, A, M: (lambda h: h + b.mlp_out_norm(M(h)))(x + b.attn_out_norm(A(x))),
     "parallel": lambda b, x, A, M: x + A(b.attn_norm(x)) + M(b.attn_norm(x)),
+    "parallel2": lambda b, x, A, M: x + A(b.attn_norm(x)) + M(b.mlp_norm(x)),
 }
 NORMS = {
     "post": {"attn_norm", "mlp_norm"},
@@ -34,6 +36,7 @@ NORMS = {
     "sandwich": {"attn_norm", "mlp_norm", "attn_out_norm", "mlp_out_norm"},
     "olmo2": {"attn_out_norm", "mlp_out_norm"},
     "parallel": {"attn_norm"},
+    "parallel2": {"attn_norm", "mlp_norm"},
 }
 
 

@@ -23,6 +23,7 @@ VARIANTS = {
     "qwen3": ("tiny-qwen3", {}),
     "post": ("tiny-llama", {"norm_placement": "post"}),
     "parallel": ("tiny-llama", {"norm_placement": "parallel"}),
+    "parallel2": ("tiny-llama", {"norm_placement": "parallel2", "n_kv_heads": 1}),  # Falcon-40B's two norms
     "softcap": ("tiny-gemma3", {"attn_softcap": 50.0}),
     "gelu-tanh-plain-mlp": ("tiny-llama", {"mlp": "mlp", "activation": "gelu_tanh"}),
     "qkv-bias-interleaved-rope": ("tiny-llama", {"qkv_bias": True, "rope_interleave": True}),

@@ -27,6 +27,12 @@ YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max
 # one tiny config.json per family, with the features that family has switched on
 TINY: dict[str, dict] = {
     "gpt2": dict(vocab_size=V, n_embd=64, n_layer=2, n_head=4, n_positions=64, initializer_range=0.1),
+    "openai-gpt": dict(vocab_size=V, n_embd=64, n_layer=2, n_head=4, n_positions=64, initializer_range=0.1),
+    # Falcon-40B's two-norm block with grouped K/V heads, biases and linear RoPE scaling
+    "falcon": dict(vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_kv_heads=2,
+                   ffn_hidden_size=96, new_decoder_architecture=True, num_ln_in_parallel_attn=2, bias=True,
+                   max_position_embeddings=128, initializer_range=0.1,
+                   rope_parameters={"rope_type": "linear", "rope_theta": 500.0, "factor": 2.0}),
     "llama": dict(LLAMA, attention_bias=True, mlp_bias=True, rope_parameters={
         "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
         "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
@@ -73,7 +79,7 @@ def test_family_round_trips_its_config(model_type):
 
 def test_lookup_names_the_supported_types():
     assert family("gemma3") is FAMILIES["gemma3_text"]  # the multimodal wrapper reads as its text model
-    with pytest.raises(ConfigError, match="model_type 'bert' is not supported; supported: gpt2, llama"):
+    with pytest.raises(ConfigError, match="model_type 'bert' is not supported; supported: gpt2, openai-gpt, llama"):
         family("bert")
     assert set(SUPPORTED_MODEL_TYPES) == set(FAMILIES) | {"gemma3"}
 
@@ -82,4 +88,4 @@ def test_gguf_architectures_belong_to_one_family_each():
     archs = [a for f in FAMILIES.values() for a in f.gguf_archs]
     assert len(archs) == len(set(archs)) == len(GGUF_FAMILIES)
     assert set(GGUF_FAMILIES) == {"llama", "mistral", "qwen2", "qwen3", "qwen3moe", "gemma2", "gemma3", "olmo2",
-                                  "deepseek2", "gpt2"}
+                                  "deepseek2", "gpt2", "falcon"}

@@ -98,6 +98,10 @@ def _config(name: str):
                                          rope_scaling=None, n_layers=2),
         "gpt2": get_preset("tiny-gpt2"),  # LayerNorm with biases, learned positions, fused q|k|v in the file
         "mixtral": get_preset("tiny-mixtral"),  # llama architecture with 4 experts
+        # Falcon-40B's block (two LayerNorms in parallel, grouped K/V, exact GELU), fused q|k|v in the
+        # file; Falcon-7B's (one LayerNorm, multi-query)
+        "falcon": get_preset("tiny-falcon"),
+        "falcon-7b": dataclasses.replace(get_preset("tiny-falcon"), norm_placement="parallel", n_kv_heads=1),
         "qwen3moe": get_preset("tiny-qwen3-moe"),
         # MLA (q LoRA, YaRN with DeepSeek's mscale), a leading dense layer, shared expert, sigmoid
         # routing with a selection bias, 4 groups of which 2 are kept, routed scaling 2.5
@@ -137,7 +141,7 @@ IDS = torch.randint(0, 320, (2, 40), generator=torch.Generator().manual_seed(0))
 # evolm -> GGUF -> evolm
 # ----------------------------------------------------------------------------------------------
 FAMILIES = ["llama", "qwen2", "qwen3", "gemma3", "gemma2", "olmo2", "gpt2", "mixtral", "qwen3moe", "deepseek3",
-            "deepseek2"]
+            "deepseek2", "falcon", "falcon-7b"]
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -286,7 +290,12 @@ def test_real_smollm2_re_export_round_trips(smollm2, one_thread):
     ("mixtral", dict(n_experts=0, sliding_window=8), "a mistral model that llama.cpp's llama cannot run"),
     ("deepseek3", dict(q_lora_rank=None), "a deepseek_v3 model that llama.cpp's deepseek2 cannot run: q_lora_rank "
                                           "is None with n_layers 3"),
-    ("deepseek3", dict(topk_groups=4), "topk_groups 4 must be below n_expert_groups 4")])
+    ("deepseek3", dict(topk_groups=4), "topk_groups 4 must be below n_expert_groups 4"),
+    ("falcon", dict(norm_placement="pre", n_kv_heads=1), "llama.cpp's falcon always runs attention and MLP in parallel"),
+    ("falcon", dict(qkv_bias=True, o_bias=True, mlp_bias=True), "llama.cpp's falcon loads no bias"),
+    # llama.cpp's falcon runs the tanh GELU, but a falcon GGUF stands for the model it was converted
+    # from (the exact GELU): a tanh-GELU model would read back as another model
+    ("falcon", dict(activation="gelu_tanh"), "field 'activation' is 'gelu_tanh' but a falcon GGUF gives 'gelu'")])
 def test_what_llama_cpp_cannot_run_is_named(base, change, msg, bpe, tmp_path):
     with pytest.raises(ExportError, match=msg):
         export_gguf(Transformer(dataclasses.replace(_config(base), **change)), tmp_path / "m.gguf", bpe, "f16")

@@ -27,6 +27,7 @@ V = 128
 BASE = dict(vocab_size=V, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=96, max_seq_len=128,
             norm="rmsnorm", norm_eps=1e-6, pos_emb="rope", mlp="glu", activation="silu", mlp_bias=False,
             qkv_bias=False, o_bias=False, tie_embeddings=False, init_std=0.1)
+FALCON = dict(BASE, norm="layernorm", norm_eps=1e-5, norm_bias=True, mlp="mlp", activation="gelu")
 CONFIGS = {
     "llama": dict(BASE, rope_theta=5e5, rope_scaling={"type": "llama3", "factor": 8.0, "original_max_seq_len": 64,
                                                       "low_freq_factor": 1.0, "high_freq_factor": 4.0}),
@@ -61,8 +62,16 @@ CONFIGS = {
                  init_std=0.1),
     "gpt1": dict(vocab_size=V, d_model=64, n_layers=2, n_heads=4, max_seq_len=64, qkv_bias=True, o_bias=True,
                  norm_placement="post", final_norm=False, activation="gelu_tanh", tie_embeddings=True, init_std=0.1),
+    # Falcon-7B (one norm, parallel, MQA), Falcon-40B (two norms, grouped K/V, biases, linear RoPE
+    # scaling), Falcon2-11B (one norm, grouped K/V), parallel_attn=false (pre-norm, MHA)
+    "falcon-7b": dict(FALCON, n_kv_heads=1, norm_placement="parallel", tie_embeddings=True),
+    "falcon-40b": dict(FALCON, n_kv_heads=2, norm_placement="parallel2", qkv_bias=True, o_bias=True, mlp_bias=True,
+                       rope_theta=500.0, rope_scaling={"type": "linear", "factor": 2.0}),
+    "falcon2-11b": dict(FALCON, n_kv_heads=2, norm_placement="parallel", activation="gelu_tanh"),
+    "falcon-pre": dict(FALCON, n_kv_heads=4, norm_placement="pre"),
 }
-FAMILY = {"llama": "llama", "qwen2": "qwen2", "qwen3-sliding": "qwen3", "mistral": "mistral", "mixtral": "mixtral",
+FAMILY = {"falcon-7b": "falcon", "falcon-40b": "falcon", "falcon2-11b": "falcon", "falcon-pre": "falcon",
+          "llama": "llama", "qwen2": "qwen2", "qwen3-sliding": "qwen3", "mistral": "mistral", "mixtral": "mixtral",
           "gemma2": "gemma2", "gemma3": "gemma3_text", "olmo2": "olmo2", "deepseek_v3": "deepseek_v3", "gpt2": "gpt2",
           "deepseek_v2": "deepseek_v2", "qwen3_moe": "qwen3_moe", "gemma": "gemma", "gpt1": "openai-gpt"}
 
@@ -201,6 +210,8 @@ def test_export_blockers_are_named():
                                qk_rope_head_dim=8, v_head_dim=8, sliding_window=8))
     with pytest.raises(ConfigError, match="cannot be written as a Hugging Face model.*sliding_window"):
         save_hf_folder(Transformer(mixed), "/nonexistent/never-written")
+    with pytest.raises(ConfigError, match="cannot be written as falcon.*'n_kv_heads' is 2 but falcon needs 1 or n_heads"):
+        config_to_hf(ModelConfig(**dict(CONFIGS["falcon-pre"], n_kv_heads=2)), model_type="falcon")
     with pytest.raises(ConfigError, match="cannot be written as llama.*qk_norm"):
         config_to_hf(ModelConfig(**dict(BASE, qk_norm="head")), model_type="llama")
 
@@ -362,3 +373,19 @@ def test_gpt1_preset_writes_the_published_config():
     assert {k: h[k] for k in published} == published
     assert config_from_hf(h).diff(get_preset("gpt1")).keys() <= {"name", "meta", "init_std", "attn_dropout",
                                                                   "resid_dropout", "embd_dropout"}
+
+
+@pytest.mark.parametrize("name", ["falcon-7b", "falcon-40b"])
+def test_falcon_presets_write_the_published_config(name):
+    """The falcon presets are tiiuae/falcon-7b's and tiiuae/falcon-40b's config.json (their size and wiring keys)."""
+    from evolm.presets import get_preset
+
+    published = {"falcon-7b": dict(hidden_size=4544, num_hidden_layers=32, num_attention_heads=71, multi_query=True,
+                                   new_decoder_architecture=False),
+                 "falcon-40b": dict(hidden_size=8192, num_hidden_layers=60, num_attention_heads=128, num_kv_heads=8,
+                                    new_decoder_architecture=True)}[name]
+    published.update(model_type="falcon", vocab_size=65024, parallel_attn=True, bias=False, alibi=False,
+                     layer_norm_epsilon=1e-5, tie_word_embeddings=True)
+    h = config_to_hf(get_preset(name))
+    assert {k: h[k] for k in published} == published
+    assert config_from_hf(h).diff(get_preset(name)).keys() <= {"name", "meta", "init_std"}

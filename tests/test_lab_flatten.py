@@ -73,6 +73,8 @@ MIXED = {
     # parallel block, partial interleaved rotary, GPT-2 biases
     "parallel-partial-rotary": ("tiny-gpt2", dict(
         norm_placement="parallel", pos_emb="rope", rotary_pct=0.5, rope_interleave=True)),
+    # Falcon-40B's parallel block with two norms, plain GELU MLP without biases
+    "parallel2": ("tiny-llama", dict(norm_placement="parallel2", norm="layernorm", mlp="mlp", activation="gelu")),
     # post-norm without a final norm (GPT-1 / BERT wiring), LayerNorm without bias, MQA
     "post-norm": ("tiny-gpt2", dict(norm_placement="post", final_norm=False, norm_bias=False, n_kv_heads=1)),
     # OLMo 2 placement with NoPE layers and YaRN (no mscale_all_dim)

@@ -35,6 +35,8 @@ MLA = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers
            kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8,
            num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=1,
            max_position_embeddings=128, initializer_range=0.1)
+FALCON = dict(model_type="falcon", vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+              ffn_hidden_size=96, max_position_embeddings=128, initializer_range=0.1)
 YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32,
         "beta_fast": 32, "beta_slow": 1, "mscale": 0.9, "mscale_all_dim": 1.1}
 
@@ -43,6 +45,17 @@ CASES: dict[str, dict] = {
                  initializer_range=0.1),
     "openai-gpt": dict(model_type="openai-gpt", vocab_size=V, n_embd=64, n_layer=2, n_head=4, n_positions=64,
                        initializer_range=0.1),
+    # Falcon-7B: parallel attention + MLP from one LayerNorm, multi-query attention, no biases
+    "falcon-7b": dict(**FALCON),
+    # Falcon-40B: the new decoder (ln_attn / ln_mlp in parallel, 2 K/V groups), biases, tanh GELU,
+    # an untied head and linear RoPE scaling
+    "falcon-40b": dict(**FALCON, new_decoder_architecture=True, num_kv_heads=2, bias=True,
+                       activation="gelu_pytorch_tanh", tie_word_embeddings=False,
+                       rope_parameters={"rope_type": "linear", "rope_theta": 500.0, "factor": 2.0}),
+    # Falcon2-11B: the new decoder's grouped K/V heads with one norm
+    "falcon2-11b": dict(**FALCON, new_decoder_architecture=True, num_kv_heads=2, num_ln_in_parallel_attn=1),
+    # parallel_attn=false: a pre-norm block, multi-head attention
+    "falcon-sequential": dict(**FALCON, parallel_attn=False, multi_query=False),
     "llama": dict(model_type="llama", **LLAMA, attention_bias=True, mlp_bias=True),
     "llama3-rope": dict(model_type="llama", **LLAMA, rope_parameters={
         "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
@@ -256,6 +269,23 @@ def test_config_errors():
             "full_attention", "sliding_attention", "sliding_attention", "full_attention"]})
     with pytest.raises(ConfigError, match="mlp_only_layers"):
         config_from_hf({"model_type": "qwen3_moe", **LLAMA, "mlp_only_layers": [1]})
+
+
+def test_falcon_blockers():
+    """What evolm's Falcon does not read, or transformers' FalconDecoderLayer cannot run, is named."""
+    with pytest.raises(ConfigError, match="alibi=true"):
+        config_from_hf(dict(FALCON, alibi=True))
+    with pytest.raises(ConfigError, match="parallel_attn=false: transformers' FalconDecoderLayer cannot run it"):
+        config_from_hf(dict(FALCON, new_decoder_architecture=True, parallel_attn=False))
+    with pytest.raises(ConfigError, match="num_ln_in_parallel_attn=2 needs new_decoder_architecture=true"):
+        config_from_hf(dict(FALCON, num_ln_in_parallel_attn=2))
+    with pytest.raises(ConfigError, match="num_kv_heads=2 with multi_query=false"):
+        config_from_hf(dict(FALCON, multi_query=False, num_kv_heads=2))
+    with pytest.raises(ConfigError, match="hidden_size 64 is not a multiple of num_attention_heads 3"):
+        config_from_hf(dict(FALCON, num_attention_heads=3))
+    # the multi-query flag wins over num_kv_heads (transformers ignores it then), as does the new decoder's
+    assert config_from_hf(dict(FALCON, num_kv_heads=4)).n_kv_heads == 1
+    assert config_from_hf(dict(FALCON, new_decoder_architecture=True, num_kv_heads=2)).n_kv_heads == 2
 
 
 @pytest.mark.parametrize("model_type", [m for m in HF_DEFAULTS])

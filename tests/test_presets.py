@@ -23,7 +23,10 @@ PUBLISHED = [
     "qwen3-4b", "qwen3-8b", "qwen3-14b", "qwen3-32b", "qwen3-30b-a3b", "deepseek-v2-lite",
     "deepseek-v3", "smollm2-135m", "smollm2-360m", "smollm2-1.7b",
 ]
-TINY = ["tiny-gpt2", "tiny-llama", "tiny-mixtral", "tiny-gemma3", "tiny-olmo2", "tiny-qwen3",
+# published without a Hugging Face checkpoint (PaLM) or with counts the model cards only round (Falcon)
+PAPER_ONLY = ["palm-8b", "palm-62b", "palm-540b"]
+ROUNDED = ["falcon-7b", "falcon-40b"]
+TINY = ["tiny-gpt2", "tiny-falcon", "tiny-llama", "tiny-mixtral", "tiny-gemma3", "tiny-olmo2", "tiny-qwen3",
         "tiny-qwen3-moe", "tiny-deepseek"]
 
 
@@ -49,7 +52,7 @@ def parts_numel(model: torch.nn.Module) -> dict[str, int]:
 # --- registry ---------------------------------------------------------------------------
 def test_every_requested_preset_exists():
     names = list_presets()
-    missing = [n for n in PUBLISHED + TINY if n not in names]
+    missing = [n for n in PUBLISHED + PAPER_ONLY + ROUNDED + TINY if n not in names]
     assert not missing, f"presets missing: {missing}"
     assert len(names) == len(set(names))
     assert set(names) == set(PRESETS)
@@ -84,6 +87,10 @@ def test_every_published_preset_cites_its_source():
         assert meta["hf_id"].count("/") == 1, n
         assert meta["paper"] and meta["params_note"], n
         assert meta["params"] > 0, n
+    for n in PAPER_ONLY + ROUNDED:
+        meta = get_preset(n).meta
+        assert meta["paper"] and meta["params_note"] and meta["params"] > 0, n
+        assert n in PAPER_ONLY or meta["hf_id"].count("/") == 1, n
 
 
 # --- published parameter counts -------------------------------------------------------------
@@ -104,6 +111,16 @@ def test_published_parameter_count(name):
     if "params_non_embedding" in c.meta:
         non_emb = total - parts["embeddings"] - parts["lm_head"]
         assert abs(non_emb / c.meta["params_non_embedding"] - 1) <= 0.01, (name, non_emb)
+
+
+@pytest.mark.parametrize("name", PAPER_ONLY)
+def test_palm_cost_card_matches_table_1(name):
+    """PaLM's Table 1 counts (8.63B, 62.50B, 540.35B) from the cost card, which agrees with the model's numel."""
+    from evolm.analysis import cost_card
+
+    card, c = cost_card(name), get_preset(name)
+    assert abs(card["params_total"] / c.meta["params"] - 1) <= 0.015, (name, card["params_total"])
+    assert card["params_total"] == numel(evolm.build(name, device="meta"))
 
 
 @pytest.mark.parametrize("name", ["mixtral-8x7b", "deepseek-v3", "qwen3-30b-a3b"])
@@ -142,6 +159,12 @@ def test_active_parameters_exact():
 HF_CONFIGS = {
     "gpt1": ("openai-gpt", dict(vocab_size=40478, n_positions=512, n_embd=768, n_layer=12, n_head=12)),
     "gpt2-xl": ("gpt2", dict(vocab_size=50257, n_positions=1024, n_embd=1600, n_layer=48, n_head=25)),
+    "falcon-7b": ("falcon", dict(vocab_size=65024, hidden_size=4544, num_hidden_layers=32, num_attention_heads=71,
+                                 multi_query=True, parallel_attn=True, new_decoder_architecture=False, bias=False,
+                                 alibi=False)),
+    "falcon-40b": ("falcon", dict(vocab_size=65024, hidden_size=8192, num_hidden_layers=60, num_attention_heads=128,
+                                  num_kv_heads=8, new_decoder_architecture=True, parallel_attn=True, bias=False,
+                                  alibi=False)),
     "llama-2-70b": ("llama", dict(vocab_size=32000, hidden_size=8192, intermediate_size=28672,
                                   num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8)),
     "llama-3.2-3b": ("llama", dict(vocab_size=128256, hidden_size=3072, intermediate_size=8192,
@@ -229,6 +252,12 @@ def test_architecture_fields():
     assert [ds.layer_is_moe(i) for i in range(4)] == [False, False, False, True]
     assert get_preset("llama-3.1-405b").rope_scaling["type"] == "llama3"
     assert get_preset("olmo-2-7b").qk_norm == "full" and get_preset("qwen3-8b").qk_norm == "head"
+    palm = get_preset("palm-540b")
+    assert (palm.norm_placement, palm.n_kv_heads, palm.head_dim, palm.mlp, palm.activation) == (
+        "parallel", 1, 256, "glu", "silu")
+    assert palm.tie_embeddings and not (palm.norm_bias or palm.qkv_bias or palm.o_bias or palm.mlp_bias)
+    assert (get_preset("falcon-7b").norm_placement, get_preset("falcon-7b").n_kv_heads) == ("parallel", 1)
+    assert (get_preset("falcon-40b").norm_placement, get_preset("falcon-40b").n_kv_heads) == ("parallel2", 8)
     assert get_preset("mistral-7b").layer_window(31) == 4096 and get_preset("mixtral-8x7b").sliding_window is None
 
 

@@ -24,7 +24,7 @@ class ConfigError(ValueError):
 
 
 NORMS = ("layernorm", "rmsnorm")
-NORM_PLACEMENTS = ("pre", "post", "sandwich", "olmo2", "parallel")
+NORM_PLACEMENTS = ("pre", "post", "sandwich", "olmo2", "parallel", "parallel2")
 POSITIONS = ("learned", "rope", "none")
 ATTENTIONS = ("mha", "mla")
 MASKS = ("causal", "bidirectional", "prefix")
@@ -67,7 +67,9 @@ class ModelConfig:
     norm_eps: float = 1e-5
     norm_bias: bool = True  # LayerNorm with an additive bias (GPT-2) or without (OLMo-1)
     norm_unit_offset: bool = False  # Gemma: RMSNorm scales by (1 + w), w initialised at 0
-    norm_placement: str = "pre"  # "pre" | "post" | "sandwich" | "olmo2" | "parallel"
+    # "pre" | "post" | "sandwich" | "olmo2" | "parallel" (one norm feeds attention and MLP: GPT-J, PaLM,
+    # Falcon-7B) | "parallel2" (attention and MLP in parallel, each with its own norm: Falcon-40B/180B)
+    norm_placement: str = "pre"
     final_norm: bool = True  # norm before the LM head (absent in post-norm GPT-1/BERT)
     # --- positions (nn/rope.py) ---------------------------------------------------------
     pos_emb: str = "learned"  # "learned" | "rope" | "none"

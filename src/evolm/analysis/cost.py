@@ -95,7 +95,7 @@ def _attention_size(c: ModelConfig) -> tuple[int, int]:
     return proj, norms
 
 
-_BLOCK_NORMS = {"pre": 2, "post": 2, "sandwich": 4, "olmo2": 2, "parallel": 1}
+_BLOCK_NORMS = {"pre": 2, "post": 2, "sandwich": 4, "olmo2": 2, "parallel": 1, "parallel2": 2}
 
 
 def param_counts(c: ModelConfig) -> dict[str, int]:

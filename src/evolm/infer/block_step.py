@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from evolm import kernels
 
-PLACEMENTS = {"pre": 0, "post": 1, "sandwich": 2, "olmo2": 3, "parallel": 4}
+PLACEMENTS = {"pre": 0, "post": 1, "sandwich": 2, "olmo2": 3, "parallel": 4, "parallel2": 5}
 QK_NORMS = {None: 0, "head": 1, "full": 2}
 ACTIVATIONS = {"gelu": 0, "gelu_tanh": 1, "silu": 2, "relu": 3}
 NORM_SLOTS = ("attn_norm", "mlp_norm", "attn_out_norm", "mlp_out_norm", "q_norm", "k_norm")

@@ -11,7 +11,7 @@ Loading is three steps:
 2. ``config_from_metadata``: map ``{arch}.*`` keys to a ``ModelConfig``: the keys every
    architecture shares here, the rest by the family registered for the architecture
    (``interop/families/``: llama / mistral / mixtral, qwen2, qwen3, qwen3moe, gemma2, gemma3,
-   olmo2, deepseek2, gpt2), which also fills in what llama.cpp hard-codes rather than stores (Gemma 3's
+   olmo2, deepseek2, gpt2, falcon), which also fills in what llama.cpp hard-codes rather than stores (Gemma 3's
    local RoPE base, its 5:1 local/global pattern, ...).
 3. ``load_gguf``: dequantize every tensor (``gguf.quants.dequantize``, with torch fast paths for
    the float and Q8_0 types), undo what llama.cpp's converter did to the Hugging Face weights,
@@ -414,6 +414,8 @@ _NORMS_BY_PLACEMENT = {  # GGUF norm tensor -> our norm module, per block wiring
     "sandwich": {"attn_norm": "attn_norm", "ffn_norm": "mlp_norm",
                  "post_attention_norm": "attn_out_norm", "post_ffw_norm": "mlp_out_norm"},
     "olmo2": {"post_attention_norm": "attn_out_norm", "post_ffw_norm": "mlp_out_norm"},
+    "parallel": {"attn_norm": "attn_norm"},  # Falcon-7B: one norm feeds attention and MLP
+    "parallel2": {"attn_norm_2": "attn_norm", "attn_norm": "mlp_norm"},  # Falcon-40B: attn_norm feeds the MLP
 }
 
 
@@ -454,7 +456,7 @@ def _our_name(name: str, norms: dict[str, str], path: str, arch: str) -> tuple[s
         return "expert", (i, kind, None)
     if kind in ("attn_k_b", "attn_v_b"):  # MLA: newer converters split kv_b
         return "split_kv", (i, kind)
-    if kind == "attn_qkv":  # GPT-2's fused q|k|v rows
+    if kind == "attn_qkv":  # GPT-2's and Falcon's fused q|k|v rows
         return "split_qkv", prefix + "self_attn.{}_proj." + suffix
     if kind in norms:
         return "param", prefix + norms[kind] + "." + suffix

@@ -5,12 +5,13 @@ applies to a Hugging Face checkpoint:
 
 * hyper-parameters under ``{arch}.*`` (``general.architecture`` is llama.cpp's name for the
   family that expresses the config: ``llama`` (Mixtral's experts included), ``qwen2``, ``qwen3``,
-  ``qwen3moe``, ``gemma2``, ``gemma3``, ``olmo2``, ``deepseek2``, ``gpt2``);
+  ``qwen3moe``, ``gemma2``, ``gemma3``, ``olmo2``, ``deepseek2``, ``gpt2``, ``falcon``);
 * tensors renamed to llama.cpp's (``blk.{i}.attn_q.weight`` ...), Llama-architecture Q/K rows
   permuted for its interleaved RoPE, Gemma's RMSNorm weights stored as ``1 + w``, a Llama 3
   RoPE scaling written as the ``rope_freqs`` tensor of per-frequency divisors, experts as
   stacked ``ffn_{gate,up,down}_exps``, MLA's kv_b split into ``attn_k_b`` / ``attn_v_b`` (the
-  absorbed form llama.cpp runs), GPT-2's q|k|v fused into ``attn_qkv``;
+  absorbed form llama.cpp runs), GPT-2's and Falcon's q|k|v fused into ``attn_qkv`` (all q rows, all
+  k, all v: the layout llama.cpp's converter gives Falcon's per-group ``query_key_value``);
 * the vocabulary under ``tokenizer.ggml.*`` (``gguf_vocab_export.py``).
 
 The file is written by the ``gguf`` package's ``GGUFWriter``; quantized types come from its
@@ -52,7 +53,7 @@ _ALWAYS_F32 = ("ffn_gate_inp.weight", "position_embd.weight", "rope_freqs.weight
 # the families llama.cpp runs that we write: transformers model_type -> llama.cpp architecture
 ARCHS = {"llama": "llama", "mixtral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3_moe": "qwen3moe",
          "gemma2": "gemma2", "gemma3_text": "gemma3", "olmo2": "olmo2", "deepseek_v2": "deepseek2",
-         "deepseek_v3": "deepseek2", "gpt2": "gpt2", "mistral": "llama"}
+         "deepseek_v3": "deepseek2", "gpt2": "gpt2", "mistral": "llama", "falcon": "falcon"}
 # llama.cpp's converter states head sizes for these even when they equal d_model / n_heads
 _STATES_HEAD_DIM = ("qwen3", "qwen3moe", "gemma3")
 _GATING = {"softmax": 1, "sigmoid": 2}  # llama.cpp's expert_gating_func
@@ -105,6 +106,11 @@ def _llama_cpp_cannot_run(c: ModelConfig, arch: str) -> str | None:
     """What llama.cpp decides from something other than the file's keys, or refuses outright."""
     if arch == "llama" and c.sliding_window is not None:
         return f"sliding_window is {c.sliding_window} but the llama architecture has no window"
+    if arch == "falcon":
+        if c.norm_placement == "pre":
+            return "norm_placement is 'pre' but llama.cpp's falcon always runs attention and MLP in parallel"
+        if c.qkv_bias or c.o_bias or c.mlp_bias:
+            return "it has biases but llama.cpp's falcon loads no bias for its linear layers"
     if arch == "deepseek2":
         lite = c.n_layers in (26, 27)  # llama.cpp takes "no q LoRA" (V2-Lite) from the layer count
         if lite != (c.q_lora_rank is None):
@@ -131,10 +137,11 @@ def _metadata(config: ModelConfig, arch: str) -> dict:
     }
     if arch in _STATES_HEAD_DIM or c.head_dim * c.n_heads != c.d_model:
         meta[f"{arch}.attention.key_length"] = meta[f"{arch}.attention.value_length"] = c.head_dim
-    if arch == "gpt2":  # LayerNorm, learned positions: no RMS eps, no RoPE
-        for key in ("attention.layer_norm_rms_epsilon", "rope.freq_base", "rope.dimension_count"):
-            del meta[f"{arch}.{key}"]
+    if c.norm == "layernorm":  # GPT-2, Falcon: no RMS eps
+        del meta[f"{arch}.attention.layer_norm_rms_epsilon"]
         meta[f"{arch}.attention.layer_norm_epsilon"] = float(c.norm_eps)
+    if c.pos_emb != "rope":  # GPT-2's learned positions
+        del meta[f"{arch}.rope.freq_base"], meta[f"{arch}.rope.dimension_count"]
     if c.n_experts:
         meta.update(_moe_metadata(c, arch))
     if c.attention == "mla":
@@ -268,7 +275,7 @@ def _layer_tensors(i: str, rest: str, t: torch.Tensor, c: ModelConfig, names: di
 
 
 def _fuse_qkv(out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """GPT-2's llama.cpp layout: q|k|v rows (and biases) as one ``attn_qkv`` tensor, in place of the three."""
+    """GPT-2's and Falcon's llama.cpp layout: q|k|v rows (and biases) as one ``attn_qkv`` tensor, in place of the three."""
     fused: dict[str, torch.Tensor] = {}
     for name, t in out.items():
         if ".attn_q." in name:
@@ -341,7 +348,7 @@ def gguf_tensors(model, arch: str) -> dict[str, torch.Tensor]:
             if fam.unit_offset_norms and name.endswith("norm.weight"):
                 part = part + 1.0  # llama.cpp's Gemma norms scale by the stored weight itself
             out[name] = part.contiguous()
-    if arch == "gpt2":
+    if arch in ("gpt2", "falcon"):
         out = _fuse_qkv(out)
     if c.rope_scaling and c.rope_scaling["type"] == "llama3":  # per-frequency divisors, as the converter writes
         plain, _ = rope_frequencies(c.rotary_dim, c.rope_theta, None)

@@ -50,7 +50,8 @@ _POSITIVE_INTS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attenti
 _OPTIONAL_POSITIVE_INTS = ("num_key_value_heads", "head_dim", "sliding_window", "n_inner", "moe_intermediate_size",
                            "num_experts", "n_routed_experts", "num_local_experts", "num_experts_per_tok",
                            "kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "v_head_dim", "sliding_window_pattern",
-                           "original_max_position_embeddings")
+                           "original_max_position_embeddings", "num_kv_heads", "ffn_hidden_size",
+                           "num_ln_in_parallel_attn")
 _FINITE = ("rms_norm_eps", "layer_norm_epsilon", "layer_norm_eps", "rope_theta", "initializer_range")
 _OPTIONAL_FINITE = ("attention_dropout", "partial_rotary_factor", "rope_local_base_freq", "routed_scaling_factor",
                     "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping")

@@ -68,7 +68,7 @@ struct Norm {
   }
 };
 
-enum Placement { PRE = 0, POST = 1, SANDWICH = 2, OLMO2 = 3, PARALLEL = 4 };
+enum Placement { PRE = 0, POST = 1, SANDWICH = 2, OLMO2 = 3, PARALLEL = 4, PARALLEL2 = 5 };
 enum QKNorm { QK_NONE = 0, QK_HEAD = 1, QK_FULL = 2 };
 enum Act { GELU = 0, GELU_TANH = 1, SILU = 2, RELU = 3 };
 
@@ -159,6 +159,10 @@ struct BlockPlan {
       case OLMO2: {
         x = x + attn_out_norm(attention(x, cos, sin, mask, K, V, slot, slots, attend, rows));
         return (x + mlp_out_norm(mlp(x))).view({B, 1, D});
+      }
+      case PARALLEL2: {  // Falcon-40B: attention and MLP in parallel, each with its own norm
+        return (x + attention(attn_norm(x), cos, sin, mask, K, V, slot, slots, attend, rows) + mlp(mlp_norm(x)))
+            .view({B, 1, D});
       }
       default: {  // parallel
         at::Tensor h = attn_norm(x);

@@ -455,6 +455,11 @@ PLACEMENTS = {
         norms=("attn_norm",),
         body=("h = self.attn_norm(x)\n"
               "return x + self.self_attn(h<<rope_arg>>) + self.mlp(h)")),
+    "parallel2": dict(
+        doc=("Parallel residual block with two norms (Falcon-40B/180B): attention and MLP run side by side,\n"
+             "    each on its own norm of x: x + attn(norm_a(x)) + mlp(norm_m(x))."),
+        norms=("attn_norm", "mlp_norm"),
+        body="return x + self.self_attn(self.attn_norm(x)<<rope_arg>>) + self.mlp(self.mlp_norm(x))"),
 }
 
 # --- the model --------------------------------------------------------------------------------

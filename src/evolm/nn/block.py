@@ -8,8 +8,10 @@
   sub-layer bound the size of what enters the residual stream.
 - ``olmo2`` (OLMo 2, arXiv:2501.00656): ``x = x + norm(f(x))``, a post-norm variant inside the
   residual branch, which OLMo 2 found more stable than pre-norm.
-- ``parallel`` (GPT-J, PaLM, Falcon): ``x = x + attn(norm(x)) + mlp(norm(x))``: one shared norm,
-  both sub-layers read the same input, so they can run concurrently.
+- ``parallel`` (GPT-J; PaLM, Chowdhery et al. 2022; Falcon-7B): ``x = x + attn(norm(x)) + mlp(norm(x))``:
+  one shared norm, both sub-layers read the same input, so they can run concurrently.
+- ``parallel2`` (Falcon-40B/180B, Almazrouei et al. 2023, transformers' ``new_decoder_architecture``):
+  ``x = x + attn(norm_a(x)) + mlp(norm_m(x))``: still parallel, but each sub-layer has its own norm.
 
 A block is two parts in that wiring: a *mixer*, which moves information between positions
 (self-attention, multi-head latent attention; next cross-attention and state-space layers), and a
@@ -58,9 +60,9 @@ class Block(nn.Module):
         self.self_attn = make_mixer(c, layer_idx)
         self.mlp = make_channel(c, layer_idx)
         p = self.placement
-        if p in ("pre", "post", "sandwich", "parallel"):
+        if p in ("pre", "post", "sandwich", "parallel", "parallel2"):
             self.attn_norm = make_norm(c)
-        if p in ("pre", "post", "sandwich"):
+        if p in ("pre", "post", "sandwich", "parallel2"):
             self.mlp_norm = make_norm(c)
         if p in ("sandwich", "olmo2"):
             self.attn_out_norm = make_norm(c)
@@ -93,5 +95,7 @@ class Block(nn.Module):
         if p == "olmo2":
             x = x + self.attn_out_norm(attn(x))
             return x + self.mlp_out_norm(mlp(x))
+        if p == "parallel2":
+            return x + attn(self.attn_norm(x)) + mlp(self.mlp_norm(x))
         h = self.attn_norm(x)  # parallel
         return x + attn(h) + mlp(h)

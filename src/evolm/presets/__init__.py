@@ -1,6 +1,6 @@
 """Published model sizes as data: ``get_preset('llama-3-8b')`` -> a fresh ``ModelConfig``.
 
-Each family file (gpt, llama, mistral, gemma, olmo, qwen, deepseek, smollm, tiny) holds a dict
+Each family file (gpt, palm, llama, falcon, mistral, gemma, olmo, qwen, deepseek, smollm, tiny) holds a dict
 ``PRESETS`` of name -> keyword arguments of ``ModelConfig``, with the published
 hyper-parameters (from each model's released ``config.json``) and a ``meta`` dict citing the
 Hugging Face id, the paper and the published parameter count (``params``; ``active`` for
@@ -15,11 +15,13 @@ import copy
 import difflib
 
 from evolm.config import ConfigError, ModelConfig
-from evolm.presets import deepseek, gemma, gpt, llama, mistral, olmo, qwen, smollm, tiny
+from evolm.presets import deepseek, falcon, gemma, gpt, llama, mistral, olmo, palm, qwen, smollm, tiny
 
 FAMILIES = {
     "gpt": gpt.PRESETS,
+    "palm": palm.PRESETS,
     "llama": llama.PRESETS,
+    "falcon": falcon.PRESETS,
     "mistral": mistral.PRESETS,
     "gemma": gemma.PRESETS,
     "olmo": olmo.PRESETS,
@@ -40,7 +42,7 @@ for _family, _table in FAMILIES.items():
 
 
 def list_presets(family: str | None = None) -> list[str]:
-    """Preset names, in family order (GPT -> DeepSeek, then SmolLM2 and the tiny ones)."""
+    """Preset names, in family order (GPT, PaLM, ... DeepSeek, then SmolLM2 and the tiny ones)."""
     if family is not None and family not in FAMILIES:
         raise ConfigError(f"unknown preset family '{family}'; known: {', '.join(FAMILIES)}")
     return [n for n in PRESETS if family is None or PRESET_FAMILY[n] == family]

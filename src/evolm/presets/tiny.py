@@ -6,6 +6,7 @@ backward pass takes milliseconds on a CPU. ``meta['mimics']`` names the preset t
 """
 
 from evolm.presets.deepseek import PRESETS as _DS
+from evolm.presets.falcon import PRESETS as _FALCON
 from evolm.presets.gemma import PRESETS as _GEMMA
 from evolm.presets.gpt import PRESETS as _GPT
 from evolm.presets.llama import PRESETS as _LLAMA
@@ -29,6 +30,8 @@ PRESETS = {
                           n_heads=4, n_kv_heads=2, d_ff=256, max_seq_len=256,
                           rope_scaling={"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                         "high_freq_factor": 4.0, "original_max_seq_len": 64}),
+    "tiny-falcon": _shrink(_FALCON["falcon-40b"], "falcon-40b", vocab_size=512, d_model=64, n_layers=3, n_heads=4,
+                           n_kv_heads=2, d_ff=256, max_seq_len=256),
     "tiny-mixtral": _shrink(_MISTRAL["mixtral-8x7b"], "mixtral-8x7b", vocab_size=512, d_model=64,
                             n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128, moe_d_ff=128,
                             max_seq_len=256, n_experts=4, n_experts_per_tok=2),
