@@ -70,7 +70,9 @@ class Router(nn.Module):
 
     @torch.no_grad()
     def update_bias(self, expert_counts: torch.Tensor, rate: float = 1e-3) -> None:
-        """DeepSeek-V3's aux-loss-free balancing: raise the bias of under-loaded experts."""
+        """DeepSeek-V3's aux-loss-free balancing (sec. 2.1.2): b_i += rate * sign(mean load - load_i),
+        raising the bias of under-loaded experts. ``expert_counts`` should be the step's global
+        load (every micro-batch, every data-parallel rank: ``loop.update_moe_bias``)."""
         if self.e_score_correction_bias is not None:
             load = expert_counts.float()
             self.e_score_correction_bias += rate * torch.sign(load.mean() - load)
@@ -122,7 +124,10 @@ class MoE(nn.Module):
         self.shared_experts = MLP(c, d_ff=c.moe_d_ff * c.n_shared_experts) if c.n_shared_experts else None
         self.aux_coef, self.z_coef = c.moe_aux_loss_coef, c.moe_z_loss_coef
         self.aux_loss: torch.Tensor | None = None
-        self.expert_counts: torch.Tensor | None = None
+        self.expert_counts: torch.Tensor | None = None  # this forward's tokens per expert
+        # tokens per expert summed over the training forwards since the last bias update (every
+        # micro-batch of a step); a plain attribute, not a buffer, so DDP never broadcasts rank 0's
+        self.step_counts: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -133,6 +138,9 @@ class MoE(nn.Module):
             y = y + self.shared_experts(xf)
         with torch.no_grad():
             self.expert_counts = torch.bincount(idx.reshape(-1), minlength=logits.shape[-1])
+            if self.training and self.gate.e_score_correction_bias is not None:
+                self.step_counts = self.expert_counts if self.step_counts is None \
+                    else self.step_counts + self.expert_counts
         if self.training and (self.aux_coef or self.z_coef):
             loss = logits.new_zeros(())
             if self.aux_coef:  # Switch: E * sum_i (tokens routed to i / tokens) * (mean prob of i)

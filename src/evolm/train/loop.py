@@ -130,14 +130,26 @@ def set_rng_state(s: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def update_moe_bias(model) -> None:
+def update_moe_bias(model, world: int = 1) -> None:
     """DeepSeek-V3's auxiliary-loss-free balancing (arXiv:2412.19437 sec. 2.1.2): after each step,
-    nudge every router's expert bias against that expert's load. A no-op for other models."""
-    for layer in getattr(model, "layers", []):
-        gate = getattr(getattr(layer, "mlp", None), "gate", None)
-        if gate is not None and getattr(gate, "e_score_correction_bias", None) is not None \
-                and getattr(layer.mlp, "expert_counts", None) is not None:
-            gate.update_bias(layer.mlp.expert_counts)
+    nudge every router's expert bias against that expert's load. A no-op for other models.
+
+    The load is the whole step's: each MoE layer sums its counts over the step's micro-batches
+    (``MoE.step_counts``), and the counts of all layers are summed across the data-parallel ranks
+    in one all-reduce, so every rank applies the same update, equal to one process seeing the
+    global batch. Under activation checkpointing a layer's forward runs again in the backward,
+    doubling all its counts alike; ``sign(mean - load)`` is unchanged by that."""
+    moes = [layer.mlp for layer in getattr(model, "layers", [])
+            if getattr(getattr(getattr(layer, "mlp", None), "gate", None), "e_score_correction_bias", None) is not None]
+    if not moes:
+        return
+    bias = moes[0].gate.e_score_correction_bias
+    counts = torch.stack([m.step_counts if m.step_counts is not None
+                          else torch.zeros(bias.shape[0], dtype=torch.long, device=bias.device) for m in moes])
+    par.all_reduce_sum_(counts, world)
+    for m, c in zip(moes, counts):
+        m.gate.update_bias(c)
+        m.step_counts = None
 
 
 def peak_flops(device: torch.device, dtype: str, stated: float | None) -> tuple[float, str]:

@@ -122,6 +122,13 @@ def all_reduce_sum(values: list[float], world_size: int) -> list[float]:
     return t.tolist()
 
 
+def all_reduce_sum_(t: torch.Tensor, world_size: int) -> torch.Tensor:
+    """Sum a tensor over the ranks in place (a no-op in one process)."""
+    if world_size > 1 and dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
 def barrier(world_size: int) -> None:
     if world_size > 1 and dist.is_initialized():
         dist.barrier()

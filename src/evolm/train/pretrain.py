@@ -218,7 +218,7 @@ class PretrainTask:
         return model(x, targets=y, **kwargs), {}  # CE (+ MoE aux), fused with the head
 
     def after_step(self, model) -> None:
-        update_moe_bias(model)
+        update_moe_bias(model, self.rt.world)
 
     def flops_per_token(self, phase: Phase) -> float:
         from evolm.analysis.cost import cost_card
