@@ -115,6 +115,9 @@ class ModelConfig:
     topk_groups: int = 1  # groups a token may route to
     moe_aux_loss_coef: float = 0.0  # Switch/GShard load-balancing loss
     moe_z_loss_coef: float = 0.0  # ST-MoE router z-loss
+    # --- multi-token prediction (nn/mtp.py) ---------------------------------------------
+    mtp_depth: int = 0  # D sequential MTP modules (DeepSeek-V3: 1); 0: next-token prediction only
+    mtp_loss_weight: float = 0.3  # lambda of the MTP loss (DeepSeek-V3: 0.3, later 0.1); training only
     # --- embeddings and head (model.py) -------------------------------------------------
     tie_embeddings: bool = True
     embed_scale: bool = False  # Gemma: multiply embeddings by sqrt(d_model)
@@ -242,6 +245,11 @@ class ModelConfig:
             need(self.qk_norm is None, "qk_norm", "is not supported with attention='mla'")
             if self.q_lora_rank is not None:
                 need(self.q_lora_rank > 0, "q_lora_rank", "must be positive or None")
+        need(isinstance(self.mtp_depth, int) and self.mtp_depth >= 0, "mtp_depth",
+             f"must be an integer >= 0, got {self.mtp_depth!r}")
+        need(self.mtp_loss_weight >= 0, "mtp_loss_weight", f"must be >= 0, got {self.mtp_loss_weight}")
+        need(self.mtp_depth == 0 or (self.mask == "causal" and self.pos_emb != "learned"), "mtp_depth",
+             "(multi-token prediction) needs a causal decoder without learned positions")
         if self.n_experts:
             need(self.n_experts > 0, "n_experts", f"must be >= 0, got {self.n_experts}")
             need(1 <= self.n_experts_per_tok <= self.n_experts, "n_experts_per_tok",

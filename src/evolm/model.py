@@ -20,6 +20,7 @@ from evolm.nn.block import Block
 from evolm.nn.loss import fused_linear_cross_entropy
 from evolm.nn.masks import MaskInputs, MaskKind, plan_masks
 from evolm.nn.moe import MoE, Experts, Router
+from evolm.nn.mtp import MTPLayer, mtp_loss
 from evolm.nn.norm import make_norm
 from evolm.nn.rope import RotaryEmbedding
 
@@ -35,6 +36,9 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(c, i) for i in range(c.n_layers))
         self.norm = make_norm(c) if c.final_norm else None
         self.lm_head = None if c.tie_embeddings else nn.Linear(c.d_model, c.vocab_size, bias=c.lm_head_bias)
+        # DeepSeek-V3's multi-token prediction modules (nn/mtp.py), built last so that the main
+        # model's random draws are the same with or without them
+        self.mtp_layers = nn.ModuleList(MTPLayer(c, k) for k in range(c.mtp_depth)) if c.mtp_depth else None
         self.reset_buffers()
         if not any(p.is_meta for p in self.parameters()):
             self.reset_parameters()
@@ -96,7 +100,8 @@ class Transformer(nn.Module):
         the head (``head_weight_bias()``; see ``nn/loss.py``).
 
         With ``targets`` (B, T; -100 = ignore) it returns the mean next-token cross-entropy (plus any
-        MoE auxiliary loss) instead, fused with the head so the full logits never exist.
+        MoE auxiliary loss, and in training mode the multi-token prediction loss when
+        ``mtp_depth > 0``) instead, fused with the head so the full logits never exist.
 
         ``attention_mask`` (B, T): 1 for real tokens, 0 for padding. ``position_ids`` (B, T)
         default to the cache slots (0..T-1 without a cache). ``cache``: any ``evolm.cache.Cache``.
@@ -117,6 +122,10 @@ class Transformer(nn.Module):
             x = layer(x, rope, mask, is_causal, cache)
         if cache is not None:
             cache.advance(T)
+        if targets is not None and self.mtp_layers is not None and self.training:
+            h = self.output(x, return_hidden=True)
+            extra = mtp_loss(self, h, input_ids, targets, position_ids, doc_ids)  # before the MoE losses are summed
+            return self.loss_from_hidden(h, targets) + extra
         return self.output(x, last_only, logits_to_keep, return_hidden, targets)
 
     def _reserve(self, cache, T: int, attention_mask, doc_ids, position_ids) -> tuple[int, torch.Tensor | None]:
@@ -171,14 +180,18 @@ class Transformer(nn.Module):
         if return_hidden:
             return x
         if targets is not None:
-            w, b = self.head_weight_bias()
-            loss = fused_linear_cross_entropy(x, w, targets, b, c.final_softcap, compiled=self.compiled_loss)
-            aux = self.aux_loss()
-            return loss + aux if aux is not None else loss
+            return self.loss_from_hidden(x, targets)
         logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.embed_tokens.weight)
         if c.final_softcap is not None:
             logits = c.final_softcap * torch.tanh(logits / c.final_softcap)
         return logits
+
+    def loss_from_hidden(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Next-token cross-entropy of the final-normed states ``h``, plus any MoE auxiliary loss."""
+        w, b = self.head_weight_bias()
+        loss = fused_linear_cross_entropy(h, w, targets, b, self.config.final_softcap, compiled=self.compiled_loss)
+        aux = self.aux_loss()
+        return loss + aux if aux is not None else loss
 
     def head_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The LM head's (weight, bias): the embedding matrix when tied."""

@@ -109,6 +109,12 @@ def plan_masks(config, cache, inputs: MaskInputs, device) -> list[tuple[torch.Te
     return out
 
 
+def plan_mask(cache, inputs: MaskInputs, device, window: int | None = None):
+    """The ``(mask, is_causal)`` of one extra layer outside ``config.n_layers`` (a multi-token
+    prediction block) that keeps the plain slot layout, with this sliding ``window`` (None: global)."""
+    return _plan_one(cache, inputs, window, None, device)
+
+
 def _plan_one(cache, inputs: MaskInputs, window: int | None, layout, device):
     start, T = inputs.start, inputs.n_new
     k_slots = cache.key_slots(layout, T, device) if cache is not None else None

@@ -137,9 +137,10 @@ def update_moe_bias(model, world: int = 1) -> None:
     The load is the whole step's: each MoE layer sums its counts over the step's micro-batches
     (``MoE.step_counts``), and the counts of all layers are summed across the data-parallel ranks
     in one all-reduce, so every rank applies the same update, equal to one process seeing the
-    global batch. Under activation checkpointing a layer's forward runs again in the backward,
+    global batch. The routers of multi-token prediction blocks are balanced too. Under activation checkpointing a layer's forward runs again in the backward,
     doubling all its counts alike; ``sign(mean - load)`` is unchanged by that."""
-    moes = [layer.mlp for layer in getattr(model, "layers", [])
+    blocks = list(getattr(model, "layers", [])) + [m.block for m in (getattr(model, "mtp_layers", None) or [])]
+    moes = [layer.mlp for layer in blocks
             if getattr(getattr(getattr(layer, "mlp", None), "gate", None), "e_score_correction_bias", None) is not None]
     if not moes:
         return
