@@ -36,9 +36,11 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(c, i) for i in range(c.n_layers))
         self.norm = make_norm(c) if c.final_norm else None
         self.lm_head = None if c.tie_embeddings else nn.Linear(c.d_model, c.vocab_size, bias=c.lm_head_bias)
-        # DeepSeek-V3's multi-token prediction modules (nn/mtp.py), built last so that the main
-        # model's random draws are the same with or without them
-        self.mtp_layers = nn.ModuleList(MTPLayer(c, k) for k in range(c.mtp_depth)) if c.mtp_depth else None
+        # DeepSeek-V3's multi-token prediction modules (nn/mtp.py): their construction draws no
+        # numbers from the global generator and they are initialised last, so the main model's
+        # weights are the same with or without them
+        with torch.random.fork_rng(devices=[]):
+            self.mtp_layers = nn.ModuleList(MTPLayer(c, k) for k in range(c.mtp_depth)) if c.mtp_depth else None
         self.reset_buffers()
         if not any(p.is_meta for p in self.parameters()):
             self.reset_parameters()

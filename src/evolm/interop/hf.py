@@ -188,6 +188,7 @@ def state_dict_from_hf(sd: dict[str, torch.Tensor], config: ModelConfig, model_t
     out: dict[str, torch.Tensor] = {}
     unknown: list[str] = []
     experts: dict[tuple[int, str], dict[int, torch.Tensor]] = {}
+    shared: dict[str, tuple[str, torch.Tensor]] = {}
     for k in keys:
         if not k.startswith(p) or k in head:
             continue
@@ -204,16 +205,73 @@ def state_dict_from_hf(sd: dict[str, torch.Tensor], config: ModelConfig, model_t
             unknown.append(k)
             continue
         i = int(idx)
-        if i >= config.n_layers or _ignored(name):  # e.g. DeepSeek-V3's multi-token-prediction layer 61
+        if i >= config.n_layers + config.mtp_depth or _ignored(name):  # MTP layers the config does not ask for
+            continue
+        if i >= config.n_layers and name in MTP_SHARED:  # copies of the main embedding and head
+            shared[k] = (MTP_SHARED[name], sd[k])
+            continue
+        if i >= config.n_layers and name.startswith(MTP_OWN):
+            out[f"layers.{i}.{name}"] = sd[k]
             continue
         if not fam.layer_from_hf(fam, config, name, sd[k], i, out, experts):
             unknown.append(k)
     stack_experts(fam, config, experts, out)
     if head and not config.tie_embeddings:
         out["lm_head.weight"] = sd[min(head, key=len)]
+    if config.mtp_depth:
+        out = mtp_from_hf(out, config, shared)
     if unknown:
         raise WeightsError(f"{len(unknown)} weights of the {fam.model_type} checkpoint have no place in evolm's model, "
                        f"e.g. {unknown[:5]}")
+    return out
+
+
+# DeepSeek-V3's multi-token prediction modules are stored as layers n_layers .. n_layers + D - 1:
+# their own norms and projection, a usual block, and copies of the shared embedding and head
+MTP_OWN = ("enorm.", "hnorm.", "eh_proj.", "shared_head.norm.")
+MTP_SHARED = {"embed_tokens.weight": "embed_tokens.weight", "shared_head.head.weight": "lm_head.weight"}
+
+
+def has_mtp_weights(keys, config: ModelConfig) -> bool:
+    """Whether a checkpoint holds the first MTP layer (configs announce them, small copies often drop them)."""
+    return any(f"layers.{config.n_layers}.eh_proj." in k for k in keys)
+
+
+def mtp_from_hf(out: dict[str, torch.Tensor], config: ModelConfig,
+                shared: dict[str, tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Move layers ``n_layers + k`` to ``mtp_layers.k`` (the block below ``block.``), after checking
+    that the MTP layers' copies of the embedding and head equal the main ones: evolm shares them."""
+    L = config.n_layers
+    for k, (ours, t) in shared.items():
+        main = out.get("embed_tokens.weight" if ours == "lm_head.weight" and config.tie_embeddings else ours)
+        if main is None or main.shape != t.shape or not torch.equal(main, t):
+            raise WeightsError(f"{k} differs from the main model's {ours}; multi-token prediction shares "
+                               "the embedding and the output head")
+    moved = {}
+    for key, t in out.items():
+        head, _, rest = key.partition(".")
+        idx, _, name = rest.partition(".")
+        if head == "layers" and int(idx) >= L:
+            sub = "" if name.startswith(MTP_OWN) else "block."
+            key = f"mtp_layers.{int(idx) - L}.{sub}{name}"
+        moved[key] = t
+    return moved
+
+
+def mtp_to_hf(sd: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """Our ``mtp_layers.k`` -> layers ``n_layers + k`` (the inverse of :func:`mtp_from_hf`), with
+    the copies of the shared embedding and head that the checkpoint layout carries."""
+    out = {}
+    L = config.n_layers
+    for key, t in sd.items():
+        if key.startswith("mtp_layers."):
+            _, k, rest = key.split(".", 2)
+            key = f"layers.{L + int(k)}.{rest.removeprefix('block.')}"
+        out[key] = t
+    head = sd.get("lm_head.weight", sd["embed_tokens.weight"])
+    for k in range(config.mtp_depth):
+        out[f"layers.{L + k}.embed_tokens.weight"] = sd["embed_tokens.weight"].clone()  # copies, as stored
+        out[f"layers.{L + k}.shared_head.head.weight"] = head.clone()
     return out
 
 
@@ -225,7 +283,7 @@ def state_dict_to_hf(sd: dict[str, torch.Tensor], config: ModelConfig, model_typ
     ``fused_experts=True`` keeps transformers 5's stacked tensors instead.
     """
     fam = family(model_type or hf_family(config))
-    return fam.weights_to_hf(fam, sd, config, fused_experts)
+    return fam.weights_to_hf(fam, mtp_to_hf(sd, config) if config.mtp_depth else sd, config, fused_experts)
 
 # =========================================================================================
 # files
@@ -324,6 +382,8 @@ def load_hf_folder(path: str | os.PathLike, dtype: torch.dtype | None = None,
         except ValueError:
             pass
     raw = read_safetensors(weight_files(folder))
+    if config.mtp_depth and not has_mtp_weights(raw, config):  # announced, but the files carry none
+        config = config.replace(mtp_depth=0)
     try:
         sd = state_dict_from_hf(raw, config, hf.get("model_type"))
     except (WeightsError, RuntimeError, ValueError, IndexError, KeyError) as e:  # shapes a family cannot split

@@ -64,6 +64,7 @@ class Family:
     query_scalar: bool = False  # config.json carries query_pre_attn_scalar and final_logit_softcapping
     attn_softcap: bool = False  # config.json's attn_logit_softcapping is applied (Gemma 2)
     experts: bool = False  # the family may have MoE layers (its blockers hook checks them)
+    mtp: bool = False  # the layout stores multi-token prediction modules (DeepSeek-V3's num_nextn_predict_layers)
     expert_names: tuple[str, str, str, str] = ("mlp", "gate_proj", "up_proj", "down_proj")  # block, gate, up, down
 
     # --- hooks: the family's own keys on top of the shared schema -----------------------------------

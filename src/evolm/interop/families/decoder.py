@@ -251,6 +251,7 @@ def blockers(fam: Family, c: ModelConfig, need: Needs) -> None:
          "local layers to share the global RoPE")
     if fam.blockers:
         fam.blockers(c, need)
+    need(c.mtp_depth == 0 or fam.mtp, "mtp_depth", "0 (no multi-token prediction modules)")
     if not fam.experts:
         need(not has_moe(c), "n_experts", "0 (a dense model)")
 

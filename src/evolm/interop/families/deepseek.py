@@ -51,6 +51,7 @@ def v2_from_hf(h: dict, kw: dict) -> None:
 
 
 def v3_from_hf(h: dict, kw: dict) -> None:
+    kw["mtp_depth"] = int(h.get("num_nextn_predict_layers") or 0)  # stored as layers n_layers.. (hf.mtp_from_hf)
     if _mla_from_hf(h, kw, interleave=bool(h.get("rope_interleave", True))):
         kw.update(router="sigmoid", router_bias=True, norm_topk_prob=bool(h["norm_topk_prob"]),
                   n_expert_groups=h.get("n_group") or 1, topk_groups=h.get("topk_group") or 1)
@@ -75,6 +76,8 @@ def v2_to_hf(c: ModelConfig, out: dict) -> None:
 
 def v3_to_hf(c: ModelConfig, out: dict) -> None:
     _mla_to_hf(c, out)
+    if c.mtp_depth:
+        out["num_nextn_predict_layers"] = c.mtp_depth
     out["rope_interleave"] = c.rope_interleave
 
 
@@ -154,6 +157,6 @@ DEEPSEEK_V3 = Family(
                   first_k_dense_replace=3, norm_topk_prob=True, max_position_embeddings=4096,
                   rope_interleave=True),
     aliases={"num_local_experts": "n_routed_experts"},
-    **_MLA, from_hf=v3_from_hf, to_hf=v3_to_hf, blockers=v3_blockers, finish_weights_to_hf=v3_finish_weights,
+    **_MLA, mtp=True, from_hf=v3_from_hf, to_hf=v3_to_hf, blockers=v3_blockers, finish_weights_to_hf=v3_finish_weights,
     gguf_archs=("deepseek2",), gguf_from_metadata=gguf_from_metadata,
 )
