@@ -232,11 +232,6 @@ MTP_OWN = ("enorm.", "hnorm.", "eh_proj.", "shared_head.norm.")
 MTP_SHARED = {"embed_tokens.weight": "embed_tokens.weight", "shared_head.head.weight": "lm_head.weight"}
 
 
-def has_mtp_weights(keys, config: ModelConfig) -> bool:
-    """Whether a checkpoint holds the first MTP layer (configs announce them, small copies often drop them)."""
-    return any(f"layers.{config.n_layers}.eh_proj." in k for k in keys)
-
-
 def mtp_from_hf(out: dict[str, torch.Tensor], config: ModelConfig,
                 shared: dict[str, tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Move layers ``n_layers + k`` to ``mtp_layers.k`` (the block below ``block.``), after checking
@@ -345,6 +340,8 @@ def build_from_state_dict(config: ModelConfig, sd: dict[str, torch.Tensor], dtyp
     from evolm.interop.empty import assign_weights, build_empty
 
     check_layers(config, sd, source)
+    if config.mtp_depth and not any(k.startswith("mtp_layers.") for k in sd):
+        config = config.replace(mtp_depth=0)  # announced (num_nextn_predict_layers), but the files carry none
     width = dtype or next((t.dtype for t in sd.values() if t.is_floating_point()), torch.float32)
     model = build_empty(config, source, allow_large, torch.empty((), dtype=width).element_size())
     expected = set(model.state_dict())
@@ -382,8 +379,6 @@ def load_hf_folder(path: str | os.PathLike, dtype: torch.dtype | None = None,
         except ValueError:
             pass
     raw = read_safetensors(weight_files(folder))
-    if config.mtp_depth and not has_mtp_weights(raw, config):  # announced, but the files carry none
-        config = config.replace(mtp_depth=0)
     try:
         sd = state_dict_from_hf(raw, config, hf.get("model_type"))
     except (WeightsError, RuntimeError, ValueError, IndexError, KeyError) as e:  # shapes a family cannot split
