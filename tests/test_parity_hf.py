@@ -37,6 +37,11 @@ MLA = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers
            max_position_embeddings=128, initializer_range=0.1)
 FALCON = dict(model_type="falcon", vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
               ffn_hidden_size=96, max_position_embeddings=128, initializer_range=0.1)
+# Llama 4: chunks of 5 (shorter than the test sequences), NoPE every 4th layer with its temperature
+# growing from slot 3 on (floor_scale 4), MoE every 2nd layer, top-1 of 4 experts + a shared one
+LLAMA4 = dict(model_type="llama4_text", **{**LLAMA, "num_hidden_layers": 4, "intermediate_size": 48},
+              intermediate_size_mlp=96, head_dim=16, attention_chunk_size=5, num_local_experts=4,
+              num_experts_per_tok=1, attn_temperature_tuning=True, floor_scale=4, attn_scale=0.5)
 YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32,
         "beta_fast": 32, "beta_slow": 1, "mscale": 0.9, "mscale_all_dim": 1.1}
 
@@ -76,6 +81,13 @@ CASES: dict[str, dict] = {
                        "full_attention": {"rope_type": "linear", "rope_theta": 1e6, "factor": 8.0},
                        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}),
     "olmo2": dict(model_type="olmo2", **LLAMA, rms_norm_eps=1e-6),
+    # Scout's wiring (L2 QK-norm, llama3 RoPE scaling) with Maverick's dense/MoE alternation
+    "llama4": dict(**LLAMA4, interleave_moe_layer_step=2, use_qk_norm=True, rope_parameters={
+        "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+    # no QK-norm, every layer MoE and top-2, NoPE layers listed by hand, tied embeddings
+    "llama4-nope-list": dict(**{**LLAMA4, "num_hidden_layers": 3, "num_experts_per_tok": 2}, use_qk_norm=False,
+                             no_rope_layers=[1, 0, 1], tie_word_embeddings=True),
     "deepseek_v3": dict(model_type="deepseek_v3", **MLA, q_lora_rank=None, n_group=4, topk_group=2,
                         routed_scaling_factor=2.5, rope_parameters=YARN),
     "deepseek_v3-qlora": dict(model_type="deepseek_v3", **MLA, q_lora_rank=24, n_group=2, topk_group=1,

@@ -28,7 +28,7 @@ NORM_PLACEMENTS = ("pre", "post", "sandwich", "olmo2", "parallel", "parallel2")
 POSITIONS = ("learned", "rope", "none")
 ATTENTIONS = ("mha", "mla")
 MASKS = ("causal", "bidirectional", "prefix")
-QK_NORMS = (None, "head", "full")
+QK_NORMS = (None, "head", "full", "l2")
 MLP_TYPES = ("mlp", "glu")
 ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu")
 ROUTERS = ("softmax", "sigmoid")
@@ -79,16 +79,27 @@ class ModelConfig:
     rope_interleave: bool = False  # rotate (x0,x1),(x2,x3).. pairs (GPT-J, DeepSeek) vs halves
     rope_scaling: dict[str, Any] | None = None  # {"type": "linear"|"llama3"|"yarn", ...}
     rope_local_scaling: dict[str, Any] | None = None  # scaling for local layers (None: unscaled)
-    nope_layers: tuple[int, ...] = ()  # layers that use no position at all (NoPE)
+    nope_layers: tuple[int, ...] = ()  # layers that use no position at all (NoPE; Llama 4: every 4th)
     # --- attention (nn/attention.py, nn/mla.py) -----------------------------------------
     attention: str = "mha"  # "mha" (covers MHA/GQA/MQA via n_kv_heads) | "mla"
     qkv_bias: bool = False
     o_bias: bool = False
-    qk_norm: str | None = None  # None | "head" (Qwen3, Gemma 3) | "full" (OLMo 2)
+    # None | "head" (Qwen3, Gemma 3) | "full" (OLMo 2) | "l2" (Llama 4: per head, no learned scale,
+    # after RoPE and on RoPE layers only)
+    qk_norm: str | None = None
     attn_softcap: float | None = None  # Gemma 2: tanh soft-capping of attention logits
     query_pre_attn_scalar: float | None = None  # scale = this ** -0.5 (Gemma); None: head_dim
     sliding_window: int | None = None  # tokens a local layer can see (incl. itself)
-    sliding_window_pattern: int = 1  # every N-th layer is global; 1 with a window: all local
+    # every N-th layer is global, the others local (a sliding window or chunks); 1: all local
+    sliding_window_pattern: int = 1
+    # Llama 4's chunked local attention: a local layer sees only the keys of its own chunk of this
+    # many tokens (chunks counted from each row's first real token), instead of a sliding window
+    attention_chunk_size: int | None = None
+    # Llama 4's attention temperature tuning on NoPE layers: queries at slot p are scaled by
+    # log(floor((p + 1) / attn_floor_scale) + 1) * attn_scale + 1 (arXiv:2501.19399)
+    attn_temperature_tuning: bool = False
+    attn_floor_scale: float = 8192.0
+    attn_scale: float = 0.1
     attn_dropout: float = 0.0
     mask: str = "causal"  # nn/masks.py: "causal" (a decoder) | "bidirectional" (an encoder) | "prefix" (prefix-LM)
     # multi-head latent attention (DeepSeek-V2/V3)
@@ -107,9 +118,11 @@ class ModelConfig:
     moe_d_ff: int | None = None  # inner width of one routed expert (None -> d_ff)
     n_shared_experts: int = 0  # always-active experts (DeepSeekMoE), width n * moe_d_ff
     first_k_dense: int = 0  # the first k layers keep a dense MLP (DeepSeek)
+    moe_layer_step: int = 1  # every N-th layer (from layer N-1) is MoE, the rest dense (Llama 4 Maverick: 2)
     router: str = "softmax"  # "softmax" | "sigmoid" (DeepSeek-V3)
     router_bias: bool = False  # per-expert selection bias (DeepSeek-V3 aux-loss-free balancing)
     norm_topk_prob: bool = True  # renormalize the top-k weights to sum to 1
+    router_scales_input: bool = False  # Llama 4: the routing weight scales the expert's input, not its output
     routed_scaling_factor: float = 1.0
     n_expert_groups: int = 1  # group-limited routing (DeepSeek-V3: 8 groups)
     topk_groups: int = 1  # groups a token may route to
@@ -226,8 +239,16 @@ class ModelConfig:
             need(self.sliding_window > 0, "sliding_window", f"must be positive, got {self.sliding_window}")
         need(self.sliding_window_pattern >= 1, "sliding_window_pattern",
              f"must be >= 1, got {self.sliding_window_pattern}")
-        need(self.sliding_window_pattern == 1 or self.sliding_window is not None, "sliding_window",
+        if self.attention_chunk_size is not None:
+            need(self.attention_chunk_size > 0, "attention_chunk_size",
+                 f"must be positive, got {self.attention_chunk_size}")
+            need(self.sliding_window is None, "attention_chunk_size",
+                 "and sliding_window are both set; local layers use one or the other")
+        need(self.sliding_window_pattern == 1 or self.sliding_window is not None
+             or self.attention_chunk_size is not None, "sliding_window",
              f"is unset but sliding_window_pattern={self.sliding_window_pattern} asks for local layers")
+        if self.attn_temperature_tuning:
+            need(self.attn_floor_scale > 0, "attn_floor_scale", f"must be > 0, got {self.attn_floor_scale}")
         need(self.rope_local_theta is None or self.sliding_window is not None, "rope_local_theta",
              "is set but there are no local (sliding_window) layers to use it")
         if self.attn_softcap is not None:
@@ -263,6 +284,7 @@ class ModelConfig:
             need(0 <= self.first_k_dense <= self.n_layers, "first_k_dense",
                  f"must be between 0 and n_layers ({self.n_layers})")
             need(self.moe_d_ff > 0, "moe_d_ff", "must be positive")
+            need(self.moe_layer_step >= 1, "moe_layer_step", f"must be >= 1, got {self.moe_layer_step}")
         else:
             need(self.n_shared_experts == 0, "n_shared_experts", "needs n_experts > 0")
             need(not self.router_bias, "router_bias", "needs n_experts > 0")
@@ -276,16 +298,34 @@ class ModelConfig:
         return int(self.head_dim * self.rotary_pct) // 2 * 2
 
     def layer_is_local(self, i: int) -> bool:
-        """True if layer i uses the sliding window (Gemma 2: every other, Gemma 3: 5 of 6)."""
-        if self.sliding_window is None:
+        """True if layer i attends locally: a sliding window (Gemma 2: every other layer, Gemma 3: 5 of
+        6) or chunks (Llama 4: 3 of 4)."""
+        if self.sliding_window is None and self.attention_chunk_size is None:
             return False
         return (i + 1) % self.sliding_window_pattern != 0 or self.sliding_window_pattern == 1
 
     def layer_window(self, i: int) -> int | None:
         return self.sliding_window if self.layer_is_local(i) else None
 
+    def layer_chunk(self, i: int) -> int | None:
+        """Layer i's attention chunk (Llama 4's local layers), None where it is not chunked."""
+        return self.attention_chunk_size if self.layer_is_local(i) else None
+
+    def layer_kv_span(self, i: int) -> int | None:
+        """The most recent slots layer i can ever attend (its window or chunk): what its cache must
+        keep; None for a global layer."""
+        return self.layer_window(i) or self.layer_chunk(i)
+
     def layer_is_moe(self, i: int) -> bool:
-        return self.n_experts > 0 and i >= self.first_k_dense
+        return self.n_experts > 0 and i >= self.first_k_dense and (i + 1) % self.moe_layer_step == 0
+
+    def layer_qk_norm(self, i: int) -> str | None:
+        """Layer i's QK-norm: Llama 4's weightless "l2" norm is on RoPE layers only."""
+        return None if self.qk_norm == "l2" and not self.layer_uses_rope(i) else self.qk_norm
+
+    def layer_temperature_tuned(self, i: int) -> bool:
+        """Whether layer i scales its queries by position (Llama 4: the NoPE layers)."""
+        return self.attn_temperature_tuning and not self.layer_uses_rope(i)
 
     def layer_uses_rope(self, i: int) -> bool:
         return self.pos_emb == "rope" and i not in self.nope_layers

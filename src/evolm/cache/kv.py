@@ -23,8 +23,9 @@ import torch
 class KVCache:
     """A cache for ``batch`` sequences of up to ``max_len`` tokens.
 
-    ``windows[i]`` is layer i's sliding window (None for global layers); pass it (or use
-    ``KVCache.for_model``) to get ring buffers for local layers. Per-layer buffers are allocated
+    ``windows[i]`` is layer i's sliding window or attention chunk (None for global layers; a chunked
+    layer never looks back further than its chunk); pass it (or use ``KVCache.for_model``) to get
+    ring buffers for local layers. Per-layer buffers are allocated
     on first use with the shapes the layer hands in, so one class serves MHA/GQA (k, v) and MLA
     (latent, rotary key).
     """
@@ -47,7 +48,7 @@ class KVCache:
         c = model.config
         max_len = max_len or c.max_seq_len
         dev = next(model.parameters()).device
-        return cls(batch, max_len, [c.layer_window(i) for i in range(c.n_layers)], device=dev)
+        return cls(batch, max_len, [c.layer_kv_span(i) for i in range(c.n_layers)], device=dev)
 
     # --- bookkeeping shared by all layers of one forward call ------------------------------
     def key_layout(self, layer: int) -> int | None:
@@ -210,14 +211,18 @@ class StaticKVCache(KVCache):
         self.static = True
 
     # --- static mode: called by the model instead of key_slots/attention_mask ----------------
-    def mask(self, window: int | None, n_new: int) -> torch.Tensor:
-        """(B, 1, T, max_len) bool: query ``pos + t`` may see a slot that is filled, causal, in window."""
+    def mask(self, window: int | None, n_new: int, chunk: int | None = None) -> torch.Tensor:
+        """(B, 1, T, max_len) bool: query ``pos + t`` may see a slot that is filled, causal, in window
+        (or in its chunk: ``nn.masks.same_chunk``)."""
+        from evolm.nn.masks import same_chunk
+
         q = self.pos + torch.arange(n_new, device=self.pos.device)
         diff = q[:, None] - self._slots[None, :]
         m = diff >= 0
         if window is not None:
             m = m & (diff < window)
-        return m[None, None] & self.key_valid[:, None, None, :]
+        m = m[None, None] & self.key_valid[:, None, None, :]
+        return m & same_chunk(q, self._slots, chunk, self.key_valid) if chunk is not None else m
 
     def store_prefill(self, collected: "PrefillKV", n: int, attention_mask: torch.Tensor | None) -> None:
         """Store a prompt's keys/values collected by :class:`PrefillKV` (a compiled prefill), as the

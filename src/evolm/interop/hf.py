@@ -51,10 +51,12 @@ _OPTIONAL_POSITIVE_INTS = ("num_key_value_heads", "head_dim", "sliding_window", 
                            "num_experts", "n_routed_experts", "num_local_experts", "num_experts_per_tok",
                            "kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "v_head_dim", "sliding_window_pattern",
                            "original_max_position_embeddings", "num_kv_heads", "ffn_hidden_size",
-                           "num_ln_in_parallel_attn")
+                           "num_ln_in_parallel_attn", "intermediate_size_mlp", "attention_chunk_size",
+                           "interleave_moe_layer_step", "no_rope_layer_interval")
 _FINITE = ("rms_norm_eps", "layer_norm_epsilon", "layer_norm_eps", "rope_theta", "initializer_range")
 _OPTIONAL_FINITE = ("attention_dropout", "partial_rotary_factor", "rope_local_base_freq", "routed_scaling_factor",
-                    "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping")
+                    "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping", "floor_scale",
+                    "attn_scale")
 _CAPS = {"num_hidden_layers": MAX_LAYERS, "n_layer": MAX_LAYERS, "num_experts": MAX_EXPERTS,
          "n_routed_experts": MAX_EXPERTS, "num_local_experts": MAX_EXPERTS}
 

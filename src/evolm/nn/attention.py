@@ -9,7 +9,12 @@
 - Attention logit soft-capping (Gemma 2): ``cap * tanh(scores / cap)``.
 - Sliding-window attention (Beltagy et al. 2020, arXiv:2004.05150; Mistral, Gemma 2/3): a
   local layer sees only the last ``sliding_window`` tokens; ``sliding_window_pattern`` interleaves
-  local and global layers (Gemma 3: 5 local to 1 global).
+  local and global layers (Gemma 3: 5 local to 1 global). Llama 4's local layers see their own
+  chunk of ``attention_chunk_size`` tokens instead (the mask is planned in ``nn/masks.py``).
+- Llama 4's attention temperature tuning (Nakanishi 2025, "Scalable-Softmax Is Superior for
+  Attention", arXiv:2501.19399): on its NoPE layers, queries at slot p are multiplied by
+  ``log(floor((p + 1) / floor_scale) + 1) * attn_scale + 1``, so attention stays sharp over
+  long contexts; and its RoPE layers L2-normalise queries and keys per head (``qk_norm="l2"``).
 
 The score computation is ``torch.nn.functional.scaled_dot_product_attention`` (fused kernels,
 ``is_causal`` so no mask is built) unless soft-capping needs the scores themselves. Which keys a
@@ -94,6 +99,30 @@ def _attend_few_queries(q, k, v, mask, is_causal, scale, softcap, decode_kernel=
     return out.view(B, H, Tq, v.shape[-1])
 
 
+def temperature_scales(slots: torch.Tensor, floor_scale: float, attn_scale: float) -> torch.Tensor:
+    """Llama 4's per-query temperature (float32) for absolute cache ``slots``: 1 up to slot
+    ``floor_scale - 2``, then growing with the log of the slot."""
+    return torch.log1p(torch.floor((slots.float() + 1.0) / floor_scale)) * attn_scale + 1.0
+
+
+def query_slots(cache, T: int, device) -> torch.Tensor:
+    """The absolute cache slots of the ``T`` new tokens (0.. without a cache): the positions
+    Llama 4's temperature counts in (padding included, as transformers counts them)."""
+    if cache is None:
+        start = 0
+    elif cache.static:
+        start = cache.pos  # a tensor: the compiled decode step reads no Python int
+    else:
+        start = cache.length
+    return start + torch.arange(T, device=device)
+
+
+def l2_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama 4's weightless QK-norm: RMS normalisation over the head dim, in float32."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
 def _as_loops(q: torch.Tensor, allowed: bool = True) -> bool:
     """Whether decode attention is written as multiply-reduce loops: inside a compiled CPU graph
     (``allowed=False``: never)."""
@@ -101,7 +130,8 @@ def _as_loops(q: torch.Tensor, allowed: bool = True) -> bool:
 
 
 class Attention(nn.Module):
-    """Causal self-attention with MHA/GQA/MQA, QK-norm, soft-capping and sliding windows."""
+    """Causal self-attention with MHA/GQA/MQA, QK-norm, soft-capping, sliding windows and chunks,
+    and Llama 4's query temperature."""
 
     # decode-time kernel choices (:func:`_attend_few_queries`), set on the layer by the compiled
     # decode step from its KernelPolicy (evolm.infer.compiled.use_attention_policy), never while tracing:
@@ -119,10 +149,12 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(c.d_model, c.n_kv_heads * c.head_dim, bias=c.qkv_bias)
         self.v_proj = nn.Linear(c.d_model, c.n_kv_heads * c.head_dim, bias=c.qkv_bias)
         self.o_proj = nn.Linear(c.n_heads * c.head_dim, c.d_model, bias=c.o_bias)
-        self.qk_norm = c.qk_norm
-        if c.qk_norm == "head":
+        self.qk_norm = c.layer_qk_norm(layer_idx)
+        self.norm_eps = c.norm_eps
+        self.temperature = (c.attn_floor_scale, c.attn_scale) if c.layer_temperature_tuned(layer_idx) else None
+        if self.qk_norm == "head":
             self.q_norm, self.k_norm = make_norm(c, c.head_dim), make_norm(c, c.head_dim)
-        elif c.qk_norm == "full":
+        elif self.qk_norm == "full":
             self.q_norm = make_norm(c, c.n_heads * c.head_dim)
             self.k_norm = make_norm(c, c.n_kv_heads * c.head_dim)
         self.scale = (c.query_pre_attn_scalar or c.head_dim) ** -0.5
@@ -164,6 +196,11 @@ class Attention(nn.Module):
         if rope is not None:
             cos, sin = rope
             q, k = apply_rope(q, cos, sin, self.interleave), apply_rope(k, cos, sin, self.interleave)
+        if self.qk_norm == "l2":  # after RoPE, as Llama 4 does it
+            q, k = l2_norm(q, self.norm_eps), l2_norm(k, self.norm_eps)
+        if self.temperature is not None:
+            scales = temperature_scales(query_slots(cache, T, x.device), *self.temperature)
+            q = (q * scales[:, None]).to(q.dtype)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         y = attend(q, k, v, mask, is_causal, self.scale, self.softcap,

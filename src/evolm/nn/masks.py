@@ -14,6 +14,9 @@ and on top of the kind, per layer or per batch:
 - a sliding window (Longformer, Beltagy et al. 2020, arXiv:2004.05150; Mistral, Gemma 2/3):
   causal layers look back fewer than ``window`` slots; bidirectional ones see ``window // 2``
   slots each way (ModernBERT's local attention);
+- chunks (Llama 4's local layers): the sequence is cut into chunks of ``chunk`` tokens counted
+  from each row's first real token (as transformers counts them under left padding), and a query
+  sees only the keys of its own chunk, so the first query of a chunk sees itself alone;
 - padding (``attention_mask``: 0 for padding tokens, recorded per slot by the cache);
 - packed documents (``doc_ids``): a token sees only its own document.
 
@@ -36,7 +39,7 @@ MaskKind = Literal["causal", "bidirectional", "prefix"]
 
 def attention_mask(q_slots: torch.Tensor, k_slots: torch.Tensor, key_valid: torch.Tensor | None,
                    window: int | None, doc_ids: torch.Tensor | None = None, kind: MaskKind = "causal",
-                   prefix_len: int | torch.Tensor | None = None) -> torch.Tensor:
+                   prefix_len: int | torch.Tensor | None = None, chunk: int | None = None) -> torch.Tensor:
     """Boolean mask (B or 1, 1, Tq, Tk): True where a query may attend a key.
 
     ``q_slots`` (Tq,) and ``k_slots`` (Tk,) are absolute cache slots (-1 marks an empty ring
@@ -44,7 +47,8 @@ def attention_mask(q_slots: torch.Tensor, k_slots: torch.Tensor, key_valid: torc
     window are counted in slots, as the references do. A padding query that would see nothing
     sees itself, so no row is all-masked (its output is never used). ``doc_ids`` (B, T) isolates
     packed documents (no cache in that case). ``prefix_len`` (int or (B,)) is the length of the
-    bidirectional prefix of ``kind="prefix"``.
+    bidirectional prefix of ``kind="prefix"``. ``chunk``: keep only keys in the query's chunk
+    (:func:`same_chunk`).
     """
     if kind not in MASK_KINDS:
         raise ValueError(f"mask kind {kind!r}: expected one of {', '.join(MASK_KINDS)}")
@@ -60,12 +64,27 @@ def attention_mask(q_slots: torch.Tensor, k_slots: torch.Tensor, key_valid: torc
     mask = mask[None, None]
     if kind == "prefix":
         mask = mask | _in_prefix(q_slots, k_slots, prefix_len)
+    if chunk is not None:
+        mask = mask & same_chunk(q_slots, k_slots, chunk, key_valid)
     if key_valid is not None:
         mask = mask & key_valid[:, k_slots.clamp(min=0)][:, None, None, :]
         mask = mask | (diff == 0)[None, None]
     if doc_ids is not None:
         mask = mask & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])
     return mask
+
+
+def same_chunk(q_slots: torch.Tensor, k_slots: torch.Tensor, chunk: int,
+               key_valid: torch.Tensor | None) -> torch.Tensor:
+    """(B or 1, 1, Tq, Tk): the key lies in the query's chunk of ``chunk`` slots. Chunks start at each
+    row's first real token: the slots before it (left padding, False in ``key_valid``) are
+    counted out, as transformers' ``create_chunked_causal_mask`` does."""
+    lead = torch.zeros(1, dtype=torch.long, device=q_slots.device) if key_valid is None else \
+        (key_valid.long().cumsum(-1) == 0).sum(-1)
+    lead = lead.reshape(-1, 1, 1, 1)
+    q = torch.div(q_slots[None, None, :, None] - lead, chunk, rounding_mode="floor")
+    k = torch.div(k_slots[None, None, None, :] - lead, chunk, rounding_mode="floor")
+    return q == k
 
 
 def _in_prefix(q_slots: torch.Tensor, k_slots: torch.Tensor, prefix_len) -> torch.Tensor:
@@ -91,21 +110,25 @@ class MaskInputs:
 
 
 def plan_masks(config, cache, inputs: MaskInputs, device) -> list[tuple[torch.Tensor | None, bool]]:
-    """One ``(mask, is_causal)`` per layer of ``config``, shared by layers with the same window
-    and key layout (a Gemma 3 model builds two masks for 18 layers, a Llama model none)."""
+    """One ``(mask, is_causal)`` per layer of ``config``, shared by layers with the same window,
+    chunk and key layout (a Gemma 3 model builds two masks for 18 layers, a Llama model none)."""
     static = cache is not None and cache.static
     plans: dict = {}
     out = []
     for i in range(config.n_layers):
-        window = config.layer_window(i)
+        window, chunk = config.layer_window(i), config.layer_chunk(i)
         layout = cache.key_layout(i) if cache is not None else None
-        if window is not None and layout is None and not static and inputs.kind == "causal" \
-                and inputs.start + inputs.n_new <= window:
-            window = None  # the window reaches further back than the sequence: plain causal
-        if (window, layout) not in plans:
-            plans[window, layout] = (cache.mask(window, inputs.n_new), False) if static else \
-                _plan_one(cache, inputs, window, layout, device)
-        out.append(plans[window, layout])
+        if layout is None and not static and inputs.kind == "causal":
+            # a window reaching further back than the sequence, or a chunk holding all of it
+            # (counted from the first real token, so from slot 0 at the latest): plain causal
+            if window is not None and inputs.start + inputs.n_new <= window:
+                window = None
+            if chunk is not None and inputs.start + inputs.n_new <= chunk:
+                chunk = None
+        if (window, chunk, layout) not in plans:
+            plans[window, chunk, layout] = (cache.mask(window, inputs.n_new, chunk), False) if static else \
+                _plan_one(cache, inputs, window, layout, device, chunk)
+        out.append(plans[window, chunk, layout])
     return out
 
 
@@ -115,10 +138,11 @@ def plan_mask(cache, inputs: MaskInputs, device, window: int | None = None):
     return _plan_one(cache, inputs, window, None, device)
 
 
-def _plan_one(cache, inputs: MaskInputs, window: int | None, layout, device):
+def _plan_one(cache, inputs: MaskInputs, window: int | None, layout, device, chunk: int | None = None):
     start, T = inputs.start, inputs.n_new
     k_slots = cache.key_slots(layout, T, device) if cache is not None else None
-    plain = k_slots is None and inputs.key_valid is None and inputs.doc_ids is None and window is None
+    plain = k_slots is None and inputs.key_valid is None and inputs.doc_ids is None and window is None \
+        and chunk is None
     if plain and inputs.kind == "causal" and (start == 0 or T == 1):
         return None, start == 0 and T > 1  # the kernel's causal flag, or one query that sees all
     if plain and inputs.kind == "bidirectional":
@@ -127,4 +151,4 @@ def _plan_one(cache, inputs: MaskInputs, window: int | None, layout, device):
         k_slots = torch.arange(start + T, device=device)
     q_slots = torch.arange(start, start + T, device=device)
     return attention_mask(q_slots, k_slots, inputs.key_valid, window, inputs.doc_ids,
-                          inputs.kind, inputs.prefix_len), False
+                          inputs.kind, inputs.prefix_len, chunk), False

@@ -9,6 +9,10 @@
   (``n_expert_groups`` / ``topk_groups``) and a ``routed_scaling_factor``.
 - Shared experts (DeepSeekMoE, arXiv:2401.06066): always-active experts that hold common
   knowledge so routed experts can specialise.
+- Llama 4 (Meta 2025): one shared expert plus top-1 of 16 or 128 routed experts by sigmoid score,
+  where the score scales the routed expert's *input* (``router_scales_input``), not its output;
+  with a gated expert the two differ. Maverick alternates dense and MoE layers
+  (``moe_layer_step``).
 - Optional losses: the Switch load-balancing loss and the ST-MoE router z-loss
   (Zoph et al. 2022, arXiv:2202.08906).
 
@@ -85,6 +89,7 @@ class Experts(nn.Module):
         super().__init__()
         c = config
         self.gated = c.mlp == "glu"
+        self.scale_input = c.router_scales_input
         self.d_ff = c.moe_d_ff
         self.gate_up_proj = nn.Parameter(torch.empty(c.n_experts, (2 if self.gated else 1) * c.moe_d_ff, c.d_model))
         self.down_proj = nn.Parameter(torch.empty(c.n_experts, c.d_model, c.moe_d_ff))
@@ -98,6 +103,8 @@ class Experts(nn.Module):
         counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).tolist()
         xs = x[token]
         ws = weights.reshape(-1)[order].unsqueeze(-1)
+        if self.scale_input:  # Llama 4: expert(w * x), rounded to x's dtype as transformers does
+            xs = xs * ws.to(x.dtype)
         outs = []
         for e, chunk in enumerate(xs.split(counts)):
             if chunk.shape[0] == 0:
@@ -109,7 +116,9 @@ class Experts(nn.Module):
             else:
                 h = self.act(h)
             outs.append(F.linear(h, self.down_proj[e]))
-        ys = torch.cat(outs) * ws.to(x.dtype)
+        ys = torch.cat(outs)
+        if not self.scale_input:
+            ys = ys * ws.to(x.dtype)
         return torch.zeros_like(x).index_add_(0, token, ys)
 
 

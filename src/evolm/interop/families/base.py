@@ -21,6 +21,12 @@ from evolm.config import ModelConfig
 from evolm.interop.families import decoder
 
 
+# ModelConfig parts that only some families can write, at the values that switch them off; a family
+# lists the ones it writes in ``Family.parts`` (Llama 4: all of them)
+OPTIONAL_PARTS = {"nope_layers": (), "attention_chunk_size": None, "attn_temperature_tuning": False,
+                  "moe_layer_step": 1, "router_scales_input": False}
+
+
 class Needs(list):
     """The reasons a family cannot express a config: ``need(ok, field, want)`` adds one when not ok."""
 
@@ -51,6 +57,9 @@ class Family:
     norm_placement: str = "pre"  # ModelConfig.norm_placement
     final_norm: bool = True  # a norm after the last block (GPT-1 has none)
     qk_norm: str | None = None  # ModelConfig.qk_norm
+    qk_norm_flag: str | None = None  # a config.json key that switches qk_norm on or off (Llama 4's use_qk_norm)
+    rope_interleave: bool = False  # RoPE rotates adjacent pairs (Llama 4's complex form), not halves
+    parts: frozenset[str] = frozenset()  # the OPTIONAL_PARTS this family writes
     unit_offset_norms: bool = False  # Gemma: RMSNorm scales by (1 + w) and embeddings by sqrt(d_model)
     attention: str = "mha"  # "mha" | "mla"
     attention_bias: str = "flag"  # "flag": one attention_bias key; "qkv": q/k/v only (Qwen2); "none"
@@ -97,7 +106,8 @@ class Family:
         need = Needs(config, self.model_type)
         need(config.final_norm == self.final_norm, "final_norm", str(self.final_norm))
         need(not config.lm_head_bias, "lm_head_bias", "False")
-        need(not config.nope_layers, "nope_layers", "()")
+        for name, off in OPTIONAL_PARTS.items():
+            need(name in self.parts or getattr(config, name) == off, name, repr(off))
         need(config.mask == "causal", "mask", "'causal' (every decoder family attends causally)")
         self.check(self, config, need)
         return list(need)

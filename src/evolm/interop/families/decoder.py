@@ -154,8 +154,10 @@ def config_from_hf(fam: Family, h: dict, meta: dict) -> ModelConfig:
         name=f"hf-{mt}", vocab_size=h["vocab_size"], d_model=d, n_layers=n_layers, n_heads=nh,
         n_kv_heads=h.get("num_key_value_heads") or nh, head_dim=h.get("head_dim") or d // nh,
         d_ff=h["intermediate_size"], max_seq_len=h["max_position_embeddings"],
-        norm="rmsnorm", norm_eps=float(h["rms_norm_eps"]), norm_placement=fam.norm_placement, qk_norm=fam.qk_norm,
-        pos_emb="rope", mlp="glu", mlp_bias=bool(h.get("mlp_bias")) if fam.mlp_bias_key else False,
+        norm="rmsnorm", norm_eps=float(h["rms_norm_eps"]), norm_placement=fam.norm_placement,
+        qk_norm=fam.qk_norm if fam.qk_norm_flag is None or h.get(fam.qk_norm_flag) else None,
+        pos_emb="rope", rope_interleave=fam.rope_interleave,
+        mlp="glu", mlp_bias=bool(h.get("mlp_bias")) if fam.mlp_bias_key else False,
         activation=fam.activation(h.get(fam.activation_key, "silu")),
         qkv_bias=ab or fam.attention_bias == "qkv", o_bias=ab and fam.attention_bias != "qkv",
         tie_embeddings=bool(h["tie_word_embeddings"]), attn_dropout=float(h.get("attention_dropout") or 0.0),
@@ -202,6 +204,8 @@ def config_to_hf(fam: Family, c: ModelConfig, out: dict) -> None:
         out["attention_bias"] = c.qkv_bias
     if fam.mlp_bias_key:
         out["mlp_bias"] = c.mlp_bias
+    if fam.qk_norm_flag:
+        out[fam.qk_norm_flag] = c.qk_norm is not None
     glob = scaling_to_hf(c.rope_theta, c.rope_scaling)
     out["rope_theta"] = c.rope_theta  # read by transformers 4.x
     if c.rope_scaling is not None:
@@ -224,12 +228,13 @@ def blockers(fam: Family, c: ModelConfig, need: Needs) -> None:
     need(c.pos_emb == "rope", "pos_emb", "'rope'")
     need(c.mlp == "glu", "mlp", "'glu'")
     need(c.rotary_pct == 1.0 or mla, "rotary_pct", "1.0")
-    need(not c.rope_interleave or mla, "rope_interleave", "False")
+    need(c.rope_interleave == fam.rope_interleave or mla, "rope_interleave", str(fam.rope_interleave))
     need(c.attention == fam.attention, "attention", repr(fam.attention))
     need(c.norm_unit_offset == fam.unit_offset_norms, "norm_unit_offset", str(fam.unit_offset_norms))
     need(c.embed_scale == fam.unit_offset_norms, "embed_scale", str(fam.unit_offset_norms))
     need(c.norm_placement == fam.norm_placement, "norm_placement", repr(fam.norm_placement))
-    need(c.qk_norm == fam.qk_norm, "qk_norm", repr(fam.qk_norm))
+    need(c.qk_norm == fam.qk_norm or (fam.qk_norm_flag is not None and c.qk_norm is None), "qk_norm",
+         repr(fam.qk_norm) + (" or None" if fam.qk_norm_flag else ""))
     if not fam.query_scalar:
         need(c.final_softcap is None, "final_softcap", "None")
         need(c.query_pre_attn_scalar is None or c.query_pre_attn_scalar == (
