@@ -69,11 +69,23 @@ CONFIGS = {
                        rope_theta=500.0, rope_scaling={"type": "linear", "factor": 2.0}),
     "falcon2-11b": dict(FALCON, n_kv_heads=2, norm_placement="parallel", activation="gelu_tanh"),
     "falcon-pre": dict(FALCON, n_kv_heads=4, norm_placement="pre"),
+    # Llama 4: chunks of 5 on RoPE layers, NoPE + temperature on the 4th, L2 QK-norm, MoE every 2nd layer
+    "llama4": dict(BASE, n_layers=4, head_dim=16, rope_interleave=True, qk_norm="l2", nope_layers=(3,),
+                   attention_chunk_size=5, sliding_window_pattern=4, attn_temperature_tuning=True,
+                   attn_floor_scale=4.0, attn_scale=0.5, n_experts=4, n_experts_per_tok=1, moe_d_ff=48,
+                   moe_layer_step=2, n_shared_experts=1, router="sigmoid", norm_topk_prob=False,
+                   router_scales_input=True, rope_theta=5e5,
+                   rope_scaling={"type": "llama3", "factor": 8.0, "original_max_seq_len": 64,
+                                 "low_freq_factor": 1.0, "high_freq_factor": 4.0}),
+    # a dense Llama 4 without QK-norm: every other layer NoPE and global
+    "llama4-dense": dict(BASE, n_layers=4, rope_interleave=True, nope_layers=(1, 3), attention_chunk_size=4,
+                         sliding_window_pattern=2, attn_temperature_tuning=True, attn_floor_scale=3.0),
 }
 FAMILY = {"falcon-7b": "falcon", "falcon-40b": "falcon", "falcon2-11b": "falcon", "falcon-pre": "falcon",
           "llama": "llama", "qwen2": "qwen2", "qwen3-sliding": "qwen3", "mistral": "mistral", "mixtral": "mixtral",
           "gemma2": "gemma2", "gemma3": "gemma3_text", "olmo2": "olmo2", "deepseek_v3": "deepseek_v3", "gpt2": "gpt2",
-          "deepseek_v2": "deepseek_v2", "qwen3_moe": "qwen3_moe", "gemma": "gemma", "gpt1": "openai-gpt"}
+          "deepseek_v2": "deepseek_v2", "qwen3_moe": "qwen3_moe", "gemma": "gemma", "gpt1": "openai-gpt",
+          "llama4": "llama4_text", "llama4-dense": "llama4_text"}
 
 
 def random_model(name: str) -> Transformer:
@@ -326,8 +338,8 @@ def test_detect_format_errors(tmp_path):
 def test_presets_round_trip_through_hf_configs():
     """Every published preset a transformers family can express maps to that family and back unchanged."""
     presets = pytest.importorskip("evolm.presets")
-    want = {"gpt2": "gpt2", "llama": "llama", "smollm2": "llama", "mistral": "mistral", "mixtral": "mixtral",
-            "gemma-2": "gemma2", "gemma-3": "gemma3_text", "olmo-2": "olmo2", "qwen3-30b": "qwen3_moe",
+    want = {"gpt2": "gpt2", "llama-4": "llama4_text", "llama": "llama", "smollm2": "llama", "mistral": "mistral",
+            "mixtral": "mixtral", "gemma-2": "gemma2", "gemma-3": "gemma3_text", "olmo-2": "olmo2", "qwen3-30b": "qwen3_moe",
             "qwen3": "qwen3", "deepseek-v2": "deepseek_v2", "deepseek-v3": "deepseek_v3"}
     checked = 0
     for name in presets.list_presets():

@@ -249,6 +249,48 @@ def test_gemma3_multimodal_wrapper(batch_tools):
     assert batch_tools.max_real_diff(hf_logits(hf, ids, mask, pos), our_logits(ours, ids, mask, pos), mask) <= 1e-4
 
 
+def test_llama4_case_exercises_each_part(pair, batch_tools):
+    """The tiny Llama 4 is sensitive to every part it tests: switching one off in our copy (same
+    weights) moves the logits well past the parity tolerance."""
+    hf, ours = pair("llama4")
+    ids, mask, pos = batch_tools.padded_batch(V, LENGTHS, left=True)
+    want = hf_logits(hf, ids, mask, pos)
+    c = ours.config
+    for change in (dict(attention_chunk_size=None, sliding_window_pattern=1), dict(attn_temperature_tuning=False),
+                   dict(qk_norm=None), dict(rope_interleave=False), dict(nope_layers=()),
+                   dict(router_scales_input=False), dict(n_shared_experts=0)):
+        sd = {k: v for k, v in ours.state_dict().items() if "n_shared_experts" not in change or "shared" not in k}
+        other = build_from_state_dict(c.replace(**change), sd)
+        diff = batch_tools.max_real_diff(want, our_logits(other, ids, mask, pos), mask)
+        assert diff > 1e-3, f"llama4 without {change}: logits still within {diff:.1e}"
+    assert [c.layer_is_moe(i) for i in range(4)] == [False, True, False, True]
+    assert [c.layer_chunk(i) for i in range(4)] == [5, 5, 5, None] and c.nope_layers == (3,)
+
+
+def test_llama4_multimodal_wrapper(batch_tools):
+    """A `llama4` (image+text) folder: nested text_config, weights under language_model."""
+    hf = tiny_hf_model(CASES["llama4"])
+    wrapper = {"model_type": "llama4", "text_config": hf.config.to_dict(), "vision_config": {"hidden_size": 8},
+               "tie_word_embeddings": False}
+    c = config_from_hf(wrapper)
+    sd = {"language_model." + k: v for k, v in hf.state_dict().items()}
+    sd["vision_model.patch_embedding.linear.weight"] = torch.zeros(2, 2)
+    sd["multi_modal_projector.linear_1.weight"] = torch.zeros(2, 2)
+    ours = build_from_state_dict(c, state_dict_from_hf(sd, c, "llama4"))
+    ids, mask, pos = batch_tools.padded_batch(V, LENGTHS)
+    assert batch_tools.max_real_diff(hf_logits(hf, ids, mask, pos), our_logits(ours, ids, mask, pos), mask) <= 1e-4
+
+
+def test_llama4_config_errors():
+    base = dict(CASES["llama4"])
+    with pytest.raises(ConfigError, match="moe_layers \\[0, 3\\] cannot be expressed"):
+        config_from_hf(dict(base, moe_layers=[0, 3]))
+    with pytest.raises(ConfigError, match="layer_types .* cannot be expressed"):
+        config_from_hf(dict(base, no_rope_layers=[0, 1, 1, 1]))
+    assert config_from_hf(dict(base, moe_layers=[])).n_experts == 0
+    assert config_from_hf(dict(base, use_qk_norm=False)).qk_norm is None
+
+
 def test_old_style_config_keys():
     """rope_theta / rope_scaling / rope_local_base_freq / sliding_window_pattern (transformers 4.x files)."""
     new = config_from_hf(CASES["gemma3"])
