@@ -45,6 +45,8 @@ def _spy(model) -> list:
     """Count the fused steps that really ran (a step may hand back None and let Python run)."""
     calls = []
     for block in model.layers:
+        if block.decode_step is None:
+            continue
         plan = block.decode_step.plan
 
         class Spy:
@@ -110,6 +112,28 @@ def test_padded_batch_equals_the_eager_decode(variant):
     got = _decode_logits(model, prompt, mask, 10)
     assert len(calls) == model.config.n_layers * 10
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+def test_llama4_chunks_reach_the_kernel_and_its_own_parts_keep_the_python_path():
+    """Llama 4's chunked RoPE layers decode through the kernel (the chunk is in the mask, counted from
+    each left-padded row's first token, over a ring of one chunk); its NoPE layer's query temperature
+    and the L2 QK-norm are not in the plan, so those layers keep the Python path, exactly."""
+    changes = dict(n_layers=4, rope_interleave=True, nope_layers=(3,), attention_chunk_size=4,
+                   sliding_window_pattern=4, attn_temperature_tuning=True, attn_floor_scale=3.0)
+    model = _model("tiny-llama", changes)
+    g = torch.Generator().manual_seed(3)
+    prompt = torch.randint(0, model.config.vocab_size, (3, 9), generator=g)
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[1, :4] = 0
+    mask[2, :3] = 0
+    want = _decode_logits(model, prompt, mask, 10)
+    assert block_step.attach(model) == 3 and model.layers[3].decode_step is None
+    calls = _spy(model)
+    got = _decode_logits(model, prompt, mask, 10)
+    assert len(calls) == 3 * 10
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    assert block_step.attach(_model("tiny-llama", dict(changes, qk_norm="l2"))) == 0
 
 
 def _to_blocks(model) -> None:

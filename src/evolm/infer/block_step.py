@@ -9,9 +9,10 @@ decode step (one new token per row, a KV cache, no gradient) to it: norms, proje
 embedding, the cache write, attention and the MLP in one call, with the eager model's ops.
 
 Only what the plan expresses gets one: an attention mixer (MHA/GQA/MQA, QK-norm, soft-cap,
-windows, RoPE or none), a dense MLP (gated or not), RMSNorm/LayerNorm in any placement, and
+windows and chunks -- both are the mask it is handed --, RoPE or none), a dense MLP (gated or not), RMSNorm/LayerNorm in any placement, and
 linears that are float ``nn.Linear`` or a GGUF file's kept blocks (``BlockLinear``). Anything
-else (MoE, MLA, LoRA, re-quantized int8/int4 layers) keeps the Python path, as do prefill,
+else (MoE, MLA, LoRA, re-quantized int8/int4 layers, Llama 4's L2 QK-norm and query temperature)
+keeps the Python path, as do prefill,
 training and a compiled step's static cache. The plan holds the module's tensors (not copies):
 attach it after the model is prepared (fused, on its device and dtype), as
 :func:`evolm.infer.prepare.prepare` does, and :func:`detach` it before changing the model.
@@ -103,6 +104,8 @@ def plan_for(block: nn.Module, config):
         raise Unsupported(f"{type(attn).__name__} / {type(mlp).__name__}")
     if config.activation not in ACTIVATIONS:
         raise Unsupported(f"activation {config.activation}")
+    if attn.qk_norm not in QK_NORMS or attn.temperature is not None:
+        raise Unsupported(f"qk_norm {attn.qk_norm!r} / query temperature {attn.temperature}")
     ints = [PLACEMENTS[block.placement], QK_NORMS[attn.qk_norm], ACTIVATIONS[config.activation], int(mlp.gated),
             attn.n_heads, attn.n_kv_heads, attn.head_dim, int(attn.interleave), int(attn.softcap is not None)]
     floats = [float(attn.scale), float(attn.softcap or 0.0)]
