@@ -129,7 +129,8 @@ def test_the_file_holds_only_the_parts_the_config_uses():
 
 
 @pytest.mark.parametrize("field, value", [("mask", "bidirectional"), ("attn_dropout", 0.1),
-                                          ("moe_aux_loss_coef", 0.01)])
+                                          ("moe_aux_loss_coef", 0.01), ("qk_norm", "l2"),
+                                          ("attention_chunk_size", 8), ("router_scales_input", True)])
 def test_a_field_without_a_template_is_refused_by_name(field, value):
     config = get_preset("tiny-qwen3-moe").replace(**{field: value})
     with pytest.raises(FlattenError, match=f"field '{field}'"):

@@ -21,7 +21,7 @@ PUBLISHED = [
     "gemma-2-2b", "gemma-2-9b", "gemma-2-27b", "gemma-3-270m", "gemma-3-1b", "gemma-3-4b",
     "gemma-3-12b", "gemma-3-27b", "olmo-2-1b", "olmo-2-7b", "olmo-2-13b", "qwen3-0.6b", "qwen3-1.7b",
     "qwen3-4b", "qwen3-8b", "qwen3-14b", "qwen3-32b", "qwen3-30b-a3b", "deepseek-v2-lite",
-    "deepseek-v3", "smollm2-135m", "smollm2-360m", "smollm2-1.7b",
+    "deepseek-v3", "smollm2-135m", "smollm2-360m", "smollm2-1.7b", "llama-4-scout", "llama-4-maverick",
 ]
 # published without a Hugging Face checkpoint (PaLM) or with counts the model cards only round (Falcon)
 PAPER_ONLY = ["palm-8b", "palm-62b", "palm-540b"]
@@ -107,6 +107,7 @@ def test_published_parameter_count(name):
     if c.meta.get("params_counts_tied_head_twice"):  # the hub figure counts a stored tied head
         assert c.tie_embeddings
         counted += c.vocab_size * c.d_model
+    counted += c.meta.get("params_vision", 0)  # Llama 4's figure counts its vision encoder
     assert abs(counted / reference - 1) <= 0.01, f"{name}: {counted:,} vs published {reference:,.0f}"
     if "params_non_embedding" in c.meta:
         non_emb = total - parts["embeddings"] - parts["lm_head"]
@@ -123,7 +124,7 @@ def test_palm_cost_card_matches_table_1(name):
     assert card["params_total"] == numel(evolm.build(name, device="meta"))
 
 
-@pytest.mark.parametrize("name", ["mixtral-8x7b", "deepseek-v3", "qwen3-30b-a3b"])
+@pytest.mark.parametrize("name", ["mixtral-8x7b", "deepseek-v3", "qwen3-30b-a3b", "llama-4-scout", "llama-4-maverick"])
 def test_published_active_parameters(name):
     """Active parameters per token (top-k routed + shared experts + everything dense).
 
@@ -131,7 +132,8 @@ def test_published_active_parameters(name):
     exact counts (37.55B, 3.35B) by 1.5%: those figures are truncated, not rounded (there is no
     single counting convention that gets all three within 1%: leaving out the embeddings puts
     Mixtral 1.2% off). For them we check truncation: published <= count < published + one unit
-    of the last published digit.
+    of the last published digit. Llama 4's "17B" (Scout 17.17B, Maverick 17.18B; 1.0% over) is
+    truncated too.
     """
     model = evolm.build(name, device="meta")
     c = model.config
@@ -152,6 +154,10 @@ def test_active_parameters_exact():
     assert numel(mixtral) - 32 * 6 * expert == 12_879_925_248
     ds = evolm.build("deepseek-v3", device="meta")
     assert numel(ds) - 58 * (256 - 8) * 3 * 7168 * 2048 == 37_552_282_624
+    llama4_expert = 3 * 5120 * 8192
+    scout, maverick = evolm.build("llama-4-scout", device="meta"), evolm.build("llama-4-maverick", device="meta")
+    assert numel(scout) - 48 * 15 * llama4_expert == 17_172_894_720
+    assert numel(maverick) - 24 * 127 * llama4_expert == 17_184_691_200
 
 
 # --- against transformers: the same published config.json, counted on the meta device -------
@@ -214,6 +220,17 @@ HF_CONFIGS = {
                                         first_k_dense_replace=3, kv_lora_rank=512, q_lora_rank=1536,
                                         qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
                                         n_group=8, topk_group=4, tie_word_embeddings=False)),
+    "llama-4-scout": ("llama4_text", dict(vocab_size=202048, hidden_size=5120, intermediate_size=8192,
+                                          intermediate_size_mlp=16384, num_hidden_layers=48, num_attention_heads=40,
+                                          num_key_value_heads=8, head_dim=128, num_local_experts=16,
+                                          num_experts_per_tok=1, interleave_moe_layer_step=1, use_qk_norm=True,
+                                          tie_word_embeddings=False)),
+    "llama-4-maverick": ("llama4_text", dict(vocab_size=202048, hidden_size=5120, intermediate_size=8192,
+                                             intermediate_size_mlp=16384, num_hidden_layers=48,
+                                             num_attention_heads=40, num_key_value_heads=8, head_dim=128,
+                                             num_local_experts=128, num_experts_per_tok=1,
+                                             interleave_moe_layer_step=2, use_qk_norm=False,
+                                             tie_word_embeddings=False)),
     "smollm2-360m": ("llama", dict(vocab_size=49152, hidden_size=960, intermediate_size=2560,
                                    num_hidden_layers=32, num_attention_heads=15, num_key_value_heads=5,
                                    tie_word_embeddings=True)),
@@ -258,6 +275,15 @@ def test_architecture_fields():
     assert palm.tie_embeddings and not (palm.norm_bias or palm.qkv_bias or palm.o_bias or palm.mlp_bias)
     assert (get_preset("falcon-7b").norm_placement, get_preset("falcon-7b").n_kv_heads) == ("parallel", 1)
     assert (get_preset("falcon-40b").norm_placement, get_preset("falcon-40b").n_kv_heads) == ("parallel2", 8)
+    scout, maverick = get_preset("llama-4-scout"), get_preset("llama-4-maverick")
+    for c in (scout, maverick):  # iRoPE: every 4th layer NoPE and global, the others chunked RoPE layers
+        assert [c.layer_chunk(i) for i in range(4)] == [8192, 8192, 8192, None]
+        assert [c.layer_uses_rope(i) for i in range(4)] == [True, True, True, False]
+        assert [c.layer_temperature_tuned(i) for i in range(4)] == [False, False, False, True]
+        assert (c.router, c.router_scales_input, c.n_shared_experts, c.n_experts_per_tok) == ("sigmoid", True, 1, 1)
+    assert all(scout.layer_is_moe(i) for i in range(48)) and scout.qk_norm == "l2"
+    assert [maverick.layer_is_moe(i) for i in range(4)] == [False, True, False, True] and maverick.qk_norm is None
+    assert scout.rope_scaling["factor"] == 8.0 and maverick.rope_scaling is None
     assert get_preset("mistral-7b").layer_window(31) == 4096 and get_preset("mixtral-8x7b").sliding_window is None
 
 

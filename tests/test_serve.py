@@ -454,15 +454,25 @@ class _IdTokenizer:
         return []
 
 
-@pytest.mark.parametrize("preset", ["tiny-gemma3", "tiny-deepseek", "tiny-gpt2", "tiny-llama"])
+# Llama 4's parts on tiny-llama: chunks of 8, NoPE + query temperature on layer 3, L2 QK-norm,
+# input-scaled sigmoid experts every 2nd layer
+LLAMA4_PARTS = dict(n_layers=4, rope_interleave=True, nope_layers=(3,), attention_chunk_size=8, sliding_window_pattern=4,
+                    attn_temperature_tuning=True, attn_floor_scale=8.0, qk_norm="l2", n_experts=4, n_experts_per_tok=1,
+                    moe_d_ff=64, moe_layer_step=2, n_shared_experts=1, router="sigmoid", norm_topk_prob=False,
+                    router_scales_input=True)
+
+
+@pytest.mark.parametrize("preset", ["tiny-gemma3", "tiny-deepseek", "tiny-gpt2", "tiny-llama", "llama4"])
 def test_engine_matches_generate_for_every_attention_kind(preset, one_thread):
     """Sliding windows (Gemma 3, window 16), MLA (DeepSeek-V3), learned positions (GPT-2), GQA
-    (Llama): requests of different lengths share decode steps, run past the window, and a late
-    one joins a running batch; each equals generate() on its own (ring-buffer KVCache there)."""
+    (Llama), Llama 4's chunks and query temperature: requests of different lengths share decode
+    steps, run past the window, and a late one joins a running batch; each equals generate() on
+    its own (ring-buffer KVCache there)."""
     from evolm.model import build
+    from evolm.presets import get_preset
 
     torch.manual_seed(0)
-    model = build(preset).eval()
+    model = build(get_preset("tiny-llama").replace(**LLAMA4_PARTS) if preset == "llama4" else preset).eval()
     with torch.no_grad():  # sharpen the random model's logits so argmax is far from ties
         model.embed_tokens.weight.mul_(8)
     g = torch.Generator().manual_seed(1)

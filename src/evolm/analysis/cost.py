@@ -23,7 +23,7 @@ KV cache (``bytes_per_value`` = 2 for bf16)
     numbers; an MLA layer stores its latent and shared rotary key, ``kv_lora_rank +
     qk_rope_head_dim`` numbers (DeepSeek-V2, arXiv:2405.04434). A sliding-window layer never needs
     more than ``sliding_window`` tokens (a ring buffer), so at a context of T tokens it holds
-    ``min(T, window)`` of them.
+    ``min(T, window)`` of them; a chunked layer (Llama 4) likewise at most its chunk.
     ``kv_cache_bytes_per_token_uncapped``: bytes per token summed over all layers, as if every
     layer kept every token (also the marginal cost of a token while T <= window).
     ``kv_cache_bytes_at_context``: total bytes for ``context_len`` tokens of one sequence,
@@ -141,7 +141,7 @@ def kv_cache_bytes(c: ModelConfig, context_len: int, bytes_per_value: int = 2, b
     per_layer = kv_values_per_token(c) * bytes_per_value
     tokens = 0
     for i in range(c.n_layers):
-        window = c.layer_window(i)
+        window = c.layer_kv_span(i)
         tokens += context_len if window is None else min(context_len, window)
     return batch * per_layer * tokens
 
@@ -155,7 +155,7 @@ def attention_forward_flops(c: ModelConfig, context_len: int) -> int:
         d_qk = d_v = c.head_dim
     total = 0
     for i in range(c.n_layers):
-        window = c.layer_window(i)
+        window = c.layer_kv_span(i)  # a chunked layer: at most its chunk (the last token of one)
         t = context_len if window is None else min(context_len, window)
         total += 2 * t * c.n_heads * (d_qk + d_v)
     return total

@@ -55,6 +55,9 @@ def check_supported(c: ModelConfig) -> None:
         if getattr(c, fname) != value:
             raise FlattenError(f"ModelConfig '{c.name}': field '{fname}' is {getattr(c, fname)!r}; "
                                f"flatten needs {value!r}: {why}")
+    if c.qk_norm == "l2":
+        raise FlattenError(f"ModelConfig '{c.name}': field 'qk_norm' is 'l2'; Llama 4's weightless QK-norm "
+                           "has no flatten template yet")
     for f in dataclasses.fields(ModelConfig):
         if f.name in COVERED or f.name in ONLY:
             continue

@@ -8,6 +8,15 @@
   the "llama3" RoPE frequency scaling (factor 8); Llama 3.2 1B/3B (pruned and distilled from
   3.1 8B) tie their embeddings and use factor 32.
 
+- Llama 4 (Meta 2025, "The Llama 4 herd", blog of 2025-04-05; no paper): mixture-of-experts
+  Llama with a shared expert and top-1 sigmoid routing that scales the expert's input, 3 of 4
+  layers RoPE with attention in chunks of 8192 tokens, every 4th layer NoPE, global and
+  temperature-tuned (iRoPE), a 202k vocabulary. Scout (17B active / 109B total): 16 experts in
+  every layer, L2 QK-norm on the RoPE layers, llama3 RoPE scaling. Maverick (17B active / 400B
+  total): 128 experts in every other layer, dense layers between, no QK-norm or RoPE scaling.
+  The text model only; the published totals include the vision encoder
+  (``params_vision``, counted from the checkpoints' ``vision_config``).
+
 ``meta['params']`` are the published sizes of the released checkpoints (Hugging Face model
 cards and hub totals, 3 significant digits): Llama 2 6.74B / 13.0B / 69.0B; Llama 3 8.03B /
 70.6B / 405B; Llama 3.2 1.24B / 3.21B.
@@ -61,3 +70,41 @@ PRESETS = {
                          max_seq_len=131072, tie_embeddings=True, rope_scaling=_llama31_scaling(32.0),
                          meta=_meta("meta-llama/Llama-3.2-3B", _LLAMA3_PAPER, 3.21e9, "3B")),
 }
+
+
+_LLAMA4_BLOG = ("Meta AI 2025, The Llama 4 herd: The beginning of a new era of natively multimodal AI innovation "
+                "(ai.meta.com/blog/llama-4-multimodal-intelligence, 2025-04-05); sizes from the checkpoints' "
+                "config.json text_config")
+# the vision encoder both checkpoints carry (vision_config: 34 layers of width 1408, MLP 5632, patch 14 at
+# 336 px, adapter 4096, projector to 5120): 34 layers * 23,807,872 + embeddings and outer norms 1,647,360
+# + adapter 39,845,888 + projector 20,971,520
+_LLAMA4_VISION = 871_932_416
+_LLAMA4 = dict(
+    _BASE, vocab_size=202048, d_model=5120, n_layers=48, n_heads=40, n_kv_heads=8, head_dim=128, d_ff=16384,
+    rope_theta=500000.0, rope_interleave=True, nope_layers=tuple(range(3, 48, 4)), attention_chunk_size=8192,
+    sliding_window_pattern=4, attn_temperature_tuning=True, attn_floor_scale=8192.0, attn_scale=0.1,
+    n_experts_per_tok=1, moe_d_ff=8192, n_shared_experts=1, router="sigmoid", norm_topk_prob=False,
+    router_scales_input=True,
+)
+
+
+def _llama4_meta(hf_id: str, params: float, active: float) -> dict:
+    return {"hf_id": hf_id, "paper": _LLAMA4_BLOG, "params": params, "active": active, "active_rounding": "floor",
+            "params_vision": _LLAMA4_VISION, "model_type": "llama4_text",
+            "params_note": f"{params / 1e9:.0f}B total as published, vision encoder included (params_vision)",
+            "active_note": f"{active / 1e9:.0f}B active as published: truncated (the text model's exact count is "
+                           "17.2B: one routed expert + the shared one + attention + embeddings + head)"}
+
+
+PRESETS.update({
+    # meta-llama/Llama-4-Scout-17B-16E: use_qk_norm true, every layer MoE (interleave_moe_layer_step 1),
+    # rope_scaling llama3 (factor 8, low 1, high 4, original 8192), max_position_embeddings 262144
+    "llama-4-scout": dict(_LLAMA4, n_experts=16, qk_norm="l2", max_seq_len=262144,
+                          rope_scaling={"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                        "high_freq_factor": 4.0, "original_max_seq_len": 8192},
+                          meta=_llama4_meta("meta-llama/Llama-4-Scout-17B-16E", 109e9, 17e9)),
+    # meta-llama/Llama-4-Maverick-17B-128E: use_qk_norm false, interleave_moe_layer_step 2 (layers 1, 3, ...),
+    # rope_scaling null, max_position_embeddings 1048576
+    "llama-4-maverick": dict(_LLAMA4, n_experts=128, moe_layer_step=2, max_seq_len=1048576,
+                             meta=_llama4_meta("meta-llama/Llama-4-Maverick-17B-128E", 400e9, 17e9)),
+})

@@ -344,7 +344,9 @@ class Engine:
         self.min_decode_rows = 1 if max_batch == 1 else max(1, min_decode_rows)
         self.device = next(model.parameters()).device
         self.vocab = c.vocab_size
-        self.windowed = any(c.layer_window(i) is not None for i in range(c.n_layers))
+        # masks counted back from the query's own slot (windows, Llama 4's chunks) and Llama 4's
+        # query temperature need the query in the rows' real slot: rows are grouped by length
+        self.windowed = any(c.layer_kv_span(i) is not None for i in range(c.n_layers)) or c.attn_temperature_tuning
         # learned positions: the model checks query slot + 1 <= max_seq_len (see _DecodeView)
         self.max_keys = c.max_seq_len - 1 if c.pos_emb == "learned" else None
         self.cache = SlotCache(max_batch, self.max_len)
