@@ -47,6 +47,13 @@ FAMILIES = {
                             topk_groups=1, routed_scaling_factor=2.5, tie_embeddings=False),
     "olmo2": ModelConfig(name="tiny-olmo2", **{**LLAMA, "norm_placement": "olmo2", "qk_norm": "full"}),
     "mistral": ModelConfig(name="tiny-mistral", **{**LLAMA, "sliding_window": 5}),
+    # Llama 4: chunks of 5 on RoPE layers (counted from each row's first real token), NoPE layer 3
+    # with its query temperature, L2 QK-norm, input-scaled sigmoid experts + a shared one every 2nd layer
+    "llama4": ModelConfig(name="tiny-llama4", **{**LLAMA, "n_layers": 4}, rope_interleave=True, nope_layers=(3,),
+                          attention_chunk_size=5, sliding_window_pattern=4, attn_temperature_tuning=True,
+                          attn_floor_scale=4.0, qk_norm="l2", n_experts=4, n_experts_per_tok=1, moe_d_ff=64,
+                          moe_layer_step=2, n_shared_experts=1, router="sigmoid", norm_topk_prob=False,
+                          router_scales_input=True),
 }
 
 PROMPTS = [[5, 17, 3, 44, 9, 61, 2], [70, 8, 33], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [42]]
@@ -182,6 +189,12 @@ def test_cached_greedy_equals_uncached(family):
 def test_batched_equals_alone(family):
     # (left padding is contiguous, so a window counted in cache slots covers the same real tokens)
     model = tiny(family)
+    if family == "llama4":
+        # Llama 4's query temperature counts cache slots, left padding included, as transformers does
+        # (test_parity_hf.py decodes a padded batch against it), so a padded row is not itself alone;
+        # its chunks, counted from each row's first real token, are
+        torch.manual_seed(0)
+        model = randomize(Transformer(FAMILIES[family].replace(attn_temperature_tuning=False)), 0)
     params = SamplingParams(max_new_tokens=10, temperature=0)
     batched = generate(model, PROMPTS, params)
     assert batched == [generate(model, [p], params)[0] for p in PROMPTS]
