@@ -69,6 +69,11 @@ INVALID = {
     "float heads": (dict(n_heads=4.0), "n_heads"),
     "zero eps": (dict(norm_eps=0.0), "norm_eps"),
     "dropout one": (dict(attn_dropout=1.0), "attn_dropout"),
+    "zero chunk": (dict(attention_chunk_size=0), "attention_chunk_size"),
+    "chunk and window": (dict(attention_chunk_size=4, sliding_window=4), "attention_chunk_size"),
+    "zero floor scale": (dict(attn_temperature_tuning=True, attn_floor_scale=0.0), "attn_floor_scale"),
+    "zero moe step": (dict(n_experts=2, n_experts_per_tok=1, moe_layer_step=0), "moe_layer_step"),
+    "bad qk norm": (dict(qk_norm="l1"), "qk_norm"),
 }
 
 
@@ -117,6 +122,16 @@ def test_layer_patterns():
     nope = _tiny(n_layers=4, pos_emb="rope", nope_layers=[3])
     assert nope.nope_layers == (3,)
     assert [nope.layer_uses_rope(i) for i in range(4)] == [True, True, True, False]
+    # Llama 4: chunked RoPE layers, a global NoPE layer with the query temperature and no L2 QK-norm,
+    # MoE every 2nd layer
+    l4 = _tiny(n_layers=4, pos_emb="rope", nope_layers=[3], attention_chunk_size=8, sliding_window_pattern=4,
+               attn_temperature_tuning=True, qk_norm="l2", n_experts=4, n_experts_per_tok=1, moe_layer_step=2)
+    assert [l4.layer_chunk(i) for i in range(4)] == [8, 8, 8, None]
+    assert [l4.layer_window(i) for i in range(4)] == [None] * 4
+    assert [l4.layer_kv_span(i) for i in range(4)] == [8, 8, 8, None]
+    assert [l4.layer_temperature_tuned(i) for i in range(4)] == [False, False, False, True]
+    assert [l4.layer_qk_norm(i) for i in range(4)] == ["l2", "l2", "l2", None]
+    assert [l4.layer_is_moe(i) for i in range(4)] == [False, True, False, True]
 
 
 # --- serialization ----------------------------------------------------------------------------------

@@ -48,6 +48,23 @@ def test_mask_kinds_match_their_definition(kind, window, padded):
     assert torch.equal(got.expand_as(want), want)
 
 
+@pytest.mark.parametrize("start", [0, 6])
+def test_chunk_mask_matches_its_definition(start):
+    """Llama 4's chunks: a query sees the earlier keys of its own chunk, chunks counted from each
+    row's first real token (transformers' create_chunked_causal_mask under left padding)."""
+    C, T = 3, 10
+    valid = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1, 1, 1], [1] * T, [0, 0, 0, 0, 0, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    got = attention_mask(torch.arange(start, T), torch.arange(T), valid, None, chunk=C)
+    want = torch.zeros(3, 1, T - start, T, dtype=torch.bool)
+    for b in range(3):
+        lead = int((valid[b].cumsum(0) == 0).sum())
+        for t, i in enumerate(range(start, T)):
+            for j in range(T):
+                ok = j <= i and (i - lead) // C == (j - lead) // C and bool(valid[b, j])
+                want[b, 0, t, j] = ok or i == j
+    assert torch.equal(got, want)
+
+
 def test_mask_of_new_tokens_after_a_cached_prefix():
     """Queries at slots 6..8 over keys 0..8 (a chunk after six cached tokens)."""
     got = attention_mask(torch.arange(6, 9), torch.arange(9), None, 3, kind="prefix", prefix_len=7)
