@@ -8,8 +8,8 @@ the median stream's rate times N, the rate the server decodes at while N streams
 error count (target: 0). Requests are greedy with ``ignore_eos`` so each one generates exactly
 ``--max-tokens`` tokens and the levels are comparable.
 
-``--generate`` measures ``evolm.infer.generate``'s decode rate on the same model, prepared as the
-server prepares it, in this process with the server idle, before and after each level at batch
+``--generate`` measures ``evolm.infer.generate``'s decode rate on the same model (with ``--url``:
+``--model``, default the SmolLM2 asset), prepared as the server prepares it by default, in this process with the server idle, before and after each level at batch
 N (the same chat prompt, N copies): the ``gen dec/s`` column and the ratio ``dec/s / gen`` are the
 server's decode speed against the library's own loop on the same host in the same minute.
 
@@ -73,13 +73,14 @@ def _pct(xs: list[float], q: float) -> float:
 class Server:
     """``run_server`` in a child process on a free loopback port."""
 
-    def __init__(self, model: str, max_batch: int, log: Path, min_decode_rows: int | None = None):
+    def __init__(self, model: str, max_batch: int, log: Path, min_decode_rows: int | None = None,
+                 threads: int | None = None):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         code = (f"from evolm.serve import run_server; run_server({model!r}, port={self.port}, "
-                f"max_batch={max_batch}, min_decode_rows={min_decode_rows}, log_level='warning')")
+                f"max_batch={max_batch}, min_decode_rows={min_decode_rows}, threads={threads}, log_level='warning')")
         self.log = open(log, "w")
         self.proc = subprocess.Popen([sys.executable, "-c", code], stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
         deadline = time.monotonic() + 180
@@ -219,29 +220,36 @@ def main(argv=None) -> None:
     ap.add_argument("--sequential", action="store_true", help="also run N=8 against a --max-batch 1 server")
     ap.add_argument("--generate", action="store_true",
                     help="also measure generate's decode rate at batch N in this process, around each level")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads of the server this script starts and of the --generate baseline "
+                         "(default: torch's; on a shared host 1 keeps OpenMP teams from stalling each other)")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args(argv)
     levels = [int(x) for x in args.levels.split(",")]
     if args.url and not _loopback(args.url):
         ap.error(f"--url {args.url}: only loopback servers (127.0.0.1, ::1, localhost) may be load-tested")
     model = args.model
-    if model is None and args.url is None:
+    if model is None and (args.url is None or args.generate):
         from evolm.interop.gguf import find_asset
 
         model = str(find_asset("smollm2"))
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     servers = []
     try:
         if args.url:
             url = args.url.rstrip("/")
         else:
             servers.append(Server(model, args.max_batch, Path("/tmp") / f"serve_load_{os.getpid()}.log",
-                                  args.min_decode_rows))
+                                  args.min_decode_rows, args.threads))
             url = servers[0].url
         headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
         model_id = httpx.get(url + "/v1/models", headers=headers, timeout=10).json()["data"][0]["id"]
         print(f"server {url}  model {model_id}  max_tokens {args.max_tokens}  "
-              f"(greedy, ignore_eos)  torch threads on this machine: {os.cpu_count()} cpus")
-        baseline = GenerateBaseline(model, args.max_tokens) if args.generate and model else None
+              f"(greedy, ignore_eos)  {os.cpu_count()} cpus, torch threads {args.threads or 'default'}")
+        baseline = GenerateBaseline(model, args.max_tokens) if args.generate else None
         print(f"{'':>11} {'N':>4} {'reqs':>5} {'err':>4} {'req/s':>7} {'tok/s':>8} {'ttft50':>7} {'ttft95':>7} "
               f"{'lat50':>7} {'lat95':>7} {'dec/s':>8}" + (f" {'gen dec/s':>8} {'/ gen':>6}" if baseline else ""))
         asyncio.run(level(url, model_id, 1, 1, 60, 4, args.api_key))  # warm-up

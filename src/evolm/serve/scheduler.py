@@ -532,18 +532,18 @@ class Engine:
             groups = list(by_len.values())
         n = self.step_rows
         groups = [g[i:i + n] for g in groups for i in range(0, len(g), n)]
-        logits: list[torch.Tensor | None] = [None] * len(seqs)
+        outs, order = [], []
         try:
             for g in groups:
-                g = g + [g[0]] * (self.min_decode_rows - len(g))  # pad with copies of a row (see top)
-                ids = torch.tensor([[seqs[r].last] for r in g], dtype=torch.long, device=self.device)
-                pos = torch.tensor([[seqs[r].len] for r in g], dtype=torch.long, device=self.device)
-                view = _DecodeView(self.cache, g, [seqs[r].len for r in g], self.device, self.windowed,
+                rows = g + [g[0]] * (self.min_decode_rows - len(g))  # pad with copies of a row (see top)
+                ids = torch.tensor([[seqs[r].last] for r in rows], dtype=torch.long, device=self.device)
+                pos = torch.tensor([[seqs[r].len] for r in rows], dtype=torch.long, device=self.device)
+                view = _DecodeView(self.cache, rows, [seqs[r].len for r in rows], self.device, self.windowed,
                                    self.max_keys)
                 out = self.model(ids, position_ids=pos, attention_mask=torch.ones_like(ids), cache=view,
                                  last_only=True)[:, -1]
-                for j, r in enumerate(g):
-                    logits[r] = out[j]
+                outs.append(out[:len(g)])  # padding rows' output dropped
+                order += g
         except Exception as e:
             for s in seqs:
                 self._fail(s.req, e)
@@ -552,7 +552,10 @@ class Engine:
         self.stats["steps"] += 1
         for s in seqs:
             s.len += 1
-        self._emit(seqs, torch.stack(logits))
+        logits = outs[0] if len(outs) == 1 else torch.cat(outs)  # the common case: no copy
+        if order != list(range(len(seqs))):  # groups of equal lengths (windows): rows back in order
+            logits = logits[torch.tensor(order, device=logits.device).argsort()]
+        self._emit(seqs, logits)
 
     # --- choosing tokens ---------------------------------------------------------------------
     def _emit(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
@@ -560,7 +563,9 @@ class Engine:
         logits = logits.float()
         greedy = [i for i, s in enumerate(seqs) if s.plain_greedy]
         picks: dict[int, int] = {}
-        if greedy:
+        if len(greedy) == len(seqs):  # every row greedy (the common case): no gathered copy
+            picks = dict(enumerate(logits.argmax(-1).tolist()))
+        elif greedy:
             for i, t in zip(greedy, logits[greedy].argmax(-1).tolist()):
                 picks[i] = t
         want_lp = [i for i, s in enumerate(seqs) if s.req.logprobs is not None]
