@@ -304,6 +304,31 @@ def test_decode_attention_equals_float64(B, H, Hkv, S, D, softcap, dtype):
 
 
 @needs_kernels
+@pytest.mark.parametrize("threads", [1, 2, 4])
+def test_decode_attention_row_does_not_depend_on_its_batch(threads):
+    """A sequence's output is bit for bit the same alone and in a batch of sequences of other
+    lengths (the server's continuous batch): its keys are split between tasks as they would be
+    alone, whatever the batch and its longest row."""
+    g = torch.Generator().manual_seed(0)
+    B, H, Hkv, S, D = 6, 9, 3, 400, 64
+    q = torch.randn(B, H, 1, D, generator=g)
+    k, v = torch.randn(B, Hkv, S, D, generator=g), torch.randn(B, Hkv, S, D, generator=g)
+    lens = torch.tensor([400, 5, 130, 64, 260, 1])
+    mask = (torch.arange(S)[None, :] < lens[:, None])[:, None, None, :]
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        batch = torch.ops.evolm_f.decode_attention(q, k, v, mask, D ** -0.5)
+        for b in range(B):
+            n = int(lens[b])
+            alone = torch.ops.evolm_f.decode_attention(q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n], None,
+                                                       D ** -0.5)
+            assert torch.equal(batch[b:b + 1], alone), f"row {b} ({n} keys) changed in the batch"
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_kernels
 def test_decode_attention_rejects_bad_input():
     q, k = torch.randn(1, 4, 1, 8), torch.randn(1, 2, 5, 8)
     with pytest.raises(RuntimeError, match=r"q must be \(B, H, 1, D\)"):

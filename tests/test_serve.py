@@ -503,3 +503,55 @@ def test_build_app_keeps_blocks():
     _, engine = build_app(smollm2_path(), InferenceOptions(device="auto", dtype="float32"))
     assert engine.device.type == "cpu"
     assert sum(isinstance(m, BlockLinear) for m in engine.model.modules()) == 30 * 4 + 1
+
+
+def test_engine_on_the_default_path_decodes_as_generate():
+    """`evolm serve`'s default preparation of the GGUF (blocks kept, fused, the CPU block step):
+    no padding rows (each row is computed as alone), a lone request and 10 concurrent ones (more
+    than the row kernels take at once: decoded in chunks) give generate()'s tokens on the same
+    model, through the fused step; prompts past 128 tokens, where attention splits its keys."""
+    from evolm.infer.prepare import load_for_inference
+    from evolm.quant.blocks import KERNEL_ROWS
+    from evolm.serve import _default_inference
+
+    model, tok = load_for_inference(smollm2_path(), _default_inference())
+    engine = Engine(model, tok, max_batch=KERNEL_ROWS + 2)
+    assert engine.exact_rows == KERNEL_ROWS and engine.min_decode_rows == 1 and engine.step_rows == KERNEL_ROWS
+    long = " ".join(PROMPTS) * 3
+    prompts = [chat_prompt_ids(tok, [{"role": "user", "content": p}]) for p in [long] + PROMPTS + [long[:200]] * 3]
+    assert max(map(len, prompts)) > 128 and len(prompts) == KERNEL_ROWS + 2
+    p = SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True)
+    want = [generate(model, [q], p)[0] for q in prompts]
+    steps = []
+    for block in model.layers:  # count the fused steps that ran
+        block.decode_step.plan = _CountingPlan(block.decode_step.plan, steps)
+    engine.start()
+    try:
+        col = Collector()
+        engine.submit(GenRequest(prompts[0], p, col, index=0))  # alone: one row
+        col.wait(1)
+        alone = col.tokens[0]
+        rows_alone = list(steps)
+        col = Collector()
+        for i, q in enumerate(prompts):
+            engine.submit(GenRequest(q, p, col, index=i))
+        col.wait(len(prompts))
+    finally:
+        engine.stop()
+        for block in model.layers:
+            block.decode_step.plan = block.decode_step.plan.plan
+    assert alone == want[0]
+    assert set(rows_alone) == {1}, "a lone request was padded"
+    assert [col.tokens[i] for i in range(len(prompts))] == want
+    assert max(steps) == KERNEL_ROWS and engine.stats["peak_active"] == len(prompts)
+
+
+class _CountingPlan:
+    """A block plan that records how many rows each fused step it runs has."""
+
+    def __init__(self, plan, rows: list):
+        self.plan, self.rows = plan, rows
+
+    def step(self, x, *args):
+        self.rows.append(x.shape[0])
+        return self.plan.step(x, *args)

@@ -139,10 +139,32 @@ def attach(model) -> int:
     return n
 
 
+def independent_rows(model) -> int:
+    """How many rows a decode step may hold while each row's numbers stay those it has alone, bit
+    for bit: ``KERNEL_ROWS`` where every block takes the fused step and every product (the head
+    included) is a GGUF blocks kernel -- each row summed on its own, in the same order at any batch
+    up to that size (``kernels/block_gemm.cpp``; attention splits each row's keys as it would alone,
+    ``decode_attention.cpp``) -- else 0: a dense product goes through BLAS, whose kernel (and
+    summation order) changes with the number of rows. The server (``evolm.serve.scheduler``) pads a
+    lone request to several rows only where this is 0."""
+    from evolm.quant.blocks import KERNEL_ROWS, BlockLinear
+
+    if not model.layers or any(getattr(block, "decode_step", None) is None for block in model.layers):
+        return 0
+    if getattr(model, "lm_head", None) is None:  # tied head: F.linear with the embedding matrix
+        return 0
+    for m in model.modules():
+        if isinstance(m, nn.Linear) or (isinstance(m, BlockLinear) and not m.kernel):
+            return 0
+    if not isinstance(model.lm_head, BlockLinear):
+        return 0
+    return KERNEL_ROWS
+
+
 def detach(model) -> None:
     """Back to the Python path for every block (before changing the model's weights or modules)."""
     for block in model.layers:
         block.decode_step = None
 
 
-__all__ = ["attach", "detach", "plan_for", "BlockStep", "Unsupported"]
+__all__ = ["attach", "detach", "independent_rows", "plan_for", "BlockStep", "Unsupported"]

@@ -205,9 +205,14 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const bo
       if (mp == nullptr || mp[b * mb + j * ms]) live[b].push_back(static_cast<int32_t>(j));
     longest = std::max<int64_t>(longest, live[b].size());
   }
-  // split the keys when (sequence, KV head, head block) tasks alone would leave threads idle
+  // split the keys when one sequence's (KV head, head block) tasks alone would leave threads idle.
+  // Each sequence is split as it would be alone -- into min(per, its keys / 64) parts, whatever the
+  // batch -- so its sums, and its output bit for bit, do not depend on the batch it decodes in (a
+  // server's continuous batch); parts past a sequence's own count are empty and merge as nothing.
   const int64_t base = B * Hkv * NB, threads = at::get_num_threads();
-  const int64_t splits = std::max<int64_t>(1, std::min<int64_t>((2 * threads + base - 1) / base, longest / 64));
+  const int64_t per = (2 * threads + Hkv * NB - 1) / (Hkv * NB);
+  const auto parts = [&](int64_t n) { return std::max<int64_t>(1, std::min<int64_t>(per, n / 64)); };
+  const int64_t splits = parts(longest);
   std::vector<float> qf(B * H * D), m(base * splits * GMAX), l(base * splits * GMAX),
       acc(base * splits * GMAX * Dv);
   const T* qp = q.data_ptr<T>();
@@ -218,7 +223,8 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const bo
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t part = t % splits, blk = (t / splits) % NB, hk = (t / splits / NB) % Hkv, b = t / splits / NB / Hkv;
       const int64_t h0 = hk * G + blk * GMAX, gb = std::min<int64_t>(GMAX, G - blk * GMAX);
-      const int64_t n = static_cast<int64_t>(live[b].size()), i0 = n * part / splits, i1 = n * (part + 1) / splits;
+      const int64_t n = static_cast<int64_t>(live[b].size()), own = parts(n);
+      const int64_t i0 = part < own ? n * part / own : n, i1 = part < own ? n * (part + 1) / own : n;
       s.resize(gb * std::max<int64_t>(1, i1 - i0));
       block_any<T>(static_cast<int>(gb), qf.data() + (b * H + h0) * D, kp + b * k.stride(0) + hk * k.stride(1),
                    vp + b * v.stride(0) + hk * v.stride(1), k.stride(2), v.stride(2), live[b].data() + i0, i1 - i0,

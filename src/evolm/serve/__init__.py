@@ -40,7 +40,7 @@ def _default_inference():
 
 def build_app(model_path: str | os.PathLike, inference: InferenceOptions | None = None, api_key: str | None = None,
               max_batch: int = 8, max_model_len: int | None = None, served_model_name: str | None = None,
-              min_decode_rows: int = 4, max_body_bytes: int | None = None):
+              min_decode_rows: int | None = None, max_body_bytes: int | None = None):
     """Load the model and return ``(app, engine)``; the app starts the engine when it starts.
     ``inference``: an :class:`evolm.infer.prepare.InferenceOptions` (device, dtype, fused
     projections, int8/int4 linears, a GGUF file's quantized blocks kept), the same preparation
@@ -61,7 +61,7 @@ def build_app(model_path: str | os.PathLike, inference: InferenceOptions | None 
 
 def run_server(model_path: str | os.PathLike, inference: InferenceOptions | None = None, host: str = "127.0.0.1",
                port: int = 8000, api_key: str | None = None, max_batch: int = 8, max_model_len: int | None = None,
-               served_model_name: str | None = None, min_decode_rows: int = 4, log_level: str = "info",
+               served_model_name: str | None = None, min_decode_rows: int | None = None, log_level: str = "info",
                threads: int | None = None, max_body_bytes: int | None = None) -> None:
     """Serve ``model_path`` until interrupted (what ``evolm serve`` runs), prepared as
     ``inference`` (:class:`evolm.infer.prepare.InferenceOptions`) asks; see :func:`build_app`.
@@ -106,9 +106,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-model-len", type=int, default=None,
                         help="cap on prompt + completion tokens (default: the model's context length)")
     parser.add_argument("--served-model-name", default=None, help="model id clients send (default: file/folder name)")
-    parser.add_argument("--min-decode-rows", type=int, default=4,
+    parser.add_argument("--min-decode-rows", type=int, default=None,
                         help="pad decode steps to this many rows so greedy output is the same alone or "
-                             "batched (1: faster single streams, exactness not guaranteed)")
+                             "batched (default: 1 where the model decodes through row kernels -- a GGUF "
+                             "file's blocks with the CPU block step -- else 4; 1: faster single streams, "
+                             "exactness then not guaranteed for dense models)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--max-body-bytes", type=int, default=None,
                         help="refuse larger request bodies with 413 (default: 8 MiB)")

@@ -515,12 +515,17 @@ class _Served:
         live = len(reqs)
         try:
             while live:
-                getter = asyncio.ensure_future(queue.get())
-                done, _ = await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
-                if getter not in done:
-                    getter.cancel()
+                if watcher.done():
                     return  # client disconnected
-                ev = getter.result()
+                if not queue.empty():  # events already here (a busy stream): no waiting machinery
+                    ev = queue.get_nowait()
+                else:
+                    getter = asyncio.ensure_future(queue.get())
+                    done, _ = await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
+                    if getter not in done:
+                        getter.cancel()
+                        return  # client disconnected
+                    ev = getter.result()
                 if isinstance(ev, (DoneEvent, ErrorEvent)):
                     live -= 1
                 yield ev

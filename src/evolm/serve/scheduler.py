@@ -26,12 +26,17 @@ The design, in the terms of the cache protocol (``evolm.cache.Cache``):
 
 Greedy output does not depend on the company a request keeps -- bit for bit, not just nearly:
 its prefill is always alone, and its decode row sees the same keys, only followed by masked slots
-of other rows' lengths. Two details of CPU matrix kernels need care for that. BLAS uses another
-kernel (another summation order) for 1-3 row products than for larger ones, so a decode step is
-padded to at least ``min_decode_rows`` rows (copies of a running row, output dropped): a request
-alone runs the very kernels it would run in a crowd. And a matmul computes its last, partial block
-of columns with another kernel, so the keys handed to attention are rounded up to a multiple of
-16 (see ``_DecodeView``). ``tests/test_serve.py`` checks the equality.
+of other rows' lengths. Where the model decodes through row kernels -- a GGUF file's blocks with the
+fused CPU block step, the default for ``evolm serve`` on a GGUF file -- every row is summed on its
+own in the same order at any batch up to ``KERNEL_ROWS`` rows
+(:func:`evolm.infer.block_step.independent_rows`), so a lone request decodes as one row, as
+``generate`` does, and a larger batch is decoded in chunks of that many rows. Dense products go
+through BLAS, and two details of its kernels need care. BLAS uses another kernel (another
+summation order) for 1-3 row products than for larger ones, so there a decode step is padded to at
+least ``min_decode_rows`` rows (copies of a running row, output dropped): a request alone runs the
+very kernels it would run in a crowd. And a matmul computes its last, partial block of columns
+with another kernel, so the keys handed to attention are rounded up to a multiple of 16 (see
+``_DecodeView``). ``tests/test_serve.py`` and ``tests/test_block_step.py`` check the equality.
 
 Sliding-window layers (Mistral, Gemma) need one more thing: mask planning (``nn/masks.py``) builds window
 masks from one query slot shared by the batch, which is right only for rows of the same length.
@@ -54,10 +59,12 @@ from typing import Callable, Sequence
 
 import torch
 
+from evolm.infer.block_step import independent_rows
 from evolm.infer.sampling import SamplingParams, process_logits, sample
 from evolm.infer.text import IncrementalDecoder, StopStrings
 
 log = logging.getLogger("evolm.serve")
+MIN_DECODE_ROWS = 4  # BLAS runs 1-3 row products with other kernels than larger ones (see above)
 
 
 # ------------------------------------------------------------------------------------------
@@ -183,7 +190,8 @@ class _DecodeView:
         self.n_keys = max(last + 1, min(-(-(last + 1) // align) * align, limit))
         self.length = last if same_length else self.n_keys
         cache.ensure(self.n_keys, max(rows) + 1)
-        self.contiguous = rows == list(range(len(rows)))
+        # rows r0..r0+n-1 (all running rows, or a chunk of them) are a view of the buffers, no copy
+        self.first = rows[0] if rows == list(range(rows[0], rows[0] + len(rows))) else None
         self.rows = torch.tensor(rows, dtype=torch.long, device=device)
         self.lens = torch.tensor(lens, dtype=torch.long, device=device)
         self._slots = torch.arange(self.n_keys, device=device)
@@ -206,21 +214,21 @@ class _DecodeView:
         K, V = self.cache.buffers(layer, k, v)
         K[self.rows, :, self.lens] = k[:, :, 0]
         V[self.rows, :, self.lens] = v[:, :, 0]
-        if self.contiguous:
-            n = len(self.lens)
-            return K[:n, :, :self.n_keys], V[:n, :, :self.n_keys]
+        if self.first is not None:
+            r, n = self.first, len(self.lens)
+            return K[r:r + n, :, :self.n_keys], V[r:r + n, :, :self.n_keys]
         return K[self.rows, :, :self.n_keys], V[self.rows, :, :self.n_keys]
 
     def decode_slot(self, layer: int):
         """``KVCache.decode_slot`` for the fused step: the rows' buffers, each row's own write slot,
-        ``n_keys`` slots attended, and (rows other than 0..n-1, e.g. a lone request padded with
-        copies of itself) which buffer row each batch row is, gathered as :meth:`update` does."""
+        ``n_keys`` slots attended, and (rows that are not consecutive, e.g. a lone request padded
+        with copies of itself) which buffer row each batch row is, gathered as :meth:`update` does."""
         if layer not in self.cache._k:
             return None
         K, V = self.cache._k[layer], self.cache._v[layer]
-        if self.contiguous:
-            n = len(self.lens)
-            return K[:n], V[:n], self.lens, self.n_keys
+        if self.first is not None:
+            r, n = self.first, len(self.lens)
+            return K[r:r + n], V[r:r + n], self.lens, self.n_keys
         return K, V, self.lens, self.n_keys, self.rows
 
     def advance(self, n: int) -> None:
@@ -329,19 +337,27 @@ class Engine:
     ``max_batch`` requests run at once, the others wait in arrival order. ``max_len`` bounds
     prompt + generated tokens per request (the model's context length by default).
     ``prefill_budget`` bounds the prompt tokens prefilled between two decode steps, so a burst
-    of long prompts does not stall the running streams for long.
+    of long prompts does not stall the running streams for long. ``min_decode_rows``: pad decode
+    steps to this many rows (None: 1 where the model decodes through row kernels, else
+    ``MIN_DECODE_ROWS``; see the top of this module).
     """
 
     def __init__(self, model, tokenizer, max_batch: int = 8, max_len: int | None = None,
-                 prefill_budget: int = 2048, min_decode_rows: int = 4, max_waiting: int = 1024):
+                 prefill_budget: int = 2048, min_decode_rows: int | None = None, max_waiting: int = 1024):
         if max_batch < 1:
             raise ValueError(f"Engine: max_batch must be >= 1, got {max_batch}")
         self.model, self.tokenizer = model.eval(), tokenizer
         c = model.config
         self.max_len = min(max_len or c.max_seq_len, c.max_seq_len)
         self.max_batch, self.prefill_budget, self.max_waiting = max_batch, prefill_budget, max_waiting
+        # rows a decode step computes each as alone (0: BLAS products, whose kernel depends on the rows)
+        self.exact_rows = independent_rows(self.model)
+        if min_decode_rows is None:  # pad only where the products need it (see the top of this file)
+            min_decode_rows = 1 if self.exact_rows else MIN_DECODE_ROWS
         # padding buys batch-independence; a server of one slot has no batch to be independent of
         self.min_decode_rows = 1 if max_batch == 1 else max(1, min_decode_rows)
+        # more rows than that at once would leave the row kernels: decode them in chunks instead
+        self.step_rows = self.exact_rows or max_batch
         self.device = next(model.parameters()).device
         self.vocab = c.vocab_size
         # masks counted back from the query's own slot (windows, Llama 4's chunks) and Llama 4's
@@ -516,18 +532,20 @@ class Engine:
             for r, s in enumerate(seqs):
                 by_len.setdefault(s.len, []).append(r)
             groups = list(by_len.values())
-        logits: list[torch.Tensor | None] = [None] * len(seqs)
+        n = self.step_rows
+        groups = [g[i:i + n] for g in groups for i in range(0, len(g), n)]
+        outs, order = [], []
         try:
             for g in groups:
-                g = g + [g[0]] * (self.min_decode_rows - len(g))  # pad with copies of a row (see top)
-                ids = torch.tensor([[seqs[r].last] for r in g], dtype=torch.long, device=self.device)
-                pos = torch.tensor([[seqs[r].len] for r in g], dtype=torch.long, device=self.device)
-                view = _DecodeView(self.cache, g, [seqs[r].len for r in g], self.device, self.windowed,
+                rows = g + [g[0]] * (self.min_decode_rows - len(g))  # pad with copies of a row (see top)
+                ids = torch.tensor([[seqs[r].last] for r in rows], dtype=torch.long, device=self.device)
+                pos = torch.tensor([[seqs[r].len] for r in rows], dtype=torch.long, device=self.device)
+                view = _DecodeView(self.cache, rows, [seqs[r].len for r in rows], self.device, self.windowed,
                                    self.max_keys)
                 out = self.model(ids, position_ids=pos, attention_mask=torch.ones_like(ids), cache=view,
                                  last_only=True)[:, -1]
-                for j, r in enumerate(g):
-                    logits[r] = out[j]
+                outs.append(out[:len(g)])  # padding rows' output dropped
+                order += g
         except Exception as e:
             for s in seqs:
                 self._fail(s.req, e)
@@ -536,7 +554,10 @@ class Engine:
         self.stats["steps"] += 1
         for s in seqs:
             s.len += 1
-        self._emit(seqs, torch.stack(logits))
+        logits = outs[0] if len(outs) == 1 else torch.cat(outs)  # the common case: no copy
+        if order != list(range(len(seqs))):  # groups of equal lengths (windows): rows back in order
+            logits = logits[torch.tensor(order, device=logits.device).argsort()]
+        self._emit(seqs, logits)
 
     # --- choosing tokens ---------------------------------------------------------------------
     def _emit(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
@@ -544,7 +565,9 @@ class Engine:
         logits = logits.float()
         greedy = [i for i, s in enumerate(seqs) if s.plain_greedy]
         picks: dict[int, int] = {}
-        if greedy:
+        if len(greedy) == len(seqs):  # every row greedy (the common case): no gathered copy
+            picks = dict(enumerate(logits.argmax(-1).tolist()))
+        elif greedy:
             for i, t in zip(greedy, logits[greedy].argmax(-1).tolist()):
                 picks[i] = t
         want_lp = [i for i, s in enumerate(seqs) if s.req.logprobs is not None]
