@@ -14,13 +14,22 @@ dequantized, same dtype) and ``llama.cpp`` (llama-cpp-python on the file itself,
 ``make bench-deps``). Runs are interleaved (engine order rotates every round) and repeated; the
 table gives the median and half the spread. The page cache is warmed once before timing.
 
+``--phases``: where the first token's time goes in ``evolm generate`` (the defaults), each phase
+exclusive of the ones inside it, summing to the first token: interpreter start and the imports of
+the generate path, reading the file into the model, building the tokenizer, loading the C++
+kernels, preparing the model (fusing, the block step), prefill and the first step, and the rest
+(argument parsing, choosing the path). ``--baseline SRC``: also time the evolm engines from another
+checkout's ``src`` folder (``evolm@base``), interleaved with this one, to measure a change.
+
     python benchmarks/startup.py [--model smollm2|gemma3|PATH.gguf] [--new 64] [--repeat 3]
                                  [--threads 2] [--engines evolm,evolm-no-fast,evolm-compile,transformers,llama.cpp]
+                                 [--phases] [--baseline OTHER/src]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -59,12 +68,59 @@ for part in llm.create_completion(prompt, max_tokens=new, temperature=0.0, strea
 '''
 
 
+# ``evolm generate`` with its phases timed: the modules of the generate path are imported first (they
+# are the "imports" phase), then the functions that make up a start are wrapped, nested phases
+# subtracted from the ones around them, and the table printed to stderr as one PHASES line at exit.
+PHASES_SCRIPT = r'''
+import atexit, json, os, sys, time
+T0 = float(os.environ["EVOLM_T0"])  # the parent's clock when it started this process
+import evolm.cli, evolm.infer.prepare, evolm.infer.text, evolm.interop.gguf, evolm.kernels
+spent, stack, marks = {}, [], {"imports": time.time() - T0}
+
+def timed(module, attr, phase):
+    fn = getattr(module, attr)
+    def wrapper(*a, **k):
+        start, inner = time.time(), sum(spent.values())
+        stack.append(phase)
+        try:
+            return fn(*a, **k)
+        finally:
+            stack.pop()
+            spent[phase] = spent.get(phase, 0.0) + (time.time() - start) - (sum(spent.values()) - inner)
+            marks.setdefault(phase + " end", time.time() - T0)
+    setattr(module, attr, wrapper)
+
+timed(evolm.interop.gguf, "load_gguf", "load")
+timed(evolm.interop.gguf, "tokenizer_from_gguf_metadata", "tokenizer")
+timed(evolm.kernels, "available", "kernels")
+timed(evolm.infer.prepare, "prepare", "prepare")
+write = sys.stdout.write
+def first_write(text):
+    if text.strip() and "first token" not in marks:
+        marks["first token"] = time.time() - T0
+    return write(text)
+sys.stdout.write = first_write
+
+@atexit.register
+def report():
+    first = marks.get("first token", 0.0)
+    phases = {"imports": marks["imports"], **spent,
+              "prefill+first step": first - marks.get("prepare end", first)}
+    phases["other"] = first - sum(phases.values())
+    sys.stderr.write("PHASES " + json.dumps({"first token": first, **phases}) + "\n")
+
+sys.argv = ["evolm", *sys.argv[1:]]
+sys.exit(evolm.cli.main())
+'''
+
+
 def commands(path: str, new: int, threads: int) -> dict[str, list[str]]:
     py, evolm = sys.executable, [sys.executable, "-m", "evolm.cli", "generate"]
     common = ["--model", path, "--prompt", PROMPT, "--max-new-tokens", str(new), "--ignore-eos",
               "--threads", str(threads)]
     return {
         "evolm": evolm + common,
+        "evolm-phases": [py, "-c", PHASES_SCRIPT, "generate"] + common,
         "evolm-no-fast": evolm + common + ["--no-fast"],
         "evolm-no-block-step": evolm + common + ["--no-block-step"],
         "evolm-compile": evolm + common + ["--compile"],
@@ -73,10 +129,11 @@ def commands(path: str, new: int, threads: int) -> dict[str, list[str]]:
     }
 
 
-def run_once(cmd: list[str], new: int, threads: int) -> tuple[float, float]:
-    """(seconds to the first generated text, decode tokens/s after it) for one process."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": str(threads),
-           "TOKENIZERS_PARALLELISM": "false"}
+def run_once(cmd: list[str], new: int, threads: int, src: Path = ROOT / "src") -> tuple[float, float, dict]:
+    """(seconds to the first generated text, decode tokens/s after it, the PHASES line's figures if
+    the process printed one) for one process running evolm from ``src``."""
+    env = {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": str(threads),
+           "TOKENIZERS_PARALLELISM": "false", "EVOLM_T0": repr(time.time())}
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     fd = proc.stdout.fileno()
@@ -91,7 +148,8 @@ def run_once(cmd: list[str], new: int, threads: int) -> tuple[float, float]:
     err = proc.stderr.read().decode(errors="replace")
     if proc.wait() != 0 or not first:
         raise RuntimeError(f"{cmd[:4]} failed:\n{err[-2000:]}")
-    return t_first, (new - 1) / max(t_end - t_first, 1e-9)
+    phases = [json.loads(line[len("PHASES "):]) for line in err.splitlines() if line.startswith("PHASES ")]
+    return t_first, (new - 1) / max(t_end - t_first, 1e-9), phases[-1] if phases else {}
 
 
 def available(name: str) -> str | None:
@@ -111,34 +169,55 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--engines", default="evolm,evolm-no-fast,evolm-compile,transformers,llama.cpp")
+    ap.add_argument("--phases", action="store_true", help="evolm (the defaults) with its first token's phases timed")
+    ap.add_argument("--baseline", type=Path, default=None, metavar="SRC",
+                    help="another checkout's src folder: its evolm engines run too, as NAME@base")
     args = ap.parse_args()
     from evolm.interop.gguf import find_asset
 
     path = str(find_asset(args.model)) if not args.model.endswith(".gguf") else args.model
     Path(path).read_bytes()  # into the page cache: the file's first read is not what is measured
     cmds = commands(path, args.new, args.threads)
-    names = []
+    engines = {}  # name -> (command, src folder)
     for name in args.engines.split(","):
         why = available(name)
         if why:
             print(f"skipping {name}: {why}")
-        else:
-            names.append(name)
-    results: dict[str, list[tuple[float, float]]] = {n: [] for n in names}
+            continue
+        cmd = cmds["evolm-phases" if args.phases and name == "evolm" else name]
+        engines[name] = (cmd, ROOT / "src")
+        if args.baseline and name.startswith("evolm"):
+            engines[f"{name}@base"] = (cmd, args.baseline.resolve())
+    names = list(engines)
+    results: dict[str, list[tuple[float, float, dict]]] = {n: [] for n in names}
     for r in range(args.repeat):
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:
-            results[name].append(run_once(cmds[name], args.new, args.threads))
+            cmd, src = engines[name]
+            results[name].append(run_once(cmd, args.new, args.threads, src))
             print(f"  round {r + 1} {name}: first token {results[name][-1][0]:.2f} s, "
                   f"decode {results[name][-1][1]:.1f} tok/s", flush=True)
     print(f"\n{Path(path).name}, {args.new} new tokens, {args.threads} threads, {args.repeat} interleaved runs")
     print(f"| engine | first token (s) | decode tok/s | decode vs transformers |\n|---|---|---|---|")
-    ref = median_spread([d for _, d in results["transformers"]])[0] if "transformers" in results else None
+    ref = median_spread([d for _, d, _ in results["transformers"]])[0] if "transformers" in results else None
     for name in names:
-        f_med, f_sp = median_spread([f for f, _ in results[name]])
-        d_med, d_sp = median_spread([d for _, d in results[name]])
+        f_med, f_sp = median_spread([f for f, _, _ in results[name]])
+        d_med, d_sp = median_spread([d for _, d, _ in results[name]])
         ratio = f"{d_med / ref:.2f}x" if ref else ""
         print(f"| {name} | {f_med:.2f} ±{100 * f_sp:.0f}% | {d_med:.1f} ±{100 * d_sp:.0f}% | {ratio} |")
+    timed = [n for n in names if results[n][0][2]]
+    if timed:
+        print_phases({n: [p for _, _, p in results[n]] for n in timed})
+
+
+def print_phases(runs: dict[str, list[dict]]) -> None:
+    """Median seconds per phase of the first token, one column per engine (as the child measured them:
+    from its own start, so the first row can differ a little from the table above)."""
+    phases = list(next(iter(runs.values()))[0])
+    print(f"\n| phase (s, median) | {' | '.join(runs)} |\n|---|{'---|' * len(runs)}")
+    for phase in phases:
+        cells = [f"{median_spread([p.get(phase, 0.0) for p in rs])[0]:.2f}" for rs in runs.values()]
+        print(f"| {phase} | {' | '.join(cells)} |")
 
 
 if __name__ == "__main__":

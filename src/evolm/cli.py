@@ -359,14 +359,11 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     _add_inference_args(p)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="evolm", description=__doc__.split("\n")[0] if __doc__ else None)
-    p.add_argument("--allow-large", action="store_true",
-                   help="load models larger than this machine's memory (sizes in model files are otherwise "
-                        "checked against it; also EVOLM_ALLOW_LARGE=1)")
-    sub = p.add_subparsers(dest="cmd", required=True)
-
-    a = sub.add_parser("arch", help="architecture presets, cost cards and comparisons")
+# --- the parser ---------------------------------------------------------------------------------
+# One function per subcommand fills its parser. Only the command being run is built in full: the
+# others' flags come from modules (eval, serve, post-training ...) that are slow to import, and
+# `evolm generate` should not wait for them (``evolm --help`` lists every command from COMMANDS).
+def _arch_parser(a: argparse.ArgumentParser) -> None:
     asub = a.add_subparsers(dest="arch_cmd", required=True)
     asub.add_parser("list", help="list every preset with its size")
     s = asub.add_parser("show", help="cost card of one architecture")
@@ -386,7 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="the .py file to write")
     a.set_defaults(func=cmd_arch)
 
-    lab = sub.add_parser("lab", help="measure what an innovation buys: ablations at equal compute, seeds, scaling fits")
+
+def _lab_parser(lab: argparse.ArgumentParser) -> None:
     labsub = lab.add_subparsers(dest="lab_cmd", required=True)
     s = labsub.add_parser("ablate", help="variants of a recipe at equal FLOPs (or tokens) over several seeds")
     s.add_argument("--base", required=True, help="a pretraining recipe (YAML) with train.tokens_per_step; the budget's steps are shared out "
@@ -419,7 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_scaling_args(s)
     s.set_defaults(func=run_scaling)
 
-    c = sub.add_parser("convert", help="convert a model between formats")
+
+def _convert_parser(c: argparse.ArgumentParser) -> None:
     c.add_argument("--model", required=True, help="HF folder, GGUF file or evolm checkpoint")
     c.add_argument("--to", choices=["hf", "evolm", "gguf"], default="hf")
     c.add_argument("--out", required=True)
@@ -429,7 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     c.set_defaults(func=cmd_convert)
 
-    q = sub.add_parser("quantize", help="weight-only post-training quantization: int8, int4, nf4, gptq (calibrated)")
+
+def _quantize_parser(q: argparse.ArgumentParser) -> None:
     q.add_argument("--model", required=True, help="HF folder, GGUF file or evolm checkpoint (float weights)")
     q.add_argument("--out", required=True, help="the quantized evolm folder to write")
     q.add_argument("--method", required=True, choices=["int8", "int4", "nf4", "gptq"])
@@ -443,8 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0, help="gptq: calibration document order")
     q.set_defaults(func=cmd_quantize)
 
-    pr = sub.add_parser("prune", help="prune weights: magnitude, wanda, sparsegpt (unstructured or n:m); minitron "
-                        "(structured, a smaller model)")
+
+def _prune_parser(pr: argparse.ArgumentParser) -> None:
     pr.add_argument("--model", required=True, help="HF folder, GGUF file or evolm checkpoint (float weights)")
     pr.add_argument("--out", required=True, help="the pruned evolm folder to write")
     pr.add_argument("--method", required=True, choices=["magnitude", "wanda", "sparsegpt", "minitron"])
@@ -471,17 +471,20 @@ def build_parser() -> argparse.ArgumentParser:
                     help="minitron: keep RMSNorm weights as they are when hidden channels are cut")
     pr.set_defaults(func=cmd_prune)
 
-    g = sub.add_parser("generate", help="stream a continuation of a prompt")
+
+def _generate_parser(g: argparse.ArgumentParser) -> None:
     _add_sampling_args(g)
     g.add_argument("--prompt", required=True)
     g.add_argument("--chat", action="store_true", help="wrap the prompt as a user message (chat template)")
     g.set_defaults(func=cmd_generate)
 
-    ch = sub.add_parser("chat", help="interactive multi-turn chat in the terminal")
+
+def _chat_parser(ch: argparse.ArgumentParser) -> None:
     _add_sampling_args(ch)
     ch.set_defaults(func=cmd_chat)
 
-    pt = sub.add_parser("pretrain", help="pretrain a model from a recipe (stages, mixtures, checkpoints)")
+
+def _pretrain_parser(pt: argparse.ArgumentParser) -> None:
     pt.add_argument("--config", required=True, help="recipe YAML (see recipes/)")
     pt.add_argument("--out", default=None, help="run folder (default: runs/NAME)")
     pt.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
@@ -490,7 +493,8 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--json", action="store_true", help="print the summary as JSON")
     pt.set_defaults(func=cmd_pretrain)
 
-    d = sub.add_parser("data", help="install corpora, prepare token shards")
+
+def _data_parser(d: argparse.ArgumentParser) -> None:
     dsub = d.add_subparsers(dest="data_cmd", required=True)
     di = dsub.add_parser("install", help="install the built-in corpora")
     di.add_argument("names", nargs="*")
@@ -516,38 +520,40 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inference_args(ds, decode_loop=False)
     d.set_defaults(func=cmd_data)
 
+
+def _serve_parser(sv: argparse.ArgumentParser) -> None:
     from evolm.serve import add_arguments as add_serve_arguments
 
-    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching) + web chat page")
     add_serve_arguments(sv)
     _add_inference_args(sv, decode_loop=False)
     sv.set_defaults(func=cmd_serve)
 
+
+def _eval_parser(ev: argparse.ArgumentParser) -> None:
     from evolm.eval.harness import add_eval_args, main_cli
 
-    ev = sub.add_parser("eval", help="evaluate on benchmarks, scored as lm-evaluation-harness scores them")
     add_eval_args(ev)
     ev.set_defaults(func=main_cli)
 
-    # post-training: each command is a typed config (flags derived from its fields) and a run
-    import importlib
 
-    from evolm.post.flags import add_options, from_args
+def _post_parser(name: str, module: str, config_name: str):
+    """The parser filler of post-training command ``name``: a typed config (flags derived from its
+    fields) and ``run_<name>`` from ``evolm.post.<module>``."""
 
-    for name, module, config_name, help_text in (
-            ("merge", "lora", "MergeConfig", "fold a LoRA adapter (PEFT folder) into its base model"),
-            ("sft", "sft", "SFTConfig", "supervised fine-tuning on chat data (full, LoRA or QLoRA)"),
-            ("dpo", "dpo", "DPOConfig", "preference optimisation (DPO / cDPO / IPO / SimPO) on preference pairs"),
-            ("grpo", "grpo", "GRPOConfig", "GRPO: reinforcement learning from verifiable rewards on sampled groups"),
-            ("distill", "distill", "DistillConfig", "distil a teacher's next-token distributions into a student "
-                                                    "(forward / reverse KL, generalized JSD, on-policy GKD)")):
+    def fill(sp: argparse.ArgumentParser) -> None:
+        import importlib
+
+        from evolm.post.flags import add_options, from_args
+
         mod = importlib.import_module(f"evolm.post.{module}")
         config_class, run = getattr(mod, config_name), getattr(mod, f"run_{name}")
-        sp = sub.add_parser(name, help=help_text)
         add_options(sp, config_class)
-        sp.set_defaults(func=lambda args, c=config_class, r=run: r(from_args(c, args)))
+        sp.set_defaults(func=lambda args: run(from_args(config_class, args)))
 
-    t = sub.add_parser("tokenizer", help="train a tokenizer")
+    return fill
+
+
+def _tokenizer_parser(t: argparse.ArgumentParser) -> None:
     tsub = t.add_subparsers(dest="tok_cmd", required=True)
     tt = tsub.add_parser("train", help="train a byte-level BPE on a corpus")
     tt.add_argument("sources", nargs="+", help="built-in corpus names, paths, or a spec file")
@@ -557,16 +563,65 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--data-dir", default=None)
     t.set_defaults(func=cmd_tokenizer)
 
+
+def _doctor_parser(dr: argparse.ArgumentParser) -> None:
     from evolm.doctor import add_doctor_args
 
-    dr = sub.add_parser("doctor", help="check this machine and the pinned assets; print the command that fixes each gap")
     add_doctor_args(dr)
     dr.set_defaults(func=cmd_doctor)
+
+
+# (name, help, the function that fills its parser), in the order `evolm --help` lists them
+COMMANDS = (
+    ("arch", "architecture presets, cost cards and comparisons", _arch_parser),
+    ("lab", "measure what an innovation buys: ablations at equal compute, seeds, scaling fits", _lab_parser),
+    ("convert", "convert a model between formats", _convert_parser),
+    ("quantize", "weight-only post-training quantization: int8, int4, nf4, gptq (calibrated)", _quantize_parser),
+    ("prune", "prune weights: magnitude, wanda, sparsegpt (unstructured or n:m); minitron (structured, a smaller "
+              "model)", _prune_parser),
+    ("generate", "stream a continuation of a prompt", _generate_parser),
+    ("chat", "interactive multi-turn chat in the terminal", _chat_parser),
+    ("pretrain", "pretrain a model from a recipe (stages, mixtures, checkpoints)", _pretrain_parser),
+    ("data", "install corpora, prepare token shards", _data_parser),
+    ("serve", "OpenAI-compatible HTTP server (continuous batching) + web chat page", _serve_parser),
+    ("eval", "evaluate on benchmarks, scored as lm-evaluation-harness scores them", _eval_parser),
+    ("merge", "fold a LoRA adapter (PEFT folder) into its base model", _post_parser("merge", "lora", "MergeConfig")),
+    ("sft", "supervised fine-tuning on chat data (full, LoRA or QLoRA)", _post_parser("sft", "sft", "SFTConfig")),
+    ("dpo", "preference optimisation (DPO / cDPO / IPO / SimPO) on preference pairs",
+     _post_parser("dpo", "dpo", "DPOConfig")),
+    ("grpo", "GRPO: reinforcement learning from verifiable rewards on sampled groups",
+     _post_parser("grpo", "grpo", "GRPOConfig")),
+    ("distill", "distil a teacher's next-token distributions into a student (forward / reverse KL, generalized "
+                "JSD, on-policy GKD)", _post_parser("distill", "distill", "DistillConfig")),
+    ("tokenizer", "train a tokenizer", _tokenizer_parser),
+    ("doctor", "check this machine and the pinned assets; print the command that fixes each gap", _doctor_parser),
+)
+
+
+def build_parser(only: tuple[str, ...] | None = None) -> argparse.ArgumentParser:
+    """The ``evolm`` parser. ``only``: build just these subcommands' flags (the others are listed with
+    their help, enough for ``evolm --help`` and for naming a mistyped command); None builds every one."""
+    p = argparse.ArgumentParser(prog="evolm", description=__doc__.split("\n")[0] if __doc__ else None)
+    p.add_argument("--allow-large", action="store_true",
+                   help="load models larger than this machine's memory (sizes in model files are otherwise "
+                        "checked against it; also EVOLM_ALLOW_LARGE=1)")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for name, help_text, fill in COMMANDS:
+        sp = sub.add_parser(name, help=help_text)
+        if only is None or name in only:
+            fill(sp)
     return p
 
 
+def _command(argv: list[str]) -> tuple[str, ...]:
+    """The subcommand ``argv`` names (its first word that is not an option), if it is one."""
+    word = next((a for a in argv if not a.startswith("-")), None)
+    return (word,) if word in {name for name, _, _ in COMMANDS} else ()
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(_command(argv)).parse_args(argv)
     from evolm.config import ConfigError
 
     if args.allow_large or os.environ.get("EVOLM_ALLOW_LARGE", "") not in ("", "0"):  # read here, nowhere deeper

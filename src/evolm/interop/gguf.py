@@ -467,46 +467,31 @@ def _our_name(name: str, norms: dict[str, str], path: str, arch: str) -> tuple[s
     return "param", prefix + _LAYER_NAMES[kind] + "." + suffix
 
 
-def _keep_blocks(f: GGUFFile, name: str, key: str, w32: torch.Tensor, rows, blocks: dict,
-                 b: Blocks | None = None) -> None:
-    """Record the file's blocks for ``key`` if they rebuild its float32 weight exactly (``b``: blocks
-    already read, whose kernel rebuild ``w32`` is, checked against the reference by
-    :func:`_read_blocks`)."""
-    if w32.dim() != 2:
-        return
-    if b is None:
-        b = blocks_from_raw(f.raw(name), f.tensors[name].ggml_type, f.tensors[name].shape)
-        if b is None:
-            return
-        b = b.map_rows(rows) if rows else b
-        if not rebuilds(b, w32):
-            blocks.setdefault("__float__", {})[key] = f"its {b.source} blocks do not rebuild the float32 weight exactly"
-            return
-    else:
-        b = b.map_rows(rows) if rows else b
-    blocks[key] = b
+def _verified_blocks(f: GGUFFile, name: str, sample_rows: int = 4) -> tuple[Blocks | None, str | None]:
+    """A kept-type 2-D tensor's blocks, if their weights are the reference dequantization's, else
+    ``(None, why)`` (``(None, None)``: a type that is not kept).
 
-
-def _read_blocks(f: GGUFFile, name: str, sample_rows: int = 4) -> tuple[Blocks | None, torch.Tensor | None]:
-    """A kept-type 2-D tensor read once as blocks, and its float32 weight rebuilt by the block kernel
-    (C++, all cores) instead of the ``gguf`` package's numpy reference: the slowest part of loading a
-    GGUF file with ``blocks=True``. The kernel must agree with the reference bit for bit, so the first
-    and last ``sample_rows`` rows are checked against it here (all of them in tests/test_blocks.py);
-    any difference, or a type the kernel does not take, returns (None, None): the reference path."""
+    With the C++ kernels (the code ``BlockLinear`` multiplies with) the first and last
+    ``sample_rows`` rows are rebuilt and compared with the ``gguf`` package's numpy reference, bit
+    for bit (every row of every type is in tests/test_blocks.py): the whole weight is never made
+    float here, the slowest part of loading a GGUF file once was. Without them every row is compared."""
     from evolm import kernels
 
     t = f.tensors[name]
-    if len(t.shape) != 2 or not kernels.available():
+    if len(t.shape) != 2:
         return None, None
     raw = f.raw(name)
     b = blocks_from_raw(raw, t.ggml_type, t.shape)
     if b is None:
         return None, None
-    w32 = b.dequantize(kernel=True)
-    n = t.shape[0]
-    idx = sorted(set(range(min(sample_rows, n))) | set(range(max(0, n - sample_rows), n)))
-    ref = dequantize(raw[idx], t.ggml_type, (len(idx), t.shape[1]), name=f"{f.path}: tensor {name!r}")
-    return (b, w32) if torch.equal(ref, w32[idx]) else (None, None)
+    if kernels.available():
+        n = t.shape[0]
+        idx = sorted(set(range(min(sample_rows, n))) | set(range(max(0, n - sample_rows), n)))
+        ref = dequantize(raw[idx], t.ggml_type, (len(idx), t.shape[1]), name=f"{f.path}: tensor {name!r}")
+        same = torch.equal(ref, b.map_rows(lambda x: x[idx]).dequantize(kernel=True))
+    else:
+        same = rebuilds(b, f.tensor(name))
+    return (b, None) if same else (None, f"its {b.source} blocks do not rebuild the float32 weight exactly")
 
 
 def _stack_experts(experts: dict, path: str) -> dict[str, torch.Tensor]:
@@ -539,7 +524,8 @@ def state_dict_from_gguf(f: GGUFFile, config: ModelConfig, dtype: torch.dtype = 
 
     ``blocks``: a dict to fill with {parameter name: :class:`evolm.quant.blocks.Blocks`} for the 2-D
     block-quantized weights (embeddings, head, layer linears) whose blocks rebuild the float32
-    weight bit for bit, and {name: reason} under ``"__float__"`` for those that stay float.
+    weight bit for bit -- those are not dequantized, and are absent from the result -- and
+    {name: reason} under ``"__float__"`` for those that stay float.
     """
     fam = _family(f.architecture, f.path)
     norms = _NORMS_BY_PLACEMENT[config.norm_placement]
@@ -563,13 +549,24 @@ def state_dict_from_gguf(f: GGUFFile, config: ModelConfig, dtype: torch.dtype = 
 
 
 def _convert_tensor(f: GGUFFile, fam, name: str, dtype, norms, heads, sd, experts, split_kv, blocks) -> None:
-    """One file tensor, dequantized and converted, into ``sd`` (or ``experts`` / ``split_kv``)."""
+    """One file tensor, dequantized and converted, into ``sd`` (or ``experts`` / ``split_kv``), or
+    kept as its blocks in ``blocks`` (when that is a dict and the blocks are exact)."""
     if name == "rope_freqs.weight":  # Llama 3.1-style per-frequency divisors, kept in float32
         sd["__rope_freqs__"] = f.tensor(name)
         return
     where, key = _our_name(name, norms, f.path, f.architecture)
-    b, w32 = _read_blocks(f, name) if blocks is not None and where == "param" else (None, None)
-    w = w32 = w32 if w32 is not None else f.tensor(name)  # float32
+    rows = None
+    kind = name.split(".")[2] if name.startswith("blk.") else None
+    if where == "param" and fam.gguf_permute_qk and kind in heads:  # llama.cpp permutes only where it uses
+        rows = lambda t, n=heads[kind]: unpermute_rope_rows(t, n)  # noqa: E731  interleaved RoPE
+    if blocks is not None and where == "param":
+        b, why = _verified_blocks(f, name)
+        if b is not None:
+            blocks[key] = b.map_rows(rows) if rows else b  # float only if the model needs it (load_gguf)
+            return
+        if why:
+            blocks.setdefault("__float__", {})[key] = why
+    w = f.tensor(name)  # float32
     if fam.unit_offset_norms and name.endswith("norm.weight"):
         w = w - 1.0  # stored as (1 + w); subtracted in float32, as transformers does
     w = w.to(dtype)  # one tensor at a time: peak memory stays near the final model's
@@ -589,14 +586,26 @@ def _convert_tensor(f: GGUFFile, fam, name: str, dtype, norms, heads, sd, expert
         for part, chunk in zip("qkv", w.split(sizes, dim=0)):
             sd[key.format(part)] = chunk.contiguous()
         return
-    rows = None
-    kind = name.split(".")[2] if name.startswith("blk.") else None
-    if fam.gguf_permute_qk and kind in heads:  # llama.cpp permutes only where it uses interleaved RoPE
-        rows = lambda t, n=heads[kind]: unpermute_rope_rows(t, n)  # noqa: E731
-        w, w32 = rows(w), rows(w32)
-    sd[key] = w
-    if blocks is not None:
-        _keep_blocks(f, name, key, w32, rows, blocks, b)
+    sd[key] = rows(w) if rows else w
+
+
+def _take_blocks(model, found: dict, sd: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, str]:
+    """The empty model's linear layers named in ``found`` become ``BlockLinear``s holding the file's
+    blocks (:func:`evolm.quant.blocks.keep_blocks`), before any float weight is made: only the
+    weights the blocks did not replace -- the embedding a tied head's blocks copy, a 2-D weight that
+    is not a linear layer (or that the model does not have: the name check then refuses it) -- are
+    dequantized into ``sd``, which also gets the blocks' buffers (what ``assign_weights`` then puts
+    in place). Returns the per-parameter report (``model.blocks_report``)."""
+    from evolm.quant.blocks import keep_blocks
+
+    stayed = found.pop("__float__", {})
+    report = keep_blocks(model, found)
+    params = dict(model.named_parameters())
+    for key, b in found.items():
+        if key in params or not report.get(key, "").startswith("kept"):
+            sd[key] = b.dequantize().to(dtype)
+    sd.update((k, t) for k, t in model.state_dict().items() if not t.is_meta)
+    return {**report, **{k: f"float: {v}" for k, v in stayed.items()}}
 
 
 def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
@@ -628,6 +637,8 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     found: dict | None = {} if blocks else None
     sd = state_dict_from_gguf(f, config, dtype, blocks=found)
     rope_freqs = sd.pop("__rope_freqs__", None)
+    if found is not None:
+        model.blocks_report = _take_blocks(model, found, sd, dtype)
     expected = set(model.state_dict())
     missing = sorted(expected - set(sd))
     unexpected = sorted(set(sd) - expected)
@@ -647,11 +658,6 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
         model.rotary.inv_freq = model.rotary.inv_freq / rope_freqs.float()
     model.to(device=device or "cpu")
     model.eval()
-    if found is not None:
-        from evolm.quant.blocks import keep_blocks
-
-        stayed = found.pop("__float__", {})
-        model.blocks_report = {**keep_blocks(model, found), **{k: f"float: {v}" for k, v in stayed.items()}}
     try:
         tok = tokenizer_from_gguf_metadata(f.metadata, name=f.path, cache_key=file_cache_key(f.path)) \
             if tokenizer else None

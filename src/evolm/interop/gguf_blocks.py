@@ -38,8 +38,19 @@ def _nibbles(qs: np.ndarray) -> np.ndarray:
 
 def _high_bits(qh: np.ndarray) -> np.ndarray:
     """Q5_0 / Q5_1: (n, 4) bytes, a little-endian uint32 -> bit j of it as (n, 32) uint8."""
-    word = np.ascontiguousarray(qh).view(np.uint32)  # (n, 1)
-    return ((word >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)
+    return np.unpackbits(qh, axis=-1, bitorder="little")
+
+
+def _q4k_packed(qs: np.ndarray) -> np.ndarray:
+    """Q4_K's (n, 128) code bytes -> the kernels' 4-bit layout (as :func:`evolm.kernels.pack_q4`
+    packs), byte for byte: in each chunk of 32 bytes the low nibbles are sub-block 2c and the high
+    nibbles sub-block 2c + 1, weight j of both in byte j; the kernels want, per sub-block, byte j
+    holding its weights j and j + 16. Rearranged as bytes, never unpacked to one code per byte."""
+    q = qs.reshape(-1, 4, 2, 16)  # chunk, weights 0..15 or 16..31, j
+    lo, hi = q[:, :, 0], q[:, :, 1]
+    even = (lo & 0x0F) | ((hi & 0x0F) << 4)
+    odd = (lo >> 4) | (hi & 0xF0)
+    return np.stack((even, odd), axis=2).reshape(-1, 128)
 
 
 def _k_scales(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -54,15 +65,16 @@ def _k_scales(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _decode(b: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int]:
-    """Blocks (n, bytes) -> codes (n, block) int, scale and min (n, block / group) float32, group."""
+    """Blocks (n, bytes) -> codes (n, block) int, or for the 4-bit formats (n, block / 2) bytes
+    already in the kernels' layout; scale and min (n, block / group) float32; group."""
     n = b.shape[0]
     if name == "Q8_0":
         return b[:, 2:].view(np.int8), _half(b[:, 0:2])[:, None], None, 32
     if name == "Q4_0":  # d * (q - 8) == fma(q, d, -8 d): -8 d and the result are exact
-        d = _half(b[:, 0:2])[:, None]
-        return _nibbles(b[:, 2:18]), d, -8 * d, 32
+        d = _half(b[:, 0:2])[:, None]  # the file's code bytes are the kernels' layout (llama.cpp's)
+        return b[:, 2:18], d, -8 * d, 32
     if name == "Q4_1":
-        return _nibbles(b[:, 4:20]), _half(b[:, 0:2])[:, None], _half(b[:, 2:4])[:, None], 32
+        return b[:, 4:20], _half(b[:, 0:2])[:, None], _half(b[:, 2:4])[:, None], 32
     if name == "Q5_0":  # d * (q - 16): the centred 5-bit code, no minimum
         q = _nibbles(b[:, 6:22]) | (_high_bits(b[:, 2:6]) << 4)
         return q.astype(np.int8) - 16, _half(b[:, 0:2])[:, None], None, 32
@@ -72,13 +84,15 @@ def _decode(b: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarra
     if name in ("Q4_K", "Q5_K"):  # (d * sc) * q - dmin * m per sub-block of 32
         d, dmin = _half(b[:, 0:2])[:, None], _half(b[:, 2:4])[:, None]
         sc, mn = _k_scales(b[:, 4:16])
-        qs = b[:, 16:144] if name == "Q4_K" else b[:, 48:176]
-        qs = qs.reshape(n, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)  # chunk of 64: low, high
+        scale, minimum = d * sc.astype(np.float32), -(dmin * mn.astype(np.float32))
+        if name == "Q4_K":
+            return _q4k_packed(b[:, 16:144]), scale, minimum, 32
+        qs = b[:, 48:176].reshape(n, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)  # chunk of 64
         q = (qs & 0x0F).reshape(n, 8, 32)
-        if name == "Q5_K":  # bit (2 c + h) of byte l of qh is the fifth bit of weight l of sub-block 2 c + h
-            qh = b[:, 16:48].reshape(n, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)
-            q = q | ((qh & 1) << 4)
-        return q.reshape(n, 256), d * sc.astype(np.float32), -(dmin * mn.astype(np.float32)), 32
+        # bit (2 c + h) of byte l of qh is the fifth bit of weight l of sub-block 2 c + h
+        qh = b[:, 16:48].reshape(n, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)
+        q = q | ((qh & 1) << 4)
+        return q.reshape(n, 256), scale, minimum, 32
     if name == "Q6_K":  # (d * sc) * (q - 32) per sub-block of 16
         ql, qh = b[:, 0:128].reshape(n, 2, 1, 64), b[:, 128:192].reshape(n, 2, 1, 32)
         low = (ql >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)) & 0x0F  # (n, 2, 2, 64)
@@ -104,12 +118,7 @@ def blocks_from_raw(raw: np.ndarray, ggml_type: int, shape: tuple[int, ...]) -> 
     name, block, size = t
     N, K = shape
     codes, scale, mn, group = _decode(np.ascontiguousarray(raw).reshape(-1, size), name)
-    codes = torch.from_numpy(np.ascontiguousarray(codes)).reshape(N, K)
+    packed = name in ("Q4_0", "Q4_1", "Q4_K")  # two codes a byte, as the kernels read them
+    codes = torch.from_numpy(np.ascontiguousarray(codes, dtype=np.uint8 if packed else np.int8))
     as_t = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).reshape(N, K // group)  # noqa: E731
-    if name in ("Q4_0", "Q4_1", "Q4_K"):
-        from evolm.kernels import pack_q4
-
-        codes = pack_q4(codes)
-    else:
-        codes = codes.to(torch.int8)
-    return Blocks(codes, as_t(scale), None if mn is None else as_t(mn), group, name)
+    return Blocks(codes.reshape(N, K // 2 if packed else K), as_t(scale), None if mn is None else as_t(mn), group, name)
