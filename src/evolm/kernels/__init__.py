@@ -51,7 +51,9 @@ _state: dict = {}
 
 
 def _build_dir() -> Path:
-    """One build per (source, torch, CPU): ``-march=native`` code must not move to another CPU."""
+    """One build per (source, torch, CPU): ``-march=native`` code must not move to another CPU. And
+    per source folder: the build records the sources' paths, so two checkouts of the same sources
+    sharing one folder would each rebuild it (minutes) whenever the other had built last."""
     cpu = ""
     try:
         with open("/proc/cpuinfo") as f:
@@ -59,7 +61,7 @@ def _build_dir() -> Path:
     except OSError:
         pass
     key = hashlib.sha256(b"".join(p.read_bytes() for p in _SOURCES + _HEADERS) + torch.__version__.encode() + platform.machine().encode()
-                         + cpu.encode()).hexdigest()[:12]
+                         + cpu.encode() + str(_SOURCES[0].parent.resolve()).encode()).hexdigest()[:12]
     from evolm.assets import cache_dir
 
     root = cache_dir() / "kernels" / key
