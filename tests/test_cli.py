@@ -213,3 +213,32 @@ def test_chat_keeps_history_and_stops_at_the_end_of_turn():
         assert reply == want.split("\n")[0] or reply == want
         history.append({"role": "assistant", "content": want})
     assert "Paris" in replies[0]
+
+
+# modules `evolm generate` must not import: compiling machinery (torch.compile is off on the CPU), and
+# what only other commands use (their parsers are built only when they run)
+NOT_ON_THE_GENERATE_PATH = ("torch._dynamo", "torch._inductor", "evolm.eval.harness", "evolm.serve.app", "fastapi",
+                            "uvicorn", "evolm.post.sft", "evolm.lab.grid", "evolm.data.synthesize", "transformers")
+
+
+def test_generate_imports_only_its_own_path(tiny_hf_model):
+    """`evolm generate` (a subprocess, the defaults) on an HF folder and on the real GGUF file imports
+    none of ``NOT_ON_THE_GENERATE_PATH``: each costs start-up time (seconds for torch._dynamo)."""
+    from evolm.interop.gguf import find_asset
+
+    src, _ = tiny_hf_model
+    models = [str(src)]
+    try:
+        models.append(str(find_asset("smollm2")))
+    except FileNotFoundError:
+        pass
+    script = ("import runpy, sys\n"
+              "try:\n    runpy.run_module('evolm.cli', run_name='__main__')\nexcept SystemExit as e:\n"
+              "    assert not e.code, e.code\n"
+              f"print('IMPORTED', [m for m in {NOT_ON_THE_GENERATE_PATH!r} if m in sys.modules])\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    for model in models:
+        p = subprocess.run([sys.executable, "-c", script, "generate", "--model", model, "--prompt", "hi",
+                            "--max-new-tokens", "2"], capture_output=True, text=True, env=env, timeout=300)
+        assert p.returncode == 0, p.stderr
+        assert "IMPORTED []" in p.stdout, (model, p.stdout[-500:])
