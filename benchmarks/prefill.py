@@ -11,7 +11,10 @@ their ratios to transformers:
   fresh cache; compiled, ``infer.compiled.compiled_prefill`` makes the prompt one ``torch.compile`` graph).
 
     python benchmarks/prefill.py [--model smollm2|gemma3|PATH.gguf] [--dtypes float32,bfloat16]
-                                 [--batches 1,8] [--prompt-len 256] [--repeat 8] [--threads 2] [--blocks]
+                                 [--batches 1,8] [--prompt-len 64,256] [--repeat 8] [--threads 2] [--blocks]
+
+Prompts of up to 128 tokens per batch row and batch 1 take a different kernel than longer ones with
+``--blocks`` (``evolm.quant.blocks.GEMM_ROWS``): time both lengths.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--batches", default="1,8")
-    ap.add_argument("--prompt-len", type=int, default=256)
+    ap.add_argument("--prompt-len", default="256", help="prompt lengths, comma-separated")
     ap.add_argument("--repeat", type=int, default=8, help="timed runs per engine (interleaved)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--blocks", action="store_true", help="evolm keeps the file's quantized blocks (--keep-blocks)")
@@ -46,7 +49,7 @@ def main() -> None:
 
     path = args.model if args.model.endswith(".gguf") else find_asset(args.model)
     print(f"model {os.path.basename(path)}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-          f"{args.prompt_len}-token prompt, {args.repeat} interleaved runs per engine"
+          f"{args.prompt_len}-token prompts, {args.repeat} interleaved runs per engine"
           + (", evolm with the file's blocks" if args.blocks else ""))
     rows = []
     for dtype_name in args.dtypes.split(","):
@@ -54,9 +57,9 @@ def main() -> None:
         ours = load_gguf(path, dtype=dtype, blocks=args.blocks)[0].eval().fuse_for_inference()
         hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
                                                   dtype=dtype).eval()
-        for b in map(int, args.batches.split(",")):
+        for b, T in ((b, T) for T in map(int, args.prompt_len.split(",")) for b in map(int, args.batches.split(","))):
             g = torch.Generator().manual_seed(0)
-            ids = torch.randint(100, min(ours.config.vocab_size, 30000), (b, args.prompt_len), generator=g)
+            ids = torch.randint(100, min(ours.config.vocab_size, 30000), (b, T), generator=g)
             engines = {"transformers": lambda: hf(ids, logits_to_keep=1),
                        "evolm eager": lambda: generate_prefill(ours, ids, False),
                        "evolm compiled": lambda: generate_prefill(ours, ids, True)}
@@ -73,13 +76,13 @@ def main() -> None:
             speeds = {k: median_spread([ids.numel() / s for s in v]) for k, v in times.items()}
             for k, (tps, spread) in speeds.items():
                 ratio = tps / speeds["transformers"][0]
-                rows.append((dtype_name, b, k, tps, spread, ratio))
-                print(f"  {dtype_name} batch {b} {k}: {tps:,.0f} tok/s ±{spread:.0%} ({ratio:.3f}x)", flush=True)
+                rows.append((dtype_name, b, T, k, tps, spread, ratio))
+                print(f"  {dtype_name} batch {b} prompt {T} {k}: {tps:,.0f} tok/s ±{spread:.0%} ({ratio:.3f}x)", flush=True)
         del hf
-    print("\n| dtype | batch | engine | prefill tok/s | vs transformers |")
-    print("|---|---|---|---|---|")
-    for dtype_name, b, k, tps, spread, ratio in rows:
-        print(f"| {dtype_name} | {b} | {k} | {tps:,.0f} ±{spread:.0%} | {ratio:.3f}x |")
+    print("\n| dtype | batch | prompt | engine | prefill tok/s | vs transformers |")
+    print("|---|---|---|---|---|---|")
+    for dtype_name, b, T, k, tps, spread, ratio in rows:
+        print(f"| {dtype_name} | {b} | {T} | {k} | {tps:,.0f} ±{spread:.0%} | {ratio:.3f}x |")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from evolm import kernels
 from evolm.quant.blocks import KERNEL_ROWS, BlockLinear, Blocks, cat_blocks, rebuilds
@@ -123,13 +124,35 @@ def test_blocks_linear_equals_float64_and_each_row_is_alone(bits, group, with_mi
 
 
 @needs_kernels
+@pytest.mark.parametrize("bits,group,with_min", LAYOUTS)
+def test_blocks_gemm_equals_float64_and_each_row_is_alone(bits, group, with_min):
+    """The prompt product (many rows, fp32): F.linear of the rebuilt weights up to the order of the
+    fp32 sums, for row counts and output counts that fill and do not fill the kernel's tiles and
+    panels, and inputs longer than one pass over k."""
+    for N, K in ((37, 96), (48, 64), (113, 416), (16, 32)):
+        b = _random_blocks(N, K, bits, group, with_min, seed=N)
+        w = b.dequantize(kernel=False)
+        x = torch.randn(70, K)
+        for M in (9, 16, 17, 70):
+            y = torch.ops.evolm_f.blocks_gemm(x[:M], b.codes, b.scale, b.min, group)
+            want = x[:M].double() @ w.double().T
+            assert y.dtype == torch.float32 and y.shape == (M, N)
+            assert (y.double() - want).abs().max() < 1e-5 * want.abs().max()
+            torch.testing.assert_close(y, F.linear(x[:M], w), rtol=1e-5, atol=1e-5 * want.abs().max().item())
+            # each row sums its products in the same order whatever the other rows
+            assert torch.equal(y[M - 1:], torch.ops.evolm_f.blocks_gemm(x[M - 1:M], b.codes, b.scale, b.min, group))
+    with pytest.raises(RuntimeError, match="float32"):
+        torch.ops.evolm_f.blocks_gemm(x[:9].bfloat16(), b.codes, b.scale, b.min, group)
+
+
+@needs_kernels
 def test_block_linear_layer_rows_bias_and_fusion():
     b1, b2 = _random_blocks(48, 64, 4, 32, True, 1), _random_blocks(16, 64, 4, 32, True, 2)
     bias = torch.randn(48)
     layer = BlockLinear(b1, bias)
     w = b1.dequantize()
     with torch.no_grad():
-        for rows in (1, 8, 9, 40):  # the kernel, then the rebuilt weight's matmul
+        for rows in (1, 8, 9, 40):  # the blocks kernel, then the blocks gemm
             x = torch.randn(2, rows, 64)
             torch.testing.assert_close(layer(x), x @ w.T + bias, rtol=1e-5, atol=1e-5)
         x = torch.randn(1, 3, 64)
@@ -177,9 +200,9 @@ def test_real_model_with_blocks_keeps_logits_and_greedy_tokens(asset, kinds):
     assert sum(isinstance(m, BlockLinear) for m in model.modules()) == n_linear + (ref.lm_head is None)
     ids = torch.tensor([tok.encode("The history of the Roman Empire spans more than a thousand years. In")])
     with torch.no_grad():
-        assert torch.equal(model(ids), ref(ids))  # a prompt: the rebuilt weights, the same matmul
-        a, b = ref(ids[:, :6]), model(ids[:, :6])  # six rows: the blocks kernel
-        assert (a - b).abs().max() < 1e-5 * a.abs().max()
+        # a prompt (the blocks gemm), then six rows (the blocks kernel): fp32 sums in another order
+        for a, b in ((ref(ids), model(ids)), (ref(ids[:, :6]), model(ids[:, :6]))):
+            assert (a - b).abs().max() < 1e-5 * a.abs().max()
     p = SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True)
     want = generate(ref, ids, p)
     model.fuse_for_inference()
