@@ -353,3 +353,15 @@ def gguf_moe_fields(get) -> dict[str, Any]:
     if width:
         out["moe_d_ff"] = width
     return out
+
+
+def text_config(h: dict, model_type: str, tie_default: bool) -> dict:
+    """A multimodal wrapper's config.json (Gemma 3, Llama 4) -> its language model's config: the
+    nested ``text_config``, with the wrapper's token ids and head tying where the text part has none."""
+    text = dict(h.get("text_config") or {})
+    text.setdefault("tie_word_embeddings", h.get("tie_word_embeddings", tie_default))
+    for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if k in h:
+            text.setdefault(k, h[k])
+    text["model_type"] = model_type
+    return text

@@ -14,7 +14,7 @@ from typing import Any
 
 from evolm.config import ModelConfig
 from evolm.interop.families.base import Family
-from evolm.interop.families.decoder import err, layer_types
+from evolm.interop.families.decoder import err, layer_types, text_config
 from evolm.interop.families.llama import LLAMA_LIKE
 
 _GEMMA2_LIKE = dict(LLAMA_LIKE, hidden_activation="gelu_pytorch_tanh", attention_bias=False, hidden_size=2304,
@@ -53,13 +53,7 @@ def gemma3_to_hf(c: ModelConfig, out: dict) -> None:
 
 def unwrap_multimodal(h: dict) -> dict:
     """Gemma 3's multimodal config.json -> its language model's config (the nested text_config)."""
-    text = dict(h.get("text_config") or {})
-    text.setdefault("tie_word_embeddings", h.get("tie_word_embeddings", True))
-    for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        if k in h:
-            text.setdefault(k, h[k])
-    text["model_type"] = "gemma3_text"
-    return text
+    return text_config(h, "gemma3_text", tie_default=True)
 
 
 def _gguf_sandwich(get, c: dict[str, Any], big_layers: int) -> None:

@@ -25,7 +25,7 @@ import torch
 
 from evolm.config import ModelConfig
 from evolm.interop.families.base import OPTIONAL_PARTS, Family, Needs
-from evolm.interop.families.decoder import NORMS_FROM_HF, err, has_moe, window_pattern
+from evolm.interop.families.decoder import NORMS_FROM_HF, err, has_moe, text_config, window_pattern
 
 LOCAL, GLOBAL = "chunked_attention", "full_attention"
 
@@ -146,13 +146,7 @@ def weights_to_hf(fam: Family, sd: dict[str, torch.Tensor], config: ModelConfig,
 
 def unwrap_multimodal(h: dict) -> dict:
     """The multimodal ``llama4`` config.json -> its language model's config (``text_config``)."""
-    text = dict(h.get("text_config") or {})
-    text.setdefault("tie_word_embeddings", h.get("tie_word_embeddings", False))
-    for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        if k in h:
-            text.setdefault(k, h[k])
-    text["model_type"] = "llama4_text"
-    return text
+    return text_config(h, "llama4_text", tie_default=False)
 
 
 LLAMA4_TEXT = Family(
