@@ -50,6 +50,11 @@ TINY: dict[str, dict] = {
                         rope_parameters={"full_attention": {"rope_type": "linear", "rope_theta": 1e6, "factor": 8.0},
                                          "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}),
     "olmo2": dict(LLAMA, rms_norm_eps=1e-6),
+    # chunked attention, NoPE every 2nd layer with the query temperature, L2 QK-norm, MoE every 2nd layer
+    "llama4_text": dict(LLAMA, num_hidden_layers=4, head_dim=16, intermediate_size_mlp=96, intermediate_size=32,
+                        attention_chunk_size=8, no_rope_layer_interval=2, interleave_moe_layer_step=2,
+                        num_local_experts=4, num_experts_per_tok=1, use_qk_norm=True, attn_temperature_tuning=True,
+                        floor_scale=4, attn_scale=0.1),
     "deepseek_v2": dict(MLA, q_lora_rank=None, topk_method="group_limited_greedy", n_group=4, topk_group=2,
                         rope_parameters=YARN),
     "deepseek_v3": dict(MLA, q_lora_rank=24, n_group=4, topk_group=2, routed_scaling_factor=2.5,
@@ -81,7 +86,7 @@ def test_lookup_names_the_supported_types():
     assert family("gemma3") is FAMILIES["gemma3_text"]  # the multimodal wrapper reads as its text model
     with pytest.raises(ConfigError, match="model_type 'bert' is not supported; supported: gpt2, openai-gpt, llama"):
         family("bert")
-    assert set(SUPPORTED_MODEL_TYPES) == set(FAMILIES) | {"gemma3"}
+    assert set(SUPPORTED_MODEL_TYPES) == set(FAMILIES) | {"gemma3", "llama4"}
 
 
 def test_gguf_architectures_belong_to_one_family_each():

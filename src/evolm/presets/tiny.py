@@ -30,7 +30,7 @@ PRESETS = {
                           n_heads=4, n_kv_heads=2, d_ff=256, max_seq_len=256,
                           rope_scaling={"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                         "high_freq_factor": 4.0, "original_max_seq_len": 64}),
-    "tiny-falcon": _shrink(_FALCON["falcon-40b"], "falcon-40b", vocab_size=512, d_model=64, n_layers=3, n_heads=4,
+    "tiny-falcon": _shrink(_FALCON["falcon-40b"], "falcon-40b", vocab_size=512, d_model=64, n_layers=2, n_heads=4,
                            n_kv_heads=2, d_ff=256, max_seq_len=256),
     "tiny-mixtral": _shrink(_MISTRAL["mixtral-8x7b"], "mixtral-8x7b", vocab_size=512, d_model=64,
                             n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128, moe_d_ff=128,
