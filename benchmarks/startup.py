@@ -12,7 +12,8 @@ Engines: ``evolm`` (the defaults), ``evolm --no-fast`` (the plain eager model),
 ``evolm --compile`` (compiled decoding, paid at every start), ``transformers`` (the same file
 dequantized, same dtype) and ``llama.cpp`` (llama-cpp-python on the file itself, when installed:
 ``make bench-deps``). Runs are interleaved (engine order rotates every round) and repeated; the
-table gives the median and half the spread. The page cache is warmed once before timing.
+table gives the median and half the spread. The page cache is warmed, the sources' bytecode compiled and
+each engine run once untimed before timing (see ``warm_up``).
 
 ``--phases``: where the first token's time goes in ``evolm generate`` (the defaults), each phase
 exclusive of the ones inside it, summing to the first token (also given: the process's CPU
@@ -165,6 +166,19 @@ def available(name: str) -> str | None:
     return None
 
 
+def warm_up(engines: dict, new: int, threads: int) -> None:
+    """What only a machine's first run pays stays out of the figures: Python's bytecode of the evolm
+    sources (written on a user's first run, unless PYTHONDONTWRITEBYTECODE is set, as in some
+    containers: then every start would compile ~100 ms of sources), and one untimed run of each
+    engine (the kernels' build, the vocabulary and block-verdict records in the asset cache)."""
+    import compileall
+
+    for src in {src for _, src in engines.values()}:
+        compileall.compile_dir(str(src / "evolm"), quiet=1)
+    for cmd, src in engines.values():
+        run_once(cmd, new, threads, src)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2", help="smollm2, gemma3 or a .gguf path")
@@ -192,6 +206,7 @@ def main() -> None:
         if args.baseline and name.startswith("evolm"):
             engines[f"{name}@base"] = (cmd, args.baseline.resolve())
     names = list(engines)
+    warm_up(engines, args.new, args.threads)
     results: dict[str, list[tuple[float, float, dict]]] = {n: [] for n in names}
     for r in range(args.repeat):
         order = names[r % len(names):] + names[:r % len(names)]

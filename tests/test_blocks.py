@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from evolm import kernels
-from evolm.quant.blocks import KERNEL_ROWS, BlockLinear, Blocks, cat_blocks, rebuilds
+from evolm.quant.blocks import KERNEL_ROWS, BlockEmbedding, BlockLinear, Blocks, cat_blocks, rebuilds
 from evolm.interop.gguf import GGUFFile, find_asset, load_gguf
 from evolm.interop.gguf_blocks import KEPT_TYPES, blocks_from_raw
 from evolm.nn.fuse import fuse_linears
@@ -198,6 +198,12 @@ def test_real_model_with_blocks_keeps_logits_and_greedy_tokens(asset, kinds):
     assert {v.split()[1] for v in report.values()} == kinds
     n_linear = sum(isinstance(m, torch.nn.Linear) for m in ref.modules())
     assert sum(isinstance(m, BlockLinear) for m in model.modules()) == n_linear + (ref.lm_head is None)
+    # the embedding stays blocks too (no float table is made); a lookup gives the float table's rows
+    assert isinstance(model.embed_tokens, BlockEmbedding) and not model.embed_tokens.weight.requires_grad
+    every = torch.arange(ref.config.vocab_size)
+    assert torch.equal(model.embed_tokens(every.view(8, -1)), ref.embed_tokens(every.view(8, -1)))
+    with pytest.raises(IndexError):  # as nn.Embedding's lookup
+        model.embed_tokens(torch.tensor([[ref.config.vocab_size]]))
     ids = torch.tensor([tok.encode("The history of the Roman Empire spans more than a thousand years. In")])
     with torch.no_grad():
         # a prompt (the blocks gemm), then six rows (the blocks kernel): fp32 sums in another order
@@ -222,6 +228,8 @@ def test_bf16_model_with_blocks_equals_the_bf16_model():
     model, _ = load_gguf(path, dtype=torch.bfloat16, blocks=True, tokenizer=False)
     ids = torch.tensor([tok.encode("Photosynthesis is the process by which plants turn light, water and air into sugar")])
     assert ids.shape[1] > KERNEL_ROWS  # a prompt: the rebuilt weights and the dense matmul
+    assert isinstance(model.embed_tokens, BlockEmbedding) and model.dtype == torch.bfloat16
+    assert torch.equal(model.embed_tokens(ids), ref.embed_tokens(ids))  # rows rounded to bf16 as .to() does
     with torch.no_grad():
         assert torch.equal(model(ids), ref(ids))
         a, b = ref(ids[:, :4]).float(), model(ids[:, :4]).float()

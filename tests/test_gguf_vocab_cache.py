@@ -61,3 +61,37 @@ def test_a_changed_file_gets_another_key_and_a_bad_entry_is_rebuilt(tmp_path, mo
     _cache_path(key).write_text("{ truncated")
     tok = tokenizer_from_gguf_metadata(meta, name=path, cache_key=key)  # rebuilt, not an error
     assert tok.encode(TEXTS[0]) == tokenizer_from_gguf_metadata(meta, name=path).encode(TEXTS[0])
+
+
+def test_block_verdicts_are_remembered_per_file_and_read_back(tmp_path, monkeypatch):
+    """interop/gguf.py keeps which tensors' blocks rebuild the reference weights exactly: the second
+    load of a file compares nothing (and does not import the gguf package's reference), a verdict
+    'not exact' read back still leaves that tensor float, and a damaged record is compared again."""
+    import json
+
+    import evolm.interop.gguf as G
+
+    path = _asset("smollm2")
+    monkeypatch.setenv("EVOLM_CACHE", str(tmp_path))
+    compared = []
+    real = G._compare_blocks
+    monkeypatch.setattr(G, "_compare_blocks", lambda f, name, *a: compared.append(name) or real(f, name, *a))
+    first, _ = G.load_gguf(path, tokenizer=False, blocks=True)
+    records = list((tmp_path / "verified").glob("*.json"))
+    assert len(records) == 1 and compared
+    verdicts = json.loads(records[0].read_text())
+    assert sorted(verdicts) == sorted(compared) and all(v == "" for v in verdicts.values())
+
+    compared.clear()
+    second, _ = G.load_gguf(path, tokenizer=False, blocks=True)
+    assert compared == []
+    assert second.blocks_report == first.blocks_report
+
+    name = next(iter(verdicts))  # a recorded "not exact" keeps the float weight, with the reason
+    records[0].write_text(json.dumps({**verdicts, name: "its Q4_1 blocks do not rebuild (recorded)"}))
+    third, _ = G.load_gguf(path, tokenizer=False, blocks=True)
+    assert compared == [] and any("recorded" in v for v in third.blocks_report.values())
+
+    records[0].write_text("{damaged")
+    G.load_gguf(path, tokenizer=False, blocks=True)
+    assert sorted(compared) == sorted(verdicts)

@@ -50,7 +50,7 @@ class Transformer(nn.Module):
         c = self.config
         if c.pos_emb != "rope":
             return
-        device = self.embed_tokens.weight.device
+        device = self.device
         # a model on the meta device (shapes only) gets CPU tables, recomputed on the real device
         # when its weights arrive (interop/empty.py assign_weights): arithmetic on meta tensors runs
         # Python references that import torch._dynamo, ~1.2 s of every checkpoint load
@@ -59,6 +59,19 @@ class Transformer(nn.Module):
             local = c.rope_local_theta is not None or c.rope_local_scaling is not None
             self.rotary_local = RotaryEmbedding(c.rotary_dim, c.rope_local_theta or c.rope_theta,
                                                 c.rope_local_scaling, c.rope_interleave) if local else None
+
+    @property
+    def device(self) -> torch.device:
+        """Where the activations are: the embedding's device (a file's blocks embedding,
+        ``quant.blocks.BlockEmbedding``, says it without making its float table)."""
+        e = self.embed_tokens
+        return getattr(e, "device", None) or e.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activations' dtype: what an embedding lookup returns."""
+        e = self.embed_tokens
+        return getattr(e, "dtype", None) or e.weight.dtype
 
     # ------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -203,7 +216,7 @@ class Transformer(nn.Module):
         if hasattr(head, "blocks"):  # a file's quantized blocks (evolm.quant.blocks.BlockLinear): their float32 weight
             return head.blocks.dequantize(), head.bias
         if hasattr(head, "dequantize"):  # a weight-only quantized head (evolm.quant): the weight it multiplies by
-            return head.dequantize().to(self.embed_tokens.weight.dtype), head.bias
+            return head.dequantize().to(self.dtype), head.bias
         return head.weight, head.bias
 
     # ------------------------------------------------------------------------------------
@@ -236,7 +249,7 @@ class Transformer(nn.Module):
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
-        if exclude_embeddings:
+        if exclude_embeddings and isinstance(self.embed_tokens, nn.Embedding):  # a blocks embedding holds buffers
             n -= self.embed_tokens.weight.numel()
             if self.pos_embed is not None:
                 n -= self.pos_embed.weight.numel()

@@ -110,7 +110,7 @@ def mtp_speculative_greedy(model, prompt_ids: list[int], max_new_tokens: int, dr
     if not 1 <= k <= D:
         raise ValueError(f"draft_tokens must be between 1 and mtp_depth ({D}), got {k}")
     t0 = time.perf_counter()
-    dev = model.embed_tokens.weight.device
+    dev = model.device
     max_len = len(prompt_ids) + max_new_tokens + k + 1
     if max_len > model.config.max_seq_len:
         raise ValueError(f"prompt + new tokens ({max_len}) exceed max_seq_len={model.config.max_seq_len}")

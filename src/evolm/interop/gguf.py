@@ -25,6 +25,7 @@ Loading is three steps:
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import struct
@@ -223,13 +224,32 @@ def _ggml_type_name(ggml_type: int) -> str:
         return f"type {ggml_type}"
 
 
-def _tensor_nbytes(dims: list[int], ggml_type: int, name: str, path: str) -> int:
+# (values per block, bytes per block) of the float types; the kept block types are in gguf_blocks:
+# the types of the files evolm loads by default are known without importing the gguf package
+_F32, _F16, _Q8_0, _BF16 = 0, 1, 8, 30  # gguf.GGMLQuantizationType values
+_FLOAT_SIZES = {_F32: (1, 4), _F16: (1, 2), _BF16: (1, 2)}
+
+
+def _quant_size(ggml_type: int) -> tuple[int, int] | None:
+    """``(values per block, bytes per block)`` of ggml type ``ggml_type``, or None if unknown."""
+    from evolm.interop.gguf_blocks import block_size
+
+    known = _FLOAT_SIZES.get(ggml_type) or block_size(ggml_type)
+    if known:
+        return known
     import gguf
 
     try:
-        block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ggml_type)]
+        return gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ggml_type)]
     except (ValueError, KeyError):
-        raise GGUFError(f"{path}: tensor {name!r} has unknown ggml type {ggml_type}") from None
+        return None
+
+
+def _tensor_nbytes(dims: list[int], ggml_type: int, name: str, path: str) -> int:
+    sizes = _quant_size(ggml_type)
+    if sizes is None:
+        raise GGUFError(f"{path}: tensor {name!r} has unknown ggml type {ggml_type}")
+    block, size = sizes
     n = math.prod(dims)  # Python integers: dims are 64-bit, their product must not wrap around
     if dims and dims[0] % block:
         raise GGUFError(f"{path}: tensor {name!r} row length {dims[0]} is not a multiple of the "
@@ -243,26 +263,25 @@ def dequantize(raw: np.ndarray, ggml_type: int, shape: tuple[int, ...], name: st
     F32/F16/BF16 and Q8_0 (llama.cpp's usual embedding type) are decoded with torch, the rest
     with the ``gguf`` package's numpy reference (``gguf.quants.dequantize``).
     """
-    import gguf
-
-    T = gguf.GGMLQuantizationType
     with warnings.catch_warnings():  # a read-only view of the mapped file: we never write to it
         warnings.simplefilter("ignore", UserWarning)
         buf = torch.frombuffer(memoryview(np.ascontiguousarray(raw).reshape(-1)), dtype=torch.uint8) \
             if raw.size else torch.empty(0, dtype=torch.uint8)
-    if ggml_type == T.F32:
+    if ggml_type == _F32:
         return buf.view(torch.float32).reshape(shape).clone()
-    if ggml_type == T.F16:
+    if ggml_type == _F16:
         return buf.view(torch.float16).reshape(shape).float()
-    if ggml_type == T.BF16:
+    if ggml_type == _BF16:
         return buf.view(torch.bfloat16).reshape(shape).float()
-    if ggml_type == T.Q8_0:  # blocks of 32: one f16 scale, 32 int8
+    if ggml_type == _Q8_0:  # blocks of 32: one f16 scale, 32 int8
         blocks = buf.view(-1, 34)
         scale = blocks[:, :2].contiguous().view(torch.float16).float()
         q = blocks[:, 2:].contiguous().view(torch.int8).float()
         return q.mul_(scale).reshape(shape)
+    import gguf  # the numpy reference: ~0.1 s to import, so only for the types torch does not decode here
+
     try:
-        out = gguf.quants.dequantize(np.asarray(raw), T(ggml_type))
+        out = gguf.quants.dequantize(np.asarray(raw), gguf.GGMLQuantizationType(ggml_type))
     except (NotImplementedError, ValueError) as e:
         raise GGUFError(f"{name}: ggml type {_ggml_type_name(ggml_type)} cannot be dequantized ({e})") from None
     return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)).reshape(shape)
@@ -467,14 +486,17 @@ def _our_name(name: str, norms: dict[str, str], path: str, arch: str) -> tuple[s
     return "param", prefix + _LAYER_NAMES[kind] + "." + suffix
 
 
-def _verified_blocks(f: GGUFFile, name: str, sample_rows: int = 4) -> tuple[Blocks | None, str | None]:
+def _verified_blocks(f: GGUFFile, name: str, sample_rows: int = 4,
+                     memo: dict[str, str] | None = None) -> tuple[Blocks | None, str | None]:
     """A kept-type 2-D tensor's blocks, if their weights are the reference dequantization's, else
     ``(None, why)`` (``(None, None)``: a type that is not kept).
 
     With the C++ kernels (the code ``BlockLinear`` multiplies with) the first and last
     ``sample_rows`` rows are rebuilt and compared with the ``gguf`` package's numpy reference, bit
     for bit (every row of every type is in tests/test_blocks.py): the whole weight is never made
-    float here, the slowest part of loading a GGUF file once was. Without them every row is compared."""
+    float here, the slowest part of loading a GGUF file once was. Without them every row is compared.
+    ``memo`` (:class:`_Verdicts`): the verdicts of an earlier load of the same file by the same code,
+    read instead of comparing again, and where new verdicts are written."""
     from evolm import kernels
 
     t = f.tensors[name]
@@ -484,7 +506,19 @@ def _verified_blocks(f: GGUFFile, name: str, sample_rows: int = 4) -> tuple[Bloc
     b = blocks_from_raw(raw, t.ggml_type, t.shape)
     if b is None:
         return None, None
-    if kernels.available():
+    if memo is not None and name in memo:
+        return (b, None) if not memo[name] else (None, memo[name])
+    b, why = _compare_blocks(f, name, raw, b, sample_rows, kernels.available())
+    if memo is not None:
+        memo[name] = why or ""
+    return b, why
+
+
+def _compare_blocks(f: GGUFFile, name: str, raw: np.ndarray, b: Blocks, sample_rows: int,
+                    kernel: bool) -> tuple[Blocks | None, str | None]:
+    """:func:`_verified_blocks`'s comparison of ``b`` with the reference dequantization."""
+    t = f.tensors[name]
+    if kernel:
         n = t.shape[0]
         idx = sorted(set(range(min(sample_rows, n))) | set(range(max(0, n - sample_rows), n)))
         ref = dequantize(raw[idx], t.ggml_type, (len(idx), t.shape[1]), name=f"{f.path}: tensor {name!r}")
@@ -492,6 +526,48 @@ def _verified_blocks(f: GGUFFile, name: str, sample_rows: int = 4) -> tuple[Bloc
     else:
         same = rebuilds(b, f.tensor(name))
     return (b, None) if same else (None, f"its {b.source} blocks do not rebuild the float32 weight exactly")
+
+
+class _Verdicts(dict):
+    """{tensor name: "" (its blocks are exact) or why not}, kept on disk per GGUF file and per version of
+    the code that decodes and multiplies blocks, so that only the first load of a file compares
+    blocks with the ``gguf`` package's reference: importing that package and dequantizing the samples
+    was ~0.1 s of every later start of ``evolm generate``."""
+
+    def __init__(self, path: str):
+        super().__init__()
+        from evolm import kernels
+        from evolm.interop import gguf_blocks
+        from evolm.interop.gguf_vocab import file_cache_key
+        from evolm.quant import blocks
+
+        sources = (Path(__file__), Path(gguf_blocks.__file__), Path(blocks.__file__), *kernels.source_files())
+        key = file_cache_key(path, sources, extra=f"kernels={kernels.available()}")
+        self.file = None if key is None else _cache_file("verified", f"{key}.json")
+        self.read = {}
+        if self.file is not None:
+            try:
+                self.read = {str(k): str(v) for k, v in json.loads(self.file.read_text()).items()}
+            except (OSError, ValueError, AttributeError):  # absent or damaged: compare again
+                pass
+        self.update(self.read)
+
+    def save(self) -> None:
+        if self.file is None or self == self.read:
+            return
+        try:
+            self.file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.file.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(self))
+            os.replace(tmp, self.file)  # whole or absent
+        except OSError:
+            pass  # a read-only cache only costs comparing again
+
+
+def _cache_file(*parts: str) -> Path:
+    from evolm.assets import cache_dir
+
+    return cache_dir().joinpath(*parts)
 
 
 def _stack_experts(experts: dict, path: str) -> dict[str, torch.Tensor]:
@@ -533,14 +609,17 @@ def state_dict_from_gguf(f: GGUFFile, config: ModelConfig, dtype: torch.dtype = 
     sd: dict[str, torch.Tensor] = {}
     experts: dict[tuple[int, str], Any] = {}
     split_kv: dict[tuple[int, str], torch.Tensor] = {}
+    memo = _Verdicts(f.path) if blocks is not None else None
     for name in f.tensors:
         try:
-            _convert_tensor(f, fam, name, dtype, norms, heads, sd, experts, split_kv, blocks)
+            _convert_tensor(f, fam, name, dtype, norms, heads, sd, experts, split_kv, blocks, memo)
         except (RuntimeError, ValueError, IndexError) as e:  # a shape the conversion cannot take
             if isinstance(e, GGUFError):
                 raise
             raise GGUFError(f"{f.path}: tensor {name!r} of shape {f.tensors[name].shape} does not fit the "
                             f"{f.architecture!r} model ({first_line(e)})") from None
+    if memo is not None:
+        memo.save()
     try:
         return {**sd, **_stack_experts(experts, f.path), **_join_kv_b(split_kv)}
     except (RuntimeError, KeyError) as e:
@@ -548,7 +627,8 @@ def state_dict_from_gguf(f: GGUFFile, config: ModelConfig, dtype: torch.dtype = 
                         f"{first_line(e)})") from None
 
 
-def _convert_tensor(f: GGUFFile, fam, name: str, dtype, norms, heads, sd, experts, split_kv, blocks) -> None:
+def _convert_tensor(f: GGUFFile, fam, name: str, dtype, norms, heads, sd, experts, split_kv, blocks,
+                    memo=None) -> None:
     """One file tensor, dequantized and converted, into ``sd`` (or ``experts`` / ``split_kv``), or
     kept as its blocks in ``blocks`` (when that is a dict and the blocks are exact)."""
     if name == "rope_freqs.weight":  # Llama 3.1-style per-frequency divisors, kept in float32
@@ -560,7 +640,7 @@ def _convert_tensor(f: GGUFFile, fam, name: str, dtype, norms, heads, sd, expert
     if where == "param" and fam.gguf_permute_qk and kind in heads:  # llama.cpp permutes only where it uses
         rows = lambda t, n=heads[kind]: unpermute_rope_rows(t, n)  # noqa: E731  interleaved RoPE
     if blocks is not None and where == "param":
-        b, why = _verified_blocks(f, name)
+        b, why = _verified_blocks(f, name, memo=memo)
         if b is not None:
             blocks[key] = b.map_rows(rows) if rows else b  # float only if the model needs it (load_gguf)
             return
@@ -599,7 +679,7 @@ def _take_blocks(model, found: dict, sd: dict[str, torch.Tensor], dtype: torch.d
     from evolm.quant.blocks import keep_blocks
 
     stayed = found.pop("__float__", {})
-    report = keep_blocks(model, found)
+    report = keep_blocks(model, found, dtype)
     params = dict(model.named_parameters())
     for key, b in found.items():
         if key in params or not report.get(key, "").startswith("kept"):

@@ -109,6 +109,12 @@ def type_name(ggml_type: int) -> str | None:
     return t[0] if t else None
 
 
+def block_size(ggml_type: int) -> tuple[int, int] | None:
+    """``(values per block, bytes per block)`` of a kept block type (None for the others)."""
+    t = _TYPES.get(int(ggml_type))
+    return t[1:] if t else None
+
+
 def blocks_from_raw(raw: np.ndarray, ggml_type: int, shape: tuple[int, ...]) -> Blocks | None:
     """One 2-D GGUF tensor's bytes (rows, bytes per row) -> :class:`evolm.quant.blocks.Blocks`, or None
     for a type that is not kept (float types, and those not in ``KEPT_TYPES``)."""

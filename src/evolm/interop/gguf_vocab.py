@@ -72,15 +72,16 @@ def tokenizer_from_gguf_metadata(meta: dict[str, Any], name: str = "gguf", cache
         raise TokenizerError(f"{name}: the GGUF vocabulary cannot be built ({first_line(e)})") from None
 
 
-def file_cache_key(path: str) -> str | None:
-    """A key for the vocabulary built from the GGUF file at ``path``: its absolute path, size and
-    modification time, and this module's source (a change to how vocabularies are built
-    invalidates every cached one). None where the file cannot be stat-ed."""
+def file_cache_key(path: str, sources: tuple[Path, ...] = (Path(__file__),), extra: str = "") -> str | None:
+    """A key for what is derived from the file at ``path`` (here: the vocabulary built from a GGUF
+    file): its absolute path, size and modification time, and the ``sources`` that derive it (a
+    change to how vocabularies are built invalidates every cached one). None where the file cannot
+    be stat-ed."""
     try:
         st = os.stat(path)
     except OSError:
         return None
-    h = hashlib.sha256(Path(__file__).read_bytes())
+    h = hashlib.sha256(b"".join(p.read_bytes() for p in sources) + extra.encode())
     h.update(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode())
     return h.hexdigest()[:24]
 

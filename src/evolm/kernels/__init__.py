@@ -50,6 +50,11 @@ _HEADERS = [Path(__file__).with_name("simd.h")]  # the SIMD vector widths the ke
 _state: dict = {}
 
 
+def source_files() -> list[Path]:
+    """The C++ sources and headers the kernels are built from."""
+    return _SOURCES + _HEADERS
+
+
 def _build_dir() -> Path:
     """One build per (source, torch, CPU): ``-march=native`` code must not move to another CPU. And
     per source folder: the build records the sources' paths, so two checkouts of the same sources
@@ -60,7 +65,7 @@ def _build_dir() -> Path:
             cpu = next((ln for ln in f if ln.startswith("flags")), "")
     except OSError:
         pass
-    key = hashlib.sha256(b"".join(p.read_bytes() for p in _SOURCES + _HEADERS) + torch.__version__.encode() + platform.machine().encode()
+    key = hashlib.sha256(b"".join(p.read_bytes() for p in source_files()) + torch.__version__.encode() + platform.machine().encode()
                          + cpu.encode() + str(_SOURCES[0].parent.resolve()).encode()).hexdigest()[:12]
     from evolm.assets import cache_dir
 
@@ -114,17 +119,51 @@ def available() -> bool:
     if platform.machine() not in ("x86_64", "AMD64"):
         return False
     try:
-        from torch.utils.cpp_extension import load
-
-        flags = ["-O3", "-march=native", "-fopenmp"] if os.name != "nt" else ["/O2"]
-        mod = load(name="evolm_qgemv", sources=[str(p) for p in _SOURCES], extra_cflags=flags,
-                   build_directory=str(_build_dir()), verbose=False)
+        root = _build_dir()
+        mod = _load_built(root) or _build(root)
         _fake_registrations()
         _state["isa"], _state["skinny_isa"], _state["module"], _state["ok"] = mod.isa(), mod.skinny_isa(), mod, True
     except Exception as e:  # no compiler, no headers, ...: PyTorch's kernels remain
         warnings.warn(f"evolm: the quantized CPU kernels (evolm/kernels/qgemv.cpp) could not be built, "
                       f"using PyTorch's instead: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
     return _state["ok"]
+
+
+_NAME = "evolm_qgemv"
+
+
+def _build(root: Path):
+    """Compile the sources into ``root`` (or reuse its objects: ninja rebuilds what changed) and import
+    the module; then mark the build complete, so that later starts import it directly."""
+    from torch.utils.cpp_extension import load
+
+    flags = ["-O3", "-march=native", "-fopenmp"] if os.name != "nt" else ["/O2"]
+    mod = load(name=_NAME, sources=[str(p) for p in _SOURCES], extra_cflags=flags, build_directory=str(root),
+               verbose=False)
+    (root / f"{_NAME}.complete").touch()
+    return mod
+
+
+def _load_built(root: Path):
+    """The module a finished build left in ``root``, imported without ``torch.utils.cpp_extension``.
+
+    The folder is keyed by the sources, torch and the CPU (:func:`_build_dir`), so a completed build
+    there is current; importing it directly skips cpp_extension's own import (setuptools, ~0.1 s)
+    and its ninja check, which every start of ``evolm generate`` paid. None: build it."""
+    import importlib.machinery
+    import importlib.util
+
+    so = root / f"{_NAME}.so"
+    if not (root / f"{_NAME}.complete").is_file() or not so.is_file():
+        return None
+    try:
+        spec = importlib.util.spec_from_file_location(_NAME, so,
+                                                      loader=importlib.machinery.ExtensionFileLoader(_NAME, str(so)))
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    except ImportError:
+        return None
 
 
 def block_plan_class():

@@ -228,5 +228,7 @@ struct BlockPlan {
 void register_block_plan(pybind11::module& mod) {
   pybind11::class_<BlockPlan>(mod, "BlockPlan")
       .def(pybind11::init<std::vector<int64_t>, std::vector<double>, std::vector<OptT>>())
-      .def("step", &BlockPlan::step);
+      // pure ATen inside: the GIL is let go, so a server's event loop (evolm serve) runs while a
+      // step computes (arguments are converted before, the result after, under the GIL)
+      .def("step", &BlockPlan::step, pybind11::call_guard<pybind11::gil_scoped_release>());
 }

@@ -64,7 +64,7 @@ def mtp_inputs(model, position_ids: torch.Tensor, doc_ids: torch.Tensor | None, 
     """(rope, mask, is_causal) of an MTP block over ``position_ids`` (B, n): a causal global layer."""
     c = model.config
     n = position_ids.shape[1]
-    rope = model.rotary(position_ids, model.embed_tokens.weight.dtype) \
+    rope = model.rotary(position_ids, model.dtype) \
         if c.pos_emb == "rope" and c.layer_uses_rope(layer.layer_idx) else None
     mask, is_causal = plan_mask(cache, MaskInputs(start, n, None, doc_ids, "causal", None), position_ids.device,
                                 c.layer_window(layer.layer_idx))

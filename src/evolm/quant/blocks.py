@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from evolm import kernels
-from evolm.quant.walk import replace_linears, untied_head
+from evolm.quant.walk import keep_dtypes, replace_linears, untied_head
 
 KERNEL_ROWS = 8  # products of at most this many rows run the blocks kernel
 # fp32 products of at most this many rows run the blocks gemm: measured on one AVX-512 core
@@ -135,18 +135,63 @@ class BlockLinear(nn.Module):
                 f"group {self.group}{', min' if self.min is not None else ''}")
 
 
+class BlockEmbedding(nn.Module):
+    """The token embedding kept as a file's :class:`Blocks`: a lookup rebuilds only the rows of the
+    tokens it is given, in the model's dtype, bit for bit the rows of the dequantized table (the
+    blocks are checked to rebuild it, :func:`keep_blocks`). Loading a GGUF file then never makes the
+    float table: Gemma 3 270M's is 262,144 x 640 float32 (671 MB, ~0.3 s to write at every load),
+    SmolLM2's 113 MB. With a tied head the blocks are the head's (:class:`BlockLinear`), shared.
+
+    ``weight`` is the whole float table, made on each access: for the rare callers that need the
+    matrix itself; ``dtype`` and ``device`` say what a lookup returns without making it."""
+
+    fixed_dtype = ("codes", "scale", "min")  # model.to(bfloat16) changes what a lookup returns, not the blocks
+
+    def __init__(self, blocks: Blocks, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.register_buffer("codes", blocks.codes)
+        self.register_buffer("scale", blocks.scale)
+        self.register_buffer("min", blocks.min)
+        self.num_embeddings, self.embedding_dim = blocks.shape
+        self.group, self.source, self.dtype = blocks.group, blocks.source, dtype
+
+    @property
+    def blocks(self) -> Blocks:
+        return Blocks(self.codes, self.scale, self.min, self.group, self.source)
+
+    @property
+    def device(self) -> torch.device:
+        return self.codes.device
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.blocks.dequantize(dtype=self.dtype)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        rows = self.blocks.map_rows(lambda t: t.index_select(0, flat)).dequantize(dtype=self.dtype)
+        return rows.reshape(*ids.shape, self.embedding_dim)
+
+    def _apply(self, fn, recurse: bool = True):
+        self.dtype = fn(torch.empty(0, dtype=self.dtype)).dtype  # a float dtype given to .to() is the lookup's
+        return keep_dtypes(self, super()._apply, fn, recurse)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, {self.source} blocks, lookups in {self.dtype}"
+
+
 def rebuilds(blocks: Blocks, weight: torch.Tensor) -> bool:
     """Whether ``blocks`` rebuild ``weight`` (float32) bit for bit: the condition to keep them."""
     return blocks.shape == tuple(weight.shape) and torch.equal(blocks.dequantize(), weight.float())
 
 
-def keep_blocks(model: nn.Module, blocks: dict[str, Blocks]) -> dict[str, str]:
+def keep_blocks(model: nn.Module, blocks: dict[str, Blocks], dtype: torch.dtype = torch.float32) -> dict[str, str]:
     """Replace the linear layers named in ``blocks`` ({``"layers.0.mlp.up_proj.weight"``: blocks that
     :func:`rebuilds` its float32 weight}) by :class:`BlockLinear`, in place.
 
-    ``"embed_tokens.weight"`` of a model whose head is tied to the embedding becomes a separate
-    ``lm_head`` with the blocks (the embedding stays float: a lookup reads one row per token).
-    Returns {parameter name: what was done} ("kept Q4_1", or "float: " and why not).
+    ``"embed_tokens.weight"`` becomes a :class:`BlockEmbedding` whose lookups are in ``dtype`` (the
+    model's) and, for a model whose head is tied to the embedding, also a separate ``lm_head`` with
+    the same blocks. Returns {parameter name: what was done} ("kept Q4_1", or "float: " and why not).
     """
     done = {}
 
@@ -159,7 +204,9 @@ def keep_blocks(model: nn.Module, blocks: dict[str, Blocks]) -> dict[str, str]:
 
     replace_linears(model, make)
     embed = blocks.get("embed_tokens.weight")
-    if embed is not None and untied_head(model, lambda w: BlockLinear(embed)):
-        done["embed_tokens.weight"] = f"kept {embed.source} (as the tied head)"
+    if embed is not None and tuple(model.embed_tokens.weight.shape) == embed.shape:
+        tied = untied_head(model, lambda w: BlockLinear(embed))
+        model.embed_tokens = BlockEmbedding(embed, dtype)
+        done["embed_tokens.weight"] = f"kept {embed.source}" + (" (and as the tied head)" if tied else "")
     return {name: done.get(name, f"float: not a linear layer of shape {b.shape}") for name, b in blocks.items()
             if name in done or name != "embed_tokens.weight"}

@@ -87,7 +87,7 @@ def run_server(model_path: str | os.PathLike, inference: InferenceOptions | None
                             max_model_len=max_model_len, served_model_name=served_model_name,
                             min_decode_rows=min_decode_rows, max_body_bytes=max_body_bytes)
     c = engine.model.config
-    dtype = str(engine.model.embed_tokens.weight.dtype).removeprefix("torch.")
+    dtype = str(engine.model.dtype).removeprefix("torch.")
     log.info("serving %s (%s on %s, %d layers, context %d) on http://%s:%d with max_batch=%d",
              served_model_name or model_id(model_path), dtype, engine.device, c.n_layers, engine.max_len, host,
              port, max_batch)
