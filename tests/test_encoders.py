@@ -122,3 +122,209 @@ def test_embedding_fields_are_validated():
         _encoder_config(type_vocab_size=-1)
     with pytest.raises(ConfigError, match="'pos_offset' must be >= 0"):
         _encoder_config(pos_offset=-2)
+
+
+# ============================================================================================
+# whole models: transformers' classes built from a tiny config with random weights, read back
+# ============================================================================================
+BERT = dict(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+            max_position_embeddings=40, initializer_range=0.1, hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0)
+# ModernBERT: 4 layers, global at 0 and 3 (every 3rd from 0), the others a window of 4 (2 each way:
+# shorter than the test sequences); biases and norm biases on so that every weight is checked
+MODERNBERT = dict(vocab_size=V, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=40,
+                  max_position_embeddings=64, initializer_range=0.1, local_attention=4, global_attn_every_n_layers=3,
+                  global_rope_theta=1000.0, local_rope_theta=50.0, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                  cls_token_id=1, sep_token_id=2)
+MB_BIASED = dict(MODERNBERT, norm_bias=True, attention_bias=True, mlp_bias=True, classifier_bias=True)
+# case -> (model_type, config.json keys, transformers class, padding sides compared)
+CASES = {
+    "bert-mlm": ("bert", dict(BERT), "BertForMaskedLM", ("left", "right")),
+    "bert-classify": ("bert", dict(BERT, num_labels=3), "BertForSequenceClassification", ("right",)),
+    "bert-token": ("bert", dict(BERT, num_labels=5), "BertForTokenClassification", ("left", "right")),
+    "bert-embed": ("bert", dict(BERT), "BertModel", ("left", "right")),
+    "roberta-mlm": ("roberta", dict(BERT, type_vocab_size=1, pad_token_id=1, max_position_embeddings=42),
+                    "RobertaForMaskedLM", ("left", "right")),
+    "roberta-classify": ("roberta", dict(BERT, pad_token_id=1, num_labels=3, hidden_act="gelu_new"),
+                         "RobertaForSequenceClassification", ("right",)),
+    "roberta-token": ("roberta", dict(BERT, pad_token_id=1, num_labels=4), "RobertaForTokenClassification",
+                      ("left", "right")),
+    "modernbert-mlm": ("modernbert", dict(MB_BIASED), "ModernBertForMaskedLM", ("left", "right")),
+    "modernbert-mlm-plain": ("modernbert", dict(MODERNBERT, decoder_bias=False, classifier_activation="silu"),
+                             "ModernBertForMaskedLM", ("left", "right")),
+    "modernbert-classify": ("modernbert", dict(MB_BIASED, num_labels=3), "ModernBertForSequenceClassification",
+                            ("right",)),
+    "modernbert-classify-mean": ("modernbert", dict(MODERNBERT, num_labels=2, classifier_pooling="mean"),
+                                 "ModernBertForSequenceClassification", ("left", "right")),
+    "modernbert-token": ("modernbert", dict(MB_BIASED, num_labels=5), "ModernBertForTokenClassification",
+                         ("left", "right")),
+}
+LENGTHS = [12, 7, 3]
+PAD = {"bert": 0, "roberta": 1, "modernbert": 0}
+
+
+def tiny_hf_encoder(case: str, attn: str = "eager"):
+    """A seeded transformers encoder whose norms and biases are not at their 1 / 0 init."""
+    mt, keys, cls_name, _ = CASES[case]
+    cfg = transformers.AutoConfig.for_model(mt, **keys)
+    torch.manual_seed(0)
+    m = getattr(transformers, cls_name)._from_config(cfg, attn_implementation=attn, dtype=torch.float32)
+    return _pushed(m)
+
+
+def hf_output(hf, ids, mask, types=None) -> torch.Tensor:
+    """The task output: logits, or for a bare encoder its mean-pooled last hidden state."""
+    kw = {} if types is None else {"token_type_ids": types}
+    with torch.no_grad():
+        out = hf(input_ids=ids, attention_mask=mask, **kw)
+    if hasattr(out, "logits"):
+        return out.logits
+    m = mask.unsqueeze(-1).float()
+    return (out.last_hidden_state * m).sum(1) / m.sum(1)
+
+
+def batch(case: str, left: bool, batch_tools):
+    """A padded batch whose padding is the family's pad token (RoBERTa finds its padding by it)."""
+    pad = PAD[CASES[case][0]]
+    ids, mask, _ = batch_tools.padded_batch(V, LENGTHS, left=left)
+    ids = ids.masked_fill((ids == pad) & (mask == 1), pad + 1).masked_fill(mask == 0, pad)
+    return ids, mask
+
+
+def compare(want: torch.Tensor, got: torch.Tensor, mask: torch.Tensor) -> float:
+    """max |diff| over real positions of per-token outputs, over everything of per-sequence ones."""
+    assert want.shape == got.shape, (want.shape, got.shape)
+    if want.ndim == 3:
+        keep = mask.bool()
+        want, got = want[keep], got[keep]
+    return (want - got).abs().max().item()
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """case -> (transformers model, evolm model read back from its save_pretrained folder)."""
+    from evolm.interop.hf import load_hf_folder
+    made: dict = {}
+
+    def get(case: str):
+        if case not in made:
+            hf = tiny_hf_encoder(case)
+            folder = tmp_path_factory.mktemp(case)
+            hf.save_pretrained(folder)
+            made[case] = (hf, load_hf_folder(folder))
+        return made[case]
+
+    return get
+
+
+# [CLS] pooling of a left-padded row reads a padding slot: those classifiers are compared right-padded
+@pytest.mark.parametrize("case,side", [(c, s) for c in CASES for s in CASES[c][3]])
+def test_outputs_match_transformers(case, side, pair, batch_tools):
+    hf, ours = pair(case)
+    ids, mask = batch(case, side == "left", batch_tools)
+    with torch.no_grad():
+        got = ours(ids, attention_mask=mask)
+    diff = compare(hf_output(hf, ids, mask), got, mask)
+    print(f"parity {case} {side}-padded: max |diff| {diff:.2e} (scale {got.abs().max().item():.2f})")
+    assert diff <= 1e-4, f"{case} {side}-padded: max |diff| {diff:.2e}"
+
+
+def test_token_types_reach_the_model(pair, batch_tools):
+    """BERT with segment ids (sentence A / B) equals transformers given the same token_type_ids."""
+    hf, ours = pair("bert-mlm")
+    ids, mask = batch("bert-mlm", False, batch_tools)
+    types = (torch.arange(ids.shape[1]) >= 4).long().expand_as(ids) * mask
+    with torch.no_grad():
+        got = ours(ids, attention_mask=mask, token_type_ids=types)
+    assert compare(hf_output(hf, ids, mask, types), got, mask) <= 1e-4
+    assert compare(hf_output(hf, ids, mask), got, mask) > 1e-3  # the types matter
+
+
+def test_sdpa_path_matches(batch_tools):
+    """The same against transformers' SDPA attention (the windowed ModernBERT and BERT)."""
+    from evolm.interop.hf import build_from_state_dict, config_from_hf, state_dict_from_hf
+    for case in ("bert-mlm", "modernbert-mlm"):
+        hf = tiny_hf_encoder(case, attn="sdpa")
+        c = config_from_hf(hf.config.to_dict())
+        ours = build_from_state_dict(c, state_dict_from_hf(hf.state_dict(), c, hf.config.model_type))
+        ids, mask = batch(case, True, batch_tools)
+        with torch.no_grad():
+            got = ours(ids, attention_mask=mask)
+        assert compare(hf_output(hf, ids, mask), got, mask) <= 1e-4, case
+
+
+def test_modernbert_case_exercises_each_part(pair, batch_tools):
+    """The tiny ModernBERT is sensitive to its window, its layer phase and its local RoPE base:
+    switching one off (same weights) moves the logits past the tolerance."""
+    from evolm.interop.hf import build_from_state_dict
+    hf, ours = pair("modernbert-mlm")
+    c = ours.config
+    assert [c.layer_is_local(i) for i in range(4)] == [False, True, True, False]
+    assert (c.sliding_window, c.rope_theta, c.rope_local_theta) == (4, 1000.0, 50.0)
+    ids, mask = batch("modernbert-mlm", False, batch_tools)
+    want = hf_output(hf, ids, mask)
+    for change in (dict(sliding_window=None, sliding_window_pattern=1, global_layer_first=False,
+                        rope_local_theta=None),
+                   dict(global_layer_first=False), dict(rope_local_theta=None)):
+        other = build_from_state_dict(c.replace(**change), ours.state_dict())
+        with torch.no_grad():
+            diff = compare(want, other(ids, attention_mask=mask), mask)
+        assert diff > 1e-3, f"modernbert without {change}: still within {diff:.1e}"
+
+
+def test_modernbert_config_spellings():
+    """transformers 5's layer_types + rope_parameters read as the published global_*/local_* keys."""
+    from evolm.interop.hf import config_from_hf
+    old = config_from_hf({"model_type": "modernbert", **MODERNBERT})
+    new = {k: v for k, v in MODERNBERT.items() if k not in ("global_rope_theta", "local_rope_theta",
+                                                            "global_attn_every_n_layers")}
+    new.update(layer_types=["full_attention", "sliding_attention", "sliding_attention", "full_attention"],
+               rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1000.0},
+                                "sliding_attention": {"rope_type": "default", "rope_theta": 50.0}})
+    assert config_from_hf({"model_type": "modernbert", **new}).diff(old) == {}
+    with pytest.raises(ConfigError, match="cannot be expressed"):
+        config_from_hf({"model_type": "modernbert", **new, "layer_types": [
+            "sliding_attention", "full_attention", "sliding_attention", "full_attention"]})
+
+
+def test_encoder_config_errors():
+    from evolm.interop.hf import config_from_hf
+    with pytest.raises(ConfigError, match="architectures 'BertForNextSentencePrediction' is not supported"):
+        config_from_hf({"model_type": "bert", **BERT, "architectures": ["BertForNextSentencePrediction"]})
+    with pytest.raises(ConfigError, match="position_embedding_type 'relative_key'"):
+        config_from_hf({"model_type": "bert", **BERT, "position_embedding_type": "relative_key"})
+    with pytest.raises(ConfigError, match="is_decoder"):
+        config_from_hf({"model_type": "roberta", **BERT, "is_decoder": True})
+    with pytest.raises(ConfigError, match="'head' 'classify' reads a whole sequence"):
+        ModelConfig(head="classify")
+
+
+def test_load_reads_a_saved_folder(tmp_path, batch_tools):
+    """evolm.load (the one door) opens a transformers encoder folder."""
+    from evolm.loading import load
+    hf = tiny_hf_encoder("roberta-mlm")
+    hf.save_pretrained(tmp_path / "r")
+    model, _ = load(tmp_path / "r")
+    ids, mask = batch("roberta-mlm", True, batch_tools)
+    with torch.no_grad():
+        assert compare(hf_output(hf, ids, mask), model(ids, attention_mask=mask), mask) <= 1e-4
+    assert model.config.head == "lm" and model.config.pos_offset == 2
+
+
+def test_pretrained_bert_layout_with_pooler_and_nsp(batch_tools):
+    """Hub BERT checkpoints (bert-base-uncased) are BertForMaskedLM folders that still hold the
+    pooler, the next-sentence head and a tied copy of the decoder: read, the unused ones dropped."""
+    from evolm.interop.hf import build_from_state_dict, config_from_hf, state_dict_from_hf
+    from transformers import BertConfig, BertForPreTraining
+    hf = _pushed(BertForPreTraining(BertConfig(**BERT)))
+    sd = dict(hf.state_dict())
+    sd["cls.predictions.decoder.weight"] = sd["bert.embeddings.word_embeddings.weight"]
+    c = config_from_hf({"model_type": "bert", **BERT, "architectures": ["BertForMaskedLM"]})
+    ours = build_from_state_dict(c, state_dict_from_hf(sd, c, "bert"))
+    ids, mask = batch("bert-mlm", False, batch_tools)
+    with torch.no_grad():
+        want = hf(input_ids=ids, attention_mask=mask).prediction_logits
+        assert compare(want, ours(ids, attention_mask=mask), mask) <= 1e-4
+    from evolm.interop.empty import WeightsError
+    with pytest.raises(WeightsError, match="no place"):
+        state_dict_from_hf({**sd, "cls.mystery.weight": torch.zeros(2)}, c, "bert")
