@@ -6,6 +6,8 @@ First the shared embedding pieces (``embed_norm``, ``type_vocab_size``, ``pos_of
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -328,3 +330,67 @@ def test_pretrained_bert_layout_with_pooler_and_nsp(batch_tools):
     from evolm.interop.empty import WeightsError
     with pytest.raises(WeightsError, match="no place"):
         state_dict_from_hf({**sd, "cls.mystery.weight": torch.zeros(2)}, c, "bert")
+
+
+# ============================================================================================
+# export: evolm -> Hugging Face folder -> transformers
+# ============================================================================================
+EBASE = dict(vocab_size=V, d_model=32, n_layers=2, n_heads=4, d_ff=48, max_seq_len=40, mask="bidirectional",
+             norm="layernorm", norm_eps=1e-12, norm_placement="post", final_norm=False, activation="gelu",
+             qkv_bias=True, o_bias=True, mlp_bias=True, embed_norm=True, type_vocab_size=2, init_std=0.1)
+EMB = dict(EBASE, n_layers=4, d_ff=40, norm_eps=1e-5, norm_bias=False, norm_placement="pre", final_norm=True,
+           first_attn_norm=False, pos_emb="rope", rope_theta=1000.0, rope_local_theta=50.0, sliding_window=4,
+           sliding_window_pattern=3, global_layer_first=True, mlp="glu", qkv_bias=False, o_bias=False,
+           mlp_bias=False, type_vocab_size=0, head_transform=True, head_dense_bias=False)
+EXPORTS = {  # name -> (ModelConfig fields, family, transformers class)
+    "bert-mlm": (dict(EBASE, head_transform=True, lm_head_bias=True), "bert", "BertForMaskedLM"),
+    "bert-classify": (dict(EBASE, head="classify", pooler=True, num_labels=3), "bert", "BertForSequenceClassification"),
+    "bert-token": (dict(EBASE, head="token_classify", num_labels=4), "bert", "BertForTokenClassification"),
+    "bert-embed": (dict(EBASE, head="embed", pooling="mean"), "bert", "BertModel"),
+    "roberta-mlm": (dict(EBASE, pos_offset=2, positions_from_mask=True, type_vocab_size=1, head_transform=True,
+                         lm_head_bias=True), "roberta", "RobertaForMaskedLM"),
+    "roberta-classify": (dict(EBASE, pos_offset=2, positions_from_mask=True, head="classify", pooler=True,
+                              num_labels=2, activation="gelu_tanh"), "roberta", "RobertaForSequenceClassification"),
+    "modernbert-mlm": (dict(EMB, lm_head_bias=True), "modernbert", "ModernBertForMaskedLM"),
+    "modernbert-classify": (dict(EMB, norm_bias=True, qkv_bias=True, o_bias=True, mlp_bias=True, head_dense_bias=True,
+                                 head="classify", pooling="mean", num_labels=3, head_activation="silu"),
+                            "modernbert", "ModernBertForSequenceClassification"),
+}
+
+
+@pytest.mark.parametrize("name", list(EXPORTS))
+def test_export_loads_in_transformers(name, tmp_path, batch_tools):
+    from evolm.interop.hf import hf_family, load_hf_folder, save_hf_folder
+    fields, family, cls_name = EXPORTS[name]
+    torch.manual_seed(0)
+    model = _pushed(Transformer(ModelConfig(name=name, **fields)))
+    assert hf_family(model.config) == family
+    folder = save_hf_folder(model, tmp_path / name)
+    assert json.loads((folder / "config.json").read_text())["architectures"] == [cls_name]
+    hf, info = getattr(transformers, cls_name).from_pretrained(folder, attn_implementation="eager",
+                                                              dtype=torch.float32, output_loading_info=True)
+    # a bare BertModel has a pooler that evolm's sentence embeddings do not read
+    bad = {k: [n for n in v if not n.startswith("pooler.")] for k, v in info.items()
+           if k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    assert not any(bad.values()), f"transformers did not load every weight: {bad}"
+    case = {"bert": "bert-mlm", "roberta": "roberta-mlm", "modernbert": "modernbert-mlm"}[family]
+    ids, mask = batch(case, name.endswith(("mlm", "embed", "token")), batch_tools)
+    with torch.no_grad():
+        got = model(ids, attention_mask=mask)
+    diff = compare(hf_output(hf.eval(), ids, mask), got, mask)
+    assert diff <= 1e-4, f"{name}: transformers vs evolm max |diff| {diff:.2e}"
+    back = load_hf_folder(folder)  # ... and reads back into evolm: same config, same outputs
+    assert back.config.diff(model.config) == {}
+    with torch.no_grad():
+        assert torch.equal(back(ids, attention_mask=mask), got)
+
+
+def test_decoder_families_refuse_encoder_parts():
+    """A decoder config with an encoder part is not silently written as a decoder."""
+    from evolm.interop.hf import config_to_hf
+    llama = dict(vocab_size=V, d_model=32, n_layers=1, n_heads=4, norm="rmsnorm", pos_emb="rope", mlp="glu",
+                 activation="silu", mlp_bias=False)
+    for extra, field in ((dict(embed_norm=True), "embed_norm"), (dict(mask="bidirectional"), "mask"),
+                         (dict(lm_head_bias=True, tie_embeddings=False), "lm_head_bias")):
+        with pytest.raises(ConfigError, match=f"field '{field}'"):
+            config_to_hf(ModelConfig(**llama, **extra), model_type="llama")

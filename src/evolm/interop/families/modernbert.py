@@ -79,6 +79,7 @@ def config_from_hf(fam: Family, h: dict, meta: dict) -> ModelConfig:
                   rope_local_theta=float(loc["rope_theta"]), rope_local_scaling=scaling_from_hf(loc, h))
     if isinstance(h.get("id2label"), dict):
         meta["hf"]["id2label"] = h["id2label"]
+    meta["hf"].update({k: h[k] for k in ("cls_token_id", "sep_token_id") if h.get(k) is not None})
     act = fam.activation(h["hidden_activation"])
     head_act = fam.activation(h["classifier_activation"])
     return ModelConfig(
@@ -110,6 +111,12 @@ def config_to_hf(fam: Family, c: ModelConfig, out: dict) -> None:
                layer_types=layer_types(c), local_attention=c.sliding_window or 128,
                rope_parameters={"full_attention": glob, "sliding_attention": local})
     encoder.labels_to_hf(c, out)
+    ids = (c.meta.get("hf") or {}) if isinstance(c.meta, dict) else {}
+    for k in TOKEN_IDS:  # unset, transformers would fill in ModernBERT's own (50281 ..), past a small vocabulary
+        out.setdefault(k, ids.get(k))
+
+
+TOKEN_IDS = ("pad_token_id", "bos_token_id", "eos_token_id", "cls_token_id", "sep_token_id")
 
 
 def blockers(fam: Family, c: ModelConfig, need: Needs) -> None:
@@ -149,7 +156,8 @@ MODERNBERT = Family(
                   initializer_range=0.02, norm_eps=1e-5, norm_bias=False, attention_bias=False,
                   attention_dropout=0.0, local_attention=128, embedding_dropout=0.0, mlp_bias=False,
                   decoder_bias=True, classifier_pooling="cls", classifier_dropout=0.0, classifier_bias=False,
-                  classifier_activation="gelu", tie_word_embeddings=True, pad_token_id=50283),
+                  classifier_activation="gelu", tie_word_embeddings=True, pad_token_id=50283, bos_token_id=50281,
+                  eos_token_id=50282, cls_token_id=50281, sep_token_id=50282),
     final_norm=True, mask="bidirectional", parts=PARTS, activation_key="hidden_activation",
     read_config=config_from_hf, write_config=config_to_hf, check=blockers,
     weight_anchor="embeddings.tok_embeddings.weight", top_weights={}, layer_tag="layers.",
