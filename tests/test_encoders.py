@@ -394,3 +394,21 @@ def test_decoder_families_refuse_encoder_parts():
                          (dict(lm_head_bias=True, tie_embeddings=False), "lm_head_bias")):
         with pytest.raises(ConfigError, match=f"field '{field}'"):
             config_to_hf(ModelConfig(**llama, **extra), model_type="llama")
+
+
+@pytest.mark.parametrize("name", ["bert-base", "bert-large", "roberta-base", "roberta-large", "modernbert-base",
+                                  "modernbert-large", "tiny-bert", "tiny-roberta", "tiny-modernbert"])
+def test_preset_equals_transformers_masked_lm(name):
+    """Each encoder preset, written as config.json, is transformers' masked-LM model of exactly as many
+    parameters (and the cost card counts the same)."""
+    from evolm.analysis import cost_card
+    from evolm.interop.hf import config_to_hf
+    from evolm.model import build
+    from evolm.presets import get_preset
+    c = get_preset(name)
+    h = config_to_hf(c)
+    cfg = transformers.AutoConfig.for_model(**{k: v for k, v in h.items() if k != "architectures"})
+    with torch.device("meta"):
+        hf = getattr(transformers, h["architectures"][0])(cfg)
+    ours = sum(p.numel() for p in build(c, device="meta").parameters())
+    assert ours == sum(p.numel() for p in hf.parameters()) == cost_card(c)["params_total"], name
