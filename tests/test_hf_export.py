@@ -241,8 +241,8 @@ def test_bad_folders_fail_clearly(tmp_path):
     (folder / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="config.json: not valid JSON"):
         load_hf_folder(folder)
-    (folder / "config.json").write_text(json.dumps({**cfg, "model_type": "bert"}))
-    with pytest.raises(ConfigError, match="config.json: model_type 'bert' is not supported"):
+    (folder / "config.json").write_text(json.dumps({**cfg, "model_type": "xlnet"}))
+    with pytest.raises(ConfigError, match="config.json: model_type 'xlnet' is not supported"):
         load_hf_folder(folder)
     (folder / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 3}))
     with pytest.raises(WeightsError, match="asks for 3 layers but the weights hold 2"):  # before building
