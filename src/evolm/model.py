@@ -5,6 +5,11 @@ block holds (see ``evolm/nn``). The forward pass is the same code for training, 
 cached decoding: a cache (``evolm.cache.Cache``) is passed in, never hidden in module state.
 Which keys each query sees is planned outside the layers (``nn/masks.py``), so an encoder or a
 prefix-LM is a ``mask_kind``, not another model.
+
+An encoder-decoder (T5, BART, Switch: ``encoder_layers > 0``) is this class twice over: the
+``encoder`` is a ``Transformer`` of the same parts with a bidirectional mask and no head, sharing
+the token embedding; the decoder is this one, whose blocks also cross-attend the encoder output
+(``nn/cross_attention.py``, keys/values cached once per request in ``cache/cross.py``).
 """
 
 from __future__ import annotations
@@ -15,27 +20,41 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from evolm.cache.cross import CrossCache
 from evolm.config import ModelConfig
 from evolm.nn.block import Block
 from evolm.nn.loss import fused_linear_cross_entropy
 from evolm.nn.masks import MaskInputs, MaskKind, plan_masks
-from evolm.nn.moe import MoE, Experts, Router
+from evolm.nn.moe import MoE, Experts, Router, pooled_router_losses
 from evolm.nn.mtp import MTPLayer, mtp_loss
 from evolm.nn.norm import make_norm
+from evolm.nn.relative_position import RelativePositionBias
 from evolm.nn.rope import RotaryEmbedding
 
 
 class Transformer(nn.Module):
     compiled_loss = False  # the fused loss's chunk kernels through inductor (the trainer sets it with train.compile)
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, shared_embedding: nn.Embedding | None = None):
+        """``shared_embedding``: an encoder's token embedding, the decoder's (held, not registered,
+        so the weights are saved once, under ``embed_tokens``)."""
         super().__init__()
         self.config = c = config
-        self.embed_tokens = _embedding(c.vocab_size, c.d_model)
+        if shared_embedding is None:
+            self.embed_tokens = _embedding(c.vocab_size, c.d_model)
+        else:
+            self.embed_tokens = None
+            self._shared_embedding = (shared_embedding,)
         self.pos_embed = _embedding(c.max_seq_len, c.d_model) if c.pos_emb == "learned" else None
         self.layers = nn.ModuleList(Block(c, i) for i in range(c.n_layers))
         self.norm = make_norm(c) if c.final_norm else None
         self.lm_head = None if c.tie_embeddings else nn.Linear(c.d_model, c.vocab_size, bias=c.lm_head_bias)
+        # a bias on a tied head (BART's final_logits_bias)
+        self.final_logits_bias = nn.Parameter(torch.zeros(c.vocab_size)) if c.tie_embeddings and c.lm_head_bias else None
+        # T5's relative position biases: one table for the stack (nn/relative_position.py)
+        self.rel_pos = RelativePositionBias(c, bidirectional=c.mask == "bidirectional") if c.pos_emb == "relative" else None
+        # an encoder-decoder's encoder: the same parts, bidirectional, sharing the token embedding
+        self.encoder = Transformer(c.encoder_config(), shared_embedding=self.embed_tokens) if c.encoder_layers else None
         # DeepSeek-V3's multi-token prediction modules (nn/mtp.py): their construction draws no
         # numbers from the global generator and they are initialised last, so the main model's
         # weights are the same with or without them
@@ -93,7 +112,9 @@ class Transformer(nn.Module):
                 attention_mask: torch.Tensor | None = None, cache=None, last_only: bool = False,
                 doc_ids: torch.Tensor | None = None, targets: torch.Tensor | None = None,
                 logits_to_keep: int = 0, return_hidden: bool = False,
-                mask_kind: MaskKind | None = None, prefix_len: int | torch.Tensor | None = None) -> torch.Tensor:
+                mask_kind: MaskKind | None = None, prefix_len: int | torch.Tensor | None = None,
+                decoder_input_ids: torch.Tensor | None = None, decoder_attention_mask: torch.Tensor | None = None,
+                cross: CrossCache | None = None) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, vocab), or (B, 1, vocab) with ``last_only``.
 
         ``logits_to_keep=k > 0``: logits of the last k positions only, (B, k, vocab) (transformers'
@@ -110,7 +131,21 @@ class Transformer(nn.Module):
         ``doc_ids`` (B, T): packed-document ids; attention stays inside each document.
         ``mask_kind``: ``causal`` (a decoder), ``bidirectional`` (an encoder) or ``prefix``
         (prefix-LM, with ``prefix_len``); None: the config's ``mask``. See ``nn/masks.py``.
+
+        An encoder-decoder (``encoder_layers > 0``) reads ``input_ids`` / ``attention_mask`` with
+        its encoder and returns the decoder's logits (B, T_dec, vocab) for ``decoder_input_ids`` /
+        ``decoder_attention_mask`` (``targets`` then align with ``decoder_input_ids``; the other
+        arguments are the decoder's). ``cross``: the encoder output already computed
+        (:meth:`encode`; generation passes it at every step, so the encoder runs once).
         """
+        if self.encoder is not None:
+            if decoder_input_ids is None:
+                raise ValueError("an encoder-decoder model needs decoder_input_ids (the decoder's tokens)")
+            if cross is None:
+                cross = self.encode(input_ids, attention_mask)
+            input_ids, attention_mask = decoder_input_ids, decoder_attention_mask
+        elif decoder_input_ids is not None or cross is not None:
+            raise ValueError("decoder_input_ids / cross are for encoder-decoder models (encoder_layers > 0)")
         B, T = input_ids.shape
         start, key_valid = self._reserve(cache, T, attention_mask, doc_ids, position_ids)
         if position_ids is None:
@@ -120,8 +155,11 @@ class Transformer(nn.Module):
         kind = mask_kind or self.config.mask
         masks = plan_masks(self.config, cache, MaskInputs(start, T, key_valid, doc_ids, kind, prefix_len),
                            input_ids.device)
+        if self.rel_pos is not None:
+            masks = self.rel_pos.fold_into(masks, start, T, x.dtype)
+        extra = {"cross": cross} if cross is not None else {}
         for layer, rope, (mask, is_causal) in zip(self.layers, ropes, masks):
-            x = layer(x, rope, mask, is_causal, cache)
+            x = layer(x, rope, mask, is_causal, cache, **extra)
         if cache is not None:
             cache.advance(T)
         if targets is not None and self.mtp_layers is not None and self.training:
@@ -129,6 +167,18 @@ class Transformer(nn.Module):
             extra = mtp_loss(self, h, input_ids, targets, position_ids, doc_ids)  # before the MoE losses are summed
             return self.loss_from_hidden(h, targets) + extra
         return self.output(x, last_only, logits_to_keep, return_hidden, targets)
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> CrossCache:
+        """Run the encoder once: its final states and padding, ready for the decoder to cross-attend."""
+        if self.encoder is None:
+            raise ValueError("encode() needs an encoder-decoder model (encoder_layers > 0)")
+        if input_ids is None:
+            raise ValueError("an encoder-decoder model needs input_ids (the encoder's tokens) or cross")
+        return CrossCache(self.encoder(input_ids, attention_mask=attention_mask, return_hidden=True), attention_mask)
+
+    def token_embedding(self) -> nn.Embedding:
+        """The token embedding table: this model's, or for an encoder the decoder's it shares."""
+        return self.embed_tokens if self.embed_tokens is not None else self._shared_embedding[0]
 
     def _reserve(self, cache, T: int, attention_mask, doc_ids, position_ids) -> tuple[int, torch.Tensor | None]:
         """The first new slot and the key validity by slot; checks what a cache cannot take."""
@@ -150,7 +200,7 @@ class Transformer(nn.Module):
     def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings (+ learned positions), scaled and dropped out as the config says."""
         c = self.config
-        x = self.embed_tokens(input_ids)
+        x = self.token_embedding()(input_ids)
         if c.embed_scale:  # Gemma: sqrt(d), rounded to the activation dtype as the reference does
             x = x * torch.tensor(c.d_model ** 0.5, dtype=x.dtype)
         if self.pos_embed is not None:
@@ -179,11 +229,14 @@ class Transformer(nn.Module):
             x = x[:, -logits_to_keep:]
         if self.norm is not None:
             x = self.norm(x)
+        if c.head_input_scale:  # T5's tied head (Mesh TensorFlow): logits of d_model ** -0.5 * h
+            x = x * c.d_model ** -0.5
         if return_hidden:
             return x
         if targets is not None:
             return self.loss_from_hidden(x, targets)
-        logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.embed_tokens.weight)
+        logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.embed_tokens.weight,
+                                                                          self.final_logits_bias)
         if c.final_softcap is not None:
             logits = c.final_softcap * torch.tanh(logits / c.final_softcap)
         return logits
@@ -199,7 +252,7 @@ class Transformer(nn.Module):
         """The LM head's (weight, bias): the embedding matrix when tied."""
         head = self.lm_head
         if head is None:
-            return self.embed_tokens.weight, None
+            return self.embed_tokens.weight, self.final_logits_bias
         if hasattr(head, "blocks"):  # a file's quantized blocks (evolm.quant.blocks.BlockLinear): their float32 weight
             return head.blocks.dequantize(), head.bias
         if hasattr(head, "dequantize"):  # a weight-only quantized head (evolm.quant): the weight it multiplies by
@@ -226,7 +279,20 @@ class Transformer(nn.Module):
         return self
 
     def aux_loss(self) -> torch.Tensor | None:
-        """Sum of the MoE auxiliary losses recorded by the last training forward pass."""
+        """Sum of the MoE auxiliary losses recorded by the last training forward pass.
+
+        With ``moe_loss_groups="sequence"`` (Switch) each stack's losses pool the router logits of
+        all its MoE layers (:func:`evolm.nn.moe.pooled_router_losses`); an encoder adds its own.
+        """
+        c = self.config
+        if c.moe_loss_groups == "sequence":
+            losses = []
+            for stack in (self, self.encoder):
+                moes = [] if stack is None else [layer.mlp for layer in stack.layers if isinstance(layer.mlp, MoE)]
+                if any(m.router_logits is not None for m in moes):
+                    z, balance = pooled_router_losses([m.router_logits for m in moes])
+                    losses.append(c.moe_z_loss_coef * z + c.moe_aux_loss_coef * balance)
+            return sum(losses) if losses else None
         losses = [m.aux_loss for m in self.modules() if isinstance(m, MoE) and m.aux_loss is not None]
         return sum(losses) if losses else None
 
@@ -236,7 +302,7 @@ class Transformer(nn.Module):
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
-        if exclude_embeddings:
+        if exclude_embeddings and self.embed_tokens is not None:
             n -= self.embed_tokens.weight.numel()
             if self.pos_embed is not None:
                 n -= self.pos_embed.weight.numel()

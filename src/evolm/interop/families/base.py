@@ -24,7 +24,8 @@ from evolm.interop.families import decoder
 # ModelConfig parts that only some families can write, at the values that switch them off; a family
 # lists the ones it writes in ``Family.parts`` (Llama 4: all of them)
 OPTIONAL_PARTS = {"nope_layers": (), "attention_chunk_size": None, "attn_temperature_tuning": False,
-                  "moe_layer_step": 1, "router_scales_input": False}
+                  "moe_layer_step": 1, "router_scales_input": False, "moe_first_layer": None,
+                  "expert_capacity": None, "moe_loss_groups": "layer", "encoder_layers": 0, "head_input_scale": False}
 
 
 class Needs(list):
@@ -91,6 +92,9 @@ class Family:
     layer_tag: str = "layers."
     layer_from_hf: Callable[..., bool] = decoder.layer_from_hf
     weights_to_hf: Callable[..., dict] = decoder.weights_to_hf
+    # a layout the per-layer renaming cannot say (encoder-decoders: families/seq2seq.py):
+    # (family, checkpoint tensors, config) -> ours, replacing the driver's walk
+    weights_from_hf: Callable[..., dict] | None = None
 
     # --- GGUF (llama.cpp) ---------------------------------------------------------------------------
     gguf_archs: tuple[str, ...] = ()  # general.architecture values this family reads
