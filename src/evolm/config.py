@@ -152,6 +152,15 @@ class ModelConfig:
     tie_embeddings: bool = True
     embed_scale: bool = False  # Gemma: multiply embeddings by sqrt(d_model)
     head_input_scale: bool = False  # T5 (Mesh TensorFlow): scale the head's input by d_model ** -0.5
+    # a norm right after the embedding sum (BERT, RoBERTa, ModernBERT; BART's layernorm_embedding)
+    embed_norm: bool = False
+    type_vocab_size: int = 0  # BERT's token-type (segment A/B) embeddings; 0: none
+    # learned positions: the table row of position p is p + pos_offset (RoBERTa, BART: 2), so the
+    # table has max_seq_len + pos_offset rows
+    pos_offset: int = 0
+    # default positions count only the real tokens of each row of attention_mask (RoBERTa's
+    # create_position_ids_from_input_ids), instead of the slots 0..T-1
+    positions_from_mask: bool = False
     final_softcap: float | None = None  # Gemma 2: tanh soft-capping of the output logits
     lm_head_bias: bool = False
     embd_dropout: float = 0.0
@@ -225,6 +234,10 @@ class ModelConfig:
         choice("router", ROUTERS)
         choice("moe_loss_groups", MOE_LOSS_GROUPS)
         self._validate_seq2seq(need)
+        need(self.type_vocab_size >= 0, "type_vocab_size", f"must be >= 0, got {self.type_vocab_size}")
+        need(self.pos_offset >= 0, "pos_offset", f"must be >= 0, got {self.pos_offset}")
+        need(self.pos_offset == 0 or self.pos_emb == "learned", "pos_offset",
+             f"({self.pos_offset}) shifts a learned position table, but pos_emb is {self.pos_emb!r}")
         need(self.norm_eps > 0, "norm_eps", f"must be > 0, got {self.norm_eps}")
         need(not (self.norm_unit_offset and self.norm != "rmsnorm"), "norm_unit_offset",
              "(Gemma's (1 + w) scale) needs norm='rmsnorm'")

@@ -45,7 +45,9 @@ class Transformer(nn.Module):
         else:
             self.embed_tokens = None
             self._shared_embedding = (shared_embedding,)
-        self.pos_embed = _embedding(c.max_seq_len, c.d_model) if c.pos_emb == "learned" else None
+        self.pos_embed = _embedding(c.max_seq_len + c.pos_offset, c.d_model) if c.pos_emb == "learned" else None
+        self.type_embed = _embedding(c.type_vocab_size, c.d_model) if c.type_vocab_size else None
+        self.embed_norm = make_norm(c) if c.embed_norm else None
         self.layers = nn.ModuleList(Block(c, i) for i in range(c.n_layers))
         self.norm = make_norm(c) if c.final_norm else None
         self.lm_head = None if c.tie_embeddings else nn.Linear(c.d_model, c.vocab_size, bias=c.lm_head_bias)
@@ -113,6 +115,7 @@ class Transformer(nn.Module):
                 doc_ids: torch.Tensor | None = None, targets: torch.Tensor | None = None,
                 logits_to_keep: int = 0, return_hidden: bool = False,
                 mask_kind: MaskKind | None = None, prefix_len: int | torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None,
                 decoder_input_ids: torch.Tensor | None = None, decoder_attention_mask: torch.Tensor | None = None,
                 cross: CrossCache | None = None) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, vocab), or (B, 1, vocab) with ``last_only``.
@@ -131,6 +134,7 @@ class Transformer(nn.Module):
         ``doc_ids`` (B, T): packed-document ids; attention stays inside each document.
         ``mask_kind``: ``causal`` (a decoder), ``bidirectional`` (an encoder) or ``prefix``
         (prefix-LM, with ``prefix_len``); None: the config's ``mask``. See ``nn/masks.py``.
+        ``token_type_ids`` (B, T): BERT's segment ids (default 0) when ``type_vocab_size > 0``.
 
         An encoder-decoder (``encoder_layers > 0``) reads ``input_ids`` / ``attention_mask`` with
         its encoder and returns the decoder's logits (B, T_dec, vocab) for ``decoder_input_ids`` /
@@ -149,8 +153,8 @@ class Transformer(nn.Module):
         B, T = input_ids.shape
         start, key_valid = self._reserve(cache, T, attention_mask, doc_ids, position_ids)
         if position_ids is None:
-            position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
-        x = self.embed(input_ids, position_ids)
+            position_ids = self.default_positions(B, T, start, attention_mask, cache, input_ids.device)
+        x = self.embed(input_ids, position_ids, token_type_ids)
         ropes = self.rope_tables(position_ids, x.dtype)
         kind = mask_kind or self.config.mask
         masks = plan_masks(self.config, cache, MaskInputs(start, T, key_valid, doc_ids, kind, prefix_len),
@@ -197,14 +201,39 @@ class Transformer(nn.Module):
             return start, cache.reserve(T, attention_mask)
         return start, attention_mask.bool() if attention_mask is not None else None
 
-    def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        """Token embeddings (+ learned positions), scaled and dropped out as the config says."""
+    def default_positions(self, B: int, T: int, start: int, attention_mask, cache, device) -> torch.Tensor:
+        """Position ids when the caller gives none: the slots start..start+T-1, or with
+        ``positions_from_mask`` the count of real tokens before each one (RoBERTa), so that a
+        left-padded row starts at position 0 like an unpadded one. Padding gets position -1 (the
+        row below the first, RoBERTa's padding row), clamped to the table."""
+        if not self.config.positions_from_mask or attention_mask is None:
+            return torch.arange(start, start + T, device=device).expand(B, T)
+        if cache is not None:
+            raise ValueError("positions_from_mask counts real tokens of one call; with a cache pass position_ids")
+        m = attention_mask.long()
+        return (m.cumsum(-1) * m - 1).clamp(min=-self.config.pos_offset)
+
+    def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+              token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings (+ learned positions, + token types), normed, scaled and dropped out as
+        the config says.
+
+        BERT (Devlin et al. 2018, arXiv:1810.04805) adds a segment embedding (``type_vocab_size``)
+        and normalises the sum (``embed_norm``); RoBERTa (arXiv:1907.11692) and BART shift the
+        position table by ``pos_offset``; ModernBERT (arXiv:2412.13663) norms the token embedding alone.
+        """
         c = self.config
         x = self.token_embedding()(input_ids)
         if c.embed_scale:  # Gemma: sqrt(d), rounded to the activation dtype as the reference does
             x = x * torch.tensor(c.d_model ** 0.5, dtype=x.dtype)
+        if self.type_embed is not None:
+            x = x + (self.type_embed(token_type_ids) if token_type_ids is not None else self.type_embed.weight[0])
+        elif token_type_ids is not None:
+            raise ValueError("token_type_ids given, but the model has no token-type embeddings (type_vocab_size=0)")
         if self.pos_embed is not None:
-            x = x + self.pos_embed(position_ids)
+            x = x + self.pos_embed(position_ids + c.pos_offset if c.pos_offset else position_ids)
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
         if c.embd_dropout:
             x = F.dropout(x, c.embd_dropout, self.training)
         return x
@@ -302,10 +331,12 @@ class Transformer(nn.Module):
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
-        if exclude_embeddings and self.embed_tokens is not None:
-            n -= self.embed_tokens.weight.numel()
-            if self.pos_embed is not None:
-                n -= self.pos_embed.weight.numel()
+        if exclude_embeddings:
+            n -= self.token_embedding().weight.numel() if self.embed_tokens is not None else 0
+            for stack in (self, self.encoder):  # an encoder-decoder's encoder has its own position table
+                for table in (stack.pos_embed, stack.type_embed) if stack is not None else ():
+                    if table is not None:
+                        n -= table.weight.numel()
         return n
 
 
