@@ -51,8 +51,11 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(c, i) for i in range(c.n_layers))
         self.norm = make_norm(c) if c.final_norm else None
         self.lm_head = None if c.tie_embeddings else nn.Linear(c.d_model, c.vocab_size, bias=c.lm_head_bias)
-        # a bias on a tied head (BART's final_logits_bias)
-        self.final_logits_bias = nn.Parameter(torch.zeros(c.vocab_size)) if c.tie_embeddings and c.lm_head_bias else None
+        # a fixed bias on a tied head (BART's final_logits_bias: a buffer, as in fairseq and transformers)
+        if c.tie_embeddings and c.lm_head_bias:
+            self.register_buffer("final_logits_bias", torch.zeros(c.vocab_size))
+        else:
+            self.final_logits_bias = None
         # T5's relative position biases: one table for the stack (nn/relative_position.py)
         self.rel_pos = RelativePositionBias(c, bidirectional=c.mask == "bidirectional") if c.pos_emb == "relative" else None
         # an encoder-decoder's encoder: the same parts, bidirectional, sharing the token embedding
@@ -334,7 +337,8 @@ class Transformer(nn.Module):
         if exclude_embeddings:
             n -= self.token_embedding().weight.numel() if self.embed_tokens is not None else 0
             for stack in (self, self.encoder):  # an encoder-decoder's encoder has its own position table
-                for table in (stack.pos_embed, stack.type_embed) if stack is not None else ():
+                rel = stack.rel_pos.relative_attention_bias if stack is not None and stack.rel_pos is not None else None
+                for table in (stack.pos_embed, stack.type_embed, rel) if stack is not None else ():
                     if table is not None:
                         n -= table.weight.numel()
         return n

@@ -159,7 +159,7 @@ def _switch_names(c: ModelConfig):
 
 
 PARTS = frozenset({"encoder_layers", "head_input_scale"})
-T5_DEFAULTS = dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_decoder_layers=None,
+T5_DEFAULTS = dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_layers=6,
                    num_heads=8, relative_attention_num_buckets=32, relative_attention_max_distance=128,
                    layer_norm_epsilon=1e-6, initializer_factor=1.0, feed_forward_proj="relu",
                    tie_word_embeddings=True, pad_token_id=0, eos_token_id=1)
