@@ -107,6 +107,8 @@ def weights_from_hf(fam: Family, sd: dict[str, torch.Tensor], c: ModelConfig) ->
 def weights_to_hf(fam: Family, sd: dict[str, torch.Tensor], c: ModelConfig, fused: bool) -> dict[str, torch.Tensor]:
     out = seq2seq.weights_to_hf(names, sd, c)
     out["final_logits_bias"] = sd[_head_bias(c)].reshape(1, -1).contiguous()
+    for copy in COPIES[:2]:  # transformers 5 unties these too when tie_word_embeddings is false
+        out[copy] = sd["embed_tokens.weight"].clone()
     return out
 
 
@@ -119,6 +121,6 @@ BART = Family(
                   tie_word_embeddings=True),
     aliases={"num_attention_heads": "encoder_attention_heads", "hidden_size": "d_model",
              "num_hidden_layers": "encoder_layers"},
-    parts=frozenset({"encoder_layers"}), read_config=config_from_hf, write_config=config_to_hf, check=blockers,
+    parts=frozenset({"encoder_layers", "lm_head_bias"}), read_config=config_from_hf, write_config=config_to_hf, check=blockers,
     weights_from_hf=weights_from_hf, weights_to_hf=weights_to_hf,
 )

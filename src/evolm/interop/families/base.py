@@ -109,7 +109,7 @@ class Family:
         """Why this family cannot express ``config`` (empty: it can)."""
         need = Needs(config, self.model_type)
         need(config.final_norm == self.final_norm, "final_norm", str(self.final_norm))
-        need(not config.lm_head_bias, "lm_head_bias", "False")
+        need(not config.lm_head_bias or "lm_head_bias" in self.parts, "lm_head_bias", "False")
         for name, off in OPTIONAL_PARTS.items():
             need(name in self.parts or getattr(config, name) == off, name, repr(off))
         need(config.mask == "causal", "mask", "'causal' (every decoder family attends causally)")

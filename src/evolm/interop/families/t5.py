@@ -23,7 +23,11 @@ COPIES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "lm_head
 
 
 def _common(fam: Family, h: dict, meta: dict, activation: str, mlp: str) -> dict[str, Any]:
-    tie = h["tie_word_embeddings"] is not False
+    # the head is scaled exactly when it is tied in the released checkpoints (T5; not v1.1);
+    # transformers 5 writes v1.1 as tie_word_embeddings=true, scale_decoder_outputs=false with its
+    # own lm_head.weight, so an unscaled head is read as untied
+    scale = bool(h.get("scale_decoder_outputs", h["tie_word_embeddings"] is not False))
+    tie = h["tie_word_embeddings"] is not False and scale
     return dict(
         name=f"hf-{fam.model_type}", vocab_size=h["vocab_size"], d_model=h["d_model"], n_heads=h["num_heads"],
         head_dim=h["d_kv"], d_ff=h["d_ff"], encoder_layers=h["num_layers"],
@@ -32,7 +36,7 @@ def _common(fam: Family, h: dict, meta: dict, activation: str, mlp: str) -> dict
         relative_attention_num_buckets=h["relative_attention_num_buckets"],
         relative_attention_max_distance=h["relative_attention_max_distance"], query_pre_attn_scalar=1.0,
         qkv_bias=False, o_bias=False, mlp=mlp, mlp_bias=False, activation=activation, tie_embeddings=tie,
-        head_input_scale=bool(h.get("scale_decoder_outputs", tie)),
+        head_input_scale=scale,
         decoder_start_token_id=int(h.get("decoder_start_token_id") or h.get("pad_token_id") or 0),
         init_std=float(h.get("initializer_factor", 1.0)) * h["d_model"] ** -0.5, meta=meta)
 
@@ -158,6 +162,14 @@ def _switch_names(c: ModelConfig):
     return names(c, switch=True)
 
 
+def _weights_from_hf(table):
+    def read(fam: Family, sd: dict, c: ModelConfig) -> dict:
+        if not c.tie_embeddings and "lm_head.weight" not in sd and "shared.weight" in sd:
+            sd = {**sd, "lm_head.weight": sd["shared.weight"]}  # an unscaled head saved as tied
+        return seq2seq.weights_from_hf(table, COPIES, sd, c)
+    return read
+
+
 PARTS = frozenset({"encoder_layers", "head_input_scale"})
 T5_DEFAULTS = dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_layers=6,
                    num_heads=8, relative_attention_num_buckets=32, relative_attention_max_distance=128,
@@ -169,7 +181,7 @@ T5 = Family(
     aliases={"hidden_size": "d_model", "num_attention_heads": "num_heads", "num_hidden_layers": "num_layers",
              "head_dim": "d_kv"},
     parts=PARTS, read_config=t5_config_from_hf, write_config=t5_config_to_hf, check=blockers,
-    weights_from_hf=lambda fam, sd, c: seq2seq.weights_from_hf(names, COPIES, sd, c),
+    weights_from_hf=_weights_from_hf(names),
     weights_to_hf=lambda fam, sd, c, fused: seq2seq.weights_to_hf(names, sd, c),
 )
 
@@ -184,6 +196,6 @@ SWITCH = Family(
     aliases={"hidden_size": "d_model", "num_attention_heads": "num_heads", "num_hidden_layers": "num_layers"},
     parts=PARTS | {"moe_layer_step", "moe_first_layer", "expert_capacity", "moe_loss_groups"},
     experts=True, read_config=switch_config_from_hf, write_config=switch_config_to_hf, check=blockers,
-    weights_from_hf=lambda fam, sd, c: seq2seq.weights_from_hf(_switch_names, COPIES, sd, c),
+    weights_from_hf=_weights_from_hf(_switch_names),
     weights_to_hf=lambda fam, sd, c, fused: seq2seq.weights_to_hf(_switch_names, sd, c),
 )
