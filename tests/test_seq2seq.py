@@ -30,6 +30,7 @@ from evolm.infer import SamplingParams, generate  # noqa: E402
 from evolm.interop.hf import config_from_hf, config_to_hf, hf_family, save_hf_folder  # noqa: E402
 from evolm.nn.moe import MoE, pooled_router_losses  # noqa: E402
 from evolm.nn.relative_position import relative_position_bucket  # noqa: E402
+from evolm.presets import get_preset  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -214,7 +215,7 @@ PUBLISHED = {  # preset -> (model_type, the published config.json's keys that di
 def test_presets_are_the_published_configs(name):
     """Each preset reads back from the published config.json, and has transformers' parameter count."""
     model_type, kw = PUBLISHED[name]
-    preset = evolm.presets.get_preset(name)
+    preset = get_preset(name)
     hf_config = transformers.AutoConfig.for_model(model_type, **kw)
     got = config_from_hf({**hf_config.to_dict(), "tie_word_embeddings": kw.get("tie_word_embeddings", True)})
     diff = {k: v for k, v in got.diff(preset).items()
@@ -232,7 +233,7 @@ def test_presets_are_the_published_configs(name):
 
 
 def test_cost_card_counts_both_stacks():
-    c = evolm.presets.get_preset("t5-small")
+    c = get_preset("t5-small")
     card, decoder = cost_card(c, context_len=512), cost_card(c.replace(encoder_layers=0), context_len=512)
     assert card["cross_kv_cache_bytes_at_context"] == c.n_layers * 2 * c.n_heads * c.head_dim * 2 * 512
     assert decoder["cross_kv_cache_bytes_at_context"] == 0
@@ -267,7 +268,38 @@ def test_bad_seq2seq_use_is_clear():
     with pytest.raises(ConfigError, match="expert_capacity"):
         ModelConfig(n_experts=4, n_experts_per_tok=2, expert_capacity=8)
     with pytest.raises(ConfigError, match="cannot be written as llama"):
-        config_to_hf(evolm.presets.get_preset("tiny-t5"), model_type="llama")
+        config_to_hf(get_preset("tiny-t5"), model_type="llama")
     with pytest.raises(ValueError, match="cross=CrossCache"):
         model.layers[0](torch.zeros(1, 2, 64), None, None, True)
     assert isinstance(model.encode(ids), CrossCache)
+
+
+def test_evolm_generate_runs_a_seq2seq_folder(tmp_path):
+    """`evolm generate` (a subprocess, the default fast paths) on a T5 v1.1 folder with a tokenizer gives
+    the eager model's greedy continuation of the prompt read by the encoder."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from evolm.infer import generate_text
+    from evolm.loading import save
+    from evolm.tokenizer import train_bpe
+
+    root = Path(__file__).resolve().parents[1]
+    tok = train_bpe([(root / "README.md").read_text()], vocab_size=300, special_tokens=["<|endoftext|>"])
+    torch.manual_seed(0)
+    model = evolm.build(get_preset("tiny-t5-v1_1").replace(vocab_size=300)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim >= 2:
+                p.mul_(20.0)  # spread the random weights, so that greedy continuations vary
+    save(model, str(tmp_path / "t5"), tokenizer=tok, fmt="hf")
+    want = generate_text(model, tok, "def forward", SamplingParams(max_new_tokens=12, temperature=0))
+    assert len(set(want.split())) > 2
+    env = {**os.environ, "PYTHONPATH": str(root / "src"), "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "evolm.cli", "generate", "--model", str(tmp_path / "t5"), "--prompt",
+                        "def forward", "--max-new-tokens", "12", "--temperature", "0"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == want + "\n"

@@ -153,8 +153,7 @@ def decode_steps(model, ids: torch.Tensor, mask: torch.Tensor | None, params: Sa
         generator = torch.Generator(device=device).manual_seed(params.seed)
     # tokens of prompt and output so far, for the repetition penalty
     seq2seq = bool(model.config.encoder_layers)
-    if seq2seq and compile:
-        raise ValueError("generate: compile=True is not supported for encoder-decoder models yet")
+    compile = compile and not seq2seq  # the compiled step is the decoders'; an encoder-decoder decodes eagerly
     seen = seen_tokens(ids, real, model.config.vocab_size) if params.repetition_penalty != 1.0 else None
     if seen is not None and seq2seq:  # as transformers does: the penalty sees the decoder's tokens only
         seen.zero_()

@@ -25,6 +25,9 @@ class CrossAttention(Attention):
         super().__init__(config, layer_idx)
         self.window = self.temperature = None  # every encoder token is visible; no positions
 
+    def fuse_qkv(self) -> None:
+        """Nothing to fuse: the query reads the decoder's stream, the keys and values the encoder's."""
+
     def project_memory(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The encoder output (B, S, D) -> keys and values (B, H, S, head_dim)."""
         B, S, _ = memory.shape
