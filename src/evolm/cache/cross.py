@@ -33,14 +33,6 @@ class CrossCache:
             self._kv[layer] = project(self.memory)
         return self._kv[layer]
 
-    def select_rows(self, index: torch.Tensor) -> None:
-        """Keep, reorder or repeat batch rows, as ``KVCache.select_rows`` does."""
-        index = index.to(device=self.memory.device, dtype=torch.long)
-        self.memory = self.memory.index_select(0, index)
-        if self.mask is not None:
-            self.mask = self.mask.index_select(0, index)
-        self._kv = {i: (k.index_select(0, index), v.index_select(0, index)) for i, (k, v) in self._kv.items()}
-
     def nbytes(self) -> int:
         """Bytes of the projected keys/values held (the cost card's cross-attention KV bytes)."""
         return sum(t.numel() * t.element_size() for kv in self._kv.values() for t in kv)
