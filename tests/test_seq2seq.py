@@ -303,3 +303,20 @@ def test_evolm_generate_runs_a_seq2seq_folder(tmp_path):
                        capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 0, p.stderr
     assert p.stdout == want + "\n"
+
+
+@pytest.mark.parametrize("name", ["tiny-t5", "tiny-bart", "tiny-switch"])
+def test_evolm_checkpoint_round_trip(name, tmp_path):
+    """evolm's own format keeps both stacks, the shared embedding once and BART's logits bias."""
+    from evolm.loading import save
+
+    torch.manual_seed(0)
+    model = evolm.build(name).eval()
+    if model.final_logits_bias is not None:
+        model.final_logits_bias.normal_()
+    save(model, str(tmp_path / name), fmt="evolm")
+    back, _ = evolm.load(tmp_path / name)
+    ids = torch.randint(0, model.config.vocab_size, (2, 7))
+    with torch.no_grad():
+        assert torch.equal(back(ids, decoder_input_ids=ids[:, :5]), model(ids, decoder_input_ids=ids[:, :5]))
+    assert back.config == model.config
