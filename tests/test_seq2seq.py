@@ -60,7 +60,8 @@ def hf_model(case: str, symmetric: bool = False):
     prefix, kw, std = CASES[case]
     kw = dict(kw)
     if symmetric:
-        kw["num_decoder_layers" if prefix != "Bart" else "decoder_layers"] = kw.get("num_layers", kw.get("encoder_layers"))
+        key = "num_decoder_layers" if prefix != "Bart" else "decoder_layers"
+        kw[key] = kw.get("num_layers", kw.get("encoder_layers"))
     config = getattr(transformers, f"{prefix}Config")(**kw)
     torch.manual_seed(0)
     model = getattr(transformers, f"{prefix}ForConditionalGeneration")(config).eval()
@@ -77,7 +78,8 @@ def hf_model(case: str, symmetric: bool = False):
         if prefix == "Bart":
             model.final_logits_bias.normal_(0.0, 0.1)
             # transformers 5 unties the stacks' tables too when the head is untied; evolm shares one
-            model.model.encoder.embed_tokens.weight = model.model.decoder.embed_tokens.weight = model.model.shared.weight
+            shared = model.model.shared.weight
+            model.model.encoder.embed_tokens.weight = model.model.decoder.embed_tokens.weight = shared
         if not kw.get("tie_word_embeddings", True):  # an own head (transformers 5 ties it at init)
             model.lm_head.weight = torch.nn.Parameter(torch.randn(V, kw["d_model"]) * std)
     return model

@@ -57,7 +57,8 @@ class Transformer(nn.Module):
         else:
             self.final_logits_bias = None
         # T5's relative position biases: one table for the stack (nn/relative_position.py)
-        self.rel_pos = RelativePositionBias(c, bidirectional=c.mask == "bidirectional") if c.pos_emb == "relative" else None
+        self.rel_pos = RelativePositionBias(c, bidirectional=c.mask == "bidirectional") \
+            if c.pos_emb == "relative" else None
         # an encoder-decoder's encoder: the same parts, bidirectional, sharing the token embedding
         self.encoder = Transformer(c.encoder_config(), shared_embedding=self.embed_tokens) if c.encoder_layers else None
         # DeepSeek-V3's multi-token prediction modules (nn/mtp.py): their construction draws no

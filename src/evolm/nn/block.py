@@ -76,7 +76,8 @@ class Block(nn.Module):
         self.cross_attn = None
         if c.encoder_layers:
             if p not in ("pre", "post"):
-                raise ValueError(f"cross-attention (encoder_layers > 0) needs norm_placement 'pre' or 'post', not {p!r}")
+                raise ValueError(f"cross-attention (encoder_layers > 0) needs norm_placement 'pre' or 'post', "
+                                 f"not {p!r}")
             self.cross_attn = CrossAttention(c, layer_idx)
             self.cross_norm = make_norm(c)
 

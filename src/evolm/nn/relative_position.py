@@ -64,6 +64,7 @@ class RelativePositionBias(nn.Module):
         q_slots = torch.arange(start, start + n_new, device=device)
         k_slots = torch.arange(start + n_new, device=device)
         bias = self(q_slots, k_slots).to(dtype)
+        masked = torch.tensor(float("-inf"), dtype=dtype, device=device)
         done: dict[int, tuple] = {}
         out = []
         for plan in masks:
@@ -72,6 +73,6 @@ class RelativePositionBias(nn.Module):
                 if mask is None and is_causal:
                     mask = (q_slots[:, None] >= k_slots[None, :])[None, None]
                 done[id(plan)] = (bias if mask is None else
-                                  torch.where(mask, bias, torch.tensor(float("-inf"), dtype=dtype, device=device)), False)
+                                  torch.where(mask, bias, masked), False)
             out.append(done[id(plan)])
         return out

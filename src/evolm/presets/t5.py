@@ -20,7 +20,8 @@ against transformers' model built from the published config.
 """
 
 _T5_PAPER = "Raffel et al. 2019, Exploring the Limits of Transfer Learning with a Unified Text-to-Text Transformer"
-_SWITCH_PAPER = "Fedus et al. 2021, Switch Transformers: Scaling to Trillion Parameter Models with Simple and Efficient Sparsity"
+_SWITCH_PAPER = ("Fedus et al. 2021, Switch Transformers: Scaling to Trillion Parameter Models with Simple and "
+                 "Efficient Sparsity")
 
 # shared by every size (the released config.json files; T5 has no position limit: 512 is the
 # length it was trained at)
@@ -54,5 +55,6 @@ PRESETS = {
         moe_aux_loss_coef=0.001, moe_z_loss_coef=0.001,
         meta={"hf_id": "google/switch-base-8", "paper": _SWITCH_PAPER, "params": 619_339_008,
               "model_type": "switch_transformers",
-              "params_note": "619M: transformers' num_parameters() of google/switch-base-8 (8 experts in 12 of 24 layers)"}),
+              "params_note": "619M: transformers' num_parameters() of google/switch-base-8 "
+                             "(8 experts in 12 of 24 layers)"}),
 }

@@ -32,7 +32,8 @@ SUPPORTED_MODEL_TYPES = tuple(mt for f in FAMILIES.values() for mt in (f.model_t
 # Export tries the families in this order and writes the first that expresses a config exactly:
 # the most specific first, so a plain Llama config is not written as, say, a Gemma with every
 # Gemma feature switched off (Mistral, last, is Llama with a window: a windowless config is Llama).
-EXPORT_ORDER = ("switch_transformers", "t5", "bart", "openai-gpt", "gpt2", "falcon", "deepseek_v3", "deepseek_v2", "llama4_text", "mixtral", "qwen3_moe",
+EXPORT_ORDER = ("switch_transformers", "t5", "bart",
+                "openai-gpt", "gpt2", "falcon", "deepseek_v3", "deepseek_v2", "llama4_text", "mixtral", "qwen3_moe",
                 "gemma3_text", "gemma2", "gemma", "olmo2", "qwen3", "qwen2", "llama", "mistral")
 
 # llama.cpp's general.architecture -> the family that reads it

@@ -58,7 +58,8 @@ def blockers(fam: Family, c: ModelConfig, need: Needs) -> None:
          "True (layernorm_embedding), without token types or mask-counted positions")
     need(c.qkv_bias and c.o_bias and c.mlp_bias and c.mlp == "mlp", "mlp_bias",
          "a plain MLP and every bias (qkv_bias, o_bias, mlp_bias True)")
-    need(c.n_kv_heads == c.n_heads and c.head_dim * c.n_heads == c.d_model, "n_kv_heads", "n_heads, head_dim d_model // n_heads")
+    need(c.n_kv_heads == c.n_heads and c.head_dim * c.n_heads == c.d_model, "n_kv_heads",
+         "n_heads, head_dim d_model // n_heads")
     need(c.query_pre_attn_scalar in (None, c.head_dim), "query_pre_attn_scalar", "None")
     need(c.lm_head_bias, "lm_head_bias", "True (final_logits_bias)")
     need(c.resid_dropout == c.embd_dropout, "embd_dropout", "resid_dropout (one dropout)")
@@ -121,6 +122,7 @@ BART = Family(
                   tie_word_embeddings=True),
     aliases={"num_attention_heads": "encoder_attention_heads", "hidden_size": "d_model",
              "num_hidden_layers": "encoder_layers"},
-    parts=frozenset({"encoder_layers", "lm_head_bias"}), read_config=config_from_hf, write_config=config_to_hf, check=blockers,
+    parts=frozenset({"encoder_layers", "lm_head_bias"}), read_config=config_from_hf, write_config=config_to_hf,
+    check=blockers,
     weights_from_hf=weights_from_hf, weights_to_hf=weights_to_hf,
 )

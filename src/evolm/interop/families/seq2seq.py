@@ -47,7 +47,8 @@ def weights_from_hf(names: NameTable, copies: tuple[str, ...], sd: dict[str, tor
         else:
             out[ours] = t
     if unknown:
-        raise WeightsError(f"{len(unknown)} weights of the checkpoint have no place in evolm's model, e.g. {unknown[:5]}")
+        raise WeightsError(f"{len(unknown)} weights of the checkpoint have no place in evolm's model, "
+                           f"e.g. {unknown[:5]}")
     shared = out.get("embed_tokens.weight")
     for k, t in copied:
         if shared is None or t.shape != shared.shape or not torch.equal(t, shared):

@@ -115,7 +115,8 @@ def blockers(fam: Family, c: ModelConfig, need: Needs) -> None:
              "top-1 softmax routing (n_experts_per_tok=1, norm_topk_prob=False) without shared experts")
         need(c.mlp == "mlp" and c.moe_d_ff == c.d_ff, "moe_d_ff", "d_ff and mlp='mlp'")
         need(c.expert_capacity is not None, "expert_capacity", "an int")
-        need(c.moe_first_layer == (1 if c.moe_layer_step > 1 else 0), "moe_first_layer", "1 (0 when every layer is sparse)")
+        need(c.moe_first_layer == (1 if c.moe_layer_step > 1 else 0), "moe_first_layer",
+             "1 (0 when every layer is sparse)")
         need(c.moe_loss_groups == "sequence", "moe_loss_groups", "'sequence'")
         need(c.encoder_layers % c.moe_layer_step == 0 and c.n_layers % c.moe_layer_step == 0, "moe_layer_step",
              "to divide encoder_layers and n_layers")
