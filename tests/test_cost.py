@@ -23,6 +23,8 @@ def _part_of(name: str) -> str:
     name = name.removeprefix("encoder.")  # an encoder-decoder's encoder: the same parts
     if name.startswith(("embed_tokens.", "pos_embed.", "type_embed.", "rel_pos.")):
         return "embeddings"
+    if name.startswith("head."):
+        return "head"
     if name.startswith("lm_head."):
         return "lm_head"
     if name.startswith("norm.") or name.endswith(("_norm.weight", "_norm.bias", "_layernorm.weight")):

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from evolm.cache.cross import CrossCache
 from evolm.config import ModelConfig
 from evolm.nn.block import Block
+from evolm.nn.heads import Head
 from evolm.nn.loss import fused_linear_cross_entropy
 from evolm.nn.masks import MaskInputs, MaskKind, plan_masks
 from evolm.nn.moe import MoE, Experts, Router, pooled_router_losses
@@ -50,12 +51,9 @@ class Transformer(nn.Module):
         self.embed_norm = make_norm(c) if c.embed_norm else None
         self.layers = nn.ModuleList(Block(c, i) for i in range(c.n_layers))
         self.norm = make_norm(c) if c.final_norm else None
-        self.lm_head = None if c.tie_embeddings else nn.Linear(c.d_model, c.vocab_size, bias=c.lm_head_bias)
-        # a fixed bias on a tied head (BART's final_logits_bias: a buffer, as in fairseq and transformers)
-        if c.tie_embeddings and c.lm_head_bias:
-            self.register_buffer("final_logits_bias", torch.zeros(c.vocab_size))
-        else:
-            self.final_logits_bias = None
+        self.lm_head = None if c.tie_embeddings or c.head != "lm" else \
+            nn.Linear(c.d_model, c.vocab_size, bias=c.lm_head_bias)
+        self.head = Head(c) if Head.wanted(c) else None  # an encoder's heads (nn/heads.py)
         # T5's relative position biases: one table for the stack (nn/relative_position.py)
         self.rel_pos = RelativePositionBias(c, bidirectional=c.mask == "bidirectional") \
             if c.pos_emb == "relative" else None
@@ -174,7 +172,7 @@ class Transformer(nn.Module):
             h = self.output(x, return_hidden=True)
             extra = mtp_loss(self, h, input_ids, targets, position_ids, doc_ids)  # before the MoE losses are summed
             return self.loss_from_hidden(h, targets) + extra
-        return self.output(x, last_only, logits_to_keep, return_hidden, targets)
+        return self.output(x, last_only, logits_to_keep, return_hidden, targets, attention_mask)
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> CrossCache:
         """Run the encoder once: its final states and padding, ready for the decoder to cross-attend."""
@@ -253,9 +251,13 @@ class Transformer(nn.Module):
                 for i in range(c.n_layers)]
 
     def output(self, x: torch.Tensor, last_only: bool = False, logits_to_keep: int = 0,
-               return_hidden: bool = False, targets: torch.Tensor | None = None) -> torch.Tensor:
-        """Final norm, then logits, the hidden states, or the loss against ``targets``."""
+               return_hidden: bool = False, targets: torch.Tensor | None = None,
+               attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Final norm, then logits, the hidden states, or the loss against ``targets``; a task head
+        (``config.head``, nn/heads.py) instead gives its own output (or loss) from the normed states."""
         c = self.config
+        if c.head != "lm" and (last_only or logits_to_keep):
+            raise ValueError(f"last_only / logits_to_keep select vocabulary logits; head={c.head!r} has none")
         if last_only:  # prefill for generation needs only the next-token distribution
             x = x[:, -1:]
         elif logits_to_keep > 0:
@@ -264,12 +266,19 @@ class Transformer(nn.Module):
             x = self.norm(x)
         if c.head_input_scale:  # T5's tied head (Mesh TensorFlow): logits of d_model ** -0.5 * h
             x = x * c.d_model ** -0.5
+        if c.head != "lm":
+            if return_hidden:
+                return x
+            out = self.head(x, attention_mask, targets)
+            aux = self.aux_loss() if targets is not None else None  # an MoE encoder's balancing losses
+            return out + aux if aux is not None else out
+        if c.head_transform:  # BERT's MLM transform: the hidden states the vocabulary projection reads
+            x = self.head.transform(x)
         if return_hidden:
             return x
         if targets is not None:
             return self.loss_from_hidden(x, targets)
-        logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.embed_tokens.weight,
-                                                                          self.final_logits_bias)
+        logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, *self.head_weight_bias())
         if c.final_softcap is not None:
             logits = c.final_softcap * torch.tanh(logits / c.final_softcap)
         return logits
@@ -282,10 +291,10 @@ class Transformer(nn.Module):
         return loss + aux if aux is not None else loss
 
     def head_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The LM head's (weight, bias): the embedding matrix when tied."""
+        """The LM head's (weight, bias): the embedding matrix when tied (with BERT's own bias, if any)."""
         head = self.lm_head
         if head is None:
-            return self.embed_tokens.weight, self.final_logits_bias
+            return self.embed_tokens.weight, getattr(self.head, "bias", None)
         if hasattr(head, "blocks"):  # a file's quantized blocks (evolm.quant.blocks.BlockLinear): their float32 weight
             return head.blocks.dequantize(), head.bias
         if hasattr(head, "dequantize"):  # a weight-only quantized head (evolm.quant): the weight it multiplies by

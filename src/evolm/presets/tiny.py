@@ -6,12 +6,14 @@ backward pass takes milliseconds on a CPU. ``meta['mimics']`` names the preset t
 """
 
 from evolm.presets.bart import PRESETS as _BART
+from evolm.presets.bert import PRESETS as _BERT
 from evolm.presets.deepseek import PRESETS as _DS
 from evolm.presets.falcon import PRESETS as _FALCON
 from evolm.presets.gemma import PRESETS as _GEMMA
 from evolm.presets.gpt import PRESETS as _GPT
 from evolm.presets.llama import PRESETS as _LLAMA
 from evolm.presets.mistral import PRESETS as _MISTRAL
+from evolm.presets.modernbert import PRESETS as _MODERNBERT
 from evolm.presets.olmo import PRESETS as _OLMO
 from evolm.presets.qwen import PRESETS as _QWEN
 from evolm.presets.t5 import PRESETS as _T5
@@ -55,6 +57,13 @@ PRESETS = {
                              rope_scaling={"type": "yarn", "factor": 4.0, "original_max_seq_len": 64,
                                            "beta_fast": 32, "beta_slow": 1, "mscale": 1.0,
                                            "mscale_all_dim": 1.0}),
+    # encoders (mask='bidirectional', a masked-LM head): a window of 16 on two of every three ModernBERT layers
+    "tiny-bert": _shrink(_BERT["bert-base"], "bert-base", vocab_size=512, d_model=64, n_layers=2, n_heads=4, d_ff=256,
+                         max_seq_len=256),
+    "tiny-roberta": _shrink(_BERT["roberta-base"], "roberta-base", vocab_size=512, d_model=64, n_layers=2, n_heads=4,
+                            d_ff=256, max_seq_len=256),
+    "tiny-modernbert": _shrink(_MODERNBERT["modernbert-base"], "modernbert-base", vocab_size=512, d_model=64,
+                               n_layers=3, n_heads=4, d_ff=96, max_seq_len=256, sliding_window=16),
     # encoder-decoders (tests/test_seq2seq.py): two stacks, so fewer layers each
     "tiny-t5": _shrink(_T5["t5-small"], "t5-small", vocab_size=512, d_model=64, n_layers=2, encoder_layers=2,
                        n_heads=4, head_dim=16, d_ff=128, relative_attention_num_buckets=16,

@@ -5,7 +5,8 @@ A denoising sequence-to-sequence model with the original Transformer's post-norm
 MLP, learned positions whose table is shifted by 2 (``pos_offset``: rows 0-1 were reserved by
 fairseq), a LayerNorm right after the embedding sum in each stack (``embed_norm``), optional
 ``sqrt(d_model)`` embedding scaling (``scale_embedding`` -> ``embed_scale``) and a bias on the
-tied head (``final_logits_bias`` -> ``lm_head_bias``). The decoder starts from ``</s>`` (2).
+head (``final_logits_bias`` -> ``lm_head_bias``: ``head.bias`` when tied, ``lm_head.bias`` when not;
+a buffer in transformers, a parameter here, as BERT's tied decoder bias). The decoder starts from ``</s>`` (2).
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ def names(c: ModelConfig) -> list[tuple[str, Any]]:
 
 
 def _head_bias(c: ModelConfig) -> str:
-    return "final_logits_bias" if c.tie_embeddings else "lm_head.bias"
+    return "head.bias" if c.tie_embeddings else "lm_head.bias"  # nn/heads.py holds a tied head's bias
 
 
 def weights_from_hf(fam: Family, sd: dict[str, torch.Tensor], c: ModelConfig) -> dict[str, torch.Tensor]:
@@ -122,7 +123,7 @@ BART = Family(
                   tie_word_embeddings=True),
     aliases={"num_attention_heads": "encoder_attention_heads", "hidden_size": "d_model",
              "num_hidden_layers": "encoder_layers"},
-    parts=frozenset({"encoder_layers", "lm_head_bias"}), read_config=config_from_hf, write_config=config_to_hf,
+    parts=frozenset({"encoder_layers", "lm_head_bias", "embed_norm", "pos_offset"}), read_config=config_from_hf, write_config=config_to_hf,
     check=blockers,
     weights_from_hf=weights_from_hf, weights_to_hf=weights_to_hf,
 )
