@@ -275,6 +275,9 @@ def test_bad_seq2seq_use_is_clear():
     with pytest.raises(ValueError, match="cross=CrossCache"):
         model.layers[0](torch.zeros(1, 2, 64), None, None, True)
     assert isinstance(model.encode(ids), CrossCache)
+    from evolm.lab.flatten import FlattenError, flatten
+    with pytest.raises(FlattenError, match="is not covered by a flatten template"):
+        flatten(get_preset("tiny-t5"))
 
 
 def test_evolm_generate_runs_a_seq2seq_folder(tmp_path):
