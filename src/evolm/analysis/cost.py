@@ -309,6 +309,7 @@ _ROWS = (  # (label, getter, formatter)
     ("  router", lambda k: k["params_by_part"]["router"], human_count),
     ("  norms", lambda k: k["params_by_part"]["norms"], human_count),
     ("  lm_head", lambda k: k["params_by_part"]["lm_head"], human_count),
+    ("  task head", lambda k: k["params_by_part"].get("head", 0), human_count),
     ("context length", lambda k: k["context_len"], lambda v: f"{v:,}"),
     ("KV cache / token (uncapped)", lambda k: k["kv_cache_bytes_per_token_uncapped"], human_bytes),
     ("KV cache / token (at context)", lambda k: k["kv_cache_bytes_per_token"], human_bytes),
