@@ -20,7 +20,8 @@ ALL = list_presets()
 
 def _part_of(name: str) -> str:
     """Which card part a parameter belongs to, from our module names alone."""
-    if name.startswith(("embed_tokens.", "pos_embed.", "type_embed.")):
+    name = name.removeprefix("encoder.")  # an encoder-decoder's encoder: the same parts
+    if name.startswith(("embed_tokens.", "pos_embed.", "type_embed.", "rel_pos.")):
         return "embeddings"
     if name.startswith("head."):
         return "head"
@@ -28,7 +29,7 @@ def _part_of(name: str) -> str:
         return "lm_head"
     if name.startswith("norm.") or name.endswith(("_norm.weight", "_norm.bias", "_layernorm.weight")):
         return "norms"
-    if ".self_attn." in name:
+    if ".self_attn." in name or ".cross_attn." in name:
         return "attention"
     if ".mlp.experts." in name:
         return "experts"

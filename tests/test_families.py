@@ -68,6 +68,16 @@ TINY: dict[str, dict] = {
                        layer_types=["full_attention", "sliding_attention"], norm_bias=True,
                        rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e5},
                                         "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}),
+    # the encoder-decoders: asymmetric stacks, v1.1's gated GELU, Switch's sparse layers, BART's scaled embedding
+    "t5": dict(vocab_size=V, d_model=64, d_kv=16, d_ff=96, num_layers=2, num_decoder_layers=3, num_heads=4,
+               relative_attention_num_buckets=16, relative_attention_max_distance=64, feed_forward_proj="gated-gelu",
+               tie_word_embeddings=False, decoder_start_token_id=0),
+    "switch_transformers": dict(vocab_size=V, d_model=64, d_kv=16, d_ff=96, num_layers=4, num_decoder_layers=4,
+                                num_heads=4, num_experts=4, num_sparse_encoder_layers=2, num_sparse_decoder_layers=2,
+                                expert_capacity=8, decoder_start_token_id=0),
+    "bart": dict(vocab_size=V, d_model=64, encoder_layers=2, decoder_layers=3, encoder_attention_heads=4,
+                 decoder_attention_heads=4, encoder_ffn_dim=96, decoder_ffn_dim=96, max_position_embeddings=64,
+                 scale_embedding=True),
 }
 
 

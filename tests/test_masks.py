@@ -30,8 +30,10 @@ def _definition(kind, Tq, start, Tk, window=None, prefix=None, valid=None):
                     if kind == "prefix" and i < n and j < n:
                         ok = True
                 if valid is not None:
-                    ok = (ok and bool(valid[b, j])) or i == j
+                    ok = ok and bool(valid[b, j])
                 out[b, 0, t, j] = ok
+            if not out[b, 0, t].any():  # a query that would see nothing sees itself
+                out[b, 0, t, i] = i < Tk
     return out
 
 

@@ -25,13 +25,14 @@ class ConfigError(ValueError):
 
 NORMS = ("layernorm", "rmsnorm")
 NORM_PLACEMENTS = ("pre", "post", "sandwich", "olmo2", "parallel", "parallel2")
-POSITIONS = ("learned", "rope", "none")
+POSITIONS = ("learned", "rope", "relative", "none")
 ATTENTIONS = ("mha", "mla")
 MASKS = ("causal", "bidirectional", "prefix")
 QK_NORMS = (None, "head", "full", "l2")
 MLP_TYPES = ("mlp", "glu")
 ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu")
 ROUTERS = ("softmax", "sigmoid")
+MOE_LOSS_GROUPS = ("layer", "sequence")
 ROPE_SCALINGS = ("linear", "llama3", "yarn")
 HEADS = ("lm", "classify", "token_classify", "embed")
 POOLINGS = ("cls", "mean")
@@ -85,6 +86,10 @@ class ModelConfig:
     rope_scaling: dict[str, Any] | None = None  # {"type": "linear"|"llama3"|"yarn", ...}
     rope_local_scaling: dict[str, Any] | None = None  # scaling for local layers (None: unscaled)
     nope_layers: tuple[int, ...] = ()  # layers that use no position at all (NoPE; Llama 4: every 4th)
+    # pos_emb="relative" (T5, nn/relative_position.py): a learned bias per head and distance bucket,
+    # added to the attention scores; one table per stack, shared by its layers
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
     # --- attention (nn/attention.py, nn/mla.py) -----------------------------------------
     attention: str = "mha"  # "mha" (covers MHA/GQA/MQA via n_kv_heads) | "mla"
     qkv_bias: bool = False
@@ -110,6 +115,10 @@ class ModelConfig:
     attn_scale: float = 0.1
     attn_dropout: float = 0.0
     mask: str = "causal"  # nn/masks.py: "causal" (a decoder) | "bidirectional" (an encoder) | "prefix" (prefix-LM)
+    # encoder-decoder (T5, BART; model.py, nn/cross_attention.py): a bidirectional encoder of this many
+    # blocks, whose output every decoder block cross-attends; n_layers counts the decoder's. 0: decoder-only
+    encoder_layers: int = 0
+    decoder_start_token_id: int = 0  # the token a seq2seq decoder starts from (T5: pad 0; BART: eos 2)
     # multi-head latent attention (DeepSeek-V2/V3)
     q_lora_rank: int | None = None  # None -> a direct q projection
     kv_lora_rank: int = 512
@@ -127,6 +136,10 @@ class ModelConfig:
     n_shared_experts: int = 0  # always-active experts (DeepSeekMoE), width n * moe_d_ff
     first_k_dense: int = 0  # the first k layers keep a dense MLP (DeepSeek)
     moe_layer_step: int = 1  # every N-th layer (from layer N-1) is MoE, the rest dense (Llama 4 Maverick: 2)
+    moe_first_layer: int | None = None  # the first of those MoE layers (None: moe_layer_step - 1; Switch: 1)
+    # Switch's expert capacity: tokens an expert takes per sequence, in order; the rest skip the layer
+    # (only the residual carries them). None: no limit
+    expert_capacity: int | None = None
     router: str = "softmax"  # "softmax" | "sigmoid" (DeepSeek-V3)
     router_bias: bool = False  # per-expert selection bias (DeepSeek-V3 aux-loss-free balancing)
     norm_topk_prob: bool = True  # renormalize the top-k weights to sum to 1
@@ -136,12 +149,17 @@ class ModelConfig:
     topk_groups: int = 1  # groups a token may route to
     moe_aux_loss_coef: float = 0.0  # Switch/GShard load-balancing loss
     moe_z_loss_coef: float = 0.0  # ST-MoE router z-loss
+    # "layer": each MoE layer's losses over its own tokens, summed over layers; "sequence" (Switch
+    # Transformer as transformers computes it): per stack, the tokens of all MoE layers pooled, and
+    # the balancing loss taken per sequence and averaged
+    moe_loss_groups: str = "layer"
     # --- multi-token prediction (nn/mtp.py) ---------------------------------------------
     mtp_depth: int = 0  # D sequential MTP modules (DeepSeek-V3: 1); 0: next-token prediction only
     mtp_loss_weight: float = 0.3  # lambda of the MTP loss (DeepSeek-V3: 0.3, later 0.1); training only
     # --- embeddings and head (model.py) -------------------------------------------------
     tie_embeddings: bool = True
     embed_scale: bool = False  # Gemma: multiply embeddings by sqrt(d_model)
+    head_input_scale: bool = False  # T5 (Mesh TensorFlow): scale the head's input by d_model ** -0.5
     # a norm right after the embedding sum (BERT, RoBERTa, ModernBERT; BART's layernorm_embedding)
     embed_norm: bool = False
     type_vocab_size: int = 0  # BERT's token-type (segment A/B) embeddings; 0: none
@@ -233,6 +251,8 @@ class ModelConfig:
         choice("mlp", MLP_TYPES)
         choice("activation", ACTIVATIONS)
         choice("router", ROUTERS)
+        choice("moe_loss_groups", MOE_LOSS_GROUPS)
+        self._validate_seq2seq(need)
         choice("head", HEADS)
         choice("pooling", POOLINGS)
         if self.head_activation is not None:
@@ -332,6 +352,32 @@ class ModelConfig:
             need(self.n_shared_experts == 0, "n_shared_experts", "needs n_experts > 0")
             need(not self.router_bias, "router_bias", "needs n_experts > 0")
 
+    def _validate_seq2seq(self, need) -> None:
+        """The encoder-decoder and relative-position fields (T5, BART, Switch)."""
+        need(self.encoder_layers >= 0, "encoder_layers", f"must be >= 0, got {self.encoder_layers}")
+        if self.encoder_layers:
+            need(self.mask == "causal", "mask", "must be 'causal' (the decoder) when encoder_layers > 0")
+            need(self.mtp_depth == 0, "mtp_depth", "is not supported with an encoder (encoder_layers > 0)")
+            need(self.qk_norm is None, "qk_norm", "is not supported with cross-attention (encoder_layers > 0)")
+            need(self.attention == "mha", "attention", "must be 'mha' with cross-attention (encoder_layers > 0)")
+        if self.pos_emb == "relative":
+            need(self.relative_attention_num_buckets >= 4, "relative_attention_num_buckets",
+                 f"must be >= 4, got {self.relative_attention_num_buckets}")
+            need(self.relative_attention_max_distance > self.relative_attention_num_buckets // 4,
+                 "relative_attention_max_distance", "must exceed relative_attention_num_buckets // 4")
+            need(self.attn_softcap is None, "attn_softcap", "is not supported with pos_emb='relative'")
+        if self.moe_first_layer is not None:
+            need(self.moe_first_layer >= 0, "moe_first_layer", f"must be >= 0, got {self.moe_first_layer}")
+        if self.expert_capacity is not None:
+            need(self.expert_capacity > 0, "expert_capacity", f"must be positive, got {self.expert_capacity}")
+            need(self.n_experts_per_tok == 1, "expert_capacity", "(Switch's) needs top-1 routing (n_experts_per_tok=1)")
+
+    def encoder_config(self) -> "ModelConfig":
+        """The encoder stack of an encoder-decoder model: the same parts, ``encoder_layers`` blocks,
+        bidirectional, no cross-attention and no head of its own."""
+        return self.replace(name=f"{self.name}-encoder", n_layers=self.encoder_layers, encoder_layers=0,
+                            mask="bidirectional", tie_embeddings=True, lm_head_bias=False, head_input_scale=False)
+
     # --- derived quantities ---------------------------------------------------------------
     @property
     def rotary_dim(self) -> int:
@@ -361,7 +407,8 @@ class ModelConfig:
         return self.layer_window(i) or self.layer_chunk(i)
 
     def layer_is_moe(self, i: int) -> bool:
-        return self.n_experts > 0 and i >= self.first_k_dense and (i + 1) % self.moe_layer_step == 0
+        first = self.moe_layer_step - 1 if self.moe_first_layer is None else self.moe_first_layer
+        return self.n_experts > 0 and i >= max(self.first_k_dense, first) and (i - first) % self.moe_layer_step == 0
 
     def layer_qk_norm(self, i: int) -> str | None:
         """Layer i's QK-norm: Llama 4's weightless "l2" norm is on RoPE layers only."""

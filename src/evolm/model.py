@@ -5,6 +5,11 @@ block holds (see ``evolm/nn``). The forward pass is the same code for training, 
 cached decoding: a cache (``evolm.cache.Cache``) is passed in, never hidden in module state.
 Which keys each query sees is planned outside the layers (``nn/masks.py``), so an encoder or a
 prefix-LM is a ``mask_kind``, not another model.
+
+An encoder-decoder (T5, BART, Switch: ``encoder_layers > 0``) is this class twice over: the
+``encoder`` is a ``Transformer`` of the same parts with a bidirectional mask and no head, sharing
+the token embedding; the decoder is this one, whose blocks also cross-attend the encoder output
+(``nn/cross_attention.py``, keys/values cached once per request in ``cache/cross.py``).
 """
 
 from __future__ import annotations
@@ -15,24 +20,32 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from evolm.cache.cross import CrossCache
 from evolm.config import ModelConfig
 from evolm.nn.block import Block
 from evolm.nn.heads import Head
 from evolm.nn.loss import fused_linear_cross_entropy
 from evolm.nn.masks import MaskInputs, MaskKind, plan_masks
-from evolm.nn.moe import MoE, Experts, Router
+from evolm.nn.moe import MoE, Experts, Router, pooled_router_losses
 from evolm.nn.mtp import MTPLayer, mtp_loss
 from evolm.nn.norm import make_norm
+from evolm.nn.relative_position import RelativePositionBias
 from evolm.nn.rope import RotaryEmbedding
 
 
 class Transformer(nn.Module):
     compiled_loss = False  # the fused loss's chunk kernels through inductor (the trainer sets it with train.compile)
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, shared_embedding: nn.Embedding | None = None):
+        """``shared_embedding``: an encoder's token embedding, the decoder's (held, not registered,
+        so the weights are saved once, under ``embed_tokens``)."""
         super().__init__()
         self.config = c = config
-        self.embed_tokens = _embedding(c.vocab_size, c.d_model)
+        if shared_embedding is None:
+            self.embed_tokens = _embedding(c.vocab_size, c.d_model)
+        else:
+            self.embed_tokens = None
+            self._shared_embedding = (shared_embedding,)
         self.pos_embed = _embedding(c.max_seq_len + c.pos_offset, c.d_model) if c.pos_emb == "learned" else None
         self.type_embed = _embedding(c.type_vocab_size, c.d_model) if c.type_vocab_size else None
         self.embed_norm = make_norm(c) if c.embed_norm else None
@@ -41,6 +54,11 @@ class Transformer(nn.Module):
         self.lm_head = None if c.tie_embeddings or c.head != "lm" else \
             nn.Linear(c.d_model, c.vocab_size, bias=c.lm_head_bias)
         self.head = Head(c) if Head.wanted(c) else None  # an encoder's heads (nn/heads.py)
+        # T5's relative position biases: one table for the stack (nn/relative_position.py)
+        self.rel_pos = RelativePositionBias(c, bidirectional=c.mask == "bidirectional") \
+            if c.pos_emb == "relative" else None
+        # an encoder-decoder's encoder: the same parts, bidirectional, sharing the token embedding
+        self.encoder = Transformer(c.encoder_config(), shared_embedding=self.embed_tokens) if c.encoder_layers else None
         # DeepSeek-V3's multi-token prediction modules (nn/mtp.py): their construction draws no
         # numbers from the global generator and they are initialised last, so the main model's
         # weights are the same with or without them
@@ -69,13 +87,13 @@ class Transformer(nn.Module):
     def device(self) -> torch.device:
         """Where the activations are: the embedding's device (a file's blocks embedding,
         ``quant.blocks.BlockEmbedding``, says it without making its float table)."""
-        e = self.embed_tokens
+        e = self.token_embedding()
         return getattr(e, "device", None) or e.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
         """The activations' dtype: what an embedding lookup returns."""
-        e = self.embed_tokens
+        e = self.token_embedding()
         return getattr(e, "dtype", None) or e.weight.dtype
 
     # ------------------------------------------------------------------------------------
@@ -112,7 +130,9 @@ class Transformer(nn.Module):
                 doc_ids: torch.Tensor | None = None, targets: torch.Tensor | None = None,
                 logits_to_keep: int = 0, return_hidden: bool = False,
                 mask_kind: MaskKind | None = None, prefix_len: int | torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+                token_type_ids: torch.Tensor | None = None,
+                decoder_input_ids: torch.Tensor | None = None, decoder_attention_mask: torch.Tensor | None = None,
+                cross: CrossCache | None = None) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, vocab), or (B, 1, vocab) with ``last_only``.
 
         ``logits_to_keep=k > 0``: logits of the last k positions only, (B, k, vocab) (transformers'
@@ -130,7 +150,21 @@ class Transformer(nn.Module):
         ``mask_kind``: ``causal`` (a decoder), ``bidirectional`` (an encoder) or ``prefix``
         (prefix-LM, with ``prefix_len``); None: the config's ``mask``. See ``nn/masks.py``.
         ``token_type_ids`` (B, T): BERT's segment ids (default 0) when ``type_vocab_size > 0``.
+
+        An encoder-decoder (``encoder_layers > 0``) reads ``input_ids`` / ``attention_mask`` with
+        its encoder and returns the decoder's logits (B, T_dec, vocab) for ``decoder_input_ids`` /
+        ``decoder_attention_mask`` (``targets`` then align with ``decoder_input_ids``; the other
+        arguments are the decoder's). ``cross``: the encoder output already computed
+        (:meth:`encode`; generation passes it at every step, so the encoder runs once).
         """
+        if self.encoder is not None:
+            if decoder_input_ids is None:
+                raise ValueError("an encoder-decoder model needs decoder_input_ids (the decoder's tokens)")
+            if cross is None:
+                cross = self.encode(input_ids, attention_mask)
+            input_ids, attention_mask = decoder_input_ids, decoder_attention_mask
+        elif decoder_input_ids is not None or cross is not None:
+            raise ValueError("decoder_input_ids / cross are for encoder-decoder models (encoder_layers > 0)")
         B, T = input_ids.shape
         start, key_valid = self._reserve(cache, T, attention_mask, doc_ids, position_ids)
         if position_ids is None:
@@ -140,8 +174,11 @@ class Transformer(nn.Module):
         kind = mask_kind or self.config.mask
         masks = plan_masks(self.config, cache, MaskInputs(start, T, key_valid, doc_ids, kind, prefix_len),
                            input_ids.device)
+        if self.rel_pos is not None:
+            masks = self.rel_pos.fold_into(masks, start, T, x.dtype)
+        extra = {"cross": cross} if cross is not None else {}
         for layer, rope, (mask, is_causal) in zip(self.layers, ropes, masks):
-            x = layer(x, rope, mask, is_causal, cache)
+            x = layer(x, rope, mask, is_causal, cache, **extra)
         if cache is not None:
             cache.advance(T)
         if targets is not None and self.mtp_layers is not None and self.training:
@@ -149,6 +186,18 @@ class Transformer(nn.Module):
             extra = mtp_loss(self, h, input_ids, targets, position_ids, doc_ids)  # before the MoE losses are summed
             return self.loss_from_hidden(h, targets) + extra
         return self.output(x, last_only, logits_to_keep, return_hidden, targets, attention_mask)
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> CrossCache:
+        """Run the encoder once: its final states and padding, ready for the decoder to cross-attend."""
+        if self.encoder is None:
+            raise ValueError("encode() needs an encoder-decoder model (encoder_layers > 0)")
+        if input_ids is None:
+            raise ValueError("an encoder-decoder model needs input_ids (the encoder's tokens) or cross")
+        return CrossCache(self.encoder(input_ids, attention_mask=attention_mask, return_hidden=True), attention_mask)
+
+    def token_embedding(self) -> nn.Embedding:
+        """The token embedding table: this model's, or for an encoder the decoder's it shares."""
+        return self.embed_tokens if self.embed_tokens is not None else self._shared_embedding[0]
 
     def _reserve(self, cache, T: int, attention_mask, doc_ids, position_ids) -> tuple[int, torch.Tensor | None]:
         """The first new slot and the key validity by slot; checks what a cache cannot take."""
@@ -189,7 +238,7 @@ class Transformer(nn.Module):
         position table by ``pos_offset``; ModernBERT (arXiv:2412.13663) norms the token embedding alone.
         """
         c = self.config
-        x = self.embed_tokens(input_ids)
+        x = self.token_embedding()(input_ids)
         if c.embed_scale:  # Gemma: sqrt(d), rounded to the activation dtype as the reference does
             x = x * torch.tensor(c.d_model ** 0.5, dtype=x.dtype)
         if self.type_embed is not None:
@@ -228,6 +277,8 @@ class Transformer(nn.Module):
             x = x[:, -logits_to_keep:]
         if self.norm is not None:
             x = self.norm(x)
+        if c.head_input_scale:  # T5's tied head (Mesh TensorFlow): logits of d_model ** -0.5 * h
+            x = x * c.d_model ** -0.5
         if c.head != "lm":
             if return_hidden:
                 return x
@@ -283,7 +334,20 @@ class Transformer(nn.Module):
         return self
 
     def aux_loss(self) -> torch.Tensor | None:
-        """Sum of the MoE auxiliary losses recorded by the last training forward pass."""
+        """Sum of the MoE auxiliary losses recorded by the last training forward pass.
+
+        With ``moe_loss_groups="sequence"`` (Switch) each stack's losses pool the router logits of
+        all its MoE layers (:func:`evolm.nn.moe.pooled_router_losses`); an encoder adds its own.
+        """
+        c = self.config
+        if c.moe_loss_groups == "sequence":
+            losses = []
+            for stack in (self, self.encoder):
+                moes = [] if stack is None else [layer.mlp for layer in stack.layers if isinstance(layer.mlp, MoE)]
+                if any(m.router_logits is not None for m in moes):
+                    z, balance = pooled_router_losses([m.router_logits for m in moes])
+                    losses.append(c.moe_z_loss_coef * z + c.moe_aux_loss_coef * balance)
+            return sum(losses) if losses else None
         losses = [m.aux_loss for m in self.modules() if isinstance(m, MoE) and m.aux_loss is not None]
         return sum(losses) if losses else None
 
@@ -293,11 +357,14 @@ class Transformer(nn.Module):
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
-        if exclude_embeddings and isinstance(self.embed_tokens, nn.Embedding):  # a blocks embedding holds buffers
-            n -= self.embed_tokens.weight.numel()
-            for table in (self.pos_embed, self.type_embed):
-                if table is not None:
-                    n -= table.weight.numel()
+        if exclude_embeddings:
+            table = self.embed_tokens  # None in an encoder that shares the decoder's (counted there)
+            n -= table.weight.numel() if isinstance(table, nn.Embedding) else 0  # a blocks embedding holds buffers
+            for stack in (self, self.encoder):  # an encoder-decoder's encoder has its own position table
+                rel = stack.rel_pos.relative_attention_bias if stack is not None and stack.rel_pos is not None else None
+                for table in (stack.pos_embed, stack.type_embed, rel) if stack is not None else ():
+                    if table is not None:
+                        n -= table.weight.numel()
         return n
 
 

@@ -45,6 +45,15 @@ FLOPs per token (multiply-add = 2 FLOPs)
     (Chowdhery et al. 2022, arXiv:2204.02311, Appendix B), whose training total is
     ``6N + 12 * n_layers * n_heads * head_dim * T``. Local layers use ``min(T, window)``.
     ``forward_flops_per_token`` = 2N + attention forward; ``flops_per_token`` (training) = 3x that.
+
+Encoder-decoders (T5, BART, Switch: ``encoder_layers > 0``)
+    The encoder's parameters join the parts (its token embedding is the decoder's, counted once;
+    T5's relative position tables count as embeddings), each decoder layer adds its
+    cross-attention projections (attention) and norm. A *token* is then one source token and one
+    target token, both at ``context_len``: N is the active weights of both stacks, and the
+    attention FLOPs add the encoder's self-attention and the decoder's cross-attention over the
+    source. ``cross_kv_cache_bytes_at_context``: the cross-attention keys/values of a source of
+    ``context_len`` tokens, held by every decoder layer for the whole request (0 for a decoder).
 """
 
 from __future__ import annotations
@@ -104,8 +113,7 @@ def param_counts(c: ModelConfig) -> dict[str, int]:
     d = c.d_model
     parts = dict.fromkeys(("embeddings", "attention", "mlp", "experts", "shared_experts", "router",
                            "norms", "lm_head", "head"), 0)
-    parts["embeddings"] = (c.vocab_size + c.type_vocab_size) * d + \
-        ((c.max_seq_len + c.pos_offset) * d if c.pos_emb == "learned" else 0)
+    parts["embeddings"] = (c.vocab_size + c.type_vocab_size) * d + _positions_size(c)
     attn, attn_norms = _attention_size(c)
     expert = (3 if c.mlp == "glu" else 2) * d * c.moe_d_ff  # one routed expert (no biases)
     for i in range(c.n_layers):
@@ -118,11 +126,28 @@ def param_counts(c: ModelConfig) -> dict[str, int]:
                 parts["shared_experts"] += _mlp_size(c, c.moe_d_ff * c.n_shared_experts)
         else:
             parts["mlp"] += _mlp_size(c, c.d_ff)
+        if c.encoder_layers:  # the decoder's cross-attention and its norm
+            parts["attention"] += attn
+            parts["norms"] += attn_norms + _norm_size(c, d)
     parts["norms"] += (c.final_norm + c.embed_norm - (not c.first_attn_norm)) * _norm_size(c, d)
     if not c.tie_embeddings and c.head == "lm":
         parts["lm_head"] = c.vocab_size * d + (c.vocab_size if c.lm_head_bias else 0)
     parts["head"] = _head_size(c)
+    if c.encoder_layers:
+        encoder = param_counts(c.encoder_config())
+        encoder["embeddings"] -= c.vocab_size * d  # the token embedding is shared
+        for k, n in encoder.items():
+            parts[k] += n
     return parts
+
+
+def _positions_size(c: ModelConfig) -> int:
+    """A learned position table (shifted by ``pos_offset`` rows) or T5's bucket biases."""
+    if c.pos_emb == "learned":
+        return (c.max_seq_len + c.pos_offset) * c.d_model
+    if c.pos_emb == "relative":
+        return c.relative_attention_num_buckets * c.n_heads
+    return 0
 
 
 def _head_size(c: ModelConfig) -> int:
@@ -140,7 +165,8 @@ def _head_size(c: ModelConfig) -> int:
 
 def _active_experts(c: ModelConfig) -> int:
     n_moe = sum(c.layer_is_moe(i) for i in range(c.n_layers))
-    return n_moe * c.n_experts_per_tok * (3 if c.mlp == "glu" else 2) * c.d_model * c.moe_d_ff
+    own = n_moe * c.n_experts_per_tok * (3 if c.mlp == "glu" else 2) * c.d_model * c.moe_d_ff
+    return own + (_active_experts(c.encoder_config()) if c.encoder_layers else 0)
 
 
 # --- KV cache -------------------------------------------------------------------------------
@@ -161,6 +187,12 @@ def kv_cache_bytes(c: ModelConfig, context_len: int, bytes_per_value: int = 2, b
     return batch * per_layer * tokens
 
 
+def cross_kv_cache_bytes(c: ModelConfig, source_len: int, bytes_per_value: int = 2, batch: int = 1) -> int:
+    """Bytes of an encoder-decoder's cross-attention keys/values for a source of ``source_len``
+    tokens: every decoder layer keeps its own projection of the encoder output (0 for a decoder)."""
+    return batch * c.n_layers * kv_values_per_token(c) * bytes_per_value * source_len if c.encoder_layers else 0
+
+
 # --- FLOPs ----------------------------------------------------------------------------------
 def attention_forward_flops(c: ModelConfig, context_len: int) -> int:
     """Forward FLOPs per token of the score and weighted-sum matmuls, over all layers."""
@@ -173,6 +205,9 @@ def attention_forward_flops(c: ModelConfig, context_len: int) -> int:
         window = c.layer_kv_span(i)  # a chunked layer: at most its chunk (the last token of one)
         t = context_len if window is None else min(context_len, window)
         total += 2 * t * c.n_heads * (d_qk + d_v)
+    if c.encoder_layers:  # the encoder's self-attention, and each decoder layer's cross-attention
+        total += attention_forward_flops(c.encoder_config(), context_len)
+        total += c.n_layers * 2 * context_len * c.n_heads * (d_qk + d_v)
     return total
 
 
@@ -208,6 +243,7 @@ def cost_card(config: ModelConfig | str, context_len: int | None = None,
         "kv_cache_bytes_per_token_uncapped": kv_values_per_token(c) * bytes_per_value * c.n_layers,
         "kv_cache_bytes_at_context": kv_at,
         "kv_bytes_per_value": bytes_per_value,
+        "cross_kv_cache_bytes_at_context": cross_kv_cache_bytes(c, T, bytes_per_value),
         "flops_per_token": 6 * n_compute + 3 * attn_fwd,
         "forward_flops_per_token": 2 * n_compute + attn_fwd,
         "attention_flops_per_token": 3 * attn_fwd,
@@ -278,6 +314,7 @@ _ROWS = (  # (label, getter, formatter)
     ("KV cache / token (uncapped)", lambda k: k["kv_cache_bytes_per_token_uncapped"], human_bytes),
     ("KV cache / token (at context)", lambda k: k["kv_cache_bytes_per_token"], human_bytes),
     ("KV cache at context (batch 1)", lambda k: k["kv_cache_bytes_at_context"], human_bytes),
+    ("cross-attention KV at context", lambda k: k["cross_kv_cache_bytes_at_context"], human_bytes),
     ("train FLOPs / token", lambda k: k["flops_per_token"], human_flops),
     ("  of which attention", lambda k: k["attention_flops_per_token"], human_flops),
     ("forward FLOPs / token", lambda k: k["forward_flops_per_token"], human_flops),
@@ -318,5 +355,5 @@ def diff_configs(a: ModelConfig | str, b: ModelConfig | str) -> list[tuple[str, 
 
 
 __all__ = ["cost_card", "format_card", "compare_table", "diff_configs", "param_counts",
-           "kv_cache_bytes", "kv_values_per_token", "attention_forward_flops",
+           "kv_cache_bytes", "cross_kv_cache_bytes", "kv_values_per_token", "attention_forward_flops",
            "human_count", "human", "human_bytes", "human_flops"]

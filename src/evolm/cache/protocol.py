@@ -21,9 +21,10 @@ A forward call with a cache goes:
 
 The split -- sequence bookkeeping (1, 2, 4) shared by all layers, storage (3) per layer -- is what
 lets the next cache kinds fit: a state-space layer's recurrent state (Mamba's conv and SSM states,
-O(1) per sequence) is per-layer storage under the same bookkeeping, and an encoder-decoder's
-cross-attention cache is per-layer storage written once per request whose keys have their own
-(bidirectional) layout.
+O(1) per sequence) is per-layer storage under the same bookkeeping. An encoder-decoder's
+cross-attention keys/values are per-layer storage written once per request whose keys have their
+own (bidirectional) layout and no slots to advance: ``cache/cross.py``'s ``CrossCache``, passed to
+the decoder's forward next to this cache (``cross=``), not through it.
 """
 
 from __future__ import annotations

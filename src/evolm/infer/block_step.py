@@ -100,6 +100,8 @@ def plan_for(block: nn.Module, config):
     from evolm.nn.mlp import MLP
 
     attn, mlp = block.self_attn, block.mlp
+    if getattr(block, "cross_attn", None) is not None:
+        raise Unsupported("cross-attention (an encoder-decoder's decoder block)")
     if type(attn) is not Attention or type(mlp) is not MLP:
         raise Unsupported(f"{type(attn).__name__} / {type(mlp).__name__}")
     if config.activation not in ACTIVATIONS:
@@ -126,6 +128,8 @@ def plan_for(block: nn.Module, config):
 def attach(model) -> int:
     """Give every block the fused step it can take; returns how many got one (0 where the kernels
     cannot be built here)."""
+    if all(getattr(block, "cross_attn", None) is not None for block in model.layers):
+        return 0  # an encoder-decoder's decoder blocks: none can take it (no kernels to build)
     if not kernels.available() or next(model.parameters()).device.type != "cpu":
         return 0
     dtype = next(model.parameters()).dtype

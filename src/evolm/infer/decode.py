@@ -8,6 +8,10 @@ Batches of prompts of different lengths are left-padded: every row's last prompt
 the last column, so one decode step serves all rows. Padding is masked out through
 ``attention_mask`` (the cache remembers it) and each row's positions count only its real tokens.
 
+An encoder-decoder (T5, BART) reads the prompt once with its encoder (:meth:`Transformer.encode`,
+whose cross-attention keys/values are then cached per layer), and its decoder starts from
+``decoder_start_token_id`` and generates token by token over its own KV cache.
+
 Which token comes next is :mod:`evolm.infer.sampling`'s; text, streaming and stop strings are
 :mod:`evolm.infer.text`'s; the compiled step is :mod:`evolm.infer.compiled`'s.
 """
@@ -110,7 +114,10 @@ def check_prompt(model, ids: torch.Tensor, real: torch.Tensor, n_new: int) -> No
     """Token ids the model has, and room for ``n_new`` more (learned positions end at max_seq_len)."""
     c = model.config
     longest = int(real.sum(-1).max())
-    if c.pos_emb == "learned" and longest + n_new - 1 > c.max_seq_len:
+    if c.encoder_layers and c.pos_emb == "learned" and max(ids.shape[1], n_new) > c.max_seq_len:
+        raise ValueError(f"generate: prompt of {ids.shape[1]} columns or max_new_tokens={n_new} exceeds the "
+                         f"model's max_seq_len={c.max_seq_len} (learned position embeddings)")
+    if not c.encoder_layers and c.pos_emb == "learned" and longest + n_new - 1 > c.max_seq_len:
         raise ValueError(f"generate: prompt of {longest} tokens + max_new_tokens={n_new} exceeds the "
                          f"model's max_seq_len={c.max_seq_len} (learned position embeddings)")
     if int(ids.max()) >= c.vocab_size or int(ids.min()) < 0:
@@ -145,15 +152,24 @@ def decode_steps(model, ids: torch.Tensor, mask: torch.Tensor | None, params: Sa
     if params.seed is not None and not params.greedy:
         generator = torch.Generator(device=device).manual_seed(params.seed)
     # tokens of prompt and output so far, for the repetition penalty
+    seq2seq = bool(model.config.encoder_layers)
+    compile = compile and not seq2seq  # the compiled step is the decoders'; an encoder-decoder decodes eagerly
     seen = seen_tokens(ids, real, model.config.vocab_size) if params.repetition_penalty != 1.0 else None
+    if seen is not None and seq2seq:  # as transformers does: the penalty sees the decoder's tokens only
+        seen.zero_()
     stops = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
     running = torch.ones(B, dtype=torch.bool, device=device)
 
     # positions count real tokens only: a left-padded row starts at 0 on its first real token
     pos = (real.cumsum(-1) - 1).clamp(min=0)
-    cache = StaticKVCache(B, T + n_new, device=device) if compile else new_cache(model, B, T + n_new)
-    logits = prefill(model, ids, cache, pos, mask, compile=compile, policy=policy)
-    next_pos = pos[:, -1:] + 1
+    if seq2seq:
+        cache, decoder_step = seq2seq_start(model, ids, mask, n_new)
+        start = torch.full((B, 1), model.config.decoder_start_token_id, dtype=torch.long, device=device)
+        logits, next_pos = decoder_step(start), None
+    else:
+        cache = StaticKVCache(B, T + n_new, device=device) if compile else new_cache(model, B, T + n_new)
+        logits = prefill(model, ids, cache, pos, mask, compile=compile, policy=policy)
+        next_pos = pos[:, -1:] + 1
     step_mask = torch.ones(B, 1, dtype=torch.long, device=device) if mask is not None else None
     step_fn = direct = None
     if compile:
@@ -168,14 +184,27 @@ def decode_steps(model, ids: torch.Tensor, mask: torch.Tensor | None, params: Sa
             running = running & ~torch.isin(tok, stops)
         if step == n_new - 1 or (len(stops) and not bool(running.any())):
             return
-        if direct is not None:
+        if seq2seq:
+            logits = decoder_step(tok[:, None])
+        elif direct is not None:
             logits = direct(model=model, tok=tok[:, None], pos=next_pos, cache=cache)
         elif step_fn is not None:
             logits, direct = first_step(step_fn, model, tok[:, None], next_pos, cache, policy)
         else:
             logits = model(tok[:, None], position_ids=next_pos, attention_mask=step_mask, cache=cache,
                            last_only=True)[:, -1]
-        next_pos = next_pos + 1
+        next_pos = next_pos + 1 if next_pos is not None else None
+
+
+def seq2seq_start(model, ids: torch.Tensor, mask: torch.Tensor | None, n_new: int):
+    """An encoder-decoder's request: the encoder run once, the decoder's KV cache, and the step that
+    feeds the decoder one token per row and returns the next-token logits (B, V)."""
+    cross = model.encode(ids, mask)  # its per-layer keys/values are cached at the first step
+    cache = new_cache(model, ids.shape[0], n_new + 1)
+
+    def step(tok: torch.Tensor) -> torch.Tensor:
+        return model(None, decoder_input_ids=tok, cache=cache, cross=cross, last_only=True)[:, -1]
+    return cache, step
 
 
 class EvalMode:

@@ -187,6 +187,8 @@ def state_dict_from_hf(sd: dict[str, torch.Tensor], config: ModelConfig, model_t
     names the top-level weights, places each layer's tensors and, for an encoder, its task head's.
     """
     fam = family(model_type)
+    if fam.weights_from_hf is not None:
+        return fam.weights_from_hf(fam, sd, config)
     keys = list(sd)
     p = _find_prefix(keys, fam.weight_anchor)
     head = [k for k in keys if k.endswith("lm_head.weight") and "layers." not in k]

@@ -37,8 +37,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
            is_causal: bool, scale: float, softcap: float | None = None, dropout: float = 0.0,
            decode_kernel: bool = False, loops: bool = True) -> torch.Tensor:
     """Scaled dot-product attention over (B, H, T, D) tensors; k/v may have fewer heads (GQA).
+    ``mask``: bool (True: may attend) or an additive float mask (biases, -inf where masked).
     ``decode_kernel`` / ``loops``: the decode-time choices of :func:`_attend_few_queries`."""
-    if q.shape[2] <= 4 and not dropout:
+    additive = mask is not None and mask.dtype != torch.bool  # T5's relative biases (nn/relative_position.py)
+    if q.shape[2] <= 4 and not dropout and not additive:
         return _attend_few_queries(q, k, v, mask, is_causal, scale, softcap, decode_kernel, loops)
     if softcap is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,

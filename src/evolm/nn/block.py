@@ -20,6 +20,10 @@ chosen from the registries below by config fields (``attention``; ``moe_layers``
 ``layer_is_moe``), so a new kind of mixer is one module and one registry entry; neither the block
 nor ``Transformer.forward`` changes. Every mixer is called as ``mixer(x, rope, mask, is_causal,
 cache)`` and returns a tensor of x's shape.
+
+An encoder-decoder's decoder blocks (``encoder_layers > 0``) hold a third part between the two,
+cross-attention to the encoder output (``nn/cross_attention.py``), placed like the others: ``pre``
+(T5: ``x = x + cross(norm(x))``) or ``post`` (BART: ``x = norm(x + cross(x))``).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from evolm.nn.attention import Attention
+from evolm.nn.cross_attention import CrossAttention
 from evolm.nn.mla import MultiHeadLatentAttention
 from evolm.nn.mlp import MLP
 from evolm.nn.moe import MoE
@@ -69,6 +74,13 @@ class Block(nn.Module):
             self.attn_out_norm = make_norm(c)
             self.mlp_out_norm = make_norm(c)
         self.resid_dropout = c.resid_dropout
+        self.cross_attn = None
+        if c.encoder_layers:
+            if p not in ("pre", "post"):
+                raise ValueError(f"cross-attention (encoder_layers > 0) needs norm_placement 'pre' or 'post', "
+                                 f"not {p!r}")
+            self.cross_attn = CrossAttention(c, layer_idx)
+            self.cross_norm = make_norm(c)
 
     def _drop(self, x: torch.Tensor) -> torch.Tensor:
         return F.dropout(x, self.resid_dropout, self.training) if self.resid_dropout else x
@@ -76,7 +88,10 @@ class Block(nn.Module):
     # the fused one-token CPU step (evolm.infer.block_step), given by inference preparation
     decode_step = None
 
-    def forward(self, x: torch.Tensor, rope, mask, is_causal: bool, cache=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope, mask, is_causal: bool, cache=None, cross=None) -> torch.Tensor:
+        """``cross``: the ``CrossCache`` of the encoder output (decoder blocks of an encoder-decoder)."""
+        if self.cross_attn is not None:
+            return self._forward_cross(x, rope, mask, is_causal, cache, cross)
         if self.decode_step is not None and cache is not None and x.shape[1] == 1 and not torch.is_grad_enabled():
             y = self.decode_step(x, rope, mask, cache)
             if y is not None:
@@ -100,3 +115,18 @@ class Block(nn.Module):
             return x + attn(self.attn_norm(x)) + mlp(self.mlp_norm(x))
         h = self.attn_norm(x)  # parallel
         return x + attn(h) + mlp(h)
+
+    def _forward_cross(self, x, rope, mask, is_causal, cache, cross) -> torch.Tensor:
+        """Self-attention, cross-attention to the encoder, MLP: T5's pre-norm or BART's post-norm."""
+        if cross is None:
+            raise ValueError("a decoder block with cross-attention needs the encoder output (cross=CrossCache)")
+        attn = lambda h: self._drop(self.self_attn(h, rope, mask, is_causal, cache))  # noqa: E731
+        xattn = lambda h: self._drop(self.cross_attn(h, cross))  # noqa: E731
+        mlp = lambda h: self._drop(self.mlp(h))  # noqa: E731
+        if self.placement == "pre":
+            x = x + attn(self.attn_norm(x))
+            x = x + xattn(self.cross_norm(x))
+            return x + mlp(self.mlp_norm(x))
+        x = self.attn_norm(x + attn(x))
+        x = self.cross_norm(x + xattn(x))
+        return self.mlp_norm(x + mlp(x))

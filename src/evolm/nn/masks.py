@@ -45,7 +45,8 @@ def attention_mask(q_slots: torch.Tensor, k_slots: torch.Tensor, key_valid: torc
     ``q_slots`` (Tq,) and ``k_slots`` (Tk,) are absolute cache slots (-1 marks an empty ring
     entry). ``key_valid`` (B, n_slots) marks real (non-padding) tokens by slot. Causality and the
     window are counted in slots, as the references do. A padding query that would see nothing
-    sees itself, so no row is all-masked (its output is never used). ``doc_ids`` (B, T) isolates
+    sees itself, so no row is all-masked (its output is never used); one that sees real tokens
+    sees just those, as transformers lets it. ``doc_ids`` (B, T) isolates
     packed documents (no cache in that case). ``prefix_len`` (int or (B,)) is the length of the
     bidirectional prefix of ``kind="prefix"``. ``chunk``: keep only keys in the query's chunk
     (:func:`same_chunk`).
@@ -68,7 +69,9 @@ def attention_mask(q_slots: torch.Tensor, k_slots: torch.Tensor, key_valid: torc
         mask = mask & same_chunk(q_slots, k_slots, chunk, key_valid)
     if key_valid is not None:
         mask = mask & key_valid[:, k_slots.clamp(min=0)][:, None, None, :]
-        mask = mask | (diff == 0)[None, None]
+        # only a query that sees no real token sees itself: a padding query after real tokens sees
+        # those, as transformers lets it (Switch routes padding too, so its state takes capacity)
+        mask = mask | ((diff == 0)[None, None] & ~mask.any(-1, keepdim=True))
     if doc_ids is not None:
         mask = mask & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])
     return mask

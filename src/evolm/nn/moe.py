@@ -14,7 +14,12 @@
   with a gated expert the two differ. Maverick alternates dense and MoE layers
   (``moe_layer_step``).
 - Optional losses: the Switch load-balancing loss and the ST-MoE router z-loss
-  (Zoph et al. 2022, arXiv:2202.08906).
+  (Zoph et al. 2022, arXiv:2202.08906), per layer, or (``moe_loss_groups="sequence"``) pooled
+  over a stack's MoE layers with the balance taken per sequence, as transformers' Switch
+  Transformers computes them (:func:`pooled_router_losses`).
+- Switch Transformer (Fedus et al. 2021, arXiv:2101.03961): top-1 routing with an *expert
+  capacity* (``expert_capacity``): an expert takes at most that many tokens of a sequence, in
+  order; the tokens past it skip the layer, carried on by the residual connection alone (sec. 2.2).
 
 Dispatch is vectorised: token-expert assignments are sorted by expert once, each expert runs
 one matmul on its contiguous slice, and results are scattered back with ``index_add_``. Expert
@@ -122,6 +127,30 @@ class Experts(nn.Module):
         return torch.zeros_like(x).index_add_(0, token, ys)
 
 
+def within_capacity(idx: torch.Tensor, n_experts: int, capacity: int) -> torch.Tensor:
+    """(B, T) top-1 expert per token -> (B, T) bool: the token is among the first ``capacity`` of its
+    sequence routed to that expert (Switch's dispatch; transformers' ``token_priority``)."""
+    one_hot = F.one_hot(idx, n_experts)
+    return (one_hot.cumsum(1) * one_hot).sum(-1) <= capacity
+
+
+def pooled_router_losses(router_logits: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A stack's (router z-loss, load-balancing loss) from its MoE layers' logits (each (B, T, E)),
+    unweighted, as transformers' Switch Transformers defines them.
+
+    The layers' tokens are pooled along the sequence. z-loss (ST-MoE, arXiv:2202.08906 eq. 5): the
+    mean of ``logsumexp(logits)**2``. Balance (Switch, arXiv:2101.03961 eqs. 4-6): per sequence,
+    ``E * sum_i f_i * P_i`` with ``f_i`` the share of tokens whose top expert is i (before capacity)
+    and ``P_i`` the mean router probability of i, averaged over sequences.
+    """
+    logits = torch.cat([t.float() for t in router_logits], dim=1)
+    E = logits.shape[-1]
+    z = torch.logsumexp(logits, dim=-1).pow(2).mean()
+    f = F.one_hot(logits.argmax(-1), E).float().mean(1)
+    p = torch.softmax(logits, dim=-1).mean(1)
+    return z, (f * p).mean() * E * E
+
+
 class MoE(nn.Module):
     """Routed experts plus optional shared experts; records its auxiliary losses."""
 
@@ -132,6 +161,9 @@ class MoE(nn.Module):
         self.experts = Experts(c)
         self.shared_experts = MLP(c, d_ff=c.moe_d_ff * c.n_shared_experts) if c.n_shared_experts else None
         self.aux_coef, self.z_coef = c.moe_aux_loss_coef, c.moe_z_loss_coef
+        self.capacity = c.expert_capacity
+        self.pooled_losses = c.moe_loss_groups == "sequence"
+        self.router_logits: torch.Tensor | None = None  # (B, T, E) of the last training forward (pooled losses)
         self.aux_loss: torch.Tensor | None = None
         self.expert_counts: torch.Tensor | None = None  # this forward's tokens per expert
         # tokens per expert summed over the training forwards since the last bias update (every
@@ -142,7 +174,12 @@ class MoE(nn.Module):
         shape = x.shape
         xf = x.reshape(-1, shape[-1])
         logits, w, idx = self.gate(xf)
-        y = self.experts(xf, w, idx)
+        if self.capacity is not None:  # Switch: tokens past an expert's capacity skip the layer
+            keep = within_capacity(idx.view(*shape[:-1]), logits.shape[-1], self.capacity).reshape(-1)
+            y = torch.zeros_like(xf)
+            y[keep] = self.experts(xf[keep], w[keep], idx[keep])
+        else:
+            y = self.experts(xf, w, idx)
         if self.shared_experts is not None:
             y = y + self.shared_experts(xf)
         with torch.no_grad():
@@ -150,7 +187,8 @@ class MoE(nn.Module):
             if self.training and self.gate.e_score_correction_bias is not None:
                 self.step_counts = self.expert_counts if self.step_counts is None \
                     else self.step_counts + self.expert_counts
-        if self.training and (self.aux_coef or self.z_coef):
+        self.router_logits = logits.view(*shape[:-1], -1) if self.training and self.pooled_losses else None
+        if self.training and (self.aux_coef or self.z_coef) and not self.pooled_losses:
             loss = logits.new_zeros(())
             if self.aux_coef:  # Switch: E * sum_i (tokens routed to i / tokens) * (mean prob of i)
                 frac = self.expert_counts.float() / idx.shape[0]

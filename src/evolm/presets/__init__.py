@@ -1,7 +1,7 @@
 """Published model sizes as data: ``get_preset('llama-3-8b')`` -> a fresh ``ModelConfig``.
 
 Each family file (gpt, palm, llama, falcon, mistral, gemma, olmo, qwen, deepseek, smollm, and the encoders
-bert, modernbert; tiny) holds a dict
+bert, modernbert; the encoder-decoders t5, bart; tiny) holds a dict
 ``PRESETS`` of name -> keyword arguments of ``ModelConfig``, with the published
 hyper-parameters (from each model's released ``config.json``) and a ``meta`` dict citing the
 Hugging Face id, the paper and the published parameter count (``params``; ``active`` for
@@ -16,7 +16,8 @@ import copy
 import difflib
 
 from evolm.config import ConfigError, ModelConfig
-from evolm.presets import bert, deepseek, falcon, gemma, gpt, llama, mistral, modernbert, olmo, palm, qwen, smollm, tiny
+from evolm.presets import (bart, bert, deepseek, falcon, gemma, gpt, llama, mistral, modernbert, olmo, palm, qwen,
+                           smollm, t5, tiny)
 
 FAMILIES = {
     "gpt": gpt.PRESETS,
@@ -29,6 +30,8 @@ FAMILIES = {
     "qwen": qwen.PRESETS,
     "deepseek": deepseek.PRESETS,
     "smollm": smollm.PRESETS,
+    "t5": t5.PRESETS,
+    "bart": bart.PRESETS,
     "bert": bert.PRESETS,
     "modernbert": modernbert.PRESETS,
     "tiny": tiny.PRESETS,

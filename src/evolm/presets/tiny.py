@@ -5,6 +5,7 @@ variants), shrunk to a 256-512 token vocabulary and widths of 64-96 so that a fo
 backward pass takes milliseconds on a CPU. ``meta['mimics']`` names the preset they shrink.
 """
 
+from evolm.presets.bart import PRESETS as _BART
 from evolm.presets.bert import PRESETS as _BERT
 from evolm.presets.deepseek import PRESETS as _DS
 from evolm.presets.falcon import PRESETS as _FALCON
@@ -15,6 +16,7 @@ from evolm.presets.mistral import PRESETS as _MISTRAL
 from evolm.presets.modernbert import PRESETS as _MODERNBERT
 from evolm.presets.olmo import PRESETS as _OLMO
 from evolm.presets.qwen import PRESETS as _QWEN
+from evolm.presets.t5 import PRESETS as _T5
 
 
 def _shrink(base: dict, mimics: str, **sizes) -> dict:
@@ -62,4 +64,16 @@ PRESETS = {
                             d_ff=256, max_seq_len=256),
     "tiny-modernbert": _shrink(_MODERNBERT["modernbert-base"], "modernbert-base", vocab_size=512, d_model=64,
                                n_layers=3, n_heads=4, d_ff=96, max_seq_len=256, sliding_window=16),
+    # encoder-decoders (tests/test_seq2seq.py): two stacks, so fewer layers each
+    "tiny-t5": _shrink(_T5["t5-small"], "t5-small", vocab_size=512, d_model=64, n_layers=2, encoder_layers=2,
+                       n_heads=4, head_dim=16, d_ff=128, relative_attention_num_buckets=16,
+                       relative_attention_max_distance=64),
+    "tiny-t5-v1_1": _shrink(_T5["t5-v1_1-small"], "t5-v1_1-small", vocab_size=512, d_model=64, n_layers=2,
+                            encoder_layers=2, n_heads=4, head_dim=16, d_ff=96, relative_attention_num_buckets=16,
+                            relative_attention_max_distance=64),
+    "tiny-switch": _shrink(_T5["switch-base-8"], "switch-base-8", vocab_size=512, d_model=64, n_layers=2,
+                           encoder_layers=2, n_heads=4, head_dim=16, d_ff=64, n_experts=4, expert_capacity=16,
+                           relative_attention_num_buckets=16, relative_attention_max_distance=64),
+    "tiny-bart": _shrink(_BART["bart-base"], "bart-base", vocab_size=512, d_model=64, n_layers=2, encoder_layers=2,
+                         n_heads=4, d_ff=128, max_seq_len=256),
 }

@@ -28,7 +28,10 @@ OPTIONAL_PARTS = {"nope_layers": (), "attention_chunk_size": None, "attn_tempera
                   # the encoders' parts (bert.py, modernbert.py)
                   "embed_norm": False, "type_vocab_size": 0, "pos_offset": 0, "positions_from_mask": False,
                   "lm_head_bias": False, "head": "lm", "head_transform": False, "pooler": False,
-                  "first_attn_norm": True, "global_layer_first": False}
+                  "first_attn_norm": True, "global_layer_first": False,
+                  # the encoder-decoders' parts (t5.py, bart.py)
+                  "moe_first_layer": None, "expert_capacity": None, "moe_loss_groups": "layer", "encoder_layers": 0,
+                  "head_input_scale": False}
 
 
 class Needs(list):
@@ -99,6 +102,9 @@ class Family:
     layer_tag: str = "layers."
     layer_from_hf: Callable[..., bool] = decoder.layer_from_hf
     weights_to_hf: Callable[..., dict] = decoder.weights_to_hf
+    # a layout the per-layer renaming cannot say (encoder-decoders: families/seq2seq.py):
+    # (family, checkpoint tensors, config) -> ours, replacing the driver's walk
+    weights_from_hf: Callable[..., dict] | None = None
 
     # --- GGUF (llama.cpp) ---------------------------------------------------------------------------
     gguf_archs: tuple[str, ...] = ()  # general.architecture values this family reads
