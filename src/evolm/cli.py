@@ -320,7 +320,7 @@ def cmd_data(args) -> None:
 def cmd_tokenizer(args) -> None:
     from evolm.data.prepare import load_spec
     from evolm.data.sources import iter_documents
-    from evolm.tokenizer import train_bpe
+    from evolm.tokenizer import train_tokenizer
 
     sources, _ = load_spec(args.sources if len(args.sources) != 1 else args.sources[0])
 
@@ -329,9 +329,11 @@ def cmd_tokenizer(args) -> None:
             for doc in iter_documents(s, args.data_dir):
                 yield doc.text
 
-    tok = train_bpe(texts(), vocab_size=args.vocab_size, special_tokens=args.special or ["<|endoftext|>"])
+    tok = train_tokenizer(texts(), vocab_size=args.vocab_size, model=args.model, special_tokens=args.special,
+                          lowercase=args.lowercase)
     path = tok.save(args.out)
-    print(f"trained byte-level BPE with {tok.vocab_size} tokens -> {path}")
+    kind = {"bpe": "byte-level BPE", "wordpiece": "WordPiece", "unigram": "unigram (SentencePiece)"}[args.model]
+    print(f"trained {kind} with {tok.vocab_size} tokens -> {path}")
 
 
 # --- doctor ----------------------------------------------------------------------------------
@@ -502,7 +504,7 @@ def _data_parser(d: argparse.ArgumentParser) -> None:
     di.add_argument("--force", action="store_true")
     di.add_argument("--post", action="store_true",
                     help="install the post-training sets instead (LLaMA-Factory's alpaca_en_demo + dpo_en_demo, "
-                         "OpenAI evals chat samples) into data/post")
+                         "OpenAI evals chat samples, BBC news classification) into data/post")
     dp = dsub.add_parser("prepare", help="filter, dedup, split and tokenize sources into shards")
     dp.add_argument("spec", nargs="+", help="built-in corpus names, paths, or a JSON/YAML spec file")
     dp.add_argument("--tokenizer", required=True, help="tokenizer.json, HF folder or GGUF file")
@@ -555,10 +557,17 @@ def _post_parser(name: str, module: str, config_name: str):
 
 def _tokenizer_parser(t: argparse.ArgumentParser) -> None:
     tsub = t.add_subparsers(dest="tok_cmd", required=True)
-    tt = tsub.add_parser("train", help="train a byte-level BPE on a corpus")
+    from evolm.tokenizer import TOKENIZER_MODELS
+
+    tt = tsub.add_parser("train", help="train a tokenizer (byte-level BPE, WordPiece, unigram) on a corpus")
     tt.add_argument("sources", nargs="+", help="built-in corpus names, paths, or a spec file")
+    tt.add_argument("--model", choices=tuple(TOKENIZER_MODELS), default="bpe",
+                    help="bpe: GPT-2's byte-level BPE; wordpiece: BERT's; unigram: T5's SentencePiece unigram")
     tt.add_argument("--vocab-size", type=int, default=8192)
-    tt.add_argument("--special", action="append", help="special token (repeatable)")
+    tt.add_argument("--special", action="append",
+                    help="special token (repeatable; default: the family's, in role order: "
+                         + "; ".join(f"{m}: {' '.join(t)}" for m, t in TOKENIZER_MODELS.items()) + ")")
+    tt.add_argument("--lowercase", action="store_true", help="an uncased WordPiece (as bert-base-uncased)")
     tt.add_argument("--out", required=True, help="folder for tokenizer.json")
     tt.add_argument("--data-dir", default=None)
     t.set_defaults(func=cmd_tokenizer)
