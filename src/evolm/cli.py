@@ -336,6 +336,30 @@ def cmd_tokenizer(args) -> None:
     print(f"trained {kind} with {tok.vocab_size} tokens -> {path}")
 
 
+# --- embed -----------------------------------------------------------------------------------
+def cmd_embed(args) -> None:
+    import dataclasses
+
+    import torch
+
+    from evolm.infer.embed import embed_texts, embedding_options, read_texts, write_embeddings
+    from evolm.loading import as_dtype, load, resolve_device
+
+    texts = read_texts(args.input)  # a bad input file is named before the model loads
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tok = load(args.model, dtype=as_dtype(args.dtype), device=resolve_device(args.device), need_tokenizer=True)
+    options = embedding_options(model, args.model)
+    changed = {k: v for k, v in (("pooling", args.pooling), ("max_length", args.max_length),
+                                 ("normalize", args.normalize)) if v is not None}
+    options = dataclasses.replace(options, **changed)
+    vectors = embed_texts(model, tok, texts, options, batch_size=args.batch_size)
+    path = write_embeddings(vectors, args.out)
+    print(f"{len(texts)} embeddings of {vectors.shape[1]} dims ({options.pooling} pooling"
+          f"{', unit length' if options.normalize else ''}, at most {options.max_length} tokens) -> {path}",
+          file=sys.stderr)
+
+
 # --- doctor ----------------------------------------------------------------------------------
 def cmd_doctor(args) -> None:
     from evolm.doctor import run_doctor
@@ -573,6 +597,26 @@ def _tokenizer_parser(t: argparse.ArgumentParser) -> None:
     t.set_defaults(func=cmd_tokenizer)
 
 
+def _embed_parser(e: argparse.ArgumentParser) -> None:
+    from evolm.infer.embed import POOLINGS
+
+    e.add_argument("--model", required=True, help="an encoder: HF folder (e.g. all-MiniLM-L6-v2) or evolm checkpoint")
+    e.add_argument("--input", required=True, help="UTF-8 text file, one text per line")
+    e.add_argument("--out", required=True, help="embeddings: .npy (float32 N x d) or JSON Lines (one array per "
+                                                "input line)")
+    e.add_argument("--batch-size", type=int, default=32)
+    e.add_argument("--max-length", type=int, default=None,
+                   help="tokens per text (default: sentence_bert_config.json's max_seq_length, else the model's)")
+    e.add_argument("--pooling", choices=POOLINGS, default=None,
+                   help="over the real tokens (default: the folder's 1_Pooling/config.json, else mean)")
+    e.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
+                   help="unit length (default: on unless modules.json lists no Normalize)")
+    e.add_argument("--dtype", choices=DTYPES, default="float32")
+    e.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    e.add_argument("--threads", type=int, default=None)
+    e.set_defaults(func=cmd_embed)
+
+
 def _doctor_parser(dr: argparse.ArgumentParser) -> None:
     from evolm.doctor import add_doctor_args
 
@@ -602,6 +646,9 @@ COMMANDS = (
      _post_parser("grpo", "grpo", "GRPOConfig")),
     ("distill", "distil a teacher's next-token distributions into a student (forward / reverse KL, generalized "
                 "JSD, on-policy GKD)", _post_parser("distill", "distill", "DistillConfig")),
+    ("embed", "sentence embeddings from an encoder (mean-pooled, unit length), one per input line", _embed_parser),
+    ("finetune", "fine-tune an encoder for a task: --task classify (text, label rows), accuracy before/after",
+     _post_parser("finetune", "classify", "FinetuneConfig")),
     ("tokenizer", "train a tokenizer", _tokenizer_parser),
     ("doctor", "check this machine and the pinned assets; print the command that fixes each gap", _doctor_parser),
 )
