@@ -61,9 +61,8 @@ def embedding_options(model, folder: str | os.PathLike | None = None) -> Embeddi
             raise ValueError(f"{pool_file}: exactly one of mean / cls / max pooling is supported, found {modes}")
         pooling = modes[0]
     if (d / "modules.json").is_file():
-        modules = _read(d / "modules.json")
-        normalize = isinstance(modules, list) and any(
-            isinstance(m, dict) and str(m.get("type", "")).endswith("Normalize") for m in modules)
+        modules = _read(d / "modules.json", list)
+        normalize = any(isinstance(m, dict) and str(m.get("type", "")).endswith("Normalize") for m in modules)
     if (d / "sentence_bert_config.json").is_file():
         cut = _read(d / "sentence_bert_config.json").get("max_seq_length")
         if isinstance(cut, int) and not isinstance(cut, bool) and cut >= 2:
@@ -71,10 +70,10 @@ def embedding_options(model, folder: str | os.PathLike | None = None) -> Embeddi
     return EmbeddingOptions(pooling, normalize, limit)
 
 
-def _read(path: Path):
+def _read(path: Path, expect: type = dict):
     from evolm.inputs import read_json
 
-    return read_json(path, ValueError)
+    return read_json(path, ValueError, expect)
 
 
 def pool(states: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:

@@ -55,7 +55,7 @@ def as_classifier(model, num_labels: int, pooling: str | None = None, seed: int 
     kept = {k: v for k, v in old.items() if k in mine and mine[k].shape == v.shape}
     clf.load_state_dict(kept, strict=False)
     clf.reset_buffers()
-    return clf.to(next(model.parameters()).dtype)
+    return clf.to(next(model.parameters()).dtype).train(model.training)
 
 
 def collate(rows: list[dict], pad: int) -> dict[str, torch.Tensor]:
