@@ -311,8 +311,8 @@ def test_old_style_config_keys():
 
 
 def test_config_errors():
-    with pytest.raises(ConfigError, match="model_type 'bert' is not supported; supported: gpt2, openai-gpt, llama"):
-        config_from_hf({"model_type": "bert"})
+    with pytest.raises(ConfigError, match="model_type 'xlnet' is not supported; supported: gpt2, openai-gpt, llama"):
+        config_from_hf({"model_type": "xlnet"})
     with pytest.raises(ConfigError, match="rope type 'dynamic' is not supported"):
         config_from_hf({"model_type": "llama", **LLAMA, "rope_parameters": {"rope_type": "dynamic", "factor": 2.0}})
     with pytest.raises(ConfigError, match="layer_types lists 3 layers but num_hidden_layers is 4"):

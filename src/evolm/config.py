@@ -33,6 +33,8 @@ MLP_TYPES = ("mlp", "glu")
 ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu")
 ROUTERS = ("softmax", "sigmoid")
 ROPE_SCALINGS = ("linear", "llama3", "yarn")
+HEADS = ("lm", "classify", "token_classify", "embed")
+POOLINGS = ("cls", "mean")
 DERIVED = ("n_kv_heads", "head_dim", "d_ff", "moe_d_ff")
 # Structural caps, far above any published model (the deepest has ~130 layers, the widest MoE ~400
 # experts): a config file past them is damaged, and building it would make millions of modules
@@ -45,7 +47,8 @@ MAX_EXPERTS = 65536
 
 @dataclass
 class ModelConfig:
-    """All architectural choices of a decoder-only transformer.
+    """All architectural choices of a transformer: a decoder, or an encoder (``mask='bidirectional'``
+    with a task ``head``).
 
     Sizes use the field's usual names: ``d_model`` (hidden size), ``n_heads`` query heads,
     ``n_kv_heads`` key/value heads (GQA when fewer than ``n_heads``, MQA when 1), ``d_ff``
@@ -71,6 +74,8 @@ class ModelConfig:
     # Falcon-7B) | "parallel2" (attention and MLP in parallel, each with its own norm: Falcon-40B/180B)
     norm_placement: str = "pre"
     final_norm: bool = True  # norm before the LM head (absent in post-norm GPT-1/BERT)
+    # layer 0's attention norm; ModernBERT has none there (its embeddings end in a norm already)
+    first_attn_norm: bool = True
     # --- positions (nn/rope.py) ---------------------------------------------------------
     pos_emb: str = "learned"  # "learned" | "rope" | "none"
     rope_theta: float = 10000.0
@@ -92,6 +97,9 @@ class ModelConfig:
     sliding_window: int | None = None  # tokens a local layer can see (incl. itself)
     # every N-th layer is global, the others local (a sliding window or chunks); 1: all local
     sliding_window_pattern: int = 1
+    # the global layer opens each group of sliding_window_pattern layers (ModernBERT: layers 0, 3, 6 ..)
+    # instead of closing it (Gemma 3: layers 5, 11 ..)
+    global_layer_first: bool = False
     # Llama 4's chunked local attention: a local layer sees only the keys of its own chunk of this
     # many tokens (chunks counted from each row's first real token), instead of a sliding window
     attention_chunk_size: int | None = None
@@ -134,8 +142,28 @@ class ModelConfig:
     # --- embeddings and head (model.py) -------------------------------------------------
     tie_embeddings: bool = True
     embed_scale: bool = False  # Gemma: multiply embeddings by sqrt(d_model)
+    # a norm right after the embedding sum (BERT, RoBERTa, ModernBERT; BART's layernorm_embedding)
+    embed_norm: bool = False
+    type_vocab_size: int = 0  # BERT's token-type (segment A/B) embeddings; 0: none
+    # learned positions: the table row of position p is p + pos_offset (RoBERTa, BART: 2), so the
+    # table has max_seq_len + pos_offset rows
+    pos_offset: int = 0
+    # default positions count only the real tokens of each row of attention_mask (RoBERTa's
+    # create_position_ids_from_input_ids), instead of the slots 0..T-1
+    positions_from_mask: bool = False
     final_softcap: float | None = None  # Gemma 2: tanh soft-capping of the output logits
-    lm_head_bias: bool = False
+    lm_head_bias: bool = False  # a bias on the vocabulary projection (BERT's MLM decoder: also when tied)
+    # --- task heads (nn/heads.py) -------------------------------------------------------
+    # what forward returns: "lm" vocabulary logits (B, T, V) (next-token for a decoder, masked-token
+    # for an encoder) | "classify" (B, num_labels) | "token_classify" (B, T, num_labels) | "embed" (B, d)
+    head: str = "lm"
+    head_transform: bool = False  # BERT's prediction-head transform dense -> act -> norm before the head
+    head_activation: str | None = None  # the transform's activation (None: activation)
+    head_dense_bias: bool = True  # the transform's dense layer has a bias (ModernBERT: classifier_bias)
+    pooling: str = "cls"  # what "classify" and "embed" read: the first token, or the mean of the real ones
+    pooler: bool = False  # BERT's pooler: dense + tanh over the pooled vector before the classifier
+    num_labels: int = 2  # classes of "classify" / "token_classify"
+    head_dropout: float = 0.0  # before the classifier (BERT: hidden_dropout_prob; ModernBERT: classifier_dropout)
     embd_dropout: float = 0.0
     resid_dropout: float = 0.0
     init_std: float = 0.02
@@ -205,6 +233,21 @@ class ModelConfig:
         choice("mlp", MLP_TYPES)
         choice("activation", ACTIVATIONS)
         choice("router", ROUTERS)
+        choice("head", HEADS)
+        choice("pooling", POOLINGS)
+        if self.head_activation is not None:
+            choice("head_activation", ACTIVATIONS)
+        need(self.num_labels > 0, "num_labels", f"must be positive, got {self.num_labels}")
+        need(0.0 <= self.head_dropout < 1.0, "head_dropout", "must be in [0, 1)")
+        need(self.head == "lm" or self.mask == "bidirectional", "head",
+             f"{self.head!r} reads a whole sequence; it needs mask='bidirectional' (an encoder)")
+        need(not self.pooler or self.head == "classify", "pooler", "needs head='classify'")
+        need(self.first_attn_norm or self.norm_placement == "pre", "first_attn_norm",
+             f"False (ModernBERT) needs norm_placement='pre', got {self.norm_placement!r}")
+        need(self.type_vocab_size >= 0, "type_vocab_size", f"must be >= 0, got {self.type_vocab_size}")
+        need(self.pos_offset >= 0, "pos_offset", f"must be >= 0, got {self.pos_offset}")
+        need(self.pos_offset == 0 or self.pos_emb == "learned", "pos_offset",
+             f"({self.pos_offset}) shifts a learned position table, but pos_emb is {self.pos_emb!r}")
         need(self.norm_eps > 0, "norm_eps", f"must be > 0, got {self.norm_eps}")
         need(not (self.norm_unit_offset and self.norm != "rmsnorm"), "norm_unit_offset",
              "(Gemma's (1 + w) scale) needs norm='rmsnorm'")
@@ -299,10 +342,11 @@ class ModelConfig:
 
     def layer_is_local(self, i: int) -> bool:
         """True if layer i attends locally: a sliding window (Gemma 2: every other layer, Gemma 3: 5 of
-        6) or chunks (Llama 4: 3 of 4)."""
+        6, ModernBERT: 2 of 3 after a global first) or chunks (Llama 4: 3 of 4)."""
         if self.sliding_window is None and self.attention_chunk_size is None:
             return False
-        return (i + 1) % self.sliding_window_pattern != 0 or self.sliding_window_pattern == 1
+        return (i if self.global_layer_first else i + 1) % self.sliding_window_pattern != 0 \
+            or self.sliding_window_pattern == 1
 
     def layer_window(self, i: int) -> int | None:
         return self.sliding_window if self.layer_is_local(i) else None

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from evolm.config import ModelConfig
 from evolm.nn.block import Block
+from evolm.nn.heads import Head
 from evolm.nn.loss import fused_linear_cross_entropy
 from evolm.nn.masks import MaskInputs, MaskKind, plan_masks
 from evolm.nn.moe import MoE, Experts, Router
@@ -32,10 +33,14 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = c = config
         self.embed_tokens = _embedding(c.vocab_size, c.d_model)
-        self.pos_embed = _embedding(c.max_seq_len, c.d_model) if c.pos_emb == "learned" else None
+        self.pos_embed = _embedding(c.max_seq_len + c.pos_offset, c.d_model) if c.pos_emb == "learned" else None
+        self.type_embed = _embedding(c.type_vocab_size, c.d_model) if c.type_vocab_size else None
+        self.embed_norm = make_norm(c) if c.embed_norm else None
         self.layers = nn.ModuleList(Block(c, i) for i in range(c.n_layers))
         self.norm = make_norm(c) if c.final_norm else None
-        self.lm_head = None if c.tie_embeddings else nn.Linear(c.d_model, c.vocab_size, bias=c.lm_head_bias)
+        self.lm_head = None if c.tie_embeddings or c.head != "lm" else \
+            nn.Linear(c.d_model, c.vocab_size, bias=c.lm_head_bias)
+        self.head = Head(c) if Head.wanted(c) else None  # an encoder's heads (nn/heads.py)
         # DeepSeek-V3's multi-token prediction modules (nn/mtp.py): their construction draws no
         # numbers from the global generator and they are initialised last, so the main model's
         # weights are the same with or without them
@@ -93,7 +98,8 @@ class Transformer(nn.Module):
                 attention_mask: torch.Tensor | None = None, cache=None, last_only: bool = False,
                 doc_ids: torch.Tensor | None = None, targets: torch.Tensor | None = None,
                 logits_to_keep: int = 0, return_hidden: bool = False,
-                mask_kind: MaskKind | None = None, prefix_len: int | torch.Tensor | None = None) -> torch.Tensor:
+                mask_kind: MaskKind | None = None, prefix_len: int | torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, vocab), or (B, 1, vocab) with ``last_only``.
 
         ``logits_to_keep=k > 0``: logits of the last k positions only, (B, k, vocab) (transformers'
@@ -110,12 +116,13 @@ class Transformer(nn.Module):
         ``doc_ids`` (B, T): packed-document ids; attention stays inside each document.
         ``mask_kind``: ``causal`` (a decoder), ``bidirectional`` (an encoder) or ``prefix``
         (prefix-LM, with ``prefix_len``); None: the config's ``mask``. See ``nn/masks.py``.
+        ``token_type_ids`` (B, T): BERT's segment ids (default 0) when ``type_vocab_size > 0``.
         """
         B, T = input_ids.shape
         start, key_valid = self._reserve(cache, T, attention_mask, doc_ids, position_ids)
         if position_ids is None:
-            position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
-        x = self.embed(input_ids, position_ids)
+            position_ids = self.default_positions(B, T, start, attention_mask, cache, input_ids.device)
+        x = self.embed(input_ids, position_ids, token_type_ids)
         ropes = self.rope_tables(position_ids, x.dtype)
         kind = mask_kind or self.config.mask
         masks = plan_masks(self.config, cache, MaskInputs(start, T, key_valid, doc_ids, kind, prefix_len),
@@ -128,7 +135,7 @@ class Transformer(nn.Module):
             h = self.output(x, return_hidden=True)
             extra = mtp_loss(self, h, input_ids, targets, position_ids, doc_ids)  # before the MoE losses are summed
             return self.loss_from_hidden(h, targets) + extra
-        return self.output(x, last_only, logits_to_keep, return_hidden, targets)
+        return self.output(x, last_only, logits_to_keep, return_hidden, targets, attention_mask)
 
     def _reserve(self, cache, T: int, attention_mask, doc_ids, position_ids) -> tuple[int, torch.Tensor | None]:
         """The first new slot and the key validity by slot; checks what a cache cannot take."""
@@ -147,14 +154,39 @@ class Transformer(nn.Module):
             return start, cache.reserve(T, attention_mask)
         return start, attention_mask.bool() if attention_mask is not None else None
 
-    def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        """Token embeddings (+ learned positions), scaled and dropped out as the config says."""
+    def default_positions(self, B: int, T: int, start: int, attention_mask, cache, device) -> torch.Tensor:
+        """Position ids when the caller gives none: the slots start..start+T-1, or with
+        ``positions_from_mask`` the count of real tokens before each one (RoBERTa), so that a
+        left-padded row starts at position 0 like an unpadded one. Padding gets position -1 (the
+        row below the first, RoBERTa's padding row), clamped to the table."""
+        if not self.config.positions_from_mask or attention_mask is None:
+            return torch.arange(start, start + T, device=device).expand(B, T)
+        if cache is not None:
+            raise ValueError("positions_from_mask counts real tokens of one call; with a cache pass position_ids")
+        m = attention_mask.long()
+        return (m.cumsum(-1) * m - 1).clamp(min=-self.config.pos_offset)
+
+    def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+              token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings (+ learned positions, + token types), normed, scaled and dropped out as
+        the config says.
+
+        BERT (Devlin et al. 2018, arXiv:1810.04805) adds a segment embedding (``type_vocab_size``)
+        and normalises the sum (``embed_norm``); RoBERTa (arXiv:1907.11692) and BART shift the
+        position table by ``pos_offset``; ModernBERT (arXiv:2412.13663) norms the token embedding alone.
+        """
         c = self.config
         x = self.embed_tokens(input_ids)
         if c.embed_scale:  # Gemma: sqrt(d), rounded to the activation dtype as the reference does
             x = x * torch.tensor(c.d_model ** 0.5, dtype=x.dtype)
+        if self.type_embed is not None:
+            x = x + (self.type_embed(token_type_ids) if token_type_ids is not None else self.type_embed.weight[0])
+        elif token_type_ids is not None:
+            raise ValueError("token_type_ids given, but the model has no token-type embeddings (type_vocab_size=0)")
         if self.pos_embed is not None:
-            x = x + self.pos_embed(position_ids)
+            x = x + self.pos_embed(position_ids + c.pos_offset if c.pos_offset else position_ids)
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
         if c.embd_dropout:
             x = F.dropout(x, c.embd_dropout, self.training)
         return x
@@ -170,20 +202,28 @@ class Transformer(nn.Module):
                 for i in range(c.n_layers)]
 
     def output(self, x: torch.Tensor, last_only: bool = False, logits_to_keep: int = 0,
-               return_hidden: bool = False, targets: torch.Tensor | None = None) -> torch.Tensor:
-        """Final norm, then logits, the hidden states, or the loss against ``targets``."""
+               return_hidden: bool = False, targets: torch.Tensor | None = None,
+               attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Final norm, then logits, the hidden states, or the loss against ``targets``; a task head
+        (``config.head``, nn/heads.py) instead gives its own output (or loss) from the normed states."""
         c = self.config
+        if c.head != "lm" and (last_only or logits_to_keep):
+            raise ValueError(f"last_only / logits_to_keep select vocabulary logits; head={c.head!r} has none")
         if last_only:  # prefill for generation needs only the next-token distribution
             x = x[:, -1:]
         elif logits_to_keep > 0:
             x = x[:, -logits_to_keep:]
         if self.norm is not None:
             x = self.norm(x)
+        if c.head != "lm":
+            return x if return_hidden else self.head(x, attention_mask, targets)
+        if c.head_transform:  # BERT's MLM transform: the hidden states the vocabulary projection reads
+            x = self.head.transform(x)
         if return_hidden:
             return x
         if targets is not None:
             return self.loss_from_hidden(x, targets)
-        logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.embed_tokens.weight)
+        logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, *self.head_weight_bias())
         if c.final_softcap is not None:
             logits = c.final_softcap * torch.tanh(logits / c.final_softcap)
         return logits
@@ -196,10 +236,10 @@ class Transformer(nn.Module):
         return loss + aux if aux is not None else loss
 
     def head_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The LM head's (weight, bias): the embedding matrix when tied."""
+        """The LM head's (weight, bias): the embedding matrix when tied (with BERT's own bias, if any)."""
         head = self.lm_head
         if head is None:
-            return self.embed_tokens.weight, None
+            return self.embed_tokens.weight, getattr(self.head, "bias", None)
         if hasattr(head, "blocks"):  # a file's quantized blocks (evolm.quant.blocks.BlockLinear): their float32 weight
             return head.blocks.dequantize(), head.bias
         if hasattr(head, "dequantize"):  # a weight-only quantized head (evolm.quant): the weight it multiplies by
@@ -238,8 +278,9 @@ class Transformer(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         if exclude_embeddings:
             n -= self.embed_tokens.weight.numel()
-            if self.pos_embed is not None:
-                n -= self.pos_embed.weight.numel()
+            for table in (self.pos_embed, self.type_embed):
+                if table is not None:
+                    n -= table.weight.numel()
         return n
 
 

@@ -52,11 +52,13 @@ _OPTIONAL_POSITIVE_INTS = ("num_key_value_heads", "head_dim", "sliding_window", 
                            "kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "v_head_dim", "sliding_window_pattern",
                            "original_max_position_embeddings", "num_kv_heads", "ffn_hidden_size",
                            "num_ln_in_parallel_attn", "intermediate_size_mlp", "attention_chunk_size",
-                           "interleave_moe_layer_step", "no_rope_layer_interval")
-_FINITE = ("rms_norm_eps", "layer_norm_epsilon", "layer_norm_eps", "rope_theta", "initializer_range")
+                           "interleave_moe_layer_step", "no_rope_layer_interval", "type_vocab_size",
+                           "local_attention", "global_attn_every_n_layers")
+_FINITE = ("rms_norm_eps", "layer_norm_epsilon", "layer_norm_eps", "norm_eps", "rope_theta", "initializer_range")
 _OPTIONAL_FINITE = ("attention_dropout", "partial_rotary_factor", "rope_local_base_freq", "routed_scaling_factor",
                     "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping", "floor_scale",
-                    "attn_scale")
+                    "attn_scale", "hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout",
+                    "global_rope_theta", "local_rope_theta")
 _CAPS = {"num_hidden_layers": MAX_LAYERS, "n_layer": MAX_LAYERS, "num_experts": MAX_EXPERTS,
          "n_routed_experts": MAX_EXPERTS, "num_local_experts": MAX_EXPERTS}
 
@@ -170,7 +172,8 @@ def _ignored(name: str) -> bool:
 def _find_prefix(keys: list[str], anchor: str) -> str:
     cands = [k[: -len(anchor)] for k in keys if k.endswith(anchor) and "layers." not in k and ".h." not in k]
     if not cands:
-        raise WeightsError(f"no '{anchor}' tensor among the weights; is this a causal LM checkpoint?")
+        raise WeightsError(f"no '{anchor}' tensor among the weights; is this a checkpoint of the model "
+                           "config.json names?")
     return min(cands, key=len)
 
 
@@ -178,10 +181,10 @@ def state_dict_from_hf(sd: dict[str, torch.Tensor], config: ModelConfig, model_t
     """transformers weight names -> ours (tensors are not copied unless reshaped).
 
     Accepts the usual prefixes (``model.``, ``transformer.``, Gemma 3's ``model.language_model.`` /
-    ``language_model.model.``), ignores what is not part of the language model (vision towers,
-    DeepSeek's multi-token-prediction layers), and raises ``WeightsError`` listing any weight of the
-    language model it does not know. The family (``families/<family>.py``) names the top-level
-    weights and places each layer's tensors.
+    ``language_model.model.``; an encoder's ``bert.`` ...), ignores what is not part of the language
+    model (vision towers, DeepSeek's multi-token-prediction layers), and raises ``WeightsError``
+    listing any weight of the language model it does not know. The family (``families/<family>.py``)
+    names the top-level weights, places each layer's tensors and, for an encoder, its task head's.
     """
     fam = family(model_type)
     keys = list(sd)
@@ -192,14 +195,16 @@ def state_dict_from_hf(sd: dict[str, torch.Tensor], config: ModelConfig, model_t
     experts: dict[tuple[int, str], dict[int, torch.Tensor]] = {}
     shared: dict[str, tuple[str, torch.Tensor]] = {}
     for k in keys:
-        if not k.startswith(p) or k in head:
-            continue
-        rest = k[len(p):]
-        if rest in fam.top_weights:
+        inside = k.startswith(p) and k not in head
+        rest = k[len(p):] if inside else k
+        if inside and rest in fam.top_weights:
             out[fam.top_weights[rest]] = sd[k]
             continue
-        if not rest.startswith(fam.layer_tag):
-            if not _ignored(rest):
+        if not (inside and rest.startswith(fam.layer_tag)):
+            ours = fam.outer_from_hf(fam, config, rest) if fam.outer_from_hf is not None else None
+            if ours:
+                out[ours] = sd[k]
+            elif ours is None and (inside or fam.outer_from_hf is not None) and not _ignored(rest):
                 unknown.append(k)
             continue
         idx, _, name = rest[len(fam.layer_tag):].partition(".")

@@ -61,7 +61,8 @@ class Block(nn.Module):
         self.mlp = make_channel(c, layer_idx)
         p = self.placement
         if p in ("pre", "post", "sandwich", "parallel", "parallel2"):
-            self.attn_norm = make_norm(c)
+            # ModernBERT's first layer reads its normed embeddings directly
+            self.attn_norm = make_norm(c) if layer_idx or c.first_attn_norm else nn.Identity()
         if p in ("pre", "post", "sandwich", "parallel2"):
             self.mlp_norm = make_norm(c)
         if p in ("sandwich", "olmo2"):

@@ -24,7 +24,11 @@ from evolm.interop.families import decoder
 # ModelConfig parts that only some families can write, at the values that switch them off; a family
 # lists the ones it writes in ``Family.parts`` (Llama 4: all of them)
 OPTIONAL_PARTS = {"nope_layers": (), "attention_chunk_size": None, "attn_temperature_tuning": False,
-                  "moe_layer_step": 1, "router_scales_input": False}
+                  "moe_layer_step": 1, "router_scales_input": False,
+                  # the encoders' parts (bert.py, modernbert.py)
+                  "embed_norm": False, "type_vocab_size": 0, "pos_offset": 0, "positions_from_mask": False,
+                  "lm_head_bias": False, "head": "lm", "head_transform": False, "pooler": False,
+                  "first_attn_norm": True, "global_layer_first": False}
 
 
 class Needs(list):
@@ -45,7 +49,7 @@ class Family:
     """One transformers ``model_type``: its config schema both ways, weight names, blockers, GGUF keys."""
 
     model_type: str
-    architecture: str  # the causal-LM class transformers instantiates
+    architecture: str  # the causal-LM class transformers instantiates (an encoder's: its masked-LM class)
     # Values transformers assumes when config.json leaves a key out (its config class's defaults;
     # tests/test_parity_hf.py::test_hf_defaults_match_transformers keeps them honest).
     defaults: Mapping[str, Any]
@@ -60,6 +64,7 @@ class Family:
     qk_norm_flag: str | None = None  # a config.json key that switches qk_norm on or off (Llama 4's use_qk_norm)
     rope_interleave: bool = False  # RoPE rotates adjacent pairs (Llama 4's complex form), not halves
     parts: frozenset[str] = frozenset()  # the OPTIONAL_PARTS this family writes
+    mask: str = "causal"  # ModelConfig.mask: "causal" for a decoder, "bidirectional" for an encoder
     unit_offset_norms: bool = False  # Gemma: RMSNorm scales by (1 + w) and embeddings by sqrt(d_model)
     attention: str = "mha"  # "mha" | "mla"
     attention_bias: str = "flag"  # "flag": one attention_bias key; "qkv": q/k/v only (Qwen2); "none"
@@ -81,6 +86,9 @@ class Family:
     to_hf: Callable[[ModelConfig, dict], None] | None = None  # (config, config.json dict)
     blockers: Callable[[ModelConfig, Needs], None] | None = None
     finish_weights_to_hf: Callable[[dict, ModelConfig], None] | None = None
+    # a weight outside the layers and top_weights (an encoder's task head) -> our name; "" for a known
+    # weight the config does not use, None for an unknown one (families without it ignore such weights)
+    outer_from_hf: Callable[[Family, ModelConfig, str], str | None] | None = None
 
     # --- the schema itself (GPT-2 replaces it) ------------------------------------------------------
     read_config: Callable[[Family, dict, dict], ModelConfig] = decoder.config_from_hf
@@ -105,10 +113,10 @@ class Family:
         """Why this family cannot express ``config`` (empty: it can)."""
         need = Needs(config, self.model_type)
         need(config.final_norm == self.final_norm, "final_norm", str(self.final_norm))
-        need(not config.lm_head_bias, "lm_head_bias", "False")
         for name, off in OPTIONAL_PARTS.items():
             need(name in self.parts or getattr(config, name) == off, name, repr(off))
-        need(config.mask == "causal", "mask", "'causal' (every decoder family attends causally)")
+        need(config.mask == self.mask, "mask", repr(self.mask) + (
+            " (every decoder family attends causally)" if self.mask == "causal" else " (an encoder)"))
         self.check(self, config, need)
         return list(need)
 
