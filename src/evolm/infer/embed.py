@@ -25,6 +25,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from evolm.nn.heads import pool
+
 POOLINGS = ("mean", "cls", "max")
 
 
@@ -74,16 +76,6 @@ def _read(path: Path, expect: type = dict):
     from evolm.inputs import read_json
 
     return read_json(path, ValueError, expect)
-
-
-def pool(states: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
-    """(B, T, d) token states -> (B, d) over the real tokens (``mask`` 1) only."""
-    m = mask.to(states.dtype).unsqueeze(-1)
-    if how == "cls":
-        return states[:, 0]
-    if how == "max":
-        return states.masked_fill(m == 0, torch.finfo(states.dtype).min).amax(1)
-    return (states * m).sum(1) / m.sum(1).clamp(min=1)
 
 
 def encode_texts(tokenizer, texts: Sequence[str], max_length: int) -> list[list[int]]:
