@@ -1,4 +1,4 @@
-"""Encoder forward speed: transformers' BertModel vs evolm on the same all-MiniLM-L6-v2 weights.
+"""Encoder forward speed on real weights: transformers' BertModel vs evolm on the same all-MiniLM-L6-v2 weights.
 
 Both engines load the same Hugging Face folder (``evolm.load`` and ``BertModel.from_pretrained``) in the
 same dtype and run a padded batch of random ids (each row a different real length, the rest masked) to
@@ -6,7 +6,7 @@ the last hidden states, the work a sentence-embedding or classification request 
 timed interleaved, many times, in one process, and the medians, their spread and the ratio to
 transformers are printed (tokens per second counts the real tokens):
 
-    python benchmarks/encoder.py [--model minilm|PATH] [--dtypes float32,bfloat16] [--batches 1,32]
+    python benchmarks/embed.py [--model minilm|PATH] [--dtypes float32,bfloat16] [--batches 1,32]
                                  [--lengths 128] [--repeat 10] [--threads 2] [--device cpu]
 """
 
