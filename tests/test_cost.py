@@ -20,8 +20,10 @@ ALL = list_presets()
 
 def _part_of(name: str) -> str:
     """Which card part a parameter belongs to, from our module names alone."""
-    if name.startswith(("embed_tokens.", "pos_embed.")):
+    if name.startswith(("embed_tokens.", "pos_embed.", "type_embed.")):
         return "embeddings"
+    if name.startswith("head."):
+        return "head"
     if name.startswith("lm_head."):
         return "lm_head"
     if name.startswith("norm.") or name.endswith(("_norm.weight", "_norm.bias", "_layernorm.weight")):

@@ -394,3 +394,55 @@ def test_decoder_families_refuse_encoder_parts():
                          (dict(lm_head_bias=True, tie_embeddings=False), "lm_head_bias")):
         with pytest.raises(ConfigError, match=f"field '{field}'"):
             config_to_hf(ModelConfig(**llama, **extra), model_type="llama")
+
+
+@pytest.mark.parametrize("name", ["bert-base", "bert-large", "roberta-base", "roberta-large", "modernbert-base",
+                                  "modernbert-large", "tiny-bert", "tiny-roberta", "tiny-modernbert"])
+def test_preset_equals_transformers_masked_lm(name):
+    """Each encoder preset, written as config.json, is transformers' masked-LM model of exactly as many
+    parameters (and the cost card counts the same)."""
+    from evolm.analysis import cost_card
+    from evolm.interop.hf import config_to_hf
+    from evolm.model import build
+    from evolm.presets import get_preset
+    c = get_preset(name)
+    h = config_to_hf(c)
+    cfg = transformers.AutoConfig.for_model(**{k: v for k, v in h.items() if k != "architectures"})
+    with torch.device("meta"):
+        hf = getattr(transformers, h["architectures"][0])(cfg)
+    ours = sum(p.numel() for p in build(c, device="meta").parameters())
+    assert ours == sum(p.numel() for p in hf.parameters()) == cost_card(c)["params_total"], name
+
+
+def test_head_losses_are_cross_entropies_of_their_outputs():
+    """With targets, each head's loss is the plain cross-entropy of the output it returns (the masked
+    LM through the fused head loss: transform and decoder bias included, positions unshifted)."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, V, (2, 9))
+    mask = torch.ones_like(ids)
+    for fields, targets in ((dict(EBASE, head_transform=True, lm_head_bias=True),
+                             torch.full((2, 9), -100).index_put_((torch.tensor([0, 1]), torch.tensor([3, 5])),
+                                                                 torch.tensor([7, 11]))),
+                            (dict(EBASE, head="classify", pooler=True, num_labels=3), torch.tensor([2, 0])),
+                            (dict(EBASE, head="token_classify", num_labels=4), torch.randint(0, 4, (2, 9)))):
+        model = _pushed(Transformer(ModelConfig(**fields)))
+        with torch.no_grad():
+            out = model(ids, attention_mask=mask)
+            loss = model(ids, attention_mask=mask, targets=targets)
+        want = torch.nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), targets.reshape(-1), ignore_index=-100)
+        torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+    embed = Transformer(ModelConfig(**dict(EBASE, head="embed", pooling="mean")))
+    with pytest.raises(ValueError, match="head='embed' has no loss"):
+        embed(ids, targets=targets)
+    with pytest.raises(ValueError, match="head='embed' has none"):
+        embed(ids, last_only=True)
+
+
+def test_mean_pooling_ignores_padding():
+    """head='embed' with mean pooling: a padded row embeds as the same row unpadded."""
+    model = _pushed(Transformer(ModelConfig(**dict(EBASE, head="embed", pooling="mean"))))
+    ids = torch.randint(1, V, (1, 6))
+    padded = torch.cat([ids, torch.zeros(1, 3, dtype=torch.long)], 1)
+    mask = torch.cat([torch.ones(1, 6), torch.zeros(1, 3)], 1).long()
+    with torch.no_grad():
+        torch.testing.assert_close(model(padded, attention_mask=mask), model(ids), rtol=0, atol=1e-6)

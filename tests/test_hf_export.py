@@ -241,8 +241,8 @@ def test_bad_folders_fail_clearly(tmp_path):
     (folder / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="config.json: not valid JSON"):
         load_hf_folder(folder)
-    (folder / "config.json").write_text(json.dumps({**cfg, "model_type": "bert"}))
-    with pytest.raises(ConfigError, match="config.json: model_type 'bert' is not supported"):
+    (folder / "config.json").write_text(json.dumps({**cfg, "model_type": "xlnet"}))
+    with pytest.raises(ConfigError, match="config.json: model_type 'xlnet' is not supported"):
         load_hf_folder(folder)
     (folder / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 3}))
     with pytest.raises(WeightsError, match="asks for 3 layers but the weights hold 2"):  # before building
@@ -340,7 +340,8 @@ def test_presets_round_trip_through_hf_configs():
     presets = pytest.importorskip("evolm.presets")
     want = {"gpt2": "gpt2", "llama-4": "llama4_text", "llama": "llama", "smollm2": "llama", "mistral": "mistral",
             "mixtral": "mixtral", "gemma-2": "gemma2", "gemma-3": "gemma3_text", "olmo-2": "olmo2", "qwen3-30b": "qwen3_moe",
-            "qwen3": "qwen3", "deepseek-v2": "deepseek_v2", "deepseek-v3": "deepseek_v3"}
+            "qwen3": "qwen3", "deepseek-v2": "deepseek_v2", "deepseek-v3": "deepseek_v3", "bert": "bert",
+            "roberta": "roberta", "modernbert": "modernbert"}
     checked = 0
     for name in presets.list_presets():
         family = next((f for prefix, f in want.items() if name.startswith(prefix)), None)

@@ -56,7 +56,7 @@ def assert_same_logits(config, tmp_path, T: int = 40):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("name", list_presets("tiny"))
+@pytest.mark.parametrize("name", [n for n in list_presets("tiny") if get_preset(n).mask == "causal"])  # decoders
 def test_every_tiny_preset_flattens_to_the_same_logits(name, tmp_path):
     assert_same_logits(get_preset(name), tmp_path)
 

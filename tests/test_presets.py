@@ -22,12 +22,13 @@ PUBLISHED = [
     "gemma-3-12b", "gemma-3-27b", "olmo-2-1b", "olmo-2-7b", "olmo-2-13b", "qwen3-0.6b", "qwen3-1.7b",
     "qwen3-4b", "qwen3-8b", "qwen3-14b", "qwen3-32b", "qwen3-30b-a3b", "deepseek-v2-lite",
     "deepseek-v3", "smollm2-135m", "smollm2-360m", "smollm2-1.7b", "llama-4-scout", "llama-4-maverick",
+    "bert-base", "bert-large", "roberta-base", "roberta-large", "modernbert-base", "modernbert-large",
 ]
 # published without a Hugging Face checkpoint (PaLM) or with counts the model cards only round (Falcon)
 PAPER_ONLY = ["palm-8b", "palm-62b", "palm-540b"]
 ROUNDED = ["falcon-7b", "falcon-40b"]
 TINY = ["tiny-gpt2", "tiny-falcon", "tiny-llama", "tiny-mixtral", "tiny-gemma3", "tiny-olmo2", "tiny-qwen3",
-        "tiny-qwen3-moe", "tiny-deepseek"]
+        "tiny-qwen3-moe", "tiny-deepseek", "tiny-bert", "tiny-roberta", "tiny-modernbert"]
 
 
 def numel(model: torch.nn.Module) -> int:

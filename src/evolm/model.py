@@ -216,7 +216,11 @@ class Transformer(nn.Module):
         if self.norm is not None:
             x = self.norm(x)
         if c.head != "lm":
-            return x if return_hidden else self.head(x, attention_mask, targets)
+            if return_hidden:
+                return x
+            out = self.head(x, attention_mask, targets)
+            aux = self.aux_loss() if targets is not None else None  # an MoE encoder's balancing losses
+            return out + aux if aux is not None else out
         if c.head_transform:  # BERT's MLM transform: the hidden states the vocabulary projection reads
             x = self.head.transform(x)
         if return_hidden:

@@ -13,10 +13,11 @@ Parameters
     total, 12.9B active).
     ``params_non_embedding``: total minus the token and position embeddings and an untied LM
     head (the Gemma 3 and Qwen3 reports' "non-embedding" figure).
-    ``params_by_part``: embeddings (token + learned positions), attention (projections and their
-    biases), mlp (dense MLPs), experts (all routed experts), shared_experts, router, norms
-    (every norm weight, including QK-norms and MLA's latent norms), lm_head (0 when tied). The
-    parts sum to ``params_total``.
+    ``params_by_part``: embeddings (token + learned positions + token types), attention (projections
+    and their biases), mlp (dense MLPs), experts (all routed experts), shared_experts, router, norms
+    (every norm weight, including QK-norms, MLA's latent norms and an encoder's embedding norm),
+    lm_head (0 when tied), head (an encoder's task head: BERT's transform and decoder bias, pooler,
+    classifier; ``nn/heads.py``). The parts sum to ``params_total``.
 
 KV cache (``bytes_per_value`` = 2 for bf16)
     Per layer and token a GQA/MHA layer stores keys and values, ``2 * n_kv_heads * head_dim``
@@ -102,8 +103,9 @@ def param_counts(c: ModelConfig) -> dict[str, int]:
     """Parameters by part (see the module docstring); the values sum to the model's numel."""
     d = c.d_model
     parts = dict.fromkeys(("embeddings", "attention", "mlp", "experts", "shared_experts", "router",
-                           "norms", "lm_head"), 0)
-    parts["embeddings"] = c.vocab_size * d + (c.max_seq_len * d if c.pos_emb == "learned" else 0)
+                           "norms", "lm_head", "head"), 0)
+    parts["embeddings"] = (c.vocab_size + c.type_vocab_size) * d + \
+        ((c.max_seq_len + c.pos_offset) * d if c.pos_emb == "learned" else 0)
     attn, attn_norms = _attention_size(c)
     expert = (3 if c.mlp == "glu" else 2) * d * c.moe_d_ff  # one routed expert (no biases)
     for i in range(c.n_layers):
@@ -116,11 +118,24 @@ def param_counts(c: ModelConfig) -> dict[str, int]:
                 parts["shared_experts"] += _mlp_size(c, c.moe_d_ff * c.n_shared_experts)
         else:
             parts["mlp"] += _mlp_size(c, c.d_ff)
-    if c.final_norm:
-        parts["norms"] += _norm_size(c, d)
-    if not c.tie_embeddings:
+    parts["norms"] += (c.final_norm + c.embed_norm - (not c.first_attn_norm)) * _norm_size(c, d)
+    if not c.tie_embeddings and c.head == "lm":
         parts["lm_head"] = c.vocab_size * d + (c.vocab_size if c.lm_head_bias else 0)
+    parts["head"] = _head_size(c)
     return parts
+
+
+def _head_size(c: ModelConfig) -> int:
+    """An encoder's task head (nn/heads.py): transform, tied decoder bias, pooler, classifier."""
+    d = c.d_model
+    n = (d * d + (d if c.head_dense_bias else 0) + _norm_size(c, d)) if c.head_transform else 0
+    if c.head == "lm" and c.lm_head_bias and c.tie_embeddings:
+        n += c.vocab_size
+    if c.pooler:
+        n += d * d + d
+    if c.head in ("classify", "token_classify"):
+        n += (d + 1) * c.num_labels
+    return n
 
 
 def _active_experts(c: ModelConfig) -> int:
@@ -178,7 +193,8 @@ def cost_card(config: ModelConfig | str, context_len: int | None = None,
     active = total - parts["experts"] + _active_experts(c)
     non_embedding = total - parts["embeddings"] - parts["lm_head"]
     # weights a token multiplies: active minus the embedding lookup, plus a tied head's matmul
-    n_compute = active - parts["embeddings"] + (c.vocab_size * c.d_model if c.tie_embeddings else 0)
+    tied = c.tie_embeddings and c.head == "lm"
+    n_compute = active - parts["embeddings"] + (c.vocab_size * c.d_model if tied else 0)
     attn_fwd = attention_forward_flops(c, T)
     kv_at = kv_cache_bytes(c, T, bytes_per_value)
     return {
@@ -257,6 +273,7 @@ _ROWS = (  # (label, getter, formatter)
     ("  router", lambda k: k["params_by_part"]["router"], human_count),
     ("  norms", lambda k: k["params_by_part"]["norms"], human_count),
     ("  lm_head", lambda k: k["params_by_part"]["lm_head"], human_count),
+    ("  task head", lambda k: k["params_by_part"].get("head", 0), human_count),
     ("context length", lambda k: k["context_len"], lambda v: f"{v:,}"),
     ("KV cache / token (uncapped)", lambda k: k["kv_cache_bytes_per_token_uncapped"], human_bytes),
     ("KV cache / token (at context)", lambda k: k["kv_cache_bytes_per_token"], human_bytes),

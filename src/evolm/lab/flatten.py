@@ -58,6 +58,9 @@ def check_supported(c: ModelConfig) -> None:
     if c.qk_norm == "l2":
         raise FlattenError(f"ModelConfig '{c.name}': field 'qk_norm' is 'l2'; Llama 4's weightless QK-norm "
                            "has no flatten template yet")
+    if c.lm_head_bias and c.tie_embeddings:
+        raise FlattenError(f"ModelConfig '{c.name}': field 'lm_head_bias' is True with tied embeddings; the bias "
+                           "of a tied head (BERT's decoder) has no flatten template yet")
     for f in dataclasses.fields(ModelConfig):
         if f.name in COVERED or f.name in ONLY:
             continue

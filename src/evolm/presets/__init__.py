@@ -1,6 +1,7 @@
 """Published model sizes as data: ``get_preset('llama-3-8b')`` -> a fresh ``ModelConfig``.
 
-Each family file (gpt, palm, llama, falcon, mistral, gemma, olmo, qwen, deepseek, smollm, tiny) holds a dict
+Each family file (gpt, palm, llama, falcon, mistral, gemma, olmo, qwen, deepseek, smollm, and the encoders
+bert, modernbert; tiny) holds a dict
 ``PRESETS`` of name -> keyword arguments of ``ModelConfig``, with the published
 hyper-parameters (from each model's released ``config.json``) and a ``meta`` dict citing the
 Hugging Face id, the paper and the published parameter count (``params``; ``active`` for
@@ -15,7 +16,7 @@ import copy
 import difflib
 
 from evolm.config import ConfigError, ModelConfig
-from evolm.presets import deepseek, falcon, gemma, gpt, llama, mistral, olmo, palm, qwen, smollm, tiny
+from evolm.presets import bert, deepseek, falcon, gemma, gpt, llama, mistral, modernbert, olmo, palm, qwen, smollm, tiny
 
 FAMILIES = {
     "gpt": gpt.PRESETS,
@@ -28,6 +29,8 @@ FAMILIES = {
     "qwen": qwen.PRESETS,
     "deepseek": deepseek.PRESETS,
     "smollm": smollm.PRESETS,
+    "bert": bert.PRESETS,
+    "modernbert": modernbert.PRESETS,
     "tiny": tiny.PRESETS,
 }
 

@@ -5,12 +5,14 @@ variants), shrunk to a 256-512 token vocabulary and widths of 64-96 so that a fo
 backward pass takes milliseconds on a CPU. ``meta['mimics']`` names the preset they shrink.
 """
 
+from evolm.presets.bert import PRESETS as _BERT
 from evolm.presets.deepseek import PRESETS as _DS
 from evolm.presets.falcon import PRESETS as _FALCON
 from evolm.presets.gemma import PRESETS as _GEMMA
 from evolm.presets.gpt import PRESETS as _GPT
 from evolm.presets.llama import PRESETS as _LLAMA
 from evolm.presets.mistral import PRESETS as _MISTRAL
+from evolm.presets.modernbert import PRESETS as _MODERNBERT
 from evolm.presets.olmo import PRESETS as _OLMO
 from evolm.presets.qwen import PRESETS as _QWEN
 
@@ -53,4 +55,11 @@ PRESETS = {
                              rope_scaling={"type": "yarn", "factor": 4.0, "original_max_seq_len": 64,
                                            "beta_fast": 32, "beta_slow": 1, "mscale": 1.0,
                                            "mscale_all_dim": 1.0}),
+    # encoders (mask='bidirectional', a masked-LM head): a window of 16 on two of every three ModernBERT layers
+    "tiny-bert": _shrink(_BERT["bert-base"], "bert-base", vocab_size=512, d_model=64, n_layers=2, n_heads=4, d_ff=256,
+                         max_seq_len=256),
+    "tiny-roberta": _shrink(_BERT["roberta-base"], "roberta-base", vocab_size=512, d_model=64, n_layers=2, n_heads=4,
+                            d_ff=256, max_seq_len=256),
+    "tiny-modernbert": _shrink(_MODERNBERT["modernbert-base"], "modernbert-base", vocab_size=512, d_model=64,
+                               n_layers=3, n_heads=4, d_ff=96, max_seq_len=256, sliding_window=16),
 }
