@@ -105,11 +105,11 @@ class ClassifyTask:
         return model(batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
 
     def loss(self, model, batch):
-        logits = self._logits(model, batch).float()
-        y = batch["labels"].to(logits.device)
-        loss = torch.nn.functional.cross_entropy(logits, y)
-        return loss, {"accuracy": float((logits.argmax(-1) == y).float().mean()),
-                      "tokens": int(batch["attention_mask"].sum())}
+        """The head's own cross-entropy (``forward(targets=)``: with an MoE encoder's balancing losses)."""
+        device = next(model.parameters()).device
+        loss = model(batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                     targets=batch["labels"].to(device))
+        return loss, {"tokens": int(batch["attention_mask"].sum())}
 
     def evaluate(self, model) -> dict[str, float]:
         """``val_accuracy`` and ``val_loss`` (mean cross-entropy) over the held-out rows."""
