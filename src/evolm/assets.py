@@ -97,6 +97,7 @@ class ModelFile:
     size: int
     members: tuple[tuple[str, str], ...]  # (asset name, path inside its archive)
     needed_by: str = ""
+    unpack: str = ""  # a zip file (a Hugging Face folder): also extracted into models/<unpack>/
 
 
 @dataclass
@@ -172,7 +173,9 @@ def load_manifest(path: str | os.PathLike | None = None) -> Manifest:
             members.append((asset, member))
         mf = ModelFile(_field(row, "name", str, where), _field(row, "file", str, where),
                        _field(row, "sha256", str, where), _field(row, "size", int, where), tuple(members),
-                       row.get("needed_by", ""))
+                       row.get("needed_by", ""), row.get("unpack", ""))
+        if mf.unpack and (not isinstance(mf.unpack, str) or "/" in mf.unpack or mf.unpack.startswith(".")):
+            raise AssetError(f"{where}: unpack {mf.unpack!r} must be a plain folder name")
         m.models[mf.name] = mf
     return m
 
@@ -524,12 +527,17 @@ def model_path(name: str, manifest: Manifest | None = None, cache: Path | None =
 def build_model(name: str, manifest: Manifest | None = None, cache: Path | None = None,
                 log: Callable[[str], None] = print) -> Path:
     """Extract (one member) or concatenate (several) the model file from its cached archives, check its
-    sha256 and size, and move it into place. Fetches missing archives first."""
+    sha256 and size, and move it into place. Fetches missing archives first. A model with ``unpack``
+    (a zipped Hugging Face folder) is also extracted, and its folder is returned."""
     m = manifest or load_manifest()
     target = model_path(name, m, cache)
     mf = m.models[name]
-    if target.is_file() and target.stat().st_size == mf.size:
-        return target
+    if not (target.is_file() and target.stat().st_size == mf.size):
+        _build_file(mf, target, m, cache, log)
+    return _unpack(mf, target, log) if mf.unpack else target
+
+
+def _build_file(mf: ModelFile, target: Path, m: Manifest, cache: Path | None, log: Callable[[str], None]) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.part")
     h = hashlib.sha256()
@@ -543,11 +551,59 @@ def build_model(name: str, manifest: Manifest | None = None, cache: Path | None 
     if h.hexdigest() != mf.sha256 or tmp.stat().st_size != mf.size:
         size = tmp.stat().st_size
         tmp.unlink()
-        raise AssetError(f"model file {name!r}: built {size} bytes with sha256 {h.hexdigest()[:16]}..., "
+        raise AssetError(f"model file {mf.name!r}: built {size} bytes with sha256 {h.hexdigest()[:16]}..., "
                          f"pinned {mf.size} bytes {mf.sha256[:16]}... ({m.path})")
     os.replace(tmp, target)
     log(f"  built {target} ({mf.size / 1e6:.0f} MB)")
-    return target
+
+
+def unpacked(mf: ModelFile, zip_path: Path) -> bool:
+    """The folder of an ``unpack`` model holds every file of its (hash-checked) zip at its size."""
+    folder = zip_path.parent / mf.unpack
+    if not folder.is_dir() or not zip_path.is_file():
+        return False
+    with zipfile.ZipFile(zip_path) as z:
+        return all((folder / i.filename).is_file() and (folder / i.filename).stat().st_size == i.file_size
+                   for i in z.infolist() if not i.is_dir())
+
+
+def _unpack(mf: ModelFile, zip_path: Path, log: Callable[[str], None]) -> Path:
+    """Extract the checked zip into ``models/<unpack>/`` through a temporary folder (a half-extracted
+    folder never looks present); member names that leave the folder are refused."""
+    folder = zip_path.parent / mf.unpack
+    if unpacked(mf, zip_path):
+        return folder
+    tmp = Path(tempfile.mkdtemp(prefix=f".{mf.unpack}-", dir=zip_path.parent))
+    try:
+        with zipfile.ZipFile(zip_path) as z:
+            for i in z.infolist():
+                dest = (tmp / i.filename).resolve()
+                if not dest.is_relative_to(tmp.resolve()):
+                    raise AssetError(f"model file {mf.name!r}: {zip_path} member {i.filename!r} leaves its folder")
+            z.extractall(tmp)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    log(f"  unpacked {folder}")
+    return folder
+
+
+def find_model(name: str, target: str = "make models", manifest: Manifest | None = None) -> Path:
+    """A model file (or unpacked folder) from the cache, built from cached archives if needed (no
+    network); :class:`MissingAsset` saying how to install it when its archives are not cached."""
+    m = manifest or load_manifest()
+    mf = m.models[name]
+    path = model_path(name, m)
+    if path.is_file() and path.stat().st_size == mf.size and (not mf.unpack or unpacked(mf, path)):
+        return path.parent / mf.unpack if mf.unpack else path
+    missing = [a for a, _ in mf.members if not is_present(m.assets[a])]
+    if missing:
+        raise MissingAsset(f"{name!r}", target, all(m.assets[a].required for a, _ in mf.members),
+                           f"{path} is missing and its archives ({', '.join(missing)}) are not in the cache")
+    return build_model(name, m, log=lambda s: None)
 
 
 def asset_file(name: str, manifest: Manifest | None = None, cache: Path | None = None,

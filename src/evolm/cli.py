@@ -320,7 +320,7 @@ def cmd_data(args) -> None:
 def cmd_tokenizer(args) -> None:
     from evolm.data.prepare import load_spec
     from evolm.data.sources import iter_documents
-    from evolm.tokenizer import train_bpe
+    from evolm.tokenizer import train_tokenizer
 
     sources, _ = load_spec(args.sources if len(args.sources) != 1 else args.sources[0])
 
@@ -329,9 +329,35 @@ def cmd_tokenizer(args) -> None:
             for doc in iter_documents(s, args.data_dir):
                 yield doc.text
 
-    tok = train_bpe(texts(), vocab_size=args.vocab_size, special_tokens=args.special or ["<|endoftext|>"])
+    tok = train_tokenizer(texts(), vocab_size=args.vocab_size, model=args.model, special_tokens=args.special,
+                          lowercase=args.lowercase)
     path = tok.save(args.out)
-    print(f"trained byte-level BPE with {tok.vocab_size} tokens -> {path}")
+    kind = {"bpe": "byte-level BPE", "wordpiece": "WordPiece", "unigram": "unigram (SentencePiece)"}[args.model]
+    print(f"trained {kind} with {tok.vocab_size} tokens -> {path}")
+
+
+# --- embed -----------------------------------------------------------------------------------
+def cmd_embed(args) -> None:
+    import dataclasses
+
+    import torch
+
+    from evolm.infer.embed import embed_texts, embedding_options, read_texts, write_embeddings
+    from evolm.loading import as_dtype, load, resolve_device
+
+    texts = read_texts(args.input)  # a bad input file is named before the model loads
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tok = load(args.model, dtype=as_dtype(args.dtype), device=resolve_device(args.device), need_tokenizer=True)
+    options = embedding_options(model, args.model)
+    changed = {k: v for k, v in (("pooling", args.pooling), ("max_length", args.max_length),
+                                 ("normalize", args.normalize)) if v is not None}
+    options = dataclasses.replace(options, **changed)
+    vectors = embed_texts(model, tok, texts, options, batch_size=args.batch_size)
+    path = write_embeddings(vectors, args.out)
+    print(f"{len(texts)} embeddings of {vectors.shape[1]} dims ({options.pooling} pooling"
+          f"{', unit length' if options.normalize else ''}, at most {options.max_length} tokens) -> {path}",
+          file=sys.stderr)
 
 
 # --- doctor ----------------------------------------------------------------------------------
@@ -502,7 +528,7 @@ def _data_parser(d: argparse.ArgumentParser) -> None:
     di.add_argument("--force", action="store_true")
     di.add_argument("--post", action="store_true",
                     help="install the post-training sets instead (LLaMA-Factory's alpaca_en_demo + dpo_en_demo, "
-                         "OpenAI evals chat samples) into data/post")
+                         "OpenAI evals chat samples, BBC news classification) into data/post")
     dp = dsub.add_parser("prepare", help="filter, dedup, split and tokenize sources into shards")
     dp.add_argument("spec", nargs="+", help="built-in corpus names, paths, or a JSON/YAML spec file")
     dp.add_argument("--tokenizer", required=True, help="tokenizer.json, HF folder or GGUF file")
@@ -555,13 +581,40 @@ def _post_parser(name: str, module: str, config_name: str):
 
 def _tokenizer_parser(t: argparse.ArgumentParser) -> None:
     tsub = t.add_subparsers(dest="tok_cmd", required=True)
-    tt = tsub.add_parser("train", help="train a byte-level BPE on a corpus")
+    from evolm.tokenizer import TOKENIZER_MODELS
+
+    tt = tsub.add_parser("train", help="train a tokenizer (byte-level BPE, WordPiece, unigram) on a corpus")
     tt.add_argument("sources", nargs="+", help="built-in corpus names, paths, or a spec file")
+    tt.add_argument("--model", choices=tuple(TOKENIZER_MODELS), default="bpe",
+                    help="bpe: GPT-2's byte-level BPE; wordpiece: BERT's; unigram: T5's SentencePiece unigram")
     tt.add_argument("--vocab-size", type=int, default=8192)
-    tt.add_argument("--special", action="append", help="special token (repeatable)")
+    tt.add_argument("--special", action="append",
+                    help="special token (repeatable; default: the family's, in role order: "
+                         + "; ".join(f"{m}: {' '.join(t)}" for m, t in TOKENIZER_MODELS.items()) + ")")
+    tt.add_argument("--lowercase", action="store_true", help="an uncased WordPiece (as bert-base-uncased)")
     tt.add_argument("--out", required=True, help="folder for tokenizer.json")
     tt.add_argument("--data-dir", default=None)
     t.set_defaults(func=cmd_tokenizer)
+
+
+def _embed_parser(e: argparse.ArgumentParser) -> None:
+    from evolm.infer.embed import POOLINGS
+
+    e.add_argument("--model", required=True, help="an encoder: HF folder (e.g. all-MiniLM-L6-v2) or evolm checkpoint")
+    e.add_argument("--input", required=True, help="UTF-8 text file, one text per line")
+    e.add_argument("--out", required=True, help="embeddings: .npy (float32 N x d) or JSON Lines (one array per "
+                                                "input line)")
+    e.add_argument("--batch-size", type=int, default=32)
+    e.add_argument("--max-length", type=int, default=None,
+                   help="tokens per text (default: sentence_bert_config.json's max_seq_length, else the model's)")
+    e.add_argument("--pooling", choices=POOLINGS, default=None,
+                   help="over the real tokens (default: the folder's 1_Pooling/config.json, else mean)")
+    e.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
+                   help="unit length (default: on unless modules.json lists no Normalize)")
+    e.add_argument("--dtype", choices=DTYPES, default="float32")
+    e.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    e.add_argument("--threads", type=int, default=None)
+    e.set_defaults(func=cmd_embed)
 
 
 def _doctor_parser(dr: argparse.ArgumentParser) -> None:
@@ -593,6 +646,9 @@ COMMANDS = (
      _post_parser("grpo", "grpo", "GRPOConfig")),
     ("distill", "distil a teacher's next-token distributions into a student (forward / reverse KL, generalized "
                 "JSD, on-policy GKD)", _post_parser("distill", "distill", "DistillConfig")),
+    ("embed", "sentence embeddings from an encoder (mean-pooled, unit length), one per input line", _embed_parser),
+    ("finetune", "fine-tune an encoder for a task: --task classify (text, label rows), accuracy before/after",
+     _post_parser("finetune", "classify", "FinetuneConfig")),
     ("tokenizer", "train a tokenizer", _tokenizer_parser),
     ("doctor", "check this machine and the pinned assets; print the command that fixes each gap", _doctor_parser),
 )

@@ -6,7 +6,8 @@ One ``Tokenizer`` class serves every model, whatever its vocabulary came from:
   special tokens, BOS/EOS handling and the chat template, + ``generation_config.json`` for the
   stop tokens), as Hugging Face checkpoints ship them.
 - a GGUF file's vocabulary: ``evolm.interop.gguf_vocab`` builds a ``Tokenizer`` from it.
-- ``train_bpe``: train a byte-level BPE on your own text.
+- ``train_bpe``: train a byte-level BPE on your own text; ``train_tokenizer`` also trains BERT's
+  WordPiece and T5's SentencePiece-unigram (``evolm tokenizer train --model bpe|wordpiece|unigram``).
 
 Chat templates are Jinja2 programs shipped with a model. They are rendered here in the same
 environment transformers uses (sandboxed, ``trim_blocks``/``lstrip_blocks``, ``loopcontrols``,
@@ -23,7 +24,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as _Backend
 
 from evolm.inputs import first_line, is_library_error, read_json, short
@@ -73,15 +74,16 @@ class Tokenizer:
     """
 
     def __init__(self, backend: _Backend, *, bos_token: str | None = None, eos_token: str | None = None,
-                 unk_token: str | None = None, pad_token: str | None = None,
+                 unk_token: str | None = None, pad_token: str | None = None, mask_token: str | None = None,
                  add_bos: bool | None = None, add_eos: bool | None = None,
                  chat_template: str | None = None, eos_token_ids: Sequence[int] = (),
                  name: str = "tokenizer"):
         self.backend = backend
         self.name = name
         self.bos_token, self.eos_token = bos_token, eos_token
-        self.unk_token, self.pad_token = unk_token, pad_token
-        for role, tok in (("bos_token", bos_token), ("eos_token", eos_token), ("pad_token", pad_token)):
+        self.unk_token, self.pad_token, self.mask_token = unk_token, pad_token, mask_token
+        for role, tok in (("bos_token", bos_token), ("eos_token", eos_token), ("pad_token", pad_token),
+                          ("mask_token", mask_token)):
             if tok is not None and backend.token_to_id(tok) is None:
                 raise TokenizerError(f"{name}: {role} {tok!r} is not in the vocabulary")
         self.chat_template = chat_template
@@ -90,6 +92,10 @@ class Tokenizer:
             self.set_special_tokens_template(bool(add_bos), bool(add_eos))
         else:
             self.add_bos, self.add_eos = self._infer_template_flags()
+            # the file's post-processor stays in charge (BERT's "[CLS] A [SEP] B [SEP]" with segment ids,
+            # T5's "A </s>"): saving then writes no add_*_token flags, which would make transformers
+            # (and ``from_hf_dir``) rebuild it as "BOS A EOS BOS B EOS"
+            self.template_is_ours = False
 
     # --- special tokens ---------------------------------------------------------------------
     def set_special_tokens_template(self, add_bos: bool, add_eos: bool) -> None:
@@ -97,6 +103,7 @@ class Tokenizer:
         add_bos = add_bos and self.bos_token is not None
         add_eos = add_eos and self.eos_token is not None
         self.add_bos, self.add_eos = add_bos, add_eos
+        self.template_is_ours = True
         bos, eos = self.bos_token, self.eos_token
         single = f"{bos + ':0 ' if add_bos else ''}$A:0{' ' + eos + ':0' if add_eos else ''}"
         pair = f"{single}{' ' + bos + ':1' if add_bos else ''} $B:1{' ' + eos + ':1' if add_eos else ''}"
@@ -128,6 +135,11 @@ class Tokenizer:
     @property
     def pad_id(self) -> int | None:
         return None if self.pad_token is None else self.backend.token_to_id(self.pad_token)
+
+    @property
+    def mask_id(self) -> int | None:
+        """The ``[MASK]`` / ``<mask>`` token masked-LM training replaces tokens with, if the vocabulary has one."""
+        return None if self.mask_token is None else self.backend.token_to_id(self.mask_token)
 
     @property
     def eos_ids(self) -> list[int]:
@@ -207,8 +219,10 @@ class Tokenizer:
         cfg = _read_json(cfg_path) if cfg_path.is_file() else {}
         special_map = _read_json(d / "special_tokens_map.json") if (d / "special_tokens_map.json").is_file() else {}
 
-        def tok(key: str) -> str | None:
+        def tok(key: str, role: str | None = None) -> str | None:
             value = _token_str(cfg.get(key, special_map.get(key)))
+            if value is None and role is not None:  # BERT's [CLS] / [SEP] open and close a text
+                value = _token_str(cfg.get(role, special_map.get(role)))
             if value is not None and not isinstance(value, str):
                 raise TokenizerError(f"{cfg_path}: {key} is {short(value)}; expected a token string")
             return value
@@ -238,8 +252,9 @@ class Tokenizer:
             raise TokenizerError(f"{cfg_path}: {short(flags)}; add_bos_token / add_eos_token must be true or false")
         backend = _backend_from_file(d / "tokenizer.json")
         return _built(cls, d, backend, dict(
-            bos_token=tok("bos_token"), eos_token=tok("eos_token"), unk_token=tok("unk_token"),
-            pad_token=tok("pad_token"), add_bos=flags.get("add_bos_token", False) if flags else None,
+            bos_token=tok("bos_token", "cls_token"), eos_token=tok("eos_token", "sep_token"),
+            unk_token=tok("unk_token"), pad_token=tok("pad_token"), mask_token=tok("mask_token"),
+            add_bos=flags.get("add_bos_token", False) if flags else None,
             add_eos=flags.get("add_eos_token", False) if flags else None,
             chat_template=template, eos_token_ids=stop, name=str(d)))
 
@@ -253,11 +268,12 @@ class Tokenizer:
         cfg: dict[str, Any] = {
             "tokenizer_class": "PreTrainedTokenizerFast",
             "bos_token": self.bos_token, "eos_token": self.eos_token,
-            "unk_token": self.unk_token, "pad_token": self.pad_token,
-            "add_bos_token": self.add_bos, "add_eos_token": self.add_eos,
+            "unk_token": self.unk_token, "pad_token": self.pad_token, "mask_token": self.mask_token,
             "clean_up_tokenization_spaces": False,
             "model_max_length": 1_000_000_000,
         }
+        if self.template_is_ours:
+            cfg.update(add_bos_token=self.add_bos, add_eos_token=self.add_eos)
         if self.chat_template:
             cfg["chat_template"] = self.chat_template
         (d / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n",
@@ -275,13 +291,21 @@ def _read_json(path: Path) -> dict:
 
 def _backend_from_file(path: Path) -> _Backend:
     """The ``tokenizers`` object for a tokenizer.json, or a TokenizerError naming the file (the
-    library raises bare ``Exception``s, and Rust panics, for a damaged file)."""
+    library raises bare ``Exception``s, and Rust panics, for a damaged file).
+
+    Padding and truncation stored in the file are switched off, as transformers switches them off
+    for a call without ``padding=`` / ``truncation=``: sentence-transformers' MiniLM ships
+    ``"padding": {"Fixed": 128}`` and ``"truncation": 128``, which would otherwise pad every text
+    to 128 ids and cut longer ones. Batches are padded by the caller; lengths are its choice."""
     try:
-        return _Backend.from_file(str(path))
+        backend = _Backend.from_file(str(path))
     except BaseException as e:
         if not is_library_error(e):
             raise
         raise TokenizerError(f"{path}: not a valid tokenizers JSON file ({first_line(e)})") from None
+    backend.no_padding()
+    backend.no_truncation()
+    return backend
 
 
 def _built(cls, source: Path, backend: _Backend, kwargs: dict[str, Any]) -> "Tokenizer":
@@ -340,6 +364,91 @@ def train_bpe(files_or_iterator: str | os.PathLike | Iterable[str], vocab_size: 
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
                                   special_tokens=list(special_tokens), initial_alphabet=alphabet,
                                   show_progress=False)
+    _train(backend, (trainer, lambda: None), files_or_iterator)
+    first = special_tokens[0] if special_tokens else None
+    return Tokenizer(backend, bos_token=first, eos_token=first, add_bos=False, add_eos=False,
+                     chat_template=chat_template, name="bpe")
+
+
+# the tokenizer models ``train_tokenizer`` trains, each with the special tokens of the family that made it known
+TOKENIZER_MODELS = {
+    "bpe": ("<|endoftext|>",),                                    # GPT-2: one token for BOS, EOS and padding
+    "wordpiece": ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"),  # BERT
+    "unigram": ("<pad>", "</s>", "<unk>"),                        # T5 (ids 0, 1, 2 as in T5's vocabulary)
+}
+
+
+def train_tokenizer(files_or_iterator: str | os.PathLike | Iterable[str], vocab_size: int, model: str = "bpe",
+                    special_tokens: Sequence[str] | None = None, min_frequency: int = 2,
+                    lowercase: bool = False) -> Tokenizer:
+    """Train a ``model`` tokenizer (``bpe``, ``wordpiece`` or ``unigram``) on text.
+
+    ``special_tokens=None`` takes the family's (``TOKENIZER_MODELS``); given ones must keep the roles
+    in that order (WordPiece: pad, unk, cls, sep, mask; unigram: pad, eos, unk). ``lowercase``:
+    an uncased WordPiece (bert-base-uncased); the other models keep case.
+    """
+    if model not in TOKENIZER_MODELS:
+        raise TokenizerError(f"model {model!r}: expected one of {', '.join(TOKENIZER_MODELS)}")
+    specials = tuple(special_tokens) if special_tokens else TOKENIZER_MODELS[model]
+    if len(specials) < len(TOKENIZER_MODELS[model]):
+        raise TokenizerError(f"special_tokens {list(specials)}: a {model} tokenizer needs "
+                             f"{len(TOKENIZER_MODELS[model])} ({', '.join(TOKENIZER_MODELS[model])} by role)")
+    if lowercase and model != "wordpiece":
+        raise TokenizerError(f"lowercase: only a wordpiece tokenizer is trained uncased, not {model}")
+    if model == "bpe":
+        return train_bpe(files_or_iterator, vocab_size, specials, min_frequency)
+    if vocab_size <= len(specials):
+        raise TokenizerError(f"vocab_size={vocab_size}: must exceed the {len(specials)} special tokens")
+    build = _wordpiece if model == "wordpiece" else _unigram
+    backend, trainer, roles = build(vocab_size, specials, min_frequency, lowercase)
+    _train(backend, trainer, files_or_iterator)
+    return Tokenizer(backend, **roles, name=model)
+
+
+def _wordpiece(vocab_size: int, specials: Sequence[str], min_frequency: int, lowercase: bool):
+    """BERT's WordPiece (Wu et al. 2016, arXiv:1609.08144; Devlin et al. 2019): BERT's normalizer and
+    whitespace/punctuation pre-split, ``##`` continuations, ``[CLS] A [SEP] B [SEP]`` with segment ids."""
+    pad, unk, cls, sep, mask = specials[:5]
+    backend = _Backend(models.WordPiece(unk_token=unk, continuing_subword_prefix="##"))
+    backend.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
+                                                    strip_accents=None, lowercase=lowercase)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.decoder = decoders.WordPiece(prefix="##")
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                        special_tokens=list(specials), continuing_subword_prefix="##",
+                                        show_progress=False)
+
+    def finish() -> None:
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{cls}:0 $A:0 {sep}:0", pair=f"{cls}:0 $A:0 {sep}:0 $B:1 {sep}:1",
+            special_tokens=[(cls, backend.token_to_id(cls)), (sep, backend.token_to_id(sep))])
+
+    return backend, (trainer, finish), dict(bos_token=cls, eos_token=sep, unk_token=unk, pad_token=pad,
+                                            mask_token=mask)
+
+
+def _unigram(vocab_size: int, specials: Sequence[str], min_frequency: int, lowercase: bool):
+    """T5's SentencePiece unigram LM (Kudo 2018, arXiv:1804.10959; Kudo & Richardson 2018): NFKC, runs
+    of spaces folded, words marked with ``▁`` (so decoding restores the spaces), EOS after each text."""
+    pad, eos, unk = specials[:3]
+    backend = _Backend(models.Unigram())
+    backend.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Replace(Regex(" {2,}"), " ")])
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=list(specials), unk_token=unk,
+                                      show_progress=False)
+
+    def finish() -> None:
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"$A:0 {eos}:0", pair=f"$A:0 {eos}:0 $B:1 {eos}:1", special_tokens=[(eos, backend.token_to_id(eos))])
+
+    return backend, (trainer, finish), dict(eos_token=eos, unk_token=unk, pad_token=pad)
+
+
+def _train(backend: _Backend, trainer_and_finish, files_or_iterator) -> None:
+    """Run the trainer on files (read by the Rust side) or an iterable of texts, then set the
+    post-processor (it needs the trained ids of the special tokens)."""
+    trainer, finish = trainer_and_finish
     if isinstance(files_or_iterator, (str, os.PathLike)):
         files_or_iterator = [files_or_iterator]
     items = list(files_or_iterator) if isinstance(files_or_iterator, (list, tuple)) else files_or_iterator
@@ -347,9 +456,7 @@ def train_bpe(files_or_iterator: str | os.PathLike | Iterable[str], vocab_size: 
         backend.train([str(p) for p in items], trainer)
     else:
         backend.train_from_iterator(items, trainer)
-    first = special_tokens[0] if special_tokens else None
-    return Tokenizer(backend, bos_token=first, eos_token=first, add_bos=False, add_eos=False,
-                     chat_template=chat_template, name="bpe")
+    finish()
 
 
-__all__ = ["Tokenizer", "TokenizerError", "train_bpe", "byte_alphabet"]
+__all__ = ["Tokenizer", "TokenizerError", "train_bpe", "train_tokenizer", "TOKENIZER_MODELS", "byte_alphabet"]

@@ -763,16 +763,7 @@ def find_asset(name: str) -> Path:
                "gemma3": "gemma3", "gemma3-270m": "gemma3", "gemma-3-270m": "gemma3"}
     if name not in aliases:
         raise ValueError(f"unknown asset {name!r}; known: 'smollm2', 'gemma3'")
-    manifest = assets.load_manifest()
-    model = manifest.models[aliases[name]]
-    path = assets.model_path(model.name, manifest)
-    if path.is_file() and path.stat().st_size == model.size:
-        return path
-    missing = [a for a, _ in model.members if not assets.is_present(manifest.assets[a])]
-    if missing:
-        raise assets.MissingAsset(f"{model.name!r}", "make models", True,
-                                  f"{path} is missing and its wheels ({', '.join(missing)}) are not in the cache")
-    return assets.build_model(model.name, manifest, log=lambda s: None)
+    return assets.find_model(aliases[name])
 
 
 __all__ = ["load_gguf", "GGUFFile", "GGUFError", "config_from_metadata", "state_dict_from_gguf",

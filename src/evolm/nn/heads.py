@@ -31,6 +31,20 @@ from evolm.nn.mlp import activation_fn
 from evolm.nn.norm import make_norm
 
 
+def pool(x: torch.Tensor, attention_mask: torch.Tensor | None, how: str) -> torch.Tensor:
+    """(B, T, d) -> (B, d): the first slot (``cls``: BERT's [CLS], as transformers takes it: slot 0 even
+    under left padding), or the mean (``mean``) or the maximum (``max``, sentence-transformers' max
+    pooling) over the real tokens (``attention_mask`` 1; None: every token)."""
+    if how == "cls":
+        return x[:, 0]
+    if attention_mask is None:
+        return x.amax(1) if how == "max" else x.mean(1)
+    m = attention_mask.to(x.dtype).unsqueeze(-1)
+    if how == "max":
+        return x.masked_fill(m == 0, torch.finfo(x.dtype).min).amax(1)
+    return (x * m).sum(1) / m.sum(1)
+
+
 class Head(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -57,14 +71,7 @@ class Head(nn.Module):
         return self.norm(self.act(self.dense(x))) if self.config.head_transform else x
 
     def pool(self, x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        """(B, T, d) -> (B, d): the first slot (BERT's [CLS], as transformers takes it: slot 0 even under
-        left padding) or the mean over real tokens."""
-        if self.config.pooling == "cls":
-            return x[:, 0]
-        if attention_mask is None:
-            return x.mean(1)
-        m = attention_mask.to(x.dtype).unsqueeze(-1)
-        return (x * m).sum(1) / m.sum(1)
+        return pool(x, attention_mask, self.config.pooling)
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 targets: torch.Tensor | None = None) -> torch.Tensor:

