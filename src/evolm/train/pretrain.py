@@ -1,4 +1,4 @@
-"""Pretraining: next-token prediction over a data mixture, in stages, on the shared loop.
+"""Pretraining: next-token prediction (or masked / span objectives) over a data mixture, in stages.
 
 A recipe (``recipe.py``) names a model, a tokenizer, data and stages. This module prepares them
 (trains the tokenizer if asked, tokenizes the corpus into shards, builds the model) and hands a
@@ -6,7 +6,10 @@ A recipe (``recipe.py``) names a model, a tokenizer, data and stages. This modul
 accumulation, autocast, logging, evaluation, checkpoints and exact resume. The task supplies what
 is specific to pretraining: each stage's ``MixtureLoader`` (optionally with document masking),
 the stage's RoPE change for long-context extension, DeepSeek-V3's MoE bias update, held-out loss
-per source, sampled continuations and the MFU numerator from the cost card.
+per source, sampled continuations and the MFU numerator from the cost card. The recipe's
+``objective`` (``data/objectives.py``) decides what a window becomes: the next tokens (``clm``), a
+masked LM's inputs and labels (``mlm``, an encoder) or a seq2seq pair (``span_corruption``,
+``denoise``).
 
 The run folder holds ``metrics.jsonl``, TensorBoard events (``tb/``), ``checkpoints/``,
 ``loss.png``, ``report.md`` and, at the end, the final model + tokenizer, so that
@@ -77,6 +80,11 @@ def load_or_train_tokenizer(recipe: Recipe, out: Path, data_dir: str | None, log
 
     log(f"training a byte-level BPE tokenizer (vocab {vocab}) on {', '.join(s.name for s in sources)}")
     tok = train_bpe(texts(), vocab_size=vocab, special_tokens=specials)
+    extra = recipe.objective.tokens_to_add()  # [MASK] / <mask>, or T5's sentinels at the vocabulary's end
+    if extra:
+        tok.backend.add_special_tokens(extra)
+        log(f"objective {recipe.objective.name}: added {len(extra)} special token(s) ({extra[0]}...) "
+            f"at ids {tok.vocab_size - len(extra)}..{tok.vocab_size - 1}")
     tok.save(out)
     return tok
 
@@ -113,6 +121,22 @@ def build_model(recipe: Recipe, tokenizer) -> tuple[Any, ModelConfig]:
                           f"vocab_size is {config.vocab_size}; set model.overrides.vocab_size to at least "
                           f"{tokenizer.vocab_size} (or 'tokenizer')")
     return build(config), config
+
+
+def check_objective(recipe: Recipe, config: ModelConfig) -> None:
+    """The objective and the model kind must agree: a decoder learns clm, an encoder mlm, an
+    encoder-decoder the seq2seq objectives (a clm model that sees the future learns nothing)."""
+    name, where = recipe.objective.name, f"{recipe.source}: objective {recipe.objective.name}"
+    seq2seq = bool(getattr(config, "is_encoder_decoder", False))
+    if recipe.objective.seq2seq and not seq2seq:
+        raise RecipeError(f"{where} trains an encoder-decoder model (T5, BART); this model is not one")
+    if not recipe.objective.seq2seq and seq2seq:
+        raise RecipeError(f"{where} is for a single stack; an encoder-decoder model needs span_corruption or denoise")
+    if name == "mlm" and config.mask != "bidirectional":
+        raise RecipeError(f"{where} trains an encoder: set model.overrides.mask: bidirectional (got {config.mask!r})")
+    if name == "clm" and config.mask == "bidirectional":
+        raise RecipeError(f"{where}: a bidirectional model sees the tokens it predicts; use objective mlm "
+                          f"or model.overrides.mask: causal")
 
 
 def positions_from_segments(seg: torch.Tensor) -> torch.Tensor:
@@ -188,6 +212,10 @@ class PretrainTask:
         self.data_out, self.manifest, self.plans, self.rt = data_out, manifest, plans, rt
         self.loader = None
         self.seq_len = plans[0].spec.seq_len
+        from evolm.data.objectives import Objective
+
+        start = getattr(model.config, "decoder_start_token_id", None)
+        self.objective = Objective(recipe.objective, tokenizer, decoder_start_id=start)
 
     def start_phase(self, index: int, phase: Phase) -> None:
         from evolm.data.mixture import MixtureLoader, tier_mixture
@@ -206,16 +234,28 @@ class PretrainTask:
                  f"mixture {self.loader.weights}")
 
     def next_batch(self):
-        return self.loader.next_batch()
+        """The objective's Example of the loader's next windows; its noise is keyed by the
+        stage's seed, the loader's step and the global row, so a resumed run sees the same."""
+        step = self.loader.step
+        windows = self.loader.next_batch()
+        return self.objective(*windows, seed=self.loader.seed, step=step,
+                              first_row=self.rt.rank * self.recipe.train.micro_batch)
 
     def loss(self, model, batch):
+        return self.forward(model, batch), {}
+
+    def forward(self, model, ex):
+        """The mean cross-entropy of an Example (+ MoE aux), fused with the head."""
         device = self.rt.device
-        x, y = batch[0].to(device), batch[1].to(device)
         kwargs = {}
-        if self.recipe.train.doc_masking:
-            seg = batch[2].to(device)
+        if ex.segments is not None:
+            seg = ex.segments.to(device)
             kwargs = {"doc_ids": seg, "position_ids": positions_from_segments(seg)}
-        return model(x, targets=y, **kwargs), {}  # CE (+ MoE aux), fused with the head
+        if ex.attention_mask is not None:
+            kwargs["attention_mask"] = ex.attention_mask.to(device)
+        if ex.decoder_input_ids is not None:
+            kwargs["decoder_input_ids"] = ex.decoder_input_ids.to(device)
+        return model(ex.input_ids.to(device), targets=ex.targets.to(device), **kwargs)
 
     def after_step(self, model) -> None:
         update_moe_bias(model, self.rt.world)
@@ -239,8 +279,10 @@ class PretrainTask:
             acc = sums.setdefault(source, [0.0, 0.0])
             if i % world != rank:
                 continue
-            acc[0] += float(model(x.to(self.rt.device), targets=y.to(self.rt.device))) * y.numel()
-            acc[1] += y.numel()
+            ex = self.objective(x, y, seed=self.recipe.seed, step=i, held_out=True)  # the same noise at every eval
+            n = int((ex.targets != -100).sum())
+            acc[0] += float(self.forward(model, ex)) * n
+            acc[1] += n
         names = sorted(sums)
         totals = par.all_reduce_sum([v for n in names for v in sums[n]], world)
         res = {f"val_loss_{n}": totals[2 * i] / max(1.0, totals[2 * i + 1]) for i, n in enumerate(names)}
@@ -249,6 +291,8 @@ class PretrainTask:
         return res
 
     def samples(self, model) -> list[tuple[str, str]]:
+        if self.objective.name == "mlm":
+            return self.filled_masks(model)
         from evolm.infer import SamplingParams, generate
 
         t, tok = self.recipe.train, self.tokenizer
@@ -259,6 +303,17 @@ class PretrainTask:
             ids = tok.encode(p, add_special_tokens=False) or [tok.eos_id or 0]
             new = generate(model, [ids], params)[0]
             outs.append((p, tok.decode(new, skip_special_tokens=True)))
+        return outs
+
+    @torch.no_grad()
+    def filled_masks(self, model) -> list[tuple[str, str]]:
+        """An encoder's guesses: each prompt with its mask tokens replaced by the top prediction."""
+        tok, mask_id, outs = self.tokenizer, self.objective.mask_id, []
+        for p in self.recipe.train.sample_prompts:
+            ids = torch.tensor([tok.encode(p, add_special_tokens=False) or [mask_id]], device=self.rt.device)
+            guess = model(ids).argmax(-1)
+            filled = torch.where(ids == mask_id, guess, ids)[0].tolist()
+            outs.append((p, tok.decode(filled, skip_special_tokens=True)))
         return outs
 
     def state_dict(self) -> dict:
@@ -326,6 +381,7 @@ def pretrain(recipe: Recipe, out_dir: str | None = None, resume: bool = False,
 
     seed_all(recipe.seed)  # the same initial weights whatever the tokenizer/data steps consumed
     model, config = build_model(recipe, tokenizer)
+    check_objective(recipe, config)
     check_tokenizer(manifest, tokenizer, config.vocab_size)
     model.to(rt.device)
     plans = plan_stages(recipe, rt.world)

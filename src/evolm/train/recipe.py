@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from evolm.data.objectives import ObjectiveConfig, ObjectiveError
 from evolm.inputs import describe, first_line, has_type, short
 
 from evolm.train.config import LoopSettings, LRShape, OptimConfig
@@ -82,6 +83,7 @@ class Recipe:
     data: dict[str, Any] = field(default_factory=dict)  # evolm.data.prepare spec (sources + options)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainSpec = field(default_factory=TrainSpec)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)  # clm | mlm | span_corruption | denoise
     stages: list[StageSpec] = field(default_factory=lambda: [StageSpec()])
     source: str = "<dict>"
 
@@ -109,14 +111,14 @@ def _build(cls, d: Any, where: str):
             raise RecipeError(f"{where}: {key} must be {describe(hints[key])}, got {value!r}{note}")
     try:
         return cls(**d)
-    except TypeError as e:
+    except (TypeError, ObjectiveError) as e:
         raise RecipeError(f"{where}: {e}") from None
 
 
 def recipe_from_dict(d: dict[str, Any], source: str = "<dict>") -> Recipe:
     if not isinstance(d, dict):
         raise RecipeError(f"{source}: a recipe is a mapping of sections, got {type(d).__name__}")
-    top = {k: v for k, v in d.items() if k not in ("model", "tokenizer", "optim", "train", "stages")}
+    top = {k: v for k, v in d.items() if k not in ("model", "tokenizer", "optim", "train", "objective", "stages")}
     r = _build(Recipe, top, source)
     r.source = source
     if isinstance(d.get("model"), str):
@@ -126,6 +128,9 @@ def recipe_from_dict(d: dict[str, Any], source: str = "<dict>") -> Recipe:
     r.tokenizer = _build(TokenizerSpec, d.get("tokenizer"), f"{source}: tokenizer")
     r.optim = _build(OptimConfig, d.get("optim"), f"{source}: optim")
     r.train = _build(TrainSpec, d.get("train"), f"{source}: train")
+    objective = d.get("objective")
+    r.objective = _build(ObjectiveConfig, {"name": objective} if isinstance(objective, str) else objective,
+                         f"{source}: objective")
     stages = d.get("stages", [{}])
     if not isinstance(stages, list) or not stages:
         raise RecipeError(f"{source}: stages must be a non-empty list")
@@ -161,6 +166,8 @@ def validate(r: Recipe) -> None:
         raise RecipeError(f"{src}: tokenizer: set 'path' or 'train' (or start the model from 'init')")
     if not r.data.get("sources"):
         raise RecipeError(f"{src}: data: needs 'sources' (built-in corpus names, paths or source dicts)")
+    if r.objective.seq2seq and t.doc_masking:
+        raise RecipeError(f"{src}: train: doc_masking is for the clm and mlm objectives, not {r.objective.name}")
     names = [s.name for s in r.stages]
     if len(set(names)) != len(names):
         raise RecipeError(f"{src}: stages: names must be unique, got {names}")
