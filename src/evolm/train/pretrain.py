@@ -127,7 +127,7 @@ def check_objective(recipe: Recipe, config: ModelConfig) -> None:
     """The objective and the model kind must agree: a decoder learns clm, an encoder mlm, an
     encoder-decoder the seq2seq objectives (a clm model that sees the future learns nothing)."""
     name, where = recipe.objective.name, f"{recipe.source}: objective {recipe.objective.name}"
-    seq2seq = bool(getattr(config, "is_encoder_decoder", False))
+    seq2seq = getattr(config, "encoder_layers", 0) > 0
     if recipe.objective.seq2seq and not seq2seq:
         raise RecipeError(f"{where} trains an encoder-decoder model (T5, BART); this model is not one")
     if not recipe.objective.seq2seq and seq2seq:
