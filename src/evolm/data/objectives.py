@@ -128,8 +128,8 @@ def mlm_row(tokens: np.ndarray, rng: np.random.Generator, *, rate: float, mask_i
     else:
         starts = word_starts(tokens, word_start, special)
         word = np.cumsum(starts) - 1  # word index of every token; -1 before the first start
-        chosen = (rng.random(n) < rate) & starts
-        selected = maskable & (word >= 0) & chosen[np.flatnonzero(starts)][np.maximum(word, 0)]
+        chosen = ((rng.random(n) < rate) & starts)[np.flatnonzero(starts)]  # one draw per word
+        selected = maskable & (word >= 0) & (chosen[np.maximum(word, 0)] if chosen.size else False)
     labels = np.where(selected, tokens, -100)
     u = rng.random(n)  # one draw decides [MASK] / random / unchanged for each selected token
     inputs = tokens.copy()

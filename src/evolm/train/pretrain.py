@@ -291,6 +291,9 @@ class PretrainTask:
         return res
 
     def samples(self, model) -> list[tuple[str, str]]:
+        """Continuations of the sample prompts; for a seq2seq objective the decoder's output for
+        each prompt as the encoder's input (sentinels / masks kept visible); for mlm the prompts
+        with their mask tokens filled in."""
         if self.objective.name == "mlm":
             return self.filled_masks(model)
         from evolm.infer import SamplingParams, generate
@@ -302,7 +305,7 @@ class PretrainTask:
         for p in t.sample_prompts:
             ids = tok.encode(p, add_special_tokens=False) or [tok.eos_id or 0]
             new = generate(model, [ids], params)[0]
-            outs.append((p, tok.decode(new, skip_special_tokens=True)))
+            outs.append((p, tok.decode(new, skip_special_tokens=not self.objective.config.seq2seq)))
         return outs
 
     @torch.no_grad()
