@@ -264,11 +264,14 @@ def test_tokenizer_without_a_mask_token_is_refused(tok_ids):
         Objective(ObjectiveConfig(name="mlm"), bare)
 
 
-def test_encoder_recipe_parses():
+def test_demo_recipes_parse():
     from pathlib import Path
 
-    r = load_recipe(str(Path(__file__).resolve().parents[1] / "recipes" / "encoder-mlm.yaml"))
+    root = Path(__file__).resolve().parents[1] / "recipes"
+    r = load_recipe(str(root / "encoder-mlm.yaml"))
     assert r.objective.name == "mlm" and r.model.overrides["mask"] == "bidirectional"
+    r = load_recipe(str(root / "t5-span.yaml"))
+    assert r.objective.name == "span_corruption" and r.model.preset == "tiny-t5-v1_1"
 
 
 # --- pretraining an encoder ---------------------------------------------------------------------
@@ -338,3 +341,34 @@ def test_objective_and_model_kind_must_agree(code_dir, tmp_path):
     d["objective"] = "span_corruption"
     with pytest.raises(RecipeError, match="trains an encoder-decoder model"):
         pretrain(recipe_from_dict(d), out_dir=str(tmp_path / "c"), log=lambda s: None)
+
+
+# --- pretraining an encoder-decoder ------------------------------------------------------------------
+def _seq2seq_recipe(tmp, objective: str) -> dict:
+    """T5 v1.1 (relative position buckets, gated GELU, no biases) for span corruption, BART (learned
+    positions, post-norm, GELU) for text infilling: the tiny presets, the decoder starting from id 0."""
+    d = _mlm_recipe(tmp)
+    preset = "tiny-t5-v1_1" if objective == "span_corruption" else "tiny-bart"
+    d["name"], d["objective"] = preset, {"name": objective, "sentinels": 20} if objective == "span_corruption" \
+        else objective
+    d["model"] = {"preset": preset, "overrides": {"vocab_size": "tokenizer", "max_seq_len": 64,
+                                                  "decoder_start_token_id": 0}}
+    d["train"]["sample_prompts"] = ["def <extra_id_0>(self):" if objective == "span_corruption" else "def <mask>"]
+    d["train"]["sample_tokens"] = 6
+    return d
+
+
+@pytest.mark.parametrize("objective", ["span_corruption", "denoise"])
+def test_pretrain_a_seq2seq_model_and_resume_bit_exactly(code_dir, tmp_path, objective):
+    from evolm.train.pretrain import pretrain
+
+    quiet = lambda s: None  # noqa: E731
+    full = tmp_path / "full"
+    summary = pretrain(recipe_from_dict(_seq2seq_recipe(code_dir, objective)), out_dir=str(full), log=quiet)
+    rows = _rows(full)
+    assert rows[-1]["loss"] < rows[0]["loss"] and summary["val_loss"] > 0
+    part = tmp_path / "part"
+    r = recipe_from_dict(_seq2seq_recipe(code_dir, objective))
+    pretrain(r, out_dir=str(part), log=quiet, stop_after_steps=4)
+    pretrain(r, out_dir=str(part), log=quiet, resume=True)
+    assert [x["loss"] for x in _rows(part)] == [x["loss"] for x in rows]  # the same noise after a resume
