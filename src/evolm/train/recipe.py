@@ -111,7 +111,7 @@ def _build(cls, d: Any, where: str):
             raise RecipeError(f"{where}: {key} must be {describe(hints[key])}, got {value!r}{note}")
     try:
         return cls(**d)
-    except (TypeError, ObjectiveError) as e:
+    except TypeError as e:
         raise RecipeError(f"{where}: {e}") from None
 
 
@@ -129,8 +129,11 @@ def recipe_from_dict(d: dict[str, Any], source: str = "<dict>") -> Recipe:
     r.optim = _build(OptimConfig, d.get("optim"), f"{source}: optim")
     r.train = _build(TrainSpec, d.get("train"), f"{source}: train")
     objective = d.get("objective")
-    r.objective = _build(ObjectiveConfig, {"name": objective} if isinstance(objective, str) else objective,
-                         f"{source}: objective")
+    try:
+        r.objective = _build(ObjectiveConfig, {"name": objective} if isinstance(objective, str) else objective,
+                             f"{source}: objective")
+    except ObjectiveError as e:  # its message names the objective's field
+        raise RecipeError(f"{source}: {e}") from None
     stages = d.get("stages", [{}])
     if not isinstance(stages, list) or not stages:
         raise RecipeError(f"{source}: stages must be a non-empty list")
