@@ -112,23 +112,29 @@ def model_step_bytes(model, batch: int, cache_len: float, kv_bytes: int = 4) -> 
     minima), every float weight it multiplies (the embedding only as a tied head: a lookup reads
     one row) and the KV cache at ``cache_len``. None for other quantized layers (own layouts)."""
     from evolm.analysis.cost import cost_card
-    from evolm.quant.blocks import BlockLinear
+    from evolm.quant.blocks import BlockEmbedding, BlockLinear
 
+    # tensors by storage: a tied head's blocks are the blocks embedding's, loaded as other tensor objects
     total, seen = 0, set()
     for mod in model.modules():
         if isinstance(mod, BlockLinear):
-            total += mod.blocks.bytes() + (mod.bias.numel() * mod.bias.element_size() if mod.bias is not None else 0)
-            seen.update(id(t) for t in mod.parameters(recurse=False))
-            seen.update(id(t) for t in mod.buffers(recurse=False))
-    skip = {id(t.weight) for t in (model.embed_tokens, getattr(model, "pos_embed", None)) if t is not None}
+            if mod.codes.data_ptr() not in seen:
+                total += mod.blocks.bytes()
+            total += mod.bias.numel() * mod.bias.element_size() if mod.bias is not None else 0
+            seen.update(t.data_ptr() for t in (*mod.parameters(recurse=False), *mod.buffers(recurse=False)))
+    for mod in model.modules():
+        if isinstance(mod, BlockEmbedding):  # a lookup reads one row per token
+            seen.update(t.data_ptr() for t in mod.buffers(recurse=False))
+    tables = [t for t in (model.embed_tokens, getattr(model, "pos_embed", None)) if isinstance(t, torch.nn.Embedding)]
     if model.lm_head is None:  # the head is the embedding table: read whole every step
-        skip.discard(id(model.embed_tokens.weight))
+        tables = tables[1:]
+    seen.update(t.weight.data_ptr() for t in tables)
     for t in list(model.parameters()) + list(model.buffers()):
-        if id(t) in seen or id(t) in skip:
+        if t.data_ptr() in seen:
             continue
         if t.dtype in (torch.int8, torch.uint8, torch.int32):
             return None
-        seen.add(id(t))
+        seen.add(t.data_ptr())
         total += t.numel() * t.element_size()
     kv = cost_card(model.config, max(1, int(cache_len)), bytes_per_value=kv_bytes)["kv_cache_bytes_at_context"]
     return total + batch * kv
