@@ -293,6 +293,8 @@ def _hf_names(model: nn.Module, names: list[str]) -> dict[str, str] | None:
     mt = _family(model)
     if mt is None:
         return None
+    if getattr(model.config, "encoder_layers", 0):
+        return _seq2seq_hf_names(model, names, mt)
     out = {}
     for n in names:
         if mt == "gpt2" and n.rsplit(".", 1)[-1] in _GPT2_FUSED:
@@ -300,6 +302,22 @@ def _hf_names(model: nn.Module, names: list[str]) -> dict[str, str] | None:
         hf = state_dict_to_hf({n + ".weight": torch.empty(1, 1)}, model.config, mt)
         out[n] = next(iter(hf)).removesuffix(".weight")
     return out
+
+
+def _seq2seq_hf_names(model: nn.Module, names: list[str], mt: str) -> dict[str, str]:
+    """The same map for an encoder-decoder, whose families translate whole state dicts only (each
+    name of the table is looked up): every weight is stood in by a 1x1 tensor holding its index,
+    and the index read back from each transformers name says which of ours it is."""
+    from evolm.interop.hf import state_dict_to_hf
+
+    with torch.device("meta"):  # the names of the plain model (no adapters, no NF4), built without memory
+        keys = list(type(model)(model.config).state_dict())
+    sd = {k: torch.full((1, 1), float(i), dtype=torch.float64) for i, k in enumerate(keys)}
+    ours = {}
+    for hf_name, t in state_dict_to_hf(sd, model.config, mt).items():
+        if t.numel() == 1:
+            ours.setdefault(keys[int(t.item())], hf_name)  # a tied weight keeps its first (canonical) name
+    return {n: ours[n + ".weight"].removesuffix(".weight") for n in names}
 
 
 def _family(model) -> str | None:
@@ -377,7 +395,7 @@ def _peft_config(model: nn.Module, mods: dict[str, LoRALinear], key: dict[str, s
         base_model = meta.get("hf_id") if isinstance(meta, dict) else None
     return {
         "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
+        "task_type": "SEQ_2_SEQ_LM" if getattr(getattr(model, "config", None), "encoder_layers", 0) else "CAUSAL_LM",
         "base_model_name_or_path": base_model,
         "r": r,
         "lora_alpha": alpha,

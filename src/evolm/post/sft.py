@@ -14,6 +14,10 @@ attention a block-diagonal causal mask and positions restart at 0 for each (as i
 document masking), so a packed batch has exactly the loss of the same conversations unpacked
 (tested), with less padding. Each micro-batch's loss is the mean over its trained tokens.
 
+An encoder-decoder (T5, BART: ``encoder_layers > 0``) trains on (source, target) pairs instead,
+the prompt read by the encoder and the answer + EOS produced by the decoder
+(:mod:`evolm.post.seq2seq_sft`); the rest of this path is the same.
+
 With LoRA (``--lora``; ``evolm.post.lora``) only the adapters train and the out folder is a PEFT
 adapter (adapter_config.json + adapter_model.safetensors); QLoRA (``--qlora``) keeps the frozen
 base in 4-bit NF4. Without, the out folder is a whole model (+ tokenizer) for ``evolm generate``.
@@ -53,6 +57,8 @@ class Batch:
     doc_ids: torch.Tensor | None = None  # (B, T) packed: one id per conversation (pads get their own)
     position_ids: torch.Tensor | None = None
     n_tokens: int = 0  # real (non-pad) tokens
+    attention_mask: torch.Tensor | None = None  # (B, S) encoder-decoder: the source's padding (1 = token)
+    decoder_input_ids: torch.Tensor | None = None  # (B, T) encoder-decoder: targets shifted right
 
 
 def collate(rows: list[list[Rendered]], pad_id: int, packed: bool) -> Batch:
@@ -118,9 +124,16 @@ class SftTask:
         self.pad_id, self.seed = pad_id, seed
         self.rt = rt or Runtime()
         self.tokenizer, self.sample_prompts, self.sample_tokens = tokenizer, sample_prompts or [], sample_tokens
-        self.lengths = [len(r.ids) for r in train]
+        self.lengths = [self.length(r) for r in train]
         self.epoch, self.cursor = 0, 0
         self._plan: list | None = None
+
+    @staticmethod
+    def length(example: Rendered) -> int:
+        return len(example.ids)
+
+    def collate(self, rows: list[list[Rendered]], packed: bool) -> Batch:
+        return collate(rows, self.pad_id, packed)
 
     # --- data order --------------------------------------------------------------------------
     def epoch_plan(self, epoch: int) -> list[list[list[int]]]:
@@ -144,7 +157,7 @@ class SftTask:
             self._plan = self.epoch_plan(self.epoch)
         rows = self._plan[self.cursor * w + r]
         self.cursor += 1
-        return collate([[self.train[i] for i in row] for row in rows], self.pad_id, self.packing)
+        return self.collate([[self.train[i] for i in row] for row in rows], self.packing)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "cursor": self.cursor}
@@ -158,6 +171,8 @@ class SftTask:
         kw = {}
         if b.doc_ids is not None:
             kw = {"doc_ids": b.doc_ids.to(dev), "position_ids": b.position_ids.to(dev)}
+        if b.decoder_input_ids is not None:
+            kw = {"attention_mask": b.attention_mask.to(dev), "decoder_input_ids": b.decoder_input_ids.to(dev)}
         return model(b.input_ids.to(dev), targets=b.targets.to(dev), **kw)
 
     def loss(self, model, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
@@ -169,11 +184,11 @@ class SftTask:
         if not self.val:
             return {}
         total, count = 0.0, 0.0
-        order = sorted(range(len(self.val)), key=lambda i: len(self.val[i].ids))  # less padding
+        order = sorted(range(len(self.val)), key=lambda i: self.length(self.val[i]))  # less padding
         for k, s in enumerate(range(0, len(order), self.batch_size)):
             if k % self.rt.world != self.rt.rank:
                 continue
-            b = collate([[self.val[i]] for i in order[s:s + self.batch_size]], self.pad_id, False)
+            b = self.collate([[self.val[i]] for i in order[s:s + self.batch_size]], False)
             n = int((b.targets != IGNORE).sum())
             if n:
                 total += float(self._forward(model, b)) * n
@@ -293,6 +308,24 @@ def sample_prompts(val_ex: list[Example], n: int) -> list[list[dict]]:
             for e in val_ex[:n]]
 
 
+def make_task(config: SFTConfig, model, tokenizer, train_ex, val_ex, rt: Runtime, say) -> SftTask:
+    """The task for this model: chat-template SFT for a decoder, source -> target pairs for an
+    encoder-decoder (``evolm.post.seq2seq_sft``)."""
+    kw = dict(batch_size=config.batch_size, max_len=config.max_len, packing=config.packing, pad_id=pad_id(tokenizer),
+              seed=config.seed, rt=rt, tokenizer=tokenizer, sample_prompts=sample_prompts(val_ex, config.samples))
+    from evolm.post.seq2seq_sft import Seq2SeqSftTask, encode_pairs, is_seq2seq
+
+    if is_seq2seq(model):
+        train, val = encode_pairs(tokenizer, train_ex, config.max_len), encode_pairs(tokenizer, val_ex, config.max_len)
+        say(f"data: {len(train)} training pairs ({sum(len(p.source) for p in train):,} source and "
+            f"{sum(len(p.target) for p in train):,} target tokens), {len(val)} held out; {train.truncated} cut to "
+            f"--max-len {config.max_len}")
+        return Seq2SeqSftTask(train, val, start_id=model.config.decoder_start_token_id, **kw)
+    require_template(tokenizer)
+    train, val = encode_conversations(config, tokenizer, train_ex, val_ex, say)
+    return SftTask(train, val, **kw)
+
+
 def loop_settings(config: SFTConfig, task: SftTask, rt: Runtime, say) -> tuple[Phase, LoopConfig]:
     """Steps from --steps or --epochs, warm-up as a fraction or a count, and the loop's settings."""
     per_epoch = math.ceil(task.batches_per_epoch() / config.accum)
@@ -356,13 +389,9 @@ def run_sft(config: SFTConfig, log=print) -> dict[str, Any]:
     policy = load_policy(config.model, adapter=config.adapter, seed=config.seed, chat_template=config.chat_template,
                          threads=config.threads, float32=False, purpose="SFT", log=say)
     tokenizer = policy.tokenizer
-    require_template(tokenizer)
     train_ex, val_ex = read_conversations(config)
-    train, val = encode_conversations(config, tokenizer, train_ex, val_ex, say)
     model = policy.model.train().to(rt.device)
-    task = SftTask(train, val, batch_size=config.batch_size, max_len=config.max_len, packing=config.packing,
-                   pad_id=pad_id(tokenizer), seed=config.seed, rt=rt, tokenizer=tokenizer,
-                   sample_prompts=sample_prompts(val_ex, config.samples))
+    task = make_task(config, model, tokenizer, train_ex, val_ex, rt, say)
     phase, loop_cfg = loop_settings(config, task, rt, say)
     if rt.main:
         out.mkdir(parents=True, exist_ok=True)
