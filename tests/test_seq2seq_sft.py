@@ -24,7 +24,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import evolm  # noqa: E402
 from evolm.interop.hf import hf_family, save_hf_folder, state_dict_to_hf  # noqa: E402
 from evolm.post.data import IGNORE, Example  # noqa: E402
-from evolm.post.lora import LoRAConfig, _hf_names, apply_lora, lora_modules, save_adapter  # noqa: E402
+from evolm.post.lora import (LoRAConfig, _hf_names, apply_lora, load_adapter, lora_modules,  # noqa: E402
+                             save_adapter)
 from evolm.post.seq2seq_sft import Pair, collate_pairs, encode_pairs, shift_right  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -113,6 +114,14 @@ def test_lora_on_t5_is_peft_q_v(tmp_path):
     loss = ours(b.input_ids, attention_mask=b.attention_mask, decoder_input_ids=b.decoder_input_ids, targets=b.targets)
     ref = pm(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.targets).loss
     assert abs(loss.item() - ref.item()) <= 1e-5, (loss.item(), ref.item())
+    torch.manual_seed(0)
+    fresh = evolm.build("tiny-t5").eval()
+    spread(fresh)
+    assert sorted(load_adapter(fresh, tmp_path / "adapter")) == sorted(names)  # and back into evolm
+    with torch.no_grad():
+        again = fresh(b.input_ids, attention_mask=b.attention_mask, decoder_input_ids=b.decoder_input_ids,
+                      targets=b.targets)
+    assert abs(again.item() - loss.item()) <= 1e-6
     with torch.no_grad(), pm.disable_adapter():  # the adapter is not a no-op
         base = pm(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.targets).loss
     assert abs(base.item() - ref.item()) > 1e-3
