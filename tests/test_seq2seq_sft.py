@@ -56,8 +56,11 @@ def pairs(vocab: int) -> list[Pair]:
     """Sources and targets of different lengths: both sides of the batch carry padding."""
     g = torch.Generator().manual_seed(2)
     lens = [(9, 4), (5, 7), (7, 2)]
-    return [Pair(torch.randint(3, vocab, (s,), generator=g).tolist(), torch.randint(3, vocab, (t,), generator=g).tolist())
-            for s, t in lens]
+
+    def draw(n: int) -> list[int]:
+        return torch.randint(3, vocab, (n,), generator=g).tolist()
+
+    return [Pair(draw(s), draw(t)) for s, t in lens]
 
 
 def test_shift_right_is_transformers():
@@ -143,7 +146,8 @@ def test_encode_pairs_puts_the_prompt_in_the_encoder():
     ex = Example([{"role": "system", "content": "be brief"}, {"role": "user", "content": "rain in the north"},
                   {"role": "assistant", "content": "wind"}])
     (p,) = encode_pairs(tok, [ex], max_len=64)
-    assert p.source == tok.encode("be brief\n\nrain in the north") and p.target == tok.encode("wind", False) + [tok.eos_id]
+    assert p.source == tok.encode("be brief\n\nrain in the north")
+    assert p.target == tok.encode("wind", False) + [tok.eos_id]
     (cut,) = encode_pairs(tok, [ex], max_len=3)
     assert len(cut.source) == 3 and cut.target[-1] == tok.eos_id and len(cut.target) <= 3
 

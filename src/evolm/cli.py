@@ -639,7 +639,7 @@ COMMANDS = (
     ("serve", "OpenAI-compatible HTTP server (continuous batching) + web chat page", _serve_parser),
     ("eval", "evaluate on benchmarks, scored as lm-evaluation-harness scores them", _eval_parser),
     ("merge", "fold a LoRA adapter (PEFT folder) into its base model", _post_parser("merge", "lora", "MergeConfig")),
-    ("sft", "supervised fine-tuning on chat data (full, LoRA or QLoRA)", _post_parser("sft", "sft", "SFTConfig")),
+    ("sft", "supervised fine-tuning on chat data (full, LoRA or QLoRA; T5/BART: prompt -> answer)", _post_parser("sft", "sft", "SFTConfig")),
     ("dpo", "preference optimisation (DPO / cDPO / IPO / SimPO) on preference pairs",
      _post_parser("dpo", "dpo", "DPOConfig")),
     ("grpo", "GRPO: reinforcement learning from verifiable rewards on sampled groups",
