@@ -267,3 +267,19 @@ def test_an_unpacked_member_that_leaves_its_folder_is_refused(registry, monkeypa
     with pytest.raises(assets.AssetError, match="leaves its folder"):
         assets.build_model("folder", m, log=lambda s: None)
     assert not (tmp / "cache/escape.txt").exists() and not (tmp / "cache/models/the-model").exists()
+
+
+def test_the_index_lookup_leaves_torch_compile_working(monkeypatch):
+    """Looking up pip's indexes must not import pip into the process: importing pip turns off
+    setuptools' distutils shim, and torch.compile's C++ builds (which import setuptools after it)
+    then fail with an AssertionError naming distutils/core.py."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, evolm.assets as a\n"
+            "a._run = lambda cmd, timeout=60: (1, '')\n"  # no pip config: the default index
+            "assert a._index_urls()[0] == a.PYPI_SIMPLE\n"
+            "assert 'pip' not in sys.modules\n"
+            "print(float(torch.compile(lambda x: (x * 2).sin().sum())(torch.ones(4))))\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]

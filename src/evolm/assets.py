@@ -35,6 +35,7 @@ from typing import Callable, Iterable
 
 MANIFEST = Path(__file__).with_name("assets.toml")
 REGISTRIES = ("pypi", "debian", "npm")
+PYPI_SIMPLE = "https://pypi.org/simple"  # pip's default index when pip config names none
 # how the file is used: "download" (read from the cache), "pip" (pip-installed into the venv from the
 # cached file), "apt" (apt-get install; Debian keeps one version per release, so only served-ness is
 # checked and ``version`` records what was tested)
@@ -233,10 +234,22 @@ def _last_error(text: str) -> str:
     return (errs or lines or ["no output"])[0 if errs else -1][:300]
 
 
-def _pip() -> list[str]:
-    import importlib.util
+def has_pip() -> bool:
+    """Whether this Python has pip, by its installed metadata. Not ``importlib.util.find_spec("pip")``:
+    looking pip up through the import system lets setuptools' distutils shim switch itself off for the
+    whole process (it makes way for pip), and torch.compile's C++ builds, which import setuptools
+    later, then fail with an AssertionError naming distutils/core.py."""
+    from importlib.metadata import PackageNotFoundError, version
 
-    if importlib.util.find_spec("pip") is None:
+    try:
+        version("pip")
+        return True
+    except PackageNotFoundError:
+        return False
+
+
+def _pip() -> list[str]:
+    if not has_pip():
         raise AssetError(f"{sys.executable} has no pip, so PyPI cannot be asked: install python3-pip, "
                          "or run with another Python (make PY=/path/to/python3 ...)")
     return [sys.executable, "-m", "pip"]
@@ -275,9 +288,10 @@ def _index_urls() -> list[str]:
         if name in found:
             found[name] += value.strip().strip("'\"").split()
     if not found["index-url"]:
-        from pip._internal.models.index import PyPI  # pip's own default index
-
-        found["index-url"] = [PyPI.simple_url]
+        # pip's own default index (pip._internal.models.index.PyPI): not imported, because importing pip
+        # turns off setuptools' distutils shim for the whole process, and torch.compile's C++ builds
+        # (which import setuptools) then fail with an AssertionError naming distutils/core.py
+        found["index-url"] = [PYPI_SIMPLE]
     return found["index-url"][-1:] + found["extra-index-url"]
 
 

@@ -392,7 +392,7 @@ def probe_registries(absent: list, assets: ModuleType) -> dict[str, RegistryAnsw
     """Ask the registries about every absent asset (assets.probe_all: seconds, no download). PyPI is
     asked through this interpreter's pip, so without pip there is no answer rather than a wrong one;
     a probe that breaks is reported on its rows, not raised."""
-    no_pip = importlib.util.find_spec("pip") is None
+    no_pip = not assets.has_pip()
     unaskable = [a for a in absent if no_pip and a.registry == "pypi"]
     askable = [a for a in absent if a not in unaskable]
     out = {a.name: RegistryAnswer(False, f"cannot ask PyPI: {sys.executable} has no pip") for a in unaskable}
