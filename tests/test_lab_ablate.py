@@ -311,3 +311,38 @@ def test_the_ladder_scales_to_gpt2_small_and_every_rung_meets_its_budget():
     assert 100e6 < cost_card(_config(apply_variant(base, ladder[0]), Vocab))["params_total"] < 140e6
     with pytest.raises(ValueError, match="expected one of cpu, 124m"):
         sized(base, "7b")
+
+
+def test_objective_budgets_count_what_a_step_computes():
+    """Non-clm objectives: an MLM encoder's head runs at the masked share of the positions only
+    (sparse prediction); a seq2seq window of L tokens is S source + U target tokens, the lengths the
+    objective really makes; variants of either still meet one FLOPs budget."""
+    import numpy as np
+
+    from evolm.data.objectives import ObjectiveConfig, seq2seq_lengths, span_corrupt_row
+    from evolm.lab.budget import training_flops_per_token
+
+    L = 128
+    enc = replace(BASE, name="enc", mask="bidirectional", tie_embeddings=True, head_transform=True)
+    mlm = ObjectiveConfig("mlm")
+    head = enc.vocab_size * enc.d_model + enc.d_model ** 2
+    card = cost_card(enc, context_len=L)["flops_per_token"]
+    assert training_flops_per_token(enc, L, mlm) == round(card - 6 * (1 - mlm.rate) * head)
+
+    span = ObjectiveConfig("span_corruption")
+    src, tgt = span_corrupt_row(np.arange(L), np.random.default_rng(0), rate=span.rate, mean_span=span.mean_span,
+                                sentinel_ids=np.arange(1000, 1100))
+    assert seq2seq_lengths(span, L) == (len(src), len(tgt))
+    t5 = replace(BASE, name="t5", encoder_layers=6, tie_embeddings=True)
+    fpt = training_flops_per_token(t5, L, span)
+    # bounds: all L tokens through both stacks at full context (the card) vs the encoder alone (its
+    # card counts a tied head the encoder does not run)
+    encoder_only = cost_card(t5.encoder_config(), context_len=len(src))["flops_per_token"] - 6 * t5.vocab_size * t5.d_model
+    assert encoder_only * len(src) / L < fpt \
+        < cost_card(t5, context_len=L)["flops_per_token"]
+    for base, obj in ((enc, mlm), (t5, span)):
+        variants = [base, replace(base, name="layernorm", norm="layernorm"), replace(base, name="mha", n_kv_heads=8)]
+        plans = [plan_tokens(c, Budget("flops", 2e13), seq_len=L, tokens_per_step=4096, objective=obj) for c in variants]
+        assert max(p.error for p in plans) <= TOLERANCE
+    with pytest.raises(ValueError, match="needs an encoder-decoder"):
+        training_flops_per_token(enc, L, span)

@@ -27,7 +27,7 @@ from typing import Any, Callable
 import yaml
 
 from evolm.config import ModelConfig
-from evolm.lab.budget import Budget, match_parameters, plan_tokens
+from evolm.lab.budget import Budget, match_parameters, plan_tokens, training_flops_per_token
 from evolm.lab.runs import Job, Setup, bits_per_byte, prepare_data, run_jobs, shared_setup, tokens_per_byte
 from evolm.lab.report import plot, report_text
 from evolm.lab.stats import compare
@@ -208,7 +208,9 @@ def _budgeted(d: dict, baseline: ModelConfig, tokenizer, budget: Budget) -> tupl
     tokens_per_step = (d.get("train") or {}).get("tokens_per_step") or 0
     if not tokens_per_step:
         raise ValueError("lab: the base recipe needs train.tokens_per_step (the budget is whole steps)")
-    plan = plan_tokens(config, budget, seq_lens.pop(), tokens_per_step)
+    from evolm.train.recipe import recipe_from_dict
+    objective = recipe_from_dict({k: v for k, v in d.items() if k != "lab"}, "variant").objective
+    plan = plan_tokens(config, budget, seq_lens.pop(), tokens_per_step, objective)
     steps = _share(plan.steps, [s.get("tokens", 1) for s in stages])
     d["stages"] = [dict(s, tokens=n * tokens_per_step) for s, n in zip(stages, steps)]
     split = " + ".join(f"{s.get('name', 'stage')} {n}" for s, n in zip(stages, steps)) if len(stages) > 1 else ""
@@ -231,6 +233,7 @@ def collect(out: Path, plan: Plan, setup: Setup, ladder: bool = False) -> dict:
     """Per variant: changes, parameters, FLOPs, tokens, final val loss and bits per byte per seed,
     wall time (set-up / training), the sweep point it is judged at, and its comparison."""
     from evolm.analysis.cost import cost_card
+    from evolm.train.recipe import recipe_from_dict
 
     tpb = tokens_per_byte(setup.heldout, setup.tokenizer)
     rows: dict[str, dict] = {}
@@ -245,7 +248,9 @@ def collect(out: Path, plan: Plan, setup: Setup, ladder: bool = False) -> dict:
         card = cost_card(_config(recipe, setup.tokenizer), context_len=recipe["stages"][0].get("seq_len", 256))
         tokens = sum(s["tokens"] for s in recipe["stages"])
         row = {"variant": v.name, "changes": v.changes, "params_total": card["params_total"],
-               "params_active": card["params_active"], "tokens": tokens, "flops": tokens * card["flops_per_token"],
+               "params_active": card["params_active"], "tokens": tokens,
+               "flops": tokens * training_flops_per_token(_config(recipe, setup.tokenizer), recipe["stages"][0].get("seq_len", 256),
+                                                          recipe_from_dict({k: v for k, v in recipe.items() if k != "lab"}, "variant").objective),
                "val_loss": [r["val_loss"] for r in runs],
                "val_loss_by_source": {k[len("val_loss_"):]: [r[k] for r in runs] for k in sorted(runs[0])
                                       if k.startswith("val_loss_")},
