@@ -346,3 +346,31 @@ def test_objective_budgets_count_what_a_step_computes():
         assert max(p.error for p in plans) <= TOLERANCE
     with pytest.raises(ValueError, match="needs an encoder-decoder"):
         training_flops_per_token(enc, L, span)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective,overrides,vocab", [
+    ("mlm", {"mask": "bidirectional", "tie_embeddings": True}, 301),  # + [MASK]
+    ("span_corruption", {"encoder_layers": 2, "tie_embeddings": True}, 400),  # + 100 sentinels
+])
+def test_ablation_of_an_encoder_and_a_seq2seq_objective(tmp_path, objective, overrides, vocab):
+    """`lab ablate` on an MLM encoder and a span-corruption encoder-decoder: both variants train at
+    one FLOPs budget counted under the objective (lab/budget.py), and no bits per byte is claimed
+    for a loss over the masked / target tokens."""
+    from evolm.config import ModelConfig
+    from evolm.data.objectives import ObjectiveConfig
+    from evolm.lab.ablate import parse_vary, run_ablation
+    from evolm.lab.budget import training_flops_per_token
+    from evolm.presets import get_preset
+
+    base = _tiny_recipe(tmp_path)
+    base["objective"] = objective
+    base["model"]["overrides"].update(overrides)
+    config = get_preset("tiny-llama", **{**base["model"]["overrides"], "vocab_size": vocab})
+    assert isinstance(config, ModelConfig)
+    flops = 12 * 128 * training_flops_per_token(config, 32, ObjectiveConfig(objective))  # 12 steps
+    res = run_ablation(base, parse_vary(["norm=rmsnorm,layernorm"]), [0, 1], Budget("flops", flops), tmp_path / "lab")
+    rows = res["variants"]
+    assert len(rows) == 2 and all(abs(r["flops"] - flops) / flops <= TOLERANCE for r in rows)
+    assert rows[0]["tokens"] == 12 * 128  # counted as a dense decoder's card, the budget buys fewer steps
+    assert all(math.isfinite(r["val_loss"][0]) and r["val_bits_per_byte"] == [None, None] for r in rows)

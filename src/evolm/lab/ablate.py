@@ -192,6 +192,13 @@ def _config(d: dict, tokenizer) -> ModelConfig:
     return config.replace(**overrides, name=recipe.name)
 
 
+def _objective(d: dict):
+    """The recipe's pretraining objective (``objective:``; clm when absent)."""
+    from evolm.train.recipe import recipe_from_dict
+
+    return recipe_from_dict({k: v for k, v in d.items() if k != "lab"}, "variant").objective
+
+
 def _budgeted(d: dict, baseline: ModelConfig, tokenizer, budget: Budget) -> tuple[dict, list[str]]:
     """``d`` with its parameter-matching fields and its stages' tokens set for ``budget``: the
     budget's whole steps are shared out over the stages in the proportions the recipe writes."""
@@ -208,9 +215,7 @@ def _budgeted(d: dict, baseline: ModelConfig, tokenizer, budget: Budget) -> tupl
     tokens_per_step = (d.get("train") or {}).get("tokens_per_step") or 0
     if not tokens_per_step:
         raise ValueError("lab: the base recipe needs train.tokens_per_step (the budget is whole steps)")
-    from evolm.train.recipe import recipe_from_dict
-    objective = recipe_from_dict({k: v for k, v in d.items() if k != "lab"}, "variant").objective
-    plan = plan_tokens(config, budget, seq_lens.pop(), tokens_per_step, objective)
+    plan = plan_tokens(config, budget, seq_lens.pop(), tokens_per_step, _objective(d))
     steps = _share(plan.steps, [s.get("tokens", 1) for s in stages])
     d["stages"] = [dict(s, tokens=n * tokens_per_step) for s, n in zip(stages, steps)]
     split = " + ".join(f"{s.get('name', 'stage')} {n}" for s, n in zip(stages, steps)) if len(stages) > 1 else ""
@@ -233,7 +238,6 @@ def collect(out: Path, plan: Plan, setup: Setup, ladder: bool = False) -> dict:
     """Per variant: changes, parameters, FLOPs, tokens, final val loss and bits per byte per seed,
     wall time (set-up / training), the sweep point it is judged at, and its comparison."""
     from evolm.analysis.cost import cost_card
-    from evolm.train.recipe import recipe_from_dict
 
     tpb = tokens_per_byte(setup.heldout, setup.tokenizer)
     rows: dict[str, dict] = {}
@@ -249,12 +253,14 @@ def collect(out: Path, plan: Plan, setup: Setup, ladder: bool = False) -> dict:
         tokens = sum(s["tokens"] for s in recipe["stages"])
         row = {"variant": v.name, "changes": v.changes, "params_total": card["params_total"],
                "params_active": card["params_active"], "tokens": tokens,
-               "flops": tokens * training_flops_per_token(_config(recipe, setup.tokenizer), recipe["stages"][0].get("seq_len", 256),
-                                                          recipe_from_dict({k: v for k, v in recipe.items() if k != "lab"}, "variant").objective),
+               "flops": tokens * training_flops_per_token(_config(recipe, setup.tokenizer),
+                                                          recipe["stages"][0].get("seq_len", 256), _objective(recipe)),
                "val_loss": [r["val_loss"] for r in runs],
                "val_loss_by_source": {k[len("val_loss_"):]: [r[k] for r in runs] for k in sorted(runs[0])
                                       if k.startswith("val_loss_")},
-               "val_bits_per_byte": [bits_per_byte(r["val_loss"], tpb) for r in runs],
+               # a masked / seq2seq loss is per predicted token, not per token of the text: no bits per byte
+               "val_bits_per_byte": [bits_per_byte(r["val_loss"], tpb) if _objective(recipe).name == "clm" else None
+                                     for r in runs],
                "wall_s": [r.get("wall_s") for r in runs], "setup_s": [r.get("setup_s") for r in runs],
                "train_s": [r.get("train_s") for r in runs], "tokens_per_s": [r.get("tokens_per_s") for r in runs],
                "mean": _mean_of([r["val_loss"] for r in runs]), "std": statistics.stdev([r["val_loss"] for r in runs])}
