@@ -446,3 +446,36 @@ def test_mean_pooling_ignores_padding():
     mask = torch.cat([torch.ones(1, 6), torch.zeros(1, 3)], 1).long()
     with torch.no_grad():
         torch.testing.assert_close(model(padded, attention_mask=mask), model(ids), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sparse_prediction_equals_the_dense_head(dtype):
+    """The masked-LM loss through the head at the masked positions only (ModernBERT's sparse
+    prediction, model.sparse_prediction) equals the dense head's loss over every position, in value
+    and in every gradient (final norm, BERT's transform and bias, the tied embedding, the blocks)."""
+    torch.manual_seed(0)
+    c = _encoder_config(n_layers=2, final_norm=True, head_transform=True, lm_head_bias=True,
+                        tie_embeddings=True, norm_placement="pre")
+    model = _pushed(Transformer(c)).train()
+    ids = torch.randint(0, V, (3, 24))
+    targets = torch.where(torch.rand(3, 24) < 0.15, torch.randint(0, V, (3, 24)), -100)
+    targets[0, :2] = torch.tensor([5, 7])  # at least a few selected positions
+
+    def grads(loss):
+        model.zero_grad()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    rows = []
+    hook = model.head.dense.register_forward_hook(lambda m, a, out: rows.append(a[0].shape[:-1].numel()))
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        sparse = grads(model(ids, targets=targets))
+        assert rows == [(targets != -100).sum().item()]  # the head ran at the masked positions alone
+        hook.remove()
+        h = model(ids, return_hidden=True)  # every position through norm + transform
+        logits = torch.nn.functional.linear(h, *model.head_weight_bias()).float()
+        dense = grads(torch.nn.functional.cross_entropy(logits.reshape(-1, V), targets.reshape(-1)))
+    tol = 1e-6 if dtype == torch.float32 else 2e-2
+    assert abs(sparse[0] - dense[0]) <= tol * max(1.0, dense[0].abs().item())
+    for n, g in dense[1].items():
+        assert torch.allclose(sparse[1][n], g, atol=tol, rtol=tol), n

@@ -311,3 +311,66 @@ def test_the_ladder_scales_to_gpt2_small_and_every_rung_meets_its_budget():
     assert 100e6 < cost_card(_config(apply_variant(base, ladder[0]), Vocab))["params_total"] < 140e6
     with pytest.raises(ValueError, match="expected one of cpu, 124m"):
         sized(base, "7b")
+
+
+def test_objective_budgets_count_what_a_step_computes():
+    """Non-clm objectives: an MLM encoder's head runs at the masked share of the positions only
+    (sparse prediction); a seq2seq window of L tokens is S source + U target tokens, the lengths the
+    objective really makes; variants of either still meet one FLOPs budget."""
+    import numpy as np
+
+    from evolm.data.objectives import ObjectiveConfig, seq2seq_lengths, span_corrupt_row
+    from evolm.lab.budget import training_flops_per_token
+
+    L = 128
+    enc = replace(BASE, name="enc", mask="bidirectional", tie_embeddings=True, head_transform=True)
+    mlm = ObjectiveConfig("mlm")
+    head = enc.vocab_size * enc.d_model + enc.d_model ** 2
+    card = cost_card(enc, context_len=L)["flops_per_token"]
+    assert training_flops_per_token(enc, L, mlm) == round(card - 6 * (1 - mlm.rate) * head)
+
+    span = ObjectiveConfig("span_corruption")
+    src, tgt = span_corrupt_row(np.arange(L), np.random.default_rng(0), rate=span.rate, mean_span=span.mean_span,
+                                sentinel_ids=np.arange(1000, 1100))
+    assert seq2seq_lengths(span, L) == (len(src), len(tgt))
+    t5 = replace(BASE, name="t5", encoder_layers=6, tie_embeddings=True)
+    fpt = training_flops_per_token(t5, L, span)
+    # bounds: all L tokens through both stacks at full context (the card) vs the encoder alone (its
+    # card counts a tied head the encoder does not run)
+    encoder_only = cost_card(t5.encoder_config(), context_len=len(src))["flops_per_token"] - 6 * t5.vocab_size * t5.d_model
+    assert encoder_only * len(src) / L < fpt \
+        < cost_card(t5, context_len=L)["flops_per_token"]
+    for base, obj in ((enc, mlm), (t5, span)):
+        variants = [base, replace(base, name="layernorm", norm="layernorm"), replace(base, name="mha", n_kv_heads=8)]
+        plans = [plan_tokens(c, Budget("flops", 2e13), seq_len=L, tokens_per_step=4096, objective=obj) for c in variants]
+        assert max(p.error for p in plans) <= TOLERANCE
+    with pytest.raises(ValueError, match="needs an encoder-decoder"):
+        training_flops_per_token(enc, L, span)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective,overrides,vocab", [
+    ("mlm", {"mask": "bidirectional", "tie_embeddings": True}, 301),  # + [MASK]
+    ("span_corruption", {"encoder_layers": 2, "tie_embeddings": True}, 400),  # + 100 sentinels
+])
+def test_ablation_of_an_encoder_and_a_seq2seq_objective(tmp_path, objective, overrides, vocab):
+    """`lab ablate` on an MLM encoder and a span-corruption encoder-decoder: both variants train at
+    one FLOPs budget counted under the objective (lab/budget.py), and no bits per byte is claimed
+    for a loss over the masked / target tokens."""
+    from evolm.config import ModelConfig
+    from evolm.data.objectives import ObjectiveConfig
+    from evolm.lab.ablate import parse_vary, run_ablation
+    from evolm.lab.budget import training_flops_per_token
+    from evolm.presets import get_preset
+
+    base = _tiny_recipe(tmp_path)
+    base["objective"] = objective
+    base["model"]["overrides"].update(overrides)
+    config = get_preset("tiny-llama", **{**base["model"]["overrides"], "vocab_size": vocab})
+    assert isinstance(config, ModelConfig)
+    flops = 12 * 128 * training_flops_per_token(config, 32, ObjectiveConfig(objective))  # 12 steps
+    res = run_ablation(base, parse_vary(["norm=rmsnorm,layernorm"]), [0, 1], Budget("flops", flops), tmp_path / "lab")
+    rows = res["variants"]
+    assert len(rows) == 2 and all(abs(r["flops"] - flops) / flops <= TOLERANCE for r in rows)
+    assert rows[0]["tokens"] == 12 * 128  # counted as a dense decoder's card, the budget buys fewer steps
+    assert all(math.isfinite(r["val_loss"][0]) and r["val_bits_per_byte"] == [None, None] for r in rows)

@@ -275,6 +275,8 @@ class Transformer(nn.Module):
             x = x[:, -1:]
         elif logits_to_keep > 0:
             x = x[:, -logits_to_keep:]
+        if targets is not None and c.head == "lm" and c.mask == "bidirectional":
+            x, targets = sparse_prediction(x, targets)
         if self.norm is not None:
             x = self.norm(x)
         if c.head_input_scale:  # T5's tied head (Mesh TensorFlow): logits of d_model ** -0.5 * h
@@ -366,6 +368,20 @@ class Transformer(nn.Module):
                     if table is not None:
                         n -= table.weight.numel()
         return n
+
+
+def sparse_prediction(x: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of ``x`` (B, T, d) whose target is not ignored (-100), and their targets: (N, d), (N,).
+
+    An encoder's masked-LM loss reads only the ~15% selected positions, so the final norm, BERT's
+    transform and the vocabulary projection run there alone: ModernBERT's *sparse prediction*
+    (Warner et al. 2024, arXiv:2412.13663, Sec. 2.1.2). Every step after the blocks is per-token and
+    the loss is the mean over the kept rows, so the loss and its gradients are the dense head's.
+    A decoder keeps the dense path: nearly every position is a target there, and the selection's
+    data-dependent shape would cost an accelerator a host sync at every step.
+    """
+    keep = targets != -100
+    return x[keep], targets[keep]
 
 
 def _embedding(n: int, d: int) -> nn.Embedding:

@@ -207,8 +207,17 @@ def attention_forward_flops(c: ModelConfig, context_len: int) -> int:
         total += 2 * t * c.n_heads * (d_qk + d_v)
     if c.encoder_layers:  # the encoder's self-attention, and each decoder layer's cross-attention
         total += attention_forward_flops(c.encoder_config(), context_len)
-        total += c.n_layers * 2 * context_len * c.n_heads * (d_qk + d_v)
+        total += cross_attention_forward_flops(c, context_len)
     return total
+
+
+def cross_attention_forward_flops(c: ModelConfig, source_len: int) -> int:
+    """Forward FLOPs per target token of an encoder-decoder's cross-attention over ``source_len``
+    source tokens, over all decoder layers (0 for a decoder)."""
+    if not c.encoder_layers:
+        return 0
+    d_qk, d_v = (c.qk_nope_head_dim + c.qk_rope_head_dim, c.v_head_dim) if c.attention == "mla" else (c.head_dim,) * 2
+    return c.n_layers * 2 * source_len * c.n_heads * (d_qk + d_v)
 
 
 # --- the card -------------------------------------------------------------------------------

@@ -167,6 +167,20 @@ def span_counts(length: int, rate: float, mean_span: float) -> tuple[int, int]:
     return noise, spans
 
 
+def seq2seq_lengths(config: ObjectiveConfig, length: int) -> tuple[float, float]:
+    """(source, target) tokens a seq2seq objective makes of a window of ``length``: span corruption's
+    kept tokens plus one sentinel per span, and the spans with their sentinels plus a closing one;
+    text infilling's kept tokens plus one mask per span (on average ``rate * length / mean_span``
+    spans; the batch pads to its longest row), and the whole window. What a step costs (lab/budget.py)."""
+    if config.name == "span_corruption":
+        noise, spans = span_counts(length, config.rate, config.mean_span)
+        return length - noise + spans, noise + spans + 1
+    if config.name == "denoise":
+        noise = math.ceil(length * config.rate)
+        return length - noise + noise / config.mean_span, length
+    raise ObjectiveError(f"objective {config.name} is not a seq2seq objective")
+
+
 def span_lengths(length: int, rate: float, mean_span: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """(non-noise run lengths, noise span lengths), each of ``spans`` entries; the window is
     non-noise[0], noise[0], non-noise[1], noise[1], ..."""

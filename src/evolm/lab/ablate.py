@@ -27,7 +27,7 @@ from typing import Any, Callable
 import yaml
 
 from evolm.config import ModelConfig
-from evolm.lab.budget import Budget, match_parameters, plan_tokens
+from evolm.lab.budget import Budget, match_parameters, plan_tokens, training_flops_per_token
 from evolm.lab.runs import Job, Setup, bits_per_byte, prepare_data, run_jobs, shared_setup, tokens_per_byte
 from evolm.lab.report import plot, report_text
 from evolm.lab.stats import compare
@@ -192,6 +192,13 @@ def _config(d: dict, tokenizer) -> ModelConfig:
     return config.replace(**overrides, name=recipe.name)
 
 
+def _objective(d: dict):
+    """The recipe's pretraining objective (``objective:``; clm when absent)."""
+    from evolm.train.recipe import recipe_from_dict
+
+    return recipe_from_dict({k: v for k, v in d.items() if k != "lab"}, "variant").objective
+
+
 def _budgeted(d: dict, baseline: ModelConfig, tokenizer, budget: Budget) -> tuple[dict, list[str]]:
     """``d`` with its parameter-matching fields and its stages' tokens set for ``budget``: the
     budget's whole steps are shared out over the stages in the proportions the recipe writes."""
@@ -208,7 +215,7 @@ def _budgeted(d: dict, baseline: ModelConfig, tokenizer, budget: Budget) -> tupl
     tokens_per_step = (d.get("train") or {}).get("tokens_per_step") or 0
     if not tokens_per_step:
         raise ValueError("lab: the base recipe needs train.tokens_per_step (the budget is whole steps)")
-    plan = plan_tokens(config, budget, seq_lens.pop(), tokens_per_step)
+    plan = plan_tokens(config, budget, seq_lens.pop(), tokens_per_step, _objective(d))
     steps = _share(plan.steps, [s.get("tokens", 1) for s in stages])
     d["stages"] = [dict(s, tokens=n * tokens_per_step) for s, n in zip(stages, steps)]
     split = " + ".join(f"{s.get('name', 'stage')} {n}" for s, n in zip(stages, steps)) if len(stages) > 1 else ""
@@ -245,11 +252,15 @@ def collect(out: Path, plan: Plan, setup: Setup, ladder: bool = False) -> dict:
         card = cost_card(_config(recipe, setup.tokenizer), context_len=recipe["stages"][0].get("seq_len", 256))
         tokens = sum(s["tokens"] for s in recipe["stages"])
         row = {"variant": v.name, "changes": v.changes, "params_total": card["params_total"],
-               "params_active": card["params_active"], "tokens": tokens, "flops": tokens * card["flops_per_token"],
+               "params_active": card["params_active"], "tokens": tokens,
+               "flops": tokens * training_flops_per_token(_config(recipe, setup.tokenizer),
+                                                          recipe["stages"][0].get("seq_len", 256), _objective(recipe)),
                "val_loss": [r["val_loss"] for r in runs],
                "val_loss_by_source": {k[len("val_loss_"):]: [r[k] for r in runs] for k in sorted(runs[0])
                                       if k.startswith("val_loss_")},
-               "val_bits_per_byte": [bits_per_byte(r["val_loss"], tpb) for r in runs],
+               # a masked / seq2seq loss is per predicted token, not per token of the text: no bits per byte
+               "val_bits_per_byte": [bits_per_byte(r["val_loss"], tpb) if _objective(recipe).name == "clm" else None
+                                     for r in runs],
                "wall_s": [r.get("wall_s") for r in runs], "setup_s": [r.get("setup_s") for r in runs],
                "train_s": [r.get("train_s") for r in runs], "tokens_per_s": [r.get("tokens_per_s") for r in runs],
                "mean": _mean_of([r["val_loss"] for r in runs]), "std": statistics.stdev([r["val_loss"] for r in runs])}

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from evolm.analysis.cost import cost_card
+from evolm.analysis.cost import attention_forward_flops, cost_card, cross_attention_forward_flops
 from evolm.config import ModelConfig
+from evolm.data.objectives import ObjectiveConfig, seq2seq_lengths
 
 TOLERANCE = 0.01  # budgets of the variants of one ablation agree within 1%
 KINDS = ("flops", "tokens")
@@ -62,10 +63,12 @@ class TokenPlan:
     error: float  # |flops - budget| / budget for a FLOPs budget, |tokens - budget| / budget for tokens
 
 
-def plan_tokens(config: ModelConfig, budget: Budget, seq_len: int, tokens_per_step: int) -> TokenPlan:
+def plan_tokens(config: ModelConfig, budget: Budget, seq_len: int, tokens_per_step: int,
+                objective: ObjectiveConfig | None = None) -> TokenPlan:
     """Whole optimizer steps of ``tokens_per_step`` tokens that spend ``budget`` on ``config``
-    trained at ``seq_len``; a ValueError when whole steps cannot land within ``TOLERANCE``."""
-    fpt = cost_card(config, context_len=seq_len)["flops_per_token"]
+    trained at ``seq_len`` under ``objective`` (None: clm); a ValueError when whole steps cannot
+    land within ``TOLERANCE``."""
+    fpt = training_flops_per_token(config, seq_len, objective)
     per_step = budget.value / (fpt * tokens_per_step if budget.kind == "flops" else tokens_per_step)
     steps = max(1, round(per_step))
     tokens = steps * tokens_per_step
@@ -76,6 +79,40 @@ def plan_tokens(config: ModelConfig, budget: Budget, seq_len: int, tokens_per_st
                          f"{tokens_per_step} tokens; whole steps miss it by {100 * error:.1f}% (> "
                          f"{100 * TOLERANCE:g}%): raise the budget or lower tokens_per_step")
     return TokenPlan(steps, tokens, fpt, float(tokens * fpt), error)
+
+
+def training_flops_per_token(config: ModelConfig, seq_len: int, objective: ObjectiveConfig | None = None) -> int:
+    """Training FLOPs per corpus token (what a step's ``tokens_per_step`` counts: windows x ``seq_len``).
+
+    - ``clm``: the cost card's ``flops_per_token``.
+    - ``mlm``: the head (BERT's transform and the vocabulary projection) runs at the ``rate`` share of
+      the positions only (sparse prediction, ``model.sparse_prediction``): the card less its cost
+      at the others.
+    - ``span_corruption`` / ``denoise``: the card counts one source and one target token at one
+      context; a window of L tokens is S source and U target tokens (``seq2seq_lengths``): S tokens
+      through the encoder at context S, U through the decoder at self-context U and cross-context S.
+    """
+    card = cost_card(config, context_len=seq_len)
+    if objective is None or objective.name == "clm":
+        return card["flops_per_token"]
+    if objective.seq2seq != bool(config.encoder_layers):
+        raise ValueError(f"{config.name}: objective {objective.name} "
+                         f"{'needs' if objective.seq2seq else 'is not for'} an encoder-decoder (encoder_layers > 0)")
+    d = config.d_model
+    if objective.name == "mlm":
+        head = config.vocab_size * d + (d * d if config.head_transform else 0)
+        return round(card["flops_per_token"] - 6 * (1 - objective.rate) * head)
+    source, target = (max(1, round(n)) for n in seq2seq_lengths(objective, seq_len))
+    enc = config.encoder_config()
+    enc_card = cost_card(enc, context_len=source)
+    enc_weights = enc_card["flops_params"] - config.vocab_size * d  # the encoder has no head: its card counts one
+    dec_weights = card["flops_params"] - enc_weights
+    cross = cross_attention_forward_flops(config, source)
+    dec_self = attention_forward_flops(config, target) - attention_forward_flops(enc, target) \
+        - cross_attention_forward_flops(config, target)
+    forward = source * (2 * enc_weights + attention_forward_flops(enc, source)) \
+        + target * (2 * dec_weights + dec_self + cross)
+    return round(3 * forward / seq_len)
 
 
 def match_parameters(base: ModelConfig, variant: ModelConfig, moe_match: str = "active"

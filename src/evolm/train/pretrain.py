@@ -261,9 +261,11 @@ class PretrainTask:
         update_moe_bias(model, self.rt.world)
 
     def flops_per_token(self, phase: Phase) -> float:
-        from evolm.analysis.cost import cost_card
+        """Per corpus token under the objective (the lab's count: an MLM head at the masked share,
+        a seq2seq window as its source and target tokens), for the MFU column."""
+        from evolm.lab.budget import training_flops_per_token
 
-        return cost_card(self.model.config, context_len=self.seq_len)["flops_per_token"]
+        return training_flops_per_token(self.model.config, self.seq_len, self.recipe.objective)
 
     def evaluate(self, model) -> dict[str, float]:
         """Held-out loss per source; batches are shared out across ranks and the sums reduced,
