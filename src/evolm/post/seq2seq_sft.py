@@ -105,21 +105,10 @@ class Seq2SeqSftTask(SftTask):
     def collate(self, rows: list[list[Pair]], packed: bool) -> Batch:
         return collate_pairs([p for row in rows for p in row], self.pad_id, self.start_id)
 
-    def samples(self, model) -> list[tuple[str, str]]:
-        """Greedy answers to the first held-out sources (the encoder reads the source, the decoder writes)."""
-        if not self.sample_prompts or self.tokenizer is None:
-            return []
-        from evolm.infer import SamplingParams, generate
-
-        tok = self.tokenizer
-        params = SamplingParams(max_new_tokens=self.sample_tokens, temperature=0.0, ignore_eos=False,
-                                stop_token_ids=tok.eos_ids)
-        outs = []
-        for msgs in self.sample_prompts:
-            src = source_and_target(msgs + [{"role": "assistant", "content": ""}])[0]
-            new = generate(model, [tok.encode(src, add_special_tokens=True)], params)[0]
-            outs.append((src[-60:] + " -> ", tok.decode(new, skip_special_tokens=True)))
-        return outs
+    def sample_prompt(self, msgs: list[dict]) -> tuple[str, list[int]]:
+        """A held-out sample's source: the encoder reads it, the decoder writes the answer."""
+        src = source_and_target(msgs + [{"role": "assistant", "content": ""}])[0]
+        return src, self.tokenizer.encode(src, add_special_tokens=True)
 
 
 def is_seq2seq(model) -> bool:

@@ -207,10 +207,14 @@ class SftTask:
                                 stop_token_ids=tok.eos_ids)
         outs = []
         for msgs in self.sample_prompts:
-            ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+            shown, ids = self.sample_prompt(msgs)
             new = generate(model, [ids], params)[0]
-            outs.append((msgs[-1]["content"][-60:] + " -> ", tok.decode(new, skip_special_tokens=True)))
+            outs.append((shown[-60:] + " -> ", tok.decode(new, skip_special_tokens=True)))
         return outs
+
+    def sample_prompt(self, msgs: list[dict]) -> tuple[str, list[int]]:
+        """(the text a sample shows, the ids generation starts from) for held-out ``msgs``."""
+        return msgs[-1]["content"], self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
 
 
 # ---------------------------------------------------------------------------------------------
