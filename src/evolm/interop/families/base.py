@@ -127,3 +127,12 @@ class Family:
         return list(need)
 
 
+def need_classic_block(c: ModelConfig, need: "Needs", placement: str) -> None:
+    """The block GPT-2 and BERT share: full multi-head attention, LayerNorm with biases at ``placement``,
+    learned positions, a plain (ungated) MLP."""
+    need(c.attention == "mha" and c.n_kv_heads == c.n_heads, "n_kv_heads", "n_heads (multi-head attention)")
+    need(c.head_dim * c.n_heads == c.d_model, "head_dim", "d_model // n_heads")
+    need(c.norm == "layernorm" and c.norm_bias, "norm", "'layernorm' with norm_bias=True")
+    need(c.norm_placement == placement, "norm_placement", f"'{placement}'")
+    need(c.pos_emb == "learned", "pos_emb", "'learned'")
+    need(c.mlp == "mlp", "mlp", "'mlp'")

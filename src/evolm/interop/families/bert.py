@@ -25,7 +25,7 @@ from functools import partial
 
 from evolm.config import ModelConfig
 from evolm.interop.families import encoder
-from evolm.interop.families.base import Family, Needs
+from evolm.interop.families.base import Family, Needs, need_classic_block
 from evolm.interop.families.decoder import ACT_TO_HF, err
 
 ENCODER_PARTS = frozenset({"embed_norm", "type_vocab_size", "pos_offset", "positions_from_mask", "lm_head_bias",
@@ -100,12 +100,7 @@ def config_to_hf(fam: Family, c: ModelConfig, out: dict, lay: encoder.Layout) ->
 
 
 def blockers(fam: Family, c: ModelConfig, need: Needs, roberta: bool) -> None:
-    need(c.attention == "mha" and c.n_kv_heads == c.n_heads, "n_kv_heads", "n_heads (multi-head attention)")
-    need(c.head_dim * c.n_heads == c.d_model, "head_dim", "d_model // n_heads")
-    need(c.norm == "layernorm" and c.norm_bias, "norm", "'layernorm' with norm_bias=True")
-    need(c.norm_placement == "post", "norm_placement", "'post'")
-    need(c.pos_emb == "learned", "pos_emb", "'learned'")
-    need(c.mlp == "mlp", "mlp", "'mlp'")
+    need_classic_block(c, need, "post")
     need(c.activation in ACT_TO_HF, "activation", f"one of {sorted(ACT_TO_HF)}")
     need(c.qkv_bias and c.o_bias and c.mlp_bias, "qkv_bias", "qkv_bias, o_bias and mlp_bias all True")
     need(c.embed_norm, "embed_norm", "True")

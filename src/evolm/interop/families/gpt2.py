@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from evolm.config import ModelConfig
-from evolm.interop.families.base import Family, Needs
+from evolm.interop.families.base import Family, Needs, need_classic_block
 from evolm.interop.families.decoder import ACT_TO_HF, err
 
 # ours <- transformers' per-layer module names
@@ -48,12 +48,7 @@ def config_to_hf(fam: Family, c: ModelConfig, out: dict) -> None:
 
 
 def blockers(fam: Family, c: ModelConfig, need: Needs) -> None:
-    need(c.attention == "mha" and c.n_kv_heads == c.n_heads, "n_kv_heads", "n_heads (multi-head attention)")
-    need(c.head_dim * c.n_heads == c.d_model, "head_dim", "d_model // n_heads")
-    need(c.norm == "layernorm" and c.norm_bias, "norm", "'layernorm' with norm_bias=True")
-    need(c.norm_placement == "pre", "norm_placement", "'pre'")
-    need(c.pos_emb == "learned", "pos_emb", "'learned'")
-    need(c.mlp == "mlp", "mlp", "'mlp'")
+    need_classic_block(c, need, "pre")
     need(c.qkv_bias and c.o_bias and c.mlp_bias, "qkv_bias", "qkv_bias, o_bias and mlp_bias all True")
     need(c.query_pre_attn_scalar in (None, 1.0, c.head_dim), "query_pre_attn_scalar", "None")
     need(c.qk_norm is None, "qk_norm", "None")
