@@ -16,6 +16,8 @@
 // evolm/infer/block_step.py builds a plan only for blocks this file covers.
 #include <torch/extension.h>
 
+#include <algorithm>
+#include <cmath>
 #include <optional>
 #include <string>
 #include <vector>
@@ -97,6 +99,46 @@ at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& si
   return rot < D ? at::cat({out, x.narrow(-1, rot, D - rot)}, -1) : out;
 }
 
+// ---- float32 without per-element ATen calls ----
+// Why: after the projections went to one kernel call each, a SmolLM2 block step still spent ~40% of its
+// time in ~40 small ATen calls (norm: 7, rotary embedding: 16, views, splits, cache copies), ~250 us of a
+// ~650 us step on 2 cores (measured). In float32 these are short loops over one row; written here they
+// compute the eager formulas (the same products and sums per element; a norm's sum of squares in 16
+// partial sums, as a vectorized reduction does), and the ATen path above stays for other dtypes.
+
+// y = w * (x * rsqrt(mean(x^2) + eps)), evolm.nn.norm.RMSNorm in float32; y may be x
+inline void rms_norm_f32(const float* x, const float* w, float eps, int64_t n, float* y) {
+  float part[16] = {0.f};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int j = 0; j < 16; ++j) part[j] += x[i + j] * x[i + j];
+  float ss = 0.f;
+  for (int j = 0; j < 16; ++j) ss += part[j];
+  for (; i < n; ++i) ss += x[i] * x[i];
+  const float r = 1.f / std::sqrt(ss / static_cast<float>(n) + eps);
+  for (i = 0; i < n; ++i) y[i] = w[i] * (x[i] * r);
+}
+
+// one head of D dims rotated as evolm.nn.rope.apply_rope (the first 2 * half dims; interleaved pairs
+// come out de-interleaved, evens then odds, as there); y must not overlap x
+inline void rope_head_f32(const float* x, const float* c, const float* s, int64_t half, int64_t D, bool interleave,
+                          float* y) {
+  for (int64_t i = 0; i < half; ++i) {
+    const float x1 = interleave ? x[2 * i] : x[i], x2 = interleave ? x[2 * i + 1] : x[half + i];
+    y[i] = x1 * c[i] - x2 * s[i];
+    y[half + i] = x2 * c[i] + x1 * s[i];
+  }
+  for (int64_t i = 2 * half; i < D; ++i) y[i] = x[i];
+}
+
+// y += x elementwise (a residual: x + y and y + x are the same float sums)
+inline at::Tensor add_into(at::Tensor y, const at::Tensor& x) {
+  float* yp = y.data_ptr<float>();
+  const float* xp = x.data_ptr<float>();
+  for (int64_t i = 0, n = y.numel(); i < n; ++i) yp[i] += xp[i];
+  return y;
+}
+
 }  // namespace
 
 // The tensors and settings of one block, gathered once by evolm/infer/block_step.py.
@@ -107,6 +149,7 @@ struct BlockPlan {
   std::optional<double> softcap;
   Norm attn_norm, mlp_norm, attn_out_norm, mlp_out_norm, q_norm, k_norm;
   Linear q, k, v, qkv, o, gate, up, gate_up, down;
+  bool f32 = true;  // every norm an RMSNorm with float32 weights: the float32 loops can run it
 
   BlockPlan(std::vector<int64_t> ints, std::vector<double> floats, std::vector<OptT> t) {
     // ints: placement, qk_norm, act, gated, n_heads, n_kv, head_dim, interleave, has_softcap,
@@ -132,6 +175,8 @@ struct BlockPlan {
       l.kind = ints[a], l.group = ints[a + 1], l.rows = ints[a + 2];
       if (l.kind >= 0) l.w = *t[b], l.scale = t[b + 1].value_or(at::Tensor()), l.min = t[b + 2], l.bias = t[b + 3];
     }
+    for (Norm* n : norms)
+      if (n->kind >= 0) f32 = f32 && n->kind == 0 && n->w.scalar_type() == at::kFloat && n->w.is_contiguous();
   }
 
   // x (B, 1, D); cos/sin (B, 1, 1, rot/2) or absent; mask (B or 1, 1, 1, S) bool or absent;
@@ -143,35 +188,123 @@ struct BlockPlan {
                   const at::Tensor& V, int64_t slot, const OptT& slots, int64_t attend, const OptT& rows) const {
     const int64_t B = x3.size(0), D = x3.size(2);
     at::Tensor x = x3.reshape({B, D});
+    const bool fast = takes_f32(x, cos, sin, K, V);
+    const auto norm = [&](const Norm& n, const at::Tensor& t) { return fast ? norm_f32(n, t) : n(t); };
+    const auto plus = [&](const at::Tensor& t, at::Tensor y) { return fast ? add_into(y, t) : t + y; };  // t + y
+    const auto attn = [&](const at::Tensor& h) {
+      return fast ? attention_f32(h, cos, sin, mask, K, V, slot, slots, attend, rows)
+                  : attention(h, cos, sin, mask, K, V, slot, slots, attend, rows);
+    };
     switch (placement) {
       case PRE: {
-        x = x + attention(attn_norm(x), cos, sin, mask, K, V, slot, slots, attend, rows);
-        return (x + mlp(mlp_norm(x))).view({B, 1, D});
+        x = plus(x, attn(norm(attn_norm, x)));
+        return plus(x, mlp(norm(mlp_norm, x))).view({B, 1, D});
       }
       case POST: {
-        x = attn_norm(x + attention(x, cos, sin, mask, K, V, slot, slots, attend, rows));
-        return mlp_norm(x + mlp(x)).view({B, 1, D});
+        x = norm(attn_norm, plus(x, attn(x)));
+        return norm(mlp_norm, plus(x, mlp(x))).view({B, 1, D});
       }
       case SANDWICH: {
-        x = x + attn_out_norm(attention(attn_norm(x), cos, sin, mask, K, V, slot, slots, attend, rows));
-        return (x + mlp_out_norm(mlp(mlp_norm(x)))).view({B, 1, D});
+        x = plus(x, norm(attn_out_norm, attn(norm(attn_norm, x))));
+        return plus(x, norm(mlp_out_norm, mlp(norm(mlp_norm, x)))).view({B, 1, D});
       }
       case OLMO2: {
-        x = x + attn_out_norm(attention(x, cos, sin, mask, K, V, slot, slots, attend, rows));
-        return (x + mlp_out_norm(mlp(x))).view({B, 1, D});
+        x = plus(x, norm(attn_out_norm, attn(x)));
+        return plus(x, norm(mlp_out_norm, mlp(x))).view({B, 1, D});
       }
       case PARALLEL2: {  // Falcon-40B: attention and MLP in parallel, each with its own norm
-        return (x + attention(attn_norm(x), cos, sin, mask, K, V, slot, slots, attend, rows) + mlp(mlp_norm(x)))
-            .view({B, 1, D});
+        return plus(plus(x, attn(norm(attn_norm, x))), mlp(norm(mlp_norm, x))).view({B, 1, D});
       }
       default: {  // parallel
-        at::Tensor h = attn_norm(x);
-        return (x + attention(h, cos, sin, mask, K, V, slot, slots, attend, rows) + mlp(h)).view({B, 1, D});
+        at::Tensor h = norm(attn_norm, x);
+        return plus(plus(x, attn(h)), mlp(h)).view({B, 1, D});
       }
     }
   }
 
  private:
+  // the float32 loops take this step: float32 activations, rotary tables and cache buffers with
+  // contiguous last dimensions, and norms they express
+  bool takes_f32(const at::Tensor& x, const OptT& cos, const OptT& sin, const at::Tensor& K, const at::Tensor& V) const {
+    if (!f32 || x.scalar_type() != at::kFloat || !x.is_contiguous()) return false;
+    if (K.scalar_type() != at::kFloat || V.scalar_type() != at::kFloat || K.stride(3) != 1 || V.stride(3) != 1)
+      return false;
+    if (!cos.has_value()) return true;
+    for (const at::Tensor* t : {&*cos, &*sin})
+      if (t->scalar_type() != at::kFloat || t->dim() != 4 || t->stride(3) != 1 || t->size(1) != 1 || t->size(2) != 1)
+        return false;
+    return true;
+  }
+
+  at::Tensor norm_f32(const Norm& n, const at::Tensor& x) const {  // x (B, D) contiguous float32
+    at::Tensor y = at::empty_like(x);
+    const int64_t B = x.size(0), D = x.size(1);
+    for (int64_t b = 0; b < B; ++b)
+      rms_norm_f32(x.data_ptr<float>() + b * D, n.w.data_ptr<float>(), static_cast<float>(n.eps), D,
+                   y.data_ptr<float>() + b * D);
+    return y;
+  }
+
+  // attention() in float32 loops: QK-norm, rotary embedding and the cache write per row and head,
+  // straight from the projection's output into the query buffer and the cache slots
+  at::Tensor attention_f32(const at::Tensor& x, const OptT& cos, const OptT& sin, const OptT& mask, const at::Tensor& K,
+                           const at::Tensor& V, int64_t slot, const OptT& slots, int64_t attend, const OptT& rows) const {
+    const int64_t B = x.size(0), Dh = head_dim, nq = n_heads * Dh, nk = n_kv * Dh;
+    at::Tensor pq, pk, pv;  // (B, n) each, rows ldq / ldk / ldv apart
+    int64_t ldq, ldk, ldv;
+    if (qkv.present()) {
+      pq = qkv(x).contiguous(), ldq = ldk = ldv = pq.size(1);
+      pk = pq.narrow(1, nq, nk), pv = pq.narrow(1, nq + nk, nk);
+    } else {
+      pq = q(x).contiguous(), pk = k(x).contiguous(), pv = v(x).contiguous();
+      ldq = nq, ldk = nk, ldv = nk;
+    }
+    float *qp = pq.data_ptr<float>(), *kp = pk.data_ptr<float>();
+    const float* vp = pv.data_ptr<float>();
+    const at::Tensor where = slots.has_value() ? slots->to(at::kLong).contiguous() : at::Tensor();
+    const at::Tensor which = rows.has_value() ? rows->to(at::kLong).contiguous() : at::Tensor();
+    at::Tensor qh = at::empty({B, n_heads, 1, Dh}, x.options());
+    float* qo = qh.data_ptr<float>();
+    float* Kp = K.data_ptr<float>();
+    float* Vp = V.data_ptr<float>();
+    const int64_t half = cos.has_value() ? cos->size(3) : 0;
+    for (int64_t b = 0; b < B; ++b) {
+      float* qr = qp + b * ldq;
+      float* kr = kp + b * ldk;
+      const float* vr = vp + b * ldv;
+      if (qk_norm == QK_FULL) {
+        rms_norm_f32(qr, q_norm.w.data_ptr<float>(), static_cast<float>(q_norm.eps), nq, qr);
+        rms_norm_f32(kr, k_norm.w.data_ptr<float>(), static_cast<float>(k_norm.eps), nk, kr);
+      } else if (qk_norm == QK_HEAD) {
+        for (int64_t h = 0; h < n_heads; ++h)
+          rms_norm_f32(qr + h * Dh, q_norm.w.data_ptr<float>(), static_cast<float>(q_norm.eps), Dh, qr + h * Dh);
+        for (int64_t h = 0; h < n_kv; ++h)
+          rms_norm_f32(kr + h * Dh, k_norm.w.data_ptr<float>(), static_cast<float>(k_norm.eps), Dh, kr + h * Dh);
+      }
+      const float *c = nullptr, *sn = nullptr;
+      if (half) {
+        c = cos->data_ptr<float>() + (cos->size(0) == 1 ? 0 : b * cos->stride(0));
+        sn = sin->data_ptr<float>() + (sin->size(0) == 1 ? 0 : b * sin->stride(0));
+      }
+      const auto put = [&](const float* src, float* dst, bool rotate) {
+        if (rotate && half) rope_head_f32(src, c, sn, half, Dh, interleave, dst);
+        else std::copy(src, src + Dh, dst);
+      };
+      for (int64_t h = 0; h < n_heads; ++h) put(qr + h * Dh, qo + (b * n_heads + h) * Dh, true);
+      const int64_t row = rows.has_value() ? which.data_ptr<int64_t>()[b] : b;
+      const int64_t at_ = slots.has_value() ? where.data_ptr<int64_t>()[b] : slot;
+      for (int64_t h = 0; h < n_kv; ++h) {
+        put(kr + h * Dh, Kp + row * K.stride(0) + h * K.stride(1) + at_ * K.stride(2), true);
+        put(vr + h * Dh, Vp + row * V.stride(0) + h * V.stride(1) + at_ * V.stride(2), false);
+      }
+    }
+    at::Tensor keys = rows.has_value() ? K.index_select(0, which) : K;
+    at::Tensor vals = rows.has_value() ? V.index_select(0, which) : V;
+    if (attend >= 0) keys = keys.narrow(2, 0, attend), vals = vals.narrow(2, 0, attend);
+    at::Tensor y = decode_attention(qh, keys, vals, mask, scale, softcap);  // (B, H, 1, Dh)
+    return o(y.reshape({B, nq}));
+  }
+
   at::Tensor attention(const at::Tensor& x, const OptT& cos, const OptT& sin, const OptT& mask, const at::Tensor& K,
                        const at::Tensor& V, int64_t slot, const OptT& slots, int64_t attend, const OptT& rows) const {
     const int64_t B = x.size(0);
@@ -215,9 +348,9 @@ struct BlockPlan {
     at::Tensor h;
     if (gate_up.present()) {
       auto gu = gate_up(x).chunk(2, -1);
-      h = activation(gu[0], act) * gu[1];
+      h = activation(gu[0], act).mul_(gu[1]);  // act(g) * u, without a third tensor
     } else if (gated) {
-      h = activation(gate(x), act) * up(x);
+      h = activation(gate(x), act).mul_(up(x));
     } else {
       h = activation(up(x), act);
     }
