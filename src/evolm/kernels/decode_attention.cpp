@@ -193,7 +193,7 @@ void block_any(int gb, const float* q, const T* k, const T* v, int64_t ks, int64
 
 template <class T>
 void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const bool* mp, int64_t mb, int64_t ms,
-         float scale, float cap, at::Tensor& out) {
+         float scale, float cap, at::Tensor& out, const int64_t* rows) {
   const int64_t B = q.size(0), H = q.size(1), D = q.size(3), Hkv = k.size(1), S = k.size(2), Dv = v.size(3);
   const int64_t G = H / Hkv, NB = (G + GMAX - 1) / GMAX;  // head blocks per KV head
   // the slots each sequence may attend (the mask is the same for all its heads)
@@ -226,8 +226,9 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const bo
       const int64_t n = static_cast<int64_t>(live[b].size()), own = parts(n);
       const int64_t i0 = part < own ? n * part / own : n, i1 = part < own ? n * (part + 1) / own : n;
       s.resize(gb * std::max<int64_t>(1, i1 - i0));
-      block_any<T>(static_cast<int>(gb), qf.data() + (b * H + h0) * D, kp + b * k.stride(0) + hk * k.stride(1),
-                   vp + b * v.stride(0) + hk * v.stride(1), k.stride(2), v.stride(2), live[b].data() + i0, i1 - i0,
+      const int64_t r = rows ? rows[b] : b;  // the cache row of sequence b
+      block_any<T>(static_cast<int>(gb), qf.data() + (b * H + h0) * D, kp + r * k.stride(0) + hk * k.stride(1),
+                   vp + r * v.stride(0) + hk * v.stride(1), k.stride(2), v.stride(2), live[b].data() + i0, i1 - i0,
                    D, Dv, cap, s.data(), m.data() + t * GMAX, l.data() + t * GMAX, acc.data() + t * GMAX * Dv);
     }
   });
@@ -258,13 +259,21 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const bo
 
 }  // namespace
 
-at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                            const std::optional<at::Tensor>& mask, double scale, std::optional<double> softcap) {
+// rows (B int64 values, or nullptr): sequence b attends over row rows[b] of k and v, which may hold more
+// rows (a server's cache: decoded together, its sequences sit in rows that come and go) -- the rows
+// are read in place, where gathering them first copied every layer's whole cache rows at every step
+at::Tensor decode_attention_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const std::optional<at::Tensor>& mask, double scale, std::optional<double> softcap,
+                                 const int64_t* rows) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && q.size(2) == 1,
               "evolm decode_attention: q must be (B, H, 1, D) and k, v (B, Hkv, S, D), got ", q.sizes(), ", ",
               k.sizes(), ", ", v.sizes());
   const int64_t B = q.size(0), H = q.size(1), D = q.size(3), Hkv = k.size(1), S = k.size(2), Dv = v.size(3);
-  TORCH_CHECK(k.size(0) == B && v.size(0) == B && v.size(1) == Hkv && v.size(2) == S && k.size(3) == D &&
+  if (rows)
+    for (int64_t b = 0; b < B; ++b)
+      TORCH_CHECK(rows[b] >= 0 && rows[b] < k.size(0) && rows[b] < v.size(0), "evolm decode_attention: row ", rows[b],
+                  " is not a row of the cache (", k.size(0), " rows)");
+  TORCH_CHECK((rows || (k.size(0) == B && v.size(0) == B)) && v.size(1) == Hkv && v.size(2) == S && k.size(3) == D &&
                   Hkv > 0 && H % Hkv == 0,
               "evolm decode_attention: shapes do not match: q ", q.sizes(), ", k ", k.sizes(), ", v ", v.sizes());
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && k.scalar_type() == v.scalar_type() &&
@@ -288,9 +297,14 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   at::Tensor out = at::empty({B, H, 1, Dv}, v.options());
   const float cap = softcap.has_value() ? static_cast<float>(*softcap) : 0.f;
   AT_DISPATCH_SWITCH(q.scalar_type(), "decode_attention",
-    AT_DISPATCH_CASE(at::kFloat, [&] { run<scalar_t>(qc, k, v, mp, mb, ms, static_cast<float>(scale), cap, out); })
-    AT_DISPATCH_CASE(at::kBFloat16, [&] { run<scalar_t>(qc, k, v, mp, mb, ms, static_cast<float>(scale), cap, out); }));
+    AT_DISPATCH_CASE(at::kFloat, [&] { run<scalar_t>(qc, k, v, mp, mb, ms, static_cast<float>(scale), cap, out, rows); })
+    AT_DISPATCH_CASE(at::kBFloat16, [&] { run<scalar_t>(qc, k, v, mp, mb, ms, static_cast<float>(scale), cap, out, rows); }));
   return out;
+}
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const std::optional<at::Tensor>& mask, double scale, std::optional<double> softcap) {
+  return decode_attention_rows(q, k, v, mask, scale, softcap, nullptr);
 }
 
 TORCH_LIBRARY_FRAGMENT(evolm_f, lib) {

@@ -9,9 +9,11 @@
 // one Python call per block.
 //
 // The arithmetic is the eager model's, op for op (evolm/nn/block.py, attention.py, mlp.py, norm.py,
-// rope.py): the same ATen ops in the same order and dtypes, the GGUF block products through the same
-// kernel (blocks_linear), dense weights through at::linear. Only attention differs in summation order:
-// it is evolm_f::decode_attention (decode_attention.cpp), the kernel the compiled CPU step uses.
+// rope.py): the same ATen ops in the same order and dtypes (in float32: the same formulas as plain
+// loops, below), the GGUF block products through the same kernel (blocks_linear), dense weights
+// through at::linear. Only attention differs in summation order: it is evolm_f::decode_attention
+// (decode_attention.cpp), the kernel the compiled CPU step uses; a server's cache rows are read in
+// place (decode_attention_rows).
 // What is not expressed here (MoE, MLA, LoRA, int4/int8 re-quantized linears) keeps the Python path:
 // evolm/infer/block_step.py builds a plan only for blocks this file covers.
 #include <torch/extension.h>
@@ -26,9 +28,9 @@ at::Tensor blocks_linear(const at::Tensor& x, const at::Tensor& codes, const at:
                          const std::optional<at::Tensor>& min, int64_t group);               // block_gemm.cpp
 at::Tensor blocks_dequantize(const at::Tensor& codes, const at::Tensor& scale, const std::optional<at::Tensor>& min,
                              int64_t group, bool bf16);                                        // block_gemm.cpp
-at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                            const std::optional<at::Tensor>& mask, double scale,
-                            std::optional<double> softcap);                                    // decode_attention.cpp
+at::Tensor decode_attention_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const std::optional<at::Tensor>& mask, double scale, std::optional<double> softcap,
+                                 const int64_t* rows);                                         // decode_attention.cpp
 
 namespace {
 
@@ -298,10 +300,10 @@ struct BlockPlan {
         put(vr + h * Dh, Vp + row * V.stride(0) + h * V.stride(1) + at_ * V.stride(2), false);
       }
     }
-    at::Tensor keys = rows.has_value() ? K.index_select(0, which) : K;
-    at::Tensor vals = rows.has_value() ? V.index_select(0, which) : V;
+    at::Tensor keys = K, vals = V;  // sequence b's rows read in place (rows[b], default b)
     if (attend >= 0) keys = keys.narrow(2, 0, attend), vals = vals.narrow(2, 0, attend);
-    at::Tensor y = decode_attention(qh, keys, vals, mask, scale, softcap);  // (B, H, 1, Dh)
+    at::Tensor y = decode_attention_rows(qh, keys, vals, mask, scale, softcap,
+                                         rows.has_value() ? which.data_ptr<int64_t>() : nullptr);  // (B, H, 1, Dh)
     return o(y.reshape({B, nq}));
   }
 
@@ -321,10 +323,9 @@ struct BlockPlan {
     vt = vt.view({B, 1, n_kv, head_dim}).transpose(1, 2);
     if (qk_norm == QK_HEAD) qt = q_norm(qt), kt = k_norm(kt);
     if (cos.has_value()) qt = rope(qt, *cos, *sin, interleave), kt = rope(kt, *cos, *sin, interleave);
-    at::Tensor keys, vals;
+    const at::Tensor which = rows.has_value() ? rows->to(at::kLong).contiguous() : at::Tensor();
     if (slots.has_value()) {  // row b of the batch is row rows[b] of the buffers (default b)
       const at::Tensor where = slots->to(at::kLong).contiguous();
-      const at::Tensor which = rows.has_value() ? rows->to(at::kLong).contiguous() : at::Tensor();
       const int64_t* w = where.data_ptr<int64_t>();
       const int64_t* r = rows.has_value() ? which.data_ptr<int64_t>() : nullptr;
       for (int64_t b = 0; b < B; ++b) {
@@ -332,15 +333,14 @@ struct BlockPlan {
         K[row].select(1, w[b]).copy_(kt[b].select(1, 0));
         V[row].select(1, w[b]).copy_(vt[b].select(1, 0));
       }
-      keys = rows.has_value() ? K.index_select(0, which) : K;
-      vals = rows.has_value() ? V.index_select(0, which) : V;
     } else {
       K.select(2, slot).copy_(kt.select(2, 0));
       V.select(2, slot).copy_(vt.select(2, 0));
-      keys = K, vals = V;
     }
+    at::Tensor keys = K, vals = V;  // sequence b's rows read in place (rows[b], default b)
     if (attend >= 0) keys = keys.narrow(2, 0, attend), vals = vals.narrow(2, 0, attend);
-    at::Tensor y = decode_attention(qt, keys, vals, mask, scale, softcap);  // (B, H, 1, Dh)
+    at::Tensor y = decode_attention_rows(qt, keys, vals, mask, scale, softcap,
+                                         rows.has_value() ? which.data_ptr<int64_t>() : nullptr);  // (B, H, 1, Dh)
     return o(y.reshape({B, n_heads * head_dim}));
   }
 
