@@ -505,6 +505,33 @@ def test_build_app_keeps_blocks():
     assert sum(isinstance(m, BlockLinear) for m in engine.model.modules()) == 30 * 4 + 1
 
 
+def test_build_app_loads_off_the_main_thread(monkeypatch):
+    """The model is loaded (and the engine built) in a thread that has ended when build_app
+    returns: the main thread then holds no OpenMP workers to slow the engine thread's (see
+    evolm.serve.in_own_thread); a loading error still reaches the caller, with its type."""
+    import threading
+
+    import evolm.infer.prepare as prepare
+    from evolm.serve import build_app, in_own_thread
+
+    seen = []
+    real = prepare.load_for_inference
+
+    def spy(*a, **k):
+        seen.append(threading.current_thread())
+        return real(*a, **k)
+
+    monkeypatch.setattr(prepare, "load_for_inference", spy)
+    build_app(smollm2_path())
+    assert len(seen) == 1 and seen[0] is not threading.main_thread() and not seen[0].is_alive()
+
+    def fails():
+        raise FileNotFoundError("no such model: x.gguf")
+
+    with pytest.raises(FileNotFoundError, match="x.gguf"):
+        in_own_thread(fails)
+
+
 def test_engine_on_the_default_path_decodes_as_generate():
     """`evolm serve`'s default preparation of the GGUF (blocks kept, fused, the CPU block step):
     no padding rows (each row is computed as alone), a lone request and 10 concurrent ones (more

@@ -38,6 +38,34 @@ def _default_inference():
     return InferenceOptions(device="cpu", dtype="float32")
 
 
+def in_own_thread(fn):
+    """``fn()`` run in a thread of its own, which ends before this returns (its result, or its error).
+
+    Why: the model is loaded and prepared in one thread and decoded in the engine's. With GNU OpenMP
+    (PyTorch's CPU builds) a thread that ran a parallel region keeps a pool of worker threads; once a
+    process holds more of them than it has cores, libgomp's workers stop spinning almost at once and
+    every parallel region waits for them to wake. Loaded on the main thread, a server on 2 cores decoded
+    at half the speed of ``evolm generate`` (SmolLM2 Q4_1: ~33 against ~15 ms a token, measured); a
+    loading thread's pool ends with the thread, so the engine's thread holds the only workers.
+    """
+    import threading
+
+    out: dict = {}
+
+    def run():
+        try:
+            out["value"] = fn()
+        except BaseException as e:  # handed to the caller's thread
+            out["error"] = e
+
+    t = threading.Thread(target=run, name="evolm-load")
+    t.start()
+    t.join()
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
 def build_app(model_path: str | os.PathLike, inference: InferenceOptions | None = None, api_key: str | None = None,
               max_batch: int = 8, max_model_len: int | None = None, served_model_name: str | None = None,
               min_decode_rows: int | None = None, max_body_bytes: int | None = None):
@@ -52,8 +80,11 @@ def build_app(model_path: str | os.PathLike, inference: InferenceOptions | None 
         from evolm.serve.scheduler import Engine
     except ImportError as e:
         raise ImportError(f"evolm serve needs fastapi and uvicorn: pip install 'evolm[serve]' ({e})") from None
-    model, tokenizer = load_for_inference(model_path, inference or _default_inference())
-    engine = Engine(model, tokenizer, max_batch=max_batch, max_len=max_model_len, min_decode_rows=min_decode_rows)
+    def load():
+        model, tokenizer = load_for_inference(model_path, inference or _default_inference())
+        return Engine(model, tokenizer, max_batch=max_batch, max_len=max_model_len, min_decode_rows=min_decode_rows)
+
+    engine = in_own_thread(load)
     limits = {} if max_body_bytes is None else {"max_body_bytes": max_body_bytes}
     app = create_app(engine, served_model_name or model_id(model_path), api_key=api_key, **limits)
     return app, engine
@@ -117,4 +148,4 @@ def add_arguments(parser) -> None:
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
-__all__ = ["run_server", "build_app", "add_arguments", "model_id"]
+__all__ = ["run_server", "build_app", "add_arguments", "model_id", "in_own_thread"]
