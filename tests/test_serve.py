@@ -60,7 +60,10 @@ class ServerProcess:
     def __init__(self, model: Path, log_path: Path, **kwargs):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        args = {"port": self.port, "log_level": "warning", **kwargs}
+        # one torch thread: the suite runs beside other test workers on small hosts, where a server's
+        # OpenMP workers spinning against them made decoding crawl (requests timed out); speed is
+        # benchmarks/serve_load.py's business, not the tests'
+        args = {"port": self.port, "log_level": "warning", "threads": 1, **kwargs}
         code = f"from evolm.serve import run_server; run_server({str(model)!r}, **{args!r})"
         self.log_path = log_path
         self.log = open(log_path, "w")
