@@ -6,15 +6,18 @@ benchmark times the three interleaved, many times, in one process, and prints th
 their ratios to transformers:
 
 - ``transformers``: ``model(ids, logits_to_keep=1)`` (its cache filled, as generate does);
-- ``evolm eager`` / ``evolm compiled``: the prompt as ``generate`` runs it without / with
-  ``compile=True`` (``benchmarks/decode.py: generate_prefill``: ``evolm.infer.decode.prefill`` into a
-  fresh cache; compiled, ``infer.compiled.compiled_prefill`` makes the prompt one ``torch.compile`` graph).
+- ``evolm defaults``: the model as ``evolm generate`` prepares it with no flags (``load_for_inference``:
+  on the CPU, the file's blocks kept, fused, the block step attached), its prompt as ``generate`` runs it
+  (``benchmarks/decode.py: generate_prefill``: ``evolm.infer.decode.prefill`` into a fresh cache);
+- ``evolm eager``: the dequantized model, fused (``--blocks``: keeping the file's blocks);
+- ``evolm compiled`` (with ``--compile``): the eager model's prompt as one ``torch.compile`` graph
+  (``infer.compiled.compiled_prefill``).
 
     python benchmarks/prefill.py [--model smollm2|gemma3|PATH.gguf] [--dtypes float32,bfloat16]
-                                 [--batches 1,8] [--prompt-len 64,256] [--repeat 8] [--threads 2] [--blocks]
+                                 [--batches 1,8] [--prompt-len 64,256] [--repeat 8] [--threads 2] [--blocks] [--compile]
 
-Prompts of up to 128 tokens per batch row and batch 1 take a different kernel than longer ones with
-``--blocks`` (``evolm.quant.blocks.GEMM_ROWS``): time both lengths.
+Products of up to ``evolm.quant.blocks.GEMM_ROWS`` rows take a different kernel than longer ones
+with the file's blocks: time short and long prompts.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 from decode import generate_prefill  # noqa: E402  (benchmarks/decode.py)
+from evolm.infer.prepare import InferenceOptions, load_for_inference  # noqa: E402
 from evolm.interop.gguf import find_asset, load_gguf  # noqa: E402
 from stats import median_spread  # noqa: E402  (benchmarks/stats.py)
 
@@ -41,7 +45,8 @@ def main() -> None:
     ap.add_argument("--prompt-len", default="256", help="prompt lengths, comma-separated")
     ap.add_argument("--repeat", type=int, default=8, help="timed runs per engine (interleaved)")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--blocks", action="store_true", help="evolm keeps the file's quantized blocks (--keep-blocks)")
+    ap.add_argument("--blocks", action="store_true", help="evolm eager keeps the file's quantized blocks (--keep-blocks)")
+    ap.add_argument("--compile", action="store_true", help="also time the compiled prompt graph")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -54,15 +59,18 @@ def main() -> None:
     rows = []
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
-        ours = load_gguf(path, dtype=dtype, blocks=args.blocks)[0].eval().fuse_for_inference()
+        ours = load_gguf(path, dtype=dtype, blocks=args.blocks, tokenizer=False)[0].eval().fuse_for_inference()
+        defaults = load_for_inference(path, InferenceOptions(dtype=dtype_name))[0]
         hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
                                                   dtype=dtype).eval()
         for b, T in ((b, T) for T in map(int, args.prompt_len.split(",")) for b in map(int, args.batches.split(","))):
             g = torch.Generator().manual_seed(0)
             ids = torch.randint(100, min(ours.config.vocab_size, 30000), (b, T), generator=g)
             engines = {"transformers": lambda: hf(ids, logits_to_keep=1),
-                       "evolm eager": lambda: generate_prefill(ours, ids, False),
-                       "evolm compiled": lambda: generate_prefill(ours, ids, True)}
+                       "evolm defaults": lambda: generate_prefill(defaults, ids, False),
+                       "evolm eager": lambda: generate_prefill(ours, ids, False)}
+            if args.compile:
+                engines["evolm compiled"] = lambda: generate_prefill(ours, ids, True)
             times = {k: [] for k in engines}
             with torch.inference_mode():
                 for f in engines.values():  # warm-up, compilation

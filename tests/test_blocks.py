@@ -146,14 +146,32 @@ def test_blocks_gemm_equals_float64_and_each_row_is_alone(bits, group, with_min)
 
 
 @needs_kernels
+@pytest.mark.parametrize("bits,group,with_min", LAYOUTS)
+def test_blocks_dense_linear_is_the_dense_product_whatever_came_before(bits, group, with_min):
+    """A long prompt's product: the weights rebuilt into a buffer the thread reuses, then the float
+    matmul -- bit for bit F.linear of the dequantized weights (the same matmul call), in fp32 and
+    bf16, for a weight larger, then smaller, then larger again than the buffer last held."""
+    for N, K in ((113, 416), (16, 32), (300, 512), (37, 96)):
+        b = _random_blocks(N, K, bits, group, with_min, seed=N)
+        w = b.dequantize(kernel=False)
+        x = torch.randn(150, K)
+        y = torch.ops.evolm_f.blocks_dense_linear(x, b.codes, b.scale, b.min, group)
+        assert torch.equal(y, F.linear(x, w))
+        yb = torch.ops.evolm_f.blocks_dense_linear(x.bfloat16(), b.codes, b.scale, b.min, group)
+        assert yb.dtype == torch.bfloat16 and torch.equal(yb, F.linear(x.bfloat16(), w.bfloat16()))
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        torch.ops.evolm_f.blocks_dense_linear(x.double(), b.codes, b.scale, b.min, group)
+
+
+@needs_kernels
 def test_block_linear_layer_rows_bias_and_fusion():
     b1, b2 = _random_blocks(48, 64, 4, 32, True, 1), _random_blocks(16, 64, 4, 32, True, 2)
     bias = torch.randn(48)
     layer = BlockLinear(b1, bias)
     w = b1.dequantize()
     with torch.no_grad():
-        for rows in (1, 8, 9, 40):  # the blocks kernel, then the blocks gemm
-            x = torch.randn(2, rows, 64)
+        for rows in (1, 8, 9, 40):  # the blocks kernel, the blocks gemm, the rebuilt weights' matmul
+            x = torch.randn(2, rows, 64)  # 2 x 40 rows > GEMM_ROWS
             torch.testing.assert_close(layer(x), x @ w.T + bias, rtol=1e-5, atol=1e-5)
         x = torch.randn(1, 3, 64)
         fused = fuse_linears([BlockLinear(b1), BlockLinear(b2)])

@@ -101,6 +101,10 @@ def _fake_registrations() -> None:
     def _(x, codes, scale, min, group):
         return x.new_empty((x.shape[0], codes.shape[0]))
 
+    @torch.library.register_fake("evolm_f::blocks_dense_linear")
+    def _(x, codes, scale, min, group):
+        return x.new_empty((x.shape[0], codes.shape[0]))
+
     @torch.library.register_fake("evolm_f::blocks_dequantize")
     def _(codes, scale, min, group, bf16=False):
         k = codes.shape[1] * (2 if codes.dtype == torch.uint8 else 1)

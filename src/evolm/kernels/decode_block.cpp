@@ -26,8 +26,8 @@
 
 at::Tensor blocks_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
                          const std::optional<at::Tensor>& min, int64_t group);               // block_gemm.cpp
-at::Tensor blocks_dequantize(const at::Tensor& codes, const at::Tensor& scale, const std::optional<at::Tensor>& min,
-                             int64_t group, bool bf16);                                        // block_gemm.cpp
+at::Tensor blocks_dense_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
+                               const std::optional<at::Tensor>& min, int64_t group);          // block_gemm.cpp
 at::Tensor decode_attention_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                  const std::optional<at::Tensor>& mask, double scale, std::optional<double> softcap,
                                  const int64_t* rows);                                         // decode_attention.cpp
@@ -47,7 +47,7 @@ struct Linear {
     if (kind == 0) return bias.has_value() ? at::linear(x, w, *bias) : at::linear(x, w);
     at::Tensor y = x.size(0) <= rows
         ? blocks_linear(x, w, scale, min, group)
-        : at::linear(x, blocks_dequantize(w, scale, min, group, x.scalar_type() == at::kBFloat16));
+        : blocks_dense_linear(x, w, scale, min, group);
     if (bias.has_value()) y = y + bias->to(y.scalar_type());
     return y;
   }

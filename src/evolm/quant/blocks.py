@@ -13,9 +13,12 @@ SmolLM2 (Q4_1, Q8_0 embeddings) 111 MB instead of 540, for Gemma 3 270M 294 MB i
 Up to ``KERNEL_ROWS`` rows (decoding) run ``evolm_f::blocks_linear`` (evolm/kernels/block_gemm.cpp);
 up to ``GEMM_ROWS`` fp32 rows (a short prompt, a wide batch) run ``evolm_f::blocks_gemm``, a
 register-blocked matmul that rebuilds the weights panel by panel in cache instead of writing the
-whole float32 weight and reading it back (~10% of each product at 256 rows). Longer prompts (and
-bf16 ones) rebuild the weight once per call and use the float matmul, whose kernel is faster there. In a bfloat16 model the kernel rounds each rebuilt weight to bf16
-(to nearest even, as ``.to(bfloat16)`` does), so the layer equals the dense bf16 model's too.
+whole float32 weight and reading it back. Longer prompts (and bf16 ones) run
+``evolm_f::blocks_dense_linear``: the weight rebuilt into a buffer the thread reuses, then the float
+matmul, bit for bit the dense model's product (a fresh tensor per product cost more than the
+rebuilding: the OS hands back new pages to fault in). In a bfloat16 model the kernels round each
+rebuilt weight to bf16 (to nearest even, as ``.to(bfloat16)`` does), so the layer equals the dense
+bf16 model's too.
 Inference only.
 ``load_gguf(path, blocks=True)``, or ``--keep-blocks`` on the CLI, builds a model with them.
 """
@@ -32,11 +35,12 @@ from evolm import kernels
 from evolm.quant.walk import keep_dtypes, replace_linears, untied_head
 
 KERNEL_ROWS = 8  # products of at most this many rows run the blocks kernel
-# fp32 products of at most this many rows run the blocks gemm: measured on one AVX-512 core
-# (SmolLM2's 3072 x 576 gate_up, 4-bit codes), 64-128 rows ran 12-20% faster than the rebuilt
-# weight and MKL's matmul, 256 rows ~5% slower, 1024 rows 30% slower (MKL's kernel beats the
-# gemm's there; rebuilding the weight costs less per row)
-GEMM_ROWS = 128
+# fp32 products of at most this many rows run the blocks gemm. Measured against the rebuilt weight in
+# a reused buffer + MKL's matmul (2 threads, a SmolLM2 layer's 4 fused products, 2-core Xeon with
+# AVX-512): 9-32 rows the gemm 1.4-2.4x faster, 64 rows even (2.70 vs 3.00 ms), 128 rows 10% slower,
+# 512 rows 24% slower (benchmarks/gemm_rows.py). On Zen 4 the gemm led up to 128 rows against a
+# *fresh* rebuilt weight per product, which cost more than the reused buffer does now.
+GEMM_ROWS = 64
 
 
 @dataclass
@@ -123,6 +127,8 @@ class BlockLinear(nn.Module):
             y = torch.ops.evolm_f.blocks_linear(x2, self.codes, self.scale, self.min, self.group)
         elif kernel and x2.shape[0] <= GEMM_ROWS and x.dtype == torch.float32:  # a short prompt
             y = torch.ops.evolm_f.blocks_gemm(x2, self.codes, self.scale, self.min, self.group)
+        elif kernel and x.dtype in (torch.float32, torch.bfloat16):  # a prompt: rebuilt into a reused buffer
+            y = torch.ops.evolm_f.blocks_dense_linear(x2, self.codes, self.scale, self.min, self.group)
         else:  # the dense model's product: its weights in x's dtype
             y = F.linear(x2, self.blocks.dequantize(dtype=x.dtype))
         if self.bias is not None:
