@@ -44,6 +44,105 @@ DERIVED = ("n_kv_heads", "head_dim", "d_ff", "moe_d_ff")
 MAX_INT = 2**31 - 1  # token ids, widths and lengths are indexed with int32 in torch and ggml
 MAX_LAYERS = 4096
 MAX_EXPERTS = 65536
+MAX_VISION_TILES = 64  # Llama 3.2 Vision: 4 tiles of 448 px; far above any published tiling
+
+
+@dataclass
+class VisionConfig:
+    """The image side of a Llama 3.2-Vision-style model (``ModelConfig.vision``; ``nn/vision.py``).
+
+    A ViT (Dosovitskiy et al. 2020, arXiv:2010.11929) cuts each image into up to ``max_num_tiles``
+    tiles of ``image_size`` pixels and each tile into ``patch_size`` patches; ``n_layers`` local
+    blocks then ``n_global_layers`` tanh-gated global blocks read them (Llama 3 herd, arXiv:2407.21783,
+    sec. 7.2), and the outputs of ``intermediate_layers`` are concatenated to the last one. A
+    projector maps them to the text width, and the text layers listed in ``cross_attention_layers``
+    become gated cross-attention layers that read them (Flamingo, arXiv:2204.14198).
+    The names follow transformers' ``MllamaVisionConfig``.
+    """
+
+    d_model: int = 1280
+    n_layers: int = 32
+    n_global_layers: int = 8
+    n_heads: int = 16
+    d_ff: int = 5120
+    image_size: int = 448
+    patch_size: int = 14
+    num_channels: int = 3
+    max_num_tiles: int = 4
+    norm_eps: float = 1e-5
+    activation: str = "gelu"
+    intermediate_layers: tuple[int, ...] = (3, 7, 15, 23, 30)
+    # the tilings an image may get, (rows, columns); aspect_ratio_id k names the k-th (1-based; 0: none)
+    supported_aspect_ratios: tuple[tuple[int, int], ...] = ((1, 1), (1, 2), (1, 3), (1, 4), (2, 1), (2, 2),
+                                                            (3, 1), (4, 1))
+    # the text layers that cross-attend the image instead of self-attending (Mllama: every 5th from 3)
+    cross_attention_layers: tuple[int, ...] = (3, 8, 13, 18, 23, 28, 33, 38)
+    # rows of the token embedding past the vocabulary (Mllama: 8 reserved ids; <|image|> is the first)
+    extra_token_rows: int = 8
+    image_token_id: int = 128256
+
+    def __post_init__(self) -> None:
+        self.intermediate_layers = tuple(self.intermediate_layers)
+        self.cross_attention_layers = tuple(self.cross_attention_layers)
+        self.supported_aspect_ratios = tuple(tuple(r) for r in self.supported_aspect_ratios)
+
+    @property
+    def patches_per_tile(self) -> int:
+        """Image tokens of one tile: its patches plus the class token."""
+        return (self.image_size // self.patch_size) ** 2 + 1
+
+    @property
+    def output_dim(self) -> int:
+        """Width of the encoder's output: the last state and each intermediate one, concatenated."""
+        return self.d_model * (1 + len(self.intermediate_layers))
+
+    def validate(self, need) -> None:
+        """``need(cond, field, msg)`` raises a ConfigError naming ``vision.<field>``."""
+        for f in ("d_model", "n_layers", "n_heads", "d_ff", "image_size", "patch_size", "num_channels",
+                  "max_num_tiles"):
+            v = getattr(self, f)
+            need(isinstance(v, int) and not isinstance(v, bool) and v > 0, f"vision.{f}",
+                 f"must be a positive integer, got {short(v)}")
+        need(isinstance(self.n_global_layers, int) and self.n_global_layers >= 0, "vision.n_global_layers",
+             f"must be an integer >= 0, got {short(self.n_global_layers)}")
+        need(self.n_layers + self.n_global_layers <= MAX_LAYERS, "vision.n_layers", f"exceeds {MAX_LAYERS} layers")
+        need(self.max_num_tiles <= MAX_VISION_TILES, "vision.max_num_tiles",
+             f"is {self.max_num_tiles}; expected at most {MAX_VISION_TILES}")
+        need(self.d_model % self.n_heads == 0, "vision.n_heads",
+             f"({self.n_heads}) must divide vision.d_model ({self.d_model})")
+        need(self.image_size % self.patch_size == 0, "vision.patch_size",
+             f"({self.patch_size}) must divide vision.image_size ({self.image_size})")
+        need(self.norm_eps > 0, "vision.norm_eps", f"must be > 0, got {self.norm_eps}")
+        need(self.activation in ACTIVATIONS, "vision.activation",
+             f"is {self.activation!r}; expected one of {list(ACTIVATIONS)}")
+        for i in self.intermediate_layers:
+            need(isinstance(i, int) and 0 <= i < self.n_layers, "vision.intermediate_layers",
+                 f"has layer {short(i)}; the local encoder has layers 0..{self.n_layers - 1}")
+        need(len(self.supported_aspect_ratios) > 0, "vision.supported_aspect_ratios", "must list at least one tiling")
+        for r in self.supported_aspect_ratios:
+            need(len(r) == 2 and all(isinstance(n, int) and n > 0 for n in r) and r[0] * r[1] <= self.max_num_tiles,
+                 "vision.supported_aspect_ratios",
+                 f"has {short(r)}; expected (rows, columns) of at most max_num_tiles={self.max_num_tiles} tiles")
+        need(self.extra_token_rows >= 0, "vision.extra_token_rows", f"must be >= 0, got {self.extra_token_rows}")
+
+    @classmethod
+    def from_value(cls, value: Any, source: str) -> "VisionConfig":
+        """A VisionConfig from itself or a dict of its fields (a config file), with a clear error."""
+        if isinstance(value, cls):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: field 'vision' must be an object of VisionConfig fields, got {short(value)}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        for k in value:
+            if k not in known:
+                close = difflib.get_close_matches(k, known, n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else ""
+                raise ConfigError(f"{source}: unknown VisionConfig field 'vision.{k}'{hint}")
+        hints = typing.get_type_hints(cls)
+        for k, v in value.items():
+            if not has_type(v, hints[k]):
+                raise ConfigError(f"{source}: field 'vision.{k}' must be {describe(hints[k])}, got {short(v)}")
+        return cls(**value)
 
 
 @dataclass
@@ -185,11 +284,15 @@ class ModelConfig:
     embd_dropout: float = 0.0
     resid_dropout: float = 0.0
     init_std: float = 0.02
+    # --- images (nn/vision.py): a ViT encoder, a projector and gated cross-attention layers ----
+    vision: VisionConfig | None = None
     # free-form facts about a published model (not architecture): citation, HF id
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
 
     # ------------------------------------------------------------------------------------
     def __post_init__(self) -> None:
+        if self.vision is not None:
+            self.vision = VisionConfig.from_value(self.vision, f"ModelConfig '{short(self.name)}'")
         # fields left unset are derived; replace() derives them again from the new values
         object.__setattr__(self, "_derived", {f for f in DERIVED if getattr(self, f) is None})
         self._check_types()
@@ -217,6 +320,9 @@ class ModelConfig:
 
         for f, hint in _field_types().items():
             v = getattr(self, f)
+            if f == "vision":
+                need(v is None or isinstance(v, VisionConfig), f, f"must be a VisionConfig or None, got {short(v)}")
+                continue
             need(has_type(v, hint), f, f"must be {describe(hint)}, got {short(v)}")
             if isinstance(v, int) and not isinstance(v, bool):
                 need(abs(v) <= MAX_INT, f, f"is {v}; expected at most {MAX_INT}")
@@ -253,6 +359,7 @@ class ModelConfig:
         choice("router", ROUTERS)
         choice("moe_loss_groups", MOE_LOSS_GROUPS)
         self._validate_seq2seq(need)
+        self._validate_vision(need)
         choice("head", HEADS)
         choice("pooling", POOLINGS)
         if self.head_activation is not None:
@@ -372,6 +479,28 @@ class ModelConfig:
             need(self.expert_capacity > 0, "expert_capacity", f"must be positive, got {self.expert_capacity}")
             need(self.n_experts_per_tok == 1, "expert_capacity", "(Switch's) needs top-1 routing (n_experts_per_tok=1)")
 
+    def _validate_vision(self, need) -> None:
+        """A vision model: a causal Llama-style decoder whose listed layers cross-attend the image."""
+        v = self.vision
+        if v is None:
+            return
+        v.validate(need)
+        need(self.mask == "causal" and self.encoder_layers == 0, "vision",
+             "needs a decoder-only text model (mask='causal', encoder_layers=0)")
+        need(self.norm_placement == "pre" and self.attention == "mha", "vision",
+             f"cross-attention layers need norm_placement='pre' and attention='mha', "
+             f"got {self.norm_placement!r} and {self.attention!r}")
+        need(self.head == "lm" and self.mtp_depth == 0, "vision", "needs head='lm' and no multi-token prediction")
+        for i in v.cross_attention_layers:
+            need(isinstance(i, int) and 0 <= i < self.n_layers, "vision.cross_attention_layers",
+                 f"has layer {short(i)}; the text model has layers 0..{self.n_layers - 1}")
+        need(len(set(v.cross_attention_layers)) == len(v.cross_attention_layers), "vision.cross_attention_layers",
+             "lists a layer twice")
+
+    def layer_is_cross(self, i: int) -> bool:
+        """Whether text layer i is a gated cross-attention layer (a vision model's; Mllama)."""
+        return self.vision is not None and i in self.vision.cross_attention_layers
+
     def encoder_config(self) -> "ModelConfig":
         """The encoder stack of an encoder-decoder model: the same parts, ``encoder_layers`` blocks,
         bidirectional, no cross-attention and no head of its own."""
@@ -425,6 +554,8 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["nope_layers"] = list(self.nope_layers)
+        if self.vision is not None:
+            d["vision"] = json.loads(json.dumps(d["vision"]))  # tuples as JSON lists
         return d
 
     @classmethod
@@ -478,4 +609,4 @@ def _field_types() -> dict[str, Any]:
     return typing.get_type_hints(ModelConfig)
 
 
-__all__ = ["ModelConfig", "ConfigError"]
+__all__ = ["ModelConfig", "VisionConfig", "ConfigError"]

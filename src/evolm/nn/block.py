@@ -24,6 +24,13 @@ cache)`` and returns a tensor of x's shape.
 An encoder-decoder's decoder blocks (``encoder_layers > 0``) hold a third part between the two,
 cross-attention to the encoder output (``nn/cross_attention.py``), placed like the others: ``pre``
 (T5: ``x = x + cross(norm(x))``) or ``post`` (BART: ``x = norm(x + cross(x))``).
+
+Gated residual branches (Flamingo, Alayrac et al. 2022, arXiv:2204.14198; Llama 3.2 Vision):
+``x = x + tanh(a) * f(norm(x))`` with a learned scalar ``a`` per branch (``gate_init``). A vision
+model's cross-attention layers (``config.vision.cross_attention_layers``) are such blocks whose
+mixer is cross-attention to the image (``cross_attn``) instead of self-attention; with gates at 0
+the pretrained text model is unchanged at the start of training, and without an image the layer
+is skipped. The tiled image encoder's global layers are gated self-attention blocks.
 """
 
 from __future__ import annotations
@@ -58,11 +65,14 @@ class Block(nn.Module):
     """A mixer and a channel part in residual wiring; the module names (``self_attn``, ``mlp``) are
     the ones Hugging Face checkpoints and PEFT target lists use."""
 
-    def __init__(self, config, layer_idx: int):
+    def __init__(self, config, layer_idx: int, gate_init: float | None = None):
+        """``gate_init``: the initial value of tanh-gates on both residual branches (None: no gates;
+        a vision model's cross-attention layers always have them, at 0)."""
         super().__init__()
         c = config
         self.placement = c.norm_placement
-        self.self_attn = make_mixer(c, layer_idx)
+        self.image_layer = c.layer_is_cross(layer_idx)  # cross-attends the image (Mllama), no self-attention
+        self.self_attn = None if self.image_layer else make_mixer(c, layer_idx)
         self.mlp = make_channel(c, layer_idx)
         p = self.placement
         if p in ("pre", "post", "sandwich", "parallel", "parallel2"):
@@ -81,6 +91,15 @@ class Block(nn.Module):
                                  f"not {p!r}")
             self.cross_attn = CrossAttention(c, layer_idx)
             self.cross_norm = make_norm(c)
+        if self.image_layer:
+            self.cross_attn = CrossAttention(c, layer_idx, qk_norm="head")
+            gate_init = 0.0 if gate_init is None else gate_init
+        if gate_init is not None:
+            if p != "pre":
+                raise ValueError(f"gated residual branches need norm_placement 'pre', not {p!r}")
+            self.attn_gate = nn.Parameter(torch.full((1,), float(gate_init)))
+            self.mlp_gate = nn.Parameter(torch.full((1,), float(gate_init)))
+        self.gated = gate_init is not None
 
     def _drop(self, x: torch.Tensor) -> torch.Tensor:
         return F.dropout(x, self.resid_dropout, self.training) if self.resid_dropout else x
@@ -89,7 +108,13 @@ class Block(nn.Module):
     decode_step = None
 
     def forward(self, x: torch.Tensor, rope, mask, is_causal: bool, cache=None, cross=None) -> torch.Tensor:
-        """``cross``: the ``CrossCache`` of the encoder output (decoder blocks of an encoder-decoder)."""
+        """``cross``: the ``CrossCache`` of the encoder output (decoder blocks of an encoder-decoder),
+        or of the image (a vision model's cross-attention layers)."""
+        if self.image_layer:
+            return self._forward_image(x, cross)
+        if self.gated:
+            x = x + self.attn_gate.tanh() * self._drop(self.self_attn(self.attn_norm(x), rope, mask, is_causal, cache))
+            return x + self.mlp_gate.tanh() * self._drop(self.mlp(self.mlp_norm(x)))
         if self.cross_attn is not None:
             return self._forward_cross(x, rope, mask, is_causal, cache, cross)
         if self.decode_step is not None and cache is not None and x.shape[1] == 1 and not torch.is_grad_enabled():
@@ -115,6 +140,18 @@ class Block(nn.Module):
             return x + attn(self.attn_norm(x)) + mlp(self.mlp_norm(x))
         h = self.attn_norm(x)  # parallel
         return x + attn(h) + mlp(h)
+
+    def _forward_image(self, x: torch.Tensor, cross) -> torch.Tensor:
+        """Gated cross-attention to the image, then a gated MLP (Mllama's cross-attention layer).
+        Without an image the layer is skipped, as in transformers; text rows that may see no image
+        token (``cross.rows``, before the first image) get no MLP update."""
+        if cross is None:
+            return x
+        x = x + self.attn_gate.tanh() * self._drop(self.cross_attn(self.attn_norm(x), cross))
+        h = self._drop(self.mlp(self.mlp_norm(x)))
+        if cross.rows is not None:
+            h = h * cross.rows.to(h.dtype)
+        return x + self.mlp_gate.tanh() * h
 
     def _forward_cross(self, x, rope, mask, is_causal, cache, cross) -> torch.Tensor:
         """Self-attention, cross-attention to the encoder, MLP: T5's pre-norm or BART's post-norm."""

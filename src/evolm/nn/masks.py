@@ -77,6 +77,23 @@ def attention_mask(q_slots: torch.Tensor, k_slots: torch.Tensor, key_valid: torc
     return mask
 
 
+def padded_tiles_mask(tiles_valid: torch.Tensor, n_real: int, n_slots: int) -> torch.Tensor:
+    """(N, 1, L, L) boolean mask of a tiled image encoder (Llama 3.2 Vision, ``nn/vision.py``).
+
+    ``tiles_valid`` (N, tiles): the tiles an image uses; each tile holds ``n_slots`` slots of which
+    the first ``n_real`` are tokens (the rest pad to a multiple of 8). As in Meta's reference and
+    transformers' ``MllamaVisionModel``, a key is hidden only when the query *and* the key are both
+    padding, so real tokens also see the (zero) padding states. A query that would see nothing (an
+    image with no tile) sees itself, so no row is all-masked.
+    """
+    N, T = tiles_valid.shape
+    real = torch.arange(n_slots, device=tiles_valid.device) < n_real
+    valid = (tiles_valid[:, :, None] & real[None, None, :]).reshape(N, T * n_slots)
+    mask = valid[:, :, None] | valid[:, None, :]
+    mask = mask | (torch.eye(T * n_slots, dtype=torch.bool, device=mask.device) & ~mask.any(-1, keepdim=True))
+    return mask[:, None]
+
+
 def same_chunk(q_slots: torch.Tensor, k_slots: torch.Tensor, chunk: int,
                key_valid: torch.Tensor | None) -> torch.Tensor:
     """(B or 1, 1, Tq, Tk): the key lies in the query's chunk of ``chunk`` slots. Chunks start at each
