@@ -6,8 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from evolm.cache import KVCache
 from evolm.config import ConfigError, ModelConfig, VisionConfig
-from evolm.interop.families.mllama import name_from_hf
+from evolm.interop.families.mllama import name_from_hf, state_dict_from_hf
+from evolm.model import Transformer
 from evolm.nn.vision import VisionEncoder
 
 transformers = pytest.importorskip("transformers")
@@ -22,11 +24,87 @@ def hf_vision_config():
         vision_output_dim=96, image_size=16, patch_size=4, max_num_tiles=4, intermediate_layers_indices=[3, 1])
 
 
-def randomize(model, scale=0.2):
-    """Every weight random, the gates too (transformers initialises them at 0 or pi/4)."""
+V = 97  # the text vocabulary; <|image|> is id V, the first of the 8 extra embedding rows
+
+
+def tiny_config() -> ModelConfig:
+    return ModelConfig(vocab_size=V, d_model=32, n_layers=5, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=64,
+                       norm="rmsnorm", pos_emb="rope", mlp="glu", activation="silu", mlp_bias=False,
+                       tie_embeddings=False, vision=VisionConfig(**VISION, cross_attention_layers=(1, 3), image_token_id=V))
+
+
+def hf_model():
+    text = transformers.MllamaTextConfig(
+        vocab_size=V, hidden_size=32, num_hidden_layers=5, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=64, cross_attention_layers=[1, 3], max_position_embeddings=64,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    config = transformers.MllamaConfig(vision_config=hf_vision_config(), text_config=text, image_token_index=V)
+    return randomize(transformers.MllamaForConditionalGeneration(config))
+
+
+@pytest.fixture(scope="module")
+def pair():
+    torch.manual_seed(0)
+    ref = hf_model()
+    ours = Transformer(tiny_config()).eval()
+    ours.load_state_dict(state_dict_from_hf(ref.state_dict()), strict=True)
+    return ref, ours
+
+
+def image_inputs(T: int = 9, image_at: int = 2):
+    """Two rows, one image each at ``image_at``: a 2x2 tiling, and a 1x2 one with two padding tiles;
+    text tokens see the image from its token on (as the processor's cross_attention_mask says)."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, V, (2, T), generator=g)
+    ids[:, image_at] = V
+    xm = torch.zeros(2, T, 1, 4, dtype=torch.long)
+    xm[0, image_at:, 0, :] = 1
+    xm[1, image_at:, 0, :2] = 1
+    return ids, dict(pixel_values=torch.randn(2, 1, 4, 3, 16, 16, generator=g), aspect_ratio_ids=torch.tensor([[6], [2]]),
+                     aspect_ratio_mask=torch.tensor([[[1, 1, 1, 1]], [[1, 1, 0, 0]]]), cross_attention_mask=xm)
+
+
+def test_logits_match_mllama_with_and_without_images(pair):
+    ref, ours = pair
+    ids, images = image_inputs()
     with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) * scale)
+        want, got = ref(input_ids=ids, **images).logits, ours(ids, **images)
+        want_text, got_text = ref(input_ids=ids).logits, ours(ids)
+    assert (got - want).abs().max().item() <= 1e-4
+    assert (got_text - want_text).abs().max().item() <= 1e-4
+    # the image reaches the text from its token on, and only there
+    assert (got[:, 2:] - got_text[:, 2:]).abs().max() > 1e-2
+    assert (got[:, :2] - got_text[:, :2]).abs().max() > 1e-3  # (the masked rows still attend, as in transformers)
+
+
+def test_cached_greedy_decoding_matches_mllama_generate(pair):
+    ref, ours = pair
+    ids, images = image_inputs()
+    n_new = 8
+    with torch.no_grad():
+        want = ref.generate(input_ids=ids, **images, max_new_tokens=n_new, do_sample=False)[:, ids.shape[1]:]
+        assert len(set(want.flatten().tolist())) > 1
+        cache, xm = KVCache(2, 64), images.pop("cross_attention_mask")
+        cross = ours.encode_images(**images)  # the encoder runs once; each layer's image keys/values are cached
+        step = ours(ids, cache=cache, cross=cross, cross_attention_mask=xm, last_only=True)[:, -1].argmax(-1)
+        got = [step]
+        for _ in range(n_new - 1):  # a new token sees what the prompt's last token saw
+            step = ours(step[:, None], cache=cache, cross=cross, cross_attention_mask=xm[:, -1:], last_only=True)
+            got.append(step[:, -1].argmax(-1))
+            step = got[-1]
+    assert torch.equal(torch.stack(got, 1), want)
+    assert len(cross._kv) == 2  # one projection per cross-attention layer
+
+
+def randomize(model, scale=0.2):
+    """Every weight random, the gates too (transformers initialises them at 0 or pi/4); norm scales
+    near 1 and a large head, so that greedy decoding does not repeat one token."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and p.ndim == 1:
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) * (1.0 if "lm_head" in name else scale))
     return model.eval()
 
 

@@ -10,6 +10,11 @@ An encoder-decoder (T5, BART, Switch: ``encoder_layers > 0``) is this class twic
 ``encoder`` is a ``Transformer`` of the same parts with a bidirectional mask and no head, sharing
 the token embedding; the decoder is this one, whose blocks also cross-attend the encoder output
 (``nn/cross_attention.py``, keys/values cached once per request in ``cache/cross.py``).
+
+A vision model (Llama 3.2 Vision: ``config.vision``) is this class with an image encoder
+(``vision_model``, ``nn/vision.py``) and a projector to the text width; the text layers listed in
+``vision.cross_attention_layers`` cross-attend the projected image states through the same
+``CrossCache`` (computed once per request by :meth:`encode_images`) behind tanh gates.
 """
 
 from __future__ import annotations
@@ -25,12 +30,13 @@ from evolm.config import ModelConfig
 from evolm.nn.block import Block
 from evolm.nn.heads import Head
 from evolm.nn.loss import fused_linear_cross_entropy
-from evolm.nn.masks import MaskInputs, MaskKind, plan_masks
+from evolm.nn.masks import MaskInputs, MaskKind, image_cross_mask, plan_masks
 from evolm.nn.moe import MoE, Experts, Router, pooled_router_losses
 from evolm.nn.mtp import MTPLayer, mtp_loss
 from evolm.nn.norm import make_norm
 from evolm.nn.relative_position import RelativePositionBias
 from evolm.nn.rope import RotaryEmbedding
+from evolm.nn.vision import VisionEncoder
 
 
 class Transformer(nn.Module):
@@ -41,8 +47,8 @@ class Transformer(nn.Module):
         so the weights are saved once, under ``embed_tokens``)."""
         super().__init__()
         self.config = c = config
-        if shared_embedding is None:
-            self.embed_tokens = _embedding(c.vocab_size, c.d_model)
+        if shared_embedding is None:  # a vision model's table has rows past the vocabulary (<|image|>)
+            self.embed_tokens = _embedding(c.vocab_size + (c.vision.extra_token_rows if c.vision else 0), c.d_model)
         else:
             self.embed_tokens = None
             self._shared_embedding = (shared_embedding,)
@@ -59,6 +65,12 @@ class Transformer(nn.Module):
             if c.pos_emb == "relative" else None
         # an encoder-decoder's encoder: the same parts, bidirectional, sharing the token embedding
         self.encoder = Transformer(c.encoder_config(), shared_embedding=self.embed_tokens) if c.encoder_layers else None
+        # a vision model's image encoder and the projector of its states to the text width (nn/vision.py)
+        if c.vision is not None:
+            self.vision_model = VisionEncoder(c.vision)
+            self.multi_modal_projector = nn.Linear(c.vision.output_dim, c.d_model)
+        else:
+            self.vision_model = self.multi_modal_projector = None
         # DeepSeek-V3's multi-token prediction modules (nn/mtp.py): their construction draws no
         # numbers from the global generator and they are initialised last, so the main model's
         # weights are the same with or without them
@@ -132,7 +144,9 @@ class Transformer(nn.Module):
                 mask_kind: MaskKind | None = None, prefix_len: int | torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None,
                 decoder_input_ids: torch.Tensor | None = None, decoder_attention_mask: torch.Tensor | None = None,
-                cross: CrossCache | None = None) -> torch.Tensor:
+                cross: CrossCache | None = None, pixel_values: torch.Tensor | None = None,
+                aspect_ratio_ids: torch.Tensor | None = None, aspect_ratio_mask: torch.Tensor | None = None,
+                cross_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, vocab), or (B, 1, vocab) with ``last_only``.
 
         ``logits_to_keep=k > 0``: logits of the last k positions only, (B, k, vocab) (transformers'
@@ -156,6 +170,13 @@ class Transformer(nn.Module):
         ``decoder_attention_mask`` (``targets`` then align with ``decoder_input_ids``; the other
         arguments are the decoder's). ``cross``: the encoder output already computed
         (:meth:`encode`; generation passes it at every step, so the encoder runs once).
+
+        A vision model (``config.vision``) reads images as transformers' Mllama does:
+        ``pixel_values`` (B, images, tiles, C, H, W), ``aspect_ratio_ids`` (B, images) and
+        ``aspect_ratio_mask`` (B, images, tiles) (see ``evolm.images``), or ``cross`` from
+        :meth:`encode_images` (run once per request); ``cross_attention_mask`` (B, T, images, tiles):
+        1 where a text token may see a tile (a longer one is cut to this call's tokens). Without an
+        image the cross-attention layers are skipped: the text model alone.
         """
         if self.encoder is not None:
             if decoder_input_ids is None:
@@ -163,10 +184,16 @@ class Transformer(nn.Module):
             if cross is None:
                 cross = self.encode(input_ids, attention_mask)
             input_ids, attention_mask = decoder_input_ids, decoder_attention_mask
-        elif decoder_input_ids is not None or cross is not None:
-            raise ValueError("decoder_input_ids / cross are for encoder-decoder models (encoder_layers > 0)")
+        elif self.vision_model is not None:
+            if pixel_values is not None:
+                cross = self.encode_images(pixel_values, aspect_ratio_ids, aspect_ratio_mask)
+        elif decoder_input_ids is not None or cross is not None or pixel_values is not None:
+            raise ValueError("decoder_input_ids / cross are for encoder-decoder models (encoder_layers > 0), "
+                             "pixel_values for vision models (config.vision)")
         B, T = input_ids.shape
         start, key_valid = self._reserve(cache, T, attention_mask, doc_ids, position_ids)
+        if self.vision_model is not None and cross is not None:
+            cross = self._image_view(cross, cross_attention_mask, start, T)
         if position_ids is None:
             position_ids = self.default_positions(B, T, start, attention_mask, cache, input_ids.device)
         x = self.embed(input_ids, position_ids, token_type_ids)
@@ -194,6 +221,30 @@ class Transformer(nn.Module):
         if input_ids is None:
             raise ValueError("an encoder-decoder model needs input_ids (the encoder's tokens) or cross")
         return CrossCache(self.encoder(input_ids, attention_mask=attention_mask, return_hidden=True), attention_mask)
+
+    def encode_images(self, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor,
+                      aspect_ratio_mask: torch.Tensor | None = None) -> CrossCache:
+        """Run the image encoder and the projector once: the image states (B, images * tiles * P, d)
+        the cross-attention layers read, in a ``CrossCache`` that keeps their keys/values per layer."""
+        if self.vision_model is None:
+            raise ValueError("encode_images() needs a vision model (config.vision)")
+        if aspect_ratio_ids is None:
+            raise ValueError("pixel_values need aspect_ratio_ids (B, images): which tiling each image has")
+        states = self.vision_model(pixel_values, aspect_ratio_ids, aspect_ratio_mask)
+        B = states.shape[0]
+        return CrossCache(self.multi_modal_projector(states).reshape(B, -1, self.config.d_model))
+
+    def _image_view(self, cross: CrossCache, cross_attention_mask, start: int, T: int) -> CrossCache:
+        """This call's view of the image cache: which image tokens each of its T text tokens sees."""
+        if cross_attention_mask is None:
+            return cross.restrict(None, None)
+        if cross_attention_mask.shape[1] != T:
+            cross_attention_mask = cross_attention_mask[:, start:start + T]
+        mask, rows = image_cross_mask(cross_attention_mask, self.config.vision.patches_per_tile)
+        if mask.shape[-1] != cross.memory.shape[1]:
+            raise ValueError(f"cross_attention_mask covers {mask.shape[-1]} image tokens, the images have "
+                             f"{cross.memory.shape[1]}: expected (batch, tokens, images, tiles) of the images given")
+        return cross.restrict(mask, rows)
 
     def token_embedding(self) -> nn.Embedding:
         """The token embedding table: this model's, or for an encoder the decoder's it shares."""
@@ -308,8 +359,8 @@ class Transformer(nn.Module):
     def head_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The LM head's (weight, bias): the embedding matrix when tied (with BERT's own bias, if any)."""
         head = self.lm_head
-        if head is None:
-            return self.embed_tokens.weight, getattr(self.head, "bias", None)
+        if head is None:  # tied; a vision model's extra rows (<|image|> ..) are no output
+            return self.embed_tokens.weight[:self.config.vocab_size], getattr(self.head, "bias", None)
         if hasattr(head, "blocks"):  # a file's quantized blocks (evolm.quant.blocks.BlockLinear): their float32 weight
             return head.blocks.dequantize(), head.bias
         if hasattr(head, "dequantize"):  # a weight-only quantized head (evolm.quant): the weight it multiplies by

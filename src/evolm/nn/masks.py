@@ -94,6 +94,18 @@ def padded_tiles_mask(tiles_valid: torch.Tensor, n_real: int, n_slots: int) -> t
     return mask[:, None]
 
 
+def image_cross_mask(cross_attention_mask: torch.Tensor, tokens_per_tile: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A vision model's text-to-image mask (Llama 3.2 Vision): ``cross_attention_mask`` (B, T, images,
+    tiles), 1 where a text token may see a tile -> (B, 1, T, S) boolean over the S image tokens,
+    and the rows (B, T, 1) that see any. As transformers' Mllama does, a text token that may see
+    no tile (one before the first image) attends every image token, and its layer's MLP update is
+    dropped (``rows`` 0; ``nn/block.py``)."""
+    B, T = cross_attention_mask.shape[:2]
+    visible = cross_attention_mask.bool().reshape(B, T, -1).repeat_interleave(tokens_per_tile, dim=-1)
+    rows = visible.any(-1, keepdim=True)
+    return (visible | ~rows)[:, None], rows
+
+
 def same_chunk(q_slots: torch.Tensor, k_slots: torch.Tensor, chunk: int,
                key_valid: torch.Tensor | None) -> torch.Tensor:
     """(B or 1, 1, Tq, Tk): the key lies in the query's chunk of ``chunk`` slots. Chunks start at each
