@@ -3,6 +3,7 @@ from tiny configs with random weights (docs/vision.md)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -143,3 +144,34 @@ def test_vision_config_round_trips_through_json():
     assert back == c and back.vision.supported_aspect_ratios[1] == (1, 2)
     assert c.vision.patches_per_tile == 17 and c.vision.output_dim == 96
     assert [c.layer_is_cross(i) for i in range(4)] == [False, True, False, True]
+
+
+def test_image_inputs_match_mllama_image_processor():
+    from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
+
+    from evolm.images import CLIP_MEAN, CLIP_STD, image_inputs
+
+    g = np.random.default_rng(0)
+    rows = [[g.integers(0, 256, (20, 40, 3), dtype=np.uint8), g.integers(0, 256, (70, 9, 3), dtype=np.uint8)],
+            [g.integers(0, 256, (8, 8, 3), dtype=np.uint8)], [g.integers(0, 256, (100, 60, 3), dtype=np.uint8)]]
+    proc = MllamaImageProcessorPil(size={"height": 16, "width": 16}, max_image_tiles=4,
+                                   image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
+    want = proc(rows, return_tensors="pt")
+    got = image_inputs(rows, VisionConfig(**VISION))
+    assert got["num_tiles"] == want["num_tiles"]
+    for key in ("aspect_ratio_ids", "aspect_ratio_mask"):
+        assert torch.equal(got[key], want[key]), key
+    assert (got["pixel_values"] - want["pixel_values"]).abs().max().item() <= 1e-5
+
+
+def test_cross_attention_mask_matches_mllama_processor():
+    from transformers.models.mllama.processing_mllama import (
+        convert_sparse_cross_attention_mask_to_dense, get_cross_attention_token_mask)
+
+    from evolm.images import cross_attention_mask
+
+    ids = [[5, V, 7, 8, V, V, 9, 3], [V, 4, 4, 4, 4, 4, 4, 4], [1, 2, 3, V, 5, 6, 7, 8]]
+    num_tiles = [[2, 1, 4], [3], [1]]
+    want = convert_sparse_cross_attention_mask_to_dense(
+        [get_cross_attention_token_mask(r, V) for r in ids], num_tiles, 4, 8)
+    assert torch.equal(cross_attention_mask(torch.tensor(ids), V, num_tiles, 4), torch.from_numpy(want))
