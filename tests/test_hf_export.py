@@ -338,7 +338,7 @@ def test_detect_format_errors(tmp_path):
 def test_presets_round_trip_through_hf_configs():
     """Every published preset a transformers family can express maps to that family and back unchanged."""
     presets = pytest.importorskip("evolm.presets")
-    want = {"gpt2": "gpt2", "llama-4": "llama4_text", "llama": "llama", "smollm2": "llama", "mistral": "mistral",
+    want = {"gpt2": "gpt2", "llama-4": "llama4_text", "llama-3.2-11b-vision": "mllama", "llama": "llama", "smollm2": "llama", "mistral": "mistral",
             "mixtral": "mixtral", "gemma-2": "gemma2", "gemma-3": "gemma3_text", "olmo-2": "olmo2", "qwen3-30b": "qwen3_moe",
             "qwen3": "qwen3", "deepseek-v2": "deepseek_v2", "deepseek-v3": "deepseek_v3", "bert": "bert",
             "roberta": "roberta", "modernbert": "modernbert"}

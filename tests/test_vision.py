@@ -175,3 +175,49 @@ def test_cross_attention_mask_matches_mllama_processor():
     want = convert_sparse_cross_attention_mask_to_dense(
         [get_cross_attention_token_mask(r, V) for r in ids], num_tiles, 4, 8)
     assert torch.equal(cross_attention_mask(torch.tensor(ids), V, num_tiles, 4), torch.from_numpy(want))
+
+
+def test_hf_folder_load_and_export_round_trip(pair, tmp_path):
+    """transformers' folder -> evolm (config.json + weights) -> a folder transformers loads again."""
+    from evolm.interop.hf import config_to_hf, load_hf_folder, save_hf_folder
+
+    ref, ours = pair
+    ref.save_pretrained(tmp_path / "hf")
+    loaded = load_hf_folder(tmp_path / "hf")
+    assert loaded.config.vision == ours.config.vision
+    assert config_to_hf(loaded.config)["model_type"] == "mllama"
+    save_hf_folder(loaded, tmp_path / "ours")
+    back = transformers.MllamaForConditionalGeneration.from_pretrained(tmp_path / "ours").eval()
+    ids, images = image_inputs()
+    with torch.no_grad():
+        want = ref(input_ids=ids, **images).logits
+        assert (loaded(ids, **images) - want).abs().max().item() <= 1e-4
+        assert (back(input_ids=ids, **images).logits - want).abs().max().item() <= 1e-4
+
+
+def test_11b_vision_preset_parameter_count_equals_transformers():
+    import evolm
+
+    text = transformers.MllamaTextConfig(rope_parameters={
+        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+    config = transformers.MllamaConfig(vision_config=transformers.MllamaVisionConfig(image_size=560), text_config=text)
+    with torch.device("meta"):
+        ref = transformers.MllamaForConditionalGeneration(config)
+    ours = evolm.build("llama-3.2-11b-vision", device="meta")
+    n = sum(p.numel() for p in ours.parameters())
+    assert n == sum(p.numel() for p in ref.parameters()) == 10_670_220_835
+    assert n == pytest.approx(ours.config.meta["params"], rel=1e-3)
+    from evolm.interop.hf import config_from_hf, config_to_hf
+    assert config_from_hf(config_to_hf(ours.config)).vision == ours.config.vision
+
+
+def test_mllama_defaults_match_transformers():
+    from evolm.interop.families.mllama import TEXT_DEFAULTS, VISION_DEFAULTS
+
+    text, vision = transformers.MllamaTextConfig(), transformers.MllamaVisionConfig()
+    for key, want in TEXT_DEFAULTS.items():
+        got = text.rope_parameters["rope_theta"] if key == "rope_theta" else getattr(text, key)
+        assert got == want, key
+    for key, want in VISION_DEFAULTS.items():
+        assert getattr(vision, key) == want, key

@@ -17,6 +17,11 @@
   The text model only; the published totals include the vision encoder
   (``params_vision``, counted from the checkpoints' ``vision_config``).
 
+- Llama 3.2 Vision (Meta 2024, blog of 2024-09-25; the Llama 3 herd paper's sec. 7): Llama 3.1 8B's
+  text model with 8 gated cross-attention layers inserted (40 layers, every 5th from layer 3 reads
+  the image), a ViT-H/14 image encoder of 32 local + 8 gated global layers over up to 4 tiles of
+  560 px, and a projector of its 5 x 1280 features to the text width (``vision``, nn/vision.py).
+
 ``meta['params']`` are the published sizes of the released checkpoints (Hugging Face model
 cards and hub totals, 3 significant digits): Llama 2 6.74B / 13.0B / 69.0B; Llama 3 8.03B /
 70.6B / 405B; Llama 3.2 1.24B / 3.21B.
@@ -69,6 +74,14 @@ PRESETS = {
     "llama-3.2-3b": dict(_LLAMA3, d_model=3072, n_layers=28, n_heads=24, head_dim=128, d_ff=8192,
                          max_seq_len=131072, tie_embeddings=True, rope_scaling=_llama31_scaling(32.0),
                          meta=_meta("meta-llama/Llama-3.2-3B", _LLAMA3_PAPER, 3.21e9, "3B")),
+    "llama-3.2-11b-vision": dict(
+        _LLAMA3, d_model=4096, n_layers=40, n_heads=32, d_ff=14336, max_seq_len=131072,
+        rope_scaling=_llama31_scaling(8.0),
+        vision=dict(d_model=1280, n_layers=32, n_global_layers=8, n_heads=16, d_ff=5120, image_size=560, patch_size=14,
+                    max_num_tiles=4, intermediate_layers=[3, 7, 15, 23, 30],
+                    cross_attention_layers=[3, 8, 13, 18, 23, 28, 33, 38], extra_token_rows=8, image_token_id=128256),
+        meta=dict(_meta("meta-llama/Llama-3.2-11B-Vision", _LLAMA3_PAPER, 10.67e9, "11B"), model_type="mllama",
+                  params_note="10.67B: total of the HF checkpoint (863.6M in the image encoder); marketed as 11B")),
 }
 
 

@@ -31,7 +31,9 @@ OPTIONAL_PARTS = {"nope_layers": (), "attention_chunk_size": None, "attn_tempera
                   "first_attn_norm": True, "global_layer_first": False,
                   # the encoder-decoders' parts (t5.py, bart.py)
                   "moe_first_layer": None, "expert_capacity": None, "moe_loss_groups": "layer", "encoder_layers": 0,
-                  "head_input_scale": False}
+                  "head_input_scale": False,
+                  # a vision model's image side (mllama.py)
+                  "vision": None}
 
 
 class Needs(list):
