@@ -221,3 +221,59 @@ def test_mllama_defaults_match_transformers():
         assert got == want, key
     for key, want in VISION_DEFAULTS.items():
         assert getattr(vision, key) == want, key
+
+
+class ImageTask:
+    """One fixed batch of two captioned images (the loop's Task protocol)."""
+
+    def __init__(self):
+        self.ids, self.images = image_inputs()
+
+    def start_phase(self, index, phase):
+        pass
+
+    def next_batch(self):
+        return self.ids
+
+    def loss(self, model, ids):
+        return model(ids[:, :-1], targets=ids[:, 1:], **{**self.images, "cross_attention_mask":
+                                                         self.images["cross_attention_mask"][:, :-1]}), {}
+
+    def evaluate(self, model):
+        return {}
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, s):
+        pass
+
+
+def test_recipe_freeze_text_keeps_the_text_model_fixed(tmp_path):
+    from evolm.train.freeze import frozen_names
+    from evolm.train.loop import LoopConfig, Phase, run
+    from evolm.train.recipe import recipe_from_dict
+
+    torch.manual_seed(0)
+    model = Transformer(tiny_config())
+    with torch.no_grad():  # open the gates (0 at initialisation: no gradient would reach the image side)
+        for name, p in model.named_parameters():
+            if name.endswith("_gate"):
+                p.fill_(0.5)
+    cfg = LoopConfig.from_recipe(recipe_from_dict({"model": {"preset": "tiny-llama"}, "tokenizer": {"path": "t.json"},
+                                                   "data": {"sources": ["x"]},
+                                                   "train": {"freeze": ["text"]}}))
+    assert cfg.freeze == ["text"]
+    cfg.lr, cfg.weight_decay, cfg.log_every, cfg.eval_every, cfg.ckpt_every = 1e-2, 0.0, 1, 0, 0
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    run(model, ImageTask(), [Phase("stage1", steps=1)], cfg, tmp_path, log=lambda s: None)
+    frozen = frozen_names(model, ["text"])
+    assert "embed_tokens.weight" in frozen and "layers.0.self_attn.q_proj.weight" in frozen
+    assert "layers.1.cross_attn.q_proj.weight" not in frozen and "lm_head.weight" in frozen
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert not changed & frozen
+    for n in ("layers.1.cross_attn.q_proj.weight", "layers.3.attn_gate", "multi_modal_projector.weight",
+              "vision_model.layers.0.self_attn.q_proj.weight", "vision_model.patch_embedding.weight"):
+        assert n in changed, n
+    with pytest.raises(ValueError, match="pattern 'nothing.*' matches no parameter"):
+        frozen_names(model, ["nothing.*"])

@@ -194,6 +194,8 @@ class Transformer(nn.Module):
         start, key_valid = self._reserve(cache, T, attention_mask, doc_ids, position_ids)
         if self.vision_model is not None and cross is not None:
             cross = self._image_view(cross, cross_attention_mask, start, T)
+        if self.vision_model is not None and targets is not None:  # <|image|> & co. have no head row: never a target
+            targets = targets.masked_fill(targets >= self.config.vocab_size, -100)
         if position_ids is None:
             position_ids = self.default_positions(B, T, start, attention_mask, cache, input_ids.device)
         x = self.embed(input_ids, position_ids, token_type_ids)

@@ -78,6 +78,9 @@ class LoopSettings:
     peak_tflops: float | None = None  # for MFU; None: a stated estimate for the device
     eval_tasks: list[str] = field(default_factory=list)  # benchmarks (evolm eval names) logged at eval steps
     eval_tasks_limit: int | None = None  # examples per benchmark at each eval
+    # parts kept fixed in this run (train/freeze.py): "text", "cross", "vision", "projector" or
+    # parameter-name patterns; Llama 3.2 Vision's first stage freezes "text"
+    freeze: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -90,6 +93,7 @@ class LoopConfig(LoopSettings, OptimConfig):
     def __post_init__(self):
         self.betas = tuple(self.betas)  # YAML gives a list; the optimizer state keeps what it gets
         self.eval_tasks = list(self.eval_tasks)
+        self.freeze = list(self.freeze)
 
     @classmethod
     def from_recipe(cls, recipe) -> "LoopConfig":

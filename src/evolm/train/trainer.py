@@ -27,6 +27,7 @@ import torch
 from evolm.checkpoint import CheckpointError, check_weights, load_trainer_state, read_weights, readable_checkpoint
 from evolm.train import parallel as par
 from evolm.train.config import LoopConfig, Phase
+from evolm.train.freeze import freeze
 from evolm.train.loop import (MetricsLog, Progress, Runtime, Task, all_trainable, find_eval_in_training,
                               latest_checkpoint, peak_flops, plot_losses, promote_final, rng_state,
                               save_model_folder, save_trainable_folder, seed_all, set_rng_state, trainable_state)
@@ -57,6 +58,9 @@ class Trainer:
         self.model, self.task, self.phases, self.cfg = model, task, phases, cfg  # model: the plain module
         self.out, self.tokenizer, self.extra_state = Path(out), tokenizer, extra_state or {}
         self.benchmarks = _check(phases, cfg)
+        if cfg.freeze:  # a stage that trains only some parts (train/freeze.py)
+            n = freeze(model, cfg.freeze)
+            self.say(f"frozen ({', '.join(cfg.freeze)}): {n:,} parameters")
         self.partial = not all_trainable(model)  # a LoRA-like run: checkpoints hold the trainable part
         self.from_phase, self.from_step = 0, 0  # where this call starts (a resume moves it)
         self.global_step, self.tokens = 0, 0
