@@ -21,6 +21,10 @@ ALL = list_presets()
 def _part_of(name: str) -> str:
     """Which card part a parameter belongs to, from our module names alone."""
     name = name.removeprefix("encoder.")  # an encoder-decoder's encoder: the same parts
+    if name.startswith(("vision_model.", "multi_modal_projector.")):
+        return "vision"
+    if name.endswith(("attn_gate", "mlp_gate")):  # a vision model's gated cross-attention layer
+        return "attention"
     if name.startswith(("embed_tokens.", "pos_embed.", "type_embed.", "rel_pos.")):
         return "embeddings"
     if name.startswith("head."):

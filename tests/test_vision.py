@@ -277,3 +277,47 @@ def test_recipe_freeze_text_keeps_the_text_model_fixed(tmp_path):
         assert n in changed, n
     with pytest.raises(ValueError, match="pattern 'nothing.*' matches no parameter"):
         frozen_names(model, ["nothing.*"])
+
+
+def test_cost_card_vision_rows_match_the_model():
+    """Parameters by part against the built model; the image FLOPs against torch's FLOP counter (on
+    the meta device, where masked attention is counted as matmuls) and the cross-attention KV bytes
+    against the CrossCache of a real forward pass."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import evolm
+    from evolm.analysis.cost import cost_card, format_card
+
+    torch.manual_seed(0)
+    model = Transformer(tiny_config()).eval()
+    T = 9
+    card = cost_card(model.config, context_len=T, bytes_per_value=4)
+    assert card["params_total"] == sum(p.numel() for p in model.parameters())
+    assert card["params_by_part"]["vision"] == sum(p.numel() for n, p in model.named_parameters()
+                                                   if n.startswith(("vision_model.", "multi_modal_projector.")))
+    assert card["image_tokens_per_image"] == 4 * 17
+    ids, images = image_inputs(T)
+    xm = images.pop("cross_attention_mask")
+    ids, xm, images = ids[:1], xm[:1], {k: v[:1] for k, v in images.items()}  # one image, all 4 tiles
+    cache = KVCache(1, T)
+    with torch.no_grad():
+        cross = model.encode_images(**images)
+        model(ids, cross=cross, cross_attention_mask=xm, cache=cache)
+    assert cross.nbytes() == card["cross_kv_cache_bytes_per_image"]
+    assert cache.nbytes() == card["kv_cache_bytes_at_context"]  # the 3 self-attention layers only
+
+    meta = evolm.build(model.config, device="meta")
+    on_meta = {k: v.to("meta") for k, v in images.items()}
+    with torch.no_grad(), FlopCounterMode(display=False) as enc:
+        cross = meta.encode_images(**on_meta)
+    by_part = card["vision_flops_by_part"]
+    assert enc.get_total_flops() == by_part["encoder"] + by_part["encoder_attention"] + by_part["projector"]
+    with torch.no_grad(), FlopCounterMode(display=False) as fwd:
+        meta(ids.to("meta"), cross=cross, cross_attention_mask=xm.to("meta"))
+    # torch counts no norm or gate scaling (nor bias: the text model has none)
+    small = card["params_by_part"]["norms"] + 2 * len(model.config.vision.cross_attention_layers)
+    assert fwd.get_total_flops() == T * (card["forward_flops_per_token"] - 2 * small) + by_part["cross_kv"]
+    assert "image tokens / image" in format_card(card)
+    big = cost_card("llama-3.2-11b-vision")
+    assert big["image_tokens_per_image"] == 4 * 1601
+    assert big["params_by_part"]["vision"] == 863_567_379 + 7680 * 4096 + 4096  # transformers' encoder + projector

@@ -54,6 +54,18 @@ Encoder-decoders (T5, BART, Switch: ``encoder_layers > 0``)
     attention FLOPs add the encoder's self-attention and the decoder's cross-attention over the
     source. ``cross_kv_cache_bytes_at_context``: the cross-attention keys/values of a source of
     ``context_len`` tokens, held by every decoder layer for the whole request (0 for a decoder).
+
+Vision models (Llama 3.2 Vision: ``config.vision``; nn/vision.py)
+    ``params_by_part["vision"]``: the image encoder and the projector; a cross-attention layer's
+    projections and its two tanh gates count as attention, its per-head Q/K norms as norms, the
+    embedding's rows past the vocabulary (<|image|> ..) as embeddings. An image at the full
+    ``max_num_tiles`` gives ``image_tokens_per_image`` = tiles x (patches + class token) states, which
+    each cross-attention layer projects to keys/values once per request:
+    ``cross_kv_cache_bytes_per_image``. ``vision_flops_per_image``: the forward matmuls of the
+    encoder (its sequence padded to a multiple of 8 tokens per tile, all tiles attending together),
+    the projector and those key/value projections (biases and norms left out). The per-token
+    FLOPs count one image: a cross-attention layer multiplies q/o and its MLP per text token and
+    attends over that image's tokens instead of the context.
 """
 
 from __future__ import annotations
@@ -112,8 +124,9 @@ def param_counts(c: ModelConfig) -> dict[str, int]:
     """Parameters by part (see the module docstring); the values sum to the model's numel."""
     d = c.d_model
     parts = dict.fromkeys(("embeddings", "attention", "mlp", "experts", "shared_experts", "router",
-                           "norms", "lm_head", "head"), 0)
-    parts["embeddings"] = (c.vocab_size + c.type_vocab_size) * d + _positions_size(c)
+                           "norms", "lm_head", "head", "vision"), 0)
+    extra_rows = c.vision.extra_token_rows if c.vision is not None else 0
+    parts["embeddings"] = (c.vocab_size + c.type_vocab_size + extra_rows) * d + _positions_size(c)
     attn, attn_norms = _attention_size(c)
     expert = (3 if c.mlp == "glu" else 2) * d * c.moe_d_ff  # one routed expert (no biases)
     for i in range(c.n_layers):
@@ -129,6 +142,10 @@ def param_counts(c: ModelConfig) -> dict[str, int]:
         if c.encoder_layers:  # the decoder's cross-attention and its norm
             parts["attention"] += attn
             parts["norms"] += attn_norms + _norm_size(c, d)
+        if c.layer_is_cross(i):  # an image layer: its two gates, per-head Q/K norms instead of the config's
+            parts["attention"] += 2
+            parts["norms"] += 2 * _norm_size(c, c.head_dim) - attn_norms
+    parts["vision"] = vision_params(c)
     parts["norms"] += (c.final_norm + c.embed_norm - (not c.first_attn_norm)) * _norm_size(c, d)
     if not c.tie_embeddings and c.head == "lm":
         parts["lm_head"] = c.vocab_size * d + (c.vocab_size if c.lm_head_bias else 0)
@@ -139,6 +156,44 @@ def param_counts(c: ModelConfig) -> dict[str, int]:
         for k, n in encoder.items():
             parts[k] += n
     return parts
+
+
+def vision_params(c: ModelConfig) -> int:
+    """The image encoder (patch embedding, class token, gated position and tile tables, the local and
+    gated global blocks, two LayerNorms) and the projector; 0 without ``vision``."""
+    v = c.vision
+    if v is None:
+        return 0
+    d, P, T, n_ar = v.d_model, v.patches_per_tile, v.max_num_tiles, len(v.supported_aspect_ratios) + 1
+    embed = v.num_channels * v.patch_size ** 2 * d + d + (1 + P * d + n_ar * T * P * d) + 2 * (n_ar * T * d + 1)
+    block = 4 * d * d + (2 * d * v.d_ff + v.d_ff + d) + 2 * 2 * d
+    return embed + 2 * 2 * d + (v.n_layers + v.n_global_layers) * block + 2 * v.n_global_layers \
+        + v.output_dim * c.d_model + c.d_model
+
+
+def image_tokens(c: ModelConfig) -> int:
+    """States one image at the full tiling gives the cross-attention layers (0 without ``vision``)."""
+    return c.vision.max_num_tiles * c.vision.patches_per_tile if c.vision is not None else 0
+
+
+def cross_layers(c: ModelConfig) -> int:
+    return sum(c.layer_is_cross(i) for i in range(c.n_layers))
+
+
+def vision_flops_per_image(c: ModelConfig) -> dict[str, int]:
+    """Forward matmul FLOPs of one image at the full tiling: encoder, projector, cross K/V projections."""
+    v = c.vision
+    if v is None:
+        return {"encoder": 0, "encoder_attention": 0, "projector": 0, "cross_kv": 0}
+    d, P, T = v.d_model, v.patches_per_tile, v.max_num_tiles
+    S = T * (P + (-P) % 8)  # every tile padded to a multiple of 8; all tiles in one sequence
+    n_layers = v.n_layers + v.n_global_layers
+    patches = 2 * T * (P - 1) * v.num_channels * v.patch_size ** 2 * d
+    kv_dim = c.n_kv_heads * c.head_dim
+    return {"encoder": patches + n_layers * 2 * S * (4 * d * d + 2 * d * v.d_ff),
+            "encoder_attention": n_layers * 2 * S * S * 2 * d,  # scores + weighted sum
+            "projector": 2 * T * P * v.output_dim * c.d_model,
+            "cross_kv": cross_layers(c) * 2 * T * P * c.d_model * 2 * kv_dim}
 
 
 def _positions_size(c: ModelConfig) -> int:
@@ -182,6 +237,8 @@ def kv_cache_bytes(c: ModelConfig, context_len: int, bytes_per_value: int = 2, b
     per_layer = kv_values_per_token(c) * bytes_per_value
     tokens = 0
     for i in range(c.n_layers):
+        if c.layer_is_cross(i):  # an image layer holds the image's keys/values, not the tokens'
+            continue
         window = c.layer_kv_span(i)
         tokens += context_len if window is None else min(context_len, window)
     return batch * per_layer * tokens
@@ -204,6 +261,8 @@ def attention_forward_flops(c: ModelConfig, context_len: int) -> int:
     for i in range(c.n_layers):
         window = c.layer_kv_span(i)  # a chunked layer: at most its chunk (the last token of one)
         t = context_len if window is None else min(context_len, window)
+        if c.layer_is_cross(i):  # an image layer attends over one image's states
+            t = image_tokens(c)
         total += 2 * t * c.n_heads * (d_qk + d_v)
     if c.encoder_layers:  # the encoder's self-attention, and each decoder layer's cross-attention
         total += attention_forward_flops(c.encoder_config(), context_len)
@@ -239,6 +298,9 @@ def cost_card(config: ModelConfig | str, context_len: int | None = None,
     # weights a token multiplies: active minus the embedding lookup, plus a tied head's matmul
     tied = c.tie_embeddings and c.head == "lm"
     n_compute = active - parts["embeddings"] + (c.vocab_size * c.d_model if tied else 0)
+    # the image side runs once per image, not per token; so do the image layers' key/value projections
+    n_compute -= parts["vision"] + cross_layers(c) * 2 * c.d_model * c.n_kv_heads * c.head_dim
+    vision_flops = vision_flops_per_image(c)
     attn_fwd = attention_forward_flops(c, T)
     kv_at = kv_cache_bytes(c, T, bytes_per_value)
     return {
@@ -249,7 +311,7 @@ def cost_card(config: ModelConfig | str, context_len: int | None = None,
         "params_non_embedding": non_embedding,
         "params_by_part": parts,
         "kv_cache_bytes_per_token": kv_at / T,
-        "kv_cache_bytes_per_token_uncapped": kv_values_per_token(c) * bytes_per_value * c.n_layers,
+        "kv_cache_bytes_per_token_uncapped": kv_values_per_token(c) * bytes_per_value * (c.n_layers - cross_layers(c)),
         "kv_cache_bytes_at_context": kv_at,
         "kv_bytes_per_value": bytes_per_value,
         "cross_kv_cache_bytes_at_context": cross_kv_cache_bytes(c, T, bytes_per_value),
@@ -257,6 +319,10 @@ def cost_card(config: ModelConfig | str, context_len: int | None = None,
         "forward_flops_per_token": 2 * n_compute + attn_fwd,
         "attention_flops_per_token": 3 * attn_fwd,
         "flops_params": n_compute,
+        "image_tokens_per_image": image_tokens(c),
+        "cross_kv_cache_bytes_per_image": cross_layers(c) * kv_values_per_token(c) * bytes_per_value * image_tokens(c),
+        "vision_flops_per_image": sum(vision_flops.values()),
+        "vision_flops_by_part": vision_flops,
     }
 
 
@@ -319,6 +385,7 @@ _ROWS = (  # (label, getter, formatter)
     ("  norms", lambda k: k["params_by_part"]["norms"], human_count),
     ("  lm_head", lambda k: k["params_by_part"]["lm_head"], human_count),
     ("  task head", lambda k: k["params_by_part"].get("head", 0), human_count),
+    ("  vision encoder + projector", lambda k: k["params_by_part"].get("vision", 0), human_count),
     ("context length", lambda k: k["context_len"], lambda v: f"{v:,}"),
     ("KV cache / token (uncapped)", lambda k: k["kv_cache_bytes_per_token_uncapped"], human_bytes),
     ("KV cache / token (at context)", lambda k: k["kv_cache_bytes_per_token"], human_bytes),
@@ -327,6 +394,9 @@ _ROWS = (  # (label, getter, formatter)
     ("train FLOPs / token", lambda k: k["flops_per_token"], human_flops),
     ("  of which attention", lambda k: k["attention_flops_per_token"], human_flops),
     ("forward FLOPs / token", lambda k: k["forward_flops_per_token"], human_flops),
+    ("image tokens / image", lambda k: k.get("image_tokens_per_image", 0), lambda v: f"{v:,}"),
+    ("cross-attention KV / image", lambda k: k.get("cross_kv_cache_bytes_per_image", 0), human_bytes),
+    ("vision forward FLOPs / image", lambda k: k.get("vision_flops_per_image", 0), human_flops),
 )
 
 
