@@ -321,3 +321,11 @@ def test_cost_card_vision_rows_match_the_model():
     big = cost_card("llama-3.2-11b-vision")
     assert big["image_tokens_per_image"] == 4 * 1601
     assert big["params_by_part"]["vision"] == 863_567_379 + 7680 * 4096 + 4096  # transformers' encoder + projector
+
+
+def test_gguf_export_refuses_a_vision_model():
+    """llama.cpp has no Mllama graph: exporting would silently drop the image side."""
+    from evolm.interop.gguf_export import ExportError, gguf_architecture
+
+    with pytest.raises(ExportError, match="is a mllama model"):
+        gguf_architecture(tiny_config())
