@@ -329,3 +329,33 @@ def test_gguf_export_refuses_a_vision_model():
 
     with pytest.raises(ExportError, match="is a mllama model"):
         gguf_architecture(tiny_config())
+
+
+def test_two_images_per_row_and_a_padding_image_match_mllama(pair):
+    """Row 0 holds two images (its text sees the first, then the second); row 1 one image and a
+    padding one (aspect ratio id 0), as the processor batches them."""
+    ref, ours = pair
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(3, V, (2, 10), generator=g)
+    ids[0, 1] = ids[0, 5] = ids[1, 3] = V
+    xm = torch.zeros(2, 10, 2, 4, dtype=torch.long)
+    xm[0, 1:5, 0, :4] = 1
+    xm[0, 5:, 1, :2] = 1
+    xm[1, 3:, 0, :1] = 1
+    images = dict(pixel_values=torch.randn(2, 2, 4, 3, 16, 16, generator=g), aspect_ratio_ids=torch.tensor([[6, 2], [1, 0]]),
+                  aspect_ratio_mask=torch.tensor([[[1, 1, 1, 1], [1, 1, 0, 0]], [[1, 0, 0, 0], [1, 0, 0, 0]]]),
+                  cross_attention_mask=xm)
+    with torch.no_grad():
+        want, got = ref(input_ids=ids, **images).logits, ours(ids, **images)
+    assert (got - want).abs().max().item() <= 1e-4
+
+
+def test_bfloat16_logits_stay_within_a_bf16_step_of_mllama(pair):
+    import copy
+
+    ref, ours = (copy.deepcopy(m).to(torch.bfloat16) for m in pair)
+    ids, images = image_inputs()
+    images = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in images.items()}
+    with torch.no_grad():
+        want, got = ref(input_ids=ids, **images).logits.float(), ours(ids, **images).float()
+    assert (got - want).abs().max().item() <= 2 * 2.0 ** -7 * want.abs().max().item()  # two bf16 steps
