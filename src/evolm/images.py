@@ -10,11 +10,23 @@ checks it), in numpy and PIL alone so that evolm needs no transformers to read a
 ``cross_attention_mask`` says which images each text token may see: an ``<|image|>`` token opens
 its image to the tokens from it on, until the next image token (consecutive image tokens stay
 open together), as transformers' ``MllamaProcessor`` does.
+
+Images come from untrusted places (a file, a client's ``data:`` URI), so :func:`load_image` reads
+every form in one place -- a path, a ``data:image/...;base64,`` URI (what OpenAI's chat API sends),
+bytes, a PIL image or a numpy array -- and fails with one :class:`ImageError` line naming what was
+wrong (not base64, not an image PIL reads, too many pixels ...); the server answers it with a 400.
+Limits guard the decoder: the encoded size (``MAX_IMAGE_BYTES``) and the pixel count read from the
+header before any pixel is decoded (``MAX_PIXELS``: a small PNG can claim 100k x 100k pixels).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import io
 import math
+import os
+import re
 from typing import Any, Sequence
 
 import numpy as np
@@ -26,9 +38,123 @@ from evolm.config import VisionConfig
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
+# --- reading images -------------------------------------------------------------------------
+MAX_IMAGE_BYTES = 20 * 2**20  # OpenAI's own limit for an image input is 20 MB
+MAX_PIXELS = 64 * 2**20  # 8k x 8k; PIL's warning threshold is ~89M
+DATA_URI = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[^;,]*)*)(?P<b64>;base64)?,", re.I)
+FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP")  # what an image input may be encoded as (PIL's names)
+
+
+class ImageError(ValueError):
+    """An image that cannot be read; the message says why, in one line."""
+
+
+def _pil():
+    try:
+        from PIL import Image
+    except ImportError:  # pillow comes with matplotlib, a core dependency; this is a broken install
+        raise ImageError("reading images needs pillow: pip install pillow (see constraints.txt)") from None
+    return Image
+
+
+def decode_data_uri(uri: str) -> bytes:
+    """The bytes of a ``data:[mime];base64,...`` URI (an image's: the MIME type, when given, is image/*)."""
+    m = DATA_URI.match(uri)
+    if m is None:
+        raise ImageError("a data URI must look like data:image/png;base64,<base64 data>")
+    mime = (m.group("mime") or "").lower()
+    if mime and not mime.startswith("image/"):
+        raise ImageError(f"data URI: expected an image/* MIME type, got {mime!r}")
+    if not m.group("b64"):
+        raise ImageError("data URI: only base64-encoded images are accepted (…;base64,<data>)")
+    payload = uri[m.end():]
+    if len(payload) > MAX_IMAGE_BYTES * 4 // 3 + 4:
+        raise ImageError(f"data URI: image over {MAX_IMAGE_BYTES // 2**20} MiB")
+    try:
+        return base64.b64decode(payload.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise ImageError("data URI: the data is not valid base64") from None
+
+
+def _open_bytes(data: bytes, where: str):
+    if len(data) > MAX_IMAGE_BYTES:
+        raise ImageError(f"{where}: {len(data)} bytes; an image may be at most {MAX_IMAGE_BYTES // 2**20} MiB")
+    Image = _pil()
+    try:
+        img = Image.open(io.BytesIO(data), formats=FORMATS)
+    except Exception as e:  # UnidentifiedImageError, and whatever a broken header raises
+        raise ImageError(f"{where}: not an image PIL can read ({', '.join(FORMATS)}): {type(e).__name__}") from None
+    w, h = img.size
+    if w < 1 or h < 1 or w * h > MAX_PIXELS:
+        raise ImageError(f"{where}: {w}x{h} pixels; at most {MAX_PIXELS:,} are read")
+    try:
+        img.load()
+    except Exception as e:  # truncated or corrupt pixel data
+        raise ImageError(f"{where}: the image data is damaged ({type(e).__name__}: {str(e)[:80]})") from None
+    return img
+
+
+def _from_array(a: np.ndarray):
+    Image = _pil()
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] not in (3, 4)) or 0 in a.shape:
+        raise ImageError(f"an image array must be (H, W) grey or (H, W, 3|4) colour, got shape {a.shape}")
+    if a.dtype != np.uint8:
+        if not np.issubdtype(a.dtype, np.floating) and not np.issubdtype(a.dtype, np.integer):
+            raise ImageError(f"an image array must be uint8 or floats in [0, 1], got dtype {a.dtype}")
+        f = a.astype(np.float64)
+        if not np.isfinite(f).all() or f.min() < 0 or f.max() > 1:
+            raise ImageError("an image array of floats must hold values in [0, 1] (uint8 for 0..255)")
+        a = np.rint(f * 255).astype(np.uint8)
+    return Image.fromarray(np.ascontiguousarray(a))
+
+
+def load_image(source: Any):
+    """An RGB ``PIL.Image`` from a path, a data URI, bytes, a PIL image or a numpy array."""
+    Image = _pil()
+    if isinstance(source, Image.Image):
+        img = source
+    elif isinstance(source, np.ndarray):
+        img = _from_array(source)
+    elif isinstance(source, (bytes, bytearray)):
+        img = _open_bytes(bytes(source), "image bytes")
+    elif isinstance(source, str) and source[:5].lower() == "data:":
+        img = _open_bytes(decode_data_uri(source), "data URI")
+    elif isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        if not os.path.isfile(path):
+            raise ImageError(f"{path}: image file not found")
+        if os.path.getsize(path) > MAX_IMAGE_BYTES:
+            raise ImageError(f"{path}: {os.path.getsize(path)} bytes; an image may be at most "
+                             f"{MAX_IMAGE_BYTES // 2**20} MiB")
+        with open(path, "rb") as f:
+            img = _open_bytes(f.read(), path)
+    else:
+        raise ImageError(f"an image is a path, a data: URI, bytes, a PIL image or a numpy array; "
+                         f"got {type(source).__name__}")
+    if img.mode == "RGBA" or (img.mode == "P" and "transparency" in img.info):  # transparent parts on white
+        rgba = img.convert("RGBA")
+        img = Image.new("RGB", rgba.size, (255, 255, 255))
+        img.paste(rgba, mask=rgba.getchannel("A"))
+    return img.convert("RGB")
+
+
+def to_png_data_uri(image: Any) -> str:
+    """``data:image/png;base64,...`` of an image (what a client sends in an ``image_url`` part)."""
+    buf = io.BytesIO()
+    load_image(image).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+# --- Llama 3.2 Vision preprocessing ----------------------------------------------------------
+
 
 def to_rgb_array(image: Any) -> np.ndarray:
-    """A PIL image or an array (H, W), (H, W, 1|3|4): uint8, or floats in [0, 1] -> uint8 (H, W, 3)."""
+    """A PIL image or an array (H, W), (H, W, 1|3|4): uint8, or floats in [0, 1] -> uint8 (H, W, 3).
+    A path, a ``data:`` URI or encoded bytes are read first (:func:`load_image`)."""
+    if isinstance(image, (str, bytes, bytearray, os.PathLike)):
+        image = load_image(image)
     if hasattr(image, "convert"):  # PIL
         return np.asarray(image.convert("RGB"))
     a = np.asarray(image)
@@ -140,4 +266,5 @@ def cross_attention_mask(input_ids: Any, image_token_id: int, num_tiles: list[li
 
 
 __all__ = ["image_inputs", "image_tiles", "cross_attention_mask", "image_spans", "best_tiling", "to_rgb_array",
-           "CLIP_MEAN", "CLIP_STD"]
+           "CLIP_MEAN", "CLIP_STD", "ImageError", "load_image", "decode_data_uri", "to_png_data_uri", "MAX_IMAGE_BYTES",
+           "MAX_PIXELS"]
