@@ -212,15 +212,23 @@ def cmd_generate(args) -> None:
     from evolm.quant import KernelPolicy
 
     model, tok, options = _load_for_generation(args)
+    pixels = None
+    if args.image:  # a vision model: the image's placeholders open the prompt (evolm.infer.vision)
+        from evolm.infer.vision import image_prefix, load_pixels
+
+        pixels = load_pixels(model, args.image).to(model.device)
     if args.chat:
         if not getattr(tok, "chat_template", None):
             _fail(f"{args.model}: the tokenizer has no chat template; drop --chat")
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
-        ids = chat_prompt_ids(tok, messages + [{"role": "user", "content": args.prompt}])
+        content = [{"type": "image"}, {"type": "text", "text": args.prompt}] if args.image else args.prompt
+        ids = chat_prompt_ids(tok, messages + [{"role": "user", "content": content}])
+    elif args.image:
+        ids = image_prefix(model, tok) + tok.encode(args.prompt, add_special_tokens=False)
     else:
         ids = tok.encode(args.prompt)
     for piece in stream(model, tok, ids, _sampling(args), compile=options.compile,
-                            policy=options.policy):
+                            policy=options.policy, images=pixels):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -502,6 +510,8 @@ def _generate_parser(g: argparse.ArgumentParser) -> None:
     _add_sampling_args(g)
     g.add_argument("--prompt", required=True)
     g.add_argument("--chat", action="store_true", help="wrap the prompt as a user message (chat template)")
+    g.add_argument("--image", default=None, help="an image the prompt is about (PNG/JPEG/... file or data: URI; "
+                                                  "a vision model: config.vision)")
     g.set_defaults(func=cmd_generate)
 
 
@@ -518,6 +528,24 @@ def _pretrain_parser(pt: argparse.ArgumentParser) -> None:
     pt.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
     pt.add_argument("--json", action="store_true", help="print the summary as JSON")
     pt.set_defaults(func=cmd_pretrain)
+
+
+def cmd_vlm(args) -> None:
+    from evolm.train.vlm import load_vlm_recipe, run_vlm
+
+    summary = run_vlm(load_vlm_recipe(args.config), out_dir=args.out, resume=args.resume,
+                      stop_after_steps=args.stop_after)
+    if args.json:
+        print(json.dumps({k: v for k, v in summary.items() if k not in ("losses", "rows")}, indent=2, default=str))
+
+
+def _vlm_parser(v: argparse.ArgumentParser) -> None:
+    v.add_argument("--config", required=True, help="VLM stage recipe YAML (recipes/vlm-digits-*.yaml)")
+    v.add_argument("--out", default=None, help="run folder (default: runs/NAME)")
+    v.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    v.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
+    v.add_argument("--json", action="store_true", help="print the summary as JSON")
+    v.set_defaults(func=cmd_vlm)
 
 
 def _data_parser(d: argparse.ArgumentParser) -> None:
@@ -635,6 +663,8 @@ COMMANDS = (
     ("generate", "stream a continuation of a prompt", _generate_parser),
     ("chat", "interactive multi-turn chat in the terminal", _chat_parser),
     ("pretrain", "pretrain a model from a recipe (stages, mixtures, checkpoints)", _pretrain_parser),
+    ("vlm", "train a vision-language model one stage at a time: projector alignment, then full tuning",
+     _vlm_parser),
     ("data", "install corpora, prepare token shards", _data_parser),
     ("serve", "OpenAI-compatible HTTP server (continuous batching) + web chat page", _serve_parser),
     ("eval", "evaluate on benchmarks, scored as lm-evaluation-harness scores them", _eval_parser),

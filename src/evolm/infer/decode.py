@@ -70,12 +70,12 @@ def as_batch(input_ids, attention_mask, device) -> tuple[torch.Tensor, torch.Ten
 
 def prefill(model, ids: torch.Tensor, cache: KVCache, position_ids: torch.Tensor | None = None,
             attention_mask: torch.Tensor | None = None, compile: bool = False,
-            policy: KernelPolicy = DEFAULT_POLICY) -> torch.Tensor:
+            policy: KernelPolicy = DEFAULT_POLICY, **image_kw) -> torch.Tensor:
     """The prompt's next-token logits (B, V), its keys/values stored in ``cache``.
 
     ``compile`` (with an empty ``StaticKVCache``, as ``generate(..., compile=True)`` makes): one
     compiled graph for the whole prompt (:func:`compiled_prefill`; the policy's ``compile_prefill``
-    off keeps the eager forward).
+    off keeps the eager forward). ``image_kw``: a vision model's image arguments (eager only).
     """
     if compile and policy.compile_prefill and isinstance(cache, StaticKVCache) and cache.length == 0 and not cache.static:
         if position_ids is None:
@@ -88,7 +88,8 @@ def prefill(model, ids: torch.Tensor, cache: KVCache, position_ids: torch.Tensor
         logits = compiled_prefill(ids.device.type)(model, ids, position_ids, attention_mask, kv)
         cache.store_prefill(kv, ids.shape[1], attention_mask)
         return logits
-    return model(ids, position_ids=position_ids, attention_mask=attention_mask, cache=cache, last_only=True)[:, -1]
+    return model(ids, position_ids=position_ids, attention_mask=attention_mask, cache=cache, last_only=True,
+                 **image_kw)[:, -1]
 
 
 
@@ -133,13 +134,14 @@ def seen_tokens(ids: torch.Tensor, real: torch.Tensor, vocab_size: int) -> torch
 
 def decode_steps(model, ids: torch.Tensor, mask: torch.Tensor | None, params: SamplingParams,
                  stop_ids: Sequence[int], compile: bool = False, policy: KernelPolicy = DEFAULT_POLICY,
-                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                 images: torch.Tensor | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (next tokens (B,), row-still-running (B,) bool) once per generated position.
 
     Rows that produced a stop token are finished; they keep being fed (their output is ignored)
     until every row is finished or ``max_new_tokens`` is reached. ``compile``: prefill with
     :func:`compiled_prefill` into a ``StaticKVCache``, then decode with :func:`compiled_step`,
-    with the ``policy``'s kernels.
+    with the ``policy``'s kernels. ``images`` (B, C, H, W): one image per row, whose placeholder
+    tokens the prompt holds (a vision model; :mod:`evolm.infer.vision` says how each call gets it).
     """
     B, T = ids.shape
     device = ids.device
@@ -154,6 +156,12 @@ def decode_steps(model, ids: torch.Tensor, mask: torch.Tensor | None, params: Sa
     # tokens of prompt and output so far, for the repetition penalty
     seq2seq = bool(model.config.encoder_layers)
     compile = compile and not seq2seq  # the compiled step is the decoders'; an encoder-decoder decodes eagerly
+    first_kw = step_kw = {}
+    if images is not None:  # the image enters the prefill (and, with cross-attention, every step)
+        from evolm.infer.vision import decode_inputs
+
+        first_kw, step_kw = decode_inputs(model, images, ids)
+        compile = False  # the compiled graphs take tokens only
     seen = seen_tokens(ids, real, model.config.vocab_size) if params.repetition_penalty != 1.0 else None
     if seen is not None and seq2seq:  # as transformers does: the penalty sees the decoder's tokens only
         seen.zero_()
@@ -168,7 +176,7 @@ def decode_steps(model, ids: torch.Tensor, mask: torch.Tensor | None, params: Sa
         logits, next_pos = decoder_step(start), None
     else:
         cache = StaticKVCache(B, T + n_new, device=device) if compile else new_cache(model, B, T + n_new)
-        logits = prefill(model, ids, cache, pos, mask, compile=compile, policy=policy)
+        logits = prefill(model, ids, cache, pos, mask, compile=compile, policy=policy, **first_kw)
         next_pos = pos[:, -1:] + 1
     step_mask = torch.ones(B, 1, dtype=torch.long, device=device) if mask is not None else None
     step_fn = direct = None
@@ -192,7 +200,7 @@ def decode_steps(model, ids: torch.Tensor, mask: torch.Tensor | None, params: Sa
             logits, direct = first_step(step_fn, model, tok[:, None], next_pos, cache, policy)
         else:
             logits = model(tok[:, None], position_ids=next_pos, attention_mask=step_mask, cache=cache,
-                           last_only=True)[:, -1]
+                           last_only=True, **step_kw)[:, -1]
         next_pos = next_pos + 1 if next_pos is not None else None
 
 
@@ -224,7 +232,7 @@ class EvalMode:
 @torch.inference_mode()
 def generate(model, input_ids, params: SamplingParams | None = None,
              attention_mask: torch.Tensor | None = None, compile: bool = False,
-             policy: KernelPolicy | None = None) -> list[list[int]]:
+             policy: KernelPolicy | None = None, images: torch.Tensor | None = None) -> list[list[int]]:
     """New token ids per prompt (a stop token, when hit, is the last id of its row).
 
     ``input_ids``: a list of prompts (lists of ids, any lengths: we left-pad), one list of ids,
@@ -232,7 +240,9 @@ def generate(model, input_ids, params: SamplingParams | None = None,
     Stop strings need a tokenizer: use :func:`stream` or :func:`generate_text`.
     ``compile=True`` decodes with a ``torch.compile``-d step over a static cache (the first call
     for a new batch size / dtype pays the compilation; see :func:`compiled_step`) with the kernels
-    of ``policy`` (default: ``KernelPolicy()``, the measured choices).
+    of ``policy`` (default: ``KernelPolicy()``, the measured choices). ``images`` (B, C, H, W): a
+    vision model's image for each prompt (``evolm.infer.vision.load_pixels``), whose placeholder
+    tokens the prompt holds (``evolm.infer.vision.image_prefix``).
     """
     params = params or SamplingParams()
     if params.stop:
@@ -244,7 +254,7 @@ def generate(model, input_ids, params: SamplingParams | None = None,
     steps: list[tuple[torch.Tensor, torch.Tensor]] = []
     with EvalMode(model):
         for tok, running in decode_steps(model, ids, mask, params, stop_tokens(params), compile,
-                                          policy or DEFAULT_POLICY):
+                                          policy or DEFAULT_POLICY, images=images):
             steps.append((tok, running))
     if steps:
         toks = torch.stack([t for t, _ in steps], 1).tolist()

@@ -94,7 +94,8 @@ class StopStrings:
 
 @torch.inference_mode()
 def stream(model, tokenizer: TokenizerLike, prompt_ids, params: SamplingParams | None = None,
-           compile: bool = False, policy: KernelPolicy | None = None) -> Iterator[str]:
+           compile: bool = False, policy: KernelPolicy | None = None,
+           images: torch.Tensor | None = None) -> Iterator[str]:
     """Yield the continuation of one prompt as text pieces, as the tokens arrive.
 
     No piece splits a UTF-8 character; generation stops at ``params.stop_token_ids``, the
@@ -114,7 +115,8 @@ def stream(model, tokenizer: TokenizerLike, prompt_ids, params: SamplingParams |
     stop_ids = stop_tokens(params, tokenizer)
     decoder, stopper = IncrementalDecoder(tokenizer), StopStrings(params.stop)
     with EvalMode(model):
-        for tok, _ in decode_steps(model, ids, mask, params, stop_ids, compile, policy or DEFAULT_POLICY):
+        for tok, _ in decode_steps(model, ids, mask, params, stop_ids, compile, policy or DEFAULT_POLICY,
+                                   images=images):
             t = int(tok[0])
             if t in stop_ids:
                 break
