@@ -51,6 +51,16 @@ def image_prefix(model, tokenizer) -> list[int]:
     return [v.image_token_id] * image_token_count(model) + ([bos] if bos is not None else [])
 
 
+def expand_image_tokens(model, ids: list[int]) -> list[int]:
+    """A rendered prompt (a chat template writes one ``<|image|>`` per image) with each image
+    token repeated to the image's count of positions (LLaVA's processor does the same)."""
+    v, n = vision_config(model), image_token_count(model)
+    out: list[int] = []
+    for t in ids:
+        out.extend([t] * n if t == v.image_token_id else [t])
+    return out
+
+
 def load_pixels(model, images: Any) -> torch.Tensor:
     """(B, C, H, W) normalised pixels of one image or a list of them, at the encoder's size."""
     v = vision_config(model)
@@ -98,5 +108,6 @@ def decode_inputs(model, pixels: torch.Tensor, input_ids: torch.Tensor) -> tuple
     return {"cross": cross, **kw}, {"cross": cross, "cross_attention_mask": step_mask}
 
 
-__all__ = ["vision_config", "fusion", "image_token_count", "image_prefix", "load_pixels", "check_image_tokens",
+__all__ = ["vision_config", "fusion", "image_token_count", "image_prefix", "expand_image_tokens", "load_pixels",
+           "check_image_tokens",
            "image_inputs", "decode_inputs"]

@@ -32,6 +32,7 @@ from contextlib import aclosing, asynccontextmanager
 from pathlib import Path
 from typing import Any, AsyncIterator, Literal, Optional, Union
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
@@ -137,9 +138,15 @@ class CompletionRequest(_Sampling):
     best_of: Optional[int] = Field(None, ge=1)
 
 
+class ImageURL(_Body):
+    url: str  # a data: URI (data:image/png;base64,...); the server fetches nothing from the network
+    detail: Optional[str] = None
+
+
 class ContentPart(_Body):
     type: str
     text: Optional[str] = None
+    image_url: Union[ImageURL, str, None] = None
 
 
 class ChatMessage(_Body):
@@ -266,10 +273,10 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
                                 f"only 'text'", param="response_format")
         if body.top_logprobs and not body.logprobs:
             raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
-        prompt = await asyncio.to_thread(served.chat_prompt, body.messages)
+        prompt, image = await asyncio.to_thread(served.chat_prompt, body.messages)
         n_lp = (body.top_logprobs or 0) if body.logprobs else None
         return await served.run(request, body, [prompt], chat=True, default_max=None, n_logprobs=n_lp,
-                                max_tokens=body.max_completion_tokens or body.max_tokens)
+                                max_tokens=body.max_completion_tokens or body.max_tokens, image=image)
 
     return app
 
@@ -378,22 +385,63 @@ class _Served:
             out.append(ids)
         return out
 
-    def chat_prompt(self, messages: list[ChatMessage]) -> list[int]:
+    def chat_prompt(self, messages: list[ChatMessage]) -> tuple[list[int], Any]:
+        """The rendered prompt's ids, and the pixels of its image (None without one)."""
         if not getattr(self.tok, "chat_template", None):
             raise APIError(400, f"the model '{self.name}' has no chat template; use /v1/completions",
                            param="messages")
-        conv = []
+        conv, images = [], []
         for i, m in enumerate(messages):
             content = m.content
             if isinstance(content, list):
-                texts = []
-                for part in content:
-                    if part.type != "text" or part.text is None:
-                        raise APIError(400, f"messages[{i}].content: only text parts are supported, got "
-                                            f"type {part.type!r}", param=f"messages.{i}.content")
-                    texts.append(part.text)
-                content = "".join(texts)
+                parts = [self._content_part(part, f"messages.{i}.content.{j}", images)
+                         for j, part in enumerate(content)]
+                # a template reads the parts where there is an image (HF's {"type": "image"}), else one string
+                content = parts if any(p["type"] == "image" for p in parts) else "".join(p["text"] for p in parts)
             conv.append({"role": "system" if m.role == "developer" else m.role, "content": content or ""})
+        ids = self._render(conv)
+        if not images:
+            return ids, None
+        from evolm.images import ImageError
+        from evolm.infer.vision import check_image_tokens, expand_image_tokens, load_pixels
+
+        try:
+            ids = expand_image_tokens(self.engine.model, ids)
+            check_image_tokens(self.engine.model, torch.tensor([ids]), 1)
+            return ids, load_pixels(self.engine.model, images[0])
+        except ImageError as e:
+            raise APIError(400, f"messages: {e} (does the model's chat template place the image?)",
+                           param="messages", code="invalid_image") from None
+
+    def _content_part(self, part: ContentPart, where: str, images: list) -> dict:
+        """A text part as it is; an ``image_url`` part checked (a vision model, one base64 data URI,
+        an image PIL reads) and its image kept."""
+        if part.type == "text" and part.text is not None:
+            return {"type": "text", "text": part.text}
+        if part.type != "image_url":
+            raise APIError(400, f"{where}: content parts are 'text' or 'image_url', got type {part.type!r}",
+                           param=where)
+        if getattr(self.engine.model.config, "vision", None) is None:
+            raise APIError(400, f"{where}: the model '{self.name}' reads no images (it has no vision encoder); "
+                                f"send text only", param=where, code="images_not_supported")
+        url = part.image_url.url if isinstance(part.image_url, ImageURL) else part.image_url
+        if not url:
+            raise APIError(400, f"{where}: an image_url part needs image_url.url", param=f"{where}.image_url")
+        if not url.startswith("data:"):
+            raise APIError(400, f"{where}: image_url.url must be a data: URI (data:image/png;base64,...); this "
+                                f"server fetches no URLs", param=f"{where}.image_url", code="invalid_image")
+        if images:
+            raise APIError(400, f"{where}: one image per request is supported", param=where, code="invalid_image")
+        from evolm.images import ImageError, load_image
+
+        try:
+            images.append(load_image(url))
+        except ImageError as e:
+            raise APIError(400, f"{where}: {e}", param=f"{where}.image_url", code="invalid_image") from None
+        return {"type": "image"}
+
+    def _render(self, conv: list[dict]) -> list[int]:
+        """The conversation through the chat template, as token ids."""
         try:
             text = self.tok.apply_chat_template(conv, add_generation_prompt=True)
             if not isinstance(text, str):  # a tokenizer that renders ids itself
@@ -450,7 +498,7 @@ class _Served:
 
     # --- running -----------------------------------------------------------------------------
     async def run(self, request: Request, body: _Sampling, prompts: list[list[int]], chat: bool,
-                  default_max: int | None, n_logprobs: int | None, max_tokens: int | None):
+                  default_max: int | None, n_logprobs: int | None, max_tokens: int | None, image=None):
         ctx = self.engine.max_len
         longest = max(len(p) for p in prompts)
         where = "messages" if chat else "prompt"
@@ -482,7 +530,8 @@ class _Served:
                 index = pi * body.n + j
                 reqs.append(GenRequest(p, self._params(body, max_new, j), deliver, index=index,
                                        logprobs=n_logprobs, presence_penalty=body.presence_penalty or 0.0,
-                                       frequency_penalty=body.frequency_penalty or 0.0, logit_bias=bias))
+                                       frequency_penalty=body.frequency_penalty or 0.0, logit_bias=bias,
+                                       image=image))
         submitted = []
         try:
             for r in reqs:

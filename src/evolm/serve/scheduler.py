@@ -287,6 +287,7 @@ class GenRequest:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] | None = None
+    image: torch.Tensor | None = None  # (1, C, H, W): a vision model's image, whose placeholders the prompt holds
     cancelled: bool = False
 
     def cancel(self) -> None:
@@ -314,6 +315,7 @@ class _Seq:
         self.counts = None  # presence / frequency penalties: counts of generated tokens
         if req.presence_penalty or req.frequency_penalty:
             self.counts = torch.zeros(1, vocab, device=device)
+        self.cross = None  # a cross-attention vision model's image states (every decode step reads them)
         self.bias = None
         if req.logit_bias:
             self.bias = torch.zeros(1, vocab, device=device)
@@ -515,7 +517,14 @@ class Engine:
             seq = _Seq(req, self.tokenizer, stop_ids, self.vocab, self.device)
             ids = torch.tensor([req.prompt_ids], dtype=torch.long, device=self.device)
             pos = torch.arange(ids.shape[1], device=self.device)[None]
-            logits = self.model(ids, position_ids=pos, cache=_PrefillView(self.cache, row), last_only=True)[:, -1]
+            first = {}
+            if req.image is not None:  # evolm.infer.vision: the image enters here (and the steps, if cross)
+                from evolm.infer.vision import decode_inputs
+
+                first, step = decode_inputs(self.model, req.image.to(self.device), ids)
+                seq.cross = step.get("cross")
+            logits = self.model(ids, position_ids=pos, cache=_PrefillView(self.cache, row), last_only=True,
+                                **first)[:, -1]
         except Exception as e:
             self._fail(req, e)
             return
@@ -534,16 +543,23 @@ class Engine:
             groups = list(by_len.values())
         n = self.step_rows
         groups = [g[i:i + n] for g in groups for i in range(0, len(g), n)]
+        # a row that cross-attends its own image decodes alone (its image states are its own), always,
+        # so its output does not depend on the company it keeps either
+        groups = [[r] for g in groups for r in g if seqs[r].cross is not None] + \
+            [h for h in ([r for r in g if seqs[r].cross is None] for g in groups) if h]
         outs, order = [], []
         try:
             for g in groups:
-                rows = g + [g[0]] * (self.min_decode_rows - len(g))  # pad with copies of a row (see top)
+                cross = seqs[g[0]].cross
+                rows = g + [g[0]] * (self.min_decode_rows - len(g)) if cross is None else g  # pad (see top)
                 ids = torch.tensor([[seqs[r].last] for r in rows], dtype=torch.long, device=self.device)
                 pos = torch.tensor([[seqs[r].len] for r in rows], dtype=torch.long, device=self.device)
                 view = _DecodeView(self.cache, rows, [seqs[r].len for r in rows], self.device, self.windowed,
                                    self.max_keys)
+                image = {} if cross is None else \
+                    {"cross": cross, "cross_attention_mask": torch.ones(1, 1, 1, 1, dtype=torch.long, device=self.device)}
                 out = self.model(ids, position_ids=pos, attention_mask=torch.ones_like(ids), cache=view,
-                                 last_only=True)[:, -1]
+                                 last_only=True, **image)[:, -1]
                 outs.append(out[:len(g)])  # padding rows' output dropped
                 order += g
         except Exception as e:

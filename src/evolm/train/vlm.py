@@ -43,6 +43,15 @@ IGNORE = -100
 TRAINABLE = ("text", "projector", "all")
 IMAGE_TOKEN = "<|image|>"
 SPECIALS = ("<|endoftext|>", IMAGE_TOKEN)
+# a captioner's chat template: the user's image and text become the prompt the model was trained on
+# (image, BOS, the caption's start), and the assistant's turn continues the caption; OpenAI-style
+# image parts reach it as {"type": "image"} (the server, evolm generate --image --chat)
+CAPTION_TEMPLATE = (
+    "{%- for m in messages if m['role'] == 'user' -%}"
+    "{%- if m['content'] is string -%}{{ m['content'] }}"
+    "{%- else -%}{%- for p in m['content'] -%}"
+    "{%- if p['type'] == 'image' -%}<|image|><|endoftext|>{%- elif p['type'] == 'text' -%}{{ p['text'] }}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}{%- endfor -%}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -135,7 +144,7 @@ def caption_tokenizer(recipe: VlmRecipe, texts: list[str]):
     vocab = int(opts.pop("vocab_size", 320))
     if opts:
         raise RecipeError(f"{recipe.source}: tokenizer.train: unknown key(s) {sorted(opts)} (valid: vocab_size)")
-    return train_bpe(texts * 4, vocab_size=vocab, special_tokens=SPECIALS)
+    return train_bpe(texts * 4, vocab_size=vocab, special_tokens=SPECIALS, chat_template=CAPTION_TEMPLATE)
 
 
 def build_vlm(recipe: VlmRecipe, tokenizer):
