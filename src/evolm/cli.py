@@ -214,9 +214,9 @@ def cmd_generate(args) -> None:
     model, tok, options = _load_for_generation(args)
     pixels = None
     if args.image:  # a vision model: the image's placeholders open the prompt (evolm.infer.vision)
-        from evolm.infer.vision import image_prefix, load_pixels
+        from evolm.infer.vision import image_prefix, load_images
 
-        pixels = load_pixels(model, args.image).to(model.device)
+        pixels = load_images(model, args.image)
     if args.chat:
         if not getattr(tok, "chat_template", None):
             _fail(f"{args.model}: the tokenizer has no chat template; drop --chat")

@@ -134,14 +134,15 @@ def seen_tokens(ids: torch.Tensor, real: torch.Tensor, vocab_size: int) -> torch
 
 def decode_steps(model, ids: torch.Tensor, mask: torch.Tensor | None, params: SamplingParams,
                  stop_ids: Sequence[int], compile: bool = False, policy: KernelPolicy = DEFAULT_POLICY,
-                 images: torch.Tensor | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                 images: dict | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (next tokens (B,), row-still-running (B,) bool) once per generated position.
 
     Rows that produced a stop token are finished; they keep being fed (their output is ignored)
     until every row is finished or ``max_new_tokens`` is reached. ``compile``: prefill with
     :func:`compiled_prefill` into a ``StaticKVCache``, then decode with :func:`compiled_step`,
-    with the ``policy``'s kernels. ``images`` (B, C, H, W): one image per row, whose placeholder
-    tokens the prompt holds (a vision model; :mod:`evolm.infer.vision` says how each call gets it).
+    with the ``policy``'s kernels. ``images``: one image per row (``evolm.infer.vision.load_images``),
+    whose placeholder tokens the prompt holds (a vision model; :mod:`evolm.infer.vision` says how
+    each call gets it).
     """
     B, T = ids.shape
     device = ids.device
@@ -232,7 +233,7 @@ class EvalMode:
 @torch.inference_mode()
 def generate(model, input_ids, params: SamplingParams | None = None,
              attention_mask: torch.Tensor | None = None, compile: bool = False,
-             policy: KernelPolicy | None = None, images: torch.Tensor | None = None) -> list[list[int]]:
+             policy: KernelPolicy | None = None, images: dict | None = None) -> list[list[int]]:
     """New token ids per prompt (a stop token, when hit, is the last id of its row).
 
     ``input_ids``: a list of prompts (lists of ids, any lengths: we left-pad), one list of ids,
@@ -240,9 +241,9 @@ def generate(model, input_ids, params: SamplingParams | None = None,
     Stop strings need a tokenizer: use :func:`stream` or :func:`generate_text`.
     ``compile=True`` decodes with a ``torch.compile``-d step over a static cache (the first call
     for a new batch size / dtype pays the compilation; see :func:`compiled_step`) with the kernels
-    of ``policy`` (default: ``KernelPolicy()``, the measured choices). ``images`` (B, C, H, W): a
-    vision model's image for each prompt (``evolm.infer.vision.load_pixels``), whose placeholder
-    tokens the prompt holds (``evolm.infer.vision.image_prefix``).
+    of ``policy`` (default: ``KernelPolicy()``, the measured choices). ``images``: a vision model's
+    image for each prompt (``evolm.infer.vision.load_images``), whose placeholder tokens the prompt
+    holds (``evolm.infer.vision.image_prefix``).
     """
     params = params or SamplingParams()
     if params.stop:

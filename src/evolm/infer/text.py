@@ -95,7 +95,7 @@ class StopStrings:
 @torch.inference_mode()
 def stream(model, tokenizer: TokenizerLike, prompt_ids, params: SamplingParams | None = None,
            compile: bool = False, policy: KernelPolicy | None = None,
-           images: torch.Tensor | None = None) -> Iterator[str]:
+           images: dict | None = None) -> Iterator[str]:
     """Yield the continuation of one prompt as text pieces, as the tokens arrive.
 
     No piece splits a UTF-8 character; generation stops at ``params.stop_token_ids``, the

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
-from evolm.images import ImageError, pixel_values
+from evolm.images import ImageError, load_image
 
 
 def vision_config(model):
@@ -61,10 +62,20 @@ def expand_image_tokens(model, ids: list[int]) -> list[int]:
     return out
 
 
-def load_pixels(model, images: Any) -> torch.Tensor:
-    """(B, C, H, W) normalised pixels of one image or a list of them, at the encoder's size."""
-    v = vision_config(model)
-    return pixel_values(images, v.image_size)
+def load_images(model, images: Any) -> dict[str, Any]:
+    """One image per prompt (a path, data: URI, bytes, PIL image or array each, or a list of them)
+    -> the encoder's inputs (``evolm.images.image_inputs``: Llama 3.2 Vision's tiles, normalised)."""
+    from evolm.images import image_inputs as preprocess
+
+    rows = list(images) if isinstance(images, (list, tuple)) else [images]
+    return preprocess([load_image(x) if not isinstance(x, np.ndarray) else x for x in rows], vision_config(model))
+
+
+def take_images(images: dict[str, Any], rows: list[int]) -> dict[str, Any]:
+    """The images of some rows of a batch from :func:`load_images` (training batches)."""
+    idx = torch.tensor(rows, dtype=torch.long)
+    return {"pixel_values": images["pixel_values"][idx], "aspect_ratio_ids": images["aspect_ratio_ids"][idx],
+            "aspect_ratio_mask": images["aspect_ratio_mask"][idx], "num_tiles": [images["num_tiles"][r] for r in rows]}
 
 
 def check_image_tokens(model, input_ids: torch.Tensor, n_images: int) -> None:
@@ -78,36 +89,33 @@ def check_image_tokens(model, input_ids: torch.Tensor, n_images: int) -> None:
                          f"{counts.tolist()} image token(s)")
 
 
-def image_inputs(model, pixels: torch.Tensor, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The forward arguments that give row b of ``input_ids`` the image ``pixels[b]`` (one image,
-    one tile each): the ``pixel_values`` (B, 1, 1, C, H, W) and tiling ids the encoder reads and,
-    with cross-attention, which text positions may see the image (those from the image token on)."""
-    check_image_tokens(model, input_ids, pixels.shape[0])
-    B = pixels.shape[0]
+def image_inputs(model, images: dict[str, Any], input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The forward arguments that give row b of ``input_ids`` its image of ``images`` (from
+    :func:`load_images`): the encoder's inputs and, with cross-attention, which text positions
+    see which tiles (those from the image token on: ``evolm.images.cross_attention_mask``)."""
+    from evolm.images import cross_attention_mask
+
+    check_image_tokens(model, input_ids, images["pixel_values"].shape[0])
     dev = input_ids.device
-    kw = {"pixel_values": pixels[:, None, None].to(dev),
-          "aspect_ratio_ids": torch.ones(B, 1, dtype=torch.long, device=dev),
-          "aspect_ratio_mask": torch.ones(B, 1, 1, dtype=torch.long, device=dev)}
+    kw = {k: images[k].to(dev) for k in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")}
     if fusion(model) == "cross_attention":
-        seen = (input_ids == vision_config(model).image_token_id).long().cumsum(-1) > 0
-        kw["cross_attention_mask"] = seen.long()[:, :, None, None]
+        v = vision_config(model)
+        kw["cross_attention_mask"] = cross_attention_mask(input_ids, v.image_token_id, images["num_tiles"],
+                                                          v.max_num_tiles).to(dev)
     return kw
 
 
-def decode_inputs(model, pixels: torch.Tensor, input_ids: torch.Tensor) -> tuple[dict, dict]:
+def decode_inputs(model, images: dict[str, Any], input_ids: torch.Tensor) -> tuple[dict, dict]:
     """(the prefill's image arguments, every decode step's) for prompts ``input_ids`` with one
     image each. Cross-attention: the image is encoded once (``encode_images``; its keys/values are
-    then cached per layer) and every step's token sees it. Tokens: the prefill writes the image
-    states over the placeholders, and the steps need nothing more."""
-    kw = image_inputs(model, pixels, input_ids)
+    then cached per layer) and each new token sees what the prompt's last token saw. Tokens: the
+    prefill writes the image states over the placeholders, and the steps need nothing more."""
+    kw = image_inputs(model, images, input_ids)
     if fusion(model) == "tokens":
         return kw, {}
     cross = model.encode_images(kw.pop("pixel_values"), kw.pop("aspect_ratio_ids"), kw.pop("aspect_ratio_mask"))
-    B = input_ids.shape[0]
-    step_mask = torch.ones(B, 1, 1, 1, dtype=torch.long, device=input_ids.device)  # one image, seen from now on
-    return {"cross": cross, **kw}, {"cross": cross, "cross_attention_mask": step_mask}
+    return {"cross": cross, **kw}, {"cross": cross, "cross_attention_mask": kw["cross_attention_mask"][:, -1:]}
 
 
-__all__ = ["vision_config", "fusion", "image_token_count", "image_prefix", "expand_image_tokens", "load_pixels",
-           "check_image_tokens",
-           "image_inputs", "decode_inputs"]
+__all__ = ["vision_config", "fusion", "image_token_count", "image_prefix", "expand_image_tokens", "load_images",
+           "take_images", "check_image_tokens", "image_inputs", "decode_inputs"]

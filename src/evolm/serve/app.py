@@ -403,12 +403,12 @@ class _Served:
         if not images:
             return ids, None
         from evolm.images import ImageError
-        from evolm.infer.vision import check_image_tokens, expand_image_tokens, load_pixels
+        from evolm.infer.vision import check_image_tokens, expand_image_tokens, load_images
 
         try:
             ids = expand_image_tokens(self.engine.model, ids)
             check_image_tokens(self.engine.model, torch.tensor([ids]), 1)
-            return ids, load_pixels(self.engine.model, images[0])
+            return ids, load_images(self.engine.model, images[0])
         except ImageError as e:
             raise APIError(400, f"messages: {e} (does the model's chat template place the image?)",
                            param="messages", code="invalid_image") from None

@@ -287,7 +287,7 @@ class GenRequest:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] | None = None
-    image: torch.Tensor | None = None  # (1, C, H, W): a vision model's image, whose placeholders the prompt holds
+    image: dict | None = None  # a vision model's image (evolm.infer.vision.load_images), placeholders in the prompt
     cancelled: bool = False
 
     def cancel(self) -> None:
@@ -315,7 +315,7 @@ class _Seq:
         self.counts = None  # presence / frequency penalties: counts of generated tokens
         if req.presence_penalty or req.frequency_penalty:
             self.counts = torch.zeros(1, vocab, device=device)
-        self.cross = None  # a cross-attention vision model's image states (every decode step reads them)
+        self.image_step: dict | None = None  # a cross-attending image: what each decode step passes (its states)
         self.bias = None
         if req.logit_bias:
             self.bias = torch.zeros(1, vocab, device=device)
@@ -521,8 +521,8 @@ class Engine:
             if req.image is not None:  # evolm.infer.vision: the image enters here (and the steps, if cross)
                 from evolm.infer.vision import decode_inputs
 
-                first, step = decode_inputs(self.model, req.image.to(self.device), ids)
-                seq.cross = step.get("cross")
+                first, step = decode_inputs(self.model, req.image, ids)
+                seq.image_step = step or None
             logits = self.model(ids, position_ids=pos, cache=_PrefillView(self.cache, row), last_only=True,
                                 **first)[:, -1]
         except Exception as e:
@@ -545,19 +545,17 @@ class Engine:
         groups = [g[i:i + n] for g in groups for i in range(0, len(g), n)]
         # a row that cross-attends its own image decodes alone (its image states are its own), always,
         # so its output does not depend on the company it keeps either
-        groups = [[r] for g in groups for r in g if seqs[r].cross is not None] + \
-            [h for h in ([r for r in g if seqs[r].cross is None] for g in groups) if h]
+        groups = [[r] for g in groups for r in g if seqs[r].image_step is not None] + \
+            [h for h in ([r for r in g if seqs[r].image_step is None] for g in groups) if h]
         outs, order = [], []
         try:
             for g in groups:
-                cross = seqs[g[0]].cross
-                rows = g + [g[0]] * (self.min_decode_rows - len(g)) if cross is None else g  # pad (see top)
+                image = seqs[g[0]].image_step or {}
+                rows = g if image else g + [g[0]] * (self.min_decode_rows - len(g))  # pad (see top)
                 ids = torch.tensor([[seqs[r].last] for r in rows], dtype=torch.long, device=self.device)
                 pos = torch.tensor([[seqs[r].len] for r in rows], dtype=torch.long, device=self.device)
                 view = _DecodeView(self.cache, rows, [seqs[r].len for r in rows], self.device, self.windowed,
                                    self.max_keys)
-                image = {} if cross is None else \
-                    {"cross": cross, "cross_attention_mask": torch.ones(1, 1, 1, 1, dtype=torch.long, device=self.device)}
                 out = self.model(ids, position_ids=pos, attention_mask=torch.ones_like(ids), cache=view,
                                  last_only=True, **image)[:, -1]
                 outs.append(out[:len(g)])  # padding rows' output dropped
@@ -571,7 +569,7 @@ class Engine:
         for s in seqs:
             s.len += 1
         logits = outs[0] if len(outs) == 1 else torch.cat(outs)  # the common case: no copy
-        if order != list(range(len(seqs))):  # groups of equal lengths (windows): rows back in order
+        if order != list(range(len(seqs))):  # groups (equal lengths, image rows): rows back in order
             logits = logits[torch.tensor(order, device=logits.device).argsort()]
         self._emit(seqs, logits)
 

@@ -5,15 +5,15 @@ Llama 3.2 Vision, gated cross-attention layers). It is trained in stages that di
 learns (Liu et al. 2023, LLaVA, arXiv:2304.08485 sec. 4.2; Llama 3 herd, arXiv:2407.21783 sec. 7.4;
 the seed's "projection layer alignment, then full model fine-tuning"):
 
-1. *alignment* (``trainable: projector``): the language model and the encoder stay frozen and only
-   the projector learns to map image states into what the text model reads. With cross-attention
-   fusion the new cross-attention layers learn too (their tanh gates start at 0, so with them
-   frozen the image could never reach the text): Llama 3.2's "adapter" training.
-2. *full tuning* (``trainable: all``): everything learns, at a lower rate.
+1. *alignment* (``freeze: [text, vision]``): the language model and the encoder stay frozen and
+   only the projector learns to map image states into what the text model reads. With
+   cross-attention fusion the new cross-attention layers learn too (their tanh gates start at 0,
+   so with them frozen the image could never reach the text): Llama 3.2's "adapter" training.
+2. *full tuning* (``freeze: []``): everything learns, at a lower rate.
 
 A recipe is one stage; the next stage's recipe starts from the previous run folder
 (``model.init``). At toy size there is no pretrained language model to start from, so a stage 0
-(``trainable: text``) trains the text side alone on the captions, images off: it learns the
+(``images: false``) trains the text side alone on the captions: it learns the
 captions' language, and cannot know which digit an image shows (its loss on the digit word stays
 at log 10). The data is the UCI digits (``evolm.data.digits``); images go through
 :mod:`evolm.images` and the prompt layout of :mod:`evolm.infer.vision`, as at inference.
@@ -37,10 +37,11 @@ import torch
 
 from evolm.train.config import LoopConfig, LoopSettings, LRShape, OptimConfig, Phase, values_of
 from evolm.train.loop import Runtime, run, seed_all
+from evolm.infer.vision import image_inputs, take_images
 from evolm.train.recipe import ModelSpec, RecipeError, TokenizerSpec, _build
 
 IGNORE = -100
-TRAINABLE = ("text", "projector", "all")
+PARTS = ("text", "cross", "vision", "projector")
 IMAGE_TOKEN = "<|image|>"
 SPECIALS = ("<|endoftext|>", IMAGE_TOKEN)
 # a captioner's chat template: the user's image and text become the prompt the model was trained on
@@ -68,9 +69,12 @@ class VlmData:
 
 @dataclass
 class VlmTrain(LoopSettings, LRShape):
-    """The ``train`` section: what learns, the loop's settings and the stage's LR shape."""
+    """The ``train`` section: the loop's settings (what is frozen among them), the stage's LR
+    shape, and whether the stage shows images."""
 
-    trainable: str = "all"  # text (stage 0, no images) | projector (alignment) | all (full tuning)
+    images: bool = True  # false: the text side alone learns the captions (stage 0)
+    # the parts kept fixed: text, cross (cross-attention layers), vision (the encoder), projector
+    freeze: list[str] = field(default_factory=list)
     steps: int = 100
     micro_batch: int = 32
     accum: int = 1
@@ -103,8 +107,9 @@ def vlm_recipe_from_dict(d: dict[str, Any], source: str = "<dict>") -> VlmRecipe
     t, m = r.train, r.model
     if sum(x is not None for x in (m.preset, m.config, m.init)) != 1:
         raise RecipeError(f"{source}: model: set exactly one of 'preset', 'config' or 'init'")
-    if t.trainable not in TRAINABLE:
-        raise RecipeError(f"{source}: train: trainable must be one of {', '.join(TRAINABLE)}, got {t.trainable!r}")
+    bad = [p for p in t.freeze if p not in PARTS]
+    if bad:
+        raise RecipeError(f"{source}: train: freeze lists parts among {', '.join(PARTS)}, got {bad}")
     if r.data.name != "digits":
         raise RecipeError(f"{source}: data: name must be 'digits' (the UCI digits), got {r.data.name!r}")
     for name in ("steps", "micro_batch", "accum"):
@@ -181,32 +186,26 @@ def build_vlm(recipe: VlmRecipe, tokenizer):
     return build(config)
 
 
-def vision_parameters(model) -> dict[str, list[str]]:
-    """Parameter names by part: ``encoder`` (the ViT), ``projector``, ``cross`` (the gated
-    cross-attention layers of the text stack) and ``text`` (the rest: the language model)."""
-    parts: dict[str, list[str]] = {"encoder": [], "projector": [], "cross": [], "text": []}
-    cross = {f"layers.{i}." for i, b in enumerate(model.layers) if getattr(b, "image_layer", False)}
-    for name, _ in model.named_parameters():
-        if name.startswith("vision_model."):
-            parts["encoder"].append(name)
-        elif name.startswith("multi_modal_projector."):
-            parts["projector"].append(name)
-        elif any(name.startswith(c) for c in cross):
-            parts["cross"].append(name)
-        else:
-            parts["text"].append(name)
-    return parts
+def part_of(name: str, model) -> str:
+    """Which part a parameter belongs to: ``vision`` (the encoder), ``projector``, ``cross`` (the
+    gated cross-attention layers of the text stack) or ``text`` (the language model)."""
+    if name.startswith("vision_model."):
+        return "vision"
+    if name.startswith("multi_modal_projector."):
+        return "projector"
+    if name.startswith("layers.") and model.config.layer_is_cross(int(name.split(".")[1])):
+        return "cross"
+    return "text"
 
 
-def set_trainable(model, which: str) -> tuple[int, int]:
-    """Freeze all but the stage's part (see the module docstring); (trainable, total) parameter counts."""
-    parts = vision_parameters(model)
-    keep = {"text": parts["text"], "all": sum(parts.values(), []),
-            "projector": parts["projector"] + parts["cross"]}[which]
-    keep = set(keep)
+def freeze_parts(model, parts: list[str]) -> tuple[int, int]:
+    """Freeze the listed parts (the rest trains); (trainable, total) parameter counts."""
     for name, p in model.named_parameters():
-        p.requires_grad_(name in keep)
-    return sum(p.numel() for n, p in model.named_parameters() if n in keep), sum(p.numel() for p in model.parameters())
+        p.requires_grad_(part_of(name, model) not in parts)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if not trainable:
+        raise RecipeError(f"train: freeze {parts} leaves nothing to train")
+    return trainable, sum(p.numel() for p in model.parameters())
 
 
 # --------------------------------------------------------------------------------------------
@@ -240,12 +239,12 @@ def encode_captions(digits, tokenizer, prefix: list[int]) -> list[Captioned]:
 class Batch:
     input_ids: torch.Tensor
     targets: torch.Tensor
-    pixels: torch.Tensor | None
+    images: dict | None  # evolm.infer.vision.load_images of the rows, or None (a text stage)
     digit_targets: torch.Tensor  # (B, T): the digit word's first token only, else IGNORE
     n_tokens: int
 
 
-def collate(rows: list[Captioned], pixels: torch.Tensor | None, pad_id: int) -> Batch:
+def collate(rows: list[Captioned], images: dict | None, pad_id: int) -> Batch:
     T = max(len(r.ids) for r in rows) - 1
     x = torch.full((len(rows), T), pad_id, dtype=torch.long)
     y = torch.full((len(rows), T), IGNORE, dtype=torch.long)
@@ -255,26 +254,24 @@ def collate(rows: list[Captioned], pixels: torch.Tensor | None, pad_id: int) -> 
         x[b, :n] = torch.tensor(r.ids[:-1])
         y[b, :n] = torch.tensor(r.labels[1:])
         yd[b, r.digit_pos - 1] = r.ids[r.digit_pos]
-    imgs = pixels[[r.image for r in rows]] if pixels is not None else None
+    imgs = take_images(images, [r.image for r in rows]) if images is not None else None
     return Batch(x, y, imgs, yd, sum(len(r.ids) - 1 for r in rows))
 
 
-def forward(model, input_ids: torch.Tensor, pixels: torch.Tensor | None, **kw) -> torch.Tensor:
+def forward(model, input_ids: torch.Tensor, images: dict | None, **kw) -> torch.Tensor:
     """The model on a batch, with its images when the stage shows them."""
-    from evolm.infer.vision import image_inputs
-
-    extra = image_inputs(model, pixels, input_ids) if pixels is not None else {}
+    extra = image_inputs(model, images, input_ids) if images is not None else {}
     return model(input_ids, **extra, **kw)
 
 
 @torch.no_grad()
-def greedy_captions(model, prompts: torch.Tensor, pixels: torch.Tensor | None, n_new: int, stop: int
+def greedy_captions(model, prompts: torch.Tensor, images: dict | None, n_new: int, stop: int
                     ) -> list[list[int]]:
     """Greedy continuations of equal-length prompts, each step a full forward (captions are a few
     tokens; no cache is needed, and the image stays in every call the same way as in training)."""
     ids = prompts
     for _ in range(n_new):
-        logits = forward(model, ids, pixels, last_only=True)
+        logits = forward(model, ids, images, last_only=True)
         ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     out = []
     for row in ids[:, prompts.shape[1]:].tolist():
@@ -290,19 +287,19 @@ class VlmTask:
 
     def __init__(self, recipe: VlmRecipe, model, tokenizer, rt: Runtime, log: Callable[[str], None]):
         from evolm.data.digits import PROMPT, split_digits
-        from evolm.infer.vision import image_prefix, load_pixels
+        from evolm.infer.vision import image_prefix, load_images
 
         d, t = recipe.data, recipe.train
         train, val = split_digits(d.val_fraction, d.seed)
         self.train_digits, self.val_digits = train[:d.limit] if d.limit else train, val[:d.val_limit] if d.val_limit else val
         self.tokenizer, self.rt, self.recipe = tokenizer, rt, recipe
-        self.images = t.trainable != "text"
+        self.images = t.images
         bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
         self.prefix = image_prefix(model, tokenizer) if self.images else bos
         self.train = encode_captions(self.train_digits, tokenizer, self.prefix)
         self.val = encode_captions(self.val_digits, tokenizer, self.prefix)
-        self.train_pixels = load_pixels(model, [x.image for x in self.train_digits]) if self.images else None
-        self.val_pixels = load_pixels(model, [x.image for x in self.val_digits]) if self.images else None
+        self.train_images = load_images(model, [x.image for x in self.train_digits]) if self.images else None
+        self.val_images = load_images(model, [x.image for x in self.val_digits]) if self.images else None
         self.prompt = self.prefix + tokenizer.encode(PROMPT, add_special_tokens=False)
         self.pad = tokenizer.eos_id
         self.batch_size, self.seed = t.micro_batch, recipe.seed
@@ -327,7 +324,7 @@ class VlmTask:
             self._order = self._epoch_order()
         idx = self._order[self.cursor * self.batch_size:(self.cursor + 1) * self.batch_size]
         self.cursor += 1
-        return collate([self.train[i] for i in idx], self.train_pixels, self.pad)
+        return collate([self.train[i] for i in idx], self.train_images, self.pad)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "cursor": self.cursor}
@@ -338,8 +335,7 @@ class VlmTask:
     # --- loss and evaluation ---------------------------------------------------------------
     def loss(self, model, b: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         dev = self.rt.device
-        pixels = b.pixels.to(dev) if b.pixels is not None else None
-        loss = forward(model, b.input_ids.to(dev), pixels, targets=b.targets.to(dev))
+        loss = forward(model, b.input_ids.to(dev), b.images, targets=b.targets.to(dev))
         return loss, {"tokens": b.n_tokens}
 
     def evaluate(self, model) -> dict[str, float]:
@@ -352,26 +348,25 @@ class VlmTask:
         dev = self.rt.device
         for s in range(0, len(self.val), 128):
             rows = self.val[s:s + 128]
-            b = collate(rows, self.val_pixels, self.pad)
-            pixels = b.pixels.to(dev) if b.pixels is not None else None
+            b = collate(rows, self.val_images, self.pad)
             n = int((b.targets != IGNORE).sum())
-            total += float(forward(model, b.input_ids.to(dev), pixels, targets=b.targets.to(dev))) * n
+            total += float(forward(model, b.input_ids.to(dev), b.images, targets=b.targets.to(dev))) * n
             count += n
-            digit_total += float(forward(model, b.input_ids.to(dev), pixels, targets=b.digit_targets.to(dev))) \
+            digit_total += float(forward(model, b.input_ids.to(dev), b.images, targets=b.digit_targets.to(dev))) \
                 * len(rows)
-            caps = self.caption(model, pixels, len(rows))
+            caps = self.caption(model, b.images, len(rows))
             hits += sum(named_digit(c) == r.digit for c, r in zip(caps, rows))
             n_cap += len(rows)
         loss = total / max(count, 1)
         return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_digit_loss": digit_total / max(n_cap, 1),
                 "val_accuracy": hits / max(n_cap, 1)}
 
-    def caption(self, model, pixels: torch.Tensor | None, n: int) -> list[str]:
+    def caption(self, model, images: dict | None, n: int) -> list[str]:
         """Greedy captions (the prompt "a handwritten digit" continued) of ``n`` images."""
         from evolm.data.digits import PROMPT
 
         prompts = torch.tensor([self.prompt] * n, device=self.rt.device)
-        new = greedy_captions(model, prompts, pixels, 4, self.tokenizer.eos_id)
+        new = greedy_captions(model, prompts, images, 4, self.tokenizer.eos_id)
         return [PROMPT + self.tokenizer.decode(r, skip_special_tokens=True) for r in new]
 
     def example_rows(self, n: int) -> list[int]:
@@ -389,10 +384,10 @@ class VlmTask:
         rows = self.example_rows(self.recipe.train.samples)
         if not rows:
             return []
-        pixels = self.val_pixels[rows].to(self.rt.device) if self.val_pixels is not None else None
+        images = take_images(self.val_images, rows) if self.val_images is not None else None
         was = model.training
         model.eval()
-        caps = self.caption(model, pixels, len(rows))
+        caps = self.caption(model, images, len(rows))
         model.train(was)
         return [(f"[held-out image of a {WORDS[self.val_digits[i].label]}] -> ", c) for i, c in zip(rows, caps)]
 
@@ -441,19 +436,19 @@ def run_vlm(recipe: VlmRecipe, out_dir: str | None = None, resume: bool = False,
         tokenizer = caption_tokenizer(recipe, [d.caption for d in train])
         model = build_vlm(recipe, tokenizer)
     model.train().to(rt.device)
-    n_train, n_total = set_trainable(model, t.trainable)
-    log(f"model: {n_total:,} parameters, {n_train:,} trainable ({t.trainable}); fusion "
+    n_train, n_total = freeze_parts(model, t.freeze)
+    log(f"model: {n_total:,} parameters, {n_train:,} trainable (frozen: {', '.join(t.freeze) or 'none'}); fusion "
         f"{getattr(model.config.vision, 'fusion', 'cross_attention')}")
     task = VlmTask(recipe, model, tokenizer, rt, log)
-    phase = Phase(t.trainable, steps=t.steps, accum=t.accum, **values_of(t, LRShape))
+    phase = Phase(recipe.name, steps=t.steps, accum=t.accum, **values_of(t, LRShape))
     cfg = LoopConfig(**values_of(recipe.optim, OptimConfig), **values_of(t, LoopSettings), eval_at_start=True)
     out.mkdir(parents=True, exist_ok=True)
     images = write_example_images(task, out)
     summary = run(model, task, [phase], cfg, out, tokenizer=tokenizer, resume=resume, rt=rt, log=log,
                   stop_after_steps=stop_after_steps, seed=recipe.seed)
     before = summary.get("initial_eval") or {}
-    summary.update(trainable=t.trainable, trainable_params=n_train, total_params=n_total, example_images=images,
-                   wall_s=time.time() - t0)
+    summary.update(frozen=list(t.freeze), images=t.images, trainable_params=n_train, total_params=n_total,
+                   example_images=images, wall_s=time.time() - t0)
     if not summary["stopped_early"]:
         keep = {k: v for k, v in summary.items() if k not in ("losses", "rows")}
         (out / "vlm_summary.json").write_text(json.dumps(keep, indent=2, default=str))
@@ -465,5 +460,5 @@ def run_vlm(recipe: VlmRecipe, out_dir: str | None = None, resume: bool = False,
     return summary
 
 
-__all__ = ["VlmRecipe", "load_vlm_recipe", "vlm_recipe_from_dict", "run_vlm", "set_trainable", "vision_parameters",
+__all__ = ["VlmRecipe", "load_vlm_recipe", "vlm_recipe_from_dict", "run_vlm", "freeze_parts", "part_of",
            "VlmTask", "encode_captions", "greedy_captions"]
