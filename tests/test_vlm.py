@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 
 import numpy as np
 import pytest
@@ -102,3 +103,217 @@ def test_truncated_and_oversized_images(monkeypatch):
     monkeypatch.setattr(images, "MAX_PIXELS", 100)  # the header's size is checked before decoding
     with pytest.raises(ImageError, match="64x64 pixels"):
         load_image(data)
+
+
+# --- staged training -------------------------------------------------------------------------------
+TINY_VISION = {"d_model": 32, "n_layers": 2, "n_global_layers": 1, "n_heads": 2, "d_ff": 64, "image_size": 16,
+               "patch_size": 4, "max_num_tiles": 1, "intermediate_layers": [0], "supported_aspect_ratios": [[1, 1]],
+               "cross_attention_layers": [1]}
+
+
+def stage_recipe(name: str, out, steps: int, *, init=None, freeze=(), images=True, vision=None, lr=1e-2):
+    from evolm.train.vlm import vlm_recipe_from_dict
+
+    model = {"init": str(init)} if init else {"preset": "tiny-llama", "overrides": {
+        "vocab_size": "tokenizer", "d_model": 64, "n_layers": 3, "n_heads": 4, "n_kv_heads": 4, "head_dim": 16,
+        "d_ff": 128, "max_seq_len": 64, "rope_scaling": None, "tie_embeddings": True,
+        "vision": vision or TINY_VISION}}
+    return vlm_recipe_from_dict({
+        "name": name, "out": str(out), "model": model, "tokenizer": {"train": {"vocab_size": 300}},
+        "data": {"limit": 96, "val_limit": 30}, "optim": {"lr": lr, "weight_decay": 0.0},
+        "train": {"steps": steps, "micro_batch": 16, "freeze": list(freeze), "images": images, "eval_every": 0,
+                  "log_every": 100, "ckpt_every": 0, "samples": 2, "warmup_steps": 2}}, source=f"<{name}>")
+
+
+def weights(folder) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def stages(tmp_path_factory):
+    """The demo's three stages at micro size: text alone, projector + cross-attention, everything."""
+    from evolm.train.vlm import run_vlm
+
+    root = tmp_path_factory.mktemp("vlm")
+    quiet = lambda s: None  # noqa: E731
+    runs, summaries = {}, {}
+    plan = [("text", dict(images=False, freeze=["vision", "projector", "cross"]), None, 8),
+            ("align", dict(freeze=["text", "vision"]), "text", 8), ("full", dict(), "align", 4)]
+    for name, kw, init, steps in plan:
+        runs[name] = root / name
+        summaries[name] = run_vlm(stage_recipe(name, runs[name], steps, init=runs.get(init), **kw), log=quiet)
+    return runs, summaries
+
+
+def test_stages_train_only_their_parts(stages):
+    runs, summaries = stages
+    text, align, full = (weights(runs[k]) for k in ("text", "align", "full"))
+    for name in text:
+        part = "vision" if name.startswith("vision_model.") else "projector" if name.startswith(
+            "multi_modal_projector.") else "cross" if name.startswith("layers.1.") else "text"
+        moved_align = not torch.equal(text[name], align[name])
+        assert moved_align == (part in ("projector", "cross")), name  # stage 1: the adapter alone
+        if part in ("text", "vision") and "gate" not in name and "tile" not in name:
+            assert not torch.equal(align[name], full[name]), name  # stage 2: everything
+    for k, s in summaries.items():
+        assert {"val_loss", "val_digit_loss", "val_accuracy"} <= set(s["initial_eval"]), k
+        assert s["val_loss"] < s["initial_eval"]["val_loss"], k
+        assert len(s["samples"]) == 2 and s["samples"][0][1].startswith("a handwritten digit")
+        assert json.loads((runs[k] / "vlm_summary.json").read_text())["steps"] > 0
+    assert summaries["text"]["images"] is False and summaries["align"]["frozen"] == ["text", "vision"]
+    shown = {d.label for d in split_digits()[1][:30]}  # one example image per digit of the held-out rows
+    assert sorted(p.name.split("_")[2][:-4] for p in (runs["full"] / "images").glob("val_*.png")) == \
+        sorted(WORDS[k] for k in shown)
+
+
+def test_recipe_errors_name_the_field(tmp_path):
+    from evolm.train.recipe import RecipeError
+    from evolm.train.vlm import vlm_recipe_from_dict
+
+    base = {"model": {"preset": "tiny-llama"}, "tokenizer": {"train": {}}}
+    with pytest.raises(RecipeError, match="freeze lists parts among text, cross, vision, projector"):
+        vlm_recipe_from_dict({**base, "train": {"freeze": ["encoder"]}})
+    with pytest.raises(RecipeError, match="unknown key 'stepz'; did you mean 'steps'"):
+        vlm_recipe_from_dict({**base, "train": {"stepz": 3}})
+    with pytest.raises(RecipeError, match="name must be 'digits'"):
+        vlm_recipe_from_dict({**base, "data": {"name": "coco"}})
+    with pytest.raises(RecipeError, match="exactly one of"):
+        vlm_recipe_from_dict({"tokenizer": {"train": {}}})
+    from evolm.train.vlm import run_vlm
+
+    r = stage_recipe("bad", tmp_path / "bad", 1, freeze=["text", "vision", "projector", "cross"])
+    with pytest.raises(RecipeError, match="leaves nothing to train"):
+        run_vlm(r, log=lambda s: None)
+
+
+# --- generation with an image ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def captioner(stages):
+    from evolm.loading import load
+
+    runs, _ = stages
+    model, tok = load(runs["full"], need_tokenizer=True)
+    return runs["full"], model.float().eval(), tok
+
+
+def test_generate_with_images_equals_full_forward(captioner):
+    """The decode loop (image encoded once, its keys/values and the text's cached) gives the tokens
+    that a full forward pass over the whole sequence at every step gives; batched = one by one."""
+    from evolm.data.digits import PROMPT, split_digits
+    from evolm.infer import SamplingParams, generate
+    from evolm.infer.vision import image_prefix, load_images, take_images
+    from evolm.train.vlm import greedy_captions
+
+    _, model, tok = captioner
+    _, val = split_digits()
+    images = load_images(model, [d.image for d in val[:4]])
+    prompt = image_prefix(model, tok) + tok.encode(PROMPT, add_special_tokens=False)
+    params = SamplingParams(max_new_tokens=4, temperature=0.0, ignore_eos=True)
+    batched = generate(model, [prompt] * 4, params, images=images)
+    full = greedy_captions(model, torch.tensor([prompt] * 4), images, 4, stop=-1)
+    assert batched == full
+    for i in range(4):
+        assert generate(model, [prompt], params, images=take_images(images, [i])) == [batched[i]]
+    with pytest.raises(ImageError, match="exactly one image"):
+        generate(model, [tok.encode(PROMPT, add_special_tokens=False)], params, images=take_images(images, [0]))
+
+
+def test_cli_generate_image(captioner, capsys):
+    from evolm.cli import main
+    from evolm.data.digits import PROMPT
+    from evolm.infer import SamplingParams, generate
+    from evolm.infer.vision import image_prefix, load_images
+
+    run, model, tok = captioner
+    png = sorted((run / "images").glob("val_*.png"))[0]
+    assert main(["generate", "--model", str(run), "--image", str(png), "--prompt", PROMPT, "--max-new-tokens", "3",
+                 "--no-fast", "--ignore-eos"]) == 0
+    out = capsys.readouterr().out
+    want = generate(model, [image_prefix(model, tok) + tok.encode(PROMPT, add_special_tokens=False)],
+                    SamplingParams(max_new_tokens=3, temperature=0.0, ignore_eos=True),
+                    images=load_images(model, str(png)))[0]
+    assert out == tok.decode(want) + "\n"
+    with pytest.raises(SystemExit):
+        main(["generate", "--model", str(run), "--image", str(run / "missing.png"), "--prompt", "x", "--no-fast"])
+    assert "missing.png: image file not found" in capsys.readouterr().err
+
+
+# --- the server's image content part -------------------------------------------------------------------
+def _image_message(uri: str, text: str = "a handwritten digit") -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}},
+                                         {"type": "text", "text": text}]}]
+
+
+def test_server_reads_openai_image_parts(captioner):
+    """The real ``openai`` client sends an image as a data URI; the answer is what local generation
+    gives for the same image (alone, and beside text-only and other image requests)."""
+    pytest.importorskip("fastapi", reason="serving needs fastapi")
+    openai = pytest.importorskip("openai", reason="the official openai client")
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fastapi.testclient import TestClient
+
+    from evolm.data.digits import PROMPT
+    from evolm.infer import SamplingParams, generate
+    from evolm.infer.vision import image_prefix, load_images
+    from evolm.serve.app import create_app
+    from evolm.serve.scheduler import Engine
+
+    run, model, tok = captioner
+    pngs = sorted((run / "images").glob("val_*.png"))[:3]
+    prompt = image_prefix(model, tok) + tok.encode(PROMPT, add_special_tokens=False)
+    params = SamplingParams(max_new_tokens=3, temperature=0.0, ignore_eos=True)
+    want = [tok.decode(generate(model, [prompt], params, images=load_images(model, str(p)))[0]) for p in pngs]
+    with TestClient(create_app(Engine(model, tok, max_batch=4), "captioner")) as http:
+        client = openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=http, max_retries=0)
+
+        def ask(png):
+            r = client.chat.completions.create(model="captioner", messages=_image_message(to_png_data_uri(png)),
+                                               max_tokens=3, temperature=0, extra_body={"ignore_eos": True})
+            return r.choices[0].message.content
+
+        assert ask(pngs[0]) == want[0]
+        with ThreadPoolExecutor(4) as pool:  # together, and beside a text-only request
+            text_only = pool.submit(client.chat.completions.create, model="captioner", max_tokens=3,
+                                    messages=[{"role": "user", "content": PROMPT}])
+            assert list(pool.map(ask, pngs)) == want
+            assert text_only.result().choices[0].finish_reason in ("stop", "length")
+        stream = client.chat.completions.create(model="captioner", messages=_image_message(to_png_data_uri(pngs[1])),
+                                                max_tokens=3, temperature=0, stream=True,
+                                                extra_body={"ignore_eos": True})
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == want[1]
+
+        def refused(messages, match: str, code: str = "invalid_image"):
+            with pytest.raises(openai.BadRequestError) as e:
+                client.chat.completions.create(model="captioner", messages=messages, max_tokens=2)
+            assert e.value.code == code and match in e.value.message, e.value.message
+
+        refused(_image_message("data:image/png;base64,@@@"), "not valid base64")
+        refused(_image_message("data:image/png;base64,aGVsbG8="), "not an image PIL can read")
+        refused(_image_message("https://example.com/cat.png"), "must be a data: URI")
+        two = _image_message(to_png_data_uri(pngs[0]))
+        two[0]["content"].insert(0, {"type": "image_url", "image_url": {"url": to_png_data_uri(pngs[1])}})
+        refused(two, "one image per request")
+        refused([{"role": "user", "content": [{"type": "input_audio"}]}], "'text' or 'image_url'", code=None)
+        assert http.get("/health").json()["status"] == "ok"
+
+
+def test_server_refuses_images_for_a_text_model():
+    pytest.importorskip("fastapi", reason="serving needs fastapi")
+    from fastapi.testclient import TestClient
+
+    from evolm.model import build
+    from evolm.presets import get_preset
+    from evolm.serve.app import create_app
+    from evolm.serve.scheduler import Engine
+    from evolm.tokenizer import train_bpe
+
+    tok = train_bpe(iter(["hello world"] * 20), vocab_size=270, chat_template="{{ messages[0]['content'] }}")
+    model = build(get_preset("tiny-llama").replace(vocab_size=tok.vocab_size, max_seq_len=32)).eval()
+    with TestClient(create_app(Engine(model, tok, max_batch=2), "text")) as http:
+        r = http.post("/v1/chat/completions", json={"model": "text", "messages": _image_message(
+            to_png_data_uri(np.zeros((8, 8), np.uint8)))})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "images_not_supported", r.text
+        assert "reads no images" in r.json()["error"]["message"]
