@@ -5,7 +5,7 @@ Llama 3.2 Vision, gated cross-attention layers). It is trained in stages that di
 learns (Liu et al. 2023, LLaVA, arXiv:2304.08485 sec. 4.2; Llama 3 herd, arXiv:2407.21783 sec. 7.4;
 the seed's "projection layer alignment, then full model fine-tuning"):
 
-1. *alignment* (``freeze: [text, vision]``): the language model and the encoder stay frozen and
+1. *alignment* (``freeze: [text, vision]``, ``train/freeze.py``): the language model and the encoder stay frozen and
    only the projector learns to map image states into what the text model reads. With
    cross-attention fusion the new cross-attention layers learn too (their tanh gates start at 0,
    so with them frozen the image could never reach the text): Llama 3.2's "adapter" training.
@@ -41,7 +41,6 @@ from evolm.infer.vision import image_inputs, take_images
 from evolm.train.recipe import ModelSpec, RecipeError, TokenizerSpec, _build
 
 IGNORE = -100
-PARTS = ("text", "cross", "vision", "projector")
 IMAGE_TOKEN = "<|image|>"
 SPECIALS = ("<|endoftext|>", IMAGE_TOKEN)
 # a captioner's chat template: the user's image and text become the prompt the model was trained on
@@ -73,8 +72,6 @@ class VlmTrain(LoopSettings, LRShape):
     shape, and whether the stage shows images."""
 
     images: bool = True  # false: the text side alone learns the captions (stage 0)
-    # the parts kept fixed: text, cross (cross-attention layers), vision (the encoder), projector
-    freeze: list[str] = field(default_factory=list)
     steps: int = 100
     micro_batch: int = 32
     accum: int = 1
@@ -107,9 +104,6 @@ def vlm_recipe_from_dict(d: dict[str, Any], source: str = "<dict>") -> VlmRecipe
     t, m = r.train, r.model
     if sum(x is not None for x in (m.preset, m.config, m.init)) != 1:
         raise RecipeError(f"{source}: model: set exactly one of 'preset', 'config' or 'init'")
-    bad = [p for p in t.freeze if p not in PARTS]
-    if bad:
-        raise RecipeError(f"{source}: train: freeze lists parts among {', '.join(PARTS)}, got {bad}")
     if r.data.name != "digits":
         raise RecipeError(f"{source}: data: name must be 'digits' (the UCI digits), got {r.data.name!r}")
     for name in ("steps", "micro_batch", "accum"):
@@ -184,28 +178,6 @@ def build_vlm(recipe: VlmRecipe, tokenizer):
     if config.vision is None:
         raise RecipeError(f"{recipe.source}: model: the model has no vision encoder; set model.overrides.vision")
     return build(config)
-
-
-def part_of(name: str, model) -> str:
-    """Which part a parameter belongs to: ``vision`` (the encoder), ``projector``, ``cross`` (the
-    gated cross-attention layers of the text stack) or ``text`` (the language model)."""
-    if name.startswith("vision_model."):
-        return "vision"
-    if name.startswith("multi_modal_projector."):
-        return "projector"
-    if name.startswith("layers.") and model.config.layer_is_cross(int(name.split(".")[1])):
-        return "cross"
-    return "text"
-
-
-def freeze_parts(model, parts: list[str]) -> tuple[int, int]:
-    """Freeze the listed parts (the rest trains); (trainable, total) parameter counts."""
-    for name, p in model.named_parameters():
-        p.requires_grad_(part_of(name, model) not in parts)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if not trainable:
-        raise RecipeError(f"train: freeze {parts} leaves nothing to train")
-    return trainable, sum(p.numel() for p in model.parameters())
 
 
 # --------------------------------------------------------------------------------------------
@@ -436,7 +408,10 @@ def run_vlm(recipe: VlmRecipe, out_dir: str | None = None, resume: bool = False,
         tokenizer = caption_tokenizer(recipe, [d.caption for d in train])
         model = build_vlm(recipe, tokenizer)
     model.train().to(rt.device)
-    n_train, n_total = freeze_parts(model, t.freeze)
+    from evolm.train.freeze import freeze
+
+    n_total = sum(p.numel() for p in model.parameters())
+    n_train = n_total - freeze(model, t.freeze)  # train/freeze.py (the loop applies train.freeze again: a no-op)
     log(f"model: {n_total:,} parameters, {n_train:,} trainable (frozen: {', '.join(t.freeze) or 'none'}); fusion "
         f"{getattr(model.config.vision, 'fusion', 'cross_attention')}")
     task = VlmTask(recipe, model, tokenizer, rt, log)
@@ -460,5 +435,5 @@ def run_vlm(recipe: VlmRecipe, out_dir: str | None = None, resume: bool = False,
     return summary
 
 
-__all__ = ["VlmRecipe", "load_vlm_recipe", "vlm_recipe_from_dict", "run_vlm", "freeze_parts", "part_of",
+__all__ = ["VlmRecipe", "load_vlm_recipe", "vlm_recipe_from_dict", "run_vlm",
            "VlmTask", "encode_captions", "greedy_captions"]
