@@ -317,3 +317,91 @@ def test_server_refuses_images_for_a_text_model():
             to_png_data_uri(np.zeros((8, 8), np.uint8)))})
         assert r.status_code == 400 and r.json()["error"]["code"] == "images_not_supported", r.text
         assert "reads no images" in r.json()["error"]["message"]
+
+
+# --- LLaVA-style fusion: image states as tokens ------------------------------------------------------
+TOKENS_VISION = {**TINY_VISION, "n_global_layers": 0, "cross_attention_layers": [], "fusion": "tokens",
+                 "extra_token_rows": 0, "image_token_id": 255}
+
+
+def tokens_model(seed: int = 0):
+    from evolm.config import ModelConfig
+    from evolm.model import build
+    from evolm.presets import get_preset
+
+    c = get_preset("tiny-llama").to_dict()
+    c.update(vocab_size=256, d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=128,
+             max_seq_len=96, vision=TOKENS_VISION)
+    torch.manual_seed(seed)
+    return build(ModelConfig.from_dict(c)).eval()
+
+
+def test_tokens_fusion_matches_llava():
+    """``vision.fusion: tokens`` against transformers' ``LlavaForConditionalGeneration`` given the
+    same image states (its ``mm_encoder_outputs``): the placeholders, the splice and the text model
+    are transformers'; logits of a batch with an image per row, and greedy decoding (ours cached,
+    the image written once at prefill; theirs a full forward per token)."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    from evolm.infer import SamplingParams, generate
+    from evolm.infer.vision import image_inputs, image_token_count, load_images
+    from evolm.interop.hf import config_to_hf, state_dict_to_hf
+
+    model = tokens_model()
+    v = model.config.vision
+    assert image_token_count(model) == v.image_tokens == 17
+    text_cfg = model.config.replace(vision=None)
+    text_hf = config_to_hf(text_cfg)
+    hf = transformers.LlavaForConditionalGeneration(transformers.LlavaConfig(
+        text_config=text_hf, vision_config={"model_type": "clip_vision_model", "hidden_size": 16, "num_hidden_layers": 1,
+                                            "num_attention_heads": 2, "intermediate_size": 32, "image_size": 16,
+                                            "patch_size": 8},
+        image_token_id=v.image_token_id)).eval()
+    text_sd = {k: t for k, t in model.state_dict().items() if not k.startswith(("vision_model.", "multi_modal_"))}
+    hf_sd = state_dict_to_hf(text_sd, text_cfg)
+    lm = {k[len("model."):]: t for k, t in hf_sd.items() if k.startswith("model.")}
+    assert not hf.model.language_model.load_state_dict(lm, strict=True).missing_keys
+    hf.lm_head.weight.data.copy_(hf_sd["lm_head.weight"])
+
+    rng = np.random.default_rng(0)
+    images = load_images(model, [rng.integers(0, 256, (12, 12), dtype=np.uint8) for _ in range(2)])
+    text = torch.tensor([[5, 9, 30], [7, 7, 81]])
+    ids = torch.cat([torch.full((2, 17), v.image_token_id), torch.full((2, 1), 1), text], 1)
+    kw = image_inputs(model, images, ids)
+    with torch.no_grad():
+        states = model.image_states(kw["pixel_values"], kw["aspect_ratio_ids"], kw["aspect_ratio_mask"])
+        ours = model(ids, **kw)
+
+        def theirs(x):
+            enc = {"image": BaseModelOutputWithPooling(pooler_output=list(states[:x.shape[0]]))}
+            return hf(input_ids=x, mm_encoder_outputs=enc).logits
+
+        ref = theirs(ids)
+        print(f"tokens fusion vs LlavaForConditionalGeneration: max |diff| {float((ours - ref).abs().max()):.3g}")
+        assert (ours - ref).abs().max() <= 1e-4, (ours - ref).abs().max()
+        want = ids
+        for _ in range(6):  # transformers' greedy continuation, one full forward per token
+            want = torch.cat([want, theirs(want)[:, -1].argmax(-1, keepdim=True)], 1)
+    got = generate(model, ids.tolist(), SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True),
+                   images=images)
+    assert got == want[:, ids.shape[1]:].tolist()
+    # no image: the placeholders are plain embeddings; a wrong count of placeholders is an error
+    with pytest.raises(ValueError, match="17 <\\|image\\|> tokens"):
+        model(ids[:, 1:], pixel_values=kw["pixel_values"], aspect_ratio_ids=kw["aspect_ratio_ids"])
+    with pytest.raises(ValueError, match="fusion='cross_attention'"):
+        model(ids, cross_attention_mask=torch.ones(2, ids.shape[1], 1, 1), **kw)
+
+
+def test_tokens_fusion_config_errors():
+    from evolm.config import ConfigError, ModelConfig
+    from evolm.presets import get_preset
+
+    base = get_preset("tiny-llama").to_dict()
+    with pytest.raises(ConfigError, match="vision.cross_attention_layers"):
+        ModelConfig.from_dict({**base, "vision": {**TOKENS_VISION, "cross_attention_layers": [1]}})
+    with pytest.raises(ConfigError, match="vision.max_num_tiles"):
+        ModelConfig.from_dict({**base, "vision": {**TOKENS_VISION, "max_num_tiles": 2,
+                                                  "supported_aspect_ratios": [[1, 1], [1, 2]]}})
+    with pytest.raises(ConfigError, match="vision.fusion"):
+        ModelConfig.from_dict({**base, "vision": {**TOKENS_VISION, "fusion": "concat"}})

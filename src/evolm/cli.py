@@ -533,8 +533,12 @@ def _pretrain_parser(pt: argparse.ArgumentParser) -> None:
 def cmd_vlm(args) -> None:
     from evolm.train.vlm import load_vlm_recipe, run_vlm
 
-    summary = run_vlm(load_vlm_recipe(args.config), out_dir=args.out, resume=args.resume,
-                      stop_after_steps=args.stop_after)
+    recipe = load_vlm_recipe(args.config)
+    if args.init:  # the same stage from another model (e.g. the LLaVA-style variant's previous stage)
+        if recipe.model.init is None:
+            _fail(f"--init: {args.config} builds its model from a preset; it takes no init")
+        recipe.model.init = args.init
+    summary = run_vlm(recipe, out_dir=args.out, resume=args.resume, stop_after_steps=args.stop_after)
     if args.json:
         print(json.dumps({k: v for k, v in summary.items() if k not in ("losses", "rows")}, indent=2, default=str))
 
@@ -542,6 +546,7 @@ def cmd_vlm(args) -> None:
 def _vlm_parser(v: argparse.ArgumentParser) -> None:
     v.add_argument("--config", required=True, help="VLM stage recipe YAML (recipes/vlm-digits-*.yaml)")
     v.add_argument("--out", default=None, help="run folder (default: runs/NAME)")
+    v.add_argument("--init", default=None, help="start from this run folder instead of the recipe's model.init")
     v.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
     v.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
     v.add_argument("--json", action="store_true", help="print the summary as JSON")

@@ -44,6 +44,7 @@ DERIVED = ("n_kv_heads", "head_dim", "d_ff", "moe_d_ff")
 MAX_INT = 2**31 - 1  # token ids, widths and lengths are indexed with int32 in torch and ggml
 MAX_LAYERS = 4096
 MAX_EXPERTS = 65536
+FUSIONS = ("cross_attention", "tokens")  # how a vision model's text reads the image (VisionConfig.fusion)
 MAX_VISION_TILES = 64  # Llama 3.2 Vision: 4 tiles of 448 px; far above any published tiling
 
 
@@ -58,6 +59,11 @@ class VisionConfig:
     projector maps them to the text width, and the text layers listed in ``cross_attention_layers``
     become gated cross-attention layers that read them (Flamingo, arXiv:2204.14198).
     The names follow transformers' ``MllamaVisionConfig``.
+
+    ``fusion="tokens"`` is the LLaVA way instead (Liu et al. 2023, arXiv:2304.08485; nanoVLM,
+    SmolVLM): no cross-attention layers; the projected states of an image (one tile,
+    ``image_tokens`` of them) are written over as many ``image_token_id`` placeholders in the
+    token sequence, which the text layers then read like any other tokens.
     """
 
     d_model: int = 1280
@@ -80,6 +86,8 @@ class VisionConfig:
     # rows of the token embedding past the vocabulary (Mllama: 8 reserved ids; <|image|> is the first)
     extra_token_rows: int = 8
     image_token_id: int = 128256
+    # how the text reads the image: "cross_attention" (Llama 3.2) or "tokens" (LLaVA: states in the sequence)
+    fusion: str = "cross_attention"
 
     def __post_init__(self) -> None:
         self.intermediate_layers = tuple(self.intermediate_layers)
@@ -90,6 +98,11 @@ class VisionConfig:
     def patches_per_tile(self) -> int:
         """Image tokens of one tile: its patches plus the class token."""
         return (self.image_size // self.patch_size) ** 2 + 1
+
+    @property
+    def image_tokens(self) -> int:
+        """Positions one image takes in the token sequence with ``fusion="tokens"`` (its one tile's states)."""
+        return self.max_num_tiles * self.patches_per_tile
 
     @property
     def output_dim(self) -> int:
@@ -124,6 +137,13 @@ class VisionConfig:
                  "vision.supported_aspect_ratios",
                  f"has {short(r)}; expected (rows, columns) of at most max_num_tiles={self.max_num_tiles} tiles")
         need(self.extra_token_rows >= 0, "vision.extra_token_rows", f"must be >= 0, got {self.extra_token_rows}")
+        need(self.fusion in FUSIONS, "vision.fusion", f"is {self.fusion!r}; expected one of {list(FUSIONS)}")
+        if self.fusion == "tokens":
+            need(not self.cross_attention_layers, "vision.cross_attention_layers",
+                 f"must be empty with fusion='tokens' (the image is read as tokens), got {self.cross_attention_layers}")
+            need(self.max_num_tiles == 1, "vision.max_num_tiles",
+                 f"must be 1 with fusion='tokens' (an image's placeholders are one tile's states), "
+                 f"got {self.max_num_tiles}")
 
     @classmethod
     def from_value(cls, value: Any, source: str) -> "VisionConfig":
@@ -487,7 +507,7 @@ class ModelConfig:
         v.validate(need)
         need(self.mask == "causal" and self.encoder_layers == 0, "vision",
              "needs a decoder-only text model (mask='causal', encoder_layers=0)")
-        need(self.norm_placement == "pre" and self.attention == "mha", "vision",
+        need(v.fusion == "tokens" or (self.norm_placement == "pre" and self.attention == "mha"), "vision",
              f"cross-attention layers need norm_placement='pre' and attention='mha', "
              f"got {self.norm_placement!r} and {self.attention!r}")
         need(self.head == "lm" and self.mtp_depth == 0, "vision", "needs head='lm' and no multi-token prediction")

@@ -184,6 +184,13 @@ class Transformer(nn.Module):
             if cross is None:
                 cross = self.encode(input_ids, attention_mask)
             input_ids, attention_mask = decoder_input_ids, decoder_attention_mask
+        image_states = None
+        if self.vision_model is not None and self.config.vision.fusion == "tokens":
+            if cross is not None or cross_attention_mask is not None:
+                raise ValueError("cross / cross_attention_mask are for vision.fusion='cross_attention'; with "
+                                 "fusion='tokens' the image's states are placed at its <|image|> tokens")
+            if pixel_values is not None:  # written over the placeholders after the token embedding
+                image_states = self.image_states(pixel_values, aspect_ratio_ids, aspect_ratio_mask)
         elif self.vision_model is not None:
             if pixel_values is not None:
                 cross = self.encode_images(pixel_values, aspect_ratio_ids, aspect_ratio_mask)
@@ -199,6 +206,8 @@ class Transformer(nn.Module):
         if position_ids is None:
             position_ids = self.default_positions(B, T, start, attention_mask, cache, input_ids.device)
         x = self.embed(input_ids, position_ids, token_type_ids)
+        if image_states is not None:
+            x = self.place_image_states(x, input_ids, image_states)
         ropes = self.rope_tables(position_ids, x.dtype)
         kind = mask_kind or self.config.mask
         masks = plan_masks(self.config, cache, MaskInputs(start, T, key_valid, doc_ids, kind, prefix_len),
@@ -228,13 +237,29 @@ class Transformer(nn.Module):
                       aspect_ratio_mask: torch.Tensor | None = None) -> CrossCache:
         """Run the image encoder and the projector once: the image states (B, images * tiles * P, d)
         the cross-attention layers read, in a ``CrossCache`` that keeps their keys/values per layer."""
+        return CrossCache(self.image_states(pixel_values, aspect_ratio_ids, aspect_ratio_mask))
+
+    def image_states(self, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor,
+                     aspect_ratio_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The projected image states (B, images * tiles * P, d): what the cross-attention layers
+        read, or with ``fusion="tokens"`` what is written over the image's placeholder tokens."""
         if self.vision_model is None:
-            raise ValueError("encode_images() needs a vision model (config.vision)")
+            raise ValueError("image_states() needs a vision model (config.vision)")
         if aspect_ratio_ids is None:
             raise ValueError("pixel_values need aspect_ratio_ids (B, images): which tiling each image has")
         states = self.vision_model(pixel_values, aspect_ratio_ids, aspect_ratio_mask)
-        B = states.shape[0]
-        return CrossCache(self.multi_modal_projector(states).reshape(B, -1, self.config.d_model))
+        return self.multi_modal_projector(states).reshape(states.shape[0], -1, self.config.d_model)
+
+    def place_image_states(self, x: torch.Tensor, input_ids: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        """LLaVA's fusion: row b's image states, in order, replace the embeddings at its
+        ``image_token_id`` positions (as many as the image has states); the rest of the model
+        reads them like tokens, with positions and causal attention."""
+        at = input_ids == self.config.vision.image_token_id
+        counts = at.sum(-1)
+        if bool((counts != states.shape[1]).any()):
+            raise ValueError(f"each row needs one image's {states.shape[1]} <|image|> tokens "
+                             f"(id {self.config.vision.image_token_id}) for its image, got {counts.tolist()}")
+        return x.masked_scatter(at[..., None], states.to(x.dtype))
 
     def _image_view(self, cross: CrossCache, cross_attention_mask, start: int, T: int) -> CrossCache:
         """This call's view of the image cache: which image tokens each of its T text tokens sees."""

@@ -135,6 +135,9 @@ def config_from_hf(fam: Family, h: dict, meta: dict) -> ModelConfig:
 def config_to_hf(fam: Family, c: ModelConfig, out: dict) -> None:
     """A vision ModelConfig -> an mllama config.json (``out`` holds the keys every family writes)."""
     v = c.vision
+    if v.fusion != "cross_attention":
+        raise ConfigError(f"vision.fusion={v.fusion!r} (image states as tokens, LLaVA-style) has no mllama "
+                          f"config.json; only fusion='cross_attention' exports")
     text = {"model_type": "mllama_text_model", "tie_word_embeddings": out.pop("tie_word_embeddings"),
             "initializer_range": out["initializer_range"]}
     decoder.config_to_hf(fam, c, text)
