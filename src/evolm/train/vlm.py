@@ -368,7 +368,8 @@ class VlmTask:
 # the command
 # --------------------------------------------------------------------------------------------
 def write_example_images(task: VlmTask, out: Path, n: int = 10) -> list[str]:
-    """PNGs of the first held-out image of each digit (``evolm generate --image`` tries them)."""
+    """PNGs of the first held-out image of each digit (``evolm generate --image`` tries them), at
+    their own 8x8 pixels: read back, they give the model exactly the tensors evaluation gave it."""
     from PIL import Image
 
     folder = out / "images"
@@ -379,7 +380,7 @@ def write_example_images(task: VlmTask, out: Path, n: int = 10) -> list[str]:
     for i in task.example_rows(n):
         d = task.val_digits[i]
         path = folder / f"val_{d.index}_{WORDS[d.label]}.png"
-        Image.fromarray(d.image).resize((64, 64), Image.NEAREST).save(path)
+        Image.fromarray(d.image).save(path)
         written.append(str(path))
     return written
 
