@@ -235,6 +235,10 @@ def test_cli_generate_image(captioner, capsys):
                     SamplingParams(max_new_tokens=3, temperature=0.0, ignore_eos=True),
                     images=load_images(model, str(png)))[0]
     assert out == tok.decode(want) + "\n"
+    # --chat: the captioner's template puts the image and the text where training put them
+    assert main(["generate", "--model", str(run), "--image", str(png), "--prompt", PROMPT, "--max-new-tokens", "3",
+                 "--no-fast", "--ignore-eos", "--chat"]) == 0
+    assert capsys.readouterr().out == out
     with pytest.raises(SystemExit):
         main(["generate", "--model", str(run), "--image", str(run / "missing.png"), "--prompt", "x", "--no-fast"])
     assert "missing.png: image file not found" in capsys.readouterr().err
@@ -391,6 +395,38 @@ def test_tokens_fusion_matches_llava():
         model(ids[:, 1:], pixel_values=kw["pixel_values"], aspect_ratio_ids=kw["aspect_ratio_ids"])
     with pytest.raises(ValueError, match="fusion='cross_attention'"):
         model(ids, cross_attention_mask=torch.ones(2, ids.shape[1], 1, 1), **kw)
+
+
+def test_tokens_fusion_in_the_server_engine():
+    """The engine writes the image states at prefill and decodes the rest as text: its greedy tokens
+    are generate's, for an image request beside a text-only one."""
+    import threading
+
+    from evolm.infer import SamplingParams, generate
+    from evolm.infer.vision import load_images
+    from evolm.serve.scheduler import DoneEvent, Engine, GenRequest
+    from evolm.tokenizer import train_bpe
+
+    tok = train_bpe(iter(["a handwritten digit seven"] * 10), vocab_size=258)
+    model = tokens_model()
+    images = load_images(model, np.random.default_rng(1).integers(0, 256, (8, 8), dtype=np.uint8))
+    prompt = [model.config.vision.image_token_id] * 17 + [1, 40, 41]
+    params = SamplingParams(max_new_tokens=5, temperature=0.0, ignore_eos=True)
+    want = generate(model, [prompt], params, images=images)[0]
+    engine = Engine(model, tok, max_batch=2, max_len=64).start()
+    try:
+        got, done = {}, {0: threading.Event(), 1: threading.Event()}
+
+        def deliver(ev):
+            got.setdefault(ev.index, []).append(getattr(ev, "token_id", None))
+            if isinstance(ev, DoneEvent):
+                done[ev.index].set()
+        engine.submit(GenRequest(prompt, params, deliver, index=0, image=images))
+        engine.submit(GenRequest([1, 40, 41], params, deliver, index=1))
+        assert done[0].wait(60) and done[1].wait(60)
+    finally:
+        engine.stop()
+    assert [t for t in got[0] if t is not None] == want
 
 
 def test_tokens_fusion_config_errors():

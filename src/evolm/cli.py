@@ -212,23 +212,27 @@ def cmd_generate(args) -> None:
     from evolm.quant import KernelPolicy
 
     model, tok, options = _load_for_generation(args)
-    pixels = None
+    images = None
     if args.image:  # a vision model: the image's placeholders open the prompt (evolm.infer.vision)
         from evolm.infer.vision import image_prefix, load_images
 
-        pixels = load_images(model, args.image)
+        images = load_images(model, args.image)
     if args.chat:
         if not getattr(tok, "chat_template", None):
             _fail(f"{args.model}: the tokenizer has no chat template; drop --chat")
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
         content = [{"type": "image"}, {"type": "text", "text": args.prompt}] if args.image else args.prompt
         ids = chat_prompt_ids(tok, messages + [{"role": "user", "content": content}])
+        if args.image:  # the template writes one <|image|>; LLaVA-style fusion takes one per image state
+            from evolm.infer.vision import expand_image_tokens
+
+            ids = expand_image_tokens(model, ids)
     elif args.image:
         ids = image_prefix(model, tok) + tok.encode(args.prompt, add_special_tokens=False)
     else:
         ids = tok.encode(args.prompt)
     for piece in stream(model, tok, ids, _sampling(args), compile=options.compile,
-                            policy=options.policy, images=pixels):
+                            policy=options.policy, images=images):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")

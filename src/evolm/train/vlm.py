@@ -35,9 +35,9 @@ from typing import Any, Callable
 
 import torch
 
+from evolm.infer.vision import image_inputs, take_images
 from evolm.train.config import LoopConfig, LoopSettings, LRShape, OptimConfig, Phase, values_of
 from evolm.train.loop import Runtime, run, seed_all
-from evolm.infer.vision import image_inputs, take_images
 from evolm.train.recipe import ModelSpec, RecipeError, TokenizerSpec, _build
 
 IGNORE = -100
@@ -148,17 +148,12 @@ def caption_tokenizer(recipe: VlmRecipe, texts: list[str]):
 
 def build_vlm(recipe: VlmRecipe, tokenizer):
     """The model of ``model.preset``/``config`` with ``overrides`` (``vocab_size: tokenizer``; the
-    image token is the tokenizer's ``<|image|>``), or the one in ``model.init``."""
+    image token is the tokenizer's ``<|image|>`` unless ``vision.image_token_id`` says otherwise)."""
     from evolm.config import ModelConfig
-    from evolm.loading import load, load_config
+    from evolm.loading import load_config
     from evolm.model import build
 
     m = recipe.model
-    if m.init is not None:
-        model, _ = load(m.init)
-        if m.overrides:
-            raise RecipeError(f"{recipe.source}: model: overrides apply to a preset or config, not to 'init'")
-        return model.float()
     config = load_config(m.preset if m.preset is not None else m.config)
     overrides = dict(m.overrides)
     if overrides.get("vocab_size") == "tokenizer":
@@ -397,9 +392,11 @@ def run_vlm(recipe: VlmRecipe, out_dir: str | None = None, resume: bool = False,
     if t.threads:
         torch.set_num_threads(t.threads)
     seed_all(recipe.seed)
-    if recipe.model.init is not None:
+    if recipe.model.init is not None:  # the previous stage's run folder (model + tokenizer)
         from evolm.loading import load
 
+        if recipe.model.overrides:
+            raise RecipeError(f"{recipe.source}: model: overrides apply to a preset or config, not to 'init'")
         model, tokenizer = load(recipe.model.init, need_tokenizer=True)
         model = model.float()
         if model.config.vision is None:
