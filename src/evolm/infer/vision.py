@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 
 from evolm.images import ImageError, load_image
@@ -33,7 +32,8 @@ def vision_config(model):
 
 
 def fusion(model) -> str:
-    return getattr(vision_config(model), "fusion", "cross_attention")
+    """``cross_attention`` or ``tokens`` (``vision.fusion``)."""
+    return vision_config(model).fusion
 
 
 def image_token_count(model) -> int:
@@ -68,7 +68,7 @@ def load_images(model, images: Any) -> dict[str, Any]:
     from evolm.images import image_inputs as preprocess
 
     rows = list(images) if isinstance(images, (list, tuple)) else [images]
-    return preprocess([load_image(x) if not isinstance(x, np.ndarray) else x for x in rows], vision_config(model))
+    return preprocess([load_image(x) for x in rows], vision_config(model))
 
 
 def take_images(images: dict[str, Any], rows: list[int]) -> dict[str, Any]:
