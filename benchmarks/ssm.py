@@ -10,8 +10,8 @@ times, and reported as median and spread (the machine may be shared):
 
 - prefill tokens/s of a ``--prompt-len`` prompt (one forward with a cache);
 - decode tokens/s of ``--new`` greedy tokens (each library's own generate), excluding the first;
-- decode seconds per token at each context of ``--contexts``: the prompt is read into the cache,
-  then ``--steps`` single tokens are timed (median and spread over the steps; each context once). A Mamba layer's state has the same size at any length,
+- decode seconds per token at each context of ``--contexts``: each context is read into its own
+  cache, then ``--steps`` single-token steps go round the contexts (median and spread over the steps). A Mamba layer's state has the same size at any length,
   so the curve should be flat (an attention layer's step reads a cache that grows with it).
 
     python benchmarks/ssm.py [--preset mamba-130m] [--layers N] [--prompt-len 256] [--new 32]
@@ -88,17 +88,23 @@ def decode_rates(ours, hf, ids: torch.Tensor, new: int) -> dict[str, float]:
     return {"evolm": (ev(new) - ev(1)) / (new - 1), "transformers": (tf(new) - tf(1)) / (new - 1)}
 
 
-def decode_at_context(model, context: int, steps: int) -> list[float]:
-    """Seconds of each of ``steps`` decode steps after ``context`` tokens are in the cache."""
-    g = torch.Generator().manual_seed(context)
-    ids = torch.randint(3, model.config.vocab_size, (1, context), generator=g)
-    cache = KVCache.for_model(model, 1, context + steps + 1)
-    model(ids, cache=cache, last_only=True)
-    tok = ids[:, -1:]
-    times = []
-    for _ in range(steps + 1):
-        times.append(timed(lambda: model(tok, cache=cache, last_only=True)))
-    return times[1:]  # the first step after a long prefill can pay allocator work
+def decode_vs_context(model, contexts: list[int], steps: int) -> dict[int, list[float]]:
+    """Seconds of each of ``steps`` decode steps after ``n`` tokens are in the cache, for every ``n`` of
+    ``contexts``: every context is read into its own cache first, then the steps go round the
+    contexts, so that a change of the machine's load falls on all of them alike."""
+    caches, last = {}, {}
+    for n in contexts:
+        ids = torch.randint(3, model.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(n))
+        caches[n] = KVCache.for_model(model, 1, n + steps + 2)
+        model(ids, cache=caches[n], last_only=True)
+        last[n] = ids[:, -1:]
+    for n in contexts:  # one untimed step each: the first after a long prefill can pay allocator work
+        model(last[n], cache=caches[n], last_only=True)
+    times: dict[int, list[float]] = {n: [] for n in contexts}
+    for _ in range(steps):
+        for n in contexts:
+            times[n].append(timed(lambda: model(last[n], cache=caches[n], last_only=True)))
+    return times
 
 
 def plot(contexts: list[int], per_token: list[float], spreads: list[float], out: Path, title: str) -> Path:
@@ -148,8 +154,10 @@ def main() -> None:
     print(shape)
     ids = torch.randint(3, c.vocab_size, (1, a.prompt_len), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
-        logits_diff = (ours(ids[:, :64]) - hf(ids[:, :64]).logits).abs().max().item()
-        print(f"same weights: logits max |diff| over 64 tokens = {logits_diff:.2e}")
+        ref = hf(ids[:, :64]).logits
+        logits_diff = (ours(ids[:, :64]) - ref).abs().max().item()
+        print(f"same weights: logits max |diff| over 64 tokens = {logits_diff:.2e} "
+              f"(largest |logit| {ref.abs().max().item():.3g})")
         pre = {"evolm": [], "transformers": []}
         dec = {"evolm": [], "transformers": []}
         for _ in range(a.repeat):  # interleaved: both engines see the same load
@@ -166,8 +174,9 @@ def main() -> None:
             r = results[f"{name}_tok_s"]
             print(f"{name:8s} evolm / transformers: {r['evolm']['median'] / r['transformers']['median']:.2f}x")
         contexts = [int(x) for x in a.contexts.split(",")]
-        # each context once (its prefill dominates the run), the spread over its --steps decode steps
-        meds, spreads = zip(*(median_spread(decode_at_context(ours, n, a.steps)) for n in contexts))
+        # each context read once (its prefill dominates the run), the spread over its --steps decode steps
+        per_ctx = decode_vs_context(ours, contexts, a.steps)
+        meds, spreads = zip(*(median_spread(per_ctx[n]) for n in contexts))
         results["decode_s_per_token_at_context"] = {str(n): {"median": m, "spread": s} for n, m, s in
                                                     zip(contexts, meds, spreads)}
         for n, m, s in zip(contexts, meds, spreads):

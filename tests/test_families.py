@@ -132,4 +132,4 @@ def test_gguf_architectures_belong_to_one_family_each():
     archs = [a for f in FAMILIES.values() for a in f.gguf_archs]
     assert len(archs) == len(set(archs)) == len(GGUF_FAMILIES)
     assert set(GGUF_FAMILIES) == {"llama", "mistral", "qwen2", "qwen3", "qwen3moe", "gemma2", "gemma3", "olmo2",
-                                  "deepseek2", "gpt2", "falcon"}
+                                  "deepseek2", "gpt2", "falcon", "mamba"}

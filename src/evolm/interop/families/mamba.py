@@ -7,7 +7,9 @@ sizes ``state_size``, ``conv_kernel``, ``expand``, ``time_step_rank``; ``use_con
 checkpoints keep the mixer under ``backbone.layers.i.mixer`` and its norm as ``norm``; the first
 converted checkpoints spelt the embedding ``embedding`` (transformers renames it on load, so do we).
 The initialisation keys (``time_step_min`` ...) and ``residual_in_fp32`` (a precision choice of the
-reference kernels) do not change the model a checkpoint describes; they are not read.
+reference kernels) do not change the model a checkpoint describes; they are not read. GGUF: llama.cpp's
+``mamba`` (sizes under ``mamba.ssm.*``; ``interop/gguf.py`` undoes the converter's ``ssm_a = -exp(A_log)``
+and squeezed convolution filters, ``gguf_export.py`` applies them).
 """
 
 from __future__ import annotations
@@ -87,6 +89,22 @@ def weights_to_hf(fam: Family, sd: dict[str, torch.Tensor], config: ModelConfig,
     return out
 
 
+def gguf_from_metadata(get, meta: dict, names: set, c: dict) -> None:
+    """llama.cpp's ``mamba``: the mixer's sizes under ``ssm.*`` (``inner_size`` = expand * d_model), a
+    bias on the convolution where the file has one; no heads, no MLP, no positions."""
+    d, inner = c["d_model"], get("ssm.inner_size", kind=int)
+    if inner % d:
+        raise err(f"mamba.ssm.inner_size={inner} is not a multiple of embedding_length={d} (Mamba's expand)")
+    if get("ssm.dt_b_c_rms", False):
+        raise err("mamba.ssm.dt_b_c_rms=true (Falcon-Mamba's norms on dt, B, C) is not supported")
+    c.update(attention="mamba", mlp="none", pos_emb="none", n_heads=1, n_kv_heads=None, d_ff=None,
+             mamba_d_state=get("ssm.state_size", kind=int), mamba_d_conv=get("ssm.conv_kernel", kind=int),
+             mamba_expand=inner // d, mamba_dt_rank=get("ssm.time_step_rank", kind=int),
+             mamba_conv_bias="blk.0.ssm_conv1d.bias" in names, mamba_proj_bias="blk.0.ssm_in.bias" in names)
+    c.pop("head_dim", None)
+    c.pop("rotary_pct", None)
+
+
 MAMBA = Family(
     model_type="mamba", architecture="MambaForCausalLM",
     defaults=dict(vocab_size=50280, hidden_size=768, state_size=16, num_hidden_layers=32, layer_norm_epsilon=1e-5,
@@ -95,4 +113,5 @@ MAMBA = Family(
     attention="mamba",
     read_config=config_from_hf, write_config=config_to_hf, check=blockers,
     weight_anchor="norm_f.weight", top_weights=TOP, layer_from_hf=layer_from_hf, weights_to_hf=weights_to_hf,
+    gguf_archs=("mamba",), gguf_from_metadata=gguf_from_metadata,
 )
