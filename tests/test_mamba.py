@@ -299,3 +299,25 @@ def test_server_engine_decodes_as_generate():
     finally:
         engine.stop()
     assert [tokens[i] for i in range(len(prompts))] == ref
+
+
+def test_compiled_decoding_caches_hold_the_states():
+    """What generate(compile=True) does, run eagerly: a compiled prefill's collector (PrefillKV) hands
+    the states to a StaticKVCache, whose static mode then updates them in place (no Python-side store
+    in the compiled step); the logits are the full forward's."""
+    from evolm.cache import PrefillKV, StaticKVCache
+
+    _, model = _pair()
+    ids = torch.randint(3, V, (2, 12))
+    with torch.no_grad():
+        full = model(ids)
+        collected = PrefillKV()
+        outs = [model(ids[:, :6], cache=collected)]
+        cache = StaticKVCache.for_model(model, 2, 32)
+        cache.store_prefill(collected, 6, None)
+        cache.start_static()
+        held = [t.data_ptr() for s in cache._states.values() for t in s]
+        for t in range(6, 12):
+            outs.append(model(ids[:, t:t + 1], position_ids=torch.full((2, 1), t), cache=cache))
+    torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-5, rtol=1e-5)
+    assert held == [t.data_ptr() for s in cache._states.values() for t in s]
