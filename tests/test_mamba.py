@@ -330,3 +330,13 @@ def test_compiled_decoding_caches_hold_the_states():
             outs.append(model(ids[:, t:t + 1], position_ids=torch.full((2, 1), t), cache=cache))
     torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-5, rtol=1e-5)
     assert held == [t.data_ptr() for s in cache._states.values() for t in s]
+
+
+def test_bad_hf_config_values_name_the_key():
+    hc = transformers.MambaConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2).to_dict()
+    with pytest.raises(ConfigError, match="state_size is 0"):
+        config_from_hf({**hc, "state_size": 0})
+    with pytest.raises(ConfigError, match="time_step_rank"):
+        config_from_hf({**hc, "time_step_rank": "big"})
+    with pytest.raises(ConfigError, match="hidden_act='gelu'"):
+        config_from_hf({**hc, "hidden_act": "gelu"})
