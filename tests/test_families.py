@@ -86,6 +86,10 @@ TINY: dict[str, dict] = {
                            intermediate_size=48, vision_output_dim=96, image_size=16, patch_size=4, max_num_tiles=2,
                            intermediate_layers_indices=[0, 2], supported_aspect_ratios=[[1, 1], [1, 2], [2, 1]]),
         image_token_index=V),
+    # odd sizes, both kinds of bias, an untied head
+    "mamba": dict(vocab_size=V, hidden_size=48, num_hidden_layers=2, state_size=8, conv_kernel=3, expand=3,
+                  time_step_rank=5, use_bias=True, use_conv_bias=False, tie_word_embeddings=False,
+                  initializer_range=0.1),
 }
 
 
@@ -128,4 +132,4 @@ def test_gguf_architectures_belong_to_one_family_each():
     archs = [a for f in FAMILIES.values() for a in f.gguf_archs]
     assert len(archs) == len(set(archs)) == len(GGUF_FAMILIES)
     assert set(GGUF_FAMILIES) == {"llama", "mistral", "qwen2", "qwen3", "qwen3moe", "gemma2", "gemma3", "olmo2",
-                                  "deepseek2", "gpt2", "falcon"}
+                                  "deepseek2", "gpt2", "falcon", "mamba"}

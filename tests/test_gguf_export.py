@@ -112,6 +112,9 @@ def _config(name: str):
         # transformers' GGUF loader takes GPT-2's position count and Qwen3-MoE's expert width from defaults
         "gpt2-hf": dataclasses.replace(get_preset("tiny-gpt2"), max_seq_len=1024),
         "qwen3moe-hf": dataclasses.replace(get_preset("tiny-qwen3-moe"), moe_d_ff=768),
+        # Mamba's selective state space (llama.cpp's mamba: ssm_a = -exp(A_log), squeezed conv filters)
+        "mamba": dataclasses.replace(get_preset("mamba-130m"), vocab_size=512, d_model=64, n_layers=2, mamba_d_state=8,
+                                     mamba_dt_rank=4, max_seq_len=256),
     }[name]
 
 
@@ -141,7 +144,7 @@ IDS = torch.randint(0, 320, (2, 40), generator=torch.Generator().manual_seed(0))
 # evolm -> GGUF -> evolm
 # ----------------------------------------------------------------------------------------------
 FAMILIES = ["llama", "qwen2", "qwen3", "gemma3", "gemma2", "olmo2", "gpt2", "mixtral", "qwen3moe", "deepseek3",
-            "deepseek2", "falcon", "falcon-7b"]
+            "deepseek2", "falcon", "falcon-7b", "mamba"]
 
 
 @pytest.mark.parametrize("name", FAMILIES)

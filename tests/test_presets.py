@@ -23,6 +23,7 @@ PUBLISHED = [
     "qwen3-4b", "qwen3-8b", "qwen3-14b", "qwen3-32b", "qwen3-30b-a3b", "deepseek-v2-lite",
     "deepseek-v3", "smollm2-135m", "smollm2-360m", "smollm2-1.7b", "llama-4-scout", "llama-4-maverick",
     "bert-base", "bert-large", "roberta-base", "roberta-large", "modernbert-base", "modernbert-large",
+    "mamba-130m", "mamba-370m", "mamba-790m", "mamba-1.4b", "mamba-2.8b",
 ]
 # published without a Hugging Face checkpoint (PaLM) or with counts the model cards only round (Falcon)
 PAPER_ONLY = ["palm-8b", "palm-62b", "palm-540b"]

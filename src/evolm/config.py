@@ -26,17 +26,20 @@ class ConfigError(ValueError):
 NORMS = ("layernorm", "rmsnorm")
 NORM_PLACEMENTS = ("pre", "post", "sandwich", "olmo2", "parallel", "parallel2")
 POSITIONS = ("learned", "rope", "relative", "none")
-ATTENTIONS = ("mha", "mla")
+ATTENTIONS = ("mha", "mla", "mamba")
+# mixers that keep a recurrent state instead of keys/values (cache/state.py); their "mask" is which
+# new tokens are real (nn/masks.plan_masks)
+RECURRENT_MIXERS = ("mamba",)
 MASKS = ("causal", "bidirectional", "prefix")
 QK_NORMS = (None, "head", "full", "l2")
-MLP_TYPES = ("mlp", "glu")
+MLP_TYPES = ("mlp", "glu", "none")
 ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu")
 ROUTERS = ("softmax", "sigmoid")
 MOE_LOSS_GROUPS = ("layer", "sequence")
 ROPE_SCALINGS = ("linear", "llama3", "yarn")
 HEADS = ("lm", "classify", "token_classify", "embed")
 POOLINGS = ("cls", "mean")
-DERIVED = ("n_kv_heads", "head_dim", "d_ff", "moe_d_ff")
+DERIVED = ("n_kv_heads", "head_dim", "d_ff", "moe_d_ff", "mamba_dt_rank")
 # Structural caps, far above any published model (the deepest has ~130 layers, the widest MoE ~400
 # experts): a config file past them is damaged, and building it would make millions of modules
 # before any weight is read. Memory caps depend on the machine and live where models are built
@@ -210,7 +213,8 @@ class ModelConfig:
     relative_attention_num_buckets: int = 32
     relative_attention_max_distance: int = 128
     # --- attention (nn/attention.py, nn/mla.py) -----------------------------------------
-    attention: str = "mha"  # "mha" (covers MHA/GQA/MQA via n_kv_heads) | "mla"
+    # the mixer: "mha" (covers MHA/GQA/MQA via n_kv_heads) | "mla" | "mamba" (a selective state space, nn/mamba.py)
+    attention: str = "mha"
     qkv_bias: bool = False
     o_bias: bool = False
     # None | "head" (Qwen3, Gemma 3) | "full" (OLMo 2) | "l2" (Llama 4: per head, no learned scale,
@@ -244,8 +248,17 @@ class ModelConfig:
     qk_nope_head_dim: int = 128
     qk_rope_head_dim: int = 64
     v_head_dim: int = 128
+    # --- selective state space (nn/mamba.py; Mamba, Gu & Dao 2023, arXiv:2312.00752) -----
+    # names as in transformers' Jamba config; Mamba's state_size / conv_kernel / expand / time_step_rank
+    mamba_d_state: int = 16  # N: state size per channel
+    mamba_d_conv: int = 4  # width of the causal depthwise convolution
+    mamba_expand: int = 2  # inner width = expand * d_model
+    mamba_dt_rank: int | None = None  # rank of the step-size projection; None -> ceil(d_model / 16)
+    mamba_conv_bias: bool = True
+    mamba_proj_bias: bool = False  # biases on in_proj / out_proj
     # --- MLP (nn/mlp.py) ----------------------------------------------------------------
-    mlp: str = "mlp"  # "mlp" (up -> act -> down) | "glu" (act(gate) * up -> down)
+    # "mlp" (up -> act -> down) | "glu" (act(gate) * up -> down) | "none" (a mixer-only block: Mamba)
+    mlp: str = "mlp"
     activation: str = "gelu_tanh"  # GELU tanh (GPT-2); "silu" + glu = SwiGLU; "gelu_tanh" + glu = GeGLU
     mlp_bias: bool = True
     # --- mixture of experts (nn/moe.py) -------------------------------------------------
@@ -328,6 +341,8 @@ class ModelConfig:
             self.d_ff = 4 * self.d_model
         if self.moe_d_ff is None:
             self.moe_d_ff = self.d_ff
+        if self.mamba_dt_rank is None and isinstance(self.d_model, int):
+            self.mamba_dt_rank = -(-self.d_model // 16)
         self.nope_layers = tuple(self.nope_layers)
         self.validate()
 
@@ -380,6 +395,7 @@ class ModelConfig:
         choice("moe_loss_groups", MOE_LOSS_GROUPS)
         self._validate_seq2seq(need)
         self._validate_vision(need)
+        self._validate_mamba(need)
         choice("head", HEADS)
         choice("pooling", POOLINGS)
         if self.head_activation is not None:
@@ -479,6 +495,21 @@ class ModelConfig:
             need(self.n_shared_experts == 0, "n_shared_experts", "needs n_experts > 0")
             need(not self.router_bias, "router_bias", "needs n_experts > 0")
 
+    def _validate_mamba(self, need) -> None:
+        """The selective-state-space fields (attention='mamba')."""
+        if not any(self.layer_is_recurrent(i) for i in range(self.n_layers)):
+            need(self.mlp != "none", "mlp", "'none' (a mixer-only block) is for state-space mixers (attention='mamba')")
+            return
+        for f in ("mamba_d_state", "mamba_d_conv", "mamba_expand", "mamba_dt_rank"):
+            v = getattr(self, f)
+            need(v > 0, f, f"must be a positive integer, got {v!r}")
+        need(self.mask == "causal", "mask",
+             f"is {self.mask!r}; a state-space mixer (attention={self.attention!r}) scans left to right: 'causal' only")
+        need(self.encoder_layers == 0, "encoder_layers", f"must be 0 with attention={self.attention!r}")
+        need(self.pos_emb != "relative", "pos_emb", f"'relative' biases attention scores; attention={self.attention!r} has none")
+        need(self.mtp_depth == 0, "mtp_depth", f"is not supported with attention={self.attention!r}")
+        need(self.n_experts == 0 or self.mlp != "none", "mlp", "'none' leaves no place for the experts (n_experts > 0)")
+
     def _validate_seq2seq(self, need) -> None:
         """The encoder-decoder and relative-position fields (T5, BART, Switch)."""
         need(self.encoder_layers >= 0, "encoder_layers", f"must be >= 0, got {self.encoder_layers}")
@@ -566,6 +597,14 @@ class ModelConfig:
     def layer_temperature_tuned(self, i: int) -> bool:
         """Whether layer i scales its queries by position (Llama 4: the NoPE layers)."""
         return self.attn_temperature_tuning and not self.layer_uses_rope(i)
+
+    def layer_mixer(self, i: int) -> str:
+        """Layer i's mixer kind (nn/block.py's MIXERS)."""
+        return self.attention
+
+    def layer_is_recurrent(self, i: int) -> bool:
+        """Layer i keeps a recurrent state, not keys/values (cache/state.py)."""
+        return self.layer_mixer(i) in RECURRENT_MIXERS
 
     def layer_uses_rope(self, i: int) -> bool:
         return self.pos_emb == "rope" and i not in self.nope_layers

@@ -135,6 +135,9 @@ class Transformer(nn.Module):
                     nn.init.ones_(m.weight)
                 if getattr(m, "bias", None) is not None:
                     nn.init.zeros_(m.bias)
+        for m in self.modules():  # a state-space mixer's own initialisation (nn/mamba.py), after its Linears'
+            if hasattr(m, "reset_ssm_parameters"):
+                m.reset_ssm_parameters()
 
     # ------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
@@ -210,7 +213,8 @@ class Transformer(nn.Module):
             x = self.place_image_states(x, input_ids, image_states)
         ropes = self.rope_tables(position_ids, x.dtype)
         kind = mask_kind or self.config.mask
-        masks = plan_masks(self.config, cache, MaskInputs(start, T, key_valid, doc_ids, kind, prefix_len),
+        token_valid = attention_mask.bool() if attention_mask is not None else None
+        masks = plan_masks(self.config, cache, MaskInputs(start, T, key_valid, doc_ids, kind, prefix_len, token_valid),
                            input_ids.device)
         if self.rel_pos is not None:
             masks = self.rel_pos.fold_into(masks, start, T, x.dtype)

@@ -13,8 +13,8 @@ Parameters
     total, 12.9B active).
     ``params_non_embedding``: total minus the token and position embeddings and an untied LM
     head (the Gemma 3 and Qwen3 reports' "non-embedding" figure).
-    ``params_by_part``: embeddings (token + learned positions + token types), attention (projections
-    and their biases), mlp (dense MLPs), experts (all routed experts), shared_experts, router, norms
+    ``params_by_part``: embeddings (token + learned positions + token types), attention (each block's
+    mixer: attention projections and their biases, or a state-space layer's parameters), mlp (dense MLPs), experts (all routed experts), shared_experts, router, norms
     (every norm weight, including QK-norms, MLA's latent norms and an encoder's embedding norm),
     lm_head (0 when tied), head (an encoder's task head: BERT's transform and decoder bias, pooler,
     classifier; ``nn/heads.py``). The parts sum to ``params_total``.
@@ -45,6 +45,17 @@ FLOPs per token (multiply-add = 2 FLOPs)
     (Chowdhery et al. 2022, arXiv:2204.02311, Appendix B), whose training total is
     ``6N + 12 * n_layers * n_heads * head_dim * T``. Local layers use ``min(T, window)``.
     ``forward_flops_per_token`` = 2N + attention forward; ``flops_per_token`` (training) = 3x that.
+
+State-space layers (Mamba, ``attention="mamba"``; Gu & Dao 2023, arXiv:2312.00752)
+    A recurrent layer caches no keys/values: it holds a state of fixed size per sequence, the last
+    ``d_conv - 1`` convolution inputs (``bytes_per_value`` each) and the ``(d_inner, d_state)`` SSM
+    state (float32, as ``nn/mamba.py`` keeps it): ``state_bytes_per_sequence``, the same at any
+    context. Its weights (projections, convolution taps) count in N like any others, except ``A_log``
+    and ``D``, which enter elementwise: the scan's own forward FLOPs per token and layer are
+    ``7 * d_inner * d_state`` (``exp(dt A)``: 2; ``dt u B``: 1; the state update: 2; the read-out
+    ``C . h``: 2) plus ``4 * d_inner`` (skip, SiLU gate), and do not depend on the context length,
+    where attention's grow with it. They are reported under ``attention_flops_per_token`` (the
+    mixer's context FLOPs), so the training total stays ``6N + 3 * mixer forward``.
 
 Encoder-decoders (T5, BART, Switch: ``encoder_layers > 0``)
     The encoder's parameters join the parts (its token embedding is the decoder's, counted once;
@@ -118,6 +129,31 @@ def _attention_size(c: ModelConfig) -> tuple[int, int]:
 
 
 _BLOCK_NORMS = {"pre": 2, "post": 2, "sandwich": 4, "olmo2": 2, "parallel": 1, "parallel2": 2}
+_MIXER_ONLY_NORMS = {"pre": 1, "post": 1, "sandwich": 2, "olmo2": 1, "parallel": 1, "parallel2": 1}  # mlp="none"
+
+
+def ssm_size(c: ModelConfig) -> int:
+    """Parameters of one Mamba mixer (nn/mamba.py): in/out projections, the depthwise convolution,
+    the dt/B/C projection, dt's up-projection with its bias, ``A_log`` and ``D``."""
+    d, di, N, R = c.d_model, c.mamba_expand * c.d_model, c.mamba_d_state, c.mamba_dt_rank
+    proj = 2 * d * di + di * d + (2 * di + d if c.mamba_proj_bias else 0)
+    conv = di * c.mamba_d_conv + (di if c.mamba_conv_bias else 0)
+    return proj + conv + di * (R + 2 * N) + R * di + di + di * N + di
+
+
+def ssm_state_bytes(c: ModelConfig, bytes_per_value: int = 2, batch: int = 1) -> int:
+    """Bytes of the recurrent states of ``batch`` sequences, whatever their length: per state-space
+    layer the last ``d_conv - 1`` convolution inputs and the float32 ``(d_inner, d_state)`` state."""
+    di = c.mamba_expand * c.d_model
+    per_layer = di * (c.mamba_d_conv - 1) * bytes_per_value + di * c.mamba_d_state * 4
+    return batch * per_layer * sum(c.layer_is_recurrent(i) for i in range(c.n_layers))
+
+
+def ssm_forward_flops(c: ModelConfig) -> int:
+    """Forward FLOPs per token of the selective scans (besides their weights' 2N), over all layers:
+    the same at any context length."""
+    di = c.mamba_expand * c.d_model
+    return sum(c.layer_is_recurrent(i) for i in range(c.n_layers)) * (7 * di * c.mamba_d_state + 4 * di)
 
 
 def param_counts(c: ModelConfig) -> dict[str, int]:
@@ -130,9 +166,14 @@ def param_counts(c: ModelConfig) -> dict[str, int]:
     attn, attn_norms = _attention_size(c)
     expert = (3 if c.mlp == "glu" else 2) * d * c.moe_d_ff  # one routed expert (no biases)
     for i in range(c.n_layers):
-        parts["attention"] += attn
-        parts["norms"] += attn_norms + _BLOCK_NORMS[c.norm_placement] * _norm_size(c, d)
-        if c.layer_is_moe(i):
+        recurrent = c.layer_is_recurrent(i)
+        parts["attention"] += ssm_size(c) if recurrent else attn
+        mixer_only = c.mlp == "none" and not c.layer_is_moe(i)
+        parts["norms"] += (0 if recurrent else attn_norms) + \
+            (_MIXER_ONLY_NORMS if mixer_only else _BLOCK_NORMS)[c.norm_placement] * _norm_size(c, d)
+        if mixer_only:
+            pass
+        elif c.layer_is_moe(i):
             parts["router"] += c.n_experts * d
             parts["experts"] += c.n_experts * expert
             if c.n_shared_experts:
@@ -239,6 +280,8 @@ def kv_cache_bytes(c: ModelConfig, context_len: int, bytes_per_value: int = 2, b
     for i in range(c.n_layers):
         if c.layer_is_cross(i):  # an image layer holds the image's keys/values, not the tokens'
             continue
+        if c.layer_is_recurrent(i):
+            continue  # a state of fixed size instead (ssm_state_bytes)
         window = c.layer_kv_span(i)
         tokens += context_len if window is None else min(context_len, window)
     return batch * per_layer * tokens
@@ -259,6 +302,8 @@ def attention_forward_flops(c: ModelConfig, context_len: int) -> int:
         d_qk = d_v = c.head_dim
     total = 0
     for i in range(c.n_layers):
+        if c.layer_is_recurrent(i):
+            continue  # no scores: ssm_forward_flops
         window = c.layer_kv_span(i)  # a chunked layer: at most its chunk (the last token of one)
         t = context_len if window is None else min(context_len, window)
         if c.layer_is_cross(i):  # an image layer attends over one image's states
@@ -297,11 +342,11 @@ def cost_card(config: ModelConfig | str, context_len: int | None = None,
     non_embedding = total - parts["embeddings"] - parts["lm_head"]
     # weights a token multiplies: active minus the embedding lookup, plus a tied head's matmul
     tied = c.tie_embeddings and c.head == "lm"
-    n_compute = active - parts["embeddings"] + (c.vocab_size * c.d_model if tied else 0)
+    n_compute = active - parts["embeddings"] + (c.vocab_size * c.d_model if tied else 0) - _elementwise_ssm(c)
     # the image side runs once per image, not per token; so do the image layers' key/value projections
     n_compute -= parts["vision"] + cross_layers(c) * 2 * c.d_model * c.n_kv_heads * c.head_dim
     vision_flops = vision_flops_per_image(c)
-    attn_fwd = attention_forward_flops(c, T)
+    attn_fwd = attention_forward_flops(c, T) + ssm_forward_flops(c)
     kv_at = kv_cache_bytes(c, T, bytes_per_value)
     return {
         "name": c.name,
@@ -311,10 +356,11 @@ def cost_card(config: ModelConfig | str, context_len: int | None = None,
         "params_non_embedding": non_embedding,
         "params_by_part": parts,
         "kv_cache_bytes_per_token": kv_at / T,
-        "kv_cache_bytes_per_token_uncapped": kv_values_per_token(c) * bytes_per_value * (c.n_layers - cross_layers(c)),
+        "kv_cache_bytes_per_token_uncapped": kv_values_per_token(c) * bytes_per_value * _n_attention_layers(c),
         "kv_cache_bytes_at_context": kv_at,
         "kv_bytes_per_value": bytes_per_value,
         "cross_kv_cache_bytes_at_context": cross_kv_cache_bytes(c, T, bytes_per_value),
+        "state_bytes_per_sequence": ssm_state_bytes(c, bytes_per_value),
         "flops_per_token": 6 * n_compute + 3 * attn_fwd,
         "forward_flops_per_token": 2 * n_compute + attn_fwd,
         "attention_flops_per_token": 3 * attn_fwd,
@@ -324,6 +370,18 @@ def cost_card(config: ModelConfig | str, context_len: int | None = None,
         "vision_flops_per_image": sum(vision_flops.values()),
         "vision_flops_by_part": vision_flops,
     }
+
+
+def _n_attention_layers(c: ModelConfig) -> int:
+    """Layers that cache each token's keys/values (not an image layer, not a recurrent one)."""
+    return sum(not c.layer_is_recurrent(i) and not c.layer_is_cross(i) for i in range(c.n_layers))
+
+
+def _elementwise_ssm(c: ModelConfig) -> int:
+    """``A_log`` and ``D`` of every state-space layer: parameters a token does not multiply as a
+    matrix (their FLOPs are in :func:`ssm_forward_flops`)."""
+    di = c.mamba_expand * c.d_model
+    return sum(c.layer_is_recurrent(i) for i in range(c.n_layers)) * (di * c.mamba_d_state + di)
 
 
 def _as_config(config: ModelConfig | str) -> ModelConfig:
@@ -391,6 +449,7 @@ _ROWS = (  # (label, getter, formatter)
     ("KV cache / token (at context)", lambda k: k["kv_cache_bytes_per_token"], human_bytes),
     ("KV cache at context (batch 1)", lambda k: k["kv_cache_bytes_at_context"], human_bytes),
     ("cross-attention KV at context", lambda k: k["cross_kv_cache_bytes_at_context"], human_bytes),
+    ("recurrent state / sequence", lambda k: k.get("state_bytes_per_sequence", 0), human_bytes),
     ("train FLOPs / token", lambda k: k["flops_per_token"], human_flops),
     ("  of which attention", lambda k: k["attention_flops_per_token"], human_flops),
     ("forward FLOPs / token", lambda k: k["forward_flops_per_token"], human_flops),
@@ -435,4 +494,5 @@ def diff_configs(a: ModelConfig | str, b: ModelConfig | str) -> list[tuple[str, 
 
 __all__ = ["cost_card", "format_card", "compare_table", "diff_configs", "param_counts",
            "kv_cache_bytes", "cross_kv_cache_bytes", "kv_values_per_token", "attention_forward_flops",
+           "ssm_size", "ssm_state_bytes", "ssm_forward_flops",
            "human_count", "human", "human_bytes", "human_flops"]

@@ -13,14 +13,18 @@ attention layer writes its new keys/values into the cache and attends over what 
   over keys).
 - Multi-head latent attention stores its compressed latent and shared rotary key instead of
   per-head keys and values (the point of MLA), through the same ``update`` call.
+- State-space layers (Mamba) store a recurrent state of fixed size instead (``state`` /
+  ``set_state``, ``cache/state.py``): memory per sequence independent of its length.
 """
 
 from __future__ import annotations
 
 import torch
 
+from evolm.cache.state import RecurrentStates, State, copy_state_
 
-class KVCache:
+
+class KVCache(RecurrentStates):
     """A cache for ``batch`` sequences of up to ``max_len`` tokens.
 
     ``windows[i]`` is layer i's sliding window or attention chunk (None for global layers; a chunked
@@ -42,6 +46,7 @@ class KVCache:
         self._k: dict[int, torch.Tensor] = {}
         self._v: dict[int, torch.Tensor] = {}
         self._ring_slots: dict[int, torch.Tensor] = {}  # window -> (window,) absolute slot held, -1 empty
+        self._init_states()  # recurrent layers' states (cache/state.py)
 
     @classmethod
     def for_model(cls, model, batch: int, max_len: int | None = None) -> "KVCache":
@@ -153,12 +158,15 @@ class KVCache:
         for store in (self._k, self._v):
             for layer, t in store.items():
                 store[layer] = t.index_select(0, index.to(t.device))
+        self._select_state_rows(index)
         if self.key_valid is not None:
             self.key_valid = self.key_valid.index_select(0, index.to(self.key_valid.device))
         self.batch = int(index.numel())
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self._k.values(), *self._v.values()))
+        """Bytes of the keys/values and recurrent states held."""
+        return sum(t.numel() * t.element_size() for t in (*self._k.values(), *self._v.values())) \
+            + self.state_nbytes()
 
 
 class StaticKVCache(KVCache):
@@ -230,6 +238,8 @@ class StaticKVCache(KVCache):
         self.reserve(n, attention_mask)
         for layer in sorted(collected.kv):
             self.update(layer, *collected.kv[layer])
+        for layer, state in collected.states.items():
+            self.set_state(layer, state)
         self.advance(n)
 
     def reserve(self, n_new: int, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -251,6 +261,14 @@ class StaticKVCache(KVCache):
         V.index_copy_(2, slots, v)
         return K, V
 
+    def set_state(self, layer: int, state: State) -> None:
+        """In static mode the new state is written into the held tensors (no Python-side store in
+        the compiled step)."""
+        if self.static and layer in self._states:
+            copy_state_(self._states[layer], state)
+        else:
+            super().set_state(layer, state)
+
 
 class PrefillKV:
     """Stands in for an empty cache during a compiled prefill: each layer's new keys/values are
@@ -269,6 +287,13 @@ class PrefillKV:
 
     def __init__(self):
         self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.states: dict[int, State] = {}  # recurrent layers' states after the prompt
+
+    def state(self, layer: int) -> None:
+        return None  # an empty cache: every recurrent layer starts from zeros
+
+    def set_state(self, layer: int, state: State) -> None:
+        self.states[layer] = state
 
     def reserve(self, n_new: int, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
         return attention_mask.bool() if attention_mask is not None else None

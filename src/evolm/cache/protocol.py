@@ -16,12 +16,16 @@ A forward call with a cache goes:
    the slots itself (``key_slots``), e.g. rows of different lengths decoded together. A cache in
    *static* mode (``static = True``, compiled decoding) builds each window's mask itself with
    ``mask(window, n_new)``, from a position held in a tensor.
-3. each attention layer calls ``update(layer, k, v)`` and attends over what it returns;
+3. each attention layer calls ``update(layer, k, v)`` and attends over what it returns; each
+   recurrent (state-space) layer reads ``state(layer)`` (None before its first call), runs its scan
+   from there and stores the result with ``set_state(layer, state)``;
 4. ``advance(n_new)``: the new tokens now occupy their slots.
 
 The split -- sequence bookkeeping (1, 2, 4) shared by all layers, storage (3) per layer -- is what
-lets the next cache kinds fit: a state-space layer's recurrent state (Mamba's conv and SSM states,
-O(1) per sequence) is per-layer storage under the same bookkeeping. An encoder-decoder's
+lets the cache kinds fit: a state-space layer's recurrent state (Mamba's conv and SSM states,
+``cache/state.py``) is per-layer storage of a fixed size under the same bookkeeping, so a
+sequence's memory in those layers does not grow with its length. Padding reaches a recurrent
+layer as the validity of its new tokens (``nn/masks.plan_masks``), not as key slots. An encoder-decoder's
 cross-attention keys/values are per-layer storage written once per request whose keys have their
 own (bidirectional) layout and no slots to advance: ``cache/cross.py``'s ``CrossCache``, passed to
 the decoder's forward next to this cache (``cross=``), not through it.
@@ -52,3 +56,7 @@ class Cache(Protocol):
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     def advance(self, n: int) -> None: ...
+
+    def state(self, layer: int) -> object | None: ...
+
+    def set_state(self, layer: int, state: object) -> None: ...

@@ -11,7 +11,7 @@ Loading is three steps:
 2. ``config_from_metadata``: map ``{arch}.*`` keys to a ``ModelConfig``: the keys every
    architecture shares here, the rest by the family registered for the architecture
    (``interop/families/``: llama / mistral / mixtral, qwen2, qwen3, qwen3moe, gemma2, gemma3,
-   olmo2, deepseek2, gpt2, falcon), which also fills in what llama.cpp hard-codes rather than stores (Gemma 3's
+   olmo2, deepseek2, gpt2, falcon, mamba), which also fills in what llama.cpp hard-codes rather than stores (Gemma 3's
    local RoPE base, its 5:1 local/global pattern, ...).
 3. ``load_gguf``: dequantize every tensor (``gguf.quants.dequantize``, with torch fast paths for
    the float and Q8_0 types), undo what llama.cpp's converter did to the Hugging Face weights,
@@ -21,6 +21,8 @@ Loading is three steps:
    * Gemma's RMSNorm weights are stored as ``1 + w``: we subtract one (our ``norm_unit_offset``
      stores ``w``, as Hugging Face does).
    * A file without ``output.weight`` ties the LM head to the embeddings.
+   * Mamba's ``ssm_a`` holds ``A = -exp(A_log)`` and ``ssm_conv1d`` squeezed filters: we take the
+     log back and restore the filters' axis.
 """
 
 from __future__ import annotations
@@ -361,12 +363,14 @@ def _config_from_metadata(meta: dict[str, Any], tensor_shapes: dict[str, tuple[i
         raise GGUFError(f"{path}: tensor 'token_embd.weight' has shape {tensor_shapes['token_embd.weight']}; "
                         f"expected (vocab, width)")
     vocab_size, d_model = tensor_shapes["token_embd.weight"]
-    n_heads = get("attention.head_count", kind=int)
+    ssm = fam.attention == "mamba"  # llama.cpp's mamba states 0 heads and no MLP (its family reads the rest)
+    n_heads = 1 if ssm else get("attention.head_count", kind=int)
     c: dict[str, Any] = dict(
         name=str(meta.get("general.name") or Path(path).stem)[:200],
         vocab_size=vocab_size, d_model=get("embedding_length", kind=int), n_layers=get("block_count", kind=int),
         n_heads=n_heads, n_kv_heads=get("attention.head_count_kv", n_heads, kind=int),
-        d_ff=get("feed_forward_length", None, kind=int), max_seq_len=get("context_length", 4096, kind=int),
+        d_ff=None if ssm else get("feed_forward_length", None, kind=int),
+        max_seq_len=get("context_length", 4096, kind=int),
         norm="rmsnorm", norm_eps=get("attention.layer_norm_rms_epsilon", 1e-5, kind=float), norm_bias=False,
         norm_placement=fam.norm_placement, qk_norm=fam.qk_norm,
         norm_unit_offset=fam.unit_offset_norms, embed_scale=fam.unit_offset_norms,
@@ -386,7 +390,7 @@ def _config_from_metadata(meta: dict[str, Any], tensor_shapes: dict[str, tuple[i
     head_dim = c.get("head_dim") or c["d_model"] // n_heads
     if rope_dim and not mla and rope_dim != head_dim:  # partial rotary
         c["rotary_pct"] = rope_dim / head_dim
-    if c["d_ff"] is None:  # an all-MoE model states only the expert width
+    if c["d_ff"] is None and not ssm:  # an all-MoE model states only the expert width
         c["d_ff"] = get("expert_feed_forward_length", kind=int)
     scaling = _rope_scaling(meta, arch, path)
     if scaling is not None:
@@ -427,7 +431,12 @@ _LAYER_NAMES = {
     "attn_q_a": "self_attn.q_a_proj", "attn_q_a_norm": "self_attn.q_a_layernorm",
     "attn_q_b": "self_attn.q_b_proj", "attn_kv_a_mqa": "self_attn.kv_a_proj_with_mqa",
     "attn_kv_a_norm": "self_attn.kv_a_layernorm", "attn_kv_b": "self_attn.kv_b_proj",
+    # Mamba (its A_log and D: ``_SSM_PARAMS``)
+    "ssm_in": "self_attn.in_proj", "ssm_conv1d": "self_attn.conv1d", "ssm_x": "self_attn.x_proj",
+    "ssm_dt": "self_attn.dt_proj", "ssm_out": "self_attn.out_proj",
 }
+# Mamba's two tensors named without a suffix: llama.cpp's converter stores A = -exp(A_log) as ``ssm_a``
+_SSM_PARAMS = {"ssm_a": "self_attn.A_log", "ssm_d": "self_attn.D"}
 _NORMS_BY_PLACEMENT = {  # GGUF norm tensor -> our norm module, per block wiring
     "pre": {"attn_norm": "attn_norm", "ffn_norm": "mlp_norm"},
     "sandwich": {"attn_norm": "attn_norm", "ffn_norm": "mlp_norm",
@@ -463,6 +472,8 @@ def _our_name(name: str, norms: dict[str, str], path: str, arch: str) -> tuple[s
         return "param", "pos_embed.weight"
     if parts[0] == "output_norm":
         return "param", f"norm.{parts[1]}"
+    if parts[0] == "blk" and len(parts) == 3 and parts[1].isdigit() and parts[2] in _SSM_PARAMS:
+        return "param", f"layers.{parts[1]}.{_SSM_PARAMS[parts[2]]}"
     if parts[0] != "blk" or len(parts) < 4:
         raise GGUFError(f"{path}: tensor {name!r} is not understood for architecture {arch!r}")
     if not parts[1].isdigit():
@@ -649,6 +660,7 @@ def _convert_tensor(f: GGUFFile, fam, name: str, dtype, norms, heads, sd, expert
     w = f.tensor(name)  # float32
     if fam.unit_offset_norms and name.endswith("norm.weight"):
         w = w - 1.0  # stored as (1 + w); subtracted in float32, as transformers does
+    w = _from_llama_cpp_ssm(name, w)
     w = w.to(dtype)  # one tensor at a time: peak memory stays near the final model's
     if where == "expert":
         i, kind, e = key
@@ -667,6 +679,16 @@ def _convert_tensor(f: GGUFFile, fam, name: str, dtype, norms, heads, sd, expert
             sd[key.format(part)] = chunk.contiguous()
         return
     sd[key] = rows(w) if rows else w
+
+
+def _from_llama_cpp_ssm(name: str, w: torch.Tensor) -> torch.Tensor:
+    """Undo what llama.cpp's converter does to Mamba's tensors: ``ssm_a`` holds ``A = -exp(A_log)``,
+    ``ssm_conv1d`` the depthwise filters without their singleton input-channel axis."""
+    if name.endswith(".ssm_a"):
+        return torch.log(-w)
+    if name.endswith(".ssm_conv1d.weight"):
+        return w.unsqueeze(1)
+    return w
 
 
 def _take_blocks(model, found: dict, sd: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, str]:

@@ -5,13 +5,14 @@ applies to a Hugging Face checkpoint:
 
 * hyper-parameters under ``{arch}.*`` (``general.architecture`` is llama.cpp's name for the
   family that expresses the config: ``llama`` (Mixtral's experts included), ``qwen2``, ``qwen3``,
-  ``qwen3moe``, ``gemma2``, ``gemma3``, ``olmo2``, ``deepseek2``, ``gpt2``, ``falcon``);
+  ``qwen3moe``, ``gemma2``, ``gemma3``, ``olmo2``, ``deepseek2``, ``gpt2``, ``falcon``, ``mamba``);
 * tensors renamed to llama.cpp's (``blk.{i}.attn_q.weight`` ...), Llama-architecture Q/K rows
   permuted for its interleaved RoPE, Gemma's RMSNorm weights stored as ``1 + w``, a Llama 3
   RoPE scaling written as the ``rope_freqs`` tensor of per-frequency divisors, experts as
   stacked ``ffn_{gate,up,down}_exps``, MLA's kv_b split into ``attn_k_b`` / ``attn_v_b`` (the
   absorbed form llama.cpp runs), GPT-2's and Falcon's q|k|v fused into ``attn_qkv`` (all q rows, all
-  k, all v: the layout llama.cpp's converter gives Falcon's per-group ``query_key_value``);
+  k, all v: the layout llama.cpp's converter gives Falcon's per-group ``query_key_value``), Mamba's
+  ``A_log`` stored as ``ssm_a = -exp(A_log)`` and its convolution filters squeezed to 2-D (kept float32);
 * the vocabulary under ``tokenizer.ggml.*`` (``gguf_vocab_export.py``).
 
 The file is written by the ``gguf`` package's ``GGUFWriter``; quantized types come from its
@@ -49,11 +50,11 @@ TYPES = {
 # llama.cpp's fallback when a k-quant's 256-weight super-blocks do not tile a row
 _K_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
 # tensors llama.cpp keeps in float32 whatever the file type (its converter and llama-quantize agree)
-_ALWAYS_F32 = ("ffn_gate_inp.weight", "position_embd.weight", "rope_freqs.weight")
+_ALWAYS_F32 = ("ffn_gate_inp.weight", "position_embd.weight", "rope_freqs.weight", "ssm_conv1d.weight")
 # the families llama.cpp runs that we write: transformers model_type -> llama.cpp architecture
 ARCHS = {"llama": "llama", "mixtral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3_moe": "qwen3moe",
          "gemma2": "gemma2", "gemma3_text": "gemma3", "olmo2": "olmo2", "deepseek_v2": "deepseek2",
-         "deepseek_v3": "deepseek2", "gpt2": "gpt2", "mistral": "llama", "falcon": "falcon"}
+         "deepseek_v3": "deepseek2", "gpt2": "gpt2", "mistral": "llama", "falcon": "falcon", "mamba": "mamba"}
 # llama.cpp's converter states head sizes for these even when they equal d_model / n_heads
 _STATES_HEAD_DIM = ("qwen3", "qwen3moe", "gemma3")
 _GATING = {"softmax": 1, "sigmoid": 2}  # llama.cpp's expert_gating_func
@@ -72,7 +73,12 @@ _SWITCHED = ((lambda c: c.n_experts > 0, ("n_experts_per_tok", "moe_d_ff", "n_sh
              (lambda c: c.pos_emb == "rope", ("rope_theta", "rotary_pct", "rope_interleave", "rope_scaling",
                                               "rope_local_theta", "rope_local_scaling")),
              (lambda c: c.n_experts == 0 or c.first_k_dense > 0, ("d_ff",)),  # all-MoE: no dense MLP
-             (lambda c: c.norm != "rmsnorm", ("norm_bias",)))  # an RMSNorm has no bias, whatever the flag says
+             (lambda c: c.norm != "rmsnorm", ("norm_bias",)),  # an RMSNorm has no bias, whatever the flag says
+             # a state-space mixer has no heads, a mixer-only block no MLP (Mamba)
+             (lambda c: c.attention != "mamba", ("n_heads", "n_kv_heads", "head_dim", "qkv_bias", "o_bias")),
+             (lambda c: c.mlp != "none", ("d_ff", "activation", "mlp_bias")),
+             (lambda c: c.attention == "mamba", ("mamba_d_state", "mamba_d_conv", "mamba_expand", "mamba_dt_rank",
+                                                 "mamba_conv_bias", "mamba_proj_bias")))
 
 
 class ExportError(ValueError):
@@ -111,6 +117,9 @@ def _llama_cpp_cannot_run(c: ModelConfig, arch: str) -> str | None:
             return "norm_placement is 'pre' but llama.cpp's falcon always runs attention and MLP in parallel"
         if c.qkv_bias or c.o_bias or c.mlp_bias:
             return "it has biases but llama.cpp's falcon loads no bias for its linear layers"
+    if arch == "mamba" and (c.mamba_proj_bias or not c.mamba_conv_bias):
+        return ("llama.cpp's mamba loads a bias on the convolution and none on in_proj / out_proj "
+                f"(mamba_conv_bias={c.mamba_conv_bias}, mamba_proj_bias={c.mamba_proj_bias})")
     if arch == "deepseek2":
         lite = c.n_layers in (26, 27)  # llama.cpp takes "no q LoRA" (V2-Lite) from the layer count
         if lite != (c.q_lora_rank is None):
@@ -148,6 +157,9 @@ def _metadata(config: ModelConfig, arch: str) -> dict:
         meta.update(_mla_metadata(c, arch))
     if c.sliding_window is not None:
         meta[f"{arch}.attention.sliding_window"] = c.sliding_window
+    if arch == "mamba":
+        meta.update(_mamba_metadata(c, arch))
+        del meta[f"{arch}.attention.head_count_kv"]
     for key, value in (("attn_logit_softcapping", c.attn_softcap), ("final_logit_softcapping", c.final_softcap)):
         if value is not None:  # Gemma 2's soft-caps
             meta[f"{arch}.{key}"] = float(value)
@@ -182,6 +194,14 @@ def _moe_metadata(c: ModelConfig, arch: str) -> dict:
             meta.update({f"{arch}.expert_group_count": c.n_expert_groups,
                          f"{arch}.expert_group_used_count": c.topk_groups})
     return meta
+
+
+def _mamba_metadata(c: ModelConfig, arch: str) -> dict:
+    """Mamba's sizes as llama.cpp's converter writes them: no heads, no MLP, the ``ssm.*`` keys."""
+    return {f"{arch}.attention.head_count": 0, f"{arch}.feed_forward_length": 0,
+            f"{arch}.ssm.conv_kernel": c.mamba_d_conv, f"{arch}.ssm.inner_size": c.mamba_expand * c.d_model,
+            f"{arch}.ssm.state_size": c.mamba_d_state, f"{arch}.ssm.time_step_rank": c.mamba_dt_rank,
+            f"{arch}.ssm.dt_b_c_rms": False}
 
 
 def _mla_metadata(c: ModelConfig, arch: str) -> dict:
@@ -255,6 +275,12 @@ def _layer_tensors(i: str, rest: str, t: torch.Tensor, c: ModelConfig, names: di
     stacked gate|up experts are two tensors there, and MLA's kv_b is split the way llama.cpp's
     absorbed attention reads it (``attn_k_b`` transposed per head, ``attn_v_b``)."""
     B = f"blk.{i}."
+    if rest == "self_attn.A_log":  # Mamba, as llama.cpp's converter stores it (interop/gguf.py reads it back)
+        return [(B + "ssm_a", -torch.exp(t))]
+    if rest == "self_attn.D":
+        return [(B + "ssm_d", t)]
+    if rest == "self_attn.conv1d.weight":  # (d_inner, 1, d_conv) -> (d_inner, d_conv)
+        return [(B + "ssm_conv1d.weight", t[:, 0])]
     if rest == "mlp.experts.gate_up_proj":  # (E, 2F, D): gate rows, then up rows
         gate, up = t.split(t.shape[1] // 2, dim=1)
         return [(B + "ffn_gate_exps.weight", gate), (B + "ffn_up_exps.weight", up)]

@@ -53,7 +53,7 @@ _OPTIONAL_POSITIVE_INTS = ("num_key_value_heads", "head_dim", "sliding_window", 
                            "original_max_position_embeddings", "num_kv_heads", "ffn_hidden_size",
                            "num_ln_in_parallel_attn", "intermediate_size_mlp", "attention_chunk_size",
                            "interleave_moe_layer_step", "no_rope_layer_interval", "type_vocab_size",
-                           "local_attention", "global_attn_every_n_layers")
+                           "local_attention", "global_attn_every_n_layers", "state_size", "conv_kernel", "expand")
 _FINITE = ("rms_norm_eps", "layer_norm_epsilon", "layer_norm_eps", "norm_eps", "rope_theta", "initializer_range")
 _OPTIONAL_FINITE = ("attention_dropout", "partial_rotary_factor", "rope_local_base_freq", "routed_scaling_factor",
                     "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping", "floor_scale",

@@ -62,6 +62,10 @@ def ladder(dims: Dims = Dims()) -> list[Variant]:
         # the same experts at equal *total* parameters: a side rung, also judged against the dense one
         Variant("moe-equal-total", {"n_experts": 8, "n_experts_per_tok": 2, "n_shared_experts": 1,
                                     "lab.moe_match": "total"}, on="olmo2-norm", side=True),
+        # attention -> a selective state space (Gu & Dao 2023) in every block, MLP kept, at equal FLOPs
+        # (the budget gives the cheaper mixer more tokens): a side rung, judged against the dense one
+        Variant("mamba", {"attention": "mamba", "pos_emb": "none", "qk_norm": None, "sliding_window": None,
+                          "sliding_window_pattern": 1}, on="olmo2-norm", side=True),
         # MLA normalises its latent instead of per-head queries and keys, so the rung drops QK-norm
         Variant("mla", {"attention": "mla", "kv_lora_rank": dims.d_model // 4, "qk_nope_head_dim": h,
                         "qk_rope_head_dim": h // 2, "v_head_dim": h, "qk_norm": None}),  # DeepSeek-V2 2024

@@ -14,12 +14,13 @@
   ``x = x + attn(norm_a(x)) + mlp(norm_m(x))``: still parallel, but each sub-layer has its own norm.
 
 A block is two parts in that wiring: a *mixer*, which moves information between positions
-(self-attention, multi-head latent attention; next cross-attention and state-space layers), and a
+(self-attention, multi-head latent attention, a selective state space), and a
 *channel* part, which works on each position alone (an MLP, or a mixture of experts). Both are
 chosen from the registries below by config fields (``attention``; ``moe_layers`` /
 ``layer_is_moe``), so a new kind of mixer is one module and one registry entry; neither the block
 nor ``Transformer.forward`` changes. Every mixer is called as ``mixer(x, rope, mask, is_causal,
-cache)`` and returns a tensor of x's shape.
+cache)`` and returns a tensor of x's shape (a recurrent mixer's ``mask`` is the validity of the new
+tokens, see ``nn/masks.py``). A Mamba block has no channel part (``mlp="none"``): ``x = x + mixer(norm(x))``.
 
 An encoder-decoder's decoder blocks (``encoder_layers > 0``) hold a third part between the two,
 cross-attention to the encoder output (``nn/cross_attention.py``), placed like the others: ``pre``
@@ -41,6 +42,7 @@ import torch.nn.functional as F
 
 from evolm.nn.attention import Attention
 from evolm.nn.cross_attention import CrossAttention
+from evolm.nn.mamba import Mamba
 from evolm.nn.mla import MultiHeadLatentAttention
 from evolm.nn.mlp import MLP
 from evolm.nn.moe import MoE
@@ -48,17 +50,20 @@ from evolm.nn.norm import make_norm
 
 
 # config.attention -> the mixer class (each takes (config, layer_idx))
-MIXERS: dict[str, type[nn.Module]] = {"mha": Attention, "mla": MultiHeadLatentAttention}
+MIXERS: dict[str, type[nn.Module]] = {"mha": Attention, "mla": MultiHeadLatentAttention, "mamba": Mamba}
 
 
 def make_mixer(config, layer_idx: int) -> nn.Module:
-    """Layer ``layer_idx``'s mixer, as ``config.attention`` names it."""
-    return MIXERS[config.attention](config, layer_idx)
+    """Layer ``layer_idx``'s mixer, as ``config.layer_mixer`` names it."""
+    return MIXERS[config.layer_mixer(layer_idx)](config, layer_idx)
 
 
-def make_channel(config, layer_idx: int) -> nn.Module:
-    """Layer ``layer_idx``'s channel part: a mixture of experts on MoE layers, else an MLP."""
-    return MoE(config) if config.layer_is_moe(layer_idx) else MLP(config)
+def make_channel(config, layer_idx: int) -> nn.Module | None:
+    """Layer ``layer_idx``'s channel part: a mixture of experts on MoE layers, else an MLP; None
+    for a mixer-only block (``mlp="none"``)."""
+    if config.layer_is_moe(layer_idx):
+        return MoE(config)
+    return None if config.mlp == "none" else MLP(config)
 
 
 class Block(nn.Module):
@@ -78,11 +83,12 @@ class Block(nn.Module):
         if p in ("pre", "post", "sandwich", "parallel", "parallel2"):
             # ModernBERT's first layer reads its normed embeddings directly
             self.attn_norm = make_norm(c) if layer_idx or c.first_attn_norm else nn.Identity()
-        if p in ("pre", "post", "sandwich", "parallel2"):
+        if self.mlp is not None and p in ("pre", "post", "sandwich", "parallel2"):
             self.mlp_norm = make_norm(c)
         if p in ("sandwich", "olmo2"):
             self.attn_out_norm = make_norm(c)
-            self.mlp_out_norm = make_norm(c)
+            if self.mlp is not None:
+                self.mlp_out_norm = make_norm(c)
         self.resid_dropout = c.resid_dropout
         self.cross_attn = None
         if c.encoder_layers:
@@ -124,6 +130,8 @@ class Block(nn.Module):
         attn = lambda h: self._drop(self.self_attn(h, rope, mask, is_causal, cache))  # noqa: E731
         mlp = lambda h: self._drop(self.mlp(h))  # noqa: E731
         p = self.placement
+        if self.mlp is None:
+            return self._mixer_only(x, attn)
         if p == "pre":
             x = x + attn(self.attn_norm(x))
             return x + mlp(self.mlp_norm(x))
@@ -152,6 +160,18 @@ class Block(nn.Module):
         if cross.rows is not None:
             h = h * cross.rows.to(h.dtype)
         return x + self.mlp_gate.tanh() * h
+
+    def _mixer_only(self, x: torch.Tensor, attn) -> torch.Tensor:
+        """A block without a channel part (``mlp="none"``: Mamba's ``x + mixer(norm(x))``), in the
+        same norm placement as the full block's first half."""
+        p = self.placement
+        if p == "post":
+            return self.attn_norm(x + attn(x))
+        if p == "sandwich":
+            return x + self.attn_out_norm(attn(self.attn_norm(x)))
+        if p == "olmo2":
+            return x + self.attn_out_norm(attn(x))
+        return x + attn(self.attn_norm(x))  # pre, parallel, parallel2
 
     def _forward_cross(self, x, rope, mask, is_causal, cache, cross) -> torch.Tensor:
         """Self-attention, cross-attention to the encoder, MLP: T5's pre-norm or BART's post-norm."""

@@ -23,6 +23,10 @@ and on top of the kind, per layer or per batch:
 ``plan_masks`` turns a config, a cache and these inputs into one ``(mask, is_causal)`` per layer,
 built once per distinct (window, key layout) and shared; where the kernel's ``is_causal`` flag is
 enough (plain causal attention over the new tokens alone) no mask tensor is built at all.
+
+A recurrent (state-space) layer has no keys to mask: it reads every earlier token through its
+state, causal by construction. Its "mask" is which of the new tokens are real, (B, T) bool or None
+(all real), so it can keep padding out of its state (transformers' Mamba zeroes padded positions).
 """
 
 from __future__ import annotations
@@ -139,6 +143,7 @@ class MaskInputs:
     doc_ids: torch.Tensor | None = None        # (B, T) packed-document ids
     kind: MaskKind = "causal"
     prefix_len: int | torch.Tensor | None = None
+    token_valid: torch.Tensor | None = None    # (B, T) False on this call's padding tokens (recurrent layers)
 
 
 def plan_masks(config, cache, inputs: MaskInputs, device) -> list[tuple[torch.Tensor | None, bool]]:
@@ -148,6 +153,9 @@ def plan_masks(config, cache, inputs: MaskInputs, device) -> list[tuple[torch.Te
     plans: dict = {}
     out = []
     for i in range(config.n_layers):
+        if config.layer_is_recurrent(i):
+            out.append(_plan_recurrent(config, inputs, static))
+            continue
         window, chunk = config.layer_window(i), config.layer_chunk(i)
         layout = cache.key_layout(i) if cache is not None else None
         if layout is None and not static and inputs.kind == "causal":
@@ -162,6 +170,17 @@ def plan_masks(config, cache, inputs: MaskInputs, device) -> list[tuple[torch.Te
                 _plan_one(cache, inputs, window, layout, device, chunk)
         out.append(plans[window, chunk, layout])
     return out
+
+
+def _plan_recurrent(config, inputs: MaskInputs, static: bool) -> tuple[torch.Tensor | None, bool]:
+    """A recurrent layer's plan: the validity of the new tokens (None: all real; a compiled decode
+    step feeds real tokens only)."""
+    if inputs.doc_ids is not None:
+        raise ValueError(f"doc_ids (packed documents) with attention={config.layer_mixer(0)!r}: a state-space "
+                         f"layer would carry its state across documents; train on unpacked rows")
+    if inputs.kind != "causal":
+        raise ValueError(f"mask kind {inputs.kind!r} with a state-space layer: it scans left to right (causal only)")
+    return (None if static else inputs.token_valid), False
 
 
 def plan_mask(cache, inputs: MaskInputs, device, window: int | None = None):

@@ -1,6 +1,6 @@
 """Published model sizes as data: ``get_preset('llama-3-8b')`` -> a fresh ``ModelConfig``.
 
-Each family file (gpt, palm, llama, falcon, mistral, gemma, olmo, qwen, deepseek, smollm, and the encoders
+Each family file (gpt, palm, llama, falcon, mistral, gemma, olmo, qwen, deepseek, smollm, mamba, and the encoders
 bert, modernbert; the encoder-decoders t5, bart; tiny) holds a dict
 ``PRESETS`` of name -> keyword arguments of ``ModelConfig``, with the published
 hyper-parameters (from each model's released ``config.json``) and a ``meta`` dict citing the
@@ -16,8 +16,8 @@ import copy
 import difflib
 
 from evolm.config import ConfigError, ModelConfig
-from evolm.presets import (bart, bert, deepseek, falcon, gemma, gpt, llama, mistral, modernbert, olmo, palm, qwen,
-                           smollm, t5, tiny)
+from evolm.presets import (bart, bert, deepseek, falcon, gemma, gpt, llama, mamba, mistral, modernbert, olmo, palm,
+                           qwen, smollm, t5, tiny)
 
 FAMILIES = {
     "gpt": gpt.PRESETS,
@@ -30,6 +30,7 @@ FAMILIES = {
     "qwen": qwen.PRESETS,
     "deepseek": deepseek.PRESETS,
     "smollm": smollm.PRESETS,
+    "mamba": mamba.PRESETS,
     "t5": t5.PRESETS,
     "bart": bart.PRESETS,
     "bert": bert.PRESETS,

@@ -86,6 +86,7 @@ class SlotCache:
         self.n_rows, self.capacity = self.initial
         self._k: dict[int, torch.Tensor] = {}
         self._v: dict[int, torch.Tensor] = {}
+        self._states: dict[int, tuple[torch.Tensor, ...]] = {}  # recurrent layers: (rows, ...) per state tensor
 
     def ensure(self, n_slots: int, n_rows: int = 1) -> None:
         """Make room for ``n_rows`` rows of ``n_slots`` tokens (doubling, within the limits)."""
@@ -103,12 +104,18 @@ class SlotCache:
                 new = old.new_zeros(rows, old.shape[1], cap, old.shape[-1])
                 new[:old.shape[0], :, :old.shape[2]] = old
                 store[layer] = new
+        for layer, state in self._states.items():
+            grown = tuple(t.new_zeros(rows, *t.shape[1:]) for t in state)
+            for g, t in zip(grown, state):
+                g[:t.shape[0]] = t
+            self._states[layer] = grown
         self.n_rows, self.capacity = rows, cap
 
     def reset(self) -> None:
         """Give the memory back (called when no request is running)."""
         self._k.clear()
         self._v.clear()
+        self._states.clear()
         self.n_rows, self.capacity = self.initial
 
     def buffers(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,9 +129,26 @@ class SlotCache:
         for store in (self._k, self._v):
             for buf in store.values():
                 buf[dst, :, :n_slots] = buf[src, :, :n_slots]
+        for state in self._states.values():
+            for t in state:
+                t[dst] = t[src]
+
+    def row_states(self, layer: int, rows) -> tuple[torch.Tensor, ...] | None:
+        """A recurrent layer's states (``cache/state.py``) of ``rows``; None before its first call."""
+        state = self._states.get(layer)
+        return None if state is None else tuple(t[rows] for t in state)
+
+    def put_states(self, layer: int, rows, state) -> None:
+        """Store a recurrent layer's new states of ``rows`` (a tensor or a tuple of tensors, batch first)."""
+        state = (state,) if isinstance(state, torch.Tensor) else tuple(state)
+        if layer not in self._states:
+            self._states[layer] = tuple(t.new_zeros(self.n_rows, *t.shape[1:]) for t in state)
+        for buf, t in zip(self._states[layer], state):
+            buf[rows] = t
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self._k.values(), *self._v.values()))
+        return sum(t.numel() * t.element_size() for t in (*self._k.values(), *self._v.values())) + \
+            sum(t.numel() * t.element_size() for state in self._states.values() for t in state)
 
 
 class _PrefillView:
@@ -157,6 +181,12 @@ class _PrefillView:
         K[self.row, :, :T] = k[0]
         V[self.row, :, :T] = v[0]
         return k, v
+
+    def state(self, layer: int) -> None:
+        return None  # a prefill from slot 0: every recurrent layer starts from zeros
+
+    def set_state(self, layer: int, state) -> None:
+        self.cache.put_states(layer, self.row, state)
 
     def advance(self, n: int) -> None:
         pass
@@ -230,6 +260,13 @@ class _DecodeView:
             r, n = self.first, len(self.lens)
             return K[r:r + n], V[r:r + n], self.lens, self.n_keys
         return K, V, self.lens, self.n_keys, self.rows
+
+    def state(self, layer: int):
+        """The rows' recurrent states (``cache/state.py``)."""
+        return self.cache.row_states(layer, self.rows)
+
+    def set_state(self, layer: int, state) -> None:
+        self.cache.put_states(layer, self.rows, state)
 
     def advance(self, n: int) -> None:
         pass
