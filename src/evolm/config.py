@@ -26,10 +26,10 @@ class ConfigError(ValueError):
 NORMS = ("layernorm", "rmsnorm")
 NORM_PLACEMENTS = ("pre", "post", "sandwich", "olmo2", "parallel", "parallel2")
 POSITIONS = ("learned", "rope", "relative", "none")
-ATTENTIONS = ("mha", "mla", "mamba")
+ATTENTIONS = ("mha", "mla", "mamba", "hyena")
 # mixers that keep a recurrent state instead of keys/values (cache/state.py); their "mask" is which
 # new tokens are real (nn/masks.plan_masks)
-RECURRENT_MIXERS = ("mamba",)
+RECURRENT_MIXERS = ("mamba", "hyena")
 MASKS = ("causal", "bidirectional", "prefix")
 QK_NORMS = (None, "head", "full", "l2")
 MLP_TYPES = ("mlp", "glu", "none")
@@ -213,7 +213,8 @@ class ModelConfig:
     relative_attention_num_buckets: int = 32
     relative_attention_max_distance: int = 128
     # --- attention (nn/attention.py, nn/mla.py) -----------------------------------------
-    # the mixer: "mha" (covers MHA/GQA/MQA via n_kv_heads) | "mla" | "mamba" (a selective state space, nn/mamba.py)
+    # the mixer: "mha" (covers MHA/GQA/MQA via n_kv_heads) | "mla" | "mamba" (a selective state space,
+    # nn/mamba.py) | "hyena" (implicit long convolutions, nn/hyena.py)
     attention: str = "mha"
     qkv_bias: bool = False
     o_bias: bool = False
@@ -256,6 +257,19 @@ class ModelConfig:
     mamba_dt_rank: int | None = None  # rank of the step-size projection; None -> ceil(d_model / 16)
     mamba_conv_bias: bool = True
     mamba_proj_bias: bool = False  # biases on in_proj / out_proj
+    # Hyena (Poli et al. 2023, arXiv:2302.10866; attention="hyena", nn/hyena.py): implicit long
+    # convolutions with data-controlled gates instead of attention
+    hyena_order: int = 2  # N: N + 1 projected streams, N long filters and N gates
+    hyena_short_conv: int = 3  # taps of the depthwise causal convolution on the projected streams
+    hyena_filter_emb: int = 33  # positional features the filter MLP reads: t and (emb - 1) / 2 frequencies (odd)
+    hyena_filter_width: int = 64  # hidden width of the filter MLP (the paper code's "filter order")
+    hyena_filter_depth: int = 2  # hidden width x width sine layers of the filter MLP
+    hyena_filter_freq: float = 1.0  # initial frequency of the MLP's sine activations
+    # the exponential window: channel filters decay to hyena_decay_target between these fractions of
+    # max_seq_len (the fastest channel at hyena_decay_fast, the slowest at hyena_decay_slow)
+    hyena_decay_fast: float = 0.3
+    hyena_decay_slow: float = 1.5
+    hyena_decay_target: float = 0.01
     # --- MLP (nn/mlp.py) ----------------------------------------------------------------
     # "mlp" (up -> act -> down) | "glu" (act(gate) * up -> down) | "none" (a mixer-only block: Mamba)
     mlp: str = "mlp"
@@ -472,6 +486,8 @@ class ModelConfig:
             need(self.qk_norm is None, "qk_norm", "is not supported with attention='mla'")
             if self.q_lora_rank is not None:
                 need(self.q_lora_rank > 0, "q_lora_rank", "must be positive or None")
+        if self.attention == "hyena":
+            self._validate_hyena(need)
         need(isinstance(self.mtp_depth, int) and self.mtp_depth >= 0, "mtp_depth",
              f"must be an integer >= 0, got {self.mtp_depth!r}")
         need(self.mtp_loss_weight >= 0, "mtp_loss_weight", f"must be >= 0, got {self.mtp_loss_weight}")
@@ -509,6 +525,23 @@ class ModelConfig:
         need(self.pos_emb != "relative", "pos_emb", f"'relative' biases attention scores; attention={self.attention!r} has none")
         need(self.mtp_depth == 0, "mtp_depth", f"is not supported with attention={self.attention!r}")
         need(self.n_experts == 0 or self.mlp != "none", "mlp", "'none' leaves no place for the experts (n_experts > 0)")
+
+    def _validate_hyena(self, need) -> None:
+        """Hyena's fields (nn/hyena.py), and what a causal long convolution cannot do."""
+        need(1 <= self.hyena_order <= 8, "hyena_order", f"must be between 1 and 8, got {self.hyena_order}")
+        need(self.hyena_short_conv >= 1, "hyena_short_conv", f"must be >= 1 taps, got {self.hyena_short_conv}")
+        need(self.hyena_filter_emb >= 3 and self.hyena_filter_emb % 2 == 1, "hyena_filter_emb",
+             f"must be an odd number >= 3 (t, then cosine and sine of each frequency), got {self.hyena_filter_emb}")
+        need(self.hyena_filter_width >= 1, "hyena_filter_width", f"must be >= 1, got {self.hyena_filter_width}")
+        need(self.hyena_filter_depth >= 0, "hyena_filter_depth", f"must be >= 0, got {self.hyena_filter_depth}")
+        need(self.hyena_filter_freq > 0, "hyena_filter_freq", f"must be > 0, got {self.hyena_filter_freq}")
+        need(0 < self.hyena_decay_fast <= self.hyena_decay_slow, "hyena_decay_fast",
+             f"must be > 0 and <= hyena_decay_slow ({self.hyena_decay_slow}), got {self.hyena_decay_fast}")
+        need(0 < self.hyena_decay_target < 1, "hyena_decay_target",
+             f"must be in (0, 1), got {self.hyena_decay_target}")
+        need(self.sliding_window is None and self.attention_chunk_size is None, "sliding_window",
+             "(or attention_chunk_size) is set; attention='hyena' has no window (its filters span max_seq_len)")
+        # causal only, no encoder, no MTP: as every recurrent mixer (_validate_mamba)
 
     def _validate_seq2seq(self, need) -> None:
         """The encoder-decoder and relative-position fields (T5, BART, Switch)."""

@@ -135,7 +135,8 @@ class Transformer(nn.Module):
                     nn.init.ones_(m.weight)
                 if getattr(m, "bias", None) is not None:
                     nn.init.zeros_(m.bias)
-        for m in self.modules():  # a state-space mixer's own initialisation (nn/mamba.py), after its Linears'
+        # a state-space mixer's own initialisation (nn/mamba.py; Hyena's filter MLP, nn/hyena.py), after the Linears'
+        for m in self.modules():
             if hasattr(m, "reset_ssm_parameters"):
                 m.reset_ssm_parameters()
 

@@ -57,6 +57,18 @@ State-space layers (Mamba, ``attention="mamba"``; Gu & Dao 2023, arXiv:2312.0075
     where attention's grow with it. They are reported under ``attention_flops_per_token`` (the
     mixer's context FLOPs), so the training total stays ``6N + 3 * mixer forward``.
 
+Hyena (``attention="hyena"``, ``nn/hyena.py``; Poli et al. 2023, arXiv:2302.10866)
+    Its projections, short convolution and skips are per-token weights (2 FLOPs each forward).
+    The filter MLP runs over the positions once per forward for the whole batch, not per token,
+    so it is a parameter (in ``attention``) but not in N. The long convolutions, by FFT padded to
+    2T, cost per layer and token ``N * d * ((3 * 2.5 * 2T log2(2T) + 6 (T + 1)) / T + 1)`` forward:
+    three real FFTs of length 2T (input, filter, inverse; ~2.5 n log2 n each, half a complex FFT's
+    5 n log2 n), the complex product of the T + 1 frequencies, and the gate
+    (``long_conv_flops_per_token``, 3x forward for training; part of ``attention_flops_per_token``, the
+    mixer's context FLOPs, as Mamba's scan). It caches no keys/values: its recurrent state
+    (``state_bytes_per_sequence``) is the last ``max_seq_len`` inputs of each long convolution,
+    ``N * d * max_seq_len`` values a layer, and the short convolution's last ``taps - 1`` inputs.
+
 Encoder-decoders (T5, BART, Switch: ``encoder_layers > 0``)
     The encoder's parameters join the parts (its token embedding is the decoder's, counted once;
     T5's relative position tables count as embeddings), each decoder layer adds its
@@ -81,6 +93,7 @@ Vision models (Llama 3.2 Vision: ``config.vision``; nn/vision.py)
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from evolm.config import ModelConfig
@@ -97,6 +110,25 @@ def _mlp_size(c: ModelConfig, d_ff: int) -> int:
     weights = (n_in + 1) * c.d_model * d_ff
     biases = (n_in * d_ff + c.d_model) if c.mlp_bias else 0
     return weights + biases
+
+
+def _is_mamba(c: ModelConfig, i: int) -> bool:
+    return c.layer_mixer(i) == "mamba"
+
+
+def _hyena_layers(c: ModelConfig) -> int:
+    return sum(c.layer_mixer(i) == "hyena" for i in range(c.n_layers))
+
+
+def _hyena_size(c: ModelConfig) -> tuple[int, int]:
+    """(per-token parameters, filter-MLP parameters) of one Hyena layer (``nn/hyena.py``): in_proj to
+    N + 1 streams, their depthwise short convolution, the N skips D, o_proj; the filter MLP with
+    its sine frequencies."""
+    d, N, W, depth = c.d_model, c.hyena_order, c.hyena_filter_width, c.hyena_filter_depth
+    streams = (N + 1) * d
+    per_token = (d + 1) * streams + (c.hyena_short_conv + 1) * streams + N * d + (d + 1) * d
+    mlp = (c.hyena_filter_emb + 1) * W + depth * (W + 1) * W + W * N * d + (depth + 1) * W
+    return per_token, mlp
 
 
 def _attention_size(c: ModelConfig) -> tuple[int, int]:
@@ -143,17 +175,21 @@ def ssm_size(c: ModelConfig) -> int:
 
 def ssm_state_bytes(c: ModelConfig, bytes_per_value: int = 2, batch: int = 1) -> int:
     """Bytes of the recurrent states of ``batch`` sequences, whatever their length: per state-space
-    layer the last ``d_conv - 1`` convolution inputs and the float32 ``(d_inner, d_state)`` state."""
+    layer the last ``d_conv - 1`` convolution inputs and the float32 ``(d_inner, d_state)`` state;
+    per Hyena layer the short convolution's last ``hyena_short_conv - 1`` inputs of its N + 1
+    streams and the last ``max_seq_len`` inputs of each of its N long convolutions (nn/hyena.py)."""
     di = c.mamba_expand * c.d_model
     per_layer = di * (c.mamba_d_conv - 1) * bytes_per_value + di * c.mamba_d_state * 4
-    return batch * per_layer * sum(c.layer_is_recurrent(i) for i in range(c.n_layers))
+    N, d = c.hyena_order, c.d_model
+    per_hyena = ((N + 1) * d * (c.hyena_short_conv - 1) + N * d * c.max_seq_len) * bytes_per_value
+    return batch * (per_layer * sum(_is_mamba(c, i) for i in range(c.n_layers)) + per_hyena * _hyena_layers(c))
 
 
 def ssm_forward_flops(c: ModelConfig) -> int:
     """Forward FLOPs per token of the selective scans (besides their weights' 2N), over all layers:
     the same at any context length."""
     di = c.mamba_expand * c.d_model
-    return sum(c.layer_is_recurrent(i) for i in range(c.n_layers)) * (7 * di * c.mamba_d_state + 4 * di)
+    return sum(_is_mamba(c, i) for i in range(c.n_layers)) * (7 * di * c.mamba_d_state + 4 * di)
 
 
 def param_counts(c: ModelConfig) -> dict[str, int]:
@@ -166,10 +202,10 @@ def param_counts(c: ModelConfig) -> dict[str, int]:
     attn, attn_norms = _attention_size(c)
     expert = (3 if c.mlp == "glu" else 2) * d * c.moe_d_ff  # one routed expert (no biases)
     for i in range(c.n_layers):
-        recurrent = c.layer_is_recurrent(i)
-        parts["attention"] += ssm_size(c) if recurrent else attn
+        mixer = c.layer_mixer(i)
+        parts["attention"] += ssm_size(c) if mixer == "mamba" else sum(_hyena_size(c)) if mixer == "hyena" else attn
         mixer_only = c.mlp == "none" and not c.layer_is_moe(i)
-        parts["norms"] += (0 if recurrent else attn_norms) + \
+        parts["norms"] += (0 if mixer in ("mamba", "hyena") else attn_norms) + \
             (_MIXER_ONLY_NORMS if mixer_only else _BLOCK_NORMS)[c.norm_placement] * _norm_size(c, d)
         if mixer_only:
             pass
@@ -267,7 +303,7 @@ def _active_experts(c: ModelConfig) -> int:
 
 # --- KV cache -------------------------------------------------------------------------------
 def kv_values_per_token(c: ModelConfig) -> int:
-    """Numbers one layer caches per token: keys + values, or MLA's latent + rotary key."""
+    """Numbers one attention layer caches per token: keys + values, or MLA's latent + rotary key."""
     if c.attention == "mla":
         return c.kv_lora_rank + c.qk_rope_head_dim
     return 2 * c.n_kv_heads * c.head_dim
@@ -303,7 +339,7 @@ def attention_forward_flops(c: ModelConfig, context_len: int) -> int:
     total = 0
     for i in range(c.n_layers):
         if c.layer_is_recurrent(i):
-            continue  # no scores: ssm_forward_flops
+            continue  # no scores: ssm_forward_flops, long_conv_forward_flops
         window = c.layer_kv_span(i)  # a chunked layer: at most its chunk (the last token of one)
         t = context_len if window is None else min(context_len, window)
         if c.layer_is_cross(i):  # an image layer attends over one image's states
@@ -313,6 +349,16 @@ def attention_forward_flops(c: ModelConfig, context_len: int) -> int:
         total += attention_forward_flops(c.encoder_config(), context_len)
         total += cross_attention_forward_flops(c, context_len)
     return total
+
+
+def long_conv_forward_flops(c: ModelConfig, context_len: int) -> int:
+    """Forward FLOPs per token of Hyena's FFT long convolutions and gates at context T, over all
+    layers (0 without Hyena layers; see the module docstring)."""
+    if not _hyena_layers(c):
+        return 0
+    T, n = context_len, 2 * context_len
+    per_channel = (3 * 2.5 * n * math.log2(n) + 6 * (T + 1)) / T + 1
+    return round(_hyena_layers(c) * c.hyena_order * c.d_model * per_channel)
 
 
 def cross_attention_forward_flops(c: ModelConfig, source_len: int) -> int:
@@ -345,8 +391,10 @@ def cost_card(config: ModelConfig | str, context_len: int | None = None,
     n_compute = active - parts["embeddings"] + (c.vocab_size * c.d_model if tied else 0) - _elementwise_ssm(c)
     # the image side runs once per image, not per token; so do the image layers' key/value projections
     n_compute -= parts["vision"] + cross_layers(c) * 2 * c.d_model * c.n_kv_heads * c.head_dim
+    n_compute -= _hyena_layers(c) * _hyena_size(c)[1]  # Hyena's filter MLP runs once per batch, not per token
     vision_flops = vision_flops_per_image(c)
-    attn_fwd = attention_forward_flops(c, T) + ssm_forward_flops(c)
+    conv_fwd = long_conv_forward_flops(c, T)
+    attn_fwd = attention_forward_flops(c, T) + ssm_forward_flops(c) + conv_fwd
     kv_at = kv_cache_bytes(c, T, bytes_per_value)
     return {
         "name": c.name,
@@ -363,6 +411,7 @@ def cost_card(config: ModelConfig | str, context_len: int | None = None,
         "state_bytes_per_sequence": ssm_state_bytes(c, bytes_per_value),
         "flops_per_token": 6 * n_compute + 3 * attn_fwd,
         "forward_flops_per_token": 2 * n_compute + attn_fwd,
+        "long_conv_flops_per_token": 3 * conv_fwd,
         "attention_flops_per_token": 3 * attn_fwd,
         "flops_params": n_compute,
         "image_tokens_per_image": image_tokens(c),
@@ -381,7 +430,7 @@ def _elementwise_ssm(c: ModelConfig) -> int:
     """``A_log`` and ``D`` of every state-space layer: parameters a token does not multiply as a
     matrix (their FLOPs are in :func:`ssm_forward_flops`)."""
     di = c.mamba_expand * c.d_model
-    return sum(c.layer_is_recurrent(i) for i in range(c.n_layers)) * (di * c.mamba_d_state + di)
+    return sum(_is_mamba(c, i) for i in range(c.n_layers)) * (di * c.mamba_d_state + di)
 
 
 def _as_config(config: ModelConfig | str) -> ModelConfig:
@@ -452,6 +501,7 @@ _ROWS = (  # (label, getter, formatter)
     ("recurrent state / sequence", lambda k: k.get("state_bytes_per_sequence", 0), human_bytes),
     ("train FLOPs / token", lambda k: k["flops_per_token"], human_flops),
     ("  of which attention", lambda k: k["attention_flops_per_token"], human_flops),
+    ("    of which long convolutions", lambda k: k.get("long_conv_flops_per_token", 0), human_flops),
     ("forward FLOPs / token", lambda k: k["forward_flops_per_token"], human_flops),
     ("image tokens / image", lambda k: k.get("image_tokens_per_image", 0), lambda v: f"{v:,}"),
     ("cross-attention KV / image", lambda k: k.get("cross_kv_cache_bytes_per_image", 0), human_bytes),
@@ -494,5 +544,5 @@ def diff_configs(a: ModelConfig | str, b: ModelConfig | str) -> list[tuple[str, 
 
 __all__ = ["cost_card", "format_card", "compare_table", "diff_configs", "param_counts",
            "kv_cache_bytes", "cross_kv_cache_bytes", "kv_values_per_token", "attention_forward_flops",
-           "ssm_size", "ssm_state_bytes", "ssm_forward_flops",
+           "ssm_size", "ssm_state_bytes", "ssm_forward_flops", "long_conv_forward_flops",
            "human_count", "human", "human_bytes", "human_flops"]

@@ -55,6 +55,9 @@ def check_supported(c: ModelConfig) -> None:
         if getattr(c, fname) != value:
             raise FlattenError(f"ModelConfig '{c.name}': field '{fname}' is {getattr(c, fname)!r}; "
                                f"flatten needs {value!r}: {why}")
+    if c.attention == "hyena":
+        raise FlattenError(f"ModelConfig '{c.name}': field 'attention' is 'hyena'; Hyena's long convolutions "
+                           "have no flatten template yet")
     if c.qk_norm == "l2":
         raise FlattenError(f"ModelConfig '{c.name}': field 'qk_norm' is 'l2'; Llama 4's weightless QK-norm "
                            "has no flatten template yet")

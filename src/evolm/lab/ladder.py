@@ -7,7 +7,8 @@ them (SwiGLU at 2/3 of the MLP width; experts at equal active parameters, and on
 equal total parameters), and the rung's Δ is what that one step bought here. The model rungs train
 on the data as it comes; the data rungs on top then add the quality filter, deduplication and a
 final anneal on the highest-quality tier (the base recipe's second stage, the decay of a
-warmup-stable-decay schedule).
+warmup-stable-decay schedule). Side rungs try a change the lineage did not keep (experts at equal
+total parameters; attention replaced by Hyena's long convolutions) against the rung they branch from.
 """
 
 from __future__ import annotations
@@ -55,6 +56,9 @@ def ladder(dims: Dims = Dims()) -> list[Variant]:
         Variant("gqa", {"n_kv_heads": max(1, dims.n_heads // 2)}),
         Variant("qk-norm", {"qk_norm": "head"}),                                 # Dehghani et al. 2023
         Variant("untied-head", {"tie_embeddings": False}),                       # Llama, Press & Wolf 2017
+        # attention -> Hyena at equal FLOPs: a side rung (the lineage keeps attention), judged against
+        # the last rung whose every layer attends globally
+        Variant("hyena", {"attention": "hyena"}, on="untied-head", side=True),   # Poli et al. 2023
         # Beltagy 2020; Gemma 2
         Variant("window-pattern", {"sliding_window": dims.seq_len // 4, "sliding_window_pattern": 2}),
         Variant("olmo2-norm", {"norm_placement": "olmo2"}),                      # OLMo 2, 2025
@@ -81,7 +85,7 @@ LADDER = ladder()  # for recipes/lab-base.yaml: d_model 128, 4 heads of 32, seq_
 
 # ``--size``: the base recipe's shape for the ladder (``cpu``: as the recipe writes it)
 SIZES: dict[str, dict] = {
-    "cpu": {"budget": "flops=4e12"},  # 45 runs in ~40 min on 2 cores
+    "cpu": {"budget": "flops=4e12"},  # 51 runs in ~46 min on 2 cores
     # GPT-2 small's shape (Radford et al. 2019): 12 layers, d_model 768, 12 heads, 1024 context;
     # half a million tokens a step (nanoGPT's), bf16 autocast, compiled blocks: for a GPU
     "124m": {"model": {"d_model": 768, "n_layers": 12, "n_heads": 12, "n_kv_heads": 12, "head_dim": 64,
