@@ -281,6 +281,7 @@ def test_flatten_refuses_hyena_rather_than_writing_attention():
 
     with pytest.raises(FlattenError, match="'attention'"):
         check_supported(tiny())
+    check_supported(tiny(attention="mha"))  # the Hyena fields matter only to Hyena
 
 
 # --- decoding through the cache's recurrent state (cache/state.py) -----------------------------------
