@@ -6,8 +6,10 @@ float64. The kernels must match it to float32 rounding: any layout, nibble-order
 is an O(1) error.
 """
 
+import os
 import platform
 import shutil
+import time
 
 import pytest
 import torch
@@ -339,3 +341,36 @@ def test_decode_attention_rejects_bad_input():
         torch.ops.evolm_f.decode_attention(q, k.half(), k.half(), None, 1.0)
     with pytest.raises(RuntimeError, match=r"mask must be bool \(B or 1, 1, 1, 5\)"):
         torch.ops.evolm_f.decode_attention(q, k, k, torch.ones(1, 1, 1, 4, dtype=torch.bool), 1.0)
+
+
+def test_a_killed_builders_lock_is_taken_over_and_a_live_ones_waited_for(tmp_path, caplog):
+    """torch's build lock outlives a builder killed mid-build; evolm must not wait for it forever."""
+    import subprocess
+    import threading
+
+    from evolm.kernels import _wait_for_builder
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (tmp_path / "lock").touch()
+    (tmp_path / "builder.pid").write_text(str(dead.pid))
+    with caplog.at_level("WARNING", logger="evolm.kernels"):
+        _wait_for_builder(tmp_path, poll_s=0.01)
+    assert not (tmp_path / "lock").exists() and "did not finish" in caplog.text
+
+    (tmp_path / "lock").touch()  # a live builder (this process): wait until its lock goes
+    (tmp_path / "builder.pid").write_text(str(os.getpid()))
+    waiter = threading.Thread(target=_wait_for_builder, args=(tmp_path, 0.01))
+    waiter.start()
+    waiter.join(0.3)
+    assert waiter.is_alive() and (tmp_path / "lock").exists()
+    (tmp_path / "lock").unlink()
+    waiter.join(5)
+    assert not waiter.is_alive()
+
+    (tmp_path / "lock").touch()  # no owner recorded, and older than any build
+    (tmp_path / "builder.pid").unlink()
+    old = time.time() - 2 * 3600
+    os.utime(tmp_path / "lock", (old, old))
+    _wait_for_builder(tmp_path, poll_s=0.01)
+    assert not (tmp_path / "lock").exists()

@@ -37,12 +37,16 @@ Whether quantized layers and the decode step use them is their ``KernelPolicy``'
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import platform
+import time
 import warnings
 from pathlib import Path
 
 import torch
+
+log = logging.getLogger(__name__)
 
 _SOURCES = [Path(__file__).with_name(n) for n in ("qgemv.cpp", "skinny_gemm.cpp", "decode_attention.cpp", "block_gemm.cpp",
                                                     "decode_block.cpp")]
@@ -136,11 +140,56 @@ def available() -> bool:
 _NAME = "evolm_qgemv"
 
 
+STALE_LOCK_S = 3600  # no build takes this long; a lock older than this was left by a killed one
+
+
+def _wait_for_builder(root: Path, poll_s: float = 1.0) -> None:
+    """Wait while another process builds in ``root``; take over a lock a killed builder left.
+
+    ``torch.utils.cpp_extension`` guards a build folder with a ``lock`` file and waits, forever, for
+    it to go. A builder killed mid-build (SIGKILL, out of memory) never removes it, and every later
+    start of evolm would hang. Each builder here first writes its process id to ``builder.pid``: a
+    lock whose builder is no longer alive, or older than ``STALE_LOCK_S``, is removed (with a
+    warning) and this process builds."""
+    lock, owner = root / "lock", root / "builder.pid"
+    while lock.exists():
+        try:
+            pid = int(owner.read_text())
+        except (OSError, ValueError):
+            pid = None
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:
+            return  # the builder finished meanwhile
+        alive = pid is not None and _alive(pid)
+        if (pid is not None and not alive) or age > STALE_LOCK_S:
+            log.warning("evolm kernels: removing the lock of a build that did not finish (%s; process %s %s, "
+                        "lock %.0f s old)", root, pid, "alive" if alive else "gone", age)
+            lock.unlink(missing_ok=True)
+            return
+        time.sleep(poll_s)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
 def _build(root: Path):
     """Compile the sources into ``root`` (or reuse its objects: ninja rebuilds what changed) and import
     the module; then mark the build complete, so that later starts import it directly."""
     from torch.utils.cpp_extension import load
 
+    _wait_for_builder(root)
+    mod = _load_built(root)  # the builder we waited for finished it
+    if mod is not None:
+        return mod
+    (root / "builder.pid").write_text(str(os.getpid()))
     flags = ["-O3", "-march=native", "-fopenmp"] if os.name != "nt" else ["/O2"]
     mod = load(name=_NAME, sources=[str(p) for p in _SOURCES], extra_cflags=flags, build_directory=str(root),
                verbose=False)
