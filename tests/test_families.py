@@ -90,6 +90,12 @@ TINY: dict[str, dict] = {
     "mamba": dict(vocab_size=V, hidden_size=48, num_hidden_layers=2, state_size=8, conv_kernel=3, expand=3,
                   time_step_rank=5, use_bias=True, use_conv_bias=False, tie_word_embeddings=False,
                   initializer_range=0.1),
+    # a hybrid: attention every 3rd layer from layer 2, experts every 3rd from 0, biases on the projections
+    "jamba": dict(vocab_size=V, hidden_size=48, intermediate_size=80, num_hidden_layers=6, num_attention_heads=4,
+                  num_key_value_heads=2, attn_layer_period=3, attn_layer_offset=2, expert_layer_period=3,
+                  expert_layer_offset=0, num_experts=4, num_experts_per_tok=1, mamba_d_state=8, mamba_d_conv=3,
+                  mamba_expand=3, mamba_dt_rank=5, mamba_proj_bias=True, mamba_conv_bias=False,
+                  tie_word_embeddings=True, output_router_logits=True, router_aux_loss_coef=0.01),
 }
 
 

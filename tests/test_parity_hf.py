@@ -355,7 +355,7 @@ def test_hf_defaults_match_transformers(model_type):
             got = cfg.rope_parameters["sliding_attention"]["rope_theta"]
         elif key == "sliding_window_pattern":
             got = cfg._sliding_window_pattern
-        elif key == "layer_types" or (key == "head_dim" and want is None) or key == "time_step_rank":
+        elif key == "layer_types" or (key == "head_dim" and want is None) or key in ("time_step_rank", "mamba_dt_rank"):
             continue  # derived in __post_init__
         elif key == "num_key_value_heads" and want is None:
             got = cfg.num_key_value_heads if cfg.num_key_value_heads != cfg.num_attention_heads else None

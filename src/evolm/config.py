@@ -216,6 +216,11 @@ class ModelConfig:
     # the mixer: "mha" (covers MHA/GQA/MQA via n_kv_heads) | "mla" | "mamba" (a selective state space,
     # nn/mamba.py) | "hyena" (implicit long convolutions, nn/hyena.py)
     attention: str = "mha"
+    # hybrids (Jamba, Lieber et al. 2024, arXiv:2403.19887): the mixers of a repeating group of layers,
+    # layer i's is mixer_pattern[i % len(mixer_pattern)]; each an attention kind (which must be
+    # ``attention``) or a recurrent mixer ("mamba", "hyena"). Jamba-v0.1: one "mha" per 8 layers, at index 4.
+    # Empty: every layer's mixer is ``attention``
+    mixer_pattern: tuple[str, ...] = ()
     qkv_bias: bool = False
     o_bias: bool = False
     # None | "head" (Qwen3, Gemma 3) | "full" (OLMo 2) | "l2" (Llama 4: per head, no learned scale,
@@ -270,6 +275,9 @@ class ModelConfig:
     hyena_decay_fast: float = 0.3
     hyena_decay_slow: float = 1.5
     hyena_decay_target: float = 0.01
+    # Jamba: RMSNorms on the step-size input dt and on B and C inside the mixer, which AI21 found to
+    # keep large-scale training free of loss spikes (arXiv:2403.19887, 'stabilizing Mamba at large scale')
+    mamba_dt_b_c_norm: bool = False
     # --- MLP (nn/mlp.py) ----------------------------------------------------------------
     # "mlp" (up -> act -> down) | "glu" (act(gate) * up -> down) | "none" (a mixer-only block: Mamba)
     mlp: str = "mlp"
@@ -358,6 +366,7 @@ class ModelConfig:
         if self.mamba_dt_rank is None and isinstance(self.d_model, int):
             self.mamba_dt_rank = -(-self.d_model // 16)
         self.nope_layers = tuple(self.nope_layers)
+        self.mixer_pattern = tuple(self.mixer_pattern)
         self.validate()
 
     def _check_types(self) -> None:
@@ -401,6 +410,7 @@ class ModelConfig:
         choice("norm_placement", NORM_PLACEMENTS)
         choice("pos_emb", POSITIONS)
         choice("attention", ATTENTIONS)
+        self._validate_mixer_pattern(need)
         choice("mask", MASKS)
         choice("qk_norm", QK_NORMS)
         choice("mlp", MLP_TYPES)
@@ -486,7 +496,7 @@ class ModelConfig:
             need(self.qk_norm is None, "qk_norm", "is not supported with attention='mla'")
             if self.q_lora_rank is not None:
                 need(self.q_lora_rank > 0, "q_lora_rank", "must be positive or None")
-        if self.attention == "hyena":
+        if any(self.layer_mixer(i) == "hyena" for i in range(self.n_layers)):
             self._validate_hyena(need)
         need(isinstance(self.mtp_depth, int) and self.mtp_depth >= 0, "mtp_depth",
              f"must be an integer >= 0, got {self.mtp_depth!r}")
@@ -511,19 +521,32 @@ class ModelConfig:
             need(self.n_shared_experts == 0, "n_shared_experts", "needs n_experts > 0")
             need(not self.router_bias, "router_bias", "needs n_experts > 0")
 
+    def _validate_mixer_pattern(self, need) -> None:
+        """A hybrid's pattern names known mixers, and one attention kind: the ``attention`` field,
+        whose sizes (heads, MLA ranks) the attention layers take."""
+        for j, m in enumerate(self.mixer_pattern):
+            need(m in ATTENTIONS, "mixer_pattern", f"entry {j} is {m!r}; expected one of {list(ATTENTIONS)}")
+            need(m in RECURRENT_MIXERS or m == self.attention, "mixer_pattern",
+                 f"entry {j} is {m!r}, an attention kind other than attention={self.attention!r}; the "
+                 f"attention layers of a hybrid are all of the kind 'attention' names")
+
     def _validate_mamba(self, need) -> None:
-        """The selective-state-space fields (attention='mamba')."""
+        """The selective-state-space fields, where any layer's mixer is one (attention='mamba', or mixer_pattern)."""
+        need(not self.mamba_dt_b_c_norm or any(self.layer_mixer(i) == "mamba" for i in range(self.n_layers)),
+             "mamba_dt_b_c_norm", "is set but no layer's mixer is 'mamba'")
         if not any(self.layer_is_recurrent(i) for i in range(self.n_layers)):
             need(self.mlp != "none", "mlp", "'none' (a mixer-only block) is for state-space mixers (attention='mamba')")
             return
+        ssm = next(self.layer_mixer(i) for i in range(self.n_layers) if self.layer_is_recurrent(i))
         for f in ("mamba_d_state", "mamba_d_conv", "mamba_expand", "mamba_dt_rank"):
             v = getattr(self, f)
             need(v > 0, f, f"must be a positive integer, got {v!r}")
         need(self.mask == "causal", "mask",
-             f"is {self.mask!r}; a state-space mixer (attention={self.attention!r}) scans left to right: 'causal' only")
-        need(self.encoder_layers == 0, "encoder_layers", f"must be 0 with attention={self.attention!r}")
-        need(self.pos_emb != "relative", "pos_emb", f"'relative' biases attention scores; attention={self.attention!r} has none")
-        need(self.mtp_depth == 0, "mtp_depth", f"is not supported with attention={self.attention!r}")
+             f"is {self.mask!r}; a state-space mixer ({ssm!r}) scans left to right: 'causal' only")
+        need(self.encoder_layers == 0, "encoder_layers", f"must be 0 with a state-space mixer ({ssm!r})")
+        need(self.pos_emb != "relative", "pos_emb",
+             f"'relative' biases attention scores; a state-space mixer ({ssm!r}) has none")
+        need(self.mtp_depth == 0, "mtp_depth", f"is not supported with a state-space mixer ({ssm!r})")
         need(self.n_experts == 0 or self.mlp != "none", "mlp", "'none' leaves no place for the experts (n_experts > 0)")
 
     def _validate_hyena(self, need) -> None:
@@ -632,8 +655,9 @@ class ModelConfig:
         return self.attn_temperature_tuning and not self.layer_uses_rope(i)
 
     def layer_mixer(self, i: int) -> str:
-        """Layer i's mixer kind (nn/block.py's MIXERS)."""
-        return self.attention
+        """Layer i's mixer kind (nn/block.py's MIXERS): ``mixer_pattern`` repeated, or ``attention``."""
+        p = self.mixer_pattern
+        return p[i % len(p)] if p else self.attention
 
     def layer_is_recurrent(self, i: int) -> bool:
         """Layer i keeps a recurrent state, not keys/values (cache/state.py)."""
@@ -646,6 +670,7 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["nope_layers"] = list(self.nope_layers)
+        d["mixer_pattern"] = list(self.mixer_pattern)
         if self.vision is not None:
             d["vision"] = json.loads(json.dumps(d["vision"]))  # tuples as JSON lists
         return d

@@ -69,6 +69,12 @@ Hyena (``attention="hyena"``, ``nn/hyena.py``; Poli et al. 2023, arXiv:2302.1086
     (``state_bytes_per_sequence``) is the last ``max_seq_len`` inputs of each long convolution,
     ``N * d * max_seq_len`` values a layer, and the short convolution's last ``taps - 1`` inputs.
 
+Hybrids (Jamba: ``mixer_pattern``; Lieber et al. 2024, arXiv:2403.19887)
+    Everything above is counted per layer by its mixer: keys/values (and attention FLOPs) only for
+    the attention layers, a fixed state only for the state-space ones. Jamba-v0.1 (4 attention
+    layers of 32) holds 4 GiB of bf16 keys/values at 256K tokens, where the paper reports 4GB (its
+    Table 1; Mixtral 8x7B: 32GB).
+
 Encoder-decoders (T5, BART, Switch: ``encoder_layers > 0``)
     The encoder's parameters join the parts (its token embedding is the decoder's, counted once;
     T5's relative position tables count as embeddings), each decoder layer adds its
@@ -166,11 +172,17 @@ _MIXER_ONLY_NORMS = {"pre": 1, "post": 1, "sandwich": 2, "olmo2": 1, "parallel":
 
 def ssm_size(c: ModelConfig) -> int:
     """Parameters of one Mamba mixer (nn/mamba.py): in/out projections, the depthwise convolution,
-    the dt/B/C projection, dt's up-projection with its bias, ``A_log`` and ``D``."""
+    the dt/B/C projection, dt's up-projection with its bias, ``A_log`` and ``D`` (Jamba's norms on dt,
+    B and C count with the norms: :func:`ssm_norms_size`)."""
     d, di, N, R = c.d_model, c.mamba_expand * c.d_model, c.mamba_d_state, c.mamba_dt_rank
     proj = 2 * d * di + di * d + (2 * di + d if c.mamba_proj_bias else 0)
     conv = di * c.mamba_d_conv + (di if c.mamba_conv_bias else 0)
     return proj + conv + di * (R + 2 * N) + R * di + di + di * N + di
+
+
+def ssm_norms_size(c: ModelConfig) -> int:
+    """Jamba's RMSNorms on dt, B and C inside one Mamba mixer (``mamba_dt_b_c_norm``)."""
+    return c.mamba_dt_rank + 2 * c.mamba_d_state if c.mamba_dt_b_c_norm else 0
 
 
 def ssm_state_bytes(c: ModelConfig, bytes_per_value: int = 2, batch: int = 1) -> int:
@@ -205,7 +217,7 @@ def param_counts(c: ModelConfig) -> dict[str, int]:
         mixer = c.layer_mixer(i)
         parts["attention"] += ssm_size(c) if mixer == "mamba" else sum(_hyena_size(c)) if mixer == "hyena" else attn
         mixer_only = c.mlp == "none" and not c.layer_is_moe(i)
-        parts["norms"] += (0 if mixer in ("mamba", "hyena") else attn_norms) + \
+        parts["norms"] += (ssm_norms_size(c) if mixer == "mamba" else 0 if mixer == "hyena" else attn_norms) + \
             (_MIXER_ONLY_NORMS if mixer_only else _BLOCK_NORMS)[c.norm_placement] * _norm_size(c, d)
         if mixer_only:
             pass

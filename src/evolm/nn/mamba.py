@@ -28,6 +28,11 @@ The cache holds per layer the last ``d_conv - 1`` convolution inputs and the SSM
 tokens are zeroed (transformers' Mamba does the same at the block input), so a left-padded row's
 state and outputs equal those of the row alone. Module names (``in_proj``, ``conv1d``, ``x_proj``,
 ``dt_proj``, ``A_log``, ``D``, ``out_proj``) are those of the reference checkpoints.
+
+Jamba (Lieber et al. 2024, arXiv:2403.19887) adds RMSNorms on the low-rank step-size input and on
+``B`` and ``C`` (``mamba_dt_b_c_norm``; ``dt_layernorm``, ``b_layernorm``, ``c_layernorm`` as in its
+checkpoints): at scale its authors saw large activations and loss spikes inside the mixer, and
+normalising these three internal activations removed them.
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from evolm.nn.norm import RMSNorm
 
 SCAN_CHUNK = 64  # tokens whose expanded (d_inner, N) terms are held at once in the full-sequence scan
 DT_MIN, DT_MAX, DT_FLOOR = 1e-3, 1e-1, 1e-4  # initial step sizes (the paper's Sec. 3.6 / reference init)
@@ -92,6 +99,11 @@ class Mamba(nn.Module):
         self.A_log = nn.Parameter(torch.empty(di, self.d_state))  # A = -exp(A_log): a stable, real diagonal
         self.D = nn.Parameter(torch.empty(di))
         self.out_proj = nn.Linear(di, c.d_model, bias=c.mamba_proj_bias)
+        if c.mamba_dt_b_c_norm:
+            self.dt_layernorm = RMSNorm(self.dt_rank, c.norm_eps)
+            self.b_layernorm = RMSNorm(self.d_state, c.norm_eps)
+            self.c_layernorm = RMSNorm(self.d_state, c.norm_eps)
+        self.dt_b_c_norm = c.mamba_dt_b_c_norm
         if not self.A_log.is_meta:
             self.reset_ssm_parameters()
 
@@ -129,6 +141,8 @@ class Mamba(nn.Module):
         if keep is not None:
             u = u * keep
         dt, Bm, Cm = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        if self.dt_b_c_norm:
+            dt, Bm, Cm = self.dt_layernorm(dt), self.b_layernorm(Bm), self.c_layernorm(Cm)
         dt = F.softplus(self.dt_proj(dt).float())
         A = -torch.exp(self.A_log.float())
         uf = u.float()

@@ -1,6 +1,6 @@
 """Published model sizes as data: ``get_preset('llama-3-8b')`` -> a fresh ``ModelConfig``.
 
-Each family file (gpt, palm, llama, falcon, mistral, gemma, olmo, qwen, deepseek, smollm, mamba, and the encoders
+Each family file (gpt, palm, llama, falcon, mistral, gemma, olmo, qwen, deepseek, smollm, mamba, jamba, and the encoders
 bert, modernbert; the encoder-decoders t5, bart; tiny) holds a dict
 ``PRESETS`` of name -> keyword arguments of ``ModelConfig``, with the published
 hyper-parameters (from each model's released ``config.json``) and a ``meta`` dict citing the
@@ -16,7 +16,7 @@ import copy
 import difflib
 
 from evolm.config import ConfigError, ModelConfig
-from evolm.presets import (bart, bert, deepseek, falcon, gemma, gpt, llama, mamba, mistral, modernbert, olmo, palm,
+from evolm.presets import (bart, bert, deepseek, falcon, gemma, gpt, jamba, llama, mamba, mistral, modernbert, olmo, palm,
                            qwen, smollm, t5, tiny)
 
 FAMILIES = {
@@ -31,6 +31,7 @@ FAMILIES = {
     "deepseek": deepseek.PRESETS,
     "smollm": smollm.PRESETS,
     "mamba": mamba.PRESETS,
+    "jamba": jamba.PRESETS,
     "t5": t5.PRESETS,
     "bart": bart.PRESETS,
     "bert": bert.PRESETS,

@@ -33,7 +33,9 @@ OPTIONAL_PARTS = {"nope_layers": (), "attention_chunk_size": None, "attn_tempera
                   "moe_first_layer": None, "expert_capacity": None, "moe_loss_groups": "layer", "encoder_layers": 0,
                   "head_input_scale": False,
                   # a vision model's image side (mllama.py)
-                  "vision": None}
+                  "vision": None,
+                  # the hybrids' parts (jamba.py)
+                  "mixer_pattern": (), "mamba_dt_b_c_norm": False}
 
 
 class Needs(list):
