@@ -195,3 +195,11 @@ def test_trains_gradients_flow():
     loss.backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert missing == []
+
+
+def test_packed_documents_are_refused_naming_the_mixer():
+    """Layer 0 attends, but the Mamba layers would carry their state across documents."""
+    _, model = _pair(attn_layer_offset=0)
+    ids = torch.randint(3, V, (1, 8))
+    with pytest.raises(ValueError, match="packed documents.*'mamba' mixer"):
+        model(ids, doc_ids=torch.tensor([[0, 0, 0, 0, 1, 1, 1, 1]]))

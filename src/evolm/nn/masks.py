@@ -176,7 +176,8 @@ def _plan_recurrent(config, inputs: MaskInputs, static: bool) -> tuple[torch.Ten
     """A recurrent layer's plan: the validity of the new tokens (None: all real; a compiled decode
     step feeds real tokens only)."""
     if inputs.doc_ids is not None:
-        raise ValueError(f"doc_ids (packed documents) with attention={config.layer_mixer(0)!r}: a state-space "
+        ssm = next(config.layer_mixer(i) for i in range(config.n_layers) if config.layer_is_recurrent(i))
+        raise ValueError(f"doc_ids (packed documents) with a {ssm!r} mixer: a state-space "
                          f"layer would carry its state across documents; train on unpacked rows")
     if inputs.kind != "causal":
         raise ValueError(f"mask kind {inputs.kind!r} with a state-space layer: it scans left to right (causal only)")
