@@ -70,6 +70,11 @@ def ladder(dims: Dims = Dims()) -> list[Variant]:
         # (the budget gives the cheaper mixer more tokens): a side rung, judged against the dense one
         Variant("mamba", {"attention": "mamba", "pos_emb": "none", "qk_norm": None, "sliding_window": None,
                           "sliding_window_pattern": 1}, on="olmo2-norm", side=True),
+        # a Jamba-style hybrid (Lieber et al. 2024): 3 of every 4 mixers Mamba (with Jamba's dt/B/C norms),
+        # one attention layer without positions, MLPs kept; a side rung at equal FLOPs, like 'mamba'
+        Variant("jamba", {"mixer_pattern": ["mamba", "mamba", "mamba", "mha"], "mamba_dt_b_c_norm": True,
+                          "pos_emb": "none", "qk_norm": None, "sliding_window": None, "sliding_window_pattern": 1},
+                on="olmo2-norm", side=True),
         # MLA normalises its latent instead of per-head queries and keys, so the rung drops QK-norm
         Variant("mla", {"attention": "mla", "kv_lora_rank": dims.d_model // 4, "qk_nope_head_dim": h,
                         "qk_rope_head_dim": h // 2, "v_head_dim": h, "qk_norm": None}),  # DeepSeek-V2 2024
