@@ -1,5 +1,5 @@
-"""Mamba on CPU: evolm vs transformers' MambaForCausalLM (its slow PyTorch path), same weights, and
-decode time per token against the context length.
+"""Mamba and hybrids on CPU: evolm vs transformers' MambaForCausalLM / JambaForCausalLM (their slow
+PyTorch paths), same weights, and decode time per token against the context length.
 
 Builds evolm's preset (``mamba-130m`` by default) with random weights and transformers' model from
 the same config.json and the same tensors (``interop/hf.py``; greedy tokens of random weights mean
@@ -16,7 +16,9 @@ times, and reported as median and spread (the machine may be shared):
 
     python benchmarks/ssm.py [--preset mamba-130m] [--layers N] [--prompt-len 256] [--new 32]
                              [--contexts 256,1024,2048,4096,8192] [--steps 16] [--repeat 3]
-                             [--threads 1] [--out runs/ssm]
+                             [--threads 1] [--out runs/ssm] [--set FIELD=VALUE ...]
+    python benchmarks/ssm.py --preset jamba-v0.1 --layers 8 --set d_model=512 d_ff=1024 n_heads=8 \
+        n_kv_heads=2 mamba_dt_rank=32 vocab_size=32000      # a Jamba block of 8 layers at a CPU width
 
 Writes ``decode_vs_context.png`` (matplotlib; a text table ``decode_vs_context.txt`` without it)
 and ``results.json`` under ``--out``.
@@ -44,18 +46,20 @@ from evolm.presets import get_preset  # noqa: E402
 from stats import median_spread  # noqa: E402  (benchmarks/stats.py)
 
 
-def build_pair(preset: str, layers: int | None):
-    """evolm's preset with random weights and transformers' MambaForCausalLM holding the same tensors."""
+def build_pair(preset: str, layers: int | None, overrides: dict | None = None):
+    """evolm's preset with random weights and transformers' model of its family (MambaForCausalLM,
+    JambaForCausalLM) holding the same tensors."""
     import transformers
 
-    overrides = {"n_layers": layers} if layers else {}
+    overrides = dict(overrides or {}, **({"n_layers": layers} if layers else {}))
     torch.manual_seed(0)
     ours = evolm.build(get_preset(preset, **overrides)).eval()
     h = config_to_hf(ours.config)
-    hc = transformers.MambaConfig(**{k: v for k, v in h.items() if k not in ("architectures", "model_type")},
-                                  use_mambapy=False, use_associative_scan=False)
-    hf = transformers.MambaForCausalLM(hc).eval()
-    missing, unexpected = hf.load_state_dict(state_dict_to_hf(ours.state_dict(), ours.config), strict=False)
+    hc = transformers.AutoConfig.for_model(**{k: v for k, v in h.items() if k != "architectures"},
+                                           use_mambapy=False, use_associative_scan=False)
+    hf = getattr(transformers, h["architectures"][0])(hc).eval()
+    missing, unexpected = hf.load_state_dict(state_dict_to_hf(ours.state_dict(), ours.config, fused_experts=True),
+                                             strict=False)
     if unexpected or [m for m in missing if m != "lm_head.weight"]:
         raise RuntimeError(f"weights do not line up: missing {missing}, unexpected {unexpected}")
     hf.tie_weights()
@@ -144,13 +148,16 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="runs/ssm")
+    ap.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
+                    help="ModelConfig overrides, values as JSON (a smaller jamba-v0.1: d_model=512 n_experts=4 ...)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    ours, hf = build_pair(a.preset, a.layers)
+    ours, hf = build_pair(a.preset, a.layers, {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in a.set)})
     c = ours.config
-    shape = f"{a.preset} shape ({c.n_layers} layers, d_model {c.d_model}), random weights, fp32, {a.threads} thread(s)"
+    shape = f"{a.preset} shape ({c.n_layers} layers, d_model {c.d_model}{', ' + ' '.join(a.set) if a.set else ''}), " \
+        f"random weights, fp32, {a.threads} thread(s)"
     print(shape)
     ids = torch.randint(3, c.vocab_size, (1, a.prompt_len), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
@@ -181,7 +188,7 @@ def main() -> None:
                                                     zip(contexts, meds, spreads)}
         for n, m, s in zip(contexts, meds, spreads):
             print(f"decode at context {n:>5}: {1e3 * m:6.2f} ms/token (+-{100 * s:.0f}%)")
-    path = plot(contexts, list(meds), list(spreads), out, "Mamba decode time per token vs context\n" + shape)
+    path = plot(contexts, list(meds), list(spreads), out, f"{a.preset} decode time per token vs context\n" + shape)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print(f"wrote {path} and {out / 'results.json'}")
 
