@@ -244,6 +244,62 @@ def test_gguf_export_says_jamba_is_not_written_yet():
         gguf_architecture(model.config)
 
 
+def test_config_json_round_trip_and_pruning_refused():
+    c = get_preset("jamba-v0.1")
+    back = ModelConfig.from_dict(json.loads(c.to_json()))
+    assert back == c and back.mixer_pattern == c.mixer_pattern
+    from evolm.prune.structured import PruneError, Target, check_prunable
+
+    check_prunable(c, Target.of(c))  # nothing cut: fine
+    with pytest.raises(PruneError, match="hybrid \\(mixer_pattern="):
+        check_prunable(c, Target(c.n_heads, c.n_kv_heads, c.d_ff, c.d_model, 24))
+
+
+def test_server_engine_decodes_as_generate():
+    """The server's slot cache holds each request's keys/values (attention layers) and states (Mamba
+    layers): requests of different lengths sharing decode steps give generate()'s tokens."""
+    import threading
+
+    from evolm.serve.scheduler import Engine, GenRequest, TokenEvent
+
+    class Tok:
+        eos_ids: list[int] = []
+
+        def decode(self, ids):
+            return "".join(f"<{i}>" for i in ids)
+
+        def encode(self, text):
+            return []
+
+    tokens, ended, cv = {}, set(), threading.Condition()
+
+    def deliver(ev):
+        with cv:
+            if isinstance(ev, TokenEvent):
+                tokens.setdefault(ev.index, []).append(ev.token_id)
+            else:
+                ended.add(ev.index)
+                cv.notify_all()
+
+    _, model = _pair()
+    with torch.no_grad():  # sharpen the random model's logits so argmax is far from ties
+        model.embed_tokens.weight.mul_(4)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, V, (n,), generator=g).tolist() for n in (3, 11, 20, 7)]
+    max_new = [12, 5, 9, 10]
+    ref = [generate(model, p, SamplingParams(max_new_tokens=m, temperature=0))[0] for p, m in zip(prompts, max_new)]
+    engine = Engine(model, Tok(), max_batch=3, max_len=64)
+    for i, (p, m) in enumerate(zip(prompts, max_new)):  # 3 run at once, the 4th joins when one ends
+        engine.waiting.append(GenRequest(p, SamplingParams(max_new_tokens=m, temperature=0), deliver, index=i))
+    engine.start()
+    try:
+        with cv:
+            assert cv.wait_for(lambda: len(ended) == len(prompts), 120)
+    finally:
+        engine.stop()
+    assert [tokens[i] for i in range(len(prompts))] == ref
+
+
 def test_trains_gradients_flow():
     """Every parameter of both mixer kinds, the router and the experts gets a gradient."""
     _, model = _pair()

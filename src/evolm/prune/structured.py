@@ -87,6 +87,9 @@ def check_prunable(c: ModelConfig, target: Target) -> None:
         raise PruneError(f"prune: heads={target.n_heads} with kv={target.n_kv_heads} needs "
                          f"{target.n_heads // target.n_kv_heads} query heads per KV group; the model has "
                          f"{c.n_heads // c.n_kv_heads}")
+    if c.mixer_pattern and target != Target.of(c):
+        raise PruneError(f"prune: {c.name} is a hybrid (mixer_pattern={list(c.mixer_pattern)}); structured pruning "
+                         f"cuts models whose layers share one mixer (depth would shift the pattern)")
     if c.attention != "mha" and (target.n_heads, target.n_kv_heads, target.d_model) != (c.n_heads, c.n_kv_heads,
                                                                                          c.d_model):
         raise PruneError(f"prune: {c.name} uses attention={c.attention!r}; structured pruning cuts heads and the "
