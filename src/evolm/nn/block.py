@@ -16,8 +16,8 @@
 A block is two parts in that wiring: a *mixer*, which moves information between positions
 (self-attention, multi-head latent attention, a selective state space, Hyena's long convolutions), and a
 *channel* part, which works on each position alone (an MLP, or a mixture of experts). Both are
-chosen from the registries below by config fields (``attention``; ``moe_layers`` /
-``layer_is_moe``), so a new kind of mixer is one module and one registry entry; neither the block
+chosen from the registries below by config fields (``attention``, or per layer ``mixer_pattern``
+for a hybrid such as Jamba: ``layer_mixer``; ``moe_layer_step`` / ``layer_is_moe``), so a new kind of mixer is one module and one registry entry; neither the block
 nor ``Transformer.forward`` changes. Every mixer is called as ``mixer(x, rope, mask, is_causal,
 cache)`` and returns a tensor of x's shape (a recurrent mixer's ``mask`` is the validity of the new
 tokens, see ``nn/masks.py``). A Mamba block has no channel part (``mlp="none"``): ``x = x + mixer(norm(x))``.
