@@ -158,6 +158,22 @@ def test_graph_with_side_effects_is_not_bound():
                                               torch.full((3,), 7.0))
 
 
+def test_step_broken_into_graphs_is_not_bound():
+    """A step dynamo splits into several graphs (a hybrid's step did: the last graph read the resumed
+    frame's stack, ``L['___stack1']``) is never replaced by its last graph."""
+    from evolm.infer.compiled import bind_last_graph, forget_last_graph, graph_backend
+
+    def f(x, y):
+        a = x * 2
+        torch._dynamo.graph_break()
+        return a + y
+
+    g = torch.compile(f, backend=graph_backend(None))
+    forget_last_graph()
+    assert torch.equal(g(torch.ones(3), torch.ones(3)), torch.full((3,), 3.0))
+    assert bind_last_graph(x=torch.ones(3), y=torch.ones(3)) is None
+
+
 def test_cpp_wrapper_choice():
     """The compiled CPU step is driven from C++ unless EVOLM_CPP_WRAPPER=0; other devices never."""
     from evolm.infer.compiled import _cpp_wrapper

@@ -53,6 +53,9 @@ from evolm.quant.policy import DEFAULT_POLICY, KernelPolicy
 # the graph of the last compiled call, called without dynamo
 # ------------------------------------------------------------------------------------------
 _last: list = [None]  # the bindable entry of the compiled graph that ran last (None: not bindable)
+# graphs run since forget_last_graph: a step that dynamo broke into several graphs (the later ones
+# read the resumed frame's stack) cannot be replaced by its last graph alone
+_runs: list = [0]
 
 
 class _Entry:
@@ -93,6 +96,7 @@ def graph_backend(options: dict | None) -> Callable:
 
         def run(*args):
             _last[0] = entry
+            _runs[0] += 1
             return fn(*args)
 
         return run
@@ -103,6 +107,7 @@ def graph_backend(options: dict | None) -> Callable:
 def forget_last_graph() -> None:
     """Forget which graph ran last (call before the dynamo step that :func:`bind_last_graph` will follow)."""
     _last[0] = None
+    _runs[0] = 0
 
 
 def bind_last_graph(**frame_locals) -> Callable | None:
@@ -110,7 +115,7 @@ def bind_last_graph(**frame_locals) -> Callable | None:
     a function of the same arguments that calls the graph without dynamo. None if that graph is
     not bindable. Only valid while the model and every shape stay those of the dynamo step."""
     entry = _last[0]
-    if entry is None:
+    if entry is None or _runs[0] != 1:
         return None
     template = [None] * entry.n
     for i, get in entry.fixed:
