@@ -198,7 +198,7 @@ class Transformer(nn.Module):
         elif self.vision_model is not None:
             if pixel_values is not None:
                 cross = self.encode_images(pixel_values, aspect_ratio_ids, aspect_ratio_mask)
-        elif decoder_input_ids is not None or cross is not None or pixel_values is not None:
+        elif self.encoder is None and (decoder_input_ids is not None or cross is not None or pixel_values is not None):
             raise ValueError("decoder_input_ids / cross are for encoder-decoder models (encoder_layers > 0), "
                              "pixel_values for vision models (config.vision)")
         B, T = input_ids.shape
