@@ -96,6 +96,10 @@ TINY: dict[str, dict] = {
                   expert_layer_offset=0, num_experts=4, num_experts_per_tok=1, mamba_d_state=8, mamba_d_conv=3,
                   mamba_expand=3, mamba_dt_rank=5, mamba_proj_bias=True, mamba_conv_bias=False,
                   tie_word_embeddings=True, output_router_logits=True, router_aux_loss_coef=0.01),
+    # a state-space model: mixer-only blocks, grouped B/C, biases, a time-step limit
+    "mamba2": dict(vocab_size=V, hidden_size=64, num_hidden_layers=2, num_heads=8, head_dim=16, state_size=16,
+                   n_groups=2, chunk_size=32, use_bias=True, time_step_limit=[0.01, 5.0], tie_word_embeddings=True,
+                   initializer_range=0.1),
 }
 
 

@@ -27,7 +27,7 @@ PUBLISHED = [
 ]
 # published without a Hugging Face checkpoint (PaLM) or with counts the model cards only round (Falcon)
 PAPER_ONLY = ["palm-8b", "palm-62b", "palm-540b"]
-ROUNDED = ["falcon-7b", "falcon-40b"]
+ROUNDED = ["falcon-7b", "falcon-40b", "mamba2-130m", "mamba2-370m", "mamba2-780m", "mamba2-1.3b", "mamba2-2.7b"]
 TINY = ["tiny-gpt2", "tiny-falcon", "tiny-llama", "tiny-mixtral", "tiny-gemma3", "tiny-olmo2", "tiny-qwen3",
         "tiny-qwen3-moe", "tiny-deepseek", "tiny-bert", "tiny-roberta", "tiny-modernbert"]
 
@@ -236,6 +236,12 @@ HF_CONFIGS = {
     "smollm2-360m": ("llama", dict(vocab_size=49152, hidden_size=960, intermediate_size=2560,
                                    num_hidden_layers=32, num_attention_heads=15, num_key_value_heads=5,
                                    tie_word_embeddings=True)),
+    # state-spaces/mamba2-*: mamba_ssm's Mamba2 defaults (state 128, head dim 64, one group), vocab padded to 16
+    **{f"mamba2-{size}": ("mamba2", dict(vocab_size=50288, hidden_size=d, num_hidden_layers=L, num_heads=2 * d // 64,
+                                         head_dim=64, state_size=128, n_groups=1, expand=2, conv_kernel=4,
+                                         tie_word_embeddings=True))
+       for size, d, L in (("130m", 768, 24), ("370m", 1024, 48), ("780m", 1536, 48), ("1.3b", 2048, 48),
+                          ("2.7b", 2560, 64))},
 }
 
 

@@ -26,10 +26,10 @@ class ConfigError(ValueError):
 NORMS = ("layernorm", "rmsnorm")
 NORM_PLACEMENTS = ("pre", "post", "sandwich", "olmo2", "parallel", "parallel2")
 POSITIONS = ("learned", "rope", "relative", "none")
-ATTENTIONS = ("mha", "mla", "mamba", "hyena")
+ATTENTIONS = ("mha", "mla", "mamba", "hyena", "mamba2")
 # mixers that keep a recurrent state instead of keys/values (cache/state.py); their "mask" is which
 # new tokens are real (nn/masks.plan_masks)
-RECURRENT_MIXERS = ("mamba", "hyena")
+RECURRENT_MIXERS = ("mamba", "hyena", "mamba2")
 MASKS = ("causal", "bidirectional", "prefix")
 QK_NORMS = (None, "head", "full", "l2")
 MLP_TYPES = ("mlp", "glu", "none")
@@ -215,6 +215,7 @@ class ModelConfig:
     # --- attention (nn/attention.py, nn/mla.py) -----------------------------------------
     # the mixer: "mha" (covers MHA/GQA/MQA via n_kv_heads) | "mla" | "mamba" (a selective state space,
     # nn/mamba.py) | "hyena" (implicit long convolutions, nn/hyena.py)
+    # | "mamba2" (SSD, nn/mamba2.py)
     attention: str = "mha"
     # hybrids (Jamba, Lieber et al. 2024, arXiv:2403.19887): the mixers of a repeating group of layers,
     # layer i's is mixer_pattern[i % len(mixer_pattern)]; each an attention kind (which must be
@@ -278,6 +279,16 @@ class ModelConfig:
     # Jamba: RMSNorms on the step-size input dt and on B and C inside the mixer, which AI21 found to
     # keep large-scale training free of loss spikes (arXiv:2403.19887, 'stabilizing Mamba at large scale')
     mamba_dt_b_c_norm: bool = False
+    # Mamba-2 (nn/mamba2.py, attention="mamba2"; SSD, Dao & Gu 2024): the fields above (N per head,
+    # Mamba2Config's state_size / conv_kernel / expand / use_conv_bias / use_bias) and, named as in
+    # transformers' FalconH1 config (Mamba2Config's head_dim / n_groups / chunk_size / time_step_*):
+    mamba_d_head: int = 64  # P, channels per SSM head; heads = mamba_expand * d_model / P
+    mamba_n_groups: int = 1  # groups of heads sharing B and C, like GQA's K/V groups
+    mamba_chunk_size: int = 256  # tokens per SSD chunk: the scan's block size, not part of the model
+    mamba_dt_min: float = 0.001  # dt's initial range (time_step_min / max / floor)
+    mamba_dt_max: float = 0.1
+    mamba_dt_floor: float = 1e-4
+    mamba_dt_limit: tuple[float, float] | None = None  # dt is clamped to it (time_step_limit); None: (0, inf)
     # --- MLP (nn/mlp.py) ----------------------------------------------------------------
     # "mlp" (up -> act -> down) | "glu" (act(gate) * up -> down) | "none" (a mixer-only block: Mamba)
     mlp: str = "mlp"
@@ -367,6 +378,8 @@ class ModelConfig:
             self.mamba_dt_rank = -(-self.d_model // 16)
         self.nope_layers = tuple(self.nope_layers)
         self.mixer_pattern = tuple(self.mixer_pattern)
+        if self.mamba_dt_limit is not None:
+            self.mamba_dt_limit = tuple(self.mamba_dt_limit)
         self.validate()
 
     def _check_types(self) -> None:
@@ -498,6 +511,8 @@ class ModelConfig:
                 need(self.q_lora_rank > 0, "q_lora_rank", "must be positive or None")
         if any(self.layer_mixer(i) == "hyena" for i in range(self.n_layers)):
             self._validate_hyena(need)
+        if self.attention == "mamba2":
+            self._validate_mamba2(need)
         need(isinstance(self.mtp_depth, int) and self.mtp_depth >= 0, "mtp_depth",
              f"must be an integer >= 0, got {self.mtp_depth!r}")
         need(self.mtp_loss_weight >= 0, "mtp_loss_weight", f"must be >= 0, got {self.mtp_loss_weight}")
@@ -565,6 +580,26 @@ class ModelConfig:
         need(self.sliding_window is None and self.attention_chunk_size is None, "sliding_window",
              "(or attention_chunk_size) is set; attention='hyena' has no window (its filters span max_seq_len)")
         # causal only, no encoder, no MTP: as every recurrent mixer (_validate_mamba)
+
+    def _validate_mamba2(self, need) -> None:
+        """The SSD mixer's sizes (nn/mamba2.py), as transformers' Mamba2Config checks them and more."""
+        for f in ("mamba_d_state", "mamba_d_conv", "mamba_expand", "mamba_d_head", "mamba_n_groups",
+                  "mamba_chunk_size"):
+            need(getattr(self, f) > 0, f, f"must be positive for attention='mamba2', got {getattr(self, f)}")
+        inner = self.mamba_expand * self.d_model
+        need(inner % self.mamba_d_head == 0, "mamba_d_head",
+             f"({self.mamba_d_head}) must divide the inner width mamba_expand * d_model = {inner}")
+        heads = inner // self.mamba_d_head
+        need(heads % self.mamba_n_groups == 0, "mamba_n_groups",
+             f"({self.mamba_n_groups}) must divide the SSM heads (mamba_expand * d_model / mamba_d_head = {heads})")
+        need(0 < self.mamba_dt_min <= self.mamba_dt_max, "mamba_dt_min",
+             f"({self.mamba_dt_min}) must be > 0 and <= mamba_dt_max ({self.mamba_dt_max})")
+        need(self.mamba_dt_floor > 0, "mamba_dt_floor", f"must be > 0, got {self.mamba_dt_floor}")
+        lim = self.mamba_dt_limit
+        need(lim is None or 0 <= lim[0] < lim[1], "mamba_dt_limit",
+             f"must be (low, high) with 0 <= low < high, got {lim!r}")
+        need(self.pos_emb != "rope", "pos_emb",
+             "is 'rope' but a Mamba-2 mixer reads no positions (use 'none', or 'learned' for absolute ones)")
 
     def _validate_seq2seq(self, need) -> None:
         """The encoder-decoder and relative-position fields (T5, BART, Switch)."""

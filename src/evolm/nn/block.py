@@ -14,7 +14,7 @@
   ``x = x + attn(norm_a(x)) + mlp(norm_m(x))``: still parallel, but each sub-layer has its own norm.
 
 A block is two parts in that wiring: a *mixer*, which moves information between positions
-(self-attention, multi-head latent attention, a selective state space, Hyena's long convolutions), and a
+(self-attention, multi-head latent attention, a selective state space: Mamba, Mamba-2; Hyena's long convolutions), and a
 *channel* part, which works on each position alone (an MLP, or a mixture of experts). Both are
 chosen from the registries below by config fields (``attention``, or per layer ``mixer_pattern``
 for a hybrid such as Jamba: ``layer_mixer``; ``moe_layer_step`` / ``layer_is_moe``), so a new kind of mixer is one module and one registry entry; neither the block
@@ -44,6 +44,7 @@ from evolm.nn.attention import Attention
 from evolm.nn.cross_attention import CrossAttention
 from evolm.nn.hyena import Hyena
 from evolm.nn.mamba import Mamba
+from evolm.nn.mamba2 import Mamba2
 from evolm.nn.mla import MultiHeadLatentAttention
 from evolm.nn.mlp import MLP
 from evolm.nn.moe import MoE
@@ -52,7 +53,7 @@ from evolm.nn.norm import make_norm
 
 # config.attention -> the mixer class (each takes (config, layer_idx))
 MIXERS: dict[str, type[nn.Module]] = {"mha": Attention, "mla": MultiHeadLatentAttention, "mamba": Mamba,
-                                      "hyena": Hyena}
+                                      "hyena": Hyena, "mamba2": Mamba2}
 
 
 def make_mixer(config, layer_idx: int) -> nn.Module:

@@ -1,6 +1,6 @@
 """Published model sizes as data: ``get_preset('llama-3-8b')`` -> a fresh ``ModelConfig``.
 
-Each family file (gpt, palm, llama, falcon, mistral, gemma, olmo, qwen, deepseek, smollm, mamba, jamba, and the encoders
+Each family file (gpt, palm, llama, falcon, mistral, gemma, olmo, qwen, deepseek, smollm, mamba, mamba2, jamba, and the encoders
 bert, modernbert; the encoder-decoders t5, bart; tiny) holds a dict
 ``PRESETS`` of name -> keyword arguments of ``ModelConfig``, with the published
 hyper-parameters (from each model's released ``config.json``) and a ``meta`` dict citing the
@@ -16,8 +16,8 @@ import copy
 import difflib
 
 from evolm.config import ConfigError, ModelConfig
-from evolm.presets import (bart, bert, deepseek, falcon, gemma, gpt, jamba, llama, mamba, mistral, modernbert, olmo, palm,
-                           qwen, smollm, t5, tiny)
+from evolm.presets import (bart, bert, deepseek, falcon, gemma, gpt, jamba, llama, mamba, mamba2, mistral, modernbert,
+                           olmo, palm, qwen, smollm, t5, tiny)
 
 FAMILIES = {
     "gpt": gpt.PRESETS,
@@ -36,6 +36,7 @@ FAMILIES = {
     "bart": bart.PRESETS,
     "bert": bert.PRESETS,
     "modernbert": modernbert.PRESETS,
+    "mamba2": mamba2.PRESETS,
     "tiny": tiny.PRESETS,
 }
 

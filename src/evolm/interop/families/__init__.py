@@ -21,6 +21,7 @@ from evolm.interop.families.llama import LLAMA, MISTRAL, MIXTRAL
 from evolm.interop.families.llama4 import LLAMA4_TEXT
 from evolm.interop.families.mllama import MLLAMA
 from evolm.interop.families.mamba import MAMBA
+from evolm.interop.families.mamba2 import MAMBA2
 from evolm.interop.families.modernbert import MODERNBERT
 from evolm.interop.families.olmo2 import OLMO2
 from evolm.interop.families.openai_gpt import OPENAI_GPT
@@ -29,7 +30,7 @@ from evolm.interop.families.t5 import SWITCH, T5
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     GPT2, OPENAI_GPT, LLAMA, MISTRAL, MIXTRAL, QWEN2, QWEN3, QWEN3_MOE, GEMMA, GEMMA2, GEMMA3_TEXT, OLMO2, DEEPSEEK_V2,
-    DEEPSEEK_V3, FALCON, LLAMA4_TEXT, BERT, ROBERTA, MODERNBERT, T5, SWITCH, BART, MLLAMA, MAMBA, JAMBA)}
+    DEEPSEEK_V3, FALCON, LLAMA4_TEXT, BERT, ROBERTA, MODERNBERT, T5, SWITCH, BART, MLLAMA, MAMBA, JAMBA, MAMBA2)}
 
 # the model_types config.json may name: each family's own, then the wrappers that nest it
 SUPPORTED_MODEL_TYPES = tuple(mt for f in FAMILIES.values() for mt in (f.model_type, *f.wrappers))
@@ -37,7 +38,7 @@ SUPPORTED_MODEL_TYPES = tuple(mt for f in FAMILIES.values() for mt in (f.model_t
 # Export tries the families in this order and writes the first that expresses a config exactly:
 # the most specific first, so a plain Llama config is not written as, say, a Gemma with every
 # Gemma feature switched off (Mistral, last, is Llama with a window: a windowless config is Llama).
-EXPORT_ORDER = ("mllama", "jamba", "mamba", "switch_transformers", "t5", "bart", "openai-gpt", "gpt2", "falcon", "deepseek_v3", "deepseek_v2", "llama4_text", "mixtral", "qwen3_moe",
+EXPORT_ORDER = ("mllama", "jamba", "mamba", "mamba2", "switch_transformers", "t5", "bart", "openai-gpt", "gpt2", "falcon", "deepseek_v3", "deepseek_v2", "llama4_text", "mixtral", "qwen3_moe",
                 "gemma3_text", "gemma2", "gemma", "olmo2", "qwen3", "qwen2", "llama", "mistral",
                 "bert", "roberta", "modernbert")  # the encoders: mask='bidirectional', no decoder can write them
 

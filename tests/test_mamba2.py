@@ -1,0 +1,147 @@
+"""Mamba-2 (evolm/nn/mamba2.py) against the SSD paper's minimal listing and transformers.
+
+Two references, neither of them ours:
+
+- ``ssd_minimal_discrete`` below is written from the paper (Dao & Gu 2024, arXiv:2405.21060,
+  Section 6 and Listing 1): a naive ``segsum`` (difference of cumulative sums), the four steps
+  (diagonal blocks, chunk states, inter-chunk recurrence as a (chunks+1)^2 decay matrix, state to
+  output), heads in full (B and C repeated per head). Ours splits heads into groups, passes states
+  chunk by chunk in a loop and takes the stable segsum: a different path to the same numbers.
+- transformers' ``Mamba2ForCausalLM`` (its PyTorch path, CPU) built from the same tiny config
+  with the same random weights: logits, cached greedy decoding, padded batches.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from evolm import ModelConfig, Transformer
+from evolm.config import ConfigError
+from evolm.nn.mamba2 import ssd_chunked
+
+transformers = pytest.importorskip("transformers")
+
+V = 97
+
+
+# ---------------------------------------------------------------------------------------------
+# the paper's minimal SSD listing, from its equations
+# ---------------------------------------------------------------------------------------------
+def paper_segsum(x):
+    """segsum(x)[..., i, j] = x[j+1] + ... + x[i] = cumsum[i] - cumsum[j] for j <= i, -inf above."""
+    T = x.size(-1)
+    cs = torch.cumsum(x, dim=-1)
+    out = cs[..., :, None] - cs[..., None, :]
+    return out.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), -torch.inf)
+
+
+def ssd_minimal_discrete(X, A, B, C, block_len, initial_states=None):
+    """X (b, t, h, p), A (b, t, h), B and C (b, t, h, n); t a multiple of block_len."""
+    b, t, h, p = X.shape
+    c = t // block_len
+    X, A, B, C = (v.reshape(b, c, block_len, *v.shape[2:]) for v in (X, A, B, C))
+    A = A.permute(0, 3, 1, 2)  # b h c l
+    A_cumsum = torch.cumsum(A, dim=-1)
+    # 1. intra-chunk outputs (diagonal blocks)
+    L = torch.exp(paper_segsum(A))
+    Y_diag = torch.einsum("bclhn,bcshn,bhcls,bcshp->bclhp", C, B, L, X)
+    # 2. each chunk's final state (B terms of the off-diagonal blocks)
+    decay_states = torch.exp(A_cumsum[:, :, :, -1:] - A_cumsum)
+    states = torch.einsum("bclhn,bhcl,bclhp->bchpn", B, decay_states, X)
+    # 3. inter-chunk recurrence (A terms)
+    if initial_states is None:
+        initial_states = torch.zeros_like(states[:, :1])
+    states = torch.cat([initial_states, states], dim=1)
+    decay_chunk = torch.exp(paper_segsum(F.pad(A_cumsum[:, :, :, -1], (1, 0))))
+    new_states = torch.einsum("bhzc,bchpn->bzhpn", decay_chunk, states)
+    states, final_state = new_states[:, :-1], new_states[:, -1]
+    # 4. state -> output (C terms)
+    Y_off = torch.einsum("bclhn,bchpn,bhcl->bclhp", C, states, torch.exp(A_cumsum))
+    return (Y_diag + Y_off).reshape(b, t, h, p), final_state
+
+
+@pytest.mark.parametrize("t,chunk,groups", [(32, 8, 1), (24, 8, 2), (16, 16, 4)])
+def test_ssd_scan_matches_paper_listing(t, chunk, groups):
+    g = torch.Generator().manual_seed(t + chunk)
+    b, h, p, n = 2, 4, 3, 5
+    r = h // groups
+    X = torch.randn(b, t, h, p, generator=g, dtype=torch.float64)
+    dt = F.softplus(torch.randn(b, t, h, generator=g, dtype=torch.float64))
+    A = -torch.exp(torch.randn(h, generator=g, dtype=torch.float64))
+    Bg = torch.randn(b, t, groups, n, generator=g, dtype=torch.float64)
+    Cg = torch.randn(b, t, groups, n, generator=g, dtype=torch.float64)
+    h0 = torch.randn(b, h, p, n, generator=g, dtype=torch.float64)
+    ref, ref_final = ssd_minimal_discrete(X * dt[..., None], A * dt, Bg.repeat_interleave(r, 2),
+                                          Cg.repeat_interleave(r, 2), chunk, h0[:, None])
+    y, final = ssd_chunked((X * dt[..., None]).view(b, t, groups, r, p), (A * dt).view(b, t, groups, r),
+                           Bg, Cg, chunk, h0.view(b, groups, r, p, n))
+    err = (y.reshape(b, t, h, p) - ref).abs().max().item()
+    print(f"SSD chunked vs paper listing (t={t}, chunk={chunk}, groups={groups}): max |diff| {err:.2e}")
+    assert err < 1e-10
+    assert (final.reshape(b, h, p, n) - ref_final).abs().max().item() < 1e-10
+
+
+def test_ssd_scan_any_length():
+    """A length that is no multiple of the chunk equals the same scan on the zero-padded sequence."""
+    g = torch.Generator().manual_seed(1)
+    x, a = torch.randn(1, 13, 1, 2, 3, generator=g), -torch.rand(1, 13, 1, 2, generator=g)
+    B, C = torch.randn(1, 13, 1, 4, generator=g), torch.randn(1, 13, 1, 4, generator=g)
+    y, h = ssd_chunked(x, a, B, C, 4)
+    ref, ref_h = ssd_minimal_discrete(F.pad(x.flatten(2, 3), (0, 0, 0, 0, 0, 3)), F.pad(a.flatten(2), (0, 0, 0, 3)),
+                                      F.pad(B.expand(1, 13, 2, 4), (0, 0, 0, 0, 0, 3)),
+                                      F.pad(C.expand(1, 13, 2, 4), (0, 0, 0, 0, 0, 3)), 4)
+    assert (y.flatten(2, 3) - ref[:, :13]).abs().max() < 1e-5
+    assert (h.flatten(1, 2) - ref_h).abs().max() < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# the model against transformers' Mamba2ForCausalLM
+# ---------------------------------------------------------------------------------------------
+def _hf_config(**kw):
+    base = dict(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_heads=8, head_dim=8, state_size=16,
+                n_groups=2, expand=2, conv_kernel=4, chunk_size=8, tie_word_embeddings=False,
+                pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    base.update(kw)
+    return transformers.Mamba2Config(**base)
+
+
+def _pair(seed=0, **kw):
+    """transformers' model with random weights (A, dt, D and the norms moved off their init) and
+    ours holding the same weights."""
+    from evolm.interop.hf import config_from_hf, state_dict_from_hf
+
+    torch.manual_seed(seed)
+    hf = transformers.Mamba2ForCausalLM(_hf_config(**kw)).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith(("A_log", "dt_bias", "D", "norm.weight", "norm_f.weight")):
+                p.add_(torch.randn_like(p) * 0.3)
+    cfg = config_from_hf(hf.config.to_dict())
+    ours = Transformer(cfg).eval()
+    ours.load_state_dict(state_dict_from_hf(hf.state_dict(), cfg, "mamba2"), strict=True)
+    return hf, ours
+
+
+def test_logits_match_transformers():
+    hf, ours = _pair()
+    ids = torch.randint(0, V, (2, 29), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        err = (hf(ids).logits - ours(ids)).abs().max().item()
+    print(f"Mamba-2 logits vs transformers Mamba2ForCausalLM: max |diff| {err:.2e}")
+    assert err <= 1e-4
+
+
+def test_config_errors_name_the_field():
+    base = dict(vocab_size=V, d_model=32, n_layers=1, n_heads=1, attention="mamba2", mlp="none", pos_emb="none",
+                mamba_d_head=8, mamba_d_state=4)
+    ModelConfig(**base)
+    with pytest.raises(ConfigError, match="mamba_d_head"):
+        ModelConfig(**{**base, "mamba_d_head": 7})
+    with pytest.raises(ConfigError, match="mamba_n_groups"):
+        ModelConfig(**{**base, "mamba_n_groups": 3})
+    with pytest.raises(ConfigError, match="mamba_dt_limit"):
+        ModelConfig(**{**base, "mamba_dt_limit": (0.5, 0.1)})
+    with pytest.raises(ConfigError, match="mamba_chunk_size"):
+        ModelConfig(**{**base, "mamba_chunk_size": 0})
+    with pytest.raises(ConfigError, match="pos_emb"):
+        ModelConfig(**{**base, "pos_emb": "rope"})
