@@ -320,3 +320,83 @@ def test_server_engine_decodes_as_generate():
     finally:
         engine.stop()
     assert [tokens[i] for i in range(len(prompts))] == ref
+
+
+# ---------------------------------------------------------------------------------------------
+# cost card and the lab's ladder
+# ---------------------------------------------------------------------------------------------
+def test_cost_card_counts_params_state_bytes_and_flops():
+    """The card's Mamba-2 figures against the model: numel by part, the cache's bytes, and torch's
+    FLOP counter (which sees the matmuls, the convolution and the SSD einsums: C B^T, the weighted
+    sum, the chunk states and their read-out)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from evolm.analysis.cost import cost_card, mamba2_dims
+
+    _, model = _pair(use_bias=True)
+    c = model.config
+    T = 16  # two chunks of 8
+    card = cost_card(c, context_len=T, bytes_per_value=4)
+    named = dict(model.named_parameters())
+    assert card["params_total"] == sum(p.numel() for p in named.values())
+    assert card["params_by_part"]["attention"] == sum(p.numel() for n, p in named.items() if ".self_attn." in n)
+    assert card["kv_cache_bytes_at_context"] == 0
+    cache = KVCache.for_model(model, 1, 512)
+    with torch.no_grad():
+        model(torch.randint(3, V, (1, 300)), cache=cache)
+    assert card["state_bytes_per_sequence"] == cache.nbytes()
+    # FLOPs: the counted products match; flat in the context beyond one chunk
+    assert cost_card(c, context_len=4096)["forward_flops_per_token"] == \
+        cost_card(c, context_len=c.mamba_chunk_size)["forward_flops_per_token"]
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.randint(3, V, (1, T)))
+    di, H, P, N, G = mamba2_dims(c)
+    # the counter leaves out what is not a product of matrices: biases, norm scales, dt_bias, and the
+    # scan's elementwise work (decay mask, dt scaling, D skip, gate)
+    elementwise = sum(p.numel() for p in named.values() if p.ndim == 1) - c.n_layers * 2 * H
+    scan_elementwise = c.n_layers * (2 * c.mamba_chunk_size * H + 6 * di)
+    assert counter.get_total_flops() / T == card["forward_flops_per_token"] - 2 * elementwise - scan_elementwise
+    print(f"Mamba-2 tiny forward FLOPs/token: {card['forward_flops_per_token']:,}; state bytes/sequence: "
+          f"{card['state_bytes_per_sequence']:,}")
+
+
+def test_preset_cost_card_counts_the_model():
+    from evolm.analysis.cost import cost_card
+
+    import evolm
+
+    model = evolm.build("mamba2-130m", device="meta")
+    card = cost_card("mamba2-130m", context_len=2048)
+    assert card["params_total"] == sum(p.numel() for p in model.parameters())
+    assert card["kv_cache_bytes_at_context"] == 0
+    # 24 layers x ((4 - 1) * (1536 + 256) conv inputs in bf16 + 24 heads x 64 x 128 float32)
+    assert card["state_bytes_per_sequence"] == 24 * (3 * 1792 * 2 + 24 * 64 * 128 * 4)
+
+
+def test_ladder_rung_attention_to_mamba2_at_equal_flops():
+    """The lab's side rung swaps every attention layer for Mamba-2; the budget spends the same FLOPs."""
+    from pathlib import Path
+
+    import yaml
+
+    import evolm
+    from evolm.analysis.cost import cost_card
+    from evolm.lab.ablate import _budgeted, _config, apply_variant
+    from evolm.lab.budget import TOLERANCE, Budget
+    from evolm.lab.ladder import LADDER, rungs
+
+    class Vocab:
+        vocab_size = 4096
+
+    base = yaml.safe_load((Path(__file__).resolve().parents[1] / "recipes" / "lab-base.yaml").read_text())
+    rung = next(v for v in LADDER if v.name == "mamba2")
+    assert rung.side and rung.on == "olmo2-norm"
+    assert [v.name for v in rungs(["mamba2"])] == ["gpt2", "mamba2"]
+    budget = Budget("flops", 3e12)
+    dense = apply_variant(base, LADDER[0])
+    d, _ = _budgeted(apply_variant(dense, rung), _config(dense, Vocab), Vocab, budget)
+    c = _config(d, Vocab)
+    assert c.attention == "mamba2" and c.layer_is_recurrent(0)
+    evolm.build(c, device="meta")
+    spent = sum(s["tokens"] for s in d["stages"]) * cost_card(c, context_len=128)["flops_per_token"]
+    assert spent == pytest.approx(3e12, rel=TOLERANCE)

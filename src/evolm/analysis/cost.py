@@ -57,6 +57,15 @@ State-space layers (Mamba, ``attention="mamba"``; Gu & Dao 2023, arXiv:2312.0075
     where attention's grow with it. They are reported under ``attention_flops_per_token`` (the
     mixer's context FLOPs), so the training total stays ``6N + 3 * mixer forward``.
 
+    Mamba-2 (``attention="mamba2"``; SSD, Dao & Gu 2024, arXiv:2405.21060) with H heads of P channels,
+    a state of N per head, G groups of B/C: its state is ``(d_conv - 1) * (d_inner + 2 G N)`` conv
+    inputs and the float32 ``H x P x N`` SSM state. Its scan is counted as the chunked SSD form that
+    training and prefill run (``nn/mamba2.py``), per token and layer with chunks of
+    ``l = min(context, mamba_chunk_size)``: ``2 l (G N + H P + H)`` inside the chunk (``C B^T``, the
+    decay mask, the weighted sum), ``4 H P N`` for the chunk states and their read-out, and ``6
+    d_inner`` elementwise (dt scaling, D skip, gate); ``A_log`` and ``D`` leave N as Mamba's do. A
+    decoded token takes the recurrent step instead, about ``5 H P N``, the same at any length.
+
 Hyena (``attention="hyena"``, ``nn/hyena.py``; Poli et al. 2023, arXiv:2302.10866)
     Its projections, short convolution and skips are per-token weights (2 FLOPs each forward).
     The filter MLP runs over the positions once per forward for the whole batch, not per token,
@@ -185,23 +194,54 @@ def ssm_norms_size(c: ModelConfig) -> int:
     return c.mamba_dt_rank + 2 * c.mamba_d_state if c.mamba_dt_b_c_norm else 0
 
 
+def _n_layers_of(c: ModelConfig, mixer: str) -> int:
+    return sum(c.layer_mixer(i) == mixer for i in range(c.n_layers))
+
+
+def mamba2_dims(c: ModelConfig) -> tuple[int, int, int, int, int]:
+    """(d_inner, heads H, head dim P, state N, groups G) of a Mamba-2 mixer (nn/mamba2.py)."""
+    di = c.mamba_expand * c.d_model
+    return di, di // c.mamba_d_head, c.mamba_d_head, c.mamba_d_state, c.mamba_n_groups
+
+
+def mamba2_size(c: ModelConfig) -> int:
+    """Parameters of one Mamba-2 mixer: ``in_proj`` to (z, x, B, C, dt), the depthwise convolution over
+    (x, B, C), ``dt_bias``, ``A_log``, ``D``, the gated RMSNorm's scale (part of the mixer, as its
+    module name says), ``out_proj``."""
+    di, H, _, N, G = mamba2_dims(c)
+    conv_dim, d = di + 2 * G * N, c.d_model
+    proj = d * (di + conv_dim + H) + di * d + ((di + conv_dim + H + d) if c.mamba_proj_bias else 0)
+    conv = conv_dim * c.mamba_d_conv + (conv_dim if c.mamba_conv_bias else 0)
+    return proj + conv + 3 * H + di
+
+
 def ssm_state_bytes(c: ModelConfig, bytes_per_value: int = 2, batch: int = 1) -> int:
     """Bytes of the recurrent states of ``batch`` sequences, whatever their length: per state-space
     layer the last ``d_conv - 1`` convolution inputs and the float32 ``(d_inner, d_state)`` state;
     per Hyena layer the short convolution's last ``hyena_short_conv - 1`` inputs of its N + 1
-    streams and the last ``max_seq_len`` inputs of each of its N long convolutions (nn/hyena.py)."""
+    streams and the last ``max_seq_len`` inputs of each of its N long convolutions (nn/hyena.py); per
+    Mamba-2 layer the last ``d_conv - 1`` inputs of its (x, B, C) convolution and the float32
+    ``H x P x N`` state."""
     di = c.mamba_expand * c.d_model
     per_layer = di * (c.mamba_d_conv - 1) * bytes_per_value + di * c.mamba_d_state * 4
     N, d = c.hyena_order, c.d_model
     per_hyena = ((N + 1) * d * (c.hyena_short_conv - 1) + N * d * c.max_seq_len) * bytes_per_value
-    return batch * (per_layer * sum(_is_mamba(c, i) for i in range(c.n_layers)) + per_hyena * _hyena_layers(c))
+    di2, H, P, N2, G = mamba2_dims(c)
+    per_mamba2 = (di2 + 2 * G * N2) * (c.mamba_d_conv - 1) * bytes_per_value + H * P * N2 * 4
+    return batch * (per_layer * sum(_is_mamba(c, i) for i in range(c.n_layers)) + per_hyena * _hyena_layers(c)
+                    + per_mamba2 * _n_layers_of(c, "mamba2"))
 
 
-def ssm_forward_flops(c: ModelConfig) -> int:
-    """Forward FLOPs per token of the selective scans (besides their weights' 2N), over all layers:
-    the same at any context length."""
+def ssm_forward_flops(c: ModelConfig, context_len: int | None = None) -> int:
+    """Forward FLOPs per token of the state-space scans (besides their weights' 2N), over all layers:
+    Mamba's the same at any context length, Mamba-2's growing with it up to one chunk (``None``: a
+    full chunk)."""
     di = c.mamba_expand * c.d_model
-    return sum(_is_mamba(c, i) for i in range(c.n_layers)) * (7 * di * c.mamba_d_state + 4 * di)
+    mamba = 7 * di * c.mamba_d_state + 4 * di
+    di, H, P, N, G = mamba2_dims(c)
+    chunk = c.mamba_chunk_size if context_len is None else min(context_len, c.mamba_chunk_size)
+    mamba2 = 2 * chunk * (G * N + H * P + H) + 4 * H * P * N + 6 * di
+    return _n_layers_of(c, "mamba") * mamba + _n_layers_of(c, "mamba2") * mamba2
 
 
 def param_counts(c: ModelConfig) -> dict[str, int]:
@@ -215,9 +255,10 @@ def param_counts(c: ModelConfig) -> dict[str, int]:
     expert = (3 if c.mlp == "glu" else 2) * d * c.moe_d_ff  # one routed expert (no biases)
     for i in range(c.n_layers):
         mixer = c.layer_mixer(i)
-        parts["attention"] += ssm_size(c) if mixer == "mamba" else sum(_hyena_size(c)) if mixer == "hyena" else attn
+        parts["attention"] += ssm_size(c) if mixer == "mamba" else mamba2_size(c) if mixer == "mamba2" else \
+            sum(_hyena_size(c)) if mixer == "hyena" else attn
         mixer_only = c.mlp == "none" and not c.layer_is_moe(i)
-        parts["norms"] += (ssm_norms_size(c) if mixer == "mamba" else 0 if mixer == "hyena" else attn_norms) + \
+        parts["norms"] += (ssm_norms_size(c) if mixer == "mamba" else 0 if mixer in ("hyena", "mamba2") else attn_norms) + \
             (_MIXER_ONLY_NORMS if mixer_only else _BLOCK_NORMS)[c.norm_placement] * _norm_size(c, d)
         if mixer_only:
             pass
@@ -406,7 +447,7 @@ def cost_card(config: ModelConfig | str, context_len: int | None = None,
     n_compute -= _hyena_layers(c) * _hyena_size(c)[1]  # Hyena's filter MLP runs once per batch, not per token
     vision_flops = vision_flops_per_image(c)
     conv_fwd = long_conv_forward_flops(c, T)
-    attn_fwd = attention_forward_flops(c, T) + ssm_forward_flops(c) + conv_fwd
+    attn_fwd = attention_forward_flops(c, T) + ssm_forward_flops(c, T) + conv_fwd
     kv_at = kv_cache_bytes(c, T, bytes_per_value)
     return {
         "name": c.name,
@@ -442,7 +483,8 @@ def _elementwise_ssm(c: ModelConfig) -> int:
     """``A_log`` and ``D`` of every state-space layer: parameters a token does not multiply as a
     matrix (their FLOPs are in :func:`ssm_forward_flops`)."""
     di = c.mamba_expand * c.d_model
-    return sum(_is_mamba(c, i) for i in range(c.n_layers)) * (di * c.mamba_d_state + di)
+    heads = mamba2_dims(c)[1]
+    return _n_layers_of(c, "mamba") * (di * c.mamba_d_state + di) + _n_layers_of(c, "mamba2") * 2 * heads
 
 
 def _as_config(config: ModelConfig | str) -> ModelConfig:
@@ -556,5 +598,5 @@ def diff_configs(a: ModelConfig | str, b: ModelConfig | str) -> list[tuple[str, 
 
 __all__ = ["cost_card", "format_card", "compare_table", "diff_configs", "param_counts",
            "kv_cache_bytes", "cross_kv_cache_bytes", "kv_values_per_token", "attention_forward_flops",
-           "ssm_size", "ssm_state_bytes", "ssm_forward_flops", "long_conv_forward_flops",
+           "ssm_size", "mamba2_size", "ssm_state_bytes", "ssm_forward_flops", "long_conv_forward_flops",
            "human_count", "human", "human_bytes", "human_flops"]

@@ -75,6 +75,11 @@ def ladder(dims: Dims = Dims()) -> list[Variant]:
         Variant("jamba", {"mixer_pattern": ["mamba", "mamba", "mamba", "mha"], "mamba_dt_b_c_norm": True,
                           "pos_emb": "none", "qk_norm": None, "sliding_window": None, "sliding_window_pattern": 1},
                 on="olmo2-norm", side=True),
+        # attention -> Mamba-2's SSD (Dao & Gu 2024) at equal FLOPs: heads of a head's width, a state of 64
+        # per head (the paper's smaller models), two chunks per sequence; a side rung like Mamba's
+        Variant("mamba2", {"attention": "mamba2", "pos_emb": "none", "qk_norm": None, "sliding_window": None,
+                           "sliding_window_pattern": 1, "mamba_d_head": h, "mamba_d_state": 64,
+                           "mamba_chunk_size": max(1, dims.seq_len // 2)}, on="olmo2-norm", side=True),
         # MLA normalises its latent instead of per-head queries and keys, so the rung drops QK-norm
         Variant("mla", {"attention": "mla", "kv_lora_rank": dims.d_model // 4, "qk_nope_head_dim": h,
                         "qk_rope_head_dim": h // 2, "v_head_dim": h, "qk_norm": None}),  # DeepSeek-V2 2024
