@@ -117,7 +117,7 @@ def _pair(seed=0, **kw):
     hf = transformers.Mamba2ForCausalLM(_hf_config(**kw)).eval()
     with torch.no_grad():
         for name, p in hf.named_parameters():
-            if name.endswith(("A_log", "dt_bias", "D", "norm.weight", "norm_f.weight")):
+            if name.endswith(("A_log", "D", "norm.weight", "norm_f.weight", "bias")):
                 p.add_(torch.randn_like(p) * 0.3)
     cfg = config_from_hf(hf.config.to_dict())
     ours = Transformer(cfg).eval()
@@ -204,10 +204,11 @@ def test_hf_folder_round_trip(tmp_path):
 def test_cached_greedy_generation_equals_transformers():
     hf, model = _pair()
     ids = torch.randint(3, V, (1, 11), generator=torch.Generator().manual_seed(5))
+    hf.generation_config.eos_token_id = None  # 24 greedy tokens each, whatever they are (eos included)
     with torch.no_grad():
-        ref = hf.generate(ids, max_new_tokens=24, do_sample=False, min_new_tokens=24)[0, 11:].tolist()
-    ours = generate(model, ids, SamplingParams(max_new_tokens=24, temperature=0.0))[0]
-    assert ours == ref
+        ref = hf.generate(ids, max_new_tokens=24, do_sample=False)[0, 11:].tolist()
+    ours = generate(model, ids, SamplingParams(max_new_tokens=24, temperature=0.0, ignore_eos=True))[0]
+    assert len(ref) == 24 and ours == ref
 
 
 def test_recurrent_steps_equal_the_full_scan():
@@ -246,6 +247,10 @@ def test_left_padded_batch_equals_rows_alone():
     params = SamplingParams(max_new_tokens=8, temperature=0.0)
     both = generate(model, [a[0].tolist(), b[0].tolist()], params)
     assert both == [generate(model, a, params)[0], generate(model, b, params)[0]]
+    # with projection biases too (where zeroing the block input alone would leave the bias in the conv)
+    _, biased = _pair(use_bias=True)
+    with torch.no_grad():
+        torch.testing.assert_close(biased(ids, attention_mask=mask)[1, 7:], biased(b)[0], atol=1e-5, rtol=1e-5)
 
 
 def test_cache_memory_per_sequence_is_flat_in_length():

@@ -158,20 +158,23 @@ class Mamba2(nn.Module):
                 cache=None) -> torch.Tensor:
         """x (B, T, d_model) -> (B, T, d_model). ``mask``: a recurrent mixer's plan (``nn/masks.py``),
         which new tokens are real, (B, T) bool, or None when all are. Padding tokens are zeroed before
-        the projection and after the convolution, so they add nothing to the state: a left-padded
-        row gives the outputs of the unpadded one (as transformers does). ``rope`` and ``is_causal``
+        the projection (as transformers does), before the convolution (so projection biases do not
+        leak into it either) and after it, so they add nothing to the state: a left-padded row
+        gives the outputs of the unpadded one. ``rope`` and ``is_causal``
         are the attention mixers' arguments; an SSM reads no positions and is causal by construction.
         ``cache``: the layer's (conv, SSM) states are read with ``cache.state`` and stored with
         ``cache.set_state`` (``cache/state.py``); one new token takes the recurrent step."""
-        valid = mask
-        if valid is not None:
-            x = x * valid[..., None].to(x.dtype)
+        valid = None if mask is None else mask[..., None]
+        if valid is not None:  # transformers zeroes the block input; with in_proj biases the conv input too
+            x = x * valid.to(x.dtype)
         z, xBC, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, self.n_heads], dim=-1)
+        if valid is not None:
+            xBC = xBC * valid.to(xBC.dtype)
         conv_state, ssm_state = (None, None) if cache is None else (cache.state(self.layer_idx) or (None, None))
         step = cache is not None and x.shape[1] == 1
         xBC, conv_state = self._conv(xBC, conv_state, step)
         if valid is not None:
-            xBC = xBC * valid[..., None].to(xBC.dtype)
+            xBC = xBC * valid.to(xBC.dtype)
         GN = self.n_groups * self.state_size
         xs, Bm, Cm = xBC.split([self.d_inner, GN, GN], dim=-1)
         y, ssm_state = self._ssm(xs, Bm, Cm, dt, ssm_state, step)
