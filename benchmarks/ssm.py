@@ -1,11 +1,12 @@
-"""Mamba and hybrids on CPU: evolm vs transformers' MambaForCausalLM / JambaForCausalLM (their slow
-PyTorch paths), same weights, and decode time per token against the context length.
+"""Mamba, Mamba-2 and hybrids on CPU: evolm vs transformers' MambaForCausalLM / Mamba2ForCausalLM /
+JambaForCausalLM (their slow PyTorch paths), same weights, and decode time per token against the context length.
 
-Builds evolm's preset (``mamba-130m`` by default) with random weights and transformers' model from
-the same config.json and the same tensors (``interop/hf.py``; greedy tokens of random weights mean
-nothing, the speed is that of the real shape). Without the CUDA kernels (``mamba_ssm``,
-``causal_conv1d``) transformers runs its reference scan, one step per token with a matmul read-out;
-evolm runs ``nn/mamba.py``'s chunked scan. Both are timed in one process, interleaved, ``--repeat``
+Builds evolm's preset (``mamba-130m`` by default; ``--preset mamba2-130m`` for Mamba-2) with random
+weights and transformers' model from the same config.json and the same tensors (``interop/hf.py``;
+greedy tokens of random weights mean nothing, the speed is that of the real shape). Without the CUDA
+kernels (``mamba_ssm``, ``causal_conv1d``) transformers runs its reference scans (Mamba: one step per
+token with a matmul read-out; Mamba-2: the SSD chunks in einsums); evolm runs ``nn/mamba.py``'s
+chunked scan or ``nn/mamba2.py``'s SSD chunks (heads grouped, states passed chunk to chunk). Both are timed in one process, interleaved, ``--repeat``
 times, and reported as median and spread (the machine may be shared):
 
 - prefill tokens/s of a ``--prompt-len`` prompt (one forward with a cache);
@@ -14,7 +15,7 @@ times, and reported as median and spread (the machine may be shared):
   cache, then ``--steps`` single-token steps go round the contexts (median and spread over the steps). A Mamba layer's state has the same size at any length,
   so the curve should be flat (an attention layer's step reads a cache that grows with it).
 
-    python benchmarks/ssm.py [--preset mamba-130m] [--layers N] [--prompt-len 256] [--new 32]
+    python benchmarks/ssm.py [--preset mamba-130m | mamba2-130m] [--layers N] [--prompt-len 256] [--new 32]
                              [--contexts 256,1024,2048,4096,8192] [--steps 16] [--repeat 3]
                              [--threads 1] [--out runs/ssm] [--set FIELD=VALUE ...]
     python benchmarks/ssm.py --preset jamba-v0.1 --layers 8 --set d_model=512 d_ff=1024 n_heads=8 \
@@ -111,7 +112,8 @@ def decode_vs_context(model, contexts: list[int], steps: int) -> dict[int, list[
     return times
 
 
-def plot(contexts: list[int], per_token: list[float], spreads: list[float], out: Path, title: str) -> Path:
+def plot(contexts: list[int], per_token: list[float], spreads: list[float], out: Path, title: str,
+         label: str = "Mamba") -> Path:
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -122,7 +124,7 @@ def plot(contexts: list[int], per_token: list[float], spreads: list[float], out:
         return path
     fig, ax = plt.subplots(figsize=(6, 3.6))
     ms = [1e3 * t for t in per_token]
-    ax.errorbar(contexts, ms, yerr=[m * s for m, s in zip(ms, spreads)], marker="o", capsize=3, label="evolm Mamba")
+    ax.errorbar(contexts, ms, yerr=[m * s for m, s in zip(ms, spreads)], marker="o", capsize=3, label=f"evolm {label}")
     ax.set_xscale("log", base=2)
     ax.set_xticks(contexts, [f"{c // 1024}k" if c >= 1024 else str(c) for c in contexts])
     ax.set_ylim(0, max(ms) * 1.3)
