@@ -78,8 +78,8 @@ def _entry(gm: torch.fx.GraphModule, fn) -> _Entry | None:
         if source is None:
             return None
         expr = source.name() if callable(source.name) else source.name
-        if not expr.startswith("L["):
-            return None  # a global or a constant: not a frame local
+        if not expr.startswith("L[") or expr.startswith("L['___"):
+            return None  # a global, a constant, or dynamo's own temporary after a graph break: not a frame local
         getter = eval(f"lambda L: {expr}")  # noqa: S307 - dynamo's own source expression
         (fixed if expr.startswith("L['model']") else varying).append((i, getter))
     return _Entry(fn, fixed, varying, len(placeholders))

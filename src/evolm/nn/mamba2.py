@@ -47,7 +47,7 @@ class GatedRMSNorm(nn.Module):
     def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         dtype = y.dtype
         h = y.float() * F.silu(z.float())
-        g = h.unflatten(-1, (-1, self.group_size))
+        g = h.view(*h.shape[:-1], -1, self.group_size)  # view, not unflatten: no graph break under torch.compile
         g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * g.flatten(-2).to(dtype)
 
@@ -85,7 +85,7 @@ def ssd_chunked(x: torch.Tensor, a: torch.Tensor, B: torch.Tensor, C: torch.Tens
     if pad:  # zero inputs with zero log decay leave every state as it is
         x, a, B, C = (F.pad(v, (0, 0) * (v.ndim - 2) + (0, pad)) for v in (x, a, B, C))
     c = x.shape[1] // chunk
-    x, a, B, C = (v.unflatten(1, (c, chunk)) for v in (x, a, B, C))  # (b, c, l, ...)
+    x, a, B, C = (v.reshape(b, c, chunk, *v.shape[2:]) for v in (x, a, B, C))  # (b, c, l, ...)
     a_cum = a.cumsum(2)  # (b, c, l, g, r)
     # 1. intra-chunk: decay from s to l, (b, c, g, r, l, s)
     decay = torch.exp(segsum(a.permute(0, 1, 3, 4, 2)))
