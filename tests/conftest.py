@@ -91,6 +91,54 @@ def batch_tools():
     return types.SimpleNamespace(padded_batch=padded_batch, max_real_diff=max_real_diff)
 
 
+class _IdsTokenizer:
+    """What the serving engine asks of a tokenizer, for models without one: ids shown as <id>."""
+    eos_ids: list[int] = []
+
+    def decode(self, ids):
+        return "".join(f"<{i}>" for i in ids)
+
+    def encode(self, text):
+        return []
+
+
+def served_greedy(model, prompts: list[list[int]], max_new: list[int], max_batch: int = 3,
+                  max_len: int = 64, timeout: float = 120) -> list[list[int]]:
+    """Each prompt's greedy tokens through the serving engine (``serve/scheduler.py``), all submitted
+    at once: ``max_batch`` rows decode together, the rest join as rows finish. A test compares them
+    with ``generate`` alone, row by row."""
+    import threading
+
+    from evolm.infer import SamplingParams
+    from evolm.serve.scheduler import Engine, GenRequest, TokenEvent
+
+    tokens, ended, cv = {}, set(), threading.Condition()
+
+    def deliver(ev):
+        with cv:
+            if isinstance(ev, TokenEvent):
+                tokens.setdefault(ev.index, []).append(ev.token_id)
+            else:
+                ended.add(ev.index)
+                cv.notify_all()
+
+    engine = Engine(model, _IdsTokenizer(), max_batch=max_batch, max_len=max_len)
+    for i, (p, m) in enumerate(zip(prompts, max_new)):
+        engine.waiting.append(GenRequest(p, SamplingParams(max_new_tokens=m, temperature=0), deliver, index=i))
+    engine.start()
+    try:
+        with cv:
+            assert cv.wait_for(lambda: len(ended) == len(prompts), timeout), "the engine did not finish"
+    finally:
+        engine.stop()
+    return [tokens.get(i, []) for i in range(len(prompts))]
+
+
+@pytest.fixture
+def serving_tools():
+    return types.SimpleNamespace(served_greedy=served_greedy)
+
+
 def cli_args(add_args, **kw):
     """Parse ``--key value`` flags (``key=True`` for a bare flag) with a command's ``add_*_args``."""
     import argparse

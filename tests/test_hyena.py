@@ -349,13 +349,10 @@ def test_state_holds_the_convolution_inputs_and_follows_row_selection():
     assert (got - want).abs().max() < 1e-5
 
 
-def test_serving_engine_decodes_hyena_as_generate():
+def test_serving_engine_decodes_hyena_as_generate(serving_tools):
     """The server's scheduler: requests of different lengths share decode steps (each row's state
     is its own window, no position in it) and a late one joins; each equals generate() alone."""
-    import threading
-
     from evolm.infer import SamplingParams, generate
-    from evolm.serve.scheduler import Engine, GenRequest, TokenEvent
 
     torch.manual_seed(7)
     model = Transformer(tiny(n_layers=2)).eval()
@@ -364,33 +361,4 @@ def test_serving_engine_decodes_hyena_as_generate():
     prompts = [torch.randint(0, 61, (n,)).tolist() for n in (3, 11, 20, 7)]
     max_new = [20, 9, 15, 18]
     ref = [generate(model, p, SamplingParams(max_new_tokens=m, temperature=0))[0] for p, m in zip(prompts, max_new)]
-
-    class Ids:
-        eos_ids: list[int] = []
-
-        def decode(self, ids):
-            return "".join(f"<{i}>" for i in ids)
-
-        def encode(self, text):
-            return []
-
-    got, ended, cv = {}, set(), threading.Condition()
-
-    def deliver(ev):
-        with cv:
-            if isinstance(ev, TokenEvent):
-                got.setdefault(ev.index, []).append(ev.token_id)
-            else:
-                ended.add(ev.index)
-                cv.notify_all()
-
-    engine = Engine(model, Ids(), max_batch=3, max_len=48)
-    for i, (p, m) in enumerate(zip(prompts, max_new)):  # 3 run, 1 waits and joins later
-        engine.waiting.append(GenRequest(p, SamplingParams(max_new_tokens=m, temperature=0), deliver, index=i))
-    engine.start()
-    try:
-        with cv:
-            assert cv.wait_for(lambda: len(ended) == len(prompts), 60)
-    finally:
-        engine.stop()
-    assert [got[i] for i in range(len(prompts))] == ref
+    assert serving_tools.served_greedy(model, prompts, max_new, max_batch=3, max_len=48) == ref  # 3 run, 1 joins later

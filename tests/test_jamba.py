@@ -271,32 +271,9 @@ def test_config_json_round_trip_and_pruning_refused():
         check_prunable(c, Target(c.n_heads, c.n_kv_heads, c.d_ff, c.d_model, 24))
 
 
-def test_server_engine_decodes_as_generate():
+def test_server_engine_decodes_as_generate(serving_tools):
     """The server's slot cache holds each request's keys/values (attention layers) and states (Mamba
     layers): requests of different lengths sharing decode steps give generate()'s tokens."""
-    import threading
-
-    from evolm.serve.scheduler import Engine, GenRequest, TokenEvent
-
-    class Tok:
-        eos_ids: list[int] = []
-
-        def decode(self, ids):
-            return "".join(f"<{i}>" for i in ids)
-
-        def encode(self, text):
-            return []
-
-    tokens, ended, cv = {}, set(), threading.Condition()
-
-    def deliver(ev):
-        with cv:
-            if isinstance(ev, TokenEvent):
-                tokens.setdefault(ev.index, []).append(ev.token_id)
-            else:
-                ended.add(ev.index)
-                cv.notify_all()
-
     _, model = _pair()
     with torch.no_grad():  # sharpen the random model's logits so argmax is far from ties
         model.embed_tokens.weight.mul_(4)
@@ -304,16 +281,7 @@ def test_server_engine_decodes_as_generate():
     prompts = [torch.randint(3, V, (n,), generator=g).tolist() for n in (3, 11, 20, 7)]
     max_new = [12, 5, 9, 10]
     ref = [generate(model, p, SamplingParams(max_new_tokens=m, temperature=0))[0] for p, m in zip(prompts, max_new)]
-    engine = Engine(model, Tok(), max_batch=3, max_len=64)
-    for i, (p, m) in enumerate(zip(prompts, max_new)):  # 3 run at once, the 4th joins when one ends
-        engine.waiting.append(GenRequest(p, SamplingParams(max_new_tokens=m, temperature=0), deliver, index=i))
-    engine.start()
-    try:
-        with cv:
-            assert cv.wait_for(lambda: len(ended) == len(prompts), 120)
-    finally:
-        engine.stop()
-    assert [tokens[i] for i in range(len(prompts))] == ref
+    assert serving_tools.served_greedy(model, prompts, max_new) == ref  # 3 at once, the 4th joins later
 
 
 def test_trains_gradients_flow():

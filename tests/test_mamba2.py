@@ -282,32 +282,9 @@ def test_select_rows_reorders_states():
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
-def test_server_engine_decodes_as_generate():
+def test_server_engine_decodes_as_generate(serving_tools):
     """The server's slot cache holds each request's Mamba-2 states: requests of different lengths
     sharing decode steps, one joining later, give generate()'s tokens."""
-    import threading
-
-    from evolm.serve.scheduler import Engine, GenRequest, TokenEvent
-
-    class Tok:
-        eos_ids: list[int] = []
-
-        def decode(self, ids):
-            return "".join(f"<{i}>" for i in ids)
-
-        def encode(self, text):
-            return []
-
-    tokens, ended, cv = {}, set(), threading.Condition()
-
-    def deliver(ev):
-        with cv:
-            if isinstance(ev, TokenEvent):
-                tokens.setdefault(ev.index, []).append(ev.token_id)
-            else:
-                ended.add(ev.index)
-                cv.notify_all()
-
     _, model = _pair()
     with torch.no_grad():  # sharpen the random model's logits so argmax is far from ties
         model.embed_tokens.weight.mul_(4)
@@ -315,21 +292,9 @@ def test_server_engine_decodes_as_generate():
     prompts = [torch.randint(3, V, (n,), generator=g).tolist() for n in (3, 11, 20, 7)]
     max_new = [12, 5, 9, 10]
     ref = [generate(model, p, SamplingParams(max_new_tokens=m, temperature=0))[0] for p, m in zip(prompts, max_new)]
-    engine = Engine(model, Tok(), max_batch=3, max_len=64)
-    for i, (p, m) in enumerate(zip(prompts, max_new)):
-        engine.waiting.append(GenRequest(p, SamplingParams(max_new_tokens=m, temperature=0), deliver, index=i))
-    engine.start()
-    try:
-        with cv:
-            assert cv.wait_for(lambda: len(ended) == len(prompts), 120)
-    finally:
-        engine.stop()
-    assert [tokens[i] for i in range(len(prompts))] == ref
+    assert serving_tools.served_greedy(model, prompts, max_new) == ref  # 3 at once, the 4th joins later
 
 
-# ---------------------------------------------------------------------------------------------
-# cost card and the lab's ladder
-# ---------------------------------------------------------------------------------------------
 def test_cost_card_counts_params_state_bytes_and_flops():
     """The card's Mamba-2 figures against the model: numel by part, the cache's bytes, and torch's
     FLOP counter (which sees the matmuls, the convolution and the SSD einsums: C B^T, the weighted
