@@ -99,20 +99,29 @@ def test_cache_steps_equal_the_full_forward_and_hold_kv_only_for_attention():
     assert cache.nbytes() == kv_cache_bytes(c, 30, bytes_per_value=4, batch=2) + cache.state_nbytes()
 
 
-def test_a_hyena_hybrid_decodes_from_its_cache():
-    """The pattern takes any recurrent mixer: Hyena (nn/hyena.py) alternating with RoPE attention;
-    prefill then single steps give the full forward."""
+@pytest.mark.parametrize("mixer,module", [("hyena", "Hyena"), ("mamba2", "Mamba2")])
+def test_a_hybrid_of_any_recurrent_mixer_decodes_from_its_cache(mixer, module):
+    """The pattern takes any recurrent mixer: Hyena (nn/hyena.py) or Mamba-2 (nn/mamba2.py) alternating
+    with RoPE attention; prefill then single steps give the full forward."""
+    extra = dict(mamba_d_head=8, mamba_chunk_size=8) if mixer == "mamba2" else {}
     c = ModelConfig(vocab_size=V, d_model=32, n_layers=4, n_heads=4, max_seq_len=64, norm="rmsnorm", pos_emb="rope",
-                    mixer_pattern=("hyena", "mha"), mlp="glu", activation="silu")
+                    mixer_pattern=(mixer, "mha"), mlp="glu", activation="silu", **extra)
     torch.manual_seed(0)
     model = evolm.build(c).eval()
-    assert [type(b.self_attn).__name__ for b in model.layers] == ["Hyena", "Attention"] * 2
+    assert [type(b.self_attn).__name__ for b in model.layers] == [module, "Attention"] * 2
     ids = torch.randint(0, V, (2, 20))
     with torch.no_grad():
         full = model(ids)
         cache = KVCache.for_model(model, 2, 64)
         outs = [model(ids[:, :7], cache=cache)] + [model(ids[:, t:t + 1], cache=cache) for t in range(7, 20)]
     torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_a_mamba2_layer_in_the_pattern_is_validated():
+    """Mamba-2's sizes are checked wherever its layers come from, not only with attention='mamba2'."""
+    with pytest.raises(ConfigError, match="mamba_d_head"):
+        ModelConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=4, norm="rmsnorm", pos_emb="rope",
+                    mixer_pattern=("mamba2", "mha"), mamba_d_head=7)
 
 
 def test_left_padded_batch_equals_rows_alone():

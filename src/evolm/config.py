@@ -511,7 +511,7 @@ class ModelConfig:
                 need(self.q_lora_rank > 0, "q_lora_rank", "must be positive or None")
         if any(self.layer_mixer(i) == "hyena" for i in range(self.n_layers)):
             self._validate_hyena(need)
-        if self.attention == "mamba2":
+        if any(self.layer_mixer(i) == "mamba2" for i in range(self.n_layers)):
             self._validate_mamba2(need)
         need(isinstance(self.mtp_depth, int) and self.mtp_depth >= 0, "mtp_depth",
              f"must be an integer >= 0, got {self.mtp_depth!r}")
@@ -598,7 +598,8 @@ class ModelConfig:
         lim = self.mamba_dt_limit
         need(lim is None or 0 <= lim[0] < lim[1], "mamba_dt_limit",
              f"must be (low, high) with 0 <= low < high, got {lim!r}")
-        need(self.pos_emb != "rope", "pos_emb",
+        attends = any(self.layer_mixer(i) not in RECURRENT_MIXERS for i in range(self.n_layers))
+        need(self.pos_emb != "rope" or attends, "pos_emb",  # in a hybrid, the attention layers read RoPE
              "is 'rope' but a Mamba-2 mixer reads no positions (use 'none', or 'learned' for absolute ones)")
 
     def _validate_seq2seq(self, need) -> None:
