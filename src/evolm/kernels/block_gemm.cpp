@@ -427,20 +427,26 @@ at::Tensor blocks_linear(const at::Tensor& x, const at::Tensor& codes, const at:
 // the (N, K) weights the blocks hold, float32 or (bf16) rounded to bfloat16 (prefill multiplies many
 // rows: it rebuilds them, then uses the float matmul), rebuilt by the same code as blocks_linear's;
 // bf16 directly, without a float32 tensor written and read again by .to(bfloat16)
-at::Tensor blocks_dequantize(const at::Tensor& codes, const at::Tensor& scale, const std::optional<at::Tensor>& min,
-                             int64_t group, bool bf16) {
-  const auto [K, bits] = check(codes, scale, min, group, "blocks_dequantize");
-  const int64_t N = codes.size(0);
-  at::Tensor out = at::empty({N, K}, scale.options().dtype(bf16 ? at::kBFloat16 : at::kFloat));
+// rebuild the blocks' (N, K) weights into out (float32, or bf16 rounded), rows in parallel
+void dequantize_into(const at::Tensor& codes, const at::Tensor& scale, const std::optional<at::Tensor>& min,
+                     int64_t group, int64_t K, int bits, const at::Tensor& out) {
+  const bool bf16 = out.scalar_type() == at::kBFloat16;
   const Blocks b = blocks_of(codes, scale, min, bf16);
   dispatch(bits, group, min.has_value(), [&](auto BITS, auto G, auto MIN) {
-    at::parallel_for(0, N, 64, [&](int64_t a, int64_t c) {
+    at::parallel_for(0, codes.size(0), 64, [&](int64_t a, int64_t c) {
       constexpr int bits_ = decltype(BITS)::value, g_ = decltype(G)::value;
       constexpr bool min_ = decltype(MIN)::value;
       if (bf16) dequant_rows<bits_, g_, min_>(b, reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()), K, a, c);
       else dequant_rows<bits_, g_, min_>(b, out.data_ptr<float>(), K, a, c);
     });
   });
+}
+
+at::Tensor blocks_dequantize(const at::Tensor& codes, const at::Tensor& scale, const std::optional<at::Tensor>& min,
+                             int64_t group, bool bf16) {
+  const auto [K, bits] = check(codes, scale, min, group, "blocks_dequantize");
+  at::Tensor out = at::empty({codes.size(0), K}, scale.options().dtype(bf16 ? at::kBFloat16 : at::kFloat));
+  dequantize_into(codes, scale, min, group, K, bits, out);
   return out;
 }
 
@@ -463,15 +469,7 @@ at::Tensor blocks_dense_linear(const at::Tensor& x, const at::Tensor& codes, con
   thread_local at::Tensor scratch;  // bytes, reused by every layer this thread multiplies
   if (!scratch.defined() || scratch.numel() < bytes) scratch = at::empty({bytes}, scale.options().dtype(at::kByte));
   const at::Tensor w = at::from_blob(scratch.data_ptr(), {N, K}, scale.options().dtype(bf16 ? at::kBFloat16 : at::kFloat));
-  const Blocks b = blocks_of(codes, scale, min, bf16);
-  dispatch(bits, group, min.has_value(), [&](auto BITS, auto G, auto MIN) {
-    at::parallel_for(0, N, 64, [&](int64_t a, int64_t c) {
-      constexpr int bits_ = decltype(BITS)::value, g_ = decltype(G)::value;
-      constexpr bool min_ = decltype(MIN)::value;
-      if (bf16) dequant_rows<bits_, g_, min_>(b, reinterpret_cast<uint16_t*>(w.data_ptr<at::BFloat16>()), K, a, c);
-      else dequant_rows<bits_, g_, min_>(b, w.data_ptr<float>(), K, a, c);
-    });
-  });
+  dequantize_into(codes, scale, min, group, K, bits, w);
   return at::linear(x, w);
 }
 
