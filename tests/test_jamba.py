@@ -234,33 +234,6 @@ def test_compiled_decoding_caches_hold_both_kinds():
     assert sorted(cache._states) == [0, 2, 3]
 
 
-def test_ladder_rung_hybrid_at_equal_flops():
-    """The lab's side rung 'jamba': 3 Mamba layers per attention layer, at the dense rung's FLOPs."""
-    from pathlib import Path
-
-    import yaml
-
-    from evolm.lab.ablate import _budgeted, _config, apply_variant
-    from evolm.lab.budget import TOLERANCE, Budget
-    from evolm.lab.ladder import LADDER, rungs
-
-    class Vocab:
-        vocab_size = 4096
-
-    base = yaml.safe_load((Path(__file__).resolve().parents[1] / "recipes" / "lab-base.yaml").read_text())
-    rung = next(v for v in LADDER if v.name == "jamba")
-    assert rung.side and rung.on == "olmo2-norm"
-    assert [v.name for v in rungs(["jamba"])] == ["gpt2", "jamba"]
-    dense = apply_variant(base, LADDER[0])
-    d, _ = _budgeted(apply_variant(dense, rung), _config(dense, Vocab), Vocab, Budget("flops", 3e12))
-    c = _config(d, Vocab)
-    assert [c.layer_mixer(i) for i in range(c.n_layers)] == ["mamba", "mamba", "mamba", "mha"]
-    model = evolm.build(c, device="meta")
-    assert [type(b.self_attn).__name__ for b in model.layers] == ["Mamba", "Mamba", "Mamba", "Attention"]
-    spent = sum(s["tokens"] for s in d["stages"]) * cost_card(c, context_len=128)["flops_per_token"]
-    assert spent == pytest.approx(3e12, rel=TOLERANCE)
-
-
 def test_gguf_export_says_jamba_is_not_written_yet():
     from evolm.interop.gguf_export import ExportError, gguf_architecture
 

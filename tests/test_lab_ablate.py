@@ -374,3 +374,35 @@ def test_ablation_of_an_encoder_and_a_seq2seq_objective(tmp_path, objective, ove
     assert len(rows) == 2 and all(abs(r["flops"] - flops) / flops <= TOLERANCE for r in rows)
     assert rows[0]["tokens"] == 12 * 128  # counted as a dense decoder's card, the budget buys fewer steps
     assert all(math.isfinite(r["val_loss"][0]) and r["val_bits_per_byte"] == [None, None] for r in rows)
+
+
+@pytest.mark.parametrize("name,mixers", [("mamba", ["mamba"] * 4), ("mamba2", ["mamba2"] * 4),
+                                         ("jamba", ["mamba", "mamba", "mamba", "mha"])])
+def test_state_space_side_rungs_spend_the_dense_rungs_flops(name, mixers):
+    """The ladder's side rungs 'attention -> Mamba / Mamba-2' and the Jamba-style hybrid (3 Mamba layers
+    per attention layer) on olmo2-norm: each builds, and the budget spends the same FLOPs as the dense
+    rung's (the cheaper mixer gets more tokens)."""
+    from pathlib import Path
+
+    import yaml
+
+    import evolm
+    from evolm.analysis.cost import cost_card
+    from evolm.lab.ablate import _budgeted, _config, apply_variant
+    from evolm.lab.budget import TOLERANCE, Budget
+    from evolm.lab.ladder import LADDER, rungs
+
+    class Vocab:
+        vocab_size = 4096
+
+    base = yaml.safe_load((Path(__file__).resolve().parents[1] / "recipes" / "lab-base.yaml").read_text())
+    rung = next(v for v in LADDER if v.name == name)
+    assert rung.side and rung.on == "olmo2-norm"
+    assert [v.name for v in rungs([name])] == ["gpt2", name]
+    dense = apply_variant(base, LADDER[0])
+    d, _ = _budgeted(apply_variant(dense, rung), _config(dense, Vocab), Vocab, Budget("flops", 3e12))
+    c = _config(d, Vocab)
+    assert [c.layer_mixer(i) for i in range(c.n_layers)] == mixers
+    evolm.build(c, device="meta")
+    spent = sum(s["tokens"] for s in d["stages"]) * cost_card(c, context_len=128)["flops_per_token"]
+    assert spent == pytest.approx(3e12, rel=TOLERANCE)

@@ -237,34 +237,6 @@ def test_cost_card_counts_params_state_bytes_and_flops():
           f"{card['state_bytes_per_sequence']:,}")
 
 
-def test_ladder_rung_attention_to_mamba_at_equal_flops():
-    """The lab's side rung swaps every attention layer for Mamba; the budget spends the same FLOPs."""
-    from pathlib import Path
-
-    import yaml
-
-    from evolm.lab.ablate import _budgeted, _config, apply_variant
-    from evolm.lab.budget import TOLERANCE, Budget
-    from evolm.lab.ladder import LADDER, rungs
-    from evolm.analysis.cost import cost_card
-
-    class Vocab:
-        vocab_size = 4096
-
-    base = yaml.safe_load((Path(__file__).resolve().parents[1] / "recipes" / "lab-base.yaml").read_text())
-    rung = next(v for v in LADDER if v.name == "mamba")
-    assert rung.side and rung.on == "olmo2-norm"
-    assert [v.name for v in rungs(["mamba"])] == ["gpt2", "mamba"] and rungs(["mamba"])[-1].on == "gpt2"
-    budget = Budget("flops", 3e12)
-    dense = apply_variant(base, LADDER[0])
-    d, _ = _budgeted(apply_variant(dense, rung), _config(dense, Vocab), Vocab, budget)
-    c = _config(d, Vocab)
-    assert c.attention == "mamba" and c.layer_is_recurrent(0)
-    evolm.build(c, device="meta")
-    spent = sum(s["tokens"] for s in d["stages"]) * cost_card(c, context_len=128)["flops_per_token"]
-    assert spent == pytest.approx(3e12, rel=TOLERANCE)
-
-
 def test_server_engine_decodes_as_generate(serving_tools):
     """The server's slot cache holds each request's recurrent states (cache/state.py): requests of
     different lengths sharing decode steps, one joining later, give generate()'s tokens."""

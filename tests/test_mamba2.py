@@ -343,35 +343,6 @@ def test_preset_cost_card_counts_the_model():
     assert card["state_bytes_per_sequence"] == 24 * (3 * 1792 * 2 + 24 * 64 * 128 * 4)
 
 
-def test_ladder_rung_attention_to_mamba2_at_equal_flops():
-    """The lab's side rung swaps every attention layer for Mamba-2; the budget spends the same FLOPs."""
-    from pathlib import Path
-
-    import yaml
-
-    import evolm
-    from evolm.analysis.cost import cost_card
-    from evolm.lab.ablate import _budgeted, _config, apply_variant
-    from evolm.lab.budget import TOLERANCE, Budget
-    from evolm.lab.ladder import LADDER, rungs
-
-    class Vocab:
-        vocab_size = 4096
-
-    base = yaml.safe_load((Path(__file__).resolve().parents[1] / "recipes" / "lab-base.yaml").read_text())
-    rung = next(v for v in LADDER if v.name == "mamba2")
-    assert rung.side and rung.on == "olmo2-norm"
-    assert [v.name for v in rungs(["mamba2"])] == ["gpt2", "mamba2"]
-    budget = Budget("flops", 3e12)
-    dense = apply_variant(base, LADDER[0])
-    d, _ = _budgeted(apply_variant(dense, rung), _config(dense, Vocab), Vocab, budget)
-    c = _config(d, Vocab)
-    assert c.attention == "mamba2" and c.layer_is_recurrent(0)
-    evolm.build(c, device="meta")
-    spent = sum(s["tokens"] for s in d["stages"]) * cost_card(c, context_len=128)["flops_per_token"]
-    assert spent == pytest.approx(3e12, rel=TOLERANCE)
-
-
 def test_compiled_decoding_caches_hold_the_states():
     """What generate(compile=True) does, run eagerly: a compiled prefill's collector (PrefillKV) hands
     the Mamba-2 states to a StaticKVCache, whose static mode updates them in place; the logits are
