@@ -134,9 +134,31 @@ def served_greedy(model, prompts: list[list[int]], max_new: list[int], max_batch
     return [tokens.get(i, []) for i in range(len(prompts))]
 
 
+def static_steps_equal_full(model, ids: torch.Tensor, split: int, max_len: int = 32):
+    """What ``generate(compile=True)`` does, run eagerly: a prefill collector (PrefillKV) hands keys,
+    values and recurrent states to a StaticKVCache, whose static mode then updates them in place;
+    asserts the logits are the full forward's and no state tensor was replaced. Returns the cache."""
+    from evolm.cache import PrefillKV, StaticKVCache
+
+    B, T = ids.shape
+    with torch.no_grad():
+        full = model(ids)
+        collected = PrefillKV()
+        outs = [model(ids[:, :split], cache=collected)]
+        cache = StaticKVCache.for_model(model, B, max_len)
+        cache.store_prefill(collected, split, None)
+        cache.start_static()
+        held = [t.data_ptr() for s in cache._states.values() for t in s]
+        for t in range(split, T):
+            outs.append(model(ids[:, t:t + 1], position_ids=torch.full((B, 1), t), cache=cache))
+    torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-5, rtol=1e-5)
+    assert held == [t.data_ptr() for s in cache._states.values() for t in s]
+    return cache
+
+
 @pytest.fixture
 def serving_tools():
-    return types.SimpleNamespace(served_greedy=served_greedy)
+    return types.SimpleNamespace(served_greedy=served_greedy, static_steps_equal_full=static_steps_equal_full)
 
 
 def cli_args(add_args, **kw):

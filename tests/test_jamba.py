@@ -211,26 +211,12 @@ def test_config_errors_name_the_field():
         config_to_hf(c.replace(mixer_pattern=("mha", "mamba", "mha")), model_type="jamba")
 
 
-def test_compiled_decoding_caches_hold_both_kinds():
+def test_compiled_decoding_caches_hold_both_kinds(serving_tools):
     """What generate(compile=True) does, run eagerly: a prefill collector (PrefillKV) hands keys/values
     and states to a StaticKVCache, whose static mode updates both in place; the logits are the full
     forward's."""
-    from evolm.cache import PrefillKV, StaticKVCache
-
     _, model = _pair()
-    ids = torch.randint(3, V, (2, 12))
-    with torch.no_grad():
-        full = model(ids)
-        collected = PrefillKV()
-        outs = [model(ids[:, :6], cache=collected)]
-        cache = StaticKVCache.for_model(model, 2, 32)
-        cache.store_prefill(collected, 6, None)
-        cache.start_static()
-        held = [t.data_ptr() for s in cache._states.values() for t in s]
-        for t in range(6, 12):
-            outs.append(model(ids[:, t:t + 1], position_ids=torch.full((2, 1), t), cache=cache))
-    torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-5, rtol=1e-5)
-    assert held == [t.data_ptr() for s in cache._states.values() for t in s]
+    cache = serving_tools.static_steps_equal_full(model, torch.randint(3, V, (2, 12)), 6)
     assert sorted(cache._states) == [0, 2, 3]
 
 

@@ -250,26 +250,12 @@ def test_server_engine_decodes_as_generate(serving_tools):
     assert serving_tools.served_greedy(model, prompts, max_new) == ref  # 3 at once, the 4th joins later
 
 
-def test_compiled_decoding_caches_hold_the_states():
+def test_compiled_decoding_caches_hold_the_states(serving_tools):
     """What generate(compile=True) does, run eagerly: a compiled prefill's collector (PrefillKV) hands
     the states to a StaticKVCache, whose static mode then updates them in place (no Python-side store
     in the compiled step); the logits are the full forward's."""
-    from evolm.cache import PrefillKV, StaticKVCache
-
     _, model = _pair()
-    ids = torch.randint(3, V, (2, 12))
-    with torch.no_grad():
-        full = model(ids)
-        collected = PrefillKV()
-        outs = [model(ids[:, :6], cache=collected)]
-        cache = StaticKVCache.for_model(model, 2, 32)
-        cache.store_prefill(collected, 6, None)
-        cache.start_static()
-        held = [t.data_ptr() for s in cache._states.values() for t in s]
-        for t in range(6, 12):
-            outs.append(model(ids[:, t:t + 1], position_ids=torch.full((2, 1), t), cache=cache))
-    torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-5, rtol=1e-5)
-    assert held == [t.data_ptr() for s in cache._states.values() for t in s]
+    serving_tools.static_steps_equal_full(model, torch.randint(3, V, (2, 12)), 6)
 
 
 def test_bad_hf_config_values_name_the_key():

@@ -343,23 +343,9 @@ def test_preset_cost_card_counts_the_model():
     assert card["state_bytes_per_sequence"] == 24 * (3 * 1792 * 2 + 24 * 64 * 128 * 4)
 
 
-def test_compiled_decoding_caches_hold_the_states():
+def test_compiled_decoding_caches_hold_the_states(serving_tools):
     """What generate(compile=True) does, run eagerly: a compiled prefill's collector (PrefillKV) hands
     the Mamba-2 states to a StaticKVCache, whose static mode updates them in place; the logits are
     the full forward's."""
-    from evolm.cache import PrefillKV, StaticKVCache
-
     _, model = _pair()
-    ids = torch.randint(3, V, (2, 14))
-    with torch.no_grad():
-        full = model(ids)
-        collected = PrefillKV()
-        outs = [model(ids[:, :9], cache=collected)]
-        cache = StaticKVCache.for_model(model, 2, 32)
-        cache.store_prefill(collected, 9, None)
-        cache.start_static()
-        held = [t.data_ptr() for s in cache._states.values() for t in s]
-        for t in range(9, 14):
-            outs.append(model(ids[:, t:t + 1], position_ids=torch.full((2, 1), t), cache=cache))
-    torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-5, rtol=1e-5)
-    assert held == [t.data_ptr() for s in cache._states.values() for t in s]
+    serving_tools.static_steps_equal_full(model, torch.randint(3, V, (2, 14)), 9)
