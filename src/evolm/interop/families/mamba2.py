@@ -24,8 +24,9 @@ import torch
 from evolm.config import ModelConfig
 from evolm.interop.families.base import Family, Needs
 from evolm.interop.families.decoder import err
+# the checkpoint layout is Mamba's (backbone.layers.i.mixer.* / .norm): the same weight names both ways
+from evolm.interop.families.mamba import TOP, layer_from_hf, weights_to_hf
 
-TOP = {"embeddings.weight": "embed_tokens.weight", "norm_f.weight": "norm.weight"}
 NO_LIMIT = 1 << 20  # max_seq_len of a model whose state does not grow with the sequence
 
 
@@ -68,33 +69,6 @@ def blockers(fam: Family, c: ModelConfig, need: Needs) -> None:
     need(c.pos_emb == "none", "pos_emb", "'none'")
     need(not c.embed_scale, "embed_scale", "False")
     need(c.final_softcap is None, "final_softcap", "None")
-
-
-def layer_from_hf(fam: Family, config: ModelConfig, name: str, t: torch.Tensor, i: int, out: dict,
-                  experts: dict) -> bool:
-    if name == "norm.weight":
-        out[f"layers.{i}.attn_norm.weight"] = t
-    elif name.startswith("mixer."):
-        out[f"layers.{i}.self_attn.{name.removeprefix('mixer.')}"] = t
-    else:
-        return False
-    return True
-
-
-def weights_to_hf(fam: Family, sd: dict[str, torch.Tensor], config: ModelConfig,
-                  fused_experts: bool) -> dict[str, torch.Tensor]:
-    top = {v: k for k, v in TOP.items()}
-    out: dict[str, torch.Tensor] = {}
-    for k, t in sd.items():
-        if k == "lm_head.weight":
-            out[k] = t
-        elif k in top:
-            out["backbone." + top[k]] = t
-        else:
-            _, i, rest = k.split(".", 2)
-            rest = "norm.weight" if rest == "attn_norm.weight" else "mixer." + rest.removeprefix("self_attn.")
-            out[f"backbone.layers.{i}.{rest}"] = t
-    return out
 
 
 MAMBA2 = Family(
