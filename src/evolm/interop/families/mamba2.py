@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 from evolm.config import ModelConfig
 from evolm.interop.families.base import Family, Needs
 from evolm.interop.families.decoder import err
