@@ -167,6 +167,26 @@ async def level(url: str, model: str, n: int, total: int, seconds: float, max_to
             "first_errors": errors[:3]}
 
 
+def _engine_stats(url: str, headers: dict) -> dict:
+    """The engine's counters (``GET /health``: seconds and tokens in prompts and in decode steps)."""
+    return httpx.get(url + "/health", headers=headers, timeout=10).json()
+
+
+def _engine_split(before: dict, after: dict, wall: float) -> dict:
+    """Where the server spent a level's wall time: its decode steps' rate (what ``generate``'s
+    decode rate compares with), the prompts' share, and the time with nothing to run."""
+    if "decode_seconds" not in after:  # a server without the counters
+        return {}
+    d = {k: after[k] - before[k] for k in ("prefill_seconds", "prefill_tokens", "decode_seconds",
+                                            "decode_tokens", "steps", "requests")}
+    prompts = max(d["requests"], 1)
+    return {"engine_decode_tokens_per_s": d["decode_tokens"] / max(d["decode_seconds"], 1e-9),
+            "engine_rows_per_step": d["decode_tokens"] / max(d["steps"], 1),
+            "engine_prefill_share": d["prefill_seconds"] / wall,
+            "engine_prefill_ms": 1e3 * d["prefill_seconds"] / prompts,
+            "engine_idle_share": max(0.0, 1 - (d["prefill_seconds"] + d["decode_seconds"]) / wall)}
+
+
 def _row(r: dict, label: str = "") -> str:
     gen = r.get("generate_tokens_per_s")
     vs = f" {gen:>8.1f} {r['decode_tokens_per_s'] / gen:>6.2f}" if gen else ""
@@ -257,8 +277,10 @@ def main(argv=None) -> None:
         for n in levels:
             count = max(args.requests or max(8, 2 * n), n)
             gen = [baseline.rate(n)] if baseline else []
+            before = _engine_stats(url, headers)
             r = level(url, model_id, n, count, args.seconds, args.max_tokens, args.api_key)
             r = asyncio.run(r)
+            r.update(_engine_split(before, _engine_stats(url, headers), r["wall_s"]))
             r["server"] = "batched"
             if baseline:  # before and after the level: the host's load drifts
                 gen.append(baseline.rate(n))
@@ -276,6 +298,12 @@ def main(argv=None) -> None:
             results.append(r)
             print(_row(r, "max_batch=1"), flush=True)
         for r in results:
+            if "engine_decode_tokens_per_s" in r:
+                print(f"N={r['concurrency']}: the engine's decode steps {r['engine_decode_tokens_per_s']:.1f} tok/s "
+                      f"(rows per step {r['engine_rows_per_step']:.1f}); prompts, each prefilled alone: "
+                      f"{100 * r['engine_prefill_share']:.0f}% of the wall time "
+                      f"({r['engine_prefill_ms']:.1f} ms each); waiting for requests: "
+                      f"{100 * r['engine_idle_share']:.0f}%")
             if r["first_errors"]:
                 print(f"errors at N={r['concurrency']}: {r['first_errors']}")
         if args.json:

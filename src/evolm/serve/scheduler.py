@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import traceback
 from collections import deque
 from dataclasses import dataclass
@@ -410,8 +411,12 @@ class Engine:
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self._running = False
+        # where the engine's time goes (``GET /health``): seconds in prompts (each alone) and in decode
+        # steps, and the tokens each produced; benchmarks/serve_load.py reads them to tell the decode
+        # rate (the same as ``generate``'s) apart from the prompts' share of a busy server's time
         self.stats = {"requests": 0, "finished": 0, "errors": 0, "cancelled": 0, "steps": 0,
-                      "tokens": 0, "peak_active": 0}
+                      "tokens": 0, "peak_active": 0, "prefill_seconds": 0.0, "prefill_tokens": 0,
+                      "decode_seconds": 0.0, "decode_tokens": 0}
         self.error: str | None = None  # set if the loop itself died
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -547,6 +552,7 @@ class Engine:
 
     def _prefill(self, req: GenRequest) -> None:
         row = len(self.active)
+        t0 = time.perf_counter()
         try:
             stop_ids = set(req.params.stop_token_ids)
             if not req.params.ignore_eos:
@@ -569,6 +575,8 @@ class Engine:
             self.active.append(seq)
             self.stats["peak_active"] = max(self.stats["peak_active"], len(self.active))
         self._emit([seq], logits)
+        self.stats["prefill_seconds"] += time.perf_counter() - t0  # the prompt's forward and its first token
+        self.stats["prefill_tokens"] += len(req.prompt_ids)
 
     def _decode(self) -> None:
         seqs = list(self.active)
@@ -585,6 +593,7 @@ class Engine:
         groups = [[r] for g in groups for r in g if seqs[r].image_step is not None] + \
             [h for h in ([r for r in g if seqs[r].image_step is None] for g in groups) if h]
         outs, order = [], []
+        t0 = time.perf_counter()
         try:
             for g in groups:
                 image = seqs[g[0]].image_step or {}
@@ -609,6 +618,8 @@ class Engine:
         if order != list(range(len(seqs))):  # groups (equal lengths, image rows): rows back in order
             logits = logits[torch.tensor(order, device=logits.device).argsort()]
         self._emit(seqs, logits)
+        self.stats["decode_seconds"] += time.perf_counter() - t0  # the forward, sampling and streaming
+        self.stats["decode_tokens"] += len(seqs)
 
     # --- choosing tokens ---------------------------------------------------------------------
     def _emit(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
