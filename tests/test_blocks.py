@@ -151,12 +151,14 @@ def test_blocks_dense_linear_is_the_dense_product_whatever_came_before(bits, gro
     """A long prompt's product: the weights rebuilt into a buffer the thread reuses, then the float
     matmul -- bit for bit F.linear of the dequantized weights (the same matmul call), in fp32 and
     bf16, for a weight larger, then smaller, then larger again than the buffer last held."""
-    for N, K in ((113, 416), (16, 32), (300, 512), (37, 96)):
+    for N, K in ((113, 416), (16, 32), (300, 512), (37, 96), (3072, 576)):
         b = _random_blocks(N, K, bits, group, with_min, seed=N)
         w = b.dequantize(kernel=False)
         x = torch.randn(150, K)
         y = torch.ops.evolm_f.blocks_dense_linear(x, b.codes, b.scale, b.min, group)
         assert torch.equal(y, F.linear(x, w))
+        with torch.inference_mode():  # as generate calls it (the rebuilding threads take the mode)
+            assert torch.equal(torch.ops.evolm_f.blocks_dense_linear(x, b.codes, b.scale, b.min, group), y)
         yb = torch.ops.evolm_f.blocks_dense_linear(x.bfloat16(), b.codes, b.scale, b.min, group)
         assert yb.dtype == torch.bfloat16 and torch.equal(yb, F.linear(x.bfloat16(), w.bfloat16()))
     with pytest.raises(RuntimeError, match="float32 or bfloat16"):
