@@ -282,9 +282,10 @@ def cmd_serve(args) -> None:
 # --- pretrain / data / tokenizer ---------------------------------------------------------------
 def cmd_pretrain(args) -> None:
     from evolm.train.pretrain import pretrain
-    from evolm.train.recipe import load_recipe
+    from evolm.train.recipe import apply_parallel_flags, load_recipe
 
-    recipe = load_recipe(args.config)
+    recipe = apply_parallel_flags(load_recipe(args.config), dp_shard=args.dp_shard, dp_replicate=args.dp_replicate,
+                                  tp=args.tp, pp=args.pp, cp=args.cp, ep=args.ep)
     summary = pretrain(recipe, out_dir=args.out, resume=args.resume, data_dir=args.data_dir,
                        stop_after_steps=args.stop_after)
     if args.json:
@@ -531,6 +532,14 @@ def _pretrain_parser(pt: argparse.ArgumentParser) -> None:
     pt.add_argument("--data-dir", default=None, help="where the built-in corpora are installed")
     pt.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
     pt.add_argument("--json", action="store_true", help="print the summary as JSON")
+    lay = pt.add_argument_group("parallel layout (override the recipe's parallel: section; launch with torchrun; "
+                                "-1: the rest of the world; docs/distributed.md)")
+    lay.add_argument("--dp-shard", type=int, default=None, help="FSDP2 degree (default -1: the rest)")
+    lay.add_argument("--dp-replicate", type=int, default=None, help="replicas (DDP, or HSDP with --dp-shard > 1)")
+    lay.add_argument("--tp", type=int, default=None, help="tensor-parallel degree")
+    lay.add_argument("--pp", type=int, default=None, help="pipeline stages")
+    lay.add_argument("--cp", type=int, default=None, help="context-parallel degree (ring attention)")
+    lay.add_argument("--ep", type=int, default=None, help="expert-parallel degree (borrows data-parallel ranks)")
     pt.set_defaults(func=cmd_pretrain)
 
 

@@ -41,6 +41,9 @@ from evolm.nn.vision import VisionEncoder
 
 class Transformer(nn.Module):
     compiled_loss = False  # the fused loss's chunk kernels through inductor (the trainer sets it with train.compile)
+    # head_loss(h, targets) -> loss, set from outside when the head's weight is split across processes
+    # (evolm/parallel/tensor.py: vocabulary-parallel cross-entropy); None: the fused loss below
+    head_loss = None
 
     def __init__(self, config: ModelConfig, shared_embedding: nn.Embedding | None = None):
         """``shared_embedding``: an encoder's token embedding, the decoder's (held, not registered,
@@ -383,8 +386,11 @@ class Transformer(nn.Module):
 
     def loss_from_hidden(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Next-token cross-entropy of the final-normed states ``h``, plus any MoE auxiliary loss."""
-        w, b = self.head_weight_bias()
-        loss = fused_linear_cross_entropy(h, w, targets, b, self.config.final_softcap, compiled=self.compiled_loss)
+        if self.head_loss is not None:
+            loss = self.head_loss(h, targets)
+        else:
+            w, b = self.head_weight_bias()
+            loss = fused_linear_cross_entropy(h, w, targets, b, self.config.final_softcap, compiled=self.compiled_loss)
         aux = self.aux_loss()
         return loss + aux if aux is not None else loss
 

@@ -89,6 +89,9 @@ class LoopConfig(LoopSettings, OptimConfig):
 
     eval_tasks_batch_size: int = 8
     eval_at_start: bool = False  # a step-0 row with the held-out metrics of the untrained model
+    # the run's parallel layout (evolm.parallel.ParallelLayout: a recipe's `parallel:` section), or
+    # None: train.distributed alone decides (see evolm.parallel.layout.effective_layout)
+    parallel: Any = None
 
     def __post_init__(self):
         self.betas = tuple(self.betas)  # YAML gives a list; the optimizer state keeps what it gets
@@ -97,4 +100,5 @@ class LoopConfig(LoopSettings, OptimConfig):
 
     @classmethod
     def from_recipe(cls, recipe) -> "LoopConfig":
-        return cls(**values_of(recipe.optim, OptimConfig), **values_of(recipe.train, LoopSettings))
+        return cls(**values_of(recipe.optim, OptimConfig), **values_of(recipe.train, LoopSettings),
+                   parallel=getattr(recipe, "parallel", None))

@@ -86,20 +86,52 @@ class Task(Protocol):
 
 @dataclass
 class Runtime:
-    """Where this process runs: rank, world size, device (from ``torchrun``'s environment)."""
+    """Where this process runs: rank, world size, device (from ``torchrun``'s environment), and
+    the run's parallel layout with its DeviceMesh (None: one process, or plain DDP/FSDP runs that
+    predate layouts still get one: see ``evolm.parallel.layout.effective_layout``).
+
+    ``dp_rank`` / ``dp_world``: this process's place among the data-parallel ranks, which read
+    different parts of the global batch; ranks of one tensor/context/pipeline group share theirs.
+    Logged figures are reduced over ``dp_group``."""
 
     rank: int = 0
     world: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    layout: Any = None  # evolm.parallel.ParallelLayout (resolved) or None
+    mesh: Any = None  # its torch DeviceMesh
 
     @property
     def main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def dp_rank(self) -> int:
+        return self.mesh["dp"].get_local_rank() if self.mesh is not None else self.rank
+
+    @property
+    def dp_world(self) -> int:
+        return self.mesh["dp"].size() if self.mesh is not None else self.world
+
+    @property
+    def dp_group(self):
+        """The process group of the data-parallel ranks (None: the default group)."""
+        return self.mesh["dp"].get_group() if self.mesh is not None and self.dp_world < self.world else None
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the parameters are DTensors (FSDP2, TP, ...): state dicts are gathered collectively."""
+        return self.layout is not None and self.layout.sharded
+
     @classmethod
-    def create(cls, distributed: str = "none") -> "Runtime":
-        rank, world, device = par.init_distributed(distributed)
-        return cls(rank, world, device)
+    def create(cls, distributed: str = "none", parallel=None) -> "Runtime":
+        """Start the process group when the layout (``train.distributed`` + the ``parallel:``
+        section, ``evolm.parallel.effective_layout``) splits the world, and build its mesh."""
+        from evolm.parallel.layout import effective_layout
+
+        layout = effective_layout(distributed, parallel, int(os.environ.get("WORLD_SIZE", "1")))
+        rank, world, device = par.init_distributed("none" if layout is None else "on")
+        mesh = layout.build_mesh(device.type) if layout is not None else None
+        return cls(rank, world, device, layout, mesh)
 
 
 # --------------------------------------------------------------------------------------------

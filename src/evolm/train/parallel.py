@@ -1,7 +1,9 @@
-"""Apply distribution, activation checkpointing and compilation to a model from the outside.
+"""The trainer's distributed plumbing: process group, activation checkpointing, full state dicts,
+reductions of logged figures.
 
-As in torchtitan, the model file knows nothing about parallelism: this module takes a plain
-``Transformer`` and wraps it. Checkpoint keys stay those of the plain model.
+As in torchtitan, the model file knows nothing about parallelism; the layouts themselves (DDP,
+FSDP2, tensor parallel ... on one DeviceMesh) are applied by ``evolm.parallel.parallelize``; this
+module keeps what the trainer needs around it. Checkpoint keys stay those of the plain model.
 
 - DDP (``torch.nn.parallel.DistributedDataParallel``): every rank holds the whole model and
   gradients are all-reduced.
@@ -62,32 +64,27 @@ def apply_activation_checkpointing(model) -> None:
 
 def parallelize(model, mode: str, world_size: int, device: torch.device, compile: bool = False,
                 activation_checkpointing: bool = False):
-    """Return the module to train: the model itself, or a DDP / FSDP2-wrapped view of it."""
-    if activation_checkpointing:
-        apply_activation_checkpointing(model)
-    if compile:
-        for block in model.layers:  # per-block compilation: short compile times, same keys
-            block.compile()
-        model.compiled_loss = True  # the LM head's softmax/gradient, fused by inductor
-    if world_size == 1 or mode == "none":
-        return model
-    if mode == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
+    """The module to train for ``train.distributed`` alone (``none``/``ddp``/``fsdp`` over the whole
+    world); the layouts of ``parallel:`` go through :func:`evolm.parallel.parallelize`, which this calls."""
+    from evolm.parallel import parallelize as apply_layout
+    from evolm.parallel.layout import effective_layout
 
-        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if mode == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-
-        for block in model.layers:
-            fully_shard(block)
-        fully_shard(model)
-        return model
-    raise ValueError(f"unknown distributed mode {mode!r}; expected none, ddp or fsdp")
+    layout = effective_layout(mode, None, world_size)
+    mesh = layout.build_mesh(device.type) if layout is not None and not layout.ddp_only else None
+    return apply_layout(model, layout, mesh, device=device, compile=compile,
+                        activation_checkpointing=activation_checkpointing)
 
 
-def full_state_dicts(model, optimizer, mode: str) -> tuple[dict, dict]:
-    """Unsharded model and optimizer state (on every rank; rank 0 writes them)."""
-    if mode != "fsdp" or not dist.is_initialized():
+def _sharded(mode) -> bool:
+    """Whether parameters are DTensors (FSDP2, tensor parallel ...): ``mode`` is a bool, or a
+    ``train.distributed`` name (``fsdp``)."""
+    return mode == "fsdp" if isinstance(mode, str) else bool(mode)
+
+
+def full_state_dicts(model, optimizer, mode) -> tuple[dict, dict]:
+    """Unsharded model and optimizer state (on every rank; rank 0 writes them). ``mode``: whether the
+    parameters are sharded DTensors (see ``_sharded``); gathering them is a collective."""
+    if not _sharded(mode) or not dist.is_initialized():
         return model.state_dict(), optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict)
@@ -96,9 +93,9 @@ def full_state_dicts(model, optimizer, mode: str) -> tuple[dict, dict]:
     return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, optimizer, options=opts)
 
 
-def load_optimizer_state(model, optimizer, optim_sd: dict, mode: str) -> None:
+def load_optimizer_state(model, optimizer, optim_sd: dict, mode) -> None:
     """Load a full (unsharded) optimizer state saved by ``full_state_dicts``."""
-    if mode != "fsdp" or not dist.is_initialized():
+    if not _sharded(mode) or not dist.is_initialized():
         optimizer.load_state_dict(optim_sd)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
@@ -106,19 +103,21 @@ def load_optimizer_state(model, optimizer, optim_sd: dict, mode: str) -> None:
     set_optimizer_state_dict(model, optimizer, optim_sd, options=StateDictOptions(full_state_dict=True))
 
 
-def all_reduce_mean(x: float, world_size: int) -> float:
+def all_reduce_mean(x: float, world_size: int, group=None) -> float:
+    """The mean of ``x`` over the ``world_size`` ranks of ``group`` (default: all)."""
     if world_size == 1 or not dist.is_initialized():
         return x
     t = torch.tensor([x], dtype=torch.float64)
-    dist.all_reduce(t)
+    dist.all_reduce(t, group=group)
     return float(t.item()) / world_size
 
 
-def all_reduce_sum(values: list[float], world_size: int) -> list[float]:
+def all_reduce_sum(values: list[float], world_size: int, group=None) -> list[float]:
+    """Sums over the ``world_size`` ranks of ``group`` (default: all)."""
     if world_size == 1 or not dist.is_initialized():
         return list(values)
     t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t)
+    dist.all_reduce(t, group=group)
     return t.tolist()
 
 

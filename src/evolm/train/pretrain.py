@@ -165,6 +165,8 @@ class StagePlan:
 
 
 def plan_stages(recipe: Recipe, world: int) -> list[StagePlan]:
+    """Each stage's steps and accumulation; ``world``: the data-parallel degree (the ranks that read
+    different micro-batches; tensor/context/pipeline groups share theirs)."""
     plans = []
     for s in recipe.stages:
         micro_tokens = recipe.train.micro_batch * s.seq_len * world
@@ -227,7 +229,7 @@ class PretrainTask:
         weights = tier_mixture(self.manifest, spec.mixture) if isinstance(spec.mixture, str) else spec.mixture
         t = self.recipe.train
         self.loader = MixtureLoader(self.data_out, spec.seq_len, t.micro_batch, weights=weights,
-                                    seed=self.recipe.seed + index, rank=self.rt.rank, world_size=self.rt.world,
+                                    seed=self.recipe.seed + index, rank=self.rt.dp_rank, world_size=self.rt.dp_world,
                                     return_segments=t.doc_masking)
         self.log(f"stage {index + 1}/{len(self.plans)} '{spec.name}': {phase.steps} steps, seq_len "
                  f"{spec.seq_len}, {phase.accum} micro-batch(es) of {t.micro_batch} per step, "
@@ -239,7 +241,7 @@ class PretrainTask:
         step = self.loader.step
         windows = self.loader.next_batch()
         return self.objective(*windows, seed=self.loader.seed, step=step,
-                              first_row=self.rt.rank * self.recipe.train.micro_batch)
+                              first_row=self.rt.dp_rank * self.recipe.train.micro_batch)
 
     def loss(self, model, batch):
         return self.forward(model, batch), {}
@@ -268,11 +270,12 @@ class PretrainTask:
         return training_flops_per_token(self.model.config, self.seq_len, self.recipe.objective)
 
     def evaluate(self, model) -> dict[str, float]:
-        """Held-out loss per source; batches are shared out across ranks and the sums reduced,
-        so the figure is the same for any number of processes."""
+        """Held-out loss per source; batches are shared out across the data-parallel ranks (a
+        tensor-parallel group works on one together) and the sums reduced, so the figure is the
+        same for any layout."""
         from evolm.data.mixture import iter_eval_batches
 
-        t, rank, world = self.recipe.train, self.rt.rank, self.rt.world
+        t, rank, world = self.recipe.train, self.rt.dp_rank, self.rt.dp_world
         sums: dict[str, list[float]] = {}
         heldout = Path(t.eval_data) if t.eval_data else self.data_out  # one held-out set for many runs
         batches = iter_eval_batches(heldout, self.seq_len, t.micro_batch,
@@ -286,7 +289,7 @@ class PretrainTask:
             acc[0] += float(self.forward(model, ex)) * n
             acc[1] += n
         names = sorted(sums)
-        totals = par.all_reduce_sum([v for n in names for v in sums[n]], world)
+        totals = par.all_reduce_sum([v for n in names for v in sums[n]], world, self.rt.dp_group)
         res = {f"val_loss_{n}": totals[2 * i] / max(1.0, totals[2 * i + 1]) for i, n in enumerate(names)}
         res["val_loss"] = sum(totals[0::2]) / max(1.0, sum(totals[1::2]))
         res["val_ppl"] = math.exp(min(res["val_loss"], 50.0))
@@ -368,7 +371,7 @@ def pretrain(recipe: Recipe, out_dir: str | None = None, resume: bool = False,
     from evolm.data.mixture import check_tokenizer
 
     t_start = time.time()
-    rt = Runtime.create(recipe.train.distributed)
+    rt = Runtime.create(recipe.train.distributed, recipe.parallel)
     main = rt.main
     say = (log or print) if main else (lambda s: None)
     if recipe.train.threads:
@@ -389,7 +392,7 @@ def pretrain(recipe: Recipe, out_dir: str | None = None, resume: bool = False,
     check_objective(recipe, config)
     check_tokenizer(manifest, tokenizer, config.vocab_size)
     model.to(rt.device)
-    plans = plan_stages(recipe, rt.world)
+    plans = plan_stages(recipe, rt.dp_world)
     say(f"model {config.name}: {sum(p.numel() for p in model.parameters()):,} parameters; "
         f"{len(plans)} stage(s): " + ", ".join(f"{p.spec.name} {p.steps} steps x {p.tokens_per_step} tokens"
                                                 for p in plans))

@@ -24,6 +24,8 @@ import yaml
 
 from evolm.data.objectives import ObjectiveConfig, ObjectiveError
 from evolm.inputs import describe, first_line, has_type, short
+from evolm.parallel.layout import FIELDS as PARALLEL_FIELDS
+from evolm.parallel.layout import LayoutError, ParallelLayout, check_distributed, layout_from_dict
 
 from evolm.train.config import LoopSettings, LRShape, OptimConfig
 from evolm.train.optim import SCHEDULES
@@ -85,6 +87,9 @@ class Recipe:
     train: TrainSpec = field(default_factory=TrainSpec)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)  # clm | mlm | span_corruption | denoise
     stages: list[StageSpec] = field(default_factory=lambda: [StageSpec()])
+    # how the world is split (evolm.parallel.layout): dp_shard, dp_replicate, tp, pp, cp, ep; None:
+    # train.distributed alone decides (none | ddp | fsdp over the whole world)
+    parallel: ParallelLayout | None = None
     source: str = "<dict>"
 
     def to_dict(self) -> dict[str, Any]:
@@ -118,7 +123,8 @@ def _build(cls, d: Any, where: str):
 def recipe_from_dict(d: dict[str, Any], source: str = "<dict>") -> Recipe:
     if not isinstance(d, dict):
         raise RecipeError(f"{source}: a recipe is a mapping of sections, got {type(d).__name__}")
-    top = {k: v for k, v in d.items() if k not in ("model", "tokenizer", "optim", "train", "objective", "stages")}
+    sections = ("model", "tokenizer", "optim", "train", "objective", "stages", "parallel")
+    top = {k: v for k, v in d.items() if k not in sections}
     r = _build(Recipe, top, source)
     r.source = source
     if isinstance(d.get("model"), str):
@@ -138,6 +144,11 @@ def recipe_from_dict(d: dict[str, Any], source: str = "<dict>") -> Recipe:
     if not isinstance(stages, list) or not stages:
         raise RecipeError(f"{source}: stages must be a non-empty list")
     r.stages = [_build(StageSpec, s, f"{source}: stages[{i}]") for i, s in enumerate(stages)]
+    if d.get("parallel") is not None:
+        try:
+            r.parallel = layout_from_dict(d["parallel"], f"{source}: parallel")
+        except LayoutError as e:
+            raise RecipeError(str(e)) from None
     validate(r)
     return r
 
@@ -163,6 +174,10 @@ def validate(r: Recipe) -> None:
         raise RecipeError(f"{src}: train: dtype must be float32 or bfloat16, got {t.dtype!r}")
     if t.distributed not in ("none", "ddp", "fsdp"):
         raise RecipeError(f"{src}: train: distributed must be none, ddp or fsdp, got {t.distributed!r}")
+    try:
+        check_distributed(t.distributed, r.parallel)
+    except LayoutError as e:
+        raise RecipeError(f"{src}: {e}") from None
     if t.micro_batch < 1:
         raise RecipeError(f"{src}: train: micro_batch must be >= 1")
     if r.tokenizer.path is None and r.tokenizer.train is None and m.init is None:
@@ -186,3 +201,21 @@ def validate(r: Recipe) -> None:
                                   f"got {s.mixture!r}")
         elif s.mixture is not None and (not isinstance(s.mixture, dict) or not s.mixture):
             raise RecipeError(f"{where}: mixture must be a mapping of source name -> weight, or a tier name")
+
+
+def apply_parallel_flags(r: Recipe, **degrees: int | None) -> Recipe:
+    """``evolm pretrain --tp 2 ...``: the given degrees (None: not given) override the recipe's
+    ``parallel:`` section (made from the defaults when it has none); the result is validated."""
+    given = {k: v for k, v in degrees.items() if v is not None}
+    unknown = set(given) - set(PARALLEL_FIELDS)
+    if unknown:
+        raise RecipeError(f"unknown parallel degree(s) {sorted(unknown)} (valid: {', '.join(PARALLEL_FIELDS)})")
+    if not given:
+        return r
+    base = r.parallel.to_dict() if r.parallel is not None else {}
+    try:
+        r.parallel = layout_from_dict({**base, **given}, f"{r.source}: parallel (with the command-line flags)")
+    except LayoutError as e:
+        raise RecipeError(str(e)) from None
+    validate(r)
+    return r

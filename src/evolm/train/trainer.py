@@ -53,11 +53,11 @@ class Trainer:
                  tokenizer=None, rt: Runtime | None = None, log: Callable[[str], None] | None = None,
                  extra_state: dict | None = None):
         self.t_start = time.time()
-        self.rt = rt or Runtime.create(cfg.distributed)
+        self.rt = rt or Runtime.create(cfg.distributed, cfg.parallel)
         self.say = (log or print) if self.rt.main else (lambda s: None)
         self.model, self.task, self.phases, self.cfg = model, task, phases, cfg  # model: the plain module
         self.out, self.tokenizer, self.extra_state = Path(out), tokenizer, extra_state or {}
-        self.benchmarks = _check(phases, cfg)
+        self.benchmarks = _check(phases, cfg, self.rt)
         if cfg.freeze:  # a stage that trains only some parts (train/freeze.py)
             n = freeze(model, cfg.freeze)
             self.say(f"frozen ({', '.join(cfg.freeze)}): {n:,} parameters")
@@ -113,20 +113,23 @@ class Trainer:
 
     # --- wrap ------------------------------------------------------------------------------
     def wrap(self) -> None:
-        """DDP/FSDP2, compile and activation checkpointing from outside the model; AdamW over the
-        trainable parameters; a resumed run gets its optimizer and RNG state back."""
-        cfg = self.cfg
-        self.net = par.parallelize(self.model, cfg.distributed, self.rt.world, self.rt.device, compile=cfg.compile,
-                                   activation_checkpointing=cfg.activation_checkpointing)
+        """The run's parallel layout (DDP, FSDP2, tensor parallel ...: ``evolm.parallel.parallelize``),
+        compile and activation checkpointing from outside the model; AdamW over the trainable
+        parameters; a resumed run gets its optimizer and RNG state back."""
+        from evolm.parallel import parallelize
+
+        cfg, rt = self.cfg, self.rt
+        self.net = parallelize(self.model, rt.layout, rt.mesh, device=rt.device, compile=cfg.compile,
+                               activation_checkpointing=cfg.activation_checkpointing)
         self.optimizer = make_optimizer(self.model, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
                                         eps=cfg.eps)
         if self.resumed is not None:
-            par.load_optimizer_state(self.net, self.optimizer, self.resumed["optimizer"], cfg.distributed)
+            par.load_optimizer_state(self.net, self.optimizer, self.resumed["optimizer"], rt.sharded)
             set_rng_state(self.resumed["rng"])
         self.trainable = [p for p in self.net.parameters() if p.requires_grad]
         self.autocast = (torch.autocast(self.rt.device.type, dtype=torch.bfloat16) if cfg.dtype == "bfloat16"
                          else contextlib.nullcontext())
-        self.eval_net = self.model if cfg.distributed != "fsdp" else self.net  # FSDP: shards must gather
+        self.eval_net = self.net if rt.sharded else self.model  # FSDP/TP: the shards must work together
 
     # --- fit -------------------------------------------------------------------------------
     def fit(self, stop_after_steps: int | None = None) -> bool:
@@ -224,15 +227,16 @@ class Trainer:
         """Count the step, average its figures over the ranks: the metrics row of this step."""
         self.global_step += 1
         self.steps_this_call += 1
-        world = self.rt.world
-        tokens = int(par.all_reduce_sum([float(s.tokens)], world)[0]) if s.tokens is not None \
+        # over the data-parallel ranks: those of one tp/cp/pp group saw the same batch
+        world, group = self.rt.dp_world, self.rt.dp_group
+        tokens = int(par.all_reduce_sum([float(s.tokens)], world, group)[0]) if s.tokens is not None \
             else phase.tokens_per_step
         self.tokens += tokens
-        self.last_train_loss = par.all_reduce_mean(s.loss_sum / phase.accum, world)
+        self.last_train_loss = par.all_reduce_mean(s.loss_sum / phase.accum, world, group)
         names = sorted(s.extra_sums)
         extras = {}
         if names:
-            vals = par.all_reduce_sum([s.extra_sums[k] / phase.accum for k in names], world)
+            vals = par.all_reduce_sum([s.extra_sums[k] / phase.accum for k in names], world, group)
             extras = {k: v / world for k, v in zip(names, vals)}
         tps = tokens / s.seconds
         self.throughput.append(tps)
@@ -271,8 +275,9 @@ class Trainer:
         self.say("before training: " + " ".join(f"{k} {v:.4f}" for k, v in self.initial_eval.items()))
 
     def samples(self) -> list[tuple[str, str]]:
-        """The task's sampled continuations, on rank 0 from the plain module (none under FSDP)."""
-        if not self.rt.main or self.cfg.distributed == "fsdp" or not hasattr(self.task, "samples"):
+        """The task's sampled continuations, on rank 0 from the plain module (none when the
+        parameters are sharded: FSDP, tensor parallel ...)."""
+        if not self.rt.main or self.rt.sharded or not hasattr(self.task, "samples"):
             return []
         was = self.model.training
         self.model.eval()
@@ -290,7 +295,7 @@ class Trainer:
         """Weights (all, or the trainable part) + ``trainer.pt``, atomically; older ones pruned.
         Gathering FSDP's full state is a collective, so every rank calls this."""
         task_state = self.task.state_dict()
-        msd, osd = par.full_state_dicts(self.net, self.optimizer, self.cfg.distributed)
+        msd, osd = par.full_state_dicts(self.net, self.optimizer, self.rt.sharded)
         if self.rt.main:
             state = {"phase_idx": pi, "phase_step": phase_step, "global_step": self.global_step,
                      "tokens": self.tokens, "task": task_state, "optimizer": osd, "rng": rng_state(),
@@ -310,7 +315,7 @@ class Trainer:
         self.progress.close()
         summary = self._summary(stopped_early)
         if not stopped_early:  # gathering the full state is a collective: every rank takes part
-            msd, _ = par.full_state_dicts(self.net, self.optimizer, self.cfg.distributed)
+            msd, _ = par.full_state_dicts(self.net, self.optimizer, self.rt.sharded)
         if self.rt.main and not stopped_early:
             summary["samples"] = self.samples()
             self._print_samples(summary["samples"])
@@ -353,7 +358,7 @@ def _previous_good(ckpt: Path) -> str:
     return f"no older checkpoint in {ckpt.parent} reads cleanly: start the run again without --resume"
 
 
-def _check(phases: list[Phase], cfg: LoopConfig) -> Callable | None:
+def _check(phases: list[Phase], cfg: LoopConfig, rt) -> Callable | None:
     """Refuse what cannot run before any work; the benchmark hook when ``eval_tasks`` asks for it."""
     if not phases:
         raise ValueError("run: needs at least one Phase")
@@ -365,9 +370,10 @@ def _check(phases: list[Phase], cfg: LoopConfig) -> Callable | None:
     if hook is None:
         raise ValueError(f"train.eval_tasks={cfg.eval_tasks}: this evolm has no "
                          "evolm.eval.*.evaluate_in_training; remove eval_tasks from the recipe")
-    if cfg.distributed == "fsdp":
-        raise ValueError("train.eval_tasks needs the whole model on one process; it does not run with "
-                         "distributed: fsdp (use ddp, or evaluate the saved checkpoints with evolm eval)")
+    if rt.sharded:
+        raise ValueError(f"train.eval_tasks needs the whole model on one process; it does not run with "
+                         f"sharded parameters ({rt.layout.describe()}: use ddp, or evaluate the saved "
+                         f"checkpoints with evolm eval)")
     return hook
 
 
