@@ -393,19 +393,35 @@ def _tied(pipe: Pipeline) -> bool:
 
 def sync_tied_grads(pipe: Pipeline) -> None:
     """Sum the gradients of the tied embedding's replicas (first and last stage) over the pipeline
-    group; ranks holding neither contribute zeros. One all-reduce of ``vocab x d``."""
+    group; ranks holding neither contribute zeros. One all-reduce of ``vocab x d`` (of this rank's
+    shard when FSDP shards the stages: the replicas' peers share one data-parallel coordinate)."""
     if not _tied(pipe):
         return
-    c = pipe.modules[0].config
     weights = {id(m.embed_tokens.weight): m.embed_tokens.weight for m in pipe.modules if hasattr(m, "embed_tokens")}
     if len(weights) > 1:
         raise AssertionError("one rank holds two different embedding replicas")
     w = next(iter(weights.values()), None)
-    if w is not None and w.grad is None:
-        w.grad = torch.zeros_like(w)
-    buf = w.grad if w is not None else torch.zeros(c.vocab_size, c.d_model, dtype=next(pipe.parameters()).dtype,
-                                                     device=pipe.device)
+    if w is not None:
+        if w.grad is None:
+            w.grad = torch.zeros_like(w)
+        buf = w.grad.to_local() if hasattr(w.grad, "to_local") else w.grad
+    else:
+        buf = torch.zeros(_embedding_shard_rows(pipe), pipe.modules[0].config.d_model,
+                          dtype=next(pipe.parameters()).dtype, device=pipe.device)
     dist.all_reduce(buf, group=pipe.group)
+
+
+def _embedding_shard_rows(pipe: Pipeline) -> int:
+    """Rows of the embedding this rank's replica peers hold: all of them, or under FSDP2 (dim-0
+    ``torch.chunk`` shards over the data-parallel mesh) this coordinate's chunk."""
+    V = pipe.modules[0].config.vocab_size
+    sharded = next((p for p in pipe.parameters() if hasattr(p, "device_mesh")), None)
+    if sharded is None:
+        return V
+    mesh = sharded.device_mesh
+    chunks = torch.arange(V).chunk(mesh.size())
+    r = mesh.get_local_rank()
+    return chunks[r].numel() if r < len(chunks) else 0
 
 
 def _grads_counted_once(pipe: Pipeline) -> list[torch.Tensor]:
