@@ -483,6 +483,38 @@ def gather_state_dict(pipe: Pipeline) -> dict[str, torch.Tensor]:
     return out
 
 
+def step_examples(pipe: Pipeline, examples: list) -> float:
+    """The trainer's gradient accumulation under pp: the step's ``accum`` micro-batches
+    (``evolm.data.objectives.Example``, one shape) concatenated into the global batch that the
+    schedule cuts back into the same micro-batches; packed documents keep their masks and
+    positions. Returns the step's mean loss on every rank of the pipeline group."""
+    from evolm.train.pretrain import positions_from_segments
+
+    if len(examples) != pipe.n_microbatches:
+        raise ValueError(f"the pipeline was built for n_microbatches={pipe.n_microbatches}, the step has "
+                         f"{len(examples)} micro-batches (train.accum must equal it)")
+    if any(ex.attention_mask is not None or ex.decoder_input_ids is not None for ex in examples):
+        raise ValueError("pipeline parallelism takes causal-LM examples (no attention_mask / decoder_input_ids)")
+    x = torch.cat([ex.input_ids for ex in examples])
+    y = torch.cat([ex.targets for ex in examples])
+    seg = torch.cat([ex.segments for ex in examples]) if examples[0].segments is not None else None
+    pos = positions_from_segments(seg) if seg is not None else None
+    return pipe.step(x, y, position_ids=pos, doc_ids=seg)
+
+
+def fully_shard_stages(pipe: Pipeline, dp_mesh) -> None:
+    """FSDP2 over the data-parallel mesh for each stage: every block, then the stage root
+    (embeddings, norm, head). Parameters stay gathered between micro-batches
+    (``reshard_after_forward=False``, torchtitan's choice under pp): resharding would gather
+    them again for each of the ``m`` micro-batches' forward and backward."""
+    from torch.distributed.fsdp import fully_shard
+
+    for mod in pipe.modules:
+        for block in mod.layers.values():
+            fully_shard(block, mesh=dp_mesh, reshard_after_forward=False)
+        fully_shard(mod, mesh=dp_mesh, reshard_after_forward=False)
+
+
 # --------------------------------------------------------------------------------------------
 # the entry point
 # --------------------------------------------------------------------------------------------
