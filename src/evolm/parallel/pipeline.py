@@ -174,7 +174,7 @@ class _AttachAux(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, aux, scale: float):
         ctx.scale, ctx.aux_meta = scale, (aux.shape, aux.dtype, aux.device)
-        return x.view_as(x)
+        return x.clone()  # not a view of x: FSDP2's pre-backward hook on a stage output must not sit on a view
 
     @staticmethod
     def backward(ctx, grad):
