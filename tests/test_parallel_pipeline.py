@@ -82,6 +82,11 @@ def single_process(case: dict):
         opt.zero_grad(set_to_none=True)
         update_moe_bias(model)
         losses.append(total / n_micro)
+    if case.get("eval"):  # the forward-only loss of the last batch, in eval mode (no aux, no dropout)
+        model.eval()
+        with torch.no_grad():
+            losses.append(sum(float(model(xm, targets=ym)) for xm, ym in zip(x.chunk(n_micro), y.chunk(n_micro)))
+                          / n_micro)
     return losses, grads, model.state_dict()
 
 
@@ -125,8 +130,12 @@ def _pipelined(rank: int, world: int, cases: list[dict]) -> list:
             opt.step()
             opt.zero_grad(set_to_none=True)
             pp.update_router_bias(pipe, mesh["dp_shard"].get_group() if dp > 1 else None)
+        if case.get("eval"):
+            pipe.module.eval()
+            losses.append(pipe.loss(mine[0], mine[1]))
+            pipe.module.train()
         state = None
-        if case.get("gather") and dp == 1:
+        if case.get("gather"):
             full = pp.gather_state_dict(pipe)  # a collective: every rank calls it
             state = {k: v.numpy().copy() for k, v in full.items()} if rank == 0 else None
         out.append((losses, grads, state))
@@ -159,7 +168,8 @@ def _check(case: dict, ranks: list) -> None:
 # pp = 2: every family under GPipe and 1F1B, and interleaved / looped stages (2 ranks x 2 stages);
 # a quick set (one spawn, ~10 s of CPU) and the rest marked slow (still run in CI)
 CASES_2 = [dict(family=f, schedule=s, m=4, rows=8, docs=(f == "llama"), gather=(s == "1f1b"),
-                examples=(f == "llama" and s == "1f1b")) for f in FAMILIES for s in ("gpipe", "1f1b")] + \
+                examples=(f == "llama" and s == "1f1b"), eval=(s == "gpipe")) for f in FAMILIES
+           for s in ("gpipe", "1f1b")] + \
           [dict(family="llama", schedule="interleaved1f1b", spr=2, m=4, rows=8, balance="layers"),
            dict(family="deepseek", schedule="interleaved1f1b", spr=2, m=2, rows=4),
            dict(family="gemma3", schedule="loopedbfs", spr=2, m=4, rows=8)]
@@ -170,7 +180,7 @@ CASES_2S = [c for c in CASES_2 if (c["family"], c["schedule"]) not in QUICK]
 CASES_4 = [dict(family="llama", schedule="1f1b", m=4, rows=8),
            dict(family="llama", schedule="1f1b", m=2, rows=8, dp=2, docs=True),
            dict(family="gemma3", schedule="gpipe", m=2, rows=8, dp=2),
-           dict(family="deepseek", schedule="1f1b", m=2, rows=8, dp=2)]
+           dict(family="deepseek", schedule="1f1b", m=2, rows=8, dp=2, gather=True)]
 
 
 def _name(case: dict) -> str:

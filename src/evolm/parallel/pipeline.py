@@ -328,9 +328,13 @@ class Pipeline:
                                         output_args=(out,), group=self.group))
         cls = get_schedule_class({"gpipe": "GPipe", "1f1b": "1F1B", "interleaved1f1b": "Interleaved1F1B",
                                   "loopedbfs": "LoopedBFS"}[self.schedule_name])
+        from torch.distributed.pipelining.microbatch import _CustomReducer
+
         loss_fn = lambda out, tgt: _own_loss(out, tgt, m)  # noqa: E731
+        # the last stage's outputs are scalar losses: summed, not concatenated, if a schedule merges them (eval)
+        summed = _CustomReducer(torch.zeros((), dtype=torch.float64), lambda a, b: a + b.detach().double().cpu())
         self.schedule = cls(stages[0] if len(stages) == 1 else stages, n_microbatches=m, loss_fn=loss_fn,
-                            scale_grads=False)
+                            output_merge_spec=summed, scale_grads=False)
         self._shape = (batch, seq)
 
     def step(self, input_ids: torch.Tensor, targets: torch.Tensor, position_ids: torch.Tensor | None = None,
@@ -473,8 +477,10 @@ def update_router_bias(pipe: Pipeline, dp_group: dist.ProcessGroup | None = None
 
 def gather_state_dict(pipe: Pipeline) -> dict[str, torch.Tensor]:
     """The full model's state dict, on every rank of the pipeline group (each rank's stages
-    contribute their keys; for saving from rank 0)."""
-    mine = {k: v.detach().cpu() for k, v in pipe.state_dict().items()}
+    contribute their keys, FSDP-sharded ones gathered over their data-parallel group first; for
+    saving from rank 0). Every rank of the world must call it."""
+    mine = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu()  # FSDP shards gathered
+            for k, v in pipe.state_dict().items()}
     parts: list = [None] * dist.get_world_size(pipe.group)
     dist.all_gather_object(parts, mine, group=pipe.group)
     out: dict[str, torch.Tensor] = {}
