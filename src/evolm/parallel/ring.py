@@ -154,13 +154,15 @@ class _Ring:
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
 
-    def shift(self, tensors: list[torch.Tensor]) -> "_Shift":
+    def shift(self, tensors: list[torch.Tensor], tag: int = 0) -> "_Shift":
         """Send ``tensors`` to the next rank and receive as many from the previous, without waiting
-        (one ``batch_isend_irecv``: sends and receives of the batch cannot deadlock each other)."""
+        (one ``batch_isend_irecv``: sends and receives of the batch cannot deadlock each other).
+        Each tensor has its own tag from ``tag`` on, so two shifts in flight (the backward's blocks
+        and gradients) never take each other's messages."""
         nxt, prv = (self.rank + 1) % self.world, (self.rank - 1) % self.world
         bufs = [torch.empty_like(t) for t in tensors]
-        ops = [dist.P2POp(dist.isend, t, group=self.group, group_peer=nxt) for t in tensors]
-        ops += [dist.P2POp(dist.irecv, b, group=self.group, group_peer=prv) for b in bufs]
+        ops = [dist.P2POp(dist.isend, t, group=self.group, tag=tag + i, group_peer=nxt) for i, t in enumerate(tensors)]
+        ops += [dist.P2POp(dist.irecv, b, group=self.group, tag=tag + i, group_peer=prv) for i, b in enumerate(bufs)]
         return _Shift(dist.batch_isend_irecv(ops), bufs)
 
 
@@ -366,7 +368,7 @@ class _RingAttention(torch.autograd.Function):
                 dk[:, :, b.k] += dk_b
                 dv[:, :, b.k] += dv_b
             # the accumulators follow their block; after the N-th shift each rank holds its own
-            grads = ring.shift(grads).wait() if ring.world > 1 else grads
+            grads = ring.shift(grads, tag=3).wait() if ring.world > 1 else grads
             if nxt is not None:
                 held = nxt.wait()
         dk, dv = grads
