@@ -137,6 +137,58 @@ class ContextParallel:
         return self.world
 
 
+def apply_context_parallel(model, group, layout: LayoutKind = "zigzag", grad_scale: int | None = None):
+    """Make ``model`` context-parallel over ``group`` in place, for the training loop as it is: the
+    dispatcher's one call (``evolm.parallel.parallelize`` with ``layout.cp > 1``, group ``mesh["cp"]``).
+
+    Every call with ``targets`` (the trainer's and the evaluation's loss) is sharded by forward
+    hooks: the pre-hook cuts input ids, targets, positions and document ids in the layout and sets
+    the ring on the attention layers (it stays set until the next call, so activation checkpointing
+    recomputes the blocks with it); the post-hook turns the local mean into the batch's loss, whose
+    *value* is the full batch's (reduced over the group, what the logs show) and whose *gradient* is
+    this rank's share times ``grad_scale`` (default: the group's size, because FSDP averages the
+    gradients over ``dp_shard_cp``, which holds the cp ranks). A call without targets (sampling,
+    generation) runs the whole sequence on every rank, as one process would, with the ring off.
+    Returns the :class:`ContextParallel` that holds the state."""
+    check_model(model.config, training=True)
+    cp = ContextParallel(group, layout)
+    scale = cp.world if grad_scale is None else grad_scale
+    layers = [m for m in model.modules() if hasattr(type(m), "ring")]
+    counts = {}
+
+    def pre(module, args, kwargs):
+        for m in layers:  # the previous call's ring (kept for recomputation) goes
+            m.__dict__.pop("ring", None)
+        if kwargs.get("targets") is None:
+            return None
+        if len(args) != 1 or kwargs.get("attention_mask") is not None or kwargs.get("cache") is not None:
+            raise ValueError("context parallelism shards model(input_ids, targets=..., doc_ids=..., position_ids=...): "
+                             "pass the other arguments by name, and no attention_mask (padding) or cache")
+        ids = args[0]
+        b = cp.shard_batch(ids, kwargs["targets"], kwargs.get("position_ids"), kwargs.get("doc_ids"))
+        call = _RingCall(cp, cp.layout(ids.shape[1]), b.get("doc_ids"), model.config.mask == "causal")
+        for m in layers:
+            m.ring = call
+        n = (b["targets"] != -100).sum()
+        total = n.clone()
+        dist.all_reduce(total, group=cp.group)
+        counts["share"] = n / total.clamp(min=1)
+        kwargs = {**kwargs, "targets": b["targets"], "position_ids": b["position_ids"], "doc_ids": None}
+        return (b["input_ids"],), kwargs
+
+    def post(module, args, kwargs, out):
+        if "share" not in counts:
+            return None
+        share = out * counts.pop("share").to(out.dtype)
+        value = share.detach().clone()
+        dist.all_reduce(value, group=cp.group)
+        return share * scale + (value - share * scale).detach()
+
+    model.register_forward_pre_hook(pre, with_kwargs=True)
+    model.register_forward_hook(post, with_kwargs=True)
+    return cp
+
+
 class _RingCall:
     """What an attention layer calls in place of ``attend`` while :meth:`ContextParallel.attached` is active."""
 
