@@ -141,6 +141,10 @@ class Attention(nn.Module):
     # multiply-reduce loops inside a compiled CPU graph
     decode_kernel = False
     attn_loops = True
+    # context parallelism (evolm/parallel/context.py) sets ``ring`` on the layer, from outside and only
+    # for the forward passes it wraps: then this rank holds a shard of the sequence and the scores are
+    # computed by ring attention across the group (``ring(layer, q, k, v)``), not by ``attend``
+    ring = None
 
     def __init__(self, config, layer_idx: int):
         super().__init__()
@@ -205,6 +209,9 @@ class Attention(nn.Module):
             q = (q * scales[:, None]).to(q.dtype)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
-        y = attend(q, k, v, mask, is_causal, self.scale, self.softcap,
-                   self.dropout if self.training else 0.0, self.decode_kernel, self.attn_loops)
+        if self.ring is not None:
+            y = self.ring(self, q, k, v)
+        else:
+            y = attend(q, k, v, mask, is_causal, self.scale, self.softcap,
+                       self.dropout if self.training else 0.0, self.decode_kernel, self.attn_loops)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))

@@ -21,6 +21,7 @@ from evolm.nn.rope import apply_rope, yarn_softmax_scale
 class MultiHeadLatentAttention(nn.Module):
     decode_kernel = False  # decode-time kernel choices, as Attention's (nn/attention.py)
     attn_loops = True
+    ring = None  # context parallelism (evolm/parallel/context.py), as Attention's
 
     def __init__(self, config, layer_idx: int):
         super().__init__()
@@ -65,6 +66,9 @@ class MultiHeadLatentAttention(nn.Module):
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
         k = torch.cat((k_nope, k_rot.expand(B, self.n_heads, S, self.rope_dim)), dim=-1)
         q = torch.cat((q_nope, q_rot), dim=-1)
-        y = attend(q, k, v, mask, is_causal, self.scale, self.softcap, self.dropout if self.training else 0.0,
-                   self.decode_kernel, self.attn_loops)
+        if self.ring is not None:  # context parallelism: see Attention.ring
+            y = self.ring(self, q, k, v)
+        else:
+            y = attend(q, k, v, mask, is_causal, self.scale, self.softcap, self.dropout if self.training else 0.0,
+                       self.decode_kernel, self.attn_loops)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.v_dim))

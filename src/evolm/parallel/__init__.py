@@ -13,7 +13,9 @@ recipe's ``parallel:`` section, or ``evolm pretrain --tp 2 ...``) builds one ``D
                   ``parallelize_module``: column/row-wise projections, sequence-parallel norms,
                   vocabulary-parallel embedding and loss
 - ``pipeline.py`` pipeline stages with ``torch.distributed.pipelining``
-- ``ring.py``     context parallelism: ring attention over the sequence
+- ``ring.py``     context parallelism: ring attention over the sequence (Liu et al. 2023,
+                  arXiv:2310.01889), zigzag load-balanced; ``context.py`` shards the batch and
+                  sets the ring on the attention layers
 - ``expert.py``   expert parallelism: all-to-all token dispatch for MoE layers
 - ``checkpoint.py`` distributed checkpoints (DCP): save under one layout, resume under another
 - data parallelism last: DDP (whole replicas) or FSDP2 ``fully_shard`` over ``dp_shard_cp``
@@ -42,6 +44,10 @@ def parallelize(model, layout: ParallelLayout | None, mesh=None, *, device: torc
         from evolm.parallel.tensor import apply_tensor_parallel
 
         apply_tensor_parallel(model, mesh["tp"])
+    if layout is not None and layout.cp > 1:  # the sequence over mesh["cp"], attention as a ring (context.py)
+        from evolm.parallel.context import apply_context_parallel
+
+        apply_context_parallel(model, mesh["cp"].get_group())
     if activation_checkpointing:
         apply_activation_checkpointing(model)
     if compile:

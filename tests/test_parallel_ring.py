@@ -1,0 +1,236 @@
+"""Context parallelism: ring attention (evolm/parallel/ring.py) equals full attention, and a model
+trained with its sequence split over two gloo processes (evolm/parallel/context.py) follows the
+one-process run.
+
+The reference is evolm's own single-device attention (``nn/attention.attend`` over the mask that
+``nn/masks.attention_mask`` plans for the whole sequence), which tests/test_attention.py checks
+against transformers; here it is compared in float64, where the ring must agree to 1e-10.
+"""
+
+import json
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from ranks import run_ranks
+
+from evolm.nn.attention import attend
+from evolm.nn.masks import attention_mask
+from evolm.parallel.ring import RingSpec, SequenceLayout, ring_attention
+
+# ---------------------------------------------------------------------------------------------
+# ring attention vs full attention
+
+
+def _full_attention(q, k, v, scale, softcap, window, doc_ids, causal=True):
+    T = q.shape[2]
+    slots = torch.arange(T)
+    mask = attention_mask(slots, slots, None, window, doc_ids, "causal" if causal else "bidirectional")
+    if softcap is None:
+        return attend(q, k, v, mask, False, scale)
+    # attend's soft-capped path takes its softmax in float32 (as Gemma 2 does): written out in full precision here
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    s = softcap * torch.tanh(q @ k.transpose(-1, -2) * scale / softcap)
+    return torch.softmax(s.masked_fill(~mask, float("-inf")), dim=-1) @ v
+
+
+def _inputs(T, H, Hkv, D, Dv, docs, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, H, T, D, generator=g, dtype=dtype)
+    k = torch.randn(2, Hkv, T, D, generator=g, dtype=dtype)
+    v = torch.randn(2, Hkv, T, Dv, generator=g, dtype=dtype)
+    dout = torch.randn(2, H, T, Dv, generator=g, dtype=dtype)
+    doc_ids = None
+    if docs:  # rows of several documents of random lengths, differently in each row
+        doc_ids = torch.cumsum(torch.rand(2, T, generator=g) < 0.15, dim=-1)
+    return q, k, v, dout, doc_ids
+
+
+def _ring_vs_full(rank, world, case):
+    T, H, Hkv, D, Dv = case["T"], case["H"], case["Hkv"], case["D"], case.get("Dv", case["D"])
+    dtype = case["dtype"]
+    q, k, v, dout, doc_ids = _inputs(T, H, Hkv, D, Dv, case.get("docs", False), dtype)
+    scale, softcap, window = case.get("scale", D ** -0.5), case.get("softcap"), case.get("window")
+    causal = case.get("causal", True)
+    # reference: full attention on every rank, its gradients
+    ref = [t.clone().requires_grad_() for t in (q, k, v)]
+    out_ref = _full_attention(*ref, scale, softcap, window, doc_ids, causal)
+    out_ref.backward(dout)
+    layout = SequenceLayout(world, T, case.get("layout", "zigzag"))
+    idx = layout.slots(rank)
+    local = [t[:, :, idx].clone().requires_grad_() for t in (q, k, v)]
+    stats = {}
+    spec = RingSpec(dist.group.WORLD, layout, scale, softcap, window, causal, stats)
+    out = ring_attention(*local, spec, doc_ids[:, idx] if doc_ids is not None else None)
+    out.backward(dout[:, :, idx])
+    diffs = {"out": (out - out_ref[:, :, idx]).abs().max().item()}
+    for name, t, r in zip("qkv", local, ref):
+        diffs["d" + name] = (t.grad - r.grad[:, :, idx]).abs().max().item()
+    return diffs, stats
+
+
+CASES = {
+    "causal-mha": dict(T=32, H=4, Hkv=4, D=8),
+    "causal-gqa": dict(T=32, H=4, Hkv=2, D=8),
+    "causal-mqa-softcap-scale": dict(T=32, H=4, Hkv=1, D=8, softcap=5.0, scale=0.3),
+    "window-gqa": dict(T=48, H=4, Hkv=2, D=8, window=7),
+    "window-long": dict(T=48, H=2, Hkv=1, D=8, window=20),
+    "docs-gqa": dict(T=48, H=4, Hkv=2, D=8, docs=True),
+    "docs-window": dict(T=48, H=4, Hkv=2, D=8, docs=True, window=9),
+    "mla-shaped-v": dict(T=32, H=4, Hkv=4, D=12, Dv=8),
+    "bidirectional-window": dict(T=32, H=2, Hkv=2, D=8, causal=False, window=10),
+    "contiguous-layout": dict(T=32, H=4, Hkv=2, D=8, layout="contiguous", window=9),
+    "striped-layout": dict(T=32, H=4, Hkv=2, D=8, layout="striped", docs=True),
+    "causal-contiguous": dict(T=32, H=2, Hkv=1, D=8, layout="contiguous"),
+}
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ring_attention_equals_full_attention(world):
+    """Outputs and the gradients of q, k and v, for every case, at cp = 2 and 4: float64 < 1e-10,
+    float32 < 1e-5. And the load balance: under the zigzag layout every rank computes 2N + 1 chunk
+    pairs and the same number of query-key pairs; the contiguous split gives rank r r + 1 pairs
+    (the imbalance the zigzag layout removes)."""
+    cases = {name: dict(c, dtype=torch.float64) for name, c in CASES.items()}
+    cases["f32-window-docs"] = dict(T=64, H=4, Hkv=2, D=16, window=13, docs=True, dtype=torch.float32)
+    cases["f32-causal"] = dict(T=64, H=4, Hkv=2, D=16, dtype=torch.float32)
+    results = run_ranks(world, _ring_many, cases)
+    for name, case in cases.items():
+        worst = max(max(r[name][0].values()) for r in results)
+        assert worst < (1e-10 if case["dtype"] == torch.float64 else 1e-5), (name, [r[name][0] for r in results])
+    zig, cont = [r["causal-mha"][1] for r in results], [r["causal-contiguous"][1] for r in results]
+    assert [s["blocks"] for s in zig] == [2 * world + 1] * world
+    assert len({s["pairs"] for s in zig}) == 1
+    assert [s["blocks"] for s in cont] == list(range(1, world + 1))
+    assert cont[-1]["pairs"] > zig[0]["pairs"] > cont[0]["pairs"]
+
+
+def _ring_many(rank, world, cases):
+    return {name: _ring_vs_full(rank, world, case) for name, case in cases.items()}
+
+
+def test_layouts_hold_every_slot_once_and_refuse_bad_lengths():
+    for kind in ("zigzag", "contiguous", "striped"):
+        layout = SequenceLayout(4, 32, kind)
+        slots = torch.cat([layout.slots(r) for r in range(4)])
+        assert sorted(slots.tolist()) == list(range(32))
+    assert SequenceLayout(2, 16).slots(1).tolist() == [4, 5, 6, 7, 8, 9, 10, 11]
+    assert SequenceLayout(2, 16).slots(0).tolist() == [0, 1, 2, 3, 12, 13, 14, 15]
+    with pytest.raises(ValueError, match="multiple of 8"):
+        SequenceLayout(4, 36)
+    with pytest.raises(ValueError, match="layout 'ring'"):
+        SequenceLayout(2, 16, "ring")
+
+
+# ---------------------------------------------------------------------------------------------
+# training: the sequence over two processes follows the one-process run
+
+TINY = dict(vocab_size=97, d_model=32, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64, max_seq_len=64)
+MODELS = {
+    "llama": ("tiny-llama", dict(TINY, n_layers=2)),
+    # sliding windows shorter than a zigzag chunk pair on 5 of 6 layers, sandwich norms, local RoPE base
+    "gemma3": ("tiny-gemma3", dict(TINY, n_layers=6, sliding_window=6, query_pre_attn_scalar=8)),
+}
+
+
+def _batch(T=32, B=2, docs=False, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 97, (B, T + 1), generator=g)
+    inputs, targets = ids[:, :-1], ids[:, 1:].clone()
+    targets[0, 3] = -100  # ignored targets weigh the ranks' shares unevenly
+    targets[1, 20:26] = -100
+    doc_ids = torch.cumsum(torch.rand(B, T, generator=g) < 0.12, dim=-1) if docs else None
+    return inputs, targets, doc_ids
+
+
+def _train(model_key, docs, steps, cp=None):
+    """Loss per AdamW step, and the gradients after the first backward (gathered over the group)."""
+    from evolm.presets import get_preset
+    from evolm.model import build
+
+    preset, over = MODELS[model_key]
+    torch.manual_seed(0)
+    model = build(get_preset(preset, **over))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    losses, first_grads = [], None
+    for step in range(steps):
+        inputs, targets, doc_ids = _batch(docs=docs, seed=step % 2)  # two batches in turn: the loss falls
+        opt.zero_grad()
+        if cp is None:
+            loss = model(inputs, doc_ids=doc_ids, targets=targets)
+            loss.backward()
+            value = float(loss.detach())
+        else:
+            share = cp.loss(model, inputs, targets, doc_ids)
+            share.backward()
+            cp.reduce_gradients(model)
+            value = cp.total(share)
+        if first_grads is None:
+            first_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        opt.step()
+        losses.append(value)
+    return losses, first_grads
+
+
+def _train_cp(rank, world, model_key, docs, steps):
+    from evolm.parallel.context import ContextParallel
+
+    cp = ContextParallel()
+    x = torch.arange(2 * 32 * 3).view(2, 32, 3)
+    assert torch.equal(cp.gather(cp.shard(x)), x)  # shard -> gather is the identity
+    losses, grads = _train(model_key, docs, steps, cp)
+    return losses, {n: g.numpy() for n, g in grads.items()}  # tensors would travel as shared memory handles
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_key,docs", [("llama", False), ("llama", True), ("gemma3", False)])
+def test_cp2_training_equals_one_process(model_key, docs):
+    """5 AdamW steps: the cp = 2 losses equal the one-process ones within 1e-5 relative, and the
+    first step's gradients (summed over the group) equal the one-process gradients."""
+    steps = 5
+    ref_losses, ref_grads = _train(model_key, docs, steps)
+    results = run_ranks(2, _train_cp, model_key, docs, steps)
+    for losses, grads in results:
+        rel = max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses))
+        assert rel < 1e-5, (losses, ref_losses)
+        worst = max(((torch.from_numpy(grads[n]) - g).abs().max() / g.abs().max().clamp(min=1e-12)).item() for n, g in ref_grads.items())
+        assert worst < 1e-5, worst
+
+
+def test_context_parallel_refuses_what_it_cannot_shard():
+    from evolm.parallel.context import check_model
+    from evolm.presets import get_preset
+
+    check_model(get_preset("tiny-gemma3"))  # sliding windows, sandwich norms: fine
+    with pytest.raises(ValueError, match="mixer 'mamba'"):
+        check_model(get_preset("tiny-llama", attention="mamba"))
+    with pytest.raises(ValueError, match="mtp_depth"):
+        check_model(get_preset("tiny-deepseek", mtp_depth=1))
+
+
+# --- end to end: torchrun -m evolm.cli pretrain --cp 2 equals the single-process run ------------
+from test_train import _losses, _recipe_dict, _torchrun, corpus, full_run  # noqa: E402,F401  (fixtures)
+
+
+@pytest.mark.slow
+def test_torchrun_pretrain_cp2_equals_single_process(corpus, full_run, tmp_path):  # noqa: F811
+    """The recipe of tests/test_train.py (two stages of 32 and 64 tokens, accumulation, clipping,
+    eval, checkpoints) under ``--cp 2``: both ranks read the same micro-batches and each takes half
+    of every sequence (FSDP over the cp ranks); the logged losses must equal the single run's."""
+    import yaml
+
+    d = _recipe_dict(corpus, sample_prompts=[])
+    recipe_path = tmp_path / "r.yaml"
+    recipe_path.write_text(yaml.safe_dump(d))
+    _torchrun(recipe_path, tmp_path / "run", "--cp", "2")
+    single, cp = _losses(full_run[0]), _losses(tmp_path / "run")
+    assert len(single) == len(cp) == 10
+    rel = max(abs(a - b) / abs(a) for a, b in zip(single, cp))
+    print(f"torchrun pretrain --cp 2 vs one process: max rel loss diff {rel:.2e}")
+    assert rel < 1e-5
+    val = [[r["val_loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "val_loss" in r]
+           for run in (full_run[0], tmp_path / "run")]
+    assert len(val[0]) == len(val[1]) == 4 and max(abs(a - b) / a for a, b in zip(*val)) < 1e-5  # eval sharded too
+    assert (tmp_path / "run" / "model.safetensors").is_file()
