@@ -16,6 +16,7 @@ from torch.distributed.device_mesh import init_device_mesh
 
 from evolm import ModelConfig, build
 from evolm.nn.moe import MoE, within_capacity
+from evolm.parallel import ParallelLayout, parallelize
 from evolm.parallel.expert import (clip_grad_norm_, data_parallel, expert_range, full_state_dict,
                                    parallelize_experts)
 from evolm.presets import get_preset
@@ -128,10 +129,12 @@ def _single_layer(name: str, world: int) -> dict:
                 aux=layer.aux_loss, layer=layer, x=x.detach())
 
 
-@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])
-def test_layer_forward_and_gradients_equal_one_process(world):
+def test_layer_forward_and_gradients_equal_one_process():
+    _check_layers(_ranks(2, _layer_worker, list(LAYERS)), 2)
+
+
+def _check_layers(ranks, world: int) -> None:
     names = list(LAYERS)
-    ranks = _ranks(world, _layer_worker, names)
     if world == 4:
         assert "n_experts=6 does not divide by ep=4" in ranks[0]["error"]
     for name in names:
@@ -225,18 +228,20 @@ def _train(model, net, rows: slice, clip, world: int) -> tuple[list[float], dict
     return losses, first
 
 
-def _model_worker(rank: int, world: int, families: list[str], mode: str) -> dict:
+def _model_worker(rank: int, world: int, runs: list[tuple[str, str]]) -> dict:
+    """``runs``: (family, mode) pairs; mode ``ep`` (ep = world, DDP for the rest) or ``fsdp`` (fsdp x ep)."""
     out = {}
-    for family in families:
+    for family, mode in runs:
         model = _model(family)
         if mode == "ep":
             mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))
             parallelize_experts(model, mesh)
             net = data_parallel(model, "ddp")
-        else:  # fsdp x ep: experts split over ep=2, replicated over the other 2 data-parallel ranks
-            mesh = init_device_mesh("cpu", (world // 2, 2), mesh_dim_names=("dp_mod_ep", "ep"))
-            parallelize_experts(model, mesh["ep"], replica_mesh=mesh["dp_mod_ep"])
-            net = data_parallel(model, "fsdp", mesh._flatten("dp"))
+        else:  # fsdp x ep through the layout's mesh and the one parallelize step: the dense rest
+            # sharded by FSDP2 over all ranks, experts split over ep=2, replicated over the other 2
+            layout = ParallelLayout(dp_shard=world, ep=2).resolve(world)
+            mesh = layout.build_mesh("cpu")
+            net = parallelize(model, layout, mesh)
         per = GLOBAL_B // world
         losses, first = _train(model, net, slice(rank * per, (rank + 1) * per), clip_grad_norm_, world)
         grads = {}
@@ -248,7 +253,7 @@ def _model_worker(rank: int, world: int, families: list[str], mode: str) -> dict
                 dist.all_gather(parts, g, group=(mesh if mode == "ep" else mesh["ep"]).get_group())
                 g = torch.cat(parts)
             grads[n] = g
-        out[family] = dict(losses=losses, grads=grads, state=full_state_dict(model))
+        out[f"{family}/{mode}"] = dict(losses=losses, grads=grads, state=full_state_dict(model))
     return _portable(out)
 
 
@@ -258,15 +263,16 @@ def _single_run(family: str) -> tuple[list[float], dict, object]:
     return losses, first, model
 
 
-def _check_model_runs(ranks, families):
-    for family in families:
+def _check_model_runs(ranks, runs):
+    for family, mode in runs:
+        key = f"{family}/{mode}"
         losses, grads, single = _single_run(family)
-        got = ranks[0][family]
+        got = ranks[0][key]
         rel = max(abs(a - b) / abs(b) for a, b in zip(got["losses"], losses))
-        assert rel < 1e-5, (family, got["losses"], losses)
-        assert all(r[family]["losses"] == got["losses"] for r in ranks)
+        assert rel < 1e-5, (key, got["losses"], losses)
+        assert all(r[key]["losses"] == got["losses"] for r in ranks)
         for n, g in grads.items():
-            torch.testing.assert_close(got["grads"][n], g, rtol=1e-5, atol=1e-7, msg=f"{family}: {n}")
+            torch.testing.assert_close(got["grads"][n], g, rtol=1e-5, atol=1e-7, msg=f"{key}: {n}")
         # the gathered state dict has the plain model's keys and loads into one process, which then
         # scores a held-out batch as the one-process run's model does (weights differ by Adam's
         # amplified rounding on near-zero gradients, not by more)
@@ -277,26 +283,28 @@ def _check_model_runs(ranks, families):
         with torch.no_grad():
             torch.testing.assert_close(fresh(b[:, :-1], targets=b[:, 1:]), single(b[:, :-1], targets=b[:, 1:]),
                                        rtol=1e-5, atol=0)
-        if family == "deepseek":  # the router bias moved, and equally
+        if family == "deepseek":  # the router bias moved
             bias = [m.gate.e_score_correction_bias for m in single.modules() if isinstance(m, MoE)]
             assert all(b.abs().max() > 0 for b in bias)
 
 
-FAMILIES = ["deepseek", "qwen3_moe", "mixtral"]
-
-
 def test_ep2_training_equals_one_process():
-    _check_model_runs(_ranks(2, _model_worker, FAMILIES, "ep"), FAMILIES)
+    runs = [(f, "ep") for f in ("deepseek", "qwen3_moe", "mixtral")]
+    _check_model_runs(_ranks(2, _model_worker, runs), runs)
+
+
+def _four_worker(rank: int, world: int, runs) -> dict:
+    return {"layers": _layer_worker(rank, world, list(LAYERS)), "models": _model_worker(rank, world, runs)}
 
 
 @pytest.mark.slow
-def test_ep4_training_equals_one_process():
-    _check_model_runs(_ranks(4, _model_worker, ["deepseek"], "ep"), ["deepseek"])
-
-
-@pytest.mark.slow
-def test_fsdp_x_ep_training_equals_one_process():
-    _check_model_runs(_ranks(4, _model_worker, ["deepseek", "qwen3_moe"], "fsdp"), ["deepseek", "qwen3_moe"])
+def test_four_ranks_equal_one_process():
+    """One launch of 4 processes: every layer at ep=4; training at ep=4 (DDP for the rest) and
+    fsdp 4 x ep 2 through ParallelLayout + parallelize."""
+    runs = [("deepseek", "ep"), ("deepseek", "fsdp"), ("qwen3_moe", "fsdp")]
+    ranks = _ranks(4, _four_worker, runs)
+    _check_layers([r["layers"] for r in ranks], 4)
+    _check_model_runs([r["models"] for r in ranks], runs)
 
 
 def test_experts_must_divide_by_ep():

@@ -233,6 +233,22 @@ def full_state_dict(model) -> dict[str, torch.Tensor]:
     return {k: (v.full_tensor() if isinstance(v, DTensor) else v) for k, v in model.state_dict().items()}
 
 
+def apply_expert_parallel(model, layout, mesh) -> None:
+    """The ``parallelize`` step for ``layout.ep > 1`` (evolm.parallel.layout's mesh): experts split
+    over the ``ep`` sub-mesh (dp_shard_in_ep x cp), replicated over dp_replicate x dp_shard_mod_ep;
+    the dense rest is left to FSDP2 over dp_shard_cp (which ignores the experts)."""
+    if layout.tp > 1:
+        raise ValueError(f"expert parallelism: ep={layout.ep} with tp={layout.tp} is not supported yet "
+                         "(tensor parallel also splits the experts' weights); use one of them")
+    dims = [d for d in ("dp_replicate", "dp_shard_mod_ep") if mesh[d].size() > 1]
+    replicas = None
+    if len(dims) == 1:
+        replicas = mesh[dims[0]]
+    elif dims:
+        replicas = mesh[tuple(dims)]._flatten("ep_replicas")
+    parallelize_experts(model, mesh["ep"], replica_mesh=replicas)
+
+
 # --- what data parallelism must know -------------------------------------------------------------
 def expert_parameters(model) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if hasattr(p, "ep_group")]
@@ -264,7 +280,11 @@ def data_parallel(model, mode: str, mesh: DeviceMesh | None = None):
 def clip_grad_norm_(params, max_norm: float) -> torch.Tensor:
     """``torch.nn.utils.clip_grad_norm_`` for a model whose experts are split over ep ranks: the
     squared norms of expert shards are summed over their ep group, those of FSDP's DTensors over
-    their mesh, replicated ones counted once; every rank gets the same global norm and scale."""
+    their mesh, replicated ones counted once; every rank gets the same global norm and scale.
+    Without expert shards among ``params`` it is torch's own."""
+    params = list(params)
+    if not any(hasattr(p, "ep_group") for p in params):
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
     grads = [(p, p.grad) for p in params if p.grad is not None]
     total = torch.zeros((), dtype=torch.float64)
     by_group: dict[dist.ProcessGroup, torch.Tensor] = {}
