@@ -110,21 +110,28 @@ class Experts(nn.Module):
         ws = weights.reshape(-1)[order].unsqueeze(-1)
         if self.scale_input:  # Llama 4: expert(w * x), rounded to x's dtype as transformers does
             xs = xs * ws.to(x.dtype)
-        outs = []
-        for e, chunk in enumerate(xs.split(counts)):
-            if chunk.shape[0] == 0:
-                continue
-            h = F.linear(chunk, self.gate_up_proj[e])
-            if self.gated:
-                gate, up = h.chunk(2, dim=-1)
-                h = self.act(gate) * up
-            else:
-                h = self.act(h)
-            outs.append(F.linear(h, self.down_proj[e]))
-        ys = torch.cat(outs)
+        ys = self.mlps(xs, counts)
         if not self.scale_input:
             ys = ys * ws.to(x.dtype)
         return torch.zeros_like(x).index_add_(0, token, ys)
+
+    def mlps(self, xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """Rows ``xs`` grouped by expert (``counts[e]`` rows for expert ``e``, in order) -> each row
+        through its expert's MLP. Expert parallelism (``evolm.parallel.expert``) calls this on the
+        rows a rank received, with that rank's slice of the stacked weights."""
+        outs = [self._mlp(e, chunk) for e, chunk in enumerate(xs.split(counts)) if chunk.shape[0]]
+        # no rows at all (an expert-parallel rank sent nothing): an empty result still tied to the
+        # weights, so they get a zero gradient as in one process, not none
+        return torch.cat(outs) if outs else self._mlp(0, xs)
+
+    def _mlp(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        h = F.linear(x, self.gate_up_proj[e])
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)
+            h = self.act(gate) * up
+        else:
+            h = self.act(h)
+        return F.linear(h, self.down_proj[e])
 
 
 def within_capacity(idx: torch.Tensor, n_experts: int, capacity: int) -> torch.Tensor:
@@ -169,6 +176,9 @@ class MoE(nn.Module):
         # tokens per expert summed over the training forwards since the last bias update (every
         # micro-batch of a step); a plain attribute, not a buffer, so DDP never broadcasts rank 0's
         self.step_counts: torch.Tensor | None = None
+        # (counts, tokens) -> the same summed over the data-parallel ranks; set by expert parallelism
+        # (evolm.parallel.expert) so the balance loss reads the global batch's load, as one process does
+        self.reduce_load = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -191,7 +201,10 @@ class MoE(nn.Module):
         if self.training and (self.aux_coef or self.z_coef) and not self.pooled_losses:
             loss = logits.new_zeros(())
             if self.aux_coef:  # Switch: E * sum_i (tokens routed to i / tokens) * (mean prob of i)
-                frac = self.expert_counts.float() / idx.shape[0]
+                counts, n = self.expert_counts.float(), idx.shape[0]
+                if self.reduce_load is not None:
+                    counts, n = self.reduce_load(counts, n)
+                frac = counts / n
                 loss = loss + self.aux_coef * logits.shape[-1] * (frac * torch.softmax(logits, -1).mean(0)).sum()
             if self.z_coef:
                 loss = loss + self.z_coef * torch.logsumexp(logits, -1).pow(2).mean()

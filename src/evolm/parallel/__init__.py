@@ -48,6 +48,10 @@ def parallelize(model, layout: ParallelLayout | None, mesh=None, *, device: torc
         from evolm.parallel.context import apply_context_parallel
 
         apply_context_parallel(model, mesh["cp"].get_group())
+    if layout is not None and layout.ep > 1:
+        from evolm.parallel.expert import apply_expert_parallel
+
+        apply_expert_parallel(model, layout, mesh)
     if activation_checkpointing:
         apply_activation_checkpointing(model)
     if compile:
@@ -72,8 +76,11 @@ def apply_data_parallel(model, layout: ParallelLayout, mesh):
         return model
     from torch.distributed.fsdp import fully_shard
 
+    from evolm.parallel.expert import expert_parameters
+
     dp_mesh = mesh["dp_replicate", "dp_shard_cp"] if layout.dp_replicate > 1 else mesh["dp_shard_cp"]
+    ignored = set(expert_parameters(model)) or None  # ep's experts: reduced by their own gradient hook
     for block in model.layers:
-        fully_shard(block, mesh=dp_mesh)
-    fully_shard(model, mesh=dp_mesh)
+        fully_shard(block, mesh=dp_mesh, ignored_params=ignored)
+    fully_shard(model, mesh=dp_mesh, ignored_params=ignored)
     return model

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from evolm.checkpoint import CheckpointError, check_weights, load_trainer_state, read_weights, readable_checkpoint
+from evolm.parallel.expert import clip_grad_norm_
 from evolm.train import parallel as par
 from evolm.train.config import LoopConfig, Phase
 from evolm.train.freeze import freeze
@@ -198,8 +199,7 @@ class Trainer:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         loss_sum, extra_sums, tokens = self._accumulate(phase.accum)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.grad_clip)) \
-            if self.cfg.grad_clip else float("nan")
+        grad_norm = float(clip_grad_norm_(self.trainable, self.cfg.grad_clip)) if self.cfg.grad_clip else float("nan")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if hasattr(self.task, "after_step"):
