@@ -6,7 +6,6 @@ it is published leaves the previous checkpoint; the shards' index never runs cod
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import subprocess
@@ -26,6 +25,7 @@ from evolm.train import parallel as par
 from evolm.train.loop import LoopConfig, Phase, latest_checkpoint, run
 from evolm.train.optim import make_optimizer
 from ranks import run_ranks
+from test_train import corpus  # noqa: F401 - the fixture: real text (standard-library sources, docstrings)
 
 ROOT = Path(__file__).resolve().parents[1]
 # Llama-style: GQA, RMSNorm, RoPE, SwiGLU
@@ -299,7 +299,7 @@ def test_a_checkpoint_of_another_model_is_refused_by_name(tmp_path):
 
 # --- end to end: torchrun fsdp 2 -> one process ------------------------------------------------------
 @pytest.mark.slow
-def test_pretrain_under_torchrun_fsdp2_resumes_in_one_process(tmp_path):
+def test_pretrain_under_torchrun_fsdp2_resumes_in_one_process(corpus, tmp_path):
     """`evolm pretrain` under torchrun (fsdp, 2 ranks, sharded checkpoints), stopped after 3
     steps, resumed by one process with micro_batch doubled (the same global batch): the losses
     continue those of the uninterrupted run (one process vs two: equal within 1e-5)."""
@@ -309,11 +309,6 @@ def test_pretrain_under_torchrun_fsdp2_resumes_in_one_process(tmp_path):
     from evolm.train.recipe import recipe_from_dict
     from test_train import _losses, _recipe_dict
 
-    corpus = tmp_path / "c"
-    (corpus / "corpus" / "code").mkdir(parents=True)
-    src = "".join(Path(m.__file__).read_text() for m in (json.decoder, json.encoder, pickle))
-    (corpus / "corpus" / "code" / "a.py").write_text(src)
-    (corpus / "corpus" / "prose.txt").write_text(src[::-1])
     d = _recipe_dict(corpus, micro_batch=1, distributed="fsdp", ckpt_format="dcp", sample_prompts=[])
     d["stages"] = d["stages"][:1]
     recipe_path = tmp_path / "r.yaml"
