@@ -29,7 +29,7 @@ from test_train import corpus  # noqa: F401 - the fixture: real text (standard-l
 
 ROOT = Path(__file__).resolve().parents[1]
 # Llama-style: GQA, RMSNorm, RoPE, SwiGLU
-CFG = ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, norm="rmsnorm", pos_emb="rope",
+CFG = ModelConfig(vocab_size=96, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, norm="rmsnorm", pos_emb="rope",
                   mlp="glu", activation="silu", max_seq_len=16)
 
 
@@ -40,7 +40,7 @@ def _build(seed: int):
 
 def _batch(i: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(1000 + i)
-    return torch.randint(0, 97, (4, 13), generator=g)
+    return torch.randint(0, 96, (4, 13), generator=g)
 
 
 def _wrapped(layout: str, world: int, seed: int):
@@ -108,30 +108,58 @@ def fsdp_then_ddp(rank: int, world: int, folder: str):
     return saved, load_then_continue(rank, world, "ddp", folder)
 
 
-def test_fsdp2_to_one_process_exactly_each_rank_writing_its_shards(tmp_path):
+def test_fsdp2_to_ddp2_and_to_one_process_exactly_each_rank_writing_its_shards(tmp_path):
     folder = tmp_path / "step_0000002"
-    state, later = run_ranks(2, save_then_continue, "fsdp", str(folder))[0]
+    (state, later), (ddp, ddp_later) = run_ranks(2, fsdp_then_ddp, str(folder))[0]
     assert any(k.startswith("model.") for k in state) and any(k.endswith(".exp_avg_sq") for k in state)
     shards = sorted(p.name for p in (folder / "dcp").iterdir())
     assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp"]
     sizes = [(folder / "dcp" / s).stat().st_size for s in shards[1:]]
     assert min(sizes) > 0.4 * max(sizes)  # halves, not everything on rank 0
     assert sorted(p.name for p in folder.glob("rank_*.pt")) == ["rank_00000.pt", "rank_00001.pt"]
-    state1, later1 = load_then_continue(0, 1, "none", str(folder))
-    assert _max_diff(state, state1) == 0.0  # every parameter and AdamW moment, bit for bit
-    assert later1 == later  # and the next steps' losses
+    assert _max_diff(state, ddp) == 0.0 and ddp_later == later  # every parameter and AdamW moment
+    one, one_later = load_then_continue(0, 1, "none", str(folder))
+    assert _max_diff(state, one) == 0.0 and one_later == later  # ... and the next steps' losses
 
 
-def test_fsdp2_to_ddp2_exactly(tmp_path):
-    (state, later), (state2, later2) = run_ranks(2, fsdp_then_ddp, str(tmp_path / "step_0000002"))[0]
-    assert _max_diff(state, state2) == 0.0 and later2 == later
+def _on_layout(layout, world: int, seed: int):
+    """The model split by ``evolm.parallel.parallelize`` for ``layout`` (tensor parallel, FSDP ...)."""
+    from evolm.parallel import parallelize
+
+    model = _build(seed)
+    layout = layout.resolve(world)
+    net = parallelize(model, layout, layout.build_mesh("cpu"), device=torch.device("cpu"))
+    return net, make_optimizer(model, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, eps=1e-8)
 
 
-def test_one_process_to_fsdp2_exactly(tmp_path):
-    folder = tmp_path / "step_0000002"
-    state, later = save_then_continue(0, 1, "none", str(folder))
-    state2, later2 = run_ranks(2, load_then_continue, "fsdp", str(folder))[0]
-    assert _max_diff(state, state2) == 0.0 and later2 == later
+def tp_then_fsdp(rank: int, world: int, folder: str, one_folder: str):
+    """Save under tensor parallel 2, then, in the same processes, load it under FSDP 2; and load
+    there the checkpoint one process saved."""
+    from evolm.parallel import ParallelLayout
+
+    net, opt = _on_layout(ParallelLayout(dp_shard=1, tp=2), world, seed=0)
+    _steps(net, opt, 0, 2)
+    dckpt.save(net, opt, folder, progress={}, rank_state=_rank_state(0, 1), rank=rank, world=world)
+    saved, tp_later = _full(net, opt), _steps(net, opt, 2, 2)
+    fsdp = ParallelLayout(dp_shard=2)
+    net, opt = _on_layout(fsdp, world, seed=1)
+    dckpt.load(net, opt, folder)
+    loaded, later = _full(net, opt), _steps(net, opt, 2, 2)
+    net, opt = _on_layout(fsdp, world, seed=1)
+    dckpt.load(net, opt, one_folder)
+    return saved, tp_later, loaded, later, (_full(net, opt), _steps(net, opt, 2, 2))
+
+
+def test_tp2_and_one_process_to_fsdp2_exactly(tmp_path):
+    folder, one_folder = tmp_path / "tp" / "step_0000002", tmp_path / "one" / "step_0000002"
+    one_saved = save_then_continue(0, 1, "none", str(one_folder))
+    saved, tp_later, loaded, later, one_to_fsdp = run_ranks(2, tp_then_fsdp, str(folder), str(one_folder))[0]
+    assert _max_diff(one_saved[0], one_to_fsdp[0]) == 0.0 and one_to_fsdp[1] == one_saved[1]
+    assert _max_diff(saved, loaded) == 0.0  # tp's row/column shards -> fsdp's row shards, bit for bit
+    one, one_later = load_then_continue(0, 1, "none", str(folder))
+    assert _max_diff(saved, one) == 0.0 and later == one_later  # fsdp continues as one process would
+    # tensor parallel's own continuation differs only by its partial sums' rounding
+    assert max(abs(a - b) / b for a, b in zip(tp_later, later)) < 1e-5
 
 
 # --- through the trainer -------------------------------------------------------------------------

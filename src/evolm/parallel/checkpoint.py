@@ -215,7 +215,7 @@ def _load_tensors(tensors: dict, shards: Path, no_dist: bool, reader: FileSystem
         first = next(iter(e.failures.values()))[0] if e.failures else e
         if isinstance(first, CheckpointError):
             raise CheckpointError(str(first)) from None
-        raise CheckpointError(f"{shards}: does not fit this model ({_first_line(first)})") from None
+        raise CheckpointError(f"{shards}: cannot be read into this model ({_first_line(first)})") from None
 
 
 def consolidate(folder: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
