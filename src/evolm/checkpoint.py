@@ -2,7 +2,9 @@
 
 A checkpoint folder holds ``model.safetensors`` (weights), ``config.json`` (the ModelConfig,
 marked with ``"format": "evolm"``) and, for training runs, ``trainer.pt`` (optimizer, scheduler,
-RNG states, data-loader position, step). Every save writes into a temporary sibling folder,
+RNG states, data-loader position, step). A training run with ``train.ckpt_format: dcp`` writes
+its step folders sharded instead (``evolm/parallel/checkpoint.py``); :func:`load_checkpoint` reads
+those too. Every save writes into a temporary sibling folder,
 fsyncs its files and the folder, and renames it into place, so a kill or a power cut during a
 save leaves the previous good checkpoint intact.
 
@@ -61,32 +63,45 @@ def _atomic_dir(path: str):
             if exc_type is not None:
                 shutil.rmtree(self_inner.tmp, ignore_errors=True)
                 return False
-            _fsync_tree(self_inner.tmp)  # the data is on disk before the rename makes it visible
-            old = None
-            if os.path.exists(path):
-                old = path + ".old"
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(path, old)
-            os.replace(self_inner.tmp, path)
-            _fsync_dir(os.path.dirname(os.path.abspath(path)))  # ... and the rename itself is
-            if old:
-                shutil.rmtree(old, ignore_errors=True)
+            publish_dir(self_inner.tmp, path)
             return False
     return _Ctx()
 
 
+def publish_dir(tmp: str, path: str) -> None:
+    """Make the finished folder ``tmp`` the folder ``path``: its data on disk first, then one
+    rename (the previous ``path``, if any, is moved aside and removed only after)."""
+    _fsync_tree(tmp)  # the data is on disk before the rename makes it visible
+    old = None
+    if os.path.exists(path):
+        old = path + ".old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))  # ... and the rename itself is
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def _fsync_tree(folder: str) -> None:
-    """fsync every file in ``folder``, then the folder: without it a crash soon after the rename
-    can leave a checkpoint whose name exists but whose files are empty (ext4 delayed allocation)."""
+    """fsync every file under ``folder``, then the folders: without it a crash soon after the
+    rename can leave a checkpoint whose name exists but whose files are empty (ext4 delayed
+    allocation)."""
     for name in os.listdir(folder):
         p = os.path.join(folder, name)
-        if os.path.isfile(p):
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        if os.path.isdir(p):
+            _fsync_tree(p)
+        elif os.path.isfile(p):
+            fsync_file(p)
     _fsync_dir(folder)
+
+
+def fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(folder: str) -> None:
@@ -150,9 +165,14 @@ def load_checkpoint(path: str, dtype: torch.dtype | None = None, device=None):
 
     config = load_config(path)
     weights = os.path.join(path, WEIGHTS)
-    if not os.path.isfile(weights):
-        raise FileNotFoundError(f"{path}: missing {WEIGHTS}")
-    state = read_weights(weights)
+    if os.path.isfile(weights):
+        state = read_weights(weights)
+    else:
+        from evolm.parallel.checkpoint import is_sharded, read_model_state
+
+        if not is_sharded(path):
+            raise FileNotFoundError(f"{path}: missing {WEIGHTS}")
+        state = read_model_state(path)  # a sharded training checkpoint: read from its shards
     model = build_empty(config)
     meta = read_json(os.path.join(path, CONFIG), ConfigError)
     quantization = meta.get("quantization")
@@ -226,6 +246,10 @@ def readable_checkpoint(folder: str) -> bool:
 
     try:
         load_trainer_state(folder)
+        if os.path.isdir(os.path.join(folder, "dcp")):
+            from evolm.parallel.checkpoint import SafeReader
+
+            SafeReader(os.path.join(folder, "dcp")).read_metadata()
         for name in os.listdir(folder):
             if name.endswith(".safetensors"):
                 with safe_open(os.path.join(folder, name), "pt") as f:

@@ -292,6 +292,13 @@ def cmd_pretrain(args) -> None:
         print(json.dumps({k: v for k, v in summary.items() if k != "losses"}, indent=2))
 
 
+def cmd_checkpoint(args) -> None:
+    from evolm.parallel.checkpoint import consolidate
+
+    out = consolidate(args.step, args.out)
+    print(f"wrote {out / 'model.safetensors'}")
+
+
 def cmd_data(args) -> None:
     if args.data_cmd == "install":
         if args.post:
@@ -663,6 +670,15 @@ def _embed_parser(e: argparse.ArgumentParser) -> None:
     e.set_defaults(func=cmd_embed)
 
 
+def _checkpoint_parser(c: argparse.ArgumentParser) -> None:
+    csub = c.add_subparsers(dest="ckpt_cmd", required=True)
+    s = csub.add_parser("consolidate", help="write model.safetensors from a sharded (train.ckpt_format: dcp) "
+                                            "step folder, on one process")
+    s.add_argument("step", help="a step folder, e.g. runs/NAME/checkpoints/step_0000200")
+    s.add_argument("--out", default=None, help="folder to write (default: the step folder itself)")
+    c.set_defaults(func=cmd_checkpoint)
+
+
 def _doctor_parser(dr: argparse.ArgumentParser) -> None:
     from evolm.doctor import add_doctor_args
 
@@ -681,6 +697,7 @@ COMMANDS = (
     ("generate", "stream a continuation of a prompt", _generate_parser),
     ("chat", "interactive multi-turn chat in the terminal", _chat_parser),
     ("pretrain", "pretrain a model from a recipe (stages, mixtures, checkpoints)", _pretrain_parser),
+    ("checkpoint", "sharded training checkpoints: consolidate into model.safetensors", _checkpoint_parser),
     ("vlm", "train a vision-language model one stage at a time: projector alignment, then full tuning",
      _vlm_parser),
     ("data", "install corpora, prepare token shards", _data_parser),

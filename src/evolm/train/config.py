@@ -75,6 +75,9 @@ class LoopSettings:
     sample_every: int = 0  # 0: only at the end
     ckpt_every: int = 200  # 0: only at the end of each phase
     keep_checkpoints: int = 2
+    # full: rank 0 writes the gathered model.safetensors + optimizer; dcp: every rank writes its
+    # shards (torch.distributed.checkpoint, parallel/checkpoint.py), resumable under another layout
+    ckpt_format: str = "full"
     peak_tflops: float | None = None  # for MFU; None: a stated estimate for the device
     eval_tasks: list[str] = field(default_factory=list)  # benchmarks (evolm eval names) logged at eval steps
     eval_tasks_limit: int | None = None  # examples per benchmark at each eval

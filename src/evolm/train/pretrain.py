@@ -27,6 +27,7 @@ from typing import Any, Callable
 
 import torch
 
+from evolm.checkpoint import CheckpointError
 from evolm.config import ModelConfig
 from evolm.train import parallel as par
 from evolm.train.config import LoopConfig, LRShape, Phase, values_of
@@ -329,6 +330,28 @@ class PretrainTask:
 
     def load_state_dict(self, s: dict) -> None:
         self.loader.load_state_dict(s["loader"])
+
+    def reshard_data_state(self, states: list[dict], saved: int, dp_rank: int, dp_degree: int) -> dict:
+        """The data position under another data-parallel degree, exactly: ``MixtureLoader`` draws
+        each step's *global* batch from (seed, step) and global cursors, and rank r reads rows
+        [r*micro_batch, (r+1)*micro_batch) of it, so every rank's state is the same global one.
+        It carries over when the rows per loader step (micro_batch x degree) are unchanged; then
+        the resumed run reads exactly the windows the saved one would have, split another way."""
+        first = states[0]["loader"]
+        if any(s["loader"] != first for s in states):
+            raise CheckpointError(f"loader state: the {saved} data-parallel ranks were at different positions; "
+                                  f"this loader cannot re-derive them for degree {dp_degree}")
+        rows, now = int(first["global_batch"]), self.recipe.train.micro_batch * dp_degree
+        if rows != now:
+            fix = (f"set train.micro_batch to {rows // dp_degree} (so that micro_batch x {dp_degree} = {rows})"
+                   if rows % dp_degree == 0 else
+                   f"no micro_batch gives {rows} rows over {dp_degree} ranks: use a degree that divides {rows}")
+            raise CheckpointError(
+                f"resume: saved with data-parallel degree {saved} ({rows} rows per loader step = micro_batch "
+                f"{rows // saved} x {saved}), resuming with degree {dp_degree} and micro_batch "
+                f"{self.recipe.train.micro_batch} ({now} rows): the data order would change. Resume with degree "
+                f"{saved}, or {fix}")
+        return states[0]
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,13 +25,15 @@ import numpy as np
 import torch
 
 from evolm.checkpoint import CheckpointError, check_weights, load_trainer_state, read_weights, readable_checkpoint
+from evolm.parallel import checkpoint as dckpt
 from evolm.parallel.expert import clip_grad_norm_
 from evolm.train import parallel as par
 from evolm.train.config import LoopConfig, Phase
 from evolm.train.freeze import freeze
 from evolm.train.loop import (MetricsLog, Progress, Runtime, Task, all_trainable, find_eval_in_training,
                               latest_checkpoint, peak_flops, plot_losses, promote_final, rng_state,
-                              save_model_folder, save_trainable_folder, seed_all, set_rng_state, trainable_state)
+                              save_model_folder, save_trainable_folder, seed_all, set_rng_state, tokenizer_files,
+                              trainable_state)
 from evolm.train.optim import lr_at, make_optimizer
 
 
@@ -94,14 +96,37 @@ class Trainer:
 
     def _load_checkpoint(self, ckpt: Path) -> None:
         s = self.resumed = load_trainer_state(str(ckpt))
-        missing = [k for k in ("phase_idx", "phase_step", "global_step", "tokens", "task", "optimizer", "rng")
-                   if k not in s]
+        sharded = s.get("format") == dckpt.FORMAT
+        need = ("phase_idx", "phase_step", "global_step", "tokens") + (() if sharded else ("task", "optimizer", "rng"))
+        missing = [k for k in need if k not in s]
         if missing:
             raise CheckpointError(f"{ckpt / 'trainer.pt'}: no {', '.join(missing)}; not written by an evolm trainer")
         self.from_phase, self.from_step = s["phase_idx"], s["phase_step"]
         self.global_step, self.tokens = s["global_step"], s["tokens"]
         self.task.start_phase(self.from_phase, self.phases[self.from_phase])
-        self.task.load_state_dict(s["task"])
+        self.task.load_state_dict(self._task_state(ckpt, s, sharded))
+        if sharded:  # model and optimizer follow in wrap(), into the sharded modules
+            self.resumed_from = ckpt
+        else:
+            self._load_full_weights(ckpt)
+        self.say(f"resuming from {ckpt.name}: phase {self.phases[self.from_phase].name}, step {self.global_step}")
+
+    def _task_state(self, ckpt: Path, s: dict, sharded: bool) -> dict:
+        """This rank's data position: its own data-parallel rank's under the same degree; under
+        another the task re-derives it or the resume stops (``dckpt.data_state``). A full
+        checkpoint holds rank 0's position, which stands for every rank of the global-plan samplers."""
+        dp_rank, dp_degree = self.data_parallel()
+        if sharded:
+            self.rank_states = dckpt.read_rank_states(ckpt)
+            states = self.rank_states
+        else:
+            saved = s.get("data_parallel", dp_degree)  # absent before 2026-12: taken as unchanged
+            if saved == dp_degree:
+                return s["task"]
+            states = [{"dp_rank": r, "dp_degree": saved, "task": s["task"]} for r in range(saved)]
+        return dckpt.data_state(states, dp_rank, dp_degree, self.task, str(ckpt))
+
+    def _load_full_weights(self, ckpt: Path) -> None:
         wfile = ckpt / ("trainable.safetensors" if self.partial else "model.safetensors")
         if not wfile.is_file():
             raise FileNotFoundError(f"{ckpt}: missing {wfile.name}; was this checkpoint written by a "
@@ -110,7 +135,25 @@ class Trainer:
         expected = set(trainable_state(self.model, self.model.state_dict())) if self.partial else None
         check_weights(self.model, state, str(wfile), expected=expected)
         self.model.load_state_dict(state, strict=False)  # checked above; a tied head is not stored
-        self.say(f"resuming from {ckpt.name}: phase {self.phases[self.from_phase].name}, step {self.global_step}")
+
+    def data_parallel(self) -> tuple[int, int]:
+        """(data-parallel rank, degree) of this process: the ranks that see different data (those
+        of one tensor/context/pipeline group share theirs)."""
+        return self.rt.dp_rank, self.rt.dp_world
+
+    def _restore_optimizer(self) -> None:
+        """The resumed run's optimizer state (and, for a sharded checkpoint, the model's) and RNG."""
+        s = self.resumed
+        if s.get("format") != dckpt.FORMAT:
+            par.load_optimizer_state(self.net, self.optimizer, s["optimizer"], self.rt.sharded)
+            set_rng_state(s["rng"])
+            return
+        try:
+            dckpt.load(self.net, self.optimizer, self.resumed_from, partial=self.partial)
+        except CheckpointError as e:
+            raise CheckpointError(f"{e}\n{_previous_good(self.resumed_from)}") from None
+        same = len(self.rank_states) == self.rt.world  # each rank its own generators; else rank 0's
+        set_rng_state(self.rank_states[self.rt.rank if same else 0]["rng"])
 
     # --- wrap ------------------------------------------------------------------------------
     def wrap(self) -> None:
@@ -125,8 +168,7 @@ class Trainer:
         self.optimizer = make_optimizer(self.model, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
                                         eps=cfg.eps)
         if self.resumed is not None:
-            par.load_optimizer_state(self.net, self.optimizer, self.resumed["optimizer"], rt.sharded)
-            set_rng_state(self.resumed["rng"])
+            self._restore_optimizer()
         self.trainable = [p for p in self.net.parameters() if p.requires_grad]
         self.autocast = (torch.autocast(self.rt.device.type, dtype=torch.bfloat16) if cfg.dtype == "bfloat16"
                          else contextlib.nullcontext())
@@ -293,17 +335,26 @@ class Trainer:
     # --- checkpoint ------------------------------------------------------------------------
     def checkpoint(self, step_dir: Path, pi: int, phase_step: int) -> None:
         """Weights (all, or the trainable part) + ``trainer.pt``, atomically; older ones pruned.
-        Gathering FSDP's full state is a collective, so every rank calls this."""
+        ``ckpt_format: full`` gathers the full state (a collective) and rank 0 writes it; ``dcp``
+        has every rank write its shards and its own data position and RNG. Every rank calls this."""
         task_state = self.task.state_dict()
-        msd, osd = par.full_state_dicts(self.net, self.optimizer, self.rt.sharded)
+        dp_rank, dp_degree = self.data_parallel()
+        progress = {"phase_idx": pi, "phase_step": phase_step, "global_step": self.global_step,
+                    "tokens": self.tokens, "data_parallel": dp_degree, **self.extra_state}
+        if self.cfg.ckpt_format == dckpt.FORMAT:
+            rank_state = {"dp_rank": dp_rank, "dp_degree": dp_degree, "task": task_state, "rng": rng_state()}
+            files = {"config.json": _config_json(self.model), **tokenizer_files(self.tokenizer)}
+            dckpt.save(self.net, self.optimizer, step_dir, progress=progress, rank_state=rank_state,
+                       rank=self.rt.rank, world=self.rt.world, partial=self.partial, files=files)
+        else:
+            msd, osd = par.full_state_dicts(self.net, self.optimizer, self.rt.sharded)
+            if self.rt.main:
+                state = {**progress, "task": task_state, "optimizer": osd, "rng": rng_state()}
+                if self.partial:
+                    save_trainable_folder(trainable_state(self.model, msd), step_dir, state)
+                else:
+                    save_model_folder(self.model, msd, step_dir, state, self.tokenizer)
         if self.rt.main:
-            state = {"phase_idx": pi, "phase_step": phase_step, "global_step": self.global_step,
-                     "tokens": self.tokens, "task": task_state, "optimizer": osd, "rng": rng_state(),
-                     **self.extra_state}
-            if self.partial:
-                save_trainable_folder(trainable_state(self.model, msd), step_dir, state)
-            else:
-                save_model_folder(self.model, msd, step_dir, state, self.tokenizer)
             ckpts = sorted(p for p in (self.out / "checkpoints").iterdir() if p.name.startswith("step_"))
             for old in ckpts[:-max(1, self.cfg.keep_checkpoints)]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -358,10 +409,18 @@ def _previous_good(ckpt: Path) -> str:
     return f"no older checkpoint in {ckpt.parent} reads cleanly: start the run again without --resume"
 
 
+def _config_json(model) -> str:
+    import json
+
+    return json.dumps({"format": "evolm", "model": model.config.to_dict()}, indent=2)
+
+
 def _check(phases: list[Phase], cfg: LoopConfig, rt) -> Callable | None:
     """Refuse what cannot run before any work; the benchmark hook when ``eval_tasks`` asks for it."""
     if not phases:
         raise ValueError("run: needs at least one Phase")
+    if cfg.ckpt_format not in ("full", dckpt.FORMAT):
+        raise ValueError(f"train.ckpt_format must be full or dcp, got {cfg.ckpt_format!r}")
     if cfg.dtype not in ("float32", "bfloat16"):
         raise ValueError(f"LoopConfig.dtype must be float32 or bfloat16, got {cfg.dtype!r}")
     if not cfg.eval_tasks:
