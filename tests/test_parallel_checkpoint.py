@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
 from evolm import ModelConfig, build
@@ -190,6 +191,15 @@ class RankTask:
     def load_state_dict(self, s):
         self.i = s["i"]
 
+    def reshard_data_state(self, states, saved, dp_rank, dp_degree):
+        return states[0]  # the position is the global step count, the same on every rank
+
+
+class FixedSplitTask(RankTask):
+    """A task that cannot say how its position maps onto another data-parallel degree."""
+
+    reshard_data_state = None
+
 
 PHASES = [Phase("a", steps=5, warmup_steps=1, schedule="cosine")]
 
@@ -199,17 +209,47 @@ def _loop_cfg(distributed: str) -> LoopConfig:
                       distributed=distributed, ckpt_format="dcp")
 
 
-def trainer_runs(rank: int, world: int, layout: str, out: str, stop: int | None, resume: bool):
-    summary = run(_build(0), RankTask(rank, world), PHASES, _loop_cfg(layout), out, resume=resume,
+def trainer_runs(rank: int, world: int, layout: str, out: str, stop: int | None, resume: bool,
+                 task: type = RankTask):
+    summary = run(_build(0), task(rank, world), PHASES, _loop_cfg(layout), out, resume=resume,
                   stop_after_steps=stop, log=lambda s: None)
     return summary["losses"]
 
 
+def tp_runs(rank: int, world: int, tmp: str):
+    """Under tensor parallel 2 (one data-parallel rank): the whole run, the run stopped after 3
+    steps and resumed; then the stopped run resumed under FSDP 2 (data-parallel degree 1 -> 2)."""
+    import dataclasses
+    import shutil
+
+    from evolm.parallel import ParallelLayout
+
+    def go(layout, dp, out, stop, resume):
+        cfg = dataclasses.replace(_loop_cfg("none"), parallel=layout)
+        return run(_build(0), RankTask(*dp), PHASES, cfg, out, resume=resume, stop_after_steps=stop,
+                   log=lambda s: None)["losses"]
+
+    tp = ParallelLayout(dp_shard=1, tp=2)
+    full = go(tp, (0, 1), f"{tmp}/full", None, False)
+    go(tp, (0, 1), f"{tmp}/cut", 3, False)
+    if rank == 0:
+        shutil.copytree(f"{tmp}/cut", f"{tmp}/cut_fsdp")
+    dist.barrier()
+    resumed = go(tp, (0, 1), f"{tmp}/cut", None, True)
+    as_fsdp = go(ParallelLayout(dp_shard=2), (rank, world), f"{tmp}/cut_fsdp", None, True)
+    return full, resumed, as_fsdp
+
+
 def uninterrupted_and_resumed(rank: int, world: int, tmp: str):
     """Under FSDP 2: the whole run; the run stopped after 3 steps; that run resumed."""
+    import shutil
+
     full = trainer_runs(rank, world, "fsdp", f"{tmp}/full", None, False)
     trainer_runs(rank, world, "fsdp", f"{tmp}/cut", 3, False)
     cut = sorted(os.listdir(f"{tmp}/cut/checkpoints"))
+    if rank == 0:  # kept as stopped, for the tests that resume it otherwise
+        shutil.copytree(f"{tmp}/cut", f"{tmp}/cut_at_3")
+    dist.barrier()
     return full, cut, trainer_runs(rank, world, "fsdp", f"{tmp}/cut", None, True)
 
 
@@ -246,10 +286,23 @@ def test_one_process_resume_is_bit_exact_too(tmp_path):
 def test_a_changed_data_parallel_degree_names_both_degrees(fsdp_runs, tmp_path):
     import shutil
 
-    shutil.copytree(fsdp_runs[0] / "full", tmp_path / "r")
+    shutil.copytree(fsdp_runs[0] / "cut_at_3", tmp_path / "r")
     with pytest.raises(CheckpointError, match="saved with data-parallel degree 2, resuming with 1: the data "
-                                              "position of RankTask .* resume with data-parallel degree 2"):
-        trainer_runs(0, 1, "none", str(tmp_path / "r"), None, True)
+                                              "position of FixedSplitTask .* resume with data-parallel degree 2"):
+        trainer_runs(0, 1, "none", str(tmp_path / "r"), None, True, FixedSplitTask)
+    # a task that re-derives its position resumes on one process, continuing the fsdp run
+    _, full, _, _ = fsdp_runs
+    resumed = trainer_runs(0, 1, "none", str(tmp_path / "r"), None, True)
+    assert len(resumed) == 5 and resumed[:3] == full[:3]  # the log up to the checkpoint
+    assert max(abs(a - b) / b for a, b in zip(resumed, full)) < 1e-5  # one process's own rounding
+
+
+@pytest.mark.slow
+def test_tensor_parallel_resumes_bit_for_bit_and_under_fsdp2(tmp_path):
+    full, resumed, as_fsdp = run_ranks(2, tp_runs, str(tmp_path))[0]
+    assert len(full) == 5 and resumed == full  # tp 2 -> tp 2: bit for bit
+    assert as_fsdp[:3] == full[:3]  # the log up to the checkpoint, then fsdp's own rounding
+    assert max(abs(a - b) / b for a, b in zip(as_fsdp, full)) < 1e-5
 
 
 def test_pretraining_rederives_the_position_when_the_global_batch_is_kept():
