@@ -270,7 +270,9 @@ def test_a_sharded_step_is_a_model_too(fsdp_runs, tmp_path):
     step = fsdp_runs[0] / "full" / "checkpoints" / "step_0000004"
     assert not (step / "model.safetensors").exists()  # the gather DCP avoids
     from_shards = load_checkpoint(str(step)).state_dict()  # read from the shards
-    dckpt.consolidate(step, tmp_path / "consolidated")
+    from evolm.cli import main
+
+    assert main(["checkpoint", "consolidate", str(step), "--out", str(tmp_path / "consolidated")]) == 0
     consolidated = load_checkpoint(str(tmp_path / "consolidated")).state_dict()
     final = load_checkpoint(str(fsdp_runs[0] / "full")).state_dict()
     assert max(float((from_shards[k] - consolidated[k]).abs().max()) for k in from_shards) == 0.0
@@ -281,6 +283,26 @@ def test_one_process_resume_is_bit_exact_too(tmp_path):
     full = trainer_runs(0, 1, "none", str(tmp_path / "full"), None, False)
     trainer_runs(0, 1, "none", str(tmp_path / "cut"), 2, False)
     assert trainer_runs(0, 1, "none", str(tmp_path / "cut"), None, True) == full
+
+
+def _mlp_only(seed: int):
+    model = _build(seed)
+    for n, p in model.named_parameters():
+        p.requires_grad = "mlp" in n
+    return model
+
+
+def test_a_partly_frozen_run_stores_its_trainable_part_and_resumes_bit_for_bit(tmp_path):
+    """As the full path's trainable.safetensors: the frozen base is not stored (it comes from the
+    base model the run starts from), the trainable part and its optimizer state are."""
+    cfg = _loop_cfg("none")
+    full = run(_mlp_only(0), RankTask(), PHASES, cfg, tmp_path / "full", log=lambda s: None)["losses"]
+    run(_mlp_only(0), RankTask(), PHASES, cfg, tmp_path / "cut", stop_after_steps=3, log=lambda s: None)
+    step = latest_checkpoint(tmp_path / "cut")
+    stored = dckpt.read_model_state(step)
+    assert stored and all("mlp" in k for k in stored)
+    resumed = run(_mlp_only(0), RankTask(), PHASES, cfg, tmp_path / "cut", resume=True, log=lambda s: None)
+    assert resumed["losses"] == full
 
 
 def test_a_changed_data_parallel_degree_names_both_degrees(fsdp_runs, tmp_path):
