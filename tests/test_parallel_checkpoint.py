@@ -395,8 +395,13 @@ def test_a_checkpoint_of_another_model_is_refused_by_name(tmp_path):
     dckpt.save(net, opt, tmp_path / "s", progress={}, rank_state=_rank_state(0, 1), rank=0, world=1)
     torch.manual_seed(0)
     other = build(CFG.replace(n_layers=3))
-    with pytest.raises(CheckpointError, match="its optimizer does not fit this run's .*layers.2"):
+    with pytest.raises(CheckpointError, match=r"does not fit this run's model and optimizer \(saved but not "
+                                              r"here: none; here but not saved: model.layers.2"):
         dckpt.load(other, make_optimizer(other, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, eps=1e-8),
+                   tmp_path / "s")
+    one = build(CFG.replace(n_layers=1))  # a layer fewer: refused too, not loaded in part
+    with pytest.raises(CheckpointError, match=r"saved but not here: model.layers.1.*here but not saved: none"):
+        dckpt.load(one, make_optimizer(one, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, eps=1e-8),
                    tmp_path / "s")
 
 
