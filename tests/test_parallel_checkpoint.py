@@ -429,6 +429,10 @@ def test_pretrain_under_torchrun_fsdp2_resumes_in_one_process(corpus, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     step = tmp_path / "run" / "checkpoints" / "step_0000003"
     assert (step / "dcp" / "__1_0.distcp").is_file() and (step / "rank_00001.pt").is_file()
+    from evolm.loading import load
+
+    model, tok = load(str(step))  # what `evolm generate --model STEP` loads: the shards + the tokenizer
+    assert tok.vocab_size == 300 and model.config.vocab_size == 300
     one = {**d, "train": {**d["train"], "micro_batch": 2, "distributed": "none"}}
     quiet = lambda s: None  # noqa: E731
     pretrain(recipe_from_dict(one), out_dir=str(tmp_path / "run"), resume=True, log=quiet)
