@@ -91,6 +91,25 @@ def split_state(net, optimizer, partial: bool = False) -> tuple[dict[str, dict],
     return tensors, {k: v for k, v in osd.items() if not isinstance(v, torch.Tensor)}
 
 
+def stateful(net):
+    """The module whose parameter names are the plain model's: ``net`` itself (DDP, FSDP and
+    tensor parallel keep them), or for a pipeline (``parallel/pipeline.py``, whose ``module`` is a
+    list of this rank's stages, each keyed like the whole model) one module holding the stages'
+    parts under the whole model's names, so a stage's shards land where one process expects them."""
+    stages = getattr(net, "modules", None)
+    if not isinstance(stages, list):
+        return net
+    whole, layers = torch.nn.Module(), torch.nn.ModuleDict()
+    for stage in stages:
+        for name, child in stage.named_children():
+            if name == "layers":
+                layers.update(child)
+            else:
+                setattr(whole, name, child)  # a tied embedding on two stages of one rank: one object
+    whole.layers = layers
+    return whole
+
+
 # --------------------------------------------------------------------------------------------
 # save
 # --------------------------------------------------------------------------------------------

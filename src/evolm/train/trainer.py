@@ -141,8 +141,7 @@ class Trainer:
     def _stateful(self):
         """The module whose state a sharded checkpoint holds: the wrapped model, or under pipeline
         parallelism this rank's stage (its parameters keep the whole model's names)."""
-        pipe = getattr(self, "pipe", None)
-        return pipe.module if pipe is not None else self.net
+        return dckpt.stateful(getattr(self, "pipe", None) or self.net)
 
     def data_parallel(self) -> tuple[int, int]:
         """(data-parallel rank, degree) of this process: the ranks that see different data (those
