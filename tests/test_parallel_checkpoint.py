@@ -1,5 +1,6 @@
-"""Sharded checkpoints (torch.distributed.checkpoint): save under one layout, load under another
-with every model and optimizer tensor equal (max |diff| 0) and the next steps' losses equal; a
+"""Sharded checkpoints (torch.distributed.checkpoint): save under one layout (one process, DDP,
+FSDP2, tensor parallel, pipeline stages), load under another with every model and optimizer
+tensor equal (max |diff| 0) and the next steps' losses equal; a
 stopped-and-resumed run equal bit for bit to the uninterrupted one; the data position under a
 changed data-parallel degree (re-derived, or a message naming both degrees); a save killed before
 it is published leaves the previous checkpoint; the shards' index never runs code."""
@@ -16,6 +17,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
 from evolm import ModelConfig, build
@@ -33,9 +35,9 @@ CFG = ModelConfig(vocab_size=96, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2
                   mlp="glu", activation="silu", max_seq_len=16)
 
 
-def _build(seed: int):
+def _build(seed: int, n_layers: int = 2):
     torch.manual_seed(seed)
-    return build(CFG)
+    return build(CFG.replace(n_layers=n_layers))
 
 
 def _batch(i: int) -> torch.Tensor:
@@ -43,8 +45,8 @@ def _batch(i: int) -> torch.Tensor:
     return torch.randint(0, 96, (4, 13), generator=g)
 
 
-def _wrapped(layout: str, world: int, seed: int):
-    model = _build(seed)
+def _wrapped(layout: str, world: int, seed: int, n_layers: int = 2):
+    model = _build(seed, n_layers)
     net = par.parallelize(model, layout, world, torch.device("cpu"))
     return net, make_optimizer(model, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, eps=1e-8)
 
@@ -63,10 +65,11 @@ def _steps(net, opt, start: int, n: int) -> list[float]:
     return out
 
 
-def _full(net, opt) -> dict:
-    """Every model and optimizer value, gathered, keyed by the plain model's names (rank 0), as
-    numpy arrays (tensors in shared memory do not outlive the rank process that made them)."""
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True, flatten_optimizer_state_dict=True)
+def _full(net, opt, gather: bool = True) -> dict:
+    """Every model and optimizer value, gathered (on rank 0; ``gather=False``: this rank's own,
+    for pipeline stages), keyed by the plain model's names, as numpy arrays (tensors in shared
+    memory do not outlive the rank process that made them)."""
+    opts = StateDictOptions(full_state_dict=gather, cpu_offload=gather, flatten_optimizer_state_dict=True)
     msd, osd = get_state_dict(net, opt, options=opts)
     return {**{f"model.{k}": v.detach().numpy().copy() for k, v in msd.items()},
             **{f"optim.{k}": v.detach().numpy().copy() if isinstance(v, torch.Tensor) else v for k, v in osd.items()}}
@@ -86,9 +89,9 @@ def save_then_continue(rank: int, world: int, layout: str, folder: str):
     return state, _steps(net, opt, 2, 2)
 
 
-def load_then_continue(rank: int, world: int, layout: str, folder: str):
+def load_then_continue(rank: int, world: int, layout: str, folder: str, n_layers: int = 2):
     """A model of other random weights, the checkpoint loaded into it, two steps."""
-    net, opt = _wrapped(layout, world, seed=1)
+    net, opt = _wrapped(layout, world, seed=1, n_layers=n_layers)
     dckpt.load(net, opt, folder)
     state = _full(net, opt)
     return state, _steps(net, opt, 2, 2)
@@ -162,6 +165,43 @@ def test_tp2_and_one_process_to_fsdp2_exactly(tmp_path):
     assert max(abs(a - b) / b for a, b in zip(tp_later, later)) < 1e-5
 
 
+def pp_then_continue(rank: int, world: int, folder: str, stages_per_rank: int):
+    """Two AdamW steps through a 2-rank pipeline (GPipe or looped stages), a sharded save; this
+    rank's model + optimizer values (its stages' parameters) and the next two steps' losses."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from evolm.parallel.pipeline import pipeline
+
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("pp",))
+    pipe = pipeline(_build(0, 2 * stages_per_rank), mesh["pp"], "gpipe" if stages_per_rank == 1 else "loopedbfs", n_microbatches=2,
+                    stages_per_rank=stages_per_rank)
+    opt = make_optimizer(pipe.module, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, eps=1e-8)
+
+    def steps(start):
+        out = []
+        for i in range(start, start + 2):
+            x = _batch(i)
+            out.append(pipe.step(x[:, :-1], x[:, 1:]))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return out
+
+    steps(0)
+    dckpt.save(dckpt.stateful(pipe), opt, folder, progress={}, rank_state=_rank_state(0, 1), rank=rank, world=world)
+    return _full(dckpt.stateful(pipe), opt, gather=False), steps(2)
+
+
+@pytest.mark.parametrize("stages_per_rank", [1, pytest.param(2, marks=pytest.mark.slow)], ids=["gpipe", "looped"])
+def test_pp2_to_one_process_exactly(tmp_path, stages_per_rank):
+    folder = tmp_path / "step_0000002"
+    ranks = run_ranks(2, pp_then_continue, str(folder), stages_per_rank)
+    saved = {k: v for state, _ in ranks for k, v in state.items()}  # each rank: its stages' part
+    one, one_later = load_then_continue(0, 1, "none", str(folder), n_layers=2 * stages_per_rank)
+    assert set(one) == set(saved) and _max_diff(saved, one) == 0.0  # every tensor, bit for bit
+    # the pipeline's micro-batched loss and one process's whole-batch loss round differently
+    assert max(abs(a - b) / b for a, b in zip(ranks[0][1], one_later)) < 1e-5
+
+
 # --- through the trainer -------------------------------------------------------------------------
 class RankTask:
     """Rank r of w trains on rows [4r/w, 4(r+1)/w) of the step's batch; the position is global."""
@@ -190,6 +230,15 @@ class RankTask:
     def load_state_dict(self, s):
         self.i = s["i"]
 
+    def reshard_data_state(self, states, saved, dp_rank, dp_degree):
+        return states[0]  # the position is the global step count, the same on every rank
+
+
+class FixedSplitTask(RankTask):
+    """A task that cannot say how its position maps onto another data-parallel degree."""
+
+    reshard_data_state = None
+
 
 PHASES = [Phase("a", steps=5, warmup_steps=1, schedule="cosine")]
 
@@ -199,17 +248,47 @@ def _loop_cfg(distributed: str) -> LoopConfig:
                       distributed=distributed, ckpt_format="dcp")
 
 
-def trainer_runs(rank: int, world: int, layout: str, out: str, stop: int | None, resume: bool):
-    summary = run(_build(0), RankTask(rank, world), PHASES, _loop_cfg(layout), out, resume=resume,
+def trainer_runs(rank: int, world: int, layout: str, out: str, stop: int | None, resume: bool,
+                 task: type = RankTask):
+    summary = run(_build(0), task(rank, world), PHASES, _loop_cfg(layout), out, resume=resume,
                   stop_after_steps=stop, log=lambda s: None)
     return summary["losses"]
 
 
+def tp_runs(rank: int, world: int, tmp: str):
+    """Under tensor parallel 2 (one data-parallel rank): the whole run, the run stopped after 3
+    steps and resumed; then the stopped run resumed under FSDP 2 (data-parallel degree 1 -> 2)."""
+    import dataclasses
+    import shutil
+
+    from evolm.parallel import ParallelLayout
+
+    def go(layout, dp, out, stop, resume):
+        cfg = dataclasses.replace(_loop_cfg("none"), parallel=layout)
+        return run(_build(0), RankTask(*dp), PHASES, cfg, out, resume=resume, stop_after_steps=stop,
+                   log=lambda s: None)["losses"]
+
+    tp = ParallelLayout(dp_shard=1, tp=2)
+    full = go(tp, (0, 1), f"{tmp}/full", None, False)
+    go(tp, (0, 1), f"{tmp}/cut", 3, False)
+    if rank == 0:
+        shutil.copytree(f"{tmp}/cut", f"{tmp}/cut_fsdp")
+    dist.barrier()
+    resumed = go(tp, (0, 1), f"{tmp}/cut", None, True)
+    as_fsdp = go(ParallelLayout(dp_shard=2), (rank, world), f"{tmp}/cut_fsdp", None, True)
+    return full, resumed, as_fsdp
+
+
 def uninterrupted_and_resumed(rank: int, world: int, tmp: str):
     """Under FSDP 2: the whole run; the run stopped after 3 steps; that run resumed."""
+    import shutil
+
     full = trainer_runs(rank, world, "fsdp", f"{tmp}/full", None, False)
     trainer_runs(rank, world, "fsdp", f"{tmp}/cut", 3, False)
     cut = sorted(os.listdir(f"{tmp}/cut/checkpoints"))
+    if rank == 0:  # kept as stopped, for the tests that resume it otherwise
+        shutil.copytree(f"{tmp}/cut", f"{tmp}/cut_at_3")
+    dist.barrier()
     return full, cut, trainer_runs(rank, world, "fsdp", f"{tmp}/cut", None, True)
 
 
@@ -230,7 +309,9 @@ def test_a_sharded_step_is_a_model_too(fsdp_runs, tmp_path):
     step = fsdp_runs[0] / "full" / "checkpoints" / "step_0000004"
     assert not (step / "model.safetensors").exists()  # the gather DCP avoids
     from_shards = load_checkpoint(str(step)).state_dict()  # read from the shards
-    dckpt.consolidate(step, tmp_path / "consolidated")
+    from evolm.cli import main
+
+    assert main(["checkpoint", "consolidate", str(step), "--out", str(tmp_path / "consolidated")]) == 0
     consolidated = load_checkpoint(str(tmp_path / "consolidated")).state_dict()
     final = load_checkpoint(str(fsdp_runs[0] / "full")).state_dict()
     assert max(float((from_shards[k] - consolidated[k]).abs().max()) for k in from_shards) == 0.0
@@ -243,13 +324,46 @@ def test_one_process_resume_is_bit_exact_too(tmp_path):
     assert trainer_runs(0, 1, "none", str(tmp_path / "cut"), None, True) == full
 
 
+def _mlp_only(seed: int):
+    model = _build(seed)
+    for n, p in model.named_parameters():
+        p.requires_grad = "mlp" in n
+    return model
+
+
+def test_a_partly_frozen_run_stores_its_trainable_part_and_resumes_bit_for_bit(tmp_path):
+    """As the full path's trainable.safetensors: the frozen base is not stored (it comes from the
+    base model the run starts from), the trainable part and its optimizer state are."""
+    cfg = _loop_cfg("none")
+    full = run(_mlp_only(0), RankTask(), PHASES, cfg, tmp_path / "full", log=lambda s: None)["losses"]
+    run(_mlp_only(0), RankTask(), PHASES, cfg, tmp_path / "cut", stop_after_steps=3, log=lambda s: None)
+    step = latest_checkpoint(tmp_path / "cut")
+    stored = dckpt.read_model_state(step)
+    assert stored and all("mlp" in k for k in stored)
+    resumed = run(_mlp_only(0), RankTask(), PHASES, cfg, tmp_path / "cut", resume=True, log=lambda s: None)
+    assert resumed["losses"] == full
+
+
 def test_a_changed_data_parallel_degree_names_both_degrees(fsdp_runs, tmp_path):
     import shutil
 
-    shutil.copytree(fsdp_runs[0] / "full", tmp_path / "r")
+    shutil.copytree(fsdp_runs[0] / "cut_at_3", tmp_path / "r")
     with pytest.raises(CheckpointError, match="saved with data-parallel degree 2, resuming with 1: the data "
-                                              "position of RankTask .* resume with data-parallel degree 2"):
-        trainer_runs(0, 1, "none", str(tmp_path / "r"), None, True)
+                                              "position of FixedSplitTask .* resume with data-parallel degree 2"):
+        trainer_runs(0, 1, "none", str(tmp_path / "r"), None, True, FixedSplitTask)
+    # a task that re-derives its position resumes on one process, continuing the fsdp run
+    _, full, _, _ = fsdp_runs
+    resumed = trainer_runs(0, 1, "none", str(tmp_path / "r"), None, True)
+    assert len(resumed) == 5 and resumed[:3] == full[:3]  # the log up to the checkpoint
+    assert max(abs(a - b) / b for a, b in zip(resumed, full)) < 1e-5  # one process's own rounding
+
+
+@pytest.mark.slow
+def test_tensor_parallel_resumes_bit_for_bit_and_under_fsdp2(tmp_path):
+    full, resumed, as_fsdp = run_ranks(2, tp_runs, str(tmp_path))[0]
+    assert len(full) == 5 and resumed == full  # tp 2 -> tp 2: bit for bit
+    assert as_fsdp[:3] == full[:3]  # the log up to the checkpoint, then fsdp's own rounding
+    assert max(abs(a - b) / b for a, b in zip(as_fsdp, full)) < 1e-5
 
 
 def test_pretraining_rederives_the_position_when_the_global_batch_is_kept():
@@ -320,8 +434,13 @@ def test_a_checkpoint_of_another_model_is_refused_by_name(tmp_path):
     dckpt.save(net, opt, tmp_path / "s", progress={}, rank_state=_rank_state(0, 1), rank=0, world=1)
     torch.manual_seed(0)
     other = build(CFG.replace(n_layers=3))
-    with pytest.raises(CheckpointError, match="its optimizer does not fit this run's .*layers.2"):
+    with pytest.raises(CheckpointError, match=r"does not fit this run's model and optimizer \(saved but not "
+                                              r"here: none; here but not saved: model.layers.2"):
         dckpt.load(other, make_optimizer(other, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, eps=1e-8),
+                   tmp_path / "s")
+    one = build(CFG.replace(n_layers=1))  # a layer fewer: refused too, not loaded in part
+    with pytest.raises(CheckpointError, match=r"saved but not here: model.layers.1.*here but not saved: none"):
+        dckpt.load(one, make_optimizer(one, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, eps=1e-8),
                    tmp_path / "s")
 
 
@@ -349,6 +468,10 @@ def test_pretrain_under_torchrun_fsdp2_resumes_in_one_process(corpus, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     step = tmp_path / "run" / "checkpoints" / "step_0000003"
     assert (step / "dcp" / "__1_0.distcp").is_file() and (step / "rank_00001.pt").is_file()
+    from evolm.loading import load
+
+    model, tok = load(str(step))  # what `evolm generate --model STEP` loads: the shards + the tokenizer
+    assert tok.vocab_size == 300 and model.config.vocab_size == 300
     one = {**d, "train": {**d["train"], "micro_batch": 2, "distributed": "none"}}
     quiet = lambda s: None  # noqa: E731
     pretrain(recipe_from_dict(one), out_dir=str(tmp_path / "run"), resume=True, log=quiet)

@@ -91,6 +91,25 @@ def split_state(net, optimizer, partial: bool = False) -> tuple[dict[str, dict],
     return tensors, {k: v for k, v in osd.items() if not isinstance(v, torch.Tensor)}
 
 
+def stateful(net):
+    """The module whose parameter names are the plain model's: ``net`` itself (DDP, FSDP and
+    tensor parallel keep them), or for a pipeline (``parallel/pipeline.py``, whose ``module`` is a
+    list of this rank's stages, each keyed like the whole model) one module holding the stages'
+    parts under the whole model's names, so a stage's shards land where one process expects them."""
+    stages = getattr(net, "modules", None)
+    if not isinstance(stages, list):
+        return net
+    whole, layers = torch.nn.Module(), torch.nn.ModuleDict()
+    for stage in stages:
+        for name, child in stage.named_children():
+            if name == "layers":
+                layers.update(child)
+            else:
+                setattr(whole, name, child)  # a tied embedding on two stages of one rank: one object
+    whole.layers = layers
+    return whole
+
+
 # --------------------------------------------------------------------------------------------
 # save
 # --------------------------------------------------------------------------------------------
@@ -109,6 +128,7 @@ def save(net, optimizer, path: str | os.PathLike, *, progress: dict[str, Any], r
     _barrier(world)
     try:
         tensors, plain = split_state(net, optimizer, partial)
+        plain = _union_dicts(plain, world)  # pipeline stages hold different parameters
         with _one_process_is_intended():
             dcp.save(tensors, storage_writer=FileSystemWriter(tmp / SHARDS, sync_files=True), no_dist=world == 1)
         _write_pt(rank_state, tmp / rank_file(rank))
@@ -166,13 +186,44 @@ def load(net, optimizer, folder: str | os.PathLike, *, partial: bool = False) ->
     if plain is None:
         raise CheckpointError(f"{folder / TRAINER}: no optimizer_plain; not a sharded (dcp) checkpoint")
     tensors, now = split_state(net, optimizer, partial)
-    if set(plain) != set(now):
-        extra, lost = sorted(set(plain) - set(now)), sorted(set(now) - set(plain))
-        raise CheckpointError(f"{folder}: its optimizer does not fit this run's (parameters saved but not here: "
-                              f"{extra[:3]}; here but not saved: {lost[:3]})")
+    _check_same_names(folder, plain, tensors, now)
     _load_tensors(tensors, folder / SHARDS, no_dist=not dist.is_initialized())
-    set_state_dict(net, optimizer, model_state_dict=tensors["model"], optim_state_dict={**tensors["optim"], **plain},
+    mine = {k: v for k, v in plain.items() if k in now}  # this rank's parameters (a pipeline stage: some)
+    set_state_dict(net, optimizer, model_state_dict=tensors["model"], optim_state_dict={**tensors["optim"], **mine},
                    options=_options(partial, strict=not partial))
+
+
+def _check_same_names(folder: Path, plain: dict, tensors: dict, now_plain: dict) -> None:
+    """The names saved and the names all ranks hold now must be the same set: a model with a
+    layer more or less, or another trainable part, is refused by name before anything loads."""
+    meta = SafeReader(folder / SHARDS).read_metadata()
+    saved = {k for k in meta.state_dict_metadata if k.startswith(("model.", "optim."))} | set(plain)
+    here = {f"model.{k}" for k in tensors["model"]} | {f"optim.{k}" for k in tensors["optim"]} | set(now_plain)
+    here = _union_sets(here)
+    if saved != here:
+        extra, lost = sorted(saved - here), sorted(here - saved)
+        raise CheckpointError(f"{folder}: does not fit this run's model and optimizer (saved but not here: "
+                              f"{_few(extra)}; here but not saved: {_few(lost)})")
+
+
+def _union_sets(names: set[str]) -> set[str]:
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return names
+    every: list = [None] * dist.get_world_size()
+    dist.all_gather_object(every, sorted(names))
+    return set().union(*every)
+
+
+def _union_dicts(d: dict, world: int) -> dict:
+    if world == 1 or not dist.is_initialized():
+        return d
+    every: list = [None] * world
+    dist.all_gather_object(every, d)
+    return {k: v for e in every for k, v in e.items()}
+
+
+def _few(names: list[str], n: int = 3) -> str:
+    return (", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")) or "none"
 
 
 def read_rank_states(folder: str | os.PathLike) -> list[dict[str, Any]]:

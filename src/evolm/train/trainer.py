@@ -68,6 +68,8 @@ class Trainer:
         self.from_phase, self.from_step = 0, 0  # where this call starts (a resume moves it)
         self.global_step, self.tokens = 0, 0
         self.resumed: dict | None = None  # the checkpoint's trainer state
+        self.resumed_from: Path | None = None  # ... and its folder; for a sharded one, each rank's state:
+        self.rank_states: list[dict] = []  # data-parallel rank and degree, task position, RNG
         self.steps_this_call, self.throughput, self.mfus = 0, [], []
         self.last_train_loss, self.last_eval, self.initial_eval = float("nan"), {}, None
 
@@ -136,6 +138,11 @@ class Trainer:
         check_weights(self.model, state, str(wfile), expected=expected)
         self.model.load_state_dict(state, strict=False)  # checked above; a tied head is not stored
 
+    def _stateful(self):
+        """The module whose state a sharded checkpoint holds: the wrapped model, or under pipeline
+        parallelism this rank's stage (its parameters keep the whole model's names)."""
+        return dckpt.stateful(getattr(self, "pipe", None) or self.net)
+
     def data_parallel(self) -> tuple[int, int]:
         """(data-parallel rank, degree) of this process: the ranks that see different data (those
         of one tensor/context/pipeline group share theirs)."""
@@ -149,7 +156,7 @@ class Trainer:
             set_rng_state(s["rng"])
             return
         try:
-            dckpt.load(self.net, self.optimizer, self.resumed_from, partial=self.partial)
+            dckpt.load(self._stateful(), self.optimizer, self.resumed_from, partial=self.partial)
         except CheckpointError as e:
             raise CheckpointError(f"{e}\n{_previous_good(self.resumed_from)}") from None
         same = len(self.rank_states) == self.rt.world  # each rank its own generators; else rank 0's
@@ -344,7 +351,7 @@ class Trainer:
         if self.cfg.ckpt_format == dckpt.FORMAT:
             rank_state = {"dp_rank": dp_rank, "dp_degree": dp_degree, "task": task_state, "rng": rng_state()}
             files = {"config.json": _config_json(self.model), **tokenizer_files(self.tokenizer)}
-            dckpt.save(self.net, self.optimizer, step_dir, progress=progress, rank_state=rank_state,
+            dckpt.save(self._stateful(), self.optimizer, step_dir, progress=progress, rank_state=rank_state,
                        rank=self.rt.rank, world=self.rt.world, partial=self.partial, files=files)
         else:
             msd, osd = par.full_state_dicts(self.net, self.optimizer, self.rt.sharded)
