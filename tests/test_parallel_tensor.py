@@ -108,15 +108,20 @@ def _train_whole(model, rows):
     return losses, grads
 
 
-def tp_rank(rank, world, family):
+def tp_rank(rank, world, families):
+    """Every family split over a ``world``-rank tp mesh, in one process launch."""
     from torch.distributed.device_mesh import init_device_mesh
 
     from evolm.parallel.tensor import apply_tensor_parallel
 
-    torch.manual_seed(0)
-    model = build(tiny(family))
-    apply_tensor_parallel(model, init_device_mesh("cpu", (world,), mesh_dim_names=("tp",)))
-    return train(model, STEPS)
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("tp",))
+    out = {}
+    for family in families:
+        torch.manual_seed(0)
+        model = build(tiny(family))
+        apply_tensor_parallel(model, mesh)
+        out[family] = train(model, STEPS)
+    return out
 
 
 def assert_same(ref, got, what: str):
@@ -130,13 +135,33 @@ def assert_same(ref, got, what: str):
     return rel
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_tp2_equals_one_process(family):
-    ref = reference(family)
-    outs = run_ranks(2, tp_rank, family)
-    for r, got in enumerate(outs):
-        rel = assert_same(ref, got, f"{family} tp=2 rank {r}")
-        print(f"{family} tp=2 rank {r}: max rel loss diff {rel:.2e}")
+@pytest.mark.slow
+def test_tp2_equals_one_process():
+    outs = run_ranks(2, tp_rank, list(FAMILIES))
+    for family in FAMILIES:
+        ref = reference(family)
+        for r, got in enumerate(outs):
+            rel = assert_same(ref, got[family], f"{family} tp=2 rank {r}")
+            print(f"{family} tp=2 rank {r}: max rel loss diff {rel:.2e}")
+
+
+@pytest.mark.parametrize("override, says", [
+    (dict(n_heads=3, n_kv_heads=3, head_dim=16), "n_heads = 3 must divide by tp"),
+    (dict(n_kv_heads=2, n_heads=4, head_dim=16), None),
+    (dict(vocab_size=97), r"vocab_size = 97 must divide by tp .* e.g. to 98"),
+    (dict(qk_norm="full"), "qk_norm = 'full'"),
+    (dict(d_ff=129), "d_ff = 129 must divide by tp"),
+    (dict(pos_emb="learned"), "pos_emb = 'learned'"),
+])
+def test_refusals_name_the_field(override, says):
+    from evolm.parallel.tensor import TensorParallelError, check_tensor_parallel
+
+    cfg = get_preset("tiny-llama", **{"vocab_size": 96, "rope_scaling": None, **override})
+    if says is None:
+        check_tensor_parallel(cfg, 2)
+        return
+    with pytest.raises(TensorParallelError, match=says):
+        check_tensor_parallel(cfg, 2)
 
 
 def fsdp_tp_rank(rank, world, family):
