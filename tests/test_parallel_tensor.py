@@ -109,18 +109,18 @@ def _train_whole(model, rows):
 
 
 def tp_rank(rank, world, families):
-    """Every family split over a ``world``-rank tp mesh, in one process launch."""
-    from torch.distributed.device_mesh import init_device_mesh
+    """Every family split over ``world`` tp ranks by the dispatcher, in one process launch; a
+    family named ``*+ac`` also recomputes its blocks (activation checkpointing: the collectives
+    run again in the backward)."""
+    from evolm.parallel import ParallelLayout, parallelize
 
-    from evolm.parallel.tensor import apply_tensor_parallel
-
-    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("tp",))
+    layout = ParallelLayout(tp=world, dp_shard=1).resolve(world)
+    mesh = layout.build_mesh("cpu")
     out = {}
     for family in families:
         torch.manual_seed(0)
-        model = build(tiny(family))
-        apply_tensor_parallel(model, mesh)
-        out[family] = train(model, STEPS)
+        model = build(tiny(family.removesuffix("+ac")))
+        out[family] = train(parallelize(model, layout, mesh, activation_checkpointing=family.endswith("+ac")), STEPS)
     return out
 
 
@@ -137,9 +137,10 @@ def assert_same(ref, got, what: str):
 
 @pytest.mark.slow
 def test_tp2_equals_one_process():
-    outs = run_ranks(2, tp_rank, list(FAMILIES))
-    for family in FAMILIES:
-        ref = reference(family)
+    families = list(FAMILIES) + ["llama+ac"]
+    outs = run_ranks(2, tp_rank, families)
+    for family in families:
+        ref = reference(family.removesuffix("+ac"))
         for r, got in enumerate(outs):
             rel = assert_same(ref, got[family], f"{family} tp=2 rank {r}")
             print(f"{family} tp=2 rank {r}: max rel loss diff {rel:.2e}")
