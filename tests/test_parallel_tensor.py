@@ -214,3 +214,8 @@ def test_torchrun_pretrain_tp2_equals_single_process(corpus, full_run, tmp_path)
     print(f"torchrun pretrain --tp 2 vs one process: max rel loss diff {rel:.2e}")
     assert rel < 1e-5
     assert (tmp_path / "run" / "model.safetensors").is_file()  # the gathered final model
+    # stopped after 4 steps (a gathered checkpoint: weights, AdamW state of DTensors), resumed
+    # under the same layout: the same losses bit for bit
+    _torchrun(recipe_path, tmp_path / "resumed", "--tp", "2", "--stop-after", "4")
+    _torchrun(recipe_path, tmp_path / "resumed", "--tp", "2", "--resume")
+    assert _losses(tmp_path / "resumed") == tp
