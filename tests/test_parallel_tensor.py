@@ -166,17 +166,21 @@ def test_refusals_name_the_field(override, says):
         check_tensor_parallel(cfg, 2)
 
 
-def fsdp_tp_rank(rank, world, families):
-    """dp_shard 2 x tp 2 through the dispatcher (FSDP2 over dp_shard, tensor parallel inside)."""
+LAYOUTS_2D = {"dp_shard 2 x tp 2": dict(dp_shard=2, tp=2), "dp_replicate 2 x tp 2": dict(dp_replicate=2, dp_shard=1, tp=2)}
+
+
+def fsdp_tp_rank(rank, world, cases):
+    """Each (layout, family) through the dispatcher: FSDP2 (or HSDP's replicas) over the
+    data-parallel ranks, tensor parallel inside."""
     from evolm.parallel import ParallelLayout, parallelize
 
-    layout = ParallelLayout(dp_shard=2, tp=2).resolve(world)
-    mesh = layout.build_mesh("cpu")
     out = {}
-    for family in families:
+    for name, family in cases:
+        layout = ParallelLayout(**LAYOUTS_2D[name]).resolve(world)
+        mesh = layout.build_mesh("cpu")
         torch.manual_seed(0)
         net = parallelize(build(tiny(family)), layout, mesh)
-        out[family] = train(net, STEPS, dp=(mesh["dp"].get_local_rank(), mesh["dp"].size()))
+        out[name, family] = train(net, STEPS, dp=(mesh["dp"].get_local_rank(), mesh["dp"].size()))
     return out
 
 
@@ -184,13 +188,13 @@ def fsdp_tp_rank(rank, world, families):
 def test_fsdp2_x_tp2_equals_one_process():
     # no auxiliary loss here: a data-parallel split of a Switch balance loss is not the whole
     # batch's (a product of batch means), whatever tensor parallelism does
-    families = ["llama", "deepseek"]
-    outs = run_ranks(4, fsdp_tp_rank, families)
-    for family in families:
+    cases = [("dp_shard 2 x tp 2", "llama"), ("dp_shard 2 x tp 2", "deepseek"), ("dp_replicate 2 x tp 2", "llama")]
+    outs = run_ranks(4, fsdp_tp_rank, cases)
+    for name, family in cases:
         ref = reference(family, rows=2 * B)
         for r, got in enumerate(outs):
-            rel = assert_same(ref, got[family], f"{family} dp_shard 2 x tp 2 rank {r}")
-            print(f"{family} dp_shard=2 x tp=2 rank {r}: max rel loss diff {rel:.2e}")
+            rel = assert_same(ref, got[name, family], f"{family} {name} rank {r}")
+            print(f"{family} {name} rank {r}: max rel loss diff {rel:.2e}")
 
 
 # --- end to end: torchrun -m evolm.cli pretrain --tp 2 equals the single-process run ------------
