@@ -108,15 +108,20 @@ def _train_whole(model, rows):
     return losses, grads
 
 
-def tp_rank(rank, world, family):
-    from torch.distributed.device_mesh import init_device_mesh
+def tp_rank(rank, world, families):
+    """Every family split over ``world`` tp ranks by the dispatcher, in one process launch; a
+    family named ``*+ac`` also recomputes its blocks (activation checkpointing: the collectives
+    run again in the backward)."""
+    from evolm.parallel import ParallelLayout, parallelize
 
-    from evolm.parallel.tensor import apply_tensor_parallel
-
-    torch.manual_seed(0)
-    model = build(tiny(family))
-    apply_tensor_parallel(model, init_device_mesh("cpu", (world,), mesh_dim_names=("tp",)))
-    return train(model, STEPS)
+    layout = ParallelLayout(tp=world, dp_shard=1).resolve(world)
+    mesh = layout.build_mesh("cpu")
+    out = {}
+    for family in families:
+        torch.manual_seed(0)
+        model = build(tiny(family.removesuffix("+ac")))
+        out[family] = train(parallelize(model, layout, mesh, activation_checkpointing=family.endswith("+ac")), STEPS)
+    return out
 
 
 def assert_same(ref, got, what: str):
@@ -130,34 +135,66 @@ def assert_same(ref, got, what: str):
     return rel
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_tp2_equals_one_process(family):
-    ref = reference(family)
-    outs = run_ranks(2, tp_rank, family)
-    for r, got in enumerate(outs):
-        rel = assert_same(ref, got, f"{family} tp=2 rank {r}")
-        print(f"{family} tp=2 rank {r}: max rel loss diff {rel:.2e}")
+@pytest.mark.slow
+@pytest.mark.parametrize("families", [["llama", "gemma3", "mqa_bias", "llama+ac"], ["deepseek", "qwen3_moe"]],
+                         ids=["dense", "moe"])
+def test_tp2_equals_one_process(families):
+    outs = run_ranks(2, tp_rank, families)
+    for family in families:
+        ref = reference(family.removesuffix("+ac"))
+        for r, got in enumerate(outs):
+            rel = assert_same(ref, got[family], f"{family} tp=2 rank {r}")
+            print(f"{family} tp=2 rank {r}: max rel loss diff {rel:.2e}")
 
 
-def fsdp_tp_rank(rank, world, family):
-    """dp_shard 2 x tp 2 through the dispatcher (FSDP2 over dp_shard, tensor parallel inside)."""
+@pytest.mark.parametrize("override, says", [
+    (dict(n_heads=3, n_kv_heads=3, head_dim=16), "n_heads = 3 must divide by tp"),
+    (dict(n_kv_heads=2, n_heads=4, head_dim=16), None),
+    (dict(vocab_size=97), r"vocab_size = 97 must divide by tp .* e.g. to 98"),
+    (dict(qk_norm="full"), "qk_norm = 'full'"),
+    (dict(d_ff=129), "d_ff = 129 must divide by tp"),
+    (dict(pos_emb="learned"), "pos_emb = 'learned'"),
+])
+def test_refusals_name_the_field(override, says):
+    from evolm.parallel.tensor import TensorParallelError, check_tensor_parallel
+
+    cfg = get_preset("tiny-llama", **{"vocab_size": 96, "rope_scaling": None, **override})
+    if says is None:
+        check_tensor_parallel(cfg, 2)
+        return
+    with pytest.raises(TensorParallelError, match=says):
+        check_tensor_parallel(cfg, 2)
+
+
+LAYOUTS_2D = {"dp_shard 2 x tp 2": dict(dp_shard=2, tp=2), "dp_replicate 2 x tp 2": dict(dp_replicate=2, dp_shard=1, tp=2)}
+
+
+def fsdp_tp_rank(rank, world, cases):
+    """Each (layout, family) through the dispatcher: FSDP2 (or HSDP's replicas) over the
+    data-parallel ranks, tensor parallel inside."""
     from evolm.parallel import ParallelLayout, parallelize
 
-    layout = ParallelLayout(dp_shard=2, tp=2).resolve(world)
-    mesh = layout.build_mesh("cpu")
-    torch.manual_seed(0)
-    net = parallelize(build(tiny(family)), layout, mesh)
-    return train(net, STEPS, dp=(mesh["dp"].get_local_rank(), mesh["dp"].size()))
+    out = {}
+    for name, family in cases:
+        layout = ParallelLayout(**LAYOUTS_2D[name]).resolve(world)
+        mesh = layout.build_mesh("cpu")
+        torch.manual_seed(0)
+        net = parallelize(build(tiny(family)), layout, mesh)
+        out[name, family] = train(net, STEPS, dp=(mesh["dp"].get_local_rank(), mesh["dp"].size()))
+    return out
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["llama", "deepseek"])  # no auxiliary loss: a data-parallel split of one
-# is not the whole batch's (the Switch balance is a product of batch means), whatever tp does
-def test_fsdp2_x_tp2_equals_one_process(family):
-    ref = reference(family, rows=2 * B)
-    for r, got in enumerate(run_ranks(4, fsdp_tp_rank, family)):
-        rel = assert_same(ref, got, f"{family} dp_shard 2 x tp 2 rank {r}")
-        print(f"{family} dp_shard=2 x tp=2 rank {r}: max rel loss diff {rel:.2e}")
+def test_fsdp2_x_tp2_equals_one_process():
+    # no auxiliary loss here: a data-parallel split of a Switch balance loss is not the whole
+    # batch's (a product of batch means), whatever tensor parallelism does
+    cases = [("dp_shard 2 x tp 2", "llama"), ("dp_shard 2 x tp 2", "deepseek"), ("dp_replicate 2 x tp 2", "llama")]
+    outs = run_ranks(4, fsdp_tp_rank, cases)
+    for name, family in cases:
+        ref = reference(family, rows=2 * B)
+        for r, got in enumerate(outs):
+            rel = assert_same(ref, got[name, family], f"{family} {name} rank {r}")
+            print(f"{family} {name} rank {r}: max rel loss diff {rel:.2e}")
 
 
 # --- end to end: torchrun -m evolm.cli pretrain --tp 2 equals the single-process run ------------
@@ -181,3 +218,8 @@ def test_torchrun_pretrain_tp2_equals_single_process(corpus, full_run, tmp_path)
     print(f"torchrun pretrain --tp 2 vs one process: max rel loss diff {rel:.2e}")
     assert rel < 1e-5
     assert (tmp_path / "run" / "model.safetensors").is_file()  # the gathered final model
+    # stopped after 4 steps (a gathered checkpoint: weights, AdamW state of DTensors), resumed
+    # under the same layout: the same losses bit for bit
+    _torchrun(recipe_path, tmp_path / "resumed", "--tp", "2", "--stop-after", "4")
+    _torchrun(recipe_path, tmp_path / "resumed", "--tp", "2", "--resume")
+    assert _losses(tmp_path / "resumed") == tp
