@@ -258,6 +258,8 @@ def test_refusals_name_the_problem():
         pp.check_pipelinable(get_preset("tiny-t5"))
     with pytest.raises(ValueError, match="moe_loss_groups"):
         pp.check_pipelinable(get_preset("tiny-qwen3-moe").replace(moe_loss_groups="sequence"))
+    with pytest.raises(ValueError, match="mask='prefix'"):
+        pp.check_pipelinable(get_preset("tiny-llama").replace(mask="prefix"))
     with pytest.raises(ValueError, match="cannot be shared evenly"):
         pp.stage_ranks(3, 2)
 

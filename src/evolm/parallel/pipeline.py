@@ -85,7 +85,8 @@ def check_pipelinable(config) -> None:
            (c.n_experts and c.moe_loss_groups == "sequence",
             "moe_loss_groups='sequence' (Switch's pooled router losses span all stages)"),
            (c.pos_emb == "relative", "pos_emb='relative' (T5's bias table is shared by all layers)"),
-           (c.positions_from_mask, "positions_from_mask (positions come from an attention mask)")]
+           (c.positions_from_mask, "positions_from_mask (positions come from an attention mask)"),
+           (c.mask == "prefix", "mask='prefix' (the prefix length is not carried between stages)")]
     for flag, why in bad:
         if flag:
             raise ValueError(f"pipeline parallelism cannot split this model: {why}")
