@@ -70,6 +70,7 @@ class Trainer:
         self.resumed: dict | None = None  # the checkpoint's trainer state
         self.steps_this_call, self.throughput, self.mfus = 0, [], []
         self.last_train_loss, self.last_eval, self.initial_eval = float("nan"), {}, None
+        self.pipe = None  # this rank's pipeline stages when the layout has pp > 1 (set by wrap)
 
     # --- restore ---------------------------------------------------------------------------
     def restore(self, resume: bool, seed: int | None = None) -> None:
