@@ -6,7 +6,8 @@ global batch cut into the same ``m`` micro-batches. Printed per ``m``: tokens/s 
 (median over ``--repeat`` runs, with the half-spread), and the bubble: each rank's idle share of the
 step, ``1 - busy / step`` where busy is the wall time inside the stage's forward and backward calls
 (``PipelineStage.forward_one_chunk`` / ``backward_one_chunk``; waits on messages excluded), next to
-GPipe/1F1B's ``(p - 1) / (m + p - 1)``. The one-process run uses one thread, so a perfect pipeline of
+GPipe/1F1B's ``(p - 1) / (m + p - 1)``; and the most micro-batches whose activations a rank held
+at once (GPipe: all ``m``; 1F1B: at most ``p``, PipeDream-Flush's memory saving). The one-process run uses one thread, so a perfect pipeline of
 two processes reaches a ratio of ``2 m / (m + 1)``; on a shared 2-core machine it will not.
 
     python benchmarks/pipeline.py [--micro 2,4,8] [--schedule 1f1b] [--layers 8] [--d-model 256]
@@ -63,7 +64,8 @@ def one_process(a, m: int) -> float:
 
 
 def _ranked(rank: int, world: int, a, m: int):
-    """(tokens/s, idle share of the timed ``Pipeline.step`` calls) of this pipeline rank."""
+    """(tokens/s, idle share of the timed ``Pipeline.step`` calls, the most micro-batches whose
+    activations this rank held at once) of this pipeline rank."""
     import evolm
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -75,7 +77,7 @@ def _ranked(rank: int, world: int, a, m: int):
     model = evolm.build(cfg)
     pipe = pp.pipeline(model, init_device_mesh("cpu", (world,), mesh_dim_names=("pp",))["pp"], a.schedule, m)
     opt = make_optimizer(pipe.module)
-    busy = [0.0]
+    busy, held = [0.0], [0]
     times, in_pipe = [], []
     for i, (x, y) in enumerate(_batches(cfg, a)):
         if i == 1:  # the stages exist after the first step: time their compute calls
@@ -83,12 +85,13 @@ def _ranked(rank: int, world: int, a, m: int):
                 for name in ("forward_one_chunk", "backward_one_chunk"):
                     inner = getattr(st, name)
 
-                    def timed(*args, _inner=inner, **kw):
+                    def timed(*args, _inner=inner, _st=st, **kw):
                         t = time.perf_counter()
                         try:
                             return _inner(*args, **kw)
                         finally:
                             busy[0] += time.perf_counter() - t
+                            held[0] = max(held[0], len(_st.fwd_cache))  # micro-batches whose activations wait
 
                     setattr(st, name, timed)
         t0 = time.perf_counter()
@@ -98,7 +101,7 @@ def _ranked(rank: int, world: int, a, m: int):
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
-    return a.rows * a.seq * len(times[1:]) / sum(times[1:]), 1 - busy[0] / sum(in_pipe[1:])
+    return a.rows * a.seq * len(times[1:]) / sum(times[1:]), 1 - busy[0] / sum(in_pipe[1:]), held[0]
 
 
 def main() -> None:
@@ -118,9 +121,10 @@ def main() -> None:
 
     print(f"llama-style {a.layers} layers x {a.d_model}, vocab {a.vocab}, global batch {a.rows} x {a.seq}, "
           f"{a.schedule}, pp={a.pp}, {a.steps} timed steps, {a.repeat} repeats")
-    print(f"{'m':>3} {'1 proc tok/s':>14} {'pp tok/s':>14} {'ratio':>12} {'bubble/rank (observed)':>26} {'formula':>8}")
+    print(f"{'m':>3} {'1 proc tok/s':>14} {'pp tok/s':>14} {'ratio':>12} {'bubble/rank (observed)':>26} {'formula':>8} "
+          f"{'activations held/rank':>22}")
     for m in [int(v) for v in a.micro.split(",")]:
-        single, piped, ratios, bubbles = [], [], [], []
+        single, piped, ratios, bubbles, held = [], [], [], [], []
         for _ in range(a.repeat):  # interleaved, so load changes hit both alike
             s = one_process(a, m)
             r = run_ranks(a.pp, _ranked, a, m)
@@ -128,10 +132,11 @@ def main() -> None:
             piped.append(min(v[0] for v in r))
             ratios.append(piped[-1] / s)
             bubbles.append([v[1] for v in r])
+            held = [v[2] for v in r]
         (sm, ss), (pm, ps), (rm, rs) = median_spread(single), median_spread(piped), median_spread(ratios)
         per_rank = " / ".join(f"{median_spread([b[k] for b in bubbles])[0]:.2f}" for k in range(a.pp))
         print(f"{m:>3} {sm:>9.0f} ±{ss:4.0%} {pm:>9.0f} ±{ps:4.0%} {rm:>6.2f} ±{rs:4.0%} {per_rank:>26} "
-              f"{(a.pp - 1) / (m + a.pp - 1):>8.2f}")
+              f"{(a.pp - 1) / (m + a.pp - 1):>8.2f} {' / '.join(map(str, held)):>22}")
 
 
 if __name__ == "__main__":

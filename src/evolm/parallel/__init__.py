@@ -60,6 +60,10 @@ def parallelize(model, layout: ParallelLayout | None, mesh=None, *, device: torc
         model.compiled_loss = True  # the LM head's softmax/gradient, fused by inductor
     if layout is None:
         return model
+    if layout.pp > 1:  # stages over mesh["pp"] (+ FSDP2 per stage): a Pipeline, not a module
+        from evolm.parallel.pipeline import parallelize_pipeline
+
+        return parallelize_pipeline(model, layout, mesh)
     if layout.ddp_only:
         from torch.nn.parallel import DistributedDataParallel
 

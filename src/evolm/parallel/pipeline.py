@@ -67,7 +67,7 @@ from evolm.nn.loss import fused_linear_cross_entropy
 from evolm.nn.masks import MaskInputs, plan_masks
 from evolm.nn.moe import MoE
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved1f1b", "loopedbfs")
+SCHEDULES = ("auto", "gpipe", "1f1b", "interleaved1f1b", "loopedbfs")
 BALANCES = ("layers", "params")
 
 
@@ -85,7 +85,8 @@ def check_pipelinable(config) -> None:
            (c.n_experts and c.moe_loss_groups == "sequence",
             "moe_loss_groups='sequence' (Switch's pooled router losses span all stages)"),
            (c.pos_emb == "relative", "pos_emb='relative' (T5's bias table is shared by all layers)"),
-           (c.positions_from_mask, "positions_from_mask (positions come from an attention mask)")]
+           (c.positions_from_mask, "positions_from_mask (positions come from an attention mask)"),
+           (c.mask == "prefix", "mask='prefix' (the prefix length is not carried between stages)")]
     for flag, why in bad:
         if flag:
             raise ValueError(f"pipeline parallelism cannot split this model: {why}")
@@ -275,11 +276,13 @@ def _own_loss(output: torch.Tensor, target: torch.Tensor, n_microbatches: int) -
 
 @dataclass
 class Pipeline:
-    """This rank's stages of a pipelined model and the schedule that runs them.
+    """This rank's stages of a pipelined model and the schedules that run them.
 
     ``modules``: this rank's :class:`StageModule` s; ``module``: them in one ``nn.ModuleList``
     (for the optimizer and ``parameters()``); ``schedule``: the ``torch.distributed.pipelining``
-    schedule object (built for the first batch's shape, rebuilt on a new shape)."""
+    schedule object of the last training step (one is built per batch shape and micro-batch
+    count, and kept). ``schedule_name`` ``"auto"``: 1F1B, or GPipe when a step has fewer
+    micro-batches than stages (1F1B's requirement)."""
 
     modules: list[StageModule]
     group: dist.ProcessGroup
@@ -289,7 +292,7 @@ class Pipeline:
     n_stages: int
     schedule: object = None
     module: nn.ModuleList = field(init=False)
-    _shape: tuple | None = None
+    _schedules: dict = field(default_factory=dict)
 
     def __post_init__(self):
         self.module = nn.ModuleList(self.modules)
@@ -306,17 +309,34 @@ class Pipeline:
     def has_last(self) -> bool:
         return any(m.is_last for m in self.modules)
 
+    @property
+    def training(self) -> bool:
+        return self.module.training
+
     def parameters(self):
         return self.module.parameters()
 
-    def _build(self, batch: int, seq: int) -> None:
-        """The ``PipelineStage`` s (static shapes: no shape-inference forward) and the schedule."""
+    def train(self, mode: bool = True) -> "Pipeline":
+        self.module.train(mode)
+        return self
+
+    def eval(self) -> "Pipeline":
+        return self.train(False)
+
+    def _schedule_for(self, batch: int, seq: int, m: int, name: str):
+        """The schedule for ``m`` micro-batches of a (batch, seq) batch: ``PipelineStage`` s in
+        static mode (shapes given: no shape-inference forward) and the schedule over them."""
+        key = (batch, seq, m, name)
+        if key in self._schedules:
+            return self._schedules[key]
         from torch.distributed.pipelining import PipelineStage
+        from torch.distributed.pipelining.microbatch import _CustomReducer
         from torch.distributed.pipelining.schedules import get_schedule_class
 
-        m = self.n_microbatches
         if batch % m:
-            raise ValueError(f"a batch of {batch} rows cannot be cut into n_microbatches={m} equal micro-batches")
+            raise ValueError(f"a batch of {batch} rows cannot be cut into {m} equal micro-batches")
+        if name == "1f1b" and m < self.n_stages:
+            raise ValueError(f"1F1B needs at least as many micro-batches as stages ({self.n_stages}), got {m}")
         mb, d = batch // m, self.modules[0].config.d_model
         dtype = next(self.module.parameters()).dtype
         hidden = torch.empty(mb, seq, d, dtype=dtype, device="meta", requires_grad=True)  # activations carry grads
@@ -327,58 +347,62 @@ class Pipeline:
             stages.append(PipelineStage(mod, mod.index, self.n_stages, self.device, input_args=(inp,),
                                         output_args=(out,), group=self.group))
         cls = get_schedule_class({"gpipe": "GPipe", "1f1b": "1F1B", "interleaved1f1b": "Interleaved1F1B",
-                                  "loopedbfs": "LoopedBFS"}[self.schedule_name])
-        from torch.distributed.pipelining.microbatch import _CustomReducer
-
+                                  "loopedbfs": "LoopedBFS"}[name])
         loss_fn = lambda out, tgt: _own_loss(out, tgt, m)  # noqa: E731
         # the last stage's outputs are scalar losses: summed, not concatenated, if a schedule merges them (eval)
         summed = _CustomReducer(torch.zeros((), dtype=torch.float64), lambda a, b: a + b.detach().double().cpu())
-        self.schedule = cls(stages[0] if len(stages) == 1 else stages, n_microbatches=m, loss_fn=loss_fn,
-                            output_merge_spec=summed, scale_grads=False)
-        self._shape = (batch, seq)
+        sched = cls(stages[0] if len(stages) == 1 else stages, n_microbatches=m, loss_fn=loss_fn,
+                    output_merge_spec=summed, scale_grads=False)
+        self._schedules[key] = sched
+        return sched
 
-    def step(self, input_ids: torch.Tensor, targets: torch.Tensor, position_ids: torch.Tensor | None = None,
-             doc_ids: torch.Tensor | None = None) -> float:
-        """Forward and backward of one global batch (B, T) as ``n_microbatches`` micro-batches:
-        gradients accumulate in the stage parameters (tied replicas summed); returns the mean
-        loss (with every stage's MoE aux) on every rank of the pipeline group. Every rank passes
-        the same batch (only the first stage reads the tokens, only the last the targets)."""
-        if self._shape != tuple(input_ids.shape):
-            self._build(*input_ids.shape)
-        for mod in self.modules:
-            mod.aux_values.clear()
+    def _inputs(self, input_ids, targets, position_ids, doc_ids) -> tuple[tuple, dict]:
         kwargs = {k: v.to(self.device) for k, v in (("position_ids", position_ids), ("doc_ids", doc_ids))
                   if v is not None}
         if self.has_last:
             kwargs["targets"] = targets.to(self.device)
-        args = (input_ids.to(self.device),) if self.has_first else ()
+        return ((input_ids.to(self.device),) if self.has_first else ()), kwargs
+
+    def step(self, input_ids: torch.Tensor, targets: torch.Tensor, position_ids: torch.Tensor | None = None,
+             doc_ids: torch.Tensor | None = None, n_microbatches: int | None = None) -> float:
+        """Forward and backward of one global batch (B, T) as ``n_microbatches`` micro-batches
+        (default: the pipeline's): gradients accumulate in the stage parameters (tied replicas
+        summed); returns the mean loss (with every stage's MoE aux) on every rank of the pipeline
+        group. Every rank passes the same batch (only the first stage reads the tokens, only the
+        last the targets)."""
+        m = n_microbatches or self.n_microbatches
+        name = self.schedule_name
+        if name == "auto":
+            name = "1f1b" if m >= self.n_stages else "gpipe"
+        self.schedule = self._schedule_for(*input_ids.shape, m, name)
+        for mod in self.modules:
+            mod.aux_values.clear()
+            mod.aux_scale = 1.0 / m
+        args, kwargs = self._inputs(input_ids, targets, position_ids, doc_ids)
         losses: list[torch.Tensor] = []
         self.schedule.step(*args, target=kwargs.get("targets"), losses=losses, return_outputs=False, **kwargs)
         sync_tied_grads(self)
-        return self._reduce_loss(losses)
+        return self._reduce_loss(losses, m)
 
     @torch.no_grad()
     def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, position_ids: torch.Tensor | None = None,
              doc_ids: torch.Tensor | None = None) -> float:
-        """The mean loss of a batch, forward only (evaluation), on every rank."""
-        if self._shape != tuple(input_ids.shape):
-            self._build(*input_ids.shape)
-        kwargs = {k: v.to(self.device) for k, v in (("position_ids", position_ids), ("doc_ids", doc_ids))
-                  if v is not None}
-        if self.has_last:
-            kwargs["targets"] = targets.to(self.device)
+        """The mean loss of a batch, forward only (evaluation: one micro-batch through GPipe, or
+        Looped BFS when ranks hold several stages), on every rank of the pipeline group."""
+        single = len(self.modules) == 1
+        sched = self._schedule_for(*input_ids.shape, 1, "gpipe" if single else "loopedbfs")
         for mod in self.modules:
             mod.aux_values.clear()
-        args = (input_ids.to(self.device),) if self.has_first else ()
+        args, kwargs = self._inputs(input_ids, targets, position_ids, doc_ids)
         losses: list[torch.Tensor] = []
-        self.schedule.eval(*args, target=kwargs.get("targets"), losses=losses, **kwargs)
-        return self._reduce_loss(losses)
+        sched.eval(*args, target=kwargs.get("targets"), losses=losses, **kwargs)
+        return self._reduce_loss(losses, 1)
 
-    def _reduce_loss(self, losses: list[torch.Tensor]) -> float:
+    def _reduce_loss(self, losses: list[torch.Tensor], m: int) -> float:
         """Sum of the last stage's micro-batch losses and every other stage's aux values over the
         pipeline group: the step's mean loss, on every rank (the log line needs it on rank 0)."""
         total = sum(float(v.detach()) for v in losses)
-        total += sum(float(v) for mod in self.modules for v in mod.aux_values) / self.n_microbatches
+        total += sum(float(v) for mod in self.modules for v in mod.aux_values) / m
         t = torch.tensor([total], dtype=torch.float64)
         dist.all_reduce(t, group=self.group)
         return float(t.item())
@@ -496,16 +520,13 @@ def step_examples(pipe: Pipeline, examples: list) -> float:
     positions. Returns the step's mean loss on every rank of the pipeline group."""
     from evolm.train.pretrain import positions_from_segments
 
-    if len(examples) != pipe.n_microbatches:
-        raise ValueError(f"the pipeline was built for n_microbatches={pipe.n_microbatches}, the step has "
-                         f"{len(examples)} micro-batches (train.accum must equal it)")
     if any(ex.attention_mask is not None or ex.decoder_input_ids is not None for ex in examples):
         raise ValueError("pipeline parallelism takes causal-LM examples (no attention_mask / decoder_input_ids)")
     x = torch.cat([ex.input_ids for ex in examples])
     y = torch.cat([ex.targets for ex in examples])
     seg = torch.cat([ex.segments for ex in examples]) if examples[0].segments is not None else None
     pos = positions_from_segments(seg) if seg is not None else None
-    return pipe.step(x, y, position_ids=pos, doc_ids=seg)
+    return pipe.step(x, y, position_ids=pos, doc_ids=seg, n_microbatches=len(examples))
 
 
 def fully_shard_stages(pipe: Pipeline, dp_mesh) -> None:
@@ -521,6 +542,83 @@ def fully_shard_stages(pipe: Pipeline, dp_mesh) -> None:
         fully_shard(mod, mesh=dp_mesh, reshard_after_forward=False)
 
 
+class PipelineLM:
+    """The pipeline as the callable a task's ``forward`` / ``evaluate`` expects: ``lm(input_ids,
+    targets=..., doc_ids=..., position_ids=...)`` -> the batch's mean loss (forward only, through
+    :meth:`Pipeline.loss`; the same value on every rank of the pipeline group)."""
+
+    def __init__(self, pipe: Pipeline):
+        self.pipe = pipe
+
+    def __call__(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
+                 doc_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                 **unsupported) -> torch.Tensor:
+        if targets is None or any(v is not None for v in unsupported.values()):
+            raise ValueError("a pipelined model computes losses only: pass targets (no attention_mask, "
+                             "decoder_input_ids, logits; sample from the gathered checkpoint)")
+        return torch.tensor(self.pipe.loss(input_ids, targets, position_ids, doc_ids), dtype=torch.float64)
+
+
+def _local_names(pipe: Pipeline) -> dict[str, str]:
+    """``pipe.module``'s parameter names ("<stage>.layers.3...") -> the full model's ("layers.3...")."""
+    return {f"{i}.{n}": n for i, mod in enumerate(pipe.modules) for n, _ in mod.named_parameters()}
+
+
+def full_state_dicts(pipe: Pipeline, optimizer) -> tuple[dict, dict]:
+    """The full model state dict and the full AdamW state keyed by the model's parameter names
+    (the format FSDP runs save, ``torch.distributed.checkpoint.state_dict``'s full state), merged
+    over the pipeline group, on every rank: for the trainer's checkpoints. Every rank calls it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    model_sd = gather_state_dict(pipe)
+    osd = get_optimizer_state_dict(pipe.module, optimizer, options=StateDictOptions(full_state_dict=True))
+    names = _local_names(pipe)
+    mine = {"state": {names[k]: {n: (v.detach().cpu() if torch.is_tensor(v) else v) for n, v in st.items()}
+                      for k, st in osd["state"].items()},
+            "param_groups": [{**g, "params": [names[k] for k in g["params"]]} for g in osd["param_groups"]]}
+    parts: list = [None] * dist.get_world_size(pipe.group)
+    dist.all_gather_object(parts, mine, group=pipe.group)
+    state: dict = {}
+    groups = [dict(g, params=[]) for g in parts[0]["param_groups"]]
+    for part in parts:
+        state.update(part["state"])  # a tied replica's moments equal the first stage's
+        for g, pg in zip(groups, part["param_groups"]):
+            g["params"] += [k for k in pg["params"] if k not in g["params"]]
+    return model_sd, {"state": state, "param_groups": groups}
+
+
+def load_optimizer_state(pipe: Pipeline, optimizer, osd: dict) -> None:
+    """Load a full optimizer state (:func:`full_state_dicts`, or an FSDP run's) into this rank's
+    stages: the entries of its own parameters, under ``pipe.module``'s names."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    names = _local_names(pipe)
+    missing = [full for full in names.values() if full not in osd["state"]]
+    if missing:
+        raise ValueError(f"the checkpoint's optimizer state has no entry for {missing[:3]} "
+                         f"({len(missing)} parameters of this rank's stages)")
+    local = {"state": {k: osd["state"][full] for k, full in names.items()},
+             "param_groups": [{**g, "params": [k for k, full in names.items() if full in set(g["params"])]}
+                              for g in osd["param_groups"]]}
+    set_optimizer_state_dict(pipe.module, optimizer, local, options=StateDictOptions(full_state_dict=True))
+
+
+def parallelize_pipeline(model, layout, mesh) -> Pipeline:
+    """The dispatcher's pipeline step (``evolm.parallel.parallelize`` with ``pp > 1``): stages over
+    ``mesh["pp"]`` (schedule ``auto``: 1F1B, GPipe for steps with fewer micro-batches than
+    stages; micro-batches = the step's accumulation count), then FSDP2 per stage over the
+    data-parallel ranks when there are any. tp / cp / ep with pp are not supported yet."""
+    others = [f"{n}={getattr(layout, n)}" for n in ("tp", "cp", "ep") if getattr(layout, n) > 1]
+    if others:
+        raise ValueError(f"parallel.pp={layout.pp} with {', '.join(others)} is not supported yet "
+                         "(pipeline stages compose with dp_shard / dp_replicate only)")
+    pipe = pipeline(model, mesh["pp"], "auto", n_microbatches=1)
+    if layout.dp_shard > 1 or layout.dp_replicate > 1:
+        fully_shard_stages(pipe, mesh["dp_replicate", "dp_shard_cp"] if layout.dp_replicate > 1
+                           else mesh["dp_shard_cp"])
+    return pipe
+
+
 # --------------------------------------------------------------------------------------------
 # the entry point
 # --------------------------------------------------------------------------------------------
@@ -528,8 +626,8 @@ def pipeline(model, pp_mesh, schedule: str = "1f1b", n_microbatches: int = 1, st
              balance: str = "params", release: bool = True) -> Pipeline:
     """Split ``model`` over the 1-D mesh ``pp_mesh`` (or a process group) and build ``schedule``.
 
-    ``schedule``: ``gpipe`` or ``1f1b`` (one stage per rank), ``interleaved1f1b`` or ``loopedbfs``
-    (``stages_per_rank >= 2``). ``n_microbatches``: micro-batches per step (the recipe's
+    ``schedule``: ``gpipe`` or ``1f1b`` (one stage per rank; ``auto``: 1F1B, GPipe for a step with
+    fewer micro-batches than stages), ``interleaved1f1b`` or ``loopedbfs`` (``stages_per_rank >= 2``). ``n_microbatches``: micro-batches per step (the recipe's
     gradient-accumulation count; 1F1B needs at least as many as stages). ``release``: move the
     parts of ``model`` this rank does not run to the meta device. The caller builds the optimizer
     over ``Pipeline.module`` and calls :meth:`Pipeline.step`, :func:`clip_grad_norm_`,
@@ -537,7 +635,7 @@ def pipeline(model, pp_mesh, schedule: str = "1f1b", n_microbatches: int = 1, st
     name = schedule.lower().replace("_", "").replace("-", "")
     if name not in SCHEDULES:
         raise ValueError(f"pipeline schedule {schedule!r}; expected one of {SCHEDULES}")
-    single = name in ("gpipe", "1f1b")
+    single = name in ("auto", "gpipe", "1f1b")
     if single and stages_per_rank != 1:
         raise ValueError(f"schedule {schedule!r} runs one stage per rank; use interleaved1f1b or loopedbfs "
                          f"for stages_per_rank={stages_per_rank}")

@@ -72,6 +72,7 @@ class Trainer:
         self.rank_states: list[dict] = []  # data-parallel rank and degree, task position, RNG
         self.steps_this_call, self.throughput, self.mfus = 0, [], []
         self.last_train_loss, self.last_eval, self.initial_eval = float("nan"), {}, None
+        self.pipe = None  # this rank's pipeline stages when the layout has pp > 1 (set by wrap)
 
     # --- restore ---------------------------------------------------------------------------
     def restore(self, resume: bool, seed: int | None = None) -> None:
@@ -152,7 +153,12 @@ class Trainer:
         """The resumed run's optimizer state (and, for a sharded checkpoint, the model's) and RNG."""
         s = self.resumed
         if s.get("format") != dckpt.FORMAT:
-            par.load_optimizer_state(self.net, self.optimizer, s["optimizer"], self.rt.sharded)
+            if self.pipe is not None:  # the stages' entries of the gathered state (parallel/pipeline.py)
+                from evolm.parallel import pipeline as pp
+
+                pp.load_optimizer_state(self.pipe, self.optimizer, s["optimizer"])
+            else:
+                par.load_optimizer_state(self.net, self.optimizer, s["optimizer"], self.rt.sharded)
             set_rng_state(s["rng"])
             return
         try:
@@ -168,18 +174,22 @@ class Trainer:
         compile and activation checkpointing from outside the model; AdamW over the trainable
         parameters; a resumed run gets its optimizer and RNG state back."""
         from evolm.parallel import parallelize
+        from evolm.parallel import pipeline as pp
 
         cfg, rt = self.cfg, self.rt
         self.net = parallelize(self.model, rt.layout, rt.mesh, device=rt.device, compile=cfg.compile,
                                activation_checkpointing=cfg.activation_checkpointing)
-        self.optimizer = make_optimizer(self.model, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
-                                        eps=cfg.eps)
+        self.pipe = self.net if isinstance(self.net, pp.Pipeline) else None  # pipeline stages (parallel/pipeline.py)
+        self.optimizer = make_optimizer(self.pipe.module if self.pipe else self.model, lr=cfg.lr, betas=cfg.betas,
+                                        weight_decay=cfg.weight_decay, eps=cfg.eps)
         if self.resumed is not None:
             self._restore_optimizer()
         self.trainable = [p for p in self.net.parameters() if p.requires_grad]
         self.autocast = (torch.autocast(self.rt.device.type, dtype=torch.bfloat16) if cfg.dtype == "bfloat16"
                          else contextlib.nullcontext())
         self.eval_net = self.net if rt.sharded else self.model  # FSDP/TP: the shards must work together
+        if self.pipe is not None:  # the stages compute the loss together
+            self.eval_net = pp.PipelineLM(self.pipe)
 
     # --- fit -------------------------------------------------------------------------------
     def fit(self, stop_after_steps: int | None = None) -> bool:
@@ -247,6 +257,8 @@ class Trainer:
                                  phase.decay_fraction, phase.lr_start)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
+        if self.pipe is not None:
+            return self._pipeline_step(phase, lr, t0)
         loss_sum, extra_sums, tokens = self._accumulate(phase.accum)
         grad_norm = float(clip_grad_norm_(self.trainable, self.cfg.grad_clip)) if self.cfg.grad_clip else float("nan")
         self.optimizer.step()
@@ -254,6 +266,30 @@ class Trainer:
         if hasattr(self.task, "after_step"):
             self.task.after_step(self.model)
         return StepStats(lr, loss_sum, extra_sums, tokens, grad_norm, time.perf_counter() - t0)
+
+    def _pipeline_step(self, phase: Phase, lr: float, t0: float) -> StepStats:
+        """:meth:`step` under pipeline parallelism (parallel/pipeline.py): the ``accum``
+        micro-batches run as one schedule (only the last stage has the loss; it comes back to
+        every rank for the log), the gradient norm is the global one over all stages, and the
+        after-step hook is the router bias update of this rank's own layers."""
+        from evolm.parallel import pipeline as pp
+
+        batches = [self.task.next_batch() for _ in range(phase.accum)]
+        with self.autocast:
+            loss = pp.step_examples(self.pipe, batches)
+        grad_norm = pp.clip_grad_norm_(self.pipe, self.cfg.grad_clip) if self.cfg.grad_clip else float("nan")
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        pp.update_router_bias(self.pipe, self.rt.dp_group)
+        return StepStats(lr, loss * phase.accum, {}, None, grad_norm, time.perf_counter() - t0)
+
+    def _full_state(self) -> tuple[dict, dict]:
+        """The unsharded model and optimizer state (a collective: every rank calls it)."""
+        if self.pipe is not None:
+            from evolm.parallel import pipeline as pp
+
+            return pp.full_state_dicts(self.pipe, self.optimizer)
+        return par.full_state_dicts(self.net, self.optimizer, self.rt.sharded)
 
     def _accumulate(self, accum: int) -> tuple[float, dict[str, float], int | None]:
         loss_sum, extra_sums, tokens = 0.0, {}, None
@@ -354,7 +390,7 @@ class Trainer:
             dckpt.save(self._stateful(), self.optimizer, step_dir, progress=progress, rank_state=rank_state,
                        rank=self.rt.rank, world=self.rt.world, partial=self.partial, files=files)
         else:
-            msd, osd = par.full_state_dicts(self.net, self.optimizer, self.rt.sharded)
+            msd, osd = self._full_state()
             if self.rt.main:
                 state = {**progress, "task": task_state, "optimizer": osd, "rng": rng_state()}
                 if self.partial:
@@ -373,7 +409,7 @@ class Trainer:
         self.progress.close()
         summary = self._summary(stopped_early)
         if not stopped_early:  # gathering the full state is a collective: every rank takes part
-            msd, _ = par.full_state_dicts(self.net, self.optimizer, self.rt.sharded)
+            msd, _ = self._full_state()
         if self.rt.main and not stopped_early:
             summary["samples"] = self.samples()
             self._print_samples(summary["samples"])
@@ -430,6 +466,9 @@ def _check(phases: list[Phase], cfg: LoopConfig, rt) -> Callable | None:
         raise ValueError(f"train.ckpt_format must be full or dcp, got {cfg.ckpt_format!r}")
     if cfg.dtype not in ("float32", "bfloat16"):
         raise ValueError(f"LoopConfig.dtype must be float32 or bfloat16, got {cfg.dtype!r}")
+    if cfg.ckpt_format == dckpt.FORMAT and rt.layout is not None and rt.layout.pp > 1:
+        raise ValueError(f"train.ckpt_format: dcp with parallel.pp={rt.layout.pp} is not supported yet; use "
+                         "ckpt_format: full (the stages' weights and AdamW state are gathered by name)")
     if not cfg.eval_tasks:
         return None
     hook = find_eval_in_training()
