@@ -59,11 +59,11 @@ def _steps(rank, world, T, steps, ring):
         from evolm.parallel.context import ContextParallel
 
         cp = ContextParallel()
-    times = []
+    times, cpu = [], []
     for i in range(steps + 1):
         if dist.is_initialized():
             dist.barrier()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         opt.zero_grad()
         if cp is None:
             model(inputs, targets=targets).backward()
@@ -72,7 +72,8 @@ def _steps(rank, world, T, steps, ring):
             cp.reduce_gradients(model)
         opt.step()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times[1:])
+        cpu.append(time.process_time() - c0)
+    return statistics.median(times[1:]), statistics.median(cpu[1:])
 
 
 def _saved_bytes(model, model_call):
@@ -141,15 +142,18 @@ def main():
     T = args.seq
     print(f"model: tiny-llama {CONFIG['d_model']}d x {CONFIG['n_layers']} layers, batch 2 x {T} tokens, one thread per process")
     runs = {"one process (SDPA)": [], "cp=1 (ring code)": [], "cp=2 (2 gloo procs)": []}
+    cpus = {name: [] for name in runs}
     for _ in range(args.repeat):
-        runs["one process (SDPA)"].append(_steps(0, 1, T, args.steps, False))
-        runs["cp=1 (ring code)"].append(max(run_ranks(1, _steps, T, args.steps, True)))
-        runs["cp=2 (2 gloo procs)"].append(max(run_ranks(2, _steps, T, args.steps, True)))
+        for name, (world, ring) in zip(runs, ((0, False), (1, True), (2, True))):
+            res = [_steps(0, 1, T, args.steps, False)] if world == 0 else run_ranks(world, _steps, T, args.steps, ring)
+            runs[name].append(max(r[0] for r in res))  # the slowest rank's wall time
+            cpus[name].append(max(r[1] for r in res))  # CPU seconds of the busiest rank (gloo's threads included)
     base = statistics.median(runs["one process (SDPA)"])
-    print(f"{'layout':<22} {'s/step median':>14} {'spread':>18} {'tokens/s':>10} {'ratio':>7}")
+    print(f"{'layout':<22} {'s/step median':>14} {'spread':>18} {'tokens/s':>10} {'ratio':>7} {'CPU s/step/rank':>16}")
     for name, ts in runs.items():
         med = statistics.median(ts)
-        print(f"{name:<22} {med:>14.3f} {min(ts):>8.3f}-{max(ts):<8.3f} {2 * T / med:>10.0f} {base / med:>7.2f}")
+        print(f"{name:<22} {med:>14.3f} {min(ts):>8.3f}-{max(ts):<8.3f} {2 * T / med:>10.0f} {base / med:>7.2f} "
+              f"{statistics.median(cpus[name]):>16.3f}")
 
     seqs = [int(s) for s in args.mem_seqs.split(",")]
     one = _memory(0, 1, seqs, False)
