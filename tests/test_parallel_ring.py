@@ -187,35 +187,43 @@ def _train(model_key, docs, steps, cp=None, hooks=False):
     return losses, first_grads
 
 
-def _train_cp(rank, world, model_key, docs, steps, hooks=False):
+# (model, packed documents, through apply_context_parallel's hooks with activation checkpointing)
+TRAIN_CASES = [("llama", False, False), ("llama", True, False), ("gemma3", False, False), ("gemma3", True, True)]
+
+
+def _train_cp(rank, world, steps):
+    """Every training case in one pair of processes (one spawn for the lot)."""
     from evolm.parallel.context import ContextParallel
 
-    if hooks:
-        losses, grads = _train(model_key, docs, steps, hooks=True)
-        return losses, {n: g.numpy() for n, g in grads.items()}
     cp = ContextParallel()
     x = torch.arange(2 * 32 * 3).view(2, 32, 3)
     assert torch.equal(cp.gather(cp.shard(x)), x)  # shard -> gather is the identity
-    losses, grads = _train(model_key, docs, steps, cp)
-    return losses, {n: g.numpy() for n, g in grads.items()}  # tensors would travel as shared memory handles
+    out = {}
+    for key, docs, hooks in TRAIN_CASES:
+        losses, grads = _train(key, docs, steps, hooks=True) if hooks else _train(key, docs, steps, cp)
+        out[key, docs, hooks] = losses, {n: g.numpy() for n, g in grads.items()}  # not shared-memory tensors
+    return out
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model_key,docs,hooks", [("llama", False, False), ("llama", True, False),
-                                                  ("gemma3", False, False), ("gemma3", True, True)])
-def test_cp2_training_equals_one_process(model_key, docs, hooks):
+def test_cp2_training_equals_one_process():
     """5 AdamW steps: the cp = 2 losses equal the one-process ones within 1e-5 relative, and the
-    first step's gradients (summed over the group) equal the one-process gradients. ``hooks``: the
-    model called as one process would call it, sharded by apply_context_parallel's hooks, with
-    activation checkpointing (the blocks recompute their ring attention in the backward)."""
+    first step's gradients (summed over the group) equal the one-process gradients, for a
+    Llama-style model (GQA), the same on packed documents, and a Gemma 3-style one (windows shorter
+    than a chunk, sandwich norms); the last case calls the model as one process would, sharded by
+    apply_context_parallel's hooks, with activation checkpointing (the blocks recompute their ring
+    attention in the backward)."""
     steps = 5
-    ref_losses, ref_grads = _train(model_key, docs, steps)
-    results = run_ranks(2, _train_cp, model_key, docs, steps, hooks)
-    for losses, grads in results:
-        rel = max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses))
-        assert rel < 1e-5, (losses, ref_losses)
-        worst = max(((torch.from_numpy(grads[n]) - g).abs().max() / g.abs().max().clamp(min=1e-12)).item() for n, g in ref_grads.items())
-        assert worst < 1e-5, worst
+    results = run_ranks(2, _train_cp, steps)
+    for case in TRAIN_CASES:
+        ref_losses, ref_grads = _train(case[0], case[1], steps)
+        for r in results:
+            losses, grads = r[case]
+            rel = max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses))
+            assert rel < 1e-5, (case, losses, ref_losses)
+            worst = max(((torch.from_numpy(grads[n]) - g).abs().max() / g.abs().max().clamp(min=1e-12)).item()
+                        for n, g in ref_grads.items())
+            assert worst < 1e-5, (case, worst)
 
 
 def test_context_parallel_refuses_what_it_cannot_shard():
