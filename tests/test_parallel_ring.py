@@ -136,6 +136,13 @@ MODELS = {
     "llama": ("tiny-llama", dict(TINY, n_layers=2)),
     # sliding windows shorter than a zigzag chunk pair on 5 of 6 layers, sandwich norms, local RoPE base
     "gemma3": ("tiny-gemma3", dict(TINY, n_layers=6, sliding_window=6, query_pre_attn_scalar=8)),
+    # MLA (value heads narrower than the queries': the ring's matmul path) + routed and shared experts
+    # with sigmoid routing over expert groups, in float64: in float32 the fifth step's loss differed by
+    # 1.2e-5 (steps 1-4 <= 8.8e-7, first gradients 9e-7); in float64 every step <= 7.1e-7 (the fused
+    # loss sums in float32). Qwen3-MoE: softmax top-2 routing, no auxiliary loss (it would be
+    # computed over each rank's tokens: with moe_aux_loss_coef=0.01 the losses differ by 5.6e-3)
+    "deepseek": ("tiny-deepseek", dict(vocab_size=97, n_layers=2, d_ff=96, max_seq_len=64), torch.float64),
+    "qwen3_moe": ("tiny-qwen3-moe", dict(vocab_size=97, n_layers=2, max_seq_len=64)),
 }
 
 
@@ -155,9 +162,9 @@ def _train(model_key, docs, steps, cp=None, hooks=False):
     from evolm.presets import get_preset
     from evolm.model import build
 
-    preset, over = MODELS[model_key]
+    preset, over, *dtype = MODELS[model_key]
     torch.manual_seed(0)
-    model = build(get_preset(preset, **over))
+    model = build(get_preset(preset, **over), dtype=dtype[0] if dtype else None)
     if hooks:
         from evolm.parallel.context import apply_context_parallel
         from evolm.train.parallel import apply_activation_checkpointing
@@ -188,7 +195,8 @@ def _train(model_key, docs, steps, cp=None, hooks=False):
 
 
 # (model, packed documents, through apply_context_parallel's hooks with activation checkpointing)
-TRAIN_CASES = [("llama", False, False), ("llama", True, False), ("gemma3", False, False), ("gemma3", True, True)]
+TRAIN_CASES = [("llama", False, False), ("llama", True, False), ("gemma3", False, False), ("gemma3", True, True),
+               ("deepseek", False, False), ("qwen3_moe", True, False)]
 
 
 def _train_cp(rank, world, steps):
@@ -209,8 +217,8 @@ def _train_cp(rank, world, steps):
 def test_cp2_training_equals_one_process():
     """5 AdamW steps: the cp = 2 losses equal the one-process ones within 1e-5 relative, and the
     first step's gradients (summed over the group) equal the one-process gradients, for a
-    Llama-style model (GQA), the same on packed documents, and a Gemma 3-style one (windows shorter
-    than a chunk, sandwich norms); the last case calls the model as one process would, sharded by
+    Llama-style model (GQA), the same on packed documents, a Gemma 3-style one (windows shorter
+    than a chunk, sandwich norms), DeepSeek-style (MLA + MoE) and Qwen3-MoE-style; one case calls the model as one process would, sharded by
     apply_context_parallel's hooks, with activation checkpointing (the blocks recompute their ring
     attention in the backward)."""
     steps = 5
