@@ -227,11 +227,10 @@ def _plan(spec: RingSpec, rank: int, src: int, docs: bool) -> list[_Block]:
     return blocks
 
 
-def _block_mask(spec: RingSpec, rank: int, src: int, b: _Block, doc_q, doc_k) -> torch.Tensor | None:
+def _block_mask(spec: RingSpec, rank: int, src: int, b: _Block, doc_q, doc_k, device) -> torch.Tensor | None:
     """(B or 1, 1, Tq, Tk) bool: the block's visible pairs, from slots (nn/masks.py's rules) and documents."""
     if not b.masked:
         return None
-    device = doc_q.device if doc_q is not None else None
     qs = spec.layout.slots(rank, device)[b.q]
     ks = spec.layout.slots(src, device)[b.k]
     mask = attention_mask(qs, ks, None, spec.window, None, "causal" if spec.causal else "bidirectional")
@@ -351,7 +350,7 @@ def _flash_backward(q, k, v, dout, out, lse, mask, scale):
     return dq, dk, dv
 
 
-def _count(spec: RingSpec, b: _Block, mask, B: int) -> None:
+def _count(spec: RingSpec, b: _Block, mask) -> None:
     if spec.stats is None:
         return
     spec.stats["blocks"] = spec.stats.get("blocks", 0) + b.pairs
@@ -382,8 +381,8 @@ class _RingAttention(torch.autograd.Function):
             kb, vb = held[0], held[1]
             doc_k = held[2] if doc_ids is not None else None
             for b in _plan(spec, ring.rank, src, doc_ids is not None):
-                mask = _block_mask(spec, ring.rank, src, b, doc_ids, doc_k)
-                _count(spec, b, mask, B)
+                mask = _block_mask(spec, ring.rank, src, b, doc_ids, doc_k, q.device)
+                _count(spec, b, mask)
                 if flash:
                     o_b, lse_b = _flash_forward(q[:, :, b.q], kb[:, :, b.k], vb[:, :, b.k], mask, spec.scale, acc)
                 else:
@@ -415,7 +414,7 @@ class _RingAttention(torch.autograd.Function):
             doc_k = held[2] if doc_ids is not None else None
             dk, dv = grads
             for b in _plan(spec, ring.rank, src, doc_ids is not None):
-                mask = _block_mask(spec, ring.rank, src, b, doc_ids, doc_k)
+                mask = _block_mask(spec, ring.rank, src, b, doc_ids, doc_k, q.device)
                 if flash:
                     dq_b, dk_b, dv_b = _flash_backward(q[:, :, b.q], kb[:, :, b.k], vb[:, :, b.k], dout[:, :, b.q],
                                                        out[:, :, b.q], lse[:, :, b.q], mask, spec.scale)
