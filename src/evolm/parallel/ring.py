@@ -120,6 +120,7 @@ class RingSpec:
     window: int | None = None     # sliding window in slots (causal: i - j < window; bidirectional: |i - j| <= window // 2)
     causal: bool = True
     stats: dict | None = None     # when given: counts of computed chunk pairs and query-key pairs (load balance)
+    kernel: str = "auto"          # per-block kernel: "flash" (torch's fused CPU kernel), "math" (matmuls), "auto"
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: RingSpec,
@@ -226,11 +227,10 @@ def _plan(spec: RingSpec, rank: int, src: int, docs: bool) -> list[_Block]:
     return blocks
 
 
-def _block_mask(spec: RingSpec, rank: int, src: int, b: _Block, doc_q, doc_k) -> torch.Tensor | None:
+def _block_mask(spec: RingSpec, rank: int, src: int, b: _Block, doc_q, doc_k, device) -> torch.Tensor | None:
     """(B or 1, 1, Tq, Tk) bool: the block's visible pairs, from slots (nn/masks.py's rules) and documents."""
     if not b.masked:
         return None
-    device = doc_q.device if doc_q is not None else None
     qs = spec.layout.slots(rank, device)[b.q]
     ks = spec.layout.slots(src, device)[b.k]
     mask = attention_mask(qs, ks, None, spec.window, None, "causal" if spec.causal else "bidirectional")
@@ -301,7 +301,56 @@ def _block_backward(q, k, v, dout, lse, delta, mask, scale, softcap, acc):
     return dq, dk, dv
 
 
-def _count(spec: RingSpec, b: _Block, mask, B: int) -> None:
+# torch's fused CPU attention (the kernel F.scaled_dot_product_attention runs on CPU), called directly
+# because it also returns the log-sum-exp the merge needs, and its backward takes the final output and
+# lse, so it computes a block's exact share of the gradients (as torch's own context_parallel does
+# with the CUDA kernels)
+_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_FLASH_BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+
+
+def _use_flash(spec: RingSpec, q, v) -> bool:
+    """The fused kernel where it applies (CPU, no soft-capping: it never sees the raw scores, equal
+    q/v head sizes); the matmul path elsewhere (``kernel="math"``: always)."""
+    if spec.kernel not in ("auto", "flash", "math"):
+        raise ValueError(f"ring attention kernel {spec.kernel!r}: expected auto, flash or math")
+    ok = _FLASH is not None and q.device.type == "cpu" and spec.softcap is None and v.shape[-1] == q.shape[-1]
+    if spec.kernel == "flash" and not ok:
+        raise ValueError("ring attention kernel 'flash' needs CPU tensors, no softcap and equal q/v head sizes")
+    return ok and spec.kernel != "math"
+
+
+def _heads(t, G):
+    """Key/value heads repeated for the G query heads of each group (the fused kernel wants equal counts)."""
+    return t if G == 1 else t.repeat_interleave(G, dim=1)
+
+
+def _bias(mask, dtype):
+    return None if mask is None else \
+        torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
+def _flash_forward(q, k, v, mask, scale, acc):
+    G = q.shape[1] // k.shape[1]
+    out, lse = _FLASH(q, _heads(k, G), _heads(v, G), 0.0, False, attn_mask=_bias(mask, q.dtype), scale=scale)
+    lse = lse.to(acc)
+    if mask is not None:  # the kernel gives a row that sees no key of this block lse 0: it must weigh nothing
+        lse = lse.masked_fill(~mask.any(-1), float("-inf"))
+    return out.to(acc), lse
+
+
+def _flash_backward(q, k, v, dout, out, lse, mask, scale):
+    B, H, _, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    G = H // Hkv
+    dq, dk, dv = _FLASH_BWD(dout.to(q.dtype), q, _heads(k, G), _heads(v, G), out.to(q.dtype), _finite(lse), 0.0,
+                            False, attn_mask=_bias(mask, q.dtype), scale=scale)
+    if G > 1:  # the repeated heads' gradients summed back onto their key/value head
+        dk, dv = dk.view(B, Hkv, G, Tk, D).sum(2), dv.view(B, Hkv, G, Tk, -1).sum(2)
+    return dq, dk, dv
+
+
+def _count(spec: RingSpec, b: _Block, mask) -> None:
     if spec.stats is None:
         return
     spec.stats["blocks"] = spec.stats.get("blocks", 0) + b.pairs
@@ -325,16 +374,20 @@ class _RingAttention(torch.autograd.Function):
         out = torch.zeros(B, H, n, v.shape[-1], dtype=acc, device=q.device)
         lse = torch.full((B, H, n), float("-inf"), dtype=acc, device=q.device)
         held = [k, v] + ([doc_ids.contiguous()] if doc_ids is not None else [])
+        flash = _use_flash(spec, q, v)
         for step in range(ring.world):
             src = (ring.rank - step) % ring.world
             nxt = ring.shift(held) if step < ring.world - 1 else None  # the next block travels while this one computes
             kb, vb = held[0], held[1]
             doc_k = held[2] if doc_ids is not None else None
             for b in _plan(spec, ring.rank, src, doc_ids is not None):
-                mask = _block_mask(spec, ring.rank, src, b, doc_ids, doc_k)
-                _count(spec, b, mask, B)
-                o_b, lse_b = _block_forward(q[:, :, b.q], kb[:, :, b.k], vb[:, :, b.k], mask, spec.scale,
-                                            spec.softcap, acc)
+                mask = _block_mask(spec, ring.rank, src, b, doc_ids, doc_k, q.device)
+                _count(spec, b, mask)
+                if flash:
+                    o_b, lse_b = _flash_forward(q[:, :, b.q], kb[:, :, b.k], vb[:, :, b.k], mask, spec.scale, acc)
+                else:
+                    o_b, lse_b = _block_forward(q[:, :, b.q], kb[:, :, b.k], vb[:, :, b.k], mask, spec.scale,
+                                                spec.softcap, acc)
                 _merge(out[:, :, b.q], lse[:, :, b.q], o_b, lse_b)
             if nxt is not None:
                 held = nxt.wait()
@@ -349,7 +402,8 @@ class _RingAttention(torch.autograd.Function):
         ring = _Ring(spec.group)
         acc = out.dtype
         dout = dout.to(acc)
-        delta = (dout * out).sum(-1)  # (B, H, n): the softmax backward's row term
+        delta = (dout * out).sum(-1)  # (B, H, n): the softmax backward's row term (math path)
+        flash = _use_flash(spec, q, v)
         dq = torch.zeros(q.shape, dtype=acc, device=q.device)
         held = [k, v] + ([doc_ids] if doc_ids is not None else [])
         grads = [torch.zeros(k.shape, dtype=acc, device=k.device), torch.zeros(v.shape, dtype=acc, device=v.device)]
@@ -360,10 +414,14 @@ class _RingAttention(torch.autograd.Function):
             doc_k = held[2] if doc_ids is not None else None
             dk, dv = grads
             for b in _plan(spec, ring.rank, src, doc_ids is not None):
-                mask = _block_mask(spec, ring.rank, src, b, doc_ids, doc_k)
-                dq_b, dk_b, dv_b = _block_backward(q[:, :, b.q], kb[:, :, b.k], vb[:, :, b.k], dout[:, :, b.q],
-                                                   lse[:, :, b.q], delta[:, :, b.q], mask, spec.scale,
-                                                   spec.softcap, acc)
+                mask = _block_mask(spec, ring.rank, src, b, doc_ids, doc_k, q.device)
+                if flash:
+                    dq_b, dk_b, dv_b = _flash_backward(q[:, :, b.q], kb[:, :, b.k], vb[:, :, b.k], dout[:, :, b.q],
+                                                       out[:, :, b.q], lse[:, :, b.q], mask, spec.scale)
+                else:
+                    dq_b, dk_b, dv_b = _block_backward(q[:, :, b.q], kb[:, :, b.k], vb[:, :, b.k], dout[:, :, b.q],
+                                                       lse[:, :, b.q], delta[:, :, b.q], mask, spec.scale,
+                                                       spec.softcap, acc)
                 dq[:, :, b.q] += dq_b
                 dk[:, :, b.k] += dk_b
                 dv[:, :, b.k] += dv_b
