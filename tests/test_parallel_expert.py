@@ -311,3 +311,38 @@ def test_experts_must_divide_by_ep():
     with pytest.raises(ValueError, match=r"n_experts=6 does not divide by ep=4.*\[1, 2, 3, 6\]"):
         expert_range(6, 4, 0)
     assert expert_range(8, 4, 3) == range(6, 8)
+
+
+# --- end to end: torchrun -m evolm.cli pretrain --ep 2 equals the single-process run -------------
+from test_train import _losses, _recipe_dict, _torchrun, corpus  # noqa: E402,F401  (fixture)
+
+
+@pytest.mark.slow
+def test_torchrun_pretrain_ep2_equals_single_process(corpus, tmp_path):  # noqa: F811
+    """tests/test_train.py's recipe (two stages, accumulation, clipping, eval, checkpoints) on a tiny
+    DeepSeek-style model (MLA, sigmoid router + bias, a shared expert): two ranks of one sequence
+    per micro-batch under ``--ep 2`` (FSDP2 for the dense rest) against one process reading both
+    ranks' sequences as one micro-batch of two; the final model file holds all experts."""
+    import yaml
+    from safetensors.torch import load_file
+
+    from evolm.train.pretrain import pretrain
+    from evolm.train.recipe import recipe_from_dict
+
+    data = corpus
+    model = {"preset": "tiny-deepseek", "overrides": {"vocab_size": "tokenizer", "rope_scaling": None,
+             "max_seq_len": 64, "d_model": 32, "n_layers": 2, "n_heads": 2, "q_lora_rank": 24, "kv_lora_rank": 16,
+             "moe_d_ff": 16, "d_ff": 64}}
+    single = _recipe_dict(data, micro_batch=2, sample_prompts=[])
+    pretrain(recipe_from_dict({**single, "model": model}), out_dir=str(tmp_path / "single"), log=lambda s: None)
+    recipe_path = tmp_path / "r.yaml"
+    recipe_path.write_text(yaml.safe_dump({**_recipe_dict(data, micro_batch=1, sample_prompts=[]), "model": model}))
+    _torchrun(recipe_path, tmp_path / "ep", "--ep", "2")
+    a, b = _losses(tmp_path / "single"), _losses(tmp_path / "ep")
+    assert len(a) == len(b) == 10
+    rel = max(abs(x - y) / abs(x) for x, y in zip(a, b))
+    print(f"torchrun pretrain --ep 2 vs one process: max rel loss diff {rel:.2e}")
+    assert rel < 1e-5
+    got, want = load_file(tmp_path / "ep" / "model.safetensors"), load_file(tmp_path / "single" / "model.safetensors")
+    assert set(got) == set(want) and got["layers.1.mlp.experts.gate_up_proj"].shape[0] == 8
+
