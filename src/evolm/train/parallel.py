@@ -92,8 +92,10 @@ def full_state_dicts(model, optimizer, mode) -> tuple[dict, dict]:
     from evolm.parallel.expert import gather_optimizer_state
 
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    osd = gather_optimizer_state(model, optimizer, get_optimizer_state_dict(model, optimizer, options=opts))
-    return get_model_state_dict(model, options=opts), osd
+    # the model's first: its state_dict hooks reshard FSDP2's root parameters, which an evaluation
+    # forward leaves unsharded (the optimizer's FQN mapping reads the sharded ones)
+    msd = get_model_state_dict(model, options=opts)
+    return msd, gather_optimizer_state(model, optimizer, get_optimizer_state_dict(model, optimizer, options=opts))
 
 
 def load_optimizer_state(model, optimizer, optim_sd: dict, mode) -> None:
