@@ -9,11 +9,12 @@ on ``rows / ep`` sequences of the same global batch. Printed: tokens/s of each a
 ranks by the dispatch and combine all-to-alls (forward; the backward sends the same again) and
 the per-expert counts, next to the formula
 
-    bytes(forward) = 2 * rows_away * d_model * 4  +  (ep - 1) * E / ep * 8     per MoE layer,
+    bytes(forward) = (rows_out + rows_in) * d_model * 4  +  (ep - 1) * E / ep * 8     per MoE layer,
 
-where ``rows_away`` is the number of (token, expert) pairs whose expert lives on another rank,
-measured from the routing; with a balanced router its expectation is ``N k (ep - 1) / ep`` for
-``N`` local tokens and top-``k`` routing.
+where ``rows_out`` is the number of this rank's (token, expert) pairs whose expert lives on another
+rank (dispatch) and ``rows_in`` the other ranks' pairs routed to this rank's experts (their results
+go back: combine), both counted from the routing; with a balanced router each has the expectation
+``N k (ep - 1) / ep`` for ``N`` tokens per rank and top-``k`` routing.
 
     python benchmarks/expert.py [--ep 2] [--layers 4] [--d-model 128] [--experts 8] [--seq 128]
                                 [--rows 8] [--steps 4] [--repeat 3]
@@ -97,8 +98,13 @@ def _ranked(rank: int, world: int, a):
         torch.distributed.barrier()
         times.append(time.perf_counter() - t0)
         sent.append(sum(sum(m.experts.ep.sent.values()) for m in layers))
-        away = sum(int(m.expert_counts.sum() - m.expert_counts[mine.start:mine.stop].sum()) for m in layers)
-        formula.append(2 * away * a.d_model * 4 + len(layers) * (world - 1) * len(mine) * 8)
+        rows = 0  # pairs this rank sends away (dispatch) + pairs the others sent it (their combine comes back)
+        for m in layers:
+            counts = [torch.empty_like(m.expert_counts) for _ in range(world)]
+            torch.distributed.all_gather(counts, m.expert_counts)
+            rows += int(counts[rank].sum() - counts[rank][mine.start:mine.stop].sum())
+            rows += sum(int(c[mine.start:mine.stop].sum()) for s, c in enumerate(counts) if s != rank)
+        formula.append(rows * a.d_model * 4 + len(layers) * (world - 1) * len(mine) * 8)
     return a.rows * a.seq * len(times[1:]) / sum(times[1:]), sent[1:], formula[1:]
 
 

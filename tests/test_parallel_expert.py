@@ -208,8 +208,12 @@ def _model(family: str):
     return build(ModelConfig(**_tiny_model(family)))
 
 
-def _train(model, net, rows: slice, clip, world: int) -> tuple[list[float], dict]:
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+def _optimizer(model):
+    return torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+
+
+def _train(model, net, rows: slice, clip, world: int) -> tuple[list[float], dict, object]:
+    opt = _optimizer(model)
     losses, first = [], None
     for step in range(STEPS):
         b = _batch(step)[rows]
@@ -225,11 +229,15 @@ def _train(model, net, rows: slice, clip, world: int) -> tuple[list[float], dict
         if world > 1:
             dist.all_reduce(t)
         losses.append(float(t) / world)
-    return losses, first
+    return losses, first, opt
 
 
-def _model_worker(rank: int, world: int, runs: list[tuple[str, str]]) -> dict:
-    """``runs``: (family, mode) pairs; mode ``ep`` (ep = world, DDP for the rest) or ``fsdp`` (fsdp x ep)."""
+def _model_worker(rank: int, world: int, runs: list[tuple[str, str]], ckpt: str | None = None) -> dict:
+    """``runs``: (family, mode) pairs; mode ``ep`` (ep = world, DDP for the rest) or ``fsdp`` (fsdp x ep).
+    ``ckpt``: a folder where the first run also writes a sharded (DCP) checkpoint."""
+    from evolm.parallel import checkpoint
+    from evolm.train.parallel import full_state_dicts
+
     out = {}
     for family, mode in runs:
         model = _model(family)
@@ -243,7 +251,12 @@ def _model_worker(rank: int, world: int, runs: list[tuple[str, str]]) -> dict:
             mesh = layout.build_mesh("cpu")
             net = parallelize(model, layout, mesh)
         per = GLOBAL_B // world
-        losses, first = _train(model, net, slice(rank * per, (rank + 1) * per), clip_grad_norm_, world)
+        losses, first, opt = _train(model, net, slice(rank * per, (rank + 1) * per), clip_grad_norm_, world)
+        if ckpt is not None and not out:  # DCP: every rank writes its experts' rows (weights and moments)
+            checkpoint.save(net, opt, f"{ckpt}/dcp", progress={}, rank_state={}, rank=rank, world=world)
+            _, osd = full_state_dicts(net, opt, True)  # the trainer's gathered checkpoint
+            if rank == 0:
+                out["full_optim"] = {n: v["exp_avg"] for n, v in osd["state"].items() if ".mlp.experts." in n}
         grads = {}
         for n, g in first.items():
             if hasattr(g, "full_tensor"):
@@ -259,7 +272,7 @@ def _model_worker(rank: int, world: int, runs: list[tuple[str, str]]) -> dict:
 
 def _single_run(family: str) -> tuple[list[float], dict, object]:
     model = _model(family)
-    losses, first = _train(model, model, slice(None), torch.nn.utils.clip_grad_norm_, 1)
+    losses, first, opt = _train(model, model, slice(None), torch.nn.utils.clip_grad_norm_, 1)
     return losses, first, model
 
 
@@ -288,9 +301,24 @@ def _check_model_runs(ranks, runs):
             assert all(b.abs().max() > 0 for b in bias)
 
 
-def test_ep2_training_equals_one_process():
+def test_ep2_training_equals_one_process(tmp_path):
     runs = [(f, "ep") for f in ("deepseek", "qwen3_moe", "mixtral")]
-    _check_model_runs(_ranks(2, _model_worker, runs), runs)
+    ranks = _ranks(2, _model_worker, runs, str(tmp_path))
+    _check_model_runs(ranks, runs)
+    # the sharded checkpoint written under ep=2 loads into one process: weights and AdamW moments
+    # whole, equal to the gathered ones; the trainer's full checkpoint gathers the moments too
+    from evolm.parallel import checkpoint
+
+    model = build(ModelConfig(**_tiny_model("deepseek")))
+    opt = _optimizer(model)
+    checkpoint.load(model, opt, tmp_path / "dcp")
+    for k, v in ranks[0]["deepseek/ep"]["state"].items():
+        assert torch.equal(model.state_dict()[k], v), k
+    full = ranks[0]["full_optim"]
+    assert full and all(v.shape[0] == 8 for v in full.values())
+    named = dict(model.named_parameters())
+    for n, v in full.items():
+        assert torch.equal(opt.state[named[n]]["exp_avg"], v), n
 
 
 def _four_worker(rank: int, world: int, runs) -> dict:
@@ -311,3 +339,49 @@ def test_experts_must_divide_by_ep():
     with pytest.raises(ValueError, match=r"n_experts=6 does not divide by ep=4.*\[1, 2, 3, 6\]"):
         expert_range(6, 4, 0)
     assert expert_range(8, 4, 3) == range(6, 8)
+
+
+# --- end to end: torchrun -m evolm.cli pretrain --ep 2 equals the single-process run -------------
+from test_train import _losses, _recipe_dict, _torchrun, corpus  # noqa: E402,F401  (fixture)
+
+
+@pytest.mark.slow
+def test_torchrun_pretrain_ep2_equals_single_process(corpus, tmp_path):  # noqa: F811
+    """tests/test_train.py's recipe (two stages, accumulation, clipping, eval, checkpoints) on a tiny
+    DeepSeek-style model (MLA, sigmoid router + bias, a shared expert): two ranks of one sequence
+    per micro-batch under ``--ep 2`` (FSDP2 for the dense rest) against one process reading both
+    ranks' sequences as one micro-batch of two; the final model file holds all experts; a resume
+    from the last-but-one checkpoint ends bit for bit where the uninterrupted run did."""
+    import yaml
+    from safetensors.torch import load_file
+
+    from evolm.train.pretrain import pretrain
+    from evolm.train.recipe import recipe_from_dict
+
+    data = corpus
+    model = {"preset": "tiny-deepseek", "overrides": {"vocab_size": "tokenizer", "rope_scaling": None,
+             "max_seq_len": 64, "d_model": 32, "n_layers": 2, "n_heads": 2, "q_lora_rank": 24, "kv_lora_rank": 16,
+             "moe_d_ff": 16, "d_ff": 64}}
+    single = _recipe_dict(data, micro_batch=2, sample_prompts=[])
+    pretrain(recipe_from_dict({**single, "model": model}), out_dir=str(tmp_path / "single"), log=lambda s: None)
+    recipe_path = tmp_path / "r.yaml"
+    recipe_path.write_text(yaml.safe_dump({**_recipe_dict(data, micro_batch=1, sample_prompts=[]), "model": model}))
+    _torchrun(recipe_path, tmp_path / "ep", "--ep", "2")
+    a, b = _losses(tmp_path / "single"), _losses(tmp_path / "ep")
+    assert len(a) == len(b) == 10
+    rel = max(abs(x - y) / abs(x) for x, y in zip(a, b))
+    print(f"torchrun pretrain --ep 2 vs one process: max rel loss diff {rel:.2e}")
+    assert rel < 1e-5
+    got, want = load_file(tmp_path / "ep" / "model.safetensors"), load_file(tmp_path / "single" / "model.safetensors")
+    assert set(got) == set(want) and got["layers.1.mlp.experts.gate_up_proj"].shape[0] == 8
+    # resume under ep from the last-but-one checkpoint (the experts' weights and AdamW moments
+    # gathered, then split again): the last step and the final model come out bit for bit
+    import shutil
+
+    shutil.copytree(tmp_path / "ep", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step_0000010")
+    _torchrun(recipe_path, tmp_path / "resumed", "--ep", "2", "--resume")
+    assert _losses(tmp_path / "resumed")[-1] == b[-1]
+    again = load_file(tmp_path / "resumed" / "model.safetensors")
+    assert all(torch.equal(again[k], got[k]) for k in got)
+

@@ -86,8 +86,11 @@ def split_state(net, optimizer, partial: bool = False) -> tuple[dict[str, dict],
     betas ... per parameter) kept in ``trainer.pt``. An optimizer that has not stepped yet gets
     its state created by a step with zero gradients and zero LR (torch's ``_init_optim_state``),
     which leaves the parameters unchanged; the load then overwrites it."""
+    from evolm.parallel.expert import shard_optimizer_state
+
     msd, osd = get_state_dict(net, optimizer, options=_options(partial))
-    tensors = {"model": msd, "optim": {k: v for k, v in osd.items() if isinstance(v, torch.Tensor)}}
+    optim = shard_optimizer_state(net, {k: v for k, v in osd.items() if isinstance(v, torch.Tensor)})  # ep
+    tensors = {"model": msd, "optim": optim}
     return tensors, {k: v for k, v in osd.items() if not isinstance(v, torch.Tensor)}
 
 
@@ -181,6 +184,8 @@ def _barrier(world: int) -> None:
 def load(net, optimizer, folder: str | os.PathLike, *, partial: bool = False) -> None:
     """Load a step folder's model and optimizer state into ``net`` / ``optimizer`` as they are
     laid out now (any layout; a collective when a process group is up)."""
+    from evolm.parallel.expert import local_optimizer_state
+
     folder = Path(folder)
     plain = load_trainer_state(str(folder)).get("optimizer_plain")
     if plain is None:
@@ -188,6 +193,7 @@ def load(net, optimizer, folder: str | os.PathLike, *, partial: bool = False) ->
     tensors, now = split_state(net, optimizer, partial)
     _check_same_names(folder, plain, tensors, now)
     _load_tensors(tensors, folder / SHARDS, no_dist=not dist.is_initialized())
+    local_optimizer_state(net, tensors["optim"])  # ep: the experts' moments back to this rank's rows
     mine = {k: v for k, v in plain.items() if k in now}  # this rank's parameters (a pipeline stage: some)
     set_state_dict(net, optimizer, model_state_dict=tensors["model"], optim_state_dict={**tensors["optim"], **mine},
                    options=_options(partial, strict=not partial))

@@ -139,6 +139,7 @@ def _shard_weights(experts, shard: ExpertShard, divide: float) -> None:
         full = getattr(experts, name)
         local = torch.nn.Parameter(full.detach()[rows.start:rows.stop].clone(), requires_grad=full.requires_grad)
         local.ep_group = shard.group  # read by clip_grad_norm_
+        local.ep_shard = shard  # read by the optimizer-state helpers
         if local.requires_grad:
             local.register_hook(partial(_grad_hook, shard.replica_group, divide))
         setattr(experts, name, local)
@@ -202,9 +203,7 @@ def _state_dict_hook(shard: ExpertShard, module, state_dict, prefix, local_metad
         t = state_dict.get(key)
         if t is None or isinstance(t, DTensor):
             continue
-        shape = torch.Size((shard.n_experts, *t.shape[1:]))
-        state_dict[key] = DTensor.from_local(t, shard.mesh, [Shard(0)], run_check=False, shape=shape,
-                                             stride=torch.empty(shape, device="meta").stride())
+        state_dict[key] = _as_dtensor(t, shard)
 
 
 def _load_hook(shard: ExpertShard, module, state_dict, prefix, local_metadata, strict, missing, unexpected,
@@ -226,6 +225,69 @@ def _load_hook(shard: ExpertShard, module, state_dict, prefix, local_metadata, s
             state_dict[key] = t[rows.start:rows.stop]
         elif t.shape[0] != len(rows):
             errors.append(f"{key}: expected {shard.n_experts} experts (or this rank's {len(rows)}), got {t.shape[0]}")
+
+
+def _as_dtensor(t: torch.Tensor, shard: ExpertShard) -> DTensor:
+    shape = torch.Size((shard.n_experts, *t.shape[1:]))
+    return DTensor.from_local(t, shard.mesh, [Shard(0)], run_check=False, shape=shape,
+                              stride=torch.empty(shape, device="meta").stride())
+
+
+def _expert_names(model) -> dict[str, torch.nn.Parameter]:
+    """Plain parameter names (no DDP ``module.`` prefix) of the split expert weights."""
+    inner = getattr(model, "module", model)
+    return {n: p for n, p in inner.named_parameters() if hasattr(p, "ep_shard")}
+
+
+def _is_rows(v, shard: ExpertShard) -> bool:
+    return isinstance(v, torch.Tensor) and not isinstance(v, DTensor) and v.dim() > 0 \
+        and v.shape[0] == len(shard.experts)
+
+
+def shard_optimizer_state(model, flat: dict) -> dict:
+    """A flattened optimizer state (``state.<param>.exp_avg`` ..., as DCP's ``get_state_dict``
+    gives it) with the split experts' moments as DTensors ``Shard(0)`` over ep - the placement of
+    the weights themselves - sharing this rank's storage, so DCP saves every rank's rows and a
+    load into them fills the optimizer's own tensors. Other entries unchanged."""
+    for name, p in _expert_names(model).items():
+        for key in [k for k in flat if k.startswith(f"state.{name}.")]:
+            if _is_rows(flat[key], p.ep_shard):
+                flat[key] = _as_dtensor(flat[key], p.ep_shard)
+    return flat
+
+
+def local_optimizer_state(model, state: dict) -> dict:
+    """The inverse for loading: expert moments given as DTensors or full ``(E, ...)`` tensors ->
+    this rank's rows. Takes the flattened form or torch's nested ``{"state": {param: {...}}}``."""
+    names = _expert_names(model)
+    nested = isinstance(state.get("state"), dict)
+    for name, p in names.items():
+        rows = p.ep_shard.experts
+        entries = state["state"].get(name, {}) if nested else \
+            {k: state[k] for k in state if k.startswith(f"state.{name}.")}
+        for k, v in list(entries.items()):
+            if isinstance(v, DTensor):
+                v = v.to_local() if v.device_mesh == p.ep_shard.mesh and tuple(v.placements) == (Shard(0),) \
+                    else v.full_tensor()[rows.start:rows.stop]
+            elif isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == p.ep_shard.n_experts:
+                v = v[rows.start:rows.stop]
+            if nested:
+                state["state"][name][k] = v
+            else:
+                state[k] = v
+    return state
+
+
+def gather_optimizer_state(model, optimizer, state: dict) -> dict:
+    """Put the split experts' full moments (gathered from every ep rank: a collective) into a
+    full optimizer state dict (torch's nested form, keyed by parameter name, as
+    ``get_optimizer_state_dict(full_state_dict=True)`` gives; possibly empty off rank 0)."""
+    for name, p in _expert_names(model).items():
+        full = {k: _as_dtensor(v, p.ep_shard).full_tensor() for k, v in optimizer.state.get(p, {}).items()
+                if _is_rows(v, p.ep_shard)}
+        if name in state.get("state", {}):
+            state["state"][name].update({k: v.to(state["state"][name][k].device) for k, v in full.items()})
+    return state
 
 
 def full_state_dict(model) -> dict[str, torch.Tensor]:

@@ -89,8 +89,13 @@ def full_state_dicts(model, optimizer, mode) -> tuple[dict, dict]:
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict)
 
+    from evolm.parallel.expert import gather_optimizer_state
+
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, optimizer, options=opts)
+    # the model's first: its state_dict hooks reshard FSDP2's root parameters, which an evaluation
+    # forward leaves unsharded (the optimizer's FQN mapping reads the sharded ones)
+    msd = get_model_state_dict(model, options=opts)
+    return msd, gather_optimizer_state(model, optimizer, get_optimizer_state_dict(model, optimizer, options=opts))
 
 
 def load_optimizer_state(model, optimizer, optim_sd: dict, mode) -> None:
@@ -100,6 +105,9 @@ def load_optimizer_state(model, optimizer, optim_sd: dict, mode) -> None:
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
+    from evolm.parallel.expert import local_optimizer_state
+
+    optim_sd = local_optimizer_state(model, optim_sd)  # ep: this rank's experts' rows
     set_optimizer_state_dict(model, optimizer, optim_sd, options=StateDictOptions(full_state_dict=True))
 
 
