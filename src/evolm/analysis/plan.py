@@ -9,9 +9,10 @@ checked against tensors measured on CPU (tests/test_plan.py; docs/distributed.md
 
 Layout ``{dp_replicate, dp_shard, cp, tp, pp, ep}`` (torchtitan's mesh; the world is
 ``dp_replicate * dp_shard * cp * tp * pp``, and ``ep`` borrows its ranks from ``dp_shard * cp``
-as torchtitan's expert parallelism does, so it must divide that product):
+as torchtitan's expert parallelism does, so it must divide that product and be a multiple of cp):
   dp_shard (FSDP2, Zhao et al. 2023, arXiv:2304.11277) shards parameters, gradients and optimizer
-  state over ``dp_shard * cp`` ranks (experts over ``dp_shard * cp / ep``); dp_replicate keeps
+  state over ``dp_shard * cp`` ranks (evolm's expert parallelism leaves the experts out of FSDP:
+  each rank holds ``n_experts / ep`` of them whole, parallel/expert.py); dp_replicate keeps
   whole copies (HSDP; with dp_shard = 1 it is DDP, whose gradient buckets hold a second copy of
   the gradients). tp (Megatron, Shoeybi et al. 2019, arXiv:1909.08053) splits attention heads,
   MLP widths, the vocabulary of the embedding and LM head (vocab-parallel) and the dense experts;
@@ -20,8 +21,11 @@ as torchtitan's expert parallelism does, so it must divide that product):
   only the inputs the column-parallel projections gather back to the whole sequence stay whole.
   pp splits the layers into contiguous stages (embeddings on the first, final norm, head and loss
   on the last); under 1F1B stage s holds ``min(pp - s, microbatches)`` micro batches of
-  activations, under GPipe all of them. cp splits every activation along the sequence. ep splits
-  the routed experts.
+  activations, under GPipe all of them; FSDP under pp keeps a stage's parameters gathered through
+  the step (parallel/pipeline.py). cp splits every activation along the sequence. ep splits the
+  routed experts. Under tp the loss is parallel/tensor.py's vocab-parallel one (fp32 logits of the
+  whole sequence over V/tp columns), not the fused chunked loss.
+  The layout itself is ``evolm.parallel.layout.ParallelLayout``, read and checked by its rules.
 
 Precision (state the convention: ``Precision``):
   ``bf16`` is evolm's trainer (``train.dtype: bfloat16``): fp32 parameters, which are the master
@@ -53,7 +57,6 @@ gradients grow while activations are freed in the backward.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import math
 import re
@@ -62,72 +65,46 @@ from typing import Any
 
 from evolm.analysis import cost
 from evolm.config import ModelConfig
+from evolm.parallel.layout import FIELDS, LayoutError, ParallelLayout, layout_from_dict
 
-DIMS = ("dp_replicate", "dp_shard", "cp", "tp", "pp", "ep")
-
-
-# --- the layout ------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Layout:
-    """A parallel layout; see the module docstring for what each dimension divides."""
-    dp_replicate: int = 1
-    dp_shard: int = 1
-    cp: int = 1
-    tp: int = 1
-    pp: int = 1
-    ep: int = 1
-
-    @property
-    def world(self) -> int:
-        return self.dp_replicate * self.dp_shard * self.cp * self.tp * self.pp
-
-    @property
-    def fsdp(self) -> int:
-        """Ranks a dense parameter is sharded over: dp_shard x cp (torchtitan's ``dp_shard_cp``)."""
-        return self.dp_shard * self.cp
-
-    def text(self) -> str:
-        return ",".join(f"{k}={getattr(self, k)}" for k in DIMS if getattr(self, k) != 1) or "single"
+def fsdp_degree(layout: ParallelLayout) -> int:
+    """Ranks a dense parameter is sharded over: dp_shard x cp (the layout's ``dp_shard_cp``)."""
+    return layout.dp_shard * layout.cp
 
 
-def parse_layout(text: str | None, gpus: int) -> Layout:
-    """``"dp_shard=8,tp=1"`` -> Layout; ``dp_shard=-1`` (or an absent dp_shard) takes the GPUs the
-    others leave. Errors name the key and what was expected."""
+def layout_text(layout: ParallelLayout) -> str:
+    """``dp_shard=4,tp=2``: the --layout spelling of a (resolved) layout."""
+    return ",".join(f"{k}={getattr(layout, k)}" for k in FIELDS if getattr(layout, k) != 1) or "dp_shard=1"
+
+
+def parse_layout(text: str | None, gpus: int) -> ParallelLayout:
+    """``"dp_shard=8,tp=1"`` -> the resolved ``ParallelLayout`` (parallel/layout.py: the same rules as a
+    recipe's ``parallel:`` section; one field may be -1, dp_shard by default, "the GPUs left").
+    Errors name the key and what was expected."""
+    if gpus < 1:
+        raise LayoutError(f"--gpus must be a positive integer, got {gpus}")
     values: dict[str, int] = {}
     for item in (text or "").split(","):
         item = item.strip()
         if not item:
             continue
         if "=" not in item:
-            raise ValueError(f"--layout: {item!r} is not KEY=N (expected e.g. dp_shard=4,tp=2; keys: {', '.join(DIMS)})")
-        key, _, val = (s.strip() for s in item.partition("="))
-        if key not in DIMS:
-            raise ValueError(f"--layout: unknown key {key!r}; expected one of {', '.join(DIMS)}")
+            raise LayoutError(f"--layout: {item!r} is not KEY=N (expected e.g. dp_shard=4,tp=2; keys: {', '.join(FIELDS)})")
+        key, _, val = (part.strip() for part in item.partition("="))
         if key in values:
-            raise ValueError(f"--layout: {key} is given twice")
-        if not re.fullmatch(r"-?\d+", val) or int(val) == 0 or int(val) < -1:
-            raise ValueError(f"--layout: {key}={val!r}: expected a positive integer (or -1 for dp_shard)")
-        if int(val) == -1 and key != "dp_shard":
-            raise ValueError(f"--layout: {key}=-1: only dp_shard may be -1 (the GPUs the others leave)")
+            raise LayoutError(f"--layout: {key} is given twice")
+        if not re.fullmatch(r"-?\d+", val):
+            raise LayoutError(f"--layout: {key}={val!r}: expected a positive integer (or -1: the GPUs left)")
         values[key] = int(val)
-    if gpus < 1:
-        raise ValueError(f"--gpus must be a positive integer, got {gpus}")
-    if values.get("dp_shard", -1) == -1:
-        rest = math.prod(v for k, v in values.items() if k not in ("dp_shard", "ep"))
-        if gpus % rest:
-            raise ValueError(f"--layout: the other dimensions multiply to {rest}, which does not divide --gpus {gpus}")
-        values["dp_shard"] = gpus // rest
-    layout = Layout(**values)
-    if layout.world != gpus:
-        raise ValueError(f"--layout {layout.text()}: dp_replicate*dp_shard*cp*tp*pp = {layout.world}, "
-                         f"but --gpus is {gpus} (ep borrows from dp_shard*cp and is not a factor)")
-    if layout.fsdp % layout.ep:
-        raise ValueError(f"--layout: ep={layout.ep} must divide dp_shard*cp = {layout.fsdp} "
-                         f"(expert parallelism borrows those ranks)")
-    return layout
+    layout = layout_from_dict(values, where="--layout")
+    try:
+        return layout.resolve(gpus)
+    except LayoutError as e:
+        raise LayoutError(f"--layout on --gpus {gpus}: {e}".replace("processes were started (WORLD_SIZE)",
+                                                                     "GPUs were given (--gpus)")) from None
 
 
-def check_layout(c: ModelConfig, layout: Layout, seq: int) -> None:
+def check_layout(c: ModelConfig, layout: ParallelLayout, seq: int) -> None:
     """Whether the model can be split this way (clear message otherwise)."""
     L = layout
     if L.tp > 1:
@@ -221,7 +198,7 @@ def stages(c: ModelConfig, pp: int) -> list[range]:
     return out
 
 
-def _tp_split(part: str, layout: Layout) -> int:
+def _tp_split(part: str, layout: ParallelLayout) -> int:
     """The divisor tp (or ep) applies to a part of the parameters."""
     if part == "experts":
         return layout.ep if layout.ep > 1 else layout.tp
@@ -230,7 +207,7 @@ def _tp_split(part: str, layout: Layout) -> int:
     return 1  # norms, router, MLA down-projections
 
 
-def stage_params(c: ModelConfig, layout: Layout, s: int) -> dict[str, float]:
+def stage_params(c: ModelConfig, layout: ParallelLayout, s: int) -> dict[str, float]:
     """Parameters stage s of this GPU holds after the tp/ep/pp split, before FSDP sharding."""
     layers = stages(c, layout.pp)[s]
     tot: dict[str, float] = {}
@@ -385,6 +362,10 @@ def loss_bytes(c: ModelConfig, P: Precision, tokens: int, tp: int, loss: str, ch
     """(kept for the backward, workspace) of the loss over ``tokens`` tokens of this rank."""
     V, d = c.vocab_size / tp, c.d_model
     _, h_out = _norm(d, P.resid, P, c) if c.final_norm else (0, P.resid)
+    if tp > 1 and loss == "fused":  # parallel/tensor.py's vocab-parallel loss: the whole sequence's
+        # fp32 logits over this rank's V/tp columns, their exponentials and the one-hot targets kept
+        return {"vocab_parallel_logits": 12 * tokens * V, "gathered_hidden": _linear_inputs(d, h_out, 1, P) * tokens}, \
+               {"logit_grads": 8 * tokens * V}
     if loss == "unfused":  # logits in the compute dtype, log-softmax kept in fp32; backward makes two more
         return {"log_probs": 4 * tokens * V, "final_hidden": _linear_inputs(d, h_out, 1, P) * tokens}, \
                {"logit_grads": (4 + P.compute) * tokens * V}
@@ -403,7 +384,7 @@ def loss_bytes(c: ModelConfig, P: Precision, tokens: int, tp: int, loss: str, ch
 
 
 # --- the plan ------------------------------------------------------------------------------
-def _stage_activations(c, layout: Layout, s: int, P: Precision, seq: int, batch: int, loss: str,
+def _stage_activations(c, layout: ParallelLayout, s: int, P: Precision, seq: int, batch: int, loss: str,
                        checkpointing: bool, cpu: bool = False) -> dict[str, float]:
     """Bytes of one micro batch's activations on stage s of one GPU."""
     T_local = seq // layout.cp
@@ -444,13 +425,13 @@ def _stage_activations(c, layout: Layout, s: int, P: Precision, seq: int, batch:
     return out
 
 
-def _in_flight(layout: Layout, s: int, microbatches: int, schedule: str) -> int:
+def _in_flight(layout: ParallelLayout, s: int, microbatches: int, schedule: str) -> int:
     if layout.pp == 1:
         return 1
     return microbatches if schedule == "gpipe" else min(layout.pp - s, microbatches)
 
 
-def plan(config: ModelConfig | str, layout: Layout | str | None = None, *, gpus: int = 1, seq: int | None = None,
+def plan(config: ModelConfig | str, layout: ParallelLayout | str | None = None, *, gpus: int = 1, seq: int | None = None,
          batch: int = 1, gpu_mem: float | None = None, dtype: str = "bf16", optimizer: str = "adamw",
          activation_checkpointing: bool = False, loss: str = "fused", microbatches: int | None = None,
          schedule: str = "1f1b", device: str = "gpu") -> dict[str, Any]:
@@ -464,7 +445,7 @@ def plan(config: ModelConfig | str, layout: Layout | str | None = None, *, gpus:
     _supported(c)
     layout = parse_layout(layout, gpus) if layout is None or isinstance(layout, str) else layout
     if layout.world != gpus:
-        raise ValueError(f"layout {layout.text()} spans {layout.world} GPUs, but gpus={gpus}")
+        raise LayoutError(f"layout {layout_text(layout)} spans {layout.world} GPUs, but gpus={gpus}")
     seq = c.max_seq_len if seq is None else int(seq)
     if seq <= 0 or batch <= 0:
         raise ValueError(f"seq and batch must be positive, got seq={seq}, batch={batch}")
@@ -486,7 +467,7 @@ def plan(config: ModelConfig | str, layout: Layout | str | None = None, *, gpus:
     card = cost.cost_card(c, context_len=seq)
     infer = inference_bytes(c, layout, seq, batch, P.compute)
     out = {
-        "name": c.name, "layout": dataclasses.asdict(layout), "layout_text": layout.text(), "gpus": gpus,
+        "name": c.name, "layout": layout.to_dict(), "layout_text": layout_text(layout), "gpus": gpus,
         "seq": seq, "batch": batch, "microbatches": mb, "schedule": schedule, "dtype": dtype,
         "precision": P.name, "optimizer": optimizer, "loss": loss,
         "activation_checkpointing": activation_checkpointing, "gpu_mem": gpu_mem,
@@ -510,21 +491,29 @@ def _plan_stage(c, layout, s, P, seq, batch, optimizer, loss, mb, schedule, cpu)
     params = stage_params(c, layout, s)
     expert = params.get("experts", 0)
     dense = sum(params.values()) - expert
-    shard_dense, shard_expert = layout.fsdp, layout.fsdp // layout.ep
+    # with ep > 1 the experts (already split over ep) are left out of FSDP and replicated over the
+    # other data-parallel ranks (parallel/expert.py); without, FSDP shards them like the rest
+    shard_dense = fsdp_degree(layout)
+    shard_expert = 1 if layout.ep > 1 else shard_dense
     local = dense / shard_dense + expert / shard_expert
     b = {"params": local * P.param, "grads": local * P.grad,
          "optimizer": local * P.moment * OPTIMIZER_MOMENTS[optimizer]}
-    if layout.dp_replicate > 1 and layout.fsdp == 1:
+    if layout.dp_replicate > 1 and shard_dense == 1:
         b["ddp_grad_buckets"] = local * P.grad
     # FSDP2: a block's parameters gathered (the next one prefetched) and its unsharded gradients
-    # before the reduce-scatter; the root module (embeddings, final norm, head) stays gathered
+    # before the reduce-scatter; the root module (embeddings, final norm, head) stays gathered from
+    # its forward to its backward; under pp every block stays gathered (reshard_after_forward=False,
+    # parallel/pipeline.py), so a stage holds all its parameters whole through the step
     transient: dict[str, float] = {}
-    if layout.fsdp > 1:
-        blocks = [sum(v / _tp_split(k, layout) for k, v in layer_params(c, i).items()) for i in stages(c, layout.pp)[s]]
+    if shard_dense > 1:
+        skip = ("experts",) if layout.ep > 1 else ()
+        blocks = [sum(v / _tp_split(k, layout) for k, v in layer_params(c, i).items() if k not in skip)
+                  for i in stages(c, layout.pp)[s]]
         big = max(blocks, default=0)
         root = params["embeddings"] + params["final_norm"] + params["lm_head"]
-        transient["fsdp_gather"] = 2 * big * P.gather + big * P.grad
-        b["fsdp_root_gathered"] = root * P.gather * (1 - 1 / shard_dense)
+        transient["fsdp_gather"] = (2 * big if layout.pp == 1 else 0) * P.gather + big * P.grad
+        gathered = root + (sum(blocks) if layout.pp > 1 else 0)
+        b["fsdp_gathered" if layout.pp > 1 else "fsdp_root_gathered"] = gathered * P.gather * (1 - 1 / shard_dense)
     n_in = _in_flight(layout, s, mb, schedule)
     acts, parts = {}, {}
     for ac in (False, True):
@@ -542,7 +531,7 @@ def _plan_stage(c, layout, s, P, seq, batch, optimizer, loss, mb, schedule, cpu)
             "transient": transient, "peak": peak}
 
 
-def inference_bytes(c: ModelConfig, layout: Layout, seq: int, batch: int, bytes_per_value: int = 2) -> dict[str, float]:
+def inference_bytes(c: ModelConfig, layout: ParallelLayout, seq: int, batch: int, bytes_per_value: int = 2) -> dict[str, float]:
     """Serving on this layout's model-parallel group (tp x pp x ep; no FSDP): bf16 weights and the
     KV cache of ``batch`` sequences of ``seq`` tokens (the cost card's per-layer cache, split over
     key/value heads by tp, layers by pp, the sequence by cp)."""
@@ -571,14 +560,15 @@ class Network:
     flops: float = 989e12 * 0.4
 
 
-def comm_estimate(c: ModelConfig, layout: Layout, seq: int, batch: int, P: Precision, mb: int,
+def comm_estimate(c: ModelConfig, layout: ParallelLayout, seq: int, batch: int, P: Precision, mb: int,
                   checkpointing: bool, net: Network = Network()) -> dict[str, float]:
     """Seconds per optimizer step each GPU spends on communication and pipeline bubbles (not hidden
     behind compute; a ranking, not a forecast). Ring collectives move (n-1)/n of the buffer; a
     dimension is intra-node when it and the dimensions inside it (order pp, dp_replicate, dp_shard,
     cp, tp: tp innermost) fit in a node."""
     L = layout
-    inner = {"tp": L.tp, "cp": L.cp * L.tp, "fsdp": L.fsdp * L.tp, "dp_replicate": L.dp_replicate * L.fsdp * L.tp}
+    F = fsdp_degree(L)
+    inner = {"tp": L.tp, "cp": L.cp * L.tp, "fsdp": F * L.tp, "dp_replicate": L.dp_replicate * F * L.tp}
 
     def bw(dim: str) -> float:
         return net.intra_bw if inner[dim] <= net.gpus_per_node else net.inter_bw
@@ -588,10 +578,10 @@ def comm_estimate(c: ModelConfig, layout: Layout, seq: int, batch: int, P: Preci
     N = batch * seq // L.cp
     t = {}
     ring = lambda n: (n - 1) / n  # noqa: E731
-    if L.fsdp > 1:
-        t["fsdp"] = (2 * P.gather + P.grad) * s_params * ring(L.fsdp) / bw("fsdp")
+    if F > 1:
+        t["fsdp"] = (2 * P.gather + P.grad) * s_params * ring(F) / bw("fsdp")
     if L.dp_replicate > 1:
-        t["dp_replicate"] = 2 * P.grad * s_params / L.fsdp * ring(L.dp_replicate) / bw("dp_replicate")
+        t["dp_replicate"] = 2 * P.grad * s_params / F * ring(L.dp_replicate) / bw("dp_replicate")
     if L.tp > 1:  # sequence parallel: an all-gather and a reduce-scatter per sub-layer, each way
         t["tp"] = mb * layers * 8 * N * c.d_model * P.compute * ring(L.tp) / bw("tp")
     if L.cp > 1:  # the ring passes keys/values cp-1 times forward, and keys/values + their gradients back
@@ -601,7 +591,7 @@ def comm_estimate(c: ModelConfig, layout: Layout, seq: int, batch: int, P: Preci
         moe = sum(c.layer_is_moe(i) for i in range(c.n_layers)) / L.pp
         t["ep"] = mb * moe * 4 * N * c.n_experts_per_tok * c.d_model * P.compute * ring(L.ep) / net.intra_bw
     card = cost.cost_card(c, context_len=seq)
-    compute = mb * batch * seq * card["flops_per_token"] * L.fsdp * L.dp_replicate / L.world / net.flops
+    compute = mb * batch * seq * card["flops_per_token"] * L.dp / L.world / net.flops
     # (each data-parallel rank's mb x batch x seq tokens, the model split over tp x pp x cp)
     if checkpointing:
         t["recompute"] = compute / 3  # one more forward
@@ -629,8 +619,8 @@ def suggest_layouts(config: ModelConfig | str, gpus: int, gpu_mem: float, *, seq
             continue
         shard = gpus // (rep * tp * pp * cp)
         for ep in (_divisors(shard * cp) if c.n_experts else [1]):
-            L = Layout(rep, shard, cp, tp, pp, ep)
             try:
+                L = ParallelLayout(dp_shard=shard, dp_replicate=rep, tp=tp, pp=pp, cp=cp, ep=ep).resolve(gpus)
                 check_layout(c, L, seq)
                 if cp > 1 and (seq // cp) % 2:
                     continue
@@ -640,7 +630,7 @@ def suggest_layouts(config: ModelConfig | str, gpus: int, gpu_mem: float, *, seq
                     if p["fits"]:
                         t = comm_estimate(c, L, seq, batch, P, p["microbatches"], ac, net)
                         overhead = sum(v for k, v in t.items() if k != "compute")
-                        rows.append({"layout": L.text(), "activation_checkpointing": ac, "peak": p["peak"],
+                        rows.append({"layout": layout_text(L), "activation_checkpointing": ac, "peak": p["peak"],
                                      "overhead_s": overhead, "compute_s": t["compute"], "terms": t})
                         break
             except ValueError:
@@ -672,15 +662,16 @@ def format_plan(p: dict[str, Any], suggestions: list[dict[str, Any]] | None = No
     hb = cost.human_bytes
     buf = StringIO()
     con = Console(file=buf, width=110, force_terminal=False, color_system=None)
-    title = (f"{p['name']} on {p['gpus']} GPU(s), layout {p['layout_text']}, seq {p['seq']:,} x batch {p['batch']}"
-             f" ({p['precision']}, {p['optimizer']}; stage {p['stage']} of pp={p['layout']['pp']})")
-    t = Table(title=title, title_justify="left")
+    con.print(f"{p['name']} on {p['gpus']} GPU(s), layout {p['layout_text']}, seq {p['seq']:,} x batch {p['batch']} "
+              f"per micro batch\n{p['precision']}, {p['optimizer']}, {p['loss']} loss; the busiest pipeline stage: "
+              f"{p['stage']} of {p['layout']['pp']}; the peak is an upper bound", highlight=False)
+    t = Table()
     t.add_column("per GPU")
     t.add_column("bytes", justify="right")
     t.add_row("parameters (local shard)", hb(p["bytes"]["params"]))
     t.add_row("gradients", hb(p["bytes"]["grads"]))
     t.add_row(f"optimizer state ({p['optimizer']})", hb(p["bytes"]["optimizer"]))
-    for k in ("ddp_grad_buckets", "fsdp_root_gathered"):
+    for k in ("ddp_grad_buckets", "fsdp_root_gathered", "fsdp_gathered"):
         if k in p["bytes"]:
             t.add_row(k.replace("_", " "), hb(p["bytes"][k]))
     t.add_row("activations, no checkpointing", hb(p["activations"]))
@@ -700,8 +691,9 @@ def format_plan(p: dict[str, Any], suggestions: list[dict[str, Any]] | None = No
     t.add_row(f"inference: KV cache at {p['seq']:,} x {p['batch']}", hb(inf["kv_cache"]))
     con.print(t)
     if suggestions is not None:
-        s = Table(title="layouts that fit (estimated overhead: communication + bubble + recompute, "
-                        "as a share of compute; see comm_estimate)", title_justify="left")
+        con.print("\nlayouts that fit, by estimated overhead (communication + pipeline bubble + recomputation, "
+                  "as a share of compute; plan.comm_estimate)", highlight=False)
+        s = Table()
         for col in ("layout", "checkpointing", "peak", "overhead"):
             s.add_column(col, justify="left" if col == "layout" else "right")
         for r in suggestions:
@@ -795,6 +787,6 @@ def measure_training_bytes(model, input_ids, targets, optimizer=None, autocast_d
     return out
 
 
-__all__ = ["Layout", "Precision", "PRECISIONS", "Network", "parse_layout", "parse_bytes", "plan", "suggest_layouts",
+__all__ = ["fsdp_degree", "layout_text", "Precision", "PRECISIONS", "Network", "parse_layout", "parse_bytes", "plan", "suggest_layouts",
            "comm_estimate", "format_plan", "layer_params", "layer_activations", "stage_params", "stages",
            "inference_bytes", "loss_bytes", "measure_training_bytes"]
