@@ -271,7 +271,7 @@ def _attention_core(c: ModelConfig, P: Precision, T: int, masked: bool, cpu: boo
     return out
 
 
-def layer_activations(c: ModelConfig, i: int, P: Precision, T: int, cpu: bool = False) -> dict[str, float]:
+def layer_activations(c: ModelConfig, i: int, P: Precision, T: int, cpu: bool = False, ep: int = 1) -> dict[str, float]:
     """Bytes per token that block i keeps for the backward, by part (no tp/cp division; the masks,
     per sequence, are :func:`_mask_bytes`). ``cpu``: the CPU attention kernel's layout."""
     d, cb = c.d_model, P.compute
@@ -321,6 +321,8 @@ def layer_activations(c: ModelConfig, i: int, P: Precision, T: int, cpu: bool = 
         acts["router"] = router_in + scores + groups + 36 * k + 4  # top-k indices, order, token ids, weights
         acts["expert_inputs"] = cb * k * d  # the k copies of each token sent to its experts
         acts["expert_mlp"] = k * cb * f * (4 if glu else 2)
+        if ep > 1:  # parallel/expert.py: the rows received by all-to-all, their outputs, the rows sent back
+            acts["ep_dispatch"] = 3 * k * d * cb
         # the expert outputs and the router weights (their product's inputs), and the product
         # (index_add_ keeps its source), in the residual dtype
         acts["expert_outputs"] = k * d * (cb + P.resid) + 4 * k
@@ -364,8 +366,10 @@ def loss_bytes(c: ModelConfig, P: Precision, tokens: int, tp: int, loss: str, ch
     _, h_out = _norm(d, P.resid, P, c) if c.final_norm else (0, P.resid)
     if tp > 1 and loss == "fused":  # parallel/tensor.py's vocab-parallel loss: the whole sequence's
         # fp32 logits over this rank's V/tp columns, their exponentials and the one-hot targets kept
-        return {"vocab_parallel_logits": 12 * tokens * V, "gathered_hidden": _linear_inputs(d, h_out, 1, P) * tokens}, \
-               {"logit_grads": 8 * tokens * V}
+        kept = {"vocab_parallel_logits": 12 * tokens * V, "gathered_hidden": _linear_inputs(d, h_out, 1, P) * tokens}
+        if P.autocast:  # the head's bf16 copy, saved by its matmul
+            kept["head_cast"] = V * d * P.compute
+        return kept, {"logit_grads": 8 * tokens * V}
     if loss == "unfused":  # logits in the compute dtype, log-softmax kept in fp32; backward makes two more
         return {"log_probs": 4 * tokens * V, "final_hidden": _linear_inputs(d, h_out, 1, P) * tokens}, \
                {"logit_grads": (4 + P.compute) * tokens * V}
@@ -393,7 +397,7 @@ def _stage_activations(c, layout: ParallelLayout, s: int, P: Precision, seq: int
     layers = stages(c, layout.pp)[s]
     per_layer = []
     for i in layers:
-        a = layer_activations(c, i, P, seq, cpu)
+        a = layer_activations(c, i, P, seq, cpu, layout.ep)
         # under tp (with sequence parallelism) everything splits, except the gathered linear inputs
         whole = sum(v for k, v in a.items() if k in ("qkv_inputs", "mlp_inputs", "router"))
         split = sum(a.values()) - whole
@@ -500,6 +504,9 @@ def _plan_stage(c, layout, s, P, seq, batch, optimizer, loss, mb, schedule, cpu)
          "optimizer": local * P.moment * OPTIMIZER_MOMENTS[optimizer]}
     if layout.dp_replicate > 1 and shard_dense == 1:
         b["ddp_grad_buckets"] = local * P.grad
+    if layout.tp > 1 and shard_dense == 1 and s == 0:  # measured: the vocab-parallel embedding's gradient
+        # comes back Replicate (whole on every tp rank) from torch's embedding backward
+        b["tp_embedding_grad_whole"] = params["embeddings"] * (layout.tp - 1) * P.grad
     # FSDP2: a block's parameters gathered (the next one prefetched) and its unsharded gradients
     # before the reduce-scatter; the root module (embeddings, final norm, head) stays gathered from
     # its forward to its backward; under pp every block stays gathered (reshard_after_forward=False,
@@ -731,14 +738,18 @@ def measure_training_bytes(model, input_ids, targets, optimizer=None, autocast_d
 
     params = list(model.parameters())
     pstore = {local(p).untyped_storage().data_ptr() for p in params}
+    pstore |= {local(p.grad).untyped_storage().data_ptr() for p in params if p.grad is not None}
 
     saved: dict[int, int] = {}
     casts: dict[int, int] = {}
     cast_ptrs: set[int] = set()  # storages made by casting a parameter (autocast's weight copies)
 
     def pack(t):
-        st = t.untyped_storage()
-        ptr = st.data_ptr()
+        try:  # a DTensor (tensor parallel) saves its local shard
+            st = getattr(t, "_local_tensor", t).untyped_storage()
+            ptr = st.data_ptr()
+        except RuntimeError:  # a wrapper without a storage of its own
+            return t
         if ptr not in pstore:
             (casts if ptr in cast_ptrs else saved)[ptr] = st.nbytes()
         return t
@@ -750,16 +761,23 @@ def measure_training_bytes(model, input_ids, targets, optimizer=None, autocast_d
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
-            cast = func is torch.ops.aten._to_copy.default and isinstance(args[0], torch.Tensor) and \
-                args[0].untyped_storage().data_ptr() in pstore
+            src = getattr(args[0], "_local_tensor", args[0]) if args else None
+            cast = func is torch.ops.aten._to_copy.default and isinstance(src, torch.Tensor) and \
+                src.untyped_storage().data_ptr() in pstore
             for t in tree_flatten(out)[0]:
-                if isinstance(t, torch.Tensor) and not t.is_meta:
+                t = getattr(t, "_local_tensor", t)  # a DTensor: its local shard
+                if not isinstance(t, torch.Tensor) or t.is_meta:
+                    continue
+                try:
                     st = t.untyped_storage()
-                    if cast:
-                        cast_ptrs.add(st.data_ptr())
-                    old = self.refs.get(st.data_ptr())
-                    if old is None or old[0].expired():  # an address may be reused after a free
-                        self.refs[st.data_ptr()] = (StorageWeakRef(st), cast, st.nbytes())
+                    ptr = st.data_ptr()
+                except RuntimeError:  # another wrapper (an async collective's result): no storage of its own
+                    continue
+                if cast:
+                    cast_ptrs.add(ptr)
+                old = self.refs.get(ptr)
+                if old is None or old[0].expired():  # an address may be reused after a free
+                    self.refs[ptr] = (StorageWeakRef(st), cast, st.nbytes())
             return out
 
     ctx = torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
