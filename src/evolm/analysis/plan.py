@@ -528,6 +528,8 @@ def _plan_stage(c, layout, s, P, seq, batch, optimizer, loss, mb, schedule, cpu)
         parts[ac] = {k: v * n_in for k, v in a.items()} if n_in > 1 else a
         if n_in > 1 and ac:  # only one block is recomputed at a time, whatever the micro batches
             parts[ac]["recompute_one_block"] = a["recompute_one_block"]
+        if n_in > 1 and "autocast_weight_copies" in a:  # the step's one autocast context caches one
+            parts[ac]["autocast_weight_copies"] = a["autocast_weight_copies"]  # cast per weight
         acts[ac] = sum(parts[ac].values())
     if s == layout.pp - 1:
         _, work = loss_bytes(c, P, batch * seq // layout.cp, layout.tp, loss)
