@@ -742,6 +742,20 @@ def measure_training_bytes(model, input_ids, targets, optimizer=None, autocast_d
     pstore = {local(p).untyped_storage().data_ptr() for p in params}
     pstore |= {local(p.grad).untyped_storage().data_ptr() for p in params if p.grad is not None}
 
+    def weight_ptr(t) -> int | None:
+        """The storage of a parameter (or a view of one) seen during the forward: the model's own, or
+        one FSDP2 gathered for this forward (an unsharded ``nn.Parameter`` it registers in place)."""
+        if isinstance(t, torch.nn.Parameter) or isinstance(getattr(t, "_base", None), torch.nn.Parameter):
+            return getattr(t, "_local_tensor", t).untyped_storage().data_ptr()
+        return None
+
+    gathered: dict[int, Any] = {}  # storages of gathered weights; FSDP frees them after a block (resize
+    # to 0 bytes) and the allocator may give the address to an activation: held only while in use
+
+    def is_gathered(ptr: int) -> bool:
+        st = gathered.get(ptr)
+        return st is not None and st.nbytes() > 0 and st.data_ptr() == ptr
+
     saved: dict[int, int] = {}
     casts: dict[int, int] = {}
     cast_ptrs: set[int] = set()  # storages made by casting a parameter (autocast's weight copies)
@@ -752,7 +766,9 @@ def measure_training_bytes(model, input_ids, targets, optimizer=None, autocast_d
             ptr = st.data_ptr()
         except RuntimeError:  # a wrapper without a storage of its own
             return t
-        if ptr not in pstore:
+        if weight_ptr(t) is not None:
+            gathered[ptr] = st
+        elif ptr not in pstore and not is_gathered(ptr):
             (casts if ptr in cast_ptrs else saved)[ptr] = st.nbytes()
         return t
 
@@ -765,7 +781,7 @@ def measure_training_bytes(model, input_ids, targets, optimizer=None, autocast_d
             out = func(*args, **(kwargs or {}))
             src = getattr(args[0], "_local_tensor", args[0]) if args else None
             cast = func is torch.ops.aten._to_copy.default and isinstance(src, torch.Tensor) and \
-                src.untyped_storage().data_ptr() in pstore
+                (src.untyped_storage().data_ptr() in pstore or weight_ptr(args[0]) is not None)
             for t in tree_flatten(out)[0]:
                 t = getattr(t, "_local_tensor", t)  # a DTensor: its local shard
                 if not isinstance(t, torch.Tensor) or t.is_meta:
@@ -789,6 +805,7 @@ def measure_training_bytes(model, input_ids, targets, optimizer=None, autocast_d
         # measured inside autocast: its cache of weight casts lives until the context exits
         scratch = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in loss_mod._scratch.free.values()}
         alive = {ptr: (n, cast) for ptr, (ref, cast, n) in live.refs.items() if not ref.expired() and ptr not in pstore
+                 and not is_gathered(ptr)
                  and ptr not in scratch}
     loss.backward()
     def nbytes(t) -> int:  # a DTensor's local shard
