@@ -211,3 +211,18 @@ def test_cli_plan_table_json_and_errors(capsys):
 
 def test_parse_bytes():
     assert P.parse_bytes("80GB") == 80e9 and P.parse_bytes("80GiB") == 80 * GiB and P.parse_bytes("1.5e3") == 1500
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gemma3", "tiny-deepseek"])
+def test_pipeline_stage_params(name):
+    """Each pipeline stage's parameters as parallel/pipeline.py cuts them (its stage modules hold the
+    model's own parts): the first the embeddings, the last the final norm and head (a tied one copied)."""
+    from evolm.parallel.pipeline import stage_modules
+
+    c = get_preset(name).replace(max_seq_len=64)
+    model = build(c, device="meta")
+    mods = stage_modules(model, 2, 2)
+    layout = P.parse_layout("pp=2", 2)
+    for s, mod in enumerate(mods):
+        measured = sum(p.numel() for p in mod.parameters())  # a tied embedding: held by both ends
+        assert sum(P.stage_params(c, layout, s).values()) == measured, (name, s)

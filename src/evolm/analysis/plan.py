@@ -19,8 +19,8 @@ as torchtitan's expert parallelism does, so it must divide that product and be a
   norms, routers and MLA's down-projections stay whole. With sequence parallelism (Korthikanti
   et al. 2022, arXiv:2205.05198) the activations between blocks are split over the sequence too;
   only the inputs the column-parallel projections gather back to the whole sequence stay whole.
-  pp splits the layers into contiguous stages (embeddings on the first, final norm, head and loss
-  on the last); under 1F1B stage s holds ``min(pp - s, microbatches)`` micro batches of
+  pp splits the layers into contiguous stages as parallel/pipeline.py does (``split_layers``;
+  embeddings on the first, final norm, head and loss on the last, a tied embedding on both); under 1F1B stage s holds ``min(pp - s, microbatches)`` micro batches of
   activations, under GPipe all of them; FSDP under pp keeps a stage's parameters gathered through
   the step (parallel/pipeline.py). cp splits every activation along the sequence. ep splits the
   routed experts. Under tp the loss is parallel/tensor.py's vocab-parallel one (fp32 logits of the
@@ -58,6 +58,7 @@ gradients grow while activations are freed in the backward.
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import re
 from dataclasses import dataclass
@@ -188,14 +189,19 @@ def outer_params(c: ModelConfig) -> dict[str, int]:
 
 
 def stages(c: ModelConfig, pp: int) -> list[range]:
-    """Contiguous layer ranges of the pp stages, the first ones one layer longer when uneven."""
-    q, r = divmod(c.n_layers, pp)
-    out, start = [], 0
-    for s in range(pp):
-        n = q + (s < r)
-        out.append(range(start, start + n))
-        start += n
-    return out
+    """The layer ranges of the pp stages: parallel/pipeline.py's own split (``balance="params"``:
+    the costliest stage minimised, the LM head counted on the last), cached per config."""
+    if pp == 1:
+        return [range(c.n_layers)]
+    key = (json.dumps(c.to_dict(), sort_keys=True, default=str), pp)
+    if key not in _STAGES:
+        from evolm.parallel.pipeline import split_layers
+
+        _STAGES[key] = split_layers(c, pp)
+    return _STAGES[key]
+
+
+_STAGES: dict[tuple, list[range]] = {}
 
 
 def _tp_split(part: str, layout: ParallelLayout) -> int:
