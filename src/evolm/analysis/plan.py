@@ -335,7 +335,8 @@ def layer_activations(c: ModelConfig, i: int, P: Precision, T: int, cpu: bool = 
         if c.n_shared_experts:
             fs = f * c.n_shared_experts
             shared_in = 0 if cb == 4 else _linear_inputs(d, m_out, 2 if glu else 1, P)
-            acts["shared_experts"] = shared_in + cb * fs * (4 if glu else 2)
+            acts["shared_expert_inputs"] = shared_in
+            acts["shared_experts"] = cb * fs * (4 if glu else 2)
     else:
         shared_norm = placement == "parallel" and m_out == cb  # the q/k/v inputs' storage, counted there
         acts["mlp_inputs"] = 0 if shared_norm else _linear_inputs(d, m_out, 2 if glu else 1, P)
@@ -370,9 +371,9 @@ def loss_bytes(c: ModelConfig, P: Precision, tokens: int, tp: int, loss: str, ch
     """(kept for the backward, workspace) of the loss over ``tokens`` tokens of this rank."""
     V, d = c.vocab_size / tp, c.d_model
     _, h_out = _norm(d, P.resid, P, c) if c.final_norm else (0, P.resid)
-    if tp > 1 and loss == "fused":  # parallel/tensor.py's vocab-parallel loss: the whole sequence's
-        # fp32 logits over this rank's V/tp columns, their exponentials and the one-hot targets kept
-        kept = {"vocab_parallel_logits": 12 * tokens * V, "gathered_hidden": _linear_inputs(d, h_out, 1, P) * tokens}
+    if tp > 1 and loss == "fused":  # parallel/tensor.py's vocab-parallel loss over the whole sequence
+        # and this rank's V/tp columns: the fp32 exponentials and one-hot targets kept
+        kept = {"vocab_parallel_logits": 8 * tokens * V, "gathered_hidden": _linear_inputs(d, h_out, 1, P) * tokens}
         if P.autocast:  # the head's bf16 copy, saved by its matmul
             kept["head_cast"] = V * d * P.compute
         return kept, {"logit_grads": 8 * tokens * V}
@@ -394,6 +395,10 @@ def loss_bytes(c: ModelConfig, P: Precision, tokens: int, tp: int, loss: str, ch
 
 
 # --- the plan ------------------------------------------------------------------------------
+_TP_WHOLE = ("qkv_inputs", "mlp_inputs", "router", "mla_latents", "expert_inputs", "expert_outputs",
+             "shared_expert_inputs", "ep_dispatch")
+
+
 def _stage_activations(c, layout: ParallelLayout, s: int, P: Precision, seq: int, batch: int, loss: str,
                        checkpointing: bool, cpu: bool = False) -> dict[str, float]:
     """Bytes of one micro batch's activations on stage s of one GPU."""
@@ -404,8 +409,10 @@ def _stage_activations(c, layout: ParallelLayout, s: int, P: Precision, seq: int
     per_layer = []
     for i in layers:
         a = layer_activations(c, i, P, seq, cpu, layout.ep)
-        # under tp (with sequence parallelism) everything splits, except the gathered linear inputs
-        whole = sum(v for k, v in a.items() if k in ("qkv_inputs", "mlp_inputs", "router"))
+        # under tp (with sequence parallelism) everything splits, except what a module computes on the
+        # gathered sequence at full width (parallel/tensor.py): linear inputs, MLA's replicated latent
+        # path, the MoE router, the k copies of each token and their (partial) outputs
+        whole = sum(v for k, v in a.items() if k in _TP_WHOLE)
         split = sum(a.values()) - whole
         per_layer.append(N * (whole + split / tp))
     out: dict[str, float] = {}
@@ -510,8 +517,8 @@ def _plan_stage(c, layout, s, P, seq, batch, optimizer, loss, mb, schedule, cpu)
          "optimizer": local * P.moment * OPTIMIZER_MOMENTS[optimizer]}
     if layout.dp_replicate > 1 and shard_dense == 1:
         b["ddp_grad_buckets"] = local * P.grad
-    if layout.tp > 1 and shard_dense == 1 and s == 0:  # measured: the vocab-parallel embedding's gradient
-        # comes back Replicate (whole on every tp rank) from torch's embedding backward
+    if layout.tp > 1 and shard_dense == 1 and s == 0 and not c.tie_embeddings:  # measured: an untied
+        # vocab-parallel embedding's gradient comes back Replicate (whole on every tp rank)
         b["tp_embedding_grad_whole"] = params["embeddings"] * (layout.tp - 1) * P.grad
     # FSDP2: a block's parameters gathered (the next one prefetched) and its unsharded gradients
     # before the reduce-scatter; the root module (embeddings, final norm, head) stays gathered from
