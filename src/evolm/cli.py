@@ -79,6 +79,7 @@ def _arch_plan(args) -> None:
     if gpu_mem and not args.no_suggest:
         suggestions = planner.suggest_layouts(config, args.gpus, gpu_mem, seq=p["seq"], batch=args.batch,
                                               dtype=args.dtype, optimizer=args.optimizer, loss=args.loss,
+                                              microbatches=args.microbatches, schedule=args.pp_schedule,
                                               net=planner.Network(gpus_per_node=args.gpus_per_node))
     if args.json:
         print(json.dumps({**p, "suggestions": suggestions}, indent=2))

@@ -629,9 +629,11 @@ def _divisors(n: int) -> list[int]:
 
 def suggest_layouts(config: ModelConfig | str, gpus: int, gpu_mem: float, *, seq: int | None = None, batch: int = 1,
                     dtype: str = "bf16", optimizer: str = "adamw", loss: str = "fused", top: int = 8,
+                    microbatches: int | None = None, schedule: str = "1f1b",
                     net: Network = Network()) -> list[dict[str, Any]]:
     """Layouts of ``gpus`` whose peak fits ``gpu_mem``, cheapest estimated overhead first
-    (communication + bubble + recomputation, :func:`comm_estimate`); checkpointing only where needed."""
+    (communication + bubble + recomputation, :func:`comm_estimate`); checkpointing only where needed.
+    ``microbatches``: per pipeline step (default: pp, the fewest 1F1B allows, the largest bubble)."""
     c = cost._as_config(config)
     seq = c.max_seq_len if seq is None else seq
     P = PRECISIONS[dtype]
@@ -647,8 +649,9 @@ def suggest_layouts(config: ModelConfig | str, gpus: int, gpu_mem: float, *, seq
                 if cp > 1 and (seq // cp) % 2:
                     continue
                 for ac in (False, True):
+                    mb = max(microbatches or 0, pp)
                     p = plan(c, L, gpus=gpus, seq=seq, batch=batch, gpu_mem=gpu_mem, dtype=dtype, optimizer=optimizer,
-                             loss=loss, activation_checkpointing=ac)
+                             loss=loss, activation_checkpointing=ac, microbatches=mb, schedule=schedule)
                     if p["fits"]:
                         t = comm_estimate(c, L, seq, batch, P, p["microbatches"], ac, net)
                         overhead = sum(v for k, v in t.items() if k != "compute")
