@@ -55,11 +55,36 @@ def cmd_arch(args) -> None:
         print(f"{'field':<{w}}  {args.a}  ->  {args.b}")
         for k, va, vb in rows:
             print(f"{k:<{w}}  {va!r}  ->  {vb!r}")
+    elif args.arch_cmd == "plan":
+        _arch_plan(args)
     elif args.arch_cmd == "flatten":
         from evolm.lab.flatten import write_flat
 
         write_flat(resolve_config(args.name), args.out)
         print(f"wrote {args.out}: {args.name} as one PyTorch file (no evolm import)")
+
+
+def _arch_plan(args) -> None:
+    """``evolm arch plan``: per-GPU memory of a layout, and the layouts that fit."""
+    from evolm.analysis import plan as planner
+
+    gpu_mem = planner.parse_bytes(args.gpu_mem) if args.gpu_mem else None
+    config = resolve_config(args.name)
+    layout = planner.parse_layout(args.layout, args.gpus)
+    p = planner.plan(config, layout, gpus=args.gpus, seq=args.seq, batch=args.batch, gpu_mem=gpu_mem,
+                     dtype=args.dtype, optimizer=args.optimizer, loss=args.loss,
+                     activation_checkpointing=args.activation_checkpointing, microbatches=args.microbatches,
+                     schedule=args.pp_schedule)
+    suggestions = None
+    if gpu_mem and not args.no_suggest:
+        suggestions = planner.suggest_layouts(config, args.gpus, gpu_mem, seq=p["seq"], batch=args.batch,
+                                              dtype=args.dtype, optimizer=args.optimizer, loss=args.loss,
+                                              microbatches=args.microbatches, schedule=args.pp_schedule,
+                                              net=planner.Network(gpus_per_node=args.gpus_per_node))
+    if args.json:
+        print(json.dumps({**p, "suggestions": suggestions}, indent=2))
+    else:
+        print(planner.format_plan(p, suggestions))
 
 
 def cmd_lab(args) -> None:
@@ -423,6 +448,26 @@ def _arch_parser(a: argparse.ArgumentParser) -> None:
     s = asub.add_parser("diff", help="config fields that differ between two architectures")
     s.add_argument("a")
     s.add_argument("b")
+    s.add_argument("--json", action="store_true")
+    s = asub.add_parser("plan", help="per-GPU memory of training/serving under a parallel layout; layouts that fit")
+    s.add_argument("name", help="preset name, config JSON, or HF config.json / folder")
+    s.add_argument("--gpus", type=int, default=1, help="GPUs in the run (the layout must multiply to it)")
+    s.add_argument("--gpu-mem", default=None, help="memory of one GPU, e.g. 80GB or 80GiB (enables fit/suggestions)")
+    s.add_argument("--seq", type=int, default=None, help="tokens per sequence (default: the config's max_seq_len)")
+    s.add_argument("--batch", type=int, default=1, help="sequences per micro batch per data-parallel rank")
+    s.add_argument("--layout", default=None, help="e.g. dp_shard=4,tp=2 (keys: dp_replicate, dp_shard, cp, tp, pp, "
+                                                  "ep; dp_shard=-1 or absent: the GPUs left)")
+    s.add_argument("--dtype", default="bf16", choices=("bf16", "bf16-params", "fp32"),
+                   help="bf16: evolm's autocast over fp32 params; bf16-params: FSDP MixedPrecisionPolicy "
+                        "(torchtitan); fp32")
+    s.add_argument("--optimizer", default="adamw", choices=("adamw", "adam", "sgd", "none"))
+    s.add_argument("--activation-checkpointing", action="store_true", help="the peak with per-block checkpointing")
+    s.add_argument("--loss", default="fused", choices=("fused", "unfused"),
+                   help="evolm's chunked loss, or cross_entropy over the whole logits (torchtitan)")
+    s.add_argument("--microbatches", type=int, default=None, help="pipeline micro batches per step (default: pp)")
+    s.add_argument("--pp-schedule", default="1f1b", choices=("1f1b", "gpipe"))
+    s.add_argument("--gpus-per-node", type=int, default=8, help="for the communication estimate (tp stays in a node)")
+    s.add_argument("--no-suggest", action="store_true", help="skip the search of layouts that fit")
     s.add_argument("--json", action="store_true")
     s = asub.add_parser("flatten", help="write one readable PyTorch file with only the parts a config uses")
     s.add_argument("name", help="preset name, config JSON, or HF config.json / folder")

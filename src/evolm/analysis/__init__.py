@@ -1,5 +1,5 @@
 """Analysis tools that read a config or a model and never reach inside it: the cost card
-(parameters, KV-cache bytes, FLOPs) and architecture comparisons."""
+(parameters, KV-cache bytes, FLOPs), the memory planner (``plan.py``) and architecture comparisons."""
 
 from evolm.analysis.cost import compare_table, cost_card, diff_configs, format_card
 

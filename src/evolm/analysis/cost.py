@@ -1,5 +1,8 @@
 """The cost card: what a configuration costs in parameters, KV-cache memory and FLOPs.
 
+Memory per GPU under a parallel layout (parameters, gradients, optimizer state, activations, KV
+cache) is the planner built on these counts: ``analysis/plan.py``, ``evolm arch plan``.
+
 Everything here is computed analytically from a ``ModelConfig`` (no model is built), so a card
 for a 671B model is instant; the tests cross-check every count against the model built on the
 meta device. Definitions, so that numbers from different models compare:
