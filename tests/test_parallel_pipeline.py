@@ -176,7 +176,9 @@ CASES_2 = [dict(family=f, schedule=s, m=4, rows=8, docs=(f == "llama"), gather=(
            for s in ("gpipe", "1f1b")] + \
           [dict(family="llama", schedule="interleaved1f1b", spr=2, m=4, rows=8, balance="layers"),
            dict(family="deepseek", schedule="interleaved1f1b", spr=2, m=2, rows=4),
-           dict(family="gemma3", schedule="loopedbfs", spr=2, m=4, rows=8)]
+           dict(family="gemma3", schedule="loopedbfs", spr=2, m=4, rows=8),
+           dict(family="deepseek", schedule="zbv", spr=2, m=4, rows=8),
+           dict(family="gemma3", schedule="zbv", spr=2, m=4, rows=8)]  # V: the tied head sits on rank 0
 QUICK = {("llama", "1f1b"), ("gemma3", "gpipe"), ("deepseek", "1f1b"), ("llama", "interleaved1f1b")}
 for c in CASES_2:  # DeepSeek under 1F1B also recomputes its blocks (MoE aux read in the first forward)
     c["ac"] = (c["family"], c["schedule"]) == ("deepseek", "1f1b")

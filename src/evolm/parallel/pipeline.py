@@ -67,7 +67,9 @@ from evolm.nn.loss import fused_linear_cross_entropy
 from evolm.nn.masks import MaskInputs, plan_masks
 from evolm.nn.moe import MoE
 
-SCHEDULES = ("auto", "gpipe", "1f1b", "interleaved1f1b", "loopedbfs")
+SCHEDULES = ("auto", "gpipe", "1f1b", "interleaved1f1b", "loopedbfs", "zbv")
+_TORCH_NAMES = {"gpipe": "GPipe", "1f1b": "1F1B", "interleaved1f1b": "Interleaved1F1B", "loopedbfs": "LoopedBFS",
+                "zbv": "ZBVZeroBubble"}
 BALANCES = ("layers", "params")
 
 
@@ -159,12 +161,15 @@ def _min_max_partition(costs: list[float], n: int, last_extra: float = 0.0) -> l
     return [range(bounds[s], bounds[s + 1]) for s in range(n)]
 
 
-def stage_ranks(n_stages: int, pp: int) -> list[int]:
-    """The pipeline rank of each stage: looped (stage s on rank s % pp), as torch's multi-stage
-    schedules expect."""
+def stage_ranks(n_stages: int, pp: int, style: str = "loop") -> list[int]:
+    """The pipeline rank of each stage, as torch's multi-stage schedules place them: ``loop``
+    (stage s on rank s % pp) or ``v`` (ZB-V: rank r holds stages r and 2p - 1 - r)."""
+    from torch.distributed.pipelining._utils import generate_stage_to_rank_mapping
+
     if n_stages % pp:
         raise ValueError(f"{n_stages} stages cannot be shared evenly by {pp} pipeline ranks")
-    return [s % pp for s in range(n_stages)]
+    mapping = generate_stage_to_rank_mapping(pp, n_stages, style=style)
+    return [mapping[s] for s in range(n_stages)]
 
 
 class _AttachAux(torch.autograd.Function):
@@ -346,8 +351,7 @@ class Pipeline:
             out = torch.empty((), dtype=dtype, device="meta", requires_grad=True) if mod.is_last else hidden
             stages.append(PipelineStage(mod, mod.index, self.n_stages, self.device, input_args=(inp,),
                                         output_args=(out,), group=self.group))
-        cls = get_schedule_class({"gpipe": "GPipe", "1f1b": "1F1B", "interleaved1f1b": "Interleaved1F1B",
-                                  "loopedbfs": "LoopedBFS"}[name])
+        cls = get_schedule_class(_TORCH_NAMES[name])
         loss_fn = lambda out, tgt: _own_loss(out, tgt, m)  # noqa: E731
         # the last stage's outputs are scalar losses: summed, not concatenated, if a schedule merges them (eval)
         summed = _CustomReducer(torch.zeros((), dtype=torch.float64), lambda a, b: a + b.detach().double().cpu())
@@ -388,9 +392,11 @@ class Pipeline:
     def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, position_ids: torch.Tensor | None = None,
              doc_ids: torch.Tensor | None = None) -> float:
         """The mean loss of a batch, forward only (evaluation: one micro-batch through GPipe, or
-        Looped BFS when ranks hold several stages), on every rank of the pipeline group."""
-        single = len(self.modules) == 1
-        sched = self._schedule_for(*input_ids.shape, 1, "gpipe" if single else "loopedbfs")
+        Looped BFS when ranks hold several looped stages), on every rank of the pipeline group."""
+        if self.schedule_name == "zbv":
+            raise ValueError("Pipeline.loss (forward only) is not available for V-placed stages (zbv); "
+                             "evaluate a gathered checkpoint, or train with a looped schedule")
+        sched = self._schedule_for(*input_ids.shape, 1, "gpipe" if len(self.modules) == 1 else "loopedbfs")
         for mod in self.modules:
             mod.aux_values.clear()
         args, kwargs = self._inputs(input_ids, targets, position_ids, doc_ids)
@@ -627,7 +633,10 @@ def pipeline(model, pp_mesh, schedule: str = "1f1b", n_microbatches: int = 1, st
     """Split ``model`` over the 1-D mesh ``pp_mesh`` (or a process group) and build ``schedule``.
 
     ``schedule``: ``gpipe`` or ``1f1b`` (one stage per rank; ``auto``: 1F1B, GPipe for a step with
-    fewer micro-batches than stages), ``interleaved1f1b`` or ``loopedbfs`` (``stages_per_rank >= 2``). ``n_microbatches``: micro-batches per step (the recipe's
+    fewer micro-batches than stages), ``interleaved1f1b`` or ``loopedbfs`` (``stages_per_rank >= 2``,
+    looped placement), ``zbv`` (ZB-V zero bubble, Qi et al. 2024, arXiv:2401.10241: two stages per
+    rank in a V, rank r holding stages r and 2p - 1 - r, backward split into input and weight
+    gradients that fill the bubble). ``n_microbatches``: micro-batches per step (the recipe's
     gradient-accumulation count; 1F1B needs at least as many as stages). ``release``: move the
     parts of ``model`` this rank does not run to the meta device. The caller builds the optimizer
     over ``Pipeline.module`` and calls :meth:`Pipeline.step`, :func:`clip_grad_norm_`,
@@ -647,7 +656,7 @@ def pipeline(model, pp_mesh, schedule: str = "1f1b", n_microbatches: int = 1, st
     if name == "1f1b" and n_microbatches < n_stages:
         raise ValueError(f"1F1B needs n_microbatches >= stages ({n_stages}), got {n_microbatches}")
     every = stage_modules(model, n_stages, n_microbatches, balance)
-    owner = stage_ranks(n_stages, pp)
+    owner = stage_ranks(n_stages, pp, "v" if name == "zbv" else "loop")
     mine = [m for m, r in zip(every, owner) if r == rank]
     if release:
         release_unowned(model, mine)
