@@ -344,3 +344,22 @@ def test_torchrun_pretrain_fsdp2_x_pp2_equals_single_process(corpus, full_run, t
     rel = max(abs(a - b) / abs(a) for a, b in zip(single, piped))
     print(f"torchrun pretrain --pp 2 --dp-shard 2 vs one process: max rel loss diff {rel:.2e}")
     assert rel < 1e-5
+
+
+@pytest.mark.slow
+def test_torchrun_pretrain_pp2_resumes_from_sharded_checkpoints(corpus, full_run, tmp_path):  # noqa: F811
+    """``train.ckpt_format: dcp`` under ``--pp 2``: every rank writes its stage's shards under the
+    whole model's names (parallel/checkpoint.py); stopped at step 4 and resumed, the run still
+    logs the single process's losses."""
+    import yaml
+
+    d = _recipe_dict(corpus, sample_prompts=[], ckpt_format="dcp")
+    recipe_path = tmp_path / "r.yaml"
+    recipe_path.write_text(yaml.safe_dump(d))
+    _torchrun(recipe_path, tmp_path / "resumed", "--pp", "2", "--stop-after", "4")
+    _torchrun(recipe_path, tmp_path / "resumed", "--pp", "2", "--resume")
+    single, resumed = _losses(full_run[0]), _losses(tmp_path / "resumed")
+    assert len(resumed) == 10
+    rel = max(abs(a - b) / abs(a) for a, b in zip(single, resumed))
+    print(f"torchrun pretrain --pp 2, dcp checkpoints, stopped at 4 and resumed vs one process: {rel:.2e}")
+    assert rel < 1e-5

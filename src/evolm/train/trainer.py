@@ -466,9 +466,6 @@ def _check(phases: list[Phase], cfg: LoopConfig, rt) -> Callable | None:
         raise ValueError(f"train.ckpt_format must be full or dcp, got {cfg.ckpt_format!r}")
     if cfg.dtype not in ("float32", "bfloat16"):
         raise ValueError(f"LoopConfig.dtype must be float32 or bfloat16, got {cfg.dtype!r}")
-    if cfg.ckpt_format == dckpt.FORMAT and rt.layout is not None and rt.layout.pp > 1:
-        raise ValueError(f"train.ckpt_format: dcp with parallel.pp={rt.layout.pp} is not supported yet; use "
-                         "ckpt_format: full (the stages' weights and AdamW state are gathered by name)")
     if not cfg.eval_tasks:
         return None
     hook = find_eval_in_training()
