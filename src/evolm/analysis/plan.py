@@ -254,7 +254,7 @@ def _attention_core(c: ModelConfig, P: Precision, T: int, masked: bool, cpu: boo
     the CPU flash kernel writes (B, H, T, d), and o_proj keeps a transposed copy (``cpu``)."""
     cb = P.compute
     if c.attention == "mla":
-        dqk, dv, H, Hkv_dim = c.qk_nope_head_dim + c.qk_rope_head_dim, c.v_head_dim, c.n_heads, None
+        dqk, dv, H = c.qk_nope_head_dim + c.qk_rope_head_dim, c.v_head_dim, c.n_heads
         k_bytes = cb * H * dqk  # k = cat(k_nope, k_rot): every head
         v_bytes = 0.0  # v is a view of kv_b's output, counted with MLA's projections
     else:
@@ -343,8 +343,6 @@ def layer_activations(c: ModelConfig, i: int, P: Precision, T: int, cpu: bool = 
         acts["mlp"] = cb * c.d_ff * (4 if glu else 2)
     if placement in ("sandwich", "olmo2"):
         acts["norms"] += _norm(d, cb, P, c)[0]
-    if placement == "post":  # norm(x + f(x)) instead of a pre-norm: the same count
-        pass
     return acts
 
 
