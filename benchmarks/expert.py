@@ -131,8 +131,10 @@ def main() -> None:
         ratios.append(e / s)
     (s, ss), (e, es), (r, rs) = median_spread(single), median_spread(parallel), median_spread(ratios)
     N = a.rows // a.ep * a.seq
-    print(f"global batch {a.rows} x {a.seq} tokens, {a.layers} MoE layers, {a.experts} experts top-2, d_model {a.d_model}")
-    print(f"one process: {s:8.1f} tok/s (±{ss:.0%})   ep={a.ep}: {e:8.1f} tok/s (±{es:.0%})   ratio {r:.2f} (±{rs:.0%})")
+    print(f"global batch {a.rows} x {a.seq} tokens, {a.layers} MoE layers, {a.experts} experts top-2, "
+          f"d_model {a.d_model}")
+    print(f"one process: {s:8.1f} tok/s (±{ss:.0%})   ep={a.ep}: {e:8.1f} tok/s (±{es:.0%})   "
+          f"ratio {r:.2f} (±{rs:.0%})")
     for rank, (_, sent, formula) in enumerate(res):
         expect = a.layers * (2 * N * 2 * (a.ep - 1) / a.ep * a.d_model * 4 + (a.ep - 1) * a.experts // a.ep * 8)
         print(f"rank {rank}: forward all-to-all bytes per step {sent} ; formula from the routing {formula} ; "

@@ -145,8 +145,8 @@ def _check_layers(ranks, world: int) -> None:
         torch.testing.assert_close(torch.cat([g["x_grad"] for g in got]), ref["x_grad"], **tol)
         for n, g in got[0]["shared"].items():  # router and shared experts: summed over the ranks
             # the router computes in float32 (nn/moe.py), so its gradient sums are float32's
-            torch.testing.assert_close(g, ref["grads"][n], **(dict(rtol=1e-5, atol=1e-6) if n.startswith("gate.") else tol),
-                                       msg=f"{name}: {n}")
+            fp32 = dict(rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(g, ref["grads"][n], **(fp32 if n.startswith("gate.") else tol), msg=f"{name}: {n}")
         for n in got[0]["experts"]:  # each rank's slice of the stacked expert weights
             torch.testing.assert_close(torch.cat([g["experts"][n] for g in got]), ref["grads"][n], **tol,
                                        msg=f"{name}: {n}")
