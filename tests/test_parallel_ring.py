@@ -235,43 +235,52 @@ def test_cp2_training_equals_one_process():
             assert worst < 1e-5, (case, worst)
 
 
-def _fsdp_cp_rank(rank, world, steps):
-    """dp_shard 2 x cp 2 through the dispatcher (FSDP2 over dp_shard_cp, the ring over cp): each
-    data-parallel rank reads its 2 of the 4 rows, its cp ranks half of each sequence."""
+LLAMA_EVEN = dict(MODELS["llama"][1], vocab_size=98)  # tensor parallelism splits the vocabulary in two
+
+
+def _layout_rank(rank, world, steps, degrees):
+    """A 4-process layout through the dispatcher (``ParallelLayout`` + ``parallelize``: FSDP2 over
+    dp_shard_cp, the ring over cp, DTensor tensor parallelism over tp): each data-parallel rank
+    reads its share of the 4 rows, its cp ranks half of each sequence."""
     from evolm.model import build
     from evolm.parallel import ParallelLayout, parallelize
     from evolm.presets import get_preset
 
-    layout = ParallelLayout(dp_shard=2, cp=2).resolve(world)
+    layout = ParallelLayout(**degrees).resolve(world)
     mesh = layout.build_mesh("cpu")
     torch.manual_seed(0)
-    net = parallelize(build(get_preset(MODELS["llama"][0], **MODELS["llama"][1])), layout, mesh)
+    net = parallelize(build(get_preset(MODELS["llama"][0], **LLAMA_EVEN)), layout, mesh)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-2, weight_decay=0.1)
-    dp, rows = mesh["dp"].get_local_rank(), slice(2 * mesh["dp"].get_local_rank(), 2 * mesh["dp"].get_local_rank() + 2)
+    dp, n_dp = mesh["dp"].get_local_rank(), mesh["dp"].size()
+    rows = slice(dp * 4 // n_dp, (dp + 1) * 4 // n_dp)
     losses, grads = [], None
     for step in range(steps):
         inputs, targets, doc_ids = _batch(B=4, docs=True, seed=step % 2, ignore=False)
         loss = net(inputs[rows], targets=targets[rows], doc_ids=doc_ids[rows])
         loss.backward()
         if grads is None:
-            grads = {n: p.grad.full_tensor().numpy().copy() for n, p in net.named_parameters()}
+            grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).numpy().copy()
+                     for n, p in net.named_parameters()}
         opt.step()
         opt.zero_grad()
         value = loss.detach().clone()
-        dist.all_reduce(value, group=mesh["dp"].get_group())
-        losses.append(float(value) / 2)
+        if n_dp > 1:
+            dist.all_reduce(value, group=mesh["dp"].get_group())
+        losses.append(float(value) / n_dp)
     return dp, losses, grads
 
 
 @pytest.mark.slow
-def test_fsdp2_x_cp2_equals_one_process():
-    """4 processes, dp_shard 2 x cp 2 from a ParallelLayout through parallelize(): the losses and
-    first gradients of one process on the global batch of 4 rows (packed documents)."""
+@pytest.mark.parametrize("degrees", [dict(dp_shard=2, cp=2), dict(dp_shard=1, tp=2, cp=2)],
+                         ids=["dp_shard2-cp2", "tp2-cp2"])
+def test_4_process_layouts_with_cp_equal_one_process(degrees):
+    """dp_shard 2 x cp 2 and tp 2 x cp 2: the losses and first gradients of one process on the
+    global batch of 4 rows (packed documents)."""
     from evolm.model import build
     from evolm.presets import get_preset
 
     torch.manual_seed(0)
-    model = build(get_preset(MODELS["llama"][0], **MODELS["llama"][1]))
+    model = build(get_preset(MODELS["llama"][0], **LLAMA_EVEN))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     ref_losses, ref_grads = [], None
     for step in range(5):
@@ -283,12 +292,12 @@ def test_fsdp2_x_cp2_equals_one_process():
         opt.step()
         opt.zero_grad()
         ref_losses.append(float(loss.detach()))
-    for dp, losses, grads in run_ranks(4, _fsdp_cp_rank, 5):
+    for dp, losses, grads in run_ranks(4, _layout_rank, 5, degrees):
         rel = max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses))
         assert rel < 1e-5, (dp, losses, ref_losses)
         worst = max(((torch.from_numpy(grads[n]) - g).abs().max() / g.abs().max()).item() for n, g in ref_grads.items())
         assert worst < 1e-5, worst
-        print(f"dp_shard=2 x cp=2, dp rank {dp}: max rel loss diff {rel:.2e}, max rel gradient diff {worst:.2e}")
+        print(f"{degrees}, dp rank {dp}: max rel loss diff {rel:.2e}, max rel gradient diff {worst:.2e}")
 
 
 def test_context_parallel_refuses_what_it_cannot_shard():
