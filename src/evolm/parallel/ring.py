@@ -131,6 +131,9 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Ring
     ``spec.layout`` order; H must be a multiple of Hkv (GQA). ``doc_ids`` (B, T/N): the local tokens'
     packed-document ids (attention stays inside a document). Returns (B, H, T/N, Dv), differentiable
     in q, k and v. Every rank of the group must call it with the same shapes.
+
+    Under autocast q, k and v are cast to the autocast dtype, as ``F.scaled_dot_product_attention``
+    is (RoPE can leave q and k in float32 beside a bfloat16 v); otherwise to their common dtype.
     """
     B, H, n, _ = q.shape
     if n != spec.layout.local_length:
@@ -140,7 +143,13 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Ring
                          f"values need the queries' local length and a head count dividing theirs")
     if doc_ids is not None and tuple(doc_ids.shape) != (B, n):
         raise ValueError(f"ring attention: doc_ids {tuple(doc_ids.shape)}, expected (batch, local tokens) = {(B, n)}")
-    return _RingAttention.apply(q, k, v, doc_ids, spec)
+    device = q.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+    else:
+        dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+    with torch.autocast(device, enabled=False):  # the blocks run in the dtype chosen here
+        return _RingAttention.apply(q.to(dtype), k.to(dtype), v.to(dtype), doc_ids, spec)
 
 
 # ----------------------------------------------------------------------------------------------
