@@ -166,7 +166,8 @@ def test_refusals_name_the_field(override, says):
         check_tensor_parallel(cfg, 2)
 
 
-LAYOUTS_2D = {"dp_shard 2 x tp 2": dict(dp_shard=2, tp=2), "dp_replicate 2 x tp 2": dict(dp_replicate=2, dp_shard=1, tp=2)}
+LAYOUTS_2D = {"dp_shard 2 x tp 2": dict(dp_shard=2, tp=2), "dp_replicate 2 x tp 2": dict(dp_replicate=2, dp_shard=1, tp=2),
+              "cp 2 x tp 2": dict(dp_shard=1, cp=2, tp=2)}
 
 
 def fsdp_tp_rank(rank, world, cases):
@@ -185,13 +186,17 @@ def fsdp_tp_rank(rank, world, cases):
 
 
 @pytest.mark.slow
-def test_fsdp2_x_tp2_equals_one_process():
-    # no auxiliary loss here: a data-parallel split of a Switch balance loss is not the whole
-    # batch's (a product of batch means), whatever tensor parallelism does
-    cases = [("dp_shard 2 x tp 2", "llama"), ("dp_shard 2 x tp 2", "deepseek"), ("dp_replicate 2 x tp 2", "llama")]
+def test_2d_layouts_with_tp2_equal_one_process():
+    """FSDP2 x TP, replicas x TP, context parallel (ring attention) x TP. No auxiliary loss here:
+    a data-parallel split of a Switch balance loss is not the whole batch's (a product of batch
+    means), whatever tensor parallelism does."""
+    from evolm.parallel import ParallelLayout
+
+    cases = [("dp_shard 2 x tp 2", "llama"), ("dp_shard 2 x tp 2", "deepseek"), ("dp_replicate 2 x tp 2", "llama"),
+             ("cp 2 x tp 2", "llama")]
     outs = run_ranks(4, fsdp_tp_rank, cases)
     for name, family in cases:
-        ref = reference(family, rows=2 * B)
+        ref = reference(family, rows=B * ParallelLayout(**LAYOUTS_2D[name]).resolve(4).dp)
         for r, got in enumerate(outs):
             rel = assert_same(ref, got[name, family], f"{family} {name} rank {r}")
             print(f"{family} {name} rank {r}: max rel loss diff {rel:.2e}")
