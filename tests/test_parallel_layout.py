@@ -104,3 +104,16 @@ def test_mesh_dims_and_flattened_groups():
     got = run_ranks(4, _mesh_rank, {"dp_shard": 4, "ep": 2})
     assert [g["dp"][0] for g in got] == [4] * 4 and [g["ep"][0] for g in got] == [2] * 4
     assert [g["ep"][1] for g in got] == [0, 1, 0, 1]
+
+
+def test_a_sequence_the_layout_cannot_split_evenly_is_refused_with_its_stage():
+    """cp cuts each sequence into 2 x cp zigzag chunks, tp each cp rank's part into tp: a stage
+    whose seq_len does not split is named when the recipe is read, not by a collective mid-step."""
+    stages = [{"name": "long", "seq_len": 250}]
+    with pytest.raises(RecipeError, match=r"stages\[0\] \(long\): seq_len 250 must be a multiple of 2 x cp = 4"):
+        _recipe(parallel={"cp": 2}, stages=stages)
+    with pytest.raises(RecipeError, match=r"seq_len 36 must be a multiple of cp x tp = 8 .*each rank's 18 tokens"):
+        _recipe(parallel={"cp": 2, "tp": 4}, stages=[{"seq_len": 36}])
+    assert _recipe(parallel={"cp": 2, "tp": 2}, stages=[{"seq_len": 256}]).parallel.cp == 2
+    with pytest.raises(RecipeError, match="multiple of 2 x cp = 4"):  # the flags are checked too
+        apply_parallel_flags(_recipe(stages=[{"seq_len": 250}]), cp=2)

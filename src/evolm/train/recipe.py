@@ -164,6 +164,22 @@ def load_recipe(path: str) -> Recipe:
     return recipe_from_dict({} if d is None else d, source=path)
 
 
+def _check_sequence_split(where: str, seq_len: int, layout: ParallelLayout | None) -> None:
+    """A sequence the layout splits must split evenly: context parallelism cuts it into 2 x cp
+    chunks (the zigzag layout, ``parallel/ring.py``), tensor parallelism's sequence-parallel
+    regions cut each cp rank's part into tp (``parallel/tensor.py``). Said here, with the stage,
+    rather than by a collective deep inside the first step."""
+    if layout is None:
+        return
+    cp, tp = max(layout.cp, 1), max(layout.tp, 1)
+    if cp > 1 and seq_len % (2 * cp):
+        raise RecipeError(f"{where}: seq_len {seq_len} must be a multiple of 2 x cp = {2 * cp} "
+                          f"(context parallelism splits each sequence into 2 x cp chunks)")
+    if tp > 1 and seq_len % (cp * tp):
+        raise RecipeError(f"{where}: seq_len {seq_len} must be a multiple of cp x tp = {cp * tp} "
+                          f"(tensor parallelism splits each rank's {seq_len // cp} tokens over tp = {tp})")
+
+
 def validate(r: Recipe) -> None:
     src = r.source
     m = r.model
@@ -195,6 +211,7 @@ def validate(r: Recipe) -> None:
             raise RecipeError(f"{where}: schedule must be one of {list(SCHEDULES)}, got {s.schedule!r}")
         if s.tokens <= 0 or s.seq_len <= 0:
             raise RecipeError(f"{where}: tokens and seq_len must be positive")
+        _check_sequence_split(where, s.seq_len, r.parallel)
         if isinstance(s.mixture, str):
             if s.mixture not in ("high", "medium", "low"):
                 raise RecipeError(f"{where}: mixture as a string names a quality tier (high, medium, low), "
