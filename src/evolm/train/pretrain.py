@@ -279,16 +279,23 @@ class PretrainTask:
         t, rank, world = self.recipe.train, self.rt.dp_rank, self.rt.dp_world
         sums: dict[str, list[float]] = {}
         heldout = Path(t.eval_data) if t.eval_data else self.data_out  # one held-out set for many runs
-        batches = iter_eval_batches(heldout, self.seq_len, t.micro_batch,
-                                    max_windows_per_source=t.eval_batches * t.micro_batch)
-        for i, (source, x, y) in enumerate(batches):
-            acc = sums.setdefault(source, [0.0, 0.0])
-            if i % world != rank:
-                continue
-            ex = self.objective(x, y, seed=self.recipe.seed, step=i, held_out=True)  # the same noise at every eval
-            n = int((ex.targets != -100).sum())
-            acc[0] += float(self.forward(model, ex)) * n
-            acc[1] += n
+        batches = list(iter_eval_batches(heldout, self.seq_len, t.micro_batch,
+                                         max_windows_per_source=t.eval_batches * t.micro_batch))
+        for source, _, _ in batches:
+            sums.setdefault(source, [0.0, 0.0])
+        # batch i is rank i % world's. With sharded parameters (FSDP, TP, ...) every forward is a
+        # collective, so the ranks must run as many: a rank past the last batch runs the first one
+        # again and counts nothing (else the ranks with one batch more wait forever for the others)
+        for i in range(rank, -(-len(batches) // world) * world, world):
+            if i >= len(batches) and not self.rt.sharded:
+                break
+            source, x, y = batches[i % len(batches)]
+            ex = self.objective(x, y, seed=self.recipe.seed, step=i % len(batches), held_out=True)  # same noise each eval
+            loss = float(self.forward(model, ex))
+            if i < len(batches):
+                n = int((ex.targets != -100).sum())
+                sums[source][0] += loss * n
+                sums[source][1] += n
         names = sorted(sums)
         totals = par.all_reduce_sum([v for n in names for v in sums[n]], world, self.rt.dp_group)
         res = {f"val_loss_{n}": totals[2 * i] / max(1.0, totals[2 * i + 1]) for i, n in enumerate(names)}
