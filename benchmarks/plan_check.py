@@ -10,9 +10,7 @@ from __future__ import annotations
 import torch
 
 from evolm.analysis import plan as P
-from evolm.model import build
 from evolm.presets import get_preset
-from evolm.train.parallel import apply_activation_checkpointing
 
 CASES = [("tiny-llama", 64, 2, "fp32", False), ("tiny-llama", 64, 2, "bf16", False), ("tiny-llama", 64, 2, "bf16", True),
          ("tiny-llama", 640, 2, "fp32", False), ("tiny-gemma3", 64, 2, "fp32", False), ("tiny-gemma3", 64, 2, "bf16", False),
@@ -31,14 +29,7 @@ def main() -> None:
     print("|---|---|---|---|---|---:|---:|---:|")
     for name, T, B, dtype, ac in CASES:
         c = get_preset(name).replace(max_seq_len=max(T, 64), **SMALL.get(name, {}))
-        torch.manual_seed(0)
-        model = build(c).train()
-        if ac:
-            apply_activation_checkpointing(model)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        x = torch.randint(0, c.vocab_size, (B, T))
-        m = P.measure_training_bytes(model, x, torch.roll(x, -1, 1), opt, torch.bfloat16 if dtype == "bf16" else None)
-        p = P.plan(c, gpus=1, seq=T, batch=B, dtype=dtype, activation_checkpointing=ac, device="cpu")
+        m, p = P.measure_one_step(c, T, B, dtype, ac)
         states = m["params"] + m["grads"] + m["optimizer"]
         planned_states = p["bytes"]["params"] + p["bytes"]["grads"] + p["bytes"]["optimizer"]
         if ac:  # what the forward leaves alive (the recomputed block is checked apart, tests/test_plan.py)

@@ -27,18 +27,7 @@ def _measure(name: str, T: int, B: int, dtype: str, checkpointing: bool = False,
     c = get_preset(name).replace(max_seq_len=max(T, 64), **overrides)
     if n_layers is not None:
         c = c.replace(n_layers=n_layers)
-    torch.manual_seed(0)
-    model = build(c)
-    model.train()
-    if checkpointing:
-        from evolm.train.parallel import apply_activation_checkpointing
-
-        apply_activation_checkpointing(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    x = torch.randint(0, c.vocab_size, (B, T))
-    m = P.measure_training_bytes(model, x, torch.roll(x, -1, 1), opt, torch.bfloat16 if dtype == "bf16" else None)
-    p = P.plan(c, gpus=1, seq=T, batch=B, dtype=dtype, activation_checkpointing=checkpointing, device="cpu")
-    return m, p
+    return P.measure_one_step(c, T, B, dtype, checkpointing)
 
 
 CASES = [  # (preset, seq, batch, dtype): Llama-style GQA, Gemma 3-style sliding windows (16 < T) and

@@ -838,6 +838,27 @@ def measure_training_bytes(model, input_ids, targets, optimizer=None, autocast_d
     return out
 
 
+def measure_one_step(config, seq: int, batch: int, dtype: str = "fp32",
+                     activation_checkpointing: bool = False) -> tuple[dict[str, int], Any]:
+    """One forward + backward + AdamW step of ``config`` built on the CPU (seed 0): the measured bytes
+    (:func:`measure_training_bytes`) and the plan of that step, the pair the planner's checks compare
+    (tests/test_plan.py, benchmarks/plan_check.py)."""
+    import torch
+
+    from evolm.model import build
+    from evolm.train.parallel import apply_activation_checkpointing
+
+    torch.manual_seed(0)
+    model = build(config).train()
+    if activation_checkpointing:
+        apply_activation_checkpointing(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = torch.randint(0, config.vocab_size, (batch, seq))
+    measured = measure_training_bytes(model, x, torch.roll(x, -1, 1), opt, torch.bfloat16 if dtype == "bf16" else None)
+    return measured, plan(config, gpus=1, seq=seq, batch=batch, dtype=dtype,
+                          activation_checkpointing=activation_checkpointing, device="cpu")
+
+
 __all__ = ["fsdp_degree", "layout_text", "Precision", "PRECISIONS", "Network", "parse_layout", "parse_bytes", "plan", "suggest_layouts",
            "comm_estimate", "format_plan", "layer_params", "layer_activations", "stage_params", "stages",
-           "inference_bytes", "loss_bytes", "measure_training_bytes"]
+           "inference_bytes", "loss_bytes", "measure_training_bytes", "measure_one_step"]
