@@ -9,14 +9,13 @@ and an invalid combination fails at construction with a message naming the field
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
 import json
 import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from evolm.inputs import describe, has_type, read_json, short
+from evolm.inputs import describe, did_you_mean, has_type, read_json, short
 
 
 class ConfigError(ValueError):
@@ -158,9 +157,7 @@ class VisionConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         for k in value:
             if k not in known:
-                close = difflib.get_close_matches(k, known, n=1)
-                hint = f"; did you mean '{close[0]}'?" if close else ""
-                raise ConfigError(f"{source}: unknown VisionConfig field 'vision.{k}'{hint}")
+                raise ConfigError(f"{source}: unknown VisionConfig field 'vision.{k}'{did_you_mean(k, known)}")
         hints = typing.get_type_hints(cls)
         for k, v in value.items():
             if not has_type(v, hints[k]):
@@ -719,9 +716,7 @@ class ModelConfig:
         unknown = [k for k in d if k not in known]
         if unknown:
             k = unknown[0]
-            close = difflib.get_close_matches(k, known, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise ConfigError(f"{source}: unknown ModelConfig field '{k}'{hint}")
+            raise ConfigError(f"{source}: unknown ModelConfig field '{k}'{did_you_mean(k, known)}")
         try:
             return cls(**d)
         except ConfigError as e:
@@ -742,8 +737,7 @@ class ModelConfig:
         """
         unknown = [k for k in changes if k not in {f.name for f in dataclasses.fields(self)}]
         if unknown:
-            close = difflib.get_close_matches(unknown[0], [f.name for f in dataclasses.fields(self)], n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
+            hint = did_you_mean(unknown[0], [f.name for f in dataclasses.fields(self)])
             raise ConfigError(f"ModelConfig '{self.name}': unknown field '{unknown[0]}'{hint}")
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         for f in getattr(self, "_derived", ()):

@@ -82,6 +82,15 @@ def short(value: Any, n: int = 60) -> str:
     return text if len(text) <= n else text[:n - 3] + "..."
 
 
+def did_you_mean(key: Any, choices) -> str:
+    """``"; did you mean 'x'?"`` naming the choice closest to a misspelt ``key``, or ``""``: the
+    tail every "unknown key" message in the project ends with."""
+    import difflib
+
+    close = difflib.get_close_matches(str(key), sorted(choices), n=1)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
 def first_line(e: BaseException) -> str:
     """The first line of an exception's message (Rust and torch errors run to several)."""
     text = str(e).strip().splitlines()

@@ -28,6 +28,7 @@ import numpy as np
 
 from evolm.data.parallel import batched, ordered_map, worker_state
 from evolm.data.sources import DataError, Document
+from evolm.inputs import did_you_mean
 
 # --- cleaning -------------------------------------------------------------------------------
 
@@ -237,11 +238,8 @@ def make_rules(preset: str = "gopher", overrides: dict | None = None) -> list[Ru
     rules = {r.name: r for r in PRESETS[preset]}
     for name, value in (overrides or {}).items():
         if name not in rules:
-            import difflib
 
-            hint = difflib.get_close_matches(name, list(rules), n=1)
-            extra = f"; did you mean {hint[0]!r}?" if hint else ""
-            raise DataError(f"filter_overrides: no rule {name!r} in preset {preset!r}{extra}")
+            raise DataError(f"filter_overrides: no rule {name!r} in preset {preset!r}{did_you_mean(name, rules)}")
         r = rules[name]
         if value is None:
             del rules[name]

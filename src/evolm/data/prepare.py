@@ -21,7 +21,6 @@ that is simple and fast. Larger corpora are prepared in parts and mixed by weigh
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import json
 import os
@@ -40,7 +39,7 @@ from evolm.data.parallel import default_workers
 from evolm.data.shards import ShardWriter, dtype_for_vocab, tokenize, tokenizer_fingerprint, vocab_size_of
 from evolm.data.sources import DataError, Document, SourceSpec, iter_documents
 from evolm.config import MAX_INT
-from evolm.inputs import describe, first_line, has_type, read_json, short
+from evolm.inputs import describe, did_you_mean, first_line, has_type, read_json, short
 
 FORMAT = "evolm-shards/1"
 
@@ -99,9 +98,8 @@ def _spec_from(spec: Any) -> tuple[list[SourceSpec], dict]:
         allowed = {"sources"} | {f.name for f in dataclasses.fields(PrepareOptions)}
         for key in spec:
             if key not in allowed:
-                hint = difflib.get_close_matches(str(key), sorted(allowed), n=1)
-                extra = f"; did you mean {hint[0]!r}?" if hint else ""
-                raise DataError(f"data spec: unknown key {key!r}{extra} (allowed: {sorted(allowed)})")
+                raise DataError(f"data spec: unknown key {key!r}{did_you_mean(key, allowed)} "
+                                f"(allowed: {sorted(allowed)})")
         if "sources" not in spec:
             raise DataError("data spec: missing 'sources' (a list of built-in names, paths or source dicts)")
         options = {k: v for k, v in spec.items() if k != "sources"}
@@ -132,8 +130,7 @@ def load_options(options: dict, source: str = "prepare") -> PrepareOptions:
     hints = typing.get_type_hints(PrepareOptions)
     for key, value in options.items():
         if key not in hints:
-            hint = difflib.get_close_matches(str(key), sorted(hints), n=1)
-            raise DataError(f"{source}: unknown option {key!r}" + (f"; did you mean {hint[0]!r}?" if hint else ""))
+            raise DataError(f"{source}: unknown option {key!r}{did_you_mean(key, hints)}")
         if not has_type(value, hints[key]):
             raise DataError(f"{source}: {key} must be {describe(hints[key])}, got {short(value)}")
         low, high = _OPTION_RANGES.get(key, (None, None))

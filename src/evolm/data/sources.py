@@ -9,7 +9,6 @@ field, because a 10 GB JSONL with one bad record is a poor place to guess.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import gzip
 import json
 import os
@@ -18,7 +17,7 @@ from pathlib import Path
 import typing
 from typing import Any, Iterator
 
-from evolm.inputs import describe, has_type, short
+from evolm.inputs import describe, did_you_mean, has_type, short
 
 
 class DataError(ValueError):
@@ -103,9 +102,8 @@ class SourceSpec:
             known = {f.name for f in dataclasses.fields(cls)}
             for key in obj:
                 if key not in known:
-                    hint = difflib.get_close_matches(str(key), sorted(known), n=1)
-                    extra = f"; did you mean {hint[0]!r}?" if hint else ""
-                    raise DataError(f"source spec: unknown key {key!r}{extra} (known: {sorted(known)})")
+                    raise DataError(f"source spec: unknown key {key!r}{did_you_mean(key, known)} "
+                                    f"(known: {sorted(known)})")
             d = dict(obj)
             if "name" not in d:
                 if d.get("path"):

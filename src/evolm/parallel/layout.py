@@ -34,6 +34,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from evolm.inputs import did_you_mean
+
 DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")  # outermost first
 FIELDS = ("dp_shard", "dp_replicate", "tp", "pp", "cp", "ep")
 
@@ -156,7 +158,6 @@ class ParallelLayout:
 
 def layout_from_dict(d, where: str = "parallel") -> ParallelLayout:
     """A ``parallel:`` mapping -> :class:`ParallelLayout`, unknown keys named with the closest valid one."""
-    import difflib
 
     if d is None:
         return ParallelLayout()
@@ -164,9 +165,7 @@ def layout_from_dict(d, where: str = "parallel") -> ParallelLayout:
         raise LayoutError(f"{where}: expected a mapping of {', '.join(FIELDS)}, got {type(d).__name__}")
     for k in d:
         if k not in FIELDS:
-            close = difflib.get_close_matches(str(k), FIELDS, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise LayoutError(f"{where}: unknown key '{k}'{hint} (valid: {', '.join(FIELDS)})")
+            raise LayoutError(f"{where}: unknown key '{k}'{did_you_mean(k, FIELDS)} (valid: {', '.join(FIELDS)})")
     try:
         return ParallelLayout(**d)
     except LayoutError as e:

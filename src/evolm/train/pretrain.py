@@ -29,6 +29,7 @@ import torch
 
 from evolm.checkpoint import CheckpointError
 from evolm.config import ModelConfig
+from evolm.inputs import did_you_mean
 from evolm.train import parallel as par
 from evolm.train.config import LoopConfig, LRShape, Phase, values_of
 from evolm.train.loop import Runtime, run, seed_all, update_moe_bias
@@ -111,11 +112,9 @@ def build_model(recipe: Recipe, tokenizer) -> tuple[Any, ModelConfig]:
     known = set(config.to_dict())
     for k in overrides:
         if k not in known:
-            import difflib
 
-            close = difflib.get_close_matches(k, sorted(known), n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise RecipeError(f"{recipe.source}: model.overrides: unknown ModelConfig field '{k}'{hint}")
+            raise RecipeError(f"{recipe.source}: model.overrides: unknown ModelConfig field "
+                              f"'{k}'{did_you_mean(k, known)}")
     config = config.replace(**overrides, name=recipe.name)
     if tokenizer.vocab_size > config.vocab_size:
         raise RecipeError(f"{recipe.source}: tokenizer has {tokenizer.vocab_size} tokens but the model's "

@@ -14,7 +14,6 @@ loop reads extend its settings (``config.py``): ``optim`` is ``OptimConfig``, ``
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 import typing
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from typing import Any
 import yaml
 
 from evolm.data.objectives import ObjectiveConfig, ObjectiveError
-from evolm.inputs import describe, first_line, has_type, short
+from evolm.inputs import describe, did_you_mean, first_line, has_type, short
 from evolm.parallel.layout import FIELDS as PARALLEL_FIELDS
 from evolm.parallel.layout import LayoutError, ParallelLayout, check_distributed, layout_from_dict
 
@@ -107,9 +106,8 @@ def _build(cls, d: Any, where: str):
     known = {f.name for f in dataclasses.fields(cls)} - {"source"}
     for key, value in d.items():
         if key not in known:
-            close = difflib.get_close_matches(str(key), sorted(known), n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise RecipeError(f"{where}: unknown key '{key}'{hint} (valid: {', '.join(sorted(known))})")
+            raise RecipeError(f"{where}: unknown key '{key}'{did_you_mean(key, known)} "
+                              f"(valid: {', '.join(sorted(known))})")
         if not has_type(value, hints[key]):
             as_text = isinstance(value, str) and has_type(1.0, hints[key])
             note = " (YAML reads 3e-4 as text: write 3.0e-4)" if as_text else ""
