@@ -281,7 +281,7 @@ def test_release_moves_other_stages_to_meta():
 
 
 # --- end to end: torchrun -m evolm.cli pretrain --pp 2 equals the single-process run ------------
-from test_train import _losses, _recipe_dict, _torchrun, corpus, full_run  # noqa: E402,F401  (fixtures)
+from test_train import _losses, _max_rel_diff, _torchrun, _write_recipe, corpus, full_run  # noqa: E402,F401
 
 
 @pytest.mark.slow
@@ -290,15 +290,11 @@ def test_torchrun_pretrain_pp2_equals_single_process_and_resumes(corpus, full_ru
     GPipe; clipping, eval through the pipeline, gathered checkpoints) under ``--pp 2``: both ranks
     read the same micro-batches, so the losses must equal the single run's; a run stopped at step 4
     and resumed from its gathered checkpoint (weights + AdamW state) continues identically."""
-    import yaml
-
-    d = _recipe_dict(corpus, sample_prompts=[])
-    recipe_path = tmp_path / "r.yaml"
-    recipe_path.write_text(yaml.safe_dump(d))
+    recipe_path = _write_recipe(tmp_path, corpus, sample_prompts=[])
     _torchrun(recipe_path, tmp_path / "run", "--pp", "2")
     single, piped = _losses(full_run[0]), _losses(tmp_path / "run")
     assert len(single) == len(piped) == 10
-    rel = max(abs(a - b) / abs(a) for a, b in zip(single, piped))
+    rel = _max_rel_diff(single, piped)
     print(f"torchrun pretrain --pp 2 vs one process: max rel loss diff {rel:.2e}")
     assert rel < 1e-5
     import json
@@ -323,25 +319,11 @@ def test_torchrun_pretrain_fsdp2_x_pp2_equals_single_process(corpus, full_run, t
     two-process runs): each data-parallel pair reads its half of the single run's global batch,
     the stages are FSDP2-sharded over the pair."""
     import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    import yaml
-
-    d = _recipe_dict(corpus, micro_batch=1, sample_prompts=[])
-    recipe_path = tmp_path / "r.yaml"
-    recipe_path.write_text(yaml.safe_dump(d))
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root / "src")}
-    torchrun = Path(sys.executable).with_name("torchrun")
-    proc = subprocess.run([str(torchrun), "--nproc_per_node", "4", "--master_port", str(29000 + os.getpid() % 500),
-                           "-m", "evolm.cli", "pretrain", "--config", str(recipe_path), "--out", str(tmp_path / "run"),
-                           "--pp", "2", "--dp-shard", "2"], env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    recipe_path = _write_recipe(tmp_path, corpus, micro_batch=1, sample_prompts=[])
+    _torchrun(recipe_path, tmp_path / "run", "--pp", "2", "--dp-shard", "2", nproc=4)
     single, piped = _losses(full_run[0]), _losses(tmp_path / "run")
     assert len(single) == len(piped) == 10
-    rel = max(abs(a - b) / abs(a) for a, b in zip(single, piped))
+    rel = _max_rel_diff(single, piped)
     print(f"torchrun pretrain --pp 2 --dp-shard 2 vs one process: max rel loss diff {rel:.2e}")
     assert rel < 1e-5
 
@@ -351,15 +333,11 @@ def test_torchrun_pretrain_pp2_resumes_from_sharded_checkpoints(corpus, full_run
     """``train.ckpt_format: dcp`` under ``--pp 2``: every rank writes its stage's shards under the
     whole model's names (parallel/checkpoint.py); stopped at step 4 and resumed, the run still
     logs the single process's losses."""
-    import yaml
-
-    d = _recipe_dict(corpus, sample_prompts=[], ckpt_format="dcp")
-    recipe_path = tmp_path / "r.yaml"
-    recipe_path.write_text(yaml.safe_dump(d))
+    recipe_path = _write_recipe(tmp_path, corpus, sample_prompts=[], ckpt_format="dcp")
     _torchrun(recipe_path, tmp_path / "resumed", "--pp", "2", "--stop-after", "4")
     _torchrun(recipe_path, tmp_path / "resumed", "--pp", "2", "--resume")
     single, resumed = _losses(full_run[0]), _losses(tmp_path / "resumed")
     assert len(resumed) == 10
-    rel = max(abs(a - b) / abs(a) for a, b in zip(single, resumed))
+    rel = _max_rel_diff(single, resumed)
     print(f"torchrun pretrain --pp 2, dcp checkpoints, stopped at 4 and resumed vs one process: {rel:.2e}")
     assert rel < 1e-5

@@ -320,7 +320,7 @@ def test_context_parallel_refuses_what_it_cannot_shard():
 
 
 # --- end to end: torchrun -m evolm.cli pretrain --cp 2 equals the single-process run ------------
-from test_train import _losses, _recipe_dict, _torchrun, corpus, full_run  # noqa: E402,F401  (fixtures)
+from test_train import _losses, _max_rel_diff, _torchrun, _write_recipe, corpus, full_run  # noqa: E402,F401
 
 
 @pytest.mark.slow
@@ -328,15 +328,11 @@ def test_torchrun_pretrain_cp2_equals_single_process(corpus, full_run, tmp_path)
     """The recipe of tests/test_train.py (two stages of 32 and 64 tokens, accumulation, clipping,
     eval, checkpoints) under ``--cp 2``: both ranks read the same micro-batches and each takes half
     of every sequence (FSDP over the cp ranks); the logged losses must equal the single run's."""
-    import yaml
-
-    d = _recipe_dict(corpus, sample_prompts=[])
-    recipe_path = tmp_path / "r.yaml"
-    recipe_path.write_text(yaml.safe_dump(d))
+    recipe_path = _write_recipe(tmp_path, corpus, sample_prompts=[])
     _torchrun(recipe_path, tmp_path / "run", "--cp", "2")
     single, cp = _losses(full_run[0]), _losses(tmp_path / "run")
     assert len(single) == len(cp) == 10
-    rel = max(abs(a - b) / abs(a) for a, b in zip(single, cp))
+    rel = _max_rel_diff(single, cp)
     print(f"torchrun pretrain --cp 2 vs one process: max rel loss diff {rel:.2e}")
     assert rel < 1e-5
     val = [[r["val_loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "val_loss" in r]

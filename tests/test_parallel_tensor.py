@@ -203,7 +203,7 @@ def test_2d_layouts_with_tp2_equal_one_process():
 
 
 # --- end to end: torchrun -m evolm.cli pretrain --tp 2 equals the single-process run ------------
-from test_train import _losses, _recipe_dict, _torchrun, corpus, full_run  # noqa: E402,F401  (fixtures)
+from test_train import _losses, _max_rel_diff, _torchrun, _write_recipe, corpus, full_run  # noqa: E402,F401
 
 
 @pytest.mark.slow
@@ -211,15 +211,11 @@ def test_torchrun_pretrain_tp2_equals_single_process(corpus, full_run, tmp_path)
     """The recipe of tests/test_train.py (two stages, accumulation, clipping, eval, checkpoints)
     under ``--tp 2``: both ranks read the same micro-batches, so the global batch is the single
     run's; the logged losses must equal it."""
-    import yaml
-
-    d = _recipe_dict(corpus, sample_prompts=[])
-    recipe_path = tmp_path / "r.yaml"
-    recipe_path.write_text(yaml.safe_dump(d))
+    recipe_path = _write_recipe(tmp_path, corpus, sample_prompts=[])
     _torchrun(recipe_path, tmp_path / "run", "--tp", "2")
     single, tp = _losses(full_run[0]), _losses(tmp_path / "run")
     assert len(single) == len(tp) == 10
-    rel = max(abs(a - b) / abs(a) for a, b in zip(single, tp))
+    rel = _max_rel_diff(single, tp)
     print(f"torchrun pretrain --tp 2 vs one process: max rel loss diff {rel:.2e}")
     assert rel < 1e-5
     assert (tmp_path / "run" / "model.safetensors").is_file()  # the gathered final model

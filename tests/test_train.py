@@ -258,13 +258,27 @@ def test_activation_checkpointing_gives_the_same_gradients():
 
 
 # --- distributed: 2 CPU processes on gloo equal one process with the same global batch ----------
-def _torchrun(recipe_path: Path, out: Path, *extra: str) -> None:
+def _torchrun(recipe_path: Path, out: Path, *extra: str, nproc: int = 2) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
     torchrun = Path(sys.executable).with_name("torchrun")
-    proc = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 500),
-                           "-m", "evolm.cli", "pretrain", "--config", str(recipe_path), "--out", str(out), *extra],
-                          env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([str(torchrun), "--nproc_per_node", str(nproc), "--master_port",
+                           str(29500 + os.getpid() % 500), "-m", "evolm.cli", "pretrain", "--config", str(recipe_path),
+                           "--out", str(out), *extra], env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def _write_recipe(tmp_path: Path, corpus: Path, **train) -> Path:
+    """This file's recipe (``_recipe_dict``) as ``tmp_path/r.yaml``, for a torchrun launch."""
+    import yaml
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(_recipe_dict(corpus, **train)))
+    return path
+
+
+def _max_rel_diff(single: list[float], other: list[float]) -> float:
+    """Max relative difference of two runs' logged losses (a layout against one process)."""
+    return max(abs(a - b) / abs(a) for a, b in zip(single, other))
 
 
 @pytest.mark.slow
