@@ -1,7 +1,7 @@
-"""The fused CPU decode step (evolm/infer/block_step.py, kernels/decode_block.cpp) against the eager
+"""The fused CPU block step (evolm/infer/block_step.py, kernels/decode_block.cpp) against the eager
 model: every norm placement, QK-norm, soft-cap, window, activation and linear kind it covers gives
-the eager decode's logits (to float rounding: attention sums in another order) and its greedy tokens;
-what it does not cover keeps the Python path."""
+the eager prompt's and decode's logits (to float rounding: norms and attention sum in another order)
+and its greedy tokens; what it does not cover keeps the Python path."""
 
 import pytest
 import torch
@@ -42,19 +42,20 @@ def _model(preset: str, changes: dict, seed: int = 0):
 
 
 def _spy(model) -> list:
-    """Count the fused steps that really ran (a step may hand back None and let Python run)."""
+    """The fused steps that really ran, as the number of new tokens each had (a step may hand back
+    None and let Python run)."""
     calls = []
     for block in model.layers:
-        if block.decode_step is None:
+        if block.fused_step is None:
             continue
-        plan = block.decode_step.plan
+        plan = block.fused_step.plan
 
         class Spy:
             def step(self, *a, plan=plan):
-                calls.append(1)
+                calls.append(a[0].shape[1])
                 return plan.step(*a)
 
-        block.decode_step.plan = Spy()
+        block.fused_step.plan = Spy()
     return calls
 
 
@@ -90,7 +91,11 @@ def test_fused_step_equals_the_eager_decode(variant, fuse):
     assert block_step.attach(model) == model.config.n_layers
     calls = _spy(model)
     got = _decode_logits(model, prompt, None, n)
-    assert len(calls) == model.config.n_layers * n  # every decode step of every block was fused
+    L = model.config.n_layers
+    assert calls.count(1) == L * n  # every decode step of every block was fused
+    plain = KVCache.for_model(model, 1, 7 + n + 1)
+    fused_prompt = model.config.attn_softcap is None  # a ring, and soft-capping over a prompt, keep Python
+    assert calls.count(7) == fused_prompt * sum(plain.key_layout(i) is None for i in range(L))
     block_step.detach(model)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
     assert torch.equal(got.argmax(-1), want.argmax(-1))
@@ -110,7 +115,7 @@ def test_padded_batch_equals_the_eager_decode(variant):
     block_step.attach(model)
     calls = _spy(model)
     got = _decode_logits(model, prompt, mask, 10)
-    assert len(calls) == model.config.n_layers * 10
+    assert calls.count(1) == model.config.n_layers * 10
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 
@@ -127,10 +132,10 @@ def test_llama4_chunks_reach_the_kernel_and_its_own_parts_keep_the_python_path()
     mask[1, :4] = 0
     mask[2, :3] = 0
     want = _decode_logits(model, prompt, mask, 10)
-    assert block_step.attach(model) == 3 and model.layers[3].decode_step is None
+    assert block_step.attach(model) == 3 and model.layers[3].fused_step is None
     calls = _spy(model)
     got = _decode_logits(model, prompt, mask, 10)
-    assert len(calls) == 3 * 10
+    assert calls.count(1) == 3 * 10
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
     assert torch.equal(got.argmax(-1), want.argmax(-1))
     assert block_step.attach(_model("tiny-llama", dict(changes, qk_norm="l2"))) == 0
@@ -178,22 +183,63 @@ def test_what_it_cannot_express_keeps_the_python_path():
     assert block_step.attach(q) == 0  # re-quantized int8 linears: not a plan's linear kind
 
 
-def test_prompt_training_and_other_dtypes_keep_the_python_path():
+def test_what_each_forward_takes():
+    """A prompt of more than FEW_QUERIES tokens into a cache and a decode step are fused; a forward
+    without a cache, 2-4 new tokens, gradients and other dtypes keep the Python path."""
     model = _model("tiny-llama", {})
+    L = model.config.n_layers
     block_step.attach(model)
     calls = _spy(model)
     prompt = torch.randint(0, 512, (1, 5))
     with torch.no_grad():
         model(prompt)  # no cache
+        model(prompt[:, :4], cache=KVCache.for_model(model, 1, 16))  # few queries
+        assert not calls
         cache = KVCache.for_model(model, 1, 16)
         model(prompt, cache=cache)  # a prompt
-    assert not calls
-    with torch.no_grad():
-        model(prompt[:, :1], cache=cache)  # one token: fused
-    assert len(calls) == model.config.n_layers
+        assert calls == [5] * L
+        model(prompt[:, :1], cache=cache)  # one token
+        assert calls == [5] * L + [1] * L
+        model(prompt, cache=cache)  # a second chunk, after the first: slots 6..10
+        assert calls == [5] * L + [1] * L + [5] * L
     with torch.enable_grad():
         model(prompt[:, :1], cache=cache)  # gradients wanted: the Python path
-    assert len(calls) == model.config.n_layers
+    assert len(calls) == 3 * L
+    with torch.no_grad():
+        model.double()(prompt, cache=KVCache.for_model(model, 1, 16))  # not the plan's dtype
+    assert len(calls) == 3 * L
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_fused_prompt_equals_the_eager_prompt(variant):
+    """Prompts into an empty cache, then a second chunk after them (a mask over the cached slots),
+    left-padded rows: the logits and the cache's keys/values of the Python path."""
+    preset, changes = VARIANTS[variant]
+    model = _model(preset, changes).fuse_for_inference()
+    g = torch.Generator().manual_seed(7)
+    prompt = torch.randint(0, model.config.vocab_size, (2, 12), generator=g)
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, :3] = 0
+
+    def run():
+        cache = KVCache(2, 32)  # one slot per token: every layer the plain layout
+        with torch.inference_mode():
+            first = model(prompt[:, :7], attention_mask=mask[:, :7], cache=cache)
+            second = model(prompt[:, 7:], attention_mask=mask[:, 7:], cache=cache)
+        return torch.cat([first, second], 1), cache
+
+    want, want_cache = run()
+    block_step.attach(model)
+    calls = _spy(model)
+    got, got_cache = run()
+    block_step.detach(model)
+    fused = model.config.attn_softcap is None  # soft-capped scores over a prompt: the Python path
+    assert calls == ([7] * model.config.n_layers + [5] * model.config.n_layers if fused else [])
+    real = mask.bool()
+    torch.testing.assert_close(got[real], want[real], rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    for layer in range(model.config.n_layers):
+        for a, b in ((got_cache._k[layer], want_cache._k[layer]), (got_cache._v[layer], want_cache._v[layer])):
+            torch.testing.assert_close(a[:, :, :12], b[:, :, :12], rtol=1e-5, atol=1e-5 * b.abs().max().item())
 
 
 def test_default_preparation_attaches_and_no_fast_does_not():
@@ -201,10 +247,10 @@ def test_default_preparation_attaches_and_no_fast_does_not():
 
     model = prepare(_model("tiny-llama", {}), InferenceOptions(device="cpu", keep_blocks=False, fuse=True,
                                                               compile=False, block_step=None))
-    assert all(b.decode_step is not None for b in model.layers)
+    assert all(b.fused_step is not None for b in model.layers)
     plain = prepare(_model("tiny-llama", {}), InferenceOptions(device="cpu", fast=False, keep_blocks=False,
                                                               fuse=False, compile=False, block_step=False))
-    assert all(b.decode_step is None for b in plain.layers)
+    assert all(b.fused_step is None for b in plain.layers)
 
 
 @pytest.mark.parametrize("min_rows", [1, 4])

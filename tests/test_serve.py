@@ -554,7 +554,7 @@ def test_engine_on_the_default_path_decodes_as_generate():
     want = [generate(model, [q], p)[0] for q in prompts]
     steps = []
     for block in model.layers:  # count the fused steps that ran
-        block.decode_step.plan = _CountingPlan(block.decode_step.plan, steps)
+        block.fused_step.plan = _CountingPlan(block.fused_step.plan, steps)
     engine.start()
     try:
         col = Collector()
@@ -569,7 +569,7 @@ def test_engine_on_the_default_path_decodes_as_generate():
     finally:
         engine.stop()
         for block in model.layers:
-            block.decode_step.plan = block.decode_step.plan.plan
+            block.fused_step.plan = block.fused_step.plan.plan
     assert alone == want[0]
     assert set(rows_alone) == {1}, "a lone request was padded"
     assert [col.tokens[i] for i in range(len(prompts))] == want

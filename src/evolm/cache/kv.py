@@ -147,6 +147,24 @@ class KVCache(RecurrentStates):
             return K, V, self.length, self.length + 1
         return K, V, self.length % window, -1
 
+    def prefill_slot(self, layer: int, batch: int, n_new: int, heads: int, head_dim: int,
+                     dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+        """Where ``n_new`` > 1 tokens of ``batch`` rows go, as :meth:`update` would place them in the
+        plain layout: ``(K, V, start)``, the layer's buffers (made here on first use, as update makes
+        them) and the first slot written; the tokens then attend slots ``0 .. start + n_new - 1``.
+        None where :meth:`update` must do it (a sliding window's ring, static mode, other shapes).
+        For the fused prompt step (``evolm.infer.block_step``)."""
+        if self.static or self.key_layout(layer) is not None:
+            return None
+        if layer not in self._k:
+            shape = (batch, heads, self.max_len, head_dim)
+            self._k[layer] = torch.zeros(shape, dtype=dtype, device=self.device)
+            self._v[layer] = torch.zeros(shape, dtype=dtype, device=self.device)
+        K, V = self._k[layer], self._v[layer]
+        if K.shape != (batch, heads, self.max_len, head_dim) or K.dtype != dtype or V.shape != K.shape:
+            return None
+        return K, V, self.length
+
     def select_rows(self, index: torch.Tensor) -> None:
         """Keep, reorder or repeat batch rows: row ``r`` becomes old row ``index[r]``.
 

@@ -1,4 +1,5 @@
-"""Fused CPU decode steps: each block's one-token step as one C++ call (``kernels/decode_block.cpp``).
+"""Fused CPU steps: each block's step over new tokens into a KV cache as one C++ call
+(``kernels/decode_block.cpp``): a decode step's one token per row, and a prompt's tokens.
 
 Eager decoding of a small model on a CPU is dominated by the interpreter: a SmolLM2-135M token is
 ~900 module calls and ATen dispatches around 121 matrix-vector products, and at one thread the
@@ -8,12 +9,19 @@ each block's tensors and settings once into a ``BlockPlan`` (C++), and the block
 decode step (one new token per row, a KV cache, no gradient) to it: norms, projections, rotary
 embedding, the cache write, attention and the MLP in one call, with the eager model's ops.
 
+A prompt (more than ``FEW_QUERIES`` tokens written into an empty or plain cache) takes the same call:
+the same products as the Python layers (the same kernels for the same number of rows), the same
+``scaled_dot_product_attention`` call over the same cache view, and in float32 the norms, rotary
+embedding and cache writes as loops over the rows. At 256 tokens that is ~1.3 ms of a SmolLM2
+block's ~10.6 ms that the Python path spends in ~45 small ATen ops (profiled), which decided whether
+a prompt read from the file's blocks beats transformers' on its dense weights.
+
 Only what the plan expresses gets one: an attention mixer (MHA/GQA/MQA, QK-norm, soft-cap,
 windows and chunks -- both are the mask it is handed --, RoPE or none), a dense MLP (gated or not), RMSNorm/LayerNorm in any placement, and
 linears that are float ``nn.Linear`` or a GGUF file's kept blocks (``BlockLinear``). Anything
 else (MoE, MLA, LoRA, re-quantized int8/int4 layers, Llama 4's L2 QK-norm and query temperature)
-keeps the Python path, as do prefill,
-training and a compiled step's static cache. The plan holds the module's tensors (not copies):
+keeps the Python path, as do prompts into a sliding window's ring, 2-4 new tokens, attention
+soft-capping over a prompt, a forward without a cache, training and a compiled step's static cache. The plan holds the module's tensors (not copies):
 attach it after the model is prepared (fused, on its device and dtype), as
 :func:`evolm.infer.prepare.prepare` does, and :func:`detach` it before changing the model.
 """
@@ -24,6 +32,7 @@ import torch
 import torch.nn as nn
 
 from evolm import kernels
+from evolm.nn.attention import FEW_QUERIES  # up to this many new tokens attend() takes a path not expressed here
 
 PLACEMENTS = {"pre": 0, "post": 1, "sandwich": 2, "olmo2": 3, "parallel": 4, "parallel2": 5}
 QK_NORMS = {None: 0, "head": 1, "full": 2}
@@ -38,18 +47,22 @@ class Unsupported(Exception):
 
 
 class BlockStep:
-    """A block's fused decode step: ``step(x, rope, mask, cache)`` -> the block's output, or None
-    where the Python path must run (another dtype or device, a cache without a plain decode slot,
-    a mask the kernel does not take)."""
+    """A block's fused step: ``step(x, rope, mask, is_causal, cache)`` -> the block's output, or None
+    where the Python path must run (another dtype or device, a cache without a plain slot for the
+    tokens, a mask the kernel does not take)."""
 
-    __slots__ = ("plan", "layer", "dtype")
+    __slots__ = ("plan", "layer", "dtype", "heads", "head_dim", "softcap")
 
-    def __init__(self, plan, layer: int, dtype: torch.dtype):
+    def __init__(self, plan, layer: int, dtype: torch.dtype, attn):
         self.plan, self.layer, self.dtype = plan, layer, dtype
+        self.heads, self.head_dim, self.softcap = attn.n_kv_heads, attn.head_dim, attn.softcap
 
-    def __call__(self, x: torch.Tensor, rope, mask: torch.Tensor | None, cache) -> torch.Tensor | None:
+    def __call__(self, x: torch.Tensor, rope, mask: torch.Tensor | None, is_causal: bool,
+                 cache) -> torch.Tensor | None:
         if x.dtype != self.dtype or x.device.type != "cpu":
             return None
+        if x.shape[1] > 1:
+            return self._prompt(x, rope, mask, is_causal, cache)
         slot = getattr(cache, "decode_slot", None)
         where = slot(self.layer) if slot is not None else None
         if where is None:
@@ -63,8 +76,22 @@ class BlockStep:
             return None
         cos, sin = rope if rope is not None else (None, None)
         if isinstance(write, int):
-            return self.plan.step(x, cos, sin, mask, K, V, write, None, attend, None)
-        return self.plan.step(x, cos, sin, mask, K, V, -1, write, attend, rows)
+            return self.plan.step(x, cos, sin, mask, K, V, write, None, attend, None, False)
+        return self.plan.step(x, cos, sin, mask, K, V, -1, write, attend, rows, False)
+
+    def _prompt(self, x: torch.Tensor, rope, mask: torch.Tensor | None, is_causal: bool, cache):
+        """T > 1 new tokens, where the Python layer would call scaled_dot_product_attention over
+        the cache's plain slots (``cache.prefill_slot``)."""
+        B, T = x.shape[:2]
+        if T <= FEW_QUERIES or self.softcap is not None or (mask is not None and mask.dtype != torch.bool):
+            return None
+        slot = getattr(cache, "prefill_slot", None)
+        where = slot(self.layer, B, T, self.heads, self.head_dim, x.dtype) if slot is not None else None
+        if where is None:
+            return None
+        K, V, start = where
+        cos, sin = rope if rope is not None else (None, None)
+        return self.plan.step(x.contiguous(), cos, sin, mask, K, V, start, None, start + T, None, is_causal)
 
 
 def _norm(module: nn.Module | None) -> tuple[list[int], float, list]:
@@ -82,15 +109,14 @@ def _norm(module: nn.Module | None) -> tuple[list[int], float, list]:
 
 
 def _linear(module: nn.Module | None) -> tuple[list[int], list]:
-    from evolm.quant.blocks import BlockLinear
-    from evolm.quant.int8 import KERNEL_ROWS
+    from evolm.quant.blocks import GEMM_ROWS, KERNEL_ROWS, BlockLinear
 
     if module is None:
-        return [-1, 0, 0], [None] * 4
+        return [-1, 0, 0, 0], [None] * 4
     if type(module) is nn.Linear:
-        return [0, 0, 0], [module.weight, None, None, module.bias]
-    if type(module) is BlockLinear and module.kernel:
-        return [1, module.group, KERNEL_ROWS], [module.codes, module.scale, module.min, module.bias]
+        return [0, 0, 0, 0], [module.weight, None, None, module.bias]
+    if type(module) is BlockLinear and module.kernel:  # BlockLinear.forward's choice of kernel by rows
+        return [1, module.group, KERNEL_ROWS, GEMM_ROWS], [module.codes, module.scale, module.min, module.bias]
     raise Unsupported(f"linear {type(module).__name__}")
 
 
@@ -136,10 +162,10 @@ def attach(model) -> int:
     n = 0
     for i, block in enumerate(model.layers):
         try:
-            block.decode_step = BlockStep(plan_for(block, model.config), i, dtype)
+            block.fused_step = BlockStep(plan_for(block, model.config), i, dtype, block.self_attn)
             n += 1
         except Unsupported:
-            block.decode_step = None
+            block.fused_step = None
     return n
 
 
@@ -153,7 +179,7 @@ def independent_rows(model) -> int:
     lone request to several rows only where this is 0."""
     from evolm.quant.blocks import KERNEL_ROWS, BlockLinear
 
-    if not model.layers or any(getattr(block, "decode_step", None) is None for block in model.layers):
+    if not model.layers or any(getattr(block, "fused_step", None) is None for block in model.layers):
         return 0
     if getattr(model, "lm_head", None) is None:  # tied head: F.linear with the embedding matrix
         return 0
@@ -168,7 +194,7 @@ def independent_rows(model) -> int:
 def detach(model) -> None:
     """Back to the Python path for every block (before changing the model's weights or modules)."""
     for block in model.layers:
-        block.decode_step = None
+        block.fused_step = None
 
 
-__all__ = ["attach", "detach", "independent_rows", "plan_for", "BlockStep", "Unsupported"]
+__all__ = ["attach", "detach", "independent_rows", "plan_for", "BlockStep", "FEW_QUERIES", "Unsupported"]

@@ -40,7 +40,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     ``mask``: bool (True: may attend) or an additive float mask (biases, -inf where masked).
     ``decode_kernel`` / ``loops``: the decode-time choices of :func:`_attend_few_queries`."""
     additive = mask is not None and mask.dtype != torch.bool  # T5's relative biases (nn/relative_position.py)
-    if q.shape[2] <= 4 and not dropout and not additive:
+    if q.shape[2] <= FEW_QUERIES and not dropout and not additive:
         return _attend_few_queries(q, k, v, mask, is_causal, scale, softcap, decode_kernel, loops)
     if softcap is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
@@ -60,6 +60,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     if dropout:
         probs = F.dropout(probs, dropout, training=True)
     return torch.matmul(probs, v)
+
+
+# up to this many queries attention is two small matmuls (or the decode kernel), not a fused kernel
+FEW_QUERIES = 4
 
 
 def _attend_few_queries(q, k, v, mask, is_causal, scale, softcap, decode_kernel=False, loops=True):

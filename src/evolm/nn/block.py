@@ -113,8 +113,8 @@ class Block(nn.Module):
     def _drop(self, x: torch.Tensor) -> torch.Tensor:
         return F.dropout(x, self.resid_dropout, self.training) if self.resid_dropout else x
 
-    # the fused one-token CPU step (evolm.infer.block_step), given by inference preparation
-    decode_step = None
+    # the fused CPU step over new tokens into a KV cache (evolm.infer.block_step), given by inference preparation
+    fused_step = None
 
     def forward(self, x: torch.Tensor, rope, mask, is_causal: bool, cache=None, cross=None) -> torch.Tensor:
         """``cross``: the ``CrossCache`` of the encoder output (decoder blocks of an encoder-decoder),
@@ -126,8 +126,8 @@ class Block(nn.Module):
             return x + self.mlp_gate.tanh() * self._drop(self.mlp(self.mlp_norm(x)))
         if self.cross_attn is not None:
             return self._forward_cross(x, rope, mask, is_causal, cache, cross)
-        if self.decode_step is not None and cache is not None and x.shape[1] == 1 and not torch.is_grad_enabled():
-            y = self.decode_step(x, rope, mask, cache)
+        if self.fused_step is not None and cache is not None and not torch.is_grad_enabled():
+            y = self.fused_step(x, rope, mask, is_causal, cache)
             if y is not None:
                 return y
         attn = lambda h: self._drop(self.self_attn(h, rope, mask, is_causal, cache))  # noqa: E731

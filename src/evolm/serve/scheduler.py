@@ -183,6 +183,17 @@ class _PrefillView:
         V[self.row, :, :T] = v[0]
         return k, v
 
+    def prefill_slot(self, layer: int, batch: int, n_new: int, heads: int, head_dim: int, dtype: torch.dtype):
+        """``KVCache.prefill_slot`` for the fused prompt step: the row's buffers, written from slot 0
+        and attended over the prompt's slots, the keys :meth:`update` hands to attention."""
+        if batch != 1:
+            return None
+        like = torch.empty(0, heads, 0, head_dim, dtype=dtype)
+        K, V = self.cache.buffers(layer, like, like)
+        if K.shape[1] != heads or K.shape[3] != head_dim or K.dtype != dtype or K.shape[2] < n_new:
+            return None
+        return K[self.row:self.row + 1], V[self.row:self.row + 1], 0
+
     def state(self, layer: int) -> None:
         return None  # a prefill from slot 0: every recurrent layer starts from zeros
 
