@@ -54,9 +54,17 @@ browser:
 
 # optional peers for benchmarks/decode.py: llama.cpp through llama-cpp-python (source-only on PyPI, so this
 # compiles llama.cpp for this CPU: several minutes of every core)
+# llama.cpp for the side-by-side benchmarks, built for this CPU. On CPUs with AMX, -march=native turns on
+# ggml's AMX matmul, which segfaults on any prompt of more than a few tokens here (llama.cpp issue
+# #20824, unfixed): there it is built with the same AVX-512 / VNNI / BF16 flags spelled out, without AMX.
+LLAMA_CPU_FLAGS = $(if $(shell grep -m1 -o amx_int8 /proc/cpuinfo 2>/dev/null),-DGGML_NATIVE=OFF -DGGML_AVX=ON \
+	-DGGML_AVX2=ON -DGGML_BMI2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX_VNNI=ON -DGGML_AVX512=ON \
+	-DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON,-DGGML_NATIVE=ON)
+
 bench-deps: setup
 	$(ASSETS) fetch --group bench
-	CMAKE_ARGS="-DGGML_NATIVE=ON" $(BIN)/pip install -q "$$($(ASSETS) path llama-cpp-python)" torch==2.13.0
+	CMAKE_ARGS="$(LLAMA_CPU_FLAGS)" $(BIN)/pip install -q --no-cache-dir --force-reinstall --no-deps "$$($(ASSETS) path llama-cpp-python)"
+	$(BIN)/pip install -q "$$($(ASSETS) path llama-cpp-python)" torch==2.13.0
 
 # the main job: train the ~10M-parameter demo model on the built-in corpus for a few minutes
 demo: check-demo setup data
