@@ -63,8 +63,8 @@ LLAMA_CPU_FLAGS = $(if $(shell grep -m1 -o amx_int8 /proc/cpuinfo 2>/dev/null),-
 
 bench-deps: setup
 	$(ASSETS) fetch --group bench
-	CMAKE_ARGS="$(LLAMA_CPU_FLAGS)" $(BIN)/pip install -q --no-cache-dir --force-reinstall --no-deps "$$($(ASSETS) path llama-cpp-python)"
-	$(BIN)/pip install -q "$$($(ASSETS) path llama-cpp-python)" torch==2.13.0
+	$(BIN)/pip uninstall -q -y llama-cpp-python 2>/dev/null || true
+	CMAKE_ARGS="$(LLAMA_CPU_FLAGS)" $(BIN)/pip install -q --no-cache-dir "$$($(ASSETS) path llama-cpp-python)" torch==2.13.0
 
 # the main job: train the ~10M-parameter demo model on the built-in corpus for a few minutes
 demo: check-demo setup data
