@@ -256,7 +256,15 @@ def test_bf16_model_with_blocks_equals_the_bf16_model():
         assert (a - b).abs().max() < 0.05 * a.abs().max()  # bf16 outputs of fp32 sums in another order
     # decoding: the compiled bf16 step of both multiplies bf16 pairs in the same order (vdpbf16ps
     # where the CPU has it), so their greedy tokens agree; bf16's coarse rounding makes the eager
-    # loop (oneDNN's bf16 GEMV) a different, equally valid, sum order
+    # loop (oneDNN's bf16 GEMV) a different, equally valid, sum order. On an AMX host, late in a full
+    # test run, the two compiled steps have parted at a near-tie (token 13 of 24); so a parting is
+    # allowed only late and where the reference's two best logits are within bf16 rounding.
     p = SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True)
     ref.fuse_for_inference()
-    assert generate(model.fuse_for_inference(), ids, p, compile=True) == generate(ref, ids, p, compile=True)
+    got, want = generate(model.fuse_for_inference(), ids, p, compile=True)[0], generate(ref, ids, p, compile=True)[0]
+    parted = next((i for i, (g, w) in enumerate(zip(got, want)) if g != w), None)
+    if parted is not None:
+        assert parted >= 8, f"greedy tokens part at {parted}: {got} vs {want}"
+        with torch.no_grad():
+            top = ref(torch.tensor([ids[0].tolist() + want[:parted]]))[0, -1].float().topk(2).values
+        assert top[0] - top[1] <= 0.02 * top[0].abs() + 0.125, f"parted at {parted} with a margin of {top[0] - top[1]}"
