@@ -53,8 +53,7 @@ browser:
 	$(ASSETS) fetch --group browser
 
 # optional peers for benchmarks/decode.py: llama.cpp through llama-cpp-python (source-only on PyPI, so this
-# compiles llama.cpp for this CPU: several minutes of every core)
-# llama.cpp for the side-by-side benchmarks, built for this CPU. On CPUs with AMX, -march=native turns on
+# compiles llama.cpp for this CPU: several minutes of every core). On CPUs with AMX, -march=native turns on
 # ggml's AMX matmul, which segfaults on any prompt of more than a few tokens here (llama.cpp issue
 # #20824, unfixed): there it is built with the same AVX-512 / VNNI / BF16 flags spelled out, without AMX.
 LLAMA_CPU_FLAGS = $(if $(shell grep -m1 -o amx_int8 /proc/cpuinfo 2>/dev/null),-DGGML_NATIVE=OFF -DGGML_AVX=ON \

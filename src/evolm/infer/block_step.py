@@ -21,8 +21,8 @@ windows and chunks -- both are the mask it is handed --, RoPE or none), a dense 
 linears that are float ``nn.Linear`` or a GGUF file's kept blocks (``BlockLinear``). Anything
 else (MoE, MLA, LoRA, re-quantized int8/int4 layers, Llama 4's L2 QK-norm and query temperature)
 keeps the Python path, as do prompts into a sliding window's ring, 2-4 new tokens, attention
-soft-capping over a prompt, a forward without a cache, training and a compiled step's static cache. The plan holds the module's tensors (not copies):
-attach it after the model is prepared (fused, on its device and dtype), as
+soft-capping over a prompt, a forward without a cache, training and a compiled step's static cache.
+The plan holds the module's tensors (not copies): attach it after the model is prepared (fused, on its device and dtype), as
 :func:`evolm.infer.prepare.prepare` does, and :func:`detach` it before changing the model.
 """
 
@@ -51,11 +51,11 @@ class BlockStep:
     where the Python path must run (another dtype or device, a cache without a plain slot for the
     tokens, a mask the kernel does not take)."""
 
-    __slots__ = ("plan", "layer", "dtype", "heads", "head_dim", "softcap")
+    __slots__ = ("plan", "layer", "dtype", "kv_heads", "head_dim", "softcap")
 
     def __init__(self, plan, layer: int, dtype: torch.dtype, attn):
         self.plan, self.layer, self.dtype = plan, layer, dtype
-        self.heads, self.head_dim, self.softcap = attn.n_kv_heads, attn.head_dim, attn.softcap
+        self.kv_heads, self.head_dim, self.softcap = attn.n_kv_heads, attn.head_dim, attn.softcap
 
     def __call__(self, x: torch.Tensor, rope, mask: torch.Tensor | None, is_causal: bool,
                  cache) -> torch.Tensor | None:
@@ -86,12 +86,12 @@ class BlockStep:
         if T <= FEW_QUERIES or self.softcap is not None or (mask is not None and mask.dtype != torch.bool):
             return None
         slot = getattr(cache, "prefill_slot", None)
-        where = slot(self.layer, B, T, self.heads, self.head_dim, x.dtype) if slot is not None else None
+        where = slot(self.layer, B, T, self.kv_heads, self.head_dim, x.dtype) if slot is not None else None
         if where is None:
             return None
         K, V, start = where
         cos, sin = rope if rope is not None else (None, None)
-        return self.plan.step(x.contiguous(), cos, sin, mask, K, V, start, None, start + T, None, is_causal)
+        return self.plan.step(x, cos, sin, mask, K, V, start, None, start + T, None, is_causal)
 
 
 def _norm(module: nn.Module | None) -> tuple[list[int], float, list]:
@@ -197,4 +197,4 @@ def detach(model) -> None:
         block.fused_step = None
 
 
-__all__ = ["attach", "detach", "independent_rows", "plan_for", "BlockStep", "FEW_QUERIES", "Unsupported"]
+__all__ = ["attach", "detach", "independent_rows", "plan_for", "BlockStep", "Unsupported"]

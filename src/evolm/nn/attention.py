@@ -33,6 +33,10 @@ from evolm.nn.norm import make_norm
 from evolm.nn.rope import apply_rope
 
 
+# up to this many queries attention is two small matmuls (or the decode kernel), not a fused kernel
+FEW_QUERIES = 4
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
            is_causal: bool, scale: float, softcap: float | None = None, dropout: float = 0.0,
            decode_kernel: bool = False, loops: bool = True) -> torch.Tensor:
@@ -60,10 +64,6 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     if dropout:
         probs = F.dropout(probs, dropout, training=True)
     return torch.matmul(probs, v)
-
-
-# up to this many queries attention is two small matmuls (or the decode kernel), not a fused kernel
-FEW_QUERIES = 4
 
 
 def _attend_few_queries(q, k, v, mask, is_causal, scale, softcap, decode_kernel=False, loops=True):
